@@ -1,0 +1,244 @@
+//! Line sources for replay and backfill: files (gzip detected by magic bytes, not by
+//! name), stdin (`-`), and DynamoDB export directories (`manifest-files.json` + `data/`).
+//!
+//! It yields raw lines with their 1-based number; decoding is the events crate's job.
+
+use flate2::read::MultiGzDecoder;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// A failure to find or read input. Always fatal: input must never be lost silently.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: io::Error },
+    #[error("{0}: a directory input must be a DynamoDB export (manifest-files.json or data/)")]
+    NotExport(String),
+    #[error("{manifest}, line {line}: {reason}")]
+    Manifest { manifest: String, line: usize, reason: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SourceError + '_ {
+    move |source| SourceError::Io { path: path.display().to_string(), source }
+}
+
+/// One input stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    Stdin,
+    File(PathBuf),
+}
+
+impl Input {
+    /// The name used in positions and dead letters.
+    pub fn name(&self) -> String {
+        match self {
+            Input::Stdin => "-".to_owned(),
+            Input::File(p) => p.display().to_string(),
+        }
+    }
+
+    /// Size on disk, when known (for progress bars).
+    pub fn len(&self) -> Option<u64> {
+        match self {
+            Input::Stdin => None,
+            Input::File(p) => std::fs::metadata(p).ok().map(|m| m.len()),
+        }
+    }
+}
+
+/// Expands command-line arguments: `-` is stdin, a directory is a DynamoDB export.
+pub fn expand(args: &[String]) -> Result<Vec<Input>, SourceError> {
+    let mut inputs = Vec::new();
+    for arg in args {
+        if arg == "-" {
+            inputs.push(Input::Stdin);
+            continue;
+        }
+        let path = PathBuf::from(arg);
+        let meta = std::fs::metadata(&path).map_err(io_err(&path))?;
+        if meta.is_dir() {
+            inputs.extend(export_files(&path)?.into_iter().map(Input::File));
+        } else {
+            inputs.push(Input::File(path));
+        }
+    }
+    Ok(inputs)
+}
+
+/// The data files of a DynamoDB export, in manifest order.
+pub fn export_files(dir: &Path) -> Result<Vec<PathBuf>, SourceError> {
+    if let Some(manifest) = find_manifest(dir, 3) {
+        return manifest_files(&manifest);
+    }
+    let data = dir.join("data");
+    if data.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&data)
+            .map_err(io_err(&data))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        return Ok(files);
+    }
+    Err(SourceError::NotExport(dir.display().to_string()))
+}
+
+fn find_manifest(dir: &Path, depth: u32) -> Option<PathBuf> {
+    let direct = dir.join("manifest-files.json");
+    if direct.is_file() {
+        return Some(direct);
+    }
+    if depth == 0 {
+        return None;
+    }
+    let mut subdirs: Vec<PathBuf> = std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect();
+    subdirs.sort();
+    subdirs.into_iter().find_map(|d| find_manifest(&d, depth - 1))
+}
+
+#[derive(serde::Deserialize)]
+struct ManifestLine {
+    #[serde(rename = "dataFileS3Key")]
+    data_file_s3_key: String,
+}
+
+/// Resolves each `dataFileS3Key` against the manifest's folder: as given relative to an
+/// ancestor (exports keep `AWSDynamoDB/<id>/data/...`), else as `data/<file name>`.
+fn manifest_files(manifest: &Path) -> Result<Vec<PathBuf>, SourceError> {
+    let text = std::fs::read_to_string(manifest).map_err(io_err(manifest))?;
+    let base = manifest.parent().unwrap_or(Path::new("."));
+    let bad = |line, reason: String| SourceError::Manifest { manifest: manifest.display().to_string(), line, reason };
+    let mut files = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let entry: ManifestLine = serde_json::from_str(line).map_err(|e| bad(i + 1, e.to_string()))?;
+        let key = Path::new(&entry.data_file_s3_key);
+        let by_name = key.file_name().map(|n| base.join("data").join(n));
+        let found = base.ancestors().map(|a| a.join(key)).chain(by_name).find(|p| p.is_file());
+        let path = found.ok_or_else(|| bad(i + 1, format!("data file {} not found under {}", key.display(), base.display())))?;
+        files.push(path);
+    }
+    Ok(files)
+}
+
+/// Counts bytes read from the underlying (possibly compressed) stream.
+struct Counting<R> {
+    inner: R,
+    count: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Reads lines of one input, decompressing gzip transparently.
+pub struct LineReader {
+    name: String,
+    reader: Box<dyn BufRead>,
+    buf: Vec<u8>,
+    line: u64,
+}
+
+const BUF: usize = 1 << 20;
+
+impl LineReader {
+    /// Opens `input`; `bytes_read` accumulates the raw bytes consumed (for progress).
+    pub fn open(input: &Input, bytes_read: Arc<AtomicU64>) -> Result<LineReader, SourceError> {
+        let name = input.name();
+        let raw: Box<dyn Read> = match input {
+            Input::Stdin => Box::new(io::stdin()),
+            Input::File(p) => Box::new(File::open(p).map_err(io_err(p))?),
+        };
+        let mut raw = BufReader::with_capacity(BUF, Counting { inner: raw, count: bytes_read });
+        let head = raw.fill_buf().map_err(io_err(Path::new(&name)))?;
+        let reader: Box<dyn BufRead> = if head.starts_with(&[0x1f, 0x8b]) {
+            Box::new(BufReader::with_capacity(BUF, MultiGzDecoder::new(raw)))
+        } else {
+            Box::new(raw)
+        };
+        Ok(LineReader { name, reader, buf: Vec::with_capacity(4096), line: 0 })
+    }
+
+    /// The input's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The next non-blank line without its line terminator, with its 1-based number.
+    pub fn next_line(&mut self) -> Result<Option<(u64, &[u8])>, SourceError> {
+        loop {
+            self.buf.clear();
+            let n = self
+                .reader
+                .read_until(b'\n', &mut self.buf)
+                .map_err(|source| SourceError::Io { path: format!("{}, line {}", self.name, self.line + 1), source })?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.line += 1;
+            let mut end = self.buf.len();
+            while end > 0 && matches!(self.buf[end - 1], b'\n' | b'\r') {
+                end -= 1;
+            }
+            if self.buf[..end].iter().any(|b| !b.is_ascii_whitespace()) {
+                return Ok(Some((self.line, &self.buf[..end])));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn lines(input: &Input) -> Vec<(u64, String)> {
+        let mut r = LineReader::open(input, Arc::default()).unwrap();
+        let mut out = Vec::new();
+        while let Some((n, l)) = r.next_line().unwrap() {
+            out.push((n, String::from_utf8(l.to_vec()).unwrap()));
+        }
+        out
+    }
+
+    #[test]
+    fn plain_and_gzip_files_read_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("a.jsonl");
+        std::fs::write(&plain, "one\r\n\n  \ntwo").unwrap();
+        let gz = dir.path().join("a.bin");
+        let mut enc = flate2::write::GzEncoder::new(File::create(&gz).unwrap(), flate2::Compression::fast());
+        enc.write_all(b"one\r\n\n  \ntwo").unwrap();
+        enc.finish().unwrap();
+        let want = vec![(1, "one".to_owned()), (4, "two".to_owned())];
+        assert_eq!(lines(&Input::File(plain)), want);
+        assert_eq!(lines(&Input::File(gz)), want);
+    }
+
+    #[test]
+    fn export_directories_follow_the_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("AWSDynamoDB/0170-abc");
+        std::fs::create_dir_all(root.join("data")).unwrap();
+        std::fs::write(root.join("data/b.json.gz"), b"").unwrap();
+        std::fs::write(root.join("data/a.json.gz"), b"").unwrap();
+        std::fs::write(
+            root.join("manifest-files.json"),
+            "{\"itemCount\":1,\"dataFileS3Key\":\"AWSDynamoDB/0170-abc/data/b.json.gz\"}\n{\"dataFileS3Key\":\"elsewhere/a.json.gz\"}\n",
+        )
+        .unwrap();
+        let files = expand(&[dir.path().display().to_string()]).unwrap();
+        assert_eq!(files, vec![Input::File(root.join("data/b.json.gz")), Input::File(root.join("data/a.json.gz"))]);
+        std::fs::write(root.join("manifest-files.json"), "{\"dataFileS3Key\":\"x/missing.json.gz\"}\n").unwrap();
+        assert!(matches!(expand(&[root.display().to_string()]), Err(SourceError::Manifest { line: 1, .. })));
+        let empty = tempfile::tempdir().unwrap();
+        assert!(matches!(export_files(empty.path()), Err(SourceError::NotExport(_))));
+    }
+}

@@ -1,0 +1,119 @@
+//! Stage (b): aggregates per agent and per pattern that only sum contribution deltas.
+//!
+//! A contribution is what one (session, agent) group adds to the results. Retracting one
+//! is adding it with `diff = -1`, so aggregates from separate engines (one per Kafka
+//! partition or stream shard) merge by addition, and max/min dates survive retraction
+//! because they are kept as day histograms.
+
+use crate::intern::Sym;
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use toolrank_events::Day;
+
+/// What one agent execution — the rows of one agent in one session — contributes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contribution {
+    /// Every row succeeded.
+    pub success: bool,
+    /// Earliest and latest row date.
+    pub first: Day,
+    pub last: Day,
+    /// The interned (process ids ++ tool names) sequence in execution order.
+    pub pattern: Sym,
+    /// Row count.
+    pub rows: u32,
+    /// `ToolNM` of each failed row.
+    pub failed_tools: Vec<Sym>,
+}
+
+/// Counts per day, so that the latest/earliest day is known after any retraction.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DayHistogram(BTreeMap<Day, i64>);
+
+impl DayHistogram {
+    fn add(&mut self, day: Day, diff: i64) {
+        let n = self.0.entry(day).or_insert(0);
+        *n += diff;
+        if *n == 0 {
+            self.0.remove(&day);
+        }
+    }
+
+    pub fn max(&self) -> Option<Day> {
+        self.0.keys().next_back().copied()
+    }
+
+    pub fn min(&self) -> Option<Day> {
+        self.0.keys().next().copied()
+    }
+}
+
+/// Per agent: executions for the score, rows and failures for the tool-error report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentAggregate {
+    pub executions: i64,
+    pub successes: i64,
+    pub last_days: DayHistogram,
+    pub rows: i64,
+    pub failed_rows: i64,
+    /// Failed rows per `ToolNM`.
+    pub failed_tools: BTreeMap<Sym, i64>,
+}
+
+/// Per (user, agent, pattern sequence).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatternAggregate {
+    pub executions: i64,
+    pub successes: i64,
+    pub first_days: DayHistogram,
+    pub last_days: DayHistogram,
+}
+
+/// Identifies a pattern row: user, agent and the interned sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PatternKey {
+    pub user: Sym,
+    pub agent: Sym,
+    pub sequence: Sym,
+}
+
+/// All aggregates. Entries whose counts reach zero are dropped, so an aggregate built
+/// by any interleaving of adds and retractions equals one built from the final state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Aggregates {
+    pub agents: FxHashMap<Sym, AgentAggregate>,
+    pub patterns: FxHashMap<PatternKey, PatternAggregate>,
+}
+
+impl Aggregates {
+    /// Adds (`diff = 1`) or retracts (`diff = -1`) one agent execution of `user`.
+    pub fn apply(&mut self, user: Sym, agent: Sym, c: &Contribution, diff: i64) {
+        let succ = diff * i64::from(c.success);
+        let a = self.agents.entry(agent).or_default();
+        a.executions += diff;
+        a.successes += succ;
+        a.last_days.add(c.last, diff);
+        a.rows += diff * i64::from(c.rows);
+        a.failed_rows += diff * c.failed_tools.len() as i64;
+        for &t in &c.failed_tools {
+            let n = a.failed_tools.entry(t).or_insert(0);
+            *n += diff;
+            if *n == 0 {
+                a.failed_tools.remove(&t);
+            }
+        }
+        if a.executions == 0 && a.rows == 0 {
+            self.agents.remove(&agent);
+        }
+        let key = PatternKey { user, agent, sequence: c.pattern };
+        let p = self.patterns.entry(key).or_default();
+        p.executions += diff;
+        p.successes += succ;
+        p.first_days.add(c.first, diff);
+        p.last_days.add(c.last, diff);
+        if p.executions == 0 {
+            self.patterns.remove(&key);
+        }
+    }
+}

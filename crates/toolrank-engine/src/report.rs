@@ -1,0 +1,212 @@
+//! The seed's output tables, built from the aggregates at read time: the catalog join,
+//! the scores for a given `today`, and the 80th-percentile recommendation cut.
+
+use crate::score::{self, RECOMMEND_PERCENTILE};
+use crate::{Engine, Sym};
+use serde::{Serialize, Serializer};
+use std::cmp::Ordering;
+use toolrank_events::{Day, Timestamp};
+
+/// One row of `agent_score_summary`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AgentScore {
+    #[serde(rename = "domainid")]
+    pub domain_id: String,
+    #[serde(rename = "agentid")]
+    pub agent_id: String,
+    #[serde(rename = "agentnm")]
+    pub agent_name: Option<String>,
+    pub total_executions: u64,
+    pub success_count: u64,
+    pub failure_count: u64,
+    pub success_rate: f64,
+    #[serde(serialize_with = "day")]
+    pub last_execution_date: Day,
+    pub days_since_last_exec: i64,
+    pub time_decay_factor: f64,
+    pub calculated_score: f64,
+}
+
+/// One row of `user_process_patterns`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PatternRow {
+    #[serde(rename = "userid")]
+    pub user_id: String,
+    pub process_pattern: String,
+    pub agent_sequence: String,
+    pub tool_sequence: String,
+    pub execution_count: u64,
+    pub success_count: u64,
+    #[serde(serialize_with = "day")]
+    pub first_used_date: Day,
+    #[serde(serialize_with = "day")]
+    pub last_used_date: Day,
+    pub pattern_score: f64,
+    pub is_recommended: bool,
+}
+
+/// One row of the agent tool-error report (agents with at least one failed row).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ToolErrors {
+    #[serde(rename = "agentid")]
+    pub agent_id: String,
+    pub agent_name: Option<String>,
+    /// Staging rows of the agent.
+    pub total_executions: u64,
+    /// Failed staging rows.
+    pub total_errors: u64,
+    pub error_rate: f64,
+    /// Distinct `ToolNM`s of failed rows, sorted, joined by `, `.
+    pub failed_tools: String,
+}
+
+/// One row of `agent_tool_analysis_staging`: a tool execution whose agent is known.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StagingRow {
+    #[serde(rename = "userid")]
+    pub user_id: String,
+    #[serde(rename = "sessionid")]
+    pub session_id: String,
+    #[serde(rename = "processid")]
+    pub process_id: String,
+    #[serde(rename = "domainid")]
+    pub domain_id: String,
+    #[serde(rename = "agentid")]
+    pub agent_id: String,
+    #[serde(rename = "toolid")]
+    pub tool_id: String,
+    #[serde(rename = "toolnm")]
+    pub tool_nm: String,
+    #[serde(serialize_with = "day")]
+    pub execution_date: Day,
+    #[serde(serialize_with = "datetime")]
+    pub execution_datetime: Timestamp,
+    pub success_flag: bool,
+}
+
+/// The seed's tables for one `today`, each in score order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Report {
+    pub agents: Vec<AgentScore>,
+    pub patterns: Vec<PatternRow>,
+    pub tool_errors: Vec<ToolErrors>,
+}
+
+fn day<S: Serializer>(d: &Day, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(d)
+}
+
+fn datetime<S: Serializer>(t: &Timestamp, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_datetime_string())
+}
+
+fn desc(a: f64, b: f64) -> Ordering {
+    b.total_cmp(&a)
+}
+
+pub(crate) fn build(engine: &Engine, today: Day) -> Report {
+    let name = |s: Sym| engine.strings.get(s).to_owned();
+    let days_since = |d: Day| i64::from(today.0) - i64::from(d.0);
+    let mut agents = Vec::new();
+    let mut tool_errors = Vec::new();
+    for (&agent, agg) in &engine.aggregates.agents {
+        let Some(meta) = engine.agent_meta(agent) else { continue };
+        let agent_name = meta.name.as_deref().map(str::to_owned);
+        if let Some(last) = agg.last_days.max() {
+            let (total, succ) = (agg.executions as u64, agg.successes as u64);
+            let days = days_since(last);
+            agents.push(AgentScore {
+                domain_id: name(meta.domain),
+                agent_id: name(agent),
+                agent_name: agent_name.clone(),
+                total_executions: total,
+                success_count: succ,
+                failure_count: total - succ,
+                success_rate: score::rate(succ, total),
+                last_execution_date: last,
+                days_since_last_exec: days,
+                time_decay_factor: score::decay(score::AGENT_DECAY, days),
+                calculated_score: score::agent_score(total, succ, days),
+            });
+        }
+        if agg.failed_rows > 0 {
+            let mut failed: Vec<&str> = agg.failed_tools.keys().map(|&t| engine.strings.get(t)).collect();
+            failed.sort_unstable();
+            tool_errors.push(ToolErrors {
+                agent_id: name(agent),
+                agent_name,
+                total_executions: agg.rows as u64,
+                total_errors: agg.failed_rows as u64,
+                error_rate: agg.failed_rows as f64 / agg.rows as f64,
+                failed_tools: failed.join(", "),
+            });
+        }
+    }
+    agents.sort_by(|a, b| {
+        desc(a.calculated_score, b.calculated_score)
+            .then_with(|| a.domain_id.cmp(&b.domain_id))
+            .then_with(|| a.agent_id.cmp(&b.agent_id))
+    });
+    tool_errors.sort_by(|a, b| {
+        desc(a.error_rate, b.error_rate)
+            .then_with(|| b.total_errors.cmp(&a.total_errors))
+            .then_with(|| a.agent_id.cmp(&b.agent_id))
+    });
+
+    let mut patterns = Vec::new();
+    for (key, agg) in &engine.aggregates.patterns {
+        if engine.agent_meta(key.agent).is_none() {
+            continue;
+        }
+        let (Some(first), Some(last)) = (agg.first_days.min(), agg.last_days.max()) else { continue };
+        let seq = engine.sequences.get(key.sequence);
+        let (procs, tools) = seq.split_at(seq.len() / 2);
+        let join = |ids: &[Sym]| ids.iter().map(|&s| engine.strings.get(s)).collect::<Vec<_>>().join("->");
+        let (count, succ) = (agg.executions as u64, agg.successes as u64);
+        patterns.push(PatternRow {
+            user_id: name(key.user),
+            process_pattern: join(procs),
+            agent_sequence: name(key.agent),
+            tool_sequence: join(tools),
+            execution_count: count,
+            success_count: succ,
+            first_used_date: first,
+            last_used_date: last,
+            pattern_score: score::pattern_score(count, succ, days_since(last)),
+            is_recommended: false,
+        });
+    }
+    let mut scores: Vec<f64> = patterns.iter().map(|p| p.pattern_score).collect();
+    scores.sort_by(f64::total_cmp);
+    if let Some(cut) = score::percentile_cont(&scores, RECOMMEND_PERCENTILE) {
+        for p in &mut patterns {
+            p.is_recommended = p.pattern_score >= cut;
+        }
+    }
+    patterns.sort_by(|a, b| {
+        desc(a.pattern_score, b.pattern_score)
+            .then_with(|| a.user_id.cmp(&b.user_id))
+            .then_with(|| a.process_pattern.cmp(&b.process_pattern))
+            .then_with(|| a.agent_sequence.cmp(&b.agent_sequence))
+            .then_with(|| a.tool_sequence.cmp(&b.tool_sequence))
+    });
+    Report { agents, patterns, tool_errors }
+}
+
+impl Engine {
+    /// The staging table sorted by user, session, execution time, process, agent, tool.
+    pub fn staging_sorted(&self) -> Vec<StagingRow> {
+        let mut rows: Vec<StagingRow> = self.staging().collect();
+        rows.sort_by(|a, b| {
+            (&a.user_id, &a.session_id, a.execution_datetime, &a.process_id, &a.agent_id, &a.tool_id).cmp(&(
+                &b.user_id,
+                &b.session_id,
+                b.execution_datetime,
+                &b.process_id,
+                &b.agent_id,
+                &b.tool_id,
+            ))
+        });
+        rows
+    }
+}

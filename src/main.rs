@@ -1,0 +1,59 @@
+//! `toolrank`: turns AI-agent tool-execution history into the seed's rankings.
+
+mod generate;
+mod output;
+mod replay;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Rankings of AI agents and their tool patterns from DynamoDB tool-execution history.
+///
+/// toolrank reads the AgentTable single-table design (SPEC §1) as exports, stream
+/// records, Lambda events or flat events, and keeps the seed's decayed success scores
+/// exact and up to date. Start with:
+///
+///   toolrank replay --today 2025-07-14 examples/seed-sample.jsonl
+#[derive(Parser)]
+#[command(name = "toolrank", version, propagate_version = true)]
+struct Cli {
+    /// Log format on stderr (filter with TOOLRANK_LOG, e.g. TOOLRANK_LOG=debug).
+    #[arg(long, global = true, value_enum, default_value = "text", env = "TOOLRANK_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Replay(replay::Args),
+    Generate(generate::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOOLRANK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    match cli.log_format {
+        LogFormat::Text => builder.without_time().init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    let result = match cli.command {
+        Command::Replay(args) => replay::run(args),
+        Command::Generate(args) => generate::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("toolrank: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

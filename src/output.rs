@@ -1,0 +1,119 @@
+//! Writing a report: `replay --out` JSONL files, and readable tables on stdout.
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+use toolrank_engine::{Report, StagingRow};
+use unicode_width::UnicodeWidthStr;
+
+/// Writes `rows` as one JSON object per line.
+pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    for row in rows {
+        serde_json::to_writer(&mut w, row)?;
+        w.write_all(b"\n")?;
+    }
+    w.flush().with_context(|| format!("writing {}", path.display()))
+}
+
+/// The `replay --out` layout: one file per seed table.
+pub fn write_dir(dir: &Path, report: &Report, staging: Option<&[StagingRow]>) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_jsonl(&dir.join("agent_score_summary.jsonl"), &report.agents)?;
+    write_jsonl(&dir.join("user_process_patterns.jsonl"), &report.patterns)?;
+    write_jsonl(&dir.join("agent_tool_errors.jsonl"), &report.tool_errors)?;
+    if let Some(rows) = staging {
+        write_jsonl(&dir.join("staging.jsonl"), rows)?;
+    }
+    Ok(())
+}
+
+/// A text table with display-width-aware columns (agent names are often Korean).
+struct Table {
+    title: String,
+    header: Vec<&'static str>,
+    rows: Vec<Vec<String>>,
+    more: usize,
+}
+
+impl Table {
+    fn print(&self, out: &mut impl Write) -> std::io::Result<()> {
+        let mut widths: Vec<usize> = self.header.iter().map(|h| h.width()).collect();
+        for row in &self.rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.width());
+            }
+        }
+        writeln!(out, "== {} ==", self.title)?;
+        let line = |out: &mut dyn Write, cells: &mut dyn Iterator<Item = &str>| -> std::io::Result<()> {
+            let parts: Vec<String> =
+                cells.zip(&widths).map(|(c, &w)| format!("{c}{}", " ".repeat(w.saturating_sub(c.width())))).collect();
+            writeln!(out, "{}", parts.join("  ").trim_end())
+        };
+        line(out, &mut self.header.iter().copied())?;
+        let dashes: Vec<String> = widths.iter().map(|&w| "-".repeat(w)).collect();
+        line(out, &mut dashes.iter().map(String::as_str))?;
+        for row in &self.rows {
+            line(out, &mut row.iter().map(String::as_str))?;
+        }
+        if self.more > 0 {
+            writeln!(out, "... {} more rows (use --out DIR for all)", self.more)?;
+        }
+        writeln!(out)
+    }
+}
+
+fn limited<T>(rows: &[T], top: usize, f: impl Fn(&T) -> Vec<String>) -> (Vec<Vec<String>>, usize) {
+    (rows.iter().take(top).map(f).collect(), rows.len().saturating_sub(top))
+}
+
+/// Prints the top `top` rows of each table.
+pub fn print_tables(report: &Report, top: usize, out: &mut impl Write) -> std::io::Result<()> {
+    let opt = |s: &Option<String>| s.clone().unwrap_or_default();
+    let (rows, more) = limited(&report.agents, top, |a| {
+        vec![
+            a.domain_id.clone(),
+            a.agent_id.clone(),
+            opt(&a.agent_name),
+            a.total_executions.to_string(),
+            a.success_count.to_string(),
+            a.failure_count.to_string(),
+            format!("{:.4}", a.success_rate),
+            a.last_execution_date.to_string(),
+            a.days_since_last_exec.to_string(),
+            format!("{:.4}", a.calculated_score),
+        ]
+    });
+    let header = vec!["domainid", "agentid", "agentnm", "total", "success", "failure", "rate", "last_execution", "days", "calculated_score"];
+    Table { title: "agent_score_summary".into(), header, rows, more }.print(out)?;
+    let (rows, more) = limited(&report.patterns, top, |p| {
+        vec![
+            p.user_id.clone(),
+            p.process_pattern.clone(),
+            p.agent_sequence.clone(),
+            p.tool_sequence.clone(),
+            p.execution_count.to_string(),
+            p.success_count.to_string(),
+            p.last_used_date.to_string(),
+            format!("{:.4}", p.pattern_score),
+            if p.is_recommended { "TRUE" } else { "FALSE" }.into(),
+        ]
+    });
+    let header = vec!["userid", "process_pattern", "agent", "tool_sequence", "count", "success", "last_used", "pattern_score", "recommended"];
+    Table { title: "user_process_patterns".into(), header, rows, more }.print(out)?;
+    let (rows, more) = limited(&report.tool_errors, top, |e| {
+        vec![
+            e.agent_id.clone(),
+            opt(&e.agent_name),
+            e.total_executions.to_string(),
+            e.total_errors.to_string(),
+            format!("{:.4}", e.error_rate),
+            e.failed_tools.clone(),
+        ]
+    });
+    let header = vec!["agentid", "agent_name", "rows", "errors", "error_rate", "failed_tools"];
+    Table { title: "agent_tool_errors".into(), header, rows, more }.print(out)
+}
