@@ -1,0 +1,115 @@
+//! The backbone: the incremental engine, fed a history in any delivery order, with
+//! redeliveries, flushes and snapshot/restore at arbitrary points, equals the batch
+//! reference evaluated over the final table state.
+
+mod common;
+
+use common::{canonical, evaluate, final_state, from_engine, Event, Item};
+use proptest::prelude::*;
+use toolrank_engine::Engine;
+use toolrank_events::{decode_line, Day};
+
+const TODAY: &str = "2025-07-14";
+
+fn hist_key() -> impl Strategy<Value = (String, String)> {
+    (0..3u8, 0..2u8, 1..4u8, 1..5u8, 1..4u8)
+        .prop_map(|(u, s, p, a, t)| (format!("USR{u}#SESS{s}"), format!("PRC00{p}#AGT{a}#TL{t}")))
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    prop_oneof![
+        8 => (hist_key(), 0..3u8, 0..4u8, 0..2u8, prop::bool::weighted(0.75)).prop_map(|((pk, sk), nm, day, hour, succ)| Event {
+            pk,
+            sk,
+            item: Some(Item::Hist { tool_nm: format!("TOOL_{nm}"), dt: format!("2025061{day}{:02}0000", 9 + hour), succ }),
+            ttl: false,
+        }),
+        2 => (hist_key(), any::<bool>()).prop_map(|((pk, sk), ttl)| Event { pk, sk, item: None, ttl }),
+        3 => (1..5u8, 1..3u8, 0..2u8).prop_map(|(a, d, n)| Event {
+            pk: format!("AGT{a}"),
+            sk: "METADATA".into(),
+            item: Some(Item::Agent { domain: format!("DMN{d}"), name: format!("agent {a}.{n}") }),
+            ttl: false,
+        }),
+        1 => (1..5u8).prop_map(|a| Event { pk: format!("AGT{a}"), sk: "METADATA".into(), item: None, ttl: false }),
+        1 => prop_oneof![
+            (1..5u8).prop_map(|a| (format!("AGT{a}"), "METADATA".to_owned())),
+            hist_key(),
+        ].prop_map(|(pk, sk)| Event { pk, sk, item: Some(Item::Other), ttl: false }),
+    ]
+}
+
+/// A history, its delivery order (a permutation with redeliveries spliced in), and one
+/// control byte per delivery deciding flushes and snapshot/restore.
+fn scenario() -> impl Strategy<Value = (Vec<Event>, Vec<usize>, Vec<u8>)> {
+    prop::collection::vec(event(), 1..70).prop_flat_map(|history| {
+        let n = history.len();
+        let order = Just((0..n).collect::<Vec<_>>()).prop_shuffle();
+        let dups = prop::collection::vec((0..n, any::<u16>()), 0..=n / 2);
+        (Just(history), order, dups, prop::collection::vec(any::<u8>(), 2 * n)).prop_map(|(h, mut order, dups, ctl)| {
+            for (idx, at) in dups {
+                let pos = at as usize % (order.len() + 1);
+                order.insert(pos, idx);
+            }
+            (h, order, ctl)
+        })
+    })
+}
+
+fn replay(history: &[Event], order: &[usize], ctl: &[u8]) -> Engine {
+    let mut engine = Engine::new();
+    for (i, &idx) in order.iter().enumerate() {
+        let line = history[idx].stream_record(idx as u64 + 1);
+        decode_line(line.as_bytes(), &mut |rec| {
+            engine.apply(&rec.result.expect("generated records are valid"));
+        })
+        .expect("generated lines decode");
+        match ctl[i] % 8 {
+            0 => engine.flush(),
+            1 => engine = Engine::restore(&engine.snapshot()).expect("own snapshot restores"),
+            _ => {}
+        }
+    }
+    engine
+}
+
+proptest! {
+    // Cases: PROPTEST_CASES (256 by default; scripts/test runs 1000).
+    #![proptest_config(ProptestConfig::default())]
+
+    #[test]
+    fn incremental_equals_batch_reference((history, order, ctl) in scenario()) {
+        let mut engine = replay(&history, &order, &ctl);
+        let report = engine.report(Day::parse_iso(TODAY).unwrap());
+        let got = from_engine(&report, &engine.staging_sorted());
+        let want = canonical(evaluate(&final_state(&history), TODAY));
+        prop_assert_eq!(got, want);
+    }
+
+    #[test]
+    fn delivery_order_and_snapshots_do_not_matter((history, order, ctl) in scenario()) {
+        let in_order: Vec<usize> = (0..history.len()).collect();
+        let mut a = replay(&history, &in_order, &vec![2; in_order.len()]);
+        let mut b = replay(&history, &order, &ctl);
+        let today = Day::parse_iso(TODAY).unwrap();
+        prop_assert_eq!(a.report(today), b.report(today));
+        prop_assert_eq!(a.staging_sorted(), b.staging_sorted());
+    }
+}
+
+#[test]
+fn state_is_compact_and_reported() {
+    let history: Vec<Event> = (0..200)
+        .map(|i| Event {
+            pk: format!("USR{}#SESS{i}", i % 17),
+            sk: format!("PRC00{}#AGT{}#TL1", i % 3 + 1, i % 4 + 1),
+            item: Some(Item::Hist { tool_nm: "T".into(), dt: "20250614090000".into(), succ: true }),
+            ttl: false,
+        })
+        .collect();
+    let order: Vec<usize> = (0..history.len()).collect();
+    let engine = replay(&history, &order, &vec![2; order.len()]);
+    let st = engine.stats();
+    assert_eq!((st.live_sessions, st.live_rows), (200, 200));
+    assert!(st.heap_bytes / st.live_sessions < 1024, "{st:?}");
+}
