@@ -5,6 +5,10 @@ mod output;
 mod replay;
 
 use clap::{Parser, Subcommand};
+
+/// Replay allocates many small strings and rows; mimalloc halves the allocator's share.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 
 /// Rankings of AI agents and their tool patterns from DynamoDB tool-execution history.

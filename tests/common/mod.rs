@@ -278,13 +278,13 @@ pub fn from_engine(report: &toolrank_engine::Report, staging: &[toolrank_engine:
     let mut staging: Vec<RefStaging> = staging
         .iter()
         .map(|r| RefStaging {
-            user: r.user_id.clone(),
-            session: r.session_id.clone(),
-            process: r.process_id.clone(),
-            domain: r.domain_id.clone(),
-            agent: r.agent_id.clone(),
-            tool: r.tool_id.clone(),
-            tool_nm: r.tool_nm.clone(),
+            user: r.user_id.to_string(),
+            session: r.session_id.to_string(),
+            process: r.process_id.to_string(),
+            domain: r.domain_id.to_string(),
+            agent: r.agent_id.to_string(),
+            tool: r.tool_id.to_string(),
+            tool_nm: r.tool_nm.to_string(),
             dt: format!("{}", r.execution_datetime.packed),
             succ: r.success_flag,
         })

@@ -138,15 +138,20 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
-/// Reads lines of one input, decompressing gzip transparently.
+/// Reads lines of one input, decompressing gzip transparently. Lines are slices of a
+/// large buffer, found with `memchr`: no per-line copy.
 pub struct LineReader {
     name: String,
-    reader: Box<dyn BufRead>,
+    reader: Box<dyn Read>,
     buf: Vec<u8>,
+    /// Unconsumed bytes are `buf[pos..end]`.
+    pos: usize,
+    end: usize,
+    eof: bool,
     line: u64,
 }
 
-const BUF: usize = 1 << 20;
+const BUF: usize = 1 << 22;
 
 impl LineReader {
     /// Opens `input`; `bytes_read` accumulates the raw bytes consumed (for progress).
@@ -156,14 +161,11 @@ impl LineReader {
             Input::Stdin => Box::new(io::stdin()),
             Input::File(p) => Box::new(File::open(p).map_err(io_err(p))?),
         };
-        let mut raw = BufReader::with_capacity(BUF, Counting { inner: raw, count: bytes_read });
+        let mut raw = BufReader::with_capacity(1 << 16, Counting { inner: raw, count: bytes_read });
         let head = raw.fill_buf().map_err(io_err(Path::new(&name)))?;
-        let reader: Box<dyn BufRead> = if head.starts_with(&[0x1f, 0x8b]) {
-            Box::new(BufReader::with_capacity(BUF, MultiGzDecoder::new(raw)))
-        } else {
-            Box::new(raw)
-        };
-        Ok(LineReader { name, reader, buf: Vec::with_capacity(4096), line: 0 })
+        let reader: Box<dyn Read> =
+            if head.starts_with(&[0x1f, 0x8b]) { Box::new(MultiGzDecoder::new(raw)) } else { Box::new(raw) };
+        Ok(LineReader { name, reader, buf: vec![0; BUF], pos: 0, end: 0, eof: false, line: 0 })
     }
 
     /// The input's name.
@@ -171,25 +173,57 @@ impl LineReader {
         &self.name
     }
 
+    /// Moves the unconsumed tail to the front (growing the buffer for long lines) and reads more.
+    fn refill(&mut self) -> Result<(), SourceError> {
+        self.buf.copy_within(self.pos..self.end, 0);
+        self.end -= self.pos;
+        self.pos = 0;
+        if self.end == self.buf.len() {
+            self.buf.resize(self.buf.len() * 2, 0);
+        }
+        while self.end < self.buf.len() {
+            let n = match self.reader.read(&mut self.buf[self.end..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => return Err(SourceError::Io { path: format!("{}, line {}", self.name, self.line + 1), source }),
+            };
+            if n == 0 {
+                self.eof = true;
+                break;
+            }
+            self.end += n;
+        }
+        Ok(())
+    }
+
     /// The next non-blank line without its line terminator, with its 1-based number.
     pub fn next_line(&mut self) -> Result<Option<(u64, &[u8])>, SourceError> {
+        while let Some((start, stop)) = self.next_span()? {
+            if self.buf[start..stop].iter().any(|b| !b.is_ascii_whitespace()) {
+                return Ok(Some((self.line, &self.buf[start..stop])));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Bounds of the next line in `buf`, terminators excluded.
+    fn next_span(&mut self) -> Result<Option<(usize, usize)>, SourceError> {
         loop {
-            self.buf.clear();
-            let n = self
-                .reader
-                .read_until(b'\n', &mut self.buf)
-                .map_err(|source| SourceError::Io { path: format!("{}, line {}", self.name, self.line + 1), source })?;
-            if n == 0 {
-                return Ok(None);
-            }
+            let (start, mut stop, next) = match memchr::memchr(b'\n', &self.buf[self.pos..self.end]) {
+                Some(i) => (self.pos, self.pos + i, self.pos + i + 1),
+                None if self.eof && self.pos == self.end => return Ok(None),
+                None if self.eof => (self.pos, self.end, self.end),
+                None => {
+                    self.refill()?;
+                    continue;
+                }
+            };
+            self.pos = next;
             self.line += 1;
-            let mut end = self.buf.len();
-            while end > 0 && matches!(self.buf[end - 1], b'\n' | b'\r') {
-                end -= 1;
+            while stop > start && self.buf[stop - 1] == b'\r' {
+                stop -= 1;
             }
-            if self.buf[..end].iter().any(|b| !b.is_ascii_whitespace()) {
-                return Ok(Some((self.line, &self.buf[..end])));
-            }
+            return Ok(Some((start, stop)));
         }
     }
 }
@@ -220,6 +254,16 @@ mod tests {
         let want = vec![(1, "one".to_owned()), (4, "two".to_owned())];
         assert_eq!(lines(&Input::File(plain)), want);
         assert_eq!(lines(&Input::File(gz)), want);
+    }
+
+    #[test]
+    fn lines_longer_than_the_buffer_survive() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("long.jsonl");
+        let long = "x".repeat(BUF * 2 + 17);
+        std::fs::write(&path, format!("a\n{long}\nb\n")).unwrap();
+        let got = lines(&Input::File(path));
+        assert_eq!(got, vec![(1, "a".to_owned()), (2, long), (3, "b".to_owned())]);
     }
 
     #[test]

@@ -286,24 +286,26 @@ impl Engine {
     }
 
     /// The current staging rows (executions whose agent is known), in no particular order.
-    pub fn staging(&self) -> impl Iterator<Item = StagingRow> + '_ {
-        self.sessions.iter().flat_map(move |s| {
-            s.rows.iter().filter_map(move |r| {
-                let data = r.data?;
-                let parts = self.sks[r.sk as usize];
-                let meta = self.agent_meta(parts.agent)?;
-                Some(StagingRow {
-                    user_id: self.strings.get(s.user).into(),
-                    session_id: self.strings.get(s.session).into(),
-                    process_id: self.strings.get(parts.process).into(),
-                    domain_id: self.strings.get(meta.domain).into(),
-                    agent_id: self.strings.get(parts.agent).into(),
-                    tool_id: self.strings.get(parts.tool).into(),
-                    tool_nm: self.strings.get(data.tool_nm).into(),
-                    execution_date: data.at.day,
-                    execution_datetime: data.at,
-                    success_flag: data.success,
-                })
+    pub fn staging(&self) -> impl Iterator<Item = StagingRow<'_>> + '_ {
+        self.sessions.iter().flat_map(move |s| self.session_staging(s))
+    }
+
+    fn session_staging<'e>(&'e self, s: &'e Session) -> impl Iterator<Item = StagingRow<'e>> + 'e {
+        s.rows.iter().filter_map(move |r| {
+            let data = r.data?;
+            let parts = self.sks[r.sk as usize];
+            let meta = self.agent_meta(parts.agent)?;
+            Some(StagingRow {
+                user_id: self.strings.get(s.user),
+                session_id: self.strings.get(s.session),
+                process_id: self.strings.get(parts.process),
+                domain_id: self.strings.get(meta.domain),
+                agent_id: self.strings.get(parts.agent),
+                tool_id: self.strings.get(parts.tool),
+                tool_nm: self.strings.get(data.tool_nm),
+                execution_date: data.at.day,
+                execution_datetime: data.at,
+                success_flag: data.success,
             })
         })
     }

@@ -61,22 +61,23 @@ pub struct ToolErrors {
 }
 
 /// One row of `agent_tool_analysis_staging`: a tool execution whose agent is known.
+/// Borrows from the engine: the staging table can have millions of rows.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct StagingRow {
+pub struct StagingRow<'a> {
     #[serde(rename = "userid")]
-    pub user_id: String,
+    pub user_id: &'a str,
     #[serde(rename = "sessionid")]
-    pub session_id: String,
+    pub session_id: &'a str,
     #[serde(rename = "processid")]
-    pub process_id: String,
+    pub process_id: &'a str,
     #[serde(rename = "domainid")]
-    pub domain_id: String,
+    pub domain_id: &'a str,
     #[serde(rename = "agentid")]
-    pub agent_id: String,
+    pub agent_id: &'a str,
     #[serde(rename = "toolid")]
-    pub tool_id: String,
+    pub tool_id: &'a str,
     #[serde(rename = "toolnm")]
-    pub tool_nm: String,
+    pub tool_nm: &'a str,
     #[serde(serialize_with = "day")]
     pub execution_date: Day,
     #[serde(serialize_with = "datetime")]
@@ -195,18 +196,20 @@ pub(crate) fn build(engine: &Engine, today: Day) -> Report {
 
 impl Engine {
     /// The staging table sorted by user, session, execution time, process, agent, tool.
-    pub fn staging_sorted(&self) -> Vec<StagingRow> {
-        let mut rows: Vec<StagingRow> = self.staging().collect();
-        rows.sort_by(|a, b| {
-            (&a.user_id, &a.session_id, a.execution_datetime, &a.process_id, &a.agent_id, &a.tool_id).cmp(&(
-                &b.user_id,
-                &b.session_id,
-                b.execution_datetime,
-                &b.process_id,
-                &b.agent_id,
-                &b.tool_id,
-            ))
+    /// Sessions are sorted once and rows within each, not millions of string tuples.
+    pub fn staging_sorted(&self) -> Vec<StagingRow<'_>> {
+        let mut order: Vec<&crate::Session> = self.sessions.iter().collect();
+        order.sort_by(|a, b| {
+            (self.strings.get(a.user), self.strings.get(a.session)).cmp(&(self.strings.get(b.user), self.strings.get(b.session)))
         });
+        let mut rows = Vec::with_capacity(self.sessions.len() * 3);
+        for s in order {
+            let start = rows.len();
+            rows.extend(self.session_staging(s));
+            rows[start..].sort_by(|a: &StagingRow<'_>, b: &StagingRow<'_>| {
+                (a.execution_datetime, a.process_id, a.agent_id, a.tool_id).cmp(&(b.execution_datetime, b.process_id, b.agent_id, b.tool_id))
+            });
+        }
         rows
     }
 }

@@ -192,7 +192,7 @@ pub fn generate(cfg: &Config, style: Style, out: impl Write) -> io::Result<Stats
     for s in 0..cfg.sessions {
         let user = format!("USR{:06}", user_zipf.sample(&mut rng) as u64);
         let (y, m, d) = Day(end.0 - rng.random_range(0..cfg.days.max(1)) as i32).ymd();
-        let session = format!("SESS{y:04}{m:02}{d:02}{:03}", s % 1000);
+        let session = format!("SESS{y:04}{m:02}{d:02}{s:07}");
         let pk = format!("{user}#{session}");
         let mut second = rng.random_range(0..80_000u32);
         let mut process = 0;
