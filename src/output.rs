@@ -5,28 +5,36 @@ use serde::Serialize;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
-use toolrank_engine::{Report, StagingRow};
+use toolrank_engine::{Engine, Report, StagingRow};
 use unicode_width::UnicodeWidthStr;
 
-/// Writes `rows` as one JSON object per line.
-pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+/// Writes the rows `visit` produces as one JSON object per line.
+fn write_jsonl<T: Serialize>(
+    path: &Path,
+    visit: impl FnOnce(&mut dyn FnMut(&T) -> std::io::Result<()>) -> std::io::Result<()>,
+) -> Result<()> {
     let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
-    for row in rows {
+    visit(&mut |row| {
         serde_json::to_writer(&mut w, row)?;
-        w.write_all(b"\n")?;
-    }
-    w.flush().with_context(|| format!("writing {}", path.display()))
+        w.write_all(b"\n")
+    })
+    .and_then(|()| w.flush())
+    .with_context(|| format!("writing {}", path.display()))
 }
 
-/// The `replay --out` layout: one file per seed table.
-pub fn write_dir(dir: &Path, report: &Report, staging: Option<&[StagingRow]>) -> Result<()> {
+fn write_rows<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    write_jsonl(path, |emit| rows.iter().try_for_each(emit))
+}
+
+/// The `replay --out` layout: one file per seed table; staging only with an engine.
+pub fn write_dir(dir: &Path, report: &Report, staging: Option<&Engine>) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    write_jsonl(&dir.join("agent_score_summary.jsonl"), &report.agents)?;
-    write_jsonl(&dir.join("user_process_patterns.jsonl"), &report.patterns)?;
-    write_jsonl(&dir.join("agent_tool_errors.jsonl"), &report.tool_errors)?;
-    if let Some(rows) = staging {
-        write_jsonl(&dir.join("staging.jsonl"), rows)?;
+    write_rows(&dir.join("agent_score_summary.jsonl"), &report.agents)?;
+    write_rows(&dir.join("user_process_patterns.jsonl"), &report.patterns)?;
+    write_rows(&dir.join("agent_tool_errors.jsonl"), &report.tool_errors)?;
+    if let Some(engine) = staging {
+        write_jsonl::<StagingRow<'_>>(&dir.join("staging.jsonl"), |emit| engine.visit_staging_sorted(emit))?;
     }
     Ok(())
 }

@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use toolrank_engine::{Applied, Engine};
-use toolrank_events::{decode_line, Action, Day, DeadLetter, DecodeError, Entity, Format, Record};
-use toolrank_source_file::{expand, LineReader};
+use std::sync::mpsc;
+use toolrank_events::{decode_line, Action, Change, Day, DeadLetter, DecodeError, Entity, Format, Record};
+use toolrank_source_file::{expand, Input, LineReader, SourceError};
 
 /// Replay history files into the seed's tables.
 ///
@@ -93,6 +94,57 @@ impl DeadLetters {
     }
 }
 
+/// What the decoding thread hands over, in input order.
+enum Decoded {
+    /// A line was read; its format, unless the whole line was rejected.
+    Line(Option<Format>),
+    Change(Change<'static>),
+    Bad(DeadLetter),
+}
+
+const BATCH_LINES: usize = 4096;
+
+/// Reads and decodes every input, sending batches in order. Stops when the receiver
+/// hangs up (e.g. `--strict` hit a bad record).
+fn decode_inputs(inputs: &[Input], read: Arc<AtomicU64>, tx: mpsc::SyncSender<Result<Vec<Decoded>, SourceError>>) {
+    let mut batch = Vec::with_capacity(BATCH_LINES * 2);
+    let mut lines = 0;
+    for input in inputs {
+        let mut reader = match LineReader::open(input, read.clone()) {
+            Ok(r) => r,
+            Err(e) => return drop(tx.send(Err(e))),
+        };
+        let source = reader.name().to_owned();
+        loop {
+            let (line_no, bytes) = match reader.next_line() {
+                Ok(Some(l)) => l,
+                Ok(None) => break,
+                Err(e) => return drop(tx.send(Err(e))),
+            };
+            let bad = |record, raw: Option<&str>, e: DecodeError| {
+                let raw = raw.map_or_else(|| String::from_utf8_lossy(bytes).into_owned(), str::to_owned);
+                Decoded::Bad(DeadLetter { source: source.clone(), line: line_no, record, reason: e.to_string(), raw })
+            };
+            let slot = batch.len();
+            batch.push(Decoded::Line(None));
+            match decode_line(bytes, &mut |rec: Record<'_>| {
+                batch.push(match rec.result {
+                    Ok(change) => Decoded::Change(change.into_owned()),
+                    Err(e) => bad(rec.index, rec.raw, e),
+                })
+            }) {
+                Ok(format) => batch[slot] = Decoded::Line(Some(format)),
+                Err(e) => batch.push(bad(None, None, e)),
+            }
+            lines += 1;
+            if lines % BATCH_LINES == 0 && tx.send(Ok(std::mem::take(&mut batch))).is_err() {
+                return;
+            }
+        }
+    }
+    let _ = tx.send(Ok(batch));
+}
+
 fn count_applied(counts: &mut Counts, action: &Action<'_>, applied: Applied) {
     if applied == Applied::Stale {
         counts.stale += 1;
@@ -138,37 +190,34 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let started = Instant::now();
     let mut engine = Engine::new();
     let mut counts = Counts::default();
-    for input in &inputs {
-        let mut reader = LineReader::open(input, read.clone())?;
-        let source = reader.name().to_owned();
-        while let Some((line_no, bytes)) = reader.next_line()? {
-            counts.lines += 1;
-            if line_no % 65_536 == 0 {
-                if let Some(bar) = &progress {
-                    bar.set_position(read.load(Ordering::Relaxed));
+    // Two stages on two cores: a thread reads and decodes lines into owned changes, this
+    // thread applies them in order. Decoding is the larger half of the work.
+    let (tx, rx) = mpsc::sync_channel::<Result<Vec<Decoded>, SourceError>>(8);
+    let (decode_read, all_inputs) = (read.clone(), &inputs);
+    std::thread::scope(|scope| -> Result<()> {
+        scope.spawn(move || decode_inputs(all_inputs, decode_read, tx));
+        for batch in rx {
+            for item in batch? {
+                match item {
+                    Decoded::Line(format) => {
+                        counts.lines += 1;
+                        if let Some(format) = format {
+                            counts.by_format[format as usize] += 1;
+                        }
+                    }
+                    Decoded::Change(change) => {
+                        let applied = engine.apply(&change);
+                        count_applied(&mut counts, &change.action, applied);
+                    }
+                    Decoded::Bad(letter) => dead.reject(&mut counts, letter)?,
                 }
             }
-            // Rejections are collected while the decoder borrows the line: (record index,
-            // the record's own text inside a Lambda event, error).
-            let mut rejected: Vec<(Option<usize>, Option<String>, DecodeError)> = Vec::new();
-            let mut emit = |rec: Record<'_>| match rec.result {
-                Ok(change) => {
-                    let applied = engine.apply(&change);
-                    count_applied(&mut counts, &change.action, applied);
-                }
-                Err(e) => rejected.push((rec.index, rec.raw.map(str::to_owned), e)),
-            };
-            match decode_line(bytes, &mut emit) {
-                Ok(format) => counts.by_format[format as usize] += 1,
-                Err(e) => rejected.push((None, None, e)),
-            }
-            for (record, raw, e) in rejected {
-                let raw = raw.unwrap_or_else(|| String::from_utf8_lossy(bytes).into_owned());
-                let letter = DeadLetter { source: source.clone(), line: line_no, record, reason: e.to_string(), raw };
-                dead.reject(&mut counts, letter)?;
+            if let Some(bar) = &progress {
+                bar.set_position(read.load(Ordering::Relaxed));
             }
         }
-    }
+        Ok(())
+    })?;
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
@@ -178,7 +227,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         w.flush().context("writing the dead-letter file")?;
     }
     match &args.out {
-        Some(dir) => output::write_dir(dir, &report, Some(&engine.staging_sorted()))?,
+        Some(dir) => output::write_dir(dir, &report, Some(&engine))?,
         None => output::print_tables(&report, args.top, &mut std::io::stdout().lock())?,
     }
     summary(&counts, &engine, read.load(Ordering::Relaxed), elapsed, inputs.len(), today);

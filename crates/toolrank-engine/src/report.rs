@@ -94,11 +94,11 @@ pub struct Report {
 }
 
 fn day<S: Serializer>(d: &Day, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(d)
+    s.serialize_str(std::str::from_utf8(&d.iso_bytes()).expect("ASCII"))
 }
 
 fn datetime<S: Serializer>(t: &Timestamp, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&t.to_datetime_string())
+    s.serialize_str(std::str::from_utf8(&t.datetime_bytes()).expect("ASCII"))
 }
 
 fn desc(a: f64, b: f64) -> Ordering {
@@ -195,21 +195,32 @@ pub(crate) fn build(engine: &Engine, today: Day) -> Report {
 }
 
 impl Engine {
-    /// The staging table sorted by user, session, execution time, process, agent, tool.
-    /// Sessions are sorted once and rows within each, not millions of string tuples.
-    pub fn staging_sorted(&self) -> Vec<StagingRow<'_>> {
+    /// Visits the staging table sorted by user, session, execution time, process, agent,
+    /// tool. Sessions are sorted once and rows within each; nothing is collected.
+    pub fn visit_staging_sorted<'e, E>(&'e self, mut f: impl FnMut(&StagingRow<'e>) -> Result<(), E>) -> Result<(), E> {
         let mut order: Vec<&crate::Session> = self.sessions.iter().collect();
         order.sort_by(|a, b| {
             (self.strings.get(a.user), self.strings.get(a.session)).cmp(&(self.strings.get(b.user), self.strings.get(b.session)))
         });
-        let mut rows = Vec::with_capacity(self.sessions.len() * 3);
+        let mut rows = Vec::new();
         for s in order {
-            let start = rows.len();
+            rows.clear();
             rows.extend(self.session_staging(s));
-            rows[start..].sort_by(|a: &StagingRow<'_>, b: &StagingRow<'_>| {
+            rows.sort_by(|a: &StagingRow<'_>, b: &StagingRow<'_>| {
                 (a.execution_datetime, a.process_id, a.agent_id, a.tool_id).cmp(&(b.execution_datetime, b.process_id, b.agent_id, b.tool_id))
             });
+            rows.iter().try_for_each(&mut f)?;
         }
-        rows
+        Ok(())
+    }
+
+    /// The staging table in [`visit_staging_sorted`](Self::visit_staging_sorted) order.
+    pub fn staging_sorted(&self) -> Vec<StagingRow<'_>> {
+        let mut out = Vec::new();
+        let _ = self.visit_staging_sorted::<()>(|r| {
+            out.push(r.clone());
+            Ok(())
+        });
+        out
     }
 }

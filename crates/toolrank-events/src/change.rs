@@ -120,3 +120,25 @@ mod tests {
         }
     }
 }
+
+impl Change<'_> {
+    /// Detaches the change from the input buffer, so that decoding and applying can run
+    /// on different threads.
+    pub fn into_owned(self) -> Change<'static> {
+        let action = match self.action {
+            Action::Delete { ttl } => Action::Delete { ttl },
+            Action::Put(Entity::Other) => Action::Put(Entity::Other),
+            Action::Put(Entity::Execution(e)) => Action::Put(Entity::Execution(Execution {
+                tool_nm: Cow::Owned(e.tool_nm.into_owned()),
+                at: e.at,
+                success: e.success,
+            })),
+            Action::Put(Entity::Agent(a)) => Action::Put(Entity::Agent(AgentItem {
+                domain_id: Cow::Owned(a.domain_id.into_owned()),
+                name: a.name.map(|n| Cow::Owned(n.into_owned())),
+                partial: a.partial,
+            })),
+        };
+        Change { pk: Cow::Owned(self.pk.into_owned()), sk: Cow::Owned(self.sk.into_owned()), seq: self.seq, action }
+    }
+}

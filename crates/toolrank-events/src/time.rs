@@ -59,6 +59,25 @@ impl Day {
     }
 }
 
+impl Day {
+    /// `YYYY-MM-DD` into a stack buffer: writers of millions of rows avoid `fmt`.
+    pub fn iso_bytes(self) -> [u8; 10] {
+        let (y, m, d) = self.ymd();
+        let mut b = *b"0000-00-00";
+        put_digits(&mut b[0..4], y.clamp(0, 9999) as u32);
+        put_digits(&mut b[5..7], m);
+        put_digits(&mut b[8..10], d);
+        b
+    }
+}
+
+fn put_digits(out: &mut [u8], mut v: u32) {
+    for c in out.iter_mut().rev() {
+        *c = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+}
+
 impl fmt::Display for Day {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (y, m, d) = self.ymd();
@@ -125,10 +144,20 @@ impl Timestamp {
         Some(Timestamp { packed, day })
     }
 
+    /// `YYYY-MM-DD HH:MM:SS` into a stack buffer.
+    pub fn datetime_bytes(self) -> [u8; 19] {
+        let mut b = *b"0000-00-00 00:00:00";
+        b[..10].copy_from_slice(&self.day.iso_bytes());
+        let p = self.packed;
+        put_digits(&mut b[11..13], (p / 10_000 % 100) as u32);
+        put_digits(&mut b[14..16], (p / 100 % 100) as u32);
+        put_digits(&mut b[17..19], (p % 100) as u32);
+        b
+    }
+
     /// `YYYY-MM-DD HH:MM:SS`.
     pub fn to_datetime_string(self) -> String {
-        let p = self.packed;
-        format!("{} {:02}:{:02}:{:02}", self.day, p / 10_000 % 100, p / 100 % 100, p % 100)
+        String::from_utf8_lossy(&self.datetime_bytes()).into_owned()
     }
 }
 
@@ -160,6 +189,7 @@ mod tests {
         let t = Timestamp::parse("20250614140605").unwrap();
         assert_eq!(t.day.to_string(), "2025-06-14");
         assert_eq!(t.to_datetime_string(), "2025-06-14 14:06:05");
+        assert_eq!(&Day::parse_iso("0987-01-02").unwrap().iso_bytes(), b"0987-01-02");
         assert_eq!(Timestamp::parse("2025-06-14T14:06:05Z"), Some(t));
         assert_eq!(Timestamp::parse("2025-06-14 14:06:05.123"), Some(t));
         for bad in ["2025061414060", "20251314140605", "20250230140605", "20250614240605", "20250614146005",
