@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 use toolrank_engine::{Engine, Report, StagingRow};
+use toolrank_events::Day;
 use unicode_width::UnicodeWidthStr;
 
 /// Writes the rows `visit` produces as one JSON object per line.
@@ -27,16 +28,25 @@ fn write_rows<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
     write_jsonl(path, |emit| rows.iter().try_for_each(emit))
 }
 
-/// The `replay --out` layout: one file per seed table; staging only with an engine.
-pub fn write_dir(dir: &Path, report: &Report, staging: Option<&Engine>) -> Result<()> {
+/// The `replay --out` layout: one file per seed table. The (largest) staging table is
+/// written on a second thread while the report is built and written.
+pub fn write_dir(dir: &Path, engine: &Engine, today: Day) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::thread::scope(|s| {
+        let staging = s.spawn(|| {
+            write_jsonl::<StagingRow<'_>>(&dir.join("staging.jsonl"), |emit| engine.visit_staging_sorted(emit))
+        });
+        let report = engine.build_report(today);
+        write_report(dir, &report)?;
+        staging.join().expect("staging writer does not panic")
+    })
+}
+
+/// The three seed tables of a report.
+pub fn write_report(dir: &Path, report: &Report) -> Result<()> {
     write_rows(&dir.join("agent_score_summary.jsonl"), &report.agents)?;
     write_rows(&dir.join("user_process_patterns.jsonl"), &report.patterns)?;
-    write_rows(&dir.join("agent_tool_errors.jsonl"), &report.tool_errors)?;
-    if let Some(engine) = staging {
-        write_jsonl::<StagingRow<'_>>(&dir.join("staging.jsonl"), |emit| engine.visit_staging_sorted(emit))?;
-    }
-    Ok(())
+    write_rows(&dir.join("agent_tool_errors.jsonl"), &report.tool_errors)
 }
 
 /// A text table with display-width-aware columns (agent names are often Korean).

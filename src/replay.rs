@@ -221,15 +221,23 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
-    let report = engine.report(today);
-    let elapsed = started.elapsed().as_secs_f64();
+    let ingested = started.elapsed();
+    engine.flush();
+    let flushed = started.elapsed();
     if let Some(w) = &mut dead.writer {
         w.flush().context("writing the dead-letter file")?;
     }
     match &args.out {
-        Some(dir) => output::write_dir(dir, &report, Some(&engine))?,
-        None => output::print_tables(&report, args.top, &mut std::io::stdout().lock())?,
+        Some(dir) => output::write_dir(dir, &engine, today)?,
+        None => output::print_tables(&engine.report(today), args.top, &mut std::io::stdout().lock())?,
     }
+    let elapsed = started.elapsed().as_secs_f64();
+    tracing::debug!(
+        ingest_s = ingested.as_secs_f64(),
+        flush_s = (flushed - ingested).as_secs_f64(),
+        output_s = elapsed - flushed.as_secs_f64(),
+        "replay phases"
+    );
     summary(&counts, &engine, read.load(Ordering::Relaxed), elapsed, inputs.len(), today);
     if counts.bad > 0 {
         let hint = match &args.dead_letter {

@@ -28,24 +28,30 @@ pub struct Contribution {
 }
 
 /// Counts per day, so that the latest/earliest day is known after any retraction.
+/// A sorted vector: most patterns have one or two distinct days, and agents at most one
+/// entry per day of history, so this beats a tree on both memory and speed.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DayHistogram(BTreeMap<Day, i64>);
+pub struct DayHistogram(Vec<(Day, i64)>);
 
 impl DayHistogram {
     fn add(&mut self, day: Day, diff: i64) {
-        let n = self.0.entry(day).or_insert(0);
-        *n += diff;
-        if *n == 0 {
-            self.0.remove(&day);
+        match self.0.binary_search_by_key(&day, |&(d, _)| d) {
+            Ok(i) => {
+                self.0[i].1 += diff;
+                if self.0[i].1 == 0 {
+                    self.0.remove(i);
+                }
+            }
+            Err(i) => self.0.insert(i, (day, diff)),
         }
     }
 
     pub fn max(&self) -> Option<Day> {
-        self.0.keys().next_back().copied()
+        self.0.last().map(|&(d, _)| d)
     }
 
     pub fn min(&self) -> Option<Day> {
-        self.0.keys().next().copied()
+        self.0.first().map(|&(d, _)| d)
     }
 }
 

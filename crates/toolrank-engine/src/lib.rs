@@ -41,13 +41,24 @@ pub enum Applied {
     Ignored,
 }
 
+/// A stream sequence number as two words: `u128` would force 16-byte alignment and pad
+/// every row of every session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+struct Seq(u64, u64);
+
+impl From<u128> for Seq {
+    fn from(v: u128) -> Seq {
+        Seq((v >> 64) as u64, v as u64)
+    }
+}
+
 /// One hist row of a session.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Row {
     /// Interned SK, resolving to process, agent and tool.
     sk: Sym,
     /// Last applied stream sequence number for this key.
-    seq: Option<u128>,
+    seq: Option<Seq>,
     /// The current item; `None` is a tombstone kept for its `seq`.
     data: Option<RowData>,
 }
@@ -82,7 +93,7 @@ struct Session {
 /// An Agent METADATA key's state.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct AgentSlot {
-    seq: Option<u128>,
+    seq: Option<Seq>,
     meta: Option<AgentMeta>,
 }
 
@@ -116,7 +127,7 @@ pub enum StateError {
     Version(u32),
 }
 
-const SNAPSHOT_VERSION: u32 = 1;
+const SNAPSHOT_VERSION: u32 = 2;
 
 /// The incremental engine. See the crate docs.
 #[derive(Default, Serialize, Deserialize)]
@@ -151,6 +162,7 @@ impl Engine {
     }
 
     fn apply_hist(&mut self, key: HistKey<'_>, change: &Change<'_>) -> Applied {
+        let seq = change.seq.map(Seq::from);
         let data = match &change.action {
             Action::Put(Entity::Execution(e)) => {
                 Some(RowData { tool_nm: self.strings.intern(&e.tool_nm), at: e.at, success: e.success })
@@ -169,7 +181,7 @@ impl Engine {
         let agent = self.sks[sk as usize].agent;
         let idx = match self.session_index.get(change.pk.as_ref()) {
             Some(&i) => i,
-            None if data.is_none() && change.seq.is_none() => return Applied::Unchanged,
+            None if data.is_none() && seq.is_none() => return Applied::Unchanged,
             None => {
                 let i = self.sessions.len() as u32;
                 let (user, session) = (self.strings.intern(key.user), self.strings.intern(key.session));
@@ -182,12 +194,12 @@ impl Engine {
         let applied = match s.rows.iter().position(|r| r.sk == sk) {
             Some(i) => {
                 let row = &mut s.rows[i];
-                if let (Some(new), Some(old)) = (change.seq, row.seq) {
+                if let (Some(new), Some(old)) = (seq, row.seq) {
                     if new <= old {
                         return Applied::Stale;
                     }
                 }
-                row.seq = change.seq.or(row.seq);
+                row.seq = seq.or(row.seq);
                 let changed = row.data != data;
                 row.data = data;
                 if row.data.is_none() && row.seq.is_none() {
@@ -196,7 +208,7 @@ impl Engine {
                 if changed { Applied::Changed } else { Applied::Unchanged }
             }
             None => {
-                s.rows.push(Row { sk, seq: change.seq, data });
+                s.rows.push(Row { sk, seq, data });
                 if data.is_some() { Applied::Changed } else { Applied::Unchanged }
             }
         };
@@ -210,11 +222,12 @@ impl Engine {
     }
 
     fn apply_metadata(&mut self, change: &Change<'_>) -> Applied {
+        let seq = change.seq.map(Seq::from);
         let agent_item = match &change.action {
             Action::Put(Entity::Agent(a)) => Some(a),
             Action::Put(_) | Action::Delete { .. } => None,
         };
-        let id = match (agent_item, change.seq, self.strings.lookup(&change.pk)) {
+        let id = match (agent_item, seq, self.strings.lookup(&change.pk)) {
             (None, None, None) => return Applied::Ignored,
             (_, _, Some(id)) => id,
             _ => self.strings.intern(&change.pk),
@@ -225,15 +238,15 @@ impl Engine {
         });
         let slot = match self.catalog.get_mut(&id) {
             Some(slot) => slot,
-            None if new_meta.is_none() && change.seq.is_none() => return Applied::Ignored,
+            None if new_meta.is_none() && seq.is_none() => return Applied::Ignored,
             None => self.catalog.entry(id).or_default(),
         };
-        if let (Some(new), Some(old)) = (change.seq, slot.seq) {
+        if let (Some(new), Some(old)) = (seq, slot.seq) {
             if new <= old {
                 return Applied::Stale;
             }
         }
-        slot.seq = change.seq.or(slot.seq);
+        slot.seq = seq.or(slot.seq);
         let new_meta = match (new_meta, agent_item.is_some_and(|a| a.partial), &slot.meta) {
             (Some(mut m), true, Some(old)) if m.name.is_none() => {
                 m.name = old.name.clone();
@@ -253,11 +266,11 @@ impl Engine {
 
     /// Turns every dirty (session, agent) group into contribution deltas on the aggregates.
     pub fn flush(&mut self) {
-        let mut rows = Vec::new();
+        let (mut rows, mut seq) = (Vec::new(), Vec::new());
         for idx in std::mem::take(&mut self.dirty) {
             let s = &mut self.sessions[idx as usize];
             for agent in std::mem::take(&mut s.dirty) {
-                let new = contribution(&self.strings, &mut self.sequences, &self.sks, &s.rows, agent, &mut rows);
+                let new = contribution(&self.strings, &mut self.sequences, &self.sks, &s.rows, agent, &mut rows, &mut seq);
                 let old_pos = s.committed.iter().position(|(a, _)| *a == agent);
                 if old_pos.map(|i| &s.committed[i].1) == new.as_ref() {
                     continue;
@@ -282,6 +295,11 @@ impl Engine {
     /// Flushes, then builds the seed's tables for `today`.
     pub fn report(&mut self, today: toolrank_events::Day) -> Report {
         self.flush();
+        self.build_report(today)
+    }
+
+    /// The seed's tables for `today` as of the last [`flush`](Self::flush).
+    pub fn build_report(&self, today: toolrank_events::Day) -> Report {
         report::build(self, today)
     }
 
@@ -376,6 +394,7 @@ fn contribution(
     rows: &[Row],
     agent: Sym,
     group: &mut Vec<(RowData, SkParts)>,
+    seq: &mut Vec<Sym>,
 ) -> Option<Contribution> {
     group.clear();
     group.extend(rows.iter().filter_map(|r| {
@@ -392,13 +411,14 @@ fn contribution(
             .then_with(|| strings.get(pa.process).cmp(strings.get(pb.process)))
             .then_with(|| strings.get(pa.tool).cmp(strings.get(pb.tool)))
     });
-    let mut seq: Vec<Sym> = group.iter().map(|(_, p)| p.process).collect();
+    seq.clear();
+    seq.extend(group.iter().map(|(_, p)| p.process));
     seq.extend(group.iter().map(|(d, _)| d.tool_nm));
     let c = Contribution {
         success: group.iter().all(|(d, _)| d.success),
         first: group.iter().map(|(d, _)| d.at.day).min().expect("non-empty"),
         last: group.iter().map(|(d, _)| d.at.day).max().expect("non-empty"),
-        pattern: sequences.intern(&seq),
+        pattern: sequences.intern(seq),
         rows: group.len() as u32,
         failed_tools: group.iter().filter(|(d, _)| !d.success).map(|(d, _)| d.tool_nm).collect(),
     };

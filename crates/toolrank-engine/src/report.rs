@@ -155,20 +155,25 @@ pub(crate) fn build(engine: &Engine, today: Day) -> Report {
     });
 
     let mut patterns = Vec::new();
+    // Many users share a sequence: join its names once.
+    let mut joined: rustc_hash::FxHashMap<Sym, (String, String)> = Default::default();
     for (key, agg) in &engine.aggregates.patterns {
         if engine.agent_meta(key.agent).is_none() {
             continue;
         }
         let (Some(first), Some(last)) = (agg.first_days.min(), agg.last_days.max()) else { continue };
-        let seq = engine.sequences.get(key.sequence);
-        let (procs, tools) = seq.split_at(seq.len() / 2);
-        let join = |ids: &[Sym]| ids.iter().map(|&s| engine.strings.get(s)).collect::<Vec<_>>().join("->");
+        let (process_pattern, tool_sequence) = joined.entry(key.sequence).or_insert_with(|| {
+            let seq = engine.sequences.get(key.sequence);
+            let (procs, tools) = seq.split_at(seq.len() / 2);
+            let join = |ids: &[Sym]| ids.iter().map(|&s| engine.strings.get(s)).collect::<Vec<_>>().join("->");
+            (join(procs), join(tools))
+        });
         let (count, succ) = (agg.executions as u64, agg.successes as u64);
         patterns.push(PatternRow {
             user_id: name(key.user),
-            process_pattern: join(procs),
+            process_pattern: process_pattern.clone(),
             agent_sequence: name(key.agent),
-            tool_sequence: join(tools),
+            tool_sequence: tool_sequence.clone(),
             execution_count: count,
             success_count: succ,
             first_used_date: first,
