@@ -2,7 +2,9 @@
 
 mod generate;
 mod output;
+mod produce;
 mod replay;
+mod setup;
 
 use clap::{Parser, Subcommand};
 
@@ -37,6 +39,8 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     Replay(replay::Args),
+    Setup(setup::Args),
+    Produce(produce::Args),
     Generate(generate::Args),
 }
 
@@ -51,6 +55,8 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Replay(args) => replay::run(args),
+        Command::Setup(args) => setup::run(args),
+        Command::Produce(args) => produce::run(args),
         Command::Generate(args) => generate::run(args),
     };
     match result {

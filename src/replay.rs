@@ -195,7 +195,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let (tx, rx) = mpsc::sync_channel::<Result<Vec<Decoded>, SourceError>>(8);
     let (decode_read, all_inputs) = (read.clone(), &inputs);
     std::thread::scope(|scope| -> Result<()> {
-        scope.spawn(move || decode_inputs(all_inputs, decode_read, tx));
+        std::thread::Builder::new()
+            .name("decode".into())
+            .spawn_scoped(scope, move || decode_inputs(all_inputs, decode_read, tx))
+            .context("starting the decode thread")?;
         for batch in rx {
             for item in batch? {
                 match item {

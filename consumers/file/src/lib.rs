@@ -161,6 +161,11 @@ impl LineReader {
             Input::Stdin => Box::new(io::stdin()),
             Input::File(p) => Box::new(File::open(p).map_err(io_err(p))?),
         };
+        Self::from_read(name, raw, bytes_read)
+    }
+
+    /// Reads lines from any byte stream (gzip detected here too), named `name` in positions.
+    pub fn from_read(name: String, raw: Box<dyn Read>, bytes_read: Arc<AtomicU64>) -> Result<LineReader, SourceError> {
         let mut raw = BufReader::with_capacity(1 << 16, Counting { inner: raw, count: bytes_read });
         let head = raw.fill_buf().map_err(io_err(Path::new(&name)))?;
         let reader: Box<dyn Read> =

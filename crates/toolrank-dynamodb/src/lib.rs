@@ -1,0 +1,300 @@
+//! The `AgentTable` in DynamoDB: creating it (keys, GSI1, a NEW_AND_OLD_IMAGES stream,
+//! TTL) and writing history into it the way an agent application does, so that the
+//! table's stream carries the same changes as a replay file.
+//!
+//! Endpoints and credentials come from the standard AWS environment
+//! (`AWS_ENDPOINT_URL_DYNAMODB`, `AWS_REGION`, ...), so DynamoDB Local and AWS work alike.
+
+use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
+    ProjectionType, ScalarAttributeType, StreamSpecification, StreamViewType, TableStatus, TimeToLiveSpecification,
+};
+use aws_sdk_dynamodb::Client;
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::time::Duration;
+use toolrank_events::decode_line;
+
+/// The TTL attribute (epoch seconds) of the seed's retention policy.
+pub const TTL_ATTRIBUTE: &str = "ExpireAt";
+
+/// A DynamoDB failure, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what}: {message}")]
+    Aws { what: String, message: String },
+    #[error("table {0} did not become ACTIVE within 60 s")]
+    NotActive(String),
+    #[error("{0}")]
+    Input(String),
+}
+
+fn aws<E: std::error::Error + 'static, R: std::fmt::Debug>(what: impl Into<String>) -> impl FnOnce(SdkError<E, R>) -> Error {
+    let what = what.into();
+    move |e| Error::Aws { what, message: DisplayErrorContext(&e).to_string() }
+}
+
+/// A client configured from the environment.
+pub async fn client() -> Client {
+    let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    Client::new(&config)
+}
+
+/// Whether the table was made or already there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableStatusReport {
+    Created,
+    Existed,
+}
+
+/// Creates `table` unless it exists: `PK`/`SK` strings, `GSI1` on `GSI1_PK`/`GSI1_SK`
+/// (all attributes projected), on-demand billing, a NEW_AND_OLD_IMAGES stream, and TTL on
+/// [`TTL_ATTRIBUTE`]. Waits until it is ACTIVE. Idempotent.
+pub async fn create_table(client: &Client, table: &str) -> Result<TableStatusReport, Error> {
+    let exists = match client.describe_table().table_name(table).send().await {
+        Ok(_) => true,
+        Err(e) if e.as_service_error().is_some_and(|s| s.is_resource_not_found_exception()) => false,
+        Err(e) => return Err(aws(format!("describing table {table}"))(e)),
+    };
+    let status = if exists {
+        TableStatusReport::Existed
+    } else {
+        let key = |name: &str, kind| KeySchemaElement::builder().attribute_name(name).key_type(kind).build();
+        let attr = |name: &str| AttributeDefinition::builder().attribute_name(name).attribute_type(ScalarAttributeType::S).build();
+        let gsi = GlobalSecondaryIndex::builder()
+            .index_name("GSI1")
+            .key_schema(key("GSI1_PK", KeyType::Hash).expect("valid"))
+            .key_schema(key("GSI1_SK", KeyType::Range).expect("valid"))
+            .projection(Projection::builder().projection_type(ProjectionType::All).build())
+            .build()
+            .expect("valid index");
+        let created = client
+            .create_table()
+            .table_name(table)
+            .key_schema(key("PK", KeyType::Hash).expect("valid"))
+            .key_schema(key("SK", KeyType::Range).expect("valid"))
+            .attribute_definitions(attr("PK").expect("valid"))
+            .attribute_definitions(attr("SK").expect("valid"))
+            .attribute_definitions(attr("GSI1_PK").expect("valid"))
+            .attribute_definitions(attr("GSI1_SK").expect("valid"))
+            .global_secondary_indexes(gsi)
+            .billing_mode(BillingMode::PayPerRequest)
+            .stream_specification(
+                StreamSpecification::builder()
+                    .stream_enabled(true)
+                    .stream_view_type(StreamViewType::NewAndOldImages)
+                    .build()
+                    .expect("valid stream spec"),
+            )
+            .send()
+            .await;
+        match created {
+            Ok(_) => TableStatusReport::Created,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_resource_in_use_exception()) => TableStatusReport::Existed,
+            Err(e) => return Err(aws(format!("creating table {table}"))(e)),
+        }
+    };
+    wait_active(client, table).await?;
+    let ttl = client.describe_time_to_live().table_name(table).send().await.map_err(aws("describing TTL"))?;
+    let enabled = ttl
+        .time_to_live_description()
+        .and_then(|d| d.attribute_name())
+        .is_some_and(|a| a == TTL_ATTRIBUTE);
+    if !enabled {
+        client
+            .update_time_to_live()
+            .table_name(table)
+            .time_to_live_specification(
+                TimeToLiveSpecification::builder().enabled(true).attribute_name(TTL_ATTRIBUTE).build().expect("valid"),
+            )
+            .send()
+            .await
+            .map_err(aws(format!("enabling TTL on {table}")))?;
+    }
+    Ok(status)
+}
+
+async fn wait_active(client: &Client, table: &str) -> Result<(), Error> {
+    for _ in 0..600 {
+        let d = client.describe_table().table_name(table).send().await.map_err(aws(format!("describing table {table}")))?;
+        if d.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(Error::NotActive(table.into()))
+}
+
+/// One write an agent application would make.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteOp {
+    /// Put the whole item.
+    Put(HashMap<String, AttributeValue>),
+    /// Set these attributes of an item, keeping the others (a flat event's agent upsert).
+    Update { pk: String, sk: String, set: Vec<(String, String)> },
+    Delete { pk: String, sk: String },
+}
+
+/// Converts DynamoDB's typed JSON (`{"S": ...}`, `{"N": ...}`, `{"M": {...}}`, ...).
+pub fn attribute_value(v: &Value) -> Result<AttributeValue, String> {
+    let obj = v.as_object().filter(|o| o.len() == 1).ok_or_else(|| format!("not a typed attribute value: {v}"))?;
+    let (tag, inner) = obj.iter().next().expect("one entry");
+    let text = || inner.as_str().map(str::to_owned).ok_or_else(|| format!("{tag} value must be a string"));
+    let strings = || {
+        inner
+            .as_array()
+            .and_then(|a| a.iter().map(|x| x.as_str().map(str::to_owned)).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| format!("{tag} value must be a list of strings"))
+    };
+    Ok(match tag.as_str() {
+        "S" => AttributeValue::S(text()?),
+        "N" => AttributeValue::N(text()?),
+        "BOOL" => AttributeValue::Bool(inner.as_bool().ok_or("BOOL value must be true or false")?),
+        "NULL" => AttributeValue::Null(true),
+        "SS" => AttributeValue::Ss(strings()?),
+        "NS" => AttributeValue::Ns(strings()?),
+        "M" => AttributeValue::M(item(inner.as_object().ok_or("M value must be an object")?)?),
+        "L" => AttributeValue::L(inner.as_array().ok_or("L value must be a list")?.iter().map(attribute_value).collect::<Result<_, _>>()?),
+        other => return Err(format!("unsupported attribute type {other}")),
+    })
+}
+
+fn item(map: &Map<String, Value>) -> Result<HashMap<String, AttributeValue>, String> {
+    map.iter().map(|(k, v)| Ok((k.clone(), attribute_value(v)?))).collect()
+}
+
+fn key_of(keys: &Value) -> Result<(String, String), String> {
+    let s = |k: &str| keys[k]["S"].as_str().map(str::to_owned).ok_or_else(|| format!("missing {k}"));
+    Ok((s("PK")?, s("SK")?))
+}
+
+fn stream_op(rec: &Value) -> Result<WriteOp, String> {
+    let data = &rec["dynamodb"];
+    match rec["eventName"].as_str() {
+        Some("INSERT" | "MODIFY") => Ok(WriteOp::Put(item(data["NewImage"].as_object().ok_or("missing NewImage")?)?)),
+        Some("REMOVE") => {
+            let (pk, sk) = key_of(&data["Keys"])?;
+            Ok(WriteOp::Delete { pk, sk })
+        }
+        _ => Err("unknown eventName".into()),
+    }
+}
+
+/// The writes that reproduce one replay-format line in the table. The line must decode
+/// (see `toolrank_events::decode_line`); bad lines are refused, never half written.
+pub fn write_ops(line: &[u8]) -> Result<Vec<WriteOp>, Error> {
+    let mut first_error = None;
+    decode_line(line, &mut |rec| {
+        if let Err(e) = rec.result {
+            first_error.get_or_insert(e.to_string());
+        }
+    })
+    .map_err(|e| Error::Input(e.to_string()))?;
+    if let Some(e) = first_error {
+        return Err(Error::Input(e));
+    }
+    let v: Value = serde_json::from_slice(line).map_err(|e| Error::Input(e.to_string()))?;
+    let ops = if let Some(it) = v.get("Item") {
+        vec![WriteOp::Put(item(it.as_object().ok_or("Item must be an object").map_err(|e| Error::Input(e.into()))?).map_err(Error::Input)?)]
+    } else if let Some(records) = v.get("Records").and_then(Value::as_array) {
+        records.iter().map(stream_op).collect::<Result<_, _>>().map_err(Error::Input)?
+    } else if v.get("eventName").is_some() || v.get("dynamodb").is_some() {
+        vec![stream_op(&v).map_err(Error::Input)?]
+    } else if v.get("op").is_some() || v.get("user_id").is_some() || v.get("event_id").is_some() {
+        flat_ops(&v)
+    } else {
+        vec![WriteOp::Put(item(v.as_object().expect("decoded lines are objects")).map_err(Error::Input)?)]
+    };
+    Ok(ops)
+}
+
+fn flat_ops(v: &Value) -> Vec<WriteOp> {
+    let f = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+    let (pk, sk) = (format!("{}#{}", f("user_id"), f("session_id")), format!("{}#{}#{}", f("process_id"), f("agent_id"), f("tool_id")));
+    if v["op"].as_str() == Some("delete") {
+        return vec![WriteOp::Delete { pk, sk }];
+    }
+    let mut ops = Vec::new();
+    if let Some(domain) = v["domain_id"].as_str() {
+        let mut set = vec![("EntityType".to_owned(), "Agent".to_owned()), ("GSI1_PK".to_owned(), domain.to_owned())];
+        if let Some(name) = v["agent_name"].as_str() {
+            set.push(("AgentNM".to_owned(), name.to_owned()));
+        }
+        ops.push(WriteOp::Update { pk: f("agent_id"), sk: "METADATA".into(), set });
+    }
+    let success = match &v["success"] {
+        Value::Bool(b) => *b,
+        other => other.as_str() == Some("Y") || other.as_str() == Some("true"),
+    };
+    let dt = toolrank_events::Timestamp::parse(&f("transact_dt")).map(|t| t.packed.to_string()).unwrap_or_default();
+    let mut it: HashMap<String, AttributeValue> = [
+        ("PK", pk),
+        ("SK", sk),
+        ("EntityType", "UserSessPrcToolMappHist".to_owned()),
+        ("ToolNM", f("tool_name")),
+        ("TransactDT", dt),
+        ("SuccYN", if success { "Y" } else { "N" }.to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, s)| (k.to_owned(), AttributeValue::S(s)))
+    .collect();
+    for (field, attr) in [("tool_values", "ToolValues"), ("result_message", "ResultMsg")] {
+        if let Some(s) = v[field].as_str() {
+            it.insert(attr.into(), AttributeValue::S(s.into()));
+        }
+    }
+    ops.push(WriteOp::Put(it));
+    ops
+}
+
+/// Applies one write, with the SDK's retries and backoff.
+pub async fn write(client: &Client, table: &str, op: WriteOp) -> Result<(), Error> {
+    match op {
+        WriteOp::Put(item) => {
+            client.put_item().table_name(table).set_item(Some(item)).send().await.map_err(aws("PutItem"))?;
+        }
+        WriteOp::Delete { pk, sk } => {
+            client
+                .delete_item()
+                .table_name(table)
+                .key("PK", AttributeValue::S(pk))
+                .key("SK", AttributeValue::S(sk))
+                .send()
+                .await
+                .map_err(aws("DeleteItem"))?;
+        }
+        WriteOp::Update { pk, sk, set } => {
+            let mut req = client.update_item().table_name(table).key("PK", AttributeValue::S(pk)).key("SK", AttributeValue::S(sk));
+            let mut parts = Vec::new();
+            for (i, (name, value)) in set.into_iter().enumerate() {
+                parts.push(format!("#a{i} = :v{i}"));
+                req = req.expression_attribute_names(format!("#a{i}"), name).expression_attribute_values(format!(":v{i}"), AttributeValue::S(value));
+            }
+            req.update_expression(format!("SET {}", parts.join(", "))).send().await.map_err(aws("UpdateItem"))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_become_the_writes_an_application_makes() {
+        let export = br#"{"Item":{"PK":{"S":"U#S"},"SK":{"S":"P#A#T"},"EntityType":{"S":"UserSessPrcToolMappHist"},"ToolNM":{"S":"x"},"TransactDT":{"S":"20250614140605"},"SuccYN":{"S":"Y"},"Score":{"N":"3"},"Tags":{"L":[{"S":"a"}]}}}"#;
+        let ops = write_ops(export).unwrap();
+        let WriteOp::Put(item) = &ops[0] else { panic!("{ops:?}") };
+        assert_eq!(item["Score"], AttributeValue::N("3".into()));
+        assert_eq!(item["Tags"], AttributeValue::L(vec![AttributeValue::S("a".into())]));
+        let remove = br#"{"eventName":"REMOVE","dynamodb":{"Keys":{"PK":{"S":"U#S"},"SK":{"S":"P#A#T"}},"SequenceNumber":"9"}}"#;
+        assert_eq!(write_ops(remove).unwrap(), vec![WriteOp::Delete { pk: "U#S".into(), sk: "P#A#T".into() }]);
+        let flat = br#"{"op":"upsert","user_id":"U","session_id":"S","process_id":"P","domain_id":"D","agent_id":"A","tool_id":"T","tool_name":"x","success":false,"transact_dt":"2025-06-14T14:06:05Z"}"#;
+        let ops = write_ops(flat).unwrap();
+        assert!(matches!(&ops[0], WriteOp::Update { pk, .. } if pk == "A"));
+        let WriteOp::Put(item) = &ops[1] else { panic!() };
+        assert_eq!((item["TransactDT"].as_s().unwrap().as_str(), item["SuccYN"].as_s().unwrap().as_str()), ("20250614140605", "N"));
+        assert!(matches!(write_ops(b"{\"eventName\":\"INSERT\"}"), Err(Error::Input(_))));
+    }
+}

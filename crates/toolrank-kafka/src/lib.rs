@@ -1,0 +1,174 @@
+//! Kafka for toolrank: creating the topics, and publishing history records keyed by the
+//! hist item's PK (`user#session`) so that one session stays in one partition, in order.
+//!
+//! Settings known to work with the local tansu broker: no compression (or lz4), no
+//! idempotence or transactions.
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use std::collections::VecDeque;
+use std::time::Duration;
+use toolrank_events::{decode_line, Record};
+
+/// A Kafka failure, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connecting to Kafka at {brokers}: {source}")]
+    Client { brokers: String, source: KafkaError },
+    #[error("creating topic {topic}: {code}")]
+    CreateTopic { topic: String, code: RDKafkaErrorCode },
+    #[error("publishing to {topic}: {source}")]
+    Publish { topic: String, source: KafkaError },
+}
+
+/// Base client settings for `brokers` (`host:port,...`).
+pub fn client_config(brokers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers).set("socket.keepalive.enable", "true");
+    c
+}
+
+/// Whether a topic was made or already there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicStatus {
+    Created,
+    Existed,
+}
+
+/// Creates each `(name, partitions)` topic unless it exists. Idempotent.
+pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) -> Result<Vec<(String, TopicStatus)>, Error> {
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(brokers).create().map_err(|source| Error::Client { brokers: brokers.into(), source })?;
+    let new: Vec<NewTopic> = topics.iter().map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(1))).collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin.create_topics(&new, &opts).await.map_err(|source| Error::Client { brokers: brokers.into(), source })?;
+    results
+        .into_iter()
+        .map(|r| match r {
+            Ok(name) => Ok((name, TopicStatus::Created)),
+            Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => Ok((name, TopicStatus::Existed)),
+            Err((topic, code)) => Err(Error::CreateTopic { topic, code }),
+        })
+        .collect()
+}
+
+/// The Kafka key of one history record: the PK of the item it changes, which for hist
+/// items is `user#session`. `None` for input that does not decode (it is still
+/// published, so that consumers dead-letter it where operators look).
+pub fn record_key(line: &[u8]) -> Option<String> {
+    let mut key = None;
+    let ok = decode_line(line, &mut |rec: Record<'_>| {
+        if let Ok(change) = rec.result {
+            key = Some(change.pk.into_owned());
+        }
+    });
+    ok.ok().and(key)
+}
+
+/// Splits a line into publishable records: a Lambda event becomes its records (each with
+/// its own key), any other line is one record.
+pub fn records(line: &[u8]) -> Vec<(Option<String>, Vec<u8>)> {
+    let mut parts: Vec<(Option<String>, Vec<u8>)> = Vec::new();
+    let mut batch = false;
+    let _ = decode_line(line, &mut |rec: Record<'_>| {
+        if let Some(raw) = rec.raw {
+            batch = true;
+            parts.push((rec.result.ok().map(|c| c.pk.into_owned()), raw.as_bytes().to_vec()));
+        }
+    });
+    if batch {
+        parts
+    } else {
+        vec![(record_key(line), line.to_vec())]
+    }
+}
+
+/// Publishes records to one topic with a bounded number in flight, reporting failures.
+pub struct Publisher {
+    producer: FutureProducer,
+    topic: std::sync::Arc<str>,
+    in_flight: VecDeque<rdkafka::producer::DeliveryFuture>,
+    published: u64,
+}
+
+const MAX_IN_FLIGHT: usize = 10_000;
+
+impl Publisher {
+    pub fn new(brokers: &str, topic: &str) -> Result<Publisher, Error> {
+        let producer: FutureProducer = client_config(brokers)
+            .set("compression.type", "none")
+            .set("enable.idempotence", "false")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "60000")
+            .create()
+            .map_err(|source| Error::Client { brokers: brokers.into(), source })?;
+        Ok(Publisher { producer, topic: topic.into(), in_flight: VecDeque::new(), published: 0 })
+    }
+
+    /// Queues one record, waiting for the oldest delivery when too many are in flight.
+    pub async fn send(&mut self, key: Option<&str>, payload: &[u8]) -> Result<(), Error> {
+        if self.in_flight.len() >= MAX_IN_FLIGHT {
+            self.settle_one().await?;
+        }
+        let topic = self.topic.clone();
+        let mut record = FutureRecord::<str, [u8]>::to(&topic).payload(payload);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        loop {
+            match self.producer.send_result(record) {
+                Ok(fut) => {
+                    self.in_flight.push_back(fut);
+                    return Ok(());
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    if !self.settle_one().await? {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+                Err((source, _)) => return Err(Error::Publish { topic: topic.to_string(), source }),
+            }
+        }
+    }
+
+    async fn settle_one(&mut self) -> Result<bool, Error> {
+        let Some(fut) = self.in_flight.pop_front() else { return Ok(false) };
+        match fut.await {
+            Ok(Ok(_)) => {
+                self.published += 1;
+                Ok(true)
+            }
+            Ok(Err((source, _))) => Err(Error::Publish { topic: self.topic.to_string(), source }),
+            Err(_) => Err(Error::Publish { topic: self.topic.to_string(), source: KafkaError::Canceled }),
+        }
+    }
+
+    /// Waits until every queued record is acknowledged; returns how many were.
+    pub async fn finish(mut self) -> Result<u64, Error> {
+        while self.settle_one().await? {}
+        self.producer.flush(Duration::from_secs(30)).map_err(|source| Error::Publish { topic: self.topic.to_string(), source })?;
+        Ok(self.published)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_keyed_by_the_items_pk() {
+        let flat = br#"{"op":"upsert","user_id":"U1","session_id":"S1","process_id":"P","domain_id":"D","agent_id":"A","tool_id":"T","tool_name":"x","success":true,"transact_dt":"20250614140605"}"#;
+        assert_eq!(records(flat), vec![(Some("U1#S1".to_owned()), flat.to_vec())]);
+        let lambda = br#"{"Records":[{"eventName":"REMOVE","dynamodb":{"Keys":{"PK":{"S":"U#S"},"SK":{"S":"P#A#T"}}}},{"eventName":"X"}]}"#;
+        let got = records(lambda);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].0.as_deref(), Some("U#S"));
+        assert_eq!(got[1], (None, br#"{"eventName":"X"}"#.to_vec()));
+        assert_eq!(records(b"junk"), vec![(None, b"junk".to_vec())]);
+    }
+}
