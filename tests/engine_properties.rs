@@ -113,3 +113,30 @@ fn state_is_compact_and_reported() {
     assert_eq!((st.live_sessions, st.live_rows), (200, 200));
     assert!(st.heap_bytes / st.live_sessions < 1024, "{st:?}");
 }
+
+proptest! {
+    /// Consumers of disjoint key ranges (Kafka partitions, stream shards) each keep an
+    /// engine; summing their results gives the single-engine results.
+    #[test]
+    fn partitioned_engines_merge_into_the_whole((history, order, ctl) in scenario(), parts in 1..4usize) {
+        let partition = |e: &Event| e.pk.bytes().map(usize::from).sum::<usize>() % parts;
+        let mut engines: Vec<Engine> = (0..parts).map(|_| Engine::new()).collect();
+        for &idx in &order {
+            let event = &history[idx];
+            let line = event.stream_record(idx as u64 + 1);
+            let engine = &mut engines[partition(event)];
+            decode_line(line.as_bytes(), &mut |rec| {
+                engine.apply(&rec.result.expect("valid"));
+            })
+            .expect("decodes");
+        }
+        let mut merged = Engine::new();
+        for e in &mut engines {
+            merged.absorb(e);
+        }
+        let mut whole = replay(&history, &order, &ctl);
+        let today = Day::parse_iso(TODAY).unwrap();
+        prop_assert_eq!(merged.report(today), whole.report(today));
+    }
+}
+

@@ -76,6 +76,13 @@ pub struct PatternAggregate {
     pub last_days: DayHistogram,
 }
 
+/// Which interner a symbol belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SymKind {
+    String,
+    Sequence,
+}
+
 /// Identifies a pattern row: user, agent and the interned sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PatternKey {
@@ -120,6 +127,36 @@ impl Aggregates {
         p.last_days.add(c.last, diff);
         if p.executions == 0 {
             self.patterns.remove(&key);
+        }
+    }
+
+    /// Adds another engine's aggregates, `translate` mapping its symbols into ours.
+    pub fn absorb(&mut self, other: &Aggregates, mut translate: impl FnMut(SymKind, Sym) -> Sym) {
+        for (&agent, o) in &other.agents {
+            let a = self.agents.entry(translate(SymKind::String, agent)).or_default();
+            a.executions += o.executions;
+            a.successes += o.successes;
+            for &(day, n) in &o.last_days.0 {
+                a.last_days.add(day, n);
+            }
+            a.rows += o.rows;
+            a.failed_rows += o.failed_rows;
+            for (&t, &n) in &o.failed_tools {
+                *a.failed_tools.entry(translate(SymKind::String, t)).or_insert(0) += n;
+            }
+        }
+        for (key, o) in &other.patterns {
+            let (user, agent) = (translate(SymKind::String, key.user), translate(SymKind::String, key.agent));
+            let key = PatternKey { user, agent, sequence: translate(SymKind::Sequence, key.sequence) };
+            let p = self.patterns.entry(key).or_default();
+            p.executions += o.executions;
+            p.successes += o.successes;
+            for &(day, n) in &o.first_days.0 {
+                p.first_days.add(day, n);
+            }
+            for &(day, n) in &o.last_days.0 {
+                p.last_days.add(day, n);
+            }
         }
     }
 }

@@ -20,7 +20,7 @@ mod intern;
 mod report;
 pub mod score;
 
-pub use aggregate::{AgentAggregate, Aggregates, Contribution, DayHistogram, PatternAggregate, PatternKey};
+pub use aggregate::{AgentAggregate, Aggregates, Contribution, DayHistogram, PatternAggregate, PatternKey, SymKind};
 pub use intern::{Interner, Sym};
 pub use report::{AgentScore, PatternRow, Report, StagingRow, ToolErrors};
 
@@ -285,6 +285,35 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Adds the results of an engine that consumed a disjoint part of the keys (another
+    /// Kafka partition or stream shard): its aggregates are summed into ours and its
+    /// Agent items joined into our catalog. Session state is not copied: the merged
+    /// engine reports the combined tables, and each part keeps its own sessions.
+    pub fn absorb(&mut self, other: &mut Engine) {
+        other.flush();
+        self.flush();
+        let mut map: FxHashMap<Sym, Sym> = FxHashMap::default();
+        let mut translate = |strings: &mut Interner<str>, s: Sym| *map.entry(s).or_insert_with(|| strings.intern(other.strings.get(s)));
+        for (&agent, slot) in &other.catalog {
+            let Some(meta) = &slot.meta else { continue };
+            let id = translate(&mut self.strings, agent);
+            let domain = translate(&mut self.strings, meta.domain);
+            let entry = self.catalog.entry(id).or_default();
+            if entry.seq <= slot.seq || entry.meta.is_none() {
+                *entry = AgentSlot { seq: slot.seq, meta: Some(AgentMeta { domain, name: meta.name.clone() }) };
+            }
+        }
+        let (strings, sequences) = (&mut self.strings, &mut self.sequences);
+        let mut seq_map: FxHashMap<Sym, Sym> = FxHashMap::default();
+        self.aggregates.absorb(&other.aggregates, |kind, s| match kind {
+            SymKind::String => translate(strings, s),
+            SymKind::Sequence => *seq_map.entry(s).or_insert_with(|| {
+                let translated: Vec<Sym> = other.sequences.get(s).iter().map(|&x| translate(strings, x)).collect();
+                sequences.intern(&translated)
+            }),
+        });
     }
 
     /// The aggregates as of the last flush.
