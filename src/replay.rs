@@ -137,7 +137,7 @@ fn decode_inputs(inputs: &[Input], read: Arc<AtomicU64>, tx: mpsc::SyncSender<Re
                 Err(e) => batch.push(bad(None, None, e)),
             }
             lines += 1;
-            if lines % BATCH_LINES == 0 && tx.send(Ok(std::mem::take(&mut batch))).is_err() {
+            if lines % BATCH_LINES == 0 && tx.send(Ok(std::mem::replace(&mut batch, Vec::with_capacity(BATCH_LINES * 2)))).is_err() {
                 return;
             }
         }

@@ -24,7 +24,9 @@ pub use aggregate::{AgentAggregate, Aggregates, Contribution, DayHistogram, Patt
 pub use intern::{Interner, Sym};
 pub use report::{AgentScore, PatternRow, Report, StagingRow, ToolErrors};
 
-use rustc_hash::FxHashMap;
+use hashbrown::HashTable;
+use rustc_hash::{FxBuildHasher, FxHashMap};
+use std::hash::BuildHasher;
 use serde::{Deserialize, Serialize};
 use toolrank_events::{Action, Change, Entity, HistKey, Timestamp, METADATA_SK};
 
@@ -80,14 +82,22 @@ struct SkParts {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Session {
+    /// `user#session`, stored once: the index refers to it by slot.
+    pk: Box<str>,
     user: Sym,
-    session: Sym,
     rows: Vec<Row>,
     /// The contribution each agent group last added to the aggregates.
     committed: Vec<(Sym, Contribution)>,
     /// Agents whose rows changed since the last flush.
     #[serde(skip)]
     dirty: Vec<Sym>,
+}
+
+impl Session {
+    /// The SessionID part of the PK.
+    fn session_id(&self) -> &str {
+        self.pk.split_once('#').map_or("", |(_, s)| s)
+    }
 }
 
 /// An Agent METADATA key's state.
@@ -127,7 +137,7 @@ pub enum StateError {
     Version(u32),
 }
 
-const SNAPSHOT_VERSION: u32 = 2;
+const SNAPSHOT_VERSION: u32 = 3;
 
 /// The incremental engine. See the crate docs.
 #[derive(Default, Serialize, Deserialize)]
@@ -137,8 +147,9 @@ pub struct Engine {
     sks: Vec<SkParts>,
     sk_index: Interner<str>,
     sessions: Vec<Session>,
+    /// Slots of `sessions`, hashed by their PK.
     #[serde(skip)]
-    session_index: FxHashMap<Box<str>, u32>,
+    session_index: HashTable<u32>,
     catalog: FxHashMap<Sym, AgentSlot>,
     aggregates: Aggregates,
     #[serde(skip)]
@@ -179,14 +190,17 @@ impl Engine {
             self.sks.push(parts);
         }
         let agent = self.sks[sk as usize].agent;
-        let idx = match self.session_index.get(change.pk.as_ref()) {
+        let hash = FxBuildHasher.hash_one(change.pk.as_ref());
+        let sessions = &self.sessions;
+        let idx = match self.session_index.find(hash, |&i| *sessions[i as usize].pk == *change.pk) {
             Some(&i) => i,
             None if data.is_none() && seq.is_none() => return Applied::Unchanged,
             None => {
                 let i = self.sessions.len() as u32;
-                let (user, session) = (self.strings.intern(key.user), self.strings.intern(key.session));
-                self.sessions.push(Session { user, session, rows: Vec::new(), committed: Vec::new(), dirty: Vec::new() });
-                self.session_index.insert(change.pk.as_ref().into(), i);
+                let user = self.strings.intern(key.user);
+                self.sessions.push(Session { pk: change.pk.as_ref().into(), user, rows: Vec::new(), committed: Vec::new(), dirty: Vec::new() });
+                let sessions = &self.sessions;
+                self.session_index.insert_unique(hash, i, |&j| FxBuildHasher.hash_one(&*sessions[j as usize].pk));
                 i
             }
         };
@@ -344,7 +358,7 @@ impl Engine {
             let meta = self.agent_meta(parts.agent)?;
             Some(StagingRow {
                 user_id: self.strings.get(s.user),
-                session_id: self.strings.get(s.session),
+                session_id: s.session_id(),
                 process_id: self.strings.get(parts.process),
                 domain_id: self.strings.get(meta.domain),
                 agent_id: self.strings.get(parts.agent),
@@ -380,12 +394,11 @@ impl Engine {
         engine.strings.rebuild();
         engine.sequences.rebuild();
         engine.sk_index.rebuild();
-        engine.session_index = engine
-            .sessions
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (format!("{}#{}", engine.strings.get(s.user), engine.strings.get(s.session)).into(), i as u32))
-            .collect();
+        let sessions = &engine.sessions;
+        for (i, s) in sessions.iter().enumerate() {
+            let hash = FxBuildHasher.hash_one(&*s.pk);
+            engine.session_index.insert_unique(hash, i as u32, |&j| FxBuildHasher.hash_one(&*sessions[j as usize].pk));
+        }
         Ok(engine)
     }
 
@@ -395,7 +408,7 @@ impl Engine {
         let mut heap = self.strings.heap_bytes() + self.sequences.heap_bytes() + self.sk_index.heap_bytes();
         heap += self.sks.capacity() * std::mem::size_of::<SkParts>();
         heap += self.sessions.capacity() * std::mem::size_of::<Session>();
-        heap += self.session_index.capacity() * (std::mem::size_of::<(Box<str>, u32)>() + 1);
+        heap += self.session_index.capacity() * (std::mem::size_of::<u32>() + 1);
         for s in &self.sessions {
             let live = s.rows.iter().filter(|r| r.data.is_some()).count();
             st.live_rows += live;
@@ -404,7 +417,7 @@ impl Engine {
             heap += s.rows.capacity() * std::mem::size_of::<Row>();
             heap += s.committed.capacity() * std::mem::size_of::<(Sym, Contribution)>();
             heap += s.committed.iter().map(|(_, c)| c.failed_tools.capacity() * 4).sum::<usize>();
-            heap += self.strings.get(s.user).len() + self.strings.get(s.session).len() + 1; // index key
+            heap += s.pk.len();
         }
         heap += self.catalog.capacity() * (std::mem::size_of::<(Sym, AgentSlot)>() + 1);
         heap += self.aggregates.agents.len() * (std::mem::size_of::<(Sym, AgentAggregate)>() + 64);

@@ -205,7 +205,7 @@ impl Engine {
     pub fn visit_staging_sorted<'e, E>(&'e self, mut f: impl FnMut(&StagingRow<'e>) -> Result<(), E>) -> Result<(), E> {
         let mut order: Vec<&crate::Session> = self.sessions.iter().collect();
         order.sort_by(|a, b| {
-            (self.strings.get(a.user), self.strings.get(a.session)).cmp(&(self.strings.get(b.user), self.strings.get(b.session)))
+            (self.strings.get(a.user), a.session_id()).cmp(&(self.strings.get(b.user), b.session_id()))
         });
         let mut rows = Vec::new();
         for s in order {
