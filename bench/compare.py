@@ -11,6 +11,7 @@ KEYS = {
     "agent_score_summary": ("domainid", "agentid"),
     "user_process_patterns": ("userid", "process_pattern", "agent_sequence", "tool_sequence"),
     "agent_tool_errors": ("agentid",),
+    "staging": ("userid", "sessionid", "processid", "agentid", "toolid"),
 }
 
 

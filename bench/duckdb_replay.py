@@ -15,3 +15,10 @@ con.execute(sql)
 os.makedirs(out, exist_ok=True)
 for table in ("agent_score_summary", "user_process_patterns", "agent_tool_errors"):
     con.execute(f"COPY {table} TO '{out}/{table}.jsonl' (FORMAT JSON)")
+# The same staging file `toolrank replay --out` writes, so both do the same work.
+con.execute(f"""COPY (
+    SELECT userid, sessionid, processid, domainid, agentid, toolid, toolnm, execution_date,
+           strftime(execution_datetime, '%Y-%m-%d %H:%M:%S') AS execution_datetime, success_flag
+    FROM agent_tool_analysis_staging
+    ORDER BY userid, sessionid, execution_datetime, processid, agentid, toolid
+) TO '{out}/staging.jsonl' (FORMAT JSON)""")

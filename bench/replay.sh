@@ -2,7 +2,8 @@
 # Replay benchmark: generates a DynamoDB export of SESSIONS sessions (default 200000,
 # ~200 MB), then times `toolrank replay` and DuckDB running the seed's SQL
 # (sql/duckdb/seed_analysis.sql) over the same file, checks that both give the same
-# tables, and reports MB/s, executions/s, CPU time and peak memory.
+# tables (staging included: both write the same four files), and reports MB/s,
+# executions/s, CPU time and peak memory.
 #
 # usage: bench/replay.sh [SESSIONS]      (DuckDB comes from PyPI into a venv)
 set -euo pipefail

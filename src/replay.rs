@@ -215,6 +215,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     Decoded::Bad(letter) => dead.reject(&mut counts, letter)?,
                 }
             }
+            // This thread waits on decoding much of the time: turning the batch's changes
+            // into aggregate deltas now keeps the final flush short.
+            engine.flush();
             if let Some(bar) = &progress {
                 bar.set_position(read.load(Ordering::Relaxed));
             }

@@ -22,7 +22,7 @@ pub mod score;
 
 pub use aggregate::{AgentAggregate, Aggregates, Contribution, DayHistogram, PatternAggregate, PatternKey, SymKind};
 pub use intern::{Interner, Sym};
-pub use report::{AgentScore, PatternRow, Report, StagingRow, ToolErrors};
+pub use report::{AgentScore, PatternRow, Report, StagingOrder, StagingRow, ToolErrors};
 
 use hashbrown::HashTable;
 use rustc_hash::{FxBuildHasher, FxHashMap};
@@ -447,7 +447,7 @@ fn contribution(
     if group.is_empty() {
         return None;
     }
-    group.sort_by(|(a, pa), (b, pb)| {
+    group.sort_unstable_by(|(a, pa), (b, pb)| {
         a.at.packed
             .cmp(&b.at.packed)
             .then_with(|| strings.get(pa.process).cmp(strings.get(pb.process)))

@@ -143,12 +143,12 @@ pub(crate) fn build(engine: &Engine, today: Day) -> Report {
             });
         }
     }
-    agents.sort_by(|a, b| {
+    agents.sort_unstable_by(|a, b| {
         desc(a.calculated_score, b.calculated_score)
             .then_with(|| a.domain_id.cmp(&b.domain_id))
             .then_with(|| a.agent_id.cmp(&b.agent_id))
     });
-    tool_errors.sort_by(|a, b| {
+    tool_errors.sort_unstable_by(|a, b| {
         desc(a.error_rate, b.error_rate)
             .then_with(|| b.total_errors.cmp(&a.total_errors))
             .then_with(|| a.agent_id.cmp(&b.agent_id))
@@ -183,13 +183,13 @@ pub(crate) fn build(engine: &Engine, today: Day) -> Report {
         });
     }
     let mut scores: Vec<f64> = patterns.iter().map(|p| p.pattern_score).collect();
-    scores.sort_by(f64::total_cmp);
+    scores.sort_unstable_by(f64::total_cmp);
     if let Some(cut) = score::percentile_cont(&scores, RECOMMEND_PERCENTILE) {
         for p in &mut patterns {
             p.is_recommended = p.pattern_score >= cut;
         }
     }
-    patterns.sort_by(|a, b| {
+    patterns.sort_unstable_by(|a, b| {
         desc(a.pattern_score, b.pattern_score)
             .then_with(|| a.user_id.cmp(&b.user_id))
             .then_with(|| a.process_pattern.cmp(&b.process_pattern))
@@ -199,30 +199,63 @@ pub(crate) fn build(engine: &Engine, today: Day) -> Report {
     Report { agents, patterns, tool_errors }
 }
 
-impl Engine {
-    /// Visits the staging table sorted by user, session, execution time, process, agent,
-    /// tool. Sessions are sorted once and rows within each; nothing is collected.
-    pub fn visit_staging_sorted<'e, E>(&'e self, mut f: impl FnMut(&StagingRow<'e>) -> Result<(), E>) -> Result<(), E> {
-        let mut order: Vec<&crate::Session> = self.sessions.iter().collect();
-        order.sort_by(|a, b| {
-            (self.strings.get(a.user), a.session_id()).cmp(&(self.strings.get(b.user), b.session_id()))
-        });
+/// The sessions in staging order (user, then session), so that parts of the staging table
+/// can be produced in parallel.
+pub struct StagingOrder<'e> {
+    engine: &'e Engine,
+    /// (user rank, session id, session), sorted.
+    sessions: Vec<(u32, &'e str, &'e crate::Session)>,
+}
+
+impl<'e> StagingOrder<'e> {
+    /// Number of sessions (the unit `visit` ranges count in).
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// Visits the staging rows of the sessions in `range`, each session's rows by execution
+    /// time, process, agent, tool.
+    pub fn visit<E>(&self, range: std::ops::Range<usize>, mut f: impl FnMut(&StagingRow<'e>) -> Result<(), E>) -> Result<(), E> {
         let mut rows = Vec::new();
-        for s in order {
+        for &(_, _, s) in &self.sessions[range] {
             rows.clear();
-            rows.extend(self.session_staging(s));
-            rows.sort_by(|a: &StagingRow<'_>, b: &StagingRow<'_>| {
+            rows.extend(self.engine.session_staging(s));
+            rows.sort_unstable_by(|a: &StagingRow<'_>, b: &StagingRow<'_>| {
                 (a.execution_datetime, a.process_id, a.agent_id, a.tool_id).cmp(&(b.execution_datetime, b.process_id, b.agent_id, b.tool_id))
             });
             rows.iter().try_for_each(&mut f)?;
         }
         Ok(())
     }
+}
 
-    /// The staging table in [`visit_staging_sorted`](Self::visit_staging_sorted) order.
+impl Engine {
+    /// The staging table's order: sessions sorted by user, then session id.
+    pub fn staging_order(&self) -> StagingOrder<'_> {
+        // Rank users once, so that sessions compare by an integer before their id.
+        let mut users: Vec<Sym> = self.sessions.iter().map(|s| s.user).collect();
+        users.sort_unstable();
+        users.dedup();
+        users.sort_unstable_by(|&a, &b| self.strings.get(a).cmp(self.strings.get(b)));
+        let mut rank = vec![0u32; self.strings.len()];
+        for (i, &u) in users.iter().enumerate() {
+            rank[u as usize] = i as u32;
+        }
+        let mut sessions: Vec<(u32, &str, &crate::Session)> =
+            self.sessions.iter().map(|s| (rank[s.user as usize], s.session_id(), s)).collect();
+        sessions.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        StagingOrder { engine: self, sessions }
+    }
+
+    /// The staging table sorted by user, session, execution time, process, agent, tool.
     pub fn staging_sorted(&self) -> Vec<StagingRow<'_>> {
+        let order = self.staging_order();
         let mut out = Vec::new();
-        let _ = self.visit_staging_sorted::<()>(|r| {
+        let _ = order.visit::<()>(0..order.len(), |r| {
             out.push(r.clone());
             Ok(())
         });
