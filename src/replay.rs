@@ -104,45 +104,91 @@ enum Decoded {
 
 const BATCH_LINES: usize = 4096;
 
-/// Reads and decodes every input, sending batches in order. Stops when the receiver
-/// hangs up (e.g. `--strict` hit a bad record).
-fn decode_inputs(inputs: &[Input], read: Arc<AtomicU64>, tx: mpsc::SyncSender<Result<Vec<Decoded>, SourceError>>) {
-    let mut batch = Vec::with_capacity(BATCH_LINES * 2);
-    let mut lines = 0;
+/// Whole lines of one input, read but not yet decoded.
+struct Chunk {
+    source: Arc<str>,
+    text: Vec<u8>,
+    /// (line number, start, end) of each line in `text`.
+    lines: Vec<(u64, usize, usize)>,
+}
+
+type Batch = Result<Vec<Decoded>, SourceError>;
+
+/// Reads every input into chunks and deals them round-robin to the decoders, so that
+/// the applier can collect the decoded batches round-robin in input order. A read error
+/// travels in the chunk's place and ends the run there.
+fn read_inputs(inputs: &[Input], read: Arc<AtomicU64>, decoders: Vec<mpsc::SyncSender<Result<Chunk, SourceError>>>) {
+    let mut next = 0;
+    let mut send = |item: Result<Chunk, SourceError>| {
+        let ok = decoders[next % decoders.len()].send(item).is_ok();
+        next += 1;
+        ok
+    };
     for input in inputs {
         let mut reader = match LineReader::open(input, read.clone()) {
             Ok(r) => r,
-            Err(e) => return drop(tx.send(Err(e))),
-        };
-        let source = reader.name().to_owned();
-        loop {
-            let (line_no, bytes) = match reader.next_line() {
-                Ok(Some(l)) => l,
-                Ok(None) => break,
-                Err(e) => return drop(tx.send(Err(e))),
-            };
-            let bad = |record, raw: Option<&str>, e: DecodeError| {
-                let raw = raw.map_or_else(|| String::from_utf8_lossy(bytes).into_owned(), str::to_owned);
-                Decoded::Bad(DeadLetter { source: source.clone(), line: line_no, record, reason: e.to_string(), raw })
-            };
-            let slot = batch.len();
-            batch.push(Decoded::Line(None));
-            match decode_line(bytes, &mut |rec: Record<'_>| {
-                batch.push(match rec.result {
-                    Ok(change) => Decoded::Change(change.into_owned()),
-                    Err(e) => bad(rec.index, rec.raw, e),
-                })
-            }) {
-                Ok(format) => batch[slot] = Decoded::Line(Some(format)),
-                Err(e) => batch.push(bad(None, None, e)),
-            }
-            lines += 1;
-            if lines % BATCH_LINES == 0 && tx.send(Ok(std::mem::replace(&mut batch, Vec::with_capacity(BATCH_LINES * 2)))).is_err() {
+            Err(e) => {
+                send(Err(e));
                 return;
             }
+        };
+        let source: Arc<str> = reader.name().into();
+        let mut chunk = Chunk { source: source.clone(), text: Vec::with_capacity(1 << 20), lines: Vec::with_capacity(BATCH_LINES) };
+        loop {
+            match reader.next_line() {
+                Ok(Some((line_no, bytes))) => {
+                    let start = chunk.text.len();
+                    chunk.text.extend_from_slice(bytes);
+                    chunk.lines.push((line_no, start, chunk.text.len()));
+                    if chunk.lines.len() == BATCH_LINES {
+                        let fresh = Chunk { source: source.clone(), text: Vec::with_capacity(1 << 20), lines: Vec::with_capacity(BATCH_LINES) };
+                        if !send(Ok(std::mem::replace(&mut chunk, fresh))) {
+                            return;
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    send(Err(e));
+                    return;
+                }
+            }
+        }
+        if !chunk.lines.is_empty() && !send(Ok(chunk)) {
+            return;
         }
     }
-    let _ = tx.send(Ok(batch));
+}
+
+/// Decodes chunks into owned changes and dead letters, in order.
+fn decode_chunks(chunks: mpsc::Receiver<Result<Chunk, SourceError>>, out: mpsc::SyncSender<Batch>) {
+    for chunk in chunks {
+        let batch = chunk.map(|chunk| {
+            let mut batch = Vec::with_capacity(chunk.lines.len() * 2);
+            for &(line_no, start, end) in &chunk.lines {
+                let bytes = &chunk.text[start..end];
+                let bad = |record, raw: Option<&str>, e: DecodeError| {
+                    let raw = raw.map_or_else(|| String::from_utf8_lossy(bytes).into_owned(), str::to_owned);
+                    Decoded::Bad(DeadLetter { source: chunk.source.to_string(), line: line_no, record, reason: e.to_string(), raw })
+                };
+                let slot = batch.len();
+                batch.push(Decoded::Line(None));
+                match decode_line(bytes, &mut |rec: Record<'_>| {
+                    batch.push(match rec.result {
+                        Ok(change) => Decoded::Change(change.into_owned()),
+                        Err(e) => bad(rec.index, rec.raw, e),
+                    })
+                }) {
+                    Ok(format) => batch[slot] = Decoded::Line(Some(format)),
+                    Err(e) => batch.push(bad(None, None, e)),
+                }
+            }
+            batch
+        });
+        if out.send(batch).is_err() {
+            return;
+        }
+    }
 }
 
 fn count_applied(counts: &mut Counts, action: &Action<'_>, applied: Applied) {
@@ -192,14 +238,28 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let mut counts = Counts::default();
     // Two stages on two cores: a thread reads and decodes lines into owned changes, this
     // thread applies them in order. Decoding is the larger half of the work.
-    let (tx, rx) = mpsc::sync_channel::<Result<Vec<Decoded>, SourceError>>(8);
-    let (decode_read, all_inputs) = (read.clone(), &inputs);
+    // A reader thread, one decoder per core, and this thread applying batches in input
+    // order: decoding is most of the work, and spreads over the cores this way.
+    let decoders = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
+    let (mut to_decoders, mut from_decoders) = (Vec::new(), Vec::new());
+    let (reader_read, all_inputs) = (read.clone(), &inputs);
     std::thread::scope(|scope| -> Result<()> {
+        for i in 0..decoders {
+            let (chunk_tx, chunk_rx) = mpsc::sync_channel(2);
+            let (batch_tx, batch_rx) = mpsc::sync_channel::<Batch>(2);
+            to_decoders.push(chunk_tx);
+            from_decoders.push(batch_rx);
+            std::thread::Builder::new()
+                .name(format!("decode-{i}"))
+                .spawn_scoped(scope, move || decode_chunks(chunk_rx, batch_tx))
+                .context("starting a decode thread")?;
+        }
         std::thread::Builder::new()
-            .name("decode".into())
-            .spawn_scoped(scope, move || decode_inputs(all_inputs, decode_read, tx))
-            .context("starting the decode thread")?;
-        for batch in rx {
+            .name("read".into())
+            .spawn_scoped(scope, move || read_inputs(all_inputs, reader_read, to_decoders))
+            .context("starting the read thread")?;
+        let batches = (0..).map_while(|i: usize| from_decoders[i % decoders].recv().ok());
+        for batch in batches {
             for item in batch? {
                 match item {
                     Decoded::Line(format) => {
