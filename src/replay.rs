@@ -94,12 +94,17 @@ impl DeadLetters {
     }
 }
 
-/// What the decoding thread hands over, in input order.
+/// What a decoder hands over, in input order.
 enum Decoded {
-    /// A line was read; its format, unless the whole line was rejected.
-    Line(Option<Format>),
     Change(Change<'static>),
     Bad(DeadLetter),
+}
+
+/// A chunk's decoded records, and how many of its lines had each format.
+struct DecodedBatch {
+    items: Vec<Decoded>,
+    lines: u64,
+    by_format: [u64; Format::ALL.len()],
 }
 
 const BATCH_LINES: usize = 4096;
@@ -112,7 +117,7 @@ struct Chunk {
     lines: Vec<(u64, usize, usize)>,
 }
 
-type Batch = Result<Vec<Decoded>, SourceError>;
+type Batch = Result<DecodedBatch, SourceError>;
 
 /// Reads every input into chunks and deals them round-robin to the decoders, so that
 /// the applier can collect the decoded batches round-robin in input order. A read error
@@ -133,7 +138,8 @@ fn read_inputs(inputs: &[Input], read: Arc<AtomicU64>, decoders: Vec<mpsc::SyncS
             }
         };
         let source: Arc<str> = reader.name().into();
-        let mut chunk = Chunk { source: source.clone(), text: Vec::with_capacity(1 << 20), lines: Vec::with_capacity(BATCH_LINES) };
+        let fresh = || Chunk { source: source.clone(), text: Vec::with_capacity(1 << 20), lines: Vec::with_capacity(BATCH_LINES) };
+        let mut chunk = fresh();
         loop {
             match reader.next_line() {
                 Ok(Some((line_no, bytes))) => {
@@ -141,8 +147,7 @@ fn read_inputs(inputs: &[Input], read: Arc<AtomicU64>, decoders: Vec<mpsc::SyncS
                     chunk.text.extend_from_slice(bytes);
                     chunk.lines.push((line_no, start, chunk.text.len()));
                     if chunk.lines.len() == BATCH_LINES {
-                        let fresh = Chunk { source: source.clone(), text: Vec::with_capacity(1 << 20), lines: Vec::with_capacity(BATCH_LINES) };
-                        if !send(Ok(std::mem::replace(&mut chunk, fresh))) {
+                        if !send(Ok(std::mem::replace(&mut chunk, fresh()))) {
                             return;
                         }
                     }
@@ -164,26 +169,25 @@ fn read_inputs(inputs: &[Input], read: Arc<AtomicU64>, decoders: Vec<mpsc::SyncS
 fn decode_chunks(chunks: mpsc::Receiver<Result<Chunk, SourceError>>, out: mpsc::SyncSender<Batch>) {
     for chunk in chunks {
         let batch = chunk.map(|chunk| {
-            let mut batch = Vec::with_capacity(chunk.lines.len() * 2);
+            let mut batch = Vec::with_capacity(chunk.lines.len() + chunk.lines.len() / 4);
+            let mut by_format = [0; Format::ALL.len()];
             for &(line_no, start, end) in &chunk.lines {
                 let bytes = &chunk.text[start..end];
                 let bad = |record, raw: Option<&str>, e: DecodeError| {
                     let raw = raw.map_or_else(|| String::from_utf8_lossy(bytes).into_owned(), str::to_owned);
                     Decoded::Bad(DeadLetter { source: chunk.source.to_string(), line: line_no, record, reason: e.to_string(), raw })
                 };
-                let slot = batch.len();
-                batch.push(Decoded::Line(None));
                 match decode_line(bytes, &mut |rec: Record<'_>| {
                     batch.push(match rec.result {
                         Ok(change) => Decoded::Change(change.into_owned()),
                         Err(e) => bad(rec.index, rec.raw, e),
                     })
                 }) {
-                    Ok(format) => batch[slot] = Decoded::Line(Some(format)),
+                    Ok(format) => by_format[format as usize] += 1,
                     Err(e) => batch.push(bad(None, None, e)),
                 }
             }
-            batch
+            DecodedBatch { items: batch, lines: chunk.lines.len() as u64, by_format }
         });
         if out.send(batch).is_err() {
             return;
@@ -260,14 +264,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
             .context("starting the read thread")?;
         let batches = (0..).map_while(|i: usize| from_decoders[i % decoders].recv().ok());
         for batch in batches {
-            for item in batch? {
+            let batch = batch?;
+            counts.lines += batch.lines;
+            for (total, n) in counts.by_format.iter_mut().zip(batch.by_format) {
+                *total += n;
+            }
+            for item in batch.items {
                 match item {
-                    Decoded::Line(format) => {
-                        counts.lines += 1;
-                        if let Some(format) = format {
-                            counts.by_format[format as usize] += 1;
-                        }
-                    }
                     Decoded::Change(change) => {
                         let applied = engine.apply(&change);
                         count_applied(&mut counts, &change.action, applied);
