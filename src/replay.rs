@@ -146,10 +146,8 @@ fn read_inputs(inputs: &[Input], read: Arc<AtomicU64>, decoders: Vec<mpsc::SyncS
                     let start = chunk.text.len();
                     chunk.text.extend_from_slice(bytes);
                     chunk.lines.push((line_no, start, chunk.text.len()));
-                    if chunk.lines.len() == BATCH_LINES {
-                        if !send(Ok(std::mem::replace(&mut chunk, fresh()))) {
-                            return;
-                        }
+                    if chunk.lines.len() == BATCH_LINES && !send(Ok(std::mem::replace(&mut chunk, fresh()))) {
+                        return;
                     }
                 }
                 Ok(None) => break,
@@ -226,7 +224,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         },
         strict: args.strict,
     };
-    let total_bytes: u64 = inputs.iter().filter_map(|i| i.len()).sum();
+    let total_bytes: u64 = inputs.iter().filter_map(Input::byte_len).sum();
     let read = Arc::new(AtomicU64::new(0));
     let progress = (std::io::stderr().is_terminal() && total_bytes >= 64 << 20).then(|| {
         let bar = ProgressBar::new(total_bytes);

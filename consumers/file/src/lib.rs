@@ -42,7 +42,7 @@ impl Input {
     }
 
     /// Size on disk, when known (for progress bars).
-    pub fn len(&self) -> Option<u64> {
+    pub fn byte_len(&self) -> Option<u64> {
         match self {
             Input::Stdin => None,
             Input::File(p) => std::fs::metadata(p).ok().map(|m| m.len()),

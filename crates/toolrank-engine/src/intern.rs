@@ -51,6 +51,10 @@ where
         self.values.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
     /// Rebuilds the lookup index after deserialization.
     pub fn rebuild(&mut self) {
         self.index = self.values.iter().enumerate().map(|(i, v)| (v.clone(), i as Sym)).collect();

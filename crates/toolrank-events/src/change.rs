@@ -105,22 +105,6 @@ pub enum KeyError {
     Sk,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hist_keys_need_exact_parts() {
-        let k = HistKey::parse("USR001#SESS1", "PRC001#AGT001#TL001").unwrap();
-        assert_eq!((k.user, k.session, k.process, k.agent, k.tool), ("USR001", "SESS1", "PRC001", "AGT001", "TL001"));
-        assert_eq!(HistKey::parse("USR001", "PRC001#AGT001#TL001"), Err(KeyError::Pk));
-        assert_eq!(HistKey::parse("U#S#X", "P#A#T"), Err(KeyError::Pk));
-        for sk in ["PRC001#AGT001", "PRC001", "P#A#T#X", "#A#T", "P##T", "P#A#"] {
-            assert_eq!(HistKey::parse("U#S", sk), Err(KeyError::Sk), "{sk}");
-        }
-    }
-}
-
 impl Change<'_> {
     /// Detaches the change from the input buffer, so that decoding and applying can run
     /// on different threads.
@@ -140,5 +124,21 @@ impl Change<'_> {
             })),
         };
         Change { pk: Cow::Owned(self.pk.into_owned()), sk: Cow::Owned(self.sk.into_owned()), seq: self.seq, action }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hist_keys_need_exact_parts() {
+        let k = HistKey::parse("USR001#SESS1", "PRC001#AGT001#TL001").unwrap();
+        assert_eq!((k.user, k.session, k.process, k.agent, k.tool), ("USR001", "SESS1", "PRC001", "AGT001", "TL001"));
+        assert_eq!(HistKey::parse("USR001", "PRC001#AGT001#TL001"), Err(KeyError::Pk));
+        assert_eq!(HistKey::parse("U#S#X", "P#A#T"), Err(KeyError::Pk));
+        for sk in ["PRC001#AGT001", "PRC001", "P#A#T#X", "#A#T", "P##T", "P#A#"] {
+            assert_eq!(HistKey::parse("U#S", sk), Err(KeyError::Sk), "{sk}");
+        }
     }
 }
