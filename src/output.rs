@@ -95,7 +95,7 @@ fn staging_json(r: &StagingRow<'_>, out: &mut Vec<u8>) {
 }
 
 /// The three seed tables of a report.
-pub fn write_report(dir: &Path, report: &Report) -> Result<()> {
+fn write_report(dir: &Path, report: &Report) -> Result<()> {
     write_rows(&dir.join("agent_score_summary.jsonl"), &report.agents)?;
     write_rows(&dir.join("user_process_patterns.jsonl"), &report.patterns)?;
     write_rows(&dir.join("agent_tool_errors.jsonl"), &report.tool_errors)

@@ -238,7 +238,7 @@ pub fn evaluate(state: &BTreeMap<(String, String), Item>, today: &str) -> Refere
 
 /// The engine's output in the reference's shape and order.
 pub fn from_engine(report: &toolrank_engine::Report, staging: &[toolrank_engine::StagingRow]) -> Reference {
-    let mut agents: Vec<RefAgent> = report
+    let agents: Vec<RefAgent> = report
         .agents
         .iter()
         .map(|a| RefAgent {
@@ -251,8 +251,7 @@ pub fn from_engine(report: &toolrank_engine::Report, staging: &[toolrank_engine:
             score: a.calculated_score,
         })
         .collect();
-    agents.sort_by(|a, b| (&a.domain, &a.agent).cmp(&(&b.domain, &b.agent)));
-    let mut patterns: Vec<RefPattern> = report
+    let patterns: Vec<RefPattern> = report
         .patterns
         .iter()
         .map(|p| RefPattern {
@@ -268,14 +267,12 @@ pub fn from_engine(report: &toolrank_engine::Report, staging: &[toolrank_engine:
             recommended: p.is_recommended,
         })
         .collect();
-    patterns.sort_by(|a, b| (&a.user, &a.procs, &a.agent, &a.tools).cmp(&(&b.user, &b.procs, &b.agent, &b.tools)));
-    let mut errors: Vec<RefErrors> = report
+    let errors: Vec<RefErrors> = report
         .tool_errors
         .iter()
         .map(|e| RefErrors { agent: e.agent_id.clone(), rows: e.total_executions, errors: e.total_errors, failed_tools: e.failed_tools.clone() })
         .collect();
-    errors.sort_by(|a, b| a.agent.cmp(&b.agent));
-    let mut staging: Vec<RefStaging> = staging
+    let staging: Vec<RefStaging> = staging
         .iter()
         .map(|r| RefStaging {
             user: r.user_id.to_string(),
@@ -289,13 +286,14 @@ pub fn from_engine(report: &toolrank_engine::Report, staging: &[toolrank_engine:
             succ: r.success_flag,
         })
         .collect();
-    staging.sort_by(|a, b| (&a.user, &a.session, &a.process, &a.agent, &a.tool).cmp(&(&b.user, &b.session, &b.process, &b.agent, &b.tool)));
-    Reference { agents, patterns, errors, staging }
+    canonical(Reference { agents, patterns, errors, staging })
 }
 
-/// The reference, sorted the same way as [`from_engine`].
+/// Rows of every table sorted by their identity, so that outputs compare as sets.
 pub fn canonical(mut r: Reference) -> Reference {
     r.agents.sort_by(|a, b| (&a.domain, &a.agent).cmp(&(&b.domain, &b.agent)));
+    r.patterns.sort_by(|a, b| (&a.user, &a.procs, &a.agent, &a.tools).cmp(&(&b.user, &b.procs, &b.agent, &b.tools)));
+    r.errors.sort_by(|a, b| a.agent.cmp(&b.agent));
     r.staging.sort_by(|a, b| (&a.user, &a.session, &a.process, &a.agent, &a.tool).cmp(&(&b.user, &b.session, &b.process, &b.agent, &b.tool)));
     r
 }

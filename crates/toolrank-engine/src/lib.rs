@@ -330,11 +330,6 @@ impl Engine {
         });
     }
 
-    /// The aggregates as of the last flush.
-    pub fn aggregates(&self) -> &Aggregates {
-        &self.aggregates
-    }
-
     /// Flushes, then builds the seed's tables for `today`.
     pub fn report(&mut self, today: toolrank_events::Day) -> Report {
         self.flush();
@@ -344,11 +339,6 @@ impl Engine {
     /// The seed's tables for `today` as of the last [`flush`](Self::flush).
     pub fn build_report(&self, today: toolrank_events::Day) -> Report {
         report::build(self, today)
-    }
-
-    /// The current staging rows (executions whose agent is known), in no particular order.
-    pub fn staging(&self) -> impl Iterator<Item = StagingRow<'_>> + '_ {
-        self.sessions.iter().flat_map(move |s| self.session_staging(s))
     }
 
     fn session_staging<'e>(&'e self, s: &'e Session) -> impl Iterator<Item = StagingRow<'e>> + 'e {
