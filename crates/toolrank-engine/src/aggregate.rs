@@ -65,6 +65,8 @@ pub struct AgentAggregate {
     pub failed_rows: i64,
     /// Failed rows per `ToolNM`.
     pub failed_tools: BTreeMap<Sym, i64>,
+    /// Rows per `ToolNM`, for the per-agent tool rankings.
+    pub tools: BTreeMap<Sym, i64>,
 }
 
 /// Per (user, agent, pattern sequence).
@@ -97,11 +99,41 @@ pub struct PatternKey {
 pub struct Aggregates {
     pub agents: FxHashMap<Sym, AgentAggregate>,
     pub patterns: FxHashMap<PatternKey, PatternAggregate>,
+    /// Keys touched since [`Aggregates::take_touched`], when tracking is on (sinks write
+    /// only what changed).
+    #[serde(skip)]
+    touched: Option<Touched>,
+}
+
+/// Agents and patterns whose aggregates changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Touched {
+    pub agents: rustc_hash::FxHashSet<Sym>,
+    pub patterns: rustc_hash::FxHashSet<PatternKey>,
+}
+
+fn add(map: &mut BTreeMap<Sym, i64>, key: Sym, diff: i64) {
+    let n = map.entry(key).or_insert(0);
+    *n += diff;
+    if *n == 0 {
+        map.remove(&key);
+    }
 }
 
 impl Aggregates {
-    /// Adds (`diff = 1`) or retracts (`diff = -1`) one agent execution of `user`.
-    pub fn apply(&mut self, user: Sym, agent: Sym, c: &Contribution, diff: i64) {
+    /// Starts recording which keys change.
+    pub fn track(&mut self) {
+        self.touched.get_or_insert_with(Touched::default);
+    }
+
+    /// The keys changed since the last call (empty when not tracking).
+    pub fn take_touched(&mut self) -> Touched {
+        self.touched.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Adds (`diff = 1`) or retracts (`diff = -1`) one agent execution of `user`; `tools`
+    /// are the `ToolNM`s of its rows.
+    pub fn apply(&mut self, user: Sym, agent: Sym, c: &Contribution, tools: &[Sym], diff: i64) {
         let succ = diff * i64::from(c.success);
         let a = self.agents.entry(agent).or_default();
         a.executions += diff;
@@ -110,16 +142,19 @@ impl Aggregates {
         a.rows += diff * i64::from(c.rows);
         a.failed_rows += diff * c.failed_tools.len() as i64;
         for &t in &c.failed_tools {
-            let n = a.failed_tools.entry(t).or_insert(0);
-            *n += diff;
-            if *n == 0 {
-                a.failed_tools.remove(&t);
-            }
+            add(&mut a.failed_tools, t, diff);
+        }
+        for &t in tools {
+            add(&mut a.tools, t, diff);
         }
         if a.executions == 0 && a.rows == 0 {
             self.agents.remove(&agent);
         }
         let key = PatternKey { user, agent, sequence: c.pattern };
+        if let Some(t) = &mut self.touched {
+            t.agents.insert(agent);
+            t.patterns.insert(key);
+        }
         let p = self.patterns.entry(key).or_default();
         p.executions += diff;
         p.successes += succ;
@@ -130,32 +165,49 @@ impl Aggregates {
         }
     }
 
-    /// Adds another engine's aggregates, `translate` mapping its symbols into ours.
-    pub fn absorb(&mut self, other: &Aggregates, mut translate: impl FnMut(SymKind, Sym) -> Sym) {
+    /// Adds (`sign = 1`) or subtracts (`sign = -1`) another engine's aggregates,
+    /// `translate` mapping its symbols into ours.
+    pub fn absorb(&mut self, other: &Aggregates, sign: i64, mut translate: impl FnMut(SymKind, Sym) -> Sym) {
         for (&agent, o) in &other.agents {
-            let a = self.agents.entry(translate(SymKind::String, agent)).or_default();
-            a.executions += o.executions;
-            a.successes += o.successes;
+            let agent = translate(SymKind::String, agent);
+            let a = self.agents.entry(agent).or_default();
+            a.executions += sign * o.executions;
+            a.successes += sign * o.successes;
             for &(day, n) in &o.last_days.0 {
-                a.last_days.add(day, n);
+                a.last_days.add(day, sign * n);
             }
-            a.rows += o.rows;
-            a.failed_rows += o.failed_rows;
+            a.rows += sign * o.rows;
+            a.failed_rows += sign * o.failed_rows;
             for (&t, &n) in &o.failed_tools {
-                *a.failed_tools.entry(translate(SymKind::String, t)).or_insert(0) += n;
+                add(&mut a.failed_tools, translate(SymKind::String, t), sign * n);
+            }
+            for (&t, &n) in &o.tools {
+                add(&mut a.tools, translate(SymKind::String, t), sign * n);
+            }
+            if a.executions == 0 && a.rows == 0 {
+                self.agents.remove(&agent);
+            }
+            if let Some(t) = &mut self.touched {
+                t.agents.insert(agent);
             }
         }
         for (key, o) in &other.patterns {
             let (user, agent) = (translate(SymKind::String, key.user), translate(SymKind::String, key.agent));
             let key = PatternKey { user, agent, sequence: translate(SymKind::Sequence, key.sequence) };
             let p = self.patterns.entry(key).or_default();
-            p.executions += o.executions;
-            p.successes += o.successes;
+            p.executions += sign * o.executions;
+            p.successes += sign * o.successes;
             for &(day, n) in &o.first_days.0 {
-                p.first_days.add(day, n);
+                p.first_days.add(day, sign * n);
             }
             for &(day, n) in &o.last_days.0 {
-                p.last_days.add(day, n);
+                p.last_days.add(day, sign * n);
+            }
+            if p.executions == 0 {
+                self.patterns.remove(&key);
+            }
+            if let Some(t) = &mut self.touched {
+                t.patterns.insert(key);
             }
         }
     }

@@ -16,16 +16,18 @@
 //! need no recomputation.
 
 mod aggregate;
+mod figures;
 mod intern;
 mod report;
 pub mod score;
 
-pub use aggregate::{AgentAggregate, Aggregates, Contribution, DayHistogram, PatternAggregate, PatternKey, SymKind};
+pub use aggregate::{AgentAggregate, Aggregates, Contribution, DayHistogram, PatternAggregate, PatternKey, SymKind, Touched};
+pub use figures::{AgentFigures, PatternFigures, ToolFigures};
 pub use intern::{Interner, Sym};
-pub use report::{AgentScore, PatternRow, Report, StagingOrder, StagingRow, ToolErrors};
+pub use report::{recommendation_cut, AgentScore, PatternRow, Report, StagingOrder, StagingRow, ToolErrors};
 
 use hashbrown::HashTable;
-use rustc_hash::{FxBuildHasher, FxHashMap};
+use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
 use std::hash::BuildHasher;
 use serde::{Deserialize, Serialize};
 use toolrank_events::{Action, Change, Entity, HistKey, Timestamp, METADATA_SK};
@@ -137,7 +139,44 @@ pub enum StateError {
     Version(u32),
 }
 
-const SNAPSHOT_VERSION: u32 = 3;
+const SNAPSHOT_VERSION: u32 = 4;
+
+/// Maps one engine's symbols to another's; valid as long as both live (interners only grow).
+#[derive(Default)]
+struct Translation {
+    strings: FxHashMap<Sym, Sym>,
+    sequences: FxHashMap<Sym, Sym>,
+}
+
+impl Translation {
+    fn string(&mut self, from: &Interner<str>, to: &mut Interner<str>, s: Sym) -> Sym {
+        *self.strings.entry(s).or_insert_with(|| to.intern(from.get(s)))
+    }
+
+    fn sequence(&mut self, from: (&Interner<str>, &Interner<[Sym]>), to: (&mut Interner<str>, &mut Interner<[Sym]>), s: Sym) -> Sym {
+        if let Some(&t) = self.sequences.get(&s) {
+            return t;
+        }
+        let translated: Vec<Sym> = from.1.get(s).iter().map(|&x| self.string(from.0, to.0, x)).collect();
+        let t = to.1.intern(&translated);
+        self.sequences.insert(s, t);
+        t
+    }
+
+    fn contribution(&mut self, from: (&Interner<str>, &Interner<[Sym]>), to: (&mut Interner<str>, &mut Interner<[Sym]>), c: &Contribution) -> Contribution {
+        Contribution {
+            pattern: self.sequence(from, (&mut *to.0, &mut *to.1), c.pattern),
+            failed_tools: c.failed_tools.iter().map(|&t| self.string(from.0, to.0, t)).collect(),
+            ..c.clone()
+        }
+    }
+}
+
+/// The `ToolNM`s of a contribution's rows: the second half of its pattern sequence.
+fn tools_of<'a>(sequences: &'a Interner<[Sym]>, c: &Contribution) -> &'a [Sym] {
+    let seq = sequences.get(c.pattern);
+    &seq[seq.len() / 2..]
+}
 
 /// The incremental engine. See the crate docs.
 #[derive(Default, Serialize, Deserialize)]
@@ -154,6 +193,24 @@ pub struct Engine {
     aggregates: Aggregates,
     #[serde(skip)]
     dirty: Vec<u32>,
+    /// Agent items changed since the last flush (forwarded by [`Engine::flush_into`]).
+    #[serde(skip)]
+    catalog_changes: Vec<Sym>,
+    /// Agents whose catalog entry changed, when tracking ([`Engine::take_changes`]).
+    #[serde(skip)]
+    catalog_touched: Option<FxHashSet<Sym>>,
+    /// Our symbols to those of the engine [`Engine::flush_into`] forwards to.
+    #[serde(skip)]
+    forward: Translation,
+}
+
+/// What changed in a tracking engine since the last [`Engine::take_changes`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Agents whose figures or catalog entry changed.
+    pub agents: Vec<Sym>,
+    /// Patterns whose figures or visibility changed.
+    pub patterns: Vec<PatternKey>,
 }
 
 impl Engine {
@@ -275,11 +332,23 @@ impl Engine {
         if slot.meta.is_none() && slot.seq.is_none() {
             self.catalog.remove(&id);
         }
+        self.catalog_changes.push(id);
         Applied::Changed
     }
 
     /// Turns every dirty (session, agent) group into contribution deltas on the aggregates.
     pub fn flush(&mut self) {
+        self.flush_to(None);
+    }
+
+    /// Flushes, applying the same deltas and Agent item changes to `global` too: a merged
+    /// view over the engines of several partitions, kept current without re-merging.
+    /// Each engine must forward into one `global` only.
+    pub fn flush_into(&mut self, global: &mut Engine) {
+        self.flush_to(Some(global));
+    }
+
+    fn flush_to(&mut self, mut global: Option<&mut Engine>) {
         let (mut rows, mut seq) = (Vec::new(), Vec::new());
         for idx in std::mem::take(&mut self.dirty) {
             let s = &mut self.sessions[idx as usize];
@@ -289,15 +358,39 @@ impl Engine {
                 if old_pos.map(|i| &s.committed[i].1) == new.as_ref() {
                     continue;
                 }
-                if let Some(i) = old_pos {
-                    let (_, old) = s.committed.swap_remove(i);
-                    self.aggregates.apply(s.user, agent, &old, -1);
+                let old = old_pos.map(|i| s.committed.swap_remove(i).1);
+                for (c, diff) in old.iter().map(|c| (c, -1)).chain(new.iter().map(|c| (c, 1))) {
+                    self.aggregates.apply(s.user, agent, c, tools_of(&self.sequences, c), diff);
+                    if let Some(g) = global.as_deref_mut() {
+                        let from = (&self.strings, &self.sequences);
+                        let (user, agent) = (self.forward.string(from.0, &mut g.strings, s.user), self.forward.string(from.0, &mut g.strings, agent));
+                        let c = self.forward.contribution(from, (&mut g.strings, &mut g.sequences), c);
+                        g.aggregates.apply(user, agent, &c, tools_of(&g.sequences, &c), diff);
+                    }
                 }
                 if let Some(new) = new {
-                    self.aggregates.apply(s.user, agent, &new, 1);
                     s.committed.push((agent, new));
                 }
             }
+        }
+        for id in std::mem::take(&mut self.catalog_changes) {
+            let Some(g) = global.as_deref_mut() else { continue };
+            let gid = self.forward.string(&self.strings, &mut g.strings, id);
+            let meta = self.catalog.get(&id).and_then(|slot| slot.meta.as_ref()).map(|m| AgentMeta { domain: self.forward.string(&self.strings, &mut g.strings, m.domain), name: m.name.clone() });
+            g.set_meta(gid, meta);
+        }
+    }
+
+    /// Sets or removes an agent's catalog entry in a merged view.
+    fn set_meta(&mut self, id: Sym, meta: Option<AgentMeta>) {
+        match meta {
+            Some(meta) => self.catalog.entry(id).or_default().meta = Some(meta),
+            None => {
+                self.catalog.remove(&id);
+            }
+        }
+        if let Some(t) = &mut self.catalog_touched {
+            t.insert(id);
         }
     }
 
@@ -306,28 +399,74 @@ impl Engine {
     /// Agent items joined into our catalog. Session state is not copied: the merged
     /// engine reports the combined tables, and each part keeps its own sessions.
     pub fn absorb(&mut self, other: &mut Engine) {
+        self.merge(other, 1);
+    }
+
+    /// Takes back what [`absorb`](Self::absorb) added for `other` in the same state (a
+    /// partition that moved to another consumer, or whose checkpoint is replaced).
+    pub fn unabsorb(&mut self, other: &mut Engine) {
+        self.merge(other, -1);
+    }
+
+    fn merge(&mut self, other: &mut Engine, sign: i64) {
         other.flush();
         self.flush();
-        let mut map: FxHashMap<Sym, Sym> = FxHashMap::default();
-        let mut translate = |strings: &mut Interner<str>, s: Sym| *map.entry(s).or_insert_with(|| strings.intern(other.strings.get(s)));
-        for (&agent, slot) in &other.catalog {
-            let Some(meta) = &slot.meta else { continue };
-            let id = translate(&mut self.strings, agent);
-            let domain = translate(&mut self.strings, meta.domain);
-            let entry = self.catalog.entry(id).or_default();
-            if entry.seq <= slot.seq || entry.meta.is_none() {
-                *entry = AgentSlot { seq: slot.seq, meta: Some(AgentMeta { domain, name: meta.name.clone() }) };
-            }
+        let mut map = Translation::default();
+        let ids: Vec<(Sym, Option<AgentMeta>)> = other
+            .catalog
+            .iter()
+            .filter_map(|(&agent, slot)| {
+                let meta = slot.meta.as_ref()?;
+                let id = map.string(&other.strings, &mut self.strings, agent);
+                let domain = map.string(&other.strings, &mut self.strings, meta.domain);
+                Some((id, (sign > 0).then(|| AgentMeta { domain, name: meta.name.clone() })))
+            })
+            .collect();
+        for (id, meta) in ids {
+            self.set_meta(id, meta);
         }
         let (strings, sequences) = (&mut self.strings, &mut self.sequences);
-        let mut seq_map: FxHashMap<Sym, Sym> = FxHashMap::default();
-        self.aggregates.absorb(&other.aggregates, |kind, s| match kind {
-            SymKind::String => translate(strings, s),
-            SymKind::Sequence => *seq_map.entry(s).or_insert_with(|| {
-                let translated: Vec<Sym> = other.sequences.get(s).iter().map(|&x| translate(strings, x)).collect();
-                sequences.intern(&translated)
-            }),
+        self.aggregates.absorb(&other.aggregates, sign, |kind, s| match kind {
+            SymKind::String => map.string(&other.strings, strings, s),
+            SymKind::Sequence => map.sequence((&other.strings, &other.sequences), (&mut *strings, &mut *sequences), s),
         });
+    }
+
+    /// Starts recording what changes, for [`take_changes`](Self::take_changes).
+    pub fn track_changes(&mut self) {
+        self.aggregates.track();
+        self.catalog_touched.get_or_insert_with(Default::default);
+    }
+
+    /// Agents and patterns changed since the last call. A catalog change makes all the
+    /// agent's patterns change visibility.
+    pub fn take_changes(&mut self) -> Changes {
+        let touched = self.aggregates.take_touched();
+        let catalog = self.catalog_touched.as_mut().map(std::mem::take).unwrap_or_default();
+        let mut patterns: FxHashSet<PatternKey> = touched.patterns;
+        if !catalog.is_empty() {
+            patterns.extend(self.aggregates.patterns.keys().filter(|k| catalog.contains(&k.agent)));
+        }
+        let mut agents: Vec<Sym> = touched.agents.union(&catalog).copied().collect();
+        agents.sort_unstable();
+        let mut patterns: Vec<PatternKey> = patterns.into_iter().collect();
+        patterns.sort_unstable();
+        Changes { agents, patterns }
+    }
+
+    /// Every agent and pattern, as [`Changes`] (for a full sink synchronization).
+    pub fn everything(&self) -> Changes {
+        let mut agents: Vec<Sym> = self.catalog.keys().chain(self.aggregates.agents.keys()).copied().collect();
+        agents.sort_unstable();
+        agents.dedup();
+        let mut patterns: Vec<PatternKey> = self.aggregates.patterns.keys().copied().collect();
+        patterns.sort_unstable();
+        Changes { agents, patterns }
+    }
+
+    /// The text of a symbol of this engine.
+    pub fn name(&self, s: Sym) -> &str {
+        self.strings.get(s)
     }
 
     /// Flushes, then builds the seed's tables for `today`.

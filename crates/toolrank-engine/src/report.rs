@@ -2,7 +2,7 @@
 //! the scores for a given `today`, and the 80th-percentile recommendation cut.
 
 use crate::score::{self, RECOMMEND_PERCENTILE};
-use crate::{Engine, Sym};
+use crate::{AgentFigures, Engine, PatternFigures, Sym};
 use serde::{Serialize, Serializer};
 use std::cmp::Ordering;
 use toolrank_events::{Day, Timestamp};
@@ -106,20 +106,36 @@ fn desc(a: f64, b: f64) -> Ordering {
 }
 
 pub(crate) fn build(engine: &Engine, today: Day) -> Report {
-    let name = |s: Sym| engine.strings.get(s).to_owned();
-    let days_since = |d: Day| i64::from(today.0) - i64::from(d.0);
-    let mut agents = Vec::new();
-    let mut tool_errors = Vec::new();
-    for (&agent, agg) in &engine.aggregates.agents {
-        let Some(meta) = engine.agent_meta(agent) else { continue };
-        let agent_name = meta.name.as_deref().map(str::to_owned);
-        if let Some(last) = agg.last_days.max() {
-            let (total, succ) = (agg.executions as u64, agg.successes as u64);
+    let agents: Vec<AgentFigures> = engine.aggregates.agents.keys().filter_map(|&a| engine.agent_figures(a)).collect();
+    let mut joined = rustc_hash::FxHashMap::default();
+    let patterns = engine.aggregates.patterns.keys().filter_map(|&k| engine.pattern_figures_cached(k, &mut joined)).collect();
+    Report::from_figures(agents, patterns, today)
+}
+
+impl Report {
+    /// The seed's tables for `today` from figures (of an engine, or read back from a sink):
+    /// scores, the 80th-percentile cut over all patterns, and the row order.
+    pub fn from_figures(agents: Vec<AgentFigures>, patterns: Vec<PatternFigures>, today: Day) -> Report {
+        let days_since = |d: Day| i64::from(today.0) - i64::from(d.0);
+        let mut scores = Vec::new();
+        let mut tool_errors = Vec::new();
+        for f in agents {
+            if f.failed_rows > 0 {
+                tool_errors.push(ToolErrors {
+                    agent_id: f.agent_id.clone(),
+                    agent_name: f.agent_name.clone(),
+                    total_executions: f.rows,
+                    total_errors: f.failed_rows,
+                    error_rate: f.failed_rows as f64 / f.rows as f64,
+                    failed_tools: f.failed_tools.join(", "),
+                });
+            }
+            let (Some(last), total, succ) = (f.last, f.executions, f.successes) else { continue };
             let days = days_since(last);
-            agents.push(AgentScore {
-                domain_id: name(meta.domain),
-                agent_id: name(agent),
-                agent_name: agent_name.clone(),
+            scores.push(AgentScore {
+                domain_id: f.domain_id,
+                agent_id: f.agent_id,
+                agent_name: f.agent_name,
                 total_executions: total,
                 success_count: succ,
                 failure_count: total - succ,
@@ -130,73 +146,51 @@ pub(crate) fn build(engine: &Engine, today: Day) -> Report {
                 calculated_score: score::agent_score(total, succ, days),
             });
         }
-        if agg.failed_rows > 0 {
-            let mut failed: Vec<&str> = agg.failed_tools.keys().map(|&t| engine.strings.get(t)).collect();
-            failed.sort_unstable();
-            tool_errors.push(ToolErrors {
-                agent_id: name(agent),
-                agent_name,
-                total_executions: agg.rows as u64,
-                total_errors: agg.failed_rows as u64,
-                error_rate: agg.failed_rows as f64 / agg.rows as f64,
-                failed_tools: failed.join(", "),
-            });
+        scores.sort_unstable_by(|a, b| {
+            desc(a.calculated_score, b.calculated_score)
+                .then_with(|| a.domain_id.cmp(&b.domain_id))
+                .then_with(|| a.agent_id.cmp(&b.agent_id))
+        });
+        tool_errors.sort_unstable_by(|a, b| {
+            desc(a.error_rate, b.error_rate)
+                .then_with(|| b.total_errors.cmp(&a.total_errors))
+                .then_with(|| a.agent_id.cmp(&b.agent_id))
+        });
+        let mut patterns: Vec<PatternRow> = patterns
+            .into_iter()
+            .map(|f| PatternRow {
+                pattern_score: f.score(today),
+                user_id: f.user_id,
+                process_pattern: f.process_pattern,
+                agent_sequence: f.agent_id,
+                tool_sequence: f.tool_sequence,
+                execution_count: f.executions,
+                success_count: f.successes,
+                first_used_date: f.first,
+                last_used_date: f.last,
+                is_recommended: false,
+            })
+            .collect();
+        if let Some(cut) = recommendation_cut(patterns.iter().map(|p| p.pattern_score).collect()) {
+            for p in &mut patterns {
+                p.is_recommended = p.pattern_score >= cut;
+            }
         }
+        patterns.sort_unstable_by(|a, b| {
+            desc(a.pattern_score, b.pattern_score)
+                .then_with(|| a.user_id.cmp(&b.user_id))
+                .then_with(|| a.process_pattern.cmp(&b.process_pattern))
+                .then_with(|| a.agent_sequence.cmp(&b.agent_sequence))
+                .then_with(|| a.tool_sequence.cmp(&b.tool_sequence))
+        });
+        Report { agents: scores, patterns, tool_errors }
     }
-    agents.sort_unstable_by(|a, b| {
-        desc(a.calculated_score, b.calculated_score)
-            .then_with(|| a.domain_id.cmp(&b.domain_id))
-            .then_with(|| a.agent_id.cmp(&b.agent_id))
-    });
-    tool_errors.sort_unstable_by(|a, b| {
-        desc(a.error_rate, b.error_rate)
-            .then_with(|| b.total_errors.cmp(&a.total_errors))
-            .then_with(|| a.agent_id.cmp(&b.agent_id))
-    });
+}
 
-    let mut patterns = Vec::new();
-    // Many users share a sequence: join its names once.
-    let mut joined: rustc_hash::FxHashMap<Sym, (String, String)> = Default::default();
-    for (key, agg) in &engine.aggregates.patterns {
-        if engine.agent_meta(key.agent).is_none() {
-            continue;
-        }
-        let (Some(first), Some(last)) = (agg.first_days.min(), agg.last_days.max()) else { continue };
-        let (process_pattern, tool_sequence) = joined.entry(key.sequence).or_insert_with(|| {
-            let seq = engine.sequences.get(key.sequence);
-            let (procs, tools) = seq.split_at(seq.len() / 2);
-            let join = |ids: &[Sym]| ids.iter().map(|&s| engine.strings.get(s)).collect::<Vec<_>>().join("->");
-            (join(procs), join(tools))
-        });
-        let (count, succ) = (agg.executions as u64, agg.successes as u64);
-        patterns.push(PatternRow {
-            user_id: name(key.user),
-            process_pattern: process_pattern.clone(),
-            agent_sequence: name(key.agent),
-            tool_sequence: tool_sequence.clone(),
-            execution_count: count,
-            success_count: succ,
-            first_used_date: first,
-            last_used_date: last,
-            pattern_score: score::pattern_score(count, succ, days_since(last)),
-            is_recommended: false,
-        });
-    }
-    let mut scores: Vec<f64> = patterns.iter().map(|p| p.pattern_score).collect();
+/// `PERCENTILE_CONT(0.8)` of all pattern scores: patterns scoring at least this are recommended.
+pub fn recommendation_cut(mut scores: Vec<f64>) -> Option<f64> {
     scores.sort_unstable_by(f64::total_cmp);
-    if let Some(cut) = score::percentile_cont(&scores, RECOMMEND_PERCENTILE) {
-        for p in &mut patterns {
-            p.is_recommended = p.pattern_score >= cut;
-        }
-    }
-    patterns.sort_unstable_by(|a, b| {
-        desc(a.pattern_score, b.pattern_score)
-            .then_with(|| a.user_id.cmp(&b.user_id))
-            .then_with(|| a.process_pattern.cmp(&b.process_pattern))
-            .then_with(|| a.agent_sequence.cmp(&b.agent_sequence))
-            .then_with(|| a.tool_sequence.cmp(&b.tool_sequence))
-    });
-    Report { agents, patterns, tool_errors }
+    score::percentile_cont(&scores, RECOMMEND_PERCENTILE)
 }
 
 /// The sessions in staging order (user, then session), so that parts of the staging table

@@ -1,0 +1,149 @@
+//! The figures behind the report rows: what a sink stores so that the seed's tables can
+//! be rebuilt from it for any `today` (scores decay, figures do not).
+
+use crate::score::{self, AGENT_DECAY, PATTERN_DECAY};
+use crate::{Engine, PatternKey, Sym};
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+use toolrank_events::Day;
+
+/// One agent in the catalog, with or without executions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentFigures {
+    pub agent_id: String,
+    pub domain_id: String,
+    pub agent_name: Option<String>,
+    /// Agent executions and the successful ones.
+    pub executions: u64,
+    pub successes: u64,
+    /// Latest execution date; `None` without executions.
+    pub last: Option<Day>,
+    /// Staging rows and failed rows.
+    pub rows: u64,
+    pub failed_rows: u64,
+    /// Distinct `ToolNM`s of failed rows, sorted.
+    pub failed_tools: Vec<String>,
+    /// Rows per `ToolNM`, sorted by name.
+    pub tools: Vec<ToolFigures>,
+}
+
+/// One tool of an agent, by `ToolNM`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolFigures {
+    pub tool_nm: String,
+    pub rows: u64,
+    pub failed: u64,
+}
+
+/// One `user_process_patterns` group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatternFigures {
+    pub user_id: String,
+    pub process_pattern: String,
+    pub agent_id: String,
+    pub tool_sequence: String,
+    pub executions: u64,
+    pub successes: u64,
+    pub first: Day,
+    pub last: Day,
+}
+
+impl AgentFigures {
+    /// The time-invariant rank key (SPEC §3); `-inf` without successes.
+    pub fn rank_key(&self) -> f64 {
+        match self.last {
+            Some(last) => score::rank_key(AGENT_DECAY, self.executions, self.successes, last.0),
+            None => f64::NEG_INFINITY,
+        }
+    }
+}
+
+impl ToolFigures {
+    /// Ranks an agent's tools: rows × success rate², the agent score without decay.
+    pub fn score(&self) -> f64 {
+        self.rows as f64 * score::rate(self.rows - self.failed, self.rows).powi(2)
+    }
+}
+
+impl PatternFigures {
+    pub fn rank_key(&self) -> f64 {
+        score::rank_key(PATTERN_DECAY, self.executions, self.successes, self.last.0)
+    }
+
+    /// `pattern_score` for `today`.
+    pub fn score(&self, today: Day) -> f64 {
+        score::pattern_score(self.executions, self.successes, i64::from(today.0) - i64::from(self.last.0))
+    }
+
+    /// A stable identity: `user`, pattern, agent and tools joined by `|`.
+    pub fn id(&self) -> String {
+        format!("{}|{}|{}|{}", self.user_id, self.process_pattern, self.agent_id, self.tool_sequence)
+    }
+}
+
+impl Engine {
+    /// An agent's figures, `None` unless it has a current Agent item.
+    pub fn agent_figures(&self, agent: Sym) -> Option<AgentFigures> {
+        let meta = self.agent_meta(agent)?;
+        let mut f = AgentFigures {
+            agent_id: self.strings.get(agent).to_owned(),
+            domain_id: self.strings.get(meta.domain).to_owned(),
+            agent_name: meta.name.as_deref().map(str::to_owned),
+            executions: 0,
+            successes: 0,
+            last: None,
+            rows: 0,
+            failed_rows: 0,
+            failed_tools: Vec::new(),
+            tools: Vec::new(),
+        };
+        if let Some(agg) = self.aggregates.agents.get(&agent) {
+            f.executions = agg.executions as u64;
+            f.successes = agg.successes as u64;
+            f.last = agg.last_days.max();
+            f.rows = agg.rows as u64;
+            f.failed_rows = agg.failed_rows as u64;
+            f.failed_tools = agg.failed_tools.keys().map(|&t| self.strings.get(t).to_owned()).collect();
+            f.failed_tools.sort_unstable();
+            f.tools = agg
+                .tools
+                .iter()
+                .map(|(&t, &rows)| ToolFigures {
+                    tool_nm: self.strings.get(t).to_owned(),
+                    rows: rows as u64,
+                    failed: agg.failed_tools.get(&t).copied().unwrap_or(0) as u64,
+                })
+                .collect();
+            f.tools.sort_unstable_by(|a, b| a.tool_nm.cmp(&b.tool_nm));
+        }
+        Some(f)
+    }
+
+    /// A pattern's figures, `None` unless it has executions and its agent a current Agent item.
+    pub fn pattern_figures(&self, key: PatternKey) -> Option<PatternFigures> {
+        self.pattern_figures_cached(key, &mut FxHashMap::default())
+    }
+
+    /// [`pattern_figures`](Self::pattern_figures), joining each sequence's names once:
+    /// many users share a sequence.
+    pub(crate) fn pattern_figures_cached(&self, key: PatternKey, joined: &mut FxHashMap<Sym, (String, String)>) -> Option<PatternFigures> {
+        self.agent_meta(key.agent)?;
+        let agg = self.aggregates.patterns.get(&key)?;
+        let (process_pattern, tool_sequence) = joined.entry(key.sequence).or_insert_with(|| {
+            let seq = self.sequences.get(key.sequence);
+            let (procs, tools) = seq.split_at(seq.len() / 2);
+            let join = |ids: &[Sym]| ids.iter().map(|&s| self.strings.get(s)).collect::<Vec<_>>().join("->");
+            (join(procs), join(tools))
+        });
+        Some(PatternFigures {
+            user_id: self.strings.get(key.user).to_owned(),
+            process_pattern: process_pattern.clone(),
+            agent_id: self.strings.get(key.agent).to_owned(),
+            tool_sequence: tool_sequence.clone(),
+            executions: agg.executions as u64,
+            successes: agg.successes as u64,
+            first: agg.first_days.min()?,
+            last: agg.last_days.max()?,
+        })
+    }
+}
