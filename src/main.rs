@@ -1,10 +1,12 @@
 //! `toolrank`: turns AI-agent tool-execution history into the seed's rankings.
 
+mod consume;
 mod generate;
 mod output;
 mod produce;
 mod replay;
 mod setup;
+mod sinks;
 
 use clap::{Parser, Subcommand};
 
@@ -42,6 +44,9 @@ enum Command {
     Setup(setup::Args),
     Produce(produce::Args),
     Generate(generate::Args),
+    Consume(consume::Args),
+    Top(sinks::TopArgs),
+    Results(sinks::ResultsArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +63,9 @@ fn main() -> ExitCode {
         Command::Setup(args) => setup::run(args),
         Command::Produce(args) => produce::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Consume(args) => consume::run(args),
+        Command::Top(args) => sinks::top(args),
+        Command::Results(args) => sinks::results(args),
     };
     match result {
         Ok(code) => code,

@@ -95,7 +95,9 @@ fn staging_json(r: &StagingRow<'_>, out: &mut Vec<u8>) {
 }
 
 /// The three seed tables of a report.
-fn write_report(dir: &Path, report: &Report) -> Result<()> {
+/// Writes the three ranking tables of `report` into `dir` (created if missing).
+pub fn write_report(dir: &Path, report: &Report) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     write_rows(&dir.join("agent_score_summary.jsonl"), &report.agents)?;
     write_rows(&dir.join("user_process_patterns.jsonl"), &report.patterns)?;
     write_rows(&dir.join("agent_tool_errors.jsonl"), &report.tool_errors)
@@ -117,7 +119,9 @@ impl Table {
                 *w = (*w).max(cell.width());
             }
         }
-        writeln!(out, "== {} ==", self.title)?;
+        if !self.title.is_empty() {
+            writeln!(out, "== {} ==", self.title)?;
+        }
         let line = |out: &mut dyn Write, cells: &mut dyn Iterator<Item = &str>| -> std::io::Result<()> {
             let parts: Vec<String> =
                 cells.zip(&widths).map(|(c, &w)| format!("{c}{}", " ".repeat(w.saturating_sub(c.width())))).collect();
@@ -134,6 +138,11 @@ impl Table {
         }
         writeln!(out)
     }
+}
+
+/// Prints rows under a header, without a title.
+pub fn print_rows(header: &[&'static str], rows: &[Vec<String>], out: &mut impl Write) -> std::io::Result<()> {
+    Table { title: String::new(), header: header.to_vec(), rows: rows.to_vec(), more: 0 }.print(out)
 }
 
 fn limited<T>(rows: &[T], top: usize, f: impl Fn(&T) -> Vec<String>) -> (Vec<Vec<String>>, usize) {

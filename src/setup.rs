@@ -9,7 +9,8 @@ use toolrank_kafka::TopicStatus;
 ///
 /// Topics: the events topic and its dead-letter topic, with --partitions partitions
 /// (partitions bound how many consumers of a group share the work). Table: AgentTable
-/// with PK/SK, GSI1 on GSI1_PK/GSI1_SK, a NEW_AND_OLD_IMAGES stream and TTL on ExpireAt.
+/// with PK/SK, GSI1 on GSI1_PK/GSI1_SK, a NEW_AND_OLD_IMAGES stream and TTL on ExpireAt,
+/// and the pipeline's state table.
 /// Endpoints come from the environment; `eval "$(infra/local/up)"` sets them locally.
 #[derive(clap::Args)]
 pub struct Args {
@@ -28,6 +29,9 @@ pub struct Args {
     /// The DynamoDB table.
     #[arg(long, env = "TOOLRANK_TABLE", default_value = "AgentTable")]
     pub table: String,
+    /// The pipeline's state table (checkpoints and leases; no stream).
+    #[arg(long, env = "TOOLRANK_STATE_TABLE", default_value = "toolrank-state")]
+    pub state_table: String,
     /// Leave Kafka alone.
     #[arg(long)]
     pub no_kafka: bool,
@@ -50,6 +54,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
             let status = toolrank_dynamodb::create_table(&client, &args.table).await?;
             let what = if status == TableStatusReport::Created { "created" } else { "exists:" };
             eprintln!("dynamodb table {what} {}", args.table);
+            let status = toolrank_dynamodb::create_state_table(&client, &args.state_table).await?;
+            let what = if status == TableStatusReport::Created { "created" } else { "exists:" };
+            eprintln!("dynamodb table {what} {}", args.state_table);
         }
         Ok(ExitCode::SUCCESS)
     })

@@ -16,6 +16,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 use toolrank_events::decode_line;
 
+mod checkpoint;
+pub use checkpoint::{Checkpoint, CheckpointStore, Lease};
+
 /// The TTL attribute (epoch seconds) of the seed's retention policy.
 pub const TTL_ATTRIBUTE: &str = "ExpireAt";
 
@@ -28,9 +31,12 @@ pub enum Error {
     NotActive(String),
     #[error("{0}")]
     Input(String),
+    /// Another consumer took over the scope (a partition moved): this one must let go.
+    #[error("{0} is now owned by another consumer")]
+    Fenced(String),
 }
 
-fn aws<E: std::error::Error + 'static, R: std::fmt::Debug>(what: impl Into<String>) -> impl FnOnce(SdkError<E, R>) -> Error {
+pub(crate) fn aws<E: std::error::Error + 'static, R: std::fmt::Debug>(what: impl Into<String>) -> impl FnOnce(SdkError<E, R>) -> Error {
     let what = what.into();
     move |e| Error::Aws { what, message: DisplayErrorContext(&e).to_string() }
 }
@@ -112,6 +118,30 @@ pub async fn create_table(client: &Client, table: &str) -> Result<TableStatusRep
             .await
             .map_err(aws(format!("enabling TTL on {table}")))?;
     }
+    Ok(status)
+}
+
+/// Creates the pipeline's own state table unless it exists: `PK`/`SK` strings, on-demand,
+/// no stream (checkpoints and leases must not come back as events). Idempotent.
+pub async fn create_state_table(client: &Client, table: &str) -> Result<TableStatusReport, Error> {
+    let key = |name: &str, kind| KeySchemaElement::builder().attribute_name(name).key_type(kind).build().expect("valid");
+    let attr = |name: &str| AttributeDefinition::builder().attribute_name(name).attribute_type(ScalarAttributeType::S).build().expect("valid");
+    let created = client
+        .create_table()
+        .table_name(table)
+        .key_schema(key("PK", KeyType::Hash))
+        .key_schema(key("SK", KeyType::Range))
+        .attribute_definitions(attr("PK"))
+        .attribute_definitions(attr("SK"))
+        .billing_mode(BillingMode::PayPerRequest)
+        .send()
+        .await;
+    let status = match created {
+        Ok(_) => TableStatusReport::Created,
+        Err(e) if e.as_service_error().is_some_and(|s| s.is_resource_in_use_exception()) => TableStatusReport::Existed,
+        Err(e) => return Err(aws(format!("creating table {table}"))(e)),
+    };
+    wait_active(client, table).await?;
     Ok(status)
 }
 

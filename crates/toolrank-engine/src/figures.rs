@@ -3,7 +3,7 @@
 
 use crate::score::{self, AGENT_DECAY, PATTERN_DECAY};
 use crate::{Engine, PatternKey, Sym};
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 use toolrank_events::Day;
 
@@ -77,11 +77,58 @@ impl PatternFigures {
 
     /// A stable identity: `user`, pattern, agent and tools joined by `|`.
     pub fn id(&self) -> String {
-        format!("{}|{}|{}|{}", self.user_id, self.process_pattern, self.agent_id, self.tool_sequence)
+        pattern_id(&self.user_id, &self.process_pattern, &self.agent_id, &self.tool_sequence)
     }
 }
 
+fn pattern_id(user: &str, process_pattern: &str, agent: &str, tool_sequence: &str) -> String {
+    format!("{user}|{process_pattern}|{agent}|{tool_sequence}")
+}
+
+/// Patterns at or above the recommendation cut, and those in the top-scoring set that the
+/// seed's TTL policy keeps longer.
+#[derive(Clone, Debug, Default)]
+pub struct Recommended {
+    pub patterns: FxHashSet<PatternKey>,
+    pub top: FxHashSet<PatternKey>,
+}
+
+/// The top-scoring set: patterns at or above this percentile get the long TTL.
+pub const TOP_PERCENTILE: f64 = 0.95;
+
 impl Engine {
+    /// The identity of a pattern key, visible or not (to remove what a sink holds).
+    pub fn pattern_id(&self, key: PatternKey) -> String {
+        let seq = self.sequences.get(key.sequence);
+        let (procs, tools) = seq.split_at(seq.len() / 2);
+        let join = |ids: &[Sym]| ids.iter().map(|&s| self.strings.get(s)).collect::<Vec<_>>().join("->");
+        pattern_id(self.strings.get(key.user), &join(procs), self.strings.get(key.agent), &join(tools))
+    }
+
+    /// The recommended patterns for `today`: `pattern_score ≥ PERCENTILE_CONT(0.8)` over all
+    /// visible patterns, as in the report.
+    pub fn recommended(&self, today: Day) -> Recommended {
+        let scored: Vec<(PatternKey, f64)> = self
+            .aggregates
+            .patterns
+            .iter()
+            .filter(|(k, _)| self.agent_meta(k.agent).is_some())
+            .filter_map(|(&k, agg)| {
+                let last = agg.last_days.max()?;
+                Some((k, score::pattern_score(agg.executions as u64, agg.successes as u64, i64::from(today.0) - i64::from(last.0))))
+            })
+            .collect();
+        let mut sorted: Vec<f64> = scored.iter().map(|&(_, s)| s).collect();
+        sorted.sort_unstable_by(f64::total_cmp);
+        let (Some(cut), Some(top)) = (score::percentile_cont(&sorted, score::RECOMMEND_PERCENTILE), score::percentile_cont(&sorted, TOP_PERCENTILE)) else {
+            return Recommended::default();
+        };
+        Recommended {
+            patterns: scored.iter().filter(|&&(_, s)| s >= cut).map(|&(k, _)| k).collect(),
+            top: scored.iter().filter(|&&(_, s)| s >= top).map(|&(k, _)| k).collect(),
+        }
+    }
+
     /// An agent's figures, `None` unless it has a current Agent item.
     pub fn agent_figures(&self, agent: Sym) -> Option<AgentFigures> {
         let meta = self.agent_meta(agent)?;

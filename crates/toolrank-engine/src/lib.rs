@@ -22,7 +22,7 @@ mod report;
 pub mod score;
 
 pub use aggregate::{AgentAggregate, Aggregates, Contribution, DayHistogram, PatternAggregate, PatternKey, SymKind, Touched};
-pub use figures::{AgentFigures, PatternFigures, ToolFigures};
+pub use figures::{AgentFigures, PatternFigures, Recommended, ToolFigures, TOP_PERCENTILE};
 pub use intern::{Interner, Sym};
 pub use report::{recommendation_cut, AgentScore, PatternRow, Report, StagingOrder, StagingRow, ToolErrors};
 

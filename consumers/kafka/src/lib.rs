@@ -1,0 +1,462 @@
+//! `toolrank consume kafka`: a consumer group feeding the engine, then the sinks, with
+//! an exactly-once effect.
+//!
+//! How (also in the README):
+//! - **State per partition.** Each assigned partition has its own [`Engine`]. Every
+//!   checkpoint interval its snapshot and the next offset are saved together, atomically,
+//!   in the state table ([`CheckpointStore`]). On assignment the partition's checkpoint is
+//!   claimed and restored, and messages below its offset are skipped: whatever Kafka
+//!   redelivers after a crash, a restart or a rebalance is applied exactly once to a
+//!   state that did not contain it. Partitions move between consumers with their state.
+//! - **Fencing.** Claiming a partition makes this consumer its checkpoint's only writer; a
+//!   consumer that lost it (a zombie after a rebalance) gets `Fenced` and lets go.
+//! - **Sinks.** Partition engines forward their deltas into one merged engine. One
+//!   consumer of the group holds the sink lease and writes the sinks from its own
+//!   partitions plus the latest checkpoints of the others, so the sinks always show
+//!   the sum over all partitions. Sink writes are absolute values (counts, dates, rank
+//!   keys), so rewriting after a restart converges instead of double counting.
+//! - **Offsets.** Kafka offsets are committed after the checkpoint (and, for the lease
+//!   holder, after the sinks acknowledged the write); they serve lag monitoring, while
+//!   the checkpoint is what a restart resumes from.
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use toolrank_dynamodb::{CheckpointStore, Lease};
+use toolrank_engine::{Applied, Engine};
+use toolrank_events::{decode_line, Day};
+use toolrank_sink_dynamodb::DynamoSink;
+use toolrank_sink_valkey::ValkeySink;
+use tracing::{debug, info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    State(#[from] toolrank_dynamodb::Error),
+    #[error("checkpoint of {scope}: {source}")]
+    Snapshot { scope: String, source: toolrank_engine::StateError },
+    #[error("topic {0} not found")]
+    NoTopic(String),
+}
+
+/// What `consume kafka` needs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub brokers: String,
+    pub topic: String,
+    pub group: String,
+    pub dead_letter_topic: String,
+    /// Exit after this long without a message.
+    pub until_idle: Option<Duration>,
+    /// How often deltas reach the sinks.
+    pub flush_interval: Duration,
+    /// How often partition state is checkpointed.
+    pub checkpoint_interval: Duration,
+    /// The pipeline's state table (checkpoints, leases).
+    pub state_table: String,
+    /// The DynamoDB sink's table; `None` disables the sink.
+    pub table: Option<String>,
+    /// Valkey URL; `None` disables the sink.
+    pub valkey_url: Option<String>,
+    pub valkey_prefix: String,
+    /// Scores are written for this date; `None` is the UTC date at each write.
+    pub today: Option<Day>,
+    /// This consumer's identity in leases and checkpoints.
+    pub owner: String,
+    /// How long the sink lease lasts without renewal.
+    pub lease: Duration,
+}
+
+/// Counters of one run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub messages: u64,
+    pub skipped_redeliveries: u64,
+    pub changes: u64,
+    pub stale: u64,
+    pub ignored: u64,
+    pub dead_letters: u64,
+    pub checkpoints: u64,
+    pub sink_writes: u64,
+    pub dynamodb_requests: u64,
+    pub valkey_commands: u64,
+}
+
+struct Partition {
+    engine: Engine,
+    next_offset: i64,
+    generation: u64,
+    /// Offsets consumed since the last checkpoint.
+    dirty: bool,
+}
+
+/// A partition owned by another consumer, as of its latest checkpoint (lease holder only).
+struct Remote {
+    engine: Engine,
+    generation: u64,
+}
+
+struct Consumer_ {
+    config: Config,
+    rt: tokio::runtime::Runtime,
+    consumer: BaseConsumer,
+    dead_letters: BaseProducer,
+    store: CheckpointStore,
+    lease: Lease,
+    holds_lease: bool,
+    parts: BTreeMap<i32, Partition>,
+    remotes: BTreeMap<i32, Remote>,
+    global: Engine,
+    dynamodb: Option<DynamoSink>,
+    valkey: Option<ValkeySink>,
+    summary: Summary,
+    partition_count: i32,
+}
+
+fn scope(config: &Config, partition: i32) -> String {
+    format!("kafka/{}/{}/{partition}", config.group, config.topic)
+}
+
+/// Runs the consumer until `stop` is set or, with `until_idle`, the topic is drained.
+pub fn run(config: Config, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
+    let client = rt.block_on(toolrank_dynamodb::client());
+    let consumer: BaseConsumer = toolrank_kafka::client_config(&config.brokers)
+        .set("group.id", &config.group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("max.poll.interval.ms", "300000")
+        .create()?;
+    consumer.subscribe(&[&config.topic])?;
+    let metadata = consumer.fetch_metadata(Some(&config.topic), Duration::from_secs(10))?;
+    let partition_count = metadata.topics().iter().find(|t| t.name() == config.topic).map_or(0, |t| t.partitions().len() as i32);
+    if partition_count == 0 {
+        return Err(Error::NoTopic(config.topic.clone()));
+    }
+    let dead_letters: BaseProducer = toolrank_kafka::client_config(&config.brokers).set("compression.type", "none").set("linger.ms", "5").create()?;
+    let lease_scope = format!("kafka/{}/{}/sink-writer", config.group, config.topic);
+    let mut global = Engine::new();
+    global.track_changes();
+    let dynamodb = config.table.as_ref().map(|t| DynamoSink::new(client.clone(), t.clone()));
+    let valkey = match &config.valkey_url {
+        Some(url) => Some(ValkeySink::new(url, config.valkey_prefix.clone()).map_err(|e| toolrank_dynamodb::Error::Input(e.to_string()))?),
+        None => None,
+    };
+    let mut c = Consumer_ {
+        store: CheckpointStore::new(client.clone(), config.state_table.clone()),
+        lease: Lease::new(client, config.state_table.clone(), lease_scope, config.owner.clone(), config.lease),
+        config,
+        rt,
+        consumer,
+        dead_letters,
+        holds_lease: false,
+        parts: BTreeMap::new(),
+        remotes: BTreeMap::new(),
+        global,
+        dynamodb,
+        valkey,
+        summary: Summary::default(),
+        partition_count,
+    };
+    c.run(&stop)?;
+    Ok(c.summary)
+}
+
+impl Consumer_ {
+    fn run(&mut self, stop: &AtomicBool) -> Result<(), Error> {
+        let mut last_message = Instant::now();
+        let mut last_flush = Instant::now();
+        let mut last_checkpoint = Instant::now();
+        let mut last_refresh = Instant::now() - Duration::from_secs(3600);
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                info!("stopping: finishing the batch");
+                break;
+            }
+            match self.consumer.poll(Duration::from_millis(20)) {
+                Some(Ok(msg)) => {
+                    let msg = msg.detach();
+                    last_message = Instant::now();
+                    self.sync_assignment()?;
+                    self.handle(&msg);
+                }
+                Some(Err(e)) => warn!(error = %e, "kafka consumer error"),
+                None => self.sync_assignment()?,
+            }
+            self.dead_letters.poll(Duration::ZERO);
+            if last_flush.elapsed() >= self.config.flush_interval {
+                last_flush = Instant::now();
+                if last_refresh.elapsed() >= Duration::from_secs(1) {
+                    last_refresh = Instant::now();
+                    self.refresh_lease()?;
+                }
+                self.flush_sinks()?;
+            }
+            if last_checkpoint.elapsed() >= self.config.checkpoint_interval {
+                last_checkpoint = Instant::now();
+                self.checkpoint()?;
+            }
+            if self.config.until_idle.is_some_and(|idle| last_message.elapsed() >= idle) {
+                info!("idle: the topic is drained");
+                break;
+            }
+        }
+        self.finish()
+    }
+
+    /// Final checkpoint, then the sinks from everybody's latest checkpoints.
+    fn finish(&mut self) -> Result<(), Error> {
+        self.checkpoint()?;
+        // The last consumer to finish must write what all others saved: wait for the lease.
+        let deadline = Instant::now() + self.config.lease * 3;
+        while !self.holds_lease && Instant::now() < deadline {
+            self.refresh_lease()?;
+            if !self.holds_lease {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        if self.holds_lease {
+            self.refresh_remotes()?;
+            self.flush_sinks()?;
+            self.commit()?;
+            self.rt.block_on(self.lease.release())?;
+        } else {
+            warn!("could not take the sink lease before exiting; its holder writes the sinks");
+        }
+        self.consumer.unsubscribe();
+        Ok(())
+    }
+
+    /// Adopts newly assigned partitions (claiming their checkpoints) and drops revoked ones.
+    fn sync_assignment(&mut self) -> Result<(), Error> {
+        let assigned: Vec<i32> = self.consumer.assignment()?.elements().iter().filter(|e| e.topic() == self.config.topic).map(|e| e.partition()).collect();
+        let gone: Vec<i32> = self.parts.keys().filter(|p| !assigned.contains(p)).copied().collect();
+        for p in gone {
+            let mut part = self.parts.remove(&p).expect("owned");
+            self.global.unabsorb(&mut part.engine);
+            info!(partition = p, "partition revoked");
+        }
+        for p in assigned {
+            if self.parts.contains_key(&p) {
+                continue;
+            }
+            let scope = scope(&self.config, p);
+            let ck = self.rt.block_on(self.store.claim(&scope, &self.config.owner))?;
+            let mut engine = if ck.state.is_empty() { Engine::new() } else { Engine::restore(&ck.state).map_err(|source| Error::Snapshot { scope: scope.clone(), source })? };
+            let next_offset = ck.position.as_deref().and_then(|p| p.parse().ok()).unwrap_or(0);
+            if let Some(mut remote) = self.remotes.remove(&p) {
+                self.global.unabsorb(&mut remote.engine);
+            }
+            self.global.absorb(&mut engine);
+            info!(partition = p, generation = ck.generation, next_offset, "partition assigned");
+            self.parts.insert(p, Partition { engine, next_offset, generation: ck.generation, dirty: false });
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, msg: &OwnedMessage) {
+        self.summary.messages += 1;
+        let (p, offset) = (msg.partition(), msg.offset());
+        let Some(part) = self.parts.get_mut(&p) else {
+            debug!(partition = p, offset, "message of a partition not owned");
+            return;
+        };
+        if offset < part.next_offset {
+            self.summary.skipped_redeliveries += 1;
+            return;
+        }
+        part.next_offset = offset + 1;
+        part.dirty = true;
+        let payload = msg.payload().unwrap_or_default();
+        let mut bad: Vec<(String, Option<String>)> = Vec::new();
+        let summary = &mut self.summary;
+        let engine = &mut part.engine;
+        let result = decode_line(payload, &mut |rec| match rec.result {
+            Ok(change) => match engine.apply(&change) {
+                Applied::Changed | Applied::Unchanged => summary.changes += 1,
+                Applied::Stale => summary.stale += 1,
+                Applied::Ignored => summary.ignored += 1,
+            },
+            Err(e) => bad.push((format!("record {}: {e}", rec.index.unwrap_or(0)), rec.raw.map(str::to_owned))),
+        });
+        if let Err(e) = result {
+            bad.push((e.to_string(), None));
+        }
+        for (reason, raw) in bad {
+            self.dead_letter(msg, &reason, raw.as_deref().map(str::as_bytes).unwrap_or(payload));
+        }
+    }
+
+    /// Sends a bad record to the dead-letter topic with the reason and its source position.
+    fn dead_letter(&mut self, msg: &OwnedMessage, reason: &str, payload: &[u8]) {
+        self.summary.dead_letters += 1;
+        warn!(partition = msg.partition(), offset = msg.offset(), reason, "dead-lettered");
+        let (partition, offset) = (msg.partition().to_string(), msg.offset().to_string());
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "toolrank-reason", value: Some(reason) })
+            .insert(Header { key: "toolrank-source-topic", value: Some(self.config.topic.as_str()) })
+            .insert(Header { key: "toolrank-source-partition", value: Some(partition.as_str()) })
+            .insert(Header { key: "toolrank-source-offset", value: Some(offset.as_str()) });
+        let mut record = BaseRecord::<[u8], [u8]>::to(&self.config.dead_letter_topic).payload(payload).headers(headers);
+        if let Some(k) = msg.key() {
+            record = record.key(k);
+        }
+        let mut record = Some(record);
+        while let Some(r) = record.take() {
+            if let Err((e, r)) = self.dead_letters.send(r) {
+                if matches!(e, rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull)) {
+                    self.dead_letters.poll(Duration::from_millis(10));
+                    record = Some(r);
+                } else {
+                    warn!(error = %e, "could not dead-letter a record");
+                }
+            }
+        }
+    }
+
+    /// Takes or renews the sink lease; on taking it, the sinks are compared in full.
+    fn refresh_lease(&mut self) -> Result<(), Error> {
+        let held = self.rt.block_on(self.lease.acquire())?;
+        if held && !self.holds_lease {
+            info!("took the sink lease");
+            if let Some(d) = &mut self.dynamodb {
+                d.reset();
+            }
+            if let Some(v) = &mut self.valkey {
+                v.force_resync();
+            }
+        }
+        if !held && self.holds_lease {
+            info!("lost the sink lease");
+            for (_, mut r) in std::mem::take(&mut self.remotes) {
+                self.global.unabsorb(&mut r.engine);
+            }
+        }
+        self.holds_lease = held;
+        if held {
+            self.refresh_remotes()?;
+        }
+        Ok(())
+    }
+
+    /// Loads the latest checkpoints of the partitions other consumers own.
+    fn refresh_remotes(&mut self) -> Result<(), Error> {
+        for p in 0..self.partition_count {
+            if self.parts.contains_key(&p) {
+                continue;
+            }
+            let scope = scope(&self.config, p);
+            let generation = self.rt.block_on(self.store.generation(&scope))?;
+            if generation == 0 || self.remotes.get(&p).is_some_and(|r| r.generation == generation) {
+                continue;
+            }
+            let ck = self.rt.block_on(self.store.peek(&scope))?;
+            let mut engine = Engine::restore(&ck.state).map_err(|source| Error::Snapshot { scope: scope.clone(), source })?;
+            if let Some(mut old) = self.remotes.remove(&p) {
+                self.global.unabsorb(&mut old.engine);
+            }
+            self.global.absorb(&mut engine);
+            debug!(partition = p, generation = ck.generation, "merged another consumer's checkpoint");
+            self.remotes.insert(p, Remote { engine, generation: ck.generation });
+        }
+        Ok(())
+    }
+
+    /// Forwards partition deltas into the merged engine and, as lease holder, writes
+    /// what changed to the sinks.
+    fn flush_sinks(&mut self) -> Result<(), Error> {
+        for part in self.parts.values_mut() {
+            part.engine.flush_into(&mut self.global);
+        }
+        if !self.holds_lease {
+            return Ok(());
+        }
+        let changes = self.global.take_changes();
+        let today = self.config.today.unwrap_or_else(Day::today_utc);
+        let needs_write = !changes.agents.is_empty() || !changes.patterns.is_empty();
+        if let Some(d) = &mut self.dynamodb {
+            if needs_write || !d.is_loaded() {
+                if let Err(e) = self.rt.block_on(d.write(&self.global, &changes, today)) {
+                    warn!(error = %e, "dynamodb sink write failed; retrying at the next flush");
+                }
+                self.summary.dynamodb_requests = d.stats.requests;
+            }
+        }
+        if let Some(v) = &mut self.valkey {
+            if needs_write || v.needs_resync() {
+                if let Err(e) = v.write(&self.global, &changes) {
+                    warn!(error = %e, "valkey sink write failed; resynchronizing when it is back");
+                }
+                self.summary.valkey_commands = v.commands;
+            }
+        }
+        if needs_write {
+            self.summary.sink_writes += 1;
+        }
+        Ok(())
+    }
+
+    /// Saves every changed partition's state with its offset, then commits the offsets.
+    fn checkpoint(&mut self) -> Result<(), Error> {
+        self.flush_sinks()?;
+        self.dead_letters.flush(Duration::from_secs(30))?;
+        let mut fenced = Vec::new();
+        for (&p, part) in self.parts.iter_mut().filter(|(_, part)| part.dirty) {
+            let scope = scope(&self.config, p);
+            let state = part.engine.snapshot();
+            match self.rt.block_on(self.store.save(&scope, &self.config.owner, part.generation, &part.next_offset.to_string(), &state)) {
+                Ok(g) => {
+                    part.generation = g;
+                    part.dirty = false;
+                    self.summary.checkpoints += 1;
+                    debug!(partition = p, generation = g, next_offset = part.next_offset, bytes = state.len(), "checkpoint");
+                }
+                Err(toolrank_dynamodb::Error::Fenced(_)) => fenced.push(p),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        for p in fenced {
+            warn!(partition = p, "another consumer owns this partition now; letting go");
+            let mut part = self.parts.remove(&p).expect("owned");
+            self.global.unabsorb(&mut part.engine);
+        }
+        self.commit()
+    }
+
+    fn commit(&mut self) -> Result<(), Error> {
+        let mut tpl = TopicPartitionList::new();
+        for (&p, part) in &self.parts {
+            if part.next_offset > 0 {
+                tpl.add_partition_offset(&self.config.topic, p, Offset::Offset(part.next_offset))?;
+            }
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync) {
+                // The checkpoint, not the committed offset, is where a restart resumes.
+                warn!(error = %e, "committing offsets failed");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the dead-letter headers of a message (for tests and tools).
+pub fn dead_letter_headers<M: Message>(msg: &M) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if let Some(h) = msg.headers() {
+        for i in 0..h.count() {
+            let header = h.get(i);
+            out.insert(header.key.to_owned(), header.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default());
+        }
+    }
+    out
+}

@@ -1,0 +1,302 @@
+//! Checkpoints and leases in the pipeline's state table.
+//!
+//! A checkpoint is an engine snapshot and the input position it covers (a Kafka offset,
+//! a shard sequence number), written atomically: the snapshot goes into chunk items of a
+//! new generation, then one conditional update of the manifest item switches to it. The
+//! manifest names its owner, so a consumer that lost a partition (a zombie after a
+//! rebalance) cannot overwrite the new owner's checkpoint: its save fails as `Fenced`.
+
+use crate::{aws, Error};
+use aws_sdk_dynamodb::primitives::Blob;
+use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, PutRequest, ReturnValue, WriteRequest};
+use aws_sdk_dynamodb::Client;
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Items stay well under DynamoDB's 400 KB limit.
+const CHUNK_BYTES: usize = 350 * 1024;
+
+/// The state of one scope (e.g. `kafka/<group>/<topic>/<partition>`) as last saved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Increases with every save; 0 before the first.
+    pub generation: u64,
+    /// Where the input resumes; `None` before the first save.
+    pub position: Option<String>,
+    /// The engine snapshot; empty before the first save.
+    pub state: Vec<u8>,
+}
+
+/// Checkpoints in a DynamoDB table (see the module docs).
+#[derive(Clone)]
+pub struct CheckpointStore {
+    client: Client,
+    table: String,
+}
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+fn n(v: impl ToString) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+fn chunk_sk(generation: u64, i: usize) -> String {
+    format!("chunk#{generation:020}#{i:06}")
+}
+
+impl CheckpointStore {
+    pub fn new(client: Client, table: impl Into<String>) -> CheckpointStore {
+        CheckpointStore { client, table: table.into() }
+    }
+
+    async fn manifest(&self, scope: &str) -> Result<Option<HashMap<String, AttributeValue>>, Error> {
+        let got = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("PK", s(scope))
+            .key("SK", s("manifest"))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(aws(format!("reading the checkpoint of {scope}")))?;
+        Ok(got.item)
+    }
+
+    /// The generation of `scope`'s latest checkpoint (0 if none), without claiming it.
+    pub async fn generation(&self, scope: &str) -> Result<u64, Error> {
+        Ok(self.manifest(scope).await?.as_ref().map_or(0, generation_of))
+    }
+
+    /// Reads `scope`'s latest checkpoint without claiming it (a sink writer merging the
+    /// partitions other consumers own).
+    pub async fn peek(&self, scope: &str) -> Result<Checkpoint, Error> {
+        match self.manifest(scope).await? {
+            Some(m) => self.load(scope, &m).await,
+            None => Ok(Checkpoint::default()),
+        }
+    }
+
+    /// Takes `scope` over for `owner` and returns its latest checkpoint. From now on only
+    /// `owner` can save it.
+    pub async fn claim(&self, scope: &str, owner: &str) -> Result<Checkpoint, Error> {
+        loop {
+            let manifest = self.manifest(scope).await?;
+            let mut req = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .key("PK", s(scope))
+                .key("SK", s("manifest"))
+                .update_expression("SET #o = :o")
+                .expression_attribute_names("#o", "Owner")
+                .expression_attribute_values(":o", s(owner));
+            req = match &manifest {
+                Some(m) => req
+                    .condition_expression("#g = :g")
+                    .expression_attribute_names("#g", "Generation")
+                    .expression_attribute_values(":g", n(generation_of(m))),
+                None => req.condition_expression("attribute_not_exists(PK)").update_expression("SET #o = :o, #g = :zero")
+                    .expression_attribute_names("#g", "Generation")
+                    .expression_attribute_values(":zero", n(0)),
+            };
+            match req.send().await {
+                Ok(_) => {}
+                Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => continue,
+                Err(e) => return Err(aws(format!("claiming {scope}"))(e)),
+            }
+            return match manifest {
+                Some(m) => self.load(scope, &m).await,
+                None => Ok(Checkpoint::default()),
+            };
+        }
+    }
+
+    async fn load(&self, scope: &str, manifest: &HashMap<String, AttributeValue>) -> Result<Checkpoint, Error> {
+        let generation = generation_of(manifest);
+        let position = manifest.get("Position").and_then(|v| v.as_s().ok()).cloned();
+        let chunks: usize = manifest.get("Chunks").and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let mut state = Vec::new();
+        let mut start: Option<HashMap<String, AttributeValue>> = None;
+        let mut got = 0;
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("PK = :pk AND begins_with(SK, :prefix)")
+                .expression_attribute_values(":pk", s(scope))
+                .expression_attribute_values(":prefix", s(format!("chunk#{generation:020}#")))
+                .consistent_read(true)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(aws(format!("reading the checkpoint of {scope}")))?;
+            for item in page.items() {
+                let blob = item.get("Data").and_then(|v| v.as_b().ok()).ok_or_else(|| Error::Input(format!("checkpoint chunk of {scope} without Data")))?;
+                state.extend_from_slice(blob.as_ref());
+                got += 1;
+            }
+            start = page.last_evaluated_key;
+            if start.is_none() {
+                break;
+            }
+        }
+        if got != chunks {
+            return Err(Error::Input(format!("checkpoint {generation} of {scope} has {got} of its {chunks} chunks")));
+        }
+        Ok(Checkpoint { generation, position, state })
+    }
+
+    /// Saves `state` at `position` as the checkpoint after `generation`, if `owner` still
+    /// owns `scope`. Returns the new generation.
+    pub async fn save(&self, scope: &str, owner: &str, generation: u64, position: &str, state: &[u8]) -> Result<u64, Error> {
+        let next = generation + 1;
+        let chunks: Vec<&[u8]> = state.chunks(CHUNK_BYTES).collect();
+        let puts = chunks.iter().enumerate().map(|(i, c)| {
+            let item = HashMap::from([("PK".to_owned(), s(scope)), ("SK".to_owned(), s(chunk_sk(next, i))), ("Data".to_owned(), AttributeValue::B(Blob::new(*c)))]);
+            WriteRequest::builder().put_request(PutRequest::builder().set_item(Some(item)).build().expect("item set")).build()
+        });
+        self.batch_write(puts.collect(), scope).await?;
+        let switched = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("PK", s(scope))
+            .key("SK", s("manifest"))
+            .update_expression("SET #g = :next, #p = :p, #c = :c, #b = :b")
+            .condition_expression("#o = :o AND #g = :g")
+            .expression_attribute_names("#g", "Generation")
+            .expression_attribute_names("#p", "Position")
+            .expression_attribute_names("#c", "Chunks")
+            .expression_attribute_names("#b", "Bytes")
+            .expression_attribute_names("#o", "Owner")
+            .expression_attribute_values(":next", n(next))
+            .expression_attribute_values(":g", n(generation))
+            .expression_attribute_values(":p", s(position))
+            .expression_attribute_values(":c", n(chunks.len()))
+            .expression_attribute_values(":b", n(state.len()))
+            .expression_attribute_values(":o", s(owner))
+            .return_values(ReturnValue::UpdatedOld)
+            .send()
+            .await;
+        let count = match switched {
+            Ok(out) => out.attributes().and_then(|a| a.get("Chunks")).and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok()).unwrap_or(0),
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => {
+                self.delete_chunks(scope, next, chunks.len()).await;
+                return Err(Error::Fenced(scope.to_owned()));
+            }
+            Err(e) => return Err(aws(format!("saving the checkpoint of {scope}"))(e)),
+        };
+        self.delete_chunks(scope, generation, count).await;
+        Ok(next)
+    }
+
+    /// Best-effort removal of a generation's chunks: leftovers are unreachable garbage.
+    async fn delete_chunks(&self, scope: &str, generation: u64, count: usize) {
+        let deletes = (0..count)
+            .map(|i| {
+                let key = HashMap::from([("PK".to_owned(), s(scope)), ("SK".to_owned(), s(chunk_sk(generation, i)))]);
+                WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(key)).build().expect("key set")).build()
+            })
+            .collect();
+        if let Err(e) = self.batch_write(deletes, scope).await {
+            tracing::warn!(scope, generation, error = %e, "could not delete old checkpoint chunks");
+        }
+    }
+
+    /// BatchWriteItem in groups of 25, resending unprocessed items with backoff.
+    async fn batch_write(&self, requests: Vec<WriteRequest>, scope: &str) -> Result<(), Error> {
+        for group in requests.chunks(25) {
+            let mut pending = group.to_vec();
+            let mut delay = Duration::from_millis(20);
+            while !pending.is_empty() {
+                let out = self
+                    .client
+                    .batch_write_item()
+                    .request_items(&self.table, pending)
+                    .send()
+                    .await
+                    .map_err(aws(format!("writing the checkpoint of {scope}")))?;
+                pending = out.unprocessed_items.and_then(|mut m| m.remove(&self.table)).unwrap_or_default();
+                if !pending.is_empty() {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn generation_of(manifest: &HashMap<String, AttributeValue>) -> u64 {
+    manifest.get("Generation").and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A time-limited exclusive role (e.g. the one consumer of a group that writes the
+/// sinks), held by renewing it before it expires; a dead holder's lease lapses.
+#[derive(Clone)]
+pub struct Lease {
+    client: Client,
+    table: String,
+    scope: String,
+    owner: String,
+    duration: Duration,
+}
+
+impl Lease {
+    pub fn new(client: Client, table: impl Into<String>, scope: impl Into<String>, owner: impl Into<String>, duration: Duration) -> Lease {
+        Lease { client, table: table.into(), scope: scope.into(), owner: owner.into(), duration }
+    }
+
+    /// Takes or renews the lease; `false` while another live owner holds it.
+    pub async fn acquire(&self) -> Result<bool, Error> {
+        let now = now_ms();
+        let put = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item("PK", s(&self.scope))
+            .item("SK", s("lease"))
+            .item("Owner", s(&self.owner))
+            .item("Expires", n(now + self.duration.as_millis() as u64))
+            .condition_expression("attribute_not_exists(PK) OR #o = :me OR #e < :now")
+            .expression_attribute_names("#o", "Owner")
+            .expression_attribute_names("#e", "Expires")
+            .expression_attribute_values(":me", s(&self.owner))
+            .expression_attribute_values(":now", n(now))
+            .send()
+            .await;
+        match put {
+            Ok(_) => Ok(true),
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(false),
+            Err(e) => Err(aws(format!("taking the lease {}", self.scope))(e)),
+        }
+    }
+
+    /// Gives the lease up so that another owner need not wait for it to lapse.
+    pub async fn release(&self) -> Result<(), Error> {
+        let deleted = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .key("PK", s(&self.scope))
+            .key("SK", s("lease"))
+            .condition_expression("#o = :me")
+            .expression_attribute_names("#o", "Owner")
+            .expression_attribute_values(":me", s(&self.owner))
+            .send()
+            .await;
+        match deleted {
+            Ok(_) => Ok(()),
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(()),
+            Err(e) => Err(aws(format!("releasing the lease {}", self.scope))(e)),
+        }
+    }
+}

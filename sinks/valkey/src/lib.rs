@@ -1,0 +1,293 @@
+//! Rankings into Valkey (SPEC §4). Key layout, under a prefix (default `tr`, the
+//! namespace of the replay jobs):
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `P:agents:<domain>` | sorted set | agent ids by rank key (SPEC §3; `-inf` without successes) |
+//! | `P:agent:<agent>` | hash | domain, name, executions, successes, last, rows, failed_rows, failed_tools |
+//! | `P:tools:<agent>` | sorted set | ToolNMs by rows × success rate² |
+//! | `P:toolfigures:<agent>` | hash | ToolNM → `rows failed` |
+//! | `P:patterns:<user>` | sorted set | pattern ids (`user|process_pattern|agent|tool_sequence`) by rank key |
+//! | `P:patterns` | sorted set | all pattern ids by rank key |
+//! | `P:pattern:<id>` | hash | user, process_pattern, agent, tool_sequence, executions, successes, first, last |
+//! | `P:domains`, `P:agent-ids` | sets | what exists, for readers that list everything |
+//!
+//! Rank keys are time-invariant, so the sorted sets stay correctly ordered as days pass;
+//! scores are derived when read. Each call is one `MULTI`/`EXEC` pipeline. When Valkey
+//! is unreachable the sink remembers to resynchronize: on the next successful connection
+//! it rewrites everything in one transaction, so nothing is lost.
+
+use redis::{Commands, Connection, Pipeline};
+use std::collections::HashMap;
+use std::time::Duration;
+use toolrank_engine::{AgentFigures, Changes, Engine, PatternFigures, ToolFigures};
+use toolrank_events::Day;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("valkey: {0}")]
+    Valkey(#[from] redis::RedisError),
+    #[error("valkey holds an unreadable {what} {key}: {reason}")]
+    Data { what: &'static str, key: String, reason: String },
+}
+
+/// The Valkey sink (see the crate docs).
+pub struct ValkeySink {
+    client: redis::Client,
+    conn: Option<Connection>,
+    prefix: String,
+    /// The domain each written agent is filed under, to move or remove it.
+    domains: HashMap<String, String>,
+    /// Everything must be rewritten (first call, or after Valkey was unreachable).
+    resync: bool,
+    /// Commands sent, for metrics and benchmarks.
+    pub commands: u64,
+}
+
+fn day(d: Day) -> String {
+    String::from_utf8_lossy(&d.iso_bytes()).into_owned()
+}
+
+impl ValkeySink {
+    /// A sink for `url` (e.g. `redis://127.0.0.1:6379`) under `prefix`. Connects lazily.
+    pub fn new(url: &str, prefix: impl Into<String>) -> Result<ValkeySink, Error> {
+        Ok(ValkeySink { client: redis::Client::open(url)?, conn: None, prefix: prefix.into(), domains: HashMap::new(), resync: true, commands: 0 })
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        let mut k = self.prefix.clone();
+        for p in parts {
+            k.push(':');
+            k.push_str(p);
+        }
+        k
+    }
+
+    fn connection(&mut self) -> Result<&mut Connection, Error> {
+        if self.conn.is_none() {
+            let conn = self.client.get_connection_with_timeout(Duration::from_secs(1))?;
+            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+            conn.set_write_timeout(Some(Duration::from_secs(5)))?;
+            self.conn = Some(conn);
+        }
+        Ok(self.conn.as_mut().expect("just connected"))
+    }
+
+    /// Makes the next write rewrite everything (e.g. after another writer held the sinks).
+    pub fn force_resync(&mut self) {
+        self.resync = true;
+    }
+
+    /// Whether the next write rewrites everything.
+    pub fn needs_resync(&self) -> bool {
+        self.resync
+    }
+
+    /// Brings Valkey up to date with `engine` for `changes`, or entirely after a gap.
+    /// On failure the sink stays consistent by resynchronizing at the next call.
+    pub fn write(&mut self, engine: &Engine, changes: &Changes) -> Result<(), Error> {
+        let result = self.try_write(engine, changes);
+        if result.is_err() {
+            self.conn = None;
+            self.resync = true;
+        }
+        result
+    }
+
+    fn try_write(&mut self, engine: &Engine, changes: &Changes) -> Result<(), Error> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let everything;
+        let changes = if self.resync {
+            let stale = self.existing_keys()?;
+            if !stale.is_empty() {
+                pipe.del(stale).ignore();
+            }
+            self.domains.clear();
+            everything = engine.everything();
+            &everything
+        } else {
+            changes
+        };
+        let mut domains = self.domains.clone();
+        for &agent in &changes.agents {
+            let id = engine.name(agent);
+            if let Some(old) = domains.remove(id) {
+                pipe.zrem(self.key(&["agents", &old]), id).ignore();
+                pipe.srem(self.key(&["agent-ids"]), id).ignore();
+                pipe.del(&[self.key(&["agent", id]), self.key(&["tools", id]), self.key(&["toolfigures", id])]).ignore();
+            }
+            if let Some(f) = engine.agent_figures(agent) {
+                self.put_agent(&mut pipe, &f);
+                domains.insert(f.agent_id, f.domain_id);
+            }
+        }
+        for &k in &changes.patterns {
+            let id = engine.pattern_id(k);
+            let user = engine.name(k.user);
+            pipe.zrem(self.key(&["patterns", user]), &id).ignore();
+            pipe.zrem(self.key(&["patterns"]), &id).ignore();
+            pipe.del(self.key(&["pattern", &id])).ignore();
+            if let Some(f) = engine.pattern_figures(k) {
+                self.put_pattern(&mut pipe, &id, &f);
+            }
+        }
+        self.commands += pipe.cmd_iter().count() as u64;
+        pipe.query::<()>(self.connection()?)?;
+        self.domains = domains;
+        self.resync = false;
+        Ok(())
+    }
+
+    fn existing_keys(&mut self) -> Result<Vec<String>, Error> {
+        let pattern = format!("{}:*", self.prefix);
+        let conn = self.connection()?;
+        let keys = conn.scan_match::<_, String>(pattern)?.collect::<Result<Vec<_>, _>>()?;
+        Ok(keys)
+    }
+
+    fn put_agent(&self, pipe: &mut Pipeline, f: &AgentFigures) {
+        let id = &f.agent_id;
+        pipe.zadd(self.key(&["agents", &f.domain_id]), id, f.rank_key()).ignore();
+        pipe.sadd(self.key(&["domains"]), &f.domain_id).ignore();
+        pipe.sadd(self.key(&["agent-ids"]), id).ignore();
+        let mut fields = vec![
+            ("domain", f.domain_id.clone()),
+            ("executions", f.executions.to_string()),
+            ("successes", f.successes.to_string()),
+            ("rows", f.rows.to_string()),
+            ("failed_rows", f.failed_rows.to_string()),
+            ("failed_tools", f.failed_tools.join(", ")),
+        ];
+        if let Some(name) = &f.agent_name {
+            fields.push(("name", name.clone()));
+        }
+        if let Some(last) = f.last {
+            fields.push(("last", day(last)));
+        }
+        pipe.hset_multiple(self.key(&["agent", id]), &fields).ignore();
+        for t in &f.tools {
+            pipe.zadd(self.key(&["tools", id]), &t.tool_nm, t.score()).ignore();
+            pipe.hset(self.key(&["toolfigures", id]), &t.tool_nm, format!("{} {}", t.rows, t.failed)).ignore();
+        }
+    }
+
+    fn put_pattern(&self, pipe: &mut Pipeline, id: &str, f: &PatternFigures) {
+        let rank = f.rank_key();
+        pipe.zadd(self.key(&["patterns", &f.user_id]), id, rank).ignore();
+        pipe.zadd(self.key(&["patterns"]), id, rank).ignore();
+        let fields = [
+            ("user", f.user_id.clone()),
+            ("process_pattern", f.process_pattern.clone()),
+            ("agent", f.agent_id.clone()),
+            ("tool_sequence", f.tool_sequence.clone()),
+            ("executions", f.executions.to_string()),
+            ("successes", f.successes.to_string()),
+            ("first", day(f.first)),
+            ("last", day(f.last)),
+        ];
+        pipe.hset_multiple(self.key(&["pattern", id]), &fields).ignore();
+    }
+}
+
+/// Reads what a Valkey sink holds under `prefix`.
+pub struct ValkeyReader {
+    conn: Connection,
+    prefix: String,
+}
+
+fn field<T: std::str::FromStr>(h: &HashMap<String, String>, name: &str, what: &'static str, key: &str) -> Result<T, Error> {
+    h.get(name).and_then(|v| v.parse().ok()).ok_or_else(|| Error::Data { what, key: key.to_owned(), reason: format!("missing or invalid {name}") })
+}
+
+fn day_field(h: &HashMap<String, String>, name: &str, what: &'static str, key: &str) -> Result<Day, Error> {
+    h.get(name).and_then(|v| Day::parse_iso(v)).ok_or_else(|| Error::Data { what, key: key.to_owned(), reason: format!("missing or invalid {name}") })
+}
+
+impl ValkeyReader {
+    pub fn connect(url: &str, prefix: impl Into<String>, timeout: Duration) -> Result<ValkeyReader, Error> {
+        let conn = redis::Client::open(url)?.get_connection_with_timeout(timeout)?;
+        conn.set_read_timeout(Some(timeout))?;
+        Ok(ValkeyReader { conn, prefix: prefix.into() })
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        std::iter::once(self.prefix.as_str()).chain(parts.iter().copied()).collect::<Vec<_>>().join(":")
+    }
+
+    /// Agent ids of a domain, best first, up to `limit`.
+    pub fn top_agents(&mut self, domain: &str, limit: usize) -> Result<Vec<AgentFigures>, Error> {
+        let ids: Vec<String> = self.conn.zrevrange(self.key(&["agents", domain]), 0, limit as isize - 1)?;
+        ids.iter().map(|id| self.agent(id)).collect()
+    }
+
+    /// One agent's figures, with its tools.
+    pub fn agent(&mut self, id: &str) -> Result<AgentFigures, Error> {
+        let key = self.key(&["agent", id]);
+        let h: HashMap<String, String> = self.conn.hgetall(&key)?;
+        if h.is_empty() {
+            return Err(Error::Data { what: "agent", key, reason: "not found".into() });
+        }
+        let tools: HashMap<String, String> = self.conn.hgetall(self.key(&["toolfigures", id]))?;
+        let mut tools: Vec<ToolFigures> = tools
+            .into_iter()
+            .map(|(tool_nm, v)| {
+                let mut it = v.split(' ').map(|x| x.parse::<u64>());
+                match (it.next(), it.next()) {
+                    (Some(Ok(rows)), Some(Ok(failed))) => Ok(ToolFigures { tool_nm, rows, failed }),
+                    _ => Err(Error::Data { what: "tool figures", key: id.to_owned(), reason: format!("bad value {v:?}") }),
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        tools.sort_unstable_by(|a, b| a.tool_nm.cmp(&b.tool_nm));
+        Ok(AgentFigures {
+            agent_id: id.to_owned(),
+            domain_id: field(&h, "domain", "agent", &key)?,
+            agent_name: h.get("name").cloned(),
+            executions: field(&h, "executions", "agent", &key)?,
+            successes: field(&h, "successes", "agent", &key)?,
+            last: h.contains_key("last").then(|| day_field(&h, "last", "agent", &key)).transpose()?,
+            rows: field(&h, "rows", "agent", &key)?,
+            failed_rows: field(&h, "failed_rows", "agent", &key)?,
+            failed_tools: h.get("failed_tools").filter(|s| !s.is_empty()).map(|s| s.split(", ").map(str::to_owned).collect()).unwrap_or_default(),
+            tools,
+        })
+    }
+
+    /// Every agent.
+    pub fn agents(&mut self) -> Result<Vec<AgentFigures>, Error> {
+        let ids: Vec<String> = self.conn.smembers(self.key(&["agent-ids"]))?;
+        ids.iter().map(|id| self.agent(id)).collect()
+    }
+
+    /// Pattern figures of `user` (or of everyone), best first, up to `limit`.
+    pub fn top_patterns(&mut self, user: Option<&str>, limit: usize) -> Result<Vec<PatternFigures>, Error> {
+        let key = match user {
+            Some(u) => self.key(&["patterns", u]),
+            None => self.key(&["patterns"]),
+        };
+        let ids: Vec<String> = self.conn.zrevrange(key, 0, limit as isize - 1)?;
+        ids.iter().map(|id| self.pattern(id)).collect()
+    }
+
+    fn pattern(&mut self, id: &str) -> Result<PatternFigures, Error> {
+        let key = self.key(&["pattern", id]);
+        let h: HashMap<String, String> = self.conn.hgetall(&key)?;
+        let what = "pattern";
+        Ok(PatternFigures {
+            user_id: field(&h, "user", what, &key)?,
+            process_pattern: field(&h, "process_pattern", what, &key)?,
+            agent_id: field(&h, "agent", what, &key)?,
+            tool_sequence: field(&h, "tool_sequence", what, &key)?,
+            executions: field(&h, "executions", what, &key)?,
+            successes: field(&h, "successes", what, &key)?,
+            first: day_field(&h, "first", what, &key)?,
+            last: day_field(&h, "last", what, &key)?,
+        })
+    }
+
+    /// Every pattern.
+    pub fn patterns(&mut self) -> Result<Vec<PatternFigures>, Error> {
+        self.top_patterns(None, 0)
+    }
+}
