@@ -13,25 +13,25 @@ use toolrank_sink_valkey::ValkeyReader;
 #[derive(clap::Args, Clone)]
 pub struct SinkArgs {
     /// The DynamoDB table that receives the rankings (the seed's own table).
-    #[arg(long, env = "TOOLRANK_TABLE", default_value = "AgentTable")]
+    #[arg(long, global = true, env = "TOOLRANK_TABLE", default_value = "AgentTable")]
     pub table: String,
     /// The pipeline's state table (checkpoints, leases).
-    #[arg(long, env = "TOOLRANK_STATE_TABLE", default_value = "toolrank-state")]
+    #[arg(long, global = true, env = "TOOLRANK_STATE_TABLE", default_value = "toolrank-state")]
     pub state_table: String,
     /// Valkey URL.
-    #[arg(long, env = "TOOLRANK_VALKEY_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(long, global = true, env = "TOOLRANK_VALKEY_URL", default_value = "redis://127.0.0.1:6379")]
     pub valkey_url: String,
     /// Valkey key prefix of the rankings.
-    #[arg(long, env = "TOOLRANK_NAMESPACE", default_value = "tr")]
+    #[arg(long, global = true, env = "TOOLRANK_NAMESPACE", default_value = "tr")]
     pub namespace: String,
     /// Score for this UTC date (YYYY-MM-DD); default today.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub today: Option<String>,
     /// Do not write DynamoDB.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub no_dynamodb: bool,
     /// Do not write Valkey.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub no_valkey: bool,
 }
 

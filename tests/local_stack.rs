@@ -112,3 +112,247 @@ fn produce_to_dynamodb_writes_the_items() {
         assert_eq!(agents.count(), 3, "access pattern 2 over the seed's agents");
     });
 }
+
+const TODAY: &str = "2025-07-14";
+const TABLES: [&str; 3] = ["agent_score_summary", "user_process_patterns", "agent_tool_errors"];
+
+/// A topic, its dead-letter topic, a table and a Valkey namespace of one test.
+struct Live {
+    topic: String,
+    dlq: String,
+    table: String,
+    namespace: String,
+    group: String,
+    dir: tempfile::TempDir,
+}
+
+impl Live {
+    fn new(partitions: &str) -> Live {
+        let live = Live {
+            topic: unique("live"),
+            dlq: unique("live-dlq"),
+            table: unique("LiveTable"),
+            namespace: unique("ns"),
+            group: unique("group"),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        toolrank(&["setup", "--topic", &live.topic, "--dead-letter-topic", &live.dlq, "--partitions", partitions, "--table", &live.table]);
+        live
+    }
+
+    fn consume_args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec![
+            "consume", "kafka", "--topic", &self.topic, "--group", &self.group, "--dead-letter-topic", &self.dlq, "--table", &self.table,
+            "--namespace", &self.namespace, "--today", TODAY, "--lease-secs", "2", "--checkpoint-secs", "1",
+        ];
+        args.extend_from_slice(extra);
+        args
+    }
+
+    fn consumer(&self, extra: &[&str]) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_toolrank"))
+            .args(self.consume_args(extra))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("consumer starts")
+    }
+
+    /// Runs a consumer until the topic is drained (longer than the group's session
+    /// timeout, so partitions of killed members come back to it).
+    fn drain(&self, extra: &[&str]) -> String {
+        let mut args = self.consume_args(&["--until-idle", "12"]);
+        args.extend_from_slice(extra);
+        String::from_utf8(toolrank(&args).stderr).unwrap()
+    }
+
+    /// `results` of both sinks equal `replay` of `input`: every table from Valkey, and
+    /// the agents, tool errors and recommended patterns from DynamoDB.
+    fn assert_sinks_equal_replay(&self, input: &str, valkey_url: Option<&str>) {
+        let d = self.dir.path();
+        let (rr, rv, rd) = (d.join("replay"), d.join("valkey"), d.join("dynamodb"));
+        toolrank(&["replay", "--today", TODAY, "--out", rr.to_str().unwrap(), input]);
+        let url = valkey_url.map(str::to_owned).unwrap_or_else(|| env("TOOLRANK_VALKEY_URL"));
+        toolrank(&["results", "--from", "valkey", "--valkey-url", &url, "--namespace", &self.namespace, "--today", TODAY, "--out", rv.to_str().unwrap()]);
+        toolrank(&["results", "--from", "dynamodb", "--table", &self.table, "--today", TODAY, "--out", rd.to_str().unwrap()]);
+        let read = |dir: &std::path::Path, t: &str| std::fs::read_to_string(dir.join(format!("{t}.jsonl"))).unwrap();
+        for t in TABLES {
+            assert_eq!(read(&rv, t), read(&rr, t), "valkey {t} equals replay");
+        }
+        assert_eq!(read(&rd, "agent_score_summary"), read(&rr, "agent_score_summary"), "dynamodb agents equal replay");
+        assert_eq!(read(&rd, "agent_tool_errors"), read(&rr, "agent_tool_errors"), "dynamodb tool errors equal replay");
+        let recommended: Vec<&str> = read(&rr, "user_process_patterns").leak().lines().filter(|l| l.contains("\"is_recommended\":true")).collect();
+        let from_dynamodb = read(&rd, "user_process_patterns");
+        assert_eq!(from_dynamodb.lines().collect::<Vec<_>>(), recommended, "dynamodb holds the recommended patterns");
+        assert!(!recommended.is_empty());
+    }
+}
+
+fn generated(dir: &std::path::Path, sessions: &str, seed: &str) -> String {
+    let path = dir.join(format!("history-{seed}.jsonl"));
+    toolrank(&["generate", "--sessions", sessions, "--seed", seed, "--agents", "30", "--out", path.to_str().unwrap()]);
+    path.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn seed_through_kafka_reaches_both_sinks_and_the_access_patterns() {
+    let live = Live::new("3");
+    toolrank(&["produce", "--to", "dynamodb", "--table", &live.table, SEED]);
+    toolrank(&["produce", "--topic", &live.topic, SEED]);
+    let summary = live.drain(&[]);
+    assert!(summary.contains("consumed 34 messages"), "{summary}");
+    live.assert_sinks_equal_replay(SEED, None);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = toolrank_dynamodb::client().await;
+        // Access pattern 2: the domain's agents by GSI1_SK descending.
+        let agents = client
+            .query()
+            .table_name(&live.table)
+            .index_name("GSI1")
+            .key_condition_expression("GSI1_PK = :d AND begins_with(GSI1_SK, :p)")
+            .expression_attribute_values(":d", AttributeValue::S("DMN001".into()))
+            .expression_attribute_values(":p", AttributeValue::S("AGTSCORE".into()))
+            .scan_index_forward(false)
+            .send()
+            .await
+            .unwrap();
+        let order: Vec<&str> = agents.items().iter().map(|i| i["PK"].as_s().unwrap().as_str()).collect();
+        assert_eq!(order, ["AGT002", "AGT001", "AGT003"], "AGT002 (0.05) before AGT001 (0.02); AGT003 has no executions");
+        assert_eq!(agents.items()[1]["Score"], AttributeValue::S(format!("{}", 0.024893534183931972)));
+        assert_eq!(agents.items()[0]["AgentNM"].as_s().unwrap(), "매장 검색 에이전트2", "fields of the application are kept");
+        // Access pattern 7: one user's recommended patterns.
+        let mine = client
+            .query()
+            .table_name(&live.table)
+            .key_condition_expression("PK = :u AND begins_with(SK, :p)")
+            .expression_attribute_values(":u", AttributeValue::S("USR001".into()))
+            .expression_attribute_values(":p", AttributeValue::S("UserPrcToolMapp#PRC001".into()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(mine.count(), 1);
+        assert_eq!(mine.items()[0]["Toollist"].as_s().unwrap(), "FIND_LOC->USE_SEARCH_ENGINE_API->FORMAT_RESULTS");
+        assert!(mine.items()[0].contains_key("ExpireAt"), "the seed's TTL policy");
+        // Access pattern 8: everyone's, on GSI1.
+        let all = client
+            .query()
+            .table_name(&live.table)
+            .index_name("GSI1")
+            .key_condition_expression("GSI1_PK = :p AND begins_with(GSI1_SK, :n)")
+            .expression_attribute_values(":p", AttributeValue::S("UserPrcToolMapp".into()))
+            .expression_attribute_values(":n", AttributeValue::S("PRC001->PRC002".into()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(all.count(), 2);
+    });
+    let top = String::from_utf8(toolrank(&["top", "agents", "--domain", "DMN001", "--namespace", &live.namespace, "--today", TODAY]).stdout).unwrap();
+    assert!(top.starts_with("source: valkey") && top.find("AGT002").unwrap() < top.find("AGT001").unwrap(), "{top}");
+    let fallback = toolrank(&["top", "agents", "--domain", "DMN001", "--table", &live.table, "--valkey-url", "redis://127.0.0.1:1", "--today", TODAY]);
+    let text = String::from_utf8(fallback.stdout).unwrap();
+    assert!(text.starts_with("source: dynamodb") && text.find("AGT002").unwrap() < text.find("AGT001").unwrap(), "{text}");
+}
+
+fn sigterm(child: &std::process::Child) {
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+}
+
+#[test]
+fn exactly_once_through_kills_rebalances_and_a_second_consumer() {
+    let live = Live::new("4");
+    let history = generated(live.dir.path(), "2500", "11");
+    toolrank(&["produce", "--to", "dynamodb", "--table", &live.table, &history]);
+    let mut producer = Command::new(env!("CARGO_BIN_EXE_toolrank"))
+        .args(["produce", "--topic", &live.topic, "--rate", "3000", &history])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill -9 at moments that fall before, during and after checkpoints.
+    for (i, ms) in [700u64, 1900, 1300, 2600, 1100].into_iter().enumerate() {
+        let mut c = live.consumer(&["--id", &format!("victim-{i}")]);
+        std::thread::sleep(Duration::from_millis(ms));
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+    // Two consumers in one group; one stops mid-stream and its partitions move.
+    let a = live.consumer(&["--id", "a", "--until-idle", "12"]);
+    let b = live.consumer(&["--id", "b"]);
+    std::thread::sleep(Duration::from_millis(2500));
+    sigterm(&b);
+    let b = b.wait_with_output().unwrap();
+    assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+    assert!(producer.wait().unwrap().success());
+    let a = a.wait_with_output().unwrap();
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let summary = live.drain(&["--id", "final"]);
+    assert!(summary.contains("consumed"), "{summary}");
+    live.assert_sinks_equal_replay(&history, None);
+}
+
+#[test]
+fn valkey_outage_loses_nothing() {
+    let port = 20000 + (std::process::id() % 5000) as u16;
+    let server = env("TOOLRANK_VALKEY_SERVER");
+    let start = || {
+        Command::new(&server)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let url = format!("redis://127.0.0.1:{port}");
+    let mut valkey = start();
+    let live = Live::new("2");
+    let history = generated(live.dir.path(), "1500", "5");
+    toolrank(&["produce", "--to", "dynamodb", "--table", &live.table, &history]);
+    let mut producer = Command::new(env!("CARGO_BIN_EXE_toolrank"))
+        .args(["produce", "--topic", &live.topic, "--rate", "1000", &history])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let consumer = live.consumer(&["--valkey-url", &url, "--until-idle", "12"]);
+    std::thread::sleep(Duration::from_secs(2));
+    valkey.kill().unwrap();
+    valkey.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(10));
+    // Back empty (no persistence): the sink must rebuild everything.
+    let mut valkey = start();
+    assert!(producer.wait().unwrap().success());
+    let out = consumer.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("valkey sink write failed"), "the outage was noticed: {log}");
+    live.assert_sinks_equal_replay(&history, Some(&url));
+    valkey.kill().unwrap();
+    valkey.wait().unwrap();
+}
+
+#[test]
+fn bad_records_are_dead_lettered_with_reason_and_offset() {
+    let live = Live::new("1");
+    let input = live.dir.path().join("mixed.jsonl");
+    let seed = std::fs::read_to_string(SEED).unwrap();
+    std::fs::write(&input, format!("{seed}not json\n{{\"eventName\":\"INSERT\"}}\n")).unwrap();
+    toolrank(&["produce", "--topic", &live.topic, input.to_str().unwrap()]);
+    let summary = live.drain(&["--no-dynamodb"]);
+    assert!(summary.contains("2 dead-lettered"), "{summary}");
+    let consumer: BaseConsumer = toolrank_kafka::client_config(&env("TOOLRANK_KAFKA_BROKERS")).set("group.id", unique("dlq-reader")).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&live.dlq, 0, Offset::Beginning).unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut letters = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while letters.len() < 2 && Instant::now() < deadline {
+        if let Some(Ok(msg)) = consumer.poll(Duration::from_millis(200)) {
+            letters.push((toolrank_consume_kafka::dead_letter_headers(&msg), msg.payload().unwrap().to_vec()));
+        }
+    }
+    assert_eq!(letters.len(), 2);
+    assert_eq!(letters[0].1, b"not json");
+    assert!(letters[0].0["toolrank-reason"].contains("not valid JSON"), "{:?}", letters[0].0);
+    assert_eq!(letters[0].0["toolrank-source-offset"], "34");
+    assert_eq!(letters[1].0["toolrank-source-offset"], "35");
+    assert!(letters[1].0["toolrank-reason"].contains("missing"), "{:?}", letters[1].0);
+}
