@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The live path's throughput against the local stack, in one run:
+#   1. generate a stream-style history (SESSIONS sessions, ~3.3 events each) and load it
+#      into a fresh topic of the local broker;
+#   2. the broker's raw consume rate, with a no-op rdkafka consumer (kafka-drain);
+#   3. `toolrank consume kafka` from the same topic into both sinks (DynamoDB Local and
+#      Valkey), with CPU time and peak memory from /usr/bin/time.
+# Prints events/s of both, toolrank's share of the raw rate, CPU µs per event, DynamoDB
+# write requests and Valkey commands per event, and the peak RSS.
+# Usage: bench/stream.sh            (SESSIONS=300000 gives ~1M events; default 300000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/toolrank/target}"
+SESSIONS="${SESSIONS:-300000}"
+PARTITIONS="${PARTITIONS:-6}"
+eval "$(infra/local/up)"
+cargo build --release --locked --bin toolrank --bin kafka-drain >&2
+BIN="$CARGO_TARGET_DIR/release"
+WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
+RUN="bench$$"
+TOPIC="$RUN-events"; TABLE="$RUN-AgentTable"
+"$BIN/toolrank" setup --topic "$TOPIC" --dead-letter-topic "$TOPIC-dl" --partitions "$PARTITIONS" --table "$TABLE" >&2
+"$BIN/toolrank" generate --sessions "$SESSIONS" --seed 42 --out "$WORK/history.jsonl" >&2
+EVENTS=$(wc -l < "$WORK/history.jsonl")
+# Agent items must exist for the DynamoDB sink to score them.
+grep '"SK":{"S":"METADATA"}' "$WORK/history.jsonl" > "$WORK/catalog.jsonl" || true
+"$BIN/toolrank" produce --to dynamodb --table "$TABLE" "$WORK/catalog.jsonl" >&2
+"$BIN/toolrank" produce --topic "$TOPIC" "$WORK/history.jsonl" >&2
+
+echo "events: $EVENTS in $PARTITIONS partitions"
+RAW=$("$BIN/kafka-drain" "$TOOLRANK_KAFKA_BROKERS" "$TOPIC")
+echo "raw rdkafka consume:   $RAW"
+/usr/bin/time -f "%e %U %S %M" -o "$WORK/time" "$BIN/toolrank" consume kafka --topic "$TOPIC" --group "$RUN" \
+  --dead-letter-topic "$TOPIC-dl" --table "$TABLE" --namespace "$RUN" --until-idle 3 2> "$WORK/consume.log"
+SUMMARY=$(grep '^consumed' "$WORK/consume.log")
+read -r WALL USER SYS RSS < "$WORK/time"
+python3 - "$EVENTS" "$WALL" "$USER" "$SYS" "$RSS" "$RAW" "$SUMMARY" <<'PY'
+import re, sys
+events, wall, user, sys_, rss = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+raw = float(re.search(r"rate (\d+)", sys.argv[6]).group(1))
+summary = sys.argv[7]
+ddb = int(re.search(r"(\d+) DynamoDB requests", summary).group(1))
+vk = int(re.search(r"(\d+) Valkey commands", summary).group(1))
+busy = max(wall - 3.0, 1e-9)  # --until-idle waits 3 s after the last message
+rate = events / busy
+print(f"toolrank consume:      {rate:,.0f} events/s ({rate / raw:.0%} of raw), {(user + sys_) * 1e6 / events:.2f} CPU µs/event")
+print(f"sinks:                 {ddb / events:.4f} DynamoDB write requests/event, {vk / events:.3f} Valkey commands/event")
+print(f"peak memory:           {rss / 1024:.0f} MiB")
+print(summary)
+PY
