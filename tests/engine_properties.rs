@@ -73,9 +73,14 @@ fn replay(history: &[Event], order: &[usize], ctl: &[u8]) -> Engine {
     engine
 }
 
+/// Cases: ENGINE_CASES (256 by default; scripts/test runs 1000). Not PROPTEST_CASES:
+/// proptest lets that override every explicit config, the fuzz harness's included.
+fn engine_cases() -> u32 {
+    std::env::var("ENGINE_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+}
+
 proptest! {
-    // Cases: PROPTEST_CASES (256 by default; scripts/test runs 1000).
-    #![proptest_config(ProptestConfig::default())]
+    #![proptest_config(ProptestConfig { cases: engine_cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn incremental_equals_batch_reference((history, order, ctl) in scenario()) {
@@ -115,6 +120,8 @@ fn state_is_compact_and_reported() {
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig { cases: engine_cases(), ..ProptestConfig::default() })]
+
     /// Consumers of disjoint key ranges (Kafka partitions, stream shards) each keep an
     /// engine; summing their results gives the single-engine results.
     #[test]

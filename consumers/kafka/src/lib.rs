@@ -206,8 +206,12 @@ impl Consumer_ {
                 self.checkpoint()?;
             }
             if self.config.until_idle.is_some_and(|idle| last_message.elapsed() >= idle) {
-                info!("idle: the topic is drained");
-                break;
+                if self.drained() {
+                    info!("idle: the topic is drained");
+                    break;
+                }
+                // Messages are waiting (a slow broker, a rebalance): not idle.
+                last_message = Instant::now();
             }
         }
         self.finish()
@@ -226,7 +230,12 @@ impl Consumer_ {
         }
         if self.holds_lease {
             self.refresh_remotes()?;
-            self.flush_sinks()?;
+            // The last write must land: retry what failed (a sink keeps its pending keys).
+            let mut attempt = 0;
+            while !self.flush_sinks()? && attempt < 30 {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(500));
+            }
             self.commit()?;
             self.rt.block_on(self.lease.release())?;
         } else {
@@ -241,8 +250,7 @@ impl Consumer_ {
         let assigned: Vec<i32> = self.consumer.assignment()?.elements().iter().filter(|e| e.topic() == self.config.topic).map(|e| e.partition()).collect();
         let gone: Vec<i32> = self.parts.keys().filter(|p| !assigned.contains(p)).copied().collect();
         for p in gone {
-            let mut part = self.parts.remove(&p).expect("owned");
-            self.global.unabsorb(&mut part.engine);
+            self.release(p);
             info!(partition = p, "partition revoked");
         }
         for p in assigned {
@@ -261,6 +269,26 @@ impl Consumer_ {
             self.parts.insert(p, Partition { engine, next_offset, generation: ck.generation, dirty: false });
         }
         Ok(())
+    }
+
+    /// Whether every owned partition has been read up to its high watermark.
+    fn drained(&self) -> bool {
+        self.parts.iter().all(|(&p, part)| match self.consumer.fetch_watermarks(&self.config.topic, p, Duration::from_secs(5)) {
+            Ok((_, high)) => part.next_offset >= high,
+            Err(e) => {
+                warn!(partition = p, error = %e, "could not read the high watermark");
+                false
+            }
+        })
+    }
+
+    /// Drops an owned partition and takes its share out of the merged engine. Its
+    /// pending deltas are forwarded first: the merged engine must hold exactly what is
+    /// taken out.
+    fn release(&mut self, p: i32) {
+        let mut part = self.parts.remove(&p).expect("owned");
+        part.engine.flush_into(&mut self.global);
+        self.global.unabsorb(&mut part.engine);
     }
 
     fn handle(&mut self, msg: &OwnedMessage) {
@@ -372,14 +400,15 @@ impl Consumer_ {
     }
 
     /// Forwards partition deltas into the merged engine and, as lease holder, writes
-    /// what changed to the sinks.
-    fn flush_sinks(&mut self) -> Result<(), Error> {
+    /// what changed to the sinks. `false` when a sink write failed (it is retried).
+    fn flush_sinks(&mut self) -> Result<bool, Error> {
         for part in self.parts.values_mut() {
             part.engine.flush_into(&mut self.global);
         }
         if !self.holds_lease {
-            return Ok(());
+            return Ok(true);
         }
+        let mut ok = true;
         let changes = self.global.take_changes();
         let today = self.config.today.unwrap_or_else(Day::today_utc);
         let needs_write = !changes.agents.is_empty() || !changes.patterns.is_empty();
@@ -387,6 +416,7 @@ impl Consumer_ {
             if needs_write || !d.is_loaded() {
                 if let Err(e) = self.rt.block_on(d.write(&self.global, &changes, today)) {
                     warn!(error = %e, "dynamodb sink write failed; retrying at the next flush");
+                    ok = false;
                 }
                 self.summary.dynamodb_requests = d.stats.requests;
             }
@@ -395,6 +425,7 @@ impl Consumer_ {
             if needs_write || v.needs_resync() {
                 if let Err(e) = v.write(&self.global, &changes) {
                     warn!(error = %e, "valkey sink write failed; resynchronizing when it is back");
+                    ok = false;
                 }
                 self.summary.valkey_commands = v.commands;
             }
@@ -402,7 +433,7 @@ impl Consumer_ {
         if needs_write {
             self.summary.sink_writes += 1;
         }
-        Ok(())
+        Ok(ok)
     }
 
     /// Saves every changed partition's state with its offset, then commits the offsets.
@@ -426,8 +457,7 @@ impl Consumer_ {
         }
         for p in fenced {
             warn!(partition = p, "another consumer owns this partition now; letting go");
-            let mut part = self.parts.remove(&p).expect("owned");
-            self.global.unabsorb(&mut part.engine);
+            self.release(p);
         }
         self.commit()
     }

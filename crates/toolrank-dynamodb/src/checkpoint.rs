@@ -73,9 +73,15 @@ impl CheckpointStore {
     /// Reads `scope`'s latest checkpoint without claiming it (a sink writer merging the
     /// partitions other consumers own).
     pub async fn peek(&self, scope: &str) -> Result<Checkpoint, Error> {
-        match self.manifest(scope).await? {
-            Some(m) => self.load(scope, &m).await,
-            None => Ok(Checkpoint::default()),
+        // The owner may switch generations (and delete the old chunks) while we read:
+        // read again from the new manifest.
+        let mut tries = 0;
+        loop {
+            let Some(m) = self.manifest(scope).await? else { return Ok(Checkpoint::default()) };
+            match self.load(scope, &m).await {
+                Err(Error::Input(_)) if tries < 10 && self.generation(scope).await? != generation_of(&m) => tries += 1,
+                result => return result,
+            }
         }
     }
 

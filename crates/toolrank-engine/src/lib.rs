@@ -403,7 +403,9 @@ impl Engine {
     }
 
     /// Takes back what [`absorb`](Self::absorb) added for `other` in the same state (a
-    /// partition that moved to another consumer, or whose checkpoint is replaced).
+    /// partition that moved to another consumer, or whose checkpoint is replaced). If
+    /// `other` forwards into `self`, call [`flush_into`](Self::flush_into) first: a plain
+    /// flush would take out deltas `self` never received.
     pub fn unabsorb(&mut self, other: &mut Engine) {
         self.merge(other, -1);
     }
