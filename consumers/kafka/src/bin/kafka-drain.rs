@@ -28,7 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             first.get_or_insert_with(Instant::now);
             last = Instant::now();
             n += 1;
-            bytes += rdkafka::Message::payload_len(&msg) as u64;
+            bytes += msg.payload_len() as u64;
         }
     }
     let secs = first.map_or(0.0, |f| last.duration_since(f).as_secs_f64());
