@@ -14,7 +14,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/toolrank/target}"
 SESSIONS="${SESSIONS:-300000}"
 PARTITIONS="${PARTITIONS:-6}"
 eval "$(infra/local/up)"
-cargo build --release --locked --bin toolrank --bin kafka-drain >&2
+cargo build --release --locked --bin toolrank >&2
+cargo build --release --locked -p toolrank-consume-kafka --bin kafka-drain >&2
 BIN="$CARGO_TARGET_DIR/release"
 WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
 RUN="bench$$"
