@@ -102,6 +102,20 @@ proptest! {
     }
 }
 
+type SinkAgents = std::collections::BTreeMap<String, Option<toolrank_engine::AgentFigures>>;
+type SinkPatterns = std::collections::BTreeMap<(String, String, u32), Option<toolrank_engine::PatternFigures>>;
+
+/// What a sink that writes only the reported changes does.
+fn write_changes(live: &mut Engine, agents: &mut SinkAgents, patterns: &mut SinkPatterns) {
+    let changes = live.take_changes();
+    for a in changes.agents {
+        agents.insert(live.name(a).to_owned(), live.agent_figures(a));
+    }
+    for k in changes.patterns {
+        patterns.insert((live.name(k.user).to_owned(), live.name(k.agent).to_owned(), k.sequence), live.pattern_figures(k));
+    }
+}
+
 #[test]
 fn state_is_compact_and_reported() {
     let history: Vec<Event> = (0..200)
@@ -132,8 +146,8 @@ proptest! {
         // reported changes would hold.
         let mut live = Engine::new();
         live.track_changes();
-        let mut sink_agents = std::collections::BTreeMap::new();
-        let mut sink_patterns = std::collections::BTreeMap::new();
+        let mut sink_agents = SinkAgents::new();
+        let mut sink_patterns = SinkPatterns::new();
         for (n, &idx) in order.iter().enumerate() {
             let event = &history[idx];
             let line = event.stream_record(idx as u64 + 1);
@@ -145,27 +159,13 @@ proptest! {
             .expect("decodes");
             if ctl[n] % 3 == 0 {
                 engine.flush_into(&mut live);
-                let changes = live.take_changes();
-                for a in changes.agents {
-                    sink_agents.insert(live.name(a).to_owned(), live.agent_figures(a));
-                }
-                for k in changes.patterns {
-                    let key = (live.name(k.user).to_owned(), live.name(k.agent).to_owned(), k.sequence);
-                    sink_patterns.insert(key, live.pattern_figures(k));
-                }
+                write_changes(&mut live, &mut sink_agents, &mut sink_patterns);
             }
         }
         for e in &mut engines {
             e.flush_into(&mut live);
         }
-        let changes = live.take_changes();
-        for a in changes.agents {
-            sink_agents.insert(live.name(a).to_owned(), live.agent_figures(a));
-        }
-        for k in changes.patterns {
-            let key = (live.name(k.user).to_owned(), live.name(k.agent).to_owned(), k.sequence);
-            sink_patterns.insert(key, live.pattern_figures(k));
-        }
+        write_changes(&mut live, &mut sink_agents, &mut sink_patterns);
         let mut merged = Engine::new();
         for e in &mut engines {
             merged.absorb(e);

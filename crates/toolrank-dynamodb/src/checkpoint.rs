@@ -6,7 +6,7 @@
 //! manifest names its owner, so a consumer that lost a partition (a zombie after a
 //! rebalance) cannot overwrite the new owner's checkpoint: its save fails as `Fenced`.
 
-use crate::{aws, Error};
+use crate::{aws, batch_write, Error};
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, PutRequest, ReturnValue, WriteRequest};
 use aws_sdk_dynamodb::Client;
@@ -165,7 +165,7 @@ impl CheckpointStore {
             let item = HashMap::from([("PK".to_owned(), s(scope)), ("SK".to_owned(), s(chunk_sk(next, i))), ("Data".to_owned(), AttributeValue::B(Blob::new(*c)))]);
             WriteRequest::builder().put_request(PutRequest::builder().set_item(Some(item)).build().expect("item set")).build()
         });
-        self.batch_write(puts.collect(), scope).await?;
+        batch_write(&self.client, &self.table, puts.collect()).await.map_err(aws(format!("writing the checkpoint of {scope}")))?;
         let switched = self
             .client
             .update_item()
@@ -208,32 +208,9 @@ impl CheckpointStore {
                 WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(key)).build().expect("key set")).build()
             })
             .collect();
-        if let Err(e) = self.batch_write(deletes, scope).await {
+        if let Err(e) = batch_write(&self.client, &self.table, deletes).await {
             tracing::warn!(scope, generation, error = %e, "could not delete old checkpoint chunks");
         }
-    }
-
-    /// BatchWriteItem in groups of 25, resending unprocessed items with backoff.
-    async fn batch_write(&self, requests: Vec<WriteRequest>, scope: &str) -> Result<(), Error> {
-        for group in requests.chunks(25) {
-            let mut pending = group.to_vec();
-            let mut delay = Duration::from_millis(20);
-            while !pending.is_empty() {
-                let out = self
-                    .client
-                    .batch_write_item()
-                    .request_items(&self.table, pending)
-                    .send()
-                    .await
-                    .map_err(aws(format!("writing the checkpoint of {scope}")))?;
-                pending = out.unprocessed_items.and_then(|mut m| m.remove(&self.table)).unwrap_or_default();
-                if !pending.is_empty() {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
-            }
-        }
-        Ok(())
     }
 }
 

@@ -121,6 +121,27 @@ pub async fn create_table(client: &Client, table: &str) -> Result<TableStatusRep
     Ok(status)
 }
 
+/// BatchWriteItem in groups of 25, resending unprocessed items with backoff.
+pub async fn batch_write(
+    client: &Client,
+    table: &str,
+    requests: Vec<aws_sdk_dynamodb::types::WriteRequest>,
+) -> Result<(), SdkError<aws_sdk_dynamodb::operation::batch_write_item::BatchWriteItemError, aws_sdk_dynamodb::config::http::HttpResponse>> {
+    for group in requests.chunks(25) {
+        let mut pending = group.to_vec();
+        let mut delay = Duration::from_millis(20);
+        while !pending.is_empty() {
+            let out = client.batch_write_item().request_items(table, pending).send().await?;
+            pending = out.unprocessed_items.and_then(|mut m| m.remove(table)).unwrap_or_default();
+            if !pending.is_empty() {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Creates the pipeline's own state table unless it exists: `PK`/`SK` strings, on-demand,
 /// no stream (checkpoints and leases must not come back as events). Idempotent.
 pub async fn create_state_table(client: &Client, table: &str) -> Result<TableStatusReport, Error> {

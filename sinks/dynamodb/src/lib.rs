@@ -17,7 +17,7 @@
 use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, PutRequest, WriteRequest};
 use aws_sdk_dynamodb::Client;
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 use toolrank_engine::{AgentFigures, Changes, Engine, PatternFigures, Sym};
 use toolrank_events::Day;
 
@@ -228,7 +228,9 @@ impl DynamoSink {
             requests.push(WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(item)).build().expect("key")).build());
         }
         self.stats.requests += requests.len() as u64;
-        batch_write(&self.client, &self.table, requests).await?;
+        toolrank_dynamodb::batch_write(&self.client, &self.table, requests)
+            .await
+            .map_err(|e| Error::Aws(format!("writing pattern items: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
         self.patterns = desired;
         Ok(())
     }
@@ -255,28 +257,6 @@ fn put_pattern(key: &(String, String), w: &Written, today: Day) -> WriteRequest 
         (toolrank_dynamodb::TTL_ATTRIBUTE.to_owned(), expire_at(if w.top { TOP_TTL_DAYS } else { DEFAULT_TTL_DAYS })),
     ]);
     WriteRequest::builder().put_request(PutRequest::builder().set_item(Some(item)).build().expect("item")).build()
-}
-
-/// BatchWriteItem in groups of 25, resending unprocessed items with backoff.
-async fn batch_write(client: &Client, table: &str, requests: Vec<WriteRequest>) -> Result<(), Error> {
-    for group in requests.chunks(25) {
-        let mut pending = group.to_vec();
-        let mut delay = Duration::from_millis(20);
-        while !pending.is_empty() {
-            let out = client
-                .batch_write_item()
-                .request_items(table, pending)
-                .send()
-                .await
-                .map_err(|e| Error::Aws(format!("writing pattern items: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
-            pending = out.unprocessed_items.and_then(|mut m| m.remove(table)).unwrap_or_default();
-            if !pending.is_empty() {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-        }
-    }
-    Ok(())
 }
 
 type Item = HashMap<String, AttributeValue>;
