@@ -94,7 +94,7 @@ pub fn top(args: TopArgs) -> Result<ExitCode> {
 
 fn agent_row(i: usize, f: &AgentFigures, today: Day) -> Vec<String> {
     let score = f.last.map_or(0.0, |l| toolrank_engine::score::agent_score(f.executions, f.successes, i64::from(today.0) - i64::from(l.0)));
-    let last = f.last.map(|d| String::from_utf8_lossy(&d.iso_bytes()).into_owned()).unwrap_or_default();
+    let last = f.last.map(|d| d.to_string()).unwrap_or_default();
     vec![(i + 1).to_string(), f.agent_id.clone(), f.agent_name.clone().unwrap_or_default(), f.executions.to_string(), f.successes.to_string(), last, format!("{score:.4}")]
 }
 

@@ -158,6 +158,15 @@ impl Live {
             .expect("consumer starts")
     }
 
+    /// Publishes `input` to the topic at `rate` records/s in the background.
+    fn producer(&self, rate: &str, input: &str) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_toolrank"))
+            .args(["produce", "--topic", &self.topic, "--rate", rate, input])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("producer starts")
+    }
+
     /// Runs a consumer until the topic is drained (longer than the group's session
     /// timeout, so partitions of killed members come back to it).
     fn drain(&self, extra: &[&str]) -> String {
@@ -272,11 +281,7 @@ fn sigterm(child: &std::process::Child) {
 fn exactly_once_through_kills_rebalances_and_a_second_consumer() {
     let live = Live::new("4");
     let history = generated(&live, "2500", "11");
-    let mut producer = Command::new(env!("CARGO_BIN_EXE_toolrank"))
-        .args(["produce", "--topic", &live.topic, "--rate", "3000", &history])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut producer = live.producer("3000", &history);
     // Kill -9 at moments that fall before, during and after checkpoints.
     for (i, ms) in [700u64, 1900, 1300, 2600, 1100].into_iter().enumerate() {
         let mut c = live.consumer(&["--id", &format!("victim-{i}")]);
@@ -314,11 +319,7 @@ fn valkey_outage_loses_nothing() {
     let mut valkey = start();
     let live = Live::new("2");
     let history = generated(&live, "1500", "5");
-    let mut producer = Command::new(env!("CARGO_BIN_EXE_toolrank"))
-        .args(["produce", "--topic", &live.topic, "--rate", "1000", &history])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut producer = live.producer("1000", &history);
     let consumer = live.consumer(&["--valkey-url", &url, "--until-idle", "12"]);
     std::thread::sleep(Duration::from_secs(2));
     valkey.kill().unwrap();

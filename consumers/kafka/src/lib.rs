@@ -221,22 +221,23 @@ impl Consumer_ {
     fn finish(&mut self) -> Result<(), Error> {
         self.checkpoint()?;
         // The last consumer to finish must write what all others saved: wait for the lease.
+        // Taking or renewing it also loads the others' latest checkpoints.
         let deadline = Instant::now() + self.config.lease * 3;
-        while !self.holds_lease && Instant::now() < deadline {
+        loop {
             self.refresh_lease()?;
-            if !self.holds_lease {
-                std::thread::sleep(Duration::from_millis(200));
+            if self.holds_lease || Instant::now() >= deadline {
+                break;
             }
+            std::thread::sleep(Duration::from_millis(200));
         }
         if self.holds_lease {
-            self.refresh_remotes()?;
             // The last write must land: retry what failed (a sink keeps its pending keys).
+            // The offsets it covers were committed by the checkpoint above.
             let mut attempt = 0;
             while !self.flush_sinks()? && attempt < 30 {
                 attempt += 1;
                 std::thread::sleep(Duration::from_millis(500));
             }
-            self.commit()?;
             self.rt.block_on(self.lease.release())?;
         } else {
             warn!("could not take the sink lease before exiting; its holder writes the sinks");

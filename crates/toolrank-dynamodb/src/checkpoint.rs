@@ -90,25 +90,23 @@ impl CheckpointStore {
     pub async fn claim(&self, scope: &str, owner: &str) -> Result<Checkpoint, Error> {
         loop {
             let manifest = self.manifest(scope).await?;
-            let mut req = self
+            // Unchanged since we read it (or still absent): then it is ours.
+            let condition = if manifest.is_some() { "#g = :g" } else { "attribute_not_exists(PK)" };
+            let claimed = self
                 .client
                 .update_item()
                 .table_name(&self.table)
                 .key("PK", s(scope))
                 .key("SK", s("manifest"))
-                .update_expression("SET #o = :o")
+                .update_expression("SET #o = :o, #g = :g")
+                .condition_expression(condition)
                 .expression_attribute_names("#o", "Owner")
-                .expression_attribute_values(":o", s(owner));
-            req = match &manifest {
-                Some(m) => req
-                    .condition_expression("#g = :g")
-                    .expression_attribute_names("#g", "Generation")
-                    .expression_attribute_values(":g", n(generation_of(m))),
-                None => req.condition_expression("attribute_not_exists(PK)").update_expression("SET #o = :o, #g = :zero")
-                    .expression_attribute_names("#g", "Generation")
-                    .expression_attribute_values(":zero", n(0)),
-            };
-            match req.send().await {
+                .expression_attribute_names("#g", "Generation")
+                .expression_attribute_values(":o", s(owner))
+                .expression_attribute_values(":g", n(manifest.as_ref().map_or(0, generation_of)))
+                .send()
+                .await;
+            match claimed {
                 Ok(_) => {}
                 Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => continue,
                 Err(e) => return Err(aws(format!("claiming {scope}"))(e)),

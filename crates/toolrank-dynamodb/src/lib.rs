@@ -58,50 +58,25 @@ pub enum TableStatusReport {
 /// (all attributes projected), on-demand billing, a NEW_AND_OLD_IMAGES stream, and TTL on
 /// [`TTL_ATTRIBUTE`]. Waits until it is ACTIVE. Idempotent.
 pub async fn create_table(client: &Client, table: &str) -> Result<TableStatusReport, Error> {
-    let exists = match client.describe_table().table_name(table).send().await {
-        Ok(_) => true,
-        Err(e) if e.as_service_error().is_some_and(|s| s.is_resource_not_found_exception()) => false,
-        Err(e) => return Err(aws(format!("describing table {table}"))(e)),
-    };
-    let status = if exists {
-        TableStatusReport::Existed
-    } else {
-        let key = |name: &str, kind| KeySchemaElement::builder().attribute_name(name).key_type(kind).build();
-        let attr = |name: &str| AttributeDefinition::builder().attribute_name(name).attribute_type(ScalarAttributeType::S).build();
-        let gsi = GlobalSecondaryIndex::builder()
-            .index_name("GSI1")
-            .key_schema(key("GSI1_PK", KeyType::Hash).expect("valid"))
-            .key_schema(key("GSI1_SK", KeyType::Range).expect("valid"))
-            .projection(Projection::builder().projection_type(ProjectionType::All).build())
-            .build()
-            .expect("valid index");
-        let created = client
-            .create_table()
-            .table_name(table)
-            .key_schema(key("PK", KeyType::Hash).expect("valid"))
-            .key_schema(key("SK", KeyType::Range).expect("valid"))
-            .attribute_definitions(attr("PK").expect("valid"))
-            .attribute_definitions(attr("SK").expect("valid"))
-            .attribute_definitions(attr("GSI1_PK").expect("valid"))
-            .attribute_definitions(attr("GSI1_SK").expect("valid"))
-            .global_secondary_indexes(gsi)
-            .billing_mode(BillingMode::PayPerRequest)
-            .stream_specification(
-                StreamSpecification::builder()
-                    .stream_enabled(true)
-                    .stream_view_type(StreamViewType::NewAndOldImages)
-                    .build()
-                    .expect("valid stream spec"),
-            )
-            .send()
-            .await;
-        match created {
-            Ok(_) => TableStatusReport::Created,
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_resource_in_use_exception()) => TableStatusReport::Existed,
-            Err(e) => return Err(aws(format!("creating table {table}"))(e)),
-        }
-    };
-    wait_active(client, table).await?;
+    let gsi = GlobalSecondaryIndex::builder()
+        .index_name("GSI1")
+        .key_schema(key("GSI1_PK", KeyType::Hash))
+        .key_schema(key("GSI1_SK", KeyType::Range))
+        .projection(Projection::builder().projection_type(ProjectionType::All).build())
+        .build()
+        .expect("valid index");
+    let request = keyed_table(client, table)
+        .attribute_definitions(attr("GSI1_PK"))
+        .attribute_definitions(attr("GSI1_SK"))
+        .global_secondary_indexes(gsi)
+        .stream_specification(
+            StreamSpecification::builder()
+                .stream_enabled(true)
+                .stream_view_type(StreamViewType::NewAndOldImages)
+                .build()
+                .expect("valid stream spec"),
+        );
+    let status = create(client, request, table).await?;
     let ttl = client.describe_time_to_live().table_name(table).send().await.map_err(aws("describing TTL"))?;
     let enabled = ttl
         .time_to_live_description()
@@ -145,9 +120,20 @@ pub async fn batch_write(
 /// Creates the pipeline's own state table unless it exists: `PK`/`SK` strings, on-demand,
 /// no stream (checkpoints and leases must not come back as events). Idempotent.
 pub async fn create_state_table(client: &Client, table: &str) -> Result<TableStatusReport, Error> {
-    let key = |name: &str, kind| KeySchemaElement::builder().attribute_name(name).key_type(kind).build().expect("valid");
-    let attr = |name: &str| AttributeDefinition::builder().attribute_name(name).attribute_type(ScalarAttributeType::S).build().expect("valid");
-    let created = client
+    create(client, keyed_table(client, table), table).await
+}
+
+fn key(name: &str, kind: KeyType) -> KeySchemaElement {
+    KeySchemaElement::builder().attribute_name(name).key_type(kind).build().expect("valid key")
+}
+
+fn attr(name: &str) -> AttributeDefinition {
+    AttributeDefinition::builder().attribute_name(name).attribute_type(ScalarAttributeType::S).build().expect("valid attribute")
+}
+
+/// A CreateTable request for string keys `PK`/`SK`, on-demand.
+fn keyed_table(client: &Client, table: &str) -> aws_sdk_dynamodb::operation::create_table::builders::CreateTableFluentBuilder {
+    client
         .create_table()
         .table_name(table)
         .key_schema(key("PK", KeyType::Hash))
@@ -155,9 +141,15 @@ pub async fn create_state_table(client: &Client, table: &str) -> Result<TableSta
         .attribute_definitions(attr("PK"))
         .attribute_definitions(attr("SK"))
         .billing_mode(BillingMode::PayPerRequest)
-        .send()
-        .await;
-    let status = match created {
+}
+
+/// Sends `request`, treating an existing table as success, and waits until it is ACTIVE.
+async fn create(
+    client: &Client,
+    request: aws_sdk_dynamodb::operation::create_table::builders::CreateTableFluentBuilder,
+    table: &str,
+) -> Result<TableStatusReport, Error> {
+    let status = match request.send().await {
         Ok(_) => TableStatusReport::Created,
         Err(e) if e.as_service_error().is_some_and(|s| s.is_resource_in_use_exception()) => TableStatusReport::Existed,
         Err(e) => return Err(aws(format!("creating table {table}"))(e)),

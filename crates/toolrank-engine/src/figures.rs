@@ -99,10 +99,16 @@ pub const TOP_PERCENTILE: f64 = 0.95;
 impl Engine {
     /// The identity of a pattern key, visible or not (to remove what a sink holds).
     pub fn pattern_id(&self, key: PatternKey) -> String {
-        let seq = self.sequences.get(key.sequence);
+        let (procs, tools) = self.joined(key.sequence);
+        pattern_id(self.strings.get(key.user), &procs, self.strings.get(key.agent), &tools)
+    }
+
+    /// A pattern sequence as `process_pattern` and `tool_sequence` (names joined by `->`).
+    fn joined(&self, sequence: Sym) -> (String, String) {
+        let seq = self.sequences.get(sequence);
         let (procs, tools) = seq.split_at(seq.len() / 2);
         let join = |ids: &[Sym]| ids.iter().map(|&s| self.strings.get(s)).collect::<Vec<_>>().join("->");
-        pattern_id(self.strings.get(key.user), &join(procs), self.strings.get(key.agent), &join(tools))
+        (join(procs), join(tools))
     }
 
     /// The recommended patterns for `today`: `pattern_score ≥ PERCENTILE_CONT(0.8)` over all
@@ -176,12 +182,7 @@ impl Engine {
     pub(crate) fn pattern_figures_cached(&self, key: PatternKey, joined: &mut FxHashMap<Sym, (String, String)>) -> Option<PatternFigures> {
         self.agent_meta(key.agent)?;
         let agg = self.aggregates.patterns.get(&key)?;
-        let (process_pattern, tool_sequence) = joined.entry(key.sequence).or_insert_with(|| {
-            let seq = self.sequences.get(key.sequence);
-            let (procs, tools) = seq.split_at(seq.len() / 2);
-            let join = |ids: &[Sym]| ids.iter().map(|&s| self.strings.get(s)).collect::<Vec<_>>().join("->");
-            (join(procs), join(tools))
-        });
+        let (process_pattern, tool_sequence) = joined.entry(key.sequence).or_insert_with(|| self.joined(key.sequence));
         Some(PatternFigures {
             user_id: self.strings.get(key.user).to_owned(),
             process_pattern: process_pattern.clone(),

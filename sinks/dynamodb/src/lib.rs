@@ -82,10 +82,6 @@ fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())
 }
 
-fn day(d: Day) -> String {
-    String::from_utf8_lossy(&d.iso_bytes()).into_owned()
-}
-
 fn expire_at(days: u64) -> AttributeValue {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     AttributeValue::N((now + days * 86_400).to_string())
@@ -119,6 +115,7 @@ impl DynamoSink {
     /// first call), scoring for `today`.
     pub async fn write(&mut self, engine: &Engine, changes: &Changes, today: Day) -> Result<(), Error> {
         let everything;
+        let compared = self.loaded;
         let changes = if self.loaded {
             changes
         } else {
@@ -137,7 +134,10 @@ impl DynamoSink {
                 failed.get_or_insert(e);
             }
         }
-        if let Err(e) = self.write_patterns(engine, today).await {
+        // The recommended set moves only when some pattern changed (the cut is
+        // time-invariant); after a load, the table's items must be compared in any case.
+        let patterns_changed = !compared || !changes.patterns.is_empty();
+        if let Err(e) = if patterns_changed { self.write_patterns(engine, today).await } else { Ok(()) } {
             // What reached the table is unknown: compare with it again next time.
             self.loaded = false;
             failed.get_or_insert(e);
@@ -168,12 +168,12 @@ impl DynamoSink {
             ("ToolRows", s(f.rows.to_string())),
             ("FailedToolRows", s(f.failed_rows.to_string())),
             ("FailedTools", s(f.failed_tools.join(", "))),
-            ("ScoreDate", s(day(today))),
+            ("ScoreDate", s(today.to_string())),
             ("ScoredBy", s(SOURCE)),
         ];
         let mut remove = Vec::new();
         match f.last {
-            Some(last) => set.push(("LastExecutionDate", s(day(last)))),
+            Some(last) => set.push(("LastExecutionDate", s(last.to_string()))),
             None => remove.push("LastExecutionDate"),
         }
         let mut expr = format!("SET {}", (0..set.len()).map(|i| format!("#a{i} = :v{i}")).collect::<Vec<_>>().join(", "));
@@ -249,8 +249,8 @@ fn put_pattern(key: &(String, String), w: &Written, today: Day) -> WriteRequest 
         ("Toollist".to_owned(), s(&f.tool_sequence)),
         ("ExecutionCount".to_owned(), s(f.executions.to_string())),
         ("SuccessCount".to_owned(), s(f.successes.to_string())),
-        ("FirstUsedDate".to_owned(), s(day(f.first))),
-        ("LastUsedDate".to_owned(), s(day(f.last))),
+        ("FirstUsedDate".to_owned(), s(f.first.to_string())),
+        ("LastUsedDate".to_owned(), s(f.last.to_string())),
         ("PatternScore".to_owned(), s(f.score(today).to_string())),
         ("TopScoring".to_owned(), s(if w.top { "Y" } else { "N" })),
         ("ScoredBy".to_owned(), s(SOURCE)),

@@ -44,10 +44,6 @@ pub struct ValkeySink {
     pub commands: u64,
 }
 
-fn day(d: Day) -> String {
-    String::from_utf8_lossy(&d.iso_bytes()).into_owned()
-}
-
 impl ValkeySink {
     /// A sink for `url` (e.g. `redis://127.0.0.1:6379`) under `prefix`. Connects lazily.
     pub fn new(url: &str, prefix: impl Into<String>) -> Result<ValkeySink, Error> {
@@ -163,7 +159,7 @@ impl ValkeySink {
             fields.push(("name", name.clone()));
         }
         if let Some(last) = f.last {
-            fields.push(("last", day(last)));
+            fields.push(("last", last.to_string()));
         }
         pipe.hset_multiple(self.key(&["agent", id]), &fields).ignore();
         for t in &f.tools {
@@ -183,8 +179,8 @@ impl ValkeySink {
             ("tool_sequence", f.tool_sequence.clone()),
             ("executions", f.executions.to_string()),
             ("successes", f.successes.to_string()),
-            ("first", day(f.first)),
-            ("last", day(f.last)),
+            ("first", f.first.to_string()),
+            ("last", f.last.to_string()),
         ];
         pipe.hset_multiple(self.key(&["pattern", id]), &fields).ignore();
     }
@@ -215,7 +211,7 @@ impl ValkeyReader {
         std::iter::once(self.prefix.as_str()).chain(parts.iter().copied()).collect::<Vec<_>>().join(":")
     }
 
-    /// Agent ids of a domain, best first, up to `limit`.
+    /// A domain's agents, best first, up to `limit` (0: all).
     pub fn top_agents(&mut self, domain: &str, limit: usize) -> Result<Vec<AgentFigures>, Error> {
         let ids: Vec<String> = self.conn.zrevrange(self.key(&["agents", domain]), 0, limit as isize - 1)?;
         ids.iter().map(|id| self.agent(id)).collect()
@@ -260,7 +256,7 @@ impl ValkeyReader {
         ids.iter().map(|id| self.agent(id)).collect()
     }
 
-    /// Pattern figures of `user` (or of everyone), best first, up to `limit`.
+    /// Pattern figures of `user` (or of everyone), best first, up to `limit` (0: all).
     pub fn top_patterns(&mut self, user: Option<&str>, limit: usize) -> Result<Vec<PatternFigures>, Error> {
         let key = match user {
             Some(u) => self.key(&["patterns", u]),
