@@ -4,15 +4,22 @@
 #      into a fresh topic of the local broker;
 #   2. the broker's raw consume rate, with a no-op rdkafka consumer (kafka-drain);
 #   3. `toolrank consume kafka` from the same topic into both sinks (DynamoDB Local and
-#      Valkey), with CPU time and peak memory from /usr/bin/time.
+#      Valkey), with CPU time and peak memory from /usr/bin/time;
+#   4. latency: the same consumer group, caught up, while `toolrank produce --generate`
+#      publishes LATENCY_SESSIONS more sessions at a steady LATENCY_RATE events/s; the
+#      consumer reports p50/p99 from each message's Kafka timestamp to its effect being
+#      written to Valkey.
 # Prints events/s of both, toolrank's share of the raw rate, CPU µs per event, DynamoDB
-# write requests and Valkey commands per event, and the peak RSS.
-# Usage: bench/stream.sh            (SESSIONS=300000 gives ~1M events; default 300000)
+# write requests and Valkey commands per event, the peak RSS and the latency.
+# Usage: bench/stream.sh   (SESSIONS=300000 gives ~1M events; LATENCY_RATE=5000,
+#                           LATENCY_SESSIONS=30000 gives ~100k events over ~20 s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/toolrank/target}"
 SESSIONS="${SESSIONS:-300000}"
 PARTITIONS="${PARTITIONS:-6}"
+LATENCY_RATE="${LATENCY_RATE:-5000}"
+LATENCY_SESSIONS="${LATENCY_SESSIONS:-30000}"
 eval "$(infra/local/up)"
 cargo build --release --locked --bin toolrank >&2
 cargo build --release --locked -p toolrank-consume-kafka --bin kafka-drain >&2
@@ -49,3 +56,18 @@ print(f"sinks:                 {ddb / events:.4f} DynamoDB write requests/event,
 print(f"peak memory:           {rss / 1024:.0f} MiB")
 print(summary)
 PY
+
+# 4. Latency at a steady rate, the consumer caught up and holding its checkpointed state.
+"$BIN/toolrank" consume kafka --topic "$TOPIC" --group "$RUN" --dead-letter-topic "$TOPIC-dl" \
+  --table "$TABLE" --namespace "$RUN" 2> "$WORK/latency.log" &
+CONSUMER=$!
+sleep 5
+"$BIN/toolrank" produce --topic "$TOPIC" --generate --sessions "$LATENCY_SESSIONS" --seed 43 --rate "$LATENCY_RATE" 2> "$WORK/produce.log"
+sleep 3
+kill -TERM "$CONSUMER"; wait "$CONSUMER" || true
+if LATENCY=$(grep -o 'p50.*' "$WORK/latency.log"); then
+  echo "latency at a steady $LATENCY_RATE events/s, produce to visible in Valkey: $LATENCY"
+else
+  echo "no latency figures; the consumer's log ends:"; tail -5 "$WORK/latency.log"
+fi
+grep '^produced' "$WORK/produce.log"

@@ -49,9 +49,13 @@ struct KafkaArgs {
     /// Exit after SECS without a new message (tests, batch use).
     #[arg(long, value_name = "SECS")]
     until_idle: Option<f64>,
-    /// Milliseconds between sink writes (changes are coalesced per key in between).
+    /// Milliseconds between Valkey writes (changes are coalesced per key in between).
     #[arg(long, default_value_t = 50, env = "TOOLRANK_FLUSH_MS")]
     flush_ms: u64,
+    /// Milliseconds between DynamoDB writes: each key is written at most once per
+    /// interval, whatever its number of changes (DynamoDB bills per write).
+    #[arg(long, default_value_t = 1000, env = "TOOLRANK_DYNAMODB_FLUSH_MS")]
+    dynamodb_flush_ms: u64,
     /// Seconds between checkpoints of partition state (a restart replays at most this much).
     #[arg(long, default_value_t = 5.0, env = "TOOLRANK_CHECKPOINT_SECS")]
     checkpoint_secs: f64,
@@ -78,6 +82,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         dead_letter_topic: a.dead_letter_topic,
         until_idle: a.until_idle.map(Duration::from_secs_f64),
         flush_interval: Duration::from_millis(a.flush_ms),
+        dynamodb_interval: Duration::from_millis(a.dynamodb_flush_ms),
         checkpoint_interval: Duration::from_secs_f64(a.checkpoint_secs),
         state_table: a.sinks.state_table.clone(),
         table: (!a.sinks.no_dynamodb).then(|| a.sinks.table.clone()),
@@ -92,6 +97,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         "consumed {} messages: {} changes, {} stale, {} ignored, {} redeliveries skipped, {} dead-lettered; {} checkpoints, {} sink writes ({} DynamoDB requests, {} Valkey commands)",
         s.messages, s.changes, s.stale, s.ignored, s.skipped_redeliveries, s.dead_letters, s.checkpoints, s.sink_writes, s.dynamodb_requests, s.valkey_commands
     );
+    if let (Some(p50), Some(p99), Some(max)) = (s.latency_p50_ms, s.latency_p99_ms, s.latency_max_ms) {
+        eprintln!("latency from produce to visible in the sinks: p50 {p50} ms, p99 {p99} ms, max {max} ms");
+    }
+    if s.retried_errors > 0 {
+        eprintln!("{} sink, checkpoint or lease errors were retried", s.retried_errors);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -132,8 +132,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 }
             }
         }
+        let mut resent = 0;
         if let Sink::Kafka(publisher) = sink {
-            publisher.finish().await?;
+            resent = publisher.finish().await?.1;
         }
         let secs = pacer.start.elapsed().as_secs_f64();
         let target = match args.to {
@@ -141,7 +142,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             Target::Dynamodb => format!("dynamodb table {}", args.table),
         };
         eprintln!(
-            "produced {written} records to {target} in {secs:.2} s ({:.0}/s); {unkeyed} unkeyed (undecodable), {refused} refused",
+            "produced {written} records to {target} in {secs:.2} s ({:.0}/s); {unkeyed} unkeyed (undecodable), {refused} refused, {resent} sent again after a failed delivery",
             written as f64 / secs.max(1e-9)
         );
         Ok(ExitCode::SUCCESS)

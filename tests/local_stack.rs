@@ -16,8 +16,12 @@ fn env(name: &str) -> String {
 }
 
 fn toolrank(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_toolrank")).args(args).output().expect("toolrank runs");
-    assert!(out.status.success(), "toolrank {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    run(Command::new(env!("CARGO_BIN_EXE_toolrank")).args(args))
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("toolrank runs");
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
     out
 }
 
@@ -124,10 +128,16 @@ struct Live {
     namespace: String,
     group: String,
     dir: tempfile::TempDir,
+    /// Environment of every command (another broker, a faulty DynamoDB endpoint).
+    env: Vec<(&'static str, String)>,
 }
 
 impl Live {
     fn new(partitions: &str) -> Live {
+        Live::with_env(partitions, Vec::new())
+    }
+
+    fn with_env(partitions: &str, env: Vec<(&'static str, String)>) -> Live {
         let live = Live {
             topic: unique("live"),
             dlq: unique("live-dlq"),
@@ -135,9 +145,20 @@ impl Live {
             namespace: unique("ns"),
             group: unique("group"),
             dir: tempfile::tempdir().unwrap(),
+            env,
         };
-        toolrank(&["setup", "--topic", &live.topic, "--dead-letter-topic", &live.dlq, "--partitions", partitions, "--table", &live.table]);
+        live.toolrank(&["setup", "--topic", &live.topic, "--dead-letter-topic", &live.dlq, "--partitions", partitions, "--table", &live.table]);
         live
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_toolrank"));
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
+    fn toolrank(&self, args: &[&str]) -> Output {
+        run(self.command().args(args))
     }
 
     fn consume_args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
@@ -150,7 +171,7 @@ impl Live {
     }
 
     fn consumer(&self, extra: &[&str]) -> std::process::Child {
-        Command::new(env!("CARGO_BIN_EXE_toolrank"))
+        self.command()
             .args(self.consume_args(extra))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -160,7 +181,7 @@ impl Live {
 
     /// Publishes `input` to the topic at `rate` records/s in the background.
     fn producer(&self, rate: &str, input: &str) -> std::process::Child {
-        Command::new(env!("CARGO_BIN_EXE_toolrank"))
+        self.command()
             .args(["produce", "--topic", &self.topic, "--rate", rate, input])
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -172,7 +193,7 @@ impl Live {
     fn drain(&self, extra: &[&str]) -> String {
         let mut args = self.consume_args(&["--until-idle", "12"]);
         args.extend_from_slice(extra);
-        String::from_utf8(toolrank(&args).stderr).unwrap()
+        String::from_utf8(self.toolrank(&args).stderr).unwrap()
     }
 
     /// `results` of both sinks equal `replay` of `input`: every table from Valkey, and
@@ -180,10 +201,10 @@ impl Live {
     fn assert_sinks_equal_replay(&self, input: &str, valkey_url: Option<&str>) {
         let d = self.dir.path();
         let (rr, rv, rd) = (d.join("replay"), d.join("valkey"), d.join("dynamodb"));
-        toolrank(&["replay", "--today", TODAY, "--out", rr.to_str().unwrap(), input]);
+        self.toolrank(&["replay", "--today", TODAY, "--out", rr.to_str().unwrap(), input]);
         let url = valkey_url.map(str::to_owned).unwrap_or_else(|| env("TOOLRANK_VALKEY_URL"));
-        toolrank(&["results", "--from", "valkey", "--valkey-url", &url, "--namespace", &self.namespace, "--today", TODAY, "--out", rv.to_str().unwrap()]);
-        toolrank(&["results", "--from", "dynamodb", "--table", &self.table, "--today", TODAY, "--out", rd.to_str().unwrap()]);
+        self.toolrank(&["results", "--from", "valkey", "--valkey-url", &url, "--namespace", &self.namespace, "--today", TODAY, "--out", rv.to_str().unwrap()]);
+        self.toolrank(&["results", "--from", "dynamodb", "--table", &self.table, "--today", TODAY, "--out", rd.to_str().unwrap()]);
         let read = |dir: &std::path::Path, t: &str| std::fs::read_to_string(dir.join(format!("{t}.jsonl"))).unwrap();
         for t in TABLES {
             assert_eq!(read(&rv, t), read(&rr, t), "valkey {t} equals replay");
@@ -202,13 +223,13 @@ impl Live {
 /// needed there: the consumer reads them from Kafka.
 fn generated(live: &Live, sessions: &str, seed: &str) -> String {
     let path = live.dir.path().join(format!("history-{seed}.jsonl"));
-    toolrank(&["generate", "--sessions", sessions, "--seed", seed, "--agents", "30", "--out", path.to_str().unwrap()]);
+    live.toolrank(&["generate", "--sessions", sessions, "--seed", seed, "--agents", "30", "--out", path.to_str().unwrap()]);
     let catalog = live.dir.path().join(format!("catalog-{seed}.jsonl"));
     let text = std::fs::read_to_string(&path).unwrap();
     let lines: String = text.lines().filter(|l| l.contains(r#""SK":{"S":"METADATA"}"#)).map(|l| format!("{l}\n")).collect();
     assert!(!lines.is_empty());
     std::fs::write(&catalog, lines).unwrap();
-    toolrank(&["produce", "--to", "dynamodb", "--table", &live.table, catalog.to_str().unwrap()]);
+    live.toolrank(&["produce", "--to", "dynamodb", "--table", &live.table, catalog.to_str().unwrap()]);
     path.to_str().unwrap().to_owned()
 }
 
@@ -277,11 +298,148 @@ fn sigterm(child: &std::process::Child) {
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
 }
 
+/// A port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing answers on {port}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A private tansu broker (SQLite storage in its own directory), to restart it.
+struct Broker {
+    port: u16,
+    dir: tempfile::TempDir,
+    process: Option<std::process::Child>,
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let mut b = Broker { port: free_port(), dir: tempfile::tempdir().unwrap(), process: None };
+        b.spawn();
+        b
+    }
+
+    fn spawn(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = Command::new(env("TOOLRANK_TANSU"))
+            .args(["broker", "--storage-engine", "sqlite://tansu.db", "--listener-url", &url, "--advertised-listener-url", &url])
+            .current_dir(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tansu starts");
+        self.process = Some(child);
+        wait_for_port(self.port);
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the broker gracefully and starts it again on the same storage.
+    fn restart(&mut self, down_for: Duration) {
+        let mut child = self.process.take().unwrap();
+        sigterm(&child);
+        child.wait().unwrap();
+        std::thread::sleep(down_for);
+        self.spawn();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.process.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A TCP proxy in front of DynamoDB Local that, while failing, answers every new
+/// connection with a DynamoDB error (500 InternalServerError or 400 throttling, in
+/// turn) and cuts the connections already open.
+struct FaultyProxy {
+    url: String,
+    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl FaultyProxy {
+    fn start(upstream: &str) -> FaultyProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let upstream = upstream.trim_start_matches("http://").to_owned();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let (flag, cuts) = (failing.clone(), cut.clone());
+        rt.spawn(async move {
+            let mut refused = 0u64;
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { continue };
+                if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    refused += 1;
+                    let (status, kind) = if refused % 2 == 0 { ("500 Internal Server Error", "InternalServerError") } else { ("400 Bad Request", "ProvisionedThroughputExceededException") };
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 1 << 16];
+                        let _ = tokio::time::timeout(Duration::from_millis(500), inbound.read(&mut buf)).await;
+                        let body = format!(r#"{{"__type":"com.amazonaws.dynamodb.v20120810#{kind}","message":"injected by the test"}}"#);
+                        let head = format!("HTTP/1.1 {status}\r\nContent-Type: application/x-amz-json-1.0\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                        let _ = inbound.write_all(format!("{head}{body}").as_bytes()).await;
+                        let _ = inbound.shutdown().await;
+                    });
+                    continue;
+                }
+                let (upstream, mut cut) = (upstream.clone(), cuts.subscribe());
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        FaultyProxy { url, failing, cut, _rt: rt }
+    }
+
+    fn fail(&self, on: bool) {
+        self.failing.store(on, std::sync::atomic::Ordering::SeqCst);
+        if on {
+            self.cut.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Fails for `window`, then passes requests through again.
+    fn fail_for(&self, window: Duration) {
+        self.fail(true);
+        std::thread::sleep(window);
+        self.fail(false);
+    }
+}
+
+/// ~100k generated events (with redeliveries, modifies and removes) stream in while
+/// consumers are killed with -9 five times, two consumers share the group and one stops
+/// mid-stream, DynamoDB fails twice for a few seconds, and the broker restarts. After
+/// draining, both sinks equal replay.
 #[test]
-fn exactly_once_through_kills_rebalances_and_a_second_consumer() {
-    let live = Live::new("4");
-    let history = generated(&live, "2500", "11");
-    let mut producer = live.producer("3000", &history);
+fn exactly_once_through_kills_rebalances_dynamodb_errors_and_a_broker_restart() {
+    let mut broker = Broker::start();
+    let proxy = FaultyProxy::start(&env("AWS_ENDPOINT_URL_DYNAMODB"));
+    let live = Live::with_env("4", vec![("TOOLRANK_KAFKA_BROKERS", broker.address()), ("AWS_ENDPOINT_URL_DYNAMODB", proxy.url.clone())]);
+    let history = generated(&live, "31000", "11");
+    let events = std::fs::read_to_string(&history).unwrap().lines().count();
+    assert!(events >= 100_000, "{events} events");
+    let t0 = Instant::now();
+    let mut producer = live.producer("5000", &history);
     // Kill -9 at moments that fall before, during and after checkpoints.
     for (i, ms) in [700u64, 1900, 1300, 2600, 1100].into_iter().enumerate() {
         let mut c = live.consumer(&["--id", &format!("victim-{i}")]);
@@ -289,18 +447,33 @@ fn exactly_once_through_kills_rebalances_and_a_second_consumer() {
         c.kill().unwrap();
         c.wait().unwrap();
     }
-    // Two consumers in one group; one stops mid-stream and its partitions move.
+    eprintln!("{:?} kills done", t0.elapsed());
+    // Two consumers in one group; DynamoDB fails under both; one stops mid-stream and
+    // its partitions move.
     let a = live.consumer(&["--id", "a", "--until-idle", "12"]);
     let b = live.consumer(&["--id", "b"]);
-    std::thread::sleep(Duration::from_millis(2500));
+    std::thread::sleep(Duration::from_millis(1500));
+    proxy.fail_for(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_millis(1000));
     sigterm(&b);
     let b = b.wait_with_output().unwrap();
     assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+    eprintln!("{:?} b stopped", t0.elapsed());
+    broker.restart(Duration::from_secs(2));
+    eprintln!("{:?} broker restarted", t0.elapsed());
+    std::thread::sleep(Duration::from_millis(1000));
+    proxy.fail_for(Duration::from_secs(2));
     assert!(producer.wait().unwrap().success());
+    eprintln!("{:?} producer done", t0.elapsed());
     let a = a.wait_with_output().unwrap();
-    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    eprintln!("{:?} a done", t0.elapsed());
+    let log = String::from_utf8_lossy(&a.stderr);
+    // Shown when an assertion below fails.
+    eprintln!("consumer b:\n{}\nconsumer a:\n{log}", String::from_utf8_lossy(&b.stderr));
+    assert!(a.status.success(), "{log}");
+    assert!(log.contains("errors were retried"), "the DynamoDB errors reached consumer a: {log}");
     let summary = live.drain(&["--id", "final"]);
-    assert!(summary.contains("consumed"), "{summary}");
+    eprintln!("{:?} final:\n{summary}", t0.elapsed());
     live.assert_sinks_equal_replay(&history, None);
 }
 

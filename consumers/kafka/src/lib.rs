@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use toolrank_dynamodb::{CheckpointStore, Lease};
-use toolrank_engine::{Applied, Engine};
+use toolrank_engine::{Applied, Changes, Engine};
 use toolrank_events::{decode_line, Day};
 use toolrank_sink_dynamodb::DynamoSink;
 use toolrank_sink_valkey::ValkeySink;
@@ -55,8 +55,10 @@ pub struct Config {
     pub dead_letter_topic: String,
     /// Exit after this long without a message.
     pub until_idle: Option<Duration>,
-    /// How often deltas reach the sinks.
+    /// How often deltas reach Valkey (and the merged engine).
     pub flush_interval: Duration,
+    /// How often changes reach DynamoDB: every write costs money, so it coalesces longer.
+    pub dynamodb_interval: Duration,
     /// How often partition state is checkpointed.
     pub checkpoint_interval: Duration,
     /// The pipeline's state table (checkpoints, leases).
@@ -87,6 +89,41 @@ pub struct Summary {
     pub sink_writes: u64,
     pub dynamodb_requests: u64,
     pub valkey_commands: u64,
+    /// Failed sink writes, checkpoints and lease renewals (all retried).
+    pub retried_errors: u64,
+    /// Milliseconds from a message's Kafka timestamp to its effect being visible in
+    /// Valkey (DynamoDB without Valkey), measured by the sink writer.
+    pub latency_p50_ms: Option<u64>,
+    pub latency_p99_ms: Option<u64>,
+    pub latency_max_ms: Option<u64>,
+}
+
+/// Milliseconds in 1 ms buckets up to a minute, the rest in the last.
+struct Latencies {
+    buckets: Vec<u64>,
+    count: u64,
+}
+
+impl Latencies {
+    const BUCKETS: usize = 60_001;
+
+    fn new() -> Latencies {
+        Latencies { buckets: vec![0; Self::BUCKETS], count: 0 }
+    }
+
+    fn record(&mut self, ms: i64) {
+        self.buckets[(ms.max(0) as usize).min(Self::BUCKETS - 1)] += 1;
+        self.count += 1;
+    }
+
+    fn quantile(&self, q: f64) -> Option<u64> {
+        let rank = ((self.count as f64 * q).ceil() as u64).max(1);
+        let mut seen = 0;
+        self.buckets.iter().position(|&n| {
+            seen += n;
+            seen >= rank
+        }).filter(|_| self.count > 0).map(|i| i as u64)
+    }
 }
 
 struct Partition {
@@ -118,6 +155,14 @@ struct Consumer_ {
     valkey: Option<ValkeySink>,
     summary: Summary,
     partition_count: i32,
+    /// When the sink lease was last renewed.
+    lease_renewed: Instant,
+    /// Changes not yet written to DynamoDB, and when it was last written.
+    dynamodb_changes: Changes,
+    last_dynamodb: Instant,
+    /// Kafka timestamps (ms) of the messages applied since the last visible sink write.
+    unseen: Vec<i64>,
+    latencies: Latencies,
 }
 
 fn scope(config: &Config, partition: i32) -> String {
@@ -134,7 +179,8 @@ pub fn run(config: Config, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
-        .set("max.poll.interval.ms", "300000")
+        // Also the rebalance timeout: how long a rebalance may wait for members.
+        .set("max.poll.interval.ms", "60000")
         .create()?;
     consumer.subscribe(&[&config.topic])?;
     let metadata = consumer.fetch_metadata(Some(&config.topic), Duration::from_secs(10))?;
@@ -166,8 +212,16 @@ pub fn run(config: Config, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
         valkey,
         summary: Summary::default(),
         partition_count,
+        lease_renewed: Instant::now(),
+        dynamodb_changes: Changes::default(),
+        last_dynamodb: Instant::now(),
+        unseen: Vec::new(),
+        latencies: Latencies::new(),
     };
     c.run(&stop)?;
+    c.summary.latency_p50_ms = c.latencies.quantile(0.5);
+    c.summary.latency_p99_ms = c.latencies.quantile(0.99);
+    c.summary.latency_max_ms = c.latencies.quantile(1.0);
     Ok(c.summary)
 }
 
@@ -199,7 +253,7 @@ impl Consumer_ {
                     last_refresh = Instant::now();
                     self.refresh_lease()?;
                 }
-                self.flush_sinks()?;
+                self.flush_sinks(false)?;
             }
             if last_checkpoint.elapsed() >= self.config.checkpoint_interval {
                 last_checkpoint = Instant::now();
@@ -219,7 +273,14 @@ impl Consumer_ {
 
     /// Final checkpoint, then the sinks from everybody's latest checkpoints.
     fn finish(&mut self) -> Result<(), Error> {
-        self.checkpoint()?;
+        // Exiting without the last checkpoint loses no data, but a restart would redo it.
+        for _ in 0..10 {
+            self.checkpoint()?;
+            if self.parts.values().all(|p| !p.dirty) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
         // The last consumer to finish must write what all others saved: wait for the lease.
         // Taking or renewing it also loads the others' latest checkpoints.
         let deadline = Instant::now() + self.config.lease * 3;
@@ -234,11 +295,13 @@ impl Consumer_ {
             // The last write must land: retry what failed (a sink keeps its pending keys).
             // The offsets it covers were committed by the checkpoint above.
             let mut attempt = 0;
-            while !self.flush_sinks()? && attempt < 30 {
+            while !self.flush_sinks(true)? && attempt < 30 {
                 attempt += 1;
                 std::thread::sleep(Duration::from_millis(500));
             }
-            self.rt.block_on(self.lease.release())?;
+            if let Err(e) = within(&self.rt, "releasing the sink lease", self.lease.release()) {
+                warn!(error = %e, "could not release the sink lease; it lapses by itself");
+            }
         } else {
             warn!("could not take the sink lease before exiting; its holder writes the sinks");
         }
@@ -259,7 +322,7 @@ impl Consumer_ {
                 continue;
             }
             let scope = scope(&self.config, p);
-            let ck = self.rt.block_on(self.store.claim(&scope, &self.config.owner))?;
+            let ck = self.retrying(&format!("claiming {scope}"), |c| within(&c.rt, "claiming a checkpoint", c.store.claim(&scope, &c.config.owner)))?;
             let mut engine = if ck.state.is_empty() { Engine::new() } else { Engine::restore(&ck.state).map_err(|source| Error::Snapshot { scope: scope.clone(), source })? };
             let next_offset = ck.position.as_deref().and_then(|p| p.parse().ok()).unwrap_or(0);
             if let Some(mut remote) = self.remotes.remove(&p) {
@@ -272,13 +335,57 @@ impl Consumer_ {
         Ok(())
     }
 
-    /// Whether every owned partition has been read up to its high watermark.
+    /// Runs `f` until it succeeds: the messages of a partition cannot be applied before
+    /// its state is claimed. Gives up after 30 s (within the poll interval).
+    fn retrying<T>(&mut self, what: &str, mut f: impl FnMut(&mut Self) -> Result<T, toolrank_dynamodb::Error>) -> Result<T, Error> {
+        let mut delay = Duration::from_millis(100);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match f(self) {
+                Ok(v) => return Ok(v),
+                Err(e) if Instant::now() < deadline => {
+                    self.summary.retried_errors += 1;
+                    warn!(error = %e, "{what} failed; retrying");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Whether the group has read the whole topic: every owned partition up to its high
+    /// watermark, and every other one committed up to it by its owner. A consumer that
+    /// owns nothing yet (a rebalance in progress) is not done.
     fn drained(&self) -> bool {
-        self.parts.iter().all(|(&p, part)| match self.consumer.fetch_watermarks(&self.config.topic, p, Duration::from_secs(5)) {
-            Ok((_, high)) => part.next_offset >= high,
-            Err(e) => {
-                warn!(partition = p, error = %e, "could not read the high watermark");
-                false
+        let mut others = TopicPartitionList::new();
+        for p in (0..self.partition_count).filter(|p| !self.parts.contains_key(p)) {
+            others.add_partition(&self.config.topic, p);
+        }
+        let committed = match others.count() {
+            0 => others,
+            _ => match self.consumer.committed_offsets(others, Duration::from_secs(5)) {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "could not read the group's committed offsets");
+                    return false;
+                }
+            },
+        };
+        (0..self.partition_count).all(|p| {
+            let position = match self.parts.get(&p) {
+                Some(part) => part.next_offset,
+                None => match committed.find_partition(&self.config.topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o,
+                    _ => 0,
+                },
+            };
+            match self.consumer.fetch_watermarks(&self.config.topic, p, Duration::from_secs(5)) {
+                Ok((_, high)) => position >= high,
+                Err(e) => {
+                    warn!(partition = p, error = %e, "could not read the high watermark");
+                    false
+                }
             }
         })
     }
@@ -305,6 +412,11 @@ impl Consumer_ {
         }
         part.next_offset = offset + 1;
         part.dirty = true;
+        if self.holds_lease {
+            if let Some(ts) = msg.timestamp().to_millis() {
+                self.unseen.push(ts);
+            }
+        }
         let payload = msg.payload().unwrap_or_default();
         let mut bad: Vec<(String, Option<String>)> = Vec::new();
         let summary = &mut self.summary;
@@ -354,7 +466,18 @@ impl Consumer_ {
 
     /// Takes or renews the sink lease; on taking it, the sinks are compared in full.
     fn refresh_lease(&mut self) -> Result<(), Error> {
-        let held = self.rt.block_on(self.lease.acquire())?;
+        let held = match within(&self.rt, "renewing the sink lease", self.lease.acquire()) {
+            Ok(held) => {
+                self.lease_renewed = Instant::now();
+                held
+            }
+            Err(e) => {
+                // Unknown: keep writing only while the last renewal surely still holds.
+                self.summary.retried_errors += 1;
+                warn!(error = %e, "renewing the sink lease failed");
+                self.holds_lease && self.lease_renewed.elapsed() < self.config.lease / 2
+            }
+        };
         if held && !self.holds_lease {
             info!("took the sink lease");
             if let Some(d) = &mut self.dynamodb {
@@ -372,7 +495,10 @@ impl Consumer_ {
         }
         self.holds_lease = held;
         if held {
-            self.refresh_remotes()?;
+            if let Err(e) = self.refresh_remotes() {
+                self.summary.retried_errors += 1;
+                warn!(error = %e, "reading other consumers' checkpoints failed; retrying");
+            }
         }
         Ok(())
     }
@@ -384,11 +510,11 @@ impl Consumer_ {
                 continue;
             }
             let scope = scope(&self.config, p);
-            let generation = self.rt.block_on(self.store.generation(&scope))?;
+            let generation = within(&self.rt, "reading a checkpoint generation", self.store.generation(&scope))?;
             if generation == 0 || self.remotes.get(&p).is_some_and(|r| r.generation == generation) {
                 continue;
             }
-            let ck = self.rt.block_on(self.store.peek(&scope))?;
+            let ck = within(&self.rt, "reading a checkpoint", self.store.peek(&scope))?;
             let mut engine = Engine::restore(&ck.state).map_err(|source| Error::Snapshot { scope: scope.clone(), source })?;
             if let Some(mut old) = self.remotes.remove(&p) {
                 self.global.unabsorb(&mut old.engine);
@@ -402,7 +528,8 @@ impl Consumer_ {
 
     /// Forwards partition deltas into the merged engine and, as lease holder, writes
     /// what changed to the sinks. `false` when a sink write failed (it is retried).
-    fn flush_sinks(&mut self) -> Result<bool, Error> {
+    /// `now` writes DynamoDB even before its interval is up.
+    fn flush_sinks(&mut self, now: bool) -> Result<bool, Error> {
         for part in self.parts.values_mut() {
             part.engine.flush_into(&mut self.global);
         }
@@ -412,26 +539,50 @@ impl Consumer_ {
         let mut ok = true;
         let changes = self.global.take_changes();
         let today = self.config.today.unwrap_or_else(Day::today_utc);
-        let needs_write = !changes.agents.is_empty() || !changes.patterns.is_empty();
+        self.dynamodb_changes.merge(&changes);
+        let mut visible = false;
         if let Some(d) = &mut self.dynamodb {
-            if needs_write || !d.is_loaded() {
-                if let Err(e) = self.rt.block_on(d.write(&self.global, &changes, today)) {
-                    warn!(error = %e, "dynamodb sink write failed; retrying at the next flush");
-                    ok = false;
+            let due = now || self.last_dynamodb.elapsed() >= self.config.dynamodb_interval;
+            if due && (!self.dynamodb_changes.is_empty() || d.needs_write()) {
+                self.last_dynamodb = Instant::now();
+                let written = within(&self.rt, "writing the dynamodb sink", d.write(&self.global, &self.dynamodb_changes, today));
+                if written.is_err() {
+                    // Cut off mid-write: what reached the table is unknown.
+                    d.reset();
                 }
+                match written {
+                    Ok(()) => visible = self.valkey.is_none(),
+                    Err(e) => {
+                        warn!(error = %e, "dynamodb sink write failed; retrying at the next flush");
+                        self.summary.retried_errors += 1;
+                        ok = false;
+                    }
+                }
+                // A failed write keeps its keys pending inside the sink.
+                self.dynamodb_changes = Changes::default();
                 self.summary.dynamodb_requests = d.stats.requests;
             }
         }
         if let Some(v) = &mut self.valkey {
-            if needs_write || v.needs_resync() {
-                if let Err(e) = v.write(&self.global, &changes) {
-                    warn!(error = %e, "valkey sink write failed; resynchronizing when it is back");
-                    ok = false;
+            if !changes.is_empty() || v.needs_resync() {
+                match v.write(&self.global, &changes) {
+                    Ok(()) => visible = true,
+                    Err(e) => {
+                        warn!(error = %e, "valkey sink write failed; resynchronizing when it is back");
+                        self.summary.retried_errors += 1;
+                        ok = false;
+                    }
                 }
                 self.summary.valkey_commands = v.commands;
             }
         }
-        if needs_write {
+        if visible {
+            let now = now_ms();
+            for ts in self.unseen.drain(..) {
+                self.latencies.record(now - ts);
+            }
+        }
+        if !changes.is_empty() {
             self.summary.sink_writes += 1;
         }
         Ok(ok)
@@ -439,13 +590,13 @@ impl Consumer_ {
 
     /// Saves every changed partition's state with its offset, then commits the offsets.
     fn checkpoint(&mut self) -> Result<(), Error> {
-        self.flush_sinks()?;
+        self.flush_sinks(false)?;
         self.dead_letters.flush(Duration::from_secs(30))?;
         let mut fenced = Vec::new();
         for (&p, part) in self.parts.iter_mut().filter(|(_, part)| part.dirty) {
             let scope = scope(&self.config, p);
             let state = part.engine.snapshot();
-            match self.rt.block_on(self.store.save(&scope, &self.config.owner, part.generation, &part.next_offset.to_string(), &state)) {
+            match within(&self.rt, "saving a checkpoint", self.store.save(&scope, &self.config.owner, part.generation, &part.next_offset.to_string(), &state)) {
                 Ok(g) => {
                     part.generation = g;
                     part.dirty = false;
@@ -453,7 +604,11 @@ impl Consumer_ {
                     debug!(partition = p, generation = g, next_offset = part.next_offset, bytes = state.len(), "checkpoint");
                 }
                 Err(toolrank_dynamodb::Error::Fenced(_)) => fenced.push(p),
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    // Kept dirty: saved at the next interval; its offset is not committed.
+                    self.summary.retried_errors += 1;
+                    warn!(partition = p, error = %e, "checkpoint failed; retrying at the next interval");
+                }
             }
         }
         for p in fenced {
@@ -463,10 +618,11 @@ impl Consumer_ {
         self.commit()
     }
 
+    /// Commits the offsets of the checkpointed partitions.
     fn commit(&mut self) -> Result<(), Error> {
         let mut tpl = TopicPartitionList::new();
         for (&p, part) in &self.parts {
-            if part.next_offset > 0 {
+            if part.next_offset > 0 && !part.dirty {
                 tpl.add_partition_offset(&self.config.topic, p, Offset::Offset(part.next_offset))?;
             }
         }
@@ -478,6 +634,22 @@ impl Consumer_ {
         }
         Ok(())
     }
+}
+
+/// The longest a DynamoDB call may block the poll loop: well inside the group's poll
+/// interval, so that a stalled request cannot cost the consumer its partitions.
+const CALL_DEADLINE: Duration = Duration::from_secs(40);
+
+/// Runs `call` on the runtime, cut off after [`CALL_DEADLINE`].
+fn within<T, E: Into<toolrank_dynamodb::Error>>(rt: &tokio::runtime::Runtime, what: &str, call: impl std::future::Future<Output = Result<T, E>>) -> Result<T, toolrank_dynamodb::Error> {
+    match rt.block_on(tokio::time::timeout(CALL_DEADLINE, call)) {
+        Ok(result) => result.map_err(Into::into),
+        Err(_) => Err(toolrank_dynamodb::Error::Timeout(format!("{what} (after {} s)", CALL_DEADLINE.as_secs()))),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Reads the dead-letter headers of a message (for tests and tools).

@@ -11,6 +11,7 @@ use aws_sdk_dynamodb::types::{
     ProjectionType, ScalarAttributeType, StreamSpecification, StreamViewType, TableStatus, TimeToLiveSpecification,
 };
 use aws_sdk_dynamodb::Client;
+use futures_util::stream::{self, StreamExt};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -34,6 +35,9 @@ pub enum Error {
     /// Another consumer took over the scope (a partition moved): this one must let go.
     #[error("{0} is now owned by another consumer")]
     Fenced(String),
+    /// A call cut off by its caller's deadline.
+    #[error("{0}: no answer in time")]
+    Timeout(String),
 }
 
 pub(crate) fn aws<E: std::error::Error + 'static, R: std::fmt::Debug>(what: impl Into<String>) -> impl FnOnce(SdkError<E, R>) -> Error {
@@ -42,8 +46,16 @@ pub(crate) fn aws<E: std::error::Error + 'static, R: std::fmt::Debug>(what: impl
 }
 
 /// A client configured from the environment.
+///
+/// Every attempt times out after 10 s (the SDK has no read timeout by default, and one
+/// lost response would stall a consumer) and is retried with the SDK's backoff.
 pub async fn client() -> Client {
-    let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .operation_attempt_timeout(Duration::from_secs(10))
+        .operation_timeout(Duration::from_secs(30))
+        .build();
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest()).timeout_config(timeouts).load().await;
     Client::new(&config)
 }
 
@@ -102,8 +114,10 @@ pub async fn batch_write(
     table: &str,
     requests: Vec<aws_sdk_dynamodb::types::WriteRequest>,
 ) -> Result<(), SdkError<aws_sdk_dynamodb::operation::batch_write_item::BatchWriteItemError, aws_sdk_dynamodb::config::http::HttpResponse>> {
-    for group in requests.chunks(25) {
-        let mut pending = group.to_vec();
+    // Chunks of 25 (the API's limit), several in flight; unprocessed items are resent
+    // with backoff.
+    let chunks: Vec<Vec<_>> = requests.chunks(25).map(<[_]>::to_vec).collect();
+    let sends = stream::iter(chunks).map(|mut pending| async move {
         let mut delay = Duration::from_millis(20);
         while !pending.is_empty() {
             let out = client.batch_write_item().request_items(table, pending).send().await?;
@@ -113,8 +127,10 @@ pub async fn batch_write(
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
-    }
-    Ok(())
+        Ok(())
+    });
+    let results: Vec<Result<(), _>> = sends.buffer_unordered(8).collect().await;
+    results.into_iter().collect()
 }
 
 /// Creates the pipeline's own state table unless it exists: `PK`/`SK` strings, on-demand,

@@ -90,9 +90,25 @@ pub fn records(line: &[u8]) -> Vec<(Option<String>, Vec<u8>)> {
 pub struct Publisher {
     producer: FutureProducer,
     topic: std::sync::Arc<str>,
-    in_flight: VecDeque<rdkafka::producer::DeliveryFuture>,
+    in_flight: VecDeque<InFlight>,
     published: u64,
+    /// Deliveries that failed and were sent again.
+    resent: u64,
+    paused: Option<std::time::Instant>,
 }
+
+/// A record awaiting its acknowledgement, kept to send it again if delivery fails.
+struct InFlight {
+    delivery: rdkafka::producer::DeliveryFuture,
+    key: Option<String>,
+    payload: Vec<u8>,
+    /// When its delivery first failed.
+    failing_since: Option<std::time::Instant>,
+}
+
+/// How long a record's delivery is retried (a stopping broker fails every request in
+/// flight until it is gone, then requests wait for it to come back).
+const RETRY_FOR: Duration = Duration::from_secs(120);
 
 const MAX_IN_FLIGHT: usize = 10_000;
 
@@ -106,7 +122,7 @@ impl Publisher {
             .set("message.timeout.ms", "60000")
             .create()
             .map_err(|source| Error::Client { brokers: brokers.into(), source })?;
-        Ok(Publisher { producer, topic: topic.into(), in_flight: VecDeque::new(), published: 0 })
+        Ok(Publisher { producer, topic: topic.into(), in_flight: VecDeque::new(), published: 0, resent: 0, paused: None })
     }
 
     /// Queues one record, waiting for the oldest delivery when too many are in flight.
@@ -114,19 +130,22 @@ impl Publisher {
         if self.in_flight.len() >= MAX_IN_FLIGHT {
             self.settle_one().await?;
         }
+        self.enqueue(key.map(str::to_owned), payload.to_vec(), None).await
+    }
+
+    async fn enqueue(&mut self, key: Option<String>, payload: Vec<u8>, failing_since: Option<std::time::Instant>) -> Result<(), Error> {
         let topic = self.topic.clone();
-        let mut record = FutureRecord::<str, [u8]>::to(&topic).payload(payload);
-        if let Some(k) = key {
-            record = record.key(k);
-        }
         loop {
+            let mut record = FutureRecord::<str, [u8]>::to(&topic).payload(&payload);
+            if let Some(k) = &key {
+                record = record.key(k);
+            }
             match self.producer.send_result(record) {
-                Ok(fut) => {
-                    self.in_flight.push_back(fut);
+                Ok(delivery) => {
+                    self.in_flight.push_back(InFlight { delivery, key, payload, failing_since });
                     return Ok(());
                 }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     if !self.settle_one().await? {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
@@ -136,23 +155,40 @@ impl Publisher {
         }
     }
 
+    /// Waits for the oldest delivery; a failed one is sent again (at-least-once: the
+    /// consumers treat a record delivered twice as a redelivery).
     async fn settle_one(&mut self) -> Result<bool, Error> {
-        let Some(fut) = self.in_flight.pop_front() else { return Ok(false) };
-        match fut.await {
+        let Some(f) = self.in_flight.pop_front() else { return Ok(false) };
+        let source = match f.delivery.await {
             Ok(Ok(_)) => {
                 self.published += 1;
-                Ok(true)
+                return Ok(true);
             }
-            Ok(Err((source, _))) => Err(Error::Publish { topic: self.topic.to_string(), source }),
-            Err(_) => Err(Error::Publish { topic: self.topic.to_string(), source: KafkaError::Canceled }),
+            Ok(Err((source, _))) => source,
+            Err(_) => KafkaError::Canceled,
+        };
+        let since = f.failing_since.unwrap_or_else(std::time::Instant::now);
+        if since.elapsed() > RETRY_FOR {
+            return Err(Error::Publish { topic: self.topic.to_string(), source });
         }
+        // One pause (and one warning) per burst: failures come by the thousand when a
+        // broker stops.
+        if self.paused.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+            tracing::warn!(topic = %self.topic, error = %source, "deliveries failed; sending them again");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            self.paused = Some(std::time::Instant::now());
+        }
+        self.resent += 1;
+        Box::pin(self.enqueue(f.key, f.payload, Some(since))).await?;
+        Ok(true)
     }
 
-    /// Waits until every queued record is acknowledged; returns how many were.
-    pub async fn finish(mut self) -> Result<u64, Error> {
+    /// Waits until every queued record is acknowledged; returns how many were, and how
+    /// many deliveries were retried.
+    pub async fn finish(mut self) -> Result<(u64, u64), Error> {
         while self.settle_one().await? {}
         self.producer.flush(Duration::from_secs(30)).map_err(|source| Error::Publish { topic: self.topic.to_string(), source })?;
-        Ok(self.published)
+        Ok((self.published, self.resent))
     }
 }
 

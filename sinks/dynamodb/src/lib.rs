@@ -15,7 +15,9 @@
 //! figures changed since. A failed key stays pending and is retried on the next call.
 
 use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, PutRequest, WriteRequest};
+use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
 use aws_sdk_dynamodb::Client;
+use futures_util::stream::{self, StreamExt};
 use std::collections::{HashMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 use toolrank_engine::{AgentFigures, Changes, Engine, PatternFigures, Sym};
@@ -27,6 +29,8 @@ pub const PATTERN_ENTITY: &str = "UserPrcToolMapp";
 const SOURCE: &str = "toolrank";
 const DEFAULT_TTL_DAYS: u64 = 30;
 const TOP_TTL_DAYS: u64 = 60;
+/// Requests in flight at once: DynamoDB latency, not its throughput, bounds a sequential writer.
+const CONCURRENCY: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -34,6 +38,12 @@ pub enum Error {
     Aws(String),
     #[error("unreadable {what} item {key}: {reason}")]
     Item { what: &'static str, key: String, reason: String },
+}
+
+impl From<Error> for toolrank_dynamodb::Error {
+    fn from(e: Error) -> Self {
+        toolrank_dynamodb::Error::Aws { what: "writing the rankings".into(), message: e.to_string() }
+    }
 }
 
 /// Counters of what the sink did, for metrics and benchmarks.
@@ -106,9 +116,9 @@ impl DynamoSink {
         self.loaded = false;
     }
 
-    /// Whether the sink has compared itself with the table since the last reset.
-    pub fn is_loaded(&self) -> bool {
-        self.loaded
+    /// Whether a write is due without new changes: after a reset or a failure.
+    pub fn needs_write(&self) -> bool {
+        !self.loaded || !self.pending_agents.is_empty()
     }
 
     /// Brings the table up to date with `engine` for the `changes` (everything on the
@@ -126,14 +136,8 @@ impl DynamoSink {
             everything = engine.everything();
             &everything
         };
-        let agents: Vec<Sym> = changes.agents.iter().copied().chain(self.pending_agents.drain()).collect();
-        let mut failed = None;
-        for agent in agents {
-            if let Err(e) = self.write_agent(engine, agent, today).await {
-                self.pending_agents.insert(agent);
-                failed.get_or_insert(e);
-            }
-        }
+        let agents: HashSet<Sym> = changes.agents.iter().copied().chain(self.pending_agents.drain()).collect();
+        let mut failed = self.write_agents(engine, agents, today).await.err();
         // The recommended set moves only when some pattern changed (the cut is
         // time-invariant); after a load, the table's items must be compared in any case.
         let patterns_changed = !compared || !changes.patterns.is_empty();
@@ -145,19 +149,49 @@ impl DynamoSink {
         failed.map_or(Ok(()), Err)
     }
 
-    async fn write_agent(&mut self, engine: &Engine, agent: Sym, today: Day) -> Result<(), Error> {
-        let id = engine.name(agent);
-        let Some(mut f) = engine.agent_figures(agent) else {
-            // Not in the catalog: its item is gone (or never was); nothing of ours to keep.
-            self.agents.remove(id);
-            return Ok(());
-        };
-        // Per-tool figures are Valkey's; the table does not hold them.
-        f.tools.clear();
-        if self.agents.get(id) == Some(&f) {
-            self.stats.unchanged += 1;
-            return Ok(());
+    /// Updates the Agent items whose figures changed, `CONCURRENCY` requests at a time.
+    async fn write_agents(&mut self, engine: &Engine, agents: HashSet<Sym>, today: Day) -> Result<(), Error> {
+        let mut updates = Vec::new();
+        for agent in agents {
+            let id = engine.name(agent);
+            let Some(mut f) = engine.agent_figures(agent) else {
+                // Not in the catalog: its item is gone (or never was); nothing of ours to keep.
+                self.agents.remove(id);
+                continue;
+            };
+            // Per-tool figures are Valkey's; the table does not hold them.
+            f.tools.clear();
+            if self.agents.get(id) == Some(&f) {
+                self.stats.unchanged += 1;
+                continue;
+            }
+            updates.push((agent, self.update_agent(&f, today), f));
         }
+        self.stats.requests += updates.len() as u64;
+        let sent: Vec<_> = stream::iter(updates)
+            .map(|(agent, req, f)| async move { (agent, f, req.send().await) })
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        let mut failed = None;
+        for (agent, f, result) in sent {
+            match result {
+                Ok(_) => {}
+                // The Agent item was removed meanwhile; its removal comes through the input.
+                Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => {}
+                Err(e) => {
+                    self.pending_agents.insert(agent);
+                    failed.get_or_insert(Error::Aws(format!("updating agent {}: {}", f.agent_id, aws_sdk_dynamodb::error::DisplayErrorContext(&e))));
+                    continue;
+                }
+            }
+            self.agents.insert(f.agent_id.clone(), f);
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// The conditional UpdateItem of the attributes the pipeline owns on an Agent item.
+    fn update_agent(&self, f: &AgentFigures, today: Day) -> UpdateItemFluentBuilder {
         let score = f.last.map_or(0.0, |last| toolrank_engine::score::agent_score(f.executions, f.successes, i64::from(today.0) - i64::from(last.0)));
         let mut set = vec![
             ("Score", s(score.to_string())),
@@ -184,7 +218,7 @@ impl DynamoSink {
             .client
             .update_item()
             .table_name(&self.table)
-            .key("PK", s(id))
+            .key("PK", s(&f.agent_id))
             .key("SK", s("METADATA"))
             .update_expression(expr)
             .condition_expression("attribute_exists(PK)");
@@ -194,15 +228,7 @@ impl DynamoSink {
         for (i, name) in remove.into_iter().enumerate() {
             req = req.expression_attribute_names(format!("#r{i}"), name);
         }
-        self.stats.requests += 1;
-        match req.send().await {
-            Ok(_) => {}
-            // The Agent item was removed meanwhile; its removal comes through the input.
-            Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => {}
-            Err(e) => return Err(Error::Aws(format!("updating agent {id}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e)))),
-        }
-        self.agents.insert(f.agent_id.clone(), f);
-        Ok(())
+        req
     }
 
     /// Puts the recommended patterns whose figures changed and deletes those no longer
