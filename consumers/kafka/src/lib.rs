@@ -294,10 +294,9 @@ impl Consumer_ {
         if self.holds_lease {
             // The last write must land: retry what failed (a sink keeps its pending keys).
             // The offsets it covers were committed by the checkpoint above.
-            let mut attempt = 0;
-            while !self.flush_sinks(true)? && attempt < 30 {
-                attempt += 1;
-                std::thread::sleep(Duration::from_millis(500));
+            let deadline = Instant::now() + Duration::from_secs(180);
+            while !self.flush_sinks(true)? && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(200));
             }
             if let Err(e) = within(&self.rt, "releasing the sink lease", self.lease.release()) {
                 warn!(error = %e, "could not release the sink lease; it lapses by itself");
@@ -558,8 +557,9 @@ impl Consumer_ {
                         ok = false;
                     }
                 }
-                // A failed write keeps its keys pending inside the sink.
+                // A failed or partial write keeps its keys pending inside the sink.
                 self.dynamodb_changes = Changes::default();
+                ok = ok && !d.needs_write();
                 self.summary.dynamodb_requests = d.stats.requests;
             }
         }
@@ -642,7 +642,8 @@ const CALL_DEADLINE: Duration = Duration::from_secs(40);
 
 /// Runs `call` on the runtime, cut off after [`CALL_DEADLINE`].
 fn within<T, E: Into<toolrank_dynamodb::Error>>(rt: &tokio::runtime::Runtime, what: &str, call: impl std::future::Future<Output = Result<T, E>>) -> Result<T, toolrank_dynamodb::Error> {
-    match rt.block_on(tokio::time::timeout(CALL_DEADLINE, call)) {
+    // The timer must be made inside the runtime.
+    match rt.block_on(async { tokio::time::timeout(CALL_DEADLINE, call).await }) {
         Ok(result) => result.map_err(Into::into),
         Err(_) => Err(toolrank_dynamodb::Error::Timeout(format!("{what} (after {} s)", CALL_DEADLINE.as_secs()))),
     }

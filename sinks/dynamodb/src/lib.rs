@@ -19,7 +19,7 @@ use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
 use aws_sdk_dynamodb::Client;
 use futures_util::stream::{self, StreamExt};
 use std::collections::{HashMap, HashSet};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use toolrank_engine::{AgentFigures, Changes, Engine, PatternFigures, Sym};
 use toolrank_events::Day;
 
@@ -31,6 +31,8 @@ const DEFAULT_TTL_DAYS: u64 = 30;
 const TOP_TTL_DAYS: u64 = 60;
 /// Requests in flight at once: DynamoDB latency, not its throughput, bounds a sequential writer.
 const CONCURRENCY: usize = 32;
+/// How long one call starts new pattern batches: the consumer's poll loop waits for it.
+const WRITE_BUDGET: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -83,6 +85,8 @@ pub struct DynamoSink {
     patterns: HashMap<(String, String), Written>,
     /// Agents whose last write failed.
     pending_agents: HashSet<Sym>,
+    /// Pattern items not yet written (a failure, or beyond a call's budget).
+    patterns_pending: bool,
     /// The first write reads what the table holds.
     loaded: bool,
     pub stats: WriteStats,
@@ -105,6 +109,7 @@ impl DynamoSink {
             agents: HashMap::new(),
             patterns: HashMap::new(),
             pending_agents: HashSet::new(),
+            patterns_pending: false,
             loaded: false,
             stats: WriteStats::default(),
         }
@@ -116,9 +121,10 @@ impl DynamoSink {
         self.loaded = false;
     }
 
-    /// Whether a write is due without new changes: after a reset or a failure.
+    /// Whether a write is due without new changes: after a reset, a failure, or a
+    /// pattern change larger than one call's budget.
     pub fn needs_write(&self) -> bool {
-        !self.loaded || !self.pending_agents.is_empty()
+        !self.loaded || !self.pending_agents.is_empty() || self.patterns_pending
     }
 
     /// Brings the table up to date with `engine` for the `changes` (everything on the
@@ -140,10 +146,8 @@ impl DynamoSink {
         let mut failed = self.write_agents(engine, agents, today).await.err();
         // The recommended set moves only when some pattern changed (the cut is
         // time-invariant); after a load, the table's items must be compared in any case.
-        let patterns_changed = !compared || !changes.patterns.is_empty();
+        let patterns_changed = !compared || !changes.patterns.is_empty() || self.patterns_pending;
         if let Err(e) = if patterns_changed { self.write_patterns(engine, today).await } else { Ok(()) } {
-            // What reached the table is unknown: compare with it again next time.
-            self.loaded = false;
             failed.get_or_insert(e);
         }
         failed.map_or(Ok(()), Err)
@@ -241,24 +245,53 @@ impl DynamoSink {
                 desired.insert((f.user_id.clone(), pattern_name(&f)), Written { top: rec.top.contains(&k), figures: f });
             }
         }
-        let mut requests = Vec::new();
+        let mut writes: Vec<((String, String), WriteRequest)> = Vec::new();
         for (key, w) in &desired {
             if self.patterns.get(key) == Some(w) {
                 self.stats.unchanged += 1;
                 continue;
             }
-            requests.push(put_pattern(key, w, today));
+            writes.push((key.clone(), put_pattern(key, w, today)));
         }
         for key in self.patterns.keys().filter(|k| !desired.contains_key(*k)) {
             let item = HashMap::from([("PK".to_owned(), s(&key.0)), ("SK".to_owned(), s(format!("{PATTERN_ENTITY}#{}", key.1)))]);
-            requests.push(WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(item)).build().expect("key")).build());
+            writes.push((key.clone(), WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(item)).build().expect("key")).build()));
         }
-        self.stats.requests += requests.len() as u64;
-        toolrank_dynamodb::batch_write(&self.client, &self.table, requests)
-            .await
-            .map_err(|e| Error::Aws(format!("writing pattern items: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
-        self.patterns = desired;
-        Ok(())
+        // Batches of 25, several in flight, started only within the budget: a large
+        // change (a first load, a moved cut) is spread over several calls instead of
+        // blocking the caller. What was written is remembered batch by batch.
+        let batches: Vec<Vec<((String, String), WriteRequest)>> = writes.chunks(25).map(<[_]>::to_vec).collect();
+        let total = batches.len();
+        let deadline = Instant::now() + WRITE_BUDGET;
+        let (client, table) = (&self.client, &self.table);
+        let done: Vec<_> = stream::iter(batches)
+            .take_while(|_| std::future::ready(Instant::now() < deadline))
+            .map(|batch| async move {
+                let (keys, requests): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                let n = requests.len() as u64;
+                (keys, n, toolrank_dynamodb::batch_write(client, table, requests).await)
+            })
+            .buffer_unordered(CONCURRENCY / 4)
+            .collect()
+            .await;
+        self.patterns_pending = done.len() < total;
+        let mut failed = None;
+        for (keys, n, result) in done {
+            self.stats.requests += n;
+            if let Err(e) = result {
+                // Rewritten next time: puts and deletes are idempotent.
+                self.patterns_pending = true;
+                failed.get_or_insert(Error::Aws(format!("writing pattern items: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))));
+                continue;
+            }
+            for key in keys {
+                match desired.get(&key) {
+                    Some(w) => self.patterns.insert(key, w.clone()),
+                    None => self.patterns.remove(&key),
+                };
+            }
+        }
+        failed.map_or(Ok(()), Err)
     }
 }
 
