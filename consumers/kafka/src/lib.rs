@@ -488,6 +488,8 @@ impl Consumer_ {
         }
         if !held && self.holds_lease {
             info!("lost the sink lease");
+            // Another consumer makes these visible; their latency is not ours to measure.
+            self.unseen.clear();
             for (_, mut r) in std::mem::take(&mut self.remotes) {
                 self.global.unabsorb(&mut r.engine);
             }
@@ -545,8 +547,9 @@ impl Consumer_ {
             if due && (!self.dynamodb_changes.is_empty() || d.needs_write()) {
                 self.last_dynamodb = Instant::now();
                 let written = within(&self.rt, "writing the dynamodb sink", d.write(&self.global, &self.dynamodb_changes, today));
-                if written.is_err() {
-                    // Cut off mid-write: what reached the table is unknown.
+                if let Err(toolrank_dynamodb::Error::Timeout(_)) = written {
+                    // Cut off mid-write: the sink's own record of what it wrote is unknown.
+                    // (Other failures leave it exact, with the failed keys pending.)
                     d.reset();
                 }
                 match written {
