@@ -1,0 +1,468 @@
+//! What every live consumer (Kafka, DynamoDB Streams, Kinesis) shares.
+//!
+//! A consumer divides its input into *units* (a Kafka partition, a shard lineage), each
+//! with its own [`Engine`] checkpointed together with its input position under a *scope*
+//! of the state table. Units move between consumers with their checkpoints. The rest is
+//! here, in [`SinkWriter`]:
+//! - **One writer.** One consumer holds the sink lease and writes the sinks from a merged
+//!   engine: its own units' deltas plus the latest checkpoints of the units others own,
+//!   so the sinks always show the sum over all units. Sink writes are absolute values
+//!   (counts, dates, rank keys), so rewriting after a restart converges instead of double
+//!   counting.
+//! - **Deadlines.** Every DynamoDB call is cut off after [`CALL_DEADLINE`], so a stalled
+//!   request cannot stall a consumer.
+//! - **Counters and latency** of the run ([`Summary`]).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use toolrank_dynamodb::{CheckpointStore, Lease};
+use toolrank_engine::{Applied, Changes, Engine};
+use toolrank_events::{decode_line, Change, Day};
+use toolrank_sink_dynamodb::DynamoSink;
+use toolrank_sink_valkey::ValkeySink;
+use tracing::{debug, info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    State(#[from] toolrank_dynamodb::Error),
+    #[error("checkpoint of {scope}: {source}")]
+    Snapshot { scope: String, source: toolrank_engine::StateError },
+    #[error("valkey: {0}")]
+    Valkey(#[from] toolrank_sink_valkey::Error),
+}
+
+/// What the sink writer needs.
+#[derive(Clone, Debug)]
+pub struct WriterConfig {
+    /// The pipeline's state table (checkpoints, leases).
+    pub state_table: String,
+    /// The DynamoDB sink's table; `None` disables the sink.
+    pub table: Option<String>,
+    /// Valkey URL; `None` disables the sink.
+    pub valkey_url: Option<String>,
+    pub valkey_prefix: String,
+    /// Scores are written for this date; `None` is the UTC date at each write.
+    pub today: Option<Day>,
+    /// This consumer's identity in leases and checkpoints.
+    pub owner: String,
+    /// How long a lease lasts without renewal.
+    pub lease: Duration,
+    /// The sink lease's scope: one writer per consumer group (or poller application).
+    pub lease_scope: String,
+    /// How often changes reach DynamoDB: every write costs money, so it coalesces longer
+    /// than Valkey.
+    pub dynamodb_interval: Duration,
+}
+
+/// Counters of one run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Messages or stream records read.
+    pub messages: u64,
+    /// Messages below a unit's checkpointed position (redelivered).
+    pub skipped_redeliveries: u64,
+    pub changes: u64,
+    pub stale: u64,
+    pub ignored: u64,
+    pub dead_letters: u64,
+    pub checkpoints: u64,
+    pub sink_writes: u64,
+    pub dynamodb_requests: u64,
+    pub valkey_commands: u64,
+    /// Failed sink writes, checkpoints and lease renewals (all retried).
+    pub retried_errors: u64,
+    /// Milliseconds from a record's creation (Kafka timestamp, stream record time) to its
+    /// effect being visible in Valkey (DynamoDB without Valkey), measured by the writer.
+    pub latency_p50_ms: Option<u64>,
+    pub latency_p99_ms: Option<u64>,
+    pub latency_max_ms: Option<u64>,
+}
+
+impl Summary {
+    /// Counts what the engine did with one change.
+    pub fn count(&mut self, applied: Applied) {
+        match applied {
+            Applied::Changed | Applied::Unchanged => self.changes += 1,
+            Applied::Stale => self.stale += 1,
+            Applied::Ignored => self.ignored += 1,
+        }
+    }
+}
+
+/// Decodes a line (a Kafka payload, a Kinesis record's data) into `engine`, counting in
+/// `summary`. Returns the rejected records as (reason, the record's own text when it was
+/// one of several).
+pub fn apply_line(engine: &mut Engine, line: &[u8], summary: &mut Summary) -> Vec<(String, Option<String>)> {
+    let mut bad = Vec::new();
+    let result = decode_line(line, &mut |rec| match rec.result {
+        Ok(change) => summary.count(engine.apply(&change)),
+        Err(e) => bad.push((format!("record {}: {e}", rec.index.unwrap_or(0)), rec.raw.map(str::to_owned))),
+    });
+    if let Err(e) = result {
+        bad.push((e.to_string(), None));
+    }
+    bad
+}
+
+/// Applies one already decoded change.
+pub fn apply_change(engine: &mut Engine, change: &Change<'_>, summary: &mut Summary) {
+    summary.count(engine.apply(change));
+}
+
+/// Milliseconds in 1 ms buckets up to a minute, the rest in the last.
+struct Latencies {
+    buckets: Vec<u64>,
+    count: u64,
+}
+
+impl Latencies {
+    const BUCKETS: usize = 60_001;
+
+    fn new() -> Latencies {
+        Latencies { buckets: vec![0; Self::BUCKETS], count: 0 }
+    }
+
+    fn record(&mut self, ms: i64) {
+        self.buckets[(ms.max(0) as usize).min(Self::BUCKETS - 1)] += 1;
+        self.count += 1;
+    }
+
+    fn quantile(&self, q: f64) -> Option<u64> {
+        let rank = ((self.count as f64 * q).ceil() as u64).max(1);
+        let mut seen = 0;
+        self.buckets.iter().position(|&n| {
+            seen += n;
+            seen >= rank
+        }).filter(|_| self.count > 0).map(|i| i as u64)
+    }
+}
+
+/// A unit owned by another consumer, as of its latest checkpoint (lease holder only).
+struct Remote {
+    engine: Engine,
+    generation: u64,
+}
+
+/// The longest a DynamoDB call may block a consumer's loop: well inside Kafka's poll
+/// interval, so that a stalled request cannot cost a consumer its partitions.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(40);
+
+/// Runs `call` on `rt`, cut off after [`CALL_DEADLINE`].
+pub fn within<T, E: Into<toolrank_dynamodb::Error>>(rt: &tokio::runtime::Runtime, what: &str, call: impl std::future::Future<Output = Result<T, E>>) -> Result<T, toolrank_dynamodb::Error> {
+    // The timer must be made inside the runtime.
+    match rt.block_on(async { tokio::time::timeout(CALL_DEADLINE, call).await }) {
+        Ok(result) => result.map_err(Into::into),
+        Err(_) => Err(toolrank_dynamodb::Error::Timeout(format!("{what} (after {} s)", CALL_DEADLINE.as_secs()))),
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Restores a unit's engine from its checkpoint (empty: a new unit).
+pub fn restore(scope: &str, state: &[u8]) -> Result<Engine, Error> {
+    if state.is_empty() {
+        return Ok(Engine::new());
+    }
+    Engine::restore(state).map_err(|source| Error::Snapshot { scope: scope.to_owned(), source })
+}
+
+/// The merged engine, the sink lease and the sinks (see the crate docs).
+pub struct SinkWriter {
+    /// The runtime every blocking call of the consumer runs on.
+    pub rt: tokio::runtime::Runtime,
+    pub client: aws_sdk_dynamodb::Client,
+    pub store: CheckpointStore,
+    pub summary: Summary,
+    config: WriterConfig,
+    lease: Lease,
+    holds_lease: bool,
+    /// When the sink lease was last renewed.
+    lease_renewed: Instant,
+    remotes: BTreeMap<String, Remote>,
+    global: Engine,
+    dynamodb: Option<DynamoSink>,
+    valkey: Option<ValkeySink>,
+    /// Changes not yet written to DynamoDB, and when it was last written.
+    dynamodb_changes: Changes,
+    last_dynamodb: Instant,
+    /// Creation times (ms) of the records applied since the last visible sink write.
+    unseen: Vec<i64>,
+    latencies: Latencies,
+}
+
+impl SinkWriter {
+    pub fn new(config: WriterConfig) -> Result<SinkWriter, Error> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
+        let client = rt.block_on(toolrank_dynamodb::client());
+        let mut global = Engine::new();
+        global.track_changes();
+        let dynamodb = config.table.as_ref().map(|t| DynamoSink::new(client.clone(), t.clone()));
+        let valkey = config.valkey_url.as_ref().map(|url| ValkeySink::new(url, config.valkey_prefix.clone())).transpose()?;
+        Ok(SinkWriter {
+            store: CheckpointStore::new(client.clone(), config.state_table.clone()),
+            lease: Lease::new(client.clone(), config.state_table.clone(), config.lease_scope.clone(), config.owner.clone(), config.lease),
+            client,
+            rt,
+            summary: Summary::default(),
+            config,
+            holds_lease: false,
+            lease_renewed: Instant::now(),
+            remotes: BTreeMap::new(),
+            global,
+            dynamodb,
+            valkey,
+            dynamodb_changes: Changes::default(),
+            last_dynamodb: Instant::now(),
+            unseen: Vec::new(),
+            latencies: Latencies::new(),
+        })
+    }
+
+    /// Runs `call` on the runtime within [`CALL_DEADLINE`].
+    pub fn call<T, E: Into<toolrank_dynamodb::Error>>(&self, what: &str, call: impl std::future::Future<Output = Result<T, E>>) -> Result<T, toolrank_dynamodb::Error> {
+        within(&self.rt, what, call)
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.config.owner
+    }
+
+    pub fn holds_lease(&self) -> bool {
+        self.holds_lease
+    }
+
+    /// Runs `f` until it succeeds, counting failures; gives up after 30 s (within Kafka's
+    /// poll interval). For what a consumer cannot go on without, like claiming a unit.
+    pub fn retrying<T>(&mut self, what: &str, mut f: impl FnMut(&SinkWriter) -> Result<T, toolrank_dynamodb::Error>) -> Result<T, Error> {
+        let mut delay = Duration::from_millis(100);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match f(self) {
+                Ok(v) => return Ok(v),
+                Err(e) if Instant::now() < deadline => {
+                    self.summary.retried_errors += 1;
+                    warn!(error = %e, "{what} failed; retrying");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Claims a unit's checkpoint for this consumer (fencing its previous owner) and
+    /// returns its engine (added to the merged one) and position.
+    pub fn claim(&mut self, scope: &str) -> Result<(Engine, Option<String>, u64), Error> {
+        let owner = self.config.owner.clone();
+        let ck = self.retrying(&format!("claiming {scope}"), |w| w.call("claiming a checkpoint", w.store.claim(scope, &owner)))?;
+        let mut engine = restore(scope, &ck.state)?;
+        if let Some(mut remote) = self.remotes.remove(scope) {
+            self.global.unabsorb(&mut remote.engine);
+        }
+        self.global.absorb(&mut engine);
+        Ok((engine, ck.position, ck.generation))
+    }
+
+    /// Takes an owned unit's share out of the merged engine (it moved elsewhere). Its
+    /// pending deltas are forwarded first: the merged engine must hold exactly what is
+    /// taken out.
+    pub fn release(&mut self, engine: &mut Engine) {
+        engine.flush_into(&mut self.global);
+        self.global.unabsorb(engine);
+    }
+
+    /// Saves a unit's checkpoint. `Ok(None)`: it failed and was counted (the unit stays
+    /// dirty, its position must not be acknowledged); `Err(Fenced)`: another consumer
+    /// owns the unit now.
+    pub fn save(&mut self, scope: &str, generation: u64, position: &str, engine: &mut Engine) -> Result<Option<u64>, toolrank_dynamodb::Error> {
+        let state = engine.snapshot();
+        match self.call("saving a checkpoint", self.store.save(scope, &self.config.owner, generation, position, &state)) {
+            Ok(g) => {
+                self.summary.checkpoints += 1;
+                debug!(scope, generation = g, position, bytes = state.len(), "checkpoint");
+                Ok(Some(g))
+            }
+            Err(e @ toolrank_dynamodb::Error::Fenced(_)) => Err(e),
+            Err(e) => {
+                self.summary.retried_errors += 1;
+                warn!(scope, error = %e, "checkpoint failed; retrying at the next interval");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Notes a record applied now, created at `created_ms`, for the latency figures.
+    pub fn observe(&mut self, created_ms: i64) {
+        if self.holds_lease {
+            self.unseen.push(created_ms);
+        }
+    }
+
+    /// Takes or renews the sink lease; on taking it, the sinks are compared in full. The
+    /// holder loads the latest checkpoints of `others`, the scopes of units it does not own.
+    pub fn refresh_lease(&mut self, others: &[String]) {
+        let held = match self.call("renewing the sink lease", self.lease.acquire()) {
+            Ok(held) => {
+                self.lease_renewed = Instant::now();
+                held
+            }
+            Err(e) => {
+                // Unknown: keep writing only while the last renewal surely still holds.
+                self.summary.retried_errors += 1;
+                warn!(error = %e, "renewing the sink lease failed");
+                self.holds_lease && self.lease_renewed.elapsed() < self.config.lease / 2
+            }
+        };
+        if held && !self.holds_lease {
+            info!("took the sink lease");
+            if let Some(d) = &mut self.dynamodb {
+                d.reset();
+            }
+            if let Some(v) = &mut self.valkey {
+                v.force_resync();
+            }
+        }
+        if !held && self.holds_lease {
+            info!("lost the sink lease");
+            // Another consumer makes these visible; their latency is not ours to measure.
+            self.unseen.clear();
+            for (_, mut r) in std::mem::take(&mut self.remotes) {
+                self.global.unabsorb(&mut r.engine);
+            }
+        }
+        self.holds_lease = held;
+        if held {
+            if let Err(e) = self.refresh_remotes(others) {
+                self.summary.retried_errors += 1;
+                warn!(error = %e, "reading other consumers' checkpoints failed; retrying");
+            }
+        }
+    }
+
+    /// Loads the latest checkpoints of the units other consumers own.
+    fn refresh_remotes(&mut self, others: &[String]) -> Result<(), Error> {
+        let gone: Vec<String> = self.remotes.keys().filter(|s| !others.contains(s)).cloned().collect();
+        for scope in gone {
+            let mut r = self.remotes.remove(&scope).expect("listed");
+            self.global.unabsorb(&mut r.engine);
+        }
+        for scope in others {
+            let generation = self.call("reading a checkpoint generation", self.store.generation(scope))?;
+            if generation == 0 || self.remotes.get(scope).is_some_and(|r| r.generation == generation) {
+                continue;
+            }
+            let ck = self.call("reading a checkpoint", self.store.peek(scope))?;
+            let mut engine = restore(scope, &ck.state)?;
+            if let Some(mut old) = self.remotes.remove(scope) {
+                self.global.unabsorb(&mut old.engine);
+            }
+            self.global.absorb(&mut engine);
+            debug!(scope, generation = ck.generation, "merged another consumer's checkpoint");
+            self.remotes.insert(scope.clone(), Remote { engine, generation: ck.generation });
+        }
+        Ok(())
+    }
+
+    /// Forwards the owned units' deltas into the merged engine and, as lease holder,
+    /// writes what changed to the sinks. `false` when a sink write failed (it is
+    /// retried). `now` writes DynamoDB even before its interval is up.
+    pub fn flush<'a>(&mut self, units: impl IntoIterator<Item = &'a mut Engine>, now: bool) -> bool {
+        for engine in units {
+            engine.flush_into(&mut self.global);
+        }
+        if !self.holds_lease {
+            return true;
+        }
+        let mut ok = true;
+        let changes = self.global.take_changes();
+        let today = self.config.today.unwrap_or_else(Day::today_utc);
+        self.dynamodb_changes.merge(&changes);
+        let mut visible = false;
+        if let Some(d) = &mut self.dynamodb {
+            let due = now || self.last_dynamodb.elapsed() >= self.config.dynamodb_interval;
+            if due && (!self.dynamodb_changes.is_empty() || d.needs_write()) {
+                self.last_dynamodb = Instant::now();
+                let written = within(&self.rt, "writing the dynamodb sink", d.write(&self.global, &self.dynamodb_changes, today));
+                if let Err(toolrank_dynamodb::Error::Timeout(_)) = written {
+                    // Cut off mid-write: the sink's own record of what it wrote is unknown.
+                    // (Other failures leave it exact, with the failed keys pending.)
+                    d.reset();
+                }
+                match written {
+                    Ok(()) => visible = self.valkey.is_none(),
+                    Err(e) => {
+                        warn!(error = %e, "dynamodb sink write failed; retrying at the next flush");
+                        self.summary.retried_errors += 1;
+                        ok = false;
+                    }
+                }
+                // A failed or partial write keeps its keys pending inside the sink.
+                self.dynamodb_changes = Changes::default();
+                ok = ok && !d.needs_write();
+                self.summary.dynamodb_requests = d.stats.requests;
+            }
+        }
+        if let Some(v) = &mut self.valkey {
+            if !changes.is_empty() || v.needs_resync() {
+                match v.write(&self.global, &changes) {
+                    Ok(()) => visible = true,
+                    Err(e) => {
+                        warn!(error = %e, "valkey sink write failed; resynchronizing when it is back");
+                        self.summary.retried_errors += 1;
+                        ok = false;
+                    }
+                }
+                self.summary.valkey_commands = v.commands;
+            }
+        }
+        if visible {
+            let now = now_ms();
+            for ts in self.unseen.drain(..) {
+                self.latencies.record(now - ts);
+            }
+        }
+        if !changes.is_empty() {
+            self.summary.sink_writes += 1;
+        }
+        ok
+    }
+
+    /// The last consumer to finish must write what all others saved: waits for the sink
+    /// lease (taking or renewing it loads the others' latest checkpoints), writes until
+    /// the sinks acknowledge (up to 3 minutes), and releases the lease.
+    pub fn finish(&mut self, others: &[String], units: &mut [&mut Engine]) {
+        let deadline = Instant::now() + self.config.lease * 3;
+        loop {
+            self.refresh_lease(others);
+            if self.holds_lease || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if !self.holds_lease {
+            warn!("could not take the sink lease before exiting; its holder writes the sinks");
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while !self.flush(units.iter_mut().map(|e| &mut **e), true) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if let Err(e) = self.call("releasing the sink lease", self.lease.release()) {
+            warn!(error = %e, "could not release the sink lease; it lapses by itself");
+        }
+    }
+
+    /// The run's counters, with the latency percentiles.
+    pub fn into_summary(self) -> Summary {
+        Summary {
+            latency_p50_ms: self.latencies.quantile(0.5),
+            latency_p99_ms: self.latencies.quantile(0.99),
+            latency_max_ms: self.latencies.quantile(1.0),
+            ..self.summary
+        }
+    }
+}
