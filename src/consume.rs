@@ -1,4 +1,4 @@
-//! `toolrank consume kafka`: the live pipeline.
+//! `toolrank consume kafka|dynamodb-streams|kinesis`: the live pipeline.
 
 use crate::sinks::SinkArgs;
 use anyhow::Result;
@@ -17,6 +17,112 @@ pub struct Args {
 #[derive(clap::Subcommand)]
 enum Source {
     Kafka(KafkaArgs),
+    DynamodbStreams(StreamsArgs),
+    Kinesis(KinesisArgs),
+}
+
+/// Poll the DynamoDB stream of the table (the Streams API), sharing its shards with the
+/// other pollers of the same --application.
+///
+/// Shards are grouped into lineages (a shard and the children that continue its keys);
+/// each lineage has a lease in the state table and its engine state checkpointed with
+/// its shards' sequence numbers, so a poller killed at any moment loses nothing and
+/// counts nothing twice: another takes its lineages over when their leases lapse.
+/// Parents are read before children. The pipeline's own writes to the table come back
+/// on the stream and change nothing. Bad records go to --dead-letter-file.
+///
+///   eval "$(infra/local/up)" && toolrank setup
+///   toolrank produce --to dynamodb examples/seed-sample.jsonl
+///   toolrank consume dynamodb-streams --table AgentTable --until-idle 5
+///   toolrank top agents --domain DMN001
+#[derive(clap::Args)]
+struct StreamsArgs {
+    /// The table whose stream is read (its latest stream).
+    #[arg(long, env = "TOOLRANK_SOURCE_TABLE", default_value = "AgentTable")]
+    source_table: String,
+    #[command(flatten)]
+    poller: PollerArgs,
+}
+
+/// Poll a Kinesis data stream that receives the table's changes (Kinesis Data Streams
+/// for DynamoDB), with the same lineages, leases and checkpoints as dynamodb-streams.
+///
+/// Kinesis records of DynamoDB carry no stream sequence number and may repeat or arrive
+/// out of order for one item: they are ordered by ApproximateCreationDateTime, so set
+/// the table's Kinesis destination to MICROSECOND precision.
+///
+///   toolrank consume kinesis --stream agent-table-changes --until-idle 5
+#[derive(clap::Args)]
+struct KinesisArgs {
+    /// The Kinesis stream name.
+    #[arg(long, env = "TOOLRANK_KINESIS_STREAM")]
+    stream: String,
+    #[command(flatten)]
+    poller: PollerArgs,
+}
+
+#[derive(clap::Args)]
+struct PollerArgs {
+    /// The application: pollers with the same name share the shards (and one state).
+    #[arg(long, env = "TOOLRANK_APPLICATION", default_value = "toolrank")]
+    application: String,
+    /// Exit after SECS without a new record, once every shard is read (tests, batch use).
+    #[arg(long, value_name = "SECS")]
+    until_idle: Option<f64>,
+    /// Milliseconds between Valkey writes.
+    #[arg(long, default_value_t = 50, env = "TOOLRANK_FLUSH_MS")]
+    flush_ms: u64,
+    /// Milliseconds between DynamoDB writes (each key at most once per interval).
+    #[arg(long, default_value_t = 1000, env = "TOOLRANK_DYNAMODB_FLUSH_MS")]
+    dynamodb_flush_ms: u64,
+    /// Seconds between checkpoints of lineage state.
+    #[arg(long, default_value_t = 5.0, env = "TOOLRANK_CHECKPOINT_SECS")]
+    checkpoint_secs: f64,
+    /// Seconds between reads of the shard listing (new shards, splits).
+    #[arg(long, default_value_t = 10.0)]
+    discover_secs: f64,
+    /// Milliseconds to wait after a round of reads that found nothing (DynamoDB Streams
+    /// allows about 5 reads per second per shard).
+    #[arg(long, default_value_t = 250)]
+    idle_poll_ms: u64,
+    /// Seconds a lease (lineage or sink) lasts without renewal: how soon a dead poller's
+    /// work is taken over.
+    #[arg(long, default_value_t = 10.0)]
+    lease_secs: f64,
+    /// Rejected records, one JSON line each (reason, shard, sequence number, record).
+    #[arg(long, env = "TOOLRANK_DEAD_LETTER_FILE", default_value = "toolrank-dead-letters.jsonl")]
+    dead_letter_file: std::path::PathBuf,
+    /// This poller's identity (default: host and process id).
+    #[arg(long, env = "TOOLRANK_CONSUMER_ID")]
+    id: Option<String>,
+    #[command(flatten)]
+    sinks: SinkArgs,
+}
+
+impl PollerArgs {
+    fn config(self) -> Result<toolrank_consume_streams::Config> {
+        Ok(toolrank_consume_streams::Config {
+            application: self.application,
+            until_idle: self.until_idle.map(Duration::from_secs_f64),
+            flush_interval: Duration::from_millis(self.flush_ms),
+            dynamodb_interval: Duration::from_millis(self.dynamodb_flush_ms),
+            checkpoint_interval: Duration::from_secs_f64(self.checkpoint_secs),
+            discover_interval: Duration::from_secs_f64(self.discover_secs),
+            idle_poll: Duration::from_millis(self.idle_poll_ms),
+            state_table: self.sinks.state_table.clone(),
+            table: (!self.sinks.no_dynamodb).then(|| self.sinks.table.clone()),
+            valkey_url: (!self.sinks.no_valkey).then(|| self.sinks.valkey_url.clone()),
+            valkey_prefix: self.sinks.namespace.clone(),
+            today: self.sinks.today()?,
+            owner: owner(self.id),
+            lease: Duration::from_secs_f64(self.lease_secs),
+            dead_letter_file: self.dead_letter_file,
+        })
+    }
+}
+
+fn owner(id: Option<String>) -> String {
+    id.unwrap_or_else(|| format!("{}-{}", std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()), std::process::id()))
 }
 
 /// Consume a Kafka topic as a member of a consumer group.
@@ -71,10 +177,29 @@ struct KafkaArgs {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let Source::Kafka(a) = args.source;
     let stop = Arc::new(AtomicBool::new(false));
     watch_signals(stop.clone());
-    let owner = a.id.unwrap_or_else(|| format!("{}-{}", std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()), std::process::id()));
+    let summary = match args.source {
+        Source::Kafka(a) => kafka(a, stop)?,
+        Source::DynamodbStreams(a) => {
+            let config = a.poller.config()?;
+            let sdk = toolrank_consume_streams::sdk_config();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let source = rt.block_on(toolrank_consume_streams::dynamodb_streams::DynamoStreams::of_table(&sdk, &a.source_table))?;
+            toolrank_consume_streams::run(config, source, &stop)?
+        }
+        Source::Kinesis(a) => {
+            let config = a.poller.config()?;
+            let source = toolrank_consume_streams::kinesis::Kinesis::new(&toolrank_consume_streams::sdk_config(), a.stream);
+            toolrank_consume_streams::run(config, source, &stop)?
+        }
+    };
+    print_summary(&summary);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn kafka(a: KafkaArgs, stop: Arc<AtomicBool>) -> Result<toolrank_live::Summary> {
+    let owner = owner(a.id);
     let config = toolrank_consume_kafka::Config {
         brokers: a.brokers,
         topic: a.topic,
@@ -92,7 +217,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
         owner,
         lease: Duration::from_secs_f64(a.lease_secs),
     };
-    let s = toolrank_consume_kafka::run(config, stop)?;
+    Ok(toolrank_consume_kafka::run(config, stop)?)
+}
+
+fn print_summary(s: &toolrank_live::Summary) {
     eprintln!(
         "consumed {} messages: {} changes, {} stale, {} ignored, {} redeliveries skipped, {} dead-lettered; {} checkpoints, {} sink writes ({} DynamoDB requests, {} Valkey commands)",
         s.messages, s.changes, s.stale, s.ignored, s.skipped_redeliveries, s.dead_letters, s.checkpoints, s.sink_writes, s.dynamodb_requests, s.valkey_commands
@@ -103,7 +231,6 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if s.retried_errors > 0 {
         eprintln!("{} sink, checkpoint or lease errors were retried", s.retried_errors);
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Sets `stop` on SIGINT or SIGTERM.

@@ -173,7 +173,7 @@ fn decode_chunks(chunks: mpsc::Receiver<Result<Chunk, SourceError>>, out: mpsc::
                 let bytes = &chunk.text[start..end];
                 let bad = |record, raw: Option<&str>, e: DecodeError| {
                     let raw = raw.map_or_else(|| String::from_utf8_lossy(bytes).into_owned(), str::to_owned);
-                    Decoded::Bad(DeadLetter { source: chunk.source.to_string(), line: line_no, record, reason: e.to_string(), raw })
+                    Decoded::Bad(DeadLetter { source: chunk.source.to_string(), line: line_no, record, position: None, reason: e.to_string(), raw })
                 };
                 match decode_line(bytes, &mut |rec: Record<'_>| {
                     batch.push(match rec.result {

@@ -70,6 +70,71 @@ impl CheckpointStore {
         Ok(self.manifest(scope).await?.as_ref().map_or(0, generation_of))
     }
 
+    /// The position of `scope`'s latest checkpoint, without its state.
+    pub async fn position(&self, scope: &str) -> Result<Option<String>, Error> {
+        Ok(self.manifest(scope).await?.and_then(|m| m.get("Position").and_then(|v| v.as_s().ok()).cloned()))
+    }
+
+    /// Adds `members` to the string set `name` of the item (`scope`, `sk`), e.g. the
+    /// registry of a stream's shard lineages.
+    pub async fn add_to_set(&self, scope: &str, sk: &str, name: &str, members: Vec<String>) -> Result<(), Error> {
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .key("PK", s(scope))
+            .key("SK", s(sk))
+            .update_expression("ADD #n :m")
+            .expression_attribute_names("#n", name)
+            .expression_attribute_values(":m", AttributeValue::Ss(members))
+            .send()
+            .await
+            .map_err(aws(format!("adding to {scope} {sk}")))?;
+        Ok(())
+    }
+
+    /// The string set `name` of the item (`scope`, `sk`); empty when absent.
+    pub async fn set(&self, scope: &str, sk: &str, name: &str) -> Result<Vec<String>, Error> {
+        let got = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("PK", s(scope))
+            .key("SK", s(sk))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(aws(format!("reading {scope} {sk}")))?;
+        Ok(got.item.and_then(|i| i.get(name).and_then(|v| v.as_ss().ok()).cloned()).unwrap_or_default())
+    }
+
+    /// Records that `owner` is alive until `duration` from now, and returns how many
+    /// owners of `scope` are alive (e.g. pollers sharing a stream's shards).
+    pub async fn heartbeat(&self, scope: &str, owner: &str, duration: Duration) -> Result<usize, Error> {
+        let now = now_ms();
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .item("PK", s(scope))
+            .item("SK", s(owner))
+            .item("Expires", n(now + duration.as_millis() as u64))
+            .send()
+            .await
+            .map_err(aws(format!("heartbeat in {scope}")))?;
+        let got = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("PK = :pk")
+            .filter_expression("Expires > :now")
+            .expression_attribute_values(":pk", s(scope))
+            .expression_attribute_values(":now", n(now))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(aws(format!("reading {scope}")))?;
+        Ok(got.items().len().max(1))
+    }
+
     /// Reads `scope`'s latest checkpoint without claiming it (a sink writer merging the
     /// partitions other consumers own).
     pub async fn peek(&self, scope: &str) -> Result<Checkpoint, Error> {

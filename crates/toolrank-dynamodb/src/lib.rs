@@ -45,18 +45,22 @@ pub(crate) fn aws<E: std::error::Error + 'static, R: std::fmt::Debug>(what: impl
     move |e| Error::Aws { what, message: DisplayErrorContext(&e).to_string() }
 }
 
-/// A client configured from the environment.
+/// A client configured from the environment (see [`sdk_config`]).
+pub async fn client() -> Client {
+    Client::new(&sdk_config().await)
+}
+
+/// The AWS configuration from the environment, shared by every AWS client of toolrank.
 ///
 /// Every attempt times out after 10 s (the SDK has no read timeout by default, and one
 /// lost response would stall a consumer) and is retried with the SDK's backoff.
-pub async fn client() -> Client {
+pub async fn sdk_config() -> aws_config::SdkConfig {
     let timeouts = aws_config::timeout::TimeoutConfig::builder()
         .connect_timeout(Duration::from_secs(3))
         .operation_attempt_timeout(Duration::from_secs(10))
         .operation_timeout(Duration::from_secs(30))
         .build();
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest()).timeout_config(timeouts).load().await;
-    Client::new(&config)
+    aws_config::defaults(aws_config::BehaviorVersion::latest()).timeout_config(timeouts).load().await
 }
 
 /// Whether the table was made or already there.

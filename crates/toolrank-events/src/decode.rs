@@ -211,6 +211,9 @@ struct StreamData<'a> {
     new_image: Option<Image<'a>>,
     #[serde(rename = "SequenceNumber", borrow)]
     sequence_number: Option<Str<'a>>,
+    /// Kept raw: seconds in Lambda events, milliseconds or microseconds from Kinesis.
+    #[serde(rename = "ApproximateCreationDateTime", borrow)]
+    approximate_creation: Option<&'a RawValue>,
 }
 
 #[derive(serde::Deserialize)]
@@ -315,18 +318,21 @@ fn put_item(img: Image<'_>) -> Result<Change<'_>, DecodeError> {
 fn stream_change(rec: StreamRecord<'_>) -> Result<Change<'_>, DecodeError> {
     let name = rec.event_name.ok_or(DecodeError::Missing("eventName"))?.0;
     let data = rec.dynamodb.ok_or(DecodeError::Missing("dynamodb"))?;
-    let seq = data
-        .sequence_number
-        .map(|s| s.0.parse::<u128>().map_err(|_| DecodeError::Sequence(s.0.into_owned())))
-        .transpose()?;
-    let mut change = match name.as_ref() {
-        "INSERT" | "MODIFY" => put_item(data.new_image.ok_or(DecodeError::Missing("dynamodb.NewImage"))?)?,
+    let ttl = rec.user_identity.is_some_and(|u| {
+        u.kind.is_some_and(|k| k.0 == "Service") && u.principal_id.is_some_and(|p| p.0 == "dynamodb.amazonaws.com")
+    });
+    stream_record_change(&name, data.keys, data.new_image, data.sequence_number.map(|s| s.0).as_deref(), ttl)
+}
+
+/// The change a DynamoDB stream record describes, from its parts: for consumers that get
+/// records already parsed (the Streams API's SDK types). `ttl`: the record's
+/// `userIdentity` is the DynamoDB service (a TTL removal).
+pub fn stream_record_change<'a>(event_name: &str, keys: Option<Image<'a>>, new_image: Option<Image<'a>>, sequence_number: Option<&str>, ttl: bool) -> Result<Change<'a>, DecodeError> {
+    let seq = sequence_number.map(|s| s.parse::<u128>().map_err(|_| DecodeError::Sequence(s.to_owned()))).transpose()?;
+    let mut change = match event_name {
+        "INSERT" | "MODIFY" => put_item(new_image.ok_or(DecodeError::Missing("dynamodb.NewImage"))?)?,
         "REMOVE" => {
-            let keys = data.keys.ok_or(DecodeError::Missing("dynamodb.Keys"))?;
-            let ttl = rec.user_identity.is_some_and(|u| {
-                u.kind.is_some_and(|k| k.0 == "Service")
-                    && u.principal_id.is_some_and(|p| p.0 == "dynamodb.amazonaws.com")
-            });
+            let keys = keys.ok_or(DecodeError::Missing("dynamodb.Keys"))?;
             Change {
                 pk: required(keys.pk, "dynamodb.Keys.PK")?,
                 sk: required(keys.sk, "dynamodb.Keys.SK")?,
@@ -338,6 +344,33 @@ fn stream_change(rec: StreamRecord<'_>) -> Result<Change<'_>, DecodeError> {
     };
     change.seq = seq;
     Ok(change)
+}
+
+/// Decodes the data of a Kinesis record carrying a DynamoDB change (Kinesis Data Streams
+/// for DynamoDB). Those records have no stream `SequenceNumber` and may arrive twice or
+/// out of order for one item, so `ApproximateCreationDateTime` orders them (in
+/// microseconds: enable MICROSECOND precision on the table's Kinesis destination, or two
+/// changes of one item within a millisecond are indistinguishable). Also returns that
+/// time in milliseconds.
+pub fn decode_kinesis_data(data: &[u8]) -> Result<(Change<'_>, Option<i64>), DecodeError> {
+    let text = std::str::from_utf8(data).map_err(|_| DecodeError::NotUtf8)?;
+    let rec: StreamRecord<'_> = serde_json::from_str(text)?;
+    let micros = rec.dynamodb.as_ref().and_then(|d| d.approximate_creation).and_then(|raw| creation_micros(raw.get()));
+    let mut change = stream_change(rec)?;
+    if change.seq.is_none() {
+        change.seq = micros.map(|m| m as u128);
+    }
+    Ok((change, micros.map(|m| (m / 1000) as i64)))
+}
+
+/// `ApproximateCreationDateTime` in microseconds, whatever unit it was written in.
+fn creation_micros(raw: &str) -> Option<u64> {
+    let v: f64 = raw.parse().ok()?;
+    if !(v.is_finite() && v > 0.0) {
+        return None;
+    }
+    let micros = if v < 1e11 { v * 1e6 } else if v < 1e14 { v * 1e3 } else { v };
+    Some(micros as u64)
 }
 
 /// A flat event becomes the hist item change, preceded by an agent catalog upsert when it
@@ -385,4 +418,36 @@ fn flat_changes(f: Flat<'_>) -> Result<(Option<Change<'_>>, Change<'_>), DecodeE
         action: Action::Put(Entity::Execution(Execution { tool_nm, at, success })),
     };
     Ok((agent, hist))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KINESIS: &str = r#"{"awsRegion":"us-east-1","eventID":"e1","eventName":"MODIFY","userIdentity":null,"recordFormat":"application/json","tableName":"AgentTable","dynamodb":{"ApproximateCreationDateTime":1752480000123456,"Keys":{"PK":{"S":"U1#S1"},"SK":{"S":"P1#A1#T1"}},"NewImage":{"PK":{"S":"U1#S1"},"SK":{"S":"P1#A1#T1"},"EntityType":{"S":"UserSessPrcToolMappHist"},"ToolNM":{"S":"search"},"TransactDT":{"S":"20250714080000"},"SuccYN":{"S":"Y"}},"SizeBytes":120},"eventSource":"aws:dynamodb"}"#;
+
+    #[test]
+    fn kinesis_records_are_ordered_by_creation_time() {
+        let (change, ms) = decode_kinesis_data(KINESIS.as_bytes()).unwrap();
+        assert_eq!(change.seq, Some(1_752_480_000_123_456));
+        assert_eq!(ms, Some(1_752_480_000_123));
+        let millis = KINESIS.replace("1752480000123456", "1752480000123");
+        assert_eq!(decode_kinesis_data(millis.as_bytes()).unwrap().0.seq, Some(1_752_480_000_123_000));
+        // A stream sequence number, when present, wins.
+        let with_seq = KINESIS.replace(r#""SizeBytes":120"#, r#""SizeBytes":120,"SequenceNumber":"42""#);
+        assert_eq!(decode_kinesis_data(with_seq.as_bytes()).unwrap().0.seq, Some(42));
+        assert!(decode_kinesis_data(b"{\"eventName\":\"MODIFY\"}").is_err());
+    }
+
+    #[test]
+    fn ttl_removals_are_marked_from_parts_and_lines() {
+        let line = r#"{"eventName":"REMOVE","userIdentity":{"type":"Service","principalId":"dynamodb.amazonaws.com"},"dynamodb":{"Keys":{"PK":{"S":"U1#S1"},"SK":{"S":"P1#A1#T1"}},"SequenceNumber":"7"}}"#;
+        let mut got = Vec::new();
+        decode_line(line.as_bytes(), &mut |r| got.push(r.result.unwrap().action)).unwrap();
+        assert_eq!(got, vec![Action::Delete { ttl: true }]);
+        let keys = Image { pk: Some(Attr::S("U1#S1".into())), sk: Some(Attr::S("P1#A1#T1".into())), ..Image::default() };
+        let change = stream_record_change("REMOVE", Some(keys), None, Some("8"), false).unwrap();
+        assert_eq!((change.seq, change.action), (Some(8), Action::Delete { ttl: false }));
+        assert!(matches!(stream_record_change("UPSERT", None, None, None, false), Err(DecodeError::UnknownEventName(_))));
+    }
 }

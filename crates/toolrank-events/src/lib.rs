@@ -11,7 +11,7 @@ pub mod time;
 
 pub use attr::{Attr, Image, Str};
 pub use change::{Action, AgentItem, Change, Entity, Execution, HistKey, KeyError, AGENT_ENTITY, HIST_ENTITY, METADATA_SK};
-pub use decode::{decode_line, DecodeError, Format, Record};
+pub use decode::{decode_kinesis_data, decode_line, stream_record_change, DecodeError, Format, Record};
 pub use time::{Day, Timestamp};
 
 /// A rejected input record as written to a dead-letter destination.
@@ -24,6 +24,10 @@ pub struct DeadLetter {
     /// Index of the record inside a Lambda event line.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub record: Option<usize>,
+    /// The record's position in its source when a line number does not say it (a
+    /// shard's sequence number).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub position: Option<String>,
     pub reason: String,
     /// The rejected text, lossily decoded when it was not UTF-8.
     pub raw: String,

@@ -1,0 +1,576 @@
+//! `toolrank consume dynamodb-streams` and `toolrank consume kinesis`: shard pollers with
+//! KCL-style leases and an exactly-once effect.
+//!
+//! How (also in the README):
+//! - **Lineages.** A stream's shards form trees: a shard closes and its child (or two,
+//!   after a split) continues its key range. All changes of one item, and of one session,
+//!   stay within one tree, so a tree is the unit that owns engine state, the way a Kafka
+//!   partition does. Trees are found from the shard listing (a shard whose parent is
+//!   listed or known joins the parent's tree; any other starts one) and registered in
+//!   the state table. Within a tree, a shard is read only after its parent was read to
+//!   its end (parent before child).
+//! - **Leases.** Each tree has a lease in the state table. Pollers of one application
+//!   heartbeat, take free or lapsed tree leases up to their fair share, and let surplus
+//!   trees go, so several pollers split the trees and a dead poller's trees are taken
+//!   over once its leases lapse.
+//! - **Checkpoints.** A tree's engine snapshot and its shards' sequence numbers are saved
+//!   together, atomically ([`toolrank_dynamodb::CheckpointStore`]); a new owner claims
+//!   (fencing the old one) and resumes from there, skipping records at or below each
+//!   shard's sequence number, so a record is applied exactly once whatever is re-read.
+//! - **Sinks.** One poller holds the sink lease and writes the sinks from all trees
+//!   ([`toolrank_live::SinkWriter`]).
+//!
+//! The pipeline's own writes (Score and GSI1_SK on Agent items, pattern items) come back
+//! on the same stream: an Agent item whose domain and name are unchanged is `Unchanged`
+//! for the engine and pattern items are not executions, so they change no count and
+//! cause no further write.
+
+pub mod dynamodb_streams;
+pub mod kinesis;
+mod source;
+
+pub use source::{compare_sequences, Page, ShardInfo, ShardSource, SourceError, StreamRecord};
+
+use serde::{Deserialize, Serialize};
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use toolrank_dynamodb::Lease;
+use toolrank_engine::Engine;
+use toolrank_events::{DeadLetter, Day};
+use toolrank_live::{SinkWriter, WriterConfig};
+pub use toolrank_live::Summary;
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Live(#[from] toolrank_live::Error),
+    #[error("stream: {0}")]
+    Source(#[from] SourceError),
+    #[error("shard {shard} merges the lineages of {a} and {b}: shard merges across lineages are not supported")]
+    Merge { shard: String, a: String, b: String },
+    #[error("dead-letter file {0}: {1}")]
+    DeadLetters(PathBuf, std::io::Error),
+}
+
+impl From<toolrank_dynamodb::Error> for Error {
+    fn from(e: toolrank_dynamodb::Error) -> Error {
+        Error::Live(e.into())
+    }
+}
+
+/// What a poller needs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The application: pollers with the same name share the stream's shards.
+    pub application: String,
+    /// Exit after this long without a record, once every shard is read to its end.
+    pub until_idle: Option<Duration>,
+    /// How often deltas reach Valkey (and the merged engine).
+    pub flush_interval: Duration,
+    /// How often changes reach DynamoDB.
+    pub dynamodb_interval: Duration,
+    /// How often tree state is checkpointed.
+    pub checkpoint_interval: Duration,
+    /// How often the shard listing is read (new shards, splits).
+    pub discover_interval: Duration,
+    /// Pause after a round of reads that found nothing.
+    pub idle_poll: Duration,
+    pub state_table: String,
+    pub table: Option<String>,
+    pub valkey_url: Option<String>,
+    pub valkey_prefix: String,
+    pub today: Option<Day>,
+    pub owner: String,
+    /// How long a lease (tree or sink) lasts without renewal.
+    pub lease: Duration,
+    /// Where rejected records go, one JSON line each.
+    pub dead_letter_file: PathBuf,
+}
+
+/// A shard's progress within its tree, as checkpointed.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+struct ShardPos {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    parent: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    adjacent_parent: Option<String>,
+    /// The last applied record; `None`: from the oldest.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    seq: Option<String>,
+    /// Closed and read to its end.
+    #[serde(default)]
+    done: bool,
+}
+
+/// A tree this poller owns.
+struct Tree {
+    scope: String,
+    lease: Lease,
+    renewed: Instant,
+    engine: Engine,
+    generation: u64,
+    shards: BTreeMap<String, ShardPos>,
+    iterators: HashMap<String, String>,
+    /// Shards whose last read returned nothing.
+    caught_up: HashSet<String>,
+    dirty: bool,
+}
+
+impl Tree {
+    /// Parent before child: a shard is read once its parents in the tree are done.
+    fn ready(&self, pos: &ShardPos) -> bool {
+        [&pos.parent, &pos.adjacent_parent].into_iter().flatten().all(|p| self.shards.get(p).map_or(true, |pp| pp.done))
+    }
+}
+
+struct Poller<S: ShardSource> {
+    config: Config,
+    source: S,
+    writer: SinkWriter,
+    /// State-table prefix of this application on this stream.
+    prefix: String,
+    trees: BTreeMap<String, Tree>,
+    /// Every tree of the stream, by root shard.
+    registry: Vec<String>,
+    /// Listed shards and the tree each belongs to.
+    listing: Vec<ShardInfo>,
+    tree_of: HashMap<String, String>,
+    workers: usize,
+    dead_letters: Option<std::fs::File>,
+}
+
+/// Runs a poller on `source` until `stop` is set or, with `until_idle`, every shard is read.
+pub fn run<S: ShardSource>(config: Config, source: S, stop: &AtomicBool) -> Result<Summary, Error> {
+    let prefix = format!("streams/{}/{}", config.application, source.name());
+    let writer = SinkWriter::new(WriterConfig {
+        state_table: config.state_table.clone(),
+        table: config.table.clone(),
+        valkey_url: config.valkey_url.clone(),
+        valkey_prefix: config.valkey_prefix.clone(),
+        today: config.today,
+        owner: config.owner.clone(),
+        lease: config.lease,
+        lease_scope: format!("{prefix}/sink-writer"),
+        dynamodb_interval: config.dynamodb_interval,
+    })?;
+    let mut p = Poller { config, source, writer, prefix, trees: BTreeMap::new(), registry: Vec::new(), listing: Vec::new(), tree_of: HashMap::new(), workers: 1, dead_letters: None };
+    p.run(stop)?;
+    Ok(p.writer.into_summary())
+}
+
+/// Builds the AWS configuration (on the caller's side, before [`run`] starts its own runtime).
+pub fn sdk_config() -> aws_config::SdkConfig {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
+    rt.block_on(toolrank_dynamodb::sdk_config())
+}
+
+impl<S: ShardSource> Poller<S> {
+    fn scope(&self, root: &str) -> String {
+        format!("{}/tree/{root}", self.prefix)
+    }
+
+    fn run(&mut self, stop: &AtomicBool) -> Result<(), Error> {
+        let long_ago = Instant::now() - Duration::from_secs(3600);
+        let (mut last_record, mut last_flush, mut last_checkpoint) = (Instant::now(), Instant::now(), Instant::now());
+        let (mut last_discover, mut last_balance, mut last_refresh) = (long_ago, long_ago, long_ago);
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                info!("stopping: finishing the batch");
+                break;
+            }
+            if last_discover.elapsed() >= self.config.discover_interval {
+                last_discover = Instant::now();
+                self.discover()?;
+            }
+            if last_balance.elapsed() >= self.config.lease / 3 {
+                last_balance = Instant::now();
+                self.balance()?;
+            }
+            let read = self.read_round()?;
+            if read > 0 {
+                last_record = Instant::now();
+            }
+            if last_flush.elapsed() >= self.config.flush_interval {
+                last_flush = Instant::now();
+                if last_refresh.elapsed() >= Duration::from_secs(1) {
+                    last_refresh = Instant::now();
+                    self.writer.refresh_lease(&self.others());
+                }
+                self.flush_sinks(false);
+            }
+            if last_checkpoint.elapsed() >= self.config.checkpoint_interval {
+                last_checkpoint = Instant::now();
+                self.checkpoint();
+            }
+            if self.config.until_idle.is_some_and(|idle| last_record.elapsed() >= idle) {
+                self.discover()?;
+                if self.drained()? {
+                    info!("idle: every shard is read");
+                    break;
+                }
+                last_record = Instant::now();
+            }
+            if read == 0 {
+                std::thread::sleep(self.config.idle_poll);
+            }
+        }
+        self.finish();
+        Ok(())
+    }
+
+    /// The scopes of the trees other pollers own.
+    fn others(&self) -> Vec<String> {
+        self.registry.iter().filter(|r| !self.trees.contains_key(*r)).map(|r| self.scope(r)).collect()
+    }
+
+    fn flush_sinks(&mut self, now: bool) -> bool {
+        self.writer.flush(self.trees.values_mut().map(|t| &mut t.engine), now)
+    }
+
+    /// Reads the shard listing and the registry, places every shard in its tree, and
+    /// registers new trees.
+    fn discover(&mut self) -> Result<(), Error> {
+        let listing = self.writer.call("listing shards", async { self.source.shards().await.map_err(|e| toolrank_dynamodb::Error::Input(e.to_string())) })?;
+        let registry = self.writer.call("reading the tree registry", self.writer.store.set(&self.prefix, "trees", "Trees"))?;
+        // Membership as the trees' owners recorded it (a root's shards may be trimmed).
+        let mut member: HashMap<String, String> = HashMap::new();
+        for root in &registry {
+            member.insert(root.clone(), root.clone());
+            let shards: Vec<String> = match self.trees.get(root) {
+                Some(t) => t.shards.keys().cloned().collect(),
+                None => {
+                    let scope = self.scope(root);
+                    let position = self.writer.call("reading a tree's position", self.writer.store.position(&scope))?;
+                    parse_position(position.as_deref()).into_keys().collect()
+                }
+            };
+            for s in shards {
+                member.insert(s, root.clone());
+            }
+        }
+        let listed: HashMap<&str, &ShardInfo> = listing.iter().map(|s| (s.id.as_str(), s)).collect();
+        let mut tree_of: HashMap<String, String> = HashMap::new();
+        for shard in &listing {
+            let root = root_of(&shard.id, &listed, &member, &mut tree_of);
+            if let Some(adjacent) = &shard.adjacent_parent {
+                if listed.contains_key(adjacent.as_str()) || member.contains_key(adjacent) {
+                    let other = root_of(adjacent, &listed, &member, &mut tree_of);
+                    if other != root {
+                        return Err(Error::Merge { shard: shard.id.clone(), a: root, b: other });
+                    }
+                }
+            }
+        }
+        let new: Vec<String> = tree_of.values().filter(|r| !registry.contains(r)).cloned().collect::<HashSet<_>>().into_iter().collect();
+        if !new.is_empty() {
+            info!(trees = ?new, "registering new shard lineages");
+            self.writer.call("registering trees", self.writer.store.add_to_set(&self.prefix, "trees", "Trees", new.clone()))?;
+        }
+        self.registry = registry.into_iter().chain(new).collect();
+        self.registry.sort();
+        self.registry.dedup();
+        self.tree_of = tree_of;
+        self.listing = listing;
+        let (listing, tree_of) = (&self.listing, &self.tree_of);
+        for (root, tree) in &mut self.trees {
+            tree.dirty |= adopt_shards(tree, root, listing, tree_of);
+        }
+        Ok(())
+    }
+
+    /// Heartbeats, renews this poller's tree leases, takes free or lapsed trees up to its
+    /// fair share, and lets surplus ones go.
+    fn balance(&mut self) -> Result<(), Error> {
+        let workers_scope = format!("{}/workers", self.prefix);
+        match self.writer.call("heartbeat", self.writer.store.heartbeat(&workers_scope, self.writer.owner(), self.config.lease * 2)) {
+            Ok(n) => self.workers = n,
+            Err(e) => {
+                self.writer.summary.retried_errors += 1;
+                warn!(error = %e, "heartbeat failed");
+            }
+        }
+        let roots: Vec<String> = self.trees.keys().cloned().collect();
+        for root in roots {
+            let tree = &self.trees[&root];
+            let held = match self.writer.call("renewing a tree lease", tree.lease.acquire()) {
+                Ok(held) => held,
+                Err(e) => {
+                    self.writer.summary.retried_errors += 1;
+                    warn!(tree = root, error = %e, "renewing a tree lease failed");
+                    tree.renewed.elapsed() < self.config.lease / 2
+                }
+            };
+            if held {
+                self.trees.get_mut(&root).expect("owned").renewed = Instant::now();
+            } else {
+                warn!(tree = root, "lost the lease of a tree; letting go");
+                self.drop_tree(&root);
+            }
+        }
+        let share = self.registry.len().div_ceil(self.workers.max(1));
+        // Surplus trees go first, checkpointed, so that a new poller gets its share.
+        while self.trees.len() > share {
+            let Some(root) = self.trees.iter().find(|(_, t)| !t.dirty).map(|(r, _)| r.clone()) else { break };
+            info!(tree = root, share, "handing a tree over to another poller");
+            let lease = self.trees[&root].lease.clone();
+            self.drop_tree(&root);
+            if let Err(e) = self.writer.call("releasing a tree lease", lease.release()) {
+                warn!(tree = root, error = %e, "could not release a tree lease; it lapses by itself");
+            }
+        }
+        let free: Vec<String> = self.registry.iter().filter(|r| !self.trees.contains_key(*r)).cloned().collect();
+        for root in free {
+            if self.trees.len() >= share {
+                break;
+            }
+            let scope = self.scope(&root);
+            let lease = Lease::new(self.writer.client.clone(), self.config.state_table.clone(), scope.clone(), self.config.owner.clone(), self.config.lease);
+            match self.writer.call("taking a tree lease", lease.acquire()) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    self.writer.summary.retried_errors += 1;
+                    warn!(tree = root, error = %e, "taking a tree lease failed");
+                    continue;
+                }
+            }
+            let (engine, position, generation) = self.writer.claim(&scope)?;
+            let mut tree = Tree { scope, lease, renewed: Instant::now(), engine, generation, shards: parse_position(position.as_deref()), iterators: HashMap::new(), caught_up: HashSet::new(), dirty: false };
+            tree.dirty = adopt_shards(&mut tree, &root, &self.listing, &self.tree_of);
+            info!(tree = root, generation, shards = tree.shards.len(), "took a tree");
+            self.trees.insert(root, tree);
+        }
+        Ok(())
+    }
+
+    /// Drops an owned tree and takes its share out of the merged engine.
+    fn drop_tree(&mut self, root: &str) {
+        if let Some(mut tree) = self.trees.remove(root) {
+            self.writer.release(&mut tree.engine);
+        }
+    }
+
+    /// Reads one page from every ready shard of the owned trees; returns the records read.
+    fn read_round(&mut self) -> Result<usize, Error> {
+        let mut total = 0;
+        let Poller { source, writer, trees, dead_letters, config, .. } = self;
+        for tree in trees.values_mut() {
+            let ids: Vec<String> = tree.shards.iter().filter(|(_, p)| !p.done && tree.ready(p)).map(|(id, _)| id.clone()).collect();
+            for id in ids {
+                let iterator = match tree.iterators.get(&id) {
+                    Some(it) => it.clone(),
+                    None => {
+                        let after = tree.shards[&id].seq.clone();
+                        match writer.rt.block_on(source.iterator(&id, after.as_deref())) {
+                            Ok(it) => it,
+                            Err(SourceError::Trimmed(e)) => {
+                                // The records after our position are gone (older than the
+                                // stream's retention): resume at the oldest still there.
+                                warn!(shard = id, error = %e, "position trimmed; reading from the oldest record");
+                                writer.summary.retried_errors += 1;
+                                match writer.rt.block_on(source.iterator(&id, None)) {
+                                    Ok(it) => it,
+                                    Err(e) => return Err(e.into()),
+                                }
+                            }
+                            Err(e) => {
+                                writer.summary.retried_errors += 1;
+                                warn!(shard = id, error = %e, "getting a shard iterator failed; retrying");
+                                continue;
+                            }
+                        }
+                    }
+                };
+                let page = match writer.rt.block_on(async { tokio::time::timeout(toolrank_live::CALL_DEADLINE, source.read(&iterator)).await }) {
+                    Ok(Ok(page)) => page,
+                    Ok(Err(SourceError::Expired)) => {
+                        tree.iterators.remove(&id);
+                        continue;
+                    }
+                    Ok(Err(e)) => {
+                        writer.summary.retried_errors += 1;
+                        warn!(shard = id, error = %e, "reading a shard failed; retrying");
+                        tree.iterators.remove(&id);
+                        continue;
+                    }
+                    Err(_) => {
+                        writer.summary.retried_errors += 1;
+                        warn!(shard = id, "reading a shard timed out; retrying");
+                        tree.iterators.remove(&id);
+                        continue;
+                    }
+                };
+                let pos = tree.shards.get_mut(&id).expect("listed");
+                for rec in &page.records {
+                    writer.summary.messages += 1;
+                    let seq = rec.sequence();
+                    if pos.seq.as_deref().is_some_and(|last| compare_sequences(seq, last) != CmpOrdering::Greater) {
+                        writer.summary.skipped_redeliveries += 1;
+                        continue;
+                    }
+                    match rec.apply(&mut tree.engine, &mut writer.summary) {
+                        Ok(Some(created)) => writer.observe(created),
+                        Ok(None) => {}
+                        Err(reason) => {
+                            writer.summary.dead_letters += 1;
+                            warn!(shard = id, sequence = seq, reason, "dead-lettered");
+                            let letter = DeadLetter { source: format!("{}/{id}", source.name()), line: writer.summary.messages, record: None, position: Some(seq.to_owned()), reason, raw: rec.describe() };
+                            write_dead_letter(dead_letters, &config.dead_letter_file, &letter)?;
+                        }
+                    }
+                    pos.seq = Some(seq.to_owned());
+                    tree.dirty = true;
+                }
+                total += page.records.len();
+                if page.records.is_empty() {
+                    tree.caught_up.insert(id.clone());
+                } else {
+                    tree.caught_up.remove(&id);
+                }
+                match page.next {
+                    Some(next) => {
+                        tree.iterators.insert(id, next);
+                    }
+                    None => {
+                        info!(shard = id, "shard closed and read to its end");
+                        pos.done = true;
+                        tree.dirty = true;
+                        tree.iterators.remove(&id);
+                    }
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Saves every changed tree's state with its shards' positions.
+    fn checkpoint(&mut self) {
+        self.flush_sinks(false);
+        let listed: HashSet<&str> = self.listing.iter().map(|s| s.id.as_str()).collect();
+        let mut fenced = Vec::new();
+        for (root, tree) in self.trees.iter_mut().filter(|(_, t)| t.dirty) {
+            prune(tree, &listed);
+            let position = serde_json::to_string(&tree.shards).expect("positions serialize");
+            match self.writer.save(&tree.scope, tree.generation, &position, &mut tree.engine) {
+                Ok(Some(g)) => {
+                    tree.generation = g;
+                    tree.dirty = false;
+                }
+                Ok(None) => {}
+                Err(_) => fenced.push(root.clone()),
+            }
+        }
+        for root in fenced {
+            warn!(tree = root, "another poller owns this tree now; letting go");
+            self.drop_tree(&root);
+        }
+    }
+
+    /// Whether every shard of every tree is read to what the stream holds: owned shards
+    /// by their last read, others' by reading after their checkpointed positions.
+    fn drained(&mut self) -> Result<bool, Error> {
+        for shard in &self.listing {
+            let root = &self.tree_of[&shard.id];
+            if let Some(tree) = self.trees.get(root) {
+                let Some(pos) = tree.shards.get(&shard.id) else { return Ok(false) };
+                if !pos.done && !tree.caught_up.contains(&shard.id) {
+                    return Ok(false);
+                }
+                continue;
+            }
+            let scope = self.scope(root);
+            let position = self.writer.call("reading a tree's position", self.writer.store.position(&scope))?;
+            let pos = parse_position(position.as_deref()).remove(&shard.id).unwrap_or_default();
+            if pos.done {
+                continue;
+            }
+            let source = &self.source;
+            let unread = self.writer.call("reading after another poller's position", async {
+                let it = source.iterator(&shard.id, pos.seq.as_deref()).await.map_err(|e| toolrank_dynamodb::Error::Input(e.to_string()))?;
+                let page = source.read(&it).await.map_err(|e| toolrank_dynamodb::Error::Input(e.to_string()))?;
+                Ok::<_, toolrank_dynamodb::Error>(page.records.len())
+            });
+            match unread {
+                Ok(0) => {}
+                Ok(_) => return Ok(false),
+                Err(e) => {
+                    warn!(shard = shard.id, error = %e, "could not check another poller's progress");
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Final checkpoints, the sinks from everybody's latest checkpoints, leases released.
+    fn finish(&mut self) {
+        for _ in 0..10 {
+            self.checkpoint();
+            if self.trees.values().all(|t| !t.dirty) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let others = self.others();
+        let mut units: Vec<&mut Engine> = self.trees.values_mut().map(|t| &mut t.engine).collect();
+        self.writer.finish(&others, &mut units);
+        for (root, tree) in &self.trees {
+            if !tree.dirty {
+                if let Err(e) = self.writer.call("releasing a tree lease", tree.lease.release()) {
+                    warn!(tree = root, error = %e, "could not release a tree lease; it lapses by itself");
+                }
+            }
+        }
+    }
+}
+
+/// The root of `shard`'s tree: recorded membership first, then the parent's tree if the
+/// parent is listed or known, else the shard starts its own.
+fn root_of(shard: &str, listed: &HashMap<&str, &ShardInfo>, member: &HashMap<String, String>, memo: &mut HashMap<String, String>) -> String {
+    if let Some(r) = memo.get(shard).or_else(|| member.get(shard)) {
+        return r.clone();
+    }
+    let root = match listed.get(shard).and_then(|s| s.parent.as_deref()) {
+        Some(p) if listed.contains_key(p) || member.contains_key(p) => root_of(p, listed, member, memo),
+        _ => shard.to_owned(),
+    };
+    memo.insert(shard.to_owned(), root.clone());
+    root
+}
+
+/// Adds the listed shards of `root`'s tree that the tree does not know yet; whether any was.
+fn adopt_shards(tree: &mut Tree, root: &str, listing: &[ShardInfo], tree_of: &HashMap<String, String>) -> bool {
+    let mut added = false;
+    for s in listing.iter().filter(|s| tree_of.get(&s.id).is_some_and(|r| r == root)) {
+        if !tree.shards.contains_key(&s.id) {
+            tree.shards.insert(s.id.clone(), ShardPos { parent: s.parent.clone(), adjacent_parent: s.adjacent_parent.clone(), seq: None, done: false });
+            added = true;
+        }
+    }
+    added
+}
+
+/// Forgets done shards the stream no longer lists and no remaining shard descends from.
+fn prune(tree: &mut Tree, listed: &HashSet<&str>) {
+    let parents: HashSet<String> = tree.shards.values().flat_map(|p| [p.parent.clone(), p.adjacent_parent.clone()]).flatten().collect();
+    tree.shards.retain(|id, p| !p.done || listed.contains(id.as_str()) || parents.contains(id));
+}
+
+fn parse_position(position: Option<&str>) -> BTreeMap<String, ShardPos> {
+    position.and_then(|p| serde_json::from_str(p).ok()).unwrap_or_default()
+}
+
+fn write_dead_letter(file: &mut Option<std::fs::File>, path: &PathBuf, letter: &DeadLetter) -> Result<(), Error> {
+    let io = |e| Error::DeadLetters(path.clone(), e);
+    if file.is_none() {
+        *file = Some(std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io)?);
+    }
+    let mut line = serde_json::to_vec(letter).expect("dead letters serialize");
+    line.push(b'\n');
+    file.as_mut().expect("opened").write_all(&line).map_err(io)
+}
