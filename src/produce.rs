@@ -1,6 +1,7 @@
 //! `toolrank produce`: history into Kafka or into the DynamoDB table.
 
 use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,6 +59,16 @@ enum Target {
     Dynamodb,
 }
 
+/// The key and stream sequence number of each record of a line that has one, in the
+/// order of [`toolrank_dynamodb::write_ops`].
+fn sequenced_keys(line: &[u8]) -> Vec<Option<((String, String), u128)>> {
+    let mut keys = Vec::new();
+    let _ = toolrank_events::decode_line(line, &mut |rec| {
+        keys.push(rec.result.ok().and_then(|c| Some(((c.pk.into_owned(), c.sk.into_owned()), c.seq?))));
+    });
+    keys
+}
+
 /// Paces a loop to `rate` iterations per second.
 struct Pacer {
     rate: f64,
@@ -103,7 +114,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
             Target::Dynamodb => Sink::Dynamodb(toolrank_dynamodb::client().await),
         };
         let mut pacer = Pacer { rate: args.rate, start: Instant::now(), n: 0 };
-        let (mut written, mut unkeyed, mut refused) = (0u64, 0u64, 0u64);
+        let (mut written, mut unkeyed, mut refused, mut stale) = (0u64, 0u64, 0u64, 0u64);
+        // The last stream sequence number written per key: an application never writes
+        // an older version of an item, so redelivered or reordered records are skipped.
+        let mut latest: HashMap<(String, String), u128> = HashMap::new();
         for mut reader in readers {
             let source = reader.name().to_owned();
             while let Some((line_no, line)) = reader.next_line()? {
@@ -118,7 +132,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     }
                     Sink::Dynamodb(client) => match toolrank_dynamodb::write_ops(line) {
                         Ok(ops) => {
-                            for op in ops {
+                            for (op, key) in ops.into_iter().zip(sequenced_keys(line)) {
+                                if let Some((key, seq)) = key {
+                                    if latest.get(&key).is_some_and(|&last| seq <= last) {
+                                        stale += 1;
+                                        continue;
+                                    }
+                                    latest.insert(key, seq);
+                                }
                                 pacer.tick().await;
                                 toolrank_dynamodb::write(client, &args.table, op).await.with_context(|| format!("{source}:{line_no}"))?;
                                 written += 1;
@@ -145,6 +166,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
             "produced {written} records to {target} in {secs:.2} s ({:.0}/s); {unkeyed} unkeyed (undecodable), {refused} refused, {resent} sent again after a failed delivery",
             written as f64 / secs.max(1e-9)
         );
+        if stale > 0 {
+            eprintln!("{stale} stream records older than one already written for their key were skipped");
+        }
         Ok(ExitCode::SUCCESS)
     })
 }

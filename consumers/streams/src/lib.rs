@@ -532,11 +532,12 @@ impl<S: ShardSource> Poller<S> {
 /// The root of `shard`'s tree: recorded membership first, then the parent's tree if the
 /// parent is listed or known, else the shard starts its own.
 fn root_of(shard: &str, listed: &HashMap<&str, &ShardInfo>, member: &HashMap<String, String>, memo: &mut HashMap<String, String>) -> String {
-    if let Some(r) = memo.get(shard).or_else(|| member.get(shard)) {
+    if let Some(r) = memo.get(shard) {
         return r.clone();
     }
-    let root = match listed.get(shard).and_then(|s| s.parent.as_deref()) {
-        Some(p) if listed.contains_key(p) || member.contains_key(p) => root_of(p, listed, member, memo),
+    let root = match (member.get(shard), listed.get(shard).and_then(|s| s.parent.as_deref())) {
+        (Some(r), _) => r.clone(),
+        (None, Some(p)) if listed.contains_key(p) || member.contains_key(p) => root_of(p, listed, member, memo),
         _ => shard.to_owned(),
     };
     memo.insert(shard.to_owned(), root.clone());
