@@ -2,6 +2,7 @@
 
 mod consume;
 mod generate;
+mod lambda;
 mod output;
 mod produce;
 mod replay;
@@ -45,6 +46,7 @@ enum Command {
     Produce(produce::Args),
     Generate(generate::Args),
     Consume(consume::Args),
+    Lambda(lambda::Args),
     Top(sinks::TopArgs),
     Results(sinks::ResultsArgs),
 }
@@ -64,6 +66,7 @@ fn main() -> ExitCode {
         Command::Produce(args) => produce::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Consume(args) => consume::run(args),
+        Command::Lambda(args) => lambda::run(args),
         Command::Top(args) => sinks::top(args),
         Command::Results(args) => sinks::results(args),
     };

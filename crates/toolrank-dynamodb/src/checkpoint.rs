@@ -303,6 +303,12 @@ impl Lease {
 
     /// Takes or renews the lease; `false` while another live owner holds it.
     pub async fn acquire(&self) -> Result<bool, Error> {
+        Ok(self.take().await?.is_some())
+    }
+
+    /// Takes or renews the lease: `None` while another live owner holds it, else whether
+    /// this owner was its last holder (nobody held it in between).
+    pub async fn take(&self) -> Result<Option<bool>, Error> {
         let now = now_ms();
         let put = self
             .client
@@ -317,29 +323,34 @@ impl Lease {
             .expression_attribute_names("#e", "Expires")
             .expression_attribute_values(":me", s(&self.owner))
             .expression_attribute_values(":now", n(now))
+            .return_values(ReturnValue::AllOld)
             .send()
             .await;
         match put {
-            Ok(_) => Ok(true),
-            Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(false),
+            Ok(out) => Ok(Some(out.attributes().and_then(|a| a.get("Owner")).and_then(|v| v.as_s().ok()) == Some(&self.owner))),
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(None),
             Err(e) => Err(aws(format!("taking the lease {}", self.scope))(e)),
         }
     }
 
     /// Gives the lease up so that another owner need not wait for it to lapse.
     pub async fn release(&self) -> Result<(), Error> {
-        let deleted = self
+        // Expired rather than deleted: the next holder learns who held it last.
+        let expired = self
             .client
-            .delete_item()
+            .update_item()
             .table_name(&self.table)
             .key("PK", s(&self.scope))
             .key("SK", s("lease"))
+            .update_expression("SET #e = :zero")
             .condition_expression("#o = :me")
             .expression_attribute_names("#o", "Owner")
+            .expression_attribute_names("#e", "Expires")
             .expression_attribute_values(":me", s(&self.owner))
+            .expression_attribute_values(":zero", n(0))
             .send()
             .await;
-        match deleted {
+        match expired {
             Ok(_) => Ok(()),
             Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(()),
             Err(e) => Err(aws(format!("releasing the lease {}", self.scope))(e)),

@@ -305,10 +305,14 @@ impl SinkWriter {
     /// Takes or renews the sink lease; on taking it, the sinks are compared in full. The
     /// holder loads the latest checkpoints of `others`, the scopes of units it does not own.
     pub fn refresh_lease(&mut self, others: &[String]) {
-        let held = match self.call("renewing the sink lease", self.lease.acquire()) {
-            Ok(held) => {
+        // Whether this writer's record of what the sinks hold is still exact: nobody else
+        // wrote them since it last held the lease.
+        let mut continued = true;
+        let held = match self.call("renewing the sink lease", self.lease.take()) {
+            Ok(taken) => {
                 self.lease_renewed = Instant::now();
-                held
+                continued = taken == Some(true);
+                taken.is_some()
             }
             Err(e) => {
                 // Unknown: keep writing only while the last renewal surely still holds.
@@ -317,7 +321,7 @@ impl SinkWriter {
                 self.holds_lease && self.lease_renewed.elapsed() < self.config.lease / 2
             }
         };
-        if held && !self.holds_lease {
+        if held && !self.holds_lease && !continued {
             info!("took the sink lease");
             if let Some(d) = &mut self.dynamodb {
                 d.reset();
@@ -454,6 +458,29 @@ impl SinkWriter {
         if let Err(e) = self.call("releasing the sink lease", self.lease.release()) {
             warn!(error = %e, "could not release the sink lease; it lapses by itself");
         }
+    }
+
+    /// Writes the sinks once, as lease holder, from the latest checkpoints of `units`, and
+    /// gives the lease up: for writers that come and go (Lambda invocations). Waits for
+    /// the lease up to `wait`; `false` if it was not taken or a write failed.
+    pub fn write_once(&mut self, units: &[String], wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        loop {
+            self.refresh_lease(units);
+            if self.holds_lease || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !self.holds_lease {
+            return false;
+        }
+        let ok = self.flush(std::iter::empty(), true);
+        if let Err(e) = self.call("releasing the sink lease", self.lease.release()) {
+            warn!(error = %e, "could not release the sink lease; it lapses by itself");
+        }
+        self.holds_lease = false;
+        ok
     }
 
     /// The run's counters, with the latency percentiles.

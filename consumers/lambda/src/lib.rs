@@ -1,0 +1,310 @@
+//! The Lambda handler: DynamoDB Streams events and Kinesis events carrying DynamoDB
+//! changes, with exact results through retries, bisected batches and concurrency.
+//!
+//! Lambda keeps nothing between invocations that can be trusted, so (also in the README):
+//! - **State in DynamoDB, by bucket.** Item keys hash into `TOOLRANK_BUCKETS` buckets (a
+//!   session's items share their PK, so a session stays in one bucket). Each bucket's
+//!   engine is a checkpoint in the state table. An invocation applies each bucket's
+//!   records to the bucket's latest state and saves it with a condition on the
+//!   generation it read (optimistic concurrency): of two concurrent invocations (other
+//!   shards, or ParallelizationFactor > 1) one wins and the other reloads and applies
+//!   again. A warm container keeps the engines and reloads only buckets that changed.
+//! - **Idempotency from sequence numbers.** The engine keeps each item's last applied
+//!   sequence number (DynamoDB's `SequenceNumber`; Kinesis records use their
+//!   `ApproximateCreationDateTime`), so a retried, bisected or duplicated batch finds
+//!   its records stale and counts nothing twice.
+//! - **batchItemFailures.** A bucket that cannot be saved reports its earliest record:
+//!   Lambda retries from there, and what follows (already applied elsewhere) is stale.
+//!   A record that does not decode is logged as a dead letter and not failed, or it
+//!   would block its shard forever.
+//! - **Sinks.** After saving, the invocation takes the sink lease, loads the buckets that
+//!   changed, writes what changed to DynamoDB and Valkey, and gives the lease up. The
+//!   last writer has seen every save before it, so the sinks end at the final state. A
+//!   failed write fails the batch's first record: the retry is stale everywhere and
+//!   writes the sinks again.
+
+use aws_lambda_events::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::time::Duration;
+use toolrank_engine::Engine;
+use toolrank_events::{decode_kinesis_data, decode_line, Change, Day};
+use toolrank_live::{apply_change, restore, SinkWriter, WriterConfig};
+use lambda_runtime::{service_fn, LambdaEvent};
+use std::time::Instant;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+/// The owner name of every bucket checkpoint: invocations are told apart by generation.
+const OWNER: &str = "lambda";
+
+/// What the handler needs, from the function's environment.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub application: String,
+    pub state_table: String,
+    pub table: Option<String>,
+    pub valkey_url: Option<String>,
+    pub valkey_prefix: String,
+    pub today: Option<Day>,
+    pub buckets: u32,
+    /// How long an invocation waits for the sink lease.
+    pub sink_wait: Duration,
+}
+
+impl Config {
+    /// `TOOLRANK_APPLICATION` (default `lambda`), `TOOLRANK_STATE_TABLE`
+    /// (`toolrank-state`), `TOOLRANK_TABLE` (`AgentTable`; empty disables the DynamoDB
+    /// sink), `TOOLRANK_VALKEY_URL` (unset disables Valkey), `TOOLRANK_NAMESPACE` (`tr`),
+    /// `TOOLRANK_TODAY` (default: the date of each write), `TOOLRANK_BUCKETS` (16).
+    pub fn from_env() -> Result<Config, String> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let today = var("TOOLRANK_TODAY").map(|t| Day::parse_iso(&t).ok_or_else(|| format!("TOOLRANK_TODAY {t:?} is not a YYYY-MM-DD date"))).transpose()?;
+        let buckets = var("TOOLRANK_BUCKETS").map(|b| b.parse::<u32>().ok().filter(|&b| b > 0).ok_or_else(|| format!("TOOLRANK_BUCKETS {b:?} is not a positive number"))).transpose()?;
+        Ok(Config {
+            application: var("TOOLRANK_APPLICATION").unwrap_or_else(|| "lambda".into()),
+            state_table: var("TOOLRANK_STATE_TABLE").unwrap_or_else(|| "toolrank-state".into()),
+            table: match std::env::var("TOOLRANK_TABLE") {
+                Ok(t) if t.is_empty() => None,
+                Ok(t) => Some(t),
+                Err(_) => Some("AgentTable".into()),
+            },
+            valkey_url: var("TOOLRANK_VALKEY_URL"),
+            valkey_prefix: var("TOOLRANK_NAMESPACE").unwrap_or_else(|| "tr".into()),
+            today,
+            buckets: buckets.unwrap_or(16),
+            sink_wait: Duration::from_secs(20),
+        })
+    }
+}
+
+/// One record of an event, decoded.
+struct Item<'a> {
+    /// Its `itemIdentifier` for batchItemFailures: the sequence number.
+    id: String,
+    change: Change<'a>,
+}
+
+#[derive(Deserialize)]
+struct Event<'a> {
+    #[serde(rename = "Records", borrow)]
+    records: Vec<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Head {
+    kinesis: Option<KinesisPart>,
+    dynamodb: Option<DynamoPart>,
+}
+
+#[derive(Deserialize)]
+struct KinesisPart {
+    data: String,
+    #[serde(rename = "sequenceNumber")]
+    sequence_number: String,
+}
+
+#[derive(Deserialize)]
+struct DynamoPart {
+    #[serde(rename = "SequenceNumber")]
+    sequence_number: Option<String>,
+}
+
+/// What one invocation did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub records: usize,
+    pub dead_letters: usize,
+    /// Records to retry from (the earliest failed one).
+    pub failures: Vec<String>,
+}
+
+impl Outcome {
+    /// The batchItemFailures response (the same shape for Kinesis events).
+    pub fn response(&self) -> DynamoDbEventResponse {
+        let mut response = DynamoDbEventResponse::default();
+        for id in &self.failures {
+            let mut f = DynamoDbBatchItemFailure::default();
+            f.item_identifier = Some(id.clone());
+            response.batch_item_failures.push(f);
+        }
+        response
+    }
+}
+
+struct Bucket {
+    engine: Engine,
+    /// The generation `engine` is at; `None`: unknown, reload.
+    generation: Option<u64>,
+}
+
+/// The handler with what a warm container keeps: engines and the sink writer.
+pub struct Handler {
+    config: Config,
+    writer: SinkWriter,
+    buckets: HashMap<u32, Bucket>,
+    scopes: Vec<String>,
+}
+
+impl Handler {
+    pub fn new(config: Config) -> Result<Handler, toolrank_live::Error> {
+        let writer = SinkWriter::new(WriterConfig {
+            state_table: config.state_table.clone(),
+            table: config.table.clone(),
+            valkey_url: config.valkey_url.clone(),
+            valkey_prefix: config.valkey_prefix.clone(),
+            today: config.today,
+            owner: format!("lambda-{}", std::process::id()),
+            lease: Duration::from_secs(10),
+            lease_scope: format!("lambda/{}/sink-writer", config.application),
+            dynamodb_interval: Duration::ZERO,
+        })?;
+        let scopes = (0..config.buckets).map(|b| format!("lambda/{}/bucket/{b:05}", config.application)).collect();
+        Ok(Handler { config, writer, buckets: HashMap::new(), scopes })
+    }
+
+    /// Handles one event (`{"Records": [...]}` of DynamoDB Streams or Kinesis). `Err`: the
+    /// event itself is unreadable (Lambda retries it, then sends it to the on-failure
+    /// destination).
+    pub fn handle(&mut self, event: &[u8]) -> Result<Outcome, String> {
+        let text = std::str::from_utf8(event).map_err(|_| "event is not UTF-8".to_owned())?;
+        let event: Event = serde_json::from_str(text).map_err(|e| format!("not a Records event: {e}"))?;
+        let mut outcome = Outcome { records: event.records.len(), ..Outcome::default() };
+        // Kinesis data is base64: decoded first, so that changes can borrow from it.
+        let mut heads = Vec::with_capacity(event.records.len());
+        let mut data: Vec<Vec<u8>> = Vec::new();
+        for raw in &event.records {
+            let head: Head = serde_json::from_str(raw.get()).map_err(|e| format!("unreadable record: {e}"))?;
+            if let Some(k) = &head.kinesis {
+                data.push(base64::engine::general_purpose::STANDARD.decode(&k.data).unwrap_or_default());
+            }
+            heads.push(head);
+        }
+        let mut items: Vec<Item> = Vec::with_capacity(heads.len());
+        let mut kinesis_data = data.iter();
+        for (raw, head) in event.records.iter().zip(&heads) {
+            let (id, decoded) = match (&head.kinesis, &head.dynamodb) {
+                (Some(k), _) => (k.sequence_number.clone(), decode_kinesis_data(kinesis_data.next().expect("decoded")).map(|(c, _)| c).map_err(|e| e.to_string())),
+                (None, d) => (d.as_ref().and_then(|d| d.sequence_number.clone()).unwrap_or_default(), decode_stream_record(raw.get())),
+            };
+            match decoded {
+                Ok(change) => items.push(Item { id, change }),
+                Err(reason) => {
+                    outcome.dead_letters += 1;
+                    warn!(dead_letter = raw.get(), sequence_number = id, reason, "dead-lettered");
+                }
+            }
+        }
+        let mut by_bucket: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        let hasher = BuildHasherDefault::<DefaultHasher>::default();
+        for (i, item) in items.iter().enumerate() {
+            by_bucket.entry((hasher.hash_one(item.change.pk.as_ref()) % u64::from(self.config.buckets)) as u32).or_default().push(i);
+        }
+        let mut earliest_failed: Option<usize> = None;
+        for (bucket, indices) in &by_bucket {
+            if let Err(e) = self.apply_bucket(*bucket, indices.iter().map(|&i| &items[i].change)) {
+                warn!(bucket, error = %e, "could not save a bucket; its records are retried");
+                earliest_failed = earliest_failed.min(Some(indices[0])).or(Some(indices[0]));
+            }
+        }
+        if !self.writer.write_once(&self.scopes, self.config.sink_wait) {
+            warn!("the sinks were not written; the batch is retried");
+            earliest_failed = Some(0);
+        }
+        if let Some(i) = earliest_failed.filter(|_| !items.is_empty()) {
+            outcome.failures.push(items[i].id.clone());
+        }
+        Ok(outcome)
+    }
+
+    /// Applies changes to a bucket's latest state and saves it, reloading and applying
+    /// again when a concurrent invocation saved first.
+    fn apply_bucket<'c, 'a: 'c>(&mut self, bucket: u32, changes: impl Iterator<Item = &'c Change<'a>> + Clone) -> Result<(), toolrank_dynamodb::Error> {
+        let scope = self.scopes[bucket as usize].clone();
+        let mut last_error = None;
+        for _ in 0..8 {
+            let w = &self.writer;
+            let mut generation = w.call("reading a bucket's generation", w.store.generation(&scope))?;
+            if generation == 0 {
+                // The first save needs a manifest to condition on.
+                w.call("creating a bucket", w.store.claim(&scope, OWNER))?;
+                generation = w.call("reading a bucket's generation", w.store.generation(&scope))?;
+            }
+            let cached = self.buckets.get(&bucket).is_some_and(|b| b.generation == Some(generation));
+            if !cached {
+                let ck = w.call("reading a bucket", w.store.peek(&scope))?;
+                let engine = restore(&scope, &ck.state).map_err(|e| toolrank_dynamodb::Error::Input(e.to_string()))?;
+                self.buckets.insert(bucket, Bucket { engine, generation: Some(ck.generation) });
+                generation = ck.generation;
+            }
+            let b = self.buckets.get_mut(&bucket).expect("loaded");
+            for change in changes.clone() {
+                apply_change(&mut b.engine, change, &mut self.writer.summary);
+            }
+            // Applied in memory: unknown until saved.
+            b.generation = None;
+            let state = b.engine.snapshot();
+            let w = &self.writer;
+            match w.call("saving a bucket", w.store.save(&scope, OWNER, generation, "", &state)) {
+                Ok(g) => {
+                    b.generation = Some(g);
+                    return Ok(());
+                }
+                // Another invocation saved first: reload and apply again.
+                Err(e @ toolrank_dynamodb::Error::Fenced(_)) => last_error = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error.expect("attempted"))
+    }
+}
+
+/// A DynamoDB stream record of a Lambda event.
+fn decode_stream_record(raw: &str) -> Result<Change<'_>, String> {
+    let mut out = None;
+    decode_line(raw.as_bytes(), &mut |rec| out = Some(rec.result.map_err(|e| e.to_string()))).map_err(|e| e.to_string())?;
+    out.unwrap_or_else(|| Err("no record".into()))
+}
+
+type Job = (Box<RawValue>, oneshot::Sender<Result<Outcome, String>>);
+
+/// Runs the handler under the Lambda Runtime API (`AWS_LAMBDA_RUNTIME_API`) until the
+/// process ends. `started` is when the process started, for the cold-start figure.
+pub async fn serve(started: Instant) -> Result<(), lambda_runtime::Error> {
+    let config = Config::from_env()?;
+    // The handler makes blocking calls on a runtime of its own: it gets a thread of its own.
+    let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+    let (ready, initialized) = oneshot::channel();
+    std::thread::spawn(move || {
+        let mut handler = match Handler::new(config) {
+            Ok(h) => {
+                let _ = ready.send(Ok(()));
+                h
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e.to_string()));
+                return;
+            }
+        };
+        for (event, reply) in queue {
+            let _ = reply.send(handler.handle(event.get().as_bytes()));
+        }
+    });
+    initialized.await??;
+    info!(init_ms = started.elapsed().as_millis() as u64, "cold start: ready for the first event");
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Box<RawValue>>| {
+        let jobs = jobs.clone();
+        async move {
+            let started = Instant::now();
+            let (reply, answer) = oneshot::channel();
+            jobs.send((event.payload, reply))?;
+            let outcome = answer.await??;
+            info!(records = outcome.records, dead_letters = outcome.dead_letters, failures = outcome.failures.len(), ms = started.elapsed().as_millis() as u64, "invocation");
+            Ok::<_, lambda_runtime::Error>(outcome.response())
+        }
+    }))
+    .await
+}
