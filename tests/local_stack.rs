@@ -655,3 +655,235 @@ fn kinesis_records_put_as_dynamodb_puts_them_equal_replay() {
     assert!(count_after(&out, "changes, ") > 0, "duplicates were recognized as stale: {out}");
     live.assert_sinks_equal_replay(&history, None);
 }
+
+/// A Lambda Runtime API endpoint: the part a runtime client uses (`invocation/next`,
+/// `…/response`, `…/error`, `init/error`). It hands queued events to whichever handler
+/// process asks next and returns their answers, as the Lambda service does.
+struct RuntimeApi {
+    address: String,
+    state: std::sync::Arc<(std::sync::Mutex<RuntimeState>, std::sync::Condvar)>,
+}
+
+#[derive(Default)]
+struct RuntimeState {
+    queue: std::collections::VecDeque<(String, String)>,
+    answers: HashMap<String, Result<String, String>>,
+    next_id: u64,
+}
+
+impl RuntimeApi {
+    fn start() -> RuntimeApi {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let state = std::sync::Arc::new((std::sync::Mutex::new(RuntimeState::default()), std::sync::Condvar::new()));
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let state = shared.clone();
+                std::thread::spawn(move || Self::serve(stream, &state));
+            }
+        });
+        RuntimeApi { address, state }
+    }
+
+    /// Answers the requests of one keep-alive connection.
+    fn serve(stream: std::net::TcpStream, state: &(std::sync::Mutex<RuntimeState>, std::sync::Condvar)) {
+        use std::io::{BufRead, Read, Write};
+        let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+        let mut out = stream;
+        loop {
+            let mut request = String::new();
+            if reader.read_line(&mut request).unwrap_or(0) == 0 {
+                return;
+            }
+            let mut length = 0;
+            loop {
+                let mut header = String::new();
+                reader.read_line(&mut header).unwrap();
+                if header.trim().is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = header.split_once(':') {
+                    if k.eq_ignore_ascii_case("content-length") {
+                        length = v.trim().parse().unwrap();
+                    }
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            let body = String::from_utf8(body).unwrap();
+            let path = request.split_whitespace().nth(1).unwrap_or_default().to_owned();
+            let (lock, ready) = state;
+            if path.ends_with("/invocation/next") {
+                let mut s = lock.lock().unwrap();
+                while s.queue.is_empty() {
+                    s = ready.wait(s).unwrap();
+                }
+                let (id, event) = s.queue.pop_front().unwrap();
+                drop(s);
+                let deadline = toolrank_live::now_ms() + 300_000;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nLambda-Runtime-Aws-Request-Id: {id}\r\nLambda-Runtime-Deadline-Ms: {deadline}\r\nLambda-Runtime-Invoked-Function-Arn: arn:aws:lambda:us-east-1:000000000000:function:toolrank\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    event.len()
+                );
+                if out.write_all(format!("{head}{event}").as_bytes()).is_err() {
+                    return;
+                }
+                continue;
+            }
+            let parts: Vec<&str> = path.split('/').collect();
+            if let [.., "invocation", id, kind] = parts.as_slice() {
+                let answer = if *kind == "response" { Ok(body) } else { Err(body) };
+                lock.lock().unwrap().answers.insert((*id).to_owned(), answer);
+                ready.notify_all();
+            }
+            if out.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n").is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Invokes the function with `event` and waits for its answer.
+    fn invoke(&self, event: String) -> Result<String, String> {
+        let (lock, ready) = &*self.state;
+        let mut s = lock.lock().unwrap();
+        s.next_id += 1;
+        let id = format!("request-{}", s.next_id);
+        s.queue.push_back((id.clone(), event));
+        ready.notify_all();
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            if let Some(answer) = s.answers.remove(&id) {
+                return answer;
+            }
+            assert!(Instant::now() < deadline, "no answer to {id}");
+            s = ready.wait_timeout(s, Duration::from_millis(200)).unwrap().0;
+        }
+    }
+}
+
+/// The Lambda records of a generated history, split into two shards by session, as
+/// DynamoDB Streams events or as Kinesis events carrying DynamoDB changes.
+fn lambda_shards(history: &str, kinesis: bool) -> [Vec<(String, serde_json::Value)>; 2] {
+    use base64::Engine as _;
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(history).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut seqs: Vec<u128> = lines.iter().map(|v| v["dynamodb"]["SequenceNumber"].as_str().unwrap().parse().unwrap()).collect();
+    seqs.sort_unstable();
+    let mut shards = [Vec::new(), Vec::new()];
+    for mut v in lines {
+        let pk = v["dynamodb"]["Keys"]["PK"]["S"].as_str().unwrap().to_owned();
+        let shard = pk.bytes().map(u64::from).sum::<u64>() as usize % 2;
+        let seq = v["dynamodb"]["SequenceNumber"].as_str().unwrap().to_owned();
+        let record = if kinesis {
+            let data = v["dynamodb"].as_object_mut().unwrap();
+            data.remove("SequenceNumber");
+            let rank = seqs.binary_search(&seq.parse().unwrap()).unwrap() as u64;
+            data.insert("ApproximateCreationDateTime".into(), (1_752_000_000_000_000u64 + rank).into());
+            // Kinesis sequence numbers of the shard: increasing, unlike the history's.
+            let kinesis_seq = format!("4959{:020}", shards[shard].len());
+            let encoded = base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&v).unwrap());
+            let record = serde_json::json!({
+                "kinesis": {"kinesisSchemaVersion": "1.0", "partitionKey": pk, "sequenceNumber": kinesis_seq, "data": encoded, "approximateArrivalTimestamp": 1752000000.0},
+                "eventSource": "aws:kinesis", "eventVersion": "1.0", "eventID": format!("shardId-00000000000{shard}:{kinesis_seq}"),
+                "eventName": "aws:kinesis:record", "awsRegion": "us-east-1", "eventSourceARN": "arn:aws:kinesis:us-east-1:000000000000:stream/changes"
+            });
+            (kinesis_seq, record)
+        } else {
+            v["eventSourceARN"] = "arn:aws:dynamodb:us-east-1:000000000000:table/AgentTable/stream/2025-07-14T00:00:00.000".into();
+            (seq, v)
+        };
+        shards[shard].push(record);
+    }
+    shards
+}
+
+/// Feeds one shard to the function as the Lambda service does (batches of up to 100, in
+/// order, retrying from the first reported failure), with duplicate deliveries and
+/// bisected batches injected. Returns the batch item failures reported.
+fn drive_shard(api: &RuntimeApi, records: &[(String, serde_json::Value)]) -> usize {
+    let event = |batch: &[(String, serde_json::Value)]| serde_json::json!({"Records": batch.iter().map(|(_, r)| r).collect::<Vec<_>>()}).to_string();
+    let (mut at, mut n, mut failures) = (0, 0, 0);
+    while at < records.len() {
+        n += 1;
+        let batch = &records[at..(at + 100).min(records.len())];
+        if n % 5 == 0 {
+            // Delivered twice (a retry after a lost answer).
+            let _ = api.invoke(event(batch));
+        }
+        if n % 7 == 0 {
+            // Bisected after an error: the first half alone, then all of it again.
+            let _ = api.invoke(event(&batch[..batch.len() / 2]));
+        }
+        match api.invoke(event(batch)) {
+            Ok(answer) => {
+                let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+                match answer["batchItemFailures"].as_array().and_then(|f| f.first()) {
+                    None => at += batch.len(),
+                    Some(failed) => {
+                        failures += 1;
+                        let id = failed["itemIdentifier"].as_str().unwrap();
+                        at += batch.iter().position(|(seq, _)| seq == id).expect("a failed record of the batch");
+                    }
+                }
+            }
+            Err(e) => panic!("the handler failed an invocation: {e}"),
+        }
+    }
+    failures
+}
+
+/// Two handler processes under a local Runtime API take batches of two shards at once;
+/// batches are delivered twice and bisected, and DynamoDB fails for a while. After the
+/// last batch both sinks equal replay.
+fn lambda_handler_is_exact(kinesis: bool, seed: &str) {
+    let proxy = FaultyProxy::start(&env("AWS_ENDPOINT_URL_DYNAMODB"));
+    let live = Live::new("1");
+    let history = generated(&live, "500", seed);
+    let api = RuntimeApi::start();
+    let app = unique("lambda");
+    let handlers: Vec<std::process::Child> = (0..2)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_toolrank"))
+                .arg("lambda")
+                .envs([
+                    ("AWS_LAMBDA_RUNTIME_API", api.address.as_str()),
+                    ("AWS_LAMBDA_FUNCTION_NAME", "toolrank"),
+                    ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512"),
+                    ("AWS_LAMBDA_FUNCTION_VERSION", "1"),
+                    ("AWS_ENDPOINT_URL_DYNAMODB", proxy.url.as_str()),
+                    ("TOOLRANK_TABLE", live.table.as_str()),
+                    ("TOOLRANK_NAMESPACE", live.namespace.as_str()),
+                    ("TOOLRANK_APPLICATION", app.as_str()),
+                    ("TOOLRANK_TODAY", TODAY),
+                    ("TOOLRANK_BUCKETS", "4"),
+                ])
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let shards = lambda_shards(&history, kinesis);
+    let failures = std::thread::scope(|s| {
+        let drivers: Vec<_> = shards.iter().map(|records| s.spawn(|| drive_shard(&api, records))).collect();
+        std::thread::sleep(Duration::from_secs(3));
+        proxy.fail_for(Duration::from_secs(3));
+        drivers.into_iter().map(|d| d.join().unwrap()).sum::<usize>()
+    });
+    for mut h in handlers {
+        h.kill().unwrap();
+        h.wait().unwrap();
+    }
+    eprintln!("{failures} batch item failures reported; {} requests refused", proxy.refused.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(proxy.refused.load(std::sync::atomic::Ordering::SeqCst) > 0, "errors were injected");
+    live.assert_sinks_equal_replay(&history, None);
+}
+
+#[test]
+fn lambda_handler_on_dynamodb_stream_events_is_exact_through_retries_and_failures() {
+    lambda_handler_is_exact(false, "21");
+}
+
+#[test]
+fn lambda_handler_on_kinesis_events_is_exact_through_retries_and_failures() {
+    lambda_handler_is_exact(true, "22");
+}
