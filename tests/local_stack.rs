@@ -866,7 +866,8 @@ fn lambda_handler_is_exact(kinesis: bool, seed: &str) {
     let failures = std::thread::scope(|s| {
         let drivers: Vec<_> = shards.iter().map(|records| s.spawn(|| drive_shard(&api, records))).collect();
         std::thread::sleep(Duration::from_secs(3));
-        proxy.fail_for(Duration::from_secs(3));
+        // Longer than the SDK's retries: invocations fail and report their records.
+        proxy.fail_for(Duration::from_secs(8));
         drivers.into_iter().map(|d| d.join().unwrap()).sum::<usize>()
     });
     for mut h in handlers {
@@ -875,6 +876,7 @@ fn lambda_handler_is_exact(kinesis: bool, seed: &str) {
     }
     eprintln!("{failures} batch item failures reported; {} requests refused", proxy.refused.load(std::sync::atomic::Ordering::SeqCst));
     assert!(proxy.refused.load(std::sync::atomic::Ordering::SeqCst) > 0, "errors were injected");
+    assert!(failures > 0, "batch item failures were reported and retried");
     live.assert_sinks_equal_replay(&history, None);
 }
 
