@@ -82,10 +82,71 @@ impl Config {
 }
 
 /// One record of an event, decoded.
-struct Item<'a> {
+pub struct Item<'a> {
     /// Its `itemIdentifier` for batchItemFailures: the sequence number.
-    id: String,
-    change: Change<'a>,
+    pub id: String,
+    pub change: Change<'a>,
+}
+
+/// The records of an event, parsed, with Kinesis data base64-decoded so that changes
+/// can borrow from it.
+pub struct Batch<'a> {
+    records: Vec<&'a RawValue>,
+    heads: Vec<Head>,
+    data: Vec<Vec<u8>>,
+}
+
+impl<'a> Batch<'a> {
+    /// Parses `{"Records": [...]}`; `Err` when the event itself is unreadable.
+    pub fn parse(event: &'a [u8]) -> Result<Batch<'a>, String> {
+        let text = std::str::from_utf8(event).map_err(|_| "event is not UTF-8".to_owned())?;
+        let event: Event = serde_json::from_str(text).map_err(|e| format!("not a Records event: {e}"))?;
+        let mut heads = Vec::with_capacity(event.records.len());
+        let mut data = Vec::new();
+        for raw in &event.records {
+            let head: Head = serde_json::from_str(raw.get()).map_err(|e| format!("unreadable record: {e}"))?;
+            if let Some(k) = &head.kinesis {
+                data.push(base64::engine::general_purpose::STANDARD.decode(&k.data).unwrap_or_default());
+            }
+            heads.push(head);
+        }
+        Ok(Batch { records: event.records, heads, data })
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// The decodable records in order, their indices by bucket (of `buckets`), and how
+    /// many were dead-lettered (logged).
+    pub fn decode(&self, buckets: u32) -> (Vec<Item<'_>>, BTreeMap<u32, Vec<usize>>, usize) {
+        let mut items: Vec<Item> = Vec::with_capacity(self.heads.len());
+        let mut dead_letters = 0;
+        let mut kinesis_data = self.data.iter();
+        for (raw, head) in self.records.iter().zip(&self.heads) {
+            let (id, decoded) = match (&head.kinesis, &head.dynamodb) {
+                (Some(k), _) => (k.sequence_number.clone(), decode_kinesis_data(kinesis_data.next().expect("decoded")).map(|(c, _)| c).map_err(|e| e.to_string())),
+                (None, d) => (d.as_ref().and_then(|d| d.sequence_number.clone()).unwrap_or_default(), decode_stream_record(raw.get())),
+            };
+            match decoded {
+                Ok(change) => items.push(Item { id, change }),
+                Err(reason) => {
+                    dead_letters += 1;
+                    warn!(dead_letter = raw.get(), sequence_number = id, reason, "dead-lettered");
+                }
+            }
+        }
+        let mut by_bucket: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        let hasher = BuildHasherDefault::<DefaultHasher>::default();
+        for (i, item) in items.iter().enumerate() {
+            by_bucket.entry((hasher.hash_one(item.change.pk.as_ref()) % u64::from(buckets)) as u32).or_default().push(i);
+        }
+        (items, by_bucket, dead_letters)
+    }
 }
 
 #[derive(Deserialize)]
@@ -170,39 +231,9 @@ impl Handler {
     /// event itself is unreadable (Lambda retries it, then sends it to the on-failure
     /// destination).
     pub fn handle(&mut self, event: &[u8]) -> Result<Outcome, String> {
-        let text = std::str::from_utf8(event).map_err(|_| "event is not UTF-8".to_owned())?;
-        let event: Event = serde_json::from_str(text).map_err(|e| format!("not a Records event: {e}"))?;
-        let mut outcome = Outcome { records: event.records.len(), ..Outcome::default() };
-        // Kinesis data is base64: decoded first, so that changes can borrow from it.
-        let mut heads = Vec::with_capacity(event.records.len());
-        let mut data: Vec<Vec<u8>> = Vec::new();
-        for raw in &event.records {
-            let head: Head = serde_json::from_str(raw.get()).map_err(|e| format!("unreadable record: {e}"))?;
-            if let Some(k) = &head.kinesis {
-                data.push(base64::engine::general_purpose::STANDARD.decode(&k.data).unwrap_or_default());
-            }
-            heads.push(head);
-        }
-        let mut items: Vec<Item> = Vec::with_capacity(heads.len());
-        let mut kinesis_data = data.iter();
-        for (raw, head) in event.records.iter().zip(&heads) {
-            let (id, decoded) = match (&head.kinesis, &head.dynamodb) {
-                (Some(k), _) => (k.sequence_number.clone(), decode_kinesis_data(kinesis_data.next().expect("decoded")).map(|(c, _)| c).map_err(|e| e.to_string())),
-                (None, d) => (d.as_ref().and_then(|d| d.sequence_number.clone()).unwrap_or_default(), decode_stream_record(raw.get())),
-            };
-            match decoded {
-                Ok(change) => items.push(Item { id, change }),
-                Err(reason) => {
-                    outcome.dead_letters += 1;
-                    warn!(dead_letter = raw.get(), sequence_number = id, reason, "dead-lettered");
-                }
-            }
-        }
-        let mut by_bucket: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-        let hasher = BuildHasherDefault::<DefaultHasher>::default();
-        for (i, item) in items.iter().enumerate() {
-            by_bucket.entry((hasher.hash_one(item.change.pk.as_ref()) % u64::from(self.config.buckets)) as u32).or_default().push(i);
-        }
+        let batch = Batch::parse(event)?;
+        let (items, by_bucket, dead_letters) = batch.decode(self.config.buckets);
+        let mut outcome = Outcome { records: batch.len(), dead_letters, ..Outcome::default() };
         let mut earliest_failed: Option<usize> = None;
         for (bucket, indices) in &by_bucket {
             if let Err(e) = self.apply_bucket(*bucket, indices.iter().map(|&i| &items[i].change)) {

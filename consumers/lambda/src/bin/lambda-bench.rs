@@ -1,0 +1,101 @@
+//! `lambda-bench HISTORY [INVOKE_RECORDS]`: the Lambda handler's cost, on a stream-style
+//! history (`toolrank generate --style stream`) cut into DynamoDB Streams events.
+//!
+//! 1. CPU: every record decoded and applied to in-memory bucket engines (state and sinks
+//!    aside), with events of 100 and of 1000 records: records/s of one core and CPU µs
+//!    per record.
+//! 2. Invocations (with `AWS_ENDPOINT_URL_DYNAMODB` set, e.g. DynamoDB Local): the whole
+//!    handler on the first INVOKE_RECORDS records (default 20000), bucket state loaded and
+//!    saved in the state table, sinks off: duration per invocation at both batch sizes.
+
+use std::time::{Duration, Instant};
+use toolrank_engine::Engine;
+use toolrank_lambda::{Batch, Config, Handler};
+use toolrank_live::{apply_change, Summary};
+
+/// CPU time of this thread (Linux), for a figure independent of the machine's load.
+fn cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    Duration::from_nanos(stat.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0))
+}
+
+fn events(lines: &[&str], batch: usize) -> Vec<String> {
+    lines.chunks(batch).map(|c| format!("{{\"Records\":[{}]}}", c.join(","))).collect()
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let path = args.next().expect("usage: lambda-bench HISTORY [INVOKE_RECORDS]");
+    let invoke_records: usize = args.next().map_or(20_000, |n| n.parse().expect("INVOKE_RECORDS is a number"));
+    let text = std::fs::read_to_string(&path).expect("history readable");
+    let lines: Vec<&str> = text.lines().collect();
+    let buckets = 16;
+    for batch in [100, 1000] {
+        let events = events(&lines, batch);
+        let mut engines: Vec<Engine> = (0..buckets).map(|_| Engine::new()).collect();
+        let mut summary = Summary::default();
+        let (wall, start) = (Instant::now(), cpu());
+        for event in &events {
+            let parsed = Batch::parse(event.as_bytes()).expect("an event");
+            let (items, by_bucket, _) = parsed.decode(buckets);
+            for (b, indices) in by_bucket {
+                let engine = &mut engines[b as usize];
+                for i in indices {
+                    apply_change(engine, &items[i].change, &mut summary);
+                }
+                engine.flush();
+            }
+        }
+        let (cpu_s, wall_s) = ((cpu() - start).as_secs_f64(), wall.elapsed().as_secs_f64());
+        println!(
+            "decode+apply, batches of {batch}: {} records in {wall_s:.3} s wall, {cpu_s:.3} s CPU: {:.0} records/s per core, {:.2} CPU µs/record",
+            lines.len(),
+            lines.len() as f64 / cpu_s,
+            cpu_s * 1e6 / lines.len() as f64
+        );
+    }
+    if std::env::var("AWS_ENDPOINT_URL_DYNAMODB").is_err() {
+        println!("AWS_ENDPOINT_URL_DYNAMODB is not set: no invocation figures");
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().expect("a runtime");
+    let state_table = std::env::var("TOOLRANK_STATE_TABLE").unwrap_or_else(|_| "toolrank-state".into());
+    rt.block_on(async {
+        let client = toolrank_dynamodb::client().await;
+        toolrank_dynamodb::create_state_table(&client, &state_table).await.expect("state table");
+    });
+    let subset = &lines[..invoke_records.min(lines.len())];
+    for batch in [100, 1000] {
+        let config = Config {
+            application: format!("bench-{}-{batch}", std::process::id()),
+            state_table: state_table.clone(),
+            table: None,
+            valkey_url: None,
+            valkey_prefix: "bench".into(),
+            today: None,
+            buckets,
+            sink_wait: Duration::from_secs(20),
+        };
+        let mut handler = Handler::new(config).expect("a handler");
+        let mut durations: Vec<f64> = events(subset, batch)
+            .iter()
+            .map(|event| {
+                let t = Instant::now();
+                let outcome = handler.handle(event.as_bytes()).expect("handled");
+                assert!(outcome.failures.is_empty(), "an invocation failed: {outcome:?}");
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        durations.sort_by(f64::total_cmp);
+        let q = |p: f64| durations[((durations.len() as f64 * p).ceil() as usize).clamp(1, durations.len()) - 1];
+        let mean = durations.iter().sum::<f64>() / durations.len() as f64;
+        println!(
+            "invocations against DynamoDB, batches of {batch}: {} invocations over {} records: mean {mean:.1} ms, p50 {:.1} ms, p99 {:.1} ms, {:.0} records/s",
+            durations.len(),
+            subset.len(),
+            q(0.5),
+            q(0.99),
+            subset.len() as f64 / (durations.iter().sum::<f64>() / 1e3)
+        );
+    }
+}
