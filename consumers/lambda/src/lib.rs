@@ -241,7 +241,7 @@ impl Handler {
                 earliest_failed = earliest_failed.min(Some(indices[0])).or(Some(indices[0]));
             }
         }
-        if !self.writer.write_once(&self.scopes, self.config.sink_wait) {
+        if self.writer.has_sinks() && !self.writer.write_once(&self.scopes, self.config.sink_wait) {
             warn!("the sinks were not written; the batch is retried");
             earliest_failed = Some(0);
         }
@@ -282,6 +282,11 @@ impl Handler {
             match w.call("saving a bucket", w.store.save(&scope, OWNER, generation, "", &state)) {
                 Ok(g) => {
                     b.generation = Some(g);
+                    if self.writer.has_sinks() {
+                        // The sink writer's copy, without reading the checkpoint back.
+                        let copy = restore(&scope, &state).map_err(|e| toolrank_dynamodb::Error::Input(e.to_string()))?;
+                        self.writer.put_remote(&scope, g, copy);
+                    }
                     return Ok(());
                 }
                 // Another invocation saved first: reload and apply again.

@@ -267,6 +267,22 @@ impl SinkWriter {
         Ok((engine, ck.position, ck.generation))
     }
 
+    /// Whether any sink is configured.
+    pub fn has_sinks(&self) -> bool {
+        self.dynamodb.is_some() || self.valkey.is_some()
+    }
+
+    /// Replaces the merged copy of a unit nobody here owns with `engine` at `generation`:
+    /// for a writer that just saved that checkpoint itself (a Lambda invocation), which
+    /// spares reading it back.
+    pub fn put_remote(&mut self, scope: &str, generation: u64, mut engine: Engine) {
+        if let Some(mut old) = self.remotes.remove(scope) {
+            self.global.unabsorb(&mut old.engine);
+        }
+        self.global.absorb(&mut engine);
+        self.remotes.insert(scope.to_owned(), Remote { engine, generation });
+    }
+
     /// Takes an owned unit's share out of the merged engine (it moved elsewhere). Its
     /// pending deltas are forwarded first: the merged engine must hold exactly what is
     /// taken out.
