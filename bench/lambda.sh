@@ -1,20 +1,15 @@
 #!/usr/bin/env bash
 # The Lambda handler's cost (issue: ≥ 100k records/s of CPU per core, sinks aside):
 #   1. decode + apply of every record of a generated stream-style history (SESSIONS
-#      sessions, ~3.3 records each; 30000 gives ~100k records), cut into DynamoDB Streams
+#      sessions, ~3 records each; 30000 gives ~90k records), cut into DynamoDB Streams
 #      events of 100 and of 1000 records, into in-memory bucket engines;
 #   2. whole invocations against DynamoDB Local (bucket state loaded and saved in the
 #      state table, sinks off) on the first INVOKE_RECORDS records: ms per invocation.
 # Usage: bench/lambda.sh   (SESSIONS=30000 INVOKE_RECORDS=20000)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/toolrank/target}"
 SESSIONS="${SESSIONS:-30000}"
 INVOKE_RECORDS="${INVOKE_RECORDS:-20000}"
-eval "$(infra/local/up)"
-cargo build --release --locked --bin toolrank >&2
+source "$(dirname "$0")/prelude.sh"
 cargo build --release --locked -p toolrank-lambda --bin lambda-bench >&2
-BIN="$CARGO_TARGET_DIR/release"
-WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
 "$BIN/toolrank" generate --sessions "$SESSIONS" --seed 5 --style stream --out "$WORK/history.jsonl" >&2
 "$BIN/lambda-bench" "$WORK/history.jsonl" "$INVOKE_RECORDS"

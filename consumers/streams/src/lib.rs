@@ -116,8 +116,10 @@ struct Tree {
     generation: u64,
     shards: BTreeMap<String, ShardPos>,
     iterators: HashMap<String, String>,
-    /// Shards whose last read returned nothing.
-    caught_up: HashSet<String>,
+    /// Shards whose last read returned nothing, and when they may be read again (the
+    /// services limit reads per shard: an idle shard waits `idle_poll` while a busy one
+    /// is read at once).
+    caught_up: HashMap<String, Instant>,
     dirty: bool,
 }
 
@@ -340,7 +342,7 @@ impl<S: ShardSource> Poller<S> {
                 }
             }
             let (engine, position, generation) = self.writer.claim(&scope)?;
-            let mut tree = Tree { scope, lease, renewed: Instant::now(), engine, generation, shards: parse_position(position.as_deref()), iterators: HashMap::new(), caught_up: HashSet::new(), dirty: false };
+            let mut tree = Tree { scope, lease, renewed: Instant::now(), engine, generation, shards: parse_position(position.as_deref()), iterators: HashMap::new(), caught_up: HashMap::new(), dirty: false };
             tree.dirty = adopt_shards(&mut tree, &root, &self.listing, &self.tree_of);
             info!(tree = root, generation, shards = tree.shards.len(), "took a tree");
             self.trees.insert(root, tree);
@@ -360,7 +362,13 @@ impl<S: ShardSource> Poller<S> {
         let mut total = 0;
         let Poller { source, writer, trees, dead_letters, config, .. } = self;
         for tree in trees.values_mut() {
-            let ids: Vec<String> = tree.shards.iter().filter(|(_, p)| !p.done && tree.ready(p)).map(|(id, _)| id.clone()).collect();
+            let now = Instant::now();
+            let ids: Vec<String> = tree
+                .shards
+                .iter()
+                .filter(|(id, p)| !p.done && tree.ready(p) && tree.caught_up.get(*id).map_or(true, |at| now.duration_since(*at) >= config.idle_poll))
+                .map(|(id, _)| id.clone())
+                .collect();
             for id in ids {
                 let iterator = match tree.iterators.get(&id) {
                     Some(it) => it.clone(),
@@ -428,7 +436,7 @@ impl<S: ShardSource> Poller<S> {
                 }
                 total += page.records.len();
                 if page.records.is_empty() {
-                    tree.caught_up.insert(id.clone());
+                    tree.caught_up.insert(id.clone(), Instant::now());
                 } else {
                     tree.caught_up.remove(&id);
                 }
@@ -478,7 +486,7 @@ impl<S: ShardSource> Poller<S> {
             let root = &self.tree_of[&shard.id];
             if let Some(tree) = self.trees.get(root) {
                 let Some(pos) = tree.shards.get(&shard.id) else { return Ok(false) };
-                if !pos.done && !tree.caught_up.contains(&shard.id) {
+                if !pos.done && !tree.caught_up.contains_key(&shard.id) {
                     return Ok(false);
                 }
                 continue;
