@@ -235,6 +235,18 @@ impl Live {
     }
 }
 
+/// DynamoDB Local keeps working on every table with a stream, idle or not, until it is
+/// deleted: without this, a long test run slows it down for everything after.
+impl Drop for Live {
+    fn drop(&mut self) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let client = toolrank_dynamodb::client().await;
+            let _ = client.delete_table().table_name(&self.table).send().await;
+        });
+    }
+}
+
 /// A generated history, and its METADATA lines (the catalog) written into the test's
 /// table, so that the DynamoDB sink has Agent items to score. The hist items are not
 /// needed there: the consumer reads them from Kafka.
