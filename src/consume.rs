@@ -234,7 +234,7 @@ fn print_summary(s: &toolrank_live::Summary) {
 }
 
 /// Sets `stop` on SIGINT or SIGTERM.
-fn watch_signals(stop: Arc<AtomicBool>) {
+pub(crate) fn watch_signals(stop: Arc<AtomicBool>) {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
         rt.block_on(async {

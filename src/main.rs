@@ -6,8 +6,10 @@ mod lambda;
 mod output;
 mod produce;
 mod replay;
+mod mirror_kafka;
 mod setup;
 mod sinks;
+mod warehouse;
 
 use clap::{Parser, Subcommand};
 
@@ -49,6 +51,9 @@ enum Command {
     Lambda(lambda::Args),
     Top(sinks::TopArgs),
     Results(sinks::ResultsArgs),
+    Warehouse(warehouse::Args),
+    Mirror(warehouse::MirrorArgs),
+    Reconcile(warehouse::ReconcileArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +74,9 @@ fn main() -> ExitCode {
         Command::Lambda(args) => lambda::run(args),
         Command::Top(args) => sinks::top(args),
         Command::Results(args) => sinks::results(args),
+        Command::Warehouse(args) => warehouse::run(args),
+        Command::Mirror(args) => warehouse::mirror(args),
+        Command::Reconcile(args) => warehouse::reconcile(args),
     };
     match result {
         Ok(code) => code,

@@ -65,15 +65,26 @@ struct Counts {
     bad: u64,
 }
 
-struct DeadLetters {
+/// The dead-letter file of a file-reading job: bad records are logged (the first ten),
+/// counted and appended as JSON lines.
+pub(crate) struct DeadLetters {
     writer: Option<BufWriter<File>>,
     strict: bool,
 }
 
 impl DeadLetters {
+    pub(crate) fn open(path: Option<&std::path::Path>, strict: bool) -> Result<DeadLetters> {
+        let writer = match path {
+            Some(p) => Some(BufWriter::new(File::options().create(true).append(true).open(p).with_context(|| format!("opening {}", p.display()))?)),
+            None => None,
+        };
+        Ok(DeadLetters { writer, strict })
+    }
+
     /// Records one bad record; in strict mode it becomes the error that ends the run.
-    fn reject(&mut self, counts: &mut Counts, letter: DeadLetter) -> Result<()> {
-        counts.bad += 1;
+    pub(crate) fn reject(&mut self, bad: &mut u64, letter: DeadLetter) -> Result<()> {
+        *bad += 1;
+        let bad = *bad;
         let at = match letter.record {
             Some(i) => format!("{}:{} (record {i})", letter.source, letter.line),
             None => format!("{}:{}", letter.source, letter.line),
@@ -81,9 +92,9 @@ impl DeadLetters {
         if self.strict {
             bail!("bad record at {at}: {}", letter.reason);
         }
-        if counts.bad <= 10 {
+        if bad <= 10 {
             tracing::warn!(position = %at, reason = %letter.reason, "skipping bad record");
-        } else if counts.bad == 11 {
+        } else if bad == 11 {
             tracing::warn!("more bad records; counting them without logging each");
         }
         if let Some(w) = &mut self.writer {
@@ -215,15 +226,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         None => Day::today_utc(),
     };
     let inputs = expand(&args.inputs)?;
-    let mut dead = DeadLetters {
-        writer: match &args.dead_letter {
-            Some(p) => Some(BufWriter::new(
-                File::options().create(true).append(true).open(p).with_context(|| format!("opening {}", p.display()))?,
-            )),
-            None => None,
-        },
-        strict: args.strict,
-    };
+    let mut dead = DeadLetters::open(args.dead_letter.as_deref(), args.strict)?;
     let total_bytes: u64 = inputs.iter().filter_map(Input::byte_len).sum();
     let read = Arc::new(AtomicU64::new(0));
     let progress = (std::io::stderr().is_terminal() && total_bytes >= 64 << 20).then(|| {
@@ -271,7 +274,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                         let applied = engine.apply(&change);
                         count_applied(&mut counts, &change.action, applied);
                     }
-                    Decoded::Bad(letter) => dead.reject(&mut counts, letter)?,
+                    Decoded::Bad(letter) => dead.reject(&mut counts.bad, letter)?,
                 }
             }
             // This thread waits on decoding much of the time: turning the batch's changes

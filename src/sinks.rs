@@ -148,32 +148,37 @@ pub struct ResultsArgs {
     sinks: SinkArgs,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum From {
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum From {
     Valkey,
     Dynamodb,
 }
 
 pub fn results(args: ResultsArgs) -> Result<ExitCode> {
     let today = args.sinks.today()?.unwrap_or_else(Day::today_utc);
-    let report = match args.from {
+    let report = read_sink(args.from, &args.sinks, today)?;
+    output::write_report(&args.out, &report)?;
+    eprintln!("wrote {} agents, {} patterns, {} tool-error rows to {}", report.agents.len(), report.patterns.len(), report.tool_errors.len(), args.out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What a sink holds, as the seed's tables for `today`.
+pub fn read_sink(from: From, sinks: &SinkArgs, today: Day) -> Result<Report> {
+    Ok(match from {
         From::Valkey => {
-            let mut v = ValkeyReader::connect(&args.sinks.valkey_url, args.sinks.namespace.clone(), Duration::from_secs(5))?;
+            let mut v = ValkeyReader::connect(&sinks.valkey_url, sinks.namespace.clone(), Duration::from_secs(5))?;
             Report::from_figures(v.agents()?, v.patterns()?, today)
         }
         From::Dynamodb => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let (agents, patterns) = rt.block_on(async {
                 let client = toolrank_dynamodb::client().await;
-                toolrank_sink_dynamodb::read_table(&client, &args.sinks.table).await
+                toolrank_sink_dynamodb::read_table(&client, &sinks.table).await
             })?;
             let mut report = Report::from_figures(agents, patterns.into_iter().map(|(f, _)| f).collect(), today);
             // The table holds the recommended patterns only: all of them are.
             report.patterns.iter_mut().for_each(|p| p.is_recommended = true);
             report
         }
-    };
-    output::write_report(&args.out, &report)?;
-    eprintln!("wrote {} agents, {} patterns, {} tool-error rows to {}", report.agents.len(), report.patterns.len(), report.tool_errors.len(), args.out.display());
-    Ok(ExitCode::SUCCESS)
+    })
 }

@@ -10,8 +10,8 @@ DescribeStatement until FINISHED, FAILED or ABORTED.
 
 Each `Database` of a request is its own DuckDB file under --data-dir (tests use one
 database each, so they can run side by side). Cluster, workgroup, user and secret are
-accepted and echoed, not checked. Test hooks: `pg_sleep(seconds)` (a statement that
-outlasts a client's timeout) and --page-rows (small pages exercise pagination).
+accepted and echoed, not checked. For tests: DuckDB's `pg_sleep(seconds)` makes a
+statement outlast a client's timeout, and --page-rows small pages exercise pagination.
 
 usage: data_api.py --port 14000 --data-dir DIR [--page-rows 1000]
 """
@@ -81,7 +81,6 @@ class Warehouse:
         with self.lock:
             if name not in self.databases:
                 con = redshift_shim.connect(duckdb, os.path.join(self.data_dir, name + ".duckdb"))
-                con.create_function("pg_sleep", _sleep, [duckdb.typing.DOUBLE], duckdb.typing.BOOLEAN)
                 self.databases[name] = con
             return self.databases[name]
 
@@ -195,11 +194,6 @@ class Warehouse:
             tops = [s for sid, s in self.statements.items() if ":" not in sid]
         return {"Statements": [{"Id": s.id, "Status": s.status, "QueryString": s.sql, "CreatedAt": s.created,
                                 "UpdatedAt": s.updated, "IsBatchStatement": bool(s.subs)} for s in tops[-100:]]}
-
-
-def _sleep(seconds):
-    time.sleep(seconds)
-    return True
 
 
 def _type_name(duck_type):

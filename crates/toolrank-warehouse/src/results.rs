@@ -3,7 +3,7 @@
 
 use crate::{DataApi, Error, Rows, Value};
 use toolrank_engine::{AgentScore, PatternRow, Report, ToolErrors};
-use toolrank_events::Day;
+use toolrank_events::{Day, Timestamp};
 
 /// Reads the three analysis tables.
 pub async fn read(api: &DataApi) -> Result<Report, Error> {
@@ -11,6 +11,65 @@ pub async fn read(api: &DataApi) -> Result<Report, Error> {
     let patterns = api.query("SELECT * FROM user_process_patterns ORDER BY pattern_score DESC, userid, process_pattern, agent_sequence, tool_sequence", &[]).await?;
     let errors = api.query("SELECT * FROM agent_tool_errors ORDER BY error_rate DESC, total_errors DESC, agentid", &[]).await?;
     Ok(Report { agents: agent_rows(&agents)?, patterns: pattern_rows(&patterns)?, tool_errors: error_rows(&errors)? })
+}
+
+/// One row of the warehouse's staging table (owned: it comes off the wire).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Staging {
+    pub user_id: String,
+    pub session_id: String,
+    pub process_id: String,
+    pub domain_id: String,
+    pub agent_id: String,
+    pub tool_id: String,
+    pub tool_nm: String,
+    pub at: Timestamp,
+    pub success: bool,
+}
+
+/// Reads the staging table in `replay --out` order.
+pub async fn staging(api: &DataApi) -> Result<Vec<Staging>, Error> {
+    let rows = api
+        .query(
+            "SELECT userid, sessionid, processid, domainid, agentid, toolid, toolnm, execution_datetime, success_flag \
+             FROM agent_tool_analysis_staging ORDER BY userid, sessionid, execution_datetime, processid, agentid, toolid",
+            &[],
+        )
+        .await?;
+    each(&rows, |r| {
+        let at = r.string("execution_datetime")?;
+        Ok(Staging {
+            user_id: r.string("userid")?,
+            session_id: r.string("sessionid")?,
+            process_id: r.string("processid")?,
+            domain_id: r.string("domainid")?,
+            agent_id: r.string("agentid")?,
+            tool_id: r.string("toolid")?,
+            tool_nm: r.string("toolnm")?,
+            at: timestamp(&at).ok_or_else(|| Error::Shape(format!("execution_datetime {at:?} is not YYYY-MM-DD HH:MM:SS")))?,
+            success: r.bool("success_flag")?,
+        })
+    })
+}
+
+/// One Agent of the warehouse's catalog.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CatalogEntry {
+    pub agent_id: String,
+    pub domain_id: String,
+    pub agent_name: Option<String>,
+}
+
+/// Reads the agent catalog.
+pub async fn catalog(api: &DataApi) -> Result<Vec<CatalogEntry>, Error> {
+    let rows = api.query("SELECT agentid, domainid, agentnm FROM agent_catalog ORDER BY agentid", &[]).await?;
+    each(&rows, |r| Ok(CatalogEntry { agent_id: r.string("agentid")?, domain_id: r.string("domainid")?, agent_name: r.text("agentnm")? }))
+}
+
+/// A timestamp as the warehouse prints it (`YYYY-MM-DD HH:MM:SS`), back to `TransactDT`.
+fn timestamp(text: &str) -> Option<Timestamp> {
+    let digits: String = text.chars().filter(char::is_ascii_digit).collect();
+    Timestamp::parse(&digits)
 }
 
 /// Typed access to one row by column name.

@@ -25,7 +25,9 @@ pub const SCHEMA: File = file!("00_schema.sql");
 pub const STAGING: File = file!("10_staging.sql");
 /// Staging → the three analysis tables, in full.
 pub const SCORES: File = file!("20_scores.sql");
-/// Both of the above for what changed since the last run only.
+/// The today-dependent columns and the recommendation cut, after either of the above.
+pub const TODAY: File = file!("25_today.sql");
+/// 10 and 20 for what changed since the last run only.
 pub const INCREMENTAL: File = file!("30_incremental.sql");
 /// Each analysis table against a recount from staging: rows that disagree.
 pub const RECONCILE: File = file!("40_reconcile.sql");
@@ -100,7 +102,7 @@ mod tests {
 
     #[test]
     fn every_file_splits_and_binds_today() {
-        for f in [SCHEMA, STAGING, SCORES, INCREMENTAL, RECONCILE, MIRROR] {
+        for f in [SCHEMA, STAGING, SCORES, TODAY, INCREMENTAL, RECONCILE, MIRROR] {
             let b = batch(&f, Day::parse_iso("2025-07-14").unwrap());
             assert!(b.len() > SESSION.len(), "{}", f.name);
             assert!(b.iter().all(|s| !s.contains(":today")), "{}", f.name);
