@@ -7,6 +7,7 @@ mod output;
 mod produce;
 mod replay;
 mod mirror_kafka;
+mod mirror_streams;
 mod setup;
 mod sinks;
 mod warehouse;

@@ -195,7 +195,7 @@ fn push(rt: &tokio::runtime::Runtime, sinks: &SinkArgs, staging: &[results::Stag
 
 /// Keep the warehouse's "AgentTable"("PK","SK","value") current, as Zero-ETL does: from
 /// files (any replay format, gzip, export directories, - for stdin) or by following a
-/// Kafka topic.
+/// Kafka topic or the table's DynamoDB stream.
 ///
 /// Every record is validated like everywhere else (bad ones go to --dead-letter, counted);
 /// the item's whole image becomes "value", DynamoDB's typed JSON as Zero-ETL writes it.
@@ -206,6 +206,7 @@ fn push(rt: &tokio::runtime::Runtime, sinks: &SinkArgs, staging: &[results::Stag
 ///
 ///   toolrank mirror examples/seed-sample.jsonl
 ///   toolrank mirror --follow kafka --topic toolrank.events --until-idle 5
+///   toolrank mirror --follow dynamodb-streams --source-table AgentTable
 #[derive(clap::Args)]
 pub struct MirrorArgs {
     #[command(flatten)]
@@ -219,6 +220,9 @@ pub struct MirrorArgs {
     /// Kafka bootstrap servers.
     #[arg(long, env = "TOOLRANK_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     brokers: String,
+    /// The table whose stream is followed (--follow dynamodb-streams).
+    #[arg(long, env = "TOOLRANK_SOURCE_TABLE", default_value = "AgentTable")]
+    source_table: String,
     /// Exit after SECS without a new record (--follow; tests and batch use).
     #[arg(long, value_name = "SECS")]
     until_idle: Option<f64>,
@@ -231,7 +235,10 @@ pub struct MirrorArgs {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Follow {
+    /// The topic's partitions, from the offsets the last batch recorded.
     Kafka,
+    /// The table's DynamoDB stream, every shard, parents before children.
+    DynamodbStreams,
 }
 
 pub fn mirror(args: MirrorArgs) -> Result<ExitCode> {
@@ -247,6 +254,7 @@ pub fn mirror(args: MirrorArgs) -> Result<ExitCode> {
             mirror_files(&rt, &api, &args.inputs, &mut dead)?
         }
         Some(Follow::Kafka) => crate::mirror_kafka::follow(&rt, &api, &args.brokers, &args.topic, args.until_idle, &mut dead)?,
+        Some(Follow::DynamodbStreams) => crate::mirror_streams::follow(&rt, &api, &args.source_table, args.until_idle, &mut dead)?,
     };
     let s = mirror.stats;
     eprintln!(

@@ -1083,3 +1083,22 @@ fn data_api_client_pages_reports_failures_and_cancels_on_timeout() {
         assert!(started.elapsed() < Duration::from_secs(10), "cancelled, not waited out");
     });
 }
+
+#[test]
+fn mirror_follows_the_dynamodb_stream_like_zero_etl() {
+    let live = Live::new("1");
+    let history = live.dir.path().join("history.jsonl");
+    let history = history.to_str().unwrap();
+    live.toolrank(&["generate", "--sessions", "300", "--seed", "12", "--agents", "30", "--out", history]);
+    live.toolrank(&["produce", "--to", "dynamodb", "--table", &live.table, history]);
+    let wh = Warehouse::new();
+    let follow = ["--follow", "dynamodb-streams", "--source-table", live.table.as_str(), "--until-idle", "3"];
+    let first = String::from_utf8(wh.toolrank(&["mirror"], &follow).stderr).unwrap();
+    assert!(!first.contains("mirrored 0 item writes"), "{first}");
+    let again = String::from_utf8(wh.toolrank(&["mirror"], &follow).stderr).unwrap();
+    assert!(again.contains("mirrored 0 item writes and 0 removes"), "resumes after what it mirrored: {again}");
+    let dir = live.dir.path();
+    wh.score(&dir.join("batch"), &[]);
+    toolrank(&["replay", "--today", TODAY, "--out", dir.join("replay").to_str().unwrap(), history]);
+    assert_same_tables(&dir.join("batch"), &dir.join("replay"), &ALL_TABLES);
+}

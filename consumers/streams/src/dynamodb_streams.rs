@@ -127,6 +127,51 @@ impl StreamRecord for Record {
     }
 
     fn describe(&self) -> String {
-        format!("{self:?}")
+        record_json(self).to_string()
+    }
+}
+
+/// A record as Lambda delivers it (eventName, dynamodb.Keys/NewImage/SequenceNumber,
+/// userIdentity): one line of the replay formats, for dead letters and for `toolrank
+/// mirror`, which keeps whole item images.
+pub fn record_json(r: &Record) -> serde_json::Value {
+    use serde_json::{json, Map, Value};
+    let map = |m: &HashMap<String, AttributeValue>| Value::Object(m.iter().map(|(k, v)| (k.clone(), attribute_json(v))).collect::<Map<_, _>>());
+    let mut dynamodb = Map::new();
+    if let Some(d) = r.dynamodb() {
+        if let Some(k) = &d.keys {
+            dynamodb.insert("Keys".into(), map(k));
+        }
+        if let Some(n) = &d.new_image {
+            dynamodb.insert("NewImage".into(), map(n));
+        }
+        if let Some(seq) = d.sequence_number() {
+            dynamodb.insert("SequenceNumber".into(), json!(seq));
+        }
+    }
+    let mut out = json!({ "eventName": r.event_name().map(|n| n.as_str()), "dynamodb": dynamodb });
+    if let Some(u) = r.user_identity() {
+        out["userIdentity"] = json!({ "type": u.r#type(), "principalId": u.principal_id() });
+    }
+    out
+}
+
+/// DynamoDB's typed JSON of one attribute value (`{"S": "..."}`, `{"N": "1"}`, ...).
+fn attribute_json(v: &AttributeValue) -> serde_json::Value {
+    use base64::Engine as _;
+    use serde_json::json;
+    let b64 = |b: &aws_sdk_dynamodbstreams::primitives::Blob| base64::engine::general_purpose::STANDARD.encode(b.as_ref());
+    match v {
+        AttributeValue::S(s) => json!({ "S": s }),
+        AttributeValue::N(n) => json!({ "N": n }),
+        AttributeValue::B(b) => json!({ "B": b64(b) }),
+        AttributeValue::Bool(b) => json!({ "BOOL": b }),
+        AttributeValue::Null(b) => json!({ "NULL": b }),
+        AttributeValue::L(l) => json!({ "L": l.iter().map(attribute_json).collect::<Vec<_>>() }),
+        AttributeValue::M(m) => json!({ "M": m.iter().map(|(k, v)| (k.clone(), attribute_json(v))).collect::<serde_json::Map<_, _>>() }),
+        AttributeValue::Ss(ss) => json!({ "SS": ss }),
+        AttributeValue::Ns(ns) => json!({ "NS": ns }),
+        AttributeValue::Bs(bs) => json!({ "BS": bs.iter().map(b64).collect::<Vec<_>>() }),
+        _ => json!({ "NULL": true }),
     }
 }

@@ -202,7 +202,7 @@ impl Mirror {
             return Ok(());
         }
         let id = literal(&self.batch_id);
-        let mut statements: Vec<String> = SESSION.iter().map(|s| s.to_string()).collect();
+        let mut inserts: Vec<String> = Vec::new();
         let mut insert = String::new();
         let (mut written, mut removed) = (0, 0);
         for ((pk, sk), image) in std::mem::take(&mut self.pending) {
@@ -218,7 +218,7 @@ impl Mirror {
             };
             let row = format!("({id}, {}, {}, {value})", literal(&pk), literal(&sk));
             if !insert.is_empty() && insert.len() + row.len() > MAX_STATEMENT_BYTES {
-                statements.push(std::mem::take(&mut insert));
+                inserts.push(std::mem::take(&mut insert));
             }
             if insert.is_empty() {
                 insert.push_str("INSERT INTO toolrank_mirror_batch VALUES ");
@@ -228,8 +228,18 @@ impl Mirror {
             insert.push_str(&row);
         }
         if !insert.is_empty() {
-            statements.push(insert);
+            inserts.push(insert);
         }
+        // Rows beyond one batch's statements are staged first: invisible until the final
+        // batch applies them with the positions, atomically.
+        let session = || SESSION.iter().map(|s| s.to_string()).collect::<Vec<String>>();
+        while inserts.len() > MAX_STATEMENTS - FIXED_STATEMENTS {
+            let mut staged = session();
+            staged.extend(inserts.drain(..MAX_STATEMENTS - FIXED_STATEMENTS));
+            api.batch(staged).await?;
+        }
+        let mut statements = session();
+        statements.append(&mut inserts);
         statements.push(format!(
             "DELETE FROM \"AgentTable\" USING toolrank_mirror_batch b WHERE b.batch_id = {id} AND \"AgentTable\".\"PK\" = b.\"PK\" AND \"AgentTable\".\"SK\" = b.\"SK\""
         ));
@@ -243,7 +253,6 @@ impl Mirror {
             statements.push(format!("DELETE FROM toolrank_mirror_positions WHERE source = {source} AND part IN ({})", parts.join(", ")));
             statements.push(format!("INSERT INTO toolrank_mirror_positions VALUES {}", rows.join(", ")));
         }
-        debug_assert!(statements.len() <= MAX_STATEMENTS, "{} statements", statements.len());
         api.batch(statements).await?;
         self.pending_bytes = 0;
         self.stats.items_written += written;
