@@ -17,7 +17,7 @@ use toolrank_warehouse::{reconcile, results, sql, DataApi, Target, Value};
 /// Where the warehouse is: a Redshift Serverless workgroup or a provisioned cluster, and
 /// the database holding the mirror ("AgentTable") and the analysis tables. The Data API
 /// endpoint comes from the AWS configuration (AWS_ENDPOINT_URL_REDSHIFT_DATA for the local
-/// one that infra/local/up starts).
+/// one that infra/local/up starts; there, the workgroup defaults to "local").
 #[derive(clap::Args, Clone)]
 pub struct WarehouseArgs {
     /// Redshift Serverless workgroup.
@@ -45,6 +45,8 @@ impl WarehouseArgs {
         let target = match (&self.workgroup, &self.cluster_identifier) {
             (Some(name), _) => Target::Workgroup { name: name.clone(), secret_arn: self.secret_arn.clone() },
             (None, Some(id)) => Target::Cluster { id: id.clone(), db_user: self.db_user.clone(), secret_arn: self.secret_arn.clone() },
+            // The local endpoint (infra/local/up) takes any workgroup.
+            (None, None) if std::env::var_os("AWS_ENDPOINT_URL_REDSHIFT_DATA").is_some() => Target::Workgroup { name: "local".into(), secret_arn: None },
             (None, None) => bail!("no warehouse: set --workgroup (TOOLRANK_REDSHIFT_WORKGROUP) or --cluster-identifier (TOOLRANK_REDSHIFT_CLUSTER)"),
         };
         if !(self.statement_timeout > 0.0) {
@@ -114,7 +116,7 @@ async fn run_scoring(api: &DataApi, today: Day, incremental: bool) -> Result<()>
     let files = if incremental { vec![sql::SCHEMA, sql::INCREMENTAL, sql::TODAY] } else { vec![sql::SCHEMA, sql::STAGING, sql::SCORES, sql::TODAY] };
     for file in files {
         let started = Instant::now();
-        api.batch(sql::batch(&file, today)).await.with_context(|| format!("running sql/redshift/{}", file.name))?;
+        api.batch(sql::batch(&file, today)).await.with_context(|| format!("running sql/redshift/{} (it reads \"AgentTable\": Zero-ETL's, or `toolrank mirror`'s)", file.name))?;
         tracing::info!(file = file.name, secs = started.elapsed().as_secs_f64(), "ran");
     }
     Ok(())
@@ -229,6 +231,10 @@ pub struct MirrorArgs {
     /// Append rejected records here as JSON lines.
     #[arg(long, value_name = "FILE")]
     dead_letter: Option<PathBuf>,
+    /// Empty "AgentTable" (and the recorded positions) first: a new load rather than
+    /// changes to the current table.
+    #[arg(long)]
+    fresh: bool,
     /// Files to mirror, in order.
     inputs: Vec<String>,
 }
@@ -245,6 +251,9 @@ pub fn mirror(args: MirrorArgs) -> Result<ExitCode> {
     let mut dead = DeadLetters::open(args.dead_letter.as_deref(), false)?;
     let rt = runtime()?;
     let api = rt.block_on(args.warehouse.connect())?;
+    if args.fresh {
+        rt.block_on(Mirror::clear(&api))?;
+    }
     let started = Instant::now();
     let (mirror, bad) = match args.follow {
         None => {

@@ -995,6 +995,11 @@ fn warehouse_reproduces_the_seed_tables_through_the_mirror() {
         .map(|r| (r["agentid"].as_str().unwrap(), r["total_executions"].as_u64().unwrap(), r["success_count"].as_u64().unwrap(), r["failure_count"].as_u64().unwrap(), format!("{:.2}", r["calculated_score"].as_f64().unwrap())))
         .collect();
     assert_eq!(figures, vec![("AGT002", 1, 1, 0, "0.05".into()), ("AGT001", 2, 1, 1, "0.02".into())]);
+    // Mirrored again as a new load: the same tables, not twice the history.
+    wh.toolrank(&["mirror"], &["--fresh", SEED]);
+    let again = dir.path().join("again");
+    wh.score(&again, &[]);
+    assert_same_tables(&again, &replay, &ALL_TABLES);
 }
 
 #[test]
@@ -1119,4 +1124,15 @@ fn mirror_follows_the_dynamodb_stream_like_zero_etl() {
     wh.score(&dir.join("batch"), &[]);
     toolrank(&["replay", "--today", TODAY, "--out", dir.join("replay").to_str().unwrap(), history]);
     assert_same_tables(&dir.join("batch"), &dir.join("replay"), &ALL_TABLES);
+}
+
+#[test]
+fn warehouse_push_writes_the_batch_results_through_the_sinks() {
+    let live = Live::new("1");
+    let history = generated(&live, "300", "14");
+    let wh = Warehouse::new();
+    wh.toolrank(&["mirror"], &[&history]);
+    let out = wh.toolrank(&["warehouse", "score"], &["--today", TODAY, "--push", "--table", &live.table, "--namespace", &live.namespace]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pushed "), "{}", String::from_utf8_lossy(&out.stderr));
+    live.assert_sinks_equal_replay(&history, None);
 }

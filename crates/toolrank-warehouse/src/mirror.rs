@@ -138,6 +138,13 @@ impl Mirror {
         })
     }
 
+    /// Empties the mirror and every recorded position (one transaction).
+    pub async fn clear(api: &DataApi) -> Result<(), Error> {
+        let mut statements: Vec<String> = sql::batch(&sql::MIRROR, toolrank_events::Day(0));
+        statements.extend(["DELETE FROM \"AgentTable\"", "DELETE FROM toolrank_mirror_positions", "DELETE FROM toolrank_mirror_batch"].map(String::from));
+        api.batch(statements).await
+    }
+
     /// The positions of `source` recorded by the last committed batch: part → position.
     pub async fn positions(api: &DataApi, source: &str) -> Result<BTreeMap<String, String>, Error> {
         let rows = api.query("SELECT part, position FROM toolrank_mirror_positions WHERE source = :source", &[("source", source)]).await?;
