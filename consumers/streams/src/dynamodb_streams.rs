@@ -156,22 +156,4 @@ pub fn record_json(r: &Record) -> serde_json::Value {
     out
 }
 
-/// DynamoDB's typed JSON of one attribute value (`{"S": "..."}`, `{"N": "1"}`, ...).
-fn attribute_json(v: &AttributeValue) -> serde_json::Value {
-    use base64::Engine as _;
-    use serde_json::json;
-    let b64 = |b: &aws_sdk_dynamodbstreams::primitives::Blob| base64::engine::general_purpose::STANDARD.encode(b.as_ref());
-    match v {
-        AttributeValue::S(s) => json!({ "S": s }),
-        AttributeValue::N(n) => json!({ "N": n }),
-        AttributeValue::B(b) => json!({ "B": b64(b) }),
-        AttributeValue::Bool(b) => json!({ "BOOL": b }),
-        AttributeValue::Null(b) => json!({ "NULL": b }),
-        AttributeValue::L(l) => json!({ "L": l.iter().map(attribute_json).collect::<Vec<_>>() }),
-        AttributeValue::M(m) => json!({ "M": m.iter().map(|(k, v)| (k.clone(), attribute_json(v))).collect::<serde_json::Map<_, _>>() }),
-        AttributeValue::Ss(ss) => json!({ "SS": ss }),
-        AttributeValue::Ns(ns) => json!({ "NS": ns }),
-        AttributeValue::Bs(bs) => json!({ "BS": bs.iter().map(b64).collect::<Vec<_>>() }),
-        _ => json!({ "NULL": true }),
-    }
-}
+toolrank_dynamodb::typed_json_fn!(attribute_json, aws_sdk_dynamodbstreams::types::AttributeValue);

@@ -223,6 +223,47 @@ pub fn attribute_value(v: &Value) -> Result<AttributeValue, String> {
     })
 }
 
+#[doc(hidden)]
+pub mod __reexport {
+    pub use base64;
+    pub use serde_json;
+}
+
+/// Defines `fn $name(&$attribute_value) -> serde_json::Value`: DynamoDB's typed JSON
+/// (`{"S": ...}`, `{"M": {...}}`, binary as base64) of an SDK attribute value. A macro
+/// because the tables SDK and the streams SDK each have their own `AttributeValue`.
+#[macro_export]
+macro_rules! typed_json_fn {
+    ($name:ident, $av:path) => {
+        fn $name(v: &$av) -> $crate::__reexport::serde_json::Value {
+            use $crate::__reexport::base64::Engine as _;
+            use $crate::__reexport::serde_json::{json, Map};
+            use $av as A;
+            let b64 = |b: &[u8]| $crate::__reexport::base64::engine::general_purpose::STANDARD.encode(b);
+            match v {
+                A::S(s) => json!({ "S": s }),
+                A::N(n) => json!({ "N": n }),
+                A::B(b) => json!({ "B": b64(b.as_ref()) }),
+                A::Bool(b) => json!({ "BOOL": b }),
+                A::Null(b) => json!({ "NULL": b }),
+                A::L(l) => json!({ "L": l.iter().map($name).collect::<Vec<_>>() }),
+                A::M(m) => json!({ "M": m.iter().map(|(k, v)| (k.clone(), $name(v))).collect::<Map<_, _>>() }),
+                A::Ss(ss) => json!({ "SS": ss }),
+                A::Ns(ns) => json!({ "NS": ns }),
+                A::Bs(bs) => json!({ "BS": bs.iter().map(|b| b64(b.as_ref())).collect::<Vec<_>>() }),
+                _ => json!({ "NULL": true }),
+            }
+        }
+    };
+}
+
+typed_json_fn!(attribute_json, AttributeValue);
+
+/// An item as DynamoDB's typed JSON, as in exports and stream records.
+pub fn item_json(item: &HashMap<String, AttributeValue>) -> Value {
+    Value::Object(item.iter().map(|(k, v)| (k.clone(), attribute_json(v))).collect())
+}
+
 fn item(map: &Map<String, Value>) -> Result<HashMap<String, AttributeValue>, String> {
     map.iter().map(|(k, v)| Ok((k.clone(), attribute_value(v)?))).collect()
 }

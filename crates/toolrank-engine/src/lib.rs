@@ -30,7 +30,7 @@ use hashbrown::HashTable;
 use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
 use std::hash::BuildHasher;
 use serde::{Deserialize, Serialize};
-use toolrank_events::{Action, Change, Entity, HistKey, Timestamp, METADATA_SK};
+use toolrank_events::{Action, Change, Entity, HistKey, Timestamp, BASE_SEQ, METADATA_SK};
 
 /// What [`Engine::apply`] did with a change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -280,6 +280,8 @@ impl Engine {
         };
         let s = &mut self.sessions[idx as usize];
         let applied = match s.rows.iter().position(|r| r.sk == sk) {
+            // A backfilled copy never replaces what the key holds, a tombstone included.
+            Some(_) if change.seq == Some(BASE_SEQ) => return Applied::Stale,
             Some(i) => {
                 let row = &mut s.rows[i];
                 if let (Some(new), Some(old)) = (seq, row.seq) {
@@ -325,6 +327,7 @@ impl Engine {
             name: a.name.as_deref().map(Into::into),
         });
         let slot = match self.catalog.get_mut(&id) {
+            Some(_) if change.seq == Some(BASE_SEQ) => return Applied::Stale,
             Some(slot) => slot,
             None if new_meta.is_none() && seq.is_none() => return Applied::Ignored,
             None => self.catalog.entry(id).or_default(),
@@ -613,4 +616,42 @@ fn contribution(
         failed_tools: group.iter().filter(|(d, _)| !d.success).map(|(d, _)| d.tool_nm).collect(),
     };
     Some(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::borrow::Cow;
+    use toolrank_events::{AgentItem, Execution};
+
+    fn hist(seq: Option<u128>, success: Option<bool>) -> Change<'static> {
+        let action = match success {
+            Some(success) => Action::Put(Entity::Execution(Execution { tool_nm: Cow::Borrowed("T"), at: Timestamp::parse("20250614140605").unwrap(), success })),
+            None => Action::Delete { ttl: false },
+        };
+        Change { pk: Cow::Borrowed("U#S"), sk: Cow::Borrowed("P#A#T"), seq, action }
+    }
+
+    #[test]
+    fn a_backfilled_copy_only_fills_keys_the_engine_holds_nothing_for() {
+        let mut e = Engine::new();
+        assert_eq!(e.apply(&hist(Some(BASE_SEQ), Some(true))), Applied::Changed, "absent: the copy applies");
+        assert_eq!(e.apply(&hist(Some(BASE_SEQ), Some(false))), Applied::Stale, "a second copy is no newer");
+        assert_eq!(e.apply(&hist(Some(7), Some(false))), Applied::Changed, "any stream record is newer than a copy");
+        assert_eq!(e.apply(&hist(Some(BASE_SEQ), Some(true))), Applied::Stale);
+        assert_eq!(e.apply(&hist(Some(9), None)), Applied::Changed);
+        assert_eq!(e.apply(&hist(Some(BASE_SEQ), Some(true))), Applied::Stale, "a removal's tombstone outranks a copy read before it");
+        let mut flat = Engine::new();
+        assert_eq!(flat.apply(&hist(None, Some(true))), Applied::Changed);
+        assert_eq!(flat.apply(&hist(Some(BASE_SEQ), Some(false))), Applied::Stale, "a flat event outranks a copy");
+        let agent = |seq| Change {
+            pk: Cow::Borrowed("A"),
+            sk: Cow::Borrowed(METADATA_SK),
+            seq,
+            action: Action::Put(Entity::Agent(AgentItem { domain_id: Cow::Borrowed("D"), name: None, partial: false })),
+        };
+        assert_eq!(e.apply(&agent(Some(BASE_SEQ))), Applied::Changed);
+        assert_eq!(e.apply(&agent(Some(BASE_SEQ))), Applied::Stale);
+        assert_eq!(e.apply(&agent(Some(3))), Applied::Unchanged, "the same content, now versioned");
+    }
 }

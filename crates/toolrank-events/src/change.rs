@@ -11,6 +11,10 @@ pub const AGENT_ENTITY: &str = "Agent";
 /// Sort key of metadata items (Domain, Agent, UserInfo).
 pub const METADATA_SK: &str = "METADATA";
 
+/// The sequence number of a backfilled item: a copy of the table's state at some moment
+/// before now, older than any change the stream or topic carries.
+pub const BASE_SEQ: u128 = 0;
+
 /// A change to one item, identified by its primary key.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change<'a> {
@@ -18,6 +22,8 @@ pub struct Change<'a> {
     pub sk: Cow<'a, str>,
     /// The DynamoDB Streams sequence number, when the source has one. A change whose
     /// sequence number is not above the last applied one for the same key is stale.
+    /// [`BASE_SEQ`] marks a snapshot copy (a backfill): it applies only to keys the
+    /// consumer holds nothing for, so it never undoes a change that reached it otherwise.
     pub seq: Option<u128>,
     pub action: Action<'a>,
 }

@@ -183,10 +183,17 @@ impl Publisher {
         Ok(true)
     }
 
+    /// Waits until every record queued so far is acknowledged (before a checkpoint that
+    /// says they are published).
+    pub async fn settle(&mut self) -> Result<(), Error> {
+        while self.settle_one().await? {}
+        Ok(())
+    }
+
     /// Waits until every queued record is acknowledged; returns how many were, and how
     /// many deliveries were retried.
     pub async fn finish(mut self) -> Result<(u64, u64), Error> {
-        while self.settle_one().await? {}
+        self.settle().await?;
         self.producer.flush(Duration::from_secs(30)).map_err(|source| Error::Publish { topic: self.topic.to_string(), source })?;
         Ok((self.published, self.resent))
     }
