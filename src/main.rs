@@ -1,5 +1,6 @@
 //! `toolrank`: turns AI-agent tool-execution history into the seed's rankings.
 
+mod backfill;
 mod consume;
 mod generate;
 mod lambda;
@@ -52,6 +53,7 @@ enum Command {
     Lambda(lambda::Args),
     Top(sinks::TopArgs),
     Results(sinks::ResultsArgs),
+    Backfill(backfill::Args),
     Warehouse(warehouse::Args),
     Mirror(warehouse::MirrorArgs),
     Reconcile(warehouse::ReconcileArgs),
@@ -75,6 +77,7 @@ fn main() -> ExitCode {
         Command::Lambda(args) => lambda::run(args),
         Command::Top(args) => sinks::top(args),
         Command::Results(args) => sinks::results(args),
+        Command::Backfill(args) => backfill::run(args),
         Command::Warehouse(args) => warehouse::run(args),
         Command::Mirror(args) => warehouse::mirror(args),
         Command::Reconcile(args) => warehouse::reconcile(args),

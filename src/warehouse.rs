@@ -207,7 +207,7 @@ fn push(rt: &tokio::runtime::Runtime, sinks: &SinkArgs, staging: &[results::Stag
 /// --follow mirror resumes exactly where its last batch committed.
 ///
 ///   toolrank mirror examples/seed-sample.jsonl
-///   toolrank mirror --follow kafka --topic toolrank.events --until-idle 5
+///   toolrank mirror --follow kafka --topic toolrank-events --until-idle 5
 ///   toolrank mirror --follow dynamodb-streams --source-table AgentTable
 #[derive(clap::Args)]
 pub struct MirrorArgs {
@@ -217,7 +217,7 @@ pub struct MirrorArgs {
     #[arg(long, value_enum)]
     follow: Option<Follow>,
     /// The topic to follow (--follow kafka).
-    #[arg(long, env = "TOOLRANK_TOPIC", default_value = "toolrank.events")]
+    #[arg(long, env = "TOOLRANK_TOPIC", default_value = "toolrank-events")]
     topic: String,
     /// Kafka bootstrap servers.
     #[arg(long, env = "TOOLRANK_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]

@@ -1136,3 +1136,100 @@ fn warehouse_push_writes_the_batch_results_through_the_sinks() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("pushed "), "{}", String::from_utf8_lossy(&out.stderr));
     live.assert_sinks_equal_replay(&history, None);
 }
+
+/// Writes `lines` as a DynamoDB export directory: gzip data files and their manifest.
+fn export_dir(dir: &std::path::Path, lines: &[String]) -> std::path::PathBuf {
+    use std::io::Write;
+    let root = dir.join("AWSDynamoDB/0175-backfill");
+    std::fs::create_dir_all(root.join("data")).unwrap();
+    let mut manifest = String::new();
+    for (i, chunk) in lines.chunks(lines.len().div_ceil(3)).enumerate() {
+        let name = format!("part-{i}.json.gz");
+        let mut gz = flate2::write::GzEncoder::new(std::fs::File::create(root.join("data").join(&name)).unwrap(), flate2::Compression::fast());
+        for line in chunk {
+            writeln!(gz, "{line}").unwrap();
+        }
+        gz.finish().unwrap();
+        manifest += &format!("{}\n", serde_json::json!({"itemCount": chunk.len(), "dataFileS3Key": format!("AWSDynamoDB/0175-backfill/data/{name}")}));
+    }
+    std::fs::write(root.join("manifest-files.json"), manifest).unwrap();
+    root
+}
+
+#[test]
+fn backfill_from_a_table_resumes_after_kill_and_equals_replay_and_the_export() {
+    let live = Live::new("3");
+    let history = live.dir.path().join("history.jsonl");
+    let history = history.to_str().unwrap();
+    live.toolrank(&["generate", "--sessions", "700", "--seed", "21", "--agents", "30", "--out", history]);
+    live.toolrank(&["produce", "--to", "dynamodb", "--table", &live.table, history]);
+    // The table's contents as a DynamoDB export would hold them.
+    let export_lines: Vec<String> = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let client = toolrank_dynamodb::client().await;
+        let (mut lines, mut start) = (Vec::new(), None);
+        loop {
+            let page = client.scan().table_name(&live.table).set_exclusive_start_key(start).send().await.unwrap();
+            lines.extend(page.items().iter().map(|i| serde_json::json!({ "Item": toolrank_dynamodb::item_json(i) }).to_string()));
+            start = page.last_evaluated_key;
+            if start.is_none() {
+                return lines;
+            }
+        }
+    });
+    let table_items = export_lines.len() as u64;
+    let id = unique("backfill");
+    let backfill = |extra: &[&str]| {
+        let mut cmd = live.command();
+        cmd.args(["backfill", "--from", "dynamodb", "--table", &live.table, "--topic", &live.topic, "--segments", "3", "--id", &id, "--page-items", "100"]).args(extra);
+        cmd
+    };
+    // Slowed to 10 read units/s, killed with -9 after 3 s, then resumed at full speed.
+    let mut victim = backfill(&["--max-rcu", "10"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    let resumed = String::from_utf8(run(&mut backfill(&[])).stderr).unwrap();
+    let items = count_after(&resumed, "backfilled ");
+    assert!(items > 0 && items < table_items, "resumed after the checkpoint: {items} of {table_items} items\n{resumed}");
+    live.drain(&[]);
+    live.assert_sinks_equal_replay(history, None);
+
+    // The same table state from an export directory, into a second pipeline.
+    let other = Live::new("2");
+    let catalog: String = export_lines.iter().filter(|l| l.contains(r#""SK":{"S":"METADATA"}"#)).map(|l| format!("{l}\n")).collect();
+    std::fs::write(other.dir.path().join("catalog.jsonl"), catalog).unwrap();
+    other.toolrank(&["produce", "--to", "dynamodb", "--table", &other.table, other.dir.path().join("catalog.jsonl").to_str().unwrap()]);
+    let dir = export_dir(other.dir.path(), &export_lines);
+    let out = String::from_utf8(other.toolrank(&["backfill", "--from", "export", "--topic", &other.topic, "--id", &unique("export"), dir.to_str().unwrap()]).stderr).unwrap();
+    assert_eq!(count_after(&out, "backfilled "), table_items, "{out}");
+    other.drain(&[]);
+    other.assert_sinks_equal_replay(history, None);
+}
+
+#[test]
+fn backfill_beside_a_live_consumer_counts_nothing_twice() {
+    let live = Live::new("3");
+    let history = live.dir.path().join("history.jsonl");
+    live.toolrank(&["generate", "--sessions", "700", "--seed", "22", "--agents", "30", "--out", history.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&history).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let (before, after) = (live.dir.path().join("before.jsonl"), live.dir.path().join("after.jsonl"));
+    std::fs::write(&before, lines[..lines.len() / 2].join("\n")).unwrap();
+    std::fs::write(&after, lines[lines.len() / 2..].join("\n")).unwrap();
+    // The table holds the first half when the pipeline starts; the application then
+    // writes the second half to the table and the topic while a backfill scans the table
+    // and a consumer reads the topic.
+    live.toolrank(&["produce", "--to", "dynamodb", "--table", &live.table, before.to_str().unwrap()]);
+    let consumer = live.consumer(&["--until-idle", "12"]);
+    let to_table = live.command().args(["produce", "--to", "dynamodb", "--table", &live.table, "--rate", "400", after.to_str().unwrap()]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let to_topic = live.producer("400", after.to_str().unwrap());
+    std::thread::sleep(Duration::from_millis(800));
+    live.toolrank(&["backfill", "--from", "dynamodb", "--table", &live.table, "--topic", &live.topic, "--segments", "2", "--page-items", "50", "--id", &unique("beside")]);
+    for child in [to_table, to_topic] {
+        assert!(child.wait_with_output().unwrap().status.success());
+    }
+    let consumer = consumer.wait_with_output().unwrap();
+    assert!(consumer.status.success(), "{}", String::from_utf8_lossy(&consumer.stderr));
+    live.drain(&[]);
+    live.assert_sinks_equal_replay(history.to_str().unwrap(), None);
+}

@@ -40,7 +40,8 @@ pub enum Error {
     Timeout(String),
 }
 
-pub(crate) fn aws<E: std::error::Error + 'static, R: std::fmt::Debug>(what: impl Into<String>) -> impl FnOnce(SdkError<E, R>) -> Error {
+/// An SDK error as [`Error::Aws`], saying what was being done.
+pub fn aws<E: std::error::Error + 'static, R: std::fmt::Debug>(what: impl Into<String>) -> impl FnOnce(SdkError<E, R>) -> Error {
     let what = what.into();
     move |e| Error::Aws { what, message: DisplayErrorContext(&e).to_string() }
 }
@@ -234,8 +235,8 @@ pub mod __reexport {
 /// because the tables SDK and the streams SDK each have their own `AttributeValue`.
 #[macro_export]
 macro_rules! typed_json_fn {
-    ($name:ident, $av:path) => {
-        fn $name(v: &$av) -> $crate::__reexport::serde_json::Value {
+    ($vis:vis $name:ident, $av:path) => {
+        $vis fn $name(v: &$av) -> $crate::__reexport::serde_json::Value {
             use $crate::__reexport::base64::Engine as _;
             use $crate::__reexport::serde_json::{json, Map};
             use $av as A;
@@ -257,7 +258,7 @@ macro_rules! typed_json_fn {
     };
 }
 
-typed_json_fn!(attribute_json, AttributeValue);
+typed_json_fn!(pub attribute_json, AttributeValue);
 
 /// An item as DynamoDB's typed JSON, as in exports and stream records.
 pub fn item_json(item: &HashMap<String, AttributeValue>) -> Value {

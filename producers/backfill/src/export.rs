@@ -1,0 +1,115 @@
+//! The table's items from a DynamoDB export (`manifest-files.json` + `data/*.json.gz`, or
+//! export files): one `{"Item": {...}}` per line, checkpointed by file and line.
+
+use crate::{base_record, Error, Progress};
+use serde_json::value::RawValue;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use toolrank_dynamodb::CheckpointStore;
+use toolrank_events::DeadLetter;
+use toolrank_kafka::Publisher;
+use toolrank_source_file::{Input, LineReader};
+
+/// What one export backfill reads and where it publishes.
+pub struct Job<'a> {
+    pub inputs: Vec<Input>,
+    pub store: CheckpointStore,
+    pub scope: String,
+    pub owner: String,
+    pub checkpoint_every: Duration,
+    pub progress: &'a Progress,
+    pub stop: &'a AtomicBool,
+}
+
+#[derive(serde::Deserialize)]
+struct Line<'a> {
+    #[serde(rename = "Item", borrow)]
+    item: &'a RawValue,
+}
+
+#[derive(serde::Deserialize)]
+struct Keys<'a> {
+    #[serde(rename = "PK", borrow)]
+    pk: &'a RawValue,
+    #[serde(rename = "SK", borrow)]
+    sk: &'a RawValue,
+}
+
+/// A checkpoint position: the file's index in the inputs and its last line published.
+fn position(file: usize, line: u64) -> String {
+    format!("{file}:{line}")
+}
+
+fn parse_position(text: &str) -> Result<(usize, u64), Error> {
+    let bad = || Error::Input(format!("checkpointed export position {text:?} is not FILE:LINE"));
+    let (f, l) = text.split_once(':').ok_or_else(bad)?;
+    Ok((f.parse().map_err(|_| bad())?, l.parse().map_err(|_| bad())?))
+}
+
+/// The base copy of one export line, and the item's PK (the record key).
+fn record(line: &[u8]) -> Result<(String, String), String> {
+    let text = std::str::from_utf8(line).map_err(|_| "not UTF-8 text".to_owned())?;
+    let item = serde_json::from_str::<Line>(text).map_err(|e| format!("not an export line {{\"Item\": ...}}: {e}"))?.item;
+    let keys: Keys = serde_json::from_str(item.get()).map_err(|e| format!("the item has no PK and SK: {e}"))?;
+    let pk: serde_json::Value = serde_json::from_str(keys.pk.get()).map_err(|e| e.to_string())?;
+    let key = pk["S"].as_str().ok_or("PK is not a string attribute {\"S\": ...}")?.to_owned();
+    Ok((key, base_record(&pk, &serde_json::from_str(keys.sk.get()).map_err(|e| e.to_string())?, item.get())))
+}
+
+impl Job<'_> {
+    /// Publishes every line after the checkpoint; bad lines go to `reject`. Returns
+    /// whether the export was read to its end.
+    pub async fn run(&self, publisher: &mut Publisher, reject: &mut dyn FnMut(DeadLetter)) -> Result<bool, Error> {
+        let claimed = self.store.claim(&self.scope, &self.owner).await?;
+        let mut generation = claimed.generation;
+        let (from_file, from_line) = match claimed.position.as_deref() {
+            Some("") | None => (0, 0),
+            Some(p) => parse_position(p)?,
+        };
+        let read = Arc::new(AtomicU64::new(0));
+        let mut saved = Instant::now();
+        for (index, input) in self.inputs.iter().enumerate().skip(from_file) {
+            let mut reader = LineReader::open(input, read.clone())?;
+            let name = reader.name().to_owned();
+            let mut last = if index == from_file { from_line } else { 0 };
+            while let Some((line_no, line)) = reader.next_line()? {
+                if line_no <= last {
+                    continue;
+                }
+                match record(line) {
+                    Ok((key, line)) => publisher.send(Some(&key), line.as_bytes()).await?,
+                    Err(reason) => reject(DeadLetter { source: name.clone(), line: line_no, record: None, position: None, reason, raw: String::from_utf8_lossy(line).into_owned() }),
+                }
+                self.progress.items.fetch_add(1, Ordering::Relaxed);
+                last = line_no;
+                if saved.elapsed() >= self.checkpoint_every || self.stop.load(Ordering::Relaxed) {
+                    publisher.settle().await?;
+                    generation = self.store.save(&self.scope, &self.owner, generation, &position(index, last), &[]).await?;
+                    saved = Instant::now();
+                    if self.stop.load(Ordering::Relaxed) {
+                        return Ok(false);
+                    }
+                }
+            }
+            publisher.settle().await?;
+            generation = self.store.save(&self.scope, &self.owner, generation, &position(index + 1, 0), &[]).await?;
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_lines_become_base_copies_and_bad_ones_say_why() {
+        let (key, line) = record(br#"{"Item":{"PK":{"S":"U#S"},"SK":{"S":"P#A#T"},"ToolNM":{"S":"x"}}}"#).unwrap();
+        assert_eq!(key, "U#S");
+        assert!(line.contains(r#""NewImage":{"PK":{"S":"U#S"},"SK":{"S":"P#A#T"},"ToolNM":{"S":"x"}}"#) && line.contains(r#""SequenceNumber":"0""#));
+        assert!(record(b"{}").unwrap_err().contains("export line"));
+        assert!(record(br#"{"Item":{"PK":{"N":"1"},"SK":{"S":"x"}}}"#).unwrap_err().contains("PK"));
+        assert_eq!(parse_position(&position(2, 41)).unwrap(), (2, 41));
+    }
+}
