@@ -7,8 +7,10 @@ mod lambda;
 mod output;
 mod produce;
 mod replay;
+mod replay_kafka;
 mod mirror_kafka;
 mod mirror_streams;
+mod namespace;
 mod setup;
 mod sinks;
 mod warehouse;
@@ -54,6 +56,8 @@ enum Command {
     Top(sinks::TopArgs),
     Results(sinks::ResultsArgs),
     Backfill(backfill::Args),
+    Promote(namespace::PromoteArgs),
+    Diff(namespace::DiffArgs),
     Warehouse(warehouse::Args),
     Mirror(warehouse::MirrorArgs),
     Reconcile(warehouse::ReconcileArgs),
@@ -78,6 +82,8 @@ fn main() -> ExitCode {
         Command::Top(args) => sinks::top(args),
         Command::Results(args) => sinks::results(args),
         Command::Backfill(args) => backfill::run(args),
+        Command::Promote(args) => namespace::promote(args),
+        Command::Diff(args) => namespace::diff(args),
         Command::Warehouse(args) => warehouse::run(args),
         Command::Mirror(args) => warehouse::mirror(args),
         Command::Reconcile(args) => warehouse::reconcile(args),

@@ -27,7 +27,13 @@ use toolrank_source_file::{expand, Input, LineReader, SourceError};
 /// Bad lines are skipped, counted and written to --dead-letter; the exit code stays 0
 /// (with a warning) unless --strict.
 ///
-/// Example: toolrank replay --today 2025-07-14 --out results/ examples/seed-sample.jsonl
+/// With --from-kafka, the records of a topic instead of files (offsets by time per
+/// partition); with --namespace, the rankings go into a Valkey namespace that readers do
+/// not see until `toolrank promote` (a recomputation beside the live pipeline).
+///
+/// Examples:
+///   toolrank replay --today 2025-07-14 --out results/ examples/seed-sample.jsonl
+///   toolrank replay --from-kafka --topic toolrank-events --since 2025-07-01 --namespace v2
 #[derive(clap::Args)]
 pub struct Args {
     /// The date scores are computed for (YYYY-MM-DD). Default: today in UTC.
@@ -47,8 +53,21 @@ pub struct Args {
     #[arg(long, default_value_t = 20)]
     top: usize,
     /// Input files, DynamoDB export directories, or - for stdin.
-    #[arg(required = true, value_name = "FILE|DIR|-")]
+    #[arg(required_unless_present = "from_kafka", value_name = "FILE|DIR|-")]
     inputs: Vec<String>,
+    #[command(flatten)]
+    kafka: crate::replay_kafka::KafkaArgs,
+    /// Write the rankings into this Valkey namespace, which readers do not see until
+    /// `toolrank promote NAME` (see `toolrank diff NAME`). The active namespace is refused.
+    #[arg(long, value_name = "NAME")]
+    namespace: Option<String>,
+    /// Valkey URL (with --namespace).
+    #[arg(long, env = "TOOLRANK_VALKEY_URL", default_value = "redis://127.0.0.1:6379")]
+    valkey_url: String,
+    /// Compute and report, write nothing (no --out, no namespace); with --namespace,
+    /// print what promoting the result would change.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// What a replay read and did, for the summary.
@@ -204,29 +223,9 @@ fn decode_chunks(chunks: mpsc::Receiver<Result<Chunk, SourceError>>, out: mpsc::
     }
 }
 
-fn count_applied(counts: &mut Counts, action: &Action<'_>, applied: Applied) {
-    if applied == Applied::Stale {
-        counts.stale += 1;
-        return;
-    }
-    match action {
-        Action::Put(Entity::Execution(_)) => counts.executions += 1,
-        Action::Put(Entity::Agent(_)) => counts.agents += 1,
-        Action::Put(Entity::Other) => counts.other_entities += 1,
-        Action::Delete { ttl } => {
-            counts.deletes += 1;
-            counts.ttl_deletes += u64::from(*ttl);
-        }
-    }
-}
-
-pub fn run(args: Args) -> Result<ExitCode> {
-    let today = match &args.today {
-        Some(t) => Day::parse_iso(t).with_context(|| format!("--today {t:?} is not a date YYYY-MM-DD"))?,
-        None => Day::today_utc(),
-    };
-    let inputs = expand(&args.inputs)?;
-    let mut dead = DeadLetters::open(args.dead_letter.as_deref(), args.strict)?;
+/// Reads, decodes and applies files: a reader thread, one decoder per core, and this
+/// thread applying batches in input order. Returns the bytes read.
+fn ingest_files(inputs: &[Input], engine: &mut Engine, counts: &mut Counts, dead: &mut DeadLetters) -> Result<u64> {
     let total_bytes: u64 = inputs.iter().filter_map(Input::byte_len).sum();
     let read = Arc::new(AtomicU64::new(0));
     let progress = (std::io::stderr().is_terminal() && total_bytes >= 64 << 20).then(|| {
@@ -238,14 +237,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
         bar
     });
 
-    let started = Instant::now();
-    let mut engine = Engine::new();
-    let mut counts = Counts::default();
     // A reader thread, one decoder per core, and this thread applying batches in input
     // order: decoding is most of the work, and spreads over the cores this way.
     let decoders = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
     let (mut to_decoders, mut from_decoders) = (Vec::new(), Vec::new());
-    let (reader_read, all_inputs) = (read.clone(), &inputs);
+    let (reader_read, all_inputs) = (read.clone(), inputs);
     std::thread::scope(|scope| -> Result<()> {
         for i in 0..decoders {
             let (chunk_tx, chunk_rx) = mpsc::sync_channel(2);
@@ -270,10 +266,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             }
             for item in batch.items {
                 match item {
-                    Decoded::Change(change) => {
-                        let applied = engine.apply(&change);
-                        count_applied(&mut counts, &change.action, applied);
-                    }
+                    Decoded::Change(change) => apply(engine, counts, &change),
                     Decoded::Bad(letter) => dead.reject(&mut counts.bad, letter)?,
                 }
             }
@@ -289,14 +282,71 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
+    Ok(read.load(Ordering::Relaxed))
+}
+
+fn apply(engine: &mut Engine, counts: &mut Counts, change: &Change<'_>) {
+    let applied = engine.apply(change);
+    count_applied(counts, &change.action, applied);
+}
+
+fn count_applied(counts: &mut Counts, action: &Action<'_>, applied: Applied) {
+    if applied == Applied::Stale {
+        counts.stale += 1;
+        return;
+    }
+    match action {
+        Action::Put(Entity::Execution(_)) => counts.executions += 1,
+        Action::Put(Entity::Agent(_)) => counts.agents += 1,
+        Action::Put(Entity::Other) => counts.other_entities += 1,
+        Action::Delete { ttl } => {
+            counts.deletes += 1;
+            counts.ttl_deletes += u64::from(*ttl);
+        }
+    }
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let today = match &args.today {
+        Some(t) => Day::parse_iso(t).with_context(|| format!("--today {t:?} is not a date YYYY-MM-DD"))?,
+        None => Day::today_utc(),
+    };
+    let mut dead = DeadLetters::open(args.dead_letter.as_deref(), args.strict)?;
+    let started = Instant::now();
+    let mut engine = Engine::new();
+    let mut counts = Counts::default();
+    let (bytes, inputs) = match &args.kafka.topic {
+        Some(topic) if args.kafka.from_kafka => {
+            let each = &mut |record: Result<&Change<'_>, DeadLetter>| match record {
+                Ok(change) => {
+                    apply(&mut engine, &mut counts, change);
+                    Ok(())
+                }
+                Err(letter) => dead.reject(&mut counts.bad, letter),
+            };
+            let (by_format, bytes) = crate::replay_kafka::ingest(&args.kafka, topic, each)?;
+            counts.by_format = by_format;
+            counts.lines = by_format.iter().sum::<u64>() + counts.bad;
+            (bytes, 1)
+        }
+        _ => {
+            let inputs = expand(&args.inputs)?;
+            (ingest_files(&inputs, &mut engine, &mut counts, &mut dead)?, inputs.len())
+        }
+    };
     engine.flush();
     let ingested = started.elapsed();
     if let Some(w) = &mut dead.writer {
         w.flush().context("writing the dead-letter file")?;
     }
-    match &args.out {
-        Some(dir) => output::write_dir(dir, &engine, today)?,
-        None => output::print_tables(&engine.report(today), args.top, &mut std::io::stdout().lock())?,
+    if let Some(dir) = args.out.as_ref().filter(|_| !args.dry_run) {
+        output::write_dir(dir, &engine, today)?;
+    }
+    if let Some(name) = &args.namespace {
+        crate::namespace::write_shadow(&engine, &args.valkey_url, name, today, args.dry_run)?;
+    }
+    if args.out.is_none() && args.namespace.is_none() {
+        output::print_tables(&engine.report(today), args.top, &mut std::io::stdout().lock())?;
     }
     let elapsed = started.elapsed().as_secs_f64();
     tracing::debug!(
@@ -304,7 +354,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         output_s = elapsed - ingested.as_secs_f64(),
         "replay phases"
     );
-    summary(&counts, &engine, read.load(Ordering::Relaxed), elapsed, inputs.len(), today);
+    summary(&counts, &engine, bytes, elapsed, inputs, today);
     if counts.bad > 0 {
         let hint = match &args.dead_letter {
             Some(p) => format!("written to {}", p.display()),

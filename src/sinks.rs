@@ -10,6 +10,9 @@ use toolrank_engine::{AgentFigures, PatternFigures, Report};
 use toolrank_events::Day;
 use toolrank_sink_valkey::ValkeyReader;
 
+/// The namespace of the live pipeline until another is promoted.
+pub const DEFAULT_NAMESPACE: &str = "tr";
+
 #[derive(clap::Args, Clone)]
 pub struct SinkArgs {
     /// The DynamoDB table that receives the rankings (the seed's own table).
@@ -21,9 +24,10 @@ pub struct SinkArgs {
     /// Valkey URL.
     #[arg(long, global = true, env = "TOOLRANK_VALKEY_URL", default_value = "redis://127.0.0.1:6379")]
     pub valkey_url: String,
-    /// Valkey key prefix of the rankings.
-    #[arg(long, global = true, env = "TOOLRANK_NAMESPACE", default_value = "tr")]
-    pub namespace: String,
+    /// Valkey key prefix of the rankings (a namespace). Default: the one `toolrank
+    /// promote` made active, else "tr".
+    #[arg(long, global = true, env = "TOOLRANK_NAMESPACE")]
+    pub namespace: Option<String>,
     /// Score for this UTC date (YYYY-MM-DD); default today.
     #[arg(long, global = true)]
     pub today: Option<String>,
@@ -74,7 +78,7 @@ enum TopWhat {
 
 pub fn top(args: TopArgs) -> Result<ExitCode> {
     let today = args.sinks.today()?.unwrap_or_else(Day::today_utc);
-    let valkey = ValkeyReader::connect(&args.sinks.valkey_url, args.sinks.namespace.clone(), Duration::from_secs(1));
+    let valkey = ValkeyReader::connect(&args.sinks.valkey_url, crate::namespace::resolve(&args.sinks), Duration::from_secs(1));
     let (source, rows): (&str, Vec<Vec<String>>) = match valkey {
         Ok(mut v) => ("valkey", top_from_valkey(&mut v, &args.what, args.limit, today)?),
         Err(e) => {
@@ -166,7 +170,7 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
 pub fn read_sink(from: From, sinks: &SinkArgs, today: Day) -> Result<Report> {
     Ok(match from {
         From::Valkey => {
-            let mut v = ValkeyReader::connect(&sinks.valkey_url, sinks.namespace.clone(), Duration::from_secs(5))?;
+            let mut v = ValkeyReader::connect(&sinks.valkey_url, crate::namespace::resolve(sinks), Duration::from_secs(5))?;
             Report::from_figures(v.agents()?, v.patterns()?, today)
         }
         From::Dynamodb => {

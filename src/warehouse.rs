@@ -189,7 +189,7 @@ fn push(rt: &tokio::runtime::Runtime, sinks: &SinkArgs, staging: &[results::Stag
         .context("writing the DynamoDB sink")?;
     }
     if !sinks.no_valkey {
-        toolrank_sink_valkey::ValkeySink::new(&sinks.valkey_url, sinks.namespace.clone())?.write(&engine, &everything).context("writing the Valkey sink")?;
+        toolrank_sink_valkey::ValkeySink::new(&sinks.valkey_url, crate::namespace::resolve(sinks))?.write(&engine, &everything).context("writing the Valkey sink")?;
     }
     eprintln!("pushed {} agents and {} patterns to the sinks", everything.agents.len(), everything.patterns.len());
     Ok(())

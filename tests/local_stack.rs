@@ -1233,3 +1233,67 @@ fn backfill_beside_a_live_consumer_counts_nothing_twice() {
     live.drain(&[]);
     live.assert_sinks_equal_replay(history.to_str().unwrap(), None);
 }
+
+#[test]
+fn replay_from_kafka_into_a_shadow_namespace_then_diff_and_promote() {
+    // A private Valkey: the active-namespace pointer is global to a Valkey.
+    let port = free_port();
+    let mut valkey = Command::new(env("TOOLRANK_VALKEY_SERVER"))
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(port);
+    let url = format!("redis://127.0.0.1:{port}");
+    let state = unique("state");
+    let live = Live::new("2");
+    let history = generated(&live, "600", "31");
+    let text = std::fs::read_to_string(&history).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let (first, second) = (live.dir.path().join("first.jsonl"), live.dir.path().join("second.jsonl"));
+    std::fs::write(&first, lines[..lines.len() / 2].join("\n")).unwrap();
+    std::fs::write(&second, lines[lines.len() / 2..].join("\n")).unwrap();
+    let first = first.to_str().unwrap();
+    // The live pipeline has consumed the first half; the second half is on the topic too.
+    live.toolrank(&["produce", "--topic", &live.topic, first]);
+    live.drain(&["--valkey-url", &url]);
+    live.toolrank(&["promote", &live.namespace, "--valkey-url", &url, "--state-table", &state]);
+    live.toolrank(&["produce", "--topic", &live.topic, second.to_str().unwrap()]);
+    let read_active = |dir: &str| {
+        let out = live.dir.path().join(dir);
+        live.toolrank(&["results", "--from", "valkey", "--valkey-url", &url, "--state-table", &state, "--today", TODAY, "--out", out.to_str().unwrap()]);
+        out
+    };
+    let replayed = |input: &str, dir: &str| {
+        let out = live.dir.path().join(dir);
+        live.toolrank(&["replay", "--today", TODAY, "--out", out.to_str().unwrap(), input]);
+        out
+    };
+    let before = read_active("active-before");
+    assert_same_tables(&before, &replayed(first, "replay-first"), &TABLES);
+
+    let shadow = unique("v2");
+    let replay_args = ["replay", "--from-kafka", "--topic", &live.topic, "--from-beginning", "--namespace", &shadow, "--valkey-url", &url, "--today", TODAY];
+    let out = String::from_utf8(live.toolrank(&replay_args).stderr).unwrap();
+    assert!(out.contains(&format!("into namespace {shadow}")), "{out}");
+    // Readers still see the live namespace, unchanged.
+    assert_same_tables(&read_active("active-during"), &before, &TABLES);
+    let diff = String::from_utf8(live.toolrank(&["diff", &shadow, "--valkey-url", &url, "--state-table", &state, "--today", TODAY]).stdout).unwrap();
+    assert!(diff.contains(&format!("{shadow} (new) against {} (current)", live.namespace)) && !diff.contains(" 0 changed  ") , "{diff}");
+    let dry = String::from_utf8(live.toolrank(&[&replay_args[..], &["--dry-run"]].concat()).stderr).unwrap();
+    assert!(dry.contains("dry run: nothing written"), "{dry}");
+
+    let promoted = String::from_utf8(live.toolrank(&["promote", &shadow, "--drop-previous", "--valkey-url", &url, "--state-table", &state]).stderr).unwrap();
+    assert!(promoted.contains(&format!("dropped namespace {}", live.namespace)), "{promoted}");
+    assert_same_tables(&read_active("active-after"), &replayed(&history, "replay-all"), &TABLES);
+    let mut conn = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+    let left: Vec<String> = redis::cmd("KEYS").arg(format!("{}:*", live.namespace)).query(&mut conn).unwrap();
+    assert!(left.is_empty(), "the old namespace is gone: {left:?}");
+    // The active namespace is never overwritten in place; nothing after --since is nothing.
+    let refused = live.command().args(replay_args).output().unwrap();
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("active namespace"));
+    let later = String::from_utf8(live.toolrank(&["replay", "--from-kafka", "--topic", &live.topic, "--since", "2999-01-01", "--today", TODAY]).stderr).unwrap();
+    assert!(later.contains(", 0 lines"), "{later}");
+    valkey.kill().unwrap();
+    valkey.wait().unwrap();
+}

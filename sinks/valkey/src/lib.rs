@@ -136,10 +136,8 @@ impl ValkeySink {
     }
 
     fn existing_keys(&mut self) -> Result<Vec<String>, Error> {
-        let pattern = format!("{}:*", self.prefix);
-        let conn = self.connection()?;
-        let keys = conn.scan_match::<_, String>(pattern)?.collect::<Result<Vec<_>, _>>()?;
-        Ok(keys)
+        let prefix = self.prefix.clone();
+        namespace_keys(self.connection()?, &prefix)
     }
 
     fn put_agent(&self, pipe: &mut Pipeline, f: &AgentFigures) {
@@ -285,5 +283,52 @@ impl ValkeyReader {
     /// Every pattern.
     pub fn patterns(&mut self) -> Result<Vec<PatternFigures>, Error> {
         self.top_patterns(None, 0)
+    }
+}
+
+/// The key holding the namespace readers use (`toolrank promote` sets it). It has no `:`,
+/// so no namespace's keys can include it.
+pub const ACTIVE_KEY: &str = "toolrank-active-namespace";
+
+/// Every key of namespace `prefix`.
+fn namespace_keys(conn: &mut Connection, prefix: &str) -> Result<Vec<String>, Error> {
+    Ok(conn.scan_match::<_, String>(format!("{prefix}:*"))?.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Namespaces (key prefixes) of rankings in one Valkey: which one is active, switching,
+/// dropping.
+pub struct Namespaces {
+    conn: Connection,
+}
+
+impl Namespaces {
+    pub fn connect(url: &str, timeout: Duration) -> Result<Namespaces, Error> {
+        let conn = redis::Client::open(url)?.get_connection_with_timeout(timeout)?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(Namespaces { conn })
+    }
+
+    /// The namespace readers use, if one was promoted.
+    pub fn active(&mut self) -> Result<Option<String>, Error> {
+        Ok(self.conn.get(ACTIVE_KEY)?)
+    }
+
+    /// Makes `name` the active namespace in one command; returns the one it replaces.
+    pub fn promote(&mut self, name: &str) -> Result<Option<String>, Error> {
+        Ok(redis::cmd("SET").arg(ACTIVE_KEY).arg(name).arg("GET").query(&mut self.conn)?)
+    }
+
+    /// How many keys namespace `name` has (0: it holds no rankings).
+    pub fn size(&mut self, name: &str) -> Result<usize, Error> {
+        Ok(namespace_keys(&mut self.conn, name)?.len())
+    }
+
+    /// Deletes every key of namespace `name`; returns how many there were.
+    pub fn drop(&mut self, name: &str) -> Result<usize, Error> {
+        let keys = namespace_keys(&mut self.conn, name)?;
+        for chunk in keys.chunks(1000) {
+            let _: () = self.conn.del(chunk)?;
+        }
+        Ok(keys.len())
     }
 }
