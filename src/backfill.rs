@@ -81,6 +81,10 @@ enum From {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
+    match args.from {
+        From::Export => anyhow::ensure!(!args.paths.is_empty(), "--from export needs the export directory or files"),
+        From::Dynamodb => anyhow::ensure!(args.paths.is_empty(), "--from dynamodb reads --table, not paths: {:?}", args.paths),
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let stop = Arc::new(AtomicBool::new(false));
     crate::consume::watch_signals(stop.clone());
@@ -121,7 +125,6 @@ pub fn run(args: Args) -> Result<ExitCode> {
             outcome.done == args.segments
         }
         From::Export => {
-            anyhow::ensure!(!args.paths.is_empty(), "--from export needs the export directory or files");
             let id = args.id.clone().unwrap_or_else(|| format!("export/{}", args.paths[0]));
             let scope = format!("backfill/{id}");
             if args.restart {
