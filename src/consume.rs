@@ -101,6 +101,7 @@ struct PollerArgs {
 
 impl PollerArgs {
     fn config(self) -> Result<toolrank_consume_streams::Config> {
+        let target = crate::namespace::target(&self.sinks);
         Ok(toolrank_consume_streams::Config {
             application: self.application,
             until_idle: self.until_idle.map(Duration::from_secs_f64),
@@ -112,7 +113,8 @@ impl PollerArgs {
             state_table: self.sinks.state_table.clone(),
             table: (!self.sinks.no_dynamodb).then(|| self.sinks.table.clone()),
             valkey_url: (!self.sinks.no_valkey).then(|| self.sinks.valkey_url.clone()),
-            valkey_prefix: crate::namespace::resolve(&self.sinks),
+            valkey_prefix: target.name,
+            dynamodb_namespace: target.dynamodb,
             today: self.sinks.today()?,
             owner: owner(self.id),
             lease: Duration::from_secs_f64(self.lease_secs),
@@ -200,6 +202,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
 fn kafka(a: KafkaArgs, stop: Arc<AtomicBool>) -> Result<toolrank_live::Summary> {
     let owner = owner(a.id);
+    let target = crate::namespace::target(&a.sinks);
     let config = toolrank_consume_kafka::Config {
         brokers: a.brokers,
         topic: a.topic,
@@ -212,7 +215,8 @@ fn kafka(a: KafkaArgs, stop: Arc<AtomicBool>) -> Result<toolrank_live::Summary> 
         state_table: a.sinks.state_table.clone(),
         table: (!a.sinks.no_dynamodb).then(|| a.sinks.table.clone()),
         valkey_url: (!a.sinks.no_valkey).then(|| a.sinks.valkey_url.clone()),
-        valkey_prefix: crate::namespace::resolve(&a.sinks),
+        valkey_prefix: target.name,
+        dynamodb_namespace: target.dynamodb,
         today: a.sinks.today()?,
         owner,
         lease: Duration::from_secs_f64(a.lease_secs),

@@ -1,6 +1,7 @@
 //! `toolrank replay`: files in, the seed's tables out, with no service at all.
 
 use crate::output;
+use crate::sinks::SinkArgs;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::fs::File;
@@ -28,8 +29,8 @@ use toolrank_source_file::{expand, Input, LineReader, SourceError};
 /// (with a warning) unless --strict.
 ///
 /// With --from-kafka, the records of a topic instead of files (offsets by time per
-/// partition); with --namespace, the rankings go into a Valkey namespace that readers do
-/// not see until `toolrank promote` (a recomputation beside the live pipeline).
+/// partition); with --namespace, the rankings go into a namespace (Valkey keys, DynamoDB
+/// items) that readers do not see until `toolrank promote` (a recomputation beside the live pipeline).
 ///
 /// Examples:
 ///   toolrank replay --today 2025-07-14 --out results/ examples/seed-sample.jsonl
@@ -57,13 +58,23 @@ pub struct Args {
     inputs: Vec<String>,
     #[command(flatten)]
     kafka: crate::replay_kafka::KafkaArgs,
-    /// Write the rankings into this Valkey namespace, which readers do not see until
-    /// `toolrank promote NAME` (see `toolrank diff NAME`). The active namespace is refused.
+    /// Write the rankings into this namespace (Valkey keys and DynamoDB items of its
+    /// own), which readers do not see until `toolrank promote NAME` (see `toolrank diff
+    /// NAME`). The active namespace is refused.
     #[arg(long, value_name = "NAME")]
     namespace: Option<String>,
     /// Valkey URL (with --namespace).
     #[arg(long, env = "TOOLRANK_VALKEY_URL", default_value = "redis://127.0.0.1:6379")]
     valkey_url: String,
+    /// The DynamoDB table (with --namespace).
+    #[arg(long, env = "TOOLRANK_TABLE", default_value = "AgentTable")]
+    table: String,
+    /// The pipeline's state table, which holds a copy of the active-namespace pointer.
+    #[arg(long, env = "TOOLRANK_STATE_TABLE", default_value = "toolrank-state")]
+    state_table: String,
+    /// With --namespace: write Valkey only.
+    #[arg(long)]
+    no_dynamodb: bool,
     /// Compute and report, write nothing (no --out, no namespace); with --namespace,
     /// print what promoting the result would change.
     #[arg(long)]
@@ -342,8 +353,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if let Some(dir) = args.out.as_ref().filter(|_| !args.dry_run) {
         output::write_dir(dir, &engine, today)?;
     }
-    if let Some(name) = &args.namespace {
-        crate::namespace::write_shadow(&engine, &args.valkey_url, name, today, args.dry_run)?;
+    if args.namespace.is_some() {
+        let sinks = SinkArgs {
+            table: args.table.clone(),
+            state_table: args.state_table.clone(),
+            valkey_url: args.valkey_url.clone(),
+            namespace: args.namespace.clone(),
+            today: None,
+            no_dynamodb: args.no_dynamodb,
+            no_valkey: false,
+        };
+        crate::namespace::write_shadow(&engine, &sinks, today, args.dry_run)?;
     }
     if args.out.is_none() && args.namespace.is_none() {
         output::print_tables(&engine.report(today), args.top, &mut std::io::stdout().lock())?;

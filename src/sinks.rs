@@ -78,12 +78,13 @@ enum TopWhat {
 
 pub fn top(args: TopArgs) -> Result<ExitCode> {
     let today = args.sinks.today()?.unwrap_or_else(Day::today_utc);
-    let valkey = ValkeyReader::connect(&args.sinks.valkey_url, crate::namespace::resolve(&args.sinks), Duration::from_secs(1));
+    let target = crate::namespace::target(&args.sinks);
+    let valkey = ValkeyReader::connect(&args.sinks.valkey_url, target.name, Duration::from_secs(1));
     let (source, rows): (&str, Vec<Vec<String>>) = match valkey {
         Ok(mut v) => ("valkey", top_from_valkey(&mut v, &args.what, args.limit, today)?),
         Err(e) => {
             eprintln!("valkey unreachable ({e}); reading DynamoDB");
-            ("dynamodb", top_from_dynamodb(&args.sinks.table, &args.what, args.limit, today)?)
+            ("dynamodb", top_from_dynamodb(&args.sinks.table, &target.dynamodb, &args.what, args.limit, today)?)
         }
     };
     let header = match args.what {
@@ -118,15 +119,15 @@ fn top_from_valkey(v: &mut ValkeyReader, what: &TopWhat, limit: usize, today: Da
     })
 }
 
-fn top_from_dynamodb(table: &str, what: &TopWhat, limit: usize, today: Day) -> Result<Vec<Vec<String>>> {
+fn top_from_dynamodb(table: &str, namespace: &toolrank_sink_dynamodb::Namespace, what: &TopWhat, limit: usize, today: Day) -> Result<Vec<Vec<String>>> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         let client = toolrank_dynamodb::client().await;
         Ok(match what {
-            TopWhat::Agents { domain } => toolrank_sink_dynamodb::top_agents(&client, table, domain, limit).await?.iter().enumerate().map(|(i, f)| agent_row(i, f, today)).collect(),
+            TopWhat::Agents { domain } => toolrank_sink_dynamodb::top_agents(&client, table, namespace, domain, limit).await?.iter().enumerate().map(|(i, f)| agent_row(i, f, today)).collect(),
             TopWhat::Tools { .. } => bail!("per-tool rankings live in Valkey only, and Valkey is unreachable"),
             TopWhat::Patterns { user } => {
-                let mut ps = toolrank_sink_dynamodb::patterns(&client, table, user.as_deref()).await?;
+                let mut ps = toolrank_sink_dynamodb::patterns(&client, table, namespace, user.as_deref()).await?;
                 ps.sort_by(|a, b| b.rank_key().total_cmp(&a.rank_key()).then_with(|| a.id().cmp(&b.id())));
                 ps.iter().take(limit).enumerate().map(|(i, f)| pattern_row(i, f, today)).collect()
             }
@@ -168,16 +169,17 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
 
 /// What a sink holds, as the seed's tables for `today`.
 pub fn read_sink(from: From, sinks: &SinkArgs, today: Day) -> Result<Report> {
+    let target = crate::namespace::target(sinks);
     Ok(match from {
         From::Valkey => {
-            let mut v = ValkeyReader::connect(&sinks.valkey_url, crate::namespace::resolve(sinks), Duration::from_secs(5))?;
+            let mut v = ValkeyReader::connect(&sinks.valkey_url, target.name, Duration::from_secs(5))?;
             Report::from_figures(v.agents()?, v.patterns()?, today)
         }
         From::Dynamodb => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let (agents, patterns) = rt.block_on(async {
                 let client = toolrank_dynamodb::client().await;
-                toolrank_sink_dynamodb::read_table(&client, &sinks.table).await
+                toolrank_sink_dynamodb::read_table(&client, &sinks.table, &target.dynamodb).await
             })?;
             let mut report = Report::from_figures(agents, patterns.into_iter().map(|(f, _)| f).collect(), today);
             // The table holds the recommended patterns only: all of them are.

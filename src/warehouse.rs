@@ -181,15 +181,16 @@ fn push(rt: &tokio::runtime::Runtime, sinks: &SinkArgs, staging: &[results::Stag
     }
     engine.flush();
     let everything = engine.everything();
+    let target = crate::namespace::target(sinks);
     if !sinks.no_dynamodb {
         rt.block_on(async {
-            let mut sink = toolrank_sink_dynamodb::DynamoSink::new(toolrank_dynamodb::client().await, sinks.table.clone());
+            let mut sink = toolrank_sink_dynamodb::DynamoSink::in_namespace(toolrank_dynamodb::client().await, sinks.table.clone(), target.dynamodb);
             sink.write(&engine, &everything, today).await
         })
         .context("writing the DynamoDB sink")?;
     }
     if !sinks.no_valkey {
-        toolrank_sink_valkey::ValkeySink::new(&sinks.valkey_url, crate::namespace::resolve(sinks))?.write(&engine, &everything).context("writing the Valkey sink")?;
+        toolrank_sink_valkey::ValkeySink::new(&sinks.valkey_url, target.name)?.write(&engine, &everything).context("writing the Valkey sink")?;
     }
     eprintln!("pushed {} agents and {} patterns to the sinks", everything.agents.len(), everything.patterns.len());
     Ok(())

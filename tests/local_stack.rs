@@ -222,17 +222,26 @@ impl Live {
         let url = valkey_url.map(str::to_owned).unwrap_or_else(|| env("TOOLRANK_VALKEY_URL"));
         self.toolrank(&["results", "--from", "valkey", "--valkey-url", &url, "--namespace", &self.namespace, "--today", TODAY, "--out", rv.to_str().unwrap()]);
         self.toolrank(&["results", "--from", "dynamodb", "--table", &self.table, "--today", TODAY, "--out", rd.to_str().unwrap()]);
-        let read = |dir: &std::path::Path, t: &str| std::fs::read_to_string(dir.join(format!("{t}.jsonl"))).unwrap();
         for t in TABLES {
-            assert_eq!(read(&rv, t), read(&rr, t), "valkey {t} equals replay");
+            assert_eq!(read_table(&rv, t), read_table(&rr, t), "valkey {t} equals replay");
         }
-        assert_eq!(read(&rd, "agent_score_summary"), read(&rr, "agent_score_summary"), "dynamodb agents equal replay");
-        assert_eq!(read(&rd, "agent_tool_errors"), read(&rr, "agent_tool_errors"), "dynamodb tool errors equal replay");
-        let recommended: Vec<&str> = read(&rr, "user_process_patterns").leak().lines().filter(|l| l.contains("\"is_recommended\":true")).collect();
-        let from_dynamodb = read(&rd, "user_process_patterns");
-        assert_eq!(from_dynamodb.lines().collect::<Vec<_>>(), recommended, "dynamodb holds the recommended patterns");
-        assert!(!recommended.is_empty());
+        assert_dynamodb_holds(&rd, &rr);
     }
+}
+
+fn read_table(dir: &std::path::Path, table: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{table}.jsonl"))).unwrap()
+}
+
+/// `results --from dynamodb` in `dynamodb` holds what DynamoDB keeps of `replay`: the
+/// agents, the tool errors and the recommended patterns.
+fn assert_dynamodb_holds(dynamodb: &std::path::Path, replay: &std::path::Path) {
+    assert_eq!(read_table(dynamodb, "agent_score_summary"), read_table(replay, "agent_score_summary"), "dynamodb agents equal replay");
+    assert_eq!(read_table(dynamodb, "agent_tool_errors"), read_table(replay, "agent_tool_errors"), "dynamodb tool errors equal replay");
+    let all = read_table(replay, "user_process_patterns");
+    let recommended: Vec<&str> = all.lines().filter(|l| l.contains("\"is_recommended\":true")).collect();
+    assert_eq!(read_table(dynamodb, "user_process_patterns").lines().collect::<Vec<_>>(), recommended, "dynamodb holds the recommended patterns");
+    assert!(!recommended.is_empty());
 }
 
 /// DynamoDB Local keeps working on every table with a stream, idle or not, until it is
@@ -1254,14 +1263,17 @@ fn replay_from_kafka_into_a_shadow_namespace_then_diff_and_promote() {
     std::fs::write(&first, lines[..lines.len() / 2].join("\n")).unwrap();
     std::fs::write(&second, lines[lines.len() / 2..].join("\n")).unwrap();
     let first = first.to_str().unwrap();
+    let sinks = ["--valkey-url", url.as_str(), "--state-table", state.as_str(), "--table", live.table.as_str(), "--today", TODAY];
     // The live pipeline has consumed the first half; the second half is on the topic too.
     live.toolrank(&["produce", "--topic", &live.topic, first]);
     live.drain(&["--valkey-url", &url]);
-    live.toolrank(&["promote", &live.namespace, "--valkey-url", &url, "--state-table", &state]);
+    live.toolrank(&[&["promote", &live.namespace, "--no-dynamodb"], &sinks[..]].concat());
     live.toolrank(&["produce", "--topic", &live.topic, second.to_str().unwrap()]);
-    let read_active = |dir: &str| {
+    let read = |from: &str, namespace: Option<&str>, dir: &str| {
         let out = live.dir.path().join(dir);
-        live.toolrank(&["results", "--from", "valkey", "--valkey-url", &url, "--state-table", &state, "--today", TODAY, "--out", out.to_str().unwrap()]);
+        let mut args = [&["results", "--from", from, "--out", out.to_str().unwrap()], &sinks[..]].concat();
+        args.extend(namespace.map(|n| ["--namespace", n]).into_iter().flatten());
+        live.toolrank(&args);
         out
     };
     let replayed = |input: &str, dir: &str| {
@@ -1269,28 +1281,48 @@ fn replay_from_kafka_into_a_shadow_namespace_then_diff_and_promote() {
         live.toolrank(&["replay", "--today", TODAY, "--out", out.to_str().unwrap(), input]);
         out
     };
-    let before = read_active("active-before");
-    assert_same_tables(&before, &replayed(first, "replay-first"), &TABLES);
+    let (replay_first, replay_all) = (replayed(first, "replay-first"), replayed(&history, "replay-all"));
+    // Both stores as `replay` of `expected` has them.
+    let assert_active = |expected: &std::path::Path, dir: &str| {
+        assert_same_tables(&read("valkey", None, &format!("{dir}-valkey")), expected, &TABLES);
+        assert_dynamodb_holds(&read("dynamodb", None, &format!("{dir}-dynamodb")), expected);
+    };
+    assert_active(&replay_first, "before");
 
     let shadow = unique("v2");
-    let replay_args = ["replay", "--from-kafka", "--topic", &live.topic, "--from-beginning", "--namespace", &shadow, "--valkey-url", &url, "--today", TODAY];
+    let replay_args = [&["replay", "--from-kafka", "--topic", &live.topic, "--from-beginning", "--namespace", &shadow], &sinks[..]].concat();
     let out = String::from_utf8(live.toolrank(&replay_args).stderr).unwrap();
     assert!(out.contains(&format!("into namespace {shadow}")), "{out}");
-    // Readers still see the live namespace, unchanged.
-    assert_same_tables(&read_active("active-during"), &before, &TABLES);
+    // Readers still see the live namespace, unchanged; the shadow holds the recomputation.
+    assert_active(&replay_first, "during");
+    assert_same_tables(&read("valkey", Some(&shadow), "shadow-valkey"), &replay_all, &TABLES);
+    assert_dynamodb_holds(&read("dynamodb", Some(&shadow), "shadow-dynamodb"), &replay_all);
     let diff = String::from_utf8(live.toolrank(&["diff", &shadow, "--valkey-url", &url, "--state-table", &state, "--today", TODAY]).stdout).unwrap();
     assert!(diff.contains(&format!("{shadow} (new) against {} (current)", live.namespace)) && !diff.contains(" 0 changed  ") , "{diff}");
     let dry = String::from_utf8(live.toolrank(&[&replay_args[..], &["--dry-run"]].concat()).stderr).unwrap();
     assert!(dry.contains("dry run: nothing written"), "{dry}");
 
-    let promoted = String::from_utf8(live.toolrank(&["promote", &shadow, "--drop-previous", "--valkey-url", &url, "--state-table", &state]).stderr).unwrap();
+    // Promote, roll back, promote for good.
+    live.toolrank(&[&["promote", &shadow], &sinks[..]].concat());
+    assert_active(&replay_all, "promoted");
+    assert_dynamodb_holds(&read("dynamodb", Some(&live.namespace), "kept-dynamodb"), &replay_first);
+    live.toolrank(&[&["promote", &live.namespace], &sinks[..]].concat());
+    assert_active(&replay_first, "rolled-back");
+    let promoted = String::from_utf8(live.toolrank(&[&["promote", &shadow, "--drop-previous"], &sinks[..]].concat()).stderr).unwrap();
     assert!(promoted.contains(&format!("dropped namespace {}", live.namespace)), "{promoted}");
-    assert_same_tables(&read_active("active-after"), &replayed(&history, "replay-all"), &TABLES);
+    assert_active(&replay_all, "after");
     let mut conn = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
     let left: Vec<String> = redis::cmd("KEYS").arg(format!("{}:*", live.namespace)).query(&mut conn).unwrap();
     assert!(left.is_empty(), "the old namespace is gone: {left:?}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let shadows = rt.block_on(async {
+        let client = toolrank_dynamodb::client().await;
+        let page = client.scan().table_name(&live.table).filter_expression("begins_with(PK, :p)").expression_attribute_values(":p", AttributeValue::S("toolrank#".into())).send().await.unwrap();
+        page.count
+    });
+    assert_eq!(shadows, 0, "no shadow items are left in the table");
     // The active namespace is never overwritten in place; nothing after --since is nothing.
-    let refused = live.command().args(replay_args).output().unwrap();
+    let refused = live.command().args(&replay_args).output().unwrap();
     assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("active namespace"));
     let later = String::from_utf8(live.toolrank(&["replay", "--from-kafka", "--topic", &live.topic, "--since", "2999-01-01", "--today", TODAY]).stderr).unwrap();
     assert!(later.contains(", 0 lines"), "{later}");

@@ -111,17 +111,27 @@ struct ManifestLine {
 fn manifest_files(manifest: &Path) -> Result<Vec<PathBuf>, SourceError> {
     let text = std::fs::read_to_string(manifest).map_err(io_err(manifest))?;
     let base = manifest.parent().unwrap_or(Path::new("."));
-    let bad = |line, reason: String| SourceError::Manifest { manifest: manifest.display().to_string(), line, reason };
+    let name = manifest.display().to_string();
     let mut files = Vec::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let entry: ManifestLine = serde_json::from_str(line).map_err(|e| bad(i + 1, e.to_string()))?;
-        let key = Path::new(&entry.data_file_s3_key);
+    for (line, key) in manifest_keys(&text, &name)? {
+        let key = Path::new(&key);
         let by_name = key.file_name().map(|n| base.join("data").join(n));
         let found = base.ancestors().map(|a| a.join(key)).chain(by_name).find(|p| p.is_file());
-        let path = found.ok_or_else(|| bad(i + 1, format!("data file {} not found under {}", key.display(), base.display())))?;
+        let path = found.ok_or_else(|| SourceError::Manifest { manifest: name.clone(), line, reason: format!("data file {} not found under {}", key.display(), base.display()) })?;
         files.push(path);
     }
     Ok(files)
+}
+
+/// The `dataFileS3Key` of each line of a `manifest-files.json` (named `manifest` in
+/// errors), with its line number.
+pub fn manifest_keys(text: &str, manifest: &str) -> Result<Vec<(usize, String)>, SourceError> {
+    let bad = |line, reason: String| SourceError::Manifest { manifest: manifest.to_owned(), line, reason };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, line)| serde_json::from_str::<ManifestLine>(line).map(|e| (i + 1, e.data_file_s3_key)).map_err(|e| bad(i + 1, e.to_string())))
+        .collect()
 }
 
 /// Counts bytes read from the underlying (possibly compressed) stream.

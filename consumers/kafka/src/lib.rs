@@ -62,6 +62,8 @@ pub struct Config {
     /// Valkey URL; `None` disables the sink.
     pub valkey_url: Option<String>,
     pub valkey_prefix: String,
+    /// Where the DynamoDB rankings go: the live items, or a shadow namespace's.
+    pub dynamodb_namespace: toolrank_live::Namespace,
     /// Scores are written for this date; `None` is the UTC date at each write.
     pub today: Option<Day>,
     /// This consumer's identity in leases and checkpoints.
@@ -112,6 +114,7 @@ pub fn run(config: Config, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
     let writer = SinkWriter::new(WriterConfig {
         state_table: config.state_table.clone(),
         table: config.table.clone(),
+        dynamodb_namespace: config.dynamodb_namespace.clone(),
         valkey_url: config.valkey_url.clone(),
         valkey_prefix: config.valkey_prefix.clone(),
         today: config.today,

@@ -58,7 +58,7 @@ pub struct Config {
 impl Config {
     /// `TOOLRANK_APPLICATION` (default `lambda`), `TOOLRANK_STATE_TABLE`
     /// (`toolrank-state`), `TOOLRANK_TABLE` (`AgentTable`; empty disables the DynamoDB
-    /// sink), `TOOLRANK_VALKEY_URL` (unset disables Valkey), `TOOLRANK_NAMESPACE` (`tr`),
+    /// sink), `TOOLRANK_VALKEY_URL` (unset disables Valkey), `TOOLRANK_NAMESPACE` (the promoted one, else `tr`),
     /// `TOOLRANK_TODAY` (default: the date of each write), `TOOLRANK_BUCKETS` (16).
     pub fn from_env() -> Result<Config, String> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
@@ -72,8 +72,15 @@ impl Config {
                 Ok(t) => Some(t),
                 Err(_) => Some("AgentTable".into()),
             },
+            // Without TOOLRANK_NAMESPACE, the one `toolrank promote` made active (read once,
+            // at cold start), so a promotion reaches the function at its next cold start.
+            valkey_prefix: var("TOOLRANK_NAMESPACE")
+                .or_else(|| {
+                    let url = var("TOOLRANK_VALKEY_URL")?;
+                    toolrank_live::Namespaces::connect(&url, Duration::from_secs(1)).and_then(|mut n| n.active()).ok().flatten()
+                })
+                .unwrap_or_else(|| "tr".into()),
             valkey_url: var("TOOLRANK_VALKEY_URL"),
-            valkey_prefix: var("TOOLRANK_NAMESPACE").unwrap_or_else(|| "tr".into()),
             today,
             buckets: buckets.unwrap_or(16),
             sink_wait: Duration::from_secs(20),
@@ -215,6 +222,8 @@ impl Handler {
         let writer = SinkWriter::new(WriterConfig {
             state_table: config.state_table.clone(),
             table: config.table.clone(),
+            // The active namespace is always the one on the live items.
+            dynamodb_namespace: toolrank_live::Namespace::Live,
             valkey_url: config.valkey_url.clone(),
             valkey_prefix: config.valkey_prefix.clone(),
             today: config.today,

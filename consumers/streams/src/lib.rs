@@ -84,6 +84,8 @@ pub struct Config {
     pub table: Option<String>,
     pub valkey_url: Option<String>,
     pub valkey_prefix: String,
+    /// Where the DynamoDB rankings go: the live items, or a shadow namespace's.
+    pub dynamodb_namespace: toolrank_live::Namespace,
     pub today: Option<Day>,
     pub owner: String,
     /// How long a lease (tree or sink) lasts without renewal.
@@ -152,6 +154,7 @@ pub fn run<S: ShardSource>(config: Config, source: S, stop: &AtomicBool) -> Resu
     let writer = SinkWriter::new(WriterConfig {
         state_table: config.state_table.clone(),
         table: config.table.clone(),
+        dynamodb_namespace: config.dynamodb_namespace.clone(),
         valkey_url: config.valkey_url.clone(),
         valkey_prefix: config.valkey_prefix.clone(),
         today: config.today,

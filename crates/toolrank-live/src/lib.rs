@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use toolrank_dynamodb::{CheckpointStore, Lease};
 use toolrank_engine::{Applied, Changes, Engine};
 use toolrank_events::{decode_line, Change, Day};
+pub use toolrank_sink_dynamodb::Namespace;
+pub use toolrank_sink_valkey::Namespaces;
 use toolrank_sink_dynamodb::DynamoSink;
 use toolrank_sink_valkey::ValkeySink;
 use tracing::{debug, info, warn};
@@ -39,6 +41,8 @@ pub struct WriterConfig {
     pub state_table: String,
     /// The DynamoDB sink's table; `None` disables the sink.
     pub table: Option<String>,
+    /// Where in the table: the live items, or a shadow namespace's.
+    pub dynamodb_namespace: Namespace,
     /// Valkey URL; `None` disables the sink.
     pub valkey_url: Option<String>,
     pub valkey_prefix: String,
@@ -200,7 +204,7 @@ impl SinkWriter {
         let client = rt.block_on(toolrank_dynamodb::client());
         let mut global = Engine::new();
         global.track_changes();
-        let dynamodb = config.table.as_ref().map(|t| DynamoSink::new(client.clone(), t.clone()));
+        let dynamodb = config.table.as_ref().map(|t| DynamoSink::in_namespace(client.clone(), t.clone(), config.dynamodb_namespace.clone()));
         let valkey = config.valkey_url.as_ref().map(|url| ValkeySink::new(url, config.valkey_prefix.clone())).transpose()?;
         Ok(SinkWriter {
             store: CheckpointStore::new(client.clone(), config.state_table.clone()),

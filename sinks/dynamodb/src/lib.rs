@@ -13,12 +13,18 @@
 //!
 //! Writes are coalesced: the sink remembers what it wrote and writes a key only when its
 //! figures changed since. A failed key stays pending and is retried on the next call.
+//!
+//! A shadow namespace ([`Namespace::Shadow`], written by recomputations) keeps the same
+//! items under keys readers of the seed's access patterns never meet: `PK` and `GSI1_PK`
+//! prefixed `toolrank#NAME#`, agents at `SK = SCORE`. No such key parses as a hist or
+//! METADATA key, so they are no events if they come back through the stream.
 
 use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, PutRequest, WriteRequest};
-use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
 use aws_sdk_dynamodb::Client;
 use futures_util::stream::{self, StreamExt};
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use toolrank_engine::{AgentFigures, Changes, Engine, PatternFigures, Sym};
 use toolrank_events::Day;
@@ -76,10 +82,53 @@ struct Written {
     top: bool,
 }
 
+/// Where a namespace's rankings live in the table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Namespace {
+    /// On the application's own items: what the seed's access patterns read.
+    Live,
+    /// Items of the sink's own, under `toolrank#NAME#` keys.
+    Shadow(String),
+}
+
+/// `SK` and `EntityType` of an agent's item in a shadow namespace.
+const SHADOW_AGENT_SK: &str = "SCORE";
+const SHADOW_ENTITY: &str = "ToolrankScore";
+
+/// One agent write in flight (an UpdateItem or a DeleteItem).
+type Request = Pin<Box<dyn Future<Output = Result<(), WriteFailure>> + Send>>;
+
+enum WriteFailure {
+    /// A live Agent item no longer exists (the condition failed).
+    ItemGone,
+    Other(String),
+}
+
+impl Namespace {
+    fn prefix(&self) -> String {
+        match self {
+            Namespace::Live => String::new(),
+            Namespace::Shadow(name) => format!("toolrank#{name}#"),
+        }
+    }
+
+    fn agent_key(&self, agent_id: &str) -> (String, &'static str) {
+        match self {
+            Namespace::Live => (agent_id.to_owned(), "METADATA"),
+            Namespace::Shadow(_) => (self.prefix() + agent_id, SHADOW_AGENT_SK),
+        }
+    }
+
+    fn pattern_key(&self, (user, name): &(String, String)) -> Item {
+        HashMap::from([("PK".to_owned(), s(self.prefix() + user)), ("SK".to_owned(), s(format!("{PATTERN_ENTITY}#{name}")))])
+    }
+}
+
 /// The DynamoDB sink (see the crate docs).
 pub struct DynamoSink {
     client: Client,
     table: String,
+    namespace: Namespace,
     agents: HashMap<String, AgentFigures>,
     /// Pattern items by (user, name).
     patterns: HashMap<(String, String), Written>,
@@ -103,9 +152,14 @@ fn expire_at(days: u64) -> AttributeValue {
 
 impl DynamoSink {
     pub fn new(client: Client, table: impl Into<String>) -> DynamoSink {
+        DynamoSink::in_namespace(client, table, Namespace::Live)
+    }
+
+    pub fn in_namespace(client: Client, table: impl Into<String>, namespace: Namespace) -> DynamoSink {
         DynamoSink {
             client,
             table: table.into(),
+            namespace,
             agents: HashMap::new(),
             patterns: HashMap::new(),
             pending_agents: HashSet::new(),
@@ -135,67 +189,124 @@ impl DynamoSink {
         let changes = if self.loaded {
             changes
         } else {
-            let (agents, patterns) = read_table(&self.client, &self.table).await?;
-            self.agents = agents.into_iter().map(|a| (a.agent_id.clone(), a)).collect();
-            self.patterns = patterns.into_iter().map(|(f, top)| ((f.user_id.clone(), pattern_name(&f)), Written { figures: f, top })).collect();
-            self.loaded = true;
+            self.load().await?;
             everything = engine.everything();
             &everything
         };
         let agents: HashSet<Sym> = changes.agents.iter().copied().chain(self.pending_agents.drain()).collect();
-        let mut failed = self.write_agents(engine, agents, today).await.err();
+        let writes = agents.into_iter().map(|agent| (Some(agent), engine.name(agent).to_owned(), engine.agent_figures(agent))).collect();
+        let mut failed = self.write_agents(writes, today).await.err();
         // The recommended set moves only when some pattern changed (the cut is
         // time-invariant); after a load, the table's items must be compared in any case.
         let patterns_changed = !compared || !changes.patterns.is_empty() || self.patterns_pending;
-        if let Err(e) = if patterns_changed { self.write_patterns(engine, today).await } else { Ok(()) } {
-            failed.get_or_insert(e);
+        if patterns_changed {
+            let rec = engine.recommended(today);
+            let desired = rec.patterns.iter().filter_map(|&k| engine.pattern_figures(k).map(|f| (f, rec.top.contains(&k)))).collect();
+            if let Err(e) = self.write_patterns(desired, today).await {
+                failed.get_or_insert(e);
+            }
         }
         failed.map_or(Ok(()), Err)
     }
 
-    /// Updates the Agent items whose figures changed, `CONCURRENCY` requests at a time.
-    async fn write_agents(&mut self, engine: &Engine, agents: HashSet<Sym>, today: Day) -> Result<(), Error> {
-        let mut updates = Vec::new();
-        for agent in agents {
-            let id = engine.name(agent);
-            let Some(mut f) = engine.agent_figures(agent) else {
-                // Not in the catalog: its item is gone (or never was); nothing of ours to keep.
-                self.agents.remove(id);
+    /// Reads what the namespace holds, to compare each write with it.
+    async fn load(&mut self) -> Result<(), Error> {
+        let (agents, patterns) = read_table(&self.client, &self.table, &self.namespace).await?;
+        self.agents = agents.into_iter().map(|a| (a.agent_id.clone(), a)).collect();
+        self.patterns = patterns.into_iter().map(|(f, top)| ((f.user_id.clone(), pattern_name(&f)), Written { figures: f, top })).collect();
+        self.loaded = true;
+        Ok(())
+    }
+
+    /// Makes the namespace hold exactly these rankings (another namespace's, at a
+    /// promotion): agents and patterns not among them are dropped.
+    pub async fn write_figures(&mut self, agents: Vec<AgentFigures>, patterns: Vec<(PatternFigures, bool)>, today: Day) -> Result<(), Error> {
+        self.load().await?;
+        let named: HashSet<&str> = agents.iter().map(|a| a.agent_id.as_str()).collect();
+        let gone: Vec<String> = self.agents.keys().filter(|id| !named.contains(id.as_str())).cloned().collect();
+        let writes = agents.into_iter().map(|f| (None, f.agent_id.clone(), Some(f))).chain(gone.into_iter().map(|id| (None, id, None))).collect();
+        self.write_agents(writes, today).await?;
+        loop {
+            self.write_patterns(patterns.clone(), today).await?;
+            if !self.patterns_pending {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Writes the agents whose figures changed, `CONCURRENCY` requests at a time: an
+    /// agent without figures left the catalog. A failed engine agent (`Some` symbol)
+    /// stays pending.
+    async fn write_agents(&mut self, agents: Vec<(Option<Sym>, String, Option<AgentFigures>)>, today: Day) -> Result<(), Error> {
+        let mut requests = Vec::new();
+        for (agent, id, figures) in agents {
+            let Some(mut f) = figures else {
+                // Not among the rankings: a shadow item is ours to delete; a live Agent item
+                // (if it still exists) loses the pipeline's attributes and sorts last.
+                if self.agents.remove(&id).is_some() {
+                    requests.push((agent, id.clone(), None, self.unscore_agent(&id)));
+                }
                 continue;
             };
             // Per-tool figures are Valkey's; the table does not hold them.
             f.tools.clear();
-            if self.agents.get(id) == Some(&f) {
+            if self.agents.get(&id) == Some(&f) {
                 self.stats.unchanged += 1;
                 continue;
             }
-            updates.push((agent, self.update_agent(&f, today), f));
+            let req = self.update_agent(&f, today);
+            requests.push((agent, id, Some(f), req));
         }
-        self.stats.requests += updates.len() as u64;
-        let sent: Vec<_> = stream::iter(updates)
-            .map(|(agent, req, f)| async move { (agent, f, req.send().await) })
+        self.stats.requests += requests.len() as u64;
+        let sent: Vec<_> = stream::iter(requests)
+            .map(|(agent, id, f, req)| async move { (agent, id, f, req.await) })
             .buffer_unordered(CONCURRENCY)
             .collect()
             .await;
         let mut failed = None;
-        for (agent, f, result) in sent {
+        for (agent, id, f, result) in sent {
             match result {
-                Ok(_) => {}
                 // The Agent item was removed meanwhile; its removal comes through the input.
-                Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => {}
-                Err(e) => {
-                    self.pending_agents.insert(agent);
-                    failed.get_or_insert(Error::Aws(format!("updating agent {}: {}", f.agent_id, aws_sdk_dynamodb::error::DisplayErrorContext(&e))));
+                Ok(()) | Err(WriteFailure::ItemGone) => {}
+                Err(WriteFailure::Other(e)) => {
+                    agent.map(|a| self.pending_agents.insert(a));
+                    failed.get_or_insert(Error::Aws(format!("writing agent {id}: {e}")));
                     continue;
                 }
             }
-            self.agents.insert(f.agent_id.clone(), f);
+            if let Some(f) = f {
+                self.agents.insert(id, f);
+            }
         }
         failed.map_or(Ok(()), Err)
     }
 
-    /// The conditional UpdateItem of the attributes the pipeline owns on an Agent item.
-    fn update_agent(&self, f: &AgentFigures, today: Day) -> UpdateItemFluentBuilder {
+    /// Deletes an agent's shadow item, or removes what the pipeline owns from a live one.
+    fn unscore_agent(&self, agent_id: &str) -> Request {
+        let (pk, sk) = self.namespace.agent_key(agent_id);
+        if self.namespace != Namespace::Live {
+            let req = self.client.delete_item().table_name(&self.table).key("PK", s(pk)).key("SK", s(sk));
+            return Box::pin(async move { req.send().await.map(drop).map_err(|e| WriteFailure::Other(aws_sdk_dynamodb::error::DisplayErrorContext(&e).to_string())) });
+        }
+        let owned = ["Score", "TotalExecutions", "SuccessCount", "FailureCount", "ToolRows", "FailedToolRows", "FailedTools", "ScoreDate", "ScoredBy", "LastExecutionDate"];
+        let mut req = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("PK", s(pk))
+            .key("SK", s(sk))
+            .update_expression(format!("SET GSI1_SK = :last REMOVE {}", (0..owned.len()).map(|i| format!("#r{i}")).collect::<Vec<_>>().join(", ")))
+            .expression_attribute_values(":last", s(agent_sort_key(f64::NEG_INFINITY)))
+            .condition_expression("attribute_exists(PK)");
+        for (i, name) in owned.into_iter().enumerate() {
+            req = req.expression_attribute_names(format!("#r{i}"), name);
+        }
+        send_update(req)
+    }
+
+    /// The UpdateItem of the attributes the pipeline owns on an Agent item, conditional on
+    /// the item existing; in a shadow namespace, of the whole item of its own.
+    fn update_agent(&self, f: &AgentFigures, today: Day) -> Request {
         let score = f.last.map_or(0.0, |last| toolrank_engine::score::agent_score(f.executions, f.successes, i64::from(today.0) - i64::from(last.0)));
         let mut set = vec![
             ("Score", s(score.to_string())),
@@ -214,47 +325,52 @@ impl DynamoSink {
             Some(last) => set.push(("LastExecutionDate", s(last.to_string()))),
             None => remove.push("LastExecutionDate"),
         }
+        if let Namespace::Shadow(name) = &self.namespace {
+            set.extend([
+                ("GSI1_PK", s(self.namespace.prefix() + &f.domain_id)),
+                ("AgentId", s(&f.agent_id)),
+                ("EntityType", s(SHADOW_ENTITY)),
+                ("Namespace", s(name)),
+            ]);
+            match &f.agent_name {
+                Some(n) => set.push(("AgentNM", s(n))),
+                None => remove.push("AgentNM"),
+            }
+        }
         let mut expr = format!("SET {}", (0..set.len()).map(|i| format!("#a{i} = :v{i}")).collect::<Vec<_>>().join(", "));
         if !remove.is_empty() {
             expr += &format!(" REMOVE {}", (0..remove.len()).map(|i| format!("#r{i}")).collect::<Vec<_>>().join(", "));
         }
-        let mut req = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("PK", s(&f.agent_id))
-            .key("SK", s("METADATA"))
-            .update_expression(expr)
-            .condition_expression("attribute_exists(PK)");
+        let (pk, sk) = self.namespace.agent_key(&f.agent_id);
+        let mut req = self.client.update_item().table_name(&self.table).key("PK", s(pk)).key("SK", s(sk)).update_expression(expr);
+        if self.namespace == Namespace::Live {
+            req = req.condition_expression("attribute_exists(PK)");
+        }
         for (i, (name, value)) in set.into_iter().enumerate() {
             req = req.expression_attribute_names(format!("#a{i}"), name).expression_attribute_values(format!(":v{i}"), value);
         }
         for (i, name) in remove.into_iter().enumerate() {
             req = req.expression_attribute_names(format!("#r{i}"), name);
         }
-        req
+        send_update(req)
     }
 
-    /// Puts the recommended patterns whose figures changed and deletes those no longer
-    /// recommended. The cut moves with every new pattern, so this compares all.
-    async fn write_patterns(&mut self, engine: &Engine, today: Day) -> Result<(), Error> {
-        let rec = engine.recommended(today);
-        let mut desired: HashMap<(String, String), Written> = HashMap::with_capacity(rec.patterns.len());
-        for &k in &rec.patterns {
-            if let Some(f) = engine.pattern_figures(k) {
-                desired.insert((f.user_id.clone(), pattern_name(&f)), Written { top: rec.top.contains(&k), figures: f });
-            }
-        }
+    /// Puts the recommended patterns (with their top-scoring flag) whose figures changed
+    /// and deletes those no longer recommended. The cut moves with every new pattern, so
+    /// this compares all.
+    async fn write_patterns(&mut self, recommended: Vec<(PatternFigures, bool)>, today: Day) -> Result<(), Error> {
+        let desired: HashMap<(String, String), Written> =
+            recommended.into_iter().map(|(f, top)| ((f.user_id.clone(), pattern_name(&f)), Written { figures: f, top })).collect();
         let mut writes: Vec<((String, String), WriteRequest)> = Vec::new();
         for (key, w) in &desired {
             if self.patterns.get(key) == Some(w) {
                 self.stats.unchanged += 1;
                 continue;
             }
-            writes.push((key.clone(), put_pattern(key, w, today)));
+            writes.push((key.clone(), put_pattern(&self.namespace, key, w, today)));
         }
         for key in self.patterns.keys().filter(|k| !desired.contains_key(*k)) {
-            let item = HashMap::from([("PK".to_owned(), s(&key.0)), ("SK".to_owned(), s(format!("{PATTERN_ENTITY}#{}", key.1)))]);
+            let item = self.namespace.pattern_key(key);
             writes.push((key.clone(), WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(item)).build().expect("key")).build()));
         }
         // Batches of 25, several in flight, started only within the budget: a large
@@ -295,14 +411,24 @@ impl DynamoSink {
     }
 }
 
-fn put_pattern(key: &(String, String), w: &Written, today: Day) -> WriteRequest {
+/// Sends an UpdateItem whose condition is that the item exists.
+fn send_update(req: aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder) -> Request {
+    Box::pin(async move {
+        req.send().await.map(drop).map_err(|e| match e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) {
+            true => WriteFailure::ItemGone,
+            false => WriteFailure::Other(aws_sdk_dynamodb::error::DisplayErrorContext(&e).to_string()),
+        })
+    })
+}
+
+fn put_pattern(namespace: &Namespace, key: &(String, String), w: &Written, today: Day) -> WriteRequest {
     let f = &w.figures;
-    let item = HashMap::from([
-        ("PK".to_owned(), s(&key.0)),
-        ("SK".to_owned(), s(format!("{PATTERN_ENTITY}#{}", key.1))),
+    let mut item = namespace.pattern_key(key);
+    item.extend([
         ("EntityType".to_owned(), s(PATTERN_ENTITY)),
-        ("GSI1_PK".to_owned(), s(PATTERN_ENTITY)),
+        ("GSI1_PK".to_owned(), s(namespace.prefix() + PATTERN_ENTITY)),
         ("GSI1_SK".to_owned(), s(&key.1)),
+        ("UserId".to_owned(), s(&key.0)),
         ("Proclist".to_owned(), s(&f.process_pattern)),
         ("AgentList".to_owned(), s(&f.agent_id)),
         ("Toollist".to_owned(), s(&f.tool_sequence)),
@@ -315,6 +441,9 @@ fn put_pattern(key: &(String, String), w: &Written, today: Day) -> WriteRequest 
         ("ScoredBy".to_owned(), s(SOURCE)),
         (toolrank_dynamodb::TTL_ATTRIBUTE.to_owned(), expire_at(if w.top { TOP_TTL_DAYS } else { DEFAULT_TTL_DAYS })),
     ]);
+    if let Namespace::Shadow(name) = namespace {
+        item.insert("Namespace".to_owned(), s(name));
+    }
     WriteRequest::builder().put_request(PutRequest::builder().set_item(Some(item)).build().expect("item")).build()
 }
 
@@ -334,25 +463,21 @@ fn parse_day(item: &Item, name: &str, what: &'static str, key: &str) -> Result<D
     get(item, name).and_then(Day::parse_iso).ok_or_else(|| Error::Item { what, key: key.to_owned(), reason: format!("missing or invalid {name}") })
 }
 
-/// Reads back what the sink holds: the scored Agent items and the pattern items (with
-/// their top-scoring flag). Agent items the pipeline has not scored are left out.
-pub async fn read_table(client: &Client, table: &str) -> Result<(Vec<AgentFigures>, Vec<(PatternFigures, bool)>), Error> {
+/// Reads back what a namespace holds: the scored agents and the pattern items (with
+/// their top-scoring flag). Live Agent items the pipeline has not scored are left out.
+pub async fn read_table(client: &Client, table: &str, namespace: &Namespace) -> Result<(Vec<AgentFigures>, Vec<(PatternFigures, bool)>), Error> {
     let mut agents = Vec::new();
+    let (_, sk) = namespace.agent_key("");
+    let scan = client.scan().table_name(table).expression_attribute_values(":m", s(sk)).expression_attribute_values(":src", s(SOURCE)).consistent_read(true);
+    let scan = match namespace {
+        Namespace::Live => scan.filter_expression("SK = :m AND ScoredBy = :src"),
+        Namespace::Shadow(_) => scan.filter_expression("SK = :m AND ScoredBy = :src AND begins_with(PK, :ns)").expression_attribute_values(":ns", s(namespace.prefix())),
+    };
     let mut start = None;
     loop {
-        let page = client
-            .scan()
-            .table_name(table)
-            .filter_expression("SK = :m AND ScoredBy = :src")
-            .expression_attribute_values(":m", s("METADATA"))
-            .expression_attribute_values(":src", s(SOURCE))
-            .consistent_read(true)
-            .set_exclusive_start_key(start)
-            .send()
-            .await
-            .map_err(|e| Error::Aws(format!("scanning {table}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
+        let page = scan.clone().set_exclusive_start_key(start).send().await.map_err(|e| Error::Aws(format!("scanning {table}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
         for item in page.items() {
-            agents.push(agent_from_item(item)?);
+            agents.push(agent_from_item(item, namespace)?);
         }
         start = page.last_evaluated_key;
         if start.is_none() {
@@ -368,14 +493,14 @@ pub async fn read_table(client: &Client, table: &str) -> Result<(Vec<AgentFigure
             .index_name("GSI1")
             .key_condition_expression("GSI1_PK = :p")
             .filter_expression("ScoredBy = :src")
-            .expression_attribute_values(":p", s(PATTERN_ENTITY))
+            .expression_attribute_values(":p", s(namespace.prefix() + PATTERN_ENTITY))
             .expression_attribute_values(":src", s(SOURCE))
             .set_exclusive_start_key(start)
             .send()
             .await
             .map_err(|e| Error::Aws(format!("querying {table} GSI1: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
         for item in page.items() {
-            patterns.push((pattern_from_item(item)?, get(item, "TopScoring") == Some("Y")));
+            patterns.push((pattern_from_item(item, namespace)?, get(item, "TopScoring") == Some("Y")));
         }
         start = page.last_evaluated_key;
         if start.is_none() {
@@ -386,27 +511,27 @@ pub async fn read_table(client: &Client, table: &str) -> Result<(Vec<AgentFigure
 }
 
 /// The seed's access pattern 2: a domain's agents by `GSI1_SK` descending, best first.
-pub async fn top_agents(client: &Client, table: &str, domain: &str, limit: usize) -> Result<Vec<AgentFigures>, Error> {
+pub async fn top_agents(client: &Client, table: &str, namespace: &Namespace, domain: &str, limit: usize) -> Result<Vec<AgentFigures>, Error> {
     let page = client
         .query()
         .table_name(table)
         .index_name("GSI1")
         .key_condition_expression("GSI1_PK = :d AND begins_with(GSI1_SK, :p)")
-        .expression_attribute_values(":d", s(domain))
+        .expression_attribute_values(":d", s(namespace.prefix() + domain))
         .expression_attribute_values(":p", s("AGTSCORE"))
         .scan_index_forward(false)
         .limit(limit.clamp(1, 1000) as i32)
         .send()
         .await
         .map_err(|e| Error::Aws(format!("querying {table} GSI1: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
-    page.items().iter().filter(|i| get(i, "ScoredBy") == Some(SOURCE)).map(agent_from_item).collect()
+    page.items().iter().filter(|i| get(i, "ScoredBy") == Some(SOURCE)).map(|i| agent_from_item(i, namespace)).collect()
 }
 
 /// Recommended patterns: of one user (access pattern 7, `PK = user AND begins_with(SK,
 /// 'UserPrcToolMapp#')`) or of everyone (access pattern 8, on GSI1).
-pub async fn patterns(client: &Client, table: &str, user: Option<&str>) -> Result<Vec<PatternFigures>, Error> {
+pub async fn patterns(client: &Client, table: &str, namespace: &Namespace, user: Option<&str>) -> Result<Vec<PatternFigures>, Error> {
     let Some(user) = user else {
-        return Ok(read_table(client, table).await?.1.into_iter().map(|(f, _)| f).collect());
+        return Ok(read_table(client, table, namespace).await?.1.into_iter().map(|(f, _)| f).collect());
     };
     let mut out = Vec::new();
     let mut start = None;
@@ -415,14 +540,14 @@ pub async fn patterns(client: &Client, table: &str, user: Option<&str>) -> Resul
             .query()
             .table_name(table)
             .key_condition_expression("PK = :u AND begins_with(SK, :p)")
-            .expression_attribute_values(":u", s(user))
+            .expression_attribute_values(":u", s(namespace.prefix() + user))
             .expression_attribute_values(":p", s(format!("{PATTERN_ENTITY}#")))
             .set_exclusive_start_key(start)
             .send()
             .await
             .map_err(|e| Error::Aws(format!("querying {table}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
         for item in page.items() {
-            out.push(pattern_from_item(item)?);
+            out.push(pattern_from_item(item, namespace)?);
         }
         start = page.last_evaluated_key;
         if start.is_none() {
@@ -431,12 +556,46 @@ pub async fn patterns(client: &Client, table: &str, user: Option<&str>) -> Resul
     }
 }
 
-fn agent_from_item(item: &Item) -> Result<AgentFigures, Error> {
-    let key = get(item, "PK").unwrap_or_default().to_owned();
+/// Deletes a shadow namespace's items; returns how many there were.
+pub async fn drop_namespace(client: &Client, table: &str, name: &str) -> Result<usize, Error> {
+    let prefix = Namespace::Shadow(name.to_owned()).prefix();
+    let mut keys = Vec::new();
+    let mut start = None;
+    loop {
+        let page = client
+            .scan()
+            .table_name(table)
+            .filter_expression("begins_with(PK, :ns)")
+            .expression_attribute_values(":ns", s(&prefix))
+            .projection_expression("PK, SK")
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .map_err(|e| Error::Aws(format!("scanning {table}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
+        keys.extend(page.items().iter().cloned());
+        start = page.last_evaluated_key;
+        if start.is_none() {
+            break;
+        }
+    }
+    let n = keys.len();
+    let deletes = keys.into_iter().map(|k| WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(k)).build().expect("key")).build()).collect();
+    toolrank_dynamodb::batch_write(client, table, deletes).await.map_err(|e| Error::Aws(format!("deleting namespace {name}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
+    Ok(n)
+}
+
+/// An attribute the namespace prefixed, without its prefix.
+fn unprefixed<'a>(item: &'a Item, name: &str, namespace: &Namespace) -> &'a str {
+    let v = get(item, name).unwrap_or_default();
+    v.strip_prefix(namespace.prefix().as_str()).unwrap_or(v)
+}
+
+fn agent_from_item(item: &Item, namespace: &Namespace) -> Result<AgentFigures, Error> {
+    let key = unprefixed(item, "PK", namespace).to_owned();
     let what = "Agent";
     let failed_tools: Vec<String> = get(item, "FailedTools").filter(|s| !s.is_empty()).map(|s| s.split(", ").map(str::to_owned).collect()).unwrap_or_default();
     Ok(AgentFigures {
-        domain_id: get(item, "GSI1_PK").unwrap_or_default().to_owned(),
+        domain_id: unprefixed(item, "GSI1_PK", namespace).to_owned(),
         agent_name: get(item, "AgentNM").map(str::to_owned),
         executions: parse(item, "TotalExecutions", what, &key)?,
         successes: parse(item, "SuccessCount", what, &key)?,
@@ -450,12 +609,12 @@ fn agent_from_item(item: &Item) -> Result<AgentFigures, Error> {
     })
 }
 
-fn pattern_from_item(item: &Item) -> Result<PatternFigures, Error> {
+fn pattern_from_item(item: &Item, namespace: &Namespace) -> Result<PatternFigures, Error> {
     let key = format!("{}/{}", get(item, "PK").unwrap_or_default(), get(item, "SK").unwrap_or_default());
     let what = PATTERN_ENTITY;
     let text = |name: &str| get(item, name).map(str::to_owned).ok_or_else(|| Error::Item { what, key: key.clone(), reason: format!("missing {name}") });
     Ok(PatternFigures {
-        user_id: text("PK")?,
+        user_id: unprefixed(item, "PK", namespace).to_owned(),
         process_pattern: text("Proclist")?,
         agent_id: text("AgentList")?,
         tool_sequence: text("Toollist")?,
@@ -464,4 +623,40 @@ fn pattern_from_item(item: &Item) -> Result<PatternFigures, Error> {
         first: parse_day(item, "FirstUsedDate", what, &key)?,
         last: parse_day(item, "LastUsedDate", what, &key)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::borrow::Cow;
+    use toolrank_engine::Applied;
+    use toolrank_events::{Action, AgentItem, Change, Entity};
+
+    /// A shadow namespace's items come back through the table's stream like any write:
+    /// none of their keys may count as an Agent or an execution.
+    #[test]
+    fn shadow_items_are_no_events() {
+        let ns = Namespace::Shadow("v2".into());
+        let (agent_pk, agent_sk) = ns.agent_key("A1");
+        let pattern = ns.pattern_key(&("U1".into(), "P1|A1|T1".into()));
+        let keys = [(agent_pk, agent_sk.to_owned()), (get(&pattern, "PK").unwrap().to_owned(), get(&pattern, "SK").unwrap().to_owned())];
+        let agent = || Entity::Agent(AgentItem { domain_id: Cow::Borrowed("toolrank#v2#D1"), name: None, partial: false });
+        let mut engine = Engine::new();
+        for (pk, sk) in keys {
+            for action in [Action::Put(agent()), Action::Put(Entity::Other), Action::Delete { ttl: false }, Action::Delete { ttl: true }] {
+                for seq in [None, Some(7)] {
+                    let change = Change { pk: Cow::Borrowed(&pk), sk: Cow::Borrowed(&sk), seq, action: action.clone() };
+                    assert_eq!(engine.apply(&change), Applied::Ignored, "{pk} / {sk}");
+                }
+            }
+        }
+        engine.flush();
+        assert!(engine.everything().agents.is_empty());
+    }
+
+    #[test]
+    fn live_keys_are_the_applications() {
+        assert_eq!(Namespace::Live.agent_key("A1"), ("A1".to_owned(), "METADATA"));
+        assert_eq!(get(&Namespace::Live.pattern_key(&("U1".into(), "n".into())), "PK"), Some("U1"));
+    }
 }
