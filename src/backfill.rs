@@ -1,7 +1,7 @@
 //! `toolrank backfill`: the table's current contents onto the events topic.
 
 use crate::replay::DeadLetters;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -28,6 +28,7 @@ use toolrank_dynamodb::CheckpointStore;
 ///
 ///   toolrank backfill --from dynamodb --table AgentTable --segments 8 --max-rcu 500
 ///   toolrank backfill --from export ./AWSDynamoDB/01234-abcd/
+///   toolrank backfill --from export s3://my-bucket/exports/AWSDynamoDB/01234-abcd/
 ///   toolrank consume kafka --topic toolrank-events --group rankings
 #[derive(clap::Args)]
 pub struct Args {
@@ -47,7 +48,9 @@ pub struct Args {
     /// Items per Scan page (default: DynamoDB's 1 MB pages).
     #[arg(long)]
     page_items: Option<i32>,
-    /// Export directory (with manifest-files.json) or export files (--from export).
+    /// Export directory (with manifest-files.json) or export files (--from export); or
+    /// one export in S3: s3://BUCKET/PREFIX (the export's folder, a prefix holding one
+    /// export, its manifest-files.json or a data file), read file by file.
     paths: Vec<String>,
     /// Kafka bootstrap servers.
     #[arg(long, env = "TOOLRANK_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
@@ -76,7 +79,7 @@ pub struct Args {
 enum From {
     /// A parallel Scan of --table.
     Dynamodb,
-    /// A DynamoDB export (S3 export downloaded: manifest + gzip data files).
+    /// A DynamoDB export (manifest + gzip data files), on disk or in S3.
     Export,
 }
 
@@ -132,7 +135,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
             }
             let mut dead = DeadLetters::open(args.dead_letter.as_deref(), false)?;
             let (mut bad, mut failed) = (0, None);
-            let job = export::Job { inputs: toolrank_source_file::expand(&args.paths)?, store, scope, owner, checkpoint_every: every, progress: &progress, stop: &stop };
+            let files = match args.paths.as_slice() {
+                [url] if url.starts_with("s3://") => {
+                    let client = rt.block_on(toolrank_backfill::s3::client());
+                    let objects = rt.block_on(toolrank_backfill::s3::export_objects(&client, url))?;
+                    eprintln!("{url}: {} data files", objects.len());
+                    export::Files::S3 { client, objects }
+                }
+                paths if paths.iter().any(|p| p.starts_with("s3://")) => bail!("name one S3 export at a time (s3://BUCKET/PREFIX), without local paths"),
+                paths => export::Files::Local(toolrank_source_file::expand(paths)?),
+            };
+            let job = export::Job { files, store, scope, owner, checkpoint_every: every, progress: &progress, stop: &stop };
             let mut publisher = toolrank_kafka::Publisher::new(&args.brokers, &args.topic)?;
             let done = rt.block_on(job.run(&mut publisher, &mut |letter| {
                 if let Err(e) = dead.reject(&mut bad, letter) {

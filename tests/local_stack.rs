@@ -332,8 +332,16 @@ fn seed_through_kafka_reaches_both_sinks_and_the_access_patterns() {
     assert!(text.starts_with("source: dynamodb") && text.find("AGT002").unwrap() < text.find("AGT001").unwrap(), "{text}");
 }
 
+fn sigint(child: &std::process::Child) {
+    signal(child, "-INT");
+}
+
 fn sigterm(child: &std::process::Child) {
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    signal(child, "-TERM");
+}
+
+fn signal(child: &std::process::Child, which: &str) {
+    Command::new("kill").args([which, &child.id().to_string()]).status().unwrap();
 }
 
 /// A port nobody listens on now.
@@ -1192,11 +1200,18 @@ fn backfill_from_a_table_resumes_after_kill_and_equals_replay_and_the_export() {
         cmd.args(["backfill", "--from", "dynamodb", "--table", &live.table, "--topic", &live.topic, "--segments", "3", "--id", &id, "--page-items", "100"]).args(extra);
         cmd
     };
-    // Slowed to 10 read units/s, killed with -9 after 3 s, then resumed at full speed.
-    let mut victim = backfill(&["--max-rcu", "10"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    // Slowed to a few read units/s: killed with -9 after 3 s, resumed and stopped by
+    // SIGINT after 2 s, then resumed at full speed.
+    let mut victim = backfill(&["--max-rcu", "4"]).stderr(std::process::Stdio::null()).spawn().unwrap();
     std::thread::sleep(Duration::from_secs(3));
     victim.kill().unwrap();
     victim.wait().unwrap();
+    let interrupted = backfill(&["--max-rcu", "1"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    sigint(&interrupted);
+    let stopped = interrupted.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&stopped.stderr);
+    assert!(stopped.status.success() && said.contains("run the same command again to resume"), "{said}");
     let resumed = String::from_utf8(run(&mut backfill(&[])).stderr).unwrap();
     let items = count_after(&resumed, "backfilled ");
     assert!(items > 0 && items < table_items, "resumed after the checkpoint: {items} of {table_items} items\n{resumed}");
@@ -1213,6 +1228,27 @@ fn backfill_from_a_table_resumes_after_kill_and_equals_replay_and_the_export() {
     assert_eq!(count_after(&out, "backfilled "), table_items, "{out}");
     other.drain(&[]);
     other.assert_sinks_equal_replay(history, None);
+
+    // The export copied into S3 (moto) under another prefix: found by its manifest, its
+    // data files by name.
+    let in_s3 = Live::new("2");
+    in_s3.toolrank(&["produce", "--to", "dynamodb", "--table", &in_s3.table, other.dir.path().join("catalog.jsonl").to_str().unwrap()]);
+    let bucket = unique("exports");
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let s3 = toolrank_backfill::s3::client().await;
+        s3.create_bucket().bucket(&bucket).send().await.unwrap();
+        for path in ["manifest-files.json", "data/part-0.json.gz", "data/part-1.json.gz", "data/part-2.json.gz"] {
+            let body = aws_sdk_s3::primitives::ByteStream::from(std::fs::read(dir.join(path)).unwrap());
+            s3.put_object().bucket(&bucket).key(format!("copied/AWSDynamoDB/0175-backfill/{path}")).body(body).send().await.unwrap();
+        }
+    });
+    let url = format!("s3://{bucket}/copied/");
+    let out = String::from_utf8(in_s3.toolrank(&["backfill", "--from", "export", "--topic", &in_s3.topic, "--id", &unique("s3"), &url]).stderr).unwrap();
+    assert!(out.contains(&format!("{url}: 3 data files")) && count_after(&out, "backfilled ") == table_items, "{out}");
+    in_s3.drain(&[]);
+    in_s3.assert_sinks_equal_replay(history, None);
+    let missing = in_s3.command().args(["backfill", "--from", "export", "--topic", &in_s3.topic, &format!("s3://{bucket}/nothing-here/")]).output().unwrap();
+    assert!(!missing.status.success() && String::from_utf8_lossy(&missing.stderr).contains("no manifest-files.json"), "{missing:?}");
 }
 
 #[test]

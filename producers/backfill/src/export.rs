@@ -1,5 +1,6 @@
 //! The table's items from a DynamoDB export (`manifest-files.json` + `data/*.json.gz`, or
-//! export files): one `{"Item": {...}}` per line, checkpointed by file and line.
+//! export files, on disk or in S3): one `{"Item": {...}}` per line, checkpointed by file
+//! and line.
 
 use crate::{base_record, Error, Progress};
 use serde_json::value::RawValue;
@@ -11,9 +12,39 @@ use toolrank_events::DeadLetter;
 use toolrank_kafka::Publisher;
 use toolrank_source_file::{Input, LineReader};
 
+/// Where an export's data files are.
+pub enum Files {
+    Local(Vec<Input>),
+    S3 { client: aws_sdk_s3::Client, objects: Vec<crate::s3::Object> },
+}
+
+impl Files {
+    fn len(&self) -> usize {
+        match self {
+            Files::Local(inputs) => inputs.len(),
+            Files::S3 { objects, .. } => objects.len(),
+        }
+    }
+
+    /// A reader of file `index`; an S3 object is downloaded first, into a temporary file
+    /// that lives as long as the returned guard.
+    async fn open(&self, index: usize, read: Arc<AtomicU64>) -> Result<(LineReader, Option<tempfile::NamedTempFile>), Error> {
+        match self {
+            Files::Local(inputs) => Ok((LineReader::open(&inputs[index], read)?, None)),
+            Files::S3 { client, objects } => {
+                let object = &objects[index];
+                let (file, input) = crate::s3::download(client, object).await?;
+                let Input::File(path) = &input else { unreachable!("downloads are files") };
+                let raw = std::fs::File::open(path).map_err(|e| Error::Input(format!("{}: {e}", object.url())))?;
+                Ok((LineReader::from_read(object.url(), Box::new(raw), read)?, Some(file)))
+            }
+        }
+    }
+}
+
 /// What one export backfill reads and where it publishes.
 pub struct Job<'a> {
-    pub inputs: Vec<Input>,
+    pub files: Files,
     pub store: CheckpointStore,
     pub scope: String,
     pub owner: String,
@@ -69,8 +100,8 @@ impl Job<'_> {
         };
         let read = Arc::new(AtomicU64::new(0));
         let mut saved = Instant::now();
-        for (index, input) in self.inputs.iter().enumerate().skip(from_file) {
-            let mut reader = LineReader::open(input, read.clone())?;
+        for index in from_file..self.files.len() {
+            let (mut reader, _download) = self.files.open(index, read.clone()).await?;
             let name = reader.name().to_owned();
             let mut last = if index == from_file { from_line } else { 0 };
             while let Some((line_no, line)) = reader.next_line()? {

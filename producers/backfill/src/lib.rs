@@ -18,6 +18,7 @@
 //! [`BASE_SEQ`]: toolrank_events::BASE_SEQ
 
 pub mod export;
+pub mod s3;
 pub mod scan;
 
 use serde_json::Value;
