@@ -203,6 +203,8 @@ fn bar(rt: &tokio::runtime::Runtime, client: &aws_sdk_dynamodb::Client, args: &A
         let mut last_log = Instant::now();
         while !shown.is_finished() {
             shown.set_position(progress.items());
+            toolrank_metrics::job_progress("backfill", progress.items(), progress.dead_letters.load(std::sync::atomic::Ordering::Relaxed));
+            toolrank_metrics::counter("toolrank_backfill_read_capacity_units_total", "Read capacity the Scan consumed.", &[]).set(progress.rcu());
             if hidden && last_log.elapsed() >= Duration::from_secs(10) {
                 tracing::info!(items = progress.items(), rcu = progress.rcu(), "backfilling");
                 last_log = Instant::now();

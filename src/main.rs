@@ -35,6 +35,10 @@ struct Cli {
     /// Log format on stderr (filter with TOOLRANK_LOG, e.g. TOOLRANK_LOG=debug).
     #[arg(long, global = true, value_enum, default_value = "text", env = "TOOLRANK_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Serve Prometheus metrics (records, rows/s as counters, errors, dead letters, sink
+    /// writes, latencies) at http://ADDR/metrics while the command runs.
+    #[arg(long, global = true, env = "TOOLRANK_METRICS_ADDR", value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     command: Command,
 }
@@ -71,6 +75,15 @@ fn main() -> ExitCode {
     match cli.log_format {
         LogFormat::Text => builder.without_time().init(),
         LogFormat::Json => builder.json().init(),
+    }
+    if let Some(addr) = cli.metrics_addr {
+        match toolrank_metrics::serve(addr) {
+            Ok(bound) => tracing::info!(%bound, "serving Prometheus metrics at /metrics"),
+            Err(e) => {
+                eprintln!("toolrank: error: serving metrics on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
     }
     let result = match cli.command {
         Command::Replay(args) => replay::run(args),

@@ -284,6 +284,7 @@ fn ingest_files(inputs: &[Input], engine: &mut Engine, counts: &mut Counts, dead
             // This thread waits on decoding much of the time: turning the batch's changes
             // into aggregate deltas now keeps the final flush short.
             engine.flush();
+            toolrank_metrics::job_progress("replay", counts.lines, counts.bad);
             if let Some(bar) = &progress {
                 bar.set_position(read.load(Ordering::Relaxed));
             }

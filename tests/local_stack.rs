@@ -344,6 +344,17 @@ fn signal(child: &std::process::Child, which: &str) {
     Command::new("kill").args([which, &child.id().to_string()]).status().unwrap();
 }
 
+/// The Prometheus metrics a command serves at `addr`.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: toolrank\r\n\r\n").unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    response
+}
+
 /// A port nobody listens on now.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -1206,8 +1217,14 @@ fn backfill_from_a_table_resumes_after_kill_and_equals_replay_and_the_export() {
     std::thread::sleep(Duration::from_secs(3));
     victim.kill().unwrap();
     victim.wait().unwrap();
-    let interrupted = backfill(&["--max-rcu", "1"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let metrics_port = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let interrupted = backfill(&["--max-rcu", "1", "--metrics-addr", &metrics_addr]).stderr(std::process::Stdio::piped()).spawn().unwrap();
     std::thread::sleep(Duration::from_secs(2));
+    let metrics = scrape(&metrics_addr);
+    let line = metrics.lines().find(|l| l.starts_with("toolrank_job_records_total{job=\"backfill\"}")).unwrap_or_else(|| panic!("{metrics}"));
+    assert!(line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() > 0.0, "{metrics}");
+    assert!(metrics.contains("# TYPE toolrank_backfill_read_capacity_units_total counter"), "{metrics}");
     sigint(&interrupted);
     let stopped = interrupted.wait_with_output().unwrap();
     let said = String::from_utf8_lossy(&stopped.stderr);

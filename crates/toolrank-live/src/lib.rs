@@ -84,6 +84,32 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// Copies the running totals into the process's Prometheus metrics.
+    pub fn publish(&self) {
+        use toolrank_metrics::{counter, gauge};
+        let totals = [
+            (counter("toolrank_messages_total", "Messages or stream records read.", &[]), self.messages),
+            (counter("toolrank_redeliveries_skipped_total", "Records at or below a checkpointed position, skipped.", &[]), self.skipped_redeliveries),
+            (counter("toolrank_changes_total", "Changes applied to the table state, by outcome.", &[("outcome", "applied")]), self.changes),
+            (counter("toolrank_changes_total", "Changes applied to the table state, by outcome.", &[("outcome", "stale")]), self.stale),
+            (counter("toolrank_changes_total", "Changes applied to the table state, by outcome.", &[("outcome", "ignored")]), self.ignored),
+            (counter("toolrank_dead_letters_total", "Bad records dead-lettered.", &[]), self.dead_letters),
+            (counter("toolrank_checkpoints_total", "Checkpoints saved.", &[]), self.checkpoints),
+            (counter("toolrank_sink_writes_total", "Sink write rounds.", &[]), self.sink_writes),
+            (counter("toolrank_dynamodb_requests_total", "DynamoDB write requests of the sink.", &[]), self.dynamodb_requests),
+            (counter("toolrank_valkey_commands_total", "Valkey commands of the sink.", &[]), self.valkey_commands),
+            (counter("toolrank_retried_errors_total", "Failed sink writes, checkpoints and lease renewals (retried).", &[]), self.retried_errors),
+        ];
+        for (metric, value) in totals {
+            metric.set(value as f64);
+        }
+        for (quantile, value) in [("0.5", self.latency_p50_ms), ("0.99", self.latency_p99_ms)] {
+            if let Some(ms) = value {
+                gauge("toolrank_visible_latency_ms", "Record creation to its effect in the sinks.", &[("quantile", quantile)]).set(ms as f64);
+            }
+        }
+    }
+
     /// Counts what the engine did with one change.
     pub fn count(&mut self, applied: Applied) {
         match applied {
@@ -196,6 +222,8 @@ pub struct SinkWriter {
     /// Creation times (ms) of the records applied since the last visible sink write.
     unseen: Vec<i64>,
     latencies: Latencies,
+    /// When the metrics were last published.
+    published: Instant,
 }
 
 impl SinkWriter {
@@ -223,6 +251,7 @@ impl SinkWriter {
             last_dynamodb: Instant::now(),
             unseen: Vec::new(),
             latencies: Latencies::new(),
+            published: Instant::now(),
         })
     }
 
@@ -452,6 +481,10 @@ impl SinkWriter {
         if !changes.is_empty() {
             self.summary.sink_writes += 1;
         }
+        if self.published.elapsed() >= Duration::from_secs(1) {
+            self.published = Instant::now();
+            self.current_summary().publish();
+        }
         ok
     }
 
@@ -505,6 +538,12 @@ impl SinkWriter {
 
     /// The run's counters, with the latency percentiles.
     pub fn into_summary(self) -> Summary {
+        let summary = self.current_summary();
+        summary.publish();
+        summary
+    }
+
+    fn current_summary(&self) -> Summary {
         Summary {
             latency_p50_ms: self.latencies.quantile(0.5),
             latency_p99_ms: self.latencies.quantile(0.99),

@@ -110,7 +110,10 @@ impl Job<'_> {
                 }
                 match record(line) {
                     Ok((key, line)) => publisher.send(Some(&key), line.as_bytes()).await?,
-                    Err(reason) => reject(DeadLetter { source: name.clone(), line: line_no, record: None, position: None, reason, raw: String::from_utf8_lossy(line).into_owned() }),
+                    Err(reason) => {
+                        self.progress.dead_letters.fetch_add(1, Ordering::Relaxed);
+                        reject(DeadLetter { source: name.clone(), line: line_no, record: None, position: None, reason, raw: String::from_utf8_lossy(line).into_owned() })
+                    }
                 }
                 self.progress.items.fetch_add(1, Ordering::Relaxed);
                 last = line_no;

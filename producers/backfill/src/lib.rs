@@ -49,6 +49,8 @@ pub fn base_record(pk: &Value, sk: &Value, image: &str) -> String {
 #[derive(Debug, Default)]
 pub struct Progress {
     pub items: AtomicU64,
+    /// Bad items dead-lettered.
+    pub dead_letters: AtomicU64,
     /// Read capacity units the Scan consumed (as reported by DynamoDB), in thousandths.
     pub rcu_milli: AtomicU64,
 }
