@@ -40,7 +40,19 @@ pub struct Target {
 pub fn target(sinks: &SinkArgs) -> Target {
     let active = active(sinks);
     let name = sinks.namespace.clone().unwrap_or_else(|| active.clone());
-    let shadow = name != active && runtime().is_ok_and(|rt| rt.block_on(is_shadow(&sinks.state_table, &sinks.table, &name)).unwrap_or(false));
+    let shadow = name != active
+        && runtime().is_ok_and(|rt| {
+            rt.block_on(async {
+                if !sinks.shadow {
+                    return is_shadow(&sinks.state_table, &sinks.table, &name).await;
+                }
+                let client = toolrank_dynamodb::client().await;
+                toolrank_dynamodb::create_state_table(&client, &sinks.state_table).await?;
+                register(&client, &sinks.state_table, &sinks.table, &name, true).await?;
+                Ok(true)
+            })
+            .unwrap_or(sinks.shadow)
+        });
     Target { dynamodb: if shadow { Namespace::Shadow(name.clone()) } else { Namespace::Live }, name }
 }
 

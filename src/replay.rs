@@ -360,6 +360,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             state_table: args.state_table.clone(),
             valkey_url: args.valkey_url.clone(),
             namespace: args.namespace.clone(),
+            shadow: true,
             today: None,
             no_dynamodb: args.no_dynamodb,
             no_valkey: false,

@@ -28,6 +28,12 @@ pub struct SinkArgs {
     /// promote` made active, else "tr".
     #[arg(long, global = true, env = "TOOLRANK_NAMESPACE")]
     pub namespace: Option<String>,
+    /// With --namespace: a shadow namespace, registered as such, whose DynamoDB rankings
+    /// are items of its own rather than the application's items (e.g. a consumer group
+    /// rebuilding a namespace to promote later). Names `replay --namespace` wrote are
+    /// shadows already.
+    #[arg(long, global = true, requires = "namespace")]
+    pub shadow: bool,
     /// Score for this UTC date (YYYY-MM-DD); default today.
     #[arg(long, global = true)]
     pub today: Option<String>,

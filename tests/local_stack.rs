@@ -1354,6 +1354,12 @@ fn replay_from_kafka_into_a_shadow_namespace_then_diff_and_promote() {
     assert!(diff.contains(&format!("{shadow} (new) against {} (current)", live.namespace)) && !diff.contains(" 0 changed  ") , "{diff}");
     let dry = String::from_utf8(live.toolrank(&[&replay_args[..], &["--dry-run"]].concat()).stderr).unwrap();
     assert!(dry.contains("dry run: nothing written"), "{dry}");
+    // A second consumer group rebuilding another shadow leaves the live items alone too.
+    let rebuilt = unique("v3");
+    let group = unique("rebuild");
+    live.toolrank(&[&["consume", "kafka", "--topic", &live.topic, "--group", &group, "--dead-letter-topic", &live.dlq, "--namespace", &rebuilt, "--shadow", "--until-idle", "8"], &sinks[..]].concat());
+    assert_dynamodb_holds(&read("dynamodb", Some(&rebuilt), "rebuilt-dynamodb"), &replay_all);
+    assert_active(&replay_first, "beside-rebuild");
 
     // Promote, roll back, promote for good.
     live.toolrank(&[&["promote", &shadow], &sinks[..]].concat());
@@ -1370,10 +1376,18 @@ fn replay_from_kafka_into_a_shadow_namespace_then_diff_and_promote() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let shadows = rt.block_on(async {
         let client = toolrank_dynamodb::client().await;
-        let page = client.scan().table_name(&live.table).filter_expression("begins_with(PK, :p)").expression_attribute_values(":p", AttributeValue::S("toolrank#".into())).send().await.unwrap();
+        let page = client
+            .scan()
+            .table_name(&live.table)
+            .filter_expression("begins_with(PK, :old) OR begins_with(PK, :promoted)")
+            .expression_attribute_values(":old", AttributeValue::S(format!("toolrank#{}#", live.namespace)))
+            .expression_attribute_values(":promoted", AttributeValue::S(format!("toolrank#{shadow}#")))
+            .send()
+            .await
+            .unwrap();
         page.count
     });
-    assert_eq!(shadows, 0, "no shadow items are left in the table");
+    assert_eq!(shadows, 0, "neither the dropped nor the promoted namespace has shadow items left");
     // The active namespace is never overwritten in place; nothing after --since is nothing.
     let refused = live.command().args(&replay_args).output().unwrap();
     assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("active namespace"));
