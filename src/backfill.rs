@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use toolrank_backfill::{export, scan, Limiter, Progress};
+use toolrank_backfill::{export, scan, Limiter, Progress, Run};
 use toolrank_dynamodb::CheckpointStore;
 
 /// Build the rankings from a table's current contents (a parallel Scan) or from a DynamoDB
@@ -111,15 +111,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 table: args.table.clone(),
                 segments: args.segments,
                 page_items: args.page_items,
-                store,
-                scope,
-                owner,
                 brokers: args.brokers.clone(),
                 topic: args.topic.clone(),
                 limiter: Limiter::new(args.max_rcu),
-                checkpoint_every: every,
-                progress: &progress,
-                stop: &stop,
+                run: Run { store, scope, owner, checkpoint_every: every, progress: &progress, stop: &stop },
             };
             let outcome = rt.block_on(job.run()).with_context(|| format!("backfilling from table {}", args.table))?;
             if outcome.done_before > 0 {
@@ -145,7 +140,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 paths if paths.iter().any(|p| p.starts_with("s3://")) => bail!("name one S3 export at a time (s3://BUCKET/PREFIX), without local paths"),
                 paths => export::Files::Local(toolrank_source_file::expand(paths)?),
             };
-            let job = export::Job { files, store, scope, owner, checkpoint_every: every, progress: &progress, stop: &stop };
+            let job = export::Job { files, run: Run { store, scope, owner, checkpoint_every: every, progress: &progress, stop: &stop } };
             let mut publisher = toolrank_kafka::Publisher::new(&args.brokers, &args.topic)?;
             let done = rt.block_on(job.run(&mut publisher, &mut |letter| {
                 if let Err(e) = dead.reject(&mut bad, letter) {

@@ -17,37 +17,37 @@ INSERT INTO agent_catalog SELECT * FROM agent_catalog_source;
 
 CREATE TEMP TABLE staging_next AS SELECT * FROM agent_tool_analysis_source;
 
-CREATE TEMP TABLE staging_gone AS
-SELECT s.userid, s.sessionid, s.processid, s.agentid, s.toolid
+-- One pass over both sides: a row of the staging table with no equal row in the next
+-- state is gone (its key's old version); a next-state row with no equal row is new.
+CREATE TEMP TABLE staging_diff AS
+SELECT n.userid IS NOT NULL AS is_new,
+       COALESCE(n.userid, s.userid) AS userid, COALESCE(n.sessionid, s.sessionid) AS sessionid,
+       COALESCE(n.processid, s.processid) AS processid, n.domainid,
+       COALESCE(n.agentid, s.agentid) AS agentid, COALESCE(n.toolid, s.toolid) AS toolid,
+       n.toolnm, n.execution_date, n.execution_datetime, n.success_flag, n.tool_values,
+       n.result_message, n.load_timestamp
 FROM agent_tool_analysis_staging s
-LEFT JOIN staging_next n
+FULL OUTER JOIN staging_next n
   ON n.userid = s.userid AND n.sessionid = s.sessionid AND n.processid = s.processid
  AND n.agentid = s.agentid AND n.toolid = s.toolid AND n.domainid = s.domainid
  AND n.toolnm = s.toolnm AND n.execution_datetime = s.execution_datetime AND n.success_flag = s.success_flag
-WHERE n.userid IS NULL;
+WHERE n.userid IS NULL OR s.userid IS NULL;
 
-CREATE TEMP TABLE staging_new AS
-SELECT n.*
-FROM staging_next n
-LEFT JOIN agent_tool_analysis_staging s
-  ON n.userid = s.userid AND n.sessionid = s.sessionid AND n.processid = s.processid
- AND n.agentid = s.agentid AND n.toolid = s.toolid AND n.domainid = s.domainid
- AND n.toolnm = s.toolnm AND n.execution_datetime = s.execution_datetime AND n.success_flag = s.success_flag
-WHERE s.userid IS NULL;
+CREATE TEMP TABLE touched_agents AS SELECT DISTINCT agentid FROM staging_diff;
 
-CREATE TEMP TABLE touched_agents AS
-SELECT agentid FROM staging_gone UNION SELECT agentid FROM staging_new;
-
-CREATE TEMP TABLE touched_users AS
-SELECT userid FROM staging_gone UNION SELECT userid FROM staging_new;
+CREATE TEMP TABLE touched_users AS SELECT DISTINCT userid FROM staging_diff;
 
 DELETE FROM agent_tool_analysis_staging
-USING staging_gone g
-WHERE agent_tool_analysis_staging.userid = g.userid AND agent_tool_analysis_staging.sessionid = g.sessionid
+USING staging_diff g
+WHERE NOT g.is_new
+  AND agent_tool_analysis_staging.userid = g.userid AND agent_tool_analysis_staging.sessionid = g.sessionid
   AND agent_tool_analysis_staging.processid = g.processid AND agent_tool_analysis_staging.agentid = g.agentid
   AND agent_tool_analysis_staging.toolid = g.toolid;
 
-INSERT INTO agent_tool_analysis_staging SELECT * FROM staging_new;
+INSERT INTO agent_tool_analysis_staging
+SELECT userid, sessionid, processid, domainid, agentid, toolid, toolnm, execution_date,
+       execution_datetime, success_flag, tool_values, result_message, load_timestamp
+FROM staging_diff WHERE is_new;
 
 -- Names live in the catalog, not in staging: an agent renamed without new rows is touched too.
 DELETE FROM agent_score_summary
@@ -68,7 +68,6 @@ DELETE FROM agent_tool_errors;
 INSERT INTO agent_tool_errors SELECT * FROM agent_tool_error_figures;
 
 DROP TABLE staging_next;
-DROP TABLE staging_gone;
-DROP TABLE staging_new;
+DROP TABLE staging_diff;
 DROP TABLE touched_agents;
 DROP TABLE touched_users;

@@ -102,7 +102,8 @@ pub struct Stats {
 /// Coalesces item changes per key and applies them in transactional batches.
 pub struct Mirror {
     source: String,
-    pending: BTreeMap<(String, String), Option<Value>>,
+    /// Each key's latest image, serialized once (its size decides when a batch is full).
+    pending: BTreeMap<(String, String), Option<String>>,
     pending_bytes: usize,
     positions: BTreeMap<String, String>,
     /// Last applied stream sequence number per key: an older record is stale.
@@ -185,8 +186,9 @@ impl Mirror {
                 }
             }
         }
-        self.pending_bytes += key.0.len() + key.1.len() + image.as_ref().map_or(4, |v| v.to_string().len()) + 16;
-        self.pending.insert(key, image);
+        let text = image.map(|v| v.to_string());
+        self.pending_bytes += key.0.len() + key.1.len() + text.as_ref().map_or(4, String::len) + 16;
+        self.pending.insert(key, text);
     }
 
     /// Records that everything up to `position` of `part` has been pushed.
@@ -214,9 +216,9 @@ impl Mirror {
         let (mut written, mut removed) = (0, 0);
         for ((pk, sk), image) in std::mem::take(&mut self.pending) {
             let value = match &image {
-                Some(v) => {
+                Some(text) => {
                     written += 1;
-                    format!("JSON_PARSE({})", literal(&v.to_string()))
+                    format!("JSON_PARSE({})", literal(text))
                 }
                 None => {
                     removed += 1;

@@ -2,12 +2,11 @@
 //! export files, on disk or in S3): one `{"Item": {...}}` per line, checkpointed by file
 //! and line.
 
-use crate::{base_record, Error, Progress};
+use crate::{base_record, Error, Run};
 use serde_json::value::RawValue;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use toolrank_dynamodb::CheckpointStore;
+use std::time::Instant;
 use toolrank_events::DeadLetter;
 use toolrank_kafka::Publisher;
 use toolrank_source_file::{Input, LineReader};
@@ -45,12 +44,7 @@ impl Files {
 /// What one export backfill reads and where it publishes.
 pub struct Job<'a> {
     pub files: Files,
-    pub store: CheckpointStore,
-    pub scope: String,
-    pub owner: String,
-    pub checkpoint_every: Duration,
-    pub progress: &'a Progress,
-    pub stop: &'a AtomicBool,
+    pub run: Run<'a>,
 }
 
 #[derive(serde::Deserialize)]
@@ -92,7 +86,7 @@ impl Job<'_> {
     /// Publishes every line after the checkpoint; bad lines go to `reject`. Returns
     /// whether the export was read to its end.
     pub async fn run(&self, publisher: &mut Publisher, reject: &mut dyn FnMut(DeadLetter)) -> Result<bool, Error> {
-        let claimed = self.store.claim(&self.scope, &self.owner).await?;
+        let claimed = self.run.store.claim(&self.run.scope, &self.run.owner).await?;
         let mut generation = claimed.generation;
         let (from_file, from_line) = match claimed.position.as_deref() {
             Some("") | None => (0, 0),
@@ -111,23 +105,23 @@ impl Job<'_> {
                 match record(line) {
                     Ok((key, line)) => publisher.send(Some(&key), line.as_bytes()).await?,
                     Err(reason) => {
-                        self.progress.dead_letters.fetch_add(1, Ordering::Relaxed);
+                        self.run.progress.dead_letters.fetch_add(1, Ordering::Relaxed);
                         reject(DeadLetter { source: name.clone(), line: line_no, record: None, position: None, reason, raw: String::from_utf8_lossy(line).into_owned() })
                     }
                 }
-                self.progress.items.fetch_add(1, Ordering::Relaxed);
+                self.run.progress.items.fetch_add(1, Ordering::Relaxed);
                 last = line_no;
-                if saved.elapsed() >= self.checkpoint_every || self.stop.load(Ordering::Relaxed) {
+                if saved.elapsed() >= self.run.checkpoint_every || self.run.stop.load(Ordering::Relaxed) {
                     publisher.settle().await?;
-                    generation = self.store.save(&self.scope, &self.owner, generation, &position(index, last), &[]).await?;
+                    generation = self.run.store.save(&self.run.scope, &self.run.owner, generation, &position(index, last), &[]).await?;
                     saved = Instant::now();
-                    if self.stop.load(Ordering::Relaxed) {
+                    if self.run.stop.load(Ordering::Relaxed) {
                         return Ok(false);
                     }
                 }
             }
             publisher.settle().await?;
-            generation = self.store.save(&self.scope, &self.owner, generation, &position(index + 1, 0), &[]).await?;
+            generation = self.run.store.save(&self.run.scope, &self.run.owner, generation, &position(index + 1, 0), &[]).await?;
         }
         Ok(true)
     }

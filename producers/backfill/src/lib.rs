@@ -45,6 +45,18 @@ pub fn base_record(pk: &Value, sk: &Value, image: &str) -> String {
     format!(r#"{{"eventName":"INSERT","eventSource":"toolrank:backfill","dynamodb":{{"Keys":{{"PK":{pk},"SK":{sk}}},"NewImage":{image},"SequenceNumber":"0"}}}}"#)
 }
 
+/// What every backfill shares: where its checkpoints go and how often, what it reports
+/// progress to, and the flag that stops it cleanly.
+pub struct Run<'a> {
+    pub store: toolrank_dynamodb::CheckpointStore,
+    /// The checkpoints' scope (a Scan's segments: `{scope}/segment/{i}`).
+    pub scope: String,
+    pub owner: String,
+    pub checkpoint_every: Duration,
+    pub progress: &'a Progress,
+    pub stop: &'a std::sync::atomic::AtomicBool,
+}
+
 /// Counters a progress bar and the summary read while the backfill runs.
 #[derive(Debug, Default)]
 pub struct Progress {

@@ -1,13 +1,13 @@
 //! The table's items by a parallel Scan: one task per segment, each with its own
 //! publisher and checkpoint (LastEvaluatedKey), all under one read-capacity budget.
 
-use crate::{base_record, Error, Limiter, Progress};
+use crate::{base_record, Error, Limiter, Run};
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnConsumedCapacity};
 use aws_sdk_dynamodb::Client;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
-use toolrank_dynamodb::{attribute_json, attribute_value, aws, item_json, CheckpointStore};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+use toolrank_dynamodb::{attribute_json, attribute_value, aws, item_json};
 use toolrank_kafka::Publisher;
 
 /// What one Scan backfill reads and where it publishes.
@@ -17,16 +17,10 @@ pub struct Job<'a> {
     pub segments: u32,
     /// Items per Scan page (None: DynamoDB's 1 MB pages).
     pub page_items: Option<i32>,
-    pub store: CheckpointStore,
-    /// Checkpoint scopes are `{scope}/segment/{i}`.
-    pub scope: String,
-    pub owner: String,
     pub brokers: String,
     pub topic: String,
     pub limiter: Limiter,
-    pub checkpoint_every: Duration,
-    pub progress: &'a Progress,
-    pub stop: &'a AtomicBool,
+    pub run: Run<'a>,
 }
 
 /// How the segments ended.
@@ -71,8 +65,8 @@ impl Job<'_> {
 
     /// Returns (finished, finished before this run, deliveries resent).
     async fn segment(&self, segment: u32) -> Result<(bool, bool, u64), Error> {
-        let scope = format!("{}/segment/{segment}", self.scope);
-        let claimed = self.store.claim(&scope, &self.owner).await?;
+        let scope = format!("{}/segment/{segment}", self.run.scope);
+        let claimed = self.run.store.claim(&scope, &self.run.owner).await?;
         let mut generation = claimed.generation;
         let mut start = match claimed.position.as_deref() {
             Some(DONE) => return Ok((true, true, 0)),
@@ -85,7 +79,7 @@ impl Job<'_> {
         let mut publisher = Publisher::new(&self.brokers, &self.topic)?;
         let mut saved = Instant::now();
         let mut done = false;
-        while !self.stop.load(Ordering::Relaxed) {
+        while !self.run.stop.load(Ordering::Relaxed) {
             let page = self
                 .client
                 .scan()
@@ -109,11 +103,11 @@ impl Job<'_> {
             // DynamoDB reports what the page consumed; where it does not (DynamoDB Local),
             // estimate it as DynamoDB bills a Scan: 0.5 unit per 4 KB read.
             let units = page.consumed_capacity().and_then(|c| c.capacity_units()).unwrap_or_else(|| (bytes as f64 / 4096.0).ceil().max(1.0) * 0.5);
-            self.progress.rcu_milli.fetch_add((units * 1000.0) as u64, Ordering::Relaxed);
-            self.progress.items.fetch_add(page.items().len() as u64, Ordering::Relaxed);
+            self.run.progress.rcu_milli.fetch_add((units * 1000.0) as u64, Ordering::Relaxed);
+            self.run.progress.items.fetch_add(page.items().len() as u64, Ordering::Relaxed);
             start = page.last_evaluated_key;
             done = start.is_none();
-            if done || saved.elapsed() >= self.checkpoint_every {
+            if done || saved.elapsed() >= self.run.checkpoint_every {
                 generation = self.save(&scope, generation, start.as_ref(), &mut publisher).await?;
                 saved = Instant::now();
             }
@@ -135,7 +129,7 @@ impl Job<'_> {
     async fn save(&self, scope: &str, generation: u64, next: Option<&HashMap<String, AttributeValue>>, publisher: &mut Publisher) -> Result<u64, Error> {
         publisher.settle().await?;
         let position = next.map_or_else(|| DONE.to_owned(), key_text);
-        Ok(self.store.save(scope, &self.owner, generation, &position, &[]).await?)
+        Ok(self.run.store.save(scope, &self.run.owner, generation, &position, &[]).await?)
     }
 }
 
