@@ -87,6 +87,23 @@ struct Consumer_ {
     dead_letters: BaseProducer,
     parts: BTreeMap<i32, Partition>,
     partition_count: i32,
+    /// Since when only partitions this consumer does not own have lagged, at which
+    /// committed positions (they are stranded if those do not move).
+    stranded: Option<(Instant, Vec<(i32, i64)>)>,
+}
+
+/// How long partitions this consumer does not own may lag with no progress before it
+/// rejoins the group: a member that left during a coordinator restart can strand them.
+const STRANDED_AFTER: Duration = Duration::from_secs(30);
+
+/// How far the group has read the topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Drain {
+    Done,
+    /// This consumer's partitions lag.
+    Own,
+    /// Only partitions it does not own lag; their committed positions.
+    Others(Vec<(i32, i64)>),
 }
 
 fn scope(config: &Config, partition: i32) -> String {
@@ -123,7 +140,7 @@ pub fn run(config: Config, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
         lease_scope: format!("kafka/{}/{}/sink-writer", config.group, config.topic),
         dynamodb_interval: config.dynamodb_interval,
     })?;
-    let mut c = Consumer_ { config, writer, consumer, dead_letters, parts: BTreeMap::new(), partition_count };
+    let mut c = Consumer_ { config, writer, consumer, dead_letters, parts: BTreeMap::new(), partition_count, stranded: None };
     c.run(&stop)?;
     Ok(c.writer.into_summary())
 }
@@ -163,9 +180,24 @@ impl Consumer_ {
                 self.checkpoint()?;
             }
             if self.config.until_idle.is_some_and(|idle| last_message.elapsed() >= idle) {
-                if self.drained() {
-                    info!("idle: the topic is drained");
-                    break;
+                match self.drained() {
+                    Drain::Done => {
+                        info!("idle: the topic is drained");
+                        break;
+                    }
+                    Drain::Own => self.stranded = None,
+                    Drain::Others(positions) => match &self.stranded {
+                        Some((since, seen)) if *seen == positions => {
+                            if since.elapsed() >= STRANDED_AFTER {
+                                warn!(?positions, "partitions this consumer does not own have lagged for {} s with no progress: rejoining the group", STRANDED_AFTER.as_secs());
+                                self.checkpoint()?;
+                                self.consumer.unsubscribe();
+                                self.consumer.subscribe(&[&self.config.topic])?;
+                                self.stranded = None;
+                            }
+                        }
+                        _ => self.stranded = Some((Instant::now(), positions)),
+                    },
                 }
                 // Messages are waiting (a slow broker, a rebalance): not idle.
                 last_message = Instant::now();
@@ -223,7 +255,7 @@ impl Consumer_ {
     /// Whether the group has read the whole topic: every owned partition up to its high
     /// watermark, and every other one committed up to it by its owner. A consumer that
     /// owns nothing yet (a rebalance in progress) is not done.
-    fn drained(&self) -> bool {
+    fn drained(&self) -> Drain {
         let mut others = TopicPartitionList::new();
         for p in (0..self.partition_count).filter(|p| !self.parts.contains_key(p)) {
             others.add_partition(&self.config.topic, p);
@@ -234,11 +266,11 @@ impl Consumer_ {
                 Ok(c) => c,
                 Err(e) => {
                     warn!(error = %e, "could not read the group's committed offsets");
-                    return false;
+                    return Drain::Own;
                 }
             },
         };
-        (0..self.partition_count).all(|p| {
+        let lagging: Vec<(i32, i64)> = (0..self.partition_count).filter_map(|p| {
             let position = match self.parts.get(&p) {
                 Some(part) => part.next_offset,
                 None => match committed.find_partition(&self.config.topic, p).map(|e| e.offset()) {
@@ -246,14 +278,20 @@ impl Consumer_ {
                     _ => 0,
                 },
             };
-            match self.consumer.fetch_watermarks(&self.config.topic, p, Duration::from_secs(5)) {
-                Ok((_, high)) => position >= high,
+            let lags = match self.consumer.fetch_watermarks(&self.config.topic, p, Duration::from_secs(5)) {
+                Ok((_, high)) => position < high,
                 Err(e) => {
                     warn!(partition = p, error = %e, "could not read the high watermark");
-                    false
+                    true
                 }
-            }
-        })
+            };
+            lags.then_some((p, position))
+        }).collect();
+        match lagging.iter().any(|(p, _)| self.parts.contains_key(p)) {
+            _ if lagging.is_empty() => Drain::Done,
+            true => Drain::Own,
+            false => Drain::Others(lagging),
+        }
     }
 
     /// Drops an owned partition and takes its share out of the merged engine.
