@@ -61,6 +61,11 @@ PY
 "$BIN/toolrank" consume kafka --topic "$TOPIC" --group "$RUN" --dead-letter-topic "$TOPIC-dl" \
   --table "$TABLE" --namespace "$RUN" 2> "$WORK/latency.log" &
 CONSUMER=$!
+# Steady state: wait until it owns every partition and has loaded their checkpointed state.
+for _ in $(seq 600); do
+  [ "$(grep -c 'partition assigned' "$WORK/latency.log" || true)" -ge "$PARTITIONS" ] && break
+  sleep 0.5
+done
 sleep 5
 "$BIN/toolrank" produce --topic "$TOPIC" --generate --sessions "$LATENCY_SESSIONS" --seed 43 --rate "$LATENCY_RATE" 2> "$WORK/produce.log"
 sleep 3

@@ -57,19 +57,19 @@ pub fn target(sinks: &SinkArgs) -> Target {
 }
 
 /// The registry item of a table's shadow namespace.
-fn shadow_key(table: &str, name: &str) -> [(&'static str, AttributeValue); 2] {
-    [("PK", AttributeValue::S(POINTER_PK.into())), ("SK", AttributeValue::S(format!("shadow#{table}#{name}")))]
+fn shadow_key(table: &str, name: &str) -> std::collections::HashMap<String, AttributeValue> {
+    [("PK".to_owned(), AttributeValue::S(POINTER_PK.into())), ("SK".to_owned(), AttributeValue::S(format!("shadow#{table}#{name}")))].into()
 }
 
 async fn is_shadow(state_table: &str, table: &str, name: &str) -> Result<bool> {
     let client = toolrank_dynamodb::client().await;
-    let got = client.get_item().table_name(state_table).set_key(Some(shadow_key(table, name).into_iter().map(|(k, v)| (k.to_owned(), v)).collect())).send().await?;
+    let got = client.get_item().table_name(state_table).set_key(Some(shadow_key(table, name))).send().await?;
     Ok(got.item.is_some())
 }
 
 /// Records (or with `registered` false, forgets) that `name` is a shadow namespace of `table`.
 async fn register(client: &aws_sdk_dynamodb::Client, state_table: &str, table: &str, name: &str, registered: bool) -> Result<()> {
-    let key = shadow_key(table, name).into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    let key = shadow_key(table, name);
     if registered {
         client.put_item().table_name(state_table).set_item(Some(key)).send().await.context("registering a shadow namespace")?;
     } else {

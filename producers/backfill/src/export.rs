@@ -32,9 +32,8 @@ impl Files {
             Files::Local(inputs) => Ok((LineReader::open(&inputs[index], read)?, None)),
             Files::S3 { client, objects } => {
                 let object = &objects[index];
-                let (file, input) = crate::s3::download(client, object).await?;
-                let Input::File(path) = &input else { unreachable!("downloads are files") };
-                let raw = std::fs::File::open(path).map_err(|e| Error::Input(format!("{}: {e}", object.url())))?;
+                let file = crate::s3::download(client, object).await?;
+                let raw = file.reopen().map_err(|e| Error::Input(format!("{}: {e}", object.url())))?;
                 Ok((LineReader::from_read(object.url(), Box::new(raw), read)?, Some(file)))
             }
         }

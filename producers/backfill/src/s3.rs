@@ -6,7 +6,6 @@ use crate::Error;
 use aws_sdk_s3::Client;
 use std::collections::HashSet;
 use std::io::Write;
-use toolrank_source_file::Input;
 
 /// One data file of an export in S3.
 #[derive(Clone, Debug)]
@@ -92,7 +91,7 @@ pub async fn export_objects(client: &Client, url: &str) -> Result<Vec<Object>, E
 }
 
 /// Downloads `object` into a temporary file (deleted when dropped), chunk by chunk.
-pub(crate) async fn download(client: &Client, object: &Object) -> Result<(tempfile::NamedTempFile, Input), Error> {
+pub(crate) async fn download(client: &Client, object: &Object) -> Result<tempfile::NamedTempFile, Error> {
     let what = format!("downloading {}", object.url());
     let out = client.get_object().bucket(&object.bucket).key(&object.key).send().await.map_err(|e| s3_error(&what, e))?;
     let mut file = tempfile::NamedTempFile::new().map_err(|e| Error::Input(format!("{what}: {e}")))?;
@@ -101,8 +100,7 @@ pub(crate) async fn download(client: &Client, object: &Object) -> Result<(tempfi
         file.write_all(&chunk).map_err(|e| Error::Input(format!("{what}: {e}")))?;
     }
     file.flush().map_err(|e| Error::Input(format!("{what}: {e}")))?;
-    let input = Input::File(file.path().to_owned());
-    Ok((file, input))
+    Ok(file)
 }
 
 /// An S3 client from the environment; path-style addressing when the endpoint is
