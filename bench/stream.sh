@@ -58,15 +58,18 @@ print(summary)
 PY
 
 # 4. Latency at a steady rate, the consumer caught up and holding its checkpointed state.
+METRICS=127.0.0.1:$((20000 + $$ % 20000))
 "$BIN/toolrank" consume kafka --topic "$TOPIC" --group "$RUN" --dead-letter-topic "$TOPIC-dl" \
-  --table "$TABLE" --namespace "$RUN" 2> "$WORK/latency.log" &
+  --table "$TABLE" --namespace "$RUN" --metrics-addr "$METRICS" 2> "$WORK/latency.log" &
 CONSUMER=$!
-# Steady state: wait until it owns every partition and has loaded their checkpointed state.
-for _ in $(seq 600); do
-  [ "$(grep -c 'partition assigned' "$WORK/latency.log" || true)" -ge "$PARTITIONS" ] && break
+# Steady state: wait until it owns every partition, has loaded their checkpointed state and
+# has written Valkey once (a new process rewrites its whole namespace first).
+for _ in $(seq 1200); do
+  [ "$(grep -c 'partition assigned' "$WORK/latency.log" || true)" -ge "$PARTITIONS" ] &&
+    curl -sf "http://$METRICS/metrics" | grep -Eq '^toolrank_valkey_commands_total [1-9]' && break
   sleep 0.5
 done
-sleep 5
+sleep 2
 "$BIN/toolrank" produce --topic "$TOPIC" --generate --sessions "$LATENCY_SESSIONS" --seed 43 --rate "$LATENCY_RATE" 2> "$WORK/produce.log"
 sleep 3
 kill -TERM "$CONSUMER"; wait "$CONSUMER" || true

@@ -31,6 +31,9 @@ pub enum Error {
     Data { what: &'static str, key: String, reason: String },
 }
 
+/// Read and write timeout of one sink call of ordinary size.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The Valkey sink (see the crate docs).
 pub struct ValkeySink {
     client: redis::Client,
@@ -62,8 +65,8 @@ impl ValkeySink {
     fn connection(&mut self) -> Result<&mut Connection, Error> {
         if self.conn.is_none() {
             let conn = self.client.get_connection_with_timeout(Duration::from_secs(1))?;
-            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-            conn.set_write_timeout(Some(Duration::from_secs(5)))?;
+            conn.set_read_timeout(Some(IO_TIMEOUT))?;
+            conn.set_write_timeout(Some(IO_TIMEOUT))?;
             self.conn = Some(conn);
         }
         Ok(self.conn.as_mut().expect("just connected"))
@@ -128,8 +131,16 @@ impl ValkeySink {
                 self.put_pattern(&mut pipe, &id, &f);
             }
         }
-        self.commands += pipe.cmd_iter().count() as u64;
-        pipe.query::<()>(self.connection()?)?;
+        let commands = pipe.cmd_iter().count() as u64;
+        self.commands += commands;
+        // A resynchronization of a large state is one large transaction: its time grows
+        // with it, so the timeouts do too (10 µs per command on top), or it would never
+        // finish within them and be retried forever.
+        let timeout = IO_TIMEOUT + Duration::from_micros(10 * commands);
+        let conn = self.connection()?;
+        conn.set_read_timeout(Some(timeout))?;
+        conn.set_write_timeout(Some(timeout))?;
+        pipe.query::<()>(conn)?;
         self.domains = domains;
         self.resync = false;
         Ok(())
