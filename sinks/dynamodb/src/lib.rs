@@ -463,50 +463,33 @@ fn parse_day(item: &Item, name: &str, what: &'static str, key: &str) -> Result<D
     get(item, name).and_then(Day::parse_iso).ok_or_else(|| Error::Item { what, key: key.to_owned(), reason: format!("missing or invalid {name}") })
 }
 
+/// The items a paginated Scan or Query collected (`.into_paginator().items().send()
+/// .try_collect()`), or the failure of `what`.
+fn all_items<E: std::error::Error + 'static, R: std::fmt::Debug>(collected: Result<Vec<Item>, aws_sdk_dynamodb::error::SdkError<E, R>>, what: &str) -> Result<Vec<Item>, Error> {
+    collected.map_err(|e| Error::Aws(format!("{what}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))
+}
+
 /// Reads back what a namespace holds: the scored agents and the pattern items (with
 /// their top-scoring flag). Live Agent items the pipeline has not scored are left out.
 pub async fn read_table(client: &Client, table: &str, namespace: &Namespace) -> Result<(Vec<AgentFigures>, Vec<(PatternFigures, bool)>), Error> {
-    let mut agents = Vec::new();
     let (_, sk) = namespace.agent_key("");
     let scan = client.scan().table_name(table).expression_attribute_values(":m", s(sk)).expression_attribute_values(":src", s(SOURCE)).consistent_read(true);
     let scan = match namespace {
         Namespace::Live => scan.filter_expression("SK = :m AND ScoredBy = :src"),
         Namespace::Shadow(_) => scan.filter_expression("SK = :m AND ScoredBy = :src AND begins_with(PK, :ns)").expression_attribute_values(":ns", s(namespace.prefix())),
     };
-    let mut start = None;
-    loop {
-        let page = scan.clone().set_exclusive_start_key(start).send().await.map_err(|e| Error::Aws(format!("scanning {table}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
-        for item in page.items() {
-            agents.push(agent_from_item(item, namespace)?);
-        }
-        start = page.last_evaluated_key;
-        if start.is_none() {
-            break;
-        }
-    }
-    let mut patterns = Vec::new();
-    let mut start = None;
-    loop {
-        let page = client
-            .query()
-            .table_name(table)
-            .index_name("GSI1")
-            .key_condition_expression("GSI1_PK = :p")
-            .filter_expression("ScoredBy = :src")
-            .expression_attribute_values(":p", s(namespace.prefix() + PATTERN_ENTITY))
-            .expression_attribute_values(":src", s(SOURCE))
-            .set_exclusive_start_key(start)
-            .send()
-            .await
-            .map_err(|e| Error::Aws(format!("querying {table} GSI1: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
-        for item in page.items() {
-            patterns.push((pattern_from_item(item, namespace)?, get(item, "TopScoring") == Some("Y")));
-        }
-        start = page.last_evaluated_key;
-        if start.is_none() {
-            break;
-        }
-    }
+    let agent_items = all_items(scan.into_paginator().items().send().try_collect().await, &format!("scanning {table}"))?;
+    let agents = agent_items.iter().map(|item| agent_from_item(item, namespace)).collect::<Result<_, _>>()?;
+    let query = client
+        .query()
+        .table_name(table)
+        .index_name("GSI1")
+        .key_condition_expression("GSI1_PK = :p")
+        .filter_expression("ScoredBy = :src")
+        .expression_attribute_values(":p", s(namespace.prefix() + PATTERN_ENTITY))
+        .expression_attribute_values(":src", s(SOURCE));
+    let pattern_items = all_items(query.into_paginator().items().send().try_collect().await, &format!("querying {table} GSI1"))?;
+    let patterns = pattern_items.iter().map(|item| Ok((pattern_from_item(item, namespace)?, get(item, "TopScoring") == Some("Y")))).collect::<Result<_, _>>()?;
     Ok((agents, patterns))
 }
 
@@ -533,51 +516,21 @@ pub async fn patterns(client: &Client, table: &str, namespace: &Namespace, user:
     let Some(user) = user else {
         return Ok(read_table(client, table, namespace).await?.1.into_iter().map(|(f, _)| f).collect());
     };
-    let mut out = Vec::new();
-    let mut start = None;
-    loop {
-        let page = client
-            .query()
-            .table_name(table)
-            .key_condition_expression("PK = :u AND begins_with(SK, :p)")
-            .expression_attribute_values(":u", s(namespace.prefix() + user))
-            .expression_attribute_values(":p", s(format!("{PATTERN_ENTITY}#")))
-            .set_exclusive_start_key(start)
-            .send()
-            .await
-            .map_err(|e| Error::Aws(format!("querying {table}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
-        for item in page.items() {
-            out.push(pattern_from_item(item, namespace)?);
-        }
-        start = page.last_evaluated_key;
-        if start.is_none() {
-            return Ok(out);
-        }
-    }
+    let query = client
+        .query()
+        .table_name(table)
+        .key_condition_expression("PK = :u AND begins_with(SK, :p)")
+        .expression_attribute_values(":u", s(namespace.prefix() + user))
+        .expression_attribute_values(":p", s(format!("{PATTERN_ENTITY}#")));
+    let items = all_items(query.into_paginator().items().send().try_collect().await, &format!("querying {table}"))?;
+    items.iter().map(|item| pattern_from_item(item, namespace)).collect()
 }
 
 /// Deletes a shadow namespace's items; returns how many there were.
 pub async fn drop_namespace(client: &Client, table: &str, name: &str) -> Result<usize, Error> {
     let prefix = Namespace::Shadow(name.to_owned()).prefix();
-    let mut keys = Vec::new();
-    let mut start = None;
-    loop {
-        let page = client
-            .scan()
-            .table_name(table)
-            .filter_expression("begins_with(PK, :ns)")
-            .expression_attribute_values(":ns", s(&prefix))
-            .projection_expression("PK, SK")
-            .set_exclusive_start_key(start)
-            .send()
-            .await
-            .map_err(|e| Error::Aws(format!("scanning {table}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
-        keys.extend(page.items().iter().cloned());
-        start = page.last_evaluated_key;
-        if start.is_none() {
-            break;
-        }
-    }
+    let scan = client.scan().table_name(table).filter_expression("begins_with(PK, :ns)").expression_attribute_values(":ns", s(&prefix)).projection_expression("PK, SK");
+    let keys = all_items(scan.into_paginator().items().send().try_collect().await, &format!("scanning {table}"))?;
     let n = keys.len();
     let deletes = keys.into_iter().map(|k| WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(k)).build().expect("key")).build()).collect();
     toolrank_dynamodb::batch_write(client, table, deletes).await.map_err(|e| Error::Aws(format!("deleting namespace {name}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
