@@ -43,10 +43,10 @@ pub fn target(sinks: &SinkArgs) -> Target {
     let shadow = name != active
         && runtime().is_ok_and(|rt| {
             rt.block_on(async {
-                if !sinks.shadow {
-                    return is_shadow(&sinks.state_table, &sinks.table, &name).await;
-                }
                 let client = toolrank_dynamodb::client().await;
+                if !sinks.shadow {
+                    return is_shadow(&client, &sinks.state_table, &sinks.table, &name).await;
+                }
                 toolrank_dynamodb::create_state_table(&client, &sinks.state_table).await?;
                 register(&client, &sinks.state_table, &sinks.table, &name, true).await?;
                 Ok(true)
@@ -61,8 +61,7 @@ fn shadow_key(table: &str, name: &str) -> std::collections::HashMap<String, Attr
     [("PK".to_owned(), AttributeValue::S(POINTER_PK.into())), ("SK".to_owned(), AttributeValue::S(format!("shadow#{table}#{name}")))].into()
 }
 
-async fn is_shadow(state_table: &str, table: &str, name: &str) -> Result<bool> {
-    let client = toolrank_dynamodb::client().await;
+async fn is_shadow(client: &aws_sdk_dynamodb::Client, state_table: &str, table: &str, name: &str) -> Result<bool> {
     let got = client.get_item().table_name(state_table).set_key(Some(shadow_key(table, name))).send().await?;
     Ok(got.item.is_some())
 }
@@ -202,7 +201,7 @@ async fn promote_in_table(client: &aws_sdk_dynamodb::Client, sinks: &SinkArgs, n
     if drop_previous {
         drop_in_table(client, table, previous).await?;
         register(client, state_table, table, previous, false).await?;
-    } else if !is_shadow(state_table, table, previous).await? {
+    } else if !is_shadow(client, state_table, table, previous).await? {
         // Once registered, an earlier attempt kept it: the live items may be half promoted
         // by now, so they are not copied again.
         let (live_agents, live_patterns) = toolrank_sink_dynamodb::read_table(client, table, &Namespace::Live).await?;

@@ -104,6 +104,12 @@ enum WriteFailure {
     Other(String),
 }
 
+impl WriteFailure {
+    fn other(e: &(dyn std::error::Error + 'static)) -> WriteFailure {
+        WriteFailure::Other(aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string())
+    }
+}
+
 impl Namespace {
     fn prefix(&self) -> String {
         match self {
@@ -286,7 +292,7 @@ impl DynamoSink {
         let (pk, sk) = self.namespace.agent_key(agent_id);
         if self.namespace != Namespace::Live {
             let req = self.client.delete_item().table_name(&self.table).key("PK", s(pk)).key("SK", s(sk));
-            return Box::pin(async move { req.send().await.map(drop).map_err(|e| WriteFailure::Other(aws_sdk_dynamodb::error::DisplayErrorContext(&e).to_string())) });
+            return Box::pin(async move { req.send().await.map(drop).map_err(|e| WriteFailure::other(&e)) });
         }
         let owned = ["Score", "TotalExecutions", "SuccessCount", "FailureCount", "ToolRows", "FailedToolRows", "FailedTools", "ScoreDate", "ScoredBy", "LastExecutionDate"];
         let mut req = self
@@ -411,12 +417,12 @@ impl DynamoSink {
     }
 }
 
-/// Sends an UpdateItem whose condition is that the item exists.
+/// Sends an UpdateItem; a failed `attribute_exists(PK)` condition means the item is gone.
 fn send_update(req: aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder) -> Request {
     Box::pin(async move {
         req.send().await.map(drop).map_err(|e| match e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) {
             true => WriteFailure::ItemGone,
-            false => WriteFailure::Other(aws_sdk_dynamodb::error::DisplayErrorContext(&e).to_string()),
+            false => WriteFailure::other(&e),
         })
     })
 }
