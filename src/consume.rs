@@ -75,6 +75,11 @@ struct PollerArgs {
     /// Milliseconds between DynamoDB writes (each key at most once per interval).
     #[arg(long, default_value_t = 1000, env = "TOOLRANK_DYNAMODB_FLUSH_MS")]
     dynamodb_flush_ms: u64,
+    /// While a backlog is read (records older than the DynamoDB interval), DynamoDB writes
+    /// wait as long as the input is behind, up to this many milliseconds: intermediate
+    /// rankings that are stale anyway are not paid for. 0 writes at every interval.
+    #[arg(long, default_value_t = 60_000, env = "TOOLRANK_DYNAMODB_MAX_DEFER_MS")]
+    dynamodb_max_defer_ms: u64,
     /// Seconds between checkpoints of lineage state.
     #[arg(long, default_value_t = 5.0, env = "TOOLRANK_CHECKPOINT_SECS")]
     checkpoint_secs: f64,
@@ -107,6 +112,7 @@ impl PollerArgs {
             until_idle: self.until_idle.map(Duration::from_secs_f64),
             flush_interval: Duration::from_millis(self.flush_ms),
             dynamodb_interval: Duration::from_millis(self.dynamodb_flush_ms),
+            dynamodb_max_defer: Duration::from_millis(self.dynamodb_max_defer_ms),
             checkpoint_interval: Duration::from_secs_f64(self.checkpoint_secs),
             discover_interval: Duration::from_secs_f64(self.discover_secs),
             idle_poll: Duration::from_millis(self.idle_poll_ms),
@@ -164,6 +170,11 @@ struct KafkaArgs {
     /// interval, whatever its number of changes (DynamoDB bills per write).
     #[arg(long, default_value_t = 1000, env = "TOOLRANK_DYNAMODB_FLUSH_MS")]
     dynamodb_flush_ms: u64,
+    /// While a backlog is read (records older than the DynamoDB interval), DynamoDB writes
+    /// wait as long as the input is behind, up to this many milliseconds: intermediate
+    /// rankings that are stale anyway are not paid for. 0 writes at every interval.
+    #[arg(long, default_value_t = 60_000, env = "TOOLRANK_DYNAMODB_MAX_DEFER_MS")]
+    dynamodb_max_defer_ms: u64,
     /// Seconds between checkpoints of partition state (a restart replays at most this much).
     #[arg(long, default_value_t = 5.0, env = "TOOLRANK_CHECKPOINT_SECS")]
     checkpoint_secs: f64,
@@ -211,6 +222,7 @@ fn kafka(a: KafkaArgs, stop: Arc<AtomicBool>) -> Result<toolrank_live::Summary> 
         until_idle: a.until_idle.map(Duration::from_secs_f64),
         flush_interval: Duration::from_millis(a.flush_ms),
         dynamodb_interval: Duration::from_millis(a.dynamodb_flush_ms),
+        dynamodb_max_defer: Duration::from_millis(a.dynamodb_max_defer_ms),
         checkpoint_interval: Duration::from_secs_f64(a.checkpoint_secs),
         state_table: a.sinks.state_table.clone(),
         table: (!a.sinks.no_dynamodb).then(|| a.sinks.table.clone()),
@@ -229,6 +241,7 @@ fn print_summary(s: &toolrank_live::Summary) {
         "consumed {} messages: {} changes, {} stale, {} ignored, {} redeliveries skipped, {} dead-lettered; {} checkpoints, {} sink writes ({} DynamoDB requests, {} Valkey commands)",
         s.messages, s.changes, s.stale, s.ignored, s.skipped_redeliveries, s.dead_letters, s.checkpoints, s.sink_writes, s.dynamodb_requests, s.valkey_commands
     );
+    eprintln!("waited on: DynamoDB sink {:.1} s, Valkey sink {:.1} s, checkpoints {:.1} s", s.dynamodb_ms as f64 / 1e3, s.valkey_ms as f64 / 1e3, s.checkpoint_ms as f64 / 1e3);
     if let (Some(p50), Some(p99), Some(max)) = (s.latency_p50_ms, s.latency_p99_ms, s.latency_max_ms) {
         eprintln!("latency from produce to visible in the sinks: p50 {p50} ms, p99 {p99} ms, max {max} ms");
     }

@@ -38,6 +38,10 @@ pub struct Args {
     /// Leave DynamoDB alone.
     #[arg(long)]
     pub no_dynamodb: bool,
+    /// Create the table without a stream: when only Kafka feeds the pipeline, nothing
+    /// reads it (DynamoDB Streams, Lambda and Kinesis consumers need it).
+    #[arg(long)]
+    pub no_stream: bool,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
@@ -51,7 +55,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         if !args.no_dynamodb {
             let client = toolrank_dynamodb::client().await;
-            let status = toolrank_dynamodb::create_table(&client, &args.table).await?;
+            let status = toolrank_dynamodb::create_table(&client, &args.table, !args.no_stream).await?;
             let what = if status == TableStatusReport::Created { "created" } else { "exists:" };
             eprintln!("dynamodb table {what} {}", args.table);
             let status = toolrank_dynamodb::create_state_table(&client, &args.state_table).await?;

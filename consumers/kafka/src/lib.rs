@@ -53,6 +53,8 @@ pub struct Config {
     pub flush_interval: Duration,
     /// How often changes reach DynamoDB: every write costs money, so it coalesces longer.
     pub dynamodb_interval: Duration,
+    /// How long DynamoDB writes may wait while a backlog is read.
+    pub dynamodb_max_defer: Duration,
     /// How often partition state is checkpointed.
     pub checkpoint_interval: Duration,
     /// The pipeline's state table (checkpoints, leases).
@@ -139,6 +141,7 @@ pub fn run(config: Config, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
         lease: config.lease,
         lease_scope: format!("kafka/{}/{}/sink-writer", config.group, config.topic),
         dynamodb_interval: config.dynamodb_interval,
+        dynamodb_max_defer: config.dynamodb_max_defer,
     })?;
     let mut c = Consumer_ { config, writer, consumer, dead_letters, parts: BTreeMap::new(), partition_count, stranded: None };
     c.run(&stop)?;

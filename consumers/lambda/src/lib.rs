@@ -231,6 +231,7 @@ impl Handler {
             lease: Duration::from_secs(10),
             lease_scope: format!("lambda/{}/sink-writer", config.application),
             dynamodb_interval: Duration::ZERO,
+            dynamodb_max_defer: Duration::ZERO,
         })?;
         let scopes = (0..config.buckets).map(|b| format!("lambda/{}/bucket/{b:05}", config.application)).collect();
         Ok(Handler { config, writer, buckets: HashMap::new(), scopes })

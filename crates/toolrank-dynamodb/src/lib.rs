@@ -72,9 +72,10 @@ pub enum TableStatusReport {
 }
 
 /// Creates `table` unless it exists: `PK`/`SK` strings, `GSI1` on `GSI1_PK`/`GSI1_SK`
-/// (all attributes projected), on-demand billing, a NEW_AND_OLD_IMAGES stream, and TTL on
+/// (all attributes projected), on-demand billing, a NEW_AND_OLD_IMAGES stream unless
+/// `stream` is false (consumers fed by Kafka do not read it), and TTL on
 /// [`TTL_ATTRIBUTE`]. Waits until it is ACTIVE. Idempotent.
-pub async fn create_table(client: &Client, table: &str) -> Result<TableStatusReport, Error> {
+pub async fn create_table(client: &Client, table: &str, stream: bool) -> Result<TableStatusReport, Error> {
     let gsi = GlobalSecondaryIndex::builder()
         .index_name("GSI1")
         .key_schema(key("GSI1_PK", KeyType::Hash))
@@ -82,17 +83,12 @@ pub async fn create_table(client: &Client, table: &str) -> Result<TableStatusRep
         .projection(Projection::builder().projection_type(ProjectionType::All).build())
         .build()
         .expect("valid index");
-    let request = keyed_table(client, table)
-        .attribute_definitions(attr("GSI1_PK"))
-        .attribute_definitions(attr("GSI1_SK"))
-        .global_secondary_indexes(gsi)
-        .stream_specification(
-            StreamSpecification::builder()
-                .stream_enabled(true)
-                .stream_view_type(StreamViewType::NewAndOldImages)
-                .build()
-                .expect("valid stream spec"),
+    let mut request = keyed_table(client, table).attribute_definitions(attr("GSI1_PK")).attribute_definitions(attr("GSI1_SK")).global_secondary_indexes(gsi);
+    if stream {
+        request = request.stream_specification(
+            StreamSpecification::builder().stream_enabled(true).stream_view_type(StreamViewType::NewAndOldImages).build().expect("valid stream spec"),
         );
+    }
     let status = create(client, request, table).await?;
     let ttl = client.describe_time_to_live().table_name(table).send().await.map_err(aws("describing TTL"))?;
     let enabled = ttl

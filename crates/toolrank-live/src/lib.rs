@@ -57,6 +57,10 @@ pub struct WriterConfig {
     /// How often changes reach DynamoDB: every write costs money, so it coalesces longer
     /// than Valkey.
     pub dynamodb_interval: Duration,
+    /// While the input is behind by more than `dynamodb_interval`, DynamoDB writes wait
+    /// as long as it is behind, up to this: rankings that are stale anyway are not paid
+    /// for at every interval while a backlog is read. Zero disables.
+    pub dynamodb_max_defer: Duration,
 }
 
 /// Counters of one run.
@@ -81,6 +85,10 @@ pub struct Summary {
     pub latency_p50_ms: Option<u64>,
     pub latency_p99_ms: Option<u64>,
     pub latency_max_ms: Option<u64>,
+    /// Milliseconds the consumer's loop waited on each: where its wall time goes.
+    pub dynamodb_ms: u64,
+    pub valkey_ms: u64,
+    pub checkpoint_ms: u64,
 }
 
 impl Summary {
@@ -102,6 +110,9 @@ impl Summary {
         ];
         for (metric, value) in totals {
             metric.set(value as f64);
+        }
+        for (on, ms) in [("dynamodb", self.dynamodb_ms), ("valkey", self.valkey_ms), ("checkpoint", self.checkpoint_ms)] {
+            counter("toolrank_blocked_seconds_total", "Time the consumer's loop waited on a sink write or a checkpoint save.", &[("on", on)]).set(ms as f64 / 1000.0);
         }
         for (quantile, value) in [("0.5", self.latency_p50_ms), ("0.99", self.latency_p99_ms)] {
             if let Some(ms) = value {
@@ -221,6 +232,8 @@ pub struct SinkWriter {
     last_dynamodb: Instant,
     /// Creation times (ms) of the records applied since the last visible sink write.
     unseen: Vec<i64>,
+    /// When the latest record was applied, and how old it was then (ms).
+    behind: (Instant, i64),
     latencies: Latencies,
     /// When the metrics were last published.
     published: Instant,
@@ -250,6 +263,7 @@ impl SinkWriter {
             dynamodb_changes: Changes::default(),
             last_dynamodb: Instant::now(),
             unseen: Vec::new(),
+            behind: (Instant::now(), 0),
             latencies: Latencies::new(),
             published: Instant::now(),
         })
@@ -328,8 +342,11 @@ impl SinkWriter {
     /// dirty, its position must not be acknowledged); `Err(Fenced)`: another consumer
     /// owns the unit now.
     pub fn save(&mut self, scope: &str, generation: u64, position: &str, engine: &mut Engine) -> Result<Option<u64>, toolrank_dynamodb::Error> {
+        let started = Instant::now();
         let state = engine.snapshot();
-        match self.call("saving a checkpoint", self.store.save(scope, &self.config.owner, generation, position, &state)) {
+        let saved = self.call("saving a checkpoint", self.store.save(scope, &self.config.owner, generation, position, &state));
+        self.summary.checkpoint_ms += started.elapsed().as_millis() as u64;
+        match saved {
             Ok(g) => {
                 self.summary.checkpoints += 1;
                 debug!(scope, generation = g, position, bytes = state.len(), "checkpoint");
@@ -346,6 +363,7 @@ impl SinkWriter {
 
     /// Notes a record applied now, created at `created_ms`, for the latency figures.
     pub fn observe(&mut self, created_ms: i64) {
+        self.behind = (Instant::now(), now_ms() - created_ms);
         if self.holds_lease {
             self.unseen.push(created_ms);
         }
@@ -435,11 +453,13 @@ impl SinkWriter {
         let today = self.config.today.unwrap_or_else(Day::today_utc);
         self.dynamodb_changes.merge(&changes);
         let mut visible = false;
+        let interval = self.dynamodb_interval();
         if let Some(d) = &mut self.dynamodb {
-            let due = now || self.last_dynamodb.elapsed() >= self.config.dynamodb_interval;
+            let due = now || self.last_dynamodb.elapsed() >= interval;
             if due && (!self.dynamodb_changes.is_empty() || d.needs_write()) {
                 self.last_dynamodb = Instant::now();
                 let written = within(&self.rt, "writing the dynamodb sink", d.write(&self.global, &self.dynamodb_changes, today));
+                self.summary.dynamodb_ms += self.last_dynamodb.elapsed().as_millis() as u64;
                 if let Err(toolrank_dynamodb::Error::Timeout(_)) = written {
                     // Cut off mid-write: the sink's own record of what it wrote is unknown.
                     // (Other failures leave it exact, with the failed keys pending.)
@@ -461,7 +481,10 @@ impl SinkWriter {
         }
         if let Some(v) = &mut self.valkey {
             if !changes.is_empty() || v.needs_resync() {
-                match v.write(&self.global, &changes) {
+                let started = Instant::now();
+                let written = v.write(&self.global, &changes);
+                self.summary.valkey_ms += started.elapsed().as_millis() as u64;
+                match written {
                     Ok(()) => visible = true,
                     Err(e) => {
                         warn!(error = %e, "valkey sink write failed; resynchronizing when it is back");
@@ -486,6 +509,18 @@ impl SinkWriter {
             self.current_summary().publish();
         }
         ok
+    }
+
+    /// How long DynamoDB changes coalesce now: the configured interval, or while records
+    /// still arrive late, as long as they are late (up to the configured maximum).
+    fn dynamodb_interval(&self) -> Duration {
+        let (applied, behind_ms) = self.behind;
+        let reading_backlog = applied.elapsed() < Duration::from_secs(1);
+        let behind = Duration::from_millis(behind_ms.max(0) as u64).min(self.config.dynamodb_max_defer);
+        match reading_backlog {
+            true => self.config.dynamodb_interval.max(behind),
+            false => self.config.dynamodb_interval,
+        }
     }
 
     /// The last consumer to finish must write what all others saved: waits for the sink

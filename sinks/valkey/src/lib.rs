@@ -39,8 +39,8 @@ pub struct ValkeySink {
     client: redis::Client,
     conn: Option<Connection>,
     prefix: String,
-    /// The domain each written agent is filed under, to move or remove it.
-    domains: HashMap<String, String>,
+    /// The figures of each agent as written, so that a write sends only what differs.
+    agents: HashMap<String, AgentFigures>,
     /// Everything must be rewritten (first call, or after Valkey was unreachable).
     resync: bool,
     /// Commands sent, for metrics and benchmarks.
@@ -50,7 +50,7 @@ pub struct ValkeySink {
 impl ValkeySink {
     /// A sink for `url` (e.g. `redis://127.0.0.1:6379`) under `prefix`. Connects lazily.
     pub fn new(url: &str, prefix: impl Into<String>) -> Result<ValkeySink, Error> {
-        Ok(ValkeySink { client: redis::Client::open(url)?, conn: None, prefix: prefix.into(), domains: HashMap::new(), resync: true, commands: 0 })
+        Ok(ValkeySink { client: redis::Client::open(url)?, conn: None, prefix: prefix.into(), agents: HashMap::new(), resync: true, commands: 0 })
     }
 
     fn key(&self, parts: &[&str]) -> String {
@@ -102,33 +102,36 @@ impl ValkeySink {
             if !stale.is_empty() {
                 pipe.del(stale).ignore();
             }
-            self.domains.clear();
+            self.agents.clear();
             everything = engine.everything();
             &everything
         } else {
             changes
         };
-        let mut domains = self.domains.clone();
+        // Only what differs from the figures last written is sent; what is written is
+        // remembered once the transaction succeeded.
+        let mut written = Vec::new();
         for &agent in &changes.agents {
             let id = engine.name(agent);
-            if let Some(old) = domains.remove(id) {
-                pipe.zrem(self.key(&["agents", &old]), id).ignore();
-                pipe.srem(self.key(&["agent-ids"]), id).ignore();
-                pipe.del(&[self.key(&["agent", id]), self.key(&["tools", id]), self.key(&["toolfigures", id])]).ignore();
+            let new = engine.agent_figures(agent);
+            let old = self.agents.get(id);
+            if old == new.as_ref() {
+                continue;
             }
-            if let Some(f) = engine.agent_figures(agent) {
-                self.put_agent(&mut pipe, &f);
-                domains.insert(f.agent_id, f.domain_id);
-            }
+            self.put_agent(&mut pipe, old, new.as_ref(), id);
+            written.push((id.to_owned(), new));
         }
         for &k in &changes.patterns {
             let id = engine.pattern_id(k);
-            let user = engine.name(k.user);
-            pipe.zrem(self.key(&["patterns", user]), &id).ignore();
-            pipe.zrem(self.key(&["patterns"]), &id).ignore();
-            pipe.del(self.key(&["pattern", &id])).ignore();
-            if let Some(f) = engine.pattern_figures(k) {
-                self.put_pattern(&mut pipe, &id, &f);
+            match engine.pattern_figures(k) {
+                // ZADD moves a member, HSET overwrites every field: nothing to remove first.
+                Some(f) => self.put_pattern(&mut pipe, &id, &f),
+                None => {
+                    let user = engine.name(k.user);
+                    pipe.zrem(self.key(&["patterns", user]), &id).ignore();
+                    pipe.zrem(self.key(&["patterns"]), &id).ignore();
+                    pipe.del(self.key(&["pattern", &id])).ignore();
+                }
             }
         }
         let commands = pipe.cmd_iter().count() as u64;
@@ -141,7 +144,12 @@ impl ValkeySink {
         conn.set_read_timeout(Some(timeout))?;
         conn.set_write_timeout(Some(timeout))?;
         pipe.query::<()>(conn)?;
-        self.domains = domains;
+        for (id, figures) in written {
+            match figures {
+                Some(f) => self.agents.insert(id, f),
+                None => self.agents.remove(&id),
+            };
+        }
         self.resync = false;
         Ok(())
     }
@@ -151,29 +159,56 @@ impl ValkeySink {
         namespace_keys(self.connection()?, &prefix)
     }
 
-    fn put_agent(&self, pipe: &mut Pipeline, f: &AgentFigures) {
-        let id = &f.agent_id;
-        pipe.zadd(self.key(&["agents", &f.domain_id]), id, f.rank_key()).ignore();
-        pipe.sadd(self.key(&["domains"]), &f.domain_id).ignore();
-        pipe.sadd(self.key(&["agent-ids"]), id).ignore();
-        let mut fields = vec![
-            ("domain", f.domain_id.clone()),
-            ("executions", f.executions.to_string()),
-            ("successes", f.successes.to_string()),
-            ("rows", f.rows.to_string()),
-            ("failed_rows", f.failed_rows.to_string()),
-            ("failed_tools", f.failed_tools.join(", ")),
-        ];
-        if let Some(name) = &f.agent_name {
-            fields.push(("name", name.clone()));
+    /// Moves agent `id` from its `old` figures (as written) to its `new` ones: all its
+    /// keys when it appears, moves domain or leaves; otherwise only the changed parts.
+    fn put_agent(&self, pipe: &mut Pipeline, old: Option<&AgentFigures>, new: Option<&AgentFigures>, id: &str) {
+        let moved = match (old, new) {
+            (Some(o), Some(n)) => o.domain_id != n.domain_id,
+            _ => true,
+        };
+        if let Some(o) = old.filter(|_| moved) {
+            pipe.zrem(self.key(&["agents", &o.domain_id]), id).ignore();
+            pipe.srem(self.key(&["agent-ids"]), id).ignore();
+            pipe.del(&[self.key(&["agent", id]), self.key(&["tools", id]), self.key(&["toolfigures", id])]).ignore();
         }
-        if let Some(last) = f.last {
-            fields.push(("last", last.to_string()));
+        let Some(f) = new else { return };
+        let old = old.filter(|_| !moved);
+        if old.is_none_or(|o| o.rank_key().to_bits() != f.rank_key().to_bits()) {
+            pipe.zadd(self.key(&["agents", &f.domain_id]), id, f.rank_key()).ignore();
         }
-        pipe.hset_multiple(self.key(&["agent", id]), &fields).ignore();
-        for t in &f.tools {
+        if old.is_none() {
+            pipe.sadd(self.key(&["domains"]), &f.domain_id).ignore();
+            pipe.sadd(self.key(&["agent-ids"]), id).ignore();
+        }
+        let hash = |a: &AgentFigures| {
+            let mut fields = vec![
+                ("domain", a.domain_id.clone()),
+                ("executions", a.executions.to_string()),
+                ("successes", a.successes.to_string()),
+                ("rows", a.rows.to_string()),
+                ("failed_rows", a.failed_rows.to_string()),
+                ("failed_tools", a.failed_tools.join(", ")),
+            ];
+            fields.extend(a.agent_name.clone().map(|n| ("name", n)));
+            fields.extend(a.last.map(|l| ("last", l.to_string())));
+            fields
+        };
+        let fields = hash(f);
+        if old.is_none_or(|o| hash(o) != fields) {
+            let gone: Vec<&str> = ["name", "last"].into_iter().filter(|n| !fields.iter().any(|(k, _)| k == n)).collect();
+            if old.is_some() && !gone.is_empty() {
+                pipe.hdel(self.key(&["agent", id]), gone).ignore();
+            }
+            pipe.hset_multiple(self.key(&["agent", id]), &fields).ignore();
+        }
+        let before: HashMap<&str, &ToolFigures> = old.map(|o| o.tools.iter().map(|t| (t.tool_nm.as_str(), t)).collect()).unwrap_or_default();
+        for t in f.tools.iter().filter(|t| before.get(t.tool_nm.as_str()) != Some(t)) {
             pipe.zadd(self.key(&["tools", id]), &t.tool_nm, t.score()).ignore();
             pipe.hset(self.key(&["toolfigures", id]), &t.tool_nm, format!("{} {}", t.rows, t.failed)).ignore();
+        }
+        for gone in before.keys().filter(|n| !f.tools.iter().any(|t| t.tool_nm == **n)) {
+            pipe.zrem(self.key(&["tools", id]), *gone).ignore();
+            pipe.hdel(self.key(&["toolfigures", id]), *gone).ignore();
         }
     }
 
