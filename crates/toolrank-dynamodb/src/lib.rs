@@ -11,6 +11,7 @@ use aws_sdk_dynamodb::types::{
     ProjectionType, ScalarAttributeType, StreamSpecification, StreamViewType, TableStatus, TimeToLiveSpecification,
 };
 use aws_sdk_dynamodb::Client;
+use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::{self, StreamExt};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
@@ -118,19 +119,27 @@ pub async fn batch_write(
     // Chunks of 25 (the API's limit), several in flight; unprocessed items are resent
     // with backoff.
     let chunks: Vec<Vec<_>> = requests.chunks(25).map(<[_]>::to_vec).collect();
-    let sends = stream::iter(chunks).map(|mut pending| async move {
-        let mut delay = Duration::from_millis(20);
-        while !pending.is_empty() {
-            let out = client.batch_write_item().request_items(table, pending).send().await?;
-            pending = out.unprocessed_items.and_then(|mut m| m.remove(table)).unwrap_or_default();
-            if !pending.is_empty() {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+    // Boxed, so that the callers' futures are provably `Send` (a stream of closures over
+    // borrowed data is not).
+    let sends: Vec<BoxFuture<'_, Result<(), _>>> = chunks
+        .into_iter()
+        .map(|mut pending| {
+            async move {
+                let mut delay = Duration::from_millis(20);
+                while !pending.is_empty() {
+                    let out = client.batch_write_item().request_items(table, pending).send().await?;
+                    pending = out.unprocessed_items.and_then(|mut m| m.remove(table)).unwrap_or_default();
+                    if !pending.is_empty() {
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                    }
+                }
+                Ok(())
             }
-        }
-        Ok(())
-    });
-    let results: Vec<Result<(), _>> = sends.buffer_unordered(8).collect().await;
+            .boxed()
+        })
+        .collect();
+    let results: Vec<Result<(), _>> = stream::iter(sends).buffer_unordered(8).collect().await;
     results.into_iter().collect()
 }
 

@@ -217,17 +217,6 @@ impl Changes {
     pub fn is_empty(&self) -> bool {
         self.agents.is_empty() && self.patterns.is_empty()
     }
-
-    /// Adds `other` (for a sink that writes less often than changes are taken).
-    pub fn merge(&mut self, other: &Changes) {
-        fn union<T: Ord + Copy>(into: &mut Vec<T>, from: &[T]) {
-            into.extend_from_slice(from);
-            into.sort_unstable();
-            into.dedup();
-        }
-        union(&mut self.agents, &other.agents);
-        union(&mut self.patterns, &other.patterns);
-    }
 }
 
 impl Engine {

@@ -13,10 +13,10 @@
 //!   request cannot stall a consumer.
 //! - **Counters and latency** of the run ([`Summary`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 use toolrank_dynamodb::{CheckpointStore, Lease};
-use toolrank_engine::{Applied, Changes, Engine};
+use toolrank_engine::{Applied, Changes, Engine, PatternKey, Sym};
 use toolrank_events::{decode_line, Change, Day};
 pub use toolrank_sink_dynamodb::Namespace;
 pub use toolrank_sink_valkey::Namespaces;
@@ -211,6 +211,39 @@ pub fn restore(scope: &str, state: &[u8]) -> Result<Engine, Error> {
     Engine::restore(state).map_err(|source| Error::Snapshot { scope: scope.to_owned(), source })
 }
 
+/// Changes taken from the merged engine and not yet written to a sink.
+#[derive(Default)]
+struct ChangeSet {
+    agents: HashSet<Sym>,
+    patterns: HashSet<PatternKey>,
+}
+
+impl ChangeSet {
+    fn add(&mut self, c: &Changes) {
+        self.agents.extend(&c.agents);
+        self.patterns.extend(&c.patterns);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.agents.is_empty() && self.patterns.is_empty()
+    }
+
+    fn take(&mut self) -> Changes {
+        let mut agents: Vec<Sym> = self.agents.drain().collect();
+        let mut patterns: Vec<PatternKey> = self.patterns.drain().collect();
+        agents.sort_unstable();
+        patterns.sort_unstable();
+        Changes { agents, patterns }
+    }
+}
+
+/// A DynamoDB sink write running on the runtime's worker.
+struct Writing {
+    task: tokio::task::JoinHandle<(DynamoSink, Result<Result<(), toolrank_sink_dynamodb::Error>, tokio::time::error::Elapsed>)>,
+    /// How many of the records not yet visible it covers.
+    unseen: usize,
+}
+
 /// The merged engine, the sink lease and the sinks (see the crate docs).
 pub struct SinkWriter {
     /// The runtime every blocking call of the consumer runs on.
@@ -225,11 +258,17 @@ pub struct SinkWriter {
     lease_renewed: Instant,
     remotes: BTreeMap<String, Remote>,
     global: Engine,
+    /// The DynamoDB sink while no write runs; the running write has it.
     dynamodb: Option<DynamoSink>,
+    dynamodb_writing: Option<Writing>,
+    /// The DynamoDB sink must compare with the table again once its write returns.
+    dynamodb_reset: bool,
     valkey: Option<ValkeySink>,
-    /// Changes not yet written to DynamoDB, and when it was last written.
-    dynamodb_changes: Changes,
+    /// Changes not yet written to each sink, and when each was last written.
+    dynamodb_changes: ChangeSet,
     last_dynamodb: Instant,
+    valkey_changes: ChangeSet,
+    last_valkey: Instant,
     /// Creation times (ms) of the records applied since the last visible sink write.
     unseen: Vec<i64>,
     /// When the latest record was applied, and how old it was then (ms).
@@ -241,7 +280,8 @@ pub struct SinkWriter {
 
 impl SinkWriter {
     pub fn new(config: WriterConfig) -> Result<SinkWriter, Error> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
+        // One worker: DynamoDB sink writes run on it while the consumer's loop goes on.
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("a tokio runtime");
         let client = rt.block_on(toolrank_dynamodb::client());
         let mut global = Engine::new();
         global.track_changes();
@@ -260,8 +300,12 @@ impl SinkWriter {
             global,
             dynamodb,
             valkey,
-            dynamodb_changes: Changes::default(),
+            dynamodb_writing: None,
+            dynamodb_reset: false,
+            dynamodb_changes: ChangeSet::default(),
             last_dynamodb: Instant::now(),
+            valkey_changes: ChangeSet::default(),
+            last_valkey: Instant::now(),
             unseen: Vec::new(),
             behind: (Instant::now(), 0),
             latencies: Latencies::new(),
@@ -316,7 +360,7 @@ impl SinkWriter {
 
     /// Whether any sink is configured.
     pub fn has_sinks(&self) -> bool {
-        self.dynamodb.is_some() || self.valkey.is_some()
+        self.dynamodb.is_some() || self.dynamodb_writing.is_some() || self.valkey.is_some()
     }
 
     /// Replaces the merged copy of a unit nobody here owns with `engine` at `generation`:
@@ -390,9 +434,7 @@ impl SinkWriter {
         };
         if held && !self.holds_lease && !continued {
             info!("took the sink lease");
-            if let Some(d) = &mut self.dynamodb {
-                d.reset();
-            }
+            self.reset_dynamodb();
             if let Some(v) = &mut self.valkey {
                 v.force_resync();
             }
@@ -448,58 +490,29 @@ impl SinkWriter {
         if !self.holds_lease {
             return true;
         }
-        let mut ok = true;
         let changes = self.global.take_changes();
         let today = self.config.today.unwrap_or_else(Day::today_utc);
-        self.dynamodb_changes.merge(&changes);
+        self.dynamodb_changes.add(&changes);
+        self.valkey_changes.add(&changes);
+        let mut ok = self.write_dynamodb(now, today);
         let mut visible = false;
-        let interval = self.dynamodb_interval();
-        if let Some(d) = &mut self.dynamodb {
-            let due = now || self.last_dynamodb.elapsed() >= interval;
-            if due && (!self.dynamodb_changes.is_empty() || d.needs_write()) {
-                self.last_dynamodb = Instant::now();
-                let written = within(&self.rt, "writing the dynamodb sink", d.write(&self.global, &self.dynamodb_changes, today));
-                self.summary.dynamodb_ms += self.last_dynamodb.elapsed().as_millis() as u64;
-                if let Err(toolrank_dynamodb::Error::Timeout(_)) = written {
-                    // Cut off mid-write: the sink's own record of what it wrote is unknown.
-                    // (Other failures leave it exact, with the failed keys pending.)
-                    d.reset();
+        let due = now || self.last_valkey.elapsed() >= self.valkey_interval();
+        if let Some(v) = self.valkey.as_mut().filter(|v| due && (!self.valkey_changes.is_empty() || v.needs_resync())) {
+            self.last_valkey = Instant::now();
+            let written = v.write(&self.global, &self.valkey_changes.take());
+            self.summary.valkey_ms += self.last_valkey.elapsed().as_millis() as u64;
+            match written {
+                Ok(()) => visible = true,
+                Err(e) => {
+                    warn!(error = %e, "valkey sink write failed; resynchronizing when it is back");
+                    self.summary.retried_errors += 1;
+                    ok = false;
                 }
-                match written {
-                    Ok(()) => visible = self.valkey.is_none(),
-                    Err(e) => {
-                        warn!(error = %e, "dynamodb sink write failed; retrying at the next flush");
-                        self.summary.retried_errors += 1;
-                        ok = false;
-                    }
-                }
-                // A failed or partial write keeps its keys pending inside the sink.
-                self.dynamodb_changes = Changes::default();
-                ok = ok && !d.needs_write();
-                self.summary.dynamodb_requests = d.stats.requests;
             }
-        }
-        if let Some(v) = &mut self.valkey {
-            if !changes.is_empty() || v.needs_resync() {
-                let started = Instant::now();
-                let written = v.write(&self.global, &changes);
-                self.summary.valkey_ms += started.elapsed().as_millis() as u64;
-                match written {
-                    Ok(()) => visible = true,
-                    Err(e) => {
-                        warn!(error = %e, "valkey sink write failed; resynchronizing when it is back");
-                        self.summary.retried_errors += 1;
-                        ok = false;
-                    }
-                }
-                self.summary.valkey_commands = v.commands;
-            }
+            self.summary.valkey_commands = v.commands;
         }
         if visible {
-            let now = now_ms();
-            for ts in self.unseen.drain(..) {
-                self.latencies.record(now - ts);
-            }
+            self.record_visible(self.unseen.len());
         }
         if !changes.is_empty() {
             self.summary.sink_writes += 1;
@@ -509,6 +522,92 @@ impl SinkWriter {
             self.current_summary().publish();
         }
         ok
+    }
+
+    /// Records the latency of the first `n` records not yet visible, visible now.
+    fn record_visible(&mut self, n: usize) {
+        let now = now_ms();
+        for ts in self.unseen.drain(..n.min(self.unseen.len())) {
+            self.latencies.record(now - ts);
+        }
+    }
+
+    /// Makes the DynamoDB sink compare with the table at its next write (now, or when
+    /// its running write returns).
+    fn reset_dynamodb(&mut self) {
+        match &mut self.dynamodb {
+            Some(d) => d.reset(),
+            None => self.dynamodb_reset = self.dynamodb_writing.is_some(),
+        }
+    }
+
+    /// Collects a finished DynamoDB write (waits for it with `now`), then starts the next
+    /// one when it is due: the figures are taken from the merged engine here, the
+    /// requests run on the runtime's worker. `false` if a collected write failed.
+    fn write_dynamodb(&mut self, now: bool, today: Day) -> bool {
+        let mut ok = self.collect_dynamodb(now);
+        let due = now || self.last_dynamodb.elapsed() >= self.dynamodb_interval();
+        let Some(mut sink) = self.dynamodb.take_if(|d| due && (!self.dynamodb_changes.is_empty() || d.needs_write())) else {
+            return ok;
+        };
+        self.last_dynamodb = Instant::now();
+        let plan = sink.plan(&self.global, &self.dynamodb_changes.take(), today);
+        let task = self.rt.spawn(async move {
+            let result = tokio::time::timeout(CALL_DEADLINE, sink.execute(plan)).await;
+            (sink, result)
+        });
+        self.dynamodb_writing = Some(Writing { task, unseen: self.unseen.len() });
+        self.summary.dynamodb_ms += self.last_dynamodb.elapsed().as_millis() as u64;
+        if now {
+            ok &= self.collect_dynamodb(true);
+        }
+        ok
+    }
+
+    /// Takes the DynamoDB sink back from its write if it finished (or, with `wait`, once
+    /// it finishes). `false` if the write failed (its keys stay pending in the sink).
+    fn collect_dynamodb(&mut self, wait: bool) -> bool {
+        let Some(writing) = self.dynamodb_writing.take_if(|w| wait || w.task.is_finished()) else {
+            return true;
+        };
+        let started = Instant::now();
+        let (mut sink, result) = self.rt.block_on(writing.task).expect("the DynamoDB sink write does not panic");
+        self.summary.dynamodb_ms += started.elapsed().as_millis() as u64;
+        let mut ok = true;
+        match result {
+            Ok(Ok(())) if self.valkey.is_none() => self.record_visible(writing.unseen),
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                // What failed stays pending inside the sink.
+                warn!(error = %e, "dynamodb sink write failed; retrying at the next flush");
+                ok = false;
+            }
+            Err(_) => {
+                // Cut off mid-write: what the table holds is unknown.
+                warn!("dynamodb sink write cut off after {} s; comparing with the table at the next flush", CALL_DEADLINE.as_secs());
+                sink.reset();
+                ok = false;
+            }
+        }
+        if std::mem::take(&mut self.dynamodb_reset) {
+            sink.reset();
+        }
+        self.summary.retried_errors += u64::from(!ok);
+        self.summary.dynamodb_requests = sink.stats.requests;
+        let ok = ok && !sink.needs_write();
+        self.dynamodb = Some(sink);
+        ok
+    }
+
+    /// How long Valkey changes coalesce now: not at all, or while records arrive more
+    /// than a second late, a tenth of their lateness (at most a second): a view that is
+    /// behind anyway gets at most 10% staler, for far fewer commands.
+    fn valkey_interval(&self) -> Duration {
+        let (applied, behind_ms) = self.behind;
+        match applied.elapsed() < Duration::from_secs(1) && behind_ms >= 1000 {
+            true => Duration::from_millis(behind_ms as u64 / 10).min(Duration::from_secs(1)),
+            false => Duration::ZERO,
+        }
     }
 
     /// How long DynamoDB changes coalesce now: the configured interval, or while records

@@ -21,6 +21,7 @@
 
 use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, PutRequest, WriteRequest};
 use aws_sdk_dynamodb::Client;
+use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::{self, StreamExt};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -52,6 +53,17 @@ impl From<Error> for toolrank_dynamodb::Error {
     fn from(e: Error) -> Self {
         toolrank_dynamodb::Error::Aws { what: "writing the rankings".into(), message: e.to_string() }
     }
+}
+
+/// A write's figures, taken from the engine ([`DynamoSink::plan`]).
+#[derive(Debug)]
+pub struct Plan {
+    /// Agents to compare: an engine symbol (kept pending if its write fails), the id,
+    /// and the figures (`None`: the agent left the rankings).
+    agents: Vec<(Option<Sym>, String, Option<AgentFigures>)>,
+    /// The whole recommended set with top-scoring flags, when it may have moved.
+    patterns: Option<Vec<(PatternFigures, bool)>>,
+    today: Day,
 }
 
 /// Counters of what the sink did, for metrics and benchmarks.
@@ -190,25 +202,40 @@ impl DynamoSink {
     /// Brings the table up to date with `engine` for the `changes` (everything on the
     /// first call), scoring for `today`.
     pub async fn write(&mut self, engine: &Engine, changes: &Changes, today: Day) -> Result<(), Error> {
+        let plan = self.plan(engine, changes, today);
+        self.execute(plan).await
+    }
+
+    /// What a write of `changes` must compare and send, taken from `engine` now, so that
+    /// the write itself needs no engine and can run while the engine moves on.
+    pub fn plan(&mut self, engine: &Engine, changes: &Changes, today: Day) -> Plan {
         let everything;
-        let compared = self.loaded;
         let changes = if self.loaded {
             changes
         } else {
-            self.load().await?;
             everything = engine.everything();
             &everything
         };
         let agents: HashSet<Sym> = changes.agents.iter().copied().chain(self.pending_agents.drain()).collect();
-        let writes = agents.into_iter().map(|agent| (Some(agent), engine.name(agent).to_owned(), engine.agent_figures(agent))).collect();
-        let mut failed = self.write_agents(writes, today).await.err();
+        let agents = agents.into_iter().map(|agent| (Some(agent), engine.name(agent).to_owned(), engine.agent_figures(agent))).collect();
         // The recommended set moves only when some pattern changed (the cut is
         // time-invariant); after a load, the table's items must be compared in any case.
-        let patterns_changed = !compared || !changes.patterns.is_empty() || self.patterns_pending;
-        if patterns_changed {
+        let patterns = (!self.loaded || !changes.patterns.is_empty() || self.patterns_pending).then(|| {
             let rec = engine.recommended(today);
-            let desired = rec.patterns.iter().filter_map(|&k| engine.pattern_figures(k).map(|f| (f, rec.top.contains(&k)))).collect();
-            if let Err(e) = self.write_patterns(desired, today).await {
+            rec.patterns.iter().filter_map(|&k| engine.pattern_figures(k).map(|f| (f, rec.top.contains(&k)))).collect()
+        });
+        Plan { agents, patterns, today }
+    }
+
+    /// Carries a [`plan`](Self::plan) out: reads the namespace first if this sink does not
+    /// know what it holds.
+    pub async fn execute(&mut self, plan: Plan) -> Result<(), Error> {
+        if !self.loaded {
+            self.load().await?;
+        }
+        let mut failed = self.write_agents(plan.agents, plan.today).await.err();
+        if let Some(patterns) = plan.patterns {
+            if let Err(e) = self.write_patterns(patterns, plan.today).await {
                 failed.get_or_insert(e);
             }
         }
@@ -264,11 +291,10 @@ impl DynamoSink {
             requests.push((agent, id, Some(f), req));
         }
         self.stats.requests += requests.len() as u64;
-        let sent: Vec<_> = stream::iter(requests)
-            .map(|(agent, id, f, req)| async move { (agent, id, f, req.await) })
-            .buffer_unordered(CONCURRENCY)
-            .collect()
-            .await;
+        // Boxed futures: the write must be `Send` to run on a runtime's worker, which a
+        // stream of closures over borrowed data does not prove.
+        let sends: Vec<BoxFuture<'_, _>> = requests.into_iter().map(|(agent, id, f, req)| async move { (agent, id, f, req.await) }.boxed()).collect();
+        let sent: Vec<_> = stream::iter(sends).buffer_unordered(CONCURRENCY).collect().await;
         let mut failed = None;
         for (agent, id, f, result) in sent {
             match result {
@@ -382,24 +408,32 @@ impl DynamoSink {
         // Batches of 25, several in flight, started only within the budget: a large
         // change (a first load, a moved cut) is spread over several calls instead of
         // blocking the caller. What was written is remembered batch by batch.
-        let batches: Vec<Vec<((String, String), WriteRequest)>> = writes.chunks(25).map(<[_]>::to_vec).collect();
-        let total = batches.len();
         let deadline = Instant::now() + WRITE_BUDGET;
         let (client, table) = (&self.client, &self.table);
-        let done: Vec<_> = stream::iter(batches)
-            .take_while(|_| std::future::ready(Instant::now() < deadline))
-            .map(|batch| async move {
-                let (keys, requests): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-                let n = requests.len() as u64;
-                (keys, n, toolrank_dynamodb::batch_write(client, table, requests).await)
+        let sends: Vec<BoxFuture<'_, _>> = writes
+            .chunks(25)
+            .map(|batch| {
+                let (keys, requests): (Vec<_>, Vec<_>) = batch.iter().cloned().unzip();
+                async move {
+                    // Not started after the budget: left for the next call.
+                    let result = match Instant::now() < deadline {
+                        true => Some(toolrank_dynamodb::batch_write(client, table, requests).await),
+                        false => None,
+                    };
+                    (keys, result)
+                }
+                .boxed()
             })
-            .buffer_unordered(CONCURRENCY / 4)
-            .collect()
-            .await;
-        self.patterns_pending = done.len() < total;
+            .collect();
+        let done: Vec<_> = stream::iter(sends).buffer_unordered(CONCURRENCY / 4).collect().await;
+        self.patterns_pending = false;
         let mut failed = None;
-        for (keys, n, result) in done {
-            self.stats.requests += n;
+        for (keys, result) in done {
+            let Some(result) = result else {
+                self.patterns_pending = true;
+                continue;
+            };
+            self.stats.requests += keys.len() as u64;
             if let Err(e) = result {
                 // Rewritten next time: puts and deletes are idempotent.
                 self.patterns_pending = true;
