@@ -77,6 +77,7 @@ sleep 3
 kill -TERM "$CONSUMER"; wait "$CONSUMER" || true
 if LATENCY=$(grep -o 'p50.*' "$WORK/latency.log"); then
   echo "latency at a steady $LATENCY_RATE events/s, produce to visible in Valkey: $LATENCY"
+  grep '^waited on' "$WORK/latency.log" | sed 's/^/latency consumer /' 
 else
   echo "no latency figures; the consumer's log ends:"; tail -5 "$WORK/latency.log"
 fi

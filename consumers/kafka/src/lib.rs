@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use toolrank_engine::Engine;
 use toolrank_events::Day;
-use toolrank_live::{apply_line, SinkWriter, WriterConfig};
+use toolrank_live::{apply_line, Saving, SinkWriter, WriterConfig};
 pub use toolrank_live::Summary;
 use tracing::{debug, info, warn};
 
@@ -78,8 +78,13 @@ struct Partition {
     engine: Engine,
     next_offset: i64,
     generation: u64,
-    /// Offsets consumed since the last checkpoint.
+    /// Offsets consumed since the last checkpoint was started.
     dirty: bool,
+    /// The checkpoint being saved, and the offset it covers.
+    saving: Option<Saving>,
+    saving_offset: i64,
+    /// The offset the last saved checkpoint covers (what may be committed).
+    saved_offset: i64,
 }
 
 struct Consumer_ {
@@ -122,6 +127,9 @@ pub fn run(config: Config, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
         .set("heartbeat.interval.ms", "1000")
         // Also the rebalance timeout: how long a rebalance may wait for members.
         .set("max.poll.interval.ms", "60000")
+        // A fetch that finds nothing new waits this long on the broker before it returns
+        // (500 ms by default): what arrives meanwhile would wait as long to be read.
+        .set("fetch.wait.max.ms", "20")
         .create()?;
     consumer.subscribe(&[&config.topic])?;
     let metadata = consumer.fetch_metadata(Some(&config.topic), Duration::from_secs(10))?;
@@ -180,7 +188,7 @@ impl Consumer_ {
             }
             if last_checkpoint.elapsed() >= self.config.checkpoint_interval {
                 last_checkpoint = Instant::now();
-                self.checkpoint()?;
+                self.checkpoint(false)?;
             }
             if self.config.until_idle.is_some_and(|idle| last_message.elapsed() >= idle) {
                 match self.drained() {
@@ -193,7 +201,7 @@ impl Consumer_ {
                         Some((since, seen)) if *seen == positions => {
                             if since.elapsed() >= STRANDED_AFTER {
                                 warn!(?positions, "partitions this consumer does not own have lagged for {} s with no progress: rejoining the group", STRANDED_AFTER.as_secs());
-                                self.checkpoint()?;
+                                self.checkpoint(true)?;
                                 self.consumer.unsubscribe();
                                 self.consumer.subscribe(&[&self.config.topic])?;
                                 self.stranded = None;
@@ -222,7 +230,7 @@ impl Consumer_ {
     fn finish(&mut self) -> Result<(), Error> {
         // Exiting without the last checkpoint loses no data, but a restart would redo it.
         for _ in 0..10 {
-            self.checkpoint()?;
+            self.checkpoint(true)?;
             if self.parts.values().all(|p| !p.dirty) {
                 break;
             }
@@ -251,7 +259,7 @@ impl Consumer_ {
             let (engine, position, generation) = self.writer.claim(&scope(&self.config, p))?;
             let next_offset = position.as_deref().and_then(|p| p.parse().ok()).unwrap_or(0);
             info!(partition = p, generation, next_offset, "partition assigned");
-            self.parts.insert(p, Partition { engine, next_offset, generation, dirty: false });
+            self.parts.insert(p, Partition { engine, next_offset, generation, dirty: false, saving: None, saving_offset: next_offset, saved_offset: next_offset });
         }
         Ok(())
     }
@@ -351,20 +359,35 @@ impl Consumer_ {
         }
     }
 
-    /// Saves every changed partition's state with its offset, then commits the offsets.
-    fn checkpoint(&mut self) -> Result<(), Error> {
+    /// Saves every changed partition's state with its offset, then commits the offsets
+    /// saved. Saves run on the runtime's worker: one started at an interval is collected
+    /// at the next, or at once with `wait`.
+    fn checkpoint(&mut self, wait: bool) -> Result<(), Error> {
         self.flush_sinks(false);
+        // The dead letters of the offsets a checkpoint covers are delivered before it.
         self.dead_letters.flush(Duration::from_secs(30))?;
         let mut fenced = Vec::new();
-        for (&p, part) in self.parts.iter_mut().filter(|(_, part)| part.dirty) {
-            match self.writer.save(&scope(&self.config, p), part.generation, &part.next_offset.to_string(), &mut part.engine) {
-                Ok(Some(g)) => {
-                    part.generation = g;
-                    part.dirty = false;
+        for (&p, part) in self.parts.iter_mut() {
+            let mut started = false;
+            loop {
+                match self.writer.saved(&mut part.saving, wait) {
+                    Some(Ok(Some(g))) => {
+                        part.generation = g;
+                        part.saved_offset = part.saving_offset;
+                    }
+                    // Saved again at the next interval.
+                    Some(Ok(None)) => part.dirty = true,
+                    Some(Err(_)) => {
+                        fenced.push(p);
+                        break;
+                    }
+                    None => {}
                 }
-                // Kept dirty: saved at the next interval; its offset is not committed.
-                Ok(None) => {}
-                Err(_) => fenced.push(p),
+                if started || !part.dirty || part.saving.is_some() {
+                    break;
+                }
+                part.saving = Some(self.writer.start_save(&scope(&self.config, p), part.generation, &part.next_offset.to_string(), &mut part.engine));
+                (part.saving_offset, part.dirty, started) = (part.next_offset, false, true);
             }
         }
         for p in fenced {
@@ -373,12 +396,13 @@ impl Consumer_ {
         }
         self.commit()
     }
+
     /// Commits the offsets of the checkpointed partitions.
     fn commit(&mut self) -> Result<(), Error> {
         let mut tpl = TopicPartitionList::new();
         for (&p, part) in &self.parts {
-            if part.next_offset > 0 && !part.dirty {
-                tpl.add_partition_offset(&self.config.topic, p, Offset::Offset(part.next_offset))?;
+            if part.saved_offset > 0 {
+                tpl.add_partition_offset(&self.config.topic, p, Offset::Offset(part.saved_offset))?;
             }
         }
         if tpl.count() > 0 {

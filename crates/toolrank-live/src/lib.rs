@@ -237,9 +237,21 @@ impl ChangeSet {
     }
 }
 
+/// A checkpoint save running on the runtime's worker ([`SinkWriter::start_save`]).
+pub struct Saving {
+    task: tokio::task::JoinHandle<Result<u64, toolrank_dynamodb::Error>>,
+    scope: String,
+    /// The input position it covers.
+    pub position: String,
+    bytes: usize,
+}
+
+/// What a DynamoDB sink write returns: the sink, and its outcome unless it was cut off.
+type Written = (DynamoSink, Result<Result<(), toolrank_sink_dynamodb::Error>, tokio::time::error::Elapsed>);
+
 /// A DynamoDB sink write running on the runtime's worker.
 struct Writing {
-    task: tokio::task::JoinHandle<(DynamoSink, Result<Result<(), toolrank_sink_dynamodb::Error>, tokio::time::error::Elapsed>)>,
+    task: tokio::task::JoinHandle<Written>,
     /// How many of the records not yet visible it covers.
     unseen: usize,
 }
@@ -386,23 +398,47 @@ impl SinkWriter {
     /// dirty, its position must not be acknowledged); `Err(Fenced)`: another consumer
     /// owns the unit now.
     pub fn save(&mut self, scope: &str, generation: u64, position: &str, engine: &mut Engine) -> Result<Option<u64>, toolrank_dynamodb::Error> {
+        let mut saving = Some(self.start_save(scope, generation, position, engine));
+        self.saved(&mut saving, true).expect("waited for")
+    }
+
+    /// Starts saving a unit's checkpoint on the runtime's worker: the snapshot is taken
+    /// now, the upload runs while the consumer goes on. See [`saved`](Self::saved).
+    pub fn start_save(&mut self, scope: &str, generation: u64, position: &str, engine: &mut Engine) -> Saving {
         let started = Instant::now();
         let state = engine.snapshot();
-        let saved = self.call("saving a checkpoint", self.store.save(scope, &self.config.owner, generation, position, &state));
+        let bytes = state.len();
+        let (store, owner, scope_, position_) = (self.store.clone(), self.config.owner.clone(), scope.to_owned(), position.to_owned());
+        let task = self.rt.spawn(async move {
+            match tokio::time::timeout(CALL_DEADLINE, store.save(&scope_, &owner, generation, &position_, &state)).await {
+                Ok(result) => result,
+                Err(_) => Err(toolrank_dynamodb::Error::Timeout(format!("saving the checkpoint of {scope_} (after {} s)", CALL_DEADLINE.as_secs()))),
+            }
+        });
         self.summary.checkpoint_ms += started.elapsed().as_millis() as u64;
-        match saved {
+        Saving { task, scope: scope.to_owned(), position: position.to_owned(), bytes }
+    }
+
+    /// The outcome of a started save once it finished (with `wait`, waiting for it), like
+    /// [`save`](Self::save)'s; `None` while it runs or if there is none.
+    pub fn saved(&mut self, saving: &mut Option<Saving>, wait: bool) -> Option<Result<Option<u64>, toolrank_dynamodb::Error>> {
+        let s = saving.take_if(|s| wait || s.task.is_finished())?;
+        let started = Instant::now();
+        let result = self.rt.block_on(s.task).expect("a checkpoint save does not panic");
+        self.summary.checkpoint_ms += started.elapsed().as_millis() as u64;
+        Some(match result {
             Ok(g) => {
                 self.summary.checkpoints += 1;
-                debug!(scope, generation = g, position, bytes = state.len(), "checkpoint");
+                debug!(scope = s.scope, generation = g, position = s.position, bytes = s.bytes, "checkpoint");
                 Ok(Some(g))
             }
             Err(e @ toolrank_dynamodb::Error::Fenced(_)) => Err(e),
             Err(e) => {
                 self.summary.retried_errors += 1;
-                warn!(scope, error = %e, "checkpoint failed; retrying at the next interval");
+                warn!(scope = s.scope, error = %e, "checkpoint failed; retrying at the next interval");
                 Ok(None)
             }
-        }
+        })
     }
 
     /// Notes a record applied now, created at `created_ms`, for the latency figures.
