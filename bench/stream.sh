@@ -61,6 +61,9 @@ PY
 
 # 4. Latency at a steady rate, the consumer caught up and holding its checkpointed state.
 METRICS=127.0.0.1:$((20000 + $$ % 20000))
+# The broker's own delivery latency over the same records, for comparison.
+"$BIN/kafka-drain" "$TOOLRANK_KAFKA_BROKERS" "$TOPIC" --latency > "$WORK/raw-latency" &
+RAW_LATENCY=$!
 "$BIN/toolrank" consume kafka --topic "$TOPIC" --group "$RUN" --dead-letter-topic "$TOPIC-dl" \
   --table "$TABLE" --namespace "$RUN" --metrics-addr "$METRICS" 2> "$WORK/latency.log" &
 CONSUMER=$!
@@ -81,4 +84,6 @@ if LATENCY=$(grep -o 'p50.*' "$WORK/latency.log"); then
 else
   echo "no latency figures; the consumer's log ends:"; tail -5 "$WORK/latency.log"
 fi
+wait "$RAW_LATENCY" || true
+echo "raw rdkafka delivery latency at the same rate: $(cat "$WORK/raw-latency")"
 grep '^produced' "$WORK/produce.log"

@@ -16,13 +16,14 @@
 //!   holder, after the sinks acknowledged the write); they serve lag monitoring, while
 //!   the checkpoint is what a restart resumes from.
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use toolrank_engine::Engine;
 use toolrank_events::Day;
@@ -90,13 +91,39 @@ struct Partition {
 struct Consumer_ {
     config: Config,
     writer: SinkWriter,
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<Rebalances>,
+    /// The rebalance events already acted on.
+    rebalances_seen: u64,
     dead_letters: BaseProducer,
     parts: BTreeMap<i32, Partition>,
     partition_count: i32,
     /// Since when only partitions this consumer does not own have lagged, at which
     /// committed positions (they are stranded if those do not move).
     stranded: Option<(Instant, Vec<(i32, i64)>)>,
+}
+
+/// Records the group's rebalances as rdkafka reports them (see `sync_assignment`).
+#[derive(Default)]
+struct Rebalances {
+    /// Bumped at every revocation and assignment.
+    events: AtomicU64,
+    /// Partitions revoked since the consumer last looked.
+    revoked: Mutex<Vec<i32>>,
+}
+
+impl ClientContext for Rebalances {}
+
+impl ConsumerContext for Rebalances {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            self.revoked.lock().unwrap_or_else(|e| e.into_inner()).extend(tpl.elements().iter().map(|e| e.partition()));
+        }
+        self.events.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, _: &Rebalance<'_>) {
+        self.events.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// How long partitions this consumer does not own may lag with no progress before it
@@ -119,7 +146,7 @@ fn scope(config: &Config, partition: i32) -> String {
 
 /// Runs the consumer until `stop` is set or, with `until_idle`, the topic is drained.
 pub fn run(config: Config, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
-    let consumer: BaseConsumer = toolrank_kafka::client_config(&config.brokers)
+    let consumer: BaseConsumer<Rebalances> = toolrank_kafka::client_config(&config.brokers)
         .set("group.id", &config.group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
@@ -130,7 +157,7 @@ pub fn run(config: Config, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
         // A fetch that finds nothing new waits this long on the broker before it returns
         // (500 ms by default): what arrives meanwhile would wait as long to be read.
         .set("fetch.wait.max.ms", "20")
-        .create()?;
+        .create_with_context(Rebalances::default())?;
     consumer.subscribe(&[&config.topic])?;
     let metadata = consumer.fetch_metadata(Some(&config.topic), Duration::from_secs(10))?;
     let partition_count = metadata.topics().iter().find(|t| t.name() == config.topic).map_or(0, |t| t.partitions().len() as i32);
@@ -151,7 +178,7 @@ pub fn run(config: Config, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
         dynamodb_interval: config.dynamodb_interval,
         dynamodb_max_defer: config.dynamodb_max_defer,
     })?;
-    let mut c = Consumer_ { config, writer, consumer, dead_letters, parts: BTreeMap::new(), partition_count, stranded: None };
+    let mut c = Consumer_ { config, writer, consumer, rebalances_seen: 0, dead_letters, parts: BTreeMap::new(), partition_count, stranded: None };
     c.run(&stop)?;
     Ok(c.writer.into_summary())
 }
@@ -246,8 +273,18 @@ impl Consumer_ {
 
     /// Adopts newly assigned partitions (claiming their checkpoints) and drops revoked ones.
     fn sync_assignment(&mut self) -> Result<(), Error> {
+        // Asking rdkafka for the assignment is a round trip to its main thread: only after
+        // a rebalance (its callbacks run inside `poll`, before any message it lets through).
+        let events = self.consumer.context().events.load(Ordering::SeqCst);
+        if events == self.rebalances_seen {
+            return Ok(());
+        }
+        self.rebalances_seen = events;
+        // A partition revoked and assigned again since the last look is not kept: another
+        // consumer may have moved its checkpoint on meanwhile, so it is claimed anew.
+        let revoked = std::mem::take(&mut *self.consumer.context().revoked.lock().unwrap_or_else(|e| e.into_inner()));
         let assigned: Vec<i32> = self.consumer.assignment()?.elements().iter().filter(|e| e.topic() == self.config.topic).map(|e| e.partition()).collect();
-        let gone: Vec<i32> = self.parts.keys().filter(|p| !assigned.contains(p)).copied().collect();
+        let gone: Vec<i32> = self.parts.keys().filter(|p| revoked.contains(p) || !assigned.contains(p)).copied().collect();
         for p in gone {
             self.release(p);
             info!(partition = p, "partition revoked");
