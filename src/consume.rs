@@ -75,8 +75,8 @@ struct PollerArgs {
     /// Milliseconds between DynamoDB writes (each key at most once per interval).
     #[arg(long, default_value_t = 1000, env = "TOOLRANK_DYNAMODB_FLUSH_MS")]
     dynamodb_flush_ms: u64,
-    /// While a backlog is read (records older than the DynamoDB interval), DynamoDB writes
-    /// wait as long as the input is behind, up to this many milliseconds: intermediate
+    /// While a backlog is read (the input has not run dry for a second), DynamoDB writes
+    /// wait as long as its records are late, up to this many milliseconds: intermediate
     /// rankings that are stale anyway are not paid for. 0 writes at every interval.
     #[arg(long, default_value_t = 60_000, env = "TOOLRANK_DYNAMODB_MAX_DEFER_MS")]
     dynamodb_max_defer_ms: u64,
@@ -170,8 +170,8 @@ struct KafkaArgs {
     /// interval, whatever its number of changes (DynamoDB bills per write).
     #[arg(long, default_value_t = 1000, env = "TOOLRANK_DYNAMODB_FLUSH_MS")]
     dynamodb_flush_ms: u64,
-    /// While a backlog is read (records older than the DynamoDB interval), DynamoDB writes
-    /// wait as long as the input is behind, up to this many milliseconds: intermediate
+    /// While a backlog is read (the input has not run dry for a second), DynamoDB writes
+    /// wait as long as its records are late, up to this many milliseconds: intermediate
     /// rankings that are stale anyway are not paid for. 0 writes at every interval.
     #[arg(long, default_value_t = 60_000, env = "TOOLRANK_DYNAMODB_MAX_DEFER_MS")]
     dynamodb_max_defer_ms: u64,

@@ -126,6 +126,11 @@ impl ConsumerContext for Rebalances {
     }
 }
 
+/// Fewer messages than this waiting on the broker: the consumer reads as records arrive,
+/// so their lateness is the producer's and the broker's, not a backlog (see
+/// [`SinkWriter::caught_up`]).
+const CAUGHT_UP_LAG: i64 = 1000;
+
 /// How long partitions this consumer does not own may lag with no progress before it
 /// rejoins the group: a member that left during a coordinator restart can strand them.
 const STRANDED_AFTER: Duration = Duration::from_secs(30);
@@ -207,6 +212,9 @@ impl Consumer_ {
             self.dead_letters.poll(Duration::ZERO);
             if last_flush.elapsed() >= self.config.flush_interval {
                 last_flush = Instant::now();
+                if self.lag() < CAUGHT_UP_LAG {
+                    self.writer.caught_up();
+                }
                 if last_refresh.elapsed() >= Duration::from_secs(1) {
                     last_refresh = Instant::now();
                     self.writer.refresh_lease(&self.others());
@@ -242,6 +250,25 @@ impl Consumer_ {
             }
         }
         self.finish()
+    }
+
+    /// Messages on the broker past the owned partitions' positions, by the high watermarks
+    /// librdkafka caches from its fetch responses (asking costs no request).
+    fn lag(&self) -> i64 {
+        let Ok(topic) = std::ffi::CString::new(self.config.topic.as_str()) else { return 0 };
+        self.parts
+            .iter()
+            .map(|(&p, part)| {
+                let (mut low, mut high) = (0i64, 0i64);
+                // SAFETY: the client pointer lives as long as `self.consumer`; the topic is a
+                // valid C string; the outputs are plain integers.
+                let err = unsafe { rdkafka::bindings::rd_kafka_get_watermark_offsets(self.consumer.client().native_ptr(), topic.as_ptr(), p, &mut low, &mut high) };
+                match err {
+                    rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR if high >= 0 => (high - part.next_offset).max(0),
+                    _ => 0,
+                }
+            })
+            .sum()
     }
 
     /// The scopes of the partitions other consumers own.

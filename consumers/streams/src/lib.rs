@@ -442,6 +442,7 @@ impl<S: ShardSource> Poller<S> {
                 }
                 total += page.records.len();
                 if page.records.is_empty() {
+                    writer.caught_up();
                     tree.caught_up.insert(id.clone(), Instant::now());
                 } else {
                     tree.caught_up.remove(&id);

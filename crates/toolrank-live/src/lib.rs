@@ -57,9 +57,9 @@ pub struct WriterConfig {
     /// How often changes reach DynamoDB: every write costs money, so it coalesces longer
     /// than Valkey.
     pub dynamodb_interval: Duration,
-    /// While the input is behind by more than `dynamodb_interval`, DynamoDB writes wait
-    /// as long as it is behind, up to this: rankings that are stale anyway are not paid
-    /// for at every interval while a backlog is read. Zero disables.
+    /// While a backlog is read, DynamoDB writes wait as long as its records are late, up
+    /// to this: rankings that are stale anyway are not paid for at every interval. Zero
+    /// disables.
     pub dynamodb_max_defer: Duration,
 }
 
@@ -285,6 +285,8 @@ pub struct SinkWriter {
     unseen: Vec<i64>,
     /// When the latest record was applied, and how old it was then (ms).
     behind: (Instant, i64),
+    /// When the input last had nothing waiting ([`SinkWriter::caught_up`]).
+    drained: Instant,
     latencies: Latencies,
     /// When the metrics were last published.
     published: Instant,
@@ -320,6 +322,7 @@ impl SinkWriter {
             last_valkey: Instant::now(),
             unseen: Vec::new(),
             behind: (Instant::now(), 0),
+            drained: Instant::now(),
             latencies: Latencies::new(),
             published: Instant::now(),
         })
@@ -439,6 +442,20 @@ impl SinkWriter {
                 Ok(None)
             }
         })
+    }
+
+    /// Notes that the input has nothing waiting: the records just applied are as recent as
+    /// the source delivers them, so their lateness is the source's, not a backlog.
+    pub fn caught_up(&mut self) {
+        self.drained = Instant::now();
+    }
+
+    /// How far behind the records applied are while a backlog is read (the input has not
+    /// run dry for a second, and records still arrive); `None` otherwise.
+    fn backlog(&self) -> Option<Duration> {
+        let (applied, behind_ms) = self.behind;
+        let reading = applied.elapsed() < Duration::from_secs(1) && self.drained.elapsed() >= Duration::from_secs(1);
+        reading.then(|| Duration::from_millis(behind_ms.max(0) as u64))
     }
 
     /// Notes a record applied now, created at `created_ms`, for the latency figures.
@@ -635,26 +652,22 @@ impl SinkWriter {
         ok
     }
 
-    /// How long Valkey changes coalesce now: not at all, or while records arrive more
-    /// than a second late, a tenth of their lateness (at most a second): a view that is
-    /// behind anyway gets at most 10% staler, for far fewer commands.
+    /// How long Valkey changes coalesce now: not at all, or while a backlog more than a
+    /// second old is read, a tenth of its age (at most a second): a view that is behind
+    /// anyway gets at most 10% staler, for far fewer commands.
     fn valkey_interval(&self) -> Duration {
-        let (applied, behind_ms) = self.behind;
-        match applied.elapsed() < Duration::from_secs(1) && behind_ms >= 1000 {
-            true => Duration::from_millis(behind_ms as u64 / 10).min(Duration::from_secs(1)),
-            false => Duration::ZERO,
+        match self.backlog() {
+            Some(behind) if behind >= Duration::from_secs(1) => (behind / 10).min(Duration::from_secs(1)),
+            _ => Duration::ZERO,
         }
     }
 
-    /// How long DynamoDB changes coalesce now: the configured interval, or while records
-    /// still arrive late, as long as they are late (up to the configured maximum).
+    /// How long DynamoDB changes coalesce now: the configured interval, or while a
+    /// backlog is read, as long as the records are late (up to the configured maximum).
     fn dynamodb_interval(&self) -> Duration {
-        let (applied, behind_ms) = self.behind;
-        let reading_backlog = applied.elapsed() < Duration::from_secs(1);
-        let behind = Duration::from_millis(behind_ms.max(0) as u64).min(self.config.dynamodb_max_defer);
-        match reading_backlog {
-            true => self.config.dynamodb_interval.max(behind),
-            false => self.config.dynamodb_interval,
+        match self.backlog() {
+            Some(behind) => self.config.dynamodb_interval.max(behind.min(self.config.dynamodb_max_defer)),
+            None => self.config.dynamodb_interval,
         }
     }
 
