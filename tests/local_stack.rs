@@ -1398,3 +1398,70 @@ fn replay_from_kafka_into_a_shadow_namespace_then_diff_and_promote() {
     valkey.kill().unwrap();
     valkey.wait().unwrap();
 }
+
+/// Applies the lines of a history file to `engine`.
+fn apply_lines(engine: &mut toolrank_engine::Engine, lines: &[&str]) {
+    for line in lines {
+        toolrank_events::decode_line(line.as_bytes(), &mut |rec| {
+            engine.apply(&rec.result.expect("a generated record decodes"));
+        })
+        .unwrap();
+    }
+}
+
+/// What a Valkey namespace holds, through the reader: agents (with tools), patterns, and
+/// each domain's ranking (a member left behind in a domain an agent moved out of shows).
+fn valkey_holds(url: &str, prefix: &str, domains: &[String]) -> (Vec<toolrank_engine::AgentFigures>, Vec<toolrank_engine::PatternFigures>, Vec<Vec<String>>) {
+    let mut reader = toolrank_sink_valkey::ValkeyReader::connect(url, prefix, Duration::from_secs(5)).unwrap();
+    let mut agents = reader.agents().unwrap();
+    agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+    let mut patterns = reader.patterns().unwrap();
+    patterns.sort_by(|a, b| (&a.user_id, &a.process_pattern, &a.agent_id, &a.tool_sequence).cmp(&(&b.user_id, &b.process_pattern, &b.agent_id, &b.tool_sequence)));
+    let rankings = domains.iter().map(|d| reader.top_agents(d, 0).unwrap().into_iter().map(|a| a.agent_id).collect()).collect();
+    (agents, patterns, rankings)
+}
+
+#[test]
+fn valkey_sink_writes_only_differences_and_holds_what_a_full_write_holds() {
+    let url = env("TOOLRANK_VALKEY_URL");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.jsonl");
+    toolrank(&["generate", "--sessions", "800", "--seed", "11", "--agents", "30", "--out", path.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let (first, second) = lines.split_at(lines.len() / 2);
+    let mut engine = toolrank_engine::Engine::new();
+    engine.track_changes();
+    apply_lines(&mut engine, first);
+    engine.flush();
+    let (diffed, full) = (unique("vdiff"), unique("vfull"));
+    let mut sink = toolrank_sink_valkey::ValkeySink::new(&url, diffed.as_str()).unwrap();
+    let changes = engine.take_changes();
+    sink.write(&engine, &changes).unwrap();
+    let domains_before: Vec<String> = engine.build_report(toolrank_events::Day::parse_iso("2026-11-30").unwrap()).agents.iter().map(|a| a.domain_id.clone()).collect();
+    let initial = sink.commands;
+    // The second half: more executions, modifies, removes and late or changed Agent items.
+    apply_lines(&mut engine, second);
+    engine.flush();
+    let changes = engine.take_changes();
+    assert!(!changes.agents.is_empty() && !changes.patterns.is_empty());
+    sink.write(&engine, &changes).unwrap();
+    let incremental = sink.commands - initial;
+    let mut rewrite = toolrank_sink_valkey::ValkeySink::new(&url, full.as_str()).unwrap();
+    rewrite.write(&engine, &engine.everything()).unwrap();
+    assert!(incremental < rewrite.commands, "the second write sent only differences: {incremental} commands against {} for everything", rewrite.commands);
+    let mut domains: Vec<String> = engine.build_report(toolrank_events::Day::parse_iso("2026-11-30").unwrap()).agents.iter().map(|a| a.domain_id.clone()).chain(domains_before).collect();
+    domains.sort();
+    domains.dedup();
+    let (held, expected) = (valkey_holds(&url, &diffed, &domains), valkey_holds(&url, &full, &domains));
+    assert!(!held.1.is_empty());
+    for (a, b) in held.0.iter().zip(&expected.0) {
+        assert_eq!(a, b, "agent {} as written by differences, and by a full write", a.agent_id);
+    }
+    assert_eq!(held.0.len(), expected.0.len());
+    assert_eq!(held.1.len(), expected.1.len());
+    for (a, b) in held.1.iter().zip(&expected.1) {
+        assert_eq!(a, b);
+    }
+    assert_eq!(held.2, expected.2, "each domain's ranking");
+}

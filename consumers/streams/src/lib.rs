@@ -130,7 +130,7 @@ struct Tree {
 impl Tree {
     /// Parent before child: a shard is read once its parents in the tree are done.
     fn ready(&self, pos: &ShardPos) -> bool {
-        [&pos.parent, &pos.adjacent_parent].into_iter().flatten().all(|p| self.shards.get(p).map_or(true, |pp| pp.done))
+        [&pos.parent, &pos.adjacent_parent].into_iter().flatten().all(|p| self.shards.get(p).is_none_or(|pp| pp.done))
     }
 }
 
@@ -372,7 +372,7 @@ impl<S: ShardSource> Poller<S> {
             let ids: Vec<String> = tree
                 .shards
                 .iter()
-                .filter(|(id, p)| !p.done && tree.ready(p) && tree.caught_up.get(*id).map_or(true, |at| now.duration_since(*at) >= config.idle_poll))
+                .filter(|(id, p)| !p.done && tree.ready(p) && tree.caught_up.get(*id).is_none_or(|at| now.duration_since(*at) >= config.idle_poll))
                 .map(|(id, _)| id.clone())
                 .collect();
             for id in ids {
@@ -387,10 +387,7 @@ impl<S: ShardSource> Poller<S> {
                                 // stream's retention): resume at the oldest still there.
                                 warn!(shard = id, error = %e, "position trimmed; reading from the oldest record");
                                 writer.summary.retried_errors += 1;
-                                match writer.rt.block_on(source.iterator(&id, None)) {
-                                    Ok(it) => it,
-                                    Err(e) => return Err(e.into()),
-                                }
+                                writer.rt.block_on(source.iterator(&id, None))?
                             }
                             Err(e) => {
                                 writer.summary.retried_errors += 1;

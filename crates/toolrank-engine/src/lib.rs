@@ -342,6 +342,11 @@ impl Engine {
             self.catalog.remove(&id);
         }
         self.catalog_changes.push(id);
+        // A tracking engine fed directly (not only through `flush_into`) sees its own
+        // catalog changes too: they change which patterns are visible.
+        if let Some(t) = &mut self.catalog_touched {
+            t.insert(id);
+        }
         Applied::Changed
     }
 
