@@ -1440,8 +1440,11 @@ fn valkey_sink_writes_only_differences_and_holds_what_a_full_write_holds() {
     sink.write(&engine, &changes).unwrap();
     let domains_before: Vec<String> = engine.build_report(toolrank_events::Day::parse_iso("2026-11-30").unwrap()).agents.iter().map(|a| a.domain_id.clone()).collect();
     let initial = sink.commands;
-    // The second half: more executions, modifies, removes and late or changed Agent items.
+    // The second half: more executions, modifies, removes and late or changed Agent items;
+    // then the busiest agent moves to a new domain and loses its name.
     apply_lines(&mut engine, second);
+    let moved = r#"{"eventID":"moved","eventName":"MODIFY","dynamodb":{"Keys":{"PK":{"S":"AGT0001"},"SK":{"S":"METADATA"}},"NewImage":{"PK":{"S":"AGT0001"},"SK":{"S":"METADATA"},"EntityType":{"S":"Agent"},"GSI1_PK":{"S":"DMN999"},"GSI1_SK":{"S":"AGTSCORE#0"}},"SequenceNumber":"9000000000000000000","StreamViewType":"NEW_AND_OLD_IMAGES"}}"#;
+    apply_lines(&mut engine, &[moved]);
     engine.flush();
     let changes = engine.take_changes();
     assert!(!changes.agents.is_empty() && !changes.patterns.is_empty());
@@ -1455,6 +1458,9 @@ fn valkey_sink_writes_only_differences_and_holds_what_a_full_write_holds() {
     domains.dedup();
     let (held, expected) = (valkey_holds(&url, &diffed, &domains), valkey_holds(&url, &full, &domains));
     assert!(!held.1.is_empty());
+    let moved = held.0.iter().find(|a| a.agent_id == "AGT0001").expect("the moved agent");
+    assert_eq!((moved.domain_id.as_str(), moved.agent_name.as_deref()), ("DMN999", None));
+    assert!(domains.iter().any(|d| d == "DMN001"), "the domain it left is compared too");
     for (a, b) in held.0.iter().zip(&expected.0) {
         assert_eq!(a, b, "agent {} as written by differences, and by a full write", a.agent_id);
     }
