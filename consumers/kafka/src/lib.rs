@@ -12,8 +12,8 @@
 //!   consumer that lost it (a zombie after a rebalance) gets `Fenced` and lets go.
 //! - **Sinks.** One consumer of the group holds the sink lease and writes the sinks
 //!   ([`toolrank_live::SinkWriter`]).
-//! - **Offsets.** Kafka offsets are committed after the checkpoint (and, for the lease
-//!   holder, after the sinks acknowledged the write); they serve lag monitoring, while
+//! - **Offsets.** Kafka offsets are committed once the checkpoint covering them is saved
+//!   (uploads run on the sink writer's worker thread); they serve lag monitoring, while
 //!   the checkpoint is what a restart resumes from.
 
 use rdkafka::client::ClientContext;

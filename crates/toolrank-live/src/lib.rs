@@ -242,7 +242,7 @@ pub struct Saving {
     task: tokio::task::JoinHandle<Result<u64, toolrank_dynamodb::Error>>,
     scope: String,
     /// The input position it covers.
-    pub position: String,
+    position: String,
     bytes: usize,
 }
 
