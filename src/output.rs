@@ -5,6 +5,7 @@ use serde::Serialize;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
+use std::sync::mpsc;
 use toolrank_engine::{Engine, Report, StagingRow};
 use toolrank_events::Day;
 use unicode_width::UnicodeWidthStr;
@@ -22,42 +23,55 @@ fn write_rows<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
+/// Sessions per piece of the staging table: pieces are rendered alternately by two
+/// threads and written in order.
+const STAGING_PIECE: usize = 4096;
+
 /// The `replay --out` layout: one file per seed table. The staging table, by far the
-/// largest, is produced in two halves on two threads while this thread builds and writes
-/// the report.
+/// largest, is rendered in pieces by two threads and written by a third while this
+/// thread builds and writes the report. Each renderer fills the buffers the writer hands
+/// back, so the output costs no fresh memory beyond a few pieces.
 pub fn write_dir(dir: &Path, engine: &Engine, today: Day) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("staging.jsonl");
+    let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
     let order = engine.staging_order();
-    let mid = order.len() / 2;
+    let pieces = order.len().div_ceil(STAGING_PIECE);
+    const RENDERERS: usize = 2;
     std::thread::scope(|s| -> Result<()> {
-        let second = s.spawn(|| {
-            let mut buf = Vec::new();
-            let _ = order.visit::<()>(mid..order.len(), |row| {
-                staging_json(row, &mut buf);
-                Ok(())
-            });
-            buf
-        });
-        let first = s.spawn(|| -> std::io::Result<BufWriter<File>> {
-            let mut w = BufWriter::with_capacity(1 << 20, File::create(&path)?);
-            let mut buf = Vec::with_capacity(1 << 16);
-            order.visit::<std::io::Error>(0..mid, |row| {
-                staging_json(row, &mut buf);
-                if buf.len() >= 1 << 16 {
-                    w.write_all(&buf)?;
-                    buf.clear();
+        let (mut rendered, mut returns) = (Vec::new(), Vec::new());
+        for first in 0..RENDERERS {
+            let (piece_tx, piece_rx) = mpsc::sync_channel::<Vec<u8>>(1);
+            let (return_tx, return_rx) = mpsc::channel::<Vec<u8>>();
+            rendered.push(piece_rx);
+            returns.push(return_tx);
+            let order = &order;
+            s.spawn(move || {
+                for piece in (first..pieces).step_by(RENDERERS) {
+                    let mut buf = return_rx.try_recv().unwrap_or_default();
+                    let sessions = piece * STAGING_PIECE..((piece + 1) * STAGING_PIECE).min(order.len());
+                    let _ = order.visit::<()>(sessions, |row| {
+                        staging_json(row, &mut buf);
+                        Ok(())
+                    });
+                    if piece_tx.send(buf).is_err() {
+                        return;
+                    }
                 }
-                Ok(())
-            })?;
-            w.write_all(&buf)?;
-            Ok(w)
+            });
+        }
+        let writer = s.spawn(move || -> std::io::Result<()> {
+            let mut w = file;
+            for piece in 0..pieces {
+                let mut buf = rendered[piece % RENDERERS].recv().expect("a renderer sends every piece");
+                w.write_all(&buf)?;
+                buf.clear();
+                let _ = returns[piece % RENDERERS].send(buf);
+            }
+            w.flush()
         });
         write_report(dir, &engine.build_report(today))?;
-        let mut w = first.join().expect("staging writer does not panic").with_context(|| format!("writing {}", path.display()))?;
-        w.write_all(&second.join().expect("staging writer does not panic"))
-            .and_then(|()| w.flush())
-            .with_context(|| format!("writing {}", path.display()))
+        writer.join().expect("the staging writer does not panic").with_context(|| format!("writing {}", path.display()))
     })
 }
 
