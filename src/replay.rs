@@ -135,18 +135,27 @@ impl DeadLetters {
     }
 }
 
-/// What a decoder hands over, in input order.
-enum Decoded {
-    Change(Change<'static>),
+/// A decoded record, borrowing from its chunk's text.
+enum Decoded<'a> {
+    Change(Change<'a>),
     Bad(DeadLetter),
 }
 
 /// A chunk's decoded records, and how many of its lines had each format.
-struct DecodedBatch {
-    items: Vec<Decoded>,
-    lines: u64,
+struct DecodedLines<'a> {
+    items: Vec<Decoded<'a>>,
     by_format: [u64; Format::ALL.len()],
 }
+
+self_cell::self_cell!(
+    /// A chunk with its records decoded in place: the changes borrow from its text, so
+    /// decoding copies no strings, and the chunk goes back to the reader once applied.
+    struct DecodedBatch {
+        owner: Chunk,
+        #[covariant]
+        dependent: DecodedLines,
+    }
+);
 
 const BATCH_LINES: usize = 4096;
 
@@ -162,8 +171,8 @@ type Batch = Result<DecodedBatch, SourceError>;
 
 /// Reads every input into chunks and deals them round-robin to the decoders, so that
 /// the applier can collect the decoded batches round-robin in input order. A read error
-/// travels in the chunk's place and ends the run there. Chunks come back from the
-/// decoders through `recycled` and are filled again: fresh buffers would cost a page
+/// travels in the chunk's place and ends the run there. Chunks come back once applied,
+/// through `recycled`, and are filled again: fresh buffers would cost a page
 /// fault per 4 KiB of input.
 fn read_inputs(
     inputs: &[Input],
@@ -219,37 +228,35 @@ fn read_inputs(
     }
 }
 
-/// Decodes chunks into owned changes and dead letters, in order, and hands each chunk
-/// back to the reader.
-fn decode_chunks(chunks: mpsc::Receiver<Result<Chunk, SourceError>>, out: mpsc::SyncSender<Batch>, recycle: mpsc::Sender<Chunk>) {
+/// Decodes chunks, in order.
+fn decode_chunks(chunks: mpsc::Receiver<Result<Chunk, SourceError>>, out: mpsc::SyncSender<Batch>) {
     for chunk in chunks {
-        let batch = chunk.map(|chunk| {
-            let mut batch = Vec::with_capacity(chunk.lines.len() + chunk.lines.len() / 4);
-            let mut by_format = [0; Format::ALL.len()];
-            for &(line_no, start, end) in &chunk.lines {
-                let bytes = &chunk.text[start..end];
-                let bad = |record, raw: Option<&str>, e: DecodeError| {
-                    let raw = raw.map_or_else(|| String::from_utf8_lossy(bytes).into_owned(), str::to_owned);
-                    Decoded::Bad(DeadLetter { source: chunk.source.to_string(), line: line_no, record, position: None, reason: e.to_string(), raw })
-                };
-                match decode_line(bytes, &mut |rec: Record<'_>| {
-                    batch.push(match rec.result {
-                        Ok(change) => Decoded::Change(change.into_owned()),
-                        Err(e) => bad(rec.index, rec.raw, e),
-                    })
-                }) {
-                    Ok(format) => by_format[format as usize] += 1,
-                    Err(e) => batch.push(bad(None, None, e)),
-                }
-            }
-            let lines = chunk.lines.len() as u64;
-            let _ = recycle.send(chunk);
-            DecodedBatch { items: batch, lines, by_format }
-        });
-        if out.send(batch).is_err() {
+        if out.send(chunk.map(|chunk| DecodedBatch::new(chunk, decode_chunk))).is_err() {
             return;
         }
     }
+}
+
+fn decode_chunk(chunk: &Chunk) -> DecodedLines<'_> {
+    let mut items = Vec::with_capacity(chunk.lines.len() + chunk.lines.len() / 4);
+    let mut by_format = [0; Format::ALL.len()];
+    for &(line_no, start, end) in &chunk.lines {
+        let bytes = &chunk.text[start..end];
+        let bad = |record, raw: Option<&str>, e: DecodeError| {
+            let raw = raw.map_or_else(|| String::from_utf8_lossy(bytes).into_owned(), str::to_owned);
+            Decoded::Bad(DeadLetter { source: chunk.source.to_string(), line: line_no, record, position: None, reason: e.to_string(), raw })
+        };
+        match decode_line(bytes, &mut |rec: Record<'_>| {
+            items.push(match rec.result {
+                Ok(change) => Decoded::Change(change),
+                Err(e) => bad(rec.index, rec.raw, e),
+            })
+        }) {
+            Ok(format) => by_format[format as usize] += 1,
+            Err(e) => items.push(bad(None, None, e)),
+        }
+    }
+    DecodedLines { items, by_format }
 }
 
 /// Reads, decodes and applies files: a reader thread, one decoder per core, and this
@@ -278,10 +285,9 @@ fn ingest_files(inputs: &[Input], engine: &mut Engine, counts: &mut Counts, dead
             let (batch_tx, batch_rx) = mpsc::sync_channel::<Batch>(2);
             to_decoders.push(chunk_tx);
             from_decoders.push(batch_rx);
-            let recycle = recycle.clone();
             std::thread::Builder::new()
                 .name(format!("decode-{i}"))
-                .spawn_scoped(scope, move || decode_chunks(chunk_rx, batch_tx, recycle))
+                .spawn_scoped(scope, move || decode_chunks(chunk_rx, batch_tx))
                 .context("starting a decode thread")?;
         }
         std::thread::Builder::new()
@@ -291,16 +297,18 @@ fn ingest_files(inputs: &[Input], engine: &mut Engine, counts: &mut Counts, dead
         let batches = (0..).map_while(|i: usize| from_decoders[i % decoders].recv().ok());
         for batch in batches {
             let batch = batch?;
-            counts.lines += batch.lines;
-            for (total, n) in counts.by_format.iter_mut().zip(batch.by_format) {
+            counts.lines += batch.borrow_owner().lines.len() as u64;
+            let decoded = batch.borrow_dependent();
+            for (total, n) in counts.by_format.iter_mut().zip(decoded.by_format) {
                 *total += n;
             }
-            for item in batch.items {
+            for item in &decoded.items {
                 match item {
-                    Decoded::Change(change) => apply(engine, counts, &change),
-                    Decoded::Bad(letter) => dead.reject(&mut counts.bad, letter)?,
+                    Decoded::Change(change) => apply(engine, counts, change),
+                    Decoded::Bad(letter) => dead.reject(&mut counts.bad, letter.clone())?,
                 }
             }
+            let _ = recycle.send(batch.into_owner());
             // This thread waits on decoding much of the time: turning the batch's changes
             // into aggregate deltas now keeps the final flush short.
             engine.flush();

@@ -15,7 +15,7 @@ pub use decode::{decode_kinesis_data, decode_line, stream_record_change, DecodeE
 pub use time::{Day, Timestamp};
 
 /// A rejected input record as written to a dead-letter destination.
-#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct DeadLetter {
     /// The file, topic or stream it came from.
     pub source: String,
