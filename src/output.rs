@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::sync::mpsc;
-use toolrank_engine::{Engine, Report, StagingRow};
+use toolrank_engine::{Engine, PatternRow, Report, StagingRow};
 use toolrank_events::Day;
 use unicode_width::UnicodeWidthStr;
 
@@ -35,7 +35,9 @@ pub fn write_dir(dir: &Path, engine: &Engine, today: Day) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("staging.jsonl");
     let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    let started = std::time::Instant::now();
     let order = engine.staging_order();
+    let ordered = started.elapsed();
     let pieces = order.len().div_ceil(STAGING_PIECE);
     const RENDERERS: usize = 2;
     std::thread::scope(|s| -> Result<()> {
@@ -46,9 +48,23 @@ pub fn write_dir(dir: &Path, engine: &Engine, today: Day) -> Result<()> {
             rendered.push(piece_rx);
             returns.push(return_tx);
             let order = &order;
-            s.spawn(move || {
+            let renderer = std::thread::Builder::new().name(format!("render-{first}"));
+            renderer.spawn_scoped(s, move || {
+                // One piece being rendered, one queued, one being written: then the
+                // writer has handed one back.
+                let mut created = 0;
                 for piece in (first..pieces).step_by(RENDERERS) {
-                    let mut buf = return_rx.try_recv().unwrap_or_default();
+                    let mut buf = match return_rx.try_recv() {
+                        Ok(buf) => buf,
+                        Err(_) if created < 3 => {
+                            created += 1;
+                            Vec::new()
+                        }
+                        Err(_) => match return_rx.recv() {
+                            Ok(buf) => buf,
+                            Err(_) => return,
+                        },
+                    };
                     let sessions = piece * STAGING_PIECE..((piece + 1) * STAGING_PIECE).min(order.len());
                     let _ = order.visit::<()>(sessions, |row| {
                         staging_json(row, &mut buf);
@@ -58,9 +74,9 @@ pub fn write_dir(dir: &Path, engine: &Engine, today: Day) -> Result<()> {
                         return;
                     }
                 }
-            });
+            })?;
         }
-        let writer = s.spawn(move || -> std::io::Result<()> {
+        let writer = std::thread::Builder::new().name("write".into()).spawn_scoped(s, move || -> std::io::Result<()> {
             let mut w = file;
             for piece in 0..pieces {
                 let mut buf = rendered[piece % RENDERERS].recv().expect("a renderer sends every piece");
@@ -69,9 +85,12 @@ pub fn write_dir(dir: &Path, engine: &Engine, today: Day) -> Result<()> {
                 let _ = returns[piece % RENDERERS].send(buf);
             }
             w.flush()
-        });
+        })?;
         write_report(dir, &engine.build_report(today))?;
-        writer.join().expect("the staging writer does not panic").with_context(|| format!("writing {}", path.display()))
+        let reported = started.elapsed();
+        let written = writer.join();
+        tracing::debug!(staging_order_s = ordered.as_secs_f64(), report_s = reported.as_secs_f64(), staging_s = started.elapsed().as_secs_f64(), "output phases");
+        written.expect("the staging writer does not panic").with_context(|| format!("writing {}", path.display()))
     })
 }
 
@@ -108,12 +127,49 @@ fn staging_json(r: &StagingRow<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(if r.success_flag { b"\",\"success_flag\":true}\n" } else { b"\",\"success_flag\":false}\n" });
 }
 
-/// The three seed tables of a report.
+/// One pattern row as a JSON line, byte for byte what serde writes for [`PatternRow`]
+/// (the second-largest table).
+fn pattern_json(r: &PatternRow, out: &mut Vec<u8>) {
+    for (key, value) in [
+        ("{\"userid\":", &r.user_id),
+        (",\"process_pattern\":", &r.process_pattern),
+        (",\"agent_sequence\":", &r.agent_sequence),
+        (",\"tool_sequence\":", &r.tool_sequence),
+    ] {
+        out.extend_from_slice(key.as_bytes());
+        json_str(value, out);
+    }
+    for (key, n) in [(",\"execution_count\":", r.execution_count), (",\"success_count\":", r.success_count)] {
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    }
+    out.extend_from_slice(b",\"first_used_date\":\"");
+    out.extend_from_slice(&r.first_used_date.iso_bytes());
+    out.extend_from_slice(b"\",\"last_used_date\":\"");
+    out.extend_from_slice(&r.last_used_date.iso_bytes());
+    out.extend_from_slice(b"\",\"pattern_score\":");
+    serde_json::to_writer(&mut *out, &r.pattern_score).expect("writing to a Vec cannot fail");
+    out.extend_from_slice(if r.is_recommended { b",\"is_recommended\":true}\n" } else { b",\"is_recommended\":false}\n" });
+}
+
+/// Writes `rows` with `line`, which renders one row as a JSON line.
+fn write_lines<T>(path: &Path, rows: &[T], line: fn(&T, &mut Vec<u8>)) -> Result<()> {
+    let mut file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut buf = Vec::with_capacity(1 << 20);
+    rows.chunks(4096)
+        .try_for_each(|rows| {
+            buf.clear();
+            rows.iter().for_each(|row| line(row, &mut buf));
+            file.write_all(&buf)
+        })
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// Writes the three ranking tables of `report` into `dir` (created if missing).
 pub fn write_report(dir: &Path, report: &Report) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     write_rows(&dir.join("agent_score_summary.jsonl"), &report.agents)?;
-    write_rows(&dir.join("user_process_patterns.jsonl"), &report.patterns)?;
+    write_lines(&dir.join("user_process_patterns.jsonl"), &report.patterns, pattern_json)?;
     write_rows(&dir.join("agent_tool_errors.jsonl"), &report.tool_errors)
 }
 
@@ -234,6 +290,28 @@ mod tests {
             };
             let mut ours = Vec::new();
             staging_json(&row, &mut ours);
+            assert_eq!(String::from_utf8(ours).unwrap(), serde_json::to_string(&row).unwrap() + "\n");
+        }
+    }
+
+    #[test]
+    fn pattern_json_is_what_serde_writes() {
+        let day = Timestamp::parse("20250614140605").unwrap().day;
+        for (user, score, recommended) in [("USR001", 0.1 + 0.2, true), ("U\"1\\\u{1}", 1e-300, false), ("사용자", 0.0, false)] {
+            let row = PatternRow {
+                user_id: user.into(),
+                process_pattern: "PRC001 -> PRC002".into(),
+                agent_sequence: "AGT001".into(),
+                tool_sequence: "FIND_LOC -> \"X\"".into(),
+                execution_count: u64::MAX,
+                success_count: 7,
+                first_used_date: day,
+                last_used_date: day,
+                pattern_score: score,
+                is_recommended: recommended,
+            };
+            let mut ours = Vec::new();
+            pattern_json(&row, &mut ours);
             assert_eq!(String::from_utf8(ours).unwrap(), serde_json::to_string(&row).unwrap() + "\n");
         }
     }
