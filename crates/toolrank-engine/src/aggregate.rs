@@ -23,8 +23,8 @@ pub struct Contribution {
     pub pattern: Sym,
     /// Row count.
     pub rows: u32,
-    /// `ToolNM` of each failed row.
-    pub failed_tools: Vec<Sym>,
+    /// `ToolNM` of each failed row (boxed: every session keeps one per agent).
+    pub failed_tools: Box<[Sym]>,
 }
 
 /// Counts per day, so that the latest/earliest day is known after any retraction.

@@ -383,6 +383,9 @@ impl Engine {
                     }
                 }
                 if let Some(new) = new {
+                    // Sessions hold few agents: a vector's default first capacity of
+                    // four would be most of a session's memory.
+                    s.committed.reserve_exact(1);
                     s.committed.push((agent, new));
                 }
             }
@@ -561,7 +564,7 @@ impl Engine {
             st.live_sessions += usize::from(live > 0);
             heap += s.rows.capacity() * std::mem::size_of::<Row>();
             heap += s.committed.capacity() * std::mem::size_of::<(Sym, Contribution)>();
-            heap += s.committed.iter().map(|(_, c)| c.failed_tools.capacity() * 4).sum::<usize>();
+            heap += s.committed.iter().map(|(_, c)| c.failed_tools.len() * 4).sum::<usize>();
             heap += s.pk.len();
         }
         heap += self.catalog.capacity() * (std::mem::size_of::<(Sym, AgentSlot)>() + 1);
