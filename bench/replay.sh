@@ -3,7 +3,7 @@
 # ~200 MB), then times `toolrank replay` and DuckDB running the seed's SQL
 # (sql/duckdb/seed_analysis.sql) over the same file, checks that both give the same
 # tables (staging included: both write the same four files), and reports MB/s,
-# executions/s, CPU time and peak memory.
+# executions/s, CPU time and peak memory (medians of RUNS runs each, default 5).
 #
 # usage: bench/replay.sh [SESSIONS]      (DuckDB comes from PyPI into a venv)
 set -euo pipefail
@@ -24,29 +24,44 @@ INPUT="$OUT/export-$SESSIONS.json"
 [ -s "$INPUT" ] || "$BIN" generate --sessions "$SESSIONS" --seed 42 --style export --out "$INPUT"
 MB=$(python3 -c "import os;print(os.path.getsize('$INPUT')/1e6)")
 
-# measure NAME CMD...: wall seconds, CPU seconds (user+sys), peak RSS in MB, into $NAME_*
-measure() {
+# run NAME CMD...: one timed run, appending "wall-s cpu-s peak-MB" to $OUT/NAME.runs
+run() {
   local name=$1; shift
+  # Each run starts from the same memory state: dirty pages written, free memory
+  # compacted (where permitted), so that neither tool pays for the other's leftovers
+  # (huge-page faults after a run that freed 600 MB otherwise compact memory inline).
   sync
+  echo 1 2>/dev/null >/proc/sys/vm/compact_memory || true
   /usr/bin/time -f "%e %U %S %M" -o "$OUT/$name.time" "$@" >/dev/null 2>"$OUT/$name.log" || { cat "$OUT/$name.log"; exit 1; }
   read -r wall user sys rss <"$OUT/$name.time"
-  printf -v "${name}_wall" %s "$wall"
-  printf -v "${name}_cpu" %s "$(python3 -c "print($user+$sys)")"
-  printf -v "${name}_rss" %s "$((rss / 1024))"
+  echo "$wall $(python3 -c "print($user+$sys)") $((rss / 1024))" >>"$OUT/$name.runs"
 }
 
+# This VM's run-to-run spread is wide (kernel time, page zeroing): both tools run RUNS
+# times, alternating, and the medians are compared.
+RUNS="${RUNS:-5}"
+rm -f "$OUT/toolrank.runs" "$OUT/duckdb.runs"
 cat "$INPUT" >/dev/null  # warm the page cache for both
-measure toolrank "$BIN" replay --today "$TODAY" --out "$OUT/toolrank" "$INPUT"
-measure duckdb "$VENV/bin/python" bench/duckdb_replay.py "$INPUT" "$TODAY" "$OUT/duckdb"
+for _ in $(seq "$RUNS"); do
+  run toolrank "$BIN" replay --today "$TODAY" --out "$OUT/toolrank" "$INPUT"
+  run duckdb "$VENV/bin/python" bench/duckdb_replay.py "$INPUT" "$TODAY" "$OUT/duckdb"
+done
 EXECUTIONS=$(wc -l <"$OUT/toolrank/staging.jsonl")
 
-echo "input: $INPUT, $(printf %.0f "$MB") MB, $SESSIONS sessions, $EXECUTIONS executions"
+echo "input: $INPUT, $(printf %.0f "$MB") MB, $SESSIONS sessions, $EXECUTIONS executions; $RUNS runs each"
 python3 bench/compare.py "$OUT/toolrank" "$OUT/duckdb" && echo "results: identical"
-python3 - "$MB" "$EXECUTIONS" "$toolrank_wall" "$toolrank_cpu" "$toolrank_rss" "$duckdb_wall" "$duckdb_cpu" "$duckdb_rss" <<'PY'
-import sys
-mb, ex, tw, tc, tr, dw, dc, dr = map(float, sys.argv[1:])
-print(f"{'':10} {'wall s':>8} {'CPU s':>8} {'MB/s':>8} {'exec/s':>12} {'CPU us/exec':>12} {'peak MB':>8}")
-for name, w, c, r in (("toolrank", tw, tc, tr), ("duckdb", dw, dc, dr)):
-    print(f"{name:10} {w:8.2f} {c:8.2f} {mb / w:8.1f} {ex / w:12,.0f} {c / ex * 1e6:12.2f} {r:8.0f}")
-print(f"toolrank is {dw / tw:.1f}x faster than DuckDB (wall clock, 2 cores available to both)")
+python3 - "$MB" "$EXECUTIONS" "$OUT/toolrank.runs" "$OUT/duckdb.runs" <<'PY'
+import statistics, sys
+mb, ex = float(sys.argv[1]), float(sys.argv[2])
+def load(path):
+    runs = [tuple(map(float, line.split())) for line in open(path)]
+    return runs, tuple(statistics.median(r[i] for r in runs) for i in range(3))
+print(f"{'median':10} {'wall s':>8} {'CPU s':>8} {'MB/s':>8} {'exec/s':>12} {'CPU us/exec':>12} {'peak MB':>8}   wall s min-max")
+medians = {}
+for name, path in (("toolrank", sys.argv[3]), ("duckdb", sys.argv[4])):
+    runs, (w, c, r) = load(path)
+    medians[name] = w
+    walls = [x[0] for x in runs]
+    print(f"{name:10} {w:8.2f} {c:8.2f} {mb / w:8.1f} {ex / w:12,.0f} {c / ex * 1e6:12.2f} {r:8.0f}   {min(walls):.2f}-{max(walls):.2f}")
+print(f"toolrank is {medians['duckdb'] / medians['toolrank']:.1f}x faster than DuckDB (median wall clock, 2 cores available to both)")
 PY

@@ -8,6 +8,7 @@ use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -157,23 +158,25 @@ self_cell::self_cell!(
     }
 );
 
-const BATCH_LINES: usize = 4096;
-
 /// Whole lines of one input, read but not yet decoded.
 struct Chunk {
     source: Arc<str>,
+    /// A buffer taken over from the line reader.
     text: Vec<u8>,
     /// (line number, start, end) of each line in `text`.
     lines: Vec<(u64, usize, usize)>,
+    /// The storage of the decoded records of the last time round, emptied: taken by the
+    /// decoder, handed back by the applier (a fresh one per chunk would cost page faults).
+    items: Cell<Vec<Decoded<'static>>>,
 }
 
 type Batch = Result<DecodedBatch, SourceError>;
 
-/// Reads every input into chunks and deals them round-robin to the decoders, so that
-/// the applier can collect the decoded batches round-robin in input order. A read error
-/// travels in the chunk's place and ends the run there. Chunks come back once applied,
-/// through `recycled`, and are filled again: fresh buffers would cost a page
-/// fault per 4 KiB of input.
+/// Reads every input in blocks of whole lines and deals them round-robin to the
+/// decoders, so that the applier can collect the decoded batches round-robin in input
+/// order. A read error travels in the chunk's place and ends the run there. Chunks come
+/// back once applied, through `recycled`, and are filled again: fresh buffers would cost
+/// a page fault per 4 KiB of input.
 fn read_inputs(
     inputs: &[Input],
     read: Arc<AtomicU64>,
@@ -195,35 +198,25 @@ fn read_inputs(
             }
         };
         let source: Arc<str> = reader.name().into();
-        let fresh = || match recycled.try_recv() {
-            Ok(mut chunk) => {
-                chunk.source = source.clone();
-                chunk.text.clear();
-                chunk.lines.clear();
-                chunk
-            }
-            Err(_) => Chunk { source: source.clone(), text: Vec::with_capacity(1 << 20), lines: Vec::with_capacity(BATCH_LINES) },
-        };
-        let mut chunk = fresh();
         loop {
-            match reader.next_line() {
-                Ok(Some((line_no, bytes))) => {
-                    let start = chunk.text.len();
-                    chunk.text.extend_from_slice(bytes);
-                    chunk.lines.push((line_no, start, chunk.text.len()));
-                    if chunk.lines.len() == BATCH_LINES && !send(Ok(std::mem::replace(&mut chunk, fresh()))) {
-                        return;
-                    }
-                }
+            let mut chunk = recycled.try_recv().unwrap_or_else(|_| Chunk {
+                source: source.clone(),
+                text: Vec::new(),
+                lines: Vec::new(),
+                items: Cell::default(),
+            });
+            chunk.source = source.clone();
+            match reader.next_block(std::mem::take(&mut chunk.text), &mut chunk.lines) {
+                Ok(Some(text)) => chunk.text = text,
                 Ok(None) => break,
                 Err(e) => {
                     send(Err(e));
                     return;
                 }
             }
-        }
-        if !chunk.lines.is_empty() && !send(Ok(chunk)) {
-            return;
+            if !send(Ok(chunk)) {
+                return;
+            }
         }
     }
 }
@@ -238,7 +231,8 @@ fn decode_chunks(chunks: mpsc::Receiver<Result<Chunk, SourceError>>, out: mpsc::
 }
 
 fn decode_chunk(chunk: &Chunk) -> DecodedLines<'_> {
-    let mut items = Vec::with_capacity(chunk.lines.len() + chunk.lines.len() / 4);
+    let mut items: Vec<Decoded<'_>> = chunk.items.take();
+    items.reserve(chunk.lines.len() + chunk.lines.len() / 4);
     let mut by_format = [0; Format::ALL.len()];
     for &(line_no, start, end) in &chunk.lines {
         let bytes = &chunk.text[start..end];
@@ -296,7 +290,7 @@ fn ingest_files(inputs: &[Input], engine: &mut Engine, counts: &mut Counts, dead
             .context("starting the read thread")?;
         let batches = (0..).map_while(|i: usize| from_decoders[i % decoders].recv().ok());
         for batch in batches {
-            let batch = batch?;
+            let mut batch = batch?;
             counts.lines += batch.borrow_owner().lines.len() as u64;
             let decoded = batch.borrow_dependent();
             for (total, n) in counts.by_format.iter_mut().zip(decoded.by_format) {
@@ -308,7 +302,16 @@ fn ingest_files(inputs: &[Input], engine: &mut Engine, counts: &mut Counts, dead
                     Decoded::Bad(letter) => dead.reject(&mut counts.bad, letter.clone())?,
                 }
             }
-            let _ = recycle.send(batch.into_owner());
+            // The decoded records' storage goes back with the chunk, emptied: collecting
+            // an empty vector into one of the same layout keeps its allocation.
+            let items = batch.with_dependent_mut(|_, decoded| {
+                let mut items = std::mem::take(&mut decoded.items);
+                items.clear();
+                items.into_iter().filter_map(|_| None).collect::<Vec<Decoded<'static>>>()
+            });
+            let chunk = batch.into_owner();
+            chunk.items.set(items);
+            let _ = recycle.send(chunk);
             // This thread waits on decoding much of the time: turning the batch's changes
             // into aggregate deltas now keeps the final flush short.
             engine.flush();

@@ -214,34 +214,80 @@ impl LineReader {
     /// The next non-blank line without its line terminator, with its 1-based number.
     pub fn next_line(&mut self) -> Result<Option<(u64, &[u8])>, SourceError> {
         while let Some((start, stop)) = self.next_span()? {
-            if self.buf[start..stop].iter().any(|b| !b.is_ascii_whitespace()) {
+            if !is_blank(&self.buf[start..stop]) {
                 return Ok(Some((self.line, &self.buf[start..stop])));
             }
         }
         Ok(None)
     }
 
-    /// Bounds of the next line in `buf`, terminators excluded.
+    /// Every complete non-blank line now buffered (reading more first if there is none),
+    /// as `(number, start, end)` in `lines`, and the buffer that holds them, which is
+    /// handed over whole: `spare` becomes the reader's buffer and only the unfinished last
+    /// line is copied into it, so a line's bytes are never copied. `None` at the end.
+    pub fn next_block(&mut self, mut spare: Vec<u8>, lines: &mut Vec<(u64, usize, usize)>) -> Result<Option<Vec<u8>>, SourceError> {
+        lines.clear();
+        loop {
+            while let Some((start, stop)) = self.buffered_span() {
+                if !is_blank(&self.buf[start..stop]) {
+                    lines.push((self.line, start, stop));
+                }
+            }
+            if !lines.is_empty() {
+                break;
+            }
+            if self.eof {
+                return Ok(None);
+            }
+            self.refill()?;
+        }
+        let tail = self.end - self.pos;
+        if spare.len() < tail.max(BLOCK) {
+            spare.resize(tail.max(BLOCK), 0);
+        }
+        spare[..tail].copy_from_slice(&self.buf[self.pos..self.end]);
+        let block = std::mem::replace(&mut self.buf, spare);
+        (self.pos, self.end) = (0, tail);
+        Ok(Some(block))
+    }
+
+    /// Bounds of the next line in `buf`, terminators excluded, reading more when the
+    /// buffer holds no complete line.
     fn next_span(&mut self) -> Result<Option<(usize, usize)>, SourceError> {
         loop {
-            let (start, mut stop, next) = match memchr::memchr(b'\n', &self.buf[self.pos..self.end]) {
-                Some(i) => (self.pos, self.pos + i, self.pos + i + 1),
-                None if self.eof && self.pos == self.end => return Ok(None),
-                None if self.eof => (self.pos, self.end, self.end),
-                None => {
-                    self.refill()?;
-                    continue;
-                }
-            };
-            self.pos = next;
-            self.line += 1;
-            while stop > start && self.buf[stop - 1] == b'\r' {
-                stop -= 1;
+            if let Some(span) = self.buffered_span() {
+                return Ok(Some(span));
             }
-            return Ok(Some((start, stop)));
+            if self.eof {
+                return Ok(None);
+            }
+            self.refill()?;
         }
     }
+
+    /// Bounds of the next complete line already in `buf` (at the end of the input, the
+    /// unterminated last one too), terminators excluded.
+    fn buffered_span(&mut self) -> Option<(usize, usize)> {
+        let (start, mut stop, next) = match memchr::memchr(b'\n', &self.buf[self.pos..self.end]) {
+            Some(i) => (self.pos, self.pos + i, self.pos + i + 1),
+            None if self.eof && self.pos < self.end => (self.pos, self.end, self.end),
+            None => return None,
+        };
+        self.pos = next;
+        self.line += 1;
+        while stop > start && self.buf[stop - 1] == b'\r' {
+            stop -= 1;
+        }
+        Some((start, stop))
+    }
 }
+
+fn is_blank(line: &[u8]) -> bool {
+    line.iter().all(u8::is_ascii_whitespace)
+}
+
+/// Smallest buffer [`LineReader::next_block`] hands the reader: blocks are about this size.
+const BLOCK: usize = 1 << 20;
 
 #[cfg(test)]
 mod tests {
@@ -279,6 +325,32 @@ mod tests {
         std::fs::write(&path, format!("a\n{long}\nb\n")).unwrap();
         let got = lines(&Input::File(path));
         assert_eq!(got, vec![(1, "a".to_owned()), (2, long), (3, "b".to_owned())]);
+    }
+
+    #[test]
+    fn blocks_hold_the_same_lines_as_line_by_line_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("many.jsonl");
+        let mut text = String::new();
+        for i in 0..60_000 {
+            match i % 1000 {
+                7 => text.push_str("  \r\n"),
+                500 => text.push_str(&format!("{}\n", "y".repeat(BLOCK + i))),
+                _ => text.push_str(&format!("{{\"line\":{i}}}\r\n")),
+            }
+        }
+        text.push_str("last, unterminated");
+        std::fs::write(&path, &text).unwrap();
+        let input = Input::File(path);
+        let mut reader = LineReader::open(&input, Arc::default()).unwrap();
+        let (mut got, mut lines, mut spare, mut blocks) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        while let Some(block) = reader.next_block(spare, &mut lines).unwrap() {
+            got.extend(lines.iter().map(|&(n, a, b)| (n, String::from_utf8(block[a..b].to_vec()).unwrap())));
+            spare = block;
+            blocks += 1;
+        }
+        assert!(blocks > 3, "{blocks} blocks");
+        assert_eq!(got, self::lines(&input));
     }
 
     #[test]
