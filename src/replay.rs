@@ -302,13 +302,7 @@ fn ingest_files(inputs: &[Input], engine: &mut Engine, counts: &mut Counts, dead
                     Decoded::Bad(letter) => dead.reject(&mut counts.bad, letter.clone())?,
                 }
             }
-            // The decoded records' storage goes back with the chunk, emptied: collecting
-            // an empty vector into one of the same layout keeps its allocation.
-            let items = batch.with_dependent_mut(|_, decoded| {
-                let mut items = std::mem::take(&mut decoded.items);
-                items.clear();
-                items.into_iter().filter_map(|_| None).collect::<Vec<Decoded<'static>>>()
-            });
+            let items = batch.with_dependent_mut(|_, decoded| emptied(std::mem::take(&mut decoded.items)));
             let chunk = batch.into_owner();
             chunk.items.set(items);
             let _ = recycle.send(chunk);
@@ -326,6 +320,13 @@ fn ingest_files(inputs: &[Input], engine: &mut Engine, counts: &mut Counts, dead
         bar.finish_and_clear();
     }
     Ok(read.load(Ordering::Relaxed))
+}
+
+/// The storage of decoded records, emptied, to go back with its chunk: collecting an
+/// empty vector into one of the same layout keeps its allocation.
+fn emptied(mut items: Vec<Decoded<'_>>) -> Vec<Decoded<'static>> {
+    items.clear();
+    items.into_iter().map(|_| unreachable!("the vector was emptied")).collect()
 }
 
 fn apply(engine: &mut Engine, counts: &mut Counts, change: &Change<'_>) {
