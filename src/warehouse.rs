@@ -49,7 +49,7 @@ impl WarehouseArgs {
             (None, None) if std::env::var_os("AWS_ENDPOINT_URL_REDSHIFT_DATA").is_some() => Target::Workgroup { name: "local".into(), secret_arn: None },
             (None, None) => bail!("no warehouse: set --workgroup (TOOLRANK_REDSHIFT_WORKGROUP) or --cluster-identifier (TOOLRANK_REDSHIFT_CLUSTER)"),
         };
-        if !(self.statement_timeout > 0.0) {
+        if self.statement_timeout.is_nan() || self.statement_timeout <= 0.0 {
             bail!("--statement-timeout must be positive");
         }
         Ok(DataApi::connect(target, &self.database, Duration::from_secs_f64(self.statement_timeout)).await)

@@ -173,7 +173,9 @@ pub fn evaluate(state: &BTreeMap<(String, String), Item>, today: &str) -> Refere
         groups.entry((r.user.clone(), r.session.clone(), r.domain.clone(), r.agent.clone())).or_default().push(r);
     }
     let mut per_agent: BTreeMap<(String, String), (u64, u64, String)> = BTreeMap::new();
-    let mut per_pattern: BTreeMap<(String, String, String, String), (u64, u64, String, String)> = BTreeMap::new();
+    // (user, processes, agent, tools) → (executions, successes, first, last)
+    type Key = (String, String, String, String);
+    let mut per_pattern: BTreeMap<Key, (u64, u64, String, String)> = BTreeMap::new();
     for ((user, _, domain, agent), rows) in &groups {
         let ok = rows.iter().all(|r| r.succ);
         let last = rows.iter().map(|r| date(&r.dt)).max().unwrap();

@@ -140,12 +140,27 @@ fn hist_attrs(tool_nm: &str, dt: &str, success: bool) -> String {
     )
 }
 
-fn flat(pk_user: &str, session: &str, process: &str, a: &Agent, tool: &(String, &str), dt: &str, success: bool, delete: bool, n: u64) -> String {
-    let op = if delete { "delete" } else { "upsert" };
-    format!(
-        r#"{{"event_id":"e{n}","op":"{op}","user_id":"{pk_user}","session_id":"{session}","process_id":"{process}","domain_id":"{}","agent_id":"{}","agent_name":"{}","tool_id":"{}","tool_name":"{}","success":{success},"transact_dt":"{dt}","tool_values":"q","result_message":"ok"}}"#,
-        a.domain, a.id, a.name, tool.0, tool.1
-    )
+/// One execution as flat events describe it.
+struct FlatRow<'a> {
+    user: &'a str,
+    session: &'a str,
+    process: String,
+    agent: &'a Agent,
+    tool: &'a (String, &'static str),
+    dt: &'a str,
+    success: bool,
+}
+
+impl FlatRow<'_> {
+    /// The flat event number `n` for this row: an upsert, or its deletion.
+    fn event(&self, delete: bool, n: u64) -> String {
+        let FlatRow { user, session, process, agent: a, tool, dt, success } = self;
+        let op = if delete { "delete" } else { "upsert" };
+        format!(
+            r#"{{"event_id":"e{n}","op":"{op}","user_id":"{user}","session_id":"{session}","process_id":"{process}","domain_id":"{}","agent_id":"{}","agent_name":"{}","tool_id":"{}","tool_name":"{}","success":{success},"transact_dt":"{dt}","tool_values":"q","result_message":"ok"}}"#,
+            a.domain, a.id, a.name, tool.0, tool.1
+        )
+    }
 }
 
 /// Writes a history of `cfg.sessions` sessions to `out`.
@@ -210,9 +225,10 @@ pub fn generate(cfg: &Config, style: Style, out: impl Write) -> io::Result<Stats
                 match style {
                     Style::Flat => {
                         let n = w.stats.lines;
-                        w.line(&flat(&user, &session, &format!("PRC{process:03}"), a, tool, &dt, success, false, n))?;
+                        let row = FlatRow { user: &user, session: &session, process: format!("PRC{process:03}"), agent: a, tool, dt: &dt, success };
+                        w.line(&row.event(false, n))?;
                         if rng.random_bool(0.02) {
-                            w.line(&flat(&user, &session, &format!("PRC{process:03}"), a, tool, &dt, success, true, n + 1))?;
+                            w.line(&row.event(true, n + 1))?;
                             w.stats.executions -= 1;
                         }
                     }
