@@ -86,10 +86,12 @@ pub fn write_dir(dir: &Path, engine: &Engine, today: Day) -> Result<()> {
             }
             w.flush()
         })?;
-        write_report(dir, &engine.build_report(today))?;
+        let report = engine.build_report(today);
+        let built = started.elapsed();
+        write_report(dir, &report)?;
         let reported = started.elapsed();
         let written = writer.join();
-        tracing::debug!(staging_order_s = ordered.as_secs_f64(), report_s = reported.as_secs_f64(), staging_s = started.elapsed().as_secs_f64(), "output phases");
+        tracing::debug!(staging_order_s = ordered.as_secs_f64(), report_built_s = built.as_secs_f64(), report_s = reported.as_secs_f64(), staging_s = started.elapsed().as_secs_f64(), "output phases");
         written.expect("the staging writer does not panic").with_context(|| format!("writing {}", path.display()))
     })
 }
