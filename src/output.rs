@@ -3,24 +3,17 @@
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::Path;
 use std::sync::mpsc;
 use toolrank_engine::{Engine, PatternRow, Report, StagingRow};
 use toolrank_events::Day;
 use unicode_width::UnicodeWidthStr;
 
-/// Writes `rows` as one JSON object per line.
-fn write_rows<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
-    let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
-    rows.iter()
-        .try_for_each(|row| {
-            serde_json::to_writer(&mut w, row)?;
-            w.write_all(b"\n")
-        })
-        .and_then(|()| w.flush())
-        .with_context(|| format!("writing {}", path.display()))
+/// A row as serde writes it, as a JSON line.
+fn serde_line<T: Serialize>(row: &T, out: &mut Vec<u8>) {
+    serde_json::to_writer(&mut *out, row).expect("report rows serialize to a Vec");
+    out.push(b'\n');
 }
 
 /// Sessions per piece of the staging table: pieces are rendered alternately by two
@@ -170,9 +163,9 @@ fn write_lines<T>(path: &Path, rows: &[T], line: fn(&T, &mut Vec<u8>)) -> Result
 /// Writes the three ranking tables of `report` into `dir` (created if missing).
 pub fn write_report(dir: &Path, report: &Report) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    write_rows(&dir.join("agent_score_summary.jsonl"), &report.agents)?;
+    write_lines(&dir.join("agent_score_summary.jsonl"), &report.agents, serde_line)?;
     write_lines(&dir.join("user_process_patterns.jsonl"), &report.patterns, pattern_json)?;
-    write_rows(&dir.join("agent_tool_errors.jsonl"), &report.tool_errors)
+    write_lines(&dir.join("agent_tool_errors.jsonl"), &report.tool_errors, serde_line)
 }
 
 /// A text table with display-width-aware columns (agent names are often Korean).
