@@ -45,16 +45,15 @@ run() {
 # DuckDB pays to fault in again the ~650 MB that DuckDB just freed (the host takes freed
 # guest memory back), up to +0.8 s of kernel time.
 RUNS="${RUNS:-5}"
-rm -f "$OUT/toolrank.runs" "$OUT/duckdb.runs"
+# runs NAME CMD...: the warm-up, then RUNS timed runs into $OUT/NAME.runs
+runs() {
+  run "$@"
+  rm "$OUT/$1.runs"
+  for _ in $(seq "$RUNS"); do run "$@"; done
+}
 cat "$INPUT" >/dev/null  # warm the page cache for both
-for i in $(seq 0 "$RUNS"); do
-  run toolrank "$BIN" replay --today "$TODAY" --out "$OUT/toolrank" "$INPUT"
-  [ "$i" -gt 0 ] || rm "$OUT/toolrank.runs"
-done
-for i in $(seq 0 "$RUNS"); do
-  run duckdb "$VENV/bin/python" bench/duckdb_replay.py "$INPUT" "$TODAY" "$OUT/duckdb"
-  [ "$i" -gt 0 ] || rm "$OUT/duckdb.runs"
-done
+runs toolrank "$BIN" replay --today "$TODAY" --out "$OUT/toolrank" "$INPUT"
+runs duckdb "$VENV/bin/python" bench/duckdb_replay.py "$INPUT" "$TODAY" "$OUT/duckdb"
 EXECUTIONS=$(wc -l <"$OUT/toolrank/staging.jsonl")
 
 echo "input: $INPUT, $(printf %.0f "$MB") MB, $SESSIONS sessions, $EXECUTIONS executions; $RUNS runs each"

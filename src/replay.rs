@@ -159,6 +159,7 @@ self_cell::self_cell!(
 );
 
 /// Whole lines of one input, read but not yet decoded.
+#[derive(Default)]
 struct Chunk {
     source: Arc<str>,
     /// A buffer taken over from the line reader.
@@ -199,12 +200,7 @@ fn read_inputs(
         };
         let source: Arc<str> = reader.name().into();
         loop {
-            let mut chunk = recycled.try_recv().unwrap_or_else(|_| Chunk {
-                source: source.clone(),
-                text: Vec::new(),
-                lines: Vec::new(),
-                items: Cell::default(),
-            });
+            let mut chunk = recycled.try_recv().unwrap_or_default();
             chunk.source = source.clone();
             match reader.next_block(std::mem::take(&mut chunk.text), &mut chunk.lines) {
                 Ok(Some(text)) => chunk.text = text,
