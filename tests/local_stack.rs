@@ -6,7 +6,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use std::collections::HashMap;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const SEED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/seed-sample.jsonl");
@@ -19,10 +19,91 @@ fn toolrank(args: &[&str]) -> Output {
     run(Command::new(env!("CARGO_BIN_EXE_toolrank")).args(args))
 }
 
+/// Runs `cmd` to its end (at most `COMMAND_LIMIT`) and requires success.
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("toolrank runs");
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let what = format!("{cmd:?}");
+    let out = Running::spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped())).wait(COMMAND_LIMIT);
+    assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
     out
+}
+
+/// The longest any one command of these tests may run: one that hangs fails its test with
+/// what it said, instead of stalling the suite.
+const COMMAND_LIMIT: Duration = Duration::from_secs(420);
+
+/// A spawned command whose piped output is read while it runs (a full pipe would stall
+/// it) and whose end is waited for with a limit. Killed if dropped while running, so a
+/// failed test leaves no process behind.
+struct Running {
+    child: std::process::Child,
+    what: String,
+    stdout: Option<std::thread::JoinHandle<Vec<u8>>>,
+    stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
+}
+
+impl Running {
+    fn spawn(cmd: &mut Command) -> Running {
+        let what = format!("{cmd:?}");
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{what}: {e}"));
+        let (stdout, stderr) = (read_all(child.stdout.take()), read_all(child.stderr.take()));
+        Running { child, what, stdout, stderr }
+    }
+
+    fn signal(&self, which: &str) {
+        Command::new("kill").args([which, &self.child.id().to_string()]).status().unwrap();
+    }
+
+    /// Whether the command exits within `limit`.
+    fn exits_within(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.child.try_wait().unwrap().is_some() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Its exit and output; past `limit`, kills it and fails the test with its stderr.
+    fn wait(mut self, limit: Duration) -> Output {
+        let exited = self.exits_within(limit);
+        if !exited {
+            let _ = self.child.kill();
+        }
+        let status = self.child.wait().unwrap();
+        let stdout = self.stdout.take().map(|t| t.join().unwrap()).unwrap_or_default();
+        let stderr = self.stderr.take().map(|t| t.join().unwrap()).unwrap_or_default();
+        assert!(exited, "{} did not exit within {} s; its stderr:\n{}", self.what, limit.as_secs(), String::from_utf8_lossy(&stderr));
+        Output { status, stdout, stderr }
+    }
+
+    /// Kills it with SIGKILL (a crash).
+    fn kill(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Reads `pipe` to its end on a thread of its own.
+fn read_all(pipe: Option<impl std::io::Read + Send + 'static>) -> Option<std::thread::JoinHandle<Vec<u8>>> {
+    pipe.map(|mut pipe| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    })
 }
 
 fn unique(prefix: &str) -> String {
@@ -170,22 +251,13 @@ impl Live {
         args
     }
 
-    fn consumer(&self, extra: &[&str]) -> std::process::Child {
-        self.command()
-            .args(self.consume_args(extra))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("consumer starts")
+    fn consumer(&self, extra: &[&str]) -> Running {
+        Running::spawn(self.command().args(self.consume_args(extra)).stdout(Stdio::null()).stderr(Stdio::piped()))
     }
 
     /// Publishes `input` to the topic at `rate` records/s in the background.
-    fn producer(&self, rate: &str, input: &str) -> std::process::Child {
-        self.command()
-            .args(["produce", "--topic", &self.topic, "--rate", rate, input])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("producer starts")
+    fn producer(&self, rate: &str, input: &str) -> Running {
+        Running::spawn(self.command().args(["produce", "--topic", &self.topic, "--rate", rate, input]).stdout(Stdio::null()).stderr(Stdio::piped()))
     }
 
     /// Runs a consumer until the topic is drained (longer than the group's session
@@ -332,17 +404,6 @@ fn seed_through_kafka_reaches_both_sinks_and_the_access_patterns() {
     assert!(text.starts_with("source: dynamodb") && text.find("AGT002").unwrap() < text.find("AGT001").unwrap(), "{text}");
 }
 
-fn sigint(child: &std::process::Child) {
-    signal(child, "-INT");
-}
-
-fn sigterm(child: &std::process::Child) {
-    signal(child, "-TERM");
-}
-
-fn signal(child: &std::process::Child, which: &str) {
-    Command::new("kill").args([which, &child.id().to_string()]).status().unwrap();
-}
 
 /// The Prometheus metrics a command serves at `addr`.
 fn scrape(addr: &str) -> String {
@@ -372,7 +433,7 @@ fn wait_for_port(port: u16) {
 struct Broker {
     port: u16,
     dir: tempfile::TempDir,
-    process: Option<std::process::Child>,
+    process: Option<Running>,
 }
 
 impl Broker {
@@ -384,13 +445,13 @@ impl Broker {
 
     fn spawn(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
-        let child = Command::new(env("TOOLRANK_TANSU"))
-            .args(["broker", "--storage-engine", "sqlite://tansu.db", "--listener-url", &url, "--advertised-listener-url", &url])
-            .current_dir(self.dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("tansu starts");
+        let child = Running::spawn(
+            Command::new(env("TOOLRANK_TANSU"))
+                .args(["broker", "--storage-engine", "sqlite://tansu.db", "--listener-url", &url, "--advertised-listener-url", &url])
+                .current_dir(self.dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
         self.process = Some(child);
         wait_for_port(self.port);
     }
@@ -401,20 +462,14 @@ impl Broker {
 
     /// Stops the broker gracefully and starts it again on the same storage.
     fn restart(&mut self, down_for: Duration) {
-        let mut child = self.process.take().unwrap();
-        sigterm(&child);
-        child.wait().unwrap();
+        let mut broker = self.process.take().unwrap();
+        broker.signal("-TERM");
+        if !broker.exits_within(Duration::from_secs(30)) {
+            eprintln!("tansu did not stop within 30 s of SIGTERM: killed");
+        }
+        drop(broker);
         std::thread::sleep(down_for);
         self.spawn();
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.process.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
@@ -498,13 +553,12 @@ fn exactly_once_through_kills_rebalances_dynamodb_errors_and_a_broker_restart() 
     let events = std::fs::read_to_string(&history).unwrap().lines().count();
     assert!(events >= 100_000, "{events} events");
     let t0 = Instant::now();
-    let mut producer = live.producer("5000", &history);
+    let producer = live.producer("5000", &history);
     // Kill -9 at moments that fall before, during and after checkpoints.
     for (i, ms) in [700u64, 1900, 1300, 2600, 1100].into_iter().enumerate() {
-        let mut c = live.consumer(&["--id", &format!("victim-{i}")]);
+        let victim = live.consumer(&["--id", &format!("victim-{i}")]);
         std::thread::sleep(Duration::from_millis(ms));
-        c.kill().unwrap();
-        c.wait().unwrap();
+        victim.kill();
     }
     eprintln!("{:?} kills done", t0.elapsed());
     // Two consumers in one group; DynamoDB fails under both; one stops mid-stream and
@@ -514,40 +568,30 @@ fn exactly_once_through_kills_rebalances_dynamodb_errors_and_a_broker_restart() 
     std::thread::sleep(Duration::from_millis(1500));
     proxy.fail_for(Duration::from_secs(3));
     std::thread::sleep(Duration::from_millis(1000));
-    sigterm(&b);
-    let b = b.wait_with_output().unwrap();
+    b.signal("-TERM");
+    let b = b.wait(Duration::from_secs(120));
     assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
     eprintln!("{:?} b stopped", t0.elapsed());
     broker.restart(Duration::from_secs(2));
     eprintln!("{:?} broker restarted", t0.elapsed());
     std::thread::sleep(Duration::from_millis(1000));
     proxy.fail_for(Duration::from_secs(2));
-    assert!(producer.wait().unwrap().success());
+    assert!(producer.wait(COMMAND_LIMIT).status.success());
     eprintln!("{:?} producer done", t0.elapsed());
     // `a` should see the topic drained within its 12 s of idleness. Seen once: after the
     // broker restart it waited for partitions nobody consumed (noted in the issue). Stop
     // it then, gracefully, rather than hang the suite; the final drain checks the result.
     let mut a = a;
-    let mut stderr = a.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut log = String::new();
-        std::io::Read::read_to_string(&mut stderr, &mut log).unwrap();
-        log
-    });
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while a.try_wait().unwrap().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    if a.try_wait().unwrap().is_none() {
+    if !a.exits_within(Duration::from_secs(180)) {
         eprintln!("consumer a did not see the topic drained within 180 s: stopping it");
-        sigterm(&a);
+        a.signal("-TERM");
     }
-    let status = a.wait().unwrap();
-    let log = reader.join().unwrap();
+    let a = a.wait(Duration::from_secs(120));
+    let log = String::from_utf8_lossy(&a.stderr);
     eprintln!("{:?} a done", t0.elapsed());
     // Shown when an assertion below fails.
     eprintln!("consumer b:\n{}\nconsumer a:\n{log}", String::from_utf8_lossy(&b.stderr));
-    assert!(status.success(), "{log}");
+    assert!(a.status.success(), "{log}");
     let refused = proxy.refused.load(std::sync::atomic::Ordering::SeqCst);
     assert!(refused > 0, "DynamoDB errors were injected");
     let summary = live.drain(&["--id", "final"]);
@@ -558,35 +602,34 @@ fn exactly_once_through_kills_rebalances_dynamodb_errors_and_a_broker_restart() 
 #[test]
 fn valkey_outage_loses_nothing() {
     let port = 20000 + (std::process::id() % 5000) as u16;
-    let server = env("TOOLRANK_VALKEY_SERVER");
-    let start = || {
-        Command::new(&server)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
     let url = format!("redis://127.0.0.1:{port}");
-    let mut valkey = start();
+    let valkey = valkey_server(port);
     let live = Live::new("2");
     let history = generated(&live, "1500", "5");
-    let mut producer = live.producer("1000", &history);
+    let producer = live.producer("1000", &history);
     let consumer = live.consumer(&["--valkey-url", &url, "--until-idle", "12"]);
     std::thread::sleep(Duration::from_secs(2));
-    valkey.kill().unwrap();
-    valkey.wait().unwrap();
+    valkey.kill();
     std::thread::sleep(Duration::from_secs(10));
     // Back empty (no persistence): the sink must rebuild everything.
-    let mut valkey = start();
-    assert!(producer.wait().unwrap().success());
-    let out = consumer.wait_with_output().unwrap();
+    let valkey = valkey_server(port);
+    assert!(producer.wait(COMMAND_LIMIT).status.success());
+    let out = consumer.wait(COMMAND_LIMIT);
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
     assert!(log.contains("valkey sink write failed"), "the outage was noticed: {log}");
     eprintln!("{}", log.lines().filter(|l| !l.contains("valkey sink write failed")).collect::<Vec<_>>().join("\n"));
     live.assert_sinks_equal_replay(&history, Some(&url));
-    valkey.kill().unwrap();
-    valkey.wait().unwrap();
+    valkey.kill();
+}
+
+/// A private Valkey without persistence on `port`.
+fn valkey_server(port: u16) -> Running {
+    Running::spawn(
+        Command::new(env("TOOLRANK_VALKEY_SERVER"))
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null()),
+    )
 }
 
 #[test]
@@ -649,22 +692,20 @@ fn dynamodb_streams_pollers_share_the_stream_and_take_over_from_a_killed_one() {
     let history = live.dir.path().join("history.jsonl");
     let history = history.to_str().unwrap();
     live.toolrank(&["generate", "--sessions", "900", "--seed", "12", "--agents", "30", "--out", history]);
-    let mut producer = live.command().args(["produce", "--to", "dynamodb", "--table", &live.table, history]).stderr(std::process::Stdio::null()).spawn().unwrap();
-    let quiet = |mut cmd: Command| cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
-    let mut a = quiet(live.streams_poller(&["--id", "a"]));
+    let producer = Running::spawn(live.command().args(["produce", "--to", "dynamodb", "--table", &live.table, history]).stdout(Stdio::null()).stderr(Stdio::piped()));
+    let quiet = |mut cmd: Command| Running::spawn(cmd.stdout(Stdio::null()).stderr(Stdio::null()));
+    let a = quiet(live.streams_poller(&["--id", "a"]));
     std::thread::sleep(Duration::from_secs(4));
-    let b = live.streams_poller(&["--id", "b", "--until-idle", "6"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let b = Running::spawn(live.streams_poller(&["--id", "b", "--until-idle", "6"]).stdout(Stdio::null()).stderr(Stdio::piped()));
     std::thread::sleep(Duration::from_secs(4));
-    a.kill().unwrap();
-    a.wait().unwrap();
+    a.kill();
     // A second poller that dies mid-stream too, after taking the lineage or not.
     std::thread::sleep(Duration::from_secs(1));
-    let mut c = quiet(live.streams_poller(&["--id", "c"]));
+    let c = quiet(live.streams_poller(&["--id", "c"]));
     std::thread::sleep(Duration::from_secs(4));
-    c.kill().unwrap();
-    c.wait().unwrap();
-    assert!(producer.wait().unwrap().success());
-    let out = b.wait_with_output().unwrap();
+    c.kill();
+    assert!(producer.wait(COMMAND_LIMIT).status.success());
+    let out = b.wait(COMMAND_LIMIT);
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
     assert!(log.contains("took a tree"), "b took the killed pollers' lineage over: {log}");
@@ -901,25 +942,25 @@ fn lambda_handler_is_exact(kinesis: bool, seed: &str) {
     let history = generated(&live, "500", seed);
     let api = RuntimeApi::start();
     let app = unique("lambda");
-    let handlers: Vec<std::process::Child> = (0..2)
+    let handlers: Vec<Running> = (0..2)
         .map(|_| {
-            Command::new(env!("CARGO_BIN_EXE_toolrank"))
-                .arg("lambda")
-                .envs([
-                    ("AWS_LAMBDA_RUNTIME_API", api.address.as_str()),
-                    ("AWS_LAMBDA_FUNCTION_NAME", "toolrank"),
-                    ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512"),
-                    ("AWS_LAMBDA_FUNCTION_VERSION", "1"),
-                    ("AWS_ENDPOINT_URL_DYNAMODB", proxy.url.as_str()),
-                    ("TOOLRANK_TABLE", live.table.as_str()),
-                    ("TOOLRANK_NAMESPACE", live.namespace.as_str()),
-                    ("TOOLRANK_APPLICATION", app.as_str()),
-                    ("TOOLRANK_TODAY", TODAY),
-                    ("TOOLRANK_BUCKETS", "4"),
-                ])
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap()
+            Running::spawn(
+                Command::new(env!("CARGO_BIN_EXE_toolrank"))
+                    .arg("lambda")
+                    .envs([
+                        ("AWS_LAMBDA_RUNTIME_API", api.address.as_str()),
+                        ("AWS_LAMBDA_FUNCTION_NAME", "toolrank"),
+                        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512"),
+                        ("AWS_LAMBDA_FUNCTION_VERSION", "1"),
+                        ("AWS_ENDPOINT_URL_DYNAMODB", proxy.url.as_str()),
+                        ("TOOLRANK_TABLE", live.table.as_str()),
+                        ("TOOLRANK_NAMESPACE", live.namespace.as_str()),
+                        ("TOOLRANK_APPLICATION", app.as_str()),
+                        ("TOOLRANK_TODAY", TODAY),
+                        ("TOOLRANK_BUCKETS", "4"),
+                    ])
+                    .stderr(Stdio::null()),
+            )
         })
         .collect();
     let shards = lambda_shards(&history, kinesis);
@@ -930,10 +971,7 @@ fn lambda_handler_is_exact(kinesis: bool, seed: &str) {
         proxy.fail_for(Duration::from_secs(8));
         drivers.into_iter().map(|d| d.join().unwrap()).sum::<usize>()
     });
-    for mut h in handlers {
-        h.kill().unwrap();
-        h.wait().unwrap();
-    }
+    drop(handlers);
     eprintln!("{failures} batch item failures reported; {} requests refused", proxy.refused.load(std::sync::atomic::Ordering::SeqCst));
     assert!(proxy.refused.load(std::sync::atomic::Ordering::SeqCst) > 0, "errors were injected");
     assert!(failures > 0, "batch item failures were reported and retried");
@@ -1215,20 +1253,19 @@ fn backfill_from_a_table_resumes_after_kill_and_equals_replay_and_the_export() {
     };
     // Slowed to a few read units/s: killed with -9 after 3 s, resumed and stopped by
     // SIGINT after 2 s, then resumed at full speed.
-    let mut victim = backfill(&["--max-rcu", "4"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let victim = Running::spawn(backfill(&["--max-rcu", "4"]).stderr(Stdio::null()));
     std::thread::sleep(Duration::from_secs(3));
-    victim.kill().unwrap();
-    victim.wait().unwrap();
+    victim.kill();
     let metrics_port = free_port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
-    let interrupted = backfill(&["--max-rcu", "1", "--metrics-addr", &metrics_addr]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let interrupted = Running::spawn(backfill(&["--max-rcu", "1", "--metrics-addr", &metrics_addr]).stderr(Stdio::piped()));
     std::thread::sleep(Duration::from_secs(2));
     let metrics = scrape(&metrics_addr);
     let line = metrics.lines().find(|l| l.starts_with("toolrank_job_records_total{job=\"backfill\"}")).unwrap_or_else(|| panic!("{metrics}"));
     assert!(line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() > 0.0, "{metrics}");
     assert!(metrics.contains("# TYPE toolrank_backfill_read_capacity_units_total counter"), "{metrics}");
-    sigint(&interrupted);
-    let stopped = interrupted.wait_with_output().unwrap();
+    interrupted.signal("-INT");
+    let stopped = interrupted.wait(COMMAND_LIMIT);
     let said = String::from_utf8_lossy(&stopped.stderr);
     assert!(stopped.status.success() && said.contains("run the same command again to resume"), "{said}");
     let resumed = String::from_utf8(run(&mut backfill(&[])).stderr).unwrap();
@@ -1285,14 +1322,14 @@ fn backfill_beside_a_live_consumer_counts_nothing_twice() {
     // and a consumer reads the topic.
     live.toolrank(&["produce", "--to", "dynamodb", "--table", &live.table, before.to_str().unwrap()]);
     let consumer = live.consumer(&["--until-idle", "12"]);
-    let to_table = live.command().args(["produce", "--to", "dynamodb", "--table", &live.table, "--rate", "400", after.to_str().unwrap()]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let to_table = Running::spawn(live.command().args(["produce", "--to", "dynamodb", "--table", &live.table, "--rate", "400", after.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::piped()));
     let to_topic = live.producer("400", after.to_str().unwrap());
     std::thread::sleep(Duration::from_millis(800));
     live.toolrank(&["backfill", "--from", "dynamodb", "--table", &live.table, "--topic", &live.topic, "--segments", "2", "--page-items", "50", "--id", &unique("beside")]);
     for child in [to_table, to_topic] {
-        assert!(child.wait_with_output().unwrap().status.success());
+        assert!(child.wait(COMMAND_LIMIT).status.success());
     }
-    let consumer = consumer.wait_with_output().unwrap();
+    let consumer = consumer.wait(COMMAND_LIMIT);
     assert!(consumer.status.success(), "{}", String::from_utf8_lossy(&consumer.stderr));
     live.drain(&[]);
     live.assert_sinks_equal_replay(history.to_str().unwrap(), None);
@@ -1302,11 +1339,7 @@ fn backfill_beside_a_live_consumer_counts_nothing_twice() {
 fn replay_from_kafka_into_a_shadow_namespace_then_diff_and_promote() {
     // A private Valkey: the active-namespace pointer is global to a Valkey.
     let port = free_port();
-    let mut valkey = Command::new(env("TOOLRANK_VALKEY_SERVER"))
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let valkey = valkey_server(port);
     wait_for_port(port);
     let url = format!("redis://127.0.0.1:{port}");
     let state = unique("state");
@@ -1395,8 +1428,7 @@ fn replay_from_kafka_into_a_shadow_namespace_then_diff_and_promote() {
     assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("active namespace"));
     let later = String::from_utf8(live.toolrank(&["replay", "--from-kafka", "--topic", &live.topic, "--since", "2999-01-01", "--today", TODAY]).stderr).unwrap();
     assert!(later.contains(", 0 lines"), "{later}");
-    valkey.kill().unwrap();
-    valkey.wait().unwrap();
+    valkey.kill();
 }
 
 /// Applies the lines of a history file to `engine`.

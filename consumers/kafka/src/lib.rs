@@ -135,6 +135,9 @@ const CAUGHT_UP_LAG: i64 = 1000;
 /// rejoins the group: a member that left during a coordinator restart can strand them.
 const STRANDED_AFTER: Duration = Duration::from_secs(30);
 
+/// How long leaving the group may take at exit (see `leave_group`).
+const LEAVE_WAIT: Duration = Duration::from_secs(15);
+
 /// How far the group has read the topic.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Drain {
@@ -184,8 +187,32 @@ pub fn run(config: Config, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
         dynamodb_max_defer: config.dynamodb_max_defer,
     })?;
     let mut c = Consumer_ { config, writer, consumer, rebalances_seen: 0, dead_letters, parts: BTreeMap::new(), partition_count, stranded: None };
-    c.run(&stop)?;
-    Ok(c.writer.into_summary())
+    let result = c.run(&stop);
+    let Consumer_ { consumer, writer, .. } = c;
+    leave_group(consumer);
+    result?;
+    Ok(writer.into_summary())
+}
+
+/// Leaves the group within `LEAVE_WAIT`. rdkafka's own close on drop waits as long as the
+/// group coordinator takes to answer, without end (seen after a broker restart): past the
+/// wait the consumer is left to the process's exit, and the coordinator drops the member
+/// when its session times out. Offsets were committed before: nothing is lost either way.
+fn leave_group(consumer: BaseConsumer<Rebalances>) {
+    if let Err(e) = consumer.close_queue() {
+        warn!(error = %e, "could not leave the consumer group; the coordinator drops this member after its session timeout");
+        std::mem::forget(consumer);
+        return;
+    }
+    let deadline = Instant::now() + LEAVE_WAIT;
+    while !consumer.closed() {
+        if Instant::now() >= deadline {
+            warn!("the group coordinator did not confirm the leave within {} s; exiting without it (the member's session times out)", LEAVE_WAIT.as_secs());
+            std::mem::forget(consumer);
+            return;
+        }
+        consumer.poll(Duration::from_millis(100));
+    }
 }
 
 impl Consumer_ {
@@ -294,7 +321,6 @@ impl Consumer_ {
         let others = self.others();
         let mut units: Vec<&mut Engine> = self.parts.values_mut().map(|p| &mut p.engine).collect();
         self.writer.finish(&others, &mut units);
-        self.consumer.unsubscribe();
         Ok(())
     }
 
