@@ -189,3 +189,129 @@ proptest! {
         prop_assert_eq!(merged.report(today), expected);
     }
 }
+
+/// An engine kept like a Lambda container keeps its bucket: loaded from a base snapshot
+/// and the deltas after it, appending a delta after each batch it applies.
+struct Container {
+    engine: Engine,
+    /// How many deltas of the log `engine` holds.
+    at: usize,
+}
+
+impl Container {
+    fn load(base: &[u8], base_at: usize, log: &[Vec<u8>]) -> Container {
+        let mut engine = Engine::restore(base).expect("base restores");
+        engine.track_deltas();
+        let mut c = Container { engine, at: base_at };
+        c.catch_up(log);
+        c
+    }
+
+    fn catch_up(&mut self, log: &[Vec<u8>]) {
+        for delta in &log[self.at..] {
+            self.engine.apply_delta(delta).expect("own deltas apply");
+        }
+        self.at = log.len();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: engine_cases(), ..ProptestConfig::default() })]
+
+    /// Containers sharing one delta log (concurrent Lambda invocations on a bucket): each
+    /// catches up on the log, applies a batch and appends what changed; some lose the
+    /// race and reload, some start cold from a compacted base. Every one of them, and a
+    /// merged view fed only the deltas, ends at the single-engine results.
+    #[test]
+    fn engines_sharing_a_delta_log_equal_one_engine((history, order, ctl) in scenario(), containers in 1..4usize) {
+        let mut base = Engine::new().snapshot();
+        let mut base_at = 0;
+        let mut log: Vec<Vec<u8>> = Vec::new();
+        let mut pool: Vec<Container> = (0..containers).map(|_| Container::load(&base, 0, &log)).collect();
+        let lines: Vec<String> = order.iter().map(|&idx| history[idx].stream_record(idx as u64 + 1)).collect();
+        let mut batches = Vec::new();
+        let mut start = 0;
+        for (i, c) in ctl.iter().take(lines.len()).enumerate() {
+            if c % 3 == 0 || i + 1 == lines.len() {
+                batches.push((start..i + 1, *c));
+                start = i + 1;
+            }
+        }
+        let apply = |engine: &mut Engine, lines: &[String]| {
+            for line in lines {
+                decode_line(line.as_bytes(), &mut |rec| {
+                    engine.apply(&rec.result.expect("valid"));
+                })
+                .expect("decodes");
+            }
+        };
+        for (range, c) in batches {
+            let k = usize::from(c) % containers;
+            let mut stale_at = pool[k].at;
+            if c % 7 == 1 {
+                // A concurrent invocation appended first: this one's batch is applied on
+                // stale state, its append refused; it reloads and applies again.
+                apply(&mut pool[k].engine, &lines[range.clone()]);
+                stale_at = usize::MAX;
+            }
+            if c % 5 == 2 || stale_at == usize::MAX {
+                pool[k] = Container::load(&base, base_at, &log);
+            } else {
+                pool[k].catch_up(&log);
+            }
+            apply(&mut pool[k].engine, &lines[range]);
+            if let Some(delta) = pool[k].engine.take_delta() {
+                log.push(delta);
+            }
+            pool[k].at = log.len();
+            if c % 11 == 3 {
+                base = pool[k].engine.snapshot();
+                base_at = log.len();
+            }
+        }
+        let mut merged = Engine::new();
+        merged.track_changes();
+        let mut view = Engine::new();
+        for delta in &log {
+            view.apply_delta(delta).expect("applies");
+            view.flush_into(&mut merged);
+        }
+        let mut whole = replay(&history, &order, &ctl);
+        let today = Day::parse_iso(TODAY).unwrap();
+        let expected = whole.report(today);
+        prop_assert_eq!(&merged.report(today), &expected);
+        for c in &mut pool {
+            c.catch_up(&log);
+            prop_assert_eq!(&c.engine.report(today), &expected);
+            prop_assert_eq!(c.engine.staging_sorted(), whole.staging_sorted());
+        }
+    }
+}
+
+#[test]
+fn deltas_hold_only_what_changed_and_refuse_garbage() {
+    let history: Vec<Event> = (0..300)
+        .map(|i| Event {
+            pk: format!("USR{}#SESS{i}", i % 17),
+            sk: format!("PRC00{}#AGT{}#TL1", i % 3 + 1, i % 4 + 1),
+            item: Some(Item::Hist { tool_nm: "T".into(), dt: "20250614090000".into(), succ: true }),
+            ttl: false,
+        })
+        .collect();
+    let order: Vec<usize> = (0..history.len()).collect();
+    let mut engine = replay(&history, &order, &vec![2; order.len()]);
+    engine.track_deltas();
+    assert!(engine.take_delta().is_none(), "nothing changed yet");
+    let whole = engine.snapshot().len();
+    let line = Event { pk: "USR1#SESS1".into(), sk: "PRC001#AGT9#TL1".into(), item: Some(Item::Hist { tool_nm: "T".into(), dt: "20250614090000".into(), succ: false }), ttl: false }.stream_record(9999);
+    decode_line(line.as_bytes(), &mut |rec| {
+        engine.apply(&rec.result.expect("valid"));
+    })
+    .unwrap();
+    let delta = engine.take_delta().expect("one session changed");
+    assert!(delta.len() * 50 < whole, "a one-session delta ({} bytes) is a sliver of the state ({whole} bytes)", delta.len());
+    let mut other = Engine::new();
+    assert!(other.apply_delta(&delta[..delta.len() - 1]).is_err(), "truncated");
+    assert!(other.apply_delta(b"\x09\0\0\0").is_err(), "unknown version");
+    assert!(other.apply_delta(&[]).is_err(), "empty");
+}

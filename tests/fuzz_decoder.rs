@@ -70,5 +70,8 @@ proptest! {
     #[test]
     fn corrupt_snapshots_are_errors_not_panics(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
         let _ = Engine::restore(&bytes);
+        // Deltas too, behind a valid version so that their body is what gets decoded.
+        let _ = Engine::new().apply_delta(&bytes);
+        let _ = Engine::new().apply_delta(&[&1u32.to_le_bytes()[..], &bytes].concat());
     }
 }

@@ -137,6 +137,10 @@ pub enum StateError {
     Decode(#[from] postcard::Error),
     #[error("engine snapshot version {0}, expected {SNAPSHOT_VERSION}")]
     Version(u32),
+    #[error("engine delta version {0}, expected {DELTA_VERSION}")]
+    DeltaVersion(u32),
+    #[error("engine delta holds a key that is not a hist item's: {0}")]
+    DeltaKey(String),
 }
 
 const SNAPSHOT_VERSION: u32 = 4;
@@ -202,6 +206,52 @@ pub struct Engine {
     /// Our symbols to those of the engine [`Engine::flush_into`] forwards to.
     #[serde(skip)]
     forward: Translation,
+    /// What changed since the last [`Engine::take_delta`], when tracking.
+    #[serde(skip)]
+    delta: Option<DeltaTracker>,
+}
+
+/// Sessions (by slot) and Agent items whose stored state changed.
+#[derive(Default)]
+struct DeltaTracker {
+    sessions: FxHashSet<u32>,
+    catalog: FxHashSet<Sym>,
+}
+
+const DELTA_VERSION: u32 = 1;
+
+/// The new state of the sessions and Agent items a delta covers, by value (symbols are
+/// each engine's own): a session's rows replace the receiver's, so removals carry over.
+#[derive(Serialize, Deserialize)]
+struct Delta<'a> {
+    #[serde(borrow)]
+    sessions: Vec<SessionState<'a>>,
+    #[serde(borrow)]
+    catalog: Vec<CatalogState<'a>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SessionState<'a> {
+    pk: &'a str,
+    user: &'a str,
+    #[serde(borrow)]
+    rows: Vec<RowState<'a>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RowState<'a> {
+    sk: &'a str,
+    seq: Option<Seq>,
+    /// ToolNM, TransactDT, success.
+    data: Option<(&'a str, Timestamp, bool)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CatalogState<'a> {
+    agent: &'a str,
+    seq: Option<Seq>,
+    /// DomainID and name; `None`: no Agent item (a removal's tombstone).
+    meta: Option<(&'a str, Option<&'a str>)>,
 }
 
 /// What changed in a tracking engine since the last [`Engine::take_changes`].
@@ -243,15 +293,7 @@ impl Engine {
             }
             Action::Put(_) | Action::Delete { .. } => None,
         };
-        let sk = self.sk_index.intern(&change.sk);
-        if sk as usize == self.sks.len() {
-            let parts = SkParts {
-                process: self.strings.intern(key.process),
-                agent: self.strings.intern(key.agent),
-                tool: self.strings.intern(key.tool),
-            };
-            self.sks.push(parts);
-        }
+        let sk = self.intern_sk(&change.sk, &key);
         let agent = self.sks[sk as usize].agent;
         let hash = FxBuildHasher.hash_one(change.pk.as_ref());
         let sessions = &self.sessions;
@@ -291,11 +333,11 @@ impl Engine {
                 if data.is_some() { Applied::Changed } else { Applied::Unchanged }
             }
         };
-        if applied == Applied::Changed && !s.dirty.contains(&agent) {
-            if s.dirty.is_empty() {
-                self.dirty.push(idx);
-            }
-            s.dirty.push(agent);
+        if applied == Applied::Changed {
+            mark_dirty(&mut self.dirty, idx, s, agent);
+        }
+        if let Some(d) = &mut self.delta {
+            d.sessions.insert(idx);
         }
         applied
     }
@@ -327,6 +369,9 @@ impl Engine {
             }
         }
         slot.seq = seq.or(slot.seq);
+        if let Some(d) = &mut self.delta {
+            d.catalog.insert(id);
+        }
         let new_meta = match (new_meta, agent_item.is_some_and(|a| a.partial), &slot.meta) {
             (Some(mut m), true, Some(old)) if m.name.is_none() => {
                 m.name = old.name.clone();
@@ -341,13 +386,136 @@ impl Engine {
         if slot.meta.is_none() && slot.seq.is_none() {
             self.catalog.remove(&id);
         }
+        self.catalog_changed(id);
+        Applied::Changed
+    }
+
+    fn catalog_changed(&mut self, id: Sym) {
         self.catalog_changes.push(id);
         // A tracking engine fed directly (not only through `flush_into`) sees its own
         // catalog changes too: they change which patterns are visible.
         if let Some(t) = &mut self.catalog_touched {
             t.insert(id);
         }
-        Applied::Changed
+    }
+
+    /// Starts recording which sessions and Agent items change, for
+    /// [`take_delta`](Self::take_delta).
+    pub fn track_deltas(&mut self) {
+        self.delta.get_or_insert_with(Default::default);
+    }
+
+    /// The state of every session and Agent item changed since tracking started or the
+    /// last call, as bytes for [`apply_delta`](Self::apply_delta); `None` when nothing
+    /// changed. Lets a checkpoint store what one batch changed instead of everything.
+    pub fn take_delta(&mut self) -> Option<Vec<u8>> {
+        let d = std::mem::take(self.delta.as_mut()?);
+        if d.sessions.is_empty() && d.catalog.is_empty() {
+            return None;
+        }
+        let mut sessions: Vec<u32> = d.sessions.into_iter().collect();
+        sessions.sort_unstable();
+        let mut catalog: Vec<Sym> = d.catalog.into_iter().collect();
+        catalog.sort_unstable();
+        let strings = &self.strings;
+        let delta = Delta {
+            sessions: sessions
+                .iter()
+                .map(|&i| {
+                    let s = &self.sessions[i as usize];
+                    SessionState {
+                        pk: &s.pk,
+                        user: strings.get(s.user),
+                        rows: s.rows.iter().map(|r| RowState { sk: self.sk_index.get(r.sk), seq: r.seq, data: r.data.map(|d| (strings.get(d.tool_nm), d.at, d.success)) }).collect(),
+                    }
+                })
+                .collect(),
+            catalog: catalog
+                .iter()
+                .map(|&id| {
+                    let slot = self.catalog.get(&id);
+                    CatalogState {
+                        agent: strings.get(id),
+                        seq: slot.and_then(|s| s.seq),
+                        meta: slot.and_then(|s| s.meta.as_ref()).map(|m| (strings.get(m.domain), m.name.as_deref())),
+                    }
+                })
+                .collect(),
+        };
+        let mut out = DELTA_VERSION.to_le_bytes().to_vec();
+        postcard::to_io(&delta, &mut out).expect("writing to a Vec cannot fail");
+        Some(out)
+    }
+
+    /// Brings this engine to the state of the engine a delta was taken from, given that
+    /// it held that engine's state as of the delta before (the deltas of one log, applied
+    /// in order, on its base). Aggregates follow at the next [`flush`](Self::flush). Not
+    /// recorded by this engine's own tracking.
+    pub fn apply_delta(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+        let (version, body) = bytes.split_at_checked(4).ok_or(StateError::Version(0))?;
+        let version = u32::from_le_bytes(version.try_into().expect("4 bytes"));
+        if version != DELTA_VERSION {
+            return Err(StateError::DeltaVersion(version));
+        }
+        let delta: Delta = postcard::from_bytes(body)?;
+        for session in delta.sessions {
+            self.replace_session(session)?;
+        }
+        for c in delta.catalog {
+            let id = self.strings.intern(c.agent);
+            let meta = c.meta.map(|(domain, name)| AgentMeta { domain: self.strings.intern(domain), name: name.map(Into::into) });
+            let old = self.catalog.get(&id).and_then(|s| s.meta.clone());
+            if c.seq.is_none() && meta.is_none() {
+                self.catalog.remove(&id);
+            } else {
+                *self.catalog.entry(id).or_default() = AgentSlot { seq: c.seq, meta: meta.clone() };
+            }
+            if old != meta {
+                self.catalog_changed(id);
+            }
+        }
+        Ok(())
+    }
+
+    fn replace_session(&mut self, state: SessionState<'_>) -> Result<(), StateError> {
+        let mut rows = Vec::with_capacity(state.rows.len());
+        for r in state.rows {
+            let key = HistKey::parse(state.pk, r.sk).map_err(|_| StateError::DeltaKey(format!("{}/{}", state.pk, r.sk)))?;
+            let data = r.data.map(|(tool_nm, at, success)| RowData { tool_nm: self.strings.intern(tool_nm), at, success });
+            rows.push(Row { sk: self.intern_sk(r.sk, &key), seq: r.seq, data });
+        }
+        let hash = FxBuildHasher.hash_one(state.pk);
+        let sessions = &self.sessions;
+        let idx = match self.session_index.find(hash, |&i| *sessions[i as usize].pk == *state.pk) {
+            Some(&i) => i,
+            None => {
+                let i = self.sessions.len() as u32;
+                let user = self.strings.intern(state.user);
+                self.sessions.push(Session { pk: state.pk.into(), user, rows: Vec::new(), committed: Vec::new(), dirty: Vec::new() });
+                let sessions = &self.sessions;
+                self.session_index.insert_unique(hash, i, |&j| FxBuildHasher.hash_one(&*sessions[j as usize].pk));
+                i
+            }
+        };
+        let s = &mut self.sessions[idx as usize];
+        let old = std::mem::replace(&mut s.rows, rows);
+        // Every agent of the old or new rows is recomputed; an unchanged group's
+        // contribution compares equal and moves nothing.
+        let agents: Vec<Sym> = old.iter().chain(&s.rows).map(|r| self.sks[r.sk as usize].agent).collect();
+        for agent in agents {
+            mark_dirty(&mut self.dirty, idx, s, agent);
+        }
+        Ok(())
+    }
+
+    /// The symbol of a hist SK, its parts recorded when new.
+    fn intern_sk(&mut self, sk: &str, key: &HistKey<'_>) -> Sym {
+        let id = self.sk_index.intern(sk);
+        if id as usize == self.sks.len() {
+            let parts = SkParts { process: self.strings.intern(key.process), agent: self.strings.intern(key.agent), tool: self.strings.intern(key.tool) };
+            self.sks.push(parts);
+        }
+        id
     }
 
     /// Turns every dirty (session, agent) group into contribution deltas on the aggregates.
@@ -572,6 +740,16 @@ impl Engine {
         heap += self.aggregates.patterns.len() * (std::mem::size_of::<(PatternKey, PatternAggregate)>() + 96);
         st.heap_bytes = heap;
         st
+    }
+}
+
+/// Marks `agent`'s group of session `idx` for the next flush.
+fn mark_dirty(dirty: &mut Vec<u32>, idx: u32, s: &mut Session, agent: Sym) {
+    if !s.dirty.contains(&agent) {
+        if s.dirty.is_empty() {
+            dirty.push(idx);
+        }
+        s.dirty.push(agent);
     }
 }
 
