@@ -247,22 +247,20 @@ proptest! {
         };
         for (range, c) in batches {
             let k = usize::from(c) % containers;
-            let mut stale_at = pool[k].at;
             if c % 7 == 1 {
-                // A concurrent invocation appended first: this one's batch is applied on
-                // stale state, its append refused; it reloads and applies again.
+                // Another invocation appended since this one read the log: its batch is
+                // applied on a stale state and its append refused. It applies the
+                // deltas it missed over its unsaved changes, then the batch again.
                 apply(&mut pool[k].engine, &lines[range.clone()]);
-                stale_at = usize::MAX;
-            }
-            if c % 5 == 2 || stale_at == usize::MAX {
+            } else if c % 5 == 2 {
+                // A cold start.
                 pool[k] = Container::load(&base, base_at, &log);
-            } else {
-                pool[k].catch_up(&log);
             }
+            pool[k].catch_up(&log);
             apply(&mut pool[k].engine, &lines[range]);
-            if let Some(delta) = pool[k].engine.take_delta() {
-                log.push(delta);
-            }
+            // Small parts: a batch's delta often spans several.
+            log.extend(pool[k].engine.delta(usize::from(c % 4) * 40));
+            pool[k].engine.delta_saved();
             pool[k].at = log.len();
             if c % 11 == 3 {
                 base = pool[k].engine.snapshot();
@@ -301,14 +299,17 @@ fn deltas_hold_only_what_changed_and_refuse_garbage() {
     let order: Vec<usize> = (0..history.len()).collect();
     let mut engine = replay(&history, &order, &vec![2; order.len()]);
     engine.track_deltas();
-    assert!(engine.take_delta().is_none(), "nothing changed yet");
+    assert!(engine.delta(usize::MAX).is_empty(), "nothing changed yet");
     let whole = engine.snapshot().len();
     let line = Event { pk: "USR1#SESS1".into(), sk: "PRC001#AGT9#TL1".into(), item: Some(Item::Hist { tool_nm: "T".into(), dt: "20250614090000".into(), succ: false }), ttl: false }.stream_record(9999);
     decode_line(line.as_bytes(), &mut |rec| {
         engine.apply(&rec.result.expect("valid"));
     })
     .unwrap();
-    let delta = engine.take_delta().expect("one session changed");
+    let delta = engine.delta(usize::MAX).pop().expect("one session changed");
+    assert_eq!(engine.delta(usize::MAX), vec![delta.clone()], "kept until saved");
+    engine.delta_saved();
+    assert!(engine.delta(usize::MAX).is_empty(), "saved");
     assert!(delta.len() * 50 < whole, "a one-session delta ({} bytes) is a sliver of the state ({whole} bytes)", delta.len());
     let mut other = Engine::new();
     assert!(other.apply_delta(&delta[..delta.len() - 1]).is_err(), "truncated");

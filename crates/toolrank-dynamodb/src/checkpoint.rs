@@ -5,6 +5,13 @@
 //! new generation, then one conditional update of the manifest item switches to it. The
 //! manifest names its owner, so a consumer that lost a partition (a zombie after a
 //! rebalance) cannot overwrite the new owner's checkpoint: its save fails as `Fenced`.
+//!
+//! A checkpoint can also be the base of a delta log (Lambda buckets, where many short
+//! writers take turns): each writer appends what its batch changed as the next numbered
+//! delta item, in one transaction with the manifest's `Head` (so of two writers at the
+//! same head one fails as `Fenced`), and now and then saves the whole state as a new
+//! base covering the deltas so far, whose items are then deleted. Readers load the base
+//! and the deltas after it, or only the deltas after what they already hold.
 
 use crate::{aws, batch_write, Error};
 use aws_sdk_dynamodb::primitives::Blob;
@@ -45,6 +52,50 @@ fn n(v: impl ToString) -> AttributeValue {
 fn chunk_sk(generation: u64, i: usize) -> String {
     format!("chunk#{generation:020}#{i:06}")
 }
+
+fn delta_sk(n: u64) -> String {
+    format!("delta#{n:020}")
+}
+
+/// Where a delta log stands (see the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogHead {
+    /// The base checkpoint's generation.
+    pub generation: u64,
+    /// The deltas the base covers: numbers up to this one.
+    pub base_at: u64,
+    /// The latest delta's number.
+    pub head: u64,
+    /// Size of the base's state.
+    pub base_bytes: u64,
+    /// Bytes appended since the base was saved.
+    pub log_bytes: u64,
+}
+
+impl LogHead {
+    fn of(manifest: &HashMap<String, AttributeValue>) -> LogHead {
+        let num = |k: &str| manifest.get(k).and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+        LogHead {
+            generation: generation_of(manifest),
+            base_at: manifest.get("Position").and_then(|v| v.as_s().ok()).and_then(|v| v.parse().ok()).unwrap_or(0),
+            head: num("Head"),
+            base_bytes: num("Bytes"),
+            log_bytes: num("LogBytes"),
+        }
+    }
+}
+
+/// A delta log read in full: its base state and the deltas after it.
+#[derive(Debug, Clone, Default)]
+pub struct Log {
+    pub at: LogHead,
+    pub base: Vec<u8>,
+    pub deltas: Vec<Vec<u8>>,
+}
+
+/// Delta items per append transaction: 10 of at most `CHUNK_BYTES` stay under the 4 MB a
+/// transaction may write.
+const DELTAS_PER_APPEND: usize = 10;
 
 impl CheckpointStore {
     pub fn new(client: Client, table: impl Into<String>) -> CheckpointStore {
@@ -222,6 +273,134 @@ impl CheckpointStore {
     /// Saves `state` at `position` as the checkpoint after `generation`, if `owner` still
     /// owns `scope`. Returns the new generation.
     pub async fn save(&self, scope: &str, owner: &str, generation: u64, position: &str, state: &[u8]) -> Result<u64, Error> {
+        self.save_base(scope, owner, generation, position, state, false).await
+    }
+
+    /// Where `scope`'s delta log stands; `None` before it exists.
+    pub async fn log_head(&self, scope: &str) -> Result<Option<LogHead>, Error> {
+        Ok(self.manifest(scope).await?.as_ref().map(LogHead::of))
+    }
+
+    /// The delta log of `scope` in full (empty before it exists).
+    pub async fn load_log(&self, scope: &str) -> Result<Log, Error> {
+        let mut tries = 0;
+        loop {
+            let Some(m) = self.manifest(scope).await? else { return Ok(Log::default()) };
+            let at = LogHead::of(&m);
+            let loaded = match self.load(scope, &m).await {
+                Ok(ck) => self.deltas(scope, at.base_at, at.head).await.map(|deltas| Log { at, base: ck.state, deltas }),
+                Err(e) => Err(e),
+            };
+            match loaded {
+                // Compacted while we read: read the new base.
+                Err(Error::Input(_)) if tries < 10 => tries += 1,
+                result => return result,
+            }
+        }
+    }
+
+    /// The deltas numbered `after + 1 ..= upto`, in order. `Err(Input)` when some are
+    /// gone: a newer base covers them (read it instead).
+    pub async fn deltas(&self, scope: &str, after: u64, upto: u64) -> Result<Vec<Vec<u8>>, Error> {
+        let mut deltas = Vec::new();
+        if upto <= after {
+            return Ok(deltas);
+        }
+        let mut start: Option<HashMap<String, AttributeValue>> = None;
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("PK = :pk AND SK BETWEEN :from AND :to")
+                .expression_attribute_values(":pk", s(scope))
+                .expression_attribute_values(":from", s(delta_sk(after + 1)))
+                .expression_attribute_values(":to", s(delta_sk(upto)))
+                .consistent_read(true)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(aws(format!("reading the deltas of {scope}")))?;
+            for item in page.items() {
+                let blob = item.get("Data").and_then(|v| v.as_b().ok()).ok_or_else(|| Error::Input(format!("delta of {scope} without Data")))?;
+                deltas.push(blob.as_ref().to_vec());
+            }
+            start = page.last_evaluated_key;
+            if start.is_none() {
+                break;
+            }
+        }
+        if deltas.len() as u64 != upto - after {
+            return Err(Error::Input(format!("deltas {}..={upto} of {scope}: {} found (compacted since)", after + 1, deltas.len())));
+        }
+        Ok(deltas)
+    }
+
+    /// Appends `deltas` after delta `head`, if that is still the latest. Returns the new
+    /// head; `Err(Fenced)` when another writer appended first (read its deltas, apply the
+    /// batch again, append again). Deltas past the first ten go in further transactions:
+    /// each is a set of whole sessions, so a log cut between two is still consistent.
+    pub async fn append(&self, scope: &str, head: u64, deltas: &[Vec<u8>]) -> Result<u64, Error> {
+        use aws_sdk_dynamodb::types::{Put, TransactWriteItem, Update};
+        let mut head = head;
+        for group in deltas.chunks(DELTAS_PER_APPEND) {
+            let next = head + group.len() as u64;
+            let bytes: usize = group.iter().map(Vec::len).sum();
+            let condition = if head == 0 { "attribute_not_exists(#h) OR #h = :h" } else { "#h = :h" };
+            let update = Update::builder()
+                .table_name(&self.table)
+                .key("PK", s(scope))
+                .key("SK", s("manifest"))
+                .update_expression("SET #h = :next, #lb = if_not_exists(#lb, :zero) + :bytes")
+                .condition_expression(condition)
+                .expression_attribute_names("#h", "Head")
+                .expression_attribute_names("#lb", "LogBytes")
+                .expression_attribute_values(":h", n(head))
+                .expression_attribute_values(":next", n(next))
+                .expression_attribute_values(":zero", n(0))
+                .expression_attribute_values(":bytes", n(bytes))
+                .build()
+                .expect("update set");
+            let mut items = vec![TransactWriteItem::builder().update(update).build()];
+            for (i, d) in group.iter().enumerate() {
+                let put = Put::builder()
+                    .table_name(&self.table)
+                    .item("PK", s(scope))
+                    .item("SK", s(delta_sk(head + 1 + i as u64)))
+                    .item("Data", AttributeValue::B(Blob::new(d.as_slice())))
+                    .build()
+                    .expect("item set");
+                items.push(TransactWriteItem::builder().put(put).build());
+            }
+            match self.client.transact_write_items().set_transact_items(Some(items)).send().await {
+                Ok(_) => head = next,
+                // A failed condition or a concurrent transaction on the manifest.
+                Err(e) if e.as_service_error().is_some_and(|e| e.is_transaction_canceled_exception()) => return Err(Error::Fenced(scope.to_owned())),
+                Err(e) => return Err(aws(format!("appending to the delta log of {scope}"))(e)),
+            }
+        }
+        Ok(head)
+    }
+
+    /// Saves `state`, which holds the deltas up to `at`, as the log's new base after base
+    /// generation `from.generation`, then deletes the deltas it covers. `Err(Fenced)`
+    /// when another writer saved a base first.
+    pub async fn compact(&self, scope: &str, owner: &str, from: LogHead, at: u64, state: &[u8]) -> Result<u64, Error> {
+        let g = self.save_base(scope, owner, from.generation, &at.to_string(), state, true).await?;
+        let deletes = (from.base_at + 1..=at)
+            .map(|d| {
+                let key = HashMap::from([("PK".to_owned(), s(scope)), ("SK".to_owned(), s(delta_sk(d)))]);
+                WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(key)).build().expect("key set")).build()
+            })
+            .collect();
+        if let Err(e) = batch_write(&self.client, &self.table, deletes).await {
+            tracing::warn!(scope, error = %e, "could not delete compacted deltas");
+        }
+        Ok(g)
+    }
+
+    /// [`save`](Self::save); `log` also restarts the count of bytes appended since.
+    async fn save_base(&self, scope: &str, owner: &str, generation: u64, position: &str, state: &[u8], log: bool) -> Result<u64, Error> {
         let next = generation + 1;
         let chunks: Vec<&[u8]> = state.chunks(CHUNK_BYTES).collect();
         let puts = chunks.iter().enumerate().map(|(i, c)| {
@@ -235,7 +414,7 @@ impl CheckpointStore {
             .table_name(&self.table)
             .key("PK", s(scope))
             .key("SK", s("manifest"))
-            .update_expression("SET #g = :next, #p = :p, #c = :c, #b = :b")
+            .update_expression(if log { "SET #g = :next, #p = :p, #c = :c, #b = :b REMOVE LogBytes" } else { "SET #g = :next, #p = :p, #c = :c, #b = :b" })
             .condition_expression("#o = :o AND #g = :g")
             .expression_attribute_names("#g", "Generation")
             .expression_attribute_names("#p", "Position")

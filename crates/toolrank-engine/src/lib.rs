@@ -400,51 +400,63 @@ impl Engine {
     }
 
     /// Starts recording which sessions and Agent items change, for
-    /// [`take_delta`](Self::take_delta).
+    /// [`delta`](Self::delta).
     pub fn track_deltas(&mut self) {
         self.delta.get_or_insert_with(Default::default);
     }
 
     /// The state of every session and Agent item changed since tracking started or the
-    /// last call, as bytes for [`apply_delta`](Self::apply_delta); `None` when nothing
-    /// changed. Lets a checkpoint store what one batch changed instead of everything.
-    pub fn take_delta(&mut self) -> Option<Vec<u8>> {
-        let d = std::mem::take(self.delta.as_mut()?);
-        if d.sessions.is_empty() && d.catalog.is_empty() {
-            return None;
-        }
-        let mut sessions: Vec<u32> = d.sessions.into_iter().collect();
+    /// last [`delta_saved`](Self::delta_saved), as deltas for
+    /// [`apply_delta`](Self::apply_delta) of about `max_bytes` at most each (a single
+    /// session larger than that gets one of its own); empty when nothing changed. Lets a
+    /// checkpoint store what one batch changed instead of everything.
+    pub fn delta(&self, max_bytes: usize) -> Vec<Vec<u8>> {
+        let Some(d) = &self.delta else { return Vec::new() };
+        let mut sessions: Vec<u32> = d.sessions.iter().copied().collect();
         sessions.sort_unstable();
-        let mut catalog: Vec<Sym> = d.catalog.into_iter().collect();
+        let mut catalog: Vec<Sym> = d.catalog.iter().copied().collect();
         catalog.sort_unstable();
         let strings = &self.strings;
-        let delta = Delta {
-            sessions: sessions
-                .iter()
-                .map(|&i| {
-                    let s = &self.sessions[i as usize];
-                    SessionState {
-                        pk: &s.pk,
-                        user: strings.get(s.user),
-                        rows: s.rows.iter().map(|r| RowState { sk: self.sk_index.get(r.sk), seq: r.seq, data: r.data.map(|d| (strings.get(d.tool_nm), d.at, d.success)) }).collect(),
-                    }
-                })
-                .collect(),
-            catalog: catalog
-                .iter()
-                .map(|&id| {
-                    let slot = self.catalog.get(&id);
-                    CatalogState {
-                        agent: strings.get(id),
-                        seq: slot.and_then(|s| s.seq),
-                        meta: slot.and_then(|s| s.meta.as_ref()).map(|m| (strings.get(m.domain), m.name.as_deref())),
-                    }
-                })
-                .collect(),
-        };
-        let mut out = DELTA_VERSION.to_le_bytes().to_vec();
-        postcard::to_io(&delta, &mut out).expect("writing to a Vec cannot fail");
-        Some(out)
+        let catalog: Vec<CatalogState> = catalog
+            .iter()
+            .map(|&id| {
+                let slot = self.catalog.get(&id);
+                CatalogState {
+                    agent: strings.get(id),
+                    seq: slot.and_then(|s| s.seq),
+                    meta: slot.and_then(|s| s.meta.as_ref()).map(|m| (strings.get(m.domain), m.name.as_deref())),
+                }
+            })
+            .collect();
+        let mut out = Vec::new();
+        let mut part = Delta { sessions: Vec::new(), catalog };
+        let mut bytes = postcard::experimental::serialized_size(&part.catalog).unwrap_or(0);
+        for &i in &sessions {
+            let s = &self.sessions[i as usize];
+            let state = SessionState {
+                pk: &s.pk,
+                user: strings.get(s.user),
+                rows: s.rows.iter().map(|r| RowState { sk: self.sk_index.get(r.sk), seq: r.seq, data: r.data.map(|d| (strings.get(d.tool_nm), d.at, d.success)) }).collect(),
+            };
+            let size = postcard::experimental::serialized_size(&state).unwrap_or(0);
+            if bytes + size > max_bytes && !(part.sessions.is_empty() && part.catalog.is_empty()) {
+                out.push(encode_delta(&std::mem::replace(&mut part, Delta { sessions: Vec::new(), catalog: Vec::new() })));
+                bytes = 0;
+            }
+            bytes += size;
+            part.sessions.push(state);
+        }
+        if !(part.sessions.is_empty() && part.catalog.is_empty()) {
+            out.push(encode_delta(&part));
+        }
+        out
+    }
+
+    /// Forgets what [`delta`](Self::delta) returned: it is stored.
+    pub fn delta_saved(&mut self) {
+        if let Some(d) = &mut self.delta {
+            *d = DeltaTracker::default();
+        }
     }
 
     /// Brings this engine to the state of the engine a delta was taken from, given that
@@ -741,6 +753,12 @@ impl Engine {
         st.heap_bytes = heap;
         st
     }
+}
+
+fn encode_delta(delta: &Delta<'_>) -> Vec<u8> {
+    let mut out = DELTA_VERSION.to_le_bytes().to_vec();
+    postcard::to_io(delta, &mut out).expect("writing to a Vec cannot fail");
+    out
 }
 
 /// Marks `agent`'s group of session `idx` for the next flush.
