@@ -933,10 +933,10 @@ fn drive_shard(api: &RuntimeApi, records: &[(String, serde_json::Value)]) -> usi
     failures
 }
 
-/// Two handler processes under a local Runtime API take batches of two shards at once;
-/// batches are delivered twice and bisected, and DynamoDB fails for a while. After the
-/// last batch both sinks equal replay.
-fn lambda_handler_is_exact(kinesis: bool, seed: &str) {
+/// Two handler processes under a local Runtime API take batches of two shards at once
+/// (racing to append to the same bucket logs); batches are delivered twice and
+/// bisected, and DynamoDB fails for a while. After the last batch both sinks equal replay.
+fn lambda_handler_is_exact(kinesis: bool, seed: &str, buckets: &str, compact_bytes: &str) {
     let proxy = FaultyProxy::start(&env("AWS_ENDPOINT_URL_DYNAMODB"));
     let live = Live::new("1");
     let history = generated(&live, "500", seed);
@@ -957,7 +957,8 @@ fn lambda_handler_is_exact(kinesis: bool, seed: &str) {
                         ("TOOLRANK_NAMESPACE", live.namespace.as_str()),
                         ("TOOLRANK_APPLICATION", app.as_str()),
                         ("TOOLRANK_TODAY", TODAY),
-                        ("TOOLRANK_BUCKETS", "4"),
+                        ("TOOLRANK_BUCKETS", buckets),
+                        ("TOOLRANK_COMPACT_BYTES", compact_bytes),
                     ])
                     .stderr(Stdio::null()),
             )
@@ -980,12 +981,14 @@ fn lambda_handler_is_exact(kinesis: bool, seed: &str) {
 
 #[test]
 fn lambda_handler_on_dynamodb_stream_events_is_exact_through_retries_and_failures() {
-    lambda_handler_is_exact(false, "21");
+    // One bucket (the default) whose log is compacted every few KB: both handlers append
+    // to it in turn, and read deltas that the other one's compaction deletes.
+    lambda_handler_is_exact(false, "21", "1", "4096");
 }
 
 #[test]
 fn lambda_handler_on_kinesis_events_is_exact_through_retries_and_failures() {
-    lambda_handler_is_exact(true, "22");
+    lambda_handler_is_exact(true, "22", "3", "262144");
 }
 
 /// A warehouse database of one test, on the local Data API endpoint (DuckDB).
@@ -1502,4 +1505,37 @@ fn valkey_sink_writes_only_differences_and_holds_what_a_full_write_holds() {
         assert_eq!(a, b);
     }
     assert_eq!(held.2, expected.2, "each domain's ranking");
+}
+
+#[test]
+fn bucket_logs_take_appends_in_turn_and_compact() {
+    use toolrank_dynamodb::{CheckpointStore, Error, LogHead};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = toolrank_dynamodb::client().await;
+        let table = unique("state");
+        toolrank_dynamodb::create_state_table(&client, &table).await.unwrap();
+        let store = CheckpointStore::new(client, table);
+        let scope = "lambda/test/bucket/00000";
+        assert_eq!(store.log_head(scope).await.unwrap(), None);
+        store.claim(scope, "lambda").await.unwrap();
+        let d = |i: u8| vec![i; 100];
+        assert_eq!(store.append(scope, 0, &[d(1), d(2)]).await.unwrap(), 2);
+        // A writer that read head 0 too loses the race.
+        assert!(matches!(store.append(scope, 0, &[d(9)]).await, Err(Error::Fenced(_))));
+        // Eleven deltas take two transactions.
+        let many: Vec<Vec<u8>> = (3..14).map(d).collect();
+        assert_eq!(store.append(scope, 2, &many).await.unwrap(), 13);
+        let head = store.log_head(scope).await.unwrap().unwrap();
+        assert_eq!((head.head, head.base_at, head.log_bytes), (13, 0, 1300));
+        assert_eq!(store.deltas(scope, 11, 13).await.unwrap(), vec![d(12), d(13)]);
+        // A base covering deltas up to 12: they are deleted, 13 stays after it.
+        store.compact(scope, "lambda", head, 12, b"base").await.unwrap();
+        let after = store.log_head(scope).await.unwrap().unwrap();
+        assert_eq!(after, LogHead { generation: 1, base_at: 12, head: 13, base_bytes: 4, log_bytes: 0 });
+        assert!(matches!(store.deltas(scope, 5, 13).await, Err(Error::Input(_))), "compacted away");
+        assert!(matches!(store.compact(scope, "lambda", head, 13, b"late").await, Err(Error::Fenced(_))), "a base from a stale head");
+        let log = store.load_log(scope).await.unwrap();
+        assert_eq!((log.base, log.deltas, log.at.head), (b"base".to_vec(), vec![d(13)], 13));
+    });
 }

@@ -32,6 +32,7 @@ use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::time::Duration;
 use toolrank_engine::Engine;
 use toolrank_events::{decode_kinesis_data, decode_line, Change, Day};
+use toolrank_dynamodb::LogHead;
 use toolrank_live::{apply_change, restore, SinkWriter, WriterConfig};
 use lambda_runtime::{service_fn, LambdaEvent};
 use std::time::Instant;
@@ -51,6 +52,8 @@ pub struct Config {
     pub valkey_prefix: String,
     pub today: Option<Day>,
     pub buckets: u32,
+    /// A bucket's log is compacted once its deltas add up to the base's size, or this.
+    pub compact_bytes: u64,
     /// How long an invocation waits for the sink lease.
     pub sink_wait: Duration,
 }
@@ -59,11 +62,13 @@ impl Config {
     /// `TOOLRANK_APPLICATION` (default `lambda`), `TOOLRANK_STATE_TABLE`
     /// (`toolrank-state`), `TOOLRANK_TABLE` (`AgentTable`; empty disables the DynamoDB
     /// sink), `TOOLRANK_VALKEY_URL` (unset disables Valkey), `TOOLRANK_NAMESPACE` (the promoted one, else `tr`),
-    /// `TOOLRANK_TODAY` (default: the date of each write), `TOOLRANK_BUCKETS` (16).
+    /// `TOOLRANK_TODAY` (default: the date of each write), `TOOLRANK_BUCKETS` (1),
+    /// `TOOLRANK_COMPACT_BYTES` (262144).
     pub fn from_env() -> Result<Config, String> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let positive = |k: &str| var(k).map(|b| b.parse::<u64>().ok().filter(|&b| b > 0).ok_or_else(|| format!("{k} {b:?} is not a positive number"))).transpose();
         let today = var("TOOLRANK_TODAY").map(|t| Day::parse_iso(&t).ok_or_else(|| format!("TOOLRANK_TODAY {t:?} is not a YYYY-MM-DD date"))).transpose()?;
-        let buckets = var("TOOLRANK_BUCKETS").map(|b| b.parse::<u32>().ok().filter(|&b| b > 0).ok_or_else(|| format!("TOOLRANK_BUCKETS {b:?} is not a positive number"))).transpose()?;
+        let buckets = positive("TOOLRANK_BUCKETS")?.map(|b| u32::try_from(b).map_err(|_| format!("TOOLRANK_BUCKETS {b} is too large"))).transpose()?;
         Ok(Config {
             application: var("TOOLRANK_APPLICATION").unwrap_or_else(|| "lambda".into()),
             state_table: var("TOOLRANK_STATE_TABLE").unwrap_or_else(|| "toolrank-state".into()),
@@ -82,7 +87,8 @@ impl Config {
                 .unwrap_or_else(|| "tr".into()),
             valkey_url: var("TOOLRANK_VALKEY_URL"),
             today,
-            buckets: buckets.unwrap_or(16),
+            buckets: buckets.unwrap_or(1),
+            compact_bytes: positive("TOOLRANK_COMPACT_BYTES")?.unwrap_or(COMPACT_MIN_BYTES),
             sink_wait: Duration::from_secs(20),
         })
     }
@@ -203,11 +209,23 @@ impl Outcome {
     }
 }
 
+/// A bucket's engine as a warm container keeps it, at `at` in the bucket's delta log
+/// plus whatever a failed append left unsaved (tracked for the next delta).
 struct Bucket {
     engine: Engine,
-    /// The generation `engine` is at; `None`: unknown, reload.
-    generation: Option<u64>,
+    at: u64,
 }
+
+/// A delta item's size limit, under DynamoDB's 400 KB per item.
+const DELTA_BYTES: usize = 300 * 1024;
+
+/// A bucket's log is compacted into a new base once the deltas after the base add up to
+/// the base's size (at least this, by default), so a cold start reads at most about
+/// twice the state and the whole state is rewritten only once per its own size of deltas.
+const COMPACT_MIN_BYTES: u64 = 256 * 1024;
+
+/// ...or once this many deltas follow the base (each a row a cold start queries).
+const COMPACT_MAX_DELTAS: u64 = 1000;
 
 /// The handler with what a warm container keeps: engines and the sink writer.
 pub struct Handler {
@@ -261,50 +279,98 @@ impl Handler {
         Ok(outcome)
     }
 
-    /// Applies changes to a bucket's latest state and saves it, reloading and applying
-    /// again when a concurrent invocation saved first.
+    /// Applies changes to a bucket's latest state and appends what they changed to the
+    /// bucket's log. When a concurrent invocation appended first, the deltas it missed
+    /// are applied over its unsaved changes, then the changes again (those its rival's
+    /// deltas replaced apply anew, the rest are stale), and it appends again. On any
+    /// other failure the cached engine is dropped: it may hold what was never saved.
     fn apply_bucket<'c, 'a: 'c>(&mut self, bucket: u32, changes: impl Iterator<Item = &'c Change<'a>> + Clone) -> Result<(), toolrank_dynamodb::Error> {
+        let result = self.append_bucket(bucket, changes);
+        if result.is_err() {
+            self.buckets.remove(&bucket);
+        }
+        result
+    }
+
+    fn append_bucket<'c, 'a: 'c>(&mut self, bucket: u32, changes: impl Iterator<Item = &'c Change<'a>> + Clone) -> Result<(), toolrank_dynamodb::Error> {
         let scope = self.scopes[bucket as usize].clone();
         let mut last_error = None;
         for _ in 0..8 {
-            let w = &self.writer;
-            let mut generation = w.call("reading a bucket's generation", w.store.generation(&scope))?;
-            if generation == 0 {
-                // The first save needs a manifest to condition on.
-                w.call("creating a bucket", w.store.claim(&scope, OWNER))?;
-                generation = w.call("reading a bucket's generation", w.store.generation(&scope))?;
-            }
-            let cached = self.buckets.get(&bucket).is_some_and(|b| b.generation == Some(generation));
-            if !cached {
-                let ck = w.call("reading a bucket", w.store.peek(&scope))?;
-                let engine = restore(&scope, &ck.state).map_err(|e| toolrank_dynamodb::Error::Input(e.to_string()))?;
-                self.buckets.insert(bucket, Bucket { engine, generation: Some(ck.generation) });
-                generation = ck.generation;
-            }
-            let b = self.buckets.get_mut(&bucket).expect("loaded");
+            let head = self.catch_up(bucket, &scope)?;
+            let b = self.buckets.get_mut(&bucket).expect("caught up");
             for change in changes.clone() {
                 apply_change(&mut b.engine, change, &mut self.writer.summary);
             }
-            // Applied in memory: unknown until saved.
-            b.generation = None;
-            let state = b.engine.snapshot();
+            let deltas = b.engine.delta(DELTA_BYTES);
+            if deltas.is_empty() {
+                return Ok(());
+            }
             let w = &self.writer;
-            match w.call("saving a bucket", w.store.save(&scope, OWNER, generation, "", &state)) {
-                Ok(g) => {
-                    b.generation = Some(g);
+            match w.call("appending to a bucket's log", w.store.append(&scope, b.at, &deltas)) {
+                Ok(at) => {
+                    b.engine.delta_saved();
+                    let from = std::mem::replace(&mut b.at, at);
+                    let bytes: u64 = deltas.iter().map(|d| d.len() as u64).sum();
+                    if head.log_bytes + bytes >= head.base_bytes.max(self.config.compact_bytes) || at - head.base_at >= COMPACT_MAX_DELTAS {
+                        let state = b.engine.snapshot();
+                        match w.call("compacting a bucket's log", w.store.compact(&scope, OWNER, head, at, &state)) {
+                            Ok(_) | Err(toolrank_dynamodb::Error::Fenced(_)) => {}
+                            Err(e) => warn!(bucket, error = %e, "could not compact a bucket's log; a later invocation will"),
+                        }
+                    }
                     if self.writer.has_sinks() {
-                        // The sink writer's copy, without reading the checkpoint back.
-                        let copy = restore(&scope, &state).map_err(|e| toolrank_dynamodb::Error::Input(e.to_string()))?;
-                        self.writer.put_remote(&scope, g, copy);
+                        // The sink writer's copy follows without reading the deltas back.
+                        self.writer.advance_log(&scope, from, at, &deltas).map_err(|e| toolrank_dynamodb::Error::Input(e.to_string()))?;
                     }
                     return Ok(());
                 }
-                // Another invocation saved first: reload and apply again.
                 Err(e @ toolrank_dynamodb::Error::Fenced(_)) => last_error = Some(e),
                 Err(e) => return Err(e),
             }
         }
         Err(last_error.expect("attempted"))
+    }
+
+    /// Brings a bucket's cached engine to its log's head (loading it when absent, or when
+    /// the deltas it needs were compacted away); returns the head as read.
+    fn catch_up(&mut self, bucket: u32, scope: &str) -> Result<LogHead, toolrank_dynamodb::Error> {
+        let w = &self.writer;
+        let head = match w.call("reading a bucket's log", w.store.log_head(scope))? {
+            Some(head) => head,
+            None => {
+                // The first append and compaction need a manifest to condition on.
+                w.call("creating a bucket", w.store.claim(scope, OWNER))?;
+                LogHead::default()
+            }
+        };
+        let state_error = |e: toolrank_engine::StateError| toolrank_dynamodb::Error::Input(format!("{scope}: {e}"));
+        if let Some(b) = self.buckets.get_mut(&bucket) {
+            if b.at == head.head {
+                return Ok(head);
+            }
+            if (head.base_at..head.head).contains(&b.at) {
+                match w.call("reading a bucket's deltas", w.store.deltas(scope, b.at, head.head)) {
+                    Ok(deltas) => {
+                        for d in &deltas {
+                            b.engine.apply_delta(d).map_err(state_error)?;
+                        }
+                        b.at = head.head;
+                        return Ok(head);
+                    }
+                    Err(toolrank_dynamodb::Error::Input(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        // Cold, or behind a compaction: the base and the deltas after it.
+        let log = w.call("reading a bucket", w.store.load_log(scope))?;
+        let mut engine = restore(scope, &log.base).map_err(|e| toolrank_dynamodb::Error::Input(e.to_string()))?;
+        for d in &log.deltas {
+            engine.apply_delta(d).map_err(state_error)?;
+        }
+        engine.track_deltas();
+        self.buckets.insert(bucket, Bucket { engine, at: log.at.head });
+        Ok(log.at)
     }
 }
 

@@ -49,8 +49,36 @@ fn n(v: impl ToString) -> AttributeValue {
     AttributeValue::N(v.to_string())
 }
 
-fn chunk_sk(generation: u64, i: usize) -> String {
-    format!("chunk#{generation:020}#{i:06}")
+/// The chunk items of one save: its generation and a tag of its own, so that a writer
+/// that loses the race for a generation never overwrites (nor, cleaning up, deletes) the
+/// winner's chunks. Manifests written before tags existed have none.
+struct Chunks {
+    generation: u64,
+    tag: String,
+}
+
+impl Chunks {
+    fn new(generation: u64) -> Chunks {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+        Chunks { generation, tag: format!("{:016x}", h.finish()) }
+    }
+
+    fn of(manifest: &HashMap<String, AttributeValue>) -> Chunks {
+        Chunks { generation: generation_of(manifest), tag: manifest.get("ChunkTag").and_then(|v| v.as_s().ok()).cloned().unwrap_or_default() }
+    }
+
+    fn prefix(&self) -> String {
+        match self.tag.as_str() {
+            "" => format!("chunk#{:020}#", self.generation),
+            tag => format!("chunk#{:020}#{tag}#", self.generation),
+        }
+    }
+
+    fn sk(&self, i: usize) -> String {
+        format!("{}{i:06}", self.prefix())
+    }
 }
 
 fn delta_sk(n: u64) -> String {
@@ -236,6 +264,7 @@ impl CheckpointStore {
 
     async fn load(&self, scope: &str, manifest: &HashMap<String, AttributeValue>) -> Result<Checkpoint, Error> {
         let generation = generation_of(manifest);
+        let set = Chunks::of(manifest);
         let position = manifest.get("Position").and_then(|v| v.as_s().ok()).cloned();
         let chunks: usize = manifest.get("Chunks").and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
         let mut state = Vec::new();
@@ -248,7 +277,7 @@ impl CheckpointStore {
                 .table_name(&self.table)
                 .key_condition_expression("PK = :pk AND begins_with(SK, :prefix)")
                 .expression_attribute_values(":pk", s(scope))
-                .expression_attribute_values(":prefix", s(format!("chunk#{generation:020}#")))
+                .expression_attribute_values(":prefix", s(set.prefix()))
                 .consistent_read(true)
                 .set_exclusive_start_key(start)
                 .send()
@@ -402,9 +431,10 @@ impl CheckpointStore {
     /// [`save`](Self::save); `log` also restarts the count of bytes appended since.
     async fn save_base(&self, scope: &str, owner: &str, generation: u64, position: &str, state: &[u8], log: bool) -> Result<u64, Error> {
         let next = generation + 1;
+        let set = Chunks::new(next);
         let chunks: Vec<&[u8]> = state.chunks(CHUNK_BYTES).collect();
         let puts = chunks.iter().enumerate().map(|(i, c)| {
-            let item = HashMap::from([("PK".to_owned(), s(scope)), ("SK".to_owned(), s(chunk_sk(next, i))), ("Data".to_owned(), AttributeValue::B(Blob::new(*c)))]);
+            let item = HashMap::from([("PK".to_owned(), s(scope)), ("SK".to_owned(), s(set.sk(i))), ("Data".to_owned(), AttributeValue::B(Blob::new(*c)))]);
             WriteRequest::builder().put_request(PutRequest::builder().set_item(Some(item)).build().expect("item set")).build()
         });
         batch_write(&self.client, &self.table, puts.collect()).await.map_err(aws(format!("writing the checkpoint of {scope}")))?;
@@ -414,13 +444,15 @@ impl CheckpointStore {
             .table_name(&self.table)
             .key("PK", s(scope))
             .key("SK", s("manifest"))
-            .update_expression(if log { "SET #g = :next, #p = :p, #c = :c, #b = :b REMOVE LogBytes" } else { "SET #g = :next, #p = :p, #c = :c, #b = :b" })
+            .update_expression(if log { "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t REMOVE LogBytes" } else { "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t" })
             .condition_expression("#o = :o AND #g = :g")
             .expression_attribute_names("#g", "Generation")
             .expression_attribute_names("#p", "Position")
             .expression_attribute_names("#c", "Chunks")
             .expression_attribute_names("#b", "Bytes")
             .expression_attribute_names("#o", "Owner")
+            .expression_attribute_names("#t", "ChunkTag")
+            .expression_attribute_values(":t", s(&set.tag))
             .expression_attribute_values(":next", n(next))
             .expression_attribute_values(":g", n(generation))
             .expression_attribute_values(":p", s(position))
@@ -430,28 +462,33 @@ impl CheckpointStore {
             .return_values(ReturnValue::UpdatedOld)
             .send()
             .await;
-        let count = match switched {
-            Ok(out) => out.attributes().and_then(|a| a.get("Chunks")).and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok()).unwrap_or(0),
+        let (old, count) = match switched {
+            Ok(out) => {
+                let old = out.attributes().map(|a| Chunks { generation, tag: a.get("ChunkTag").and_then(|v| v.as_s().ok()).cloned().unwrap_or_default() });
+                (old, out.attributes().and_then(|a| a.get("Chunks")).and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok()).unwrap_or(0))
+            }
             Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => {
-                self.delete_chunks(scope, next, chunks.len()).await;
+                self.delete_chunks(scope, &set, chunks.len()).await;
                 return Err(Error::Fenced(scope.to_owned()));
             }
             Err(e) => return Err(aws(format!("saving the checkpoint of {scope}"))(e)),
         };
-        self.delete_chunks(scope, generation, count).await;
+        if let Some(old) = old {
+            self.delete_chunks(scope, &old, count).await;
+        }
         Ok(next)
     }
 
-    /// Best-effort removal of a generation's chunks: leftovers are unreachable garbage.
-    async fn delete_chunks(&self, scope: &str, generation: u64, count: usize) {
+    /// Best-effort removal of a save's chunks: leftovers are unreachable garbage.
+    async fn delete_chunks(&self, scope: &str, set: &Chunks, count: usize) {
         let deletes = (0..count)
             .map(|i| {
-                let key = HashMap::from([("PK".to_owned(), s(scope)), ("SK".to_owned(), s(chunk_sk(generation, i)))]);
+                let key = HashMap::from([("PK".to_owned(), s(scope)), ("SK".to_owned(), s(set.sk(i)))]);
                 WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(key)).build().expect("key set")).build()
             })
             .collect();
         if let Err(e) = batch_write(&self.client, &self.table, deletes).await {
-            tracing::warn!(scope, generation, error = %e, "could not delete old checkpoint chunks");
+            tracing::warn!(scope, generation = set.generation, error = %e, "could not delete old checkpoint chunks");
         }
     }
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use toolrank_events::decode_line;
 
 mod checkpoint;
-pub use checkpoint::{Checkpoint, CheckpointStore, Lease};
+pub use checkpoint::{Checkpoint, CheckpointStore, Lease, Log, LogHead};
 
 /// The TTL attribute (epoch seconds) of the seed's retention policy.
 pub const TTL_ATTRIBUTE: &str = "ExpireAt";

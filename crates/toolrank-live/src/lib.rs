@@ -211,6 +211,11 @@ pub fn restore(scope: &str, state: &[u8]) -> Result<Engine, Error> {
     Engine::restore(state).map_err(|source| Error::Snapshot { scope: scope.to_owned(), source })
 }
 
+/// Applies a log's `deltas` to `engine`, in order.
+fn apply_deltas(scope: &str, engine: &mut Engine, deltas: &[Vec<u8>]) -> Result<(), Error> {
+    deltas.iter().try_for_each(|d| engine.apply_delta(d)).map_err(|source| Error::Snapshot { scope: scope.to_owned(), source })
+}
+
 /// Changes taken from the merged engine and not yet written to a sink.
 #[derive(Default)]
 struct ChangeSet {
@@ -378,15 +383,22 @@ impl SinkWriter {
         self.dynamodb.is_some() || self.dynamodb_writing.is_some() || self.valkey.is_some()
     }
 
-    /// Replaces the merged copy of a unit nobody here owns with `engine` at `generation`:
-    /// for a writer that just saved that checkpoint itself (a Lambda invocation), which
-    /// spares reading it back.
-    pub fn put_remote(&mut self, scope: &str, generation: u64, mut engine: Engine) {
-        if let Some(mut old) = self.remotes.remove(scope) {
-            self.global.unabsorb(&mut old.engine);
+    /// Moves the merged copy of a delta-log unit (a Lambda bucket) from log position
+    /// `from` to `to` by `deltas`, which this process just appended itself: that spares
+    /// reading them back. A copy at another position is caught up by the next
+    /// [`write_once`](Self::write_once).
+    pub fn advance_log(&mut self, scope: &str, from: u64, to: u64, deltas: &[Vec<u8>]) -> Result<(), Error> {
+        let Some(r) = self.remotes.get_mut(scope).filter(|r| r.generation == from) else { return Ok(()) };
+        let applied = apply_deltas(scope, &mut r.engine, deltas);
+        r.engine.flush_into(&mut self.global);
+        if applied.is_err() {
+            // Half applied: no longer a copy of any position.
+            let mut r = self.remotes.remove(scope).expect("present");
+            self.global.unabsorb(&mut r.engine);
+        } else {
+            r.generation = to;
         }
-        self.global.absorb(&mut engine);
-        self.remotes.insert(scope.to_owned(), Remote { engine, generation });
+        applied
     }
 
     /// Takes an owned unit's share out of the merged engine (it moved elsewhere). Its
@@ -469,6 +481,16 @@ impl SinkWriter {
     /// Takes or renews the sink lease; on taking it, the sinks are compared in full. The
     /// holder loads the latest checkpoints of `others`, the scopes of units it does not own.
     pub fn refresh_lease(&mut self, others: &[String]) {
+        if self.take_lease() {
+            if let Err(e) = self.refresh_remotes(others) {
+                self.summary.retried_errors += 1;
+                warn!(error = %e, "reading other consumers' checkpoints failed; retrying");
+            }
+        }
+    }
+
+    /// Takes or renews the sink lease; whether it is held.
+    fn take_lease(&mut self) -> bool {
         // Whether this writer's record of what the sinks hold is still exact: nobody else
         // wrote them since it last held the lease.
         let mut continued = true;
@@ -501,12 +523,7 @@ impl SinkWriter {
             }
         }
         self.holds_lease = held;
-        if held {
-            if let Err(e) = self.refresh_remotes(others) {
-                self.summary.retried_errors += 1;
-                warn!(error = %e, "reading other consumers' checkpoints failed; retrying");
-            }
-        }
+        held
     }
 
     /// Loads the latest checkpoints of the units other consumers own.
@@ -529,6 +546,42 @@ impl SinkWriter {
             self.global.absorb(&mut engine);
             debug!(scope, generation = ck.generation, "merged another consumer's checkpoint");
             self.remotes.insert(scope.clone(), Remote { engine, generation: ck.generation });
+        }
+        Ok(())
+    }
+
+    /// Brings the merged copies of delta-log units to their logs' heads: by the deltas
+    /// after a copy's position, or from the base when those were compacted away.
+    fn refresh_logs(&mut self, scopes: &[String]) -> Result<(), Error> {
+        for scope in scopes {
+            let Some(head) = self.call("reading a log head", self.store.log_head(scope))? else { continue };
+            if let Some(r) = self.remotes.get_mut(scope) {
+                if r.generation == head.head {
+                    continue;
+                }
+                if (head.base_at..head.head).contains(&r.generation) {
+                    match self.rt.block_on(self.store.deltas(scope, r.generation, head.head)) {
+                        Ok(deltas) => {
+                            let from = r.generation;
+                            self.advance_log(scope, from, head.head, &deltas)?;
+                            continue;
+                        }
+                        // Compacted meanwhile: from the base.
+                        Err(toolrank_dynamodb::Error::Input(_)) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            let log = self.call("reading a log", self.store.load_log(scope))?;
+            let mut engine = restore(scope, &log.base)?;
+            apply_deltas(scope, &mut engine, &log.deltas)?;
+            engine.flush();
+            if let Some(mut old) = self.remotes.remove(scope) {
+                self.global.unabsorb(&mut old.engine);
+            }
+            self.global.absorb(&mut engine);
+            debug!(scope, head = log.at.head, "loaded a log");
+            self.remotes.insert(scope.clone(), Remote { engine, generation: log.at.head });
         }
         Ok(())
     }
@@ -696,22 +749,25 @@ impl SinkWriter {
         }
     }
 
-    /// Writes the sinks once, as lease holder, from the latest checkpoints of `units`, and
-    /// gives the lease up: for writers that come and go (Lambda invocations). Waits for
-    /// the lease up to `wait`; `false` if it was not taken or a write failed.
-    pub fn write_once(&mut self, units: &[String], wait: Duration) -> bool {
+    /// Writes the sinks once, as lease holder, from the heads of the delta logs `logs`,
+    /// and gives the lease up: for writers that come and go (Lambda invocations). Waits
+    /// for the lease up to `wait`; `false` if it was not taken or a read or write failed.
+    pub fn write_once(&mut self, logs: &[String], wait: Duration) -> bool {
         let deadline = Instant::now() + wait;
-        loop {
-            self.refresh_lease(units);
-            if self.holds_lease || Instant::now() >= deadline {
-                break;
-            }
+        while !self.take_lease() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         if !self.holds_lease {
             return false;
         }
-        let ok = self.flush(std::iter::empty(), true);
+        let ok = match self.refresh_logs(logs) {
+            Ok(()) => self.flush(std::iter::empty(), true),
+            Err(e) => {
+                self.summary.retried_errors += 1;
+                warn!(error = %e, "reading the bucket logs failed");
+                false
+            }
+        };
         if let Err(e) = self.call("releasing the sink lease", self.lease.release()) {
             warn!(error = %e, "could not release the sink lease; it lapses by itself");
         }
