@@ -222,7 +222,7 @@ const DELTA_BYTES: usize = 300 * 1024;
 /// A bucket's log is compacted into a new base once the deltas after the base add up to
 /// the base's size (at least this, by default), so a cold start reads at most about
 /// twice the state and the whole state is rewritten only once per its own size of deltas.
-const COMPACT_MIN_BYTES: u64 = 256 * 1024;
+pub const COMPACT_MIN_BYTES: u64 = 256 * 1024;
 
 /// ...or once this many deltas follow the base (each a row a cold start queries).
 const COMPACT_MAX_DELTAS: u64 = 1000;
@@ -253,6 +253,11 @@ impl Handler {
         })?;
         let scopes = (0..config.buckets).map(|b| format!("lambda/{}/bucket/{b:05}", config.application)).collect();
         Ok(Handler { config, writer, buckets: HashMap::new(), scopes })
+    }
+
+    /// The counters of this container's invocations so far.
+    pub fn summary(&self) -> toolrank_live::Summary {
+        self.writer.counters()
     }
 
     /// Handles one event (`{"Records": [...]}` of DynamoDB Streams or Kinesis). `Err`: the

@@ -18,6 +18,8 @@ use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, PutRequest, ReturnValue, WriteRequest};
 use aws_sdk_dynamodb::Client;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Items stay well under DynamoDB's 400 KB limit.
@@ -39,6 +41,8 @@ pub struct Checkpoint {
 pub struct CheckpointStore {
     client: Client,
     table: String,
+    /// Write requests sent, shared by clones: what the state costs.
+    writes: Arc<AtomicU64>,
 }
 
 fn s(v: impl Into<String>) -> AttributeValue {
@@ -127,7 +131,17 @@ const DELTAS_PER_APPEND: usize = 10;
 
 impl CheckpointStore {
     pub fn new(client: Client, table: impl Into<String>) -> CheckpointStore {
-        CheckpointStore { client, table: table.into() }
+        CheckpointStore { client, table: table.into(), writes: Arc::default() }
+    }
+
+    /// Write requests this store (and its clones) sent so far.
+    pub fn write_requests(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    /// Counts `n` write requests; a batch of `items` writes is one per 25.
+    fn wrote(&self, n: usize) {
+        self.writes.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     async fn manifest(&self, scope: &str) -> Result<Option<HashMap<String, AttributeValue>>, Error> {
@@ -157,6 +171,7 @@ impl CheckpointStore {
     /// Adds `members` to the string set `name` of the item (`scope`, `sk`), e.g. the
     /// registry of a stream's shard lineages.
     pub async fn add_to_set(&self, scope: &str, sk: &str, name: &str, members: Vec<String>) -> Result<(), Error> {
+        self.wrote(1);
         self.client
             .update_item()
             .table_name(&self.table)
@@ -190,6 +205,7 @@ impl CheckpointStore {
     /// owners of `scope` are alive (e.g. pollers sharing a stream's shards).
     pub async fn heartbeat(&self, scope: &str, owner: &str, duration: Duration) -> Result<usize, Error> {
         let now = now_ms();
+        self.wrote(1);
         self.client
             .put_item()
             .table_name(&self.table)
@@ -236,6 +252,7 @@ impl CheckpointStore {
             let manifest = self.manifest(scope).await?;
             // Unchanged since we read it (or still absent): then it is ours.
             let condition = if manifest.is_some() { "#g = :g" } else { "attribute_not_exists(PK)" };
+            self.wrote(1);
             let claimed = self
                 .client
                 .update_item()
@@ -401,6 +418,7 @@ impl CheckpointStore {
                     .expect("item set");
                 items.push(TransactWriteItem::builder().put(put).build());
             }
+            self.wrote(1);
             match self.client.transact_write_items().set_transact_items(Some(items)).send().await {
                 Ok(_) => head = next,
                 // A failed condition or a concurrent transaction on the manifest.
@@ -416,6 +434,7 @@ impl CheckpointStore {
     /// when another writer saved a base first.
     pub async fn compact(&self, scope: &str, owner: &str, from: LogHead, at: u64, state: &[u8]) -> Result<u64, Error> {
         let g = self.save_base(scope, owner, from.generation, &at.to_string(), state, true).await?;
+        self.wrote((at - from.base_at).div_ceil(25) as usize);
         let deletes = (from.base_at + 1..=at)
             .map(|d| {
                 let key = HashMap::from([("PK".to_owned(), s(scope)), ("SK".to_owned(), s(delta_sk(d)))]);
@@ -433,6 +452,8 @@ impl CheckpointStore {
         let next = generation + 1;
         let set = Chunks::new(next);
         let chunks: Vec<&[u8]> = state.chunks(CHUNK_BYTES).collect();
+        // The chunks in batches of 25, then the manifest.
+        self.wrote(chunks.len().div_ceil(25) + 1);
         let puts = chunks.iter().enumerate().map(|(i, c)| {
             let item = HashMap::from([("PK".to_owned(), s(scope)), ("SK".to_owned(), s(set.sk(i))), ("Data".to_owned(), AttributeValue::B(Blob::new(*c)))]);
             WriteRequest::builder().put_request(PutRequest::builder().set_item(Some(item)).build().expect("item set")).build()
@@ -481,6 +502,7 @@ impl CheckpointStore {
 
     /// Best-effort removal of a save's chunks: leftovers are unreachable garbage.
     async fn delete_chunks(&self, scope: &str, set: &Chunks, count: usize) {
+        self.wrote(count.div_ceil(25));
         let deletes = (0..count)
             .map(|i| {
                 let key = HashMap::from([("PK".to_owned(), s(scope)), ("SK".to_owned(), s(set.sk(i)))]);
@@ -510,11 +532,18 @@ pub struct Lease {
     scope: String,
     owner: String,
     duration: Duration,
+    /// Write requests sent (every take and release is one).
+    writes: Arc<AtomicU64>,
 }
 
 impl Lease {
     pub fn new(client: Client, table: impl Into<String>, scope: impl Into<String>, owner: impl Into<String>, duration: Duration) -> Lease {
-        Lease { client, table: table.into(), scope: scope.into(), owner: owner.into(), duration }
+        Lease { client, table: table.into(), scope: scope.into(), owner: owner.into(), duration, writes: Arc::default() }
+    }
+
+    /// Write requests this lease (and its clones) sent so far.
+    pub fn write_requests(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
     }
 
     /// Takes or renews the lease; `false` while another live owner holds it.
@@ -526,6 +555,7 @@ impl Lease {
     /// this owner was its last holder (nobody held it in between).
     pub async fn take(&self) -> Result<Option<bool>, Error> {
         let now = now_ms();
+        self.writes.fetch_add(1, Ordering::Relaxed);
         let put = self
             .client
             .put_item()
@@ -552,6 +582,7 @@ impl Lease {
     /// Gives the lease up so that another owner need not wait for it to lapse.
     pub async fn release(&self) -> Result<(), Error> {
         // Expired rather than deleted: the next holder learns who held it last.
+        self.writes.fetch_add(1, Ordering::Relaxed);
         let expired = self
             .client
             .update_item()

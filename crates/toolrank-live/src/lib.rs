@@ -77,6 +77,8 @@ pub struct Summary {
     pub checkpoints: u64,
     pub sink_writes: u64,
     pub dynamodb_requests: u64,
+    /// Write requests to the state table: checkpoints, bucket logs, leases.
+    pub state_writes: u64,
     pub valkey_commands: u64,
     /// Failed sink writes, checkpoints and lease renewals (all retried).
     pub retried_errors: u64,
@@ -105,6 +107,7 @@ impl Summary {
             (counter("toolrank_checkpoints_total", "Checkpoints saved.", &[]), self.checkpoints),
             (counter("toolrank_sink_writes_total", "Sink write rounds.", &[]), self.sink_writes),
             (counter("toolrank_dynamodb_requests_total", "DynamoDB write requests of the sink.", &[]), self.dynamodb_requests),
+            (counter("toolrank_state_writes_total", "DynamoDB write requests to the state table (checkpoints, bucket logs, leases).", &[]), self.state_writes),
             (counter("toolrank_valkey_commands_total", "Valkey commands of the sink.", &[]), self.valkey_commands),
             (counter("toolrank_retried_errors_total", "Failed sink writes, checkpoints and lease renewals (retried).", &[]), self.retried_errors),
         ];
@@ -625,7 +628,7 @@ impl SinkWriter {
         }
         if self.published.elapsed() >= Duration::from_secs(1) {
             self.published = Instant::now();
-            self.current_summary().publish();
+            self.counters().publish();
         }
         ok
     }
@@ -777,16 +780,18 @@ impl SinkWriter {
 
     /// The run's counters, with the latency percentiles.
     pub fn into_summary(self) -> Summary {
-        let summary = self.current_summary();
+        let summary = self.counters();
         summary.publish();
         summary
     }
 
-    fn current_summary(&self) -> Summary {
+    /// The run's counters so far, with the latency percentiles.
+    pub fn counters(&self) -> Summary {
         Summary {
             latency_p50_ms: self.latencies.quantile(0.5),
             latency_p99_ms: self.latencies.quantile(0.99),
             latency_max_ms: self.latencies.quantile(1.0),
+            state_writes: self.store.write_requests() + self.lease.write_requests(),
             ..self.summary
         }
     }

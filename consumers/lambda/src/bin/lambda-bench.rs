@@ -5,12 +5,14 @@
 //!    aside), with events of 100 and of 1000 records: records/s of one core and CPU µs
 //!    per record.
 //! 2. Invocations (with `AWS_ENDPOINT_URL_DYNAMODB` set, e.g. DynamoDB Local): the whole
-//!    handler on the first INVOKE_RECORDS records (default 20000), bucket state loaded and
-//!    saved in the state table, sinks off: duration per invocation at both batch sizes.
+//!    handler on the first INVOKE_RECORDS records (default 20000) in one warm container,
+//!    its bucket log in the state table and the DynamoDB sink on (Valkey off): duration
+//!    per invocation at both batch sizes, and DynamoDB write requests per record (the
+//!    sink's, and the state table's: log appends, compactions, the sink lease).
 
 use std::time::{Duration, Instant};
 use toolrank_engine::Engine;
-use toolrank_lambda::{Batch, Config, Handler};
+use toolrank_lambda::{Batch, Config, Handler, COMPACT_MIN_BYTES};
 use toolrank_live::{apply_change, Summary};
 
 /// CPU time of this thread (Linux), for a figure independent of the machine's load.
@@ -29,7 +31,7 @@ fn main() {
     let invoke_records: usize = args.next().map_or(20_000, |n| n.parse().expect("INVOKE_RECORDS is a number"));
     let text = std::fs::read_to_string(&path).expect("history readable");
     let lines: Vec<&str> = text.lines().collect();
-    let buckets = 16;
+    let buckets = 1;
     for batch in [100, 1000] {
         let events = events(&lines, batch);
         let mut engines: Vec<Engine> = (0..buckets).map(|_| Engine::new()).collect();
@@ -60,20 +62,23 @@ fn main() {
     }
     let rt = tokio::runtime::Runtime::new().expect("a runtime");
     let state_table = std::env::var("TOOLRANK_STATE_TABLE").unwrap_or_else(|_| "toolrank-state".into());
+    let sink_table = format!("lambda-bench-{}", std::process::id());
     rt.block_on(async {
         let client = toolrank_dynamodb::client().await;
         toolrank_dynamodb::create_state_table(&client, &state_table).await.expect("state table");
+        toolrank_dynamodb::create_table(&client, &sink_table, false).await.expect("sink table");
     });
     let subset = &lines[..invoke_records.min(lines.len())];
     for batch in [100, 1000] {
         let config = Config {
             application: format!("bench-{}-{batch}", std::process::id()),
             state_table: state_table.clone(),
-            table: None,
+            table: Some(sink_table.clone()),
             valkey_url: None,
             valkey_prefix: "bench".into(),
             today: None,
             buckets,
+            compact_bytes: COMPACT_MIN_BYTES,
             sink_wait: Duration::from_secs(20),
         };
         let mut handler = Handler::new(config).expect("a handler");
@@ -86,16 +91,25 @@ fn main() {
                 t.elapsed().as_secs_f64() * 1e3
             })
             .collect();
+        let summary = handler.summary();
         durations.sort_by(f64::total_cmp);
         let q = |p: f64| durations[((durations.len() as f64 * p).ceil() as usize).clamp(1, durations.len()) - 1];
         let mean = durations.iter().sum::<f64>() / durations.len() as f64;
+        let records = subset.len() as f64;
         println!(
             "invocations against DynamoDB, batches of {batch}: {} invocations over {} records: mean {mean:.1} ms, p50 {:.1} ms, p99 {:.1} ms, {:.0} records/s",
             durations.len(),
             subset.len(),
             q(0.5),
             q(0.99),
-            subset.len() as f64 / (durations.iter().sum::<f64>() / 1e3)
+            records / (durations.iter().sum::<f64>() / 1e3)
+        );
+        println!(
+            "  DynamoDB write requests/record: {:.4} (sink {:.4}, state table {:.4}: {} requests for logs, compactions and the lease)",
+            (summary.dynamodb_requests + summary.state_writes) as f64 / records,
+            summary.dynamodb_requests as f64 / records,
+            summary.state_writes as f64 / records,
+            summary.state_writes
         );
     }
 }
