@@ -972,6 +972,9 @@ fn lambda_handler_is_exact(kinesis: bool, seed: &str, buckets: &str, compact_byt
         proxy.fail_for(Duration::from_secs(8));
         drivers.into_iter().map(|d| d.join().unwrap()).sum::<usize>()
     });
+    // The schedule's flush: writes what the sink interval held back after the last batch.
+    let flushed = api.invoke(r#"{"version":"0","id":"flush","detail-type":"Scheduled Event","source":"aws.events","detail":{}}"#.to_owned());
+    assert!(flushed.is_ok(), "{flushed:?}");
     drop(handlers);
     eprintln!("{failures} batch item failures reported; {} requests refused", proxy.refused.load(std::sync::atomic::Ordering::SeqCst));
     assert!(proxy.refused.load(std::sync::atomic::Ordering::SeqCst) > 0, "errors were injected");

@@ -2,26 +2,30 @@
 //! changes, with exact results through retries, bisected batches and concurrency.
 //!
 //! Lambda keeps nothing between invocations that can be trusted, so (also in the README):
-//! - **State in DynamoDB, by bucket.** Item keys hash into `TOOLRANK_BUCKETS` buckets (a
-//!   session's items share their PK, so a session stays in one bucket). Each bucket's
-//!   engine is a checkpoint in the state table. An invocation applies each bucket's
-//!   records to the bucket's latest state and saves it with a condition on the
-//!   generation it read (optimistic concurrency): of two concurrent invocations (other
-//!   shards, or ParallelizationFactor > 1) one wins and the other reloads and applies
-//!   again. A warm container keeps the engines and reloads only buckets that changed.
+//! - **State in DynamoDB, as delta logs.** Item keys hash into `TOOLRANK_BUCKETS` buckets
+//!   (one by default; a session's items share their PK, so a session stays in one
+//!   bucket). Each bucket is a log in the state table: a base checkpoint and numbered
+//!   deltas after it, each delta the new state of the sessions and Agent items one batch
+//!   changed. An invocation brings the bucket's engine to the log's head (a warm
+//!   container reads only the deltas it has not seen), applies its records, and appends
+//!   their delta in one transaction conditioned on the head it read. Of two concurrent
+//!   invocations (other shards, or ParallelizationFactor > 1) one wins; the other applies
+//!   the winner's delta over its unsaved changes, applies its records again and appends
+//!   again. Once the deltas add up to the base's size the log is compacted into a new
+//!   base. So a batch costs one small write, not a rewrite of the state.
 //! - **Idempotency from sequence numbers.** The engine keeps each item's last applied
 //!   sequence number (DynamoDB's `SequenceNumber`; Kinesis records use their
 //!   `ApproximateCreationDateTime`), so a retried, bisected or duplicated batch finds
 //!   its records stale and counts nothing twice.
-//! - **batchItemFailures.** A bucket that cannot be saved reports its earliest record:
-//!   Lambda retries from there, and what follows (already applied elsewhere) is stale.
-//!   A record that does not decode is logged as a dead letter and not failed, or it
-//!   would block its shard forever.
-//! - **Sinks.** After saving, the invocation takes the sink lease, loads the buckets that
-//!   changed, writes what changed to DynamoDB and Valkey, and gives the lease up. The
-//!   last writer has seen every save before it, so the sinks end at the final state. A
-//!   failed write fails the batch's first record: the retry is stale everywhere and
-//!   writes the sinks again.
+//! - **batchItemFailures.** A bucket that cannot be appended to reports its earliest
+//!   record: Lambda retries from there, and what follows (already applied elsewhere) is
+//!   stale. A record that does not decode is logged as a dead letter and not failed, or
+//!   it would block its shard forever.
+//! - **Sinks.** After appending, the invocation takes the sink lease, brings its copy of
+//!   every bucket to the log heads, writes what changed to DynamoDB and Valkey, and gives
+//!   the lease up. The last writer has seen every append before it, so the sinks end at
+//!   the final state. A failed write fails the batch's first record: the retry is stale
+//!   everywhere and writes the sinks again.
 
 use aws_lambda_events::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
 use base64::Engine as _;
@@ -56,6 +60,11 @@ pub struct Config {
     pub compact_bytes: u64,
     /// How long an invocation waits for the sink lease.
     pub sink_wait: Duration,
+    /// A container writes the sinks at most this often; in between, invocations only
+    /// append to the bucket logs, and a later write (or a flush event) carries their
+    /// changes. Coalesces sink writes across invocations, as the long-running consumers do
+    /// across their flush interval.
+    pub sink_interval: Duration,
 }
 
 impl Config {
@@ -63,7 +72,8 @@ impl Config {
     /// (`toolrank-state`), `TOOLRANK_TABLE` (`AgentTable`; empty disables the DynamoDB
     /// sink), `TOOLRANK_VALKEY_URL` (unset disables Valkey), `TOOLRANK_NAMESPACE` (the promoted one, else `tr`),
     /// `TOOLRANK_TODAY` (default: the date of each write), `TOOLRANK_BUCKETS` (1),
-    /// `TOOLRANK_COMPACT_BYTES` (262144).
+    /// `TOOLRANK_COMPACT_BYTES` (262144), `TOOLRANK_SINK_INTERVAL_MS` (1000; 0 writes
+    /// the sinks at every invocation).
     pub fn from_env() -> Result<Config, String> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let positive = |k: &str| var(k).map(|b| b.parse::<u64>().ok().filter(|&b| b > 0).ok_or_else(|| format!("{k} {b:?} is not a positive number"))).transpose();
@@ -90,6 +100,9 @@ impl Config {
             buckets: buckets.unwrap_or(1),
             compact_bytes: positive("TOOLRANK_COMPACT_BYTES")?.unwrap_or(COMPACT_MIN_BYTES),
             sink_wait: Duration::from_secs(20),
+            sink_interval: Duration::from_millis(
+                var("TOOLRANK_SINK_INTERVAL_MS").map(|v| v.parse::<u64>().map_err(|_| format!("TOOLRANK_SINK_INTERVAL_MS {v:?} is not a number of milliseconds"))).transpose()?.unwrap_or(1000),
+            ),
         })
     }
 }
@@ -110,20 +123,22 @@ pub struct Batch<'a> {
 }
 
 impl<'a> Batch<'a> {
-    /// Parses `{"Records": [...]}`; `Err` when the event itself is unreadable.
-    pub fn parse(event: &'a [u8]) -> Result<Batch<'a>, String> {
+    /// Parses `{"Records": [...]}`; `None` for a JSON object without `Records` (a flush
+    /// event, e.g. an EventBridge schedule's); `Err` when the event itself is unreadable.
+    pub fn parse(event: &'a [u8]) -> Result<Option<Batch<'a>>, String> {
         let text = std::str::from_utf8(event).map_err(|_| "event is not UTF-8".to_owned())?;
         let event: Event = serde_json::from_str(text).map_err(|e| format!("not a Records event: {e}"))?;
-        let mut heads = Vec::with_capacity(event.records.len());
+        let Some(records) = event.records else { return Ok(None) };
+        let mut heads = Vec::with_capacity(records.len());
         let mut data = Vec::new();
-        for raw in &event.records {
+        for raw in &records {
             let head: Head = serde_json::from_str(raw.get()).map_err(|e| format!("unreadable record: {e}"))?;
             if let Some(k) = &head.kinesis {
                 data.push(base64::engine::general_purpose::STANDARD.decode(&k.data).unwrap_or_default());
             }
             heads.push(head);
         }
-        Ok(Batch { records: event.records, heads, data })
+        Ok(Some(Batch { records, heads, data }))
     }
 
     pub fn len(&self) -> usize {
@@ -165,7 +180,7 @@ impl<'a> Batch<'a> {
 #[derive(Deserialize)]
 struct Event<'a> {
     #[serde(rename = "Records", borrow)]
-    records: Vec<&'a RawValue>,
+    records: Option<Vec<&'a RawValue>>,
 }
 
 #[derive(Deserialize)]
@@ -233,6 +248,9 @@ pub struct Handler {
     writer: SinkWriter,
     buckets: HashMap<u32, Bucket>,
     scopes: Vec<String>,
+    /// When this container last wrote the sinks (ms since the epoch: a frozen container's
+    /// monotonic clock may not advance).
+    last_sink_write: i64,
 }
 
 impl Handler {
@@ -252,7 +270,7 @@ impl Handler {
             dynamodb_max_defer: Duration::ZERO,
         })?;
         let scopes = (0..config.buckets).map(|b| format!("lambda/{}/bucket/{b:05}", config.application)).collect();
-        Ok(Handler { config, writer, buckets: HashMap::new(), scopes })
+        Ok(Handler { config, writer, buckets: HashMap::new(), scopes, last_sink_write: 0 })
     }
 
     /// The counters of this container's invocations so far.
@@ -260,11 +278,17 @@ impl Handler {
         self.writer.counters()
     }
 
-    /// Handles one event (`{"Records": [...]}` of DynamoDB Streams or Kinesis). `Err`: the
-    /// event itself is unreadable (Lambda retries it, then sends it to the on-failure
-    /// destination).
+    /// Handles one event (`{"Records": [...]}` of DynamoDB Streams or Kinesis; any other
+    /// JSON object is a flush: the sinks are written from the log heads). `Err`: the event
+    /// itself is unreadable (Lambda retries it, then sends it to the on-failure
+    /// destination), or a flush failed.
     pub fn handle(&mut self, event: &[u8]) -> Result<Outcome, String> {
-        let batch = Batch::parse(event)?;
+        let Some(batch) = Batch::parse(event)? else {
+            if self.writer.has_sinks() && !self.write_sinks() {
+                return Err("flush: the sinks were not written".into());
+            }
+            return Ok(Outcome::default());
+        };
         let (items, by_bucket, dead_letters) = batch.decode(self.config.buckets);
         let mut outcome = Outcome { records: batch.len(), dead_letters, ..Outcome::default() };
         let mut earliest_failed: Option<usize> = None;
@@ -274,7 +298,8 @@ impl Handler {
                 earliest_failed = earliest_failed.min(Some(indices[0])).or(Some(indices[0]));
             }
         }
-        if self.writer.has_sinks() && !self.writer.write_once(&self.scopes, self.config.sink_wait) {
+        let due = toolrank_live::now_ms() - self.last_sink_write >= self.config.sink_interval.as_millis() as i64;
+        if self.writer.has_sinks() && due && !self.write_sinks() {
             warn!("the sinks were not written; the batch is retried");
             earliest_failed = Some(0);
         }
@@ -282,6 +307,15 @@ impl Handler {
             outcome.failures.push(items[i].id.clone());
         }
         Ok(outcome)
+    }
+
+    /// Writes the sinks from the heads of every bucket log.
+    fn write_sinks(&mut self) -> bool {
+        let ok = self.writer.write_once(&self.scopes, self.config.sink_wait);
+        if ok {
+            self.last_sink_write = toolrank_live::now_ms();
+        }
+        ok
     }
 
     /// Applies changes to a bucket's latest state and appends what they changed to the
