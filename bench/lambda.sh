@@ -3,13 +3,33 @@
 #   1. decode + apply of every record of a generated stream-style history (SESSIONS
 #      sessions, ~3 records each; 30000 gives ~90k records), cut into DynamoDB Streams
 #      events of 100 and of 1000 records, into in-memory bucket engines;
-#   2. whole invocations against DynamoDB Local (bucket state loaded and saved in the
-#      state table, sinks off) on the first INVOKE_RECORDS records: ms per invocation.
-# Usage: bench/lambda.sh   (SESSIONS=30000 INVOKE_RECORDS=20000)
+#   2. whole invocations against DynamoDB Local (one warm container, its bucket log in the
+#      state table, the DynamoDB sink on) on the first INVOKE_RECORDS records arriving at
+#      RATE records/s: ms per invocation and DynamoDB write requests per record;
+#   3. the same records published at the same rate to a topic and read by `consume kafka`
+#      into a DynamoDB sink: its write requests per record, for comparison.
+# Usage: bench/lambda.sh   (SESSIONS=30000 INVOKE_RECORDS=20000 RATE=5000)
 set -euo pipefail
 SESSIONS="${SESSIONS:-30000}"
 INVOKE_RECORDS="${INVOKE_RECORDS:-20000}"
+RATE="${RATE:-5000}"
 source "$(dirname "$0")/prelude.sh"
 cargo build --release --locked -p toolrank-lambda --bin lambda-bench >&2
 "$BIN/toolrank" generate --sessions "$SESSIONS" --seed 5 --style stream --out "$WORK/history.jsonl" >&2
-"$BIN/lambda-bench" "$WORK/history.jsonl" "$INVOKE_RECORDS"
+"$BIN/lambda-bench" "$WORK/history.jsonl" "$INVOKE_RECORDS" "$RATE"
+RUN="lbench$$"
+head -n "$INVOKE_RECORDS" "$WORK/history.jsonl" > "$WORK/subset.jsonl"
+"$BIN/toolrank" setup --topic "$RUN-events" --dead-letter-topic "$RUN-dl" --partitions 2 --table "$RUN-Kafka" >&2
+"$BIN/toolrank" produce --topic "$RUN-events" --rate "$RATE" "$WORK/subset.jsonl" 2> /dev/null &
+"$BIN/toolrank" consume kafka --topic "$RUN-events" --dead-letter-topic "$RUN-dl" --group "$RUN" --table "$RUN-Kafka" \
+  --namespace "$RUN" --until-idle 3 2> "$WORK/kafka.log"
+wait
+python3 - "$WORK/kafka.log" <<'PY'
+import re, sys
+log = open(sys.argv[1]).read()
+records = int(re.search(r"consumed (\d+) messages", log).group(1))
+sink = int(re.search(r"\((\d+) DynamoDB requests", log).group(1))
+state = int(re.search(r"(\d+) state table writes", log).group(1))
+print(f"consume kafka on the same {records} records at the same rate: DynamoDB write requests/record: "
+      f"{(sink + state) / records:.4f} (sink {sink / records:.4f}, state table {state / records:.4f}: checkpoints and the lease)")
+PY

@@ -60,10 +60,10 @@ pub struct Config {
     pub compact_bytes: u64,
     /// How long an invocation waits for the sink lease.
     pub sink_wait: Duration,
-    /// A container writes the sinks at most this often; in between, invocations only
-    /// append to the bucket logs, and a later write (or a flush event) carries their
-    /// changes. Coalesces sink writes across invocations, as the long-running consumers do
-    /// across their flush interval.
+    /// The sinks are written at most this often, by whichever container is invoked once
+    /// the interval is up; in between, invocations only append to the bucket logs, and
+    /// the next write (or a flush event) carries their changes. Coalesces sink writes
+    /// across invocations, as the long-running consumers do across their flush interval.
     pub sink_interval: Duration,
 }
 
@@ -298,8 +298,7 @@ impl Handler {
                 earliest_failed = earliest_failed.min(Some(indices[0])).or(Some(indices[0]));
             }
         }
-        let due = toolrank_live::now_ms() - self.last_sink_write >= self.config.sink_interval.as_millis() as i64;
-        if self.writer.has_sinks() && due && !self.write_sinks() {
+        if self.writer.has_sinks() && self.sinks_due() && !self.write_sinks() {
             warn!("the sinks were not written; the batch is retried");
             earliest_failed = Some(0);
         }
@@ -307,6 +306,27 @@ impl Handler {
             outcome.failures.push(items[i].id.clone());
         }
         Ok(outcome)
+    }
+
+    /// Whether the sink interval is up: since this container's last write (known without a
+    /// request) and since anybody's (a read of the sink lease; unknown counts as up).
+    fn sinks_due(&mut self) -> bool {
+        let interval = self.config.sink_interval.as_millis() as i64;
+        let now = toolrank_live::now_ms();
+        if now - self.last_sink_write < interval {
+            return false;
+        }
+        match self.writer.last_written() {
+            Ok(ms) if now - ms < interval => {
+                self.last_sink_write = ms;
+                false
+            }
+            Ok(_) => true,
+            Err(e) => {
+                warn!(error = %e, "could not read when the sinks were last written; writing them");
+                true
+            }
+        }
     }
 
     /// Writes the sinks from the heads of every bucket log.

@@ -579,6 +579,22 @@ impl Lease {
         }
     }
 
+    /// When a holder last gave the lease up (ms since the epoch; 0 if never): for
+    /// holders that write at most once per interval, whoever they are.
+    pub async fn last_released(&self) -> Result<u64, Error> {
+        let got = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("PK", s(&self.scope))
+            .key("SK", s("lease"))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(aws(format!("reading the lease {}", self.scope)))?;
+        Ok(got.item.and_then(|i| i.get("Released").and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok())).unwrap_or(0))
+    }
+
     /// Gives the lease up so that another owner need not wait for it to lapse.
     pub async fn release(&self) -> Result<(), Error> {
         // Expired rather than deleted: the next holder learns who held it last.
@@ -589,12 +605,14 @@ impl Lease {
             .table_name(&self.table)
             .key("PK", s(&self.scope))
             .key("SK", s("lease"))
-            .update_expression("SET #e = :zero")
+            .update_expression("SET #e = :zero, #r = :now")
             .condition_expression("#o = :me")
             .expression_attribute_names("#o", "Owner")
             .expression_attribute_names("#e", "Expires")
+            .expression_attribute_names("#r", "Released")
             .expression_attribute_values(":me", s(&self.owner))
             .expression_attribute_values(":zero", n(0))
+            .expression_attribute_values(":now", n(now_ms()))
             .send()
             .await;
         match expired {

@@ -752,6 +752,12 @@ impl SinkWriter {
         }
     }
 
+    /// When any writer last wrote the sinks with [`write_once`](Self::write_once) (ms
+    /// since the epoch, 0 if never).
+    pub fn last_written(&self) -> Result<i64, toolrank_dynamodb::Error> {
+        self.call("reading the sink lease", self.lease.last_released()).map(|ms| ms as i64)
+    }
+
     /// Writes the sinks once, as lease holder, from the heads of the delta logs `logs`,
     /// and gives the lease up: for writers that come and go (Lambda invocations). Waits
     /// for the lease up to `wait`; `false` if it was not taken or a read or write failed.

@@ -1,4 +1,4 @@
-//! `lambda-bench HISTORY [INVOKE_RECORDS]`: the Lambda handler's cost, on a stream-style
+//! `lambda-bench HISTORY [INVOKE_RECORDS [RATE]]`: the Lambda handler's cost, on a stream-style
 //! history (`toolrank generate --style stream`) cut into DynamoDB Streams events.
 //!
 //! 1. CPU: every record decoded and applied to in-memory bucket engines (state and sinks
@@ -6,6 +6,7 @@
 //!    per record.
 //! 2. Invocations (with `AWS_ENDPOINT_URL_DYNAMODB` set, e.g. DynamoDB Local): the whole
 //!    handler on the first INVOKE_RECORDS records (default 20000) in one warm container,
+//!    invoked at RATE records/s (default 5000, as a stream would deliver them; 0: at once),
 //!    its bucket log in the state table and the DynamoDB sink on (Valkey off): duration
 //!    per invocation at both batch sizes, and DynamoDB write requests per record (the
 //!    sink's, and the state table's: log appends, compactions, the sink lease), with the
@@ -33,6 +34,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let path = args.next().expect("usage: lambda-bench HISTORY [INVOKE_RECORDS]");
     let invoke_records: usize = args.next().map_or(20_000, |n| n.parse().expect("INVOKE_RECORDS is a number"));
+    let rate: f64 = args.next().map_or(5000.0, |n| n.parse().expect("RATE is a number of records/s"));
     let text = std::fs::read_to_string(&path).expect("history readable");
     let lines: Vec<&str> = text.lines().collect();
     let buckets = 1;
@@ -87,9 +89,16 @@ fn main() {
             sink_interval: Duration::from_millis(1000),
         };
         let mut handler = Handler::new(config).expect("a handler");
+        let started = Instant::now();
+        let mut sent = 0;
         let mut durations: Vec<f64> = events(subset, batch)
             .iter()
             .map(|event| {
+                // The stream's pace: this batch is complete once its last record arrived.
+                sent += batch;
+                if rate > 0.0 {
+                    std::thread::sleep(Duration::from_secs_f64(sent as f64 / rate).saturating_sub(started.elapsed()));
+                }
                 let t = Instant::now();
                 let outcome = handler.handle(event.as_bytes()).expect("handled");
                 assert!(outcome.failures.is_empty(), "an invocation failed: {outcome:?}");
