@@ -194,24 +194,19 @@ pub fn run(config: Config, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
     Ok(writer.into_summary())
 }
 
-/// Leaves the group within `LEAVE_WAIT`. rdkafka's own close on drop waits as long as the
-/// group coordinator takes to answer, without end (seen after a broker restart): past the
-/// wait the consumer is left to the process's exit, and the coordinator drops the member
-/// when its session times out. Offsets were committed before: nothing is lost either way.
+/// Leaves the group within `LEAVE_WAIT`. rdkafka's close on drop waits as long as the
+/// group coordinator takes to answer, without end (seen after a broker restart), so the
+/// drop runs on a thread of its own: past the wait the process goes on without it, and
+/// the coordinator drops the member when its session times out. Offsets were committed
+/// before: nothing is lost either way.
 fn leave_group(consumer: BaseConsumer<Rebalances>) {
-    if let Err(e) = consumer.close_queue() {
-        warn!(error = %e, "could not leave the consumer group; the coordinator drops this member after its session timeout");
-        std::mem::forget(consumer);
-        return;
-    }
-    let deadline = Instant::now() + LEAVE_WAIT;
-    while !consumer.closed() {
-        if Instant::now() >= deadline {
-            warn!("the group coordinator did not confirm the leave within {} s; exiting without it (the member's session times out)", LEAVE_WAIT.as_secs());
-            std::mem::forget(consumer);
-            return;
-        }
-        consumer.poll(Duration::from_millis(100));
+    let (done, left) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(consumer);
+        let _ = done.send(());
+    });
+    if left.recv_timeout(LEAVE_WAIT).is_err() {
+        warn!("the group coordinator did not confirm the leave within {} s; exiting without it (the member's session times out)", LEAVE_WAIT.as_secs());
     }
 }
 

@@ -123,9 +123,10 @@ fn main() {
             records / (durations.iter().sum::<f64>() / 1e3)
         );
         println!(
-            "  DynamoDB write requests/record: {:.4} (sink {:.4}, state table {:.4}: {} requests for logs, compactions and the lease)",
+            "  DynamoDB write requests/record: {:.4} (sink {:.4} in {} writes, state table {:.4}: {} requests for logs, compactions and the lease)",
             (summary.dynamodb_requests + summary.state_writes) as f64 / records,
             summary.dynamodb_requests as f64 / records,
+            summary.sink_writes,
             summary.state_writes as f64 / records,
             summary.state_writes
         );
