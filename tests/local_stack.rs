@@ -900,8 +900,9 @@ fn lambda_shards(history: &str, kinesis: bool) -> [Vec<(String, serde_json::Valu
 
 /// Feeds one shard to the function as the Lambda service does (batches of up to 100, in
 /// order, retrying from the first reported failure), with duplicate deliveries and
-/// bisected batches injected. Returns the batch item failures reported.
-fn drive_shard(api: &RuntimeApi, records: &[(String, serde_json::Value)]) -> usize {
+/// bisected batches injected. Counts its invocations in `invoked`. Returns the batch item
+/// failures reported.
+fn drive_shard(api: &RuntimeApi, records: &[(String, serde_json::Value)], invoked: &std::sync::atomic::AtomicUsize) -> usize {
     let event = |batch: &[(String, serde_json::Value)]| serde_json::json!({"Records": batch.iter().map(|(_, r)| r).collect::<Vec<_>>()}).to_string();
     let (mut at, mut n, mut failures) = (0, 0, 0);
     while at < records.len() {
@@ -915,6 +916,7 @@ fn drive_shard(api: &RuntimeApi, records: &[(String, serde_json::Value)]) -> usi
             // Bisected after an error: the first half alone, then all of it again.
             let _ = api.invoke(event(&batch[..batch.len() / 2]));
         }
+        invoked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         match api.invoke(event(batch)) {
             Ok(answer) => {
                 let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
@@ -965,10 +967,14 @@ fn lambda_handler_is_exact(kinesis: bool, seed: &str, buckets: &str, compact_byt
         })
         .collect();
     let shards = lambda_shards(&history, kinesis);
+    let invoked = std::sync::atomic::AtomicUsize::new(0);
     let failures = std::thread::scope(|s| {
-        let drivers: Vec<_> = shards.iter().map(|records| s.spawn(|| drive_shard(&api, records))).collect();
-        std::thread::sleep(Duration::from_secs(3));
-        // Longer than the SDK's retries: invocations fail and report their records.
+        let drivers: Vec<_> = shards.iter().map(|records| s.spawn(|| drive_shard(&api, records, &invoked))).collect();
+        // A few batches in (each shard has more than ten), DynamoDB fails for longer than
+        // the SDK's retries: invocations fail and report their records.
+        while invoked.load(std::sync::atomic::Ordering::SeqCst) < 4 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         proxy.fail_for(Duration::from_secs(8));
         drivers.into_iter().map(|d| d.join().unwrap()).sum::<usize>()
     });

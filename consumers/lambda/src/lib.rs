@@ -317,6 +317,12 @@ impl Handler {
             return false;
         }
         match self.writer.last_written() {
+            // Never written: the first write too waits an interval, or it would cover the
+            // first batch alone (this container has waited once it gets here again).
+            Ok(0) if self.last_sink_write == 0 => {
+                self.last_sink_write = now;
+                false
+            }
             Ok(ms) if now - ms < interval => {
                 self.last_sink_write = ms;
                 false
