@@ -8,28 +8,31 @@
 #      RATE records/s: ms per invocation and DynamoDB write requests per record;
 #   3. the same records published at the same rate to a topic and read by `consume kafka`
 #      into a DynamoDB sink: its write requests per record, for comparison.
-# Usage: bench/lambda.sh   (SESSIONS=30000 INVOKE_RECORDS=20000 RATE=5000)
+# Both write the DynamoDB sink at most every SINK_INTERVAL_MS (1000, the Kafka path's
+# default). RATE=0 SINK_INTERVAL_MS=600000 compares them writing the sink once, at the end.
+# Usage: bench/lambda.sh   (SESSIONS=30000 INVOKE_RECORDS=20000 RATE=5000 SINK_INTERVAL_MS=1000)
 set -euo pipefail
 SESSIONS="${SESSIONS:-30000}"
 INVOKE_RECORDS="${INVOKE_RECORDS:-20000}"
 RATE="${RATE:-5000}"
+SINK_INTERVAL_MS="${SINK_INTERVAL_MS:-1000}"
 source "$(dirname "$0")/prelude.sh"
 cargo build --release --locked -p toolrank-lambda --bin lambda-bench >&2
 "$BIN/toolrank" generate --sessions "$SESSIONS" --seed 5 --style stream --out "$WORK/history.jsonl" >&2
-"$BIN/lambda-bench" "$WORK/history.jsonl" "$INVOKE_RECORDS" "$RATE"
+TOOLRANK_SINK_INTERVAL_MS="$SINK_INTERVAL_MS" "$BIN/lambda-bench" "$WORK/history.jsonl" "$INVOKE_RECORDS" "$RATE"
 RUN="lbench$$"
 head -n "$INVOKE_RECORDS" "$WORK/history.jsonl" > "$WORK/subset.jsonl"
 "$BIN/toolrank" setup --topic "$RUN-events" --dead-letter-topic "$RUN-dl" --partitions 2 --table "$RUN-Kafka" >&2
 "$BIN/toolrank" produce --topic "$RUN-events" --rate "$RATE" "$WORK/subset.jsonl" 2> /dev/null &
 "$BIN/toolrank" consume kafka --topic "$RUN-events" --dead-letter-topic "$RUN-dl" --group "$RUN" --table "$RUN-Kafka" \
-  --namespace "$RUN" --until-idle 3 2> "$WORK/kafka.log"
+  --namespace "$RUN" --until-idle 3 --dynamodb-flush-ms "$SINK_INTERVAL_MS" 2> "$WORK/kafka.log"
 wait
 python3 - "$WORK/kafka.log" <<'PY'
 import re, sys
 log = open(sys.argv[1]).read()
 records = int(re.search(r"consumed (\d+) messages", log).group(1))
-sink = int(re.search(r"\((\d+) DynamoDB requests", log).group(1))
+sink, rounds = map(int, re.search(r"\((\d+) DynamoDB requests in (\d+) rounds", log).groups())
 state = int(re.search(r"(\d+) state table writes", log).group(1))
 print(f"consume kafka on the same {records} records at the same rate: DynamoDB write requests/record: "
-      f"{(sink + state) / records:.4f} (sink {sink / records:.4f}, state table {state / records:.4f}: checkpoints and the lease)")
+      f"{(sink + state) / records:.4f} (sink {sink / records:.4f} in {rounds} writes, state table {state / records:.4f}: checkpoints and the lease)")
 PY

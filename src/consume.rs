@@ -238,8 +238,8 @@ fn kafka(a: KafkaArgs, stop: Arc<AtomicBool>) -> Result<toolrank_live::Summary> 
 
 fn print_summary(s: &toolrank_live::Summary) {
     eprintln!(
-        "consumed {} messages: {} changes, {} stale, {} ignored, {} redeliveries skipped, {} dead-lettered; {} checkpoints, {} sink writes ({} DynamoDB requests, {} Valkey commands); {} state table writes",
-        s.messages, s.changes, s.stale, s.ignored, s.skipped_redeliveries, s.dead_letters, s.checkpoints, s.sink_writes, s.dynamodb_requests, s.valkey_commands, s.state_writes
+        "consumed {} messages: {} changes, {} stale, {} ignored, {} redeliveries skipped, {} dead-lettered; {} checkpoints, {} sink writes ({} DynamoDB requests in {} rounds, {} Valkey commands); {} state table writes",
+        s.messages, s.changes, s.stale, s.ignored, s.skipped_redeliveries, s.dead_letters, s.checkpoints, s.sink_writes, s.dynamodb_requests, s.dynamodb_rounds, s.valkey_commands, s.state_writes
     );
     eprintln!("waited on: DynamoDB sink {:.1} s, Valkey sink {:.1} s, checkpoints {:.1} s", s.dynamodb_ms as f64 / 1e3, s.valkey_ms as f64 / 1e3, s.checkpoint_ms as f64 / 1e3);
     if let (Some(p50), Some(p99), Some(max)) = (s.latency_p50_ms, s.latency_p99_ms, s.latency_max_ms) {

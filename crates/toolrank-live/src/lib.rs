@@ -77,6 +77,8 @@ pub struct Summary {
     pub checkpoints: u64,
     pub sink_writes: u64,
     pub dynamodb_requests: u64,
+    /// DynamoDB sink writes started (each coalesces the changes of its interval).
+    pub dynamodb_rounds: u64,
     /// Write requests to the state table: checkpoints, bucket logs, leases.
     pub state_writes: u64,
     pub valkey_commands: u64,
@@ -660,6 +662,7 @@ impl SinkWriter {
             return ok;
         };
         self.last_dynamodb = Instant::now();
+        self.summary.dynamodb_rounds += 1;
         let plan = sink.plan(&self.global, &self.dynamodb_changes.take(), today);
         let task = self.rt.spawn(async move {
             let result = tokio::time::timeout(CALL_DEADLINE, sink.execute(plan)).await;
