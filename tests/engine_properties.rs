@@ -116,9 +116,9 @@ fn write_changes(live: &mut Engine, agents: &mut SinkAgents, patterns: &mut Sink
     }
 }
 
-#[test]
-fn state_is_compact_and_reported() {
-    let history: Vec<Event> = (0..200)
+/// An engine holding `sessions` one-execution sessions, applied in order.
+fn one_row_sessions(sessions: usize) -> Engine {
+    let history: Vec<Event> = (0..sessions)
         .map(|i| Event {
             pk: format!("USR{}#SESS{i}", i % 17),
             sk: format!("PRC00{}#AGT{}#TL1", i % 3 + 1, i % 4 + 1),
@@ -127,7 +127,12 @@ fn state_is_compact_and_reported() {
         })
         .collect();
     let order: Vec<usize> = (0..history.len()).collect();
-    let engine = replay(&history, &order, &vec![2; order.len()]);
+    replay(&history, &order, &vec![2; order.len()])
+}
+
+#[test]
+fn state_is_compact_and_reported() {
+    let engine = one_row_sessions(200);
     let st = engine.stats();
     assert_eq!((st.live_sessions, st.live_rows), (200, 200));
     assert!(st.heap_bytes / st.live_sessions < 1024, "{st:?}");
@@ -288,16 +293,7 @@ proptest! {
 
 #[test]
 fn deltas_hold_only_what_changed_and_refuse_garbage() {
-    let history: Vec<Event> = (0..300)
-        .map(|i| Event {
-            pk: format!("USR{}#SESS{i}", i % 17),
-            sk: format!("PRC00{}#AGT{}#TL1", i % 3 + 1, i % 4 + 1),
-            item: Some(Item::Hist { tool_nm: "T".into(), dt: "20250614090000".into(), succ: true }),
-            ttl: false,
-        })
-        .collect();
-    let order: Vec<usize> = (0..history.len()).collect();
-    let mut engine = replay(&history, &order, &vec![2; order.len()]);
+    let mut engine = one_row_sessions(300);
     engine.track_deltas();
     assert!(engine.delta(usize::MAX).is_empty(), "nothing changed yet");
     let whole = engine.snapshot().len();

@@ -284,36 +284,40 @@ impl CheckpointStore {
         let set = Chunks::of(manifest);
         let position = manifest.get("Position").and_then(|v| v.as_s().ok()).cloned();
         let chunks: usize = manifest.get("Chunks").and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
-        let mut state = Vec::new();
-        let mut start: Option<HashMap<String, AttributeValue>> = None;
-        let mut got = 0;
-        loop {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("PK = :pk AND begins_with(SK, :prefix)")
-                .expression_attribute_values(":pk", s(scope))
-                .expression_attribute_values(":prefix", s(set.prefix()))
-                .consistent_read(true)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(aws(format!("reading the checkpoint of {scope}")))?;
-            for item in page.items() {
-                let blob = item.get("Data").and_then(|v| v.as_b().ok()).ok_or_else(|| Error::Input(format!("checkpoint chunk of {scope} without Data")))?;
-                state.extend_from_slice(blob.as_ref());
-                got += 1;
-            }
-            start = page.last_evaluated_key;
-            if start.is_none() {
-                break;
-            }
-        }
+        let blobs = self.blobs(scope, "begins_with(SK, :prefix)", &[(":prefix", s(set.prefix()))], "the checkpoint").await?;
+        let got = blobs.len();
+        let state = blobs.concat();
         if got != chunks {
             return Err(Error::Input(format!("checkpoint {generation} of {scope} has {got} of its {chunks} chunks")));
         }
         Ok(Checkpoint { generation, position, state })
+    }
+
+    /// The `Data` of `scope`'s items whose SK meets `sk_condition` (with `values`), in SK
+    /// order: a checkpoint's chunks, a log's deltas.
+    async fn blobs(&self, scope: &str, sk_condition: &str, values: &[(&str, AttributeValue)], what: &str) -> Result<Vec<Vec<u8>>, Error> {
+        let mut blobs = Vec::new();
+        let mut start: Option<HashMap<String, AttributeValue>> = None;
+        loop {
+            let mut query = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression(format!("PK = :pk AND {sk_condition}"))
+                .expression_attribute_values(":pk", s(scope));
+            for (name, value) in values {
+                query = query.expression_attribute_values(*name, value.clone());
+            }
+            let page = query.consistent_read(true).set_exclusive_start_key(start).send().await.map_err(aws(format!("reading {what} of {scope}")))?;
+            for item in page.items() {
+                let blob = item.get("Data").and_then(|v| v.as_b().ok()).ok_or_else(|| Error::Input(format!("an item of {what} of {scope} without Data")))?;
+                blobs.push(blob.as_ref().to_vec());
+            }
+            start = page.last_evaluated_key;
+            if start.is_none() {
+                return Ok(blobs);
+            }
+        }
     }
 
     /// Saves `state` at `position` as the checkpoint after `generation`, if `owner` still
@@ -348,34 +352,10 @@ impl CheckpointStore {
     /// The deltas numbered `after + 1 ..= upto`, in order. `Err(Input)` when some are
     /// gone: a newer base covers them (read it instead).
     pub async fn deltas(&self, scope: &str, after: u64, upto: u64) -> Result<Vec<Vec<u8>>, Error> {
-        let mut deltas = Vec::new();
         if upto <= after {
-            return Ok(deltas);
+            return Ok(Vec::new());
         }
-        let mut start: Option<HashMap<String, AttributeValue>> = None;
-        loop {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("PK = :pk AND SK BETWEEN :from AND :to")
-                .expression_attribute_values(":pk", s(scope))
-                .expression_attribute_values(":from", s(delta_sk(after + 1)))
-                .expression_attribute_values(":to", s(delta_sk(upto)))
-                .consistent_read(true)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(aws(format!("reading the deltas of {scope}")))?;
-            for item in page.items() {
-                let blob = item.get("Data").and_then(|v| v.as_b().ok()).ok_or_else(|| Error::Input(format!("delta of {scope} without Data")))?;
-                deltas.push(blob.as_ref().to_vec());
-            }
-            start = page.last_evaluated_key;
-            if start.is_none() {
-                break;
-            }
-        }
+        let deltas = self.blobs(scope, "SK BETWEEN :from AND :to", &[(":from", s(delta_sk(after + 1))), (":to", s(delta_sk(upto)))], "the deltas").await?;
         if deltas.len() as u64 != upto - after {
             return Err(Error::Input(format!("deltas {}..={upto} of {scope}: {} found (compacted since)", after + 1, deltas.len())));
         }
