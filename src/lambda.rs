@@ -12,8 +12,12 @@ use std::process::ExitCode;
 /// AWS_LAMBDA_FUNCTION_MEMORY_SIZE and AWS_LAMBDA_FUNCTION_VERSION like every Lambda
 /// runtime, and its own settings from the environment: TOOLRANK_STATE_TABLE,
 /// TOOLRANK_TABLE (empty disables the DynamoDB sink), TOOLRANK_VALKEY_URL (unset
-/// disables Valkey), TOOLRANK_NAMESPACE, TOOLRANK_BUCKETS, TOOLRANK_APPLICATION,
-/// TOOLRANK_TODAY. Enable ReportBatchItemFailures on the event source mapping.
+/// disables Valkey), TOOLRANK_NAMESPACE, TOOLRANK_BUCKETS (1: bucket logs the
+/// invocations append to; more when many shards race for one), TOOLRANK_COMPACT_BYTES,
+/// TOOLRANK_SINK_INTERVAL_MS (1000: the sinks are written at most this often),
+/// TOOLRANK_APPLICATION, TOOLRANK_TODAY. Enable ReportBatchItemFailures on the event
+/// source mapping, and invoke the function on a schedule (EventBridge, e.g. every
+/// minute): an event without `Records` writes the sinks with what the interval held back.
 #[derive(clap::Args)]
 pub struct Args {}
 
