@@ -187,6 +187,7 @@ impl Latencies {
 /// A unit owned by another consumer, as of its latest checkpoint (lease holder only).
 struct Remote {
     engine: Engine,
+    /// The checkpoint's generation; for a delta-log unit, the log position it holds.
     generation: u64,
 }
 
@@ -560,21 +561,19 @@ impl SinkWriter {
     fn refresh_logs(&mut self, scopes: &[String]) -> Result<(), Error> {
         for scope in scopes {
             let Some(head) = self.call("reading a log head", self.store.log_head(scope))? else { continue };
-            if let Some(r) = self.remotes.get_mut(scope) {
-                if r.generation == head.head {
-                    continue;
-                }
-                if (head.base_at..head.head).contains(&r.generation) {
-                    match self.rt.block_on(self.store.deltas(scope, r.generation, head.head)) {
-                        Ok(deltas) => {
-                            let from = r.generation;
-                            self.advance_log(scope, from, head.head, &deltas)?;
-                            continue;
-                        }
-                        // Compacted meanwhile: from the base.
-                        Err(toolrank_dynamodb::Error::Input(_)) => {}
-                        Err(e) => return Err(e.into()),
+            let at = self.remotes.get(scope).map(|r| r.generation);
+            if at == Some(head.head) {
+                continue;
+            }
+            if let Some(at) = at.filter(|at| (head.base_at..head.head).contains(at)) {
+                match self.call("reading a log's deltas", self.store.deltas(scope, at, head.head)) {
+                    Ok(deltas) => {
+                        self.advance_log(scope, at, head.head, &deltas)?;
+                        continue;
                     }
+                    // Compacted meanwhile: from the base.
+                    Err(toolrank_dynamodb::Error::Input(_)) => {}
+                    Err(e) => return Err(e.into()),
                 }
             }
             let log = self.call("reading a log", self.store.load_log(scope))?;
