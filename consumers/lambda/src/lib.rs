@@ -37,7 +37,7 @@ use std::time::Duration;
 use toolrank_engine::Engine;
 use toolrank_events::{decode_kinesis_data, decode_line, Change, Day};
 use toolrank_dynamodb::LogHead;
-use toolrank_live::{apply_change, restore, SinkWriter, WriterConfig};
+use toolrank_live::{apply_change, apply_deltas, log_engine, LogCatchUp, SinkWriter, WriterConfig};
 use lambda_runtime::{service_fn, LambdaEvent};
 use std::time::Instant;
 use tokio::sync::oneshot;
@@ -408,34 +408,24 @@ impl Handler {
                 LogHead::default()
             }
         };
-        let state_error = |e: toolrank_engine::StateError| toolrank_dynamodb::Error::Input(format!("{scope}: {e}"));
-        if let Some(b) = self.buckets.get_mut(&bucket) {
-            if b.at == head.head {
-                return Ok(head);
+        let state_error = |e: toolrank_live::Error| toolrank_dynamodb::Error::Input(e.to_string());
+        let b = self.buckets.get_mut(&bucket);
+        match w.log_catch_up(scope, b.as_ref().map(|b| b.at), &head)? {
+            LogCatchUp::Current => Ok(head),
+            LogCatchUp::Deltas(deltas) => {
+                let b = b.expect("deltas follow a cached engine");
+                apply_deltas(scope, &mut b.engine, &deltas).map_err(state_error)?;
+                b.at = head.head;
+                Ok(head)
             }
-            if (head.base_at..head.head).contains(&b.at) {
-                match w.call("reading a bucket's deltas", w.store.deltas(scope, b.at, head.head)) {
-                    Ok(deltas) => {
-                        for d in &deltas {
-                            b.engine.apply_delta(d).map_err(state_error)?;
-                        }
-                        b.at = head.head;
-                        return Ok(head);
-                    }
-                    Err(toolrank_dynamodb::Error::Input(_)) => {}
-                    Err(e) => return Err(e),
-                }
+            // Cold, or behind a compaction: the base and the deltas after it.
+            LogCatchUp::Log(log) => {
+                let mut engine = log_engine(scope, &log).map_err(state_error)?;
+                engine.track_deltas();
+                self.buckets.insert(bucket, Bucket { engine, at: log.at.head });
+                Ok(log.at)
             }
         }
-        // Cold, or behind a compaction: the base and the deltas after it.
-        let log = w.call("reading a bucket", w.store.load_log(scope))?;
-        let mut engine = restore(scope, &log.base).map_err(|e| toolrank_dynamodb::Error::Input(e.to_string()))?;
-        for d in &log.deltas {
-            engine.apply_delta(d).map_err(state_error)?;
-        }
-        engine.track_deltas();
-        self.buckets.insert(bucket, Bucket { engine, at: log.at.head });
-        Ok(log.at)
     }
 }
 

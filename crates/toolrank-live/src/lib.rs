@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
-use toolrank_dynamodb::{CheckpointStore, Lease};
+use toolrank_dynamodb::{CheckpointStore, Lease, Log, LogHead};
 use toolrank_engine::{Applied, Changes, Engine, PatternKey, Sym};
 use toolrank_events::{decode_line, Change, Day};
 pub use toolrank_sink_dynamodb::Namespace;
@@ -218,8 +218,25 @@ pub fn restore(scope: &str, state: &[u8]) -> Result<Engine, Error> {
 }
 
 /// Applies a log's `deltas` to `engine`, in order.
-fn apply_deltas(scope: &str, engine: &mut Engine, deltas: &[Vec<u8>]) -> Result<(), Error> {
+pub fn apply_deltas(scope: &str, engine: &mut Engine, deltas: &[Vec<u8>]) -> Result<(), Error> {
     deltas.iter().try_for_each(|d| engine.apply_delta(d)).map_err(|source| Error::Snapshot { scope: scope.to_owned(), source })
+}
+
+/// The engine a whole delta log holds: its base with its deltas applied.
+pub fn log_engine(scope: &str, log: &Log) -> Result<Engine, Error> {
+    let mut engine = restore(scope, &log.base)?;
+    apply_deltas(scope, &mut engine, &log.deltas)?;
+    Ok(engine)
+}
+
+/// How a copy of a delta-log unit catches up ([`SinkWriter::log_catch_up`]).
+pub enum LogCatchUp {
+    /// It is at the head.
+    Current,
+    /// Apply these deltas to it.
+    Deltas(Vec<Vec<u8>>),
+    /// Replace it with this log's engine ([`log_engine`]).
+    Log(Log),
 }
 
 /// Changes taken from the merged engine and not yet written to a sink.
@@ -556,29 +573,39 @@ impl SinkWriter {
         Ok(())
     }
 
+    /// What brings a copy of a delta-log unit at log position `at` (`None`: no copy) to
+    /// `head`: the deltas after it, or the whole log when there is no copy or a
+    /// compaction deleted those deltas.
+    pub fn log_catch_up(&self, scope: &str, at: Option<u64>, head: &LogHead) -> Result<LogCatchUp, toolrank_dynamodb::Error> {
+        if at == Some(head.head) {
+            return Ok(LogCatchUp::Current);
+        }
+        if let Some(at) = at.filter(|at| (head.base_at..head.head).contains(at)) {
+            match self.call("reading a log's deltas", self.store.deltas(scope, at, head.head)) {
+                Ok(deltas) => return Ok(LogCatchUp::Deltas(deltas)),
+                // Compacted meanwhile: from the base.
+                Err(toolrank_dynamodb::Error::Input(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.call("reading a log", self.store.load_log(scope)).map(LogCatchUp::Log)
+    }
+
     /// Brings the merged copies of delta-log units to their logs' heads: by the deltas
     /// after a copy's position, or from the base when those were compacted away.
     fn refresh_logs(&mut self, scopes: &[String]) -> Result<(), Error> {
         for scope in scopes {
             let Some(head) = self.call("reading a log head", self.store.log_head(scope))? else { continue };
             let at = self.remotes.get(scope).map(|r| r.generation);
-            if at == Some(head.head) {
-                continue;
-            }
-            if let Some(at) = at.filter(|at| (head.base_at..head.head).contains(at)) {
-                match self.call("reading a log's deltas", self.store.deltas(scope, at, head.head)) {
-                    Ok(deltas) => {
-                        self.advance_log(scope, at, head.head, &deltas)?;
-                        continue;
-                    }
-                    // Compacted meanwhile: from the base.
-                    Err(toolrank_dynamodb::Error::Input(_)) => {}
-                    Err(e) => return Err(e.into()),
+            let log = match self.log_catch_up(scope, at, &head)? {
+                LogCatchUp::Current => continue,
+                LogCatchUp::Deltas(deltas) => {
+                    self.advance_log(scope, at.expect("deltas follow a copy"), head.head, &deltas)?;
+                    continue;
                 }
-            }
-            let log = self.call("reading a log", self.store.load_log(scope))?;
-            let mut engine = restore(scope, &log.base)?;
-            apply_deltas(scope, &mut engine, &log.deltas)?;
+                LogCatchUp::Log(log) => log,
+            };
+            let mut engine = log_engine(scope, &log)?;
             engine.flush();
             if let Some(mut old) = self.remotes.remove(scope) {
                 self.global.unabsorb(&mut old.engine);
