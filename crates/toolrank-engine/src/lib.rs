@@ -206,7 +206,7 @@ pub struct Engine {
     /// Our symbols to those of the engine [`Engine::flush_into`] forwards to.
     #[serde(skip)]
     forward: Translation,
-    /// What changed since the last [`Engine::take_delta`], when tracking.
+    /// What changed since the last [`Engine::delta_saved`], when tracking.
     #[serde(skip)]
     delta: Option<DeltaTracker>,
 }
@@ -296,18 +296,10 @@ impl Engine {
         let sk = self.intern_sk(&change.sk, &key);
         let agent = self.sks[sk as usize].agent;
         let hash = FxBuildHasher.hash_one(change.pk.as_ref());
-        let sessions = &self.sessions;
-        let idx = match self.session_index.find(hash, |&i| *sessions[i as usize].pk == *change.pk) {
-            Some(&i) => i,
+        let idx = match self.find_session(&change.pk, hash) {
+            Some(i) => i,
             None if data.is_none() && seq.is_none() => return Applied::Unchanged,
-            None => {
-                let i = self.sessions.len() as u32;
-                let user = self.strings.intern(key.user);
-                self.sessions.push(Session { pk: change.pk.as_ref().into(), user, rows: Vec::new(), committed: Vec::new(), dirty: Vec::new() });
-                let sessions = &self.sessions;
-                self.session_index.insert_unique(hash, i, |&j| FxBuildHasher.hash_one(&*sessions[j as usize].pk));
-                i
-            }
+            None => self.add_session(&change.pk, hash, key.user),
         };
         let s = &mut self.sessions[idx as usize];
         let applied = match s.rows.iter().position(|r| r.sk == sk) {
@@ -440,14 +432,14 @@ impl Engine {
             };
             let size = postcard::experimental::serialized_size(&state).unwrap_or(0);
             if bytes + size > max_bytes && !(part.sessions.is_empty() && part.catalog.is_empty()) {
-                out.push(encode_delta(&std::mem::replace(&mut part, Delta { sessions: Vec::new(), catalog: Vec::new() })));
+                out.push(versioned(DELTA_VERSION, &std::mem::replace(&mut part, Delta { sessions: Vec::new(), catalog: Vec::new() })));
                 bytes = 0;
             }
             bytes += size;
             part.sessions.push(state);
         }
         if !(part.sessions.is_empty() && part.catalog.is_empty()) {
-            out.push(encode_delta(&part));
+            out.push(versioned(DELTA_VERSION, &part));
         }
         out
     }
@@ -464,12 +456,7 @@ impl Engine {
     /// in order, on its base). Aggregates follow at the next [`flush`](Self::flush). Not
     /// recorded by this engine's own tracking.
     pub fn apply_delta(&mut self, bytes: &[u8]) -> Result<(), StateError> {
-        let (version, body) = bytes.split_at_checked(4).ok_or(StateError::Version(0))?;
-        let version = u32::from_le_bytes(version.try_into().expect("4 bytes"));
-        if version != DELTA_VERSION {
-            return Err(StateError::DeltaVersion(version));
-        }
-        let delta: Delta = postcard::from_bytes(body)?;
+        let delta: Delta = postcard::from_bytes(versioned_body(bytes, DELTA_VERSION, StateError::DeltaVersion)?)?;
         for session in delta.sessions {
             self.replace_session(session)?;
         }
@@ -497,17 +484,9 @@ impl Engine {
             rows.push(Row { sk: self.intern_sk(r.sk, &key), seq: r.seq, data });
         }
         let hash = FxBuildHasher.hash_one(state.pk);
-        let sessions = &self.sessions;
-        let idx = match self.session_index.find(hash, |&i| *sessions[i as usize].pk == *state.pk) {
-            Some(&i) => i,
-            None => {
-                let i = self.sessions.len() as u32;
-                let user = self.strings.intern(state.user);
-                self.sessions.push(Session { pk: state.pk.into(), user, rows: Vec::new(), committed: Vec::new(), dirty: Vec::new() });
-                let sessions = &self.sessions;
-                self.session_index.insert_unique(hash, i, |&j| FxBuildHasher.hash_one(&*sessions[j as usize].pk));
-                i
-            }
+        let idx = match self.find_session(state.pk, hash) {
+            Some(i) => i,
+            None => self.add_session(state.pk, hash, state.user),
         };
         let s = &mut self.sessions[idx as usize];
         let old = std::mem::replace(&mut s.rows, rows);
@@ -518,6 +497,22 @@ impl Engine {
             mark_dirty(&mut self.dirty, idx, s, agent);
         }
         Ok(())
+    }
+
+    /// The slot of the session `pk` (its FxHash is `hash`), if the engine has it.
+    fn find_session(&self, pk: &str, hash: u64) -> Option<u32> {
+        let sessions = &self.sessions;
+        self.session_index.find(hash, |&i| *sessions[i as usize].pk == *pk).copied()
+    }
+
+    /// Adds an empty session `pk` of `user` (its FxHash is `hash`); returns its slot.
+    fn add_session(&mut self, pk: &str, hash: u64, user: &str) -> u32 {
+        let i = self.sessions.len() as u32;
+        let user = self.strings.intern(user);
+        self.sessions.push(Session { pk: pk.into(), user, rows: Vec::new(), committed: Vec::new(), dirty: Vec::new() });
+        let sessions = &self.sessions;
+        self.session_index.insert_unique(hash, i, |&j| FxBuildHasher.hash_one(&*sessions[j as usize].pk));
+        i
     }
 
     /// The symbol of a hist SK, its parts recorded when new.
@@ -706,19 +701,12 @@ impl Engine {
     /// Serializes the whole state (after a flush) for a checkpoint.
     pub fn snapshot(&mut self) -> Vec<u8> {
         self.flush();
-        let mut out = SNAPSHOT_VERSION.to_le_bytes().to_vec();
-        postcard::to_io(self, &mut out).expect("writing to a Vec cannot fail");
-        out
+        versioned(SNAPSHOT_VERSION, self)
     }
 
     /// Restores a state written by [`snapshot`](Self::snapshot).
     pub fn restore(bytes: &[u8]) -> Result<Engine, StateError> {
-        let (version, body) = bytes.split_at_checked(4).ok_or(StateError::Version(0))?;
-        let version = u32::from_le_bytes(version.try_into().expect("4 bytes"));
-        if version != SNAPSHOT_VERSION {
-            return Err(StateError::Version(version));
-        }
-        let mut engine: Engine = postcard::from_bytes(body)?;
+        let mut engine: Engine = postcard::from_bytes(versioned_body(bytes, SNAPSHOT_VERSION, StateError::Version)?)?;
         engine.strings.rebuild();
         engine.sequences.rebuild();
         engine.sk_index.rebuild();
@@ -755,10 +743,22 @@ impl Engine {
     }
 }
 
-fn encode_delta(delta: &Delta<'_>) -> Vec<u8> {
-    let mut out = DELTA_VERSION.to_le_bytes().to_vec();
-    postcard::to_io(delta, &mut out).expect("writing to a Vec cannot fail");
+/// `value` in postcard after its format's version (snapshots, deltas).
+fn versioned(version: u32, value: &impl Serialize) -> Vec<u8> {
+    let mut out = version.to_le_bytes().to_vec();
+    postcard::to_io(value, &mut out).expect("writing to a Vec cannot fail");
     out
+}
+
+/// The body of `bytes` written by [`versioned`] with `expected`; `wrong(found)` for
+/// another version (0 when too short to hold one).
+fn versioned_body(bytes: &[u8], expected: u32, wrong: fn(u32) -> StateError) -> Result<&[u8], StateError> {
+    let (version, body) = bytes.split_at_checked(4).ok_or(wrong(0))?;
+    let version = u32::from_le_bytes(version.try_into().expect("4 bytes"));
+    if version != expected {
+        return Err(wrong(version));
+    }
+    Ok(body)
 }
 
 /// Marks `agent`'s group of session `idx` for the next flush.
