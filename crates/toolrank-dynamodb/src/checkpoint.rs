@@ -70,7 +70,7 @@ impl Chunks {
     }
 
     fn of(manifest: &HashMap<String, AttributeValue>) -> Chunks {
-        Chunks { generation: generation_of(manifest), tag: manifest.get("ChunkTag").and_then(|v| v.as_s().ok()).cloned().unwrap_or_default() }
+        Chunks { generation: generation_of(manifest), tag: text(manifest, "ChunkTag").cloned().unwrap_or_default() }
     }
 
     fn prefix(&self) -> String {
@@ -106,13 +106,12 @@ pub struct LogHead {
 
 impl LogHead {
     fn of(manifest: &HashMap<String, AttributeValue>) -> LogHead {
-        let num = |k: &str| manifest.get(k).and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
         LogHead {
             generation: generation_of(manifest),
-            base_at: manifest.get("Position").and_then(|v| v.as_s().ok()).and_then(|v| v.parse().ok()).unwrap_or(0),
-            head: num("Head"),
-            base_bytes: num("Bytes"),
-            log_bytes: num("LogBytes"),
+            base_at: text(manifest, "Position").and_then(|v| v.parse().ok()).unwrap_or(0),
+            head: number(manifest, "Head"),
+            base_bytes: number(manifest, "Bytes"),
+            log_bytes: number(manifest, "LogBytes"),
         }
     }
 }
@@ -165,7 +164,7 @@ impl CheckpointStore {
 
     /// The position of `scope`'s latest checkpoint, without its state.
     pub async fn position(&self, scope: &str) -> Result<Option<String>, Error> {
-        Ok(self.manifest(scope).await?.and_then(|m| m.get("Position").and_then(|v| v.as_s().ok()).cloned()))
+        Ok(self.manifest(scope).await?.and_then(|m| text(&m, "Position").cloned()))
     }
 
     /// Adds `members` to the string set `name` of the item (`scope`, `sk`), e.g. the
@@ -282,8 +281,8 @@ impl CheckpointStore {
     async fn load(&self, scope: &str, manifest: &HashMap<String, AttributeValue>) -> Result<Checkpoint, Error> {
         let generation = generation_of(manifest);
         let set = Chunks::of(manifest);
-        let position = manifest.get("Position").and_then(|v| v.as_s().ok()).cloned();
-        let chunks: usize = manifest.get("Chunks").and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let position = text(manifest, "Position").cloned();
+        let chunks = number(manifest, "Chunks") as usize;
         let blobs = self.blobs(scope, "begins_with(SK, :prefix)", &[(":prefix", s(set.prefix()))], "the checkpoint").await?;
         let got = blobs.len();
         let state = blobs.concat();
@@ -464,10 +463,8 @@ impl CheckpointStore {
             .send()
             .await;
         let (old, count) = match switched {
-            Ok(out) => {
-                let old = out.attributes().map(|a| Chunks { generation, tag: a.get("ChunkTag").and_then(|v| v.as_s().ok()).cloned().unwrap_or_default() });
-                (old, out.attributes().and_then(|a| a.get("Chunks")).and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok()).unwrap_or(0))
-            }
+            // The old values of what was updated: the previous save's generation, tag and count.
+            Ok(out) => (out.attributes().map(Chunks::of), out.attributes().map_or(0, |a| number(a, "Chunks") as usize)),
             Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => {
                 self.delete_chunks(scope, &set, chunks.len()).await;
                 return Err(Error::Fenced(scope.to_owned()));
@@ -496,7 +493,17 @@ impl CheckpointStore {
 }
 
 fn generation_of(manifest: &HashMap<String, AttributeValue>) -> u64 {
-    manifest.get("Generation").and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok()).unwrap_or(0)
+    number(manifest, "Generation")
+}
+
+/// A number attribute of `item`; 0 when absent.
+fn number(item: &HashMap<String, AttributeValue>, name: &str) -> u64 {
+    item.get(name).and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// A string attribute of `item`.
+fn text<'a>(item: &'a HashMap<String, AttributeValue>, name: &str) -> Option<&'a String> {
+    item.get(name).and_then(|v| v.as_s().ok())
 }
 
 fn now_ms() -> u64 {
@@ -553,7 +560,7 @@ impl Lease {
             .send()
             .await;
         match put {
-            Ok(out) => Ok(Some(out.attributes().and_then(|a| a.get("Owner")).and_then(|v| v.as_s().ok()) == Some(&self.owner))),
+            Ok(out) => Ok(Some(out.attributes().and_then(|a| text(a, "Owner")) == Some(&self.owner))),
             Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(None),
             Err(e) => Err(aws(format!("taking the lease {}", self.scope))(e)),
         }
@@ -572,7 +579,7 @@ impl Lease {
             .send()
             .await
             .map_err(aws(format!("reading the lease {}", self.scope)))?;
-        Ok(got.item.and_then(|i| i.get("Released").and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok())).unwrap_or(0))
+        Ok(got.item.map_or(0, |i| number(&i, "Released")))
     }
 
     /// Gives the lease up so that another owner need not wait for it to lapse.
