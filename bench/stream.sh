@@ -10,7 +10,9 @@
 #      consumer reports p50/p99 from each message's Kafka timestamp to its effect being
 #      written to Valkey.
 # Prints events/s of both, toolrank's share of the raw rate, CPU µs per event, DynamoDB
-# write requests and Valkey commands per event, the peak RSS and the latency.
+# write requests and write capacity units per event (the sink's, and the state table's:
+# checkpoints and leases), Valkey commands per event, the peak RSS and the latency; for
+# the steady-rate phase too, what its writes cost per event.
 # Usage: bench/stream.sh   (SESSIONS=300000 gives ~1M events; LATENCY_RATE=5000,
 #                           LATENCY_SESSIONS=30000 gives ~100k events over ~20 s)
 set -euo pipefail
@@ -42,21 +44,24 @@ RAW=$("$BIN/kafka-drain" "$TOOLRANK_KAFKA_BROKERS" "$TOPIC")
 echo "raw rdkafka consume:   $RAW"
 /usr/bin/time -f "%e %U %S %M" -o "$WORK/time" "$BIN/toolrank" consume kafka --topic "$TOPIC" --group "$RUN" \
   --dead-letter-topic "$TOPIC-dl" --table "$TABLE" --namespace "$RUN" --until-idle 3 2> "$WORK/consume.log"
-SUMMARY=$(grep '^consumed' "$WORK/consume.log")
 read -r WALL USER SYS RSS < "$WORK/time"
-python3 - "$EVENTS" "$WALL" "$USER" "$SYS" "$RSS" "$RAW" "$SUMMARY" <<'PY'
+python3 - "$EVENTS" "$WALL" "$USER" "$SYS" "$RSS" "$RAW" "$WORK/consume.log" <<'PY'
 import re, sys
 events, wall, user, sys_, rss = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
 raw = float(re.search(r"rate (\d+)", sys.argv[6]).group(1))
-summary = sys.argv[7]
-ddb = int(re.search(r"(\d+) DynamoDB requests", summary).group(1))
-vk = int(re.search(r"(\d+) Valkey commands", summary).group(1))
+log = open(sys.argv[7]).read()
+ddb = int(re.search(r"(\d+) DynamoDB requests", log).group(1))
+vk = int(re.search(r"(\d+) Valkey commands", log).group(1))
+state = int(re.search(r"(\d+) state table writes", log).group(1))
+sink_units, state_units = map(float, re.search(r"units consumed: DynamoDB sink (\d+), state table (\d+)", log).groups())
 busy = max(wall - 3.0, 1e-9)  # --until-idle waits 3 s after the last message
 rate = events / busy
 print(f"toolrank consume:      {rate:,.0f} events/s ({rate / raw:.0%} of raw), {(user + sys_) * 1e6 / events:.2f} CPU µs/event")
-print(f"sinks:                 {ddb / events:.4f} DynamoDB write requests/event, {vk / events:.3f} Valkey commands/event")
+print(f"DynamoDB sink:         {ddb / events:.4f} write requests/event, {sink_units / events:.4f} write units/event")
+print(f"state table:           {state / events:.4f} write requests/event, {state_units / events:.4f} write units/event (checkpoints, leases)")
+print(f"Valkey sink:           {vk / events:.3f} commands/event")
 print(f"peak memory:           {rss / 1024:.0f} MiB")
-print(summary)
+print(re.search(r"^consumed.*$", log, re.M).group(0))
 PY
 
 # 4. Latency at a steady rate, the consumer caught up and holding its checkpointed state.
@@ -80,7 +85,7 @@ sleep 3
 kill -TERM "$CONSUMER"; wait "$CONSUMER" || true
 if LATENCY=$(grep -o 'p50.*' "$WORK/latency.log"); then
   echo "latency at a steady $LATENCY_RATE events/s, produce to visible in Valkey: $LATENCY"
-  grep '^waited on' "$WORK/latency.log" | sed 's/^/latency consumer /' 
+  grep -E '^(consumed|write capacity|waited on)' "$WORK/latency.log" | sed 's/^/steady-rate consumer: /' 
 else
   echo "no latency figures; the consumer's log ends:"; tail -5 "$WORK/latency.log"
 fi

@@ -241,6 +241,7 @@ fn print_summary(s: &toolrank_live::Summary) {
         "consumed {} messages: {} changes, {} stale, {} ignored, {} redeliveries skipped, {} dead-lettered; {} checkpoints, {} sink writes ({} DynamoDB requests in {} rounds, {} Valkey commands); {} state table writes",
         s.messages, s.changes, s.stale, s.ignored, s.skipped_redeliveries, s.dead_letters, s.checkpoints, s.sink_writes, s.dynamodb_requests, s.dynamodb_rounds, s.valkey_commands, s.state_writes
     );
+    eprintln!("write capacity units consumed: DynamoDB sink {:.0}, state table {:.0}", s.dynamodb_write_units, s.state_write_units);
     eprintln!("waited on: DynamoDB sink {:.1} s, Valkey sink {:.1} s, checkpoints {:.1} s", s.dynamodb_ms as f64 / 1e3, s.valkey_ms as f64 / 1e3, s.checkpoint_ms as f64 / 1e3);
     if let (Some(p50), Some(p99), Some(max)) = (s.latency_p50_ms, s.latency_p99_ms, s.latency_max_ms) {
         eprintln!("latency from produce to visible in the sinks: p50 {p50} ms, p99 {p99} ms, max {max} ms");

@@ -13,7 +13,7 @@
 //! base covering the deltas so far, whose items are then deleted. Readers load the base
 //! and the deltas after it, or only the deltas after what they already hold.
 
-use crate::{aws, batch_write, Error};
+use crate::{aws, batch_write, Error, Units, TOTAL};
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, PutRequest, ReturnValue, WriteRequest};
 use aws_sdk_dynamodb::Client;
@@ -41,8 +41,10 @@ pub struct Checkpoint {
 pub struct CheckpointStore {
     client: Client,
     table: String,
-    /// Write requests sent, shared by clones: what the state costs.
+    /// Write requests sent and capacity units they consumed, shared by clones: what the
+    /// state costs.
     writes: Arc<AtomicU64>,
+    units: Units,
 }
 
 fn s(v: impl Into<String>) -> AttributeValue {
@@ -130,12 +132,17 @@ const DELTAS_PER_APPEND: usize = 10;
 
 impl CheckpointStore {
     pub fn new(client: Client, table: impl Into<String>) -> CheckpointStore {
-        CheckpointStore { client, table: table.into(), writes: Arc::default() }
+        CheckpointStore { client, table: table.into(), writes: Arc::default(), units: Units::default() }
     }
 
     /// Write requests this store (and its clones) sent so far.
     pub fn write_requests(&self) -> u64 {
         self.writes.load(Ordering::Relaxed)
+    }
+
+    /// Write capacity units this store (and its clones) consumed so far.
+    pub fn write_units(&self) -> f64 {
+        self.units.get()
     }
 
     /// Counts `n` write requests; a batch of `items` writes is one per 25.
@@ -171,7 +178,8 @@ impl CheckpointStore {
     /// registry of a stream's shard lineages.
     pub async fn add_to_set(&self, scope: &str, sk: &str, name: &str, members: Vec<String>) -> Result<(), Error> {
         self.wrote(1);
-        self.client
+        let out = self
+            .client
             .update_item()
             .table_name(&self.table)
             .key("PK", s(scope))
@@ -179,9 +187,11 @@ impl CheckpointStore {
             .update_expression("ADD #n :m")
             .expression_attribute_names("#n", name)
             .expression_attribute_values(":m", AttributeValue::Ss(members))
+            .return_consumed_capacity(TOTAL)
             .send()
             .await
             .map_err(aws(format!("adding to {scope} {sk}")))?;
+        self.units.add(out.consumed_capacity());
         Ok(())
     }
 
@@ -205,15 +215,18 @@ impl CheckpointStore {
     pub async fn heartbeat(&self, scope: &str, owner: &str, duration: Duration) -> Result<usize, Error> {
         let now = now_ms();
         self.wrote(1);
-        self.client
+        let out = self
+            .client
             .put_item()
             .table_name(&self.table)
             .item("PK", s(scope))
             .item("SK", s(owner))
             .item("Expires", n(now + duration.as_millis() as u64))
+            .return_consumed_capacity(TOTAL)
             .send()
             .await
             .map_err(aws(format!("heartbeat in {scope}")))?;
+        self.units.add(out.consumed_capacity());
         let got = self
             .client
             .query()
@@ -264,10 +277,11 @@ impl CheckpointStore {
                 .expression_attribute_names("#g", "Generation")
                 .expression_attribute_values(":o", s(owner))
                 .expression_attribute_values(":g", n(manifest.as_ref().map_or(0, generation_of)))
+                .return_consumed_capacity(TOTAL)
                 .send()
                 .await;
             match claimed {
-                Ok(_) => {}
+                Ok(out) => self.units.add(out.consumed_capacity()),
                 Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => continue,
                 Err(e) => return Err(aws(format!("claiming {scope}"))(e)),
             }
@@ -398,8 +412,11 @@ impl CheckpointStore {
                 items.push(TransactWriteItem::builder().put(put).build());
             }
             self.wrote(1);
-            match self.client.transact_write_items().set_transact_items(Some(items)).send().await {
-                Ok(_) => head = next,
+            match self.client.transact_write_items().set_transact_items(Some(items)).return_consumed_capacity(TOTAL).send().await {
+                Ok(out) => {
+                    self.units.add_all(out.consumed_capacity());
+                    head = next;
+                }
                 // A failed condition or a concurrent transaction on the manifest.
                 Err(e) if e.as_service_error().is_some_and(|e| e.is_transaction_canceled_exception()) => return Err(Error::Fenced(scope.to_owned())),
                 Err(e) => return Err(aws(format!("appending to the delta log of {scope}"))(e)),
@@ -420,7 +437,7 @@ impl CheckpointStore {
                 WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(key)).build().expect("key set")).build()
             })
             .collect();
-        if let Err(e) = batch_write(&self.client, &self.table, deletes).await {
+        if let Err(e) = batch_write(&self.client, &self.table, deletes, &self.units).await {
             tracing::warn!(scope, error = %e, "could not delete compacted deltas");
         }
         Ok(g)
@@ -437,7 +454,7 @@ impl CheckpointStore {
             let item = HashMap::from([("PK".to_owned(), s(scope)), ("SK".to_owned(), s(set.sk(i))), ("Data".to_owned(), AttributeValue::B(Blob::new(*c)))]);
             WriteRequest::builder().put_request(PutRequest::builder().set_item(Some(item)).build().expect("item set")).build()
         });
-        batch_write(&self.client, &self.table, puts.collect()).await.map_err(aws(format!("writing the checkpoint of {scope}")))?;
+        batch_write(&self.client, &self.table, puts.collect(), &self.units).await.map_err(aws(format!("writing the checkpoint of {scope}")))?;
         let switched = self
             .client
             .update_item()
@@ -460,11 +477,15 @@ impl CheckpointStore {
             .expression_attribute_values(":b", n(state.len()))
             .expression_attribute_values(":o", s(owner))
             .return_values(ReturnValue::UpdatedOld)
+            .return_consumed_capacity(TOTAL)
             .send()
             .await;
         let (old, count) = match switched {
             // The old values of what was updated: the previous save's generation, tag and count.
-            Ok(out) => (out.attributes().map(Chunks::of), out.attributes().map_or(0, |a| number(a, "Chunks") as usize)),
+            Ok(out) => {
+                self.units.add(out.consumed_capacity());
+                (out.attributes().map(Chunks::of), out.attributes().map_or(0, |a| number(a, "Chunks") as usize))
+            }
             Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => {
                 self.delete_chunks(scope, &set, chunks.len()).await;
                 return Err(Error::Fenced(scope.to_owned()));
@@ -486,7 +507,7 @@ impl CheckpointStore {
                 WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(key)).build().expect("key set")).build()
             })
             .collect();
-        if let Err(e) = batch_write(&self.client, &self.table, deletes).await {
+        if let Err(e) = batch_write(&self.client, &self.table, deletes, &self.units).await {
             tracing::warn!(scope, generation = set.generation, error = %e, "could not delete old checkpoint chunks");
         }
     }
@@ -519,18 +540,24 @@ pub struct Lease {
     scope: String,
     owner: String,
     duration: Duration,
-    /// Write requests sent (every take and release is one).
+    /// Write requests sent (every take and release is one) and the units they consumed.
     writes: Arc<AtomicU64>,
+    units: Units,
 }
 
 impl Lease {
     pub fn new(client: Client, table: impl Into<String>, scope: impl Into<String>, owner: impl Into<String>, duration: Duration) -> Lease {
-        Lease { client, table: table.into(), scope: scope.into(), owner: owner.into(), duration, writes: Arc::default() }
+        Lease { client, table: table.into(), scope: scope.into(), owner: owner.into(), duration, writes: Arc::default(), units: Units::default() }
     }
 
     /// Write requests this lease (and its clones) sent so far.
     pub fn write_requests(&self) -> u64 {
         self.writes.load(Ordering::Relaxed)
+    }
+
+    /// Write capacity units this lease (and its clones) consumed so far.
+    pub fn write_units(&self) -> f64 {
+        self.units.get()
     }
 
     /// Takes or renews the lease; `false` while another live owner holds it.
@@ -557,10 +584,14 @@ impl Lease {
             .expression_attribute_values(":me", s(&self.owner))
             .expression_attribute_values(":now", n(now))
             .return_values(ReturnValue::AllOld)
+            .return_consumed_capacity(TOTAL)
             .send()
             .await;
         match put {
-            Ok(out) => Ok(Some(out.attributes().and_then(|a| text(a, "Owner")) == Some(&self.owner))),
+            Ok(out) => {
+                self.units.add(out.consumed_capacity());
+                Ok(Some(out.attributes().and_then(|a| text(a, "Owner")) == Some(&self.owner)))
+            }
             Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(None),
             Err(e) => Err(aws(format!("taking the lease {}", self.scope))(e)),
         }
@@ -600,10 +631,14 @@ impl Lease {
             .expression_attribute_values(":me", s(&self.owner))
             .expression_attribute_values(":zero", n(0))
             .expression_attribute_values(":now", n(now_ms()))
+            .return_consumed_capacity(TOTAL)
             .send()
             .await;
         match expired {
-            Ok(_) => Ok(()),
+            Ok(out) => {
+                self.units.add(out.consumed_capacity());
+                Ok(())
+            }
             Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(()),
             Err(e) => Err(aws(format!("releasing the lease {}", self.scope))(e)),
         }

@@ -7,14 +7,16 @@
 
 use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
-    ProjectionType, ScalarAttributeType, StreamSpecification, StreamViewType, TableStatus, TimeToLiveSpecification,
+    AttributeDefinition, AttributeValue, BillingMode, ConsumedCapacity, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
+    ProjectionType, ReturnConsumedCapacity, ScalarAttributeType, StreamSpecification, StreamViewType, TableStatus, TimeToLiveSpecification,
 };
 use aws_sdk_dynamodb::Client;
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::{self, StreamExt};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use toolrank_events::decode_line;
 
@@ -45,6 +47,33 @@ pub enum Error {
 pub fn aws<E: std::error::Error + 'static, R: std::fmt::Debug>(what: impl Into<String>) -> impl FnOnce(SdkError<E, R>) -> Error {
     let what = what.into();
     move |e| Error::Aws { what, message: DisplayErrorContext(&e).to_string() }
+}
+
+/// Capacity units DynamoDB reports as consumed by writes (every write asks for them with
+/// [`TOTAL`]): what the writes cost on an on-demand table, counted by the service itself
+/// (a transaction costs twice, an item over 1 KB one unit per KB).
+pub const TOTAL: ReturnConsumedCapacity = ReturnConsumedCapacity::Total;
+
+/// A running sum of consumed write capacity units (see [`TOTAL`]), shared by clones.
+#[derive(Clone, Debug, Default)]
+pub struct Units(Arc<AtomicU64>);
+
+impl Units {
+    /// Adds what one response reports (thousandths are kept: reads may be halves).
+    pub fn add(&self, consumed: Option<&ConsumedCapacity>) {
+        let units = consumed.and_then(ConsumedCapacity::capacity_units).unwrap_or(0.0);
+        self.0.fetch_add((units * 1000.0).round() as u64, Ordering::Relaxed);
+    }
+
+    /// Adds what a batch or transaction response reports, per table.
+    pub fn add_all(&self, consumed: &[ConsumedCapacity]) {
+        consumed.iter().for_each(|c| self.add(Some(c)));
+    }
+
+    /// The units so far.
+    pub fn get(&self) -> f64 {
+        self.0.load(Ordering::Relaxed) as f64 / 1000.0
+    }
 }
 
 /// A client configured from the environment (see [`sdk_config`]).
@@ -115,6 +144,7 @@ pub async fn batch_write(
     client: &Client,
     table: &str,
     requests: Vec<aws_sdk_dynamodb::types::WriteRequest>,
+    units: &Units,
 ) -> Result<(), SdkError<aws_sdk_dynamodb::operation::batch_write_item::BatchWriteItemError, aws_sdk_dynamodb::config::http::HttpResponse>> {
     // Chunks of 25 (the API's limit), several in flight; unprocessed items are resent
     // with backoff.
@@ -127,7 +157,8 @@ pub async fn batch_write(
             async move {
                 let mut delay = Duration::from_millis(20);
                 while !pending.is_empty() {
-                    let out = client.batch_write_item().request_items(table, pending).send().await?;
+                    let out = client.batch_write_item().request_items(table, pending).return_consumed_capacity(TOTAL).send().await?;
+                    units.add_all(out.consumed_capacity());
                     pending = out.unprocessed_items.and_then(|mut m| m.remove(table)).unwrap_or_default();
                     if !pending.is_empty() {
                         tokio::time::sleep(delay).await;

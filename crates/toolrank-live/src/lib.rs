@@ -64,7 +64,7 @@ pub struct WriterConfig {
 }
 
 /// Counters of one run.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Summary {
     /// Messages or stream records read.
     pub messages: u64,
@@ -81,6 +81,9 @@ pub struct Summary {
     pub dynamodb_rounds: u64,
     /// Write requests to the state table: checkpoints, bucket logs, leases.
     pub state_writes: u64,
+    /// Write capacity units DynamoDB reported consumed: by the sink, by the state table.
+    pub dynamodb_write_units: f64,
+    pub state_write_units: f64,
     pub valkey_commands: u64,
     /// Failed sink writes, checkpoints and lease renewals (all retried).
     pub retried_errors: u64,
@@ -115,6 +118,9 @@ impl Summary {
         ];
         for (metric, value) in totals {
             metric.set(value as f64);
+        }
+        for (table, units) in [("sink", self.dynamodb_write_units), ("state", self.state_write_units)] {
+            counter("toolrank_dynamodb_write_units_total", "Write capacity units DynamoDB reported consumed, by table.", &[("table", table)]).set(units);
         }
         for (on, ms) in [("dynamodb", self.dynamodb_ms), ("valkey", self.valkey_ms), ("checkpoint", self.checkpoint_ms)] {
             counter("toolrank_blocked_seconds_total", "Time the consumer's loop waited on a sink write or a checkpoint save.", &[("on", on)]).set(ms as f64 / 1000.0);
@@ -732,6 +738,7 @@ impl SinkWriter {
         }
         self.summary.retried_errors += u64::from(!ok);
         self.summary.dynamodb_requests = sink.stats.requests;
+        self.summary.dynamodb_write_units = sink.units.get();
         let ok = ok && !sink.needs_write();
         self.dynamodb = Some(sink);
         ok
@@ -827,6 +834,7 @@ impl SinkWriter {
             latency_p99_ms: self.latencies.quantile(0.99),
             latency_max_ms: self.latencies.quantile(1.0),
             state_writes: self.store.write_requests() + self.lease.write_requests(),
+            state_write_units: self.store.write_units() + self.lease.write_units(),
             ..self.summary
         }
     }

@@ -29,6 +29,7 @@ use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use toolrank_engine::{AgentFigures, Changes, Engine, PatternFigures, Sym};
 use toolrank_events::Day;
+use toolrank_dynamodb::TOTAL;
 
 /// `GSI1_PK` and `EntityType` of pattern items.
 pub const PATTERN_ENTITY: &str = "UserPrcToolMapp";
@@ -157,6 +158,8 @@ pub struct DynamoSink {
     /// The first write reads what the table holds.
     loaded: bool,
     pub stats: WriteStats,
+    /// Write capacity units the sink's writes consumed.
+    pub units: toolrank_dynamodb::Units,
 }
 
 fn s(v: impl Into<String>) -> AttributeValue {
@@ -184,6 +187,7 @@ impl DynamoSink {
             patterns_pending: false,
             loaded: false,
             stats: WriteStats::default(),
+            units: toolrank_dynamodb::Units::default(),
         }
     }
 
@@ -317,8 +321,9 @@ impl DynamoSink {
     fn unscore_agent(&self, agent_id: &str) -> Request {
         let (pk, sk) = self.namespace.agent_key(agent_id);
         if self.namespace != Namespace::Live {
-            let req = self.client.delete_item().table_name(&self.table).key("PK", s(pk)).key("SK", s(sk));
-            return Box::pin(async move { req.send().await.map(drop).map_err(|e| WriteFailure::other(&e)) });
+            let req = self.client.delete_item().table_name(&self.table).key("PK", s(pk)).key("SK", s(sk)).return_consumed_capacity(TOTAL);
+            let units = self.units.clone();
+            return Box::pin(async move { req.send().await.map(|out| units.add(out.consumed_capacity())).map_err(|e| WriteFailure::other(&e)) });
         }
         let owned = ["Score", "TotalExecutions", "SuccessCount", "FailureCount", "ToolRows", "FailedToolRows", "FailedTools", "ScoreDate", "ScoredBy", "LastExecutionDate"];
         let mut req = self
@@ -333,7 +338,7 @@ impl DynamoSink {
         for (i, name) in owned.into_iter().enumerate() {
             req = req.expression_attribute_names(format!("#r{i}"), name);
         }
-        send_update(req)
+        send_update(req, &self.units)
     }
 
     /// The UpdateItem of the attributes the pipeline owns on an Agent item, conditional on
@@ -384,7 +389,7 @@ impl DynamoSink {
         for (i, name) in remove.into_iter().enumerate() {
             req = req.expression_attribute_names(format!("#r{i}"), name);
         }
-        send_update(req)
+        send_update(req, &self.units)
     }
 
     /// Puts the recommended patterns (with their top-scoring flag) whose figures changed
@@ -409,7 +414,7 @@ impl DynamoSink {
         // change (a first load, a moved cut) is spread over several calls instead of
         // blocking the caller. What was written is remembered batch by batch.
         let deadline = Instant::now() + WRITE_BUDGET;
-        let (client, table) = (&self.client, &self.table);
+        let (client, table, units) = (&self.client, &self.table, &self.units);
         let sends: Vec<BoxFuture<'_, _>> = writes
             .chunks(25)
             .map(|batch| {
@@ -417,7 +422,7 @@ impl DynamoSink {
                 async move {
                     // Not started after the budget: left for the next call.
                     let result = match Instant::now() < deadline {
-                        true => Some(toolrank_dynamodb::batch_write(client, table, requests).await),
+                        true => Some(toolrank_dynamodb::batch_write(client, table, requests, units).await),
                         false => None,
                     };
                     (keys, result)
@@ -452,9 +457,10 @@ impl DynamoSink {
 }
 
 /// Sends an UpdateItem; a failed `attribute_exists(PK)` condition means the item is gone.
-fn send_update(req: aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder) -> Request {
+fn send_update(req: aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder, units: &toolrank_dynamodb::Units) -> Request {
+    let units = units.clone();
     Box::pin(async move {
-        req.send().await.map(drop).map_err(|e| match e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) {
+        req.return_consumed_capacity(TOTAL).send().await.map(|out| units.add(out.consumed_capacity())).map_err(|e| match e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) {
             true => WriteFailure::ItemGone,
             false => WriteFailure::other(&e),
         })
@@ -573,7 +579,7 @@ pub async fn drop_namespace(client: &Client, table: &str, name: &str) -> Result<
     let keys = all_items(scan.into_paginator().items().send().try_collect().await, &format!("scanning {table}"))?;
     let n = keys.len();
     let deletes = keys.into_iter().map(|k| WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(k)).build().expect("key")).build()).collect();
-    toolrank_dynamodb::batch_write(client, table, deletes).await.map_err(|e| Error::Aws(format!("deleting namespace {name}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
+    toolrank_dynamodb::batch_write(client, table, deletes, &Default::default()).await.map_err(|e| Error::Aws(format!("deleting namespace {name}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
     Ok(n)
 }
 
