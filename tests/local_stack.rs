@@ -1548,3 +1548,39 @@ fn bucket_logs_take_appends_in_turn_and_compact() {
         assert_eq!((log.base, log.deltas, log.at.head), (b"base".to_vec(), vec![d(13)], 13));
     });
 }
+
+#[test]
+fn owned_checkpoints_append_with_their_position_and_rebase_whole() {
+    use toolrank_dynamodb::{CheckpointStore, Error, LogHead};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = toolrank_dynamodb::client().await;
+        let table = unique("state");
+        toolrank_dynamodb::create_state_table(&client, &table).await.unwrap();
+        let store = CheckpointStore::new(client, table);
+        let scope = "kafka/g/t/0";
+        let d = |i: u8| vec![i; 100];
+        let ck = store.claim(scope, "a").await.unwrap();
+        assert_eq!((ck.position, ck.at), (None, LogHead::default()));
+        // Appends move the position with the deltas; none: the position alone.
+        assert_eq!(store.append_owned(scope, "a", "10", 0, &[d(1), d(2)]).await.unwrap(), 2);
+        assert_eq!(store.append_owned(scope, "a", "12", 2, &[]).await.unwrap(), 2);
+        assert!(matches!(store.append_owned(scope, "a", "13", 2, &vec![d(3); 11]).await, Err(Error::Input(_))), "one transaction at most");
+        let ck = store.claim(scope, "a").await.unwrap();
+        assert_eq!((ck.position.as_deref(), ck.state.len(), ck.deltas, ck.at.head), (Some("12"), 0, vec![d(1), d(2)], 2));
+        // A whole save covers the deltas and whatever was not appended: it takes the next
+        // position, so a reader at head 2 sees that it moved; the deltas are deleted.
+        let at = store.save(scope, "a", ck.at.generation, "20", b"state").await.unwrap();
+        assert_eq!(at, LogHead { generation: 1, base_at: 3, head: 3, base_bytes: 5, log_bytes: 0 });
+        assert_eq!(store.log_head(scope).await.unwrap(), Some(at));
+        assert!(matches!(store.deltas(scope, 0, 2).await, Err(Error::Input(_))), "deleted");
+        assert_eq!(store.append_owned(scope, "a", "25", 3, &[d(4)]).await.unwrap(), 4);
+        // Another consumer takes the unit over: the old owner's appends and saves fail.
+        let ck = store.claim(scope, "b").await.unwrap();
+        assert_eq!((ck.position.as_deref(), ck.state, ck.deltas, ck.at), (Some("25"), b"state".to_vec(), vec![d(4)], LogHead { log_bytes: 100, head: 4, ..at }));
+        assert!(matches!(store.append_owned(scope, "a", "30", 4, &[d(5)]).await, Err(Error::Fenced(_))));
+        assert!(matches!(store.save(scope, "a", 1, "30", b"zombie").await, Err(Error::Fenced(_))));
+        let log = store.load_log(scope).await.unwrap();
+        assert_eq!((log.base, log.deltas), (b"state".to_vec(), vec![d(4)]));
+    });
+}

@@ -3,11 +3,15 @@
 //!
 //! How (also in the README):
 //! - **State per partition.** Each assigned partition has its own [`Engine`]. Every
-//!   checkpoint interval its snapshot and the next offset are saved together, atomically,
-//!   in the state table ([`CheckpointStore`]). On assignment the partition's checkpoint is
-//!   claimed and restored, and messages below its offset are skipped: whatever Kafka
-//!   redelivers after a crash, a restart or a rebalance is applied exactly once to a
-//!   state that did not contain it. Partitions move between consumers with their state.
+//!   checkpoint interval what changed in it since the last checkpoint (the sessions and
+//!   Agent items touched) and the next offset are saved together, atomically, in the
+//!   state table ([`CheckpointStore`]): one transaction appending to the partition's
+//!   delta log and moving its position; once the log adds up to the state's size, the
+//!   whole state is saved as a new base instead. On assignment the partition's
+//!   checkpoint is claimed and restored (base and deltas), and messages below its offset
+//!   are skipped: whatever Kafka redelivers after a crash, a restart or a rebalance is
+//!   applied exactly once to a state that did not contain it. Partitions move between
+//!   consumers with their state.
 //! - **Fencing.** Claiming a partition makes this consumer its checkpoint's only writer; a
 //!   consumer that lost it (a zombie after a rebalance) gets `Fenced` and lets go.
 //! - **Sinks.** One consumer of the group holds the sink lease and writes the sinks
@@ -27,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use toolrank_engine::Engine;
 use toolrank_events::Day;
-use toolrank_live::{apply_line, Saving, SinkWriter, WriterConfig};
+use toolrank_live::{apply_line, LogHead, Saving, SinkWriter, WriterConfig};
 pub use toolrank_live::Summary;
 use tracing::{debug, info, warn};
 
@@ -78,7 +82,8 @@ pub struct Config {
 struct Partition {
     engine: Engine,
     next_offset: i64,
-    generation: u64,
+    /// Where its checkpoint's log stands.
+    at: LogHead,
     /// Offsets consumed since the last checkpoint was started.
     dirty: bool,
     /// The checkpoint being saved, and the offset it covers.
@@ -341,10 +346,10 @@ impl Consumer_ {
             if self.parts.contains_key(&p) {
                 continue;
             }
-            let (engine, position, generation) = self.writer.claim(&scope(&self.config, p))?;
+            let (engine, position, at) = self.writer.claim(&scope(&self.config, p))?;
             let next_offset = position.as_deref().and_then(|p| p.parse().ok()).unwrap_or(0);
-            info!(partition = p, generation, next_offset, "partition assigned");
-            self.parts.insert(p, Partition { engine, next_offset, generation, dirty: false, saving: None, saving_offset: next_offset, saved_offset: next_offset });
+            info!(partition = p, generation = at.generation, deltas = at.head.saturating_sub(at.base_at), next_offset, "partition assigned");
+            self.parts.insert(p, Partition { engine, next_offset, at, dirty: false, saving: None, saving_offset: next_offset, saved_offset: next_offset });
         }
         Ok(())
     }
@@ -456,8 +461,8 @@ impl Consumer_ {
             let mut started = false;
             loop {
                 match self.writer.saved(&mut part.saving, wait) {
-                    Some(Ok(Some(g))) => {
-                        part.generation = g;
+                    Some(Ok(Some(at))) => {
+                        part.at = at;
                         part.saved_offset = part.saving_offset;
                     }
                     // Saved again at the next interval.
@@ -471,7 +476,7 @@ impl Consumer_ {
                 if started || !part.dirty || part.saving.is_some() {
                     break;
                 }
-                part.saving = Some(self.writer.start_save(&scope(&self.config, p), part.generation, &part.next_offset.to_string(), &mut part.engine));
+                part.saving = Some(self.writer.start_save(&scope(&self.config, p), part.at, &part.next_offset.to_string(), &mut part.engine));
                 (part.saving_offset, part.dirty, started) = (part.next_offset, false, true);
             }
         }

@@ -36,7 +36,8 @@ use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::time::Duration;
 use toolrank_engine::Engine;
 use toolrank_events::{decode_kinesis_data, decode_line, Change, Day};
-use toolrank_dynamodb::LogHead;
+use toolrank_dynamodb::{LogHead, DELTA_BYTES};
+pub use toolrank_dynamodb::COMPACT_MIN_BYTES;
 use toolrank_live::{apply_change, apply_deltas, log_engine, LogCatchUp, SinkWriter, WriterConfig};
 use lambda_runtime::{service_fn, LambdaEvent};
 use std::time::Instant;
@@ -231,16 +232,6 @@ struct Bucket {
     at: u64,
 }
 
-/// A delta item's size limit, under DynamoDB's 400 KB per item.
-const DELTA_BYTES: usize = 300 * 1024;
-
-/// A bucket's log is compacted into a new base once the deltas after the base add up to
-/// the base's size (at least this, by default), so a cold start reads at most about
-/// twice the state and the whole state is rewritten only once per its own size of deltas.
-pub const COMPACT_MIN_BYTES: u64 = 256 * 1024;
-
-/// ...or once this many deltas follow the base (each a row a cold start queries).
-const COMPACT_MAX_DELTAS: u64 = 1000;
 
 /// The handler with what a warm container keeps: engines and the sink writer.
 pub struct Handler {
@@ -376,7 +367,7 @@ impl Handler {
                     b.engine.delta_saved();
                     let from = std::mem::replace(&mut b.at, at);
                     let bytes: u64 = deltas.iter().map(|d| d.len() as u64).sum();
-                    if head.log_bytes + bytes >= head.base_bytes.max(self.config.compact_bytes) || at - head.base_at >= COMPACT_MAX_DELTAS {
+                    if head.compaction_due(deltas.len(), bytes, self.config.compact_bytes) {
                         let state = b.engine.snapshot();
                         match w.call("compacting a bucket's log", w.store.compact(&scope, OWNER, head, at, &state)) {
                             Ok(_) | Err(toolrank_dynamodb::Error::Fenced(_)) => {}

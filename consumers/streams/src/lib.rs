@@ -117,7 +117,8 @@ struct Tree {
     lease: Lease,
     renewed: Instant,
     engine: Engine,
-    generation: u64,
+    /// Where its checkpoint's log stands.
+    at: toolrank_live::LogHead,
     shards: BTreeMap<String, ShardPos>,
     iterators: HashMap<String, String>,
     /// Shards whose last read returned nothing, and when they may be read again (the
@@ -347,10 +348,10 @@ impl<S: ShardSource> Poller<S> {
                     continue;
                 }
             }
-            let (engine, position, generation) = self.writer.claim(&scope)?;
-            let mut tree = Tree { scope, lease, renewed: Instant::now(), engine, generation, shards: parse_position(position.as_deref()), iterators: HashMap::new(), caught_up: HashMap::new(), dirty: false };
+            let (engine, position, at) = self.writer.claim(&scope)?;
+            let mut tree = Tree { scope, lease, renewed: Instant::now(), engine, at, shards: parse_position(position.as_deref()), iterators: HashMap::new(), caught_up: HashMap::new(), dirty: false };
             tree.dirty = adopt_shards(&mut tree, &root, &self.listing, &self.tree_of);
-            info!(tree = root, generation, shards = tree.shards.len(), "took a tree");
+            info!(tree = root, generation = at.generation, shards = tree.shards.len(), "took a tree");
             self.trees.insert(root, tree);
         }
         Ok(())
@@ -468,9 +469,9 @@ impl<S: ShardSource> Poller<S> {
         for (root, tree) in self.trees.iter_mut().filter(|(_, t)| t.dirty) {
             prune(tree, &listed);
             let position = serde_json::to_string(&tree.shards).expect("positions serialize");
-            match self.writer.save(&tree.scope, tree.generation, &position, &mut tree.engine) {
-                Ok(Some(g)) => {
-                    tree.generation = g;
+            match self.writer.save(&tree.scope, tree.at, &position, &mut tree.engine) {
+                Ok(Some(at)) => {
+                    tree.at = at;
                     tree.dirty = false;
                 }
                 Ok(None) => {}

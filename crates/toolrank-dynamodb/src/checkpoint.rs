@@ -6,12 +6,14 @@
 //! manifest names its owner, so a consumer that lost a partition (a zombie after a
 //! rebalance) cannot overwrite the new owner's checkpoint: its save fails as `Fenced`.
 //!
-//! A checkpoint can also be the base of a delta log (Lambda buckets, where many short
-//! writers take turns): each writer appends what its batch changed as the next numbered
-//! delta item, in one transaction with the manifest's `Head` (so of two writers at the
-//! same head one fails as `Fenced`), and now and then saves the whole state as a new
-//! base covering the deltas so far, whose items are then deleted. Readers load the base
-//! and the deltas after it, or only the deltas after what they already hold.
+//! A checkpoint is also the base of a delta log. Between whole saves, a writer appends
+//! what changed since its last save as the next numbered delta items, in one transaction
+//! with the manifest's `Head` (and, for a unit with one owner, its `Position`,
+//! conditioned on the owner): an append costs what changed, not the whole state. Of two
+//! writers at the same head one fails as `Fenced` (Lambda buckets, where many short
+//! writers take turns). Once the deltas add up to the base's size the whole state is
+//! saved as a new base covering them, and their items are deleted. Readers load the base
+//! and the deltas after it, or only the deltas after the head they already hold.
 
 use crate::{aws, batch_write, Error, Units, TOTAL};
 use aws_sdk_dynamodb::primitives::Blob;
@@ -28,12 +30,16 @@ const CHUNK_BYTES: usize = 350 * 1024;
 /// The state of one scope (e.g. `kafka/<group>/<topic>/<partition>`) as last saved.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Checkpoint {
-    /// Increases with every save; 0 before the first.
+    /// Increases with every whole save; 0 before the first.
     pub generation: u64,
     /// Where the input resumes; `None` before the first save.
     pub position: Option<String>,
-    /// The engine snapshot; empty before the first save.
+    /// The engine snapshot; empty before the first whole save.
     pub state: Vec<u8>,
+    /// The deltas appended after it, to apply in order.
+    pub deltas: Vec<Vec<u8>>,
+    /// Where its log stands: what the owner's next append or save follows.
+    pub at: LogHead,
 }
 
 /// Checkpoints in a DynamoDB table (see the module docs).
@@ -91,6 +97,20 @@ fn delta_sk(n: u64) -> String {
     format!("delta#{n:020}")
 }
 
+/// A delta item's size limit ([`Engine::delta`]'s `max_bytes`), under DynamoDB's 400 KB
+/// per item.
+///
+/// [`Engine::delta`]: https://docs.rs/toolrank-engine
+pub const DELTA_BYTES: usize = 300 * 1024;
+
+/// A log gets a new base once the deltas after its base add up to the base's size (at
+/// least this, by default), so a cold start reads at most about twice the state and the
+/// whole state is rewritten only once per its own size of deltas.
+pub const COMPACT_MIN_BYTES: u64 = 256 * 1024;
+
+/// ...or once this many deltas follow the base (each a row a cold start queries).
+const COMPACT_MAX_DELTAS: u64 = 1000;
+
 /// Where a delta log stands (see the module docs).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LogHead {
@@ -110,12 +130,27 @@ impl LogHead {
     fn of(manifest: &HashMap<String, AttributeValue>) -> LogHead {
         LogHead {
             generation: generation_of(manifest),
-            base_at: text(manifest, "Position").and_then(|v| v.parse().ok()).unwrap_or(0),
+            base_at: number(manifest, "BaseAt"),
             head: number(manifest, "Head"),
             base_bytes: number(manifest, "Bytes"),
             log_bytes: number(manifest, "LogBytes"),
         }
     }
+
+    /// Whether the log is due for a new base ([`COMPACT_MIN_BYTES`]) once `parts` more
+    /// deltas of `bytes` in all follow it; `min_bytes` is the smallest log compacted.
+    pub fn compaction_due(&self, parts: usize, bytes: u64, min_bytes: u64) -> bool {
+        self.log_bytes + bytes >= self.base_bytes.max(min_bytes) || self.head + parts as u64 - self.base_at >= COMPACT_MAX_DELTAS
+    }
+}
+
+/// How a whole save relates to the log ([`CheckpointStore::save`], [`CheckpointStore::compact`]).
+enum Base {
+    /// The owner's whole state: it covers every delta and whatever was not appended, so
+    /// it takes the next log position (a reader at the old head sees that it moved).
+    Whole,
+    /// The state as of delta `at` (a Lambda bucket's compaction; later deltas stay).
+    Upto(u64),
 }
 
 /// A delta log read in full: its base state and the deltas after it.
@@ -127,8 +162,8 @@ pub struct Log {
 }
 
 /// Delta items per append transaction: 10 of at most `CHUNK_BYTES` stay under the 4 MB a
-/// transaction may write.
-const DELTAS_PER_APPEND: usize = 10;
+/// transaction may write. An owner's append takes at most this many (one transaction).
+pub const DELTAS_PER_APPEND: usize = 10;
 
 impl CheckpointStore {
     pub fn new(client: Client, table: impl Into<String>) -> CheckpointStore {
@@ -162,11 +197,6 @@ impl CheckpointStore {
             .await
             .map_err(aws(format!("reading the checkpoint of {scope}")))?;
         Ok(got.item)
-    }
-
-    /// The generation of `scope`'s latest checkpoint (0 if none), without claiming it.
-    pub async fn generation(&self, scope: &str) -> Result<u64, Error> {
-        Ok(self.manifest(scope).await?.as_ref().map_or(0, generation_of))
     }
 
     /// The position of `scope`'s latest checkpoint, without its state.
@@ -242,23 +272,8 @@ impl CheckpointStore {
         Ok(got.items().len().max(1))
     }
 
-    /// Reads `scope`'s latest checkpoint without claiming it (a sink writer merging the
-    /// partitions other consumers own).
-    pub async fn peek(&self, scope: &str) -> Result<Checkpoint, Error> {
-        // The owner may switch generations (and delete the old chunks) while we read:
-        // read again from the new manifest.
-        let mut tries = 0;
-        loop {
-            let Some(m) = self.manifest(scope).await? else { return Ok(Checkpoint::default()) };
-            match self.load(scope, &m).await {
-                Err(Error::Input(_)) if tries < 10 && self.generation(scope).await? != generation_of(&m) => tries += 1,
-                result => return result,
-            }
-        }
-    }
-
     /// Takes `scope` over for `owner` and returns its latest checkpoint. From now on only
-    /// `owner` can save it.
+    /// `owner` can save it or append to its log.
     pub async fn claim(&self, scope: &str, owner: &str) -> Result<Checkpoint, Error> {
         loop {
             let manifest = self.manifest(scope).await?;
@@ -285,7 +300,9 @@ impl CheckpointStore {
                 Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => continue,
                 Err(e) => return Err(aws(format!("claiming {scope}"))(e)),
             }
-            return match manifest {
+            // Read again: the previous owner may have appended between our read and the
+            // claim. From now on nobody else can.
+            return match self.manifest(scope).await? {
                 Some(m) => self.load(scope, &m).await,
                 None => Ok(Checkpoint::default()),
             };
@@ -303,7 +320,9 @@ impl CheckpointStore {
         if got != chunks {
             return Err(Error::Input(format!("checkpoint {generation} of {scope} has {got} of its {chunks} chunks")));
         }
-        Ok(Checkpoint { generation, position, state })
+        let at = LogHead::of(manifest);
+        let deltas = self.deltas(scope, at.base_at, at.head).await?;
+        Ok(Checkpoint { generation, position, state, deltas, at })
     }
 
     /// The `Data` of `scope`'s items whose SK meets `sk_condition` (with `values`), in SK
@@ -334,9 +353,10 @@ impl CheckpointStore {
     }
 
     /// Saves `state` at `position` as the checkpoint after `generation`, if `owner` still
-    /// owns `scope`. Returns the new generation.
-    pub async fn save(&self, scope: &str, owner: &str, generation: u64, position: &str, state: &[u8]) -> Result<u64, Error> {
-        self.save_base(scope, owner, generation, position, state, false).await
+    /// owns `scope`: the log's new base, covering everything appended. Returns where the
+    /// log stands now.
+    pub async fn save(&self, scope: &str, owner: &str, generation: u64, position: &str, state: &[u8]) -> Result<LogHead, Error> {
+        self.save_base(scope, owner, generation, position, state, Base::Whole).await
     }
 
     /// Where `scope`'s delta log stands; `None` before it exists.
@@ -344,20 +364,18 @@ impl CheckpointStore {
         Ok(self.manifest(scope).await?.as_ref().map(LogHead::of))
     }
 
-    /// The delta log of `scope` in full (empty before it exists).
+    /// The delta log of `scope` in full (empty before it exists), without claiming it
+    /// (a sink writer merging the units other consumers own).
     pub async fn load_log(&self, scope: &str) -> Result<Log, Error> {
         let mut tries = 0;
         loop {
             let Some(m) = self.manifest(scope).await? else { return Ok(Log::default()) };
-            let at = LogHead::of(&m);
-            let loaded = match self.load(scope, &m).await {
-                Ok(ck) => self.deltas(scope, at.base_at, at.head).await.map(|deltas| Log { at, base: ck.state, deltas }),
-                Err(e) => Err(e),
-            };
-            match loaded {
-                // Compacted while we read: read the new base.
+            match self.load(scope, &m).await {
+                Ok(ck) => return Ok(Log { at: ck.at, base: ck.state, deltas: ck.deltas }),
+                // A new base was saved while we read (its predecessor's chunks and
+                // deltas are deleted): read it.
                 Err(Error::Input(_)) if tries < 10 => tries += 1,
-                result => return result,
+                Err(e) => return Err(e),
             }
         }
     }
@@ -380,71 +398,86 @@ impl CheckpointStore {
     /// batch again, append again). Deltas past the first ten go in further transactions:
     /// each is a set of whole sessions, so a log cut between two is still consistent.
     pub async fn append(&self, scope: &str, head: u64, deltas: &[Vec<u8>]) -> Result<u64, Error> {
-        use aws_sdk_dynamodb::types::{Put, TransactWriteItem, Update};
         let mut head = head;
         for group in deltas.chunks(DELTAS_PER_APPEND) {
-            let next = head + group.len() as u64;
-            let bytes: usize = group.iter().map(Vec::len).sum();
-            let condition = if head == 0 { "attribute_not_exists(#h) OR #h = :h" } else { "#h = :h" };
-            let update = Update::builder()
-                .table_name(&self.table)
-                .key("PK", s(scope))
-                .key("SK", s("manifest"))
-                .update_expression("SET #h = :next, #lb = if_not_exists(#lb, :zero) + :bytes")
-                .condition_expression(condition)
-                .expression_attribute_names("#h", "Head")
-                .expression_attribute_names("#lb", "LogBytes")
-                .expression_attribute_values(":h", n(head))
-                .expression_attribute_values(":next", n(next))
-                .expression_attribute_values(":zero", n(0))
-                .expression_attribute_values(":bytes", n(bytes))
-                .build()
-                .expect("update set");
-            let mut items = vec![TransactWriteItem::builder().update(update).build()];
-            for (i, d) in group.iter().enumerate() {
-                let put = Put::builder()
-                    .table_name(&self.table)
-                    .item("PK", s(scope))
-                    .item("SK", s(delta_sk(head + 1 + i as u64)))
-                    .item("Data", AttributeValue::B(Blob::new(d.as_slice())))
-                    .build()
-                    .expect("item set");
-                items.push(TransactWriteItem::builder().put(put).build());
-            }
-            self.wrote(1);
-            match self.client.transact_write_items().set_transact_items(Some(items)).return_consumed_capacity(TOTAL).send().await {
-                Ok(out) => {
-                    self.units.add_all(out.consumed_capacity());
-                    head = next;
-                }
-                // A failed condition or a concurrent transaction on the manifest.
-                Err(e) if e.as_service_error().is_some_and(|e| e.is_transaction_canceled_exception()) => return Err(Error::Fenced(scope.to_owned())),
-                Err(e) => return Err(aws(format!("appending to the delta log of {scope}"))(e)),
-            }
+            head = self.append_group(scope, head, group, None).await?;
         }
         Ok(head)
+    }
+
+    /// Appends what an owner's unit changed since its last save, with the input
+    /// `position` it now covers, if `owner` still owns `scope` (`Err(Fenced)` if not).
+    /// At most [`DELTAS_PER_APPEND`] deltas, written in one transaction with the position
+    /// (more: save the whole state). No deltas: the position alone. Returns the new head.
+    pub async fn append_owned(&self, scope: &str, owner: &str, position: &str, head: u64, deltas: &[Vec<u8>]) -> Result<u64, Error> {
+        if deltas.len() > DELTAS_PER_APPEND {
+            return Err(Error::Input(format!("{} deltas for {scope}: at most {DELTAS_PER_APPEND} go with a position", deltas.len())));
+        }
+        self.append_group(scope, head, deltas, Some((owner, position))).await
+    }
+
+    /// One append transaction: the manifest's head (and an owner's position) with the
+    /// delta items.
+    async fn append_group(&self, scope: &str, head: u64, group: &[Vec<u8>], owned: Option<(&str, &str)>) -> Result<u64, Error> {
+        use aws_sdk_dynamodb::types::{Put, TransactWriteItem, Update};
+        let next = head + group.len() as u64;
+        let bytes: usize = group.iter().map(Vec::len).sum();
+        let mut condition = String::from(if head == 0 { "(attribute_not_exists(#h) OR #h = :h)" } else { "#h = :h" });
+        let mut expression = String::from("SET #h = :next, #lb = if_not_exists(#lb, :zero) + :bytes");
+        let mut update = Update::builder()
+            .table_name(&self.table)
+            .key("PK", s(scope))
+            .key("SK", s("manifest"))
+            .expression_attribute_names("#h", "Head")
+            .expression_attribute_names("#lb", "LogBytes")
+            .expression_attribute_values(":h", n(head))
+            .expression_attribute_values(":next", n(next))
+            .expression_attribute_values(":zero", n(0))
+            .expression_attribute_values(":bytes", n(bytes));
+        if let Some((owner, position)) = owned {
+            condition += " AND #o = :o";
+            expression += ", #p = :p";
+            update = update
+                .expression_attribute_names("#o", "Owner")
+                .expression_attribute_names("#p", "Position")
+                .expression_attribute_values(":o", s(owner))
+                .expression_attribute_values(":p", s(position));
+        }
+        let update = update.update_expression(expression).condition_expression(condition).build().expect("update set");
+        let mut items = vec![TransactWriteItem::builder().update(update).build()];
+        for (i, d) in group.iter().enumerate() {
+            let put = Put::builder()
+                .table_name(&self.table)
+                .item("PK", s(scope))
+                .item("SK", s(delta_sk(head + 1 + i as u64)))
+                .item("Data", AttributeValue::B(Blob::new(d.as_slice())))
+                .build()
+                .expect("item set");
+            items.push(TransactWriteItem::builder().put(put).build());
+        }
+        self.wrote(1);
+        match self.client.transact_write_items().set_transact_items(Some(items)).return_consumed_capacity(TOTAL).send().await {
+            Ok(out) => {
+                self.units.add_all(out.consumed_capacity());
+                Ok(next)
+            }
+            // A failed condition or a concurrent transaction on the manifest (not, say,
+            // throttling: that is retried like any failure).
+            Err(e) if e.as_service_error().is_some_and(|e| lost_race(e)) => Err(Error::Fenced(scope.to_owned())),
+            Err(e) => Err(aws(format!("appending to the delta log of {scope}"))(e)),
+        }
     }
 
     /// Saves `state`, which holds the deltas up to `at`, as the log's new base after base
     /// generation `from.generation`, then deletes the deltas it covers. `Err(Fenced)`
     /// when another writer saved a base first.
     pub async fn compact(&self, scope: &str, owner: &str, from: LogHead, at: u64, state: &[u8]) -> Result<u64, Error> {
-        let g = self.save_base(scope, owner, from.generation, &at.to_string(), state, true).await?;
-        self.wrote((at - from.base_at).div_ceil(25) as usize);
-        let deletes = (from.base_at + 1..=at)
-            .map(|d| {
-                let key = HashMap::from([("PK".to_owned(), s(scope)), ("SK".to_owned(), s(delta_sk(d)))]);
-                WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(key)).build().expect("key set")).build()
-            })
-            .collect();
-        if let Err(e) = batch_write(&self.client, &self.table, deletes, &self.units).await {
-            tracing::warn!(scope, error = %e, "could not delete compacted deltas");
-        }
-        Ok(g)
+        Ok(self.save_base(scope, owner, from.generation, &at.to_string(), state, Base::Upto(at)).await?.generation)
     }
 
-    /// [`save`](Self::save); `log` also restarts the count of bytes appended since.
-    async fn save_base(&self, scope: &str, owner: &str, generation: u64, position: &str, state: &[u8], log: bool) -> Result<u64, Error> {
+    /// Saves `state` as the checkpoint after `generation` and the base of the log (see
+    /// [`Base`]); deletes the previous base's chunks and the deltas the new one covers.
+    async fn save_base(&self, scope: &str, owner: &str, generation: u64, position: &str, state: &[u8], base: Base) -> Result<LogHead, Error> {
         let next = generation + 1;
         let set = Chunks::new(next);
         let chunks: Vec<&[u8]> = state.chunks(CHUNK_BYTES).collect();
@@ -461,8 +494,12 @@ impl CheckpointStore {
             .table_name(&self.table)
             .key("PK", s(scope))
             .key("SK", s("manifest"))
-            .update_expression(if log { "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t REMOVE LogBytes" } else { "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t" })
+            .update_expression(match base {
+                Base::Whole => "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t, #h = if_not_exists(#h, :zero) + :one, #ba = if_not_exists(#h, :zero) + :one REMOVE LogBytes",
+                Base::Upto(_) => "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t, #ba = :at REMOVE LogBytes",
+            })
             .condition_expression("#o = :o AND #g = :g")
+            .expression_attribute_names("#ba", "BaseAt")
             .expression_attribute_names("#g", "Generation")
             .expression_attribute_names("#p", "Position")
             .expression_attribute_names("#c", "Chunks")
@@ -475,16 +512,22 @@ impl CheckpointStore {
             .expression_attribute_values(":p", s(position))
             .expression_attribute_values(":c", n(chunks.len()))
             .expression_attribute_values(":b", n(state.len()))
-            .expression_attribute_values(":o", s(owner))
-            .return_values(ReturnValue::UpdatedOld)
+            .expression_attribute_values(":o", s(owner));
+        let switched = match base {
+            Base::Whole => switched.expression_attribute_names("#h", "Head").expression_attribute_values(":zero", n(0)).expression_attribute_values(":one", n(1)),
+            Base::Upto(at) => switched.expression_attribute_values(":at", n(at)),
+        };
+        let switched = switched
+            .return_values(ReturnValue::AllOld)
             .return_consumed_capacity(TOTAL)
             .send()
             .await;
-        let (old, count) = match switched {
-            // The old values of what was updated: the previous save's generation, tag and count.
+        let old = match switched {
+            // The manifest before: the previous save's generation, tag and count of
+            // chunks, the log's base and head.
             Ok(out) => {
                 self.units.add(out.consumed_capacity());
-                (out.attributes().map(Chunks::of), out.attributes().map_or(0, |a| number(a, "Chunks") as usize))
+                out.attributes.unwrap_or_default()
             }
             Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => {
                 self.delete_chunks(scope, &set, chunks.len()).await;
@@ -492,10 +535,31 @@ impl CheckpointStore {
             }
             Err(e) => return Err(aws(format!("saving the checkpoint of {scope}"))(e)),
         };
-        if let Some(old) = old {
-            self.delete_chunks(scope, &old, count).await;
+        self.delete_chunks(scope, &Chunks::of(&old), number(&old, "Chunks") as usize).await;
+        let (old_base, old_head) = (number(&old, "BaseAt"), number(&old, "Head"));
+        let (base_at, head, covered) = match base {
+            Base::Whole => (old_head + 1, old_head + 1, old_head),
+            Base::Upto(at) => (at, old_head, at),
+        };
+        self.delete_deltas(scope, old_base + 1..=covered).await;
+        Ok(LogHead { generation: next, base_at, head, base_bytes: state.len() as u64, log_bytes: 0 })
+    }
+
+    /// Best-effort removal of deltas a base covers: leftovers are never read again.
+    async fn delete_deltas(&self, scope: &str, numbers: std::ops::RangeInclusive<u64>) {
+        if numbers.is_empty() {
+            return;
         }
-        Ok(next)
+        self.wrote(numbers.clone().count().div_ceil(25));
+        let deletes = numbers
+            .map(|d| {
+                let key = HashMap::from([("PK".to_owned(), s(scope)), ("SK".to_owned(), s(delta_sk(d)))]);
+                WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(key)).build().expect("key set")).build()
+            })
+            .collect();
+        if let Err(e) = batch_write(&self.client, &self.table, deletes, &self.units).await {
+            tracing::warn!(scope, error = %e, "could not delete compacted deltas");
+        }
     }
 
     /// Best-effort removal of a save's chunks: leftovers are unreachable garbage.
@@ -510,6 +574,16 @@ impl CheckpointStore {
         if let Err(e) = batch_write(&self.client, &self.table, deletes, &self.units).await {
             tracing::warn!(scope, generation = set.generation, error = %e, "could not delete old checkpoint chunks");
         }
+    }
+}
+
+/// Whether a transaction was cancelled because another writer got there first.
+fn lost_race(e: &aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError) -> bool {
+    match e {
+        aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c) => {
+            c.cancellation_reasons().iter().any(|r| matches!(r.code(), Some("ConditionalCheckFailed" | "TransactionConflict")))
+        }
+        _ => false,
     }
 }
 

@@ -21,7 +21,7 @@ use std::time::Duration;
 use toolrank_events::decode_line;
 
 mod checkpoint;
-pub use checkpoint::{Checkpoint, CheckpointStore, Lease, Log, LogHead};
+pub use checkpoint::{Checkpoint, CheckpointStore, Lease, Log, LogHead, COMPACT_MIN_BYTES, DELTAS_PER_APPEND, DELTA_BYTES};
 
 /// The TTL attribute (epoch seconds) of the seed's retention policy.
 pub const TTL_ATTRIBUTE: &str = "ExpireAt";

@@ -15,7 +15,8 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
-use toolrank_dynamodb::{CheckpointStore, Lease, Log, LogHead};
+use toolrank_dynamodb::{CheckpointStore, Lease, Log};
+pub use toolrank_dynamodb::LogHead;
 use toolrank_engine::{Applied, Changes, Engine, PatternKey, Sym};
 use toolrank_events::{decode_line, Change, Day};
 pub use toolrank_sink_dynamodb::Namespace;
@@ -193,8 +194,8 @@ impl Latencies {
 /// A unit owned by another consumer, as of its latest checkpoint (lease holder only).
 struct Remote {
     engine: Engine,
-    /// The checkpoint's generation; for a delta-log unit, the log position it holds.
-    generation: u64,
+    /// The log position it holds (the head it was read at).
+    at: u64,
 }
 
 /// The longest a DynamoDB call may block a consumer's loop: well inside Kafka's poll
@@ -273,11 +274,13 @@ impl ChangeSet {
 
 /// A checkpoint save running on the runtime's worker ([`SinkWriter::start_save`]).
 pub struct Saving {
-    task: tokio::task::JoinHandle<Result<u64, toolrank_dynamodb::Error>>,
+    task: tokio::task::JoinHandle<Result<LogHead, toolrank_dynamodb::Error>>,
     scope: String,
     /// The input position it covers.
     position: String,
     bytes: usize,
+    /// The whole state, or an append of what changed.
+    whole: bool,
 }
 
 /// What a DynamoDB sink write returns: the sink, and its outcome unless it was cut off.
@@ -303,6 +306,9 @@ pub struct SinkWriter {
     /// When the sink lease was last renewed.
     lease_renewed: Instant,
     remotes: BTreeMap<String, Remote>,
+    /// Owned units whose changes since their last save are not all tracked any more (a
+    /// save failed after taking them): their next save is whole.
+    untracked: HashSet<String>,
     global: Engine,
     /// The DynamoDB sink while no write runs; the running write has it.
     dynamodb: Option<DynamoSink>,
@@ -345,6 +351,7 @@ impl SinkWriter {
             holds_lease: false,
             lease_renewed: Instant::now(),
             remotes: BTreeMap::new(),
+            untracked: HashSet::new(),
             global,
             dynamodb,
             valkey,
@@ -395,16 +402,20 @@ impl SinkWriter {
     }
 
     /// Claims a unit's checkpoint for this consumer (fencing its previous owner) and
-    /// returns its engine (added to the merged one) and position.
-    pub fn claim(&mut self, scope: &str) -> Result<(Engine, Option<String>, u64), Error> {
+    /// returns its engine (added to the merged one, tracking what changes for the next
+    /// save), its position, and where its log stands.
+    pub fn claim(&mut self, scope: &str) -> Result<(Engine, Option<String>, LogHead), Error> {
         let owner = self.config.owner.clone();
         let ck = self.retrying(&format!("claiming {scope}"), |w| w.call("claiming a checkpoint", w.store.claim(scope, &owner)))?;
         let mut engine = restore(scope, &ck.state)?;
+        apply_deltas(scope, &mut engine, &ck.deltas)?;
+        engine.track_deltas();
+        self.untracked.remove(scope);
         if let Some(mut remote) = self.remotes.remove(scope) {
             self.global.unabsorb(&mut remote.engine);
         }
         self.global.absorb(&mut engine);
-        Ok((engine, ck.position, ck.generation))
+        Ok((engine, ck.position, ck.at))
     }
 
     /// Whether any sink is configured.
@@ -417,7 +428,7 @@ impl SinkWriter {
     /// reading them back. A copy at another position is caught up by the next
     /// [`write_once`](Self::write_once).
     pub fn advance_log(&mut self, scope: &str, from: u64, to: u64, deltas: &[Vec<u8>]) -> Result<(), Error> {
-        let Some(r) = self.remotes.get_mut(scope).filter(|r| r.generation == from) else { return Ok(()) };
+        let Some(r) = self.remotes.get_mut(scope).filter(|r| r.at == from) else { return Ok(()) };
         let applied = apply_deltas(scope, &mut r.engine, deltas);
         r.engine.flush_into(&mut self.global);
         if applied.is_err() {
@@ -425,7 +436,7 @@ impl SinkWriter {
             let mut r = self.remotes.remove(scope).expect("present");
             self.global.unabsorb(&mut r.engine);
         } else {
-            r.generation = to;
+            r.at = to;
         }
         applied
     }
@@ -441,43 +452,69 @@ impl SinkWriter {
     /// Saves a unit's checkpoint. `Ok(None)`: it failed and was counted (the unit stays
     /// dirty, its position must not be acknowledged); `Err(Fenced)`: another consumer
     /// owns the unit now.
-    pub fn save(&mut self, scope: &str, generation: u64, position: &str, engine: &mut Engine) -> Result<Option<u64>, toolrank_dynamodb::Error> {
-        let mut saving = Some(self.start_save(scope, generation, position, engine));
+    pub fn save(&mut self, scope: &str, at: LogHead, position: &str, engine: &mut Engine) -> Result<Option<LogHead>, toolrank_dynamodb::Error> {
+        let mut saving = Some(self.start_save(scope, at, position, engine));
         self.saved(&mut saving, true).expect("waited for")
     }
 
-    /// Starts saving a unit's checkpoint on the runtime's worker: the snapshot is taken
-    /// now, the upload runs while the consumer goes on. See [`saved`](Self::saved).
-    pub fn start_save(&mut self, scope: &str, generation: u64, position: &str, engine: &mut Engine) -> Saving {
+    /// Starts saving a unit's checkpoint on the runtime's worker: what changed since the
+    /// last save is taken now, the upload runs while the consumer goes on. A save
+    /// appends those changes to the unit's log with the position (it costs what changed),
+    /// unless the log is due for a new base or the changes do not fit one append: then
+    /// the whole state is saved. See [`saved`](Self::saved).
+    pub fn start_save(&mut self, scope: &str, at: LogHead, position: &str, engine: &mut Engine) -> Saving {
         let started = Instant::now();
-        let state = engine.snapshot();
-        let bytes = state.len();
+        let deltas = engine.delta(toolrank_dynamodb::DELTA_BYTES);
+        let bytes: usize = deltas.iter().map(Vec::len).sum();
+        let whole = self.untracked.contains(scope)
+            || deltas.len() > toolrank_dynamodb::DELTAS_PER_APPEND
+            || at.compaction_due(deltas.len(), bytes as u64, toolrank_dynamodb::COMPACT_MIN_BYTES);
+        // Taken: a failed save makes the next one whole (see `saved`).
+        engine.delta_saved();
+        let state = whole.then(|| engine.snapshot());
+        let bytes = state.as_ref().map_or(bytes, Vec::len);
         let (store, owner, scope_, position_) = (self.store.clone(), self.config.owner.clone(), scope.to_owned(), position.to_owned());
         let task = self.rt.spawn(async move {
-            match tokio::time::timeout(CALL_DEADLINE, store.save(&scope_, &owner, generation, &position_, &state)).await {
+            let save = async {
+                match state {
+                    Some(state) => store.save(&scope_, &owner, at.generation, &position_, &state).await,
+                    None => {
+                        let head = store.append_owned(&scope_, &owner, &position_, at.head, &deltas).await?;
+                        Ok(LogHead { head, log_bytes: at.log_bytes + bytes as u64, ..at })
+                    }
+                }
+            };
+            match tokio::time::timeout(CALL_DEADLINE, save).await {
                 Ok(result) => result,
                 Err(_) => Err(toolrank_dynamodb::Error::Timeout(format!("saving the checkpoint of {scope_} (after {} s)", CALL_DEADLINE.as_secs()))),
             }
         });
         self.summary.checkpoint_ms += started.elapsed().as_millis() as u64;
-        Saving { task, scope: scope.to_owned(), position: position.to_owned(), bytes }
+        Saving { task, scope: scope.to_owned(), position: position.to_owned(), bytes, whole }
     }
 
     /// The outcome of a started save once it finished (with `wait`, waiting for it), like
     /// [`save`](Self::save)'s; `None` while it runs or if there is none.
-    pub fn saved(&mut self, saving: &mut Option<Saving>, wait: bool) -> Option<Result<Option<u64>, toolrank_dynamodb::Error>> {
+    pub fn saved(&mut self, saving: &mut Option<Saving>, wait: bool) -> Option<Result<Option<LogHead>, toolrank_dynamodb::Error>> {
         let s = saving.take_if(|s| wait || s.task.is_finished())?;
         let started = Instant::now();
         let result = self.rt.block_on(s.task).expect("a checkpoint save does not panic");
         self.summary.checkpoint_ms += started.elapsed().as_millis() as u64;
         Some(match result {
-            Ok(g) => {
+            Ok(at) => {
                 self.summary.checkpoints += 1;
-                debug!(scope = s.scope, generation = g, position = s.position, bytes = s.bytes, "checkpoint");
-                Ok(Some(g))
+                if s.whole {
+                    self.untracked.remove(&s.scope);
+                }
+                debug!(scope = s.scope, generation = at.generation, head = at.head, position = s.position, bytes = s.bytes, whole = s.whole, "checkpoint");
+                Ok(Some(at))
             }
             Err(e @ toolrank_dynamodb::Error::Fenced(_)) => Err(e),
             Err(e) => {
+                // Whether it was written is unknown, and the changes it carried are no
+                // longer tracked: the next save is whole (its generation check fails if
+                // this one did write after all, and the unit is claimed anew).
+                self.untracked.insert(s.scope.clone());
                 self.summary.retried_errors += 1;
                 warn!(scope = s.scope, error = %e, "checkpoint failed; retrying at the next interval");
                 Ok(None)
@@ -555,7 +592,10 @@ impl SinkWriter {
         held
     }
 
-    /// Loads the latest checkpoints of the units other consumers own.
+    /// Brings the merged copies of the units other consumers own (`others`) to their
+    /// logs' heads: by the deltas after a copy's position, or from the base when there
+    /// is no copy or a new base replaced those deltas. Copies of units not among
+    /// `others` any more are dropped.
     fn refresh_remotes(&mut self, others: &[String]) -> Result<(), Error> {
         let gone: Vec<String> = self.remotes.keys().filter(|s| !others.contains(s)).cloned().collect();
         for scope in gone {
@@ -563,18 +603,23 @@ impl SinkWriter {
             self.global.unabsorb(&mut r.engine);
         }
         for scope in others {
-            let generation = self.call("reading a checkpoint generation", self.store.generation(scope))?;
-            if generation == 0 || self.remotes.get(scope).is_some_and(|r| r.generation == generation) {
-                continue;
-            }
-            let ck = self.call("reading a checkpoint", self.store.peek(scope))?;
-            let mut engine = restore(scope, &ck.state)?;
+            let Some(head) = self.call("reading a log head", self.store.log_head(scope))? else { continue };
+            let at = self.remotes.get(scope).map(|r| r.at);
+            let log = match self.log_catch_up(scope, at, &head)? {
+                LogCatchUp::Current => continue,
+                LogCatchUp::Deltas(deltas) => {
+                    self.advance_log(scope, at.expect("deltas follow a copy"), head.head, &deltas)?;
+                    continue;
+                }
+                LogCatchUp::Log(log) => log,
+            };
+            let mut engine = log_engine(scope, &log)?;
             if let Some(mut old) = self.remotes.remove(scope) {
                 self.global.unabsorb(&mut old.engine);
             }
             self.global.absorb(&mut engine);
-            debug!(scope, generation = ck.generation, "merged another consumer's checkpoint");
-            self.remotes.insert(scope.clone(), Remote { engine, generation: ck.generation });
+            debug!(scope, generation = log.at.generation, head = log.at.head, "merged another consumer's checkpoint");
+            self.remotes.insert(scope.clone(), Remote { engine, at: log.at.head });
         }
         Ok(())
     }
@@ -595,32 +640,6 @@ impl SinkWriter {
             }
         }
         self.call("reading a log", self.store.load_log(scope)).map(LogCatchUp::Log)
-    }
-
-    /// Brings the merged copies of delta-log units to their logs' heads: by the deltas
-    /// after a copy's position, or from the base when those were compacted away.
-    fn refresh_logs(&mut self, scopes: &[String]) -> Result<(), Error> {
-        for scope in scopes {
-            let Some(head) = self.call("reading a log head", self.store.log_head(scope))? else { continue };
-            let at = self.remotes.get(scope).map(|r| r.generation);
-            let log = match self.log_catch_up(scope, at, &head)? {
-                LogCatchUp::Current => continue,
-                LogCatchUp::Deltas(deltas) => {
-                    self.advance_log(scope, at.expect("deltas follow a copy"), head.head, &deltas)?;
-                    continue;
-                }
-                LogCatchUp::Log(log) => log,
-            };
-            let mut engine = log_engine(scope, &log)?;
-            engine.flush();
-            if let Some(mut old) = self.remotes.remove(scope) {
-                self.global.unabsorb(&mut old.engine);
-            }
-            self.global.absorb(&mut engine);
-            debug!(scope, head = log.at.head, "loaded a log");
-            self.remotes.insert(scope.clone(), Remote { engine, generation: log.at.head });
-        }
-        Ok(())
     }
 
     /// Forwards the owned units' deltas into the merged engine and, as lease holder,
@@ -805,7 +824,7 @@ impl SinkWriter {
         if !self.holds_lease {
             return false;
         }
-        let ok = match self.refresh_logs(logs) {
+        let ok = match self.refresh_remotes(logs) {
             Ok(()) => self.flush(std::iter::empty(), true),
             Err(e) => {
                 self.summary.retried_errors += 1;

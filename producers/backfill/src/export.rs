@@ -112,7 +112,7 @@ impl Job<'_> {
                 last = line_no;
                 if saved.elapsed() >= self.run.checkpoint_every || self.run.stop.load(Ordering::Relaxed) {
                     publisher.settle().await?;
-                    generation = self.run.store.save(&self.run.scope, &self.run.owner, generation, &position(index, last), &[]).await?;
+                    generation = self.run.store.save(&self.run.scope, &self.run.owner, generation, &position(index, last), &[]).await?.generation;
                     saved = Instant::now();
                     if self.run.stop.load(Ordering::Relaxed) {
                         return Ok(false);
@@ -120,7 +120,7 @@ impl Job<'_> {
                 }
             }
             publisher.settle().await?;
-            generation = self.run.store.save(&self.run.scope, &self.run.owner, generation, &position(index + 1, 0), &[]).await?;
+            generation = self.run.store.save(&self.run.scope, &self.run.owner, generation, &position(index + 1, 0), &[]).await?.generation;
         }
         Ok(true)
     }

@@ -129,7 +129,7 @@ impl Job<'_> {
     async fn save(&self, scope: &str, generation: u64, next: Option<&HashMap<String, AttributeValue>>, publisher: &mut Publisher) -> Result<u64, Error> {
         publisher.settle().await?;
         let position = next.map_or_else(|| DONE.to_owned(), key_text);
-        Ok(self.run.store.save(scope, &self.run.owner, generation, &position, &[]).await?)
+        Ok(self.run.store.save(scope, &self.run.owner, generation, &position, &[]).await?.generation)
     }
 }
 
