@@ -5,9 +5,9 @@
 #      events of 100 and of 1000 records, into in-memory bucket engines;
 #   2. whole invocations against DynamoDB Local (one warm container, its bucket log in the
 #      state table, the DynamoDB sink on) on the first INVOKE_RECORDS records arriving at
-#      RATE records/s: ms per invocation and DynamoDB write requests per record;
+#      RATE records/s: ms per invocation, DynamoDB write requests and units per record;
 #   3. the same records published at the same rate to a topic and read by `consume kafka`
-#      into a DynamoDB sink: its write requests per record, for comparison.
+#      into a DynamoDB sink: its write requests and units per record, for comparison.
 # Both write the DynamoDB sink at most every SINK_INTERVAL_MS (1000, the Kafka path's
 # default). RATE=0 SINK_INTERVAL_MS=600000 compares them writing the sink once, at the end.
 # Usage: bench/lambda.sh   (SESSIONS=30000 INVOKE_RECORDS=20000 RATE=5000 SINK_INTERVAL_MS=1000)
@@ -33,6 +33,8 @@ log = open(sys.argv[1]).read()
 records = int(re.search(r"consumed (\d+) messages", log).group(1))
 sink, rounds = map(int, re.search(r"\((\d+) DynamoDB requests in (\d+) rounds", log).groups())
 state = int(re.search(r"(\d+) state table writes", log).group(1))
+sink_units, state_units = map(float, re.search(r"units consumed: DynamoDB sink (\d+), state table (\d+)", log).groups())
 print(f"consume kafka on the same {records} records at the same rate: DynamoDB write requests/record: "
       f"{(sink + state) / records:.4f} (sink {sink / records:.4f} in {rounds} writes, state table {state / records:.4f}: checkpoints and the lease)")
+print(f"  DynamoDB write units/record: {(sink_units + state_units) / records:.4f} (sink {sink_units / records:.4f}, state table {state_units / records:.4f})")
 PY

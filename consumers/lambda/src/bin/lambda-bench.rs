@@ -134,5 +134,11 @@ fn main() {
             summary.state_writes as f64 / records,
             summary.state_writes
         );
+        println!(
+            "  DynamoDB write units/record: {:.4} (sink {:.4}, state table {:.4})",
+            (summary.dynamodb_write_units + summary.state_write_units) / records,
+            summary.dynamodb_write_units / records,
+            summary.state_write_units / records
+        );
     }
 }
