@@ -14,7 +14,8 @@
 # checkpoints and leases), Valkey commands per event, the peak RSS and the latency; for
 # the steady-rate phase too, what its writes cost per event.
 # Usage: bench/stream.sh   (SESSIONS=300000 gives ~1M events; LATENCY_RATE=5000,
-#                           LATENCY_SESSIONS=30000 gives ~100k events over ~20 s)
+#                           LATENCY_SESSIONS=30000 gives ~100k events over ~20 s;
+#                           DYNAMODB_FLUSH_MS=1000 is the consumers' --dynamodb-flush-ms)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/toolrank/target}"
@@ -22,6 +23,7 @@ SESSIONS="${SESSIONS:-300000}"
 PARTITIONS="${PARTITIONS:-6}"
 LATENCY_RATE="${LATENCY_RATE:-5000}"
 LATENCY_SESSIONS="${LATENCY_SESSIONS:-30000}"
+DYNAMODB_FLUSH_MS="${DYNAMODB_FLUSH_MS:-1000}"
 eval "$(infra/local/up)"
 cargo build --release --locked --bin toolrank >&2
 cargo build --release --locked -p toolrank-consume-kafka --bin kafka-drain >&2
@@ -43,26 +45,35 @@ echo "events: $EVENTS in $PARTITIONS partitions"
 RAW=$("$BIN/kafka-drain" "$TOOLRANK_KAFKA_BROKERS" "$TOPIC")
 echo "raw rdkafka consume:   $RAW"
 /usr/bin/time -f "%e %U %S %M" -o "$WORK/time" "$BIN/toolrank" consume kafka --topic "$TOPIC" --group "$RUN" \
-  --dead-letter-topic "$TOPIC-dl" --table "$TABLE" --namespace "$RUN" --until-idle 3 2> "$WORK/consume.log"
+  --dead-letter-topic "$TOPIC-dl" --table "$TABLE" --namespace "$RUN" --until-idle 3 --dynamodb-flush-ms "$DYNAMODB_FLUSH_MS" 2> "$WORK/consume.log"
 read -r WALL USER SYS RSS < "$WORK/time"
 python3 - "$EVENTS" "$WALL" "$USER" "$SYS" "$RSS" "$RAW" "$WORK/consume.log" <<'PY'
 import re, sys
 events, wall, user, sys_, rss = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
 raw = float(re.search(r"rate (\d+)", sys.argv[6]).group(1))
 log = open(sys.argv[7]).read()
-ddb = int(re.search(r"(\d+) DynamoDB requests", log).group(1))
 vk = int(re.search(r"(\d+) Valkey commands", log).group(1))
-state = int(re.search(r"(\d+) state table writes", log).group(1))
-sink_units, state_units = map(float, re.search(r"units consumed: DynamoDB sink (\d+), state table (\d+)", log).groups())
 busy = max(wall - 3.0, 1e-9)  # --until-idle waits 3 s after the last message
 rate = events / busy
 print(f"toolrank consume:      {rate:,.0f} events/s ({rate / raw:.0%} of raw), {(user + sys_) * 1e6 / events:.2f} CPU µs/event")
-print(f"DynamoDB sink:         {ddb / events:.4f} write requests/event, {sink_units / events:.4f} write units/event")
-print(f"state table:           {state / events:.4f} write requests/event, {state_units / events:.4f} write units/event (checkpoints, leases)")
 print(f"Valkey sink:           {vk / events:.3f} commands/event")
 print(f"peak memory:           {rss / 1024:.0f} MiB")
 print(re.search(r"^consumed.*$", log, re.M).group(0))
 PY
+
+costs() {  # the DynamoDB writes per event of a consumer's log
+python3 - "$1" <<'PY'
+import re, sys
+log = open(sys.argv[1]).read()
+events = int(re.search(r"consumed (\d+) messages", log).group(1))
+ddb = int(re.search(r"(\d+) DynamoDB requests", log).group(1))
+state = int(re.search(r"(\d+) state table writes", log).group(1))
+sink_units, state_units = map(float, re.search(r"units consumed: DynamoDB sink (\d+), state table (\d+)", log).groups())
+print(f"DynamoDB sink:         {ddb / events:.4f} write requests/event, {sink_units / events:.4f} write units/event")
+print(f"state table:           {state / events:.4f} write requests/event, {state_units / events:.4f} write units/event (checkpoints, leases)")
+PY
+}
+costs "$WORK/consume.log"
 
 # 4. Latency at a steady rate, the consumer caught up and holding its checkpointed state.
 METRICS=127.0.0.1:$((20000 + $$ % 20000))
@@ -70,7 +81,7 @@ METRICS=127.0.0.1:$((20000 + $$ % 20000))
 "$BIN/kafka-drain" "$TOOLRANK_KAFKA_BROKERS" "$TOPIC" --latency > "$WORK/raw-latency" &
 RAW_LATENCY=$!
 "$BIN/toolrank" consume kafka --topic "$TOPIC" --group "$RUN" --dead-letter-topic "$TOPIC-dl" \
-  --table "$TABLE" --namespace "$RUN" --metrics-addr "$METRICS" 2> "$WORK/latency.log" &
+  --table "$TABLE" --namespace "$RUN" --metrics-addr "$METRICS" --dynamodb-flush-ms "$DYNAMODB_FLUSH_MS" 2> "$WORK/latency.log" &
 CONSUMER=$!
 # Steady state: wait until it owns every partition, has loaded their checkpointed state and
 # has written Valkey once (a new process rewrites its whole namespace first).
@@ -85,7 +96,9 @@ sleep 3
 kill -TERM "$CONSUMER"; wait "$CONSUMER" || true
 if LATENCY=$(grep -o 'p50.*' "$WORK/latency.log"); then
   echo "latency at a steady $LATENCY_RATE events/s, produce to visible in Valkey: $LATENCY"
-  grep -E '^(consumed|write capacity|waited on)' "$WORK/latency.log" | sed 's/^/steady-rate consumer: /' 
+  echo "the steady-rate consumer's writes:"
+  costs "$WORK/latency.log"
+  grep -E '^(consumed|waited on)' "$WORK/latency.log" | sed 's/^/steady-rate consumer: /' 
 else
   echo "no latency figures; the consumer's log ends:"; tail -5 "$WORK/latency.log"
 fi
