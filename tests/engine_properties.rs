@@ -304,6 +304,8 @@ fn deltas_hold_only_what_changed_and_refuse_garbage() {
     .unwrap();
     let delta = engine.delta(usize::MAX).pop().expect("one session changed");
     assert_eq!(engine.delta(usize::MAX), vec![delta.clone()], "kept until saved");
+    assert_eq!(engine.delta_within(usize::MAX, delta.len()), Some(vec![delta.clone()]), "within its limit");
+    assert_eq!(engine.delta_within(usize::MAX, delta.len() / 2), None, "past its limit");
     engine.delta_saved();
     assert!(engine.delta(usize::MAX).is_empty(), "saved");
     assert!(delta.len() * 50 < whole, "a one-session delta ({} bytes) is a sliver of the state ({whole} bytes)", delta.len());

@@ -403,7 +403,14 @@ impl Engine {
     /// session larger than that gets one of its own); empty when nothing changed. Lets a
     /// checkpoint store what one batch changed instead of everything.
     pub fn delta(&self, max_bytes: usize) -> Vec<Vec<u8>> {
-        let Some(d) = &self.delta else { return Vec::new() };
+        self.delta_within(max_bytes, usize::MAX).expect("no limit")
+    }
+
+    /// [`delta`](Self::delta), or `None` as soon as the sessions changed add up to more
+    /// than `limit` bytes: a caller that would rather save everything then (a delta as
+    /// large as the state) does not pay for serializing them first.
+    pub fn delta_within(&self, max_bytes: usize, limit: usize) -> Option<Vec<Vec<u8>>> {
+        let Some(d) = &self.delta else { return Some(Vec::new()) };
         let mut sessions: Vec<u32> = d.sessions.iter().copied().collect();
         sessions.sort_unstable();
         let mut catalog: Vec<Sym> = d.catalog.iter().copied().collect();
@@ -423,6 +430,7 @@ impl Engine {
         let mut out = Vec::new();
         let mut part = Delta { sessions: Vec::new(), catalog };
         let mut bytes = postcard::experimental::serialized_size(&part.catalog).unwrap_or(0);
+        let mut total = bytes;
         for &i in &sessions {
             let s = &self.sessions[i as usize];
             let state = SessionState {
@@ -431,6 +439,10 @@ impl Engine {
                 rows: s.rows.iter().map(|r| RowState { sk: self.sk_index.get(r.sk), seq: r.seq, data: r.data.map(|d| (strings.get(d.tool_nm), d.at, d.success)) }).collect(),
             };
             let size = postcard::experimental::serialized_size(&state).unwrap_or(0);
+            total += size;
+            if total > limit {
+                return None;
+            }
             if bytes + size > max_bytes && !(part.sessions.is_empty() && part.catalog.is_empty()) {
                 out.push(versioned(DELTA_VERSION, &std::mem::replace(&mut part, Delta { sessions: Vec::new(), catalog: Vec::new() })));
                 bytes = 0;
@@ -441,7 +453,7 @@ impl Engine {
         if !(part.sessions.is_empty() && part.catalog.is_empty()) {
             out.push(versioned(DELTA_VERSION, &part));
         }
-        out
+        (total <= limit).then_some(out)
     }
 
     /// Forgets what [`delta`](Self::delta) returned: it is stored.

@@ -463,12 +463,19 @@ impl SinkWriter {
     /// unless the log is due for a new base or the changes do not fit one append: then
     /// the whole state is saved. See [`saved`](Self::saved).
     pub fn start_save(&mut self, scope: &str, at: LogHead, position: &str, engine: &mut Engine) -> Saving {
+        use toolrank_dynamodb::{COMPACT_MIN_BYTES, DELTAS_PER_APPEND, DELTA_BYTES};
         let started = Instant::now();
-        let deltas = engine.delta(toolrank_dynamodb::DELTA_BYTES);
-        let bytes: usize = deltas.iter().map(Vec::len).sum();
-        let whole = self.untracked.contains(scope)
-            || deltas.len() > toolrank_dynamodb::DELTAS_PER_APPEND
-            || at.compaction_due(deltas.len(), bytes as u64, toolrank_dynamodb::COMPACT_MIN_BYTES);
+        // Past this, the delta would not fit one append or would make the log due for a
+        // new base: it is not even serialized.
+        let limit = (DELTAS_PER_APPEND * DELTA_BYTES).min(at.base_bytes.max(COMPACT_MIN_BYTES).saturating_sub(at.log_bytes) as usize);
+        let deltas = match self.untracked.contains(scope) {
+            true => None,
+            false => engine.delta_within(DELTA_BYTES, limit),
+        };
+        let bytes: usize = deltas.iter().flatten().map(Vec::len).sum();
+        let deltas = deltas.filter(|d| d.len() <= DELTAS_PER_APPEND && !at.compaction_due(d.len(), bytes as u64, COMPACT_MIN_BYTES));
+        let whole = deltas.is_none();
+        let deltas = deltas.unwrap_or_default();
         // Taken: a failed save makes the next one whole (see `saved`).
         engine.delta_saved();
         let state = whole.then(|| engine.snapshot());
