@@ -61,6 +61,38 @@ struct KinesisArgs {
     poller: PollerArgs,
 }
 
+/// How often the DynamoDB sink writes: what its rankings cost.
+#[derive(clap::Args)]
+struct DynamoDbPacing {
+    /// Milliseconds between DynamoDB writes: each key is written at most once per
+    /// interval, whatever its number of changes (DynamoDB bills per write).
+    #[arg(long, default_value_t = 1000, env = "TOOLRANK_DYNAMODB_FLUSH_MS")]
+    dynamodb_flush_ms: u64,
+    /// While a backlog is read (the input has not run dry for a second), DynamoDB writes
+    /// wait as long as its records are late, up to this many milliseconds: intermediate
+    /// rankings that are stale anyway are not paid for. 0 writes at every interval. Also
+    /// the longest a write waits for --dynamodb-writes-per-event.
+    #[arg(long, default_value_t = 60_000, env = "TOOLRANK_DYNAMODB_MAX_DEFER_MS")]
+    dynamodb_max_defer_ms: u64,
+    /// A write budget: a DynamoDB write waits (checked every interval, at most
+    /// --dynamodb-max-defer-ms) until it writes at most this many items per event read
+    /// since the last write. At a steady rate each interval rewrites the agents and
+    /// recommended patterns touched in it; waiting lets hot keys coalesce (e.g. 0.05).
+    /// Unset: every interval.
+    #[arg(long, value_name = "ITEMS", env = "TOOLRANK_DYNAMODB_WRITES_PER_EVENT")]
+    dynamodb_writes_per_event: Option<f64>,
+}
+
+impl DynamoDbPacing {
+    fn interval(&self) -> Duration {
+        Duration::from_millis(self.dynamodb_flush_ms)
+    }
+
+    fn max_defer(&self) -> Duration {
+        Duration::from_millis(self.dynamodb_max_defer_ms)
+    }
+}
+
 #[derive(clap::Args)]
 struct PollerArgs {
     /// The application: pollers with the same name share the shards (and one state).
@@ -72,14 +104,8 @@ struct PollerArgs {
     /// Milliseconds between Valkey writes.
     #[arg(long, default_value_t = 50, env = "TOOLRANK_FLUSH_MS")]
     flush_ms: u64,
-    /// Milliseconds between DynamoDB writes (each key at most once per interval).
-    #[arg(long, default_value_t = 1000, env = "TOOLRANK_DYNAMODB_FLUSH_MS")]
-    dynamodb_flush_ms: u64,
-    /// While a backlog is read (the input has not run dry for a second), DynamoDB writes
-    /// wait as long as its records are late, up to this many milliseconds: intermediate
-    /// rankings that are stale anyway are not paid for. 0 writes at every interval.
-    #[arg(long, default_value_t = 60_000, env = "TOOLRANK_DYNAMODB_MAX_DEFER_MS")]
-    dynamodb_max_defer_ms: u64,
+    #[command(flatten)]
+    dynamodb: DynamoDbPacing,
     /// Seconds between checkpoints of lineage state.
     #[arg(long, default_value_t = 5.0, env = "TOOLRANK_CHECKPOINT_SECS")]
     checkpoint_secs: f64,
@@ -111,8 +137,9 @@ impl PollerArgs {
             application: self.application,
             until_idle: self.until_idle.map(Duration::from_secs_f64),
             flush_interval: Duration::from_millis(self.flush_ms),
-            dynamodb_interval: Duration::from_millis(self.dynamodb_flush_ms),
-            dynamodb_max_defer: Duration::from_millis(self.dynamodb_max_defer_ms),
+            dynamodb_interval: self.dynamodb.interval(),
+            dynamodb_max_defer: self.dynamodb.max_defer(),
+            dynamodb_writes_per_event: self.dynamodb.dynamodb_writes_per_event,
             checkpoint_interval: Duration::from_secs_f64(self.checkpoint_secs),
             discover_interval: Duration::from_secs_f64(self.discover_secs),
             idle_poll: Duration::from_millis(self.idle_poll_ms),
@@ -166,15 +193,8 @@ struct KafkaArgs {
     /// Milliseconds between Valkey writes (changes are coalesced per key in between).
     #[arg(long, default_value_t = 50, env = "TOOLRANK_FLUSH_MS")]
     flush_ms: u64,
-    /// Milliseconds between DynamoDB writes: each key is written at most once per
-    /// interval, whatever its number of changes (DynamoDB bills per write).
-    #[arg(long, default_value_t = 1000, env = "TOOLRANK_DYNAMODB_FLUSH_MS")]
-    dynamodb_flush_ms: u64,
-    /// While a backlog is read (the input has not run dry for a second), DynamoDB writes
-    /// wait as long as its records are late, up to this many milliseconds: intermediate
-    /// rankings that are stale anyway are not paid for. 0 writes at every interval.
-    #[arg(long, default_value_t = 60_000, env = "TOOLRANK_DYNAMODB_MAX_DEFER_MS")]
-    dynamodb_max_defer_ms: u64,
+    #[command(flatten)]
+    dynamodb: DynamoDbPacing,
     /// Seconds between checkpoints of partition state (a restart replays at most this much).
     #[arg(long, default_value_t = 5.0, env = "TOOLRANK_CHECKPOINT_SECS")]
     checkpoint_secs: f64,
@@ -221,8 +241,9 @@ fn kafka(a: KafkaArgs, stop: Arc<AtomicBool>) -> Result<toolrank_live::Summary> 
         dead_letter_topic: a.dead_letter_topic,
         until_idle: a.until_idle.map(Duration::from_secs_f64),
         flush_interval: Duration::from_millis(a.flush_ms),
-        dynamodb_interval: Duration::from_millis(a.dynamodb_flush_ms),
-        dynamodb_max_defer: Duration::from_millis(a.dynamodb_max_defer_ms),
+        dynamodb_interval: a.dynamodb.interval(),
+        dynamodb_max_defer: a.dynamodb.max_defer(),
+        dynamodb_writes_per_event: a.dynamodb.dynamodb_writes_per_event,
         checkpoint_interval: Duration::from_secs_f64(a.checkpoint_secs),
         state_table: a.sinks.state_table.clone(),
         table: (!a.sinks.no_dynamodb).then(|| a.sinks.table.clone()),

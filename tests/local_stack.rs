@@ -623,6 +623,22 @@ fn valkey_outage_loses_nothing() {
     valkey.kill();
 }
 
+#[test]
+fn a_dynamodb_write_budget_defers_rounds_and_the_sinks_still_converge() {
+    let live = Live::new("2");
+    let history = generated(&live, "300", "11");
+    let producer = live.producer("500", &history);
+    // A budget no round can meet: only the first write (the sink does not know what the
+    // table holds yet) and the last (at exit) happen, where every 100 ms would without it.
+    let consumer = live.consumer(&["--until-idle", "3", "--dynamodb-flush-ms", "100", "--dynamodb-writes-per-event", "0.000001", "--dynamodb-max-defer-ms", "600000"]);
+    assert!(producer.wait(COMMAND_LIMIT).status.success());
+    let out = consumer.wait(COMMAND_LIMIT);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(count_after(&log, "DynamoDB requests in "), 2, "{log}");
+    live.assert_sinks_equal_replay(&history, None);
+}
+
 /// A private Valkey without persistence on `port`.
 fn valkey_server(port: u16) -> Running {
     Running::spawn(

@@ -60,6 +60,8 @@ pub struct Config {
     pub dynamodb_interval: Duration,
     /// How long DynamoDB writes may wait while a backlog is read.
     pub dynamodb_max_defer: Duration,
+    /// The DynamoDB write budget (items per event), if any.
+    pub dynamodb_writes_per_event: Option<f64>,
     /// How often partition state is checkpointed.
     pub checkpoint_interval: Duration,
     /// The pipeline's state table (checkpoints, leases).
@@ -190,6 +192,7 @@ pub fn run(config: Config, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
         lease_scope: format!("kafka/{}/{}/sink-writer", config.group, config.topic),
         dynamodb_interval: config.dynamodb_interval,
         dynamodb_max_defer: config.dynamodb_max_defer,
+        dynamodb_writes_per_event: config.dynamodb_writes_per_event,
     })?;
     let mut c = Consumer_ { config, writer, consumer, rebalances_seen: 0, dead_letters, parts: BTreeMap::new(), partition_count, stranded: None };
     let result = c.run(&stop);

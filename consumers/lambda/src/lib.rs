@@ -259,6 +259,7 @@ impl Handler {
             lease_scope: format!("lambda/{}/sink-writer", config.application),
             dynamodb_interval: Duration::ZERO,
             dynamodb_max_defer: Duration::ZERO,
+            dynamodb_writes_per_event: None,
         })?;
         let scopes = (0..config.buckets).map(|b| format!("lambda/{}/bucket/{b:05}", config.application)).collect();
         Ok(Handler { config, writer, buckets: HashMap::new(), scopes, last_sink_write: 0 })

@@ -76,6 +76,8 @@ pub struct Config {
     pub dynamodb_interval: Duration,
     /// How long DynamoDB writes may wait while a backlog is read.
     pub dynamodb_max_defer: Duration,
+    /// The DynamoDB write budget (items per event), if any.
+    pub dynamodb_writes_per_event: Option<f64>,
     /// How often tree state is checkpointed.
     pub checkpoint_interval: Duration,
     /// How often the shard listing is read (new shards, splits).
@@ -166,6 +168,7 @@ pub fn run<S: ShardSource>(config: Config, source: S, stop: &AtomicBool) -> Resu
         lease_scope: format!("{prefix}/sink-writer"),
         dynamodb_interval: config.dynamodb_interval,
         dynamodb_max_defer: config.dynamodb_max_defer,
+        dynamodb_writes_per_event: config.dynamodb_writes_per_event,
     })?;
     let mut p = Poller { config, source, writer, prefix, trees: BTreeMap::new(), registry: Vec::new(), listing: Vec::new(), tree_of: HashMap::new(), workers: 1, dead_letters: None };
     p.run(stop)?;

@@ -60,8 +60,12 @@ pub struct WriterConfig {
     pub dynamodb_interval: Duration,
     /// While a backlog is read, DynamoDB writes wait as long as its records are late, up
     /// to this: rankings that are stale anyway are not paid for at every interval. Zero
-    /// disables.
+    /// disables. Also the longest a round waits for the write budget.
     pub dynamodb_max_defer: Duration,
+    /// A DynamoDB round waits (up to `dynamodb_max_defer`) until it writes at most this
+    /// many items per event read since the last round: coalescing longer where each
+    /// interval would rewrite the same hot keys. `None`: every interval.
+    pub dynamodb_writes_per_event: Option<f64>,
 }
 
 /// Counters of one run.
@@ -319,6 +323,10 @@ pub struct SinkWriter {
     /// Changes not yet written to each sink, and when each was last written.
     dynamodb_changes: ChangeSet,
     last_dynamodb: Instant,
+    /// Events read when the last DynamoDB round started, and when a round last waited
+    /// for the write budget.
+    dynamodb_events: u64,
+    budget_waited: Instant,
     valkey_changes: ChangeSet,
     last_valkey: Instant,
     /// Creation times (ms) of the records applied since the last visible sink write.
@@ -359,6 +367,8 @@ impl SinkWriter {
             dynamodb_reset: false,
             dynamodb_changes: ChangeSet::default(),
             last_dynamodb: Instant::now(),
+            dynamodb_events: 0,
+            budget_waited: Instant::now(),
             valkey_changes: ChangeSet::default(),
             last_valkey: Instant::now(),
             unseen: Vec::new(),
@@ -715,13 +725,26 @@ impl SinkWriter {
     /// requests run on the runtime's worker. `false` if a collected write failed.
     fn write_dynamodb(&mut self, now: bool, today: Day) -> bool {
         let mut ok = self.collect_dynamodb(now);
-        let due = now || self.last_dynamodb.elapsed() >= self.dynamodb_interval();
+        let interval = self.dynamodb_interval();
+        let due = now || (self.last_dynamodb.elapsed() >= interval && self.budget_waited.elapsed() >= interval);
         let Some(mut sink) = self.dynamodb.take_if(|d| due && (!self.dynamodb_changes.is_empty() || d.needs_write())) else {
             return ok;
         };
-        self.last_dynamodb = Instant::now();
+        let started = Instant::now();
+        let changes = self.dynamodb_changes.take();
+        let plan = sink.plan(&self.global, &changes, today);
+        if !now && self.over_budget(&sink, &plan) {
+            // The changes wait for a later round; the budget is checked again an
+            // interval from now.
+            self.dynamodb_changes.add(&changes);
+            self.dynamodb = Some(sink);
+            self.budget_waited = Instant::now();
+            self.summary.dynamodb_ms += started.elapsed().as_millis() as u64;
+            return ok;
+        }
+        self.last_dynamodb = started;
+        self.dynamodb_events = self.summary.messages;
         self.summary.dynamodb_rounds += 1;
-        let plan = sink.plan(&self.global, &self.dynamodb_changes.take(), today);
         let task = self.rt.spawn(async move {
             let result = tokio::time::timeout(CALL_DEADLINE, sink.execute(plan)).await;
             (sink, result)
@@ -732,6 +755,18 @@ impl SinkWriter {
             ok &= self.collect_dynamodb(true);
         }
         ok
+    }
+
+    /// Whether `plan` writes more items per event read since the last round than the
+    /// write budget allows, and the round may still wait for that.
+    fn over_budget(&self, sink: &DynamoSink, plan: &toolrank_sink_dynamodb::Plan) -> bool {
+        let Some(budget) = self.config.dynamodb_writes_per_event else { return false };
+        if self.last_dynamodb.elapsed() >= self.config.dynamodb_max_defer {
+            return false;
+        }
+        // Unknown (a first write, a retry): written now.
+        let Some(writes) = sink.writes(plan) else { return false };
+        writes as f64 > budget * (self.summary.messages - self.dynamodb_events) as f64
     }
 
     /// Takes the DynamoDB sink back from its write if it finished (or, with `wait`, once

@@ -62,8 +62,8 @@ pub struct Plan {
     /// Agents to compare: an engine symbol (kept pending if its write fails), the id,
     /// and the figures (`None`: the agent left the rankings).
     agents: Vec<(Option<Sym>, String, Option<AgentFigures>)>,
-    /// The whole recommended set with top-scoring flags, when it may have moved.
-    patterns: Option<Vec<(PatternFigures, bool)>>,
+    /// The whole recommended set by key, with top-scoring flags, when it may have moved.
+    patterns: Option<HashMap<(String, String), Written>>,
     today: Day,
 }
 
@@ -221,14 +221,53 @@ impl DynamoSink {
             &everything
         };
         let agents: HashSet<Sym> = changes.agents.iter().copied().chain(self.pending_agents.drain()).collect();
-        let agents = agents.into_iter().map(|agent| (Some(agent), engine.name(agent).to_owned(), engine.agent_figures(agent))).collect();
+        let agents = agents
+            .into_iter()
+            .map(|agent| {
+                // Per-tool figures are Valkey's; the table does not hold them.
+                let figures = engine.agent_figures(agent).map(|mut f| {
+                    f.tools.clear();
+                    f
+                });
+                (Some(agent), engine.name(agent).to_owned(), figures)
+            })
+            .collect();
         // The recommended set moves only when some pattern changed (the cut is
         // time-invariant); after a load, the table's items must be compared in any case.
         let patterns = (!self.loaded || !changes.patterns.is_empty() || self.patterns_pending).then(|| {
             let rec = engine.recommended(today);
-            rec.patterns.iter().filter_map(|&k| engine.pattern_figures(k).map(|f| (f, rec.top.contains(&k)))).collect()
+            desired(rec.patterns.iter().filter_map(|&k| engine.pattern_figures(k).map(|f| (f, rec.top.contains(&k)))))
         });
         Plan { agents, patterns, today }
+    }
+
+    /// How many items a [`plan`](Self::plan) writes when carried out now (what differs
+    /// from what the sink wrote); `None` while the sink does not know what the table
+    /// holds ([`needs_write`](Self::needs_write)).
+    pub fn writes(&self, plan: &Plan) -> Option<usize> {
+        if self.needs_write() {
+            return None;
+        }
+        let agents = plan.agents.iter().filter(|(_, id, f)| self.agent_changed(id, f.as_ref())).count();
+        let patterns = plan.patterns.as_ref().map_or(0, |p| self.pattern_changes(p).count());
+        Some(agents + patterns)
+    }
+
+    /// Whether the table holds other figures for agent `id` than `f` (`None`: it left
+    /// the rankings, so its attributes are removed if it has any).
+    fn agent_changed(&self, id: &str, f: Option<&AgentFigures>) -> bool {
+        match f {
+            None => self.agents.contains_key(id),
+            Some(f) => self.agents.get(id) != Some(f),
+        }
+    }
+
+    /// The pattern items to write for the `desired` set: puts (`Some`) of those whose
+    /// figures or flag differ, deletes (`None`) of those no longer recommended.
+    fn pattern_changes<'a>(&'a self, desired: &'a HashMap<(String, String), Written>) -> impl Iterator<Item = (&'a (String, String), Option<&'a Written>)> + 'a {
+        let puts = desired.iter().filter(|(key, w)| self.patterns.get(*key) != Some(*w)).map(|(key, w)| (key, Some(w)));
+        let deletes = self.patterns.keys().filter(|k| !desired.contains_key(*k)).map(|k| (k, None));
+        puts.chain(deletes)
     }
 
     /// Carries a [`plan`](Self::plan) out: reads the namespace first if this sink does not
@@ -263,6 +302,7 @@ impl DynamoSink {
         let gone: Vec<String> = self.agents.keys().filter(|id| !named.contains(id.as_str())).cloned().collect();
         let writes = agents.into_iter().map(|f| (None, f.agent_id.clone(), Some(f))).chain(gone.into_iter().map(|id| (None, id, None))).collect();
         self.write_agents(writes, today).await?;
+        let patterns = desired(patterns);
         loop {
             self.write_patterns(patterns.clone(), today).await?;
             if !self.patterns_pending {
@@ -276,23 +316,22 @@ impl DynamoSink {
     /// stays pending.
     async fn write_agents(&mut self, agents: Vec<(Option<Sym>, String, Option<AgentFigures>)>, today: Day) -> Result<(), Error> {
         let mut requests = Vec::new();
-        for (agent, id, figures) in agents {
-            let Some(mut f) = figures else {
-                // Not among the rankings: a shadow item is ours to delete; a live Agent item
-                // (if it still exists) loses the pipeline's attributes and sorts last.
-                if self.agents.remove(&id).is_some() {
-                    requests.push((agent, id.clone(), None, self.unscore_agent(&id)));
-                }
-                continue;
-            };
+        for (agent, id, mut figures) in agents {
             // Per-tool figures are Valkey's; the table does not hold them.
-            f.tools.clear();
-            if self.agents.get(&id) == Some(&f) {
-                self.stats.unchanged += 1;
+            if let Some(f) = &mut figures {
+                f.tools.clear();
+            }
+            if !self.agent_changed(&id, figures.as_ref()) {
+                self.stats.unchanged += u64::from(figures.is_some());
                 continue;
             }
-            let req = self.update_agent(&f, today);
-            requests.push((agent, id, Some(f), req));
+            let req = match &figures {
+                Some(f) => self.update_agent(f, today),
+                // Not among the rankings: a shadow item is ours to delete; a live Agent item
+                // (if it still exists) loses the pipeline's attributes and sorts last.
+                None => self.unscore_agent(&id),
+            };
+            requests.push((agent, id, figures, req));
         }
         self.stats.requests += requests.len() as u64;
         // Boxed futures: the write must be `Send` to run on a runtime's worker, which a
@@ -310,9 +349,10 @@ impl DynamoSink {
                     continue;
                 }
             }
-            if let Some(f) = f {
-                self.agents.insert(id, f);
-            }
+            match f {
+                Some(f) => self.agents.insert(id, f),
+                None => self.agents.remove(&id),
+            };
         }
         failed.map_or(Ok(()), Err)
     }
@@ -395,21 +435,18 @@ impl DynamoSink {
     /// Puts the recommended patterns (with their top-scoring flag) whose figures changed
     /// and deletes those no longer recommended. The cut moves with every new pattern, so
     /// this compares all.
-    async fn write_patterns(&mut self, recommended: Vec<(PatternFigures, bool)>, today: Day) -> Result<(), Error> {
-        let desired: HashMap<(String, String), Written> =
-            recommended.into_iter().map(|(f, top)| ((f.user_id.clone(), pattern_name(&f)), Written { figures: f, top })).collect();
-        let mut writes: Vec<((String, String), WriteRequest)> = Vec::new();
-        for (key, w) in &desired {
-            if self.patterns.get(key) == Some(w) {
-                self.stats.unchanged += 1;
-                continue;
-            }
-            writes.push((key.clone(), put_pattern(&self.namespace, key, w, today)));
-        }
-        for key in self.patterns.keys().filter(|k| !desired.contains_key(*k)) {
-            let item = self.namespace.pattern_key(key);
-            writes.push((key.clone(), WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(item)).build().expect("key")).build()));
-        }
+    async fn write_patterns(&mut self, desired: HashMap<(String, String), Written>, today: Day) -> Result<(), Error> {
+        let writes: Vec<((String, String), WriteRequest)> = self
+            .pattern_changes(&desired)
+            .map(|(key, w)| {
+                let request = match w {
+                    Some(w) => put_pattern(&self.namespace, key, w, today),
+                    None => WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(self.namespace.pattern_key(key))).build().expect("key")).build(),
+                };
+                (key.clone(), request)
+            })
+            .collect();
+        self.stats.unchanged += (desired.len() - writes.iter().filter(|(k, _)| desired.contains_key(k)).count()) as u64;
         // Batches of 25, several in flight, started only within the budget: a large
         // change (a first load, a moved cut) is spread over several calls instead of
         // blocking the caller. What was written is remembered batch by batch.
@@ -454,6 +491,11 @@ impl DynamoSink {
         }
         failed.map_or(Ok(()), Err)
     }
+}
+
+/// The recommended pattern items by key.
+fn desired(recommended: impl IntoIterator<Item = (PatternFigures, bool)>) -> HashMap<(String, String), Written> {
+    recommended.into_iter().map(|(f, top)| ((f.user_id.clone(), pattern_name(&f)), Written { figures: f, top })).collect()
 }
 
 /// Sends an UpdateItem; a failed `attribute_exists(PK)` condition means the item is gone.
