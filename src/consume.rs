@@ -74,9 +74,9 @@ struct DynamoDbPacing {
     /// the longest a write waits for --dynamodb-writes-per-event.
     #[arg(long, default_value_t = 60_000, env = "TOOLRANK_DYNAMODB_MAX_DEFER_MS")]
     dynamodb_max_defer_ms: u64,
-    /// A write budget: a DynamoDB write waits (checked every interval, at most
-    /// --dynamodb-max-defer-ms) until it writes at most this many items per event read
-    /// since the last write. At a steady rate each interval rewrites the agents and
+    /// A write budget: a DynamoDB write waits (checked after 1, 2, 4, ... intervals, at
+    /// most --dynamodb-max-defer-ms) until it writes at most this many items per event
+    /// read since the last write. At a steady rate each interval rewrites the agents and
     /// recommended patterns touched in it; waiting lets hot keys coalesce (e.g. 0.05).
     /// Unset: every interval.
     #[arg(long, value_name = "ITEMS", env = "TOOLRANK_DYNAMODB_WRITES_PER_EVENT")]

@@ -323,10 +323,12 @@ pub struct SinkWriter {
     /// Changes not yet written to each sink, and when each was last written.
     dynamodb_changes: ChangeSet,
     last_dynamodb: Instant,
-    /// Events read when the last DynamoDB round started, and when a round last waited
-    /// for the write budget.
+    /// Events read when the last DynamoDB round started; when a round last waited for
+    /// the write budget, and how long until it checks again (doubling: each check
+    /// costs what planning a round costs).
     dynamodb_events: u64,
     budget_waited: Instant,
+    budget_wait: Duration,
     valkey_changes: ChangeSet,
     last_valkey: Instant,
     /// Creation times (ms) of the records applied since the last visible sink write.
@@ -369,6 +371,7 @@ impl SinkWriter {
             last_dynamodb: Instant::now(),
             dynamodb_events: 0,
             budget_waited: Instant::now(),
+            budget_wait: Duration::ZERO,
             valkey_changes: ChangeSet::default(),
             last_valkey: Instant::now(),
             unseen: Vec::new(),
@@ -726,7 +729,8 @@ impl SinkWriter {
     fn write_dynamodb(&mut self, now: bool, today: Day) -> bool {
         let mut ok = self.collect_dynamodb(now);
         let interval = self.dynamodb_interval();
-        let due = now || (self.last_dynamodb.elapsed() >= interval && self.budget_waited.elapsed() >= interval);
+        let since = self.last_dynamodb.elapsed();
+        let due = now || (since >= interval && (self.budget_waited.elapsed() >= self.budget_wait || since >= self.config.dynamodb_max_defer));
         let Some(mut sink) = self.dynamodb.take_if(|d| due && (!self.dynamodb_changes.is_empty() || d.needs_write())) else {
             return ok;
         };
@@ -734,16 +738,17 @@ impl SinkWriter {
         let changes = self.dynamodb_changes.take();
         let plan = sink.plan(&self.global, &changes, today);
         if !now && self.over_budget(&sink, &plan) {
-            // The changes wait for a later round; the budget is checked again an
-            // interval from now.
+            // The changes wait for a later round.
             self.dynamodb_changes.add(&changes);
             self.dynamodb = Some(sink);
             self.budget_waited = Instant::now();
+            self.budget_wait = (self.budget_wait * 2).max(interval);
             self.summary.dynamodb_ms += started.elapsed().as_millis() as u64;
             return ok;
         }
         self.last_dynamodb = started;
         self.dynamodb_events = self.summary.messages;
+        self.budget_wait = Duration::ZERO;
         self.summary.dynamodb_rounds += 1;
         let task = self.rt.spawn(async move {
             let result = tokio::time::timeout(CALL_DEADLINE, sink.execute(plan)).await;
