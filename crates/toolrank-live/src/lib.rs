@@ -532,8 +532,8 @@ impl SinkWriter {
             Err(e @ toolrank_dynamodb::Error::Fenced(_)) => Err(e),
             Err(e) => {
                 // Whether it was written is unknown, and the changes it carried are no
-                // longer tracked: the next save is whole (its generation check fails if
-                // this one did write after all, and the unit is claimed anew).
+                // longer tracked: the next save is whole. (A whole save that did land
+                // after all makes that one fail as `Fenced`, as before appends existed.)
                 self.untracked.insert(s.scope.clone());
                 self.summary.retried_errors += 1;
                 warn!(scope = s.scope, error = %e, "checkpoint failed; retrying at the next interval");

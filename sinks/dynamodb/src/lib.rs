@@ -223,14 +223,7 @@ impl DynamoSink {
         let agents: HashSet<Sym> = changes.agents.iter().copied().chain(self.pending_agents.drain()).collect();
         let agents = agents
             .into_iter()
-            .map(|agent| {
-                // Per-tool figures are Valkey's; the table does not hold them.
-                let figures = engine.agent_figures(agent).map(|mut f| {
-                    f.tools.clear();
-                    f
-                });
-                (Some(agent), engine.name(agent).to_owned(), figures)
-            })
+            .map(|agent| (Some(agent), engine.name(agent).to_owned(), engine.agent_figures(agent).map(table_figures)))
             .collect();
         // The recommended set moves only when some pattern changed (the cut is
         // time-invariant); after a load, the table's items must be compared in any case.
@@ -300,7 +293,7 @@ impl DynamoSink {
         self.load().await?;
         let named: HashSet<&str> = agents.iter().map(|a| a.agent_id.as_str()).collect();
         let gone: Vec<String> = self.agents.keys().filter(|id| !named.contains(id.as_str())).cloned().collect();
-        let writes = agents.into_iter().map(|f| (None, f.agent_id.clone(), Some(f))).chain(gone.into_iter().map(|id| (None, id, None))).collect();
+        let writes = agents.into_iter().map(|f| (None, f.agent_id.clone(), Some(table_figures(f)))).chain(gone.into_iter().map(|id| (None, id, None))).collect();
         self.write_agents(writes, today).await?;
         let patterns = desired(patterns);
         loop {
@@ -311,16 +304,12 @@ impl DynamoSink {
         }
     }
 
-    /// Writes the agents whose figures changed, `CONCURRENCY` requests at a time: an
-    /// agent without figures left the catalog. A failed engine agent (`Some` symbol)
-    /// stays pending.
+    /// Writes the agents whose figures (as the table holds them: [`table_figures`])
+    /// changed, `CONCURRENCY` requests at a time: an agent without figures left the
+    /// catalog. A failed engine agent (`Some` symbol) stays pending.
     async fn write_agents(&mut self, agents: Vec<(Option<Sym>, String, Option<AgentFigures>)>, today: Day) -> Result<(), Error> {
         let mut requests = Vec::new();
-        for (agent, id, mut figures) in agents {
-            // Per-tool figures are Valkey's; the table does not hold them.
-            if let Some(f) = &mut figures {
-                f.tools.clear();
-            }
+        for (agent, id, figures) in agents {
             if !self.agent_changed(&id, figures.as_ref()) {
                 self.stats.unchanged += u64::from(figures.is_some());
                 continue;
@@ -491,6 +480,12 @@ impl DynamoSink {
         }
         failed.map_or(Ok(()), Err)
     }
+}
+
+/// An agent's figures as the table holds them: per-tool figures are Valkey's.
+fn table_figures(mut f: AgentFigures) -> AgentFigures {
+    f.tools.clear();
+    f
 }
 
 /// The recommended pattern items by key.
