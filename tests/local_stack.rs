@@ -1581,15 +1581,20 @@ fn valkey_sink_writes_only_differences_and_holds_what_a_full_write_holds() {
     assert_eq!(held.2, expected.2, "each domain's ranking");
 }
 
+/// A checkpoint store on a state table of its own.
+async fn fresh_state_store() -> toolrank_dynamodb::CheckpointStore {
+    let client = toolrank_dynamodb::client().await;
+    let table = unique("state");
+    toolrank_dynamodb::create_state_table(&client, &table).await.unwrap();
+    toolrank_dynamodb::CheckpointStore::new(client, table)
+}
+
 #[test]
 fn bucket_logs_take_appends_in_turn_and_compact() {
-    use toolrank_dynamodb::{CheckpointStore, Error, LogHead};
+    use toolrank_dynamodb::{Error, LogHead};
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let client = toolrank_dynamodb::client().await;
-        let table = unique("state");
-        toolrank_dynamodb::create_state_table(&client, &table).await.unwrap();
-        let store = CheckpointStore::new(client, table);
+        let store = fresh_state_store().await;
         let scope = "lambda/test/bucket/00000";
         assert_eq!(store.log_head(scope).await.unwrap(), None);
         store.claim(scope, "lambda").await.unwrap();
@@ -1616,13 +1621,10 @@ fn bucket_logs_take_appends_in_turn_and_compact() {
 
 #[test]
 fn owned_checkpoints_append_with_their_position_and_rebase_whole() {
-    use toolrank_dynamodb::{CheckpointStore, Error, LogHead};
+    use toolrank_dynamodb::{Error, LogHead};
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let client = toolrank_dynamodb::client().await;
-        let table = unique("state");
-        toolrank_dynamodb::create_state_table(&client, &table).await.unwrap();
-        let store = CheckpointStore::new(client, table);
+        let store = fresh_state_store().await;
         let scope = "kafka/g/t/0";
         let d = |i: u8| vec![i; 100];
         let ck = store.claim(scope, "a").await.unwrap();
