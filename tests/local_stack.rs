@@ -1609,11 +1609,11 @@ fn bucket_logs_take_appends_in_turn_and_compact() {
         assert_eq!((head.head, head.base_at, head.log_bytes), (13, 0, 1300));
         assert_eq!(store.deltas(scope, 11, 13).await.unwrap(), vec![d(12), d(13)]);
         // A base covering deltas up to 12: they are deleted, 13 stays after it.
-        store.compact(scope, "lambda", head, 12, b"base").await.unwrap();
+        store.compact(scope, "lambda", head.generation, 12, b"base").await.unwrap();
         let after = store.log_head(scope).await.unwrap().unwrap();
         assert_eq!(after, LogHead { generation: 1, base_at: 12, head: 13, base_bytes: 4, log_bytes: 0 });
         assert!(matches!(store.deltas(scope, 5, 13).await, Err(Error::Input(_))), "compacted away");
-        assert!(matches!(store.compact(scope, "lambda", head, 13, b"late").await, Err(Error::Fenced(_))), "a base from a stale head");
+        assert!(matches!(store.compact(scope, "lambda", head.generation, 13, b"late").await, Err(Error::Fenced(_))), "a base from a stale head");
         let log = store.load_log(scope).await.unwrap();
         assert_eq!((log.base, log.deltas, log.at.head), (b"base".to_vec(), vec![d(13)], 13));
     });

@@ -370,7 +370,7 @@ impl Handler {
                     let bytes: u64 = deltas.iter().map(|d| d.len() as u64).sum();
                     if head.compaction_due(deltas.len(), bytes, self.config.compact_bytes) {
                         let state = b.engine.snapshot();
-                        match w.call("compacting a bucket's log", w.store.compact(&scope, OWNER, head, at, &state)) {
+                        match w.call("compacting a bucket's log", w.store.compact(&scope, OWNER, head.generation, at, &state)) {
                             Ok(_) | Err(toolrank_dynamodb::Error::Fenced(_)) => {}
                             Err(e) => warn!(bucket, error = %e, "could not compact a bucket's log; a later invocation will"),
                         }

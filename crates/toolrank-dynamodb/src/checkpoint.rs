@@ -97,10 +97,8 @@ fn delta_sk(n: u64) -> String {
     format!("delta#{n:020}")
 }
 
-/// A delta item's size limit ([`Engine::delta`]'s `max_bytes`), under DynamoDB's 400 KB
+/// A delta item's size limit (the engine's `delta` `max_bytes`), under DynamoDB's 400 KB
 /// per item.
-///
-/// [`Engine::delta`]: https://docs.rs/toolrank-engine
 pub const DELTA_BYTES: usize = 300 * 1024;
 
 /// A log gets a new base once the deltas after its base add up to the base's size (at
@@ -469,10 +467,10 @@ impl CheckpointStore {
     }
 
     /// Saves `state`, which holds the deltas up to `at`, as the log's new base after base
-    /// generation `from.generation`, then deletes the deltas it covers. `Err(Fenced)`
-    /// when another writer saved a base first.
-    pub async fn compact(&self, scope: &str, owner: &str, from: LogHead, at: u64, state: &[u8]) -> Result<u64, Error> {
-        Ok(self.save_base(scope, owner, from.generation, &at.to_string(), state, Base::Upto(at)).await?.generation)
+    /// `generation`, then deletes the deltas it covers. `Err(Fenced)` when another writer
+    /// saved a base first.
+    pub async fn compact(&self, scope: &str, owner: &str, generation: u64, at: u64, state: &[u8]) -> Result<u64, Error> {
+        Ok(self.save_base(scope, owner, generation, &at.to_string(), state, Base::Upto(at)).await?.generation)
     }
 
     /// Saves `state` as the checkpoint after `generation` and the base of the log (see

@@ -425,9 +425,11 @@ impl DynamoSink {
     /// and deletes those no longer recommended. The cut moves with every new pattern, so
     /// this compares all.
     async fn write_patterns(&mut self, desired: HashMap<(String, String), Written>, today: Day) -> Result<(), Error> {
+        let mut puts = 0;
         let writes: Vec<((String, String), WriteRequest)> = self
             .pattern_changes(&desired)
             .map(|(key, w)| {
+                puts += usize::from(w.is_some());
                 let request = match w {
                     Some(w) => put_pattern(&self.namespace, key, w, today),
                     None => WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(self.namespace.pattern_key(key))).build().expect("key")).build(),
@@ -435,7 +437,7 @@ impl DynamoSink {
                 (key.clone(), request)
             })
             .collect();
-        self.stats.unchanged += (desired.len() - writes.iter().filter(|(k, _)| desired.contains_key(k)).count()) as u64;
+        self.stats.unchanged += (desired.len() - puts) as u64;
         // Batches of 25, several in flight, started only within the budget: a large
         // change (a first load, a moved cut) is spread over several calls instead of
         // blocking the caller. What was written is remembered batch by batch.
