@@ -314,3 +314,87 @@ fn deltas_hold_only_what_changed_and_refuse_garbage() {
     assert!(other.apply_delta(b"\x09\0\0\0").is_err(), "unknown version");
     assert!(other.apply_delta(&[]).is_err(), "empty");
 }
+
+/// A history on few hist keys (so removals often fall between an item's record and its
+/// late copy), delivered in order with late copies (redeliveries) at most `window` events
+/// after their original, as (event index, clock) deliveries: the clock counts originals.
+fn late_copies() -> impl Strategy<Value = (Vec<Event>, Vec<(usize, u32)>, u32, Vec<u8>)> {
+    let few_keys = |mut e: Event| {
+        if e.sk != "METADATA" {
+            let k = e.pk.len() + e.sk.bytes().map(usize::from).sum::<usize>();
+            (e.pk, e.sk) = (format!("USR{}#SESS1", k % 2), format!("PRC001#AGT{}#TL{}", k / 2 % 2 + 1, k / 4 % 2));
+        }
+        e
+    };
+    (prop::collection::vec(event().prop_map(few_keys), 1..70), 1..8u32).prop_flat_map(|(history, window)| {
+        let n = history.len();
+        let copies = prop::collection::vec((0..n, 0..window), 0..=n / 2);
+        (Just(history), copies, Just(window), prop::collection::vec(any::<u8>(), 3 * n)).prop_map(|(h, copies, window, ctl)| {
+            let mut deliveries = Vec::new();
+            for i in 0..h.len() {
+                let clock = i as u32 + 1;
+                deliveries.push((i, clock));
+                deliveries.extend(copies.iter().filter(|&&(src, delay)| src + delay as usize == i).map(|&(src, _)| (src, clock)));
+            }
+            (h, deliveries, window, ctl)
+        })
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: engine_cases(), ..ProptestConfig::default() })]
+
+    /// Tombstones kept for the redelivery window and then forgotten, with the sessions
+    /// they leave empty, change no result; a copy of the engine fed its deltas (a
+    /// checkpoint log) forgets the same; in the end only live items remain.
+    #[test]
+    fn tombstones_expired_after_the_redelivery_window_change_nothing((history, deliveries, window, ctl) in late_copies()) {
+        let mut engine = Engine::new();
+        engine.track_deltas();
+        let mut follower = Engine::new();
+        for (n, &(idx, clock)) in deliveries.iter().enumerate() {
+            engine.set_clock(clock);
+            decode_line(history[idx].stream_record(idx as u64 + 1).as_bytes(), &mut |rec| {
+                engine.apply(&rec.result.expect("valid"));
+            })
+            .expect("decodes");
+            match ctl[n] % 6 {
+                0 => engine.flush(),
+                1 => {
+                    engine = Engine::restore(&engine.snapshot()).expect("restores");
+                    engine.track_deltas();
+                    follower = Engine::restore(&engine.snapshot()).expect("restores");
+                }
+                2 | 3 => {
+                    engine.expire_tombstones(window);
+                }
+                _ => {}
+            }
+            if ctl[n + deliveries.len()] % 3 == 0 {
+                for delta in engine.delta(usize::from(ctl[n] % 4) * 40) {
+                    follower.apply_delta(&delta).expect("applies");
+                }
+                engine.delta_saved();
+                follower.flush();
+            }
+        }
+        let today = Day::parse_iso(TODAY).unwrap();
+        let want = canonical(evaluate(&final_state(&history), TODAY));
+        let report = engine.report(today);
+        prop_assert_eq!(from_engine(&report, &engine.staging_sorted()), want.clone());
+        // Long after the last removal, only live items remain, in the follower too.
+        engine.set_clock(u32::MAX / 2);
+        engine.expire_tombstones(window);
+        engine.flush();
+        for delta in engine.delta(usize::MAX) {
+            follower.apply_delta(&delta).expect("applies");
+        }
+        let report = follower.report(today);
+        prop_assert_eq!(from_engine(&report, &follower.staging_sorted()), want);
+        for st in [engine.stats(), follower.stats()] {
+            prop_assert_eq!(st.tombstones, 0);
+            prop_assert_eq!(st.sessions, st.live_sessions);
+        }
+        prop_assert_eq!(engine.stats().live_rows, follower.stats().live_rows);
+    }
+}

@@ -61,6 +61,9 @@ impl From<u128> for Seq {
 struct Row {
     /// Interned SK, resolving to process, agent and tool.
     sk: Sym,
+    /// A tombstone's stamp: the engine's clock when the removal was applied (0: none,
+    /// never expires). See [`Engine::expire_tombstones`].
+    removed: u32,
     /// Last applied stream sequence number for this key.
     seq: Option<Seq>,
     /// The current item; `None` is a tombstone kept for its `seq`.
@@ -84,7 +87,7 @@ struct SkParts {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Session {
-    /// `user#session`, stored once: the index refers to it by slot.
+    /// `user#session`, stored once: the index refers to it by slot. Empty in a free slot.
     pk: Box<str>,
     user: Sym,
     rows: Vec<Row>,
@@ -124,6 +127,8 @@ pub struct StateStats {
     pub live_rows: usize,
     /// Removed keys remembered for their sequence numbers.
     pub tombstones: usize,
+    /// Sessions held: live ones and those holding only tombstones.
+    pub sessions: usize,
     /// Known agents (current Agent items).
     pub agents: usize,
     /// Approximate heap bytes of the whole state.
@@ -143,7 +148,7 @@ pub enum StateError {
     DeltaKey(String),
 }
 
-const SNAPSHOT_VERSION: u32 = 4;
+const SNAPSHOT_VERSION: u32 = 5;
 
 /// Maps one engine's symbols to another's; valid as long as both live (interners only grow).
 #[derive(Default)]
@@ -193,6 +198,15 @@ pub struct Engine {
     /// Slots of `sessions`, hashed by their PK.
     #[serde(skip)]
     session_index: HashTable<u32>,
+    /// Slots of `sessions` that hold no session, reused first.
+    #[serde(skip)]
+    free: Vec<u32>,
+    /// What tombstones are stamped with ([`Engine::set_clock`]).
+    #[serde(skip)]
+    clock: u32,
+    /// The clock at the last sweep of [`Engine::expire_tombstones`].
+    #[serde(skip)]
+    swept_at: u32,
     catalog: FxHashMap<Sym, AgentSlot>,
     aggregates: Aggregates,
     #[serde(skip)]
@@ -215,10 +229,12 @@ pub struct Engine {
 #[derive(Default)]
 struct DeltaTracker {
     sessions: FxHashSet<u32>,
+    /// PKs of sessions dropped since: a receiver drops them too.
+    dropped: Vec<Box<str>>,
     catalog: FxHashSet<Sym>,
 }
 
-const DELTA_VERSION: u32 = 1;
+const DELTA_VERSION: u32 = 2;
 
 /// The new state of the sessions and Agent items a delta covers, by value (symbols are
 /// each engine's own): a session's rows replace the receiver's, so removals carry over.
@@ -244,6 +260,7 @@ struct RowState<'a> {
     seq: Option<Seq>,
     /// ToolNM, TransactDT, success.
     data: Option<(&'a str, Timestamp, bool)>,
+    removed: u32,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -314,6 +331,7 @@ impl Engine {
                 }
                 row.seq = seq.or(row.seq);
                 let changed = row.data != data;
+                row.removed = if data.is_none() { self.clock } else { 0 };
                 row.data = data;
                 if row.data.is_none() && row.seq.is_none() {
                     s.rows.swap_remove(i);
@@ -321,7 +339,8 @@ impl Engine {
                 if changed { Applied::Changed } else { Applied::Unchanged }
             }
             None => {
-                s.rows.push(Row { sk, seq, data });
+                let removed = if data.is_none() { self.clock } else { 0 };
+                s.rows.push(Row { sk, removed, seq, data });
                 if data.is_some() { Applied::Changed } else { Applied::Unchanged }
             }
         };
@@ -431,13 +450,21 @@ impl Engine {
         let mut part = Delta { sessions: Vec::new(), catalog };
         let mut bytes = postcard::experimental::serialized_size(&part.catalog).unwrap_or(0);
         let mut total = bytes;
-        for &i in &sessions {
+        // Dropped sessions first: a session of the same PK made since replaces nothing.
+        let dropped = d.dropped.iter().map(|pk| SessionState { pk, user: "", rows: Vec::new() });
+        let current = sessions.iter().map(|&i| {
             let s = &self.sessions[i as usize];
-            let state = SessionState {
+            SessionState {
                 pk: &s.pk,
                 user: strings.get(s.user),
-                rows: s.rows.iter().map(|r| RowState { sk: self.sk_index.get(r.sk), seq: r.seq, data: r.data.map(|d| (strings.get(d.tool_nm), d.at, d.success)) }).collect(),
-            };
+                rows: s
+                    .rows
+                    .iter()
+                    .map(|r| RowState { sk: self.sk_index.get(r.sk), seq: r.seq, data: r.data.map(|d| (strings.get(d.tool_nm), d.at, d.success)), removed: r.removed })
+                    .collect(),
+            }
+        });
+        for state in dropped.chain(current) {
             let size = postcard::experimental::serialized_size(&state).unwrap_or(0);
             total += size;
             if total > limit {
@@ -460,6 +487,61 @@ impl Engine {
     pub fn delta_saved(&mut self) {
         if let Some(d) = &mut self.delta {
             *d = DeltaTracker::default();
+        }
+    }
+
+    /// Sets the time (seconds; 0 stamps nothing) that removals applied from now on are
+    /// stamped with, for [`expire_tombstones`](Self::expire_tombstones).
+    pub fn set_clock(&mut self, now: u32) {
+        self.clock = now;
+    }
+
+    /// Forgets tombstones stamped more than `horizon` seconds before the clock, and the
+    /// sessions left without rows; returns how many tombstones went. A tombstone is what
+    /// refuses a late copy of a record older than the removal (a redelivery), so memory
+    /// stays bounded by the live items plus the removals of the last `horizon`, and a
+    /// copy delivered later than that after the removal would count again: `horizon`
+    /// must cover the input's redelivery window. Sweeps at most every sixteenth of the
+    /// horizon (a tombstone lives up to 1/16 longer); dropped sessions reach deltas.
+    pub fn expire_tombstones(&mut self, horizon: u32) -> usize {
+        if self.clock == 0 || self.clock < self.swept_at.saturating_add((horizon / 16).max(1)) {
+            return 0;
+        }
+        self.swept_at = self.clock;
+        let before = self.clock.saturating_sub(horizon);
+        let mut expired = 0;
+        let mut emptied = Vec::new();
+        for (i, s) in self.sessions.iter_mut().enumerate() {
+            let n = s.rows.len();
+            s.rows.retain(|r| r.data.is_some() || r.removed == 0 || r.removed >= before);
+            if s.rows.len() == n {
+                continue;
+            }
+            expired += n - s.rows.len();
+            if let Some(d) = &mut self.delta {
+                d.sessions.insert(i as u32);
+            }
+            if s.rows.is_empty() && s.committed.is_empty() && s.dirty.is_empty() {
+                emptied.push(i as u32);
+            }
+        }
+        for i in emptied {
+            self.drop_session(i);
+        }
+        expired
+    }
+
+    /// Frees the slot of a session without rows or contributions.
+    fn drop_session(&mut self, idx: u32) {
+        let s = std::mem::replace(&mut self.sessions[idx as usize], Session { pk: "".into(), user: 0, rows: Vec::new(), committed: Vec::new(), dirty: Vec::new() });
+        debug_assert!(s.rows.is_empty() && s.committed.is_empty() && s.dirty.is_empty());
+        if let Ok(entry) = self.session_index.find_entry(FxBuildHasher.hash_one(&*s.pk), |&i| i == idx) {
+            entry.remove();
+        }
+        self.free.push(idx);
+        if let Some(d) = &mut self.delta {
+            d.sessions.remove(&idx);
+            d.dropped.push(s.pk);
         }
     }
 
@@ -493,11 +575,13 @@ impl Engine {
         for r in state.rows {
             let key = HistKey::parse(state.pk, r.sk).map_err(|_| StateError::DeltaKey(format!("{}/{}", state.pk, r.sk)))?;
             let data = r.data.map(|(tool_nm, at, success)| RowData { tool_nm: self.strings.intern(tool_nm), at, success });
-            rows.push(Row { sk: self.intern_sk(r.sk, &key), seq: r.seq, data });
+            rows.push(Row { sk: self.intern_sk(r.sk, &key), removed: r.removed, seq: r.seq, data });
         }
         let hash = FxBuildHasher.hash_one(state.pk);
         let idx = match self.find_session(state.pk, hash) {
             Some(i) => i,
+            // A dropped session this engine never held.
+            None if rows.is_empty() => return Ok(()),
             None => self.add_session(state.pk, hash, state.user),
         };
         let s = &mut self.sessions[idx as usize];
@@ -507,6 +591,9 @@ impl Engine {
         let agents: Vec<Sym> = old.iter().chain(&s.rows).map(|r| self.sks[r.sk as usize].agent).collect();
         for agent in agents {
             mark_dirty(&mut self.dirty, idx, s, agent);
+        }
+        if s.rows.is_empty() && s.committed.is_empty() && s.dirty.is_empty() {
+            self.drop_session(idx);
         }
         Ok(())
     }
@@ -519,9 +606,18 @@ impl Engine {
 
     /// Adds an empty session `pk` of `user` (its FxHash is `hash`); returns its slot.
     fn add_session(&mut self, pk: &str, hash: u64, user: &str) -> u32 {
-        let i = self.sessions.len() as u32;
         let user = self.strings.intern(user);
-        self.sessions.push(Session { pk: pk.into(), user, rows: Vec::new(), committed: Vec::new(), dirty: Vec::new() });
+        let session = Session { pk: pk.into(), user, rows: Vec::new(), committed: Vec::new(), dirty: Vec::new() };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.sessions[i as usize] = session;
+                i
+            }
+            None => {
+                self.sessions.push(session);
+                self.sessions.len() as u32 - 1
+            }
+        };
         let sessions = &self.sessions;
         self.session_index.insert_unique(hash, i, |&j| FxBuildHasher.hash_one(&*sessions[j as usize].pk));
         i
@@ -550,9 +646,14 @@ impl Engine {
     }
 
     fn flush_to(&mut self, mut global: Option<&mut Engine>) {
-        let (mut rows, mut seq) = (Vec::new(), Vec::new());
+        let (mut rows, mut seq, mut emptied) = (Vec::new(), Vec::new(), Vec::new());
         for idx in std::mem::take(&mut self.dirty) {
             let s = &mut self.sessions[idx as usize];
+            if s.rows.is_empty() {
+                // Its last rows went without a tombstone (flat deletes, a dropped
+                // session's delta): nothing is left once its contributions are.
+                emptied.push(idx);
+            }
             for agent in std::mem::take(&mut s.dirty) {
                 let new = contribution(&self.strings, &mut self.sequences, &self.sks, &s.rows, agent, &mut rows, &mut seq);
                 let old_pos = s.committed.iter().position(|(a, _)| *a == agent);
@@ -576,6 +677,9 @@ impl Engine {
                     s.committed.push((agent, new));
                 }
             }
+        }
+        for idx in emptied {
+            self.drop_session(idx);
         }
         for id in std::mem::take(&mut self.catalog_changes) {
             let Some(g) = global.as_deref_mut() else { continue };
@@ -724,6 +828,10 @@ impl Engine {
         engine.sk_index.rebuild();
         let sessions = &engine.sessions;
         for (i, s) in sessions.iter().enumerate() {
+            if s.pk.is_empty() {
+                engine.free.push(i as u32);
+                continue;
+            }
             let hash = FxBuildHasher.hash_one(&*s.pk);
             engine.session_index.insert_unique(hash, i as u32, |&j| FxBuildHasher.hash_one(&*sessions[j as usize].pk));
         }
@@ -742,6 +850,7 @@ impl Engine {
             st.live_rows += live;
             st.tombstones += s.rows.len() - live;
             st.live_sessions += usize::from(live > 0);
+            st.sessions += usize::from(!s.pk.is_empty());
             heap += s.rows.capacity() * std::mem::size_of::<Row>();
             heap += s.committed.capacity() * std::mem::size_of::<(Sym, Contribution)>();
             heap += s.committed.iter().map(|(_, c)| c.failed_tools.len() * 4).sum::<usize>();
@@ -858,5 +967,32 @@ mod tests {
         assert_eq!(e.apply(&agent(Some(BASE_SEQ))), Applied::Changed);
         assert_eq!(e.apply(&agent(Some(BASE_SEQ))), Applied::Stale);
         assert_eq!(e.apply(&agent(Some(3))), Applied::Unchanged, "the same content, now versioned");
+    }
+
+    #[test]
+    fn tombstones_refuse_late_copies_until_they_expire() {
+        let mut e = Engine::new();
+        e.set_clock(1000);
+        e.apply(&hist(Some(5), Some(true)));
+        e.apply(&hist(Some(9), None));
+        e.flush();
+        let held = e.stats();
+        assert_eq!((held.sessions, held.live_sessions, held.tombstones), (1, 0, 1));
+        e.set_clock(1100);
+        assert_eq!(e.expire_tombstones(100), 0, "not older than the horizon");
+        assert_eq!(e.apply(&hist(Some(5), Some(true))), Applied::Stale, "a late copy inside the horizon");
+        e.set_clock(1101);
+        assert_eq!(e.expire_tombstones(100), 0, "swept a moment ago");
+        e.set_clock(1107);
+        assert_eq!(e.expire_tombstones(100), 1);
+        let after = e.stats();
+        assert_eq!((after.sessions, after.tombstones), (0, 0));
+        assert!(after.heap_bytes < held.heap_bytes, "{after:?} < {held:?}");
+        assert_eq!(e.apply(&hist(Some(5), Some(true))), Applied::Changed, "past the horizon a copy counts: the horizon must cover redeliveries");
+        assert_eq!(e.sessions.len(), 1, "the freed slot was reused");
+        let mut unstamped = Engine::new();
+        unstamped.apply(&hist(Some(9), None));
+        unstamped.set_clock(u32::MAX);
+        assert_eq!(unstamped.expire_tombstones(1), 0, "removals applied without a clock never expire");
     }
 }
