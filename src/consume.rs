@@ -83,6 +83,24 @@ struct DynamoDbPacing {
     dynamodb_writes_per_event: Option<f64>,
 }
 
+/// How long the engine state remembers removed items.
+#[derive(clap::Args)]
+struct Retention {
+    /// Seconds a removed item's tombstone is kept: within them, a late copy of an older
+    /// record of the item (a redelivery) is refused; after them it would count again.
+    /// Set it to at least the input's redelivery window: DynamoDB Streams keep records
+    /// 24 h, Kinesis its retention, Kafka the topic's retention where producers re-send.
+    /// State memory is the live items plus the removals of this window.
+    #[arg(long, value_name = "SECS", default_value_t = toolrank_live::DEFAULT_TOMBSTONE_HORIZON.as_secs(), env = "TOOLRANK_TOMBSTONE_HORIZON_SECS")]
+    tombstone_horizon_secs: u64,
+}
+
+impl Retention {
+    fn horizon(&self) -> Duration {
+        Duration::from_secs(self.tombstone_horizon_secs)
+    }
+}
+
 impl DynamoDbPacing {
     fn interval(&self) -> Duration {
         Duration::from_millis(self.dynamodb_flush_ms)
@@ -106,6 +124,8 @@ struct PollerArgs {
     flush_ms: u64,
     #[command(flatten)]
     dynamodb: DynamoDbPacing,
+    #[command(flatten)]
+    retention: Retention,
     /// Seconds between checkpoints of lineage state.
     #[arg(long, default_value_t = 5.0, env = "TOOLRANK_CHECKPOINT_SECS")]
     checkpoint_secs: f64,
@@ -152,6 +172,7 @@ impl PollerArgs {
             owner: owner(self.id),
             lease: Duration::from_secs_f64(self.lease_secs),
             dead_letter_file: self.dead_letter_file,
+            tombstone_horizon: self.retention.horizon(),
         })
     }
 }
@@ -195,6 +216,8 @@ struct KafkaArgs {
     flush_ms: u64,
     #[command(flatten)]
     dynamodb: DynamoDbPacing,
+    #[command(flatten)]
+    retention: Retention,
     /// Seconds between checkpoints of partition state (a restart replays at most this much).
     #[arg(long, default_value_t = 5.0, env = "TOOLRANK_CHECKPOINT_SECS")]
     checkpoint_secs: f64,
@@ -253,6 +276,7 @@ fn kafka(a: KafkaArgs, stop: Arc<AtomicBool>) -> Result<toolrank_live::Summary> 
         today: a.sinks.today()?,
         owner,
         lease: Duration::from_secs_f64(a.lease_secs),
+        tombstone_horizon: a.retention.horizon(),
     };
     Ok(toolrank_consume_kafka::run(config, stop)?)
 }
@@ -262,6 +286,9 @@ fn print_summary(s: &toolrank_live::Summary) {
         "consumed {} messages: {} changes, {} stale, {} ignored, {} redeliveries skipped, {} dead-lettered; {} checkpoints, {} sink writes ({} DynamoDB requests in {} rounds, {} Valkey commands); {} state table writes",
         s.messages, s.changes, s.stale, s.ignored, s.skipped_redeliveries, s.dead_letters, s.checkpoints, s.sink_writes, s.dynamodb_requests, s.dynamodb_rounds, s.valkey_commands, s.state_writes
     );
+    if s.tombstones_expired > 0 {
+        eprintln!("{} tombstones of removed items expired (--tombstone-horizon-secs)", s.tombstones_expired);
+    }
     eprintln!("write capacity units consumed: DynamoDB sink {:.0}, state table {:.0}", s.dynamodb_write_units, s.state_write_units);
     eprintln!("waited on: DynamoDB sink {:.1} s, Valkey sink {:.1} s, checkpoints {:.1} s", s.dynamodb_ms as f64 / 1e3, s.valkey_ms as f64 / 1e3, s.checkpoint_ms as f64 / 1e3);
     if let (Some(p50), Some(p99), Some(max)) = (s.latency_p50_ms, s.latency_p99_ms, s.latency_max_ms) {

@@ -688,6 +688,35 @@ fn a_dynamodb_write_budget_defers_rounds_and_the_sinks_still_converge() {
     live.assert_sinks_equal_replay(&history, None);
 }
 
+/// Removed items' tombstones are forgotten once older than the horizon: a consumer
+/// restarted past it expires those its partitions held (reported in the summary), and
+/// the sinks still equal replay. The tail holds no redelivered copies (a copy of a
+/// record older than an expired removal would count again: the horizon is a contract).
+#[test]
+fn tombstones_expire_after_the_horizon_and_the_sinks_stay_exact() {
+    let live = Live::new("2");
+    let history = generated(&live, "400", "13");
+    let text = std::fs::read_to_string(&history).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let cut = lines.len() * 9 / 10;
+    assert!(lines[..cut].iter().any(|l| l.contains(r#""eventName":"REMOVE""#)));
+    let seen: std::collections::HashSet<&str> = lines[..cut].iter().copied().collect();
+    let tail: Vec<&str> = lines[cut..].iter().copied().filter(|l| !seen.contains(l)).collect();
+    let (first, rest, whole) = (live.dir.path().join("first.jsonl"), live.dir.path().join("tail.jsonl"), live.dir.path().join("whole.jsonl"));
+    std::fs::write(&first, lines[..cut].join("\n") + "\n").unwrap();
+    std::fs::write(&rest, tail.join("\n") + "\n").unwrap();
+    std::fs::write(&whole, format!("{}\n{}\n", lines[..cut].join("\n"), tail.join("\n"))).unwrap();
+    assert!(live.producer("0", first.to_str().unwrap()).wait(COMMAND_LIMIT).status.success());
+    let log = live.drain(&[]);
+    assert!(!log.contains("tombstones of removed items expired"), "the default horizon is a week: {log}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(live.producer("0", rest.to_str().unwrap()).wait(COMMAND_LIMIT).status.success());
+    let log = live.drain(&["--tombstone-horizon-secs", "2"]);
+    let expired = log.lines().find_map(|l| l.strip_suffix(" tombstones of removed items expired (--tombstone-horizon-secs)")?.parse::<u64>().ok());
+    assert!(expired.is_some_and(|n| n > 0), "{log}");
+    live.assert_sinks_equal_replay(whole.to_str().unwrap(), None);
+}
+
 /// A private Valkey without persistence on `port`.
 fn valkey_server(port: u16) -> Running {
     Running::spawn(

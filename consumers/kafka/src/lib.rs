@@ -79,6 +79,8 @@ pub struct Config {
     pub owner: String,
     /// How long the sink lease lasts without renewal.
     pub lease: Duration,
+    /// How long a removed item's tombstone is kept.
+    pub tombstone_horizon: Duration,
 }
 
 struct Partition {
@@ -193,6 +195,7 @@ pub fn run(config: Config, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
         dynamodb_interval: config.dynamodb_interval,
         dynamodb_max_defer: config.dynamodb_max_defer,
         dynamodb_writes_per_event: config.dynamodb_writes_per_event,
+        tombstone_horizon: config.tombstone_horizon,
     })?;
     let mut c = Consumer_ { config, writer, consumer, rebalances_seen: 0, dead_letters, parts: BTreeMap::new(), partition_count, stranded: None };
     let result = c.run(&stop);

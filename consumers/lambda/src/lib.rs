@@ -66,6 +66,8 @@ pub struct Config {
     /// the next write (or a flush event) carries their changes. Coalesces sink writes
     /// across invocations, as the long-running consumers do across their flush interval.
     pub sink_interval: Duration,
+    /// How long a removed item's tombstone is kept in a bucket.
+    pub tombstone_horizon: Duration,
 }
 
 impl Config {
@@ -74,7 +76,8 @@ impl Config {
     /// sink), `TOOLRANK_VALKEY_URL` (unset disables Valkey), `TOOLRANK_NAMESPACE` (the promoted one, else `tr`),
     /// `TOOLRANK_TODAY` (default: the date of each write), `TOOLRANK_BUCKETS` (1),
     /// `TOOLRANK_COMPACT_BYTES` (262144), `TOOLRANK_SINK_INTERVAL_MS` (1000; 0 writes
-    /// the sinks at every invocation).
+    /// the sinks at every invocation), `TOOLRANK_TOMBSTONE_HORIZON_SECS` (604800: at
+    /// least the stream's retention, 24 h, plus the longest a failed batch is retried).
     pub fn from_env() -> Result<Config, String> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let positive = |k: &str| var(k).map(|b| b.parse::<u64>().ok().filter(|&b| b > 0).ok_or_else(|| format!("{k} {b:?} is not a positive number"))).transpose();
@@ -104,6 +107,7 @@ impl Config {
             sink_interval: Duration::from_millis(
                 var("TOOLRANK_SINK_INTERVAL_MS").map(|v| v.parse::<u64>().map_err(|_| format!("TOOLRANK_SINK_INTERVAL_MS {v:?} is not a number of milliseconds"))).transpose()?.unwrap_or(1000),
             ),
+            tombstone_horizon: positive("TOOLRANK_TOMBSTONE_HORIZON_SECS")?.map_or(toolrank_live::DEFAULT_TOMBSTONE_HORIZON, Duration::from_secs),
         })
     }
 }
@@ -260,6 +264,7 @@ impl Handler {
             dynamodb_interval: Duration::ZERO,
             dynamodb_max_defer: Duration::ZERO,
             dynamodb_writes_per_event: None,
+            tombstone_horizon: config.tombstone_horizon,
         })?;
         let scopes = (0..config.buckets).map(|b| format!("lambda/{}/bucket/{b:05}", config.application)).collect();
         Ok(Handler { config, writer, buckets: HashMap::new(), scopes, last_sink_write: 0 })
@@ -358,6 +363,7 @@ impl Handler {
             for change in changes.clone() {
                 apply_change(&mut b.engine, change, &mut self.writer.summary);
             }
+            self.writer.expire_tombstones(&mut b.engine);
             let deltas = b.engine.delta(DELTA_BYTES);
             if deltas.is_empty() {
                 return Ok(());

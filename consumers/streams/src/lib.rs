@@ -96,6 +96,8 @@ pub struct Config {
     pub lease: Duration,
     /// Where rejected records go, one JSON line each.
     pub dead_letter_file: PathBuf,
+    /// How long a removed item's tombstone is kept.
+    pub tombstone_horizon: Duration,
 }
 
 /// A shard's progress within its tree, as checkpointed.
@@ -169,6 +171,7 @@ pub fn run<S: ShardSource>(config: Config, source: S, stop: &AtomicBool) -> Resu
         dynamodb_interval: config.dynamodb_interval,
         dynamodb_max_defer: config.dynamodb_max_defer,
         dynamodb_writes_per_event: config.dynamodb_writes_per_event,
+        tombstone_horizon: config.tombstone_horizon,
     })?;
     let mut p = Poller { config, source, writer, prefix, trees: BTreeMap::new(), registry: Vec::new(), listing: Vec::new(), tree_of: HashMap::new(), workers: 1, dead_letters: None };
     p.run(stop)?;

@@ -66,7 +66,13 @@ pub struct WriterConfig {
     /// many items per event read since the last round: coalescing longer where each
     /// interval would rewrite the same hot keys. `None`: every interval.
     pub dynamodb_writes_per_event: Option<f64>,
+    /// How long a removed item's tombstone is kept ([`Engine::expire_tombstones`]).
+    pub tombstone_horizon: Duration,
 }
+
+/// A week: longer than DynamoDB Streams (24 h) or Kinesis (24 h by default) keep a
+/// record, as long as Kafka keeps a topic's messages by default.
+pub const DEFAULT_TOMBSTONE_HORIZON: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Counters of one run.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -80,6 +86,8 @@ pub struct Summary {
     pub ignored: u64,
     pub dead_letters: u64,
     pub checkpoints: u64,
+    /// Tombstones of removed items forgotten after the horizon.
+    pub tombstones_expired: u64,
     pub sink_writes: u64,
     pub dynamodb_requests: u64,
     /// DynamoDB sink writes started (each coalesces the changes of its interval).
@@ -115,6 +123,7 @@ impl Summary {
             (counter("toolrank_changes_total", "Changes applied to the table state, by outcome.", &[("outcome", "ignored")]), self.ignored),
             (counter("toolrank_dead_letters_total", "Bad records dead-lettered.", &[]), self.dead_letters),
             (counter("toolrank_checkpoints_total", "Checkpoints saved.", &[]), self.checkpoints),
+            (counter("toolrank_tombstones_expired_total", "Tombstones of removed items forgotten after the horizon.", &[]), self.tombstones_expired),
             (counter("toolrank_sink_writes_total", "Sink write rounds.", &[]), self.sink_writes),
             (counter("toolrank_dynamodb_requests_total", "DynamoDB write requests of the sink.", &[]), self.dynamodb_requests),
             (counter("toolrank_state_writes_total", "DynamoDB write requests to the state table (checkpoints, bucket logs, leases).", &[]), self.state_writes),
@@ -151,6 +160,7 @@ impl Summary {
 /// `summary`. Returns the rejected records as (reason, the record's own text when it was
 /// one of several).
 pub fn apply_line(engine: &mut Engine, line: &[u8], summary: &mut Summary) -> Vec<(String, Option<String>)> {
+    engine.set_clock(now_secs());
     let mut bad = Vec::new();
     let result = decode_line(line, &mut |rec| match rec.result {
         Ok(change) => summary.count(engine.apply(&change)),
@@ -164,6 +174,7 @@ pub fn apply_line(engine: &mut Engine, line: &[u8], summary: &mut Summary) -> Ve
 
 /// Applies one already decoded change.
 pub fn apply_change(engine: &mut Engine, change: &Change<'_>, summary: &mut Summary) {
+    engine.set_clock(now_secs());
     summary.count(engine.apply(change));
 }
 
@@ -218,6 +229,11 @@ pub fn within<T, E: Into<toolrank_dynamodb::Error>>(rt: &tokio::runtime::Runtime
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Seconds since the Unix epoch: the clock tombstones are stamped with.
+fn now_secs() -> u32 {
+    (now_ms() / 1000) as u32
 }
 
 /// Restores a unit's engine from its checkpoint (empty: a new unit).
@@ -478,6 +494,7 @@ impl SinkWriter {
     pub fn start_save(&mut self, scope: &str, at: LogHead, position: &str, engine: &mut Engine) -> Saving {
         use toolrank_dynamodb::{COMPACT_MIN_BYTES, DELTAS_PER_APPEND, DELTA_BYTES};
         let started = Instant::now();
+        self.expire_tombstones(engine);
         // Past this, the delta would not fit one append or would make the log due for a
         // new base: it is not even serialized.
         let limit = (DELTAS_PER_APPEND * DELTA_BYTES).min(at.base_bytes.max(COMPACT_MIN_BYTES).saturating_sub(at.log_bytes) as usize);
@@ -511,6 +528,14 @@ impl SinkWriter {
         });
         self.summary.checkpoint_ms += started.elapsed().as_millis() as u64;
         Saving { task, scope: scope.to_owned(), position: position.to_owned(), bytes, whole }
+    }
+
+    /// Forgets the tombstones of `engine` older than the horizon (a save then carries
+    /// that), counting them.
+    pub fn expire_tombstones(&mut self, engine: &mut Engine) {
+        engine.set_clock(now_secs());
+        let horizon = u32::try_from(self.config.tombstone_horizon.as_secs()).unwrap_or(u32::MAX);
+        self.summary.tombstones_expired += engine.expire_tombstones(horizon) as u64;
     }
 
     /// The outcome of a started save once it finished (with `wait`, waiting for it), like

@@ -91,6 +91,7 @@ fn main() {
             compact_bytes: COMPACT_MIN_BYTES,
             sink_wait: Duration::from_secs(20),
             sink_interval: Duration::from_millis(std::env::var("TOOLRANK_SINK_INTERVAL_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000)),
+            tombstone_horizon: toolrank_live::DEFAULT_TOMBSTONE_HORIZON,
         };
         let mut handler = Handler::new(config).expect("a handler");
         let started = Instant::now();
