@@ -717,6 +717,37 @@ fn tombstones_expire_after_the_horizon_and_the_sinks_stay_exact() {
     live.assert_sinks_equal_replay(whole.to_str().unwrap(), None);
 }
 
+/// A consumer whose partition checkpoint is claimed by someone else while Kafka still
+/// assigns it the partition (what a save that landed but reported a timeout looks like
+/// to its next save) lets the partition go, then claims it again and reads on from its
+/// checkpoint: no stall until the next rebalance, and the sinks equal replay.
+#[test]
+fn a_consumer_fenced_without_a_rebalance_claims_its_partition_again() {
+    let live = Live::new("1");
+    let history = generated(&live, "600", "17");
+    let producer = live.producer("400", &history);
+    let consumer = live.consumer(&["--until-idle", "5"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !consumer.said().contains("partition assigned") {
+        assert!(Instant::now() < deadline, "never assigned: {}", consumer.said());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let state_table = std::env::var("TOOLRANK_STATE_TABLE").unwrap_or_else(|_| "toolrank-state".into());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = toolrank_dynamodb::CheckpointStore::new(toolrank_dynamodb::client().await, state_table);
+        store.claim(&format!("kafka/{}/{}/0", live.group, live.topic), "intruder").await.unwrap();
+    });
+    assert!(producer.wait(COMMAND_LIMIT).status.success());
+    let out = consumer.wait(COMMAND_LIMIT);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("another consumer owns this partition now"), "fenced: {log}");
+    assert!(log.contains("claiming it again"), "{log}");
+    live.assert_sinks_equal_replay(&history, None);
+}
+
 /// A private Valkey without persistence on `port`.
 fn valkey_server(port: u16) -> Running {
     Running::spawn(

@@ -13,7 +13,10 @@
 //!   applied exactly once to a state that did not contain it. Partitions move between
 //!   consumers with their state.
 //! - **Fencing.** Claiming a partition makes this consumer its checkpoint's only writer; a
-//!   consumer that lost it (a zombie after a rebalance) gets `Fenced` and lets go.
+//!   consumer that lost it (a zombie after a rebalance) gets `Fenced` and lets go. If Kafka
+//!   still assigns it the partition once a rebalance would have reached it, the fence was
+//!   not a rebalance's (a save that landed but reported a failure, a stray claim): it
+//!   claims the checkpoint again and reads on from its position.
 //! - **Sinks.** One consumer of the group holds the sink lease and writes the sinks
 //!   ([`toolrank_live::SinkWriter`]).
 //! - **Offsets.** Kafka offsets are committed once the checkpoint covering them is saved
@@ -109,6 +112,8 @@ struct Consumer_ {
     /// Since when only partitions this consumer does not own have lagged, at which
     /// committed positions (they are stranded if those do not move).
     stranded: Option<(Instant, Vec<(i32, i64)>)>,
+    /// Partitions let go after a fence, and when, until a rebalance or `RECLAIM_AFTER`.
+    fenced: BTreeMap<i32, Instant>,
 }
 
 /// Records the group's rebalances as rdkafka reports them (see `sync_assignment`).
@@ -143,6 +148,11 @@ const CAUGHT_UP_LAG: i64 = 1000;
 /// How long partitions this consumer does not own may lag with no progress before it
 /// rejoins the group: a member that left during a coordinator restart can strand them.
 const STRANDED_AFTER: Duration = Duration::from_secs(30);
+
+/// How long after letting a fenced partition go it is claimed again if Kafka still
+/// assigns it here: longer than the group's session timeout, so that a rebalance that
+/// gave it to another member has reached this one by then.
+const RECLAIM_AFTER: Duration = Duration::from_secs(15);
 
 /// How long leaving the group may take at exit (see `leave_group`).
 const LEAVE_WAIT: Duration = Duration::from_secs(15);
@@ -197,7 +207,7 @@ pub fn run(config: Config, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
         dynamodb_writes_per_event: config.dynamodb_writes_per_event,
         tombstone_horizon: config.tombstone_horizon,
     })?;
-    let mut c = Consumer_ { config, writer, consumer, rebalances_seen: 0, dead_letters, parts: BTreeMap::new(), partition_count, stranded: None };
+    let mut c = Consumer_ { config, writer, consumer, rebalances_seen: 0, dead_letters, parts: BTreeMap::new(), partition_count, stranded: None, fenced: BTreeMap::new() };
     let result = c.run(&stop);
     let Consumer_ { consumer, writer, .. } = c;
     leave_group(consumer);
@@ -336,9 +346,11 @@ impl Consumer_ {
         // a rebalance (its callbacks run inside `poll`, before any message it lets through).
         let events = self.consumer.context().events.load(Ordering::SeqCst);
         if events == self.rebalances_seen {
-            return Ok(());
+            return self.reclaim_fenced();
         }
         self.rebalances_seen = events;
+        // The new assignment decides: what is still assigned here is claimed below.
+        self.fenced.clear();
         // A partition revoked and assigned again since the last look is not kept: another
         // consumer may have moved its checkpoint on meanwhile, so it is claimed anew.
         let revoked = std::mem::take(&mut *self.consumer.context().revoked.lock().unwrap_or_else(|e| e.into_inner()));
@@ -349,13 +361,45 @@ impl Consumer_ {
             info!(partition = p, "partition revoked");
         }
         for p in assigned {
-            if self.parts.contains_key(&p) {
+            if !self.parts.contains_key(&p) {
+                self.adopt(p)?;
+                info!(partition = p, "partition assigned");
+            }
+        }
+        Ok(())
+    }
+
+    /// Claims partition `p`'s checkpoint and owns it from the checkpoint's position on.
+    fn adopt(&mut self, p: i32) -> Result<i64, Error> {
+        let (engine, position, at) = self.writer.claim(&scope(&self.config, p))?;
+        let next_offset = position.as_deref().and_then(|p| p.parse().ok()).unwrap_or(0);
+        info!(partition = p, generation = at.generation, deltas = at.head.saturating_sub(at.base_at), next_offset, "checkpoint claimed");
+        self.parts.insert(p, Partition { engine, next_offset, at, dirty: false, saving: None, saving_offset: next_offset, saved_offset: next_offset });
+        Ok(next_offset)
+    }
+
+    /// Claims again the partitions let go after a fence that Kafka still assigns here
+    /// `RECLAIM_AFTER` later, reading on from their checkpoints' positions (rdkafka's
+    /// fetch position went on meanwhile: the consumer seeks back).
+    fn reclaim_fenced(&mut self) -> Result<(), Error> {
+        let due: Vec<i32> = self.fenced.iter().filter(|(_, at)| at.elapsed() >= RECLAIM_AFTER).map(|(&p, _)| p).collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        let assigned = self.consumer.assignment()?;
+        for p in due {
+            self.fenced.remove(&p);
+            if assigned.find_partition(&self.config.topic, p).is_none() || self.parts.contains_key(&p) {
                 continue;
             }
-            let (engine, position, at) = self.writer.claim(&scope(&self.config, p))?;
-            let next_offset = position.as_deref().and_then(|p| p.parse().ok()).unwrap_or(0);
-            info!(partition = p, generation = at.generation, deltas = at.head.saturating_sub(at.base_at), next_offset, "partition assigned");
-            self.parts.insert(p, Partition { engine, next_offset, at, dirty: false, saving: None, saving_offset: next_offset, saved_offset: next_offset });
+            warn!(partition = p, "still assigned here {} s after its checkpoint was claimed elsewhere: claiming it again", RECLAIM_AFTER.as_secs());
+            let next_offset = self.adopt(p)?;
+            let offset = if next_offset > 0 { Offset::Offset(next_offset) } else { Offset::Beginning };
+            if let Err(e) = self.consumer.seek(&self.config.topic, p, offset, Duration::from_secs(10)) {
+                warn!(partition = p, error = %e, "could not seek back to the checkpoint; letting the partition go again");
+                self.release(p);
+                self.fenced.insert(p, Instant::now());
+            }
         }
         Ok(())
     }
@@ -489,6 +533,7 @@ impl Consumer_ {
         for p in fenced {
             warn!(partition = p, "another consumer owns this partition now; letting go");
             self.release(p);
+            self.fenced.insert(p, Instant::now());
         }
         self.commit()
     }
