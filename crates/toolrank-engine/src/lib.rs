@@ -56,6 +56,12 @@ impl From<u128> for Seq {
     }
 }
 
+impl From<Seq> for u128 {
+    fn from(s: Seq) -> u128 {
+        (u128::from(s.0) << 64) | u128::from(s.1)
+    }
+}
+
 /// One hist row of a session.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Row {
@@ -146,6 +152,8 @@ pub enum StateError {
     DeltaVersion(u32),
     #[error("engine delta holds a key that is not a hist item's: {0}")]
     DeltaKey(String),
+    #[error("engine delta refers to string {0}, which it does not hold")]
+    DeltaString(u32),
 }
 
 const SNAPSHOT_VERSION: u32 = 5;
@@ -238,8 +246,15 @@ const DELTA_VERSION: u32 = 2;
 
 /// The new state of the sessions and Agent items a delta covers, by value (symbols are
 /// each engine's own): a session's rows replace the receiver's, so removals carry over.
+/// Users, SKs and tool names are indexes into the delta's own `strings`, each written
+/// once: they repeat across rows, and a delta's bytes are what a checkpoint pays for.
+/// Sequence numbers are offsets from `seq_base`, the delta's least: a few bytes each
+/// instead of a 21-digit number's eleven.
 #[derive(Serialize, Deserialize)]
 struct Delta<'a> {
+    seq_base: u128,
+    #[serde(borrow)]
+    strings: Vec<&'a str>,
     #[serde(borrow)]
     sessions: Vec<SessionState<'a>>,
     #[serde(borrow)]
@@ -249,18 +264,38 @@ struct Delta<'a> {
 #[derive(Serialize, Deserialize)]
 struct SessionState<'a> {
     pk: &'a str,
-    user: &'a str,
-    #[serde(borrow)]
-    rows: Vec<RowState<'a>>,
+    user: u32,
+    rows: Vec<RowState>,
 }
 
 #[derive(Serialize, Deserialize)]
-struct RowState<'a> {
-    sk: &'a str,
-    seq: Option<Seq>,
-    /// ToolNM, TransactDT, success.
-    data: Option<(&'a str, Timestamp, bool)>,
+struct RowState {
+    sk: u32,
+    /// Above the delta's `seq_base`.
+    seq: Option<u128>,
+    /// ToolNM, TransactDT packed, success.
+    data: Option<(u32, u64, bool)>,
     removed: u32,
+}
+
+/// The string table of a delta being written.
+#[derive(Default)]
+struct DeltaStrings<'a> {
+    index: FxHashMap<&'a str, u32>,
+    strings: Vec<&'a str>,
+    /// Bytes the strings add to the delta.
+    bytes: usize,
+}
+
+impl<'a> DeltaStrings<'a> {
+    fn index(&mut self, s: &'a str) -> u32 {
+        *self.index.entry(s).or_insert_with(|| {
+            self.strings.push(s);
+            // Postcard: the length as a varint, then the bytes.
+            self.bytes += s.len() + (usize::BITS - s.len().leading_zeros()).div_ceil(7).max(1) as usize;
+            self.strings.len() as u32 - 1
+        })
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -446,41 +481,57 @@ impl Engine {
                 }
             })
             .collect();
+        let seq_base = sessions.iter().flat_map(|&i| &self.sessions[i as usize].rows).filter_map(|r| r.seq).min().map_or(0, u128::from);
         let mut out = Vec::new();
-        let mut part = Delta { sessions: Vec::new(), catalog };
+        let empty = |catalog| Delta { seq_base, strings: Vec::new(), sessions: Vec::new(), catalog };
+        let mut part = empty(catalog);
+        let mut table = DeltaStrings::default();
         let mut bytes = postcard::experimental::serialized_size(&part.catalog).unwrap_or(0);
         let mut total = bytes;
-        // Dropped sessions first: a session of the same PK made since replaces nothing.
-        let dropped = d.dropped.iter().map(|pk| SessionState { pk, user: "", rows: Vec::new() });
-        let current = sessions.iter().map(|&i| {
-            let s = &self.sessions[i as usize];
-            SessionState {
-                pk: &s.pk,
-                user: strings.get(s.user),
-                rows: s
-                    .rows
-                    .iter()
-                    .map(|r| RowState { sk: self.sk_index.get(r.sk), seq: r.seq, data: r.data.map(|d| (strings.get(d.tool_nm), d.at, d.success)), removed: r.removed })
-                    .collect(),
+        // Dropped sessions first (no rows): a session of the same PK made since replaces nothing.
+        let dropped = d.dropped.iter().map(|pk| (&**pk, None));
+        let current = sessions.iter().map(|&i| (&*self.sessions[i as usize].pk, Some(i)));
+        for (pk, slot) in dropped.chain(current) {
+            let strings_before = table.bytes;
+            let mut state = self.delta_session(pk, slot, seq_base, &mut table);
+            let mut size = postcard::experimental::serialized_size(&state).unwrap_or(0) + table.bytes - strings_before;
+            if bytes + size > max_bytes && !(part.sessions.is_empty() && part.catalog.is_empty()) {
+                // A new part, with a string table of its own.
+                part.strings = std::mem::take(&mut table).strings;
+                out.push(versioned(DELTA_VERSION, &std::mem::replace(&mut part, empty(Vec::new()))));
+                bytes = 0;
+                state = self.delta_session(pk, slot, seq_base, &mut table);
+                size = postcard::experimental::serialized_size(&state).unwrap_or(0) + table.bytes;
             }
-        });
-        for state in dropped.chain(current) {
-            let size = postcard::experimental::serialized_size(&state).unwrap_or(0);
             total += size;
             if total > limit {
                 return None;
-            }
-            if bytes + size > max_bytes && !(part.sessions.is_empty() && part.catalog.is_empty()) {
-                out.push(versioned(DELTA_VERSION, &std::mem::replace(&mut part, Delta { sessions: Vec::new(), catalog: Vec::new() })));
-                bytes = 0;
             }
             bytes += size;
             part.sessions.push(state);
         }
         if !(part.sessions.is_empty() && part.catalog.is_empty()) {
+            part.strings = table.strings;
             out.push(versioned(DELTA_VERSION, &part));
         }
-        (total <= limit).then_some(out)
+        Some(out)
+    }
+
+    /// Session `pk` (at `slot`; `None`: dropped) as a delta holds it, its strings in `table`.
+    fn delta_session<'e>(&'e self, pk: &'e str, slot: Option<u32>, seq_base: u128, table: &mut DeltaStrings<'e>) -> SessionState<'e> {
+        let Some(i) = slot else { return SessionState { pk, user: 0, rows: Vec::new() } };
+        let s = &self.sessions[i as usize];
+        let rows = s
+            .rows
+            .iter()
+            .map(|r| RowState {
+                sk: table.index(self.sk_index.get(r.sk)),
+                seq: r.seq.map(|s| u128::from(s) - seq_base),
+                data: r.data.map(|d| (table.index(self.strings.get(d.tool_nm)), d.at.packed, d.success)),
+                removed: r.removed,
+            })
+            .collect();
+        SessionState { pk, user: table.index(self.strings.get(s.user)), rows }
     }
 
     /// Forgets what [`delta`](Self::delta) returned: it is stored.
@@ -550,9 +601,9 @@ impl Engine {
     /// in order, on its base). Aggregates follow at the next [`flush`](Self::flush). Not
     /// recorded by this engine's own tracking.
     pub fn apply_delta(&mut self, bytes: &[u8]) -> Result<(), StateError> {
-        let delta: Delta = postcard::from_bytes(versioned_body(bytes, DELTA_VERSION, StateError::DeltaVersion)?)?;
-        for session in delta.sessions {
-            self.replace_session(session)?;
+        let mut delta: Delta = postcard::from_bytes(versioned_body(bytes, DELTA_VERSION, StateError::DeltaVersion)?)?;
+        for session in std::mem::take(&mut delta.sessions) {
+            self.replace_session(&delta, session)?;
         }
         for c in delta.catalog {
             let id = self.strings.intern(c.agent);
@@ -570,19 +621,31 @@ impl Engine {
         Ok(())
     }
 
-    fn replace_session(&mut self, state: SessionState<'_>) -> Result<(), StateError> {
+    fn replace_session(&mut self, delta: &Delta<'_>, state: SessionState<'_>) -> Result<(), StateError> {
+        let string = |i: u32| delta.strings.get(i as usize).copied().ok_or(StateError::DeltaString(i));
         let mut rows = Vec::with_capacity(state.rows.len());
         for r in state.rows {
-            let key = HistKey::parse(state.pk, r.sk).map_err(|_| StateError::DeltaKey(format!("{}/{}", state.pk, r.sk)))?;
-            let data = r.data.map(|(tool_nm, at, success)| RowData { tool_nm: self.strings.intern(tool_nm), at, success });
-            rows.push(Row { sk: self.intern_sk(r.sk, &key), removed: r.removed, seq: r.seq, data });
+            let sk = string(r.sk)?;
+            let key = HistKey::parse(state.pk, sk).map_err(|_| StateError::DeltaKey(format!("{}/{sk}", state.pk)))?;
+            let data = match r.data {
+                Some((tool_nm, at, success)) => {
+                    let at = Timestamp::from_packed(at).ok_or_else(|| StateError::DeltaKey(format!("{}/{sk}: TransactDT {at}", state.pk)))?;
+                    Some(RowData { tool_nm: self.strings.intern(string(tool_nm)?), at, success })
+                }
+                None => None,
+            };
+            let seq = match r.seq {
+                Some(offset) => Some(Seq::from(delta.seq_base.checked_add(offset).ok_or_else(|| StateError::DeltaKey(format!("{}/{sk}: sequence number", state.pk)))?)),
+                None => None,
+            };
+            rows.push(Row { sk: self.intern_sk(sk, &key), removed: r.removed, seq, data });
         }
         let hash = FxBuildHasher.hash_one(state.pk);
         let idx = match self.find_session(state.pk, hash) {
             Some(i) => i,
             // A dropped session this engine never held.
             None if rows.is_empty() => return Ok(()),
-            None => self.add_session(state.pk, hash, state.user),
+            None => self.add_session(state.pk, hash, string(state.user)?),
         };
         let s = &mut self.sessions[idx as usize];
         let old = std::mem::replace(&mut s.rows, rows);

@@ -144,6 +144,13 @@ impl Timestamp {
         Some(Timestamp { packed, day })
     }
 
+    /// The timestamp of a [`packed`](Self::packed) number, if it is a valid one.
+    pub fn from_packed(packed: u64) -> Option<Timestamp> {
+        let (date, time) = (packed / 1_000_000, packed % 1_000_000);
+        let day = Day::from_ymd(i32::try_from(date / 10_000).ok()?, (date / 100 % 100) as u32, (date % 100) as u32)?;
+        (time / 10_000 <= 23 && time / 100 % 100 <= 59 && time % 100 <= 59).then_some(Timestamp { packed, day })
+    }
+
     /// `YYYY-MM-DD HH:MM:SS` into a stack buffer.
     pub fn datetime_bytes(self) -> [u8; 19] {
         let mut b = *b"0000-00-00 00:00:00";
@@ -187,6 +194,9 @@ mod tests {
     #[test]
     fn timestamps_validate_every_field() {
         let t = Timestamp::parse("20250614140605").unwrap();
+        assert_eq!(Timestamp::from_packed(t.packed), Some(t));
+        assert_eq!(Timestamp::from_packed(20250631140605), None, "no June 31st");
+        assert_eq!(Timestamp::from_packed(20250614146005), None, "no minute 60");
         assert_eq!(t.day.to_string(), "2025-06-14");
         assert_eq!(t.to_datetime_string(), "2025-06-14 14:06:05");
         assert_eq!(&Day::parse_iso("0987-01-02").unwrap().iso_bytes(), b"0987-01-02");
