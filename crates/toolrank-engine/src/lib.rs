@@ -238,7 +238,7 @@ pub struct Engine {
 struct DeltaTracker {
     sessions: FxHashSet<u32>,
     /// PKs of sessions dropped since: a receiver drops them too.
-    dropped: Vec<Box<str>>,
+    dropped: FxHashSet<Box<str>>,
     catalog: FxHashSet<Sym>,
 }
 
@@ -592,7 +592,7 @@ impl Engine {
         self.free.push(idx);
         if let Some(d) = &mut self.delta {
             d.sessions.remove(&idx);
-            d.dropped.push(s.pk);
+            d.dropped.insert(s.pk);
         }
     }
 
@@ -639,6 +639,10 @@ impl Engine {
                 None => None,
             };
             rows.push(Row { sk: self.intern_sk(sk, &key), removed: r.removed, seq, data });
+        }
+        if let Some(d) = &mut self.delta {
+            // The state received supersedes a drop of ours not saved yet (a lost race).
+            d.dropped.remove(state.pk);
         }
         let hash = FxBuildHasher.hash_one(state.pk);
         let idx = match self.find_session(state.pk, hash) {
