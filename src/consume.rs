@@ -286,6 +286,13 @@ fn print_summary(s: &toolrank_live::Summary) {
         "consumed {} messages: {} changes, {} stale, {} ignored, {} redeliveries skipped, {} dead-lettered; {} checkpoints, {} sink writes ({} DynamoDB requests in {} rounds, {} Valkey commands); {} state table writes",
         s.messages, s.changes, s.stale, s.ignored, s.skipped_redeliveries, s.dead_letters, s.checkpoints, s.sink_writes, s.dynamodb_requests, s.dynamodb_rounds, s.valkey_commands, s.state_writes
     );
+    let st = &s.state;
+    if st.sessions > 0 {
+        eprintln!(
+            "state held at the last checkpoint: {} live executions in {} sessions, {} tombstones; ~{:.1} MB",
+            st.live_rows, st.sessions, st.tombstones, st.heap_bytes as f64 / 1e6
+        );
+    }
     if s.tombstones_expired > 0 {
         eprintln!("{} tombstones of removed items expired (--tombstone-horizon-secs)", s.tombstones_expired);
     }

@@ -709,11 +709,18 @@ fn tombstones_expire_after_the_horizon_and_the_sinks_stay_exact() {
     assert!(live.producer("0", first.to_str().unwrap()).wait(COMMAND_LIMIT).status.success());
     let log = live.drain(&[]);
     assert!(!log.contains("tombstones of removed items expired"), "the default horizon is a week: {log}");
+    let held = count_after(&log, "sessions, ");
+    assert!(held > 0, "tombstones held: {log}");
     std::thread::sleep(Duration::from_secs(3));
     assert!(live.producer("0", rest.to_str().unwrap()).wait(COMMAND_LIMIT).status.success());
     let log = live.drain(&["--tombstone-horizon-secs", "2"]);
     let expired = log.lines().find_map(|l| l.strip_suffix(" tombstones of removed items expired (--tombstone-horizon-secs)")?.parse::<u64>().ok());
     assert!(expired.is_some_and(|n| n > 0), "{log}");
+    // What the state holds shrank by what expired (the tail's own removals aside).
+    let removals = tail.iter().filter(|l| l.contains(r#""eventName":"REMOVE""#)).count() as u64;
+    let after = count_after(&log, "sessions, ");
+    eprintln!("tombstones: {held} held, {} expired, {removals} removals in the tail, {after} held after", expired.unwrap());
+    assert!(after <= held + removals - expired.unwrap(), "{log}");
     live.assert_sinks_equal_replay(whole.to_str().unwrap(), None);
 }
 

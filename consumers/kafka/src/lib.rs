@@ -535,6 +535,7 @@ impl Consumer_ {
             self.release(p);
             self.fenced.insert(p, Instant::now());
         }
+        self.writer.record_state(self.parts.values().map(|p| &p.engine));
         self.commit()
     }
 

@@ -488,6 +488,7 @@ impl<S: ShardSource> Poller<S> {
             warn!(tree = root, "another poller owns this tree now; letting go");
             self.drop_tree(&root);
         }
+        self.writer.record_state(self.trees.values().map(|t| &t.engine));
     }
 
     /// Whether every shard of every tree is read to what the stream holds: owned shards

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 use toolrank_dynamodb::{CheckpointStore, Lease, Log};
 pub use toolrank_dynamodb::LogHead;
-use toolrank_engine::{Applied, Changes, Engine, PatternKey, Sym};
+use toolrank_engine::{Applied, Changes, Engine, PatternKey, StateStats, Sym};
 use toolrank_events::{decode_line, Change, Day};
 pub use toolrank_sink_dynamodb::Namespace;
 pub use toolrank_sink_valkey::Namespaces;
@@ -88,6 +88,8 @@ pub struct Summary {
     pub checkpoints: u64,
     /// Tombstones of removed items forgotten after the horizon.
     pub tombstones_expired: u64,
+    /// The engine state of the units this consumer owned at its last checkpoint.
+    pub state: StateStats,
     pub sink_writes: u64,
     pub dynamodb_requests: u64,
     /// DynamoDB sink writes started (each coalesces the changes of its interval).
@@ -528,6 +530,30 @@ impl SinkWriter {
         });
         self.summary.checkpoint_ms += started.elapsed().as_millis() as u64;
         Saving { task, scope: scope.to_owned(), position: position.to_owned(), bytes, whole }
+    }
+
+    /// Records the size of the state of the units this consumer owns (after a
+    /// checkpoint round): in the summary and as `toolrank_state_*` gauges.
+    pub fn record_state<'a>(&mut self, units: impl IntoIterator<Item = &'a Engine>) {
+        use toolrank_metrics::gauge;
+        let mut total = StateStats::default();
+        for st in units.into_iter().map(Engine::stats) {
+            total.sessions += st.sessions;
+            total.live_sessions += st.live_sessions;
+            total.live_rows += st.live_rows;
+            total.tombstones += st.tombstones;
+            total.agents += st.agents;
+            total.heap_bytes += st.heap_bytes;
+        }
+        for (name, help, value) in [
+            ("toolrank_state_sessions", "Sessions held by the units this consumer owns (live ones and those holding only tombstones).", total.sessions),
+            ("toolrank_state_live_rows", "Current executions held by the units this consumer owns.", total.live_rows),
+            ("toolrank_state_tombstones", "Removed items remembered (until --tombstone-horizon-secs) by the units this consumer owns.", total.tombstones),
+            ("toolrank_state_bytes", "Approximate heap bytes of the engine state of the units this consumer owns.", total.heap_bytes),
+        ] {
+            gauge(name, help, &[]).set(value as f64);
+        }
+        self.summary.state = total;
     }
 
     /// Forgets the tombstones of `engine` older than the horizon (a save then carries
