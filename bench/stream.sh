@@ -94,8 +94,9 @@ sleep 2
 "$BIN/toolrank" produce --topic "$TOPIC" --generate --sessions "$LATENCY_SESSIONS" --seed 43 --rate "$LATENCY_RATE" 2> "$WORK/produce.log"
 sleep 3
 kill -TERM "$CONSUMER"; wait "$CONSUMER" || true
-if LATENCY=$(grep -o 'p50.*' "$WORK/latency.log"); then
-  echo "latency at a steady $LATENCY_RATE events/s, produce to visible in Valkey: $LATENCY"
+if LATENCY=$(grep -o 'visible in the sinks: p50.*' "$WORK/latency.log"); then
+  echo "latency at a steady $LATENCY_RATE events/s, produce to visible in Valkey: ${LATENCY#visible in the sinks: }"
+  echo "  of which in toolrank (read to visible): $(grep -o 'from reading a record to visible: p50.*' "$WORK/latency.log" | sed 's/.*visible: //')"
   echo "the steady-rate consumer's writes:"
   costs "$WORK/latency.log"
   grep -E '^(consumed|waited on)' "$WORK/latency.log" | sed 's/^/steady-rate consumer: /' 

@@ -301,6 +301,9 @@ fn print_summary(s: &toolrank_live::Summary) {
     if let (Some(p50), Some(p99), Some(max)) = (s.latency_p50_ms, s.latency_p99_ms, s.latency_max_ms) {
         eprintln!("latency from produce to visible in the sinks: p50 {p50} ms, p99 {p99} ms, max {max} ms");
     }
+    if let (Some(p50), Some(p99)) = (s.own_latency_p50_ms, s.own_latency_p99_ms) {
+        eprintln!("  of which in toolrank, from reading a record to visible: p50 {p50} ms, p99 {p99} ms");
+    }
     if s.retried_errors > 0 {
         eprintln!("{} sink, checkpoint or lease errors were retried", s.retried_errors);
     }

@@ -360,6 +360,10 @@ fn seed_through_kafka_reaches_both_sinks_and_the_access_patterns() {
     toolrank(&["produce", "--topic", &live.topic, SEED]);
     let summary = live.drain(&[]);
     assert!(summary.contains("consumed 34 messages"), "{summary}");
+    // Latency is measured from each record's creation and, for toolrank's own share, from
+    // its reading: the share is never the larger.
+    let (total, own) = (count_after(&summary, "visible in the sinks: p50 "), count_after(&summary, "from reading a record to visible: p50 "));
+    assert!(own <= total, "{summary}");
     live.assert_sinks_equal_replay(SEED, None);
 
     let rt = tokio::runtime::Runtime::new().unwrap();

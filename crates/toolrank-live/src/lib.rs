@@ -107,6 +107,10 @@ pub struct Summary {
     pub latency_p50_ms: Option<u64>,
     pub latency_p99_ms: Option<u64>,
     pub latency_max_ms: Option<u64>,
+    /// The part of it spent in this process: from reading the record to its effect being
+    /// visible (what the broker or stream adds before is not toolrank's).
+    pub own_latency_p50_ms: Option<u64>,
+    pub own_latency_p99_ms: Option<u64>,
     /// Milliseconds the consumer's loop waited on each: where its wall time goes.
     pub dynamodb_ms: u64,
     pub valkey_ms: u64,
@@ -144,6 +148,11 @@ impl Summary {
         for (quantile, value) in [("0.5", self.latency_p50_ms), ("0.99", self.latency_p99_ms)] {
             if let Some(ms) = value {
                 gauge("toolrank_visible_latency_ms", "Record creation to its effect in the sinks.", &[("quantile", quantile)]).set(ms as f64);
+            }
+        }
+        for (quantile, value) in [("0.5", self.own_latency_p50_ms), ("0.99", self.own_latency_p99_ms)] {
+            if let Some(ms) = value {
+                gauge("toolrank_own_latency_ms", "Record read by this consumer to its effect in the sinks.", &[("quantile", quantile)]).set(ms as f64);
             }
         }
     }
@@ -350,12 +359,14 @@ pub struct SinkWriter {
     valkey_changes: ChangeSet,
     last_valkey: Instant,
     /// Creation times (ms) of the records applied since the last visible sink write.
-    unseen: Vec<i64>,
+    /// Creation and read times (ms since the epoch) of the records not yet visible.
+    unseen: Vec<(i64, i64)>,
     /// When the latest record was applied, and how old it was then (ms).
     behind: (Instant, i64),
     /// When the input last had nothing waiting ([`SinkWriter::caught_up`]).
     drained: Instant,
     latencies: Latencies,
+    own_latencies: Latencies,
     /// When the metrics were last published.
     published: Instant,
 }
@@ -396,6 +407,7 @@ impl SinkWriter {
             behind: (Instant::now(), 0),
             drained: Instant::now(),
             latencies: Latencies::new(),
+            own_latencies: Latencies::new(),
             published: Instant::now(),
         })
     }
@@ -611,7 +623,7 @@ impl SinkWriter {
     pub fn observe(&mut self, created_ms: i64) {
         self.behind = (Instant::now(), now_ms() - created_ms);
         if self.holds_lease {
-            self.unseen.push(created_ms);
+            self.unseen.push((created_ms, now_ms()));
         }
     }
 
@@ -760,8 +772,9 @@ impl SinkWriter {
     /// Records the latency of the first `n` records not yet visible, visible now.
     fn record_visible(&mut self, n: usize) {
         let now = now_ms();
-        for ts in self.unseen.drain(..n.min(self.unseen.len())) {
-            self.latencies.record(now - ts);
+        for (created, read) in self.unseen.drain(..n.min(self.unseen.len())) {
+            self.latencies.record(now - created);
+            self.own_latencies.record(now - read);
         }
     }
 
@@ -950,6 +963,8 @@ impl SinkWriter {
             latency_p50_ms: self.latencies.quantile(0.5),
             latency_p99_ms: self.latencies.quantile(0.99),
             latency_max_ms: self.latencies.quantile(1.0),
+            own_latency_p50_ms: self.own_latencies.quantile(0.5),
+            own_latency_p99_ms: self.own_latencies.quantile(0.99),
             state_writes: self.store.write_requests() + self.lease.write_requests(),
             state_write_units: self.store.write_units() + self.lease.write_units(),
             ..self.summary
