@@ -317,9 +317,12 @@ pub struct Saving {
 /// What a DynamoDB sink write returns: the sink, and its outcome unless it was cut off.
 type Written = (DynamoSink, Result<Result<(), toolrank_sink_dynamodb::Error>, tokio::time::error::Elapsed>);
 
-/// A DynamoDB sink write running on the runtime's worker.
-struct Writing {
-    task: tokio::task::JoinHandle<Written>,
+/// A Valkey sink write: the sink, and the outcome.
+type ValkeyWritten = (ValkeySink, Result<(), toolrank_sink_valkey::Error>);
+
+/// A sink write running on the runtime's threads while the consumer goes on.
+struct Writing<T> {
+    task: tokio::task::JoinHandle<T>,
     /// How many of the records not yet visible it covers.
     unseen: usize,
 }
@@ -343,7 +346,8 @@ pub struct SinkWriter {
     global: Engine,
     /// The DynamoDB sink while no write runs; the running write has it.
     dynamodb: Option<DynamoSink>,
-    dynamodb_writing: Option<Writing>,
+    dynamodb_writing: Option<Writing<Written>>,
+    valkey_writing: Option<Writing<ValkeyWritten>>,
     /// The DynamoDB sink must compare with the table again once its write returns.
     dynamodb_reset: bool,
     valkey: Option<ValkeySink>,
@@ -395,6 +399,7 @@ impl SinkWriter {
             dynamodb,
             valkey,
             dynamodb_writing: None,
+            valkey_writing: None,
             dynamodb_reset: false,
             dynamodb_changes: ChangeSet::default(),
             last_dynamodb: Instant::now(),
@@ -463,7 +468,7 @@ impl SinkWriter {
 
     /// Whether any sink is configured.
     pub fn has_sinks(&self) -> bool {
-        self.dynamodb.is_some() || self.dynamodb_writing.is_some() || self.valkey.is_some()
+        self.dynamodb.is_some() || self.dynamodb_writing.is_some() || self.valkey.is_some() || self.valkey_writing.is_some()
     }
 
     /// Moves the merged copy of a delta-log unit (a Lambda bucket) from log position
@@ -659,6 +664,7 @@ impl SinkWriter {
         if held && !self.holds_lease && !continued {
             info!("took the sink lease");
             self.reset_dynamodb();
+            self.collect_valkey(true);
             if let Some(v) = &mut self.valkey {
                 v.force_resync();
             }
@@ -740,24 +746,31 @@ impl SinkWriter {
         self.dynamodb_changes.add(&changes);
         self.valkey_changes.add(&changes);
         let mut ok = self.write_dynamodb(now, today);
-        let mut visible = false;
+        ok &= self.collect_valkey(now);
         let due = now || self.last_valkey.elapsed() >= self.valkey_interval();
-        if let Some(v) = self.valkey.as_mut().filter(|v| due && (!self.valkey_changes.is_empty() || v.needs_resync())) {
+        if let Some(mut sink) = self.valkey.take_if(|v| due && (!self.valkey_changes.is_empty() || v.needs_resync())) {
+            // Built here (it reads the engine), sent on the runtime's blocking threads while
+            // the consumer reads on; one write in flight at a time.
             self.last_valkey = Instant::now();
-            let written = v.write(&self.global, &self.valkey_changes.take());
+            let prepared = sink.prepare(&self.global, &self.valkey_changes.take());
             self.summary.valkey_ms += self.last_valkey.elapsed().as_millis() as u64;
-            match written {
-                Ok(()) => visible = true,
+            match prepared {
+                Ok(prepared) => {
+                    let task = self.rt.spawn_blocking(move || {
+                        let result = sink.send(prepared);
+                        (sink, result)
+                    });
+                    self.valkey_writing = Some(Writing { task, unseen: self.unseen.len() });
+                    if now {
+                        ok &= self.collect_valkey(true);
+                    }
+                }
                 Err(e) => {
-                    warn!(error = %e, "valkey sink write failed; resynchronizing when it is back");
-                    self.summary.retried_errors += 1;
+                    self.valkey = Some(sink);
+                    self.valkey_failed(&e);
                     ok = false;
                 }
             }
-            self.summary.valkey_commands = v.commands;
-        }
-        if visible {
-            self.record_visible(self.unseen.len());
         }
         if !changes.is_empty() {
             self.summary.sink_writes += 1;
@@ -838,6 +851,34 @@ impl SinkWriter {
         writes as f64 > budget * (self.summary.messages - self.dynamodb_events) as f64
     }
 
+    /// Takes the Valkey sink back from its write if it finished (or, with `wait`, once it
+    /// finishes): its records are visible now. `false` if the write failed.
+    fn collect_valkey(&mut self, wait: bool) -> bool {
+        let Some(writing) = self.valkey_writing.take_if(|w| wait || w.task.is_finished()) else {
+            return true;
+        };
+        let started = Instant::now();
+        let (sink, result) = self.rt.block_on(writing.task).expect("the Valkey sink write does not panic");
+        self.summary.valkey_ms += started.elapsed().as_millis() as u64;
+        self.summary.valkey_commands = sink.commands;
+        self.valkey = Some(sink);
+        match result {
+            Ok(()) => {
+                self.record_visible(writing.unseen);
+                true
+            }
+            Err(e) => {
+                self.valkey_failed(&e);
+                false
+            }
+        }
+    }
+
+    fn valkey_failed(&mut self, e: &toolrank_sink_valkey::Error) {
+        warn!(error = %e, "valkey sink write failed; resynchronizing when it is back");
+        self.summary.retried_errors += 1;
+    }
+
     /// Takes the DynamoDB sink back from its write if it finished (or, with `wait`, once
     /// it finishes). `false` if the write failed (its keys stay pending in the sink).
     fn collect_dynamodb(&mut self, wait: bool) -> bool {
@@ -849,7 +890,7 @@ impl SinkWriter {
         self.summary.dynamodb_ms += started.elapsed().as_millis() as u64;
         let mut ok = true;
         match result {
-            Ok(Ok(())) if self.valkey.is_none() => self.record_visible(writing.unseen),
+            Ok(Ok(())) if self.config.valkey_url.is_none() => self.record_visible(writing.unseen),
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 // What failed stays pending inside the sink.

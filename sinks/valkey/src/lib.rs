@@ -35,6 +35,13 @@ pub enum Error {
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The Valkey sink (see the crate docs).
+/// A transaction built by [`ValkeySink::prepare`], with the agent figures it writes.
+pub struct Prepared {
+    pipe: Pipeline,
+    commands: u64,
+    agents: Vec<(String, Option<AgentFigures>)>,
+}
+
 pub struct ValkeySink {
     client: redis::Client,
     conn: Option<Connection>,
@@ -85,20 +92,20 @@ impl ValkeySink {
     /// Brings Valkey up to date with `engine` for `changes`, or entirely after a gap.
     /// On failure the sink stays consistent by resynchronizing at the next call.
     pub fn write(&mut self, engine: &Engine, changes: &Changes) -> Result<(), Error> {
-        let result = self.try_write(engine, changes);
-        if result.is_err() {
-            self.conn = None;
-            self.resync = true;
-        }
-        result
+        let prepared = self.prepare(engine, changes)?;
+        self.send(prepared)
     }
 
-    fn try_write(&mut self, engine: &Engine, changes: &Changes) -> Result<(), Error> {
+    /// The transaction that brings Valkey up to date with `engine` for `changes` (or
+    /// entirely after a gap), for [`send`](Self::send): built apart from sending so that
+    /// a caller can send it on another thread while it goes on. Only what differs from
+    /// the figures last written goes in.
+    pub fn prepare(&mut self, engine: &Engine, changes: &Changes) -> Result<Prepared, Error> {
         let mut pipe = redis::pipe();
         pipe.atomic();
         let everything;
         let changes = if self.resync {
-            let stale = self.existing_keys()?;
+            let stale = self.existing_keys().inspect_err(|_| self.conn = None)?;
             if !stale.is_empty() {
                 pipe.del(stale).ignore();
             }
@@ -108,9 +115,7 @@ impl ValkeySink {
         } else {
             changes
         };
-        // Only what differs from the figures last written is sent; what is written is
-        // remembered once the transaction succeeded.
-        let mut written = Vec::new();
+        let mut agents = Vec::new();
         for &agent in &changes.agents {
             let id = engine.name(agent);
             let new = engine.agent_figures(agent);
@@ -119,7 +124,7 @@ impl ValkeySink {
                 continue;
             }
             self.put_agent(&mut pipe, old, new.as_ref(), id);
-            written.push((id.to_owned(), new));
+            agents.push((id.to_owned(), new));
         }
         for &k in &changes.patterns {
             let id = engine.pattern_id(k);
@@ -134,7 +139,32 @@ impl ValkeySink {
                 }
             }
         }
-        let commands = pipe.cmd_iter().count() as u64;
+        Ok(Prepared { commands: pipe.cmd_iter().count() as u64, pipe, agents })
+    }
+
+    /// Sends a prepared transaction; what it wrote is remembered once it succeeded. On
+    /// failure the next [`prepare`](Self::prepare) rewrites everything.
+    pub fn send(&mut self, prepared: Prepared) -> Result<(), Error> {
+        let result = self.try_send(&prepared.pipe, prepared.commands);
+        match result {
+            Ok(()) => {
+                for (id, figures) in prepared.agents {
+                    match figures {
+                        Some(f) => self.agents.insert(id, f),
+                        None => self.agents.remove(&id),
+                    };
+                }
+                self.resync = false;
+            }
+            Err(_) => {
+                self.conn = None;
+                self.resync = true;
+            }
+        }
+        result
+    }
+
+    fn try_send(&mut self, pipe: &Pipeline, commands: u64) -> Result<(), Error> {
         self.commands += commands;
         // A resynchronization of a large state is one large transaction: its time grows
         // with it, so the timeouts do too (10 µs per command on top), or it would never
@@ -144,13 +174,6 @@ impl ValkeySink {
         conn.set_read_timeout(Some(timeout))?;
         conn.set_write_timeout(Some(timeout))?;
         pipe.query::<()>(conn)?;
-        for (id, figures) in written {
-            match figures {
-                Some(f) => self.agents.insert(id, f),
-                None => self.agents.remove(&id),
-            };
-        }
-        self.resync = false;
         Ok(())
     }
 
