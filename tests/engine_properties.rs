@@ -343,10 +343,13 @@ fn deltas_hold_only_what_changed_and_refuse_garbage() {
     assert!(other.apply_delta(&[]).is_err(), "empty");
 }
 
+/// A history, its deliveries as (event index, clock), the redelivery window, control bytes.
+type LateCopies = (Vec<Event>, Vec<(usize, u32)>, u32, Vec<u8>);
+
 /// A history on few hist keys (so removals often fall between an item's record and its
 /// late copy), delivered in order with late copies (redeliveries) at most `window` events
 /// after their original, as (event index, clock) deliveries: the clock counts originals.
-fn late_copies() -> impl Strategy<Value = (Vec<Event>, Vec<(usize, u32)>, u32, Vec<u8>)> {
+fn late_copies() -> impl Strategy<Value = LateCopies> {
     let few_keys = |mut e: Event| {
         if e.sk != "METADATA" {
             let k = e.pk.len() + e.sk.bytes().map(usize::from).sum::<usize>();

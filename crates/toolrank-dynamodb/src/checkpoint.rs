@@ -461,7 +461,7 @@ impl CheckpointStore {
             }
             // A failed condition or a concurrent transaction on the manifest (not, say,
             // throttling: that is retried like any failure).
-            Err(e) if e.as_service_error().is_some_and(|e| lost_race(e)) => Err(Error::Fenced(scope.to_owned())),
+            Err(e) if e.as_service_error().is_some_and(lost_race) => Err(Error::Fenced(scope.to_owned())),
             Err(e) => Err(aws(format!("appending to the delta log of {scope}"))(e)),
         }
     }
