@@ -63,7 +63,7 @@ impl From<Seq> for u128 {
 }
 
 /// One hist row of a session.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug)]
 struct Row {
     /// Interned SK, resolving to process, agent and tool.
     sk: Sym,
@@ -76,7 +76,7 @@ struct Row {
     data: Option<RowData>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct RowData {
     tool_nm: Sym,
     at: Timestamp,
@@ -96,6 +96,7 @@ struct Session {
     /// `user#session`, stored once: the index refers to it by slot. Empty in a free slot.
     pk: Box<str>,
     user: Sym,
+    #[serde(with = "compact_rows")]
     rows: Vec<Row>,
     /// The contribution each agent group last added to the aggregates.
     committed: Vec<(Sym, Contribution)>,
@@ -156,7 +157,7 @@ pub enum StateError {
     DeltaString(u32),
 }
 
-const SNAPSHOT_VERSION: u32 = 5;
+const SNAPSHOT_VERSION: u32 = 6;
 
 /// Maps one engine's symbols to another's; valid as long as both live (interners only grow).
 #[derive(Default)]
@@ -947,6 +948,51 @@ fn versioned_body(bytes: &[u8], expected: u32, wrong: fn(u32) -> StateError) -> 
         return Err(wrong(version));
     }
     Ok(body)
+}
+
+/// A session's rows in a snapshot: sequence numbers as offsets from the session's least
+/// (a few bytes instead of a 21-digit number's twelve), TransactDT as its packed number.
+mod compact_rows {
+    use super::{Row, RowData, Seq, Sym};
+    use serde::de::Error as _;
+    use serde::ser::SerializeTuple;
+    use serde::{Deserialize, Deserializer, Serializer};
+    use toolrank_events::Timestamp;
+
+    /// SK, tombstone stamp, sequence-number offset, (ToolNM, TransactDT packed, success).
+    type Stored = (Sym, u32, Option<u128>, Option<(Sym, u64, bool)>);
+
+    pub fn serialize<S: Serializer>(rows: &[Row], serializer: S) -> Result<S::Ok, S::Error> {
+        let base = rows.iter().filter_map(|r| r.seq).min().map_or(0, u128::from);
+        let stored = rows.iter().map(|r| -> Stored { (r.sk, r.removed, r.seq.map(|q| u128::from(q) - base), r.data.map(|d| (d.tool_nm, d.at.packed, d.success))) });
+        let mut t = serializer.serialize_tuple(2)?;
+        t.serialize_element(&base)?;
+        t.serialize_element(&Rows(std::cell::Cell::new(Some(stored))))?;
+        t.end()
+    }
+
+    /// Serializes an iterator of known length once, without collecting it.
+    struct Rows<I>(std::cell::Cell<Option<I>>);
+
+    impl<I: ExactSizeIterator<Item = Stored>> serde::Serialize for Rows<I> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.collect_seq(self.0.take().expect("serialized once"))
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Row>, D::Error> {
+        let (base, stored) = <(u128, Vec<Stored>)>::deserialize(deserializer)?;
+        stored
+            .into_iter()
+            .map(|(sk, removed, offset, data)| {
+                let seq = offset.map(|o| base.checked_add(o).map(Seq::from).ok_or_else(|| D::Error::custom("sequence number out of range"))).transpose()?;
+                let data = data
+                    .map(|(tool_nm, packed, success)| Timestamp::from_packed(packed).map(|at| RowData { tool_nm, at, success }).ok_or_else(|| D::Error::custom(format!("TransactDT {packed}"))))
+                    .transpose()?;
+                Ok(Row { sk, removed, seq, data })
+            })
+            .collect()
+    }
 }
 
 /// Marks `agent`'s group of session `idx` for the next flush.
