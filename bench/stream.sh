@@ -5,10 +5,12 @@
 #   2. the broker's raw consume rate, with a no-op rdkafka consumer (kafka-drain);
 #   3. `toolrank consume kafka` from the same topic into both sinks (DynamoDB Local and
 #      Valkey), with CPU time and peak memory from /usr/bin/time;
-#   4. latency: the same consumer group, caught up, while `toolrank produce --generate`
+#   4. latency: first the broker's own (the no-op consumer alone on a topic of its own),
+#      then the same consumer group, caught up, while `toolrank produce --generate`
 #      publishes LATENCY_SESSIONS more sessions at a steady LATENCY_RATE events/s; the
 #      consumer reports p50/p99 from each message's Kafka timestamp to its effect being
-#      written to Valkey.
+#      written to Valkey, and the DynamoDB writes while they arrive (the exit's flush,
+#      which writes what the budget held, reported apart).
 # Prints events/s of both, toolrank's share of the raw rate, CPU µs per event, DynamoDB
 # write requests and write capacity units per event (the sink's, and the state table's:
 # checkpoints and leases), Valkey commands per event, the peak RSS and the latency; for
@@ -75,11 +77,17 @@ PY
 }
 costs "$WORK/consume.log"
 
-# 4. Latency at a steady rate, the consumer caught up and holding its checkpointed state.
-METRICS=127.0.0.1:$((20000 + $$ % 20000))
-# The broker's own delivery latency over the same records, for comparison.
-"$BIN/kafka-drain" "$TOOLRANK_KAFKA_BROKERS" "$TOPIC" --latency > "$WORK/raw-latency" &
+# 4. Latency at a steady rate. First the broker's own delivery latency, with the no-op
+# consumer alone on a topic of its own (a second consumer fetching beside toolrank's would
+# double the broker's fetch load, and tansu serves fetches on about one core).
+"$BIN/toolrank" setup --topic "$TOPIC-raw" --dead-letter-topic "$TOPIC-dl" --partitions "$PARTITIONS" --table "$TABLE" --no-stream >&2
+"$BIN/kafka-drain" "$TOOLRANK_KAFKA_BROKERS" "$TOPIC-raw" --latency > "$WORK/raw-latency" &
 RAW_LATENCY=$!
+sleep 5
+"$BIN/toolrank" produce --topic "$TOPIC-raw" --generate --sessions "$LATENCY_SESSIONS" --seed 43 --rate "$LATENCY_RATE" 2> "$WORK/produce-raw.log"
+wait "$RAW_LATENCY" || true
+# Then toolrank: the same consumer group, caught up and holding its checkpointed state.
+METRICS=127.0.0.1:$((20000 + $$ % 20000))
 "$BIN/toolrank" consume kafka --topic "$TOPIC" --group "$RUN" --dead-letter-topic "$TOPIC-dl" \
   --table "$TABLE" --namespace "$RUN" --metrics-addr "$METRICS" --dynamodb-flush-ms "$DYNAMODB_FLUSH_MS" 2> "$WORK/latency.log" &
 CONSUMER=$!
@@ -91,18 +99,24 @@ for _ in $(seq 1200); do
   sleep 0.5
 done
 sleep 2
+counters() {  # messages read and DynamoDB sink requests so far (the metrics publish each second)
+  curl -sf "http://$METRICS/metrics" | awk '/^toolrank_messages_total /{m=$2} /^toolrank_dynamodb_requests_total /{d=$2} END{print m+0, d+0}'
+}
+BEFORE=$(counters)
 "$BIN/toolrank" produce --topic "$TOPIC" --generate --sessions "$LATENCY_SESSIONS" --seed 43 --rate "$LATENCY_RATE" 2> "$WORK/produce.log"
 sleep 3
+AFTER=$(counters)
 kill -TERM "$CONSUMER"; wait "$CONSUMER" || true
 if LATENCY=$(grep -o 'visible in the sinks: p50.*' "$WORK/latency.log"); then
   echo "latency at a steady $LATENCY_RATE events/s, produce to visible in Valkey: ${LATENCY#visible in the sinks: }"
   echo "  of which in toolrank (read to visible): $(grep -o 'from reading a record to visible: p50.*' "$WORK/latency.log" | sed 's/.*visible: //')"
-  echo "the steady-rate consumer's writes:"
+  echo "the broker's own delivery latency at the same rate, a no-op consumer alone: $(cat "$WORK/raw-latency")"
+  echo "the steady-rate consumer's writes, its exit's flush included:"
   costs "$WORK/latency.log"
-  grep -E '^(consumed|waited on)' "$WORK/latency.log" | sed 's/^/steady-rate consumer: /' 
+  read -r M0 D0 <<< "$BEFORE"; read -r M1 D1 <<< "$AFTER"
+  python3 -c "import sys; m, d = $M1 - $M0, $D1 - $D0; print(f'DynamoDB sink while the records arrived (before the exit): {d:.0f} write requests for {m:.0f} events, {d / max(m, 1):.4f}/event')"
+  grep -E '^(consumed|waited on)' "$WORK/latency.log" | sed 's/^/steady-rate consumer: /'
 else
   echo "no latency figures; the consumer's log ends:"; tail -5 "$WORK/latency.log"
 fi
-wait "$RAW_LATENCY" || true
-echo "raw rdkafka delivery latency at the same rate: $(cat "$WORK/raw-latency")"
 grep '^produced' "$WORK/produce.log"

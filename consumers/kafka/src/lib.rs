@@ -231,6 +231,15 @@ fn leave_group(consumer: BaseConsumer<Rebalances>) {
     }
 }
 
+/// Logs (at debug) a step of the loop that held up reading for long enough to show in
+/// the latency's tail.
+fn slow(step: &str, started: Instant) {
+    let took = started.elapsed();
+    if took >= Duration::from_millis(20) {
+        debug!(step, ms = took.as_millis() as u64, "the loop was held up");
+    }
+}
+
 impl Consumer_ {
     fn run(&mut self, stop: &AtomicBool) -> Result<(), Error> {
         let mut last_message = Instant::now();
@@ -261,12 +270,16 @@ impl Consumer_ {
                 if last_refresh.elapsed() >= Duration::from_secs(1) {
                     last_refresh = Instant::now();
                     self.writer.refresh_lease(&self.others());
+                    slow("renewing the sink lease", last_refresh);
                 }
+                let started = Instant::now();
                 self.flush_sinks(false);
+                slow("flushing the sinks", started);
             }
             if last_checkpoint.elapsed() >= self.config.checkpoint_interval {
                 last_checkpoint = Instant::now();
                 self.checkpoint(false)?;
+                slow("checkpointing", last_checkpoint);
             }
             if self.config.until_idle.is_some_and(|idle| last_message.elapsed() >= idle) {
                 match self.drained() {
@@ -535,7 +548,7 @@ impl Consumer_ {
             self.release(p);
             self.fenced.insert(p, Instant::now());
         }
-        self.writer.record_state(self.parts.values().map(|p| &p.engine));
+        self.writer.record_state(self.parts.values().map(|p| &p.engine), wait);
         self.commit()
     }
 

@@ -220,7 +220,7 @@ impl<S: ShardSource> Poller<S> {
             }
             if last_checkpoint.elapsed() >= self.config.checkpoint_interval {
                 last_checkpoint = Instant::now();
-                self.checkpoint();
+                self.checkpoint(false);
             }
             if self.config.until_idle.is_some_and(|idle| last_record.elapsed() >= idle) {
                 self.discover()?;
@@ -468,7 +468,8 @@ impl<S: ShardSource> Poller<S> {
     }
 
     /// Saves every changed tree's state with its shards' positions.
-    fn checkpoint(&mut self) {
+    /// `last`: the final round (the state's size is measured then in any case).
+    fn checkpoint(&mut self, last: bool) {
         self.flush_sinks(false);
         let listed: HashSet<&str> = self.listing.iter().map(|s| s.id.as_str()).collect();
         let mut fenced = Vec::new();
@@ -488,7 +489,7 @@ impl<S: ShardSource> Poller<S> {
             warn!(tree = root, "another poller owns this tree now; letting go");
             self.drop_tree(&root);
         }
-        self.writer.record_state(self.trees.values().map(|t| &t.engine));
+        self.writer.record_state(self.trees.values().map(|t| &t.engine), last);
     }
 
     /// Whether every shard of every tree is read to what the stream holds: owned shards
@@ -530,7 +531,7 @@ impl<S: ShardSource> Poller<S> {
     /// Final checkpoints, the sinks from everybody's latest checkpoints, leases released.
     fn finish(&mut self) {
         for _ in 0..10 {
-            self.checkpoint();
+            self.checkpoint(true);
             if self.trees.values().all(|t| !t.dirty) {
                 break;
             }

@@ -237,6 +237,9 @@ pub fn within<T, E: Into<toolrank_dynamodb::Error>>(rt: &tokio::runtime::Runtime
     }
 }
 
+/// How often the state's size is measured for the gauges.
+const STATE_EVERY: Duration = Duration::from_secs(30);
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
@@ -294,6 +297,10 @@ impl ChangeSet {
         self.agents.is_empty() && self.patterns.is_empty()
     }
 
+    fn len(&self) -> usize {
+        self.agents.len() + self.patterns.len()
+    }
+
     fn take(&mut self) -> Changes {
         let mut agents: Vec<Sym> = self.agents.drain().collect();
         let mut patterns: Vec<PatternKey> = self.patterns.drain().collect();
@@ -314,11 +321,16 @@ pub struct Saving {
     whole: bool,
 }
 
-/// What a DynamoDB sink write returns: the sink, and its outcome unless it was cut off.
-type Written = (DynamoSink, Result<Result<(), toolrank_sink_dynamodb::Error>, tokio::time::error::Elapsed>);
+/// What a DynamoDB sink write returns: the sink, its outcome unless it was cut off, and
+/// when it ended (ms since the epoch: its records were visible from then, however late
+/// the loop collects it).
+type Written = (DynamoSink, Result<Result<(), toolrank_sink_dynamodb::Error>, tokio::time::error::Elapsed>, i64);
 
-/// A Valkey sink write: the sink, and the outcome.
-type ValkeyWritten = (ValkeySink, Result<(), toolrank_sink_valkey::Error>);
+/// A Valkey sink write: the sink, the outcome and when it ended.
+type ValkeyWritten = (ValkeySink, Result<(), toolrank_sink_valkey::Error>, i64);
+
+/// A renewal of the sink lease: what [`Lease::take`] returns.
+type Renewal = tokio::task::JoinHandle<Result<Option<bool>, toolrank_dynamodb::Error>>;
 
 /// A sink write running on the runtime's threads while the consumer goes on.
 struct Writing<T> {
@@ -337,8 +349,12 @@ pub struct SinkWriter {
     config: WriterConfig,
     lease: Lease,
     holds_lease: bool,
-    /// When the sink lease was last renewed.
+    /// When the sink lease was last renewed (when that renewal was sent).
     lease_renewed: Instant,
+    /// When the state's size was last measured ([`record_state`](Self::record_state)).
+    state_recorded: Option<Instant>,
+    /// A renewal of the held lease running beside the loop, and when it was sent.
+    renewal: Option<(Instant, Renewal)>,
     remotes: BTreeMap<String, Remote>,
     /// Owned units whose changes since their last save are not all tracked any more (a
     /// save failed after taking them): their next save is whole.
@@ -360,6 +376,10 @@ pub struct SinkWriter {
     dynamodb_events: u64,
     budget_waited: Instant,
     budget_wait: Duration,
+    /// Items written per changed key in the last round planned: what a round of the
+    /// keys changed since would write, estimated without planning it (a plan ranks every
+    /// pattern and takes tens of milliseconds on a large state).
+    writes_per_change: f64,
     valkey_changes: ChangeSet,
     last_valkey: Instant,
     /// Creation times (ms) of the records applied since the last visible sink write.
@@ -393,6 +413,8 @@ impl SinkWriter {
             config,
             holds_lease: false,
             lease_renewed: Instant::now(),
+            renewal: None,
+            state_recorded: None,
             remotes: BTreeMap::new(),
             untracked: HashSet::new(),
             global,
@@ -406,6 +428,7 @@ impl SinkWriter {
             dynamodb_events: 0,
             budget_waited: Instant::now(),
             budget_wait: Duration::ZERO,
+            writes_per_change: 1.0,
             valkey_changes: ChangeSet::default(),
             last_valkey: Instant::now(),
             unseen: Vec::new(),
@@ -550,9 +573,16 @@ impl SinkWriter {
     }
 
     /// Records the size of the state of the units this consumer owns (after a
-    /// checkpoint round): in the summary and as `toolrank_state_*` gauges.
-    pub fn record_state<'a>(&mut self, units: impl IntoIterator<Item = &'a Engine>) {
+    /// checkpoint round): in the summary and as `toolrank_state_*` gauges. Measuring walks
+    /// every session (tens of milliseconds on a large state, which the loop's latency
+    /// would show), so it is done at most every [`STATE_EVERY`] unless `now` (the final
+    /// round).
+    pub fn record_state<'a>(&mut self, units: impl IntoIterator<Item = &'a Engine>, now: bool) {
         use toolrank_metrics::gauge;
+        if !now && self.state_recorded.is_some_and(|at| at.elapsed() < STATE_EVERY) {
+            return;
+        }
+        self.state_recorded = Some(Instant::now());
         let mut total = StateStats::default();
         for st in units.into_iter().map(Engine::stats) {
             total.sessions += st.sessions;
@@ -645,12 +675,16 @@ impl SinkWriter {
 
     /// Takes or renews the sink lease; whether it is held.
     fn take_lease(&mut self) -> bool {
+        let Some((sent, taken)) = self.lease_outcome() else {
+            // A renewal is on its way and the last one still holds.
+            return self.holds_lease;
+        };
         // Whether this writer's record of what the sinks hold is still exact: nobody else
         // wrote them since it last held the lease.
         let mut continued = true;
-        let held = match self.call("renewing the sink lease", self.lease.take()) {
+        let held = match taken {
             Ok(taken) => {
-                self.lease_renewed = Instant::now();
+                self.lease_renewed = sent;
                 continued = taken == Some(true);
                 taken.is_some()
             }
@@ -679,6 +713,46 @@ impl SinkWriter {
         }
         self.holds_lease = held;
         held
+    }
+
+    /// The outcome of a take or renewal of the lease, with when it was sent. A holder
+    /// renews beside the loop (a slow state table must not hold up reading): it sends a
+    /// renewal and collects it at a later call, and waits for it only once the last
+    /// renewal is half a lease old. `None` while a renewal runs and need not be waited for.
+    fn lease_outcome(&mut self) -> Option<(Instant, Result<Option<bool>, toolrank_dynamodb::Error>)> {
+        if !self.holds_lease {
+            self.settle_renewal();
+            return Some((Instant::now(), self.call("taking the sink lease", self.lease.take())));
+        }
+        let due = self.lease_renewed.elapsed() >= self.config.lease / 2;
+        if let Some((sent, mut task)) = self.renewal.take_if(|(_, task)| due || task.is_finished()) {
+            let outcome = self.rt.block_on(async { tokio::time::timeout(CALL_DEADLINE, &mut task).await });
+            return Some((sent, match outcome {
+                Ok(joined) => joined.expect("a lease renewal does not panic"),
+                Err(_) => {
+                    task.abort();
+                    Err(toolrank_dynamodb::Error::Timeout(format!("renewing the sink lease (after {} s)", CALL_DEADLINE.as_secs())))
+                }
+            }));
+        }
+        if due {
+            return Some((Instant::now(), self.call("renewing the sink lease", self.lease.take())));
+        }
+        if self.renewal.is_none() {
+            let lease = self.lease.clone();
+            self.renewal = Some((Instant::now(), self.rt.spawn(async move { lease.take().await })));
+        }
+        None
+    }
+
+    /// Waits for a renewal still running (before the lease is released or taken anew:
+    /// a late renewal must not take it back).
+    fn settle_renewal(&mut self) {
+        if let Some((_, mut task)) = self.renewal.take() {
+            if self.rt.block_on(async { tokio::time::timeout(CALL_DEADLINE, &mut task).await }).is_err() {
+                task.abort();
+            }
+        }
     }
 
     /// Brings the merged copies of the units other consumers own (`others`) to their
@@ -758,7 +832,7 @@ impl SinkWriter {
                 Ok(prepared) => {
                     let task = self.rt.spawn_blocking(move || {
                         let result = sink.send(prepared);
-                        (sink, result)
+                        (sink, result, now_ms())
                     });
                     self.valkey_writing = Some(Writing { task, unseen: self.unseen.len() });
                     if now {
@@ -782,9 +856,9 @@ impl SinkWriter {
         ok
     }
 
-    /// Records the latency of the first `n` records not yet visible, visible now.
-    fn record_visible(&mut self, n: usize) {
-        let now = now_ms();
+    /// Records the latency of the first `n` records not yet visible, visible since `now`
+    /// (ms since the epoch).
+    fn record_visible(&mut self, n: usize, now: i64) {
         for (created, read) in self.unseen.drain(..n.min(self.unseen.len())) {
             self.latencies.record(now - created);
             self.own_latencies.record(now - read);
@@ -811,10 +885,22 @@ impl SinkWriter {
         let Some(mut sink) = self.dynamodb.take_if(|d| due && (!self.dynamodb_changes.is_empty() || d.needs_write())) else {
             return ok;
         };
+        // A sink that does not know what the table holds, or has failed writes to redo
+        // (planning takes those in), writes now.
+        let unknown = sink.needs_write();
+        if !now && !unknown && self.expected_over_budget() {
+            // Not planned: another interval's events first.
+            self.dynamodb = Some(sink);
+            return ok;
+        }
         let started = Instant::now();
         let changes = self.dynamodb_changes.take();
         let plan = sink.plan(&self.global, &changes, today);
-        if !now && self.over_budget(&sink, &plan) {
+        let writes = sink.writes(&plan).filter(|_| !unknown);
+        if let Some(w) = writes.filter(|_| !changes.is_empty()) {
+            self.writes_per_change = w as f64 / (changes.agents.len() + changes.patterns.len()) as f64;
+        }
+        if !now && self.over_budget(writes) {
             // The changes wait for a later round.
             self.dynamodb_changes.add(&changes);
             self.dynamodb = Some(sink);
@@ -829,7 +915,7 @@ impl SinkWriter {
         self.summary.dynamodb_rounds += 1;
         let task = self.rt.spawn(async move {
             let result = tokio::time::timeout(CALL_DEADLINE, sink.execute(plan)).await;
-            (sink, result)
+            (sink, result, now_ms())
         });
         self.dynamodb_writing = Some(Writing { task, unseen: self.unseen.len() });
         self.summary.dynamodb_ms += self.last_dynamodb.elapsed().as_millis() as u64;
@@ -839,16 +925,22 @@ impl SinkWriter {
         ok
     }
 
-    /// Whether `plan` writes more items per event read since the last round than the
-    /// write budget allows, and the round may still wait for that.
-    fn over_budget(&self, sink: &DynamoSink, plan: &toolrank_sink_dynamodb::Plan) -> bool {
-        let Some(budget) = self.config.dynamodb_writes_per_event else { return false };
-        if self.last_dynamodb.elapsed() >= self.config.dynamodb_max_defer {
-            return false;
-        }
+    /// Whether a round of `writes` items (`None`: unknown) writes more per event read since
+    /// the last round than the write budget allows, and the round may still wait for that.
+    fn over_budget(&self, writes: Option<usize>) -> bool {
         // Unknown (a first write, a retry): written now.
-        let Some(writes) = sink.writes(plan) else { return false };
-        writes as f64 > budget * (self.summary.messages - self.dynamodb_events) as f64
+        writes.is_some_and(|w| self.budget_exceeded(w as f64))
+    }
+
+    /// Whether the keys changed since the last round, written at the last plan's rate of
+    /// items per key, would exceed the write budget: then the round waits unplanned.
+    fn expected_over_budget(&self) -> bool {
+        self.budget_exceeded(self.writes_per_change * self.dynamodb_changes.len() as f64)
+    }
+
+    fn budget_exceeded(&self, writes: f64) -> bool {
+        let Some(budget) = self.config.dynamodb_writes_per_event else { return false };
+        self.last_dynamodb.elapsed() < self.config.dynamodb_max_defer && writes > budget * (self.summary.messages - self.dynamodb_events) as f64
     }
 
     /// Takes the Valkey sink back from its write if it finished (or, with `wait`, once it
@@ -858,13 +950,13 @@ impl SinkWriter {
             return true;
         };
         let started = Instant::now();
-        let (sink, result) = self.rt.block_on(writing.task).expect("the Valkey sink write does not panic");
+        let (sink, result, ended) = self.rt.block_on(writing.task).expect("the Valkey sink write does not panic");
         self.summary.valkey_ms += started.elapsed().as_millis() as u64;
         self.summary.valkey_commands = sink.commands;
         self.valkey = Some(sink);
         match result {
             Ok(()) => {
-                self.record_visible(writing.unseen);
+                self.record_visible(writing.unseen, ended);
                 true
             }
             Err(e) => {
@@ -886,11 +978,11 @@ impl SinkWriter {
             return true;
         };
         let started = Instant::now();
-        let (mut sink, result) = self.rt.block_on(writing.task).expect("the DynamoDB sink write does not panic");
+        let (mut sink, result, ended) = self.rt.block_on(writing.task).expect("the DynamoDB sink write does not panic");
         self.summary.dynamodb_ms += started.elapsed().as_millis() as u64;
         let mut ok = true;
         match result {
-            Ok(Ok(())) if self.config.valkey_url.is_none() => self.record_visible(writing.unseen),
+            Ok(Ok(())) if self.config.valkey_url.is_none() => self.record_visible(writing.unseen, ended),
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 // What failed stays pending inside the sink.
@@ -954,6 +1046,7 @@ impl SinkWriter {
         while !self.flush(units.iter_mut().map(|e| &mut **e), true) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(200));
         }
+        self.settle_renewal();
         if let Err(e) = self.call("releasing the sink lease", self.lease.release()) {
             warn!(error = %e, "could not release the sink lease; it lapses by itself");
         }
@@ -984,6 +1077,7 @@ impl SinkWriter {
                 false
             }
         };
+        self.settle_renewal();
         if let Err(e) = self.call("releasing the sink lease", self.lease.release()) {
             warn!(error = %e, "could not release the sink lease; it lapses by itself");
         }
