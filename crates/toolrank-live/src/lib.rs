@@ -809,6 +809,12 @@ impl SinkWriter {
     /// writes what changed to the sinks. `false` when a sink write failed (it is
     /// retried). `now` writes DynamoDB even before its interval is up.
     pub fn flush<'a>(&mut self, units: impl IntoIterator<Item = &'a mut Engine>, now: bool) -> bool {
+        let valkey_due = now || self.last_valkey.elapsed() >= self.valkey_interval();
+        if !valkey_due && self.last_dynamodb.elapsed() < self.dynamodb_interval() {
+            // Neither sink writes yet (a backlog stretches their intervals): the changes
+            // coalesce in the units meanwhile, where forwarding them costs nothing.
+            return true;
+        }
         for engine in units {
             engine.flush_into(&mut self.global);
         }
@@ -821,8 +827,7 @@ impl SinkWriter {
         self.valkey_changes.add(&changes);
         let mut ok = self.write_dynamodb(now, today);
         ok &= self.collect_valkey(now);
-        let due = now || self.last_valkey.elapsed() >= self.valkey_interval();
-        if let Some(mut sink) = self.valkey.take_if(|v| due && (!self.valkey_changes.is_empty() || v.needs_resync())) {
+        if let Some(mut sink) = self.valkey.take_if(|v| valkey_due && (!self.valkey_changes.is_empty() || v.needs_resync())) {
             // Built here (it reads the engine), sent on the runtime's blocking threads while
             // the consumer reads on; one write in flight at a time.
             self.last_valkey = Instant::now();
