@@ -690,6 +690,19 @@ fn a_dynamodb_write_budget_defers_rounds_and_the_sinks_still_converge() {
     assert!(out.status.success(), "{log}");
     assert_eq!(count_after(&log, "DynamoDB requests in "), 2, "{log}");
     live.assert_sinks_equal_replay(&history, None);
+
+    // A budget every round meets: the estimate (no round planned to check it) lets them
+    // through at their interval.
+    let live = Live::new("2");
+    let history = generated(&live, "300", "11");
+    let producer = live.producer("500", &history);
+    let consumer = live.consumer(&["--until-idle", "3", "--dynamodb-flush-ms", "100", "--dynamodb-writes-per-event", "100", "--dynamodb-max-defer-ms", "600000"]);
+    assert!(producer.wait(COMMAND_LIMIT).status.success());
+    let out = consumer.wait(COMMAND_LIMIT);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(count_after(&log, "DynamoDB requests in ") >= 5, "rounds at their interval: {log}");
+    live.assert_sinks_equal_replay(&history, None);
 }
 
 /// Removed items' tombstones are forgotten once older than the horizon: a consumer
