@@ -98,7 +98,19 @@ for _ in $(seq 1200); do
     curl -sf "http://$METRICS/metrics" | grep -Eq '^toolrank_valkey_commands_total [1-9]' && break
   sleep 0.5
 done
-sleep 2
+# ... and has finished its start-up writes: a consumer that took the sink lease before its
+# partitions were assigned rewrites what their claims changed (seconds on this state), and
+# records arriving meanwhile would measure that, not the steady rate. The counter moves
+# when a write ends, so 12 still seconds cover one still running.
+valkey_commands() { curl -sf "http://$METRICS/metrics" | awk '/^toolrank_valkey_commands_total /{print $2}'; }
+LAST=$(valkey_commands); STILL=0
+for _ in $(seq 240); do
+  sleep 1
+  NOW=$(valkey_commands)
+  if [ "$NOW" = "$LAST" ]; then STILL=$((STILL + 1)); else STILL=0; fi
+  LAST=$NOW
+  [ "$STILL" -ge 12 ] && break
+done
 counters() {  # messages read and DynamoDB sink requests so far (the metrics publish each second)
   curl -sf "http://$METRICS/metrics" | awk '/^toolrank_messages_total /{m=$2} /^toolrank_dynamodb_requests_total /{d=$2} END{print m+0, d+0}'
 }

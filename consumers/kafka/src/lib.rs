@@ -267,7 +267,10 @@ impl Consumer_ {
                 if self.lag() < CAUGHT_UP_LAG {
                     self.writer.caught_up();
                 }
-                if last_refresh.elapsed() >= Duration::from_secs(1) {
+                // Not before the group has assigned this consumer its partitions: a lease
+                // taken earlier loads them all as other consumers' copies, and claiming
+                // them moments later rewrites the sinks a second time.
+                if last_refresh.elapsed() >= Duration::from_secs(1) && self.rebalances_seen > 0 {
                     last_refresh = Instant::now();
                     self.writer.refresh_lease(&self.others());
                     slow("renewing the sink lease", last_refresh);

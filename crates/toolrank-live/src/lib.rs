@@ -851,6 +851,12 @@ impl SinkWriter {
                 }
             }
         }
+        if self.valkey.as_ref().is_some_and(|v| !v.needs_resync()) && self.valkey_changes.is_empty() {
+            // Nothing is waiting to be written or being written: what the records read so
+            // far did to the rankings (often nothing: a repeated Agent item, a stale copy)
+            // is in Valkey.
+            self.record_visible(self.unseen.len(), now_ms());
+        }
         if !changes.is_empty() {
             self.summary.sink_writes += 1;
         }
