@@ -320,6 +320,11 @@ impl Changes {
     pub fn is_empty(&self) -> bool {
         self.agents.is_empty() && self.patterns.is_empty()
     }
+
+    /// Agents and patterns changed.
+    pub fn len(&self) -> usize {
+        self.agents.len() + self.patterns.len()
+    }
 }
 
 impl Engine {
@@ -482,7 +487,7 @@ impl Engine {
                 }
             })
             .collect();
-        let seq_base = sessions.iter().flat_map(|&i| &self.sessions[i as usize].rows).filter_map(|r| r.seq).min().map_or(0, u128::from);
+        let seq_base = least_seq(sessions.iter().flat_map(|&i| &self.sessions[i as usize].rows));
         let mut out = Vec::new();
         let empty = |catalog| Delta { seq_base, strings: Vec::new(), sessions: Vec::new(), catalog };
         let mut part = empty(catalog);
@@ -635,10 +640,7 @@ impl Engine {
                 }
                 None => None,
             };
-            let seq = match r.seq {
-                Some(offset) => Some(Seq::from(delta.seq_base.checked_add(offset).ok_or_else(|| StateError::DeltaKey(format!("{}/{sk}: sequence number", state.pk)))?)),
-                None => None,
-            };
+            let seq = r.seq.map(|offset| seq_at(delta.seq_base, offset).ok_or_else(|| StateError::DeltaKey(format!("{}/{sk}: sequence number", state.pk)))).transpose()?;
             rows.push(Row { sk: self.intern_sk(sk, &key), removed: r.removed, seq, data });
         }
         if let Some(d) = &mut self.delta {
@@ -950,10 +952,21 @@ fn versioned_body(bytes: &[u8], expected: u32, wrong: fn(u32) -> StateError) -> 
     Ok(body)
 }
 
+/// The least sequence number of `rows` (0 if none): deltas and snapshots store the others
+/// as offsets from it.
+fn least_seq<'a>(rows: impl IntoIterator<Item = &'a Row>) -> u128 {
+    rows.into_iter().filter_map(|r| r.seq).min().map_or(0, u128::from)
+}
+
+/// The sequence number `offset` above `base`; `None` if out of range (corrupt input).
+fn seq_at(base: u128, offset: u128) -> Option<Seq> {
+    base.checked_add(offset).map(Seq::from)
+}
+
 /// A session's rows in a snapshot: sequence numbers as offsets from the session's least
 /// (a few bytes instead of a 21-digit number's twelve), TransactDT as its packed number.
 mod compact_rows {
-    use super::{Row, RowData, Seq, Sym};
+    use super::{least_seq, seq_at, Row, RowData, Sym};
     use serde::de::Error as _;
     use serde::ser::SerializeTuple;
     use serde::{Deserialize, Deserializer, Serializer};
@@ -963,7 +976,7 @@ mod compact_rows {
     type Stored = (Sym, u32, Option<u128>, Option<(Sym, u64, bool)>);
 
     pub fn serialize<S: Serializer>(rows: &[Row], serializer: S) -> Result<S::Ok, S::Error> {
-        let base = rows.iter().filter_map(|r| r.seq).min().map_or(0, u128::from);
+        let base = least_seq(rows);
         let stored = rows.iter().map(|r| -> Stored { (r.sk, r.removed, r.seq.map(|q| u128::from(q) - base), r.data.map(|d| (d.tool_nm, d.at.packed, d.success))) });
         let mut t = serializer.serialize_tuple(2)?;
         t.serialize_element(&base)?;
@@ -985,7 +998,7 @@ mod compact_rows {
         stored
             .into_iter()
             .map(|(sk, removed, offset, data)| {
-                let seq = offset.map(|o| base.checked_add(o).map(Seq::from).ok_or_else(|| D::Error::custom("sequence number out of range"))).transpose()?;
+                let seq = offset.map(|o| seq_at(base, o).ok_or_else(|| D::Error::custom("sequence number out of range"))).transpose()?;
                 let data = data
                     .map(|(tool_nm, packed, success)| Timestamp::from_packed(packed).map(|at| RowData { tool_nm, at, success }).ok_or_else(|| D::Error::custom(format!("TransactDT {packed}"))))
                     .transpose()?;

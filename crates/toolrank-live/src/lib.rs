@@ -725,15 +725,8 @@ impl SinkWriter {
             return Some((Instant::now(), self.call("taking the sink lease", self.lease.take())));
         }
         let due = self.lease_renewed.elapsed() >= self.config.lease / 2;
-        if let Some((sent, mut task)) = self.renewal.take_if(|(_, task)| due || task.is_finished()) {
-            let outcome = self.rt.block_on(async { tokio::time::timeout(CALL_DEADLINE, &mut task).await });
-            return Some((sent, match outcome {
-                Ok(joined) => joined.expect("a lease renewal does not panic"),
-                Err(_) => {
-                    task.abort();
-                    Err(toolrank_dynamodb::Error::Timeout(format!("renewing the sink lease (after {} s)", CALL_DEADLINE.as_secs())))
-                }
-            }));
+        if let Some((sent, task)) = self.renewal.take_if(|(_, task)| due || task.is_finished()) {
+            return Some((sent, self.join_renewal(task)));
         }
         if due {
             return Some((Instant::now(), self.call("renewing the sink lease", self.lease.take())));
@@ -748,11 +741,18 @@ impl SinkWriter {
     /// Waits for a renewal still running (before the lease is released or taken anew:
     /// a late renewal must not take it back).
     fn settle_renewal(&mut self) {
-        if let Some((_, mut task)) = self.renewal.take() {
-            if self.rt.block_on(async { tokio::time::timeout(CALL_DEADLINE, &mut task).await }).is_err() {
-                task.abort();
-            }
+        if let Some((_, task)) = self.renewal.take() {
+            // Its outcome no longer matters: the caller takes or releases the lease anew.
+            let _ = self.join_renewal(task);
         }
+    }
+
+    /// A renewal's outcome, waited for up to the call deadline; one still running then is
+    /// aborted (a late one must not renew a lease given up meanwhile).
+    fn join_renewal(&self, mut task: Renewal) -> Result<Option<bool>, toolrank_dynamodb::Error> {
+        let joined = self.call("renewing the sink lease", async { (&mut task).await.expect("a lease renewal does not panic") });
+        task.abort();
+        joined
     }
 
     /// Brings the merged copies of the units other consumers own (`others`) to their
@@ -909,9 +909,10 @@ impl SinkWriter {
         let plan = sink.plan(&self.global, &changes, today);
         let writes = sink.writes(&plan).filter(|_| !unknown);
         if let Some(w) = writes.filter(|_| !changes.is_empty()) {
-            self.writes_per_change = w as f64 / (changes.agents.len() + changes.patterns.len()) as f64;
+            self.writes_per_change = w as f64 / changes.len() as f64;
         }
-        if !now && self.over_budget(writes) {
+        // Unknown (a first write, a retry): written now.
+        if !now && writes.is_some_and(|w| self.budget_exceeded(w as f64)) {
             // The changes wait for a later round.
             self.dynamodb_changes.add(&changes);
             self.dynamodb = Some(sink);
@@ -936,19 +937,14 @@ impl SinkWriter {
         ok
     }
 
-    /// Whether a round of `writes` items (`None`: unknown) writes more per event read since
-    /// the last round than the write budget allows, and the round may still wait for that.
-    fn over_budget(&self, writes: Option<usize>) -> bool {
-        // Unknown (a first write, a retry): written now.
-        writes.is_some_and(|w| self.budget_exceeded(w as f64))
-    }
-
     /// Whether the keys changed since the last round, written at the last plan's rate of
     /// items per key, would exceed the write budget: then the round waits unplanned.
     fn expected_over_budget(&self) -> bool {
         self.budget_exceeded(self.writes_per_change * self.dynamodb_changes.len() as f64)
     }
 
+    /// Whether a round of `writes` items writes more per event read since the last round
+    /// than the write budget allows, and the round may still wait for that.
     fn budget_exceeded(&self, writes: f64) -> bool {
         let Some(budget) = self.config.dynamodb_writes_per_event else { return false };
         self.last_dynamodb.elapsed() < self.config.dynamodb_max_defer && writes > budget * (self.summary.messages - self.dynamodb_events) as f64
