@@ -9,24 +9,26 @@
 #   3. the same records published at the same rate to a topic and read by `consume kafka`
 #      into a DynamoDB sink: its write requests and units per record, for comparison.
 # Both write the DynamoDB sink at most every SINK_INTERVAL_MS (1000, the Kafka path's
-# default), the Kafka path without its write budget (the Lambda has none): the same pacing.
+# default) and keep to the same write budget, WRITES_PER_EVENT items per record (0.05,
+# both paths' default; 0 writes at every interval): the same pacing.
 # RATE=0 SINK_INTERVAL_MS=600000 compares them writing the sink once, at the end.
-# Usage: bench/lambda.sh   (SESSIONS=30000 INVOKE_RECORDS=20000 RATE=5000 SINK_INTERVAL_MS=1000)
+# Usage: bench/lambda.sh   (SESSIONS=30000 INVOKE_RECORDS=20000 RATE=5000 SINK_INTERVAL_MS=1000 WRITES_PER_EVENT=0.05)
 set -euo pipefail
 SESSIONS="${SESSIONS:-30000}"
 INVOKE_RECORDS="${INVOKE_RECORDS:-20000}"
 RATE="${RATE:-5000}"
 SINK_INTERVAL_MS="${SINK_INTERVAL_MS:-1000}"
+WRITES_PER_EVENT="${WRITES_PER_EVENT:-0.05}"
 source "$(dirname "$0")/prelude.sh"
 cargo build --release --locked -p toolrank-lambda --bin lambda-bench >&2
 "$BIN/toolrank" generate --sessions "$SESSIONS" --seed 5 --style stream --out "$WORK/history.jsonl" >&2
-TOOLRANK_SINK_INTERVAL_MS="$SINK_INTERVAL_MS" "$BIN/lambda-bench" "$WORK/history.jsonl" "$INVOKE_RECORDS" "$RATE"
+TOOLRANK_SINK_INTERVAL_MS="$SINK_INTERVAL_MS" TOOLRANK_DYNAMODB_WRITES_PER_EVENT="$WRITES_PER_EVENT" "$BIN/lambda-bench" "$WORK/history.jsonl" "$INVOKE_RECORDS" "$RATE"
 RUN="lbench$$"
 head -n "$INVOKE_RECORDS" "$WORK/history.jsonl" > "$WORK/subset.jsonl"
 "$BIN/toolrank" setup --topic "$RUN-events" --dead-letter-topic "$RUN-dl" --partitions 2 --table "$RUN-Kafka" >&2
 "$BIN/toolrank" produce --topic "$RUN-events" --rate "$RATE" "$WORK/subset.jsonl" 2> /dev/null &
 "$BIN/toolrank" consume kafka --topic "$RUN-events" --dead-letter-topic "$RUN-dl" --group "$RUN" --table "$RUN-Kafka" \
-  --namespace "$RUN" --until-idle 3 --dynamodb-flush-ms "$SINK_INTERVAL_MS" --dynamodb-writes-per-event 0 2> "$WORK/kafka.log"
+  --namespace "$RUN" --until-idle 3 --dynamodb-flush-ms "$SINK_INTERVAL_MS" --dynamodb-writes-per-event "$WRITES_PER_EVENT" 2> "$WORK/kafka.log"
 wait
 python3 - "$WORK/kafka.log" <<'PY'
 import re, sys

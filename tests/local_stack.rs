@@ -1150,6 +1150,51 @@ fn lambda_handler_on_kinesis_events_is_exact_through_retries_and_failures() {
     lambda_handler_is_exact(true, "22", "3", "262144");
 }
 
+/// DynamoDB write rounds of a Lambda handler (one warm container, called directly) with
+/// write budget `budget` and the sinks due at every invocation, over 300 generated
+/// sessions in batches of 50 and the schedule's flush; the sinks equal replay in the end.
+fn lambda_rounds_under_budget(budget: f64) -> u64 {
+    let live = Live::new("1");
+    let history = generated(&live, "300", "11");
+    let config = toolrank_lambda::Config {
+        application: unique("lambda-budget"),
+        state_table: "toolrank-state".into(),
+        table: Some(live.table.clone()),
+        valkey_url: Some(env("TOOLRANK_VALKEY_URL")),
+        valkey_prefix: live.namespace.clone(),
+        today: toolrank_events::Day::parse_iso(TODAY),
+        buckets: 1,
+        compact_bytes: toolrank_lambda::COMPACT_MIN_BYTES,
+        sink_wait: Duration::from_secs(20),
+        sink_interval: Duration::ZERO,
+        dynamodb_writes_per_event: Some(budget).filter(|&b| b > 0.0),
+        dynamodb_max_defer: Duration::from_secs(600),
+        tombstone_horizon: toolrank_live::DEFAULT_TOMBSTONE_HORIZON,
+    };
+    let mut handler = toolrank_lambda::Handler::new(config).unwrap();
+    let text = std::fs::read_to_string(&history).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    for batch in lines.chunks(50) {
+        let outcome = handler.handle(format!("{{\"Records\":[{}]}}", batch.join(",")).as_bytes()).unwrap();
+        assert!(outcome.failures.is_empty(), "{outcome:?}");
+    }
+    handler.handle(br#"{"detail-type":"Scheduled Event","detail":{}}"#).unwrap();
+    live.assert_sinks_equal_replay(&history, None);
+    let rounds = handler.summary().dynamodb_rounds;
+    eprintln!("lambda, budget {budget}: {rounds} rounds over {} invocations", lines.len().div_ceil(50));
+    rounds
+}
+
+/// The Lambda path keeps the Kafka path's write budget across invocations, counting the
+/// records appended to the bucket logs: a budget no round can meet defers every round
+/// after the first (which compares with the table) to the schedule's flush; without one
+/// every invocation writes. Valkey is written at every invocation either way.
+#[test]
+fn the_lambda_handler_keeps_the_dynamodb_write_budget_across_invocations() {
+    assert_eq!(lambda_rounds_under_budget(1e-6), 2);
+    assert!(lambda_rounds_under_budget(0.0) >= 10);
+}
+
 /// A warehouse database of one test, on the local Data API endpoint (DuckDB).
 struct Warehouse {
     database: String,
@@ -1684,19 +1729,20 @@ fn bucket_logs_take_appends_in_turn_and_compact() {
         assert_eq!(store.log_head(scope).await.unwrap(), None);
         store.claim(scope, "lambda").await.unwrap();
         let d = |i: u8| vec![i; 100];
-        assert_eq!(store.append(scope, 0, &[d(1), d(2)]).await.unwrap(), 2);
+        assert_eq!(store.append(scope, 0, &[d(1), d(2)], 30).await.unwrap(), 2);
         // A writer that read head 0 too loses the race.
-        assert!(matches!(store.append(scope, 0, &[d(9)]).await, Err(Error::Fenced(_))));
+        assert!(matches!(store.append(scope, 0, &[d(9)], 5).await, Err(Error::Fenced(_))));
         // Eleven deltas take two transactions.
         let many: Vec<Vec<u8>> = (3..14).map(d).collect();
-        assert_eq!(store.append(scope, 2, &many).await.unwrap(), 13);
+        assert_eq!(store.append(scope, 2, &many, 12).await.unwrap(), 13);
         let head = store.log_head(scope).await.unwrap().unwrap();
-        assert_eq!((head.head, head.base_at, head.log_bytes), (13, 0, 1300));
+        // The records appended add up; the lost race's are not among them.
+        assert_eq!((head.head, head.base_at, head.log_bytes, head.records), (13, 0, 1300, 42));
         assert_eq!(store.deltas(scope, 11, 13).await.unwrap(), vec![d(12), d(13)]);
         // A base covering deltas up to 12: they are deleted, 13 stays after it.
         store.compact(scope, "lambda", head.generation, 12, b"base").await.unwrap();
         let after = store.log_head(scope).await.unwrap().unwrap();
-        assert_eq!(after, LogHead { generation: 1, base_at: 12, head: 13, base_bytes: 4, log_bytes: 0 });
+        assert_eq!(after, LogHead { generation: 1, base_at: 12, head: 13, base_bytes: 4, log_bytes: 0, records: 42 });
         assert!(matches!(store.deltas(scope, 5, 13).await, Err(Error::Input(_))), "compacted away");
         assert!(matches!(store.compact(scope, "lambda", head.generation, 13, b"late").await, Err(Error::Fenced(_))), "a base from a stale head");
         let log = store.load_log(scope).await.unwrap();
@@ -1723,7 +1769,7 @@ fn owned_checkpoints_append_with_their_position_and_rebase_whole() {
         // A whole save covers the deltas and whatever was not appended: it takes the next
         // position, so a reader at head 2 sees that it moved; the deltas are deleted.
         let at = store.save(scope, "a", ck.at.generation, "20", b"state").await.unwrap();
-        assert_eq!(at, LogHead { generation: 1, base_at: 3, head: 3, base_bytes: 5, log_bytes: 0 });
+        assert_eq!(at, LogHead { generation: 1, base_at: 3, head: 3, base_bytes: 5, log_bytes: 0, records: 0 });
         assert_eq!(store.log_head(scope).await.unwrap(), Some(at));
         assert!(matches!(store.deltas(scope, 0, 2).await, Err(Error::Input(_))), "deleted");
         assert_eq!(store.append_owned(scope, "a", "25", 3, &[d(4)]).await.unwrap(), 4);

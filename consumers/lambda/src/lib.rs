@@ -44,6 +44,9 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
+/// The DynamoDB sink's write budget by default: `consume kafka`'s.
+pub const DEFAULT_WRITES_PER_EVENT: f64 = 0.05;
+
 /// The owner name of every bucket checkpoint: invocations are told apart by generation.
 const OWNER: &str = "lambda";
 
@@ -66,6 +69,12 @@ pub struct Config {
     /// the next write (or a flush event) carries their changes. Coalesces sink writes
     /// across invocations, as the long-running consumers do across their flush interval.
     pub sink_interval: Duration,
+    /// The DynamoDB sink's write budget (items per record appended to the bucket logs
+    /// since its last write; `None`: every sink interval), as `consume kafka
+    /// --dynamodb-writes-per-event`: a due write waits for later invocations until it
+    /// keeps to it, at most `dynamodb_max_defer`. Valkey is written at every interval.
+    pub dynamodb_writes_per_event: Option<f64>,
+    pub dynamodb_max_defer: Duration,
     /// How long a removed item's tombstone is kept in a bucket.
     pub tombstone_horizon: Duration,
 }
@@ -76,12 +85,16 @@ impl Config {
     /// sink), `TOOLRANK_VALKEY_URL` (unset disables Valkey), `TOOLRANK_NAMESPACE` (the promoted one, else `tr`),
     /// `TOOLRANK_TODAY` (default: the date of each write), `TOOLRANK_BUCKETS` (1),
     /// `TOOLRANK_COMPACT_BYTES` (262144), `TOOLRANK_SINK_INTERVAL_MS` (1000; 0 writes
-    /// the sinks at every invocation), `TOOLRANK_TOMBSTONE_HORIZON_SECS` (604800: at
-    /// least the stream's retention, 24 h, plus the longest a failed batch is retried).
+    /// the sinks at every invocation), `TOOLRANK_DYNAMODB_WRITES_PER_EVENT` (0.05; 0
+    /// disables the budget), `TOOLRANK_DYNAMODB_MAX_DEFER_MS` (60000),
+    /// `TOOLRANK_TOMBSTONE_HORIZON_SECS` (604800: at least the stream's retention, 24 h,
+    /// plus the longest a failed batch is retried).
     pub fn from_env() -> Result<Config, String> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let positive = |k: &str| var(k).map(|b| b.parse::<u64>().ok().filter(|&b| b > 0).ok_or_else(|| format!("{k} {b:?} is not a positive number"))).transpose();
         let today = var("TOOLRANK_TODAY").map(|t| Day::parse_iso(&t).ok_or_else(|| format!("TOOLRANK_TODAY {t:?} is not a YYYY-MM-DD date"))).transpose()?;
+        let number = |k: &str| var(k).map(|v| v.parse::<f64>().ok().filter(|x| x.is_finite() && *x >= 0.0).ok_or_else(|| format!("{k} {v:?} is not a number, 0 or more"))).transpose();
+        let writes_per_event = number("TOOLRANK_DYNAMODB_WRITES_PER_EVENT")?.unwrap_or(DEFAULT_WRITES_PER_EVENT);
         let buckets = positive("TOOLRANK_BUCKETS")?.map(|b| u32::try_from(b).map_err(|_| format!("TOOLRANK_BUCKETS {b} is too large"))).transpose()?;
         Ok(Config {
             application: var("TOOLRANK_APPLICATION").unwrap_or_else(|| "lambda".into()),
@@ -104,9 +117,9 @@ impl Config {
             buckets: buckets.unwrap_or(1),
             compact_bytes: positive("TOOLRANK_COMPACT_BYTES")?.unwrap_or(COMPACT_MIN_BYTES),
             sink_wait: Duration::from_secs(20),
-            sink_interval: Duration::from_millis(
-                var("TOOLRANK_SINK_INTERVAL_MS").map(|v| v.parse::<u64>().map_err(|_| format!("TOOLRANK_SINK_INTERVAL_MS {v:?} is not a number of milliseconds"))).transpose()?.unwrap_or(1000),
-            ),
+            sink_interval: Duration::from_millis(number("TOOLRANK_SINK_INTERVAL_MS")?.map_or(1000, |ms| ms as u64)),
+            dynamodb_writes_per_event: Some(writes_per_event).filter(|&b| b > 0.0),
+            dynamodb_max_defer: Duration::from_millis(number("TOOLRANK_DYNAMODB_MAX_DEFER_MS")?.map_or(60_000, |ms| ms as u64)),
             tombstone_horizon: positive("TOOLRANK_TOMBSTONE_HORIZON_SECS")?.map_or(toolrank_live::DEFAULT_TOMBSTONE_HORIZON, Duration::from_secs),
         })
     }
@@ -261,9 +274,10 @@ impl Handler {
             owner: format!("lambda-{}", std::process::id()),
             lease: Duration::from_secs(10),
             lease_scope: format!("lambda/{}/sink-writer", config.application),
+            // Invocations judge the interval (`sinks_due`); the writer keeps the budget.
             dynamodb_interval: Duration::ZERO,
-            dynamodb_max_defer: Duration::ZERO,
-            dynamodb_writes_per_event: None,
+            dynamodb_max_defer: config.dynamodb_max_defer,
+            dynamodb_writes_per_event: config.dynamodb_writes_per_event,
             tombstone_horizon: config.tombstone_horizon,
         })?;
         let scopes = (0..config.buckets).map(|b| format!("lambda/{}/bucket/{b:05}", config.application)).collect();
@@ -281,7 +295,7 @@ impl Handler {
     /// destination), or a flush failed.
     pub fn handle(&mut self, event: &[u8]) -> Result<Outcome, String> {
         let Some(batch) = Batch::parse(event)? else {
-            if self.writer.has_sinks() && !self.write_sinks() {
+            if self.writer.has_sinks() && !self.write_sinks(true) {
                 return Err("flush: the sinks were not written".into());
             }
             return Ok(Outcome::default());
@@ -295,7 +309,7 @@ impl Handler {
                 earliest_failed = earliest_failed.min(Some(indices[0])).or(Some(indices[0]));
             }
         }
-        if self.writer.has_sinks() && self.sinks_due() && !self.write_sinks() {
+        if self.writer.has_sinks() && self.sinks_due() && !self.write_sinks(false) {
             warn!("the sinks were not written; the batch is retried");
             earliest_failed = Some(0);
         }
@@ -332,9 +346,10 @@ impl Handler {
         }
     }
 
-    /// Writes the sinks from the heads of every bucket log.
-    fn write_sinks(&mut self) -> bool {
-        let ok = self.writer.write_once(&self.scopes, self.config.sink_wait);
+    /// Writes the sinks from the heads of every bucket log (DynamoDB within its write
+    /// budget unless `now`).
+    fn write_sinks(&mut self, now: bool) -> bool {
+        let ok = self.writer.write_once(&self.scopes, self.config.sink_wait, now);
         if ok {
             self.last_sink_write = toolrank_live::now_ms();
         }
@@ -369,7 +384,8 @@ impl Handler {
                 return Ok(());
             }
             let w = &self.writer;
-            match w.call("appending to a bucket's log", w.store.append(&scope, b.at, &deltas)) {
+            let records = changes.clone().count() as u64;
+            match w.call("appending to a bucket's log", w.store.append(&scope, b.at, &deltas, records)) {
                 Ok(at) => {
                     b.engine.delta_saved();
                     let from = std::mem::replace(&mut b.at, at);

@@ -122,6 +122,9 @@ pub struct LogHead {
     pub base_bytes: u64,
     /// Bytes appended since the base was saved.
     pub log_bytes: u64,
+    /// Input records appended to the log since it began (those [`CheckpointStore::append`]
+    /// was told of): how many events a writer of the logs' sum has seen.
+    pub records: u64,
 }
 
 impl LogHead {
@@ -132,6 +135,7 @@ impl LogHead {
             head: number(manifest, "Head"),
             base_bytes: number(manifest, "Bytes"),
             log_bytes: number(manifest, "LogBytes"),
+            records: number(manifest, "Records"),
         }
     }
 
@@ -391,14 +395,15 @@ impl CheckpointStore {
         Ok(deltas)
     }
 
-    /// Appends `deltas` after delta `head`, if that is still the latest. Returns the new
-    /// head; `Err(Fenced)` when another writer appended first (read its deltas, apply the
-    /// batch again, append again). Deltas past the first ten go in further transactions:
-    /// each is a set of whole sessions, so a log cut between two is still consistent.
-    pub async fn append(&self, scope: &str, head: u64, deltas: &[Vec<u8>]) -> Result<u64, Error> {
+    /// Appends `deltas`, the effect of `records` input records, after delta `head`, if
+    /// that is still the latest. Returns the new head; `Err(Fenced)` when another writer
+    /// appended first (read its deltas, apply the batch again, append again). Deltas past
+    /// the first ten go in further transactions: each is a set of whole sessions, so a
+    /// log cut between two is still consistent.
+    pub async fn append(&self, scope: &str, head: u64, deltas: &[Vec<u8>], records: u64) -> Result<u64, Error> {
         let mut head = head;
-        for group in deltas.chunks(DELTAS_PER_APPEND) {
-            head = self.append_group(scope, head, group, None).await?;
+        for (i, group) in deltas.chunks(DELTAS_PER_APPEND).enumerate() {
+            head = self.append_group(scope, head, group, None, if i == 0 { records } else { 0 }).await?;
         }
         Ok(head)
     }
@@ -411,12 +416,12 @@ impl CheckpointStore {
         if deltas.len() > DELTAS_PER_APPEND {
             return Err(Error::Input(format!("{} deltas for {scope}: at most {DELTAS_PER_APPEND} go with a position", deltas.len())));
         }
-        self.append_group(scope, head, deltas, Some((owner, position))).await
+        self.append_group(scope, head, deltas, Some((owner, position)), 0).await
     }
 
-    /// One append transaction: the manifest's head (and an owner's position) with the
-    /// delta items.
-    async fn append_group(&self, scope: &str, head: u64, group: &[Vec<u8>], owned: Option<(&str, &str)>) -> Result<u64, Error> {
+    /// One append transaction: the manifest's head (and an owner's position, or the count
+    /// of records appended) with the delta items.
+    async fn append_group(&self, scope: &str, head: u64, group: &[Vec<u8>], owned: Option<(&str, &str)>, records: u64) -> Result<u64, Error> {
         use aws_sdk_dynamodb::types::{Put, TransactWriteItem, Update};
         let next = head + group.len() as u64;
         let bytes: usize = group.iter().map(Vec::len).sum();
@@ -440,6 +445,10 @@ impl CheckpointStore {
                 .expression_attribute_names("#p", "Position")
                 .expression_attribute_values(":o", s(owner))
                 .expression_attribute_values(":p", s(position));
+        }
+        if records > 0 {
+            expression += ", #r = if_not_exists(#r, :zero) + :records";
+            update = update.expression_attribute_names("#r", "Records").expression_attribute_values(":records", n(records));
         }
         let update = update.update_expression(expression).condition_expression(condition).build().expect("update set");
         let mut items = vec![TransactWriteItem::builder().update(update).build()];
@@ -540,7 +549,7 @@ impl CheckpointStore {
             Base::Upto(at) => (at, old_head, at),
         };
         self.delete_deltas(scope, old_base + 1..=covered).await;
-        Ok(LogHead { generation: next, base_at, head, base_bytes: state.len() as u64, log_bytes: 0 })
+        Ok(LogHead { generation: next, base_at, head, base_bytes: state.len() as u64, log_bytes: 0, records: number(&old, "Records") })
     }
 
     /// Best-effort removal of deltas a base covers: leftovers are never read again.

@@ -374,6 +374,9 @@ pub struct SinkWriter {
     /// the write budget, and how long until it checks again (doubling: each check
     /// costs what planning a round costs).
     dynamodb_events: u64,
+    /// The records the read delta logs hold, for a writer that only reads logs
+    /// ([`write_once`](Self::write_once)): its events, where a consumer counts its own.
+    log_events: Option<u64>,
     budget_waited: Instant,
     budget_wait: Duration,
     /// Items written per changed key in the last round planned: what a round of the
@@ -426,6 +429,7 @@ impl SinkWriter {
             dynamodb_changes: ChangeSet::default(),
             last_dynamodb: Instant::now(),
             dynamodb_events: 0,
+            log_events: None,
             budget_waited: Instant::now(),
             budget_wait: Duration::ZERO,
             writes_per_change: 1.0,
@@ -758,15 +762,17 @@ impl SinkWriter {
     /// Brings the merged copies of the units other consumers own (`others`) to their
     /// logs' heads: by the deltas after a copy's position, or from the base when there
     /// is no copy or a new base replaced those deltas. Copies of units not among
-    /// `others` any more are dropped.
-    fn refresh_remotes(&mut self, others: &[String]) -> Result<(), Error> {
+    /// `others` any more are dropped. Returns the records the logs hold.
+    fn refresh_remotes(&mut self, others: &[String]) -> Result<u64, Error> {
         let gone: Vec<String> = self.remotes.keys().filter(|s| !others.contains(s)).cloned().collect();
         for scope in gone {
             let mut r = self.remotes.remove(&scope).expect("listed");
             self.global.unabsorb(&mut r.engine);
         }
+        let mut records = 0;
         for scope in others {
             let Some(head) = self.call("reading a log head", self.store.log_head(scope))? else { continue };
+            records += head.records;
             let at = self.remotes.get(scope).map(|r| r.at);
             let log = match self.log_catch_up(scope, at, &head)? {
                 LogCatchUp::Current => continue,
@@ -784,7 +790,7 @@ impl SinkWriter {
             debug!(scope, generation = log.at.generation, head = log.at.head, "merged another consumer's checkpoint");
             self.remotes.insert(scope.clone(), Remote { engine, at: log.at.head });
         }
-        Ok(())
+        Ok(records)
     }
 
     /// What brings a copy of a delta-log unit at log position `at` (`None`: no copy) to
@@ -922,7 +928,7 @@ impl SinkWriter {
             return ok;
         }
         self.last_dynamodb = started;
-        self.dynamodb_events = self.summary.messages;
+        self.dynamodb_events = self.events_read();
         self.budget_wait = Duration::ZERO;
         self.summary.dynamodb_rounds += 1;
         let task = self.rt.spawn(async move {
@@ -947,7 +953,12 @@ impl SinkWriter {
     /// than the write budget allows, and the round may still wait for that.
     fn budget_exceeded(&self, writes: f64) -> bool {
         let Some(budget) = self.config.dynamodb_writes_per_event else { return false };
-        self.last_dynamodb.elapsed() < self.config.dynamodb_max_defer && writes > budget * (self.summary.messages - self.dynamodb_events) as f64
+        self.last_dynamodb.elapsed() < self.config.dynamodb_max_defer && writes > budget * self.events_read().saturating_sub(self.dynamodb_events) as f64
+    }
+
+    /// The events the merged state covers so far, as far as this writer can tell.
+    fn events_read(&self) -> u64 {
+        self.log_events.unwrap_or(self.summary.messages)
     }
 
     /// Takes the Valkey sink back from its write if it finished (or, with `wait`, once it
@@ -1068,7 +1079,9 @@ impl SinkWriter {
     /// Writes the sinks once, as lease holder, from the heads of the delta logs `logs`,
     /// and gives the lease up: for writers that come and go (Lambda invocations). Waits
     /// for the lease up to `wait`; `false` if it was not taken or a read or write failed.
-    pub fn write_once(&mut self, logs: &[String], wait: Duration) -> bool {
+    /// Unless `now`, DynamoDB keeps to the write budget, counting the records appended to
+    /// the logs (its changes wait in this writer for its next turn with the lease).
+    pub fn write_once(&mut self, logs: &[String], wait: Duration, now: bool) -> bool {
         let deadline = Instant::now() + wait;
         while !self.take_lease() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -1077,7 +1090,13 @@ impl SinkWriter {
             return false;
         }
         let ok = match self.refresh_remotes(logs) {
-            Ok(()) => self.flush(std::iter::empty(), true),
+            Ok(records) => {
+                self.log_events = Some(records);
+                // Both writes end before the lease is given up.
+                let flushed = self.flush(std::iter::empty(), now);
+                let dynamodb = self.collect_dynamodb(true);
+                flushed & dynamodb & self.collect_valkey(true)
+            }
             Err(e) => {
                 self.summary.retried_errors += 1;
                 warn!(error = %e, "reading the bucket logs failed");

@@ -10,8 +10,8 @@
 //!    its bucket log in the state table and the DynamoDB sink on (Valkey off): duration
 //!    per invocation at both batch sizes, and DynamoDB write requests per record (the
 //!    sink's, and the state table's: log appends, compactions, the sink lease), with the
-//!    sink interval of `TOOLRANK_SINK_INTERVAL_MS` (1 s) and a flush event after the last
-//!    batch.
+//!    sink interval of `TOOLRANK_SINK_INTERVAL_MS` (1 s), the write budget of
+//!    `TOOLRANK_DYNAMODB_WRITES_PER_EVENT` (0.05) and a flush event after the last batch.
 
 use std::time::{Duration, Instant};
 use toolrank_engine::Engine;
@@ -89,9 +89,8 @@ fn main() {
             today: None,
             buckets,
             compact_bytes: COMPACT_MIN_BYTES,
-            sink_wait: Duration::from_secs(20),
-            sink_interval: Duration::from_millis(std::env::var("TOOLRANK_SINK_INTERVAL_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000)),
-            tombstone_horizon: toolrank_live::DEFAULT_TOMBSTONE_HORIZON,
+            // The sink interval and write budget as the function's environment sets them.
+            ..Config::from_env().expect("TOOLRANK_* settings")
         };
         let mut handler = Handler::new(config).expect("a handler");
         let started = Instant::now();
