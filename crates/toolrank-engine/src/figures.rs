@@ -124,9 +124,8 @@ impl Engine {
                 Some((k, score::pattern_score(agg.executions as u64, agg.successes as u64, i64::from(today.0) - i64::from(last.0))))
             })
             .collect();
-        let mut sorted: Vec<f64> = scored.iter().map(|&(_, s)| s).collect();
-        sorted.sort_unstable_by(f64::total_cmp);
-        let (Some(cut), Some(top)) = (score::percentile_cont(&sorted, score::RECOMMEND_PERCENTILE), score::percentile_cont(&sorted, TOP_PERCENTILE)) else {
+        let mut scores: Vec<f64> = scored.iter().map(|&(_, s)| s).collect();
+        let (Some(cut), Some(top)) = (score::percentile_cont_unsorted(&mut scores, score::RECOMMEND_PERCENTILE), score::percentile_cont_unsorted(&mut scores, TOP_PERCENTILE)) else {
             return Recommended::default();
         };
         Recommended {

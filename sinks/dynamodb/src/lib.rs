@@ -27,7 +27,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use toolrank_engine::{AgentFigures, Changes, Engine, PatternFigures, Sym};
+use toolrank_engine::{AgentFigures, Changes, Engine, PatternFigures, PatternKey, Sym};
 use toolrank_events::Day;
 use toolrank_dynamodb::TOTAL;
 
@@ -62,9 +62,22 @@ pub struct Plan {
     /// Agents to compare: an engine symbol (kept pending if its write fails), the id,
     /// and the figures (`None`: the agent left the rankings).
     agents: Vec<(Option<Sym>, String, Option<AgentFigures>)>,
-    /// The whole recommended set by key, with top-scoring flags, when it may have moved.
-    patterns: Option<HashMap<(String, String), Written>>,
+    /// The pattern items to compare, when the recommended set may have moved.
+    patterns: Option<PatternPlan>,
     today: Day,
+}
+
+/// The pattern items a write compares with what the sink wrote.
+#[derive(Clone, Debug)]
+struct PatternPlan {
+    /// Recommended patterns, with top-scoring flags: put where they differ.
+    desired: HashMap<(String, String), Written>,
+    /// Items to delete where written; `None` compares all: whatever the sink wrote that
+    /// `desired` lacks is deleted.
+    leaving: Option<Vec<(String, String)>>,
+    /// The recommended set (engine keys, top flags) once this plan is carried out; `None`
+    /// for a plan not taken from an engine.
+    recommended: Option<HashMap<PatternKey, bool>>,
 }
 
 /// Counters of what the sink did, for metrics and benchmarks.
@@ -155,6 +168,10 @@ pub struct DynamoSink {
     pending_agents: HashSet<Sym>,
     /// Pattern items not yet written (a failure, or beyond a call's budget).
     patterns_pending: bool,
+    /// The recommended set the written pattern items hold, by engine key with top flags,
+    /// when known: a plan then takes the figures of only the patterns that changed or
+    /// crossed a cut since (taking all of them costs ~100 ms on a large state).
+    recommended: Option<HashMap<PatternKey, bool>>,
     /// The first write reads what the table holds.
     loaded: bool,
     pub stats: WriteStats,
@@ -185,6 +202,7 @@ impl DynamoSink {
             patterns: HashMap::new(),
             pending_agents: HashSet::new(),
             patterns_pending: false,
+            recommended: None,
             loaded: false,
             stats: WriteStats::default(),
             units: toolrank_dynamodb::Units::default(),
@@ -227,11 +245,32 @@ impl DynamoSink {
             .collect();
         // The recommended set moves only when some pattern changed (the cut is
         // time-invariant); after a load, the table's items must be compared in any case.
-        let patterns = (!self.loaded || !changes.patterns.is_empty() || self.patterns_pending).then(|| {
-            let rec = engine.recommended(today);
-            desired(rec.patterns.iter().filter_map(|&k| engine.pattern_figures(k).map(|f| (f, rec.top.contains(&k)))))
-        });
+        let patterns = (!self.loaded || !changes.patterns.is_empty() || self.patterns_pending).then(|| self.plan_patterns(engine, changes, today));
         Plan { agents, patterns, today }
+    }
+
+    /// The recommended set for `today` and the items to compare: all of them when the
+    /// sink must compare all (a first write, a failed one), otherwise those of patterns
+    /// in `changes` or that entered, left or moved across the top cut since the set the
+    /// table holds.
+    fn plan_patterns(&self, engine: &Engine, changes: &Changes, today: Day) -> PatternPlan {
+        let rec = engine.recommended(today);
+        let known = self.recommended.as_ref().filter(|_| self.loaded && !self.patterns_pending);
+        let changed: HashSet<PatternKey> = changes.patterns.iter().copied().collect();
+        let mut recommended = HashMap::with_capacity(rec.patterns.len());
+        let mut desired = HashMap::new();
+        for &k in &rec.patterns {
+            let top = rec.top.contains(&k);
+            recommended.insert(k, top);
+            if known.is_some_and(|was| !changed.contains(&k) && was.get(&k) == Some(&top)) {
+                continue;
+            }
+            if let Some(f) = engine.pattern_figures(k) {
+                desired.insert((f.user_id.clone(), pattern_name(&f)), Written { figures: f, top });
+            }
+        }
+        let leaving = known.map(|was| was.keys().filter(|k| !recommended.contains_key(*k)).map(|&k| item_key(engine, k)).collect());
+        PatternPlan { desired, leaving, recommended: Some(recommended) }
     }
 
     /// How many items a [`plan`](Self::plan) writes when carried out now (what differs
@@ -255,12 +294,13 @@ impl DynamoSink {
         }
     }
 
-    /// The pattern items to write for the `desired` set: puts (`Some`) of those whose
-    /// figures or flag differ, deletes (`None`) of those no longer recommended.
-    fn pattern_changes<'a>(&'a self, desired: &'a HashMap<(String, String), Written>) -> impl Iterator<Item = (&'a (String, String), Option<&'a Written>)> + 'a {
-        let puts = desired.iter().filter(|(key, w)| self.patterns.get(*key) != Some(*w)).map(|(key, w)| (key, Some(w)));
-        let deletes = self.patterns.keys().filter(|k| !desired.contains_key(*k)).map(|k| (k, None));
-        puts.chain(deletes)
+    /// The pattern items a plan writes: puts (`Some`) of those whose figures or flag
+    /// differ, deletes (`None`) of those no longer recommended.
+    fn pattern_changes<'a>(&'a self, plan: &'a PatternPlan) -> impl Iterator<Item = (&'a (String, String), Option<&'a Written>)> + 'a {
+        let puts = plan.desired.iter().filter(|(key, w)| self.patterns.get(*key) != Some(*w)).map(|(key, w)| (key, Some(w)));
+        let unwanted = plan.leaving.is_none().then(|| self.patterns.keys().filter(|k| !plan.desired.contains_key(*k))).into_iter().flatten();
+        let leaving = plan.leaving.iter().flatten().filter(|k| self.patterns.contains_key(*k));
+        puts.chain(unwanted.chain(leaving).map(|k| (k, None)))
     }
 
     /// Carries a [`plan`](Self::plan) out: reads the namespace first if this sink does not
@@ -283,6 +323,7 @@ impl DynamoSink {
         let (agents, patterns) = read_table(&self.client, &self.table, &self.namespace).await?;
         self.agents = agents.into_iter().map(|a| (a.agent_id.clone(), a)).collect();
         self.patterns = patterns.into_iter().map(|(f, top)| ((f.user_id.clone(), pattern_name(&f)), Written { figures: f, top })).collect();
+        self.recommended = None;
         self.loaded = true;
         Ok(())
     }
@@ -295,7 +336,7 @@ impl DynamoSink {
         let gone: Vec<String> = self.agents.keys().filter(|id| !named.contains(id.as_str())).cloned().collect();
         let writes = agents.into_iter().map(|f| (None, f.agent_id.clone(), Some(table_figures(f)))).chain(gone.into_iter().map(|id| (None, id, None))).collect();
         self.write_agents(writes, today).await?;
-        let patterns = desired(patterns);
+        let patterns = PatternPlan { desired: desired(patterns), leaving: None, recommended: None };
         loop {
             self.write_patterns(patterns.clone(), today).await?;
             if !self.patterns_pending {
@@ -422,12 +463,11 @@ impl DynamoSink {
     }
 
     /// Puts the recommended patterns (with their top-scoring flag) whose figures changed
-    /// and deletes those no longer recommended. The cut moves with every new pattern, so
-    /// this compares all.
-    async fn write_patterns(&mut self, desired: HashMap<(String, String), Written>, today: Day) -> Result<(), Error> {
+    /// and deletes those no longer recommended.
+    async fn write_patterns(&mut self, plan: PatternPlan, today: Day) -> Result<(), Error> {
         let mut puts = 0;
         let writes: Vec<((String, String), WriteRequest)> = self
-            .pattern_changes(&desired)
+            .pattern_changes(&plan)
             .map(|(key, w)| {
                 puts += usize::from(w.is_some());
                 let request = match w {
@@ -437,7 +477,7 @@ impl DynamoSink {
                 (key.clone(), request)
             })
             .collect();
-        self.stats.unchanged += (desired.len() - puts) as u64;
+        self.stats.unchanged += (plan.desired.len() - puts) as u64;
         // Batches of 25, several in flight, started only within the budget: a large
         // change (a first load, a moved cut) is spread over several calls instead of
         // blocking the caller. What was written is remembered batch by batch.
@@ -474,12 +514,14 @@ impl DynamoSink {
                 continue;
             }
             for key in keys {
-                match desired.get(&key) {
+                match plan.desired.get(&key) {
                     Some(w) => self.patterns.insert(key, w.clone()),
                     None => self.patterns.remove(&key),
                 };
             }
         }
+        // Known only once every item of the plan was written.
+        self.recommended = plan.recommended.filter(|_| !self.patterns_pending && failed.is_none());
         failed.map_or(Ok(()), Err)
     }
 }
@@ -491,6 +533,13 @@ fn table_figures(mut f: AgentFigures) -> AgentFigures {
 }
 
 /// The recommended pattern items by key.
+/// The item key (user, name) of pattern `k`, whether or not the engine still holds its figures.
+fn item_key(engine: &Engine, k: PatternKey) -> (String, String) {
+    let user = engine.name(k.user);
+    let id = engine.pattern_id(k);
+    (user.to_owned(), id[user.len() + 1..].to_owned())
+}
+
 fn desired(recommended: impl IntoIterator<Item = (PatternFigures, bool)>) -> HashMap<(String, String), Written> {
     recommended.into_iter().map(|(f, top)| ((f.user_id.clone(), pattern_name(&f)), Written { figures: f, top })).collect()
 }
