@@ -1660,6 +1660,63 @@ fn valkey_holds(url: &str, prefix: &str, domains: &[String]) -> (Vec<toolrank_en
     (agents, patterns, rankings)
 }
 
+/// The pattern items (`UserPrcToolMapp`) a table holds, without their TTL (it counts
+/// from the moment of writing).
+async fn pattern_items(client: &aws_sdk_dynamodb::Client, table: &str) -> std::collections::BTreeMap<String, String> {
+    let mut items = std::collections::BTreeMap::new();
+    let mut start = None;
+    loop {
+        let page = client.scan().table_name(table).set_exclusive_start_key(start).send().await.unwrap();
+        for item in page.items() {
+            if item.get("EntityType").and_then(|v| v.as_s().ok()).is_some_and(|e| e == toolrank_sink_dynamodb::PATTERN_ENTITY) {
+                let key = format!("{:?} {:?}", item["PK"], item["SK"]);
+                let rest: std::collections::BTreeMap<&String, String> = item.iter().filter(|(k, _)| k.as_str() != toolrank_dynamodb::TTL_ATTRIBUTE).map(|(k, v)| (k, format!("{v:?}"))).collect();
+                items.insert(key, format!("{rest:?}"));
+            }
+        }
+        start = page.last_evaluated_key;
+        if start.is_none() {
+            return items;
+        }
+    }
+}
+
+/// A DynamoDB sink written round after round (each round plans only the patterns that
+/// changed or crossed a cut since the last) holds, after every round, the same pattern
+/// items as a sink that writes everything into an empty table: entering, leaving and
+/// top-flag moves included.
+#[test]
+fn dynamodb_sink_rounds_hold_what_a_full_write_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.jsonl");
+    toolrank(&["generate", "--sessions", "600", "--seed", "17", "--agents", "30", "--out", path.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let today = toolrank_events::Day::parse_iso(TODAY).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = toolrank_dynamodb::client().await;
+        let rounds = unique("Rounds");
+        toolrank_dynamodb::create_table(&client, &rounds, false).await.unwrap();
+        let mut sink = toolrank_sink_dynamodb::DynamoSink::new(client.clone(), rounds.clone());
+        let mut engine = toolrank_engine::Engine::new();
+        engine.track_changes();
+        for (i, slice) in lines.chunks(lines.len() / 6 + 1).enumerate() {
+            apply_lines(&mut engine, slice);
+            engine.flush();
+            let changes = engine.take_changes();
+            sink.write(&engine, &changes, today).await.unwrap();
+            assert!(!sink.needs_write());
+            let full = unique("Full");
+            toolrank_dynamodb::create_table(&client, &full, false).await.unwrap();
+            toolrank_sink_dynamodb::DynamoSink::new(client.clone(), full.clone()).write(&engine, &engine.everything(), today).await.unwrap();
+            let (held, expected) = (pattern_items(&client, &rounds).await, pattern_items(&client, &full).await);
+            assert!(!expected.is_empty());
+            assert_eq!(held, expected, "round {i}");
+        }
+    });
+}
+
 #[test]
 fn valkey_sink_writes_only_differences_and_holds_what_a_full_write_holds() {
     let url = env("TOOLRANK_VALKEY_URL");
