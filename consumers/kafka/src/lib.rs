@@ -138,6 +138,13 @@ impl ConsumerContext for Rebalances {
     fn post_rebalance(&self, _: &BaseConsumer<Self>, _: &Rebalance<'_>) {
         self.events.fetch_add(1, Ordering::SeqCst);
     }
+
+    /// The outcome of an offset commit sent without waiting (see `Consumer_::commit`).
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, _: &TopicPartitionList) {
+        if let Err(e) = result {
+            warn!(error = %e, "committing offsets failed");
+        }
+    }
 }
 
 /// Fewer messages than this waiting on the broker: the consumer reads as records arrive,
@@ -552,11 +559,13 @@ impl Consumer_ {
             self.fenced.insert(p, Instant::now());
         }
         self.writer.record_state(self.parts.values().map(|p| &p.engine), wait);
-        self.commit()
+        self.commit(wait)
     }
 
-    /// Commits the offsets of the checkpointed partitions.
-    fn commit(&mut self) -> Result<(), Error> {
+    /// Commits the offsets of the checkpointed partitions. The checkpoint, not the committed offset, is where a restart resumes: the commit
+    /// only shows the group's progress to Kafka tools, so the loop does not wait for it
+    /// (a round trip to the broker, up to tens of milliseconds) unless `wait` (the last).
+    fn commit(&mut self, wait: bool) -> Result<(), Error> {
         let mut tpl = TopicPartitionList::new();
         for (&p, part) in &self.parts {
             if part.saved_offset > 0 {
@@ -564,8 +573,7 @@ impl Consumer_ {
             }
         }
         if tpl.count() > 0 {
-            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync) {
-                // The checkpoint, not the committed offset, is where a restart resumes.
+            if let Err(e) = self.consumer.commit(&tpl, if wait { CommitMode::Sync } else { CommitMode::Async }) {
                 warn!(error = %e, "committing offsets failed");
             }
         }
