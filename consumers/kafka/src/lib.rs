@@ -96,6 +96,8 @@ struct Partition {
     /// The checkpoint being saved, and the offset it covers.
     saving: Option<Saving>,
     saving_offset: i64,
+    /// When its last save started: the one longest ago is saved next.
+    save_started: Instant,
     /// The offset the last saved checkpoint covers (what may be committed).
     saved_offset: i64,
 }
@@ -286,7 +288,8 @@ impl Consumer_ {
                 self.flush_sinks(false);
                 slow("flushing the sinks", started);
             }
-            if last_checkpoint.elapsed() >= self.config.checkpoint_interval {
+            // The partitions take turns (see `checkpoint`): each is saved once per interval.
+            if last_checkpoint.elapsed() >= self.config.checkpoint_interval / self.parts.len().max(1) as u32 {
                 last_checkpoint = Instant::now();
                 self.checkpoint(false)?;
                 slow("checkpointing", last_checkpoint);
@@ -397,7 +400,7 @@ impl Consumer_ {
         let (engine, position, at) = self.writer.claim(&scope(&self.config, p))?;
         let next_offset = position.as_deref().and_then(|p| p.parse().ok()).unwrap_or(0);
         info!(partition = p, generation = at.generation, deltas = at.head.saturating_sub(at.base_at), next_offset, "checkpoint claimed");
-        self.parts.insert(p, Partition { engine, next_offset, at, dirty: false, saving: None, saving_offset: next_offset, saved_offset: next_offset });
+        self.parts.insert(p, Partition { engine, next_offset, at, dirty: false, saving: None, saving_offset: next_offset, saved_offset: next_offset, save_started: Instant::now() });
         Ok(next_offset)
     }
 
@@ -522,14 +525,18 @@ impl Consumer_ {
         }
     }
 
-    /// Saves every changed partition's state with its offset, then commits the offsets
-    /// saved. Saves run on the runtime's worker: one started at an interval is collected
-    /// at the next, or at once with `wait`.
+    /// Saves a changed partition's state with its offset (every changed one with
+    /// `wait`), then commits the offsets saved. Saves run on the runtime's worker: one
+    /// started at a round is collected at a later one, or at once with `wait`.
     fn checkpoint(&mut self, wait: bool) -> Result<(), Error> {
         self.flush_sinks(false);
         // The dead letters of the offsets a checkpoint covers are delivered before it.
         self.dead_letters.flush(Duration::from_secs(30))?;
         let mut fenced = Vec::new();
+        // One new save per round unless `wait`: the one saved longest ago. Serializing a
+        // partition's changes (now and then its whole state) takes milliseconds to tens
+        // of them; spread over the interval, no record waits for all partitions' at once.
+        let next = self.parts.iter().filter(|(_, part)| part.dirty && part.saving.is_none()).min_by_key(|(_, part)| part.save_started).map(|(&p, _)| p);
         for (&p, part) in self.parts.iter_mut() {
             let mut started = false;
             loop {
@@ -546,9 +553,10 @@ impl Consumer_ {
                     }
                     None => {}
                 }
-                if started || !part.dirty || part.saving.is_some() {
+                if started || !part.dirty || part.saving.is_some() || (!wait && next != Some(p)) {
                     break;
                 }
+                part.save_started = Instant::now();
                 part.saving = Some(self.writer.start_save(&scope(&self.config, p), part.at, &part.next_offset.to_string(), &mut part.engine));
                 (part.saving_offset, part.dirty, started) = (part.next_offset, false, true);
             }
