@@ -570,9 +570,10 @@ impl Consumer_ {
         self.commit(wait)
     }
 
-    /// Commits the offsets of the checkpointed partitions. The checkpoint, not the committed offset, is where a restart resumes: the commit
-    /// only shows the group's progress to Kafka tools, so the loop does not wait for it
-    /// (a round trip to the broker, up to tens of milliseconds) unless `wait` (the last).
+    /// Commits the offsets of the checkpointed partitions. The checkpoint, not the
+    /// committed offset, is where a restart resumes: the commit only shows the group's
+    /// progress to Kafka tools, so the loop does not wait for it (a round trip to the
+    /// broker, up to tens of milliseconds) unless `wait` (the last).
     fn commit(&mut self, wait: bool) -> Result<(), Error> {
         let mut tpl = TopicPartitionList::new();
         for (&p, part) in &self.parts {

@@ -256,7 +256,8 @@ impl DynamoSink {
     fn plan_patterns(&self, engine: &Engine, changes: &Changes, today: Day) -> PatternPlan {
         let rec = engine.recommended(today);
         let known = self.recommended.as_ref().filter(|_| self.loaded && !self.patterns_pending);
-        let changed: HashSet<PatternKey> = changes.patterns.iter().copied().collect();
+        // Only a plan against a known set skips patterns, so only it looks them up.
+        let changed: HashSet<PatternKey> = known.map(|_| changes.patterns.iter().copied().collect()).unwrap_or_default();
         let mut recommended = HashMap::with_capacity(rec.patterns.len());
         let mut desired = HashMap::new();
         for &k in &rec.patterns {
