@@ -31,6 +31,7 @@ use toolrank_dynamodb::CheckpointStore;
 ///   toolrank backfill --from export s3://my-bucket/exports/AWSDynamoDB/01234-abcd/
 ///   toolrank consume kafka --topic toolrank-events --group rankings
 #[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
 pub struct Args {
     /// Where the items come from.
     #[arg(long, value_enum)]

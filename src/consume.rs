@@ -36,6 +36,7 @@ enum Source {
 ///   toolrank consume dynamodb-streams --table AgentTable --until-idle 5
 ///   toolrank top agents --domain DMN001
 #[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
 struct StreamsArgs {
     /// The table whose stream is read (its latest stream).
     #[arg(long, env = "TOOLRANK_SOURCE_TABLE", default_value = "AgentTable")]
@@ -208,6 +209,7 @@ fn owner(id: Option<String>) -> String {
 ///   toolrank consume kafka --topic toolrank-events --group toolrank --until-idle 5
 ///   toolrank top agents --domain DMN001
 #[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
 struct KafkaArgs {
     /// Kafka bootstrap servers.
     #[arg(long, env = "TOOLRANK_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]

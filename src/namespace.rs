@@ -126,6 +126,7 @@ async fn pointer_in_dynamodb(state_table: &str) -> Result<Option<String>> {
 ///   toolrank diff v2
 ///   toolrank promote v2 --drop-previous
 #[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
 pub struct PromoteArgs {
     /// The namespace to make active.
     name: String,

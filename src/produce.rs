@@ -22,6 +22,7 @@ use toolrank_source_file::{expand, LineReader};
 ///   toolrank produce --generate --sessions 10000 --rate 5000 --seed 7
 ///   toolrank produce --to dynamodb --table AgentTable history.jsonl
 #[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
 pub struct Args {
     /// Where records go.
     #[arg(long, value_enum, default_value = "kafka")]

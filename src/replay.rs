@@ -37,6 +37,7 @@ use toolrank_source_file::{expand, Input, LineReader, SourceError};
 ///   toolrank replay --today 2025-07-14 --out results/ examples/seed-sample.jsonl
 ///   toolrank replay --from-kafka --topic toolrank-events --since 2025-07-01 --namespace v2
 #[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
 pub struct Args {
     /// The date scores are computed for (YYYY-MM-DD). Default: today in UTC.
     #[arg(long, env = "TOOLRANK_TODAY")]

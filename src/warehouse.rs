@@ -88,6 +88,7 @@ enum Command {
 ///   toolrank mirror examples/seed-sample.jsonl
 ///   toolrank warehouse score --today 2025-07-14 --out /tmp/batch
 #[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
 struct ScoreArgs {
     #[command(flatten)]
     warehouse: WarehouseArgs,
@@ -211,6 +212,7 @@ fn push(rt: &tokio::runtime::Runtime, sinks: &SinkArgs, staging: &[results::Stag
 ///   toolrank mirror --follow kafka --topic toolrank-events --until-idle 5
 ///   toolrank mirror --follow dynamodb-streams --source-table AgentTable
 #[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
 pub struct MirrorArgs {
     #[command(flatten)]
     warehouse: WarehouseArgs,
