@@ -43,8 +43,8 @@ pub struct Args {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     segments: u32,
     /// Read capacity units per second, across all segments (--from dynamodb; default: no
-    /// limit). Keeps a backfill from starving the application on a provisioned table.
-    #[arg(long)]
+    /// limit; 0 too). Keeps a backfill from starving the application on a provisioned table.
+    #[arg(long, value_parser = crate::args::rate)]
     max_rcu: Option<f64>,
     /// Items per Scan page (default: DynamoDB's 1 MB pages).
     #[arg(long)]
@@ -69,7 +69,7 @@ pub struct Args {
     #[arg(long)]
     restart: bool,
     /// Seconds between checkpoints.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = crate::args::seconds)]
     checkpoint_secs: f64,
     /// Append lines that are not export items here as JSON lines (--from export).
     #[arg(long, value_name = "FILE")]

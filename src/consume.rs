@@ -85,6 +85,32 @@ struct DynamoDbPacing {
     dynamodb_writes_per_event: f64,
 }
 
+/// How often the engine state is saved with the input positions it covers.
+#[derive(clap::Args)]
+struct Checkpointing {
+    /// Seconds between checkpoints of the engine state (per partition or shard lineage,
+    /// with its input position): a restart replays at most this much once caught up.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0, value_parser = crate::args::seconds, env = "TOOLRANK_CHECKPOINT_SECS")]
+    checkpoint_secs: f64,
+    /// While a backlog is read, checkpoints wait as long as its records are late, up to
+    /// this many seconds: a catch-up's state grows fast and each save carries most of
+    /// it, so saving every --checkpoint-secs would write it many times over (2.7x the
+    /// state table's writes on bench/stream.sh's backlog). A restart during a catch-up
+    /// replays up to this much. At most --checkpoint-secs: no stretching.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = crate::args::seconds, env = "TOOLRANK_CHECKPOINT_MAX_SECS")]
+    checkpoint_max_secs: f64,
+}
+
+impl Checkpointing {
+    fn interval(&self) -> Duration {
+        Duration::from_secs_f64(self.checkpoint_secs)
+    }
+
+    fn max(&self) -> Duration {
+        Duration::from_secs_f64(self.checkpoint_max_secs)
+    }
+}
+
 /// How long the engine state remembers removed items.
 #[derive(clap::Args)]
 struct Retention {
@@ -131,7 +157,7 @@ struct PollerArgs {
     #[arg(long, env = "TOOLRANK_APPLICATION", default_value = "toolrank")]
     application: String,
     /// Exit after SECS without a new record, once every shard is read (tests, batch use).
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", value_parser = crate::args::seconds)]
     until_idle: Option<f64>,
     /// Milliseconds between Valkey writes (changes are coalesced per key in between).
     #[arg(long, default_value_t = 20, env = "TOOLRANK_FLUSH_MS")]
@@ -140,11 +166,10 @@ struct PollerArgs {
     dynamodb: DynamoDbPacing,
     #[command(flatten)]
     retention: Retention,
-    /// Seconds between checkpoints of lineage state.
-    #[arg(long, default_value_t = 5.0, env = "TOOLRANK_CHECKPOINT_SECS")]
-    checkpoint_secs: f64,
+    #[command(flatten)]
+    checkpoints: Checkpointing,
     /// Seconds between reads of the shard listing (new shards, splits).
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = crate::args::seconds)]
     discover_secs: f64,
     /// Milliseconds to wait after a round of reads that found nothing (DynamoDB Streams
     /// allows about 5 reads per second per shard).
@@ -152,7 +177,7 @@ struct PollerArgs {
     idle_poll_ms: u64,
     /// Seconds a lease (lineage or sink) lasts without renewal: how soon a dead poller's
     /// work is taken over.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = crate::args::seconds)]
     lease_secs: f64,
     /// Rejected records, one JSON line each (reason, shard, sequence number, record).
     #[arg(long, env = "TOOLRANK_DEAD_LETTER_FILE", default_value = "toolrank-dead-letters.jsonl")]
@@ -174,7 +199,8 @@ impl PollerArgs {
             dynamodb_interval: self.dynamodb.interval(),
             dynamodb_max_defer: self.dynamodb.max_defer(),
             dynamodb_writes_per_event: self.dynamodb.writes_per_event(),
-            checkpoint_interval: Duration::from_secs_f64(self.checkpoint_secs),
+            checkpoint_interval: self.checkpoints.interval(),
+            checkpoint_max: self.checkpoints.max(),
             discover_interval: Duration::from_secs_f64(self.discover_secs),
             idle_poll: Duration::from_millis(self.idle_poll_ms),
             state_table: self.sinks.state_table.clone(),
@@ -224,7 +250,7 @@ struct KafkaArgs {
     #[arg(long, env = "TOOLRANK_DEAD_LETTER_TOPIC", default_value = "toolrank-dead-letters")]
     dead_letter_topic: String,
     /// Exit after SECS without a new message (tests, batch use).
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", value_parser = crate::args::seconds)]
     until_idle: Option<f64>,
     /// Milliseconds between Valkey writes (changes are coalesced per key in between).
     #[arg(long, default_value_t = 20, env = "TOOLRANK_FLUSH_MS")]
@@ -233,12 +259,11 @@ struct KafkaArgs {
     dynamodb: DynamoDbPacing,
     #[command(flatten)]
     retention: Retention,
-    /// Seconds between checkpoints of partition state (a restart replays at most this much).
-    #[arg(long, default_value_t = 5.0, env = "TOOLRANK_CHECKPOINT_SECS")]
-    checkpoint_secs: f64,
+    #[command(flatten)]
+    checkpoints: Checkpointing,
     /// Seconds the sink lease lasts without renewal (how soon another consumer takes
     /// over the sinks from a dead one).
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 5.0, value_parser = crate::args::seconds)]
     lease_secs: f64,
     /// This consumer's identity (default: host and process id).
     #[arg(long, env = "TOOLRANK_CONSUMER_ID")]
@@ -282,7 +307,8 @@ fn kafka(a: KafkaArgs, stop: Arc<AtomicBool>) -> Result<toolrank_live::Summary> 
         dynamodb_interval: a.dynamodb.interval(),
         dynamodb_max_defer: a.dynamodb.max_defer(),
         dynamodb_writes_per_event: a.dynamodb.writes_per_event(),
-        checkpoint_interval: Duration::from_secs_f64(a.checkpoint_secs),
+        checkpoint_interval: a.checkpoints.interval(),
+        checkpoint_max: a.checkpoints.max(),
         state_table: a.sinks.state_table.clone(),
         table: (!a.sinks.no_dynamodb).then(|| a.sinks.table.clone()),
         valkey_url: (!a.sinks.no_valkey).then(|| a.sinks.valkey_url.clone()),

@@ -1,5 +1,6 @@
 //! `toolrank`: turns AI-agent tool-execution history into the seed's rankings.
 
+mod args;
 mod backfill;
 mod consume;
 mod generate;

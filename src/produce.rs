@@ -37,7 +37,7 @@ pub struct Args {
     #[arg(long, env = "TOOLRANK_TABLE", default_value = "AgentTable")]
     table: String,
     /// At most this many records per second (0: as fast as possible).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::args::rate)]
     rate: f64,
     /// Generate a synthetic workload (stream records with modifies, removes,
     /// redeliveries and late Agent items) instead of reading files.

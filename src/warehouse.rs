@@ -36,7 +36,7 @@ pub struct WarehouseArgs {
     #[arg(long, env = "TOOLRANK_REDSHIFT_DATABASE", default_value = "dev")]
     database: String,
     /// Seconds a statement may run before it is cancelled and the command fails.
-    #[arg(long, env = "TOOLRANK_STATEMENT_TIMEOUT", default_value_t = 600.0)]
+    #[arg(long, env = "TOOLRANK_STATEMENT_TIMEOUT", default_value_t = 600.0, value_parser = crate::args::seconds)]
     statement_timeout: f64,
 }
 
@@ -229,7 +229,7 @@ pub struct MirrorArgs {
     #[arg(long, env = "TOOLRANK_SOURCE_TABLE", default_value = "AgentTable")]
     source_table: String,
     /// Exit after SECS without a new record (--follow; tests and batch use).
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", value_parser = crate::args::seconds)]
     until_idle: Option<f64>,
     /// Append rejected records here as JSON lines.
     #[arg(long, value_name = "FILE")]

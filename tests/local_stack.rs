@@ -705,6 +705,32 @@ fn rounds_under_budget(budget: &str) -> u64 {
     rounds
 }
 
+/// A backlog stretches the checkpoint interval with its records' lateness (up to
+/// --checkpoint-max-secs): a catch-up saves its fast-growing state a few times, not at
+/// every interval, and the sinks equal replay either way. Saving at every interval
+/// takes whole snapshots while the partitions still coalesce changes for the sinks
+/// (whose intervals a backlog stretches): those changes reach the sinks all the same.
+#[test]
+fn a_backlog_stretches_checkpoints_and_the_sinks_stay_exact() {
+    let checkpoints = |max: &str| {
+        let live = Live::new("2");
+        let history = generated(&live, "20000", "14");
+        assert!(live.producer("0", &history).wait(COMMAND_LIMIT).status.success());
+        // The records are seconds old when the consumer reads them: a backlog.
+        std::thread::sleep(Duration::from_secs(3));
+        let out = live.toolrank(&[
+            "consume", "kafka", "--topic", &live.topic, "--group", &live.group, "--dead-letter-topic", &live.dlq, "--table", &live.table,
+            "--namespace", &live.namespace, "--today", TODAY, "--until-idle", "3", "--checkpoint-secs", "0.05", "--checkpoint-max-secs", max,
+        ]);
+        let log = String::from_utf8(out.stderr).unwrap();
+        live.assert_sinks_equal_replay(&history, None);
+        count_after(&log, "dead-lettered; ")
+    };
+    let (every, stretched) = (checkpoints("0"), checkpoints("60"));
+    eprintln!("checkpoints: {every} at every interval, {stretched} stretched");
+    assert!(stretched * 2 <= every, "{stretched} stretched against {every}");
+}
+
 /// Removed items' tombstones are forgotten once older than the horizon: a consumer
 /// restarted past it expires those its partitions held (reported in the summary), and
 /// the sinks still equal replay. The tail holds no redelivered copies (a copy of a

@@ -67,6 +67,8 @@ pub struct Config {
     pub dynamodb_writes_per_event: Option<f64>,
     /// How often partition state is checkpointed.
     pub checkpoint_interval: Duration,
+    /// How long checkpoints may wait while a backlog is read ([`SinkWriter::stretched`]).
+    pub checkpoint_max: Duration,
     /// The pipeline's state table (checkpoints, leases).
     pub state_table: String,
     /// The DynamoDB sink's table; `None` disables the sink.
@@ -289,7 +291,7 @@ impl Consumer_ {
                 slow("flushing the sinks", started);
             }
             // The partitions take turns (see `checkpoint`): each is saved once per interval.
-            if last_checkpoint.elapsed() >= self.config.checkpoint_interval / self.parts.len().max(1) as u32 {
+            if last_checkpoint.elapsed() >= self.writer.stretched(self.config.checkpoint_interval, self.config.checkpoint_max) / self.parts.len().max(1) as u32 {
                 last_checkpoint = Instant::now();
                 self.checkpoint(false)?;
                 slow("checkpointing", last_checkpoint);

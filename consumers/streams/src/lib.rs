@@ -80,6 +80,8 @@ pub struct Config {
     pub dynamodb_writes_per_event: Option<f64>,
     /// How often tree state is checkpointed.
     pub checkpoint_interval: Duration,
+    /// How long checkpoints may wait while a backlog is read ([`SinkWriter::stretched`]).
+    pub checkpoint_max: Duration,
     /// How often the shard listing is read (new shards, splits).
     pub discover_interval: Duration,
     /// Pause after a round of reads that found nothing.
@@ -218,7 +220,7 @@ impl<S: ShardSource> Poller<S> {
                 }
                 self.flush_sinks(false);
             }
-            if last_checkpoint.elapsed() >= self.config.checkpoint_interval {
+            if last_checkpoint.elapsed() >= self.writer.stretched(self.config.checkpoint_interval, self.config.checkpoint_max) {
                 last_checkpoint = Instant::now();
                 self.checkpoint(false);
             }

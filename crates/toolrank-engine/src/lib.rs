@@ -885,6 +885,9 @@ impl Engine {
     }
 
     /// Serializes the whole state (after a flush) for a checkpoint.
+    ///
+    /// It flushes without forwarding: an engine that forwards into a merged one must
+    /// [`flush_into`](Self::flush_into) it first, or the merged engine misses what was pending.
     pub fn snapshot(&mut self) -> Vec<u8> {
         self.flush();
         versioned(SNAPSHOT_VERSION, self)

@@ -554,7 +554,13 @@ impl SinkWriter {
         let deltas = deltas.unwrap_or_default();
         // Taken: a failed save makes the next one whole (see `saved`).
         engine.delta_saved();
-        let state = whole.then(|| engine.snapshot());
+        let state = whole.then(|| {
+            // A snapshot flushes the unit's pending changes into its own aggregates; they
+            // are forwarded first, or the merged engine (and so the sinks) would never get
+            // the ones the unit was still coalescing (see `flush`).
+            engine.flush_into(&mut self.global);
+            engine.snapshot()
+        });
         let bytes = state.as_ref().map_or(bytes, Vec::len);
         let (store, owner, scope_, position_) = (self.store.clone(), self.config.owner.clone(), scope.to_owned(), position.to_owned());
         let task = self.rt.spawn(async move {
@@ -1035,12 +1041,18 @@ impl SinkWriter {
         }
     }
 
-    /// How long DynamoDB changes coalesce now: the configured interval, or while a
-    /// backlog is read, as long as the records are late (up to the configured maximum).
+    /// How long DynamoDB changes coalesce now (see [`SinkWriter::stretched`]).
     fn dynamodb_interval(&self) -> Duration {
+        self.stretched(self.config.dynamodb_interval, self.config.dynamodb_max_defer)
+    }
+
+    /// `interval`, or while a backlog is read, as long as its records are late, up to
+    /// `max`: work whose result is stale anyway (DynamoDB rounds, checkpoints of a
+    /// catch-up's fast-growing state) is not paid for at every interval.
+    pub fn stretched(&self, interval: Duration, max: Duration) -> Duration {
         match self.backlog() {
-            Some(behind) => self.config.dynamodb_interval.max(behind.min(self.config.dynamodb_max_defer)),
-            None => self.config.dynamodb_interval,
+            Some(behind) => interval.max(behind.min(max)),
+            None => interval,
         }
     }
 

@@ -84,8 +84,9 @@ pub struct Limiter {
 }
 
 impl Limiter {
+    /// At most `per_second` units a second; `None` or 0: no limit.
     pub fn new(per_second: Option<f64>) -> Limiter {
-        Limiter { per_second, next: Mutex::new(Instant::now()) }
+        Limiter { per_second: per_second.filter(|&r| r > 0.0), next: Mutex::new(Instant::now()) }
     }
 
     /// Accounts for `units` just consumed, waiting if the budget is ahead.
