@@ -11,13 +11,17 @@
 #      consumer reports p50/p99 from each message's Kafka timestamp to its effect being
 #      written to Valkey, and the DynamoDB writes while they arrive (the exit's flush,
 #      which writes what the budget held, reported apart).
+# After each consumer, the sinks are compared with `toolrank replay` of the same records
+# ("exact: ..."; the script fails if they differ).
 # Prints events/s of both, toolrank's share of the raw rate, CPU µs per event, DynamoDB
 # write requests and write capacity units per event (the sink's, and the state table's:
 # checkpoints and leases), Valkey commands per event, the peak RSS and the latency; for
 # the steady-rate phase too, what its writes cost per event.
 # Usage: bench/stream.sh   (SESSIONS=300000 gives ~1M events; LATENCY_RATE=5000,
 #                           LATENCY_SESSIONS=30000 gives ~100k events over ~20 s;
-#                           DYNAMODB_FLUSH_MS=1000 is the consumers' --dynamodb-flush-ms)
+#                           DYNAMODB_FLUSH_MS=1000 is the consumers' --dynamodb-flush-ms;
+#                           CONSUME_ARGS adds flags to both consumers, e.g.
+#                           CONSUME_ARGS="--checkpoint-secs 30")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/toolrank/target}"
@@ -26,6 +30,9 @@ PARTITIONS="${PARTITIONS:-6}"
 LATENCY_RATE="${LATENCY_RATE:-5000}"
 LATENCY_SESSIONS="${LATENCY_SESSIONS:-30000}"
 DYNAMODB_FLUSH_MS="${DYNAMODB_FLUSH_MS:-1000}"
+read -ra CONSUME_ARGS <<< "${CONSUME_ARGS:-}"
+# The generated history ends on this day; the sinks score for it (and so does replay).
+TODAY=2025-07-14
 eval "$(infra/local/up)"
 cargo build --release --locked --bin toolrank >&2
 cargo build --release --locked -p toolrank-consume-kafka --bin kafka-drain >&2
@@ -47,7 +54,7 @@ echo "events: $EVENTS in $PARTITIONS partitions"
 RAW=$("$BIN/kafka-drain" "$TOOLRANK_KAFKA_BROKERS" "$TOPIC")
 echo "raw rdkafka consume:   $RAW"
 /usr/bin/time -f "%e %U %S %M" -o "$WORK/time" "$BIN/toolrank" consume kafka --topic "$TOPIC" --group "$RUN" \
-  --dead-letter-topic "$TOPIC-dl" --table "$TABLE" --namespace "$RUN" --until-idle 3 --dynamodb-flush-ms "$DYNAMODB_FLUSH_MS" 2> "$WORK/consume.log"
+  --dead-letter-topic "$TOPIC-dl" --table "$TABLE" --namespace "$RUN" --until-idle 3 --dynamodb-flush-ms "$DYNAMODB_FLUSH_MS" --today "$TODAY" "${CONSUME_ARGS[@]}" 2> "$WORK/consume.log"
 read -r WALL USER SYS RSS < "$WORK/time"
 python3 - "$EVENTS" "$WALL" "$USER" "$SYS" "$RSS" "$RAW" "$WORK/consume.log" <<'PY'
 import re, sys
@@ -77,6 +84,27 @@ PY
 }
 costs "$WORK/consume.log"
 
+exact() {  # the sinks hold what replay computes from the records in $@
+  rm -rf "$WORK/replay" "$WORK/valkey" "$WORK/dynamodb"
+  "$BIN/toolrank" replay --today "$TODAY" --out "$WORK/replay" "$@" 2> /dev/null
+  "$BIN/toolrank" results --from valkey --namespace "$RUN" --today "$TODAY" --out "$WORK/valkey" 2> /dev/null
+  "$BIN/toolrank" results --from dynamodb --table "$TABLE" --today "$TODAY" --out "$WORK/dynamodb" 2> /dev/null
+  python3 - "$WORK" <<'PY'
+import sys
+work = sys.argv[1]
+read = lambda sink, t: open(f"{work}/{sink}/{t}.jsonl").read().splitlines()
+tables = ["agent_score_summary", "user_process_patterns", "agent_tool_errors"]
+wrong = [f"valkey {t}" for t in tables if read("valkey", t) != read("replay", t)]
+wrong += [f"dynamodb {t}" for t in tables[::2] if read("dynamodb", t) != read("replay", t)]
+recommended = [l for l in read("replay", "user_process_patterns") if '"is_recommended":true' in l]
+wrong += ["dynamodb recommended patterns"] * (read("dynamodb", "user_process_patterns") != recommended)
+rows = {t: len(read("replay", t)) for t in tables}
+print(f"exact:                 {'NO, differ: ' + ', '.join(wrong) if wrong else 'both sinks equal replay'} ({rows['agent_score_summary']} agents, {rows['user_process_patterns']} patterns, {len(recommended)} recommended)")
+sys.exit(1 if wrong else 0)
+PY
+}
+exact "$WORK/history.jsonl"
+
 # 4. Latency at a steady rate. First the broker's own delivery latency, with the no-op
 # consumer alone on a topic of its own (a second consumer fetching beside toolrank's would
 # double the broker's fetch load, and tansu serves fetches on about one core).
@@ -89,7 +117,7 @@ wait "$RAW_LATENCY" || true
 # Then toolrank: the same consumer group, caught up and holding its checkpointed state.
 METRICS=127.0.0.1:$((20000 + $$ % 20000))
 "$BIN/toolrank" consume kafka --topic "$TOPIC" --group "$RUN" --dead-letter-topic "$TOPIC-dl" \
-  --table "$TABLE" --namespace "$RUN" --metrics-addr "$METRICS" --dynamodb-flush-ms "$DYNAMODB_FLUSH_MS" 2> "$WORK/latency.log" &
+  --table "$TABLE" --namespace "$RUN" --metrics-addr "$METRICS" --dynamodb-flush-ms "$DYNAMODB_FLUSH_MS" --today "$TODAY" "${CONSUME_ARGS[@]}" 2> "$WORK/latency.log" &
 CONSUMER=$!
 # Steady state: wait until it owns every partition, has loaded their checkpointed state and
 # has written Valkey once (a new process rewrites its whole namespace first).
@@ -132,3 +160,5 @@ else
   echo "no latency figures; the consumer's log ends:"; tail -5 "$WORK/latency.log"
 fi
 grep '^produced' "$WORK/produce.log"
+"$BIN/toolrank" generate --sessions "$LATENCY_SESSIONS" --seed 43 --out "$WORK/steady.jsonl" >&2
+exact "$WORK/history.jsonl" "$WORK/steady.jsonl"
