@@ -12,7 +12,8 @@
 # default) and keep to the same write budget, WRITES_PER_EVENT items per record (0.05,
 # both paths' default; 0 writes at every interval): the same pacing.
 # RATE=0 SINK_INTERVAL_MS=600000 compares them writing the sink once, at the end.
-# Usage: bench/lambda.sh   (SESSIONS=30000 INVOKE_RECORDS=20000 RATE=5000 SINK_INTERVAL_MS=1000 WRITES_PER_EVENT=0.05)
+# Usage: bench/lambda.sh   (SESSIONS=30000 INVOKE_RECORDS=20000 RATE=5000 SINK_INTERVAL_MS=1000 WRITES_PER_EVENT=0.05
+#                           BATCHES=100,1000: the batch sizes of steps 1 and 2)
 set -euo pipefail
 SESSIONS="${SESSIONS:-30000}"
 INVOKE_RECORDS="${INVOKE_RECORDS:-20000}"
@@ -22,7 +23,7 @@ WRITES_PER_EVENT="${WRITES_PER_EVENT:-0.05}"
 source "$(dirname "$0")/prelude.sh"
 cargo build --release --locked -p toolrank-lambda --bin lambda-bench >&2
 "$BIN/toolrank" generate --sessions "$SESSIONS" --seed 5 --style stream --out "$WORK/history.jsonl" >&2
-TOOLRANK_SINK_INTERVAL_MS="$SINK_INTERVAL_MS" TOOLRANK_DYNAMODB_WRITES_PER_EVENT="$WRITES_PER_EVENT" "$BIN/lambda-bench" "$WORK/history.jsonl" "$INVOKE_RECORDS" "$RATE"
+TOOLRANK_SINK_INTERVAL_MS="$SINK_INTERVAL_MS" TOOLRANK_DYNAMODB_WRITES_PER_EVENT="$WRITES_PER_EVENT" BATCHES="${BATCHES:-100,1000}" "$BIN/lambda-bench" "$WORK/history.jsonl" "$INVOKE_RECORDS" "$RATE"
 RUN="lbench$$"
 head -n "$INVOKE_RECORDS" "$WORK/history.jsonl" > "$WORK/subset.jsonl"
 "$BIN/toolrank" setup --topic "$RUN-events" --dead-letter-topic "$RUN-dl" --partitions 2 --table "$RUN-Kafka" >&2

@@ -252,6 +252,11 @@ struct KafkaArgs {
     /// Exit after SECS without a new message (tests, batch use).
     #[arg(long, value_name = "SECS", value_parser = crate::args::seconds)]
     until_idle: Option<f64>,
+    /// Milliseconds a fetch that finds nothing new waits on the broker. Kafka answers as
+    /// soon as records arrive, so this only paces idle polling there; brokers that answer
+    /// at the deadline (tansu) add it to every record's latency.
+    #[arg(long, value_name = "MS", default_value_t = toolrank_kafka::FETCH_WAIT_MS, value_parser = clap::value_parser!(u64).range(1..=60_000), env = "TOOLRANK_FETCH_WAIT_MS")]
+    fetch_wait_ms: u64,
     /// Milliseconds between Valkey writes (changes are coalesced per key in between).
     #[arg(long, default_value_t = 20, env = "TOOLRANK_FLUSH_MS")]
     flush_ms: u64,
@@ -303,6 +308,7 @@ fn kafka(a: KafkaArgs, stop: Arc<AtomicBool>) -> Result<toolrank_live::Summary> 
         group: a.group,
         dead_letter_topic: a.dead_letter_topic,
         until_idle: a.until_idle.map(Duration::from_secs_f64),
+        fetch_wait: Duration::from_millis(a.fetch_wait_ms),
         flush_interval: Duration::from_millis(a.flush_ms),
         dynamodb_interval: a.dynamodb.interval(),
         dynamodb_max_defer: a.dynamodb.max_defer(),
@@ -339,6 +345,9 @@ fn print_summary(s: &toolrank_live::Summary) {
     }
     eprintln!("write capacity units consumed: DynamoDB sink {:.0}, state table {:.0}", s.dynamodb_write_units, s.state_write_units);
     eprintln!("waited on: DynamoDB sink {:.1} s, Valkey sink {:.1} s, checkpoints {:.1} s", s.dynamodb_ms as f64 / 1e3, s.valkey_ms as f64 / 1e3, s.checkpoint_ms as f64 / 1e3);
+    if s.read_ms > 0 || s.finish_ms > 0 {
+        eprintln!("read for {:.1} s (first record applied to last), exit took {:.1} s (last checkpoint, then the sinks)", s.read_ms as f64 / 1e3, s.finish_ms as f64 / 1e3);
+    }
     if let (Some(p50), Some(p99), Some(max)) = (s.latency_p50_ms, s.latency_p99_ms, s.latency_max_ms) {
         eprintln!("latency from produce to visible in the sinks: p50 {p50} ms, p99 {p99} ms, max {max} ms");
     }

@@ -57,6 +57,8 @@ pub struct Config {
     pub dead_letter_topic: String,
     /// Exit after this long without a message.
     pub until_idle: Option<Duration>,
+    /// How long a fetch that finds nothing new waits on the broker ([`toolrank_kafka::FETCH_WAIT_MS`]).
+    pub fetch_wait: Duration,
     /// How often deltas reach Valkey (and the merged engine).
     pub flush_interval: Duration,
     /// How often changes reach DynamoDB: every write costs money, so it coalesces longer.
@@ -192,9 +194,7 @@ pub fn run(config: Config, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
         .set("heartbeat.interval.ms", "1000")
         // Also the rebalance timeout: how long a rebalance may wait for members.
         .set("max.poll.interval.ms", "60000")
-        // A fetch that finds nothing new waits this long on the broker before it returns
-        // (500 ms by default): what arrives meanwhile would wait as long to be read.
-        .set("fetch.wait.max.ms", "20")
+        .set("fetch.wait.max.ms", config.fetch_wait.as_millis().to_string())
         .create_with_context(Rebalances::default())?;
     consumer.subscribe(&[&config.topic])?;
     let metadata = consumer.fetch_metadata(Some(&config.topic), Duration::from_secs(10))?;
@@ -353,6 +353,7 @@ impl Consumer_ {
 
     /// Final checkpoint, then the sinks from everybody's latest checkpoints.
     fn finish(&mut self) -> Result<(), Error> {
+        self.writer.finishing();
         // Exiting without the last checkpoint loses no data, but a restart would redo it.
         for _ in 0..10 {
             self.checkpoint(true)?;

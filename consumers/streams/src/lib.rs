@@ -532,6 +532,7 @@ impl<S: ShardSource> Poller<S> {
 
     /// Final checkpoints, the sinks from everybody's latest checkpoints, leases released.
     fn finish(&mut self) {
+        self.writer.finishing();
         for _ in 0..10 {
             self.checkpoint(true);
             if self.trees.values().all(|t| !t.dirty) {

@@ -24,6 +24,13 @@ pub enum Error {
     Publish { topic: String, source: KafkaError },
 }
 
+/// How long a fetch that finds nothing new may wait on the broker, in milliseconds
+/// (librdkafka's default is 500). Kafka answers as soon as data arrives, so there it only
+/// paces idle polling; some brokers (tansu) answer at the deadline, so it adds to every
+/// record's delivery: at 20 ms the local broker delivered at p50 32 ms, p99 47 ms, at
+/// 5 ms p50 14–16 ms, p99 31–35 ms (5,000 records/s).
+pub const FETCH_WAIT_MS: u64 = 5;
+
 /// Base client settings for `brokers` (`host:port,...`).
 pub fn client_config(brokers: &str) -> ClientConfig {
     let mut c = ClientConfig::new();

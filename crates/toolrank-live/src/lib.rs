@@ -115,6 +115,11 @@ pub struct Summary {
     pub dynamodb_ms: u64,
     pub valkey_ms: u64,
     pub checkpoint_ms: u64,
+    /// Milliseconds from the first record applied to the last, and from the start of the
+    /// exit (the last checkpoint, then the sinks) to its end: a run's wall time split
+    /// into reading and the one-off writes after it.
+    pub read_ms: u64,
+    pub finish_ms: u64,
 }
 
 impl Summary {
@@ -390,6 +395,9 @@ pub struct SinkWriter {
     unseen: Vec<(i64, i64)>,
     /// When the latest record was applied, and how old it was then (ms).
     behind: (Instant, i64),
+    /// When the first record was applied; when the exit began ([`SinkWriter::finishing`]).
+    first_applied: Option<Instant>,
+    finishing: Option<Instant>,
     /// When the input last had nothing waiting ([`SinkWriter::caught_up`]).
     drained: Instant,
     latencies: Latencies,
@@ -437,6 +445,8 @@ impl SinkWriter {
             last_valkey: Instant::now(),
             unseen: Vec::new(),
             behind: (Instant::now(), 0),
+            first_applied: None,
+            finishing: None,
             drained: Instant::now(),
             latencies: Latencies::new(),
             own_latencies: Latencies::new(),
@@ -666,7 +676,9 @@ impl SinkWriter {
 
     /// Notes a record applied now, created at `created_ms`, for the latency figures.
     pub fn observe(&mut self, created_ms: i64) {
-        self.behind = (Instant::now(), now_ms() - created_ms);
+        let now = Instant::now();
+        self.first_applied.get_or_insert(now);
+        self.behind = (now, now_ms() - created_ms);
         if self.holds_lease {
             self.unseen.push((created_ms, now_ms()));
         }
@@ -1123,6 +1135,11 @@ impl SinkWriter {
         ok
     }
 
+    /// Marks the start of the exit: the consumer's last checkpoint, then the sinks.
+    pub fn finishing(&mut self) {
+        self.finishing = Some(Instant::now());
+    }
+
     /// The run's counters, with the latency percentiles.
     pub fn into_summary(self) -> Summary {
         let summary = self.counters();
@@ -1140,6 +1157,8 @@ impl SinkWriter {
             own_latency_p99_ms: self.own_latencies.quantile(0.99),
             state_writes: self.store.write_requests() + self.lease.write_requests(),
             state_write_units: self.store.write_units() + self.lease.write_units(),
+            read_ms: self.first_applied.map_or(0, |first| self.behind.0.saturating_duration_since(first).as_millis() as u64),
+            finish_ms: self.finishing.map_or(0, |at| at.elapsed().as_millis() as u64),
             ..self.summary
         }
     }

@@ -26,8 +26,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .set("group.id", &group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", if latency { "latest" } else { "earliest" })
-        // As `toolrank consume kafka` sets it.
-        .set("fetch.wait.max.ms", "20")
+        // As `toolrank consume kafka` sets it (--fetch-wait-ms, the same variable).
+        .set("fetch.wait.max.ms", std::env::var("TOOLRANK_FETCH_WAIT_MS").unwrap_or_else(|_| toolrank_kafka::FETCH_WAIT_MS.to_string()))
         .create()?;
     consumer.subscribe(&[&topic])?;
     let (mut n, mut bytes) = (0u64, 0u64);

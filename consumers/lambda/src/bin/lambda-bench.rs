@@ -12,6 +12,9 @@
 //!    sink's, and the state table's: log appends, compactions, the sink lease), with the
 //!    sink interval of `TOOLRANK_SINK_INTERVAL_MS` (1 s), the write budget of
 //!    `TOOLRANK_DYNAMODB_WRITES_PER_EVENT` (0.05) and a flush event after the last batch.
+//!
+//! `BATCHES` (default `100,1000`) lists the batch sizes, e.g. `100,1000,10000` (DynamoDB
+//! Streams and Kinesis event sources allow up to 10,000 records per invocation).
 
 use std::time::{Duration, Instant};
 use toolrank_engine::Engine;
@@ -38,8 +41,11 @@ fn main() {
     let rate: f64 = args.next().map_or(5000.0, |n| n.parse().expect("RATE is a number of records/s"));
     let text = std::fs::read_to_string(&path).expect("history readable");
     let lines: Vec<&str> = text.lines().collect();
+    let batches: Vec<usize> = std::env::var("BATCHES")
+        .map(|list| list.split(',').map(|b| b.trim().parse().expect("BATCHES lists numbers of records")).collect())
+        .unwrap_or_else(|_| vec![100, 1000]);
     let buckets = 1;
-    for batch in [100, 1000] {
+    for &batch in &batches {
         let events = events(&lines, batch);
         let mut engines: Vec<Engine> = (0..buckets).map(|_| Engine::new()).collect();
         let mut summary = Summary::default();
@@ -74,12 +80,12 @@ fn main() {
     rt.block_on(async {
         let client = toolrank_dynamodb::client().await;
         toolrank_dynamodb::create_state_table(&client, &state_table).await.expect("state table");
-        for batch in [100, 1000] {
+        for &batch in &batches {
             toolrank_dynamodb::create_table(&client, &sink_table(batch), false).await.expect("sink table");
         }
     });
     let subset = &lines[..invoke_records.min(lines.len())];
-    for batch in [100, 1000] {
+    for &batch in &batches {
         let config = Config {
             application: format!("bench-{}-{batch}", std::process::id()),
             state_table: state_table.clone(),
