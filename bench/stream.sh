@@ -65,6 +65,10 @@ vk = int(re.search(r"(\d+) Valkey commands", log).group(1))
 busy = max(wall - 3.0, 1e-9)  # --until-idle waits 3 s after the last message
 rate = events / busy
 print(f"toolrank consume:      {rate:,.0f} events/s ({rate / raw:.0%} of raw), {(user + sys_) * 1e6 / events:.2f} CPU µs/event")
+split = re.search(r"read for ([\d.]+) s .*exit took ([\d.]+) s", log)
+if split:
+    reading, exiting = map(float, split.groups())
+    print(f"  while reading:        {events / reading:,.0f} events/s ({events / reading / raw:.0%} of raw) for {reading:.1f} s; then the exit (last checkpoint, the sinks' deferred writes) {exiting:.1f} s")
 print(f"Valkey sink:           {vk / events:.3f} commands/event")
 print(f"peak memory:           {rss / 1024:.0f} MiB")
 print(re.search(r"^consumed.*$", log, re.M).group(0))
