@@ -21,7 +21,8 @@
 #                           LATENCY_SESSIONS=30000 gives ~100k events over ~20 s;
 #                           DYNAMODB_FLUSH_MS=1000 is the consumers' --dynamodb-flush-ms;
 #                           CONSUME_ARGS adds flags to both consumers, e.g.
-#                           CONSUME_ARGS="--checkpoint-secs 30")
+#                           CONSUME_ARGS="--checkpoint-secs 30"; STEADY_ARGS adds flags to
+#                           the steady-rate consumer only, e.g. STEADY_ARGS="--dynamodb-max-wcu 1000")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/toolrank/target}"
@@ -31,6 +32,7 @@ LATENCY_RATE="${LATENCY_RATE:-5000}"
 LATENCY_SESSIONS="${LATENCY_SESSIONS:-30000}"
 DYNAMODB_FLUSH_MS="${DYNAMODB_FLUSH_MS:-1000}"
 read -ra CONSUME_ARGS <<< "${CONSUME_ARGS:-}"
+read -ra STEADY_ARGS <<< "${STEADY_ARGS:-}"
 # The generated history ends on this day; the sinks score for it (and so does replay).
 TODAY=2025-07-14
 eval "$(infra/local/up)"
@@ -121,7 +123,7 @@ wait "$RAW_LATENCY" || true
 # Then toolrank: the same consumer group, caught up and holding its checkpointed state.
 METRICS=127.0.0.1:$((20000 + $$ % 20000))
 "$BIN/toolrank" consume kafka --topic "$TOPIC" --group "$RUN" --dead-letter-topic "$TOPIC-dl" \
-  --table "$TABLE" --namespace "$RUN" --metrics-addr "$METRICS" --dynamodb-flush-ms "$DYNAMODB_FLUSH_MS" --today "$TODAY" "${CONSUME_ARGS[@]}" 2> "$WORK/latency.log" &
+  --table "$TABLE" --namespace "$RUN" --metrics-addr "$METRICS" --dynamodb-flush-ms "$DYNAMODB_FLUSH_MS" --today "$TODAY" "${CONSUME_ARGS[@]}" "${STEADY_ARGS[@]}" 2> "$WORK/latency.log" &
 CONSUMER=$!
 # Steady state: wait until it owns every partition, has loaded their checkpointed state and
 # has written Valkey once (a new process rewrites its whole namespace first).

@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use toolrank_backfill::{export, scan, Limiter, Progress, Run};
-use toolrank_dynamodb::CheckpointStore;
+use toolrank_backfill::{export, scan, Progress, Run};
+use toolrank_dynamodb::{CheckpointStore, Limiter};
 
 /// Build the rankings from a table's current contents (a parallel Scan) or from a DynamoDB
 /// export, beside the live pipeline.

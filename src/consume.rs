@@ -83,6 +83,12 @@ struct DynamoDbPacing {
     /// 0: every interval.
     #[arg(long, value_name = "ITEMS", default_value_t = 0.05, value_parser = items_per_event, env = "TOOLRANK_DYNAMODB_WRITES_PER_EVENT")]
     dynamodb_writes_per_event: f64,
+    /// Write capacity units per second the DynamoDB sink may spend (one per item written;
+    /// its items are under 1 KB), e.g. a provisioned table's share for the rankings: a
+    /// large round is spread out instead of bursting (and being throttled). Default: no
+    /// limit. Valkey is not held back.
+    #[arg(long, value_name = "WCU", value_parser = crate::args::rate, env = "TOOLRANK_DYNAMODB_MAX_WCU")]
+    dynamodb_max_wcu: Option<f64>,
 }
 
 /// How often the engine state is saved with the input positions it covers.
@@ -199,6 +205,7 @@ impl PollerArgs {
             dynamodb_interval: self.dynamodb.interval(),
             dynamodb_max_defer: self.dynamodb.max_defer(),
             dynamodb_writes_per_event: self.dynamodb.writes_per_event(),
+            dynamodb_max_wcu: self.dynamodb.dynamodb_max_wcu,
             checkpoint_interval: self.checkpoints.interval(),
             checkpoint_max: self.checkpoints.max(),
             discover_interval: Duration::from_secs_f64(self.discover_secs),
@@ -313,6 +320,7 @@ fn kafka(a: KafkaArgs, stop: Arc<AtomicBool>) -> Result<toolrank_live::Summary> 
         dynamodb_interval: a.dynamodb.interval(),
         dynamodb_max_defer: a.dynamodb.max_defer(),
         dynamodb_writes_per_event: a.dynamodb.writes_per_event(),
+        dynamodb_max_wcu: a.dynamodb.dynamodb_max_wcu,
         checkpoint_interval: a.checkpoints.interval(),
         checkpoint_max: a.checkpoints.max(),
         state_table: a.sinks.state_table.clone(),

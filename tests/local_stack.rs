@@ -1195,6 +1195,7 @@ fn lambda_rounds_under_budget(budget: f64) -> u64 {
         sink_interval: Duration::ZERO,
         dynamodb_writes_per_event: Some(budget).filter(|&b| b > 0.0),
         dynamodb_max_defer: Duration::from_secs(600),
+        dynamodb_max_wcu: None,
         tombstone_horizon: toolrank_live::DEFAULT_TOMBSTONE_HORIZON,
     };
     let mut handler = toolrank_lambda::Handler::new(config).unwrap();
@@ -1740,6 +1741,43 @@ fn dynamodb_sink_rounds_hold_what_a_full_write_holds() {
             assert!(!expected.is_empty());
             assert_eq!(held, expected, "round {i}");
         }
+    });
+}
+
+/// A write capacity budget (`--dynamodb-max-wcu`) spreads a round out: its items go at
+/// most that many per second, and the table ends holding what an unlimited write holds.
+#[test]
+fn a_dynamodb_write_capacity_budget_spreads_a_round_out() {
+    const WCU: f64 = 40.0;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.jsonl");
+    toolrank(&["generate", "--sessions", "300", "--seed", "19", "--agents", "30", "--out", path.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut engine = toolrank_engine::Engine::new();
+    apply_lines(&mut engine, &text.lines().collect::<Vec<_>>());
+    engine.flush();
+    let today = toolrank_events::Day::parse_iso(TODAY).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = toolrank_dynamodb::client().await;
+        let (limited, free) = (unique("Limited"), unique("Free"));
+        for table in [&limited, &free] {
+            toolrank_dynamodb::create_table(&client, table, false).await.unwrap();
+        }
+        let mut sink = toolrank_sink_dynamodb::DynamoSink::new(client.clone(), limited.clone()).with_max_wcu(Some(WCU));
+        let started = Instant::now();
+        loop {
+            sink.write(&engine, &engine.everything(), today).await.unwrap();
+            if !sink.needs_write() {
+                break;
+            }
+        }
+        let (took, items) = (started.elapsed(), sink.stats.requests);
+        toolrank_sink_dynamodb::DynamoSink::new(client.clone(), free.clone()).write(&engine, &engine.everything(), today).await.unwrap();
+        assert_eq!(pattern_items(&client, &limited).await, pattern_items(&client, &free).await);
+        // The last batch of 25 goes once the ones before it have had their time.
+        eprintln!("{items} items in {took:?} at {WCU} WCU");
+        assert!(items > 50 && took.as_secs_f64() >= (items as f64 - 25.0) / WCU, "{items} items in {took:?}");
     });
 }
 

@@ -67,6 +67,8 @@ pub struct Config {
     pub dynamodb_max_defer: Duration,
     /// The DynamoDB write budget (items per event), if any.
     pub dynamodb_writes_per_event: Option<f64>,
+    /// The DynamoDB sink's write capacity budget per second, if any ([`WriterConfig`]).
+    pub dynamodb_max_wcu: Option<f64>,
     /// How often partition state is checkpointed.
     pub checkpoint_interval: Duration,
     /// How long checkpoints may wait while a backlog is read ([`SinkWriter::stretched`]).
@@ -216,6 +218,7 @@ pub fn run(config: Config, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
         dynamodb_interval: config.dynamodb_interval,
         dynamodb_max_defer: config.dynamodb_max_defer,
         dynamodb_writes_per_event: config.dynamodb_writes_per_event,
+        dynamodb_max_wcu: config.dynamodb_max_wcu,
         tombstone_horizon: config.tombstone_horizon,
     })?;
     let mut c = Consumer_ { config, writer, consumer, rebalances_seen: 0, dead_letters, parts: BTreeMap::new(), partition_count, stranded: None, fenced: BTreeMap::new() };

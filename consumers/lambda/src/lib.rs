@@ -75,6 +75,9 @@ pub struct Config {
     /// keeps to it, at most `dynamodb_max_defer`. Valkey is written at every interval.
     pub dynamodb_writes_per_event: Option<f64>,
     pub dynamodb_max_defer: Duration,
+    /// `TOOLRANK_DYNAMODB_MAX_WCU`: the sink's write capacity budget per second, if any
+    /// (as `consume kafka --dynamodb-max-wcu`).
+    pub dynamodb_max_wcu: Option<f64>,
     /// How long a removed item's tombstone is kept in a bucket.
     pub tombstone_horizon: Duration,
 }
@@ -120,6 +123,7 @@ impl Config {
             sink_interval: Duration::from_millis(number("TOOLRANK_SINK_INTERVAL_MS")?.map_or(1000, |ms| ms as u64)),
             dynamodb_writes_per_event: Some(writes_per_event).filter(|&b| b > 0.0),
             dynamodb_max_defer: Duration::from_millis(number("TOOLRANK_DYNAMODB_MAX_DEFER_MS")?.map_or(60_000, |ms| ms as u64)),
+            dynamodb_max_wcu: number("TOOLRANK_DYNAMODB_MAX_WCU")?.filter(|&w| w > 0.0),
             tombstone_horizon: positive("TOOLRANK_TOMBSTONE_HORIZON_SECS")?.map_or(toolrank_live::DEFAULT_TOMBSTONE_HORIZON, Duration::from_secs),
         })
     }
@@ -278,6 +282,7 @@ impl Handler {
             dynamodb_interval: Duration::ZERO,
             dynamodb_max_defer: config.dynamodb_max_defer,
             dynamodb_writes_per_event: config.dynamodb_writes_per_event,
+            dynamodb_max_wcu: config.dynamodb_max_wcu,
             tombstone_horizon: config.tombstone_horizon,
         })?;
         let scopes = (0..config.buckets).map(|b| format!("lambda/{}/bucket/{b:05}", config.application)).collect();

@@ -78,6 +78,8 @@ pub struct Config {
     pub dynamodb_max_defer: Duration,
     /// The DynamoDB write budget (items per event), if any.
     pub dynamodb_writes_per_event: Option<f64>,
+    /// The DynamoDB sink's write capacity budget per second, if any ([`WriterConfig`]).
+    pub dynamodb_max_wcu: Option<f64>,
     /// How often tree state is checkpointed.
     pub checkpoint_interval: Duration,
     /// How long checkpoints may wait while a backlog is read ([`SinkWriter::stretched`]).
@@ -173,6 +175,7 @@ pub fn run<S: ShardSource>(config: Config, source: S, stop: &AtomicBool) -> Resu
         dynamodb_interval: config.dynamodb_interval,
         dynamodb_max_defer: config.dynamodb_max_defer,
         dynamodb_writes_per_event: config.dynamodb_writes_per_event,
+        dynamodb_max_wcu: config.dynamodb_max_wcu,
         tombstone_horizon: config.tombstone_horizon,
     })?;
     let mut p = Poller { config, source, writer, prefix, trees: BTreeMap::new(), registry: Vec::new(), listing: Vec::new(), tree_of: HashMap::new(), workers: 1, dead_letters: None };

@@ -21,6 +21,8 @@ use std::time::Duration;
 use toolrank_events::decode_line;
 
 mod checkpoint;
+mod limiter;
+pub use limiter::Limiter;
 pub use checkpoint::{Checkpoint, CheckpointStore, Lease, Log, LogHead, COMPACT_MIN_BYTES, DELTAS_PER_APPEND, DELTA_BYTES};
 
 /// The TTL attribute (epoch seconds) of the seed's retention policy.

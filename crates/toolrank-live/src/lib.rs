@@ -66,6 +66,9 @@ pub struct WriterConfig {
     /// many items per event read since the last round: coalescing longer where each
     /// interval would rewrite the same hot keys. `None`: every interval.
     pub dynamodb_writes_per_event: Option<f64>,
+    /// Write capacity units per second the DynamoDB sink may spend (one per item written;
+    /// its items are under 1 KB): a round is spread out instead of bursting. `None`: no limit.
+    pub dynamodb_max_wcu: Option<f64>,
     /// How long a removed item's tombstone is kept ([`Engine::expire_tombstones`]).
     pub tombstone_horizon: Duration,
 }
@@ -413,7 +416,7 @@ impl SinkWriter {
         let client = rt.block_on(toolrank_dynamodb::client());
         let mut global = Engine::new();
         global.track_changes();
-        let dynamodb = config.table.as_ref().map(|t| DynamoSink::in_namespace(client.clone(), t.clone(), config.dynamodb_namespace.clone()));
+        let dynamodb = config.table.as_ref().map(|t| DynamoSink::in_namespace(client.clone(), t.clone(), config.dynamodb_namespace.clone()).with_max_wcu(config.dynamodb_max_wcu));
         let valkey = config.valkey_url.as_ref().map(|url| ValkeySink::new(url, config.valkey_prefix.clone())).transpose()?;
         Ok(SinkWriter {
             store: CheckpointStore::new(client.clone(), config.state_table.clone()),

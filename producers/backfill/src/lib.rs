@@ -23,9 +23,7 @@ pub mod scan;
 
 use serde_json::Value;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
-use tokio::time::Instant;
 
 /// Why a backfill stopped.
 #[derive(Debug, thiserror::Error)]
@@ -76,35 +74,6 @@ impl Progress {
     }
 }
 
-/// Keeps the read capacity consumed by all segments under a budget per second: each page
-/// reserves the time its units take at that rate, and waits for its turn.
-pub struct Limiter {
-    per_second: Option<f64>,
-    next: Mutex<Instant>,
-}
-
-impl Limiter {
-    /// At most `per_second` units a second; `None` or 0: no limit.
-    pub fn new(per_second: Option<f64>) -> Limiter {
-        Limiter { per_second: per_second.filter(|&r| r > 0.0), next: Mutex::new(Instant::now()) }
-    }
-
-    /// Accounts for `units` just consumed, waiting if the budget is ahead.
-    pub async fn spend(&self, units: f64) {
-        let Some(rate) = self.per_second else { return };
-        let wait = {
-            let mut next = self.next.lock().expect("limiter lock");
-            let now = Instant::now();
-            let start = (*next).max(now);
-            *next = start + Duration::from_secs_f64(units / rate);
-            start.saturating_duration_since(now)
-        };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,16 +85,5 @@ mod tests {
         toolrank_events::decode_line(line.as_bytes(), &mut |r| changes.push(r.result.unwrap().into_owned())).unwrap();
         assert_eq!(changes[0].seq, Some(toolrank_events::BASE_SEQ));
         assert_eq!((changes[0].pk.as_ref(), changes[0].sk.as_ref()), ("U#S", "P#A#T"));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_limiter_spaces_pages_by_their_units() {
-        let limiter = Limiter::new(Some(100.0));
-        let t0 = tokio::time::Instant::now();
-        for _ in 0..5 {
-            limiter.spend(50.0).await;
-        }
-        // 250 units at 100/s: the fifth page waits until 2 s.
-        assert!(t0.elapsed() >= Duration::from_millis(1990), "{:?}", t0.elapsed());
     }
 }

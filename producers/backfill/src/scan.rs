@@ -1,13 +1,13 @@
 //! The table's items by a parallel Scan: one task per segment, each with its own
 //! publisher and checkpoint (LastEvaluatedKey), all under one read-capacity budget.
 
-use crate::{base_record, Error, Limiter, Run};
+use crate::{base_record, Error, Run};
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnConsumedCapacity};
 use aws_sdk_dynamodb::Client;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
-use toolrank_dynamodb::{attribute_json, attribute_value, aws, item_json};
+use toolrank_dynamodb::{attribute_json, attribute_value, aws, item_json, Limiter};
 use toolrank_kafka::Publisher;
 
 /// What one Scan backfill reads and where it publishes.

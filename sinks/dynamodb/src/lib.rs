@@ -177,6 +177,8 @@ pub struct DynamoSink {
     pub stats: WriteStats,
     /// Write capacity units the sink's writes consumed.
     pub units: toolrank_dynamodb::Units,
+    /// The write capacity budget per second ([`DynamoSink::with_max_wcu`]).
+    limiter: toolrank_dynamodb::Limiter,
 }
 
 fn s(v: impl Into<String>) -> AttributeValue {
@@ -206,7 +208,15 @@ impl DynamoSink {
             loaded: false,
             stats: WriteStats::default(),
             units: toolrank_dynamodb::Units::default(),
+            limiter: toolrank_dynamodb::Limiter::new(None),
         }
+    }
+
+    /// Spends at most `per_second` write capacity units a second (one per item: the
+    /// sink's items are under 1 KB), spreading a large round out; `None`: no limit.
+    pub fn with_max_wcu(mut self, per_second: Option<f64>) -> DynamoSink {
+        self.limiter = toolrank_dynamodb::Limiter::new(per_second);
+        self
     }
 
     /// Forgets what was written, so the next write compares with the table again (after
@@ -367,7 +377,17 @@ impl DynamoSink {
         self.stats.requests += requests.len() as u64;
         // Boxed futures: the write must be `Send` to run on a runtime's worker, which a
         // stream of closures over borrowed data does not prove.
-        let sends: Vec<BoxFuture<'_, _>> = requests.into_iter().map(|(agent, id, f, req)| async move { (agent, id, f, req.await) }.boxed()).collect();
+        let limiter = &self.limiter;
+        let sends: Vec<BoxFuture<'_, _>> = requests
+            .into_iter()
+            .map(|(agent, id, f, req)| {
+                async move {
+                    limiter.spend(1.0).await;
+                    (agent, id, f, req.await)
+                }
+                .boxed()
+            })
+            .collect();
         let sent: Vec<_> = stream::iter(sends).buffer_unordered(CONCURRENCY).collect().await;
         let mut failed = None;
         for (agent, id, f, result) in sent {
@@ -483,7 +503,7 @@ impl DynamoSink {
         // change (a first load, a moved cut) is spread over several calls instead of
         // blocking the caller. What was written is remembered batch by batch.
         let deadline = Instant::now() + WRITE_BUDGET;
-        let (client, table, units) = (&self.client, &self.table, &self.units);
+        let (client, table, units, limiter) = (&self.client, &self.table, &self.units, &self.limiter);
         let sends: Vec<BoxFuture<'_, _>> = writes
             .chunks(25)
             .map(|batch| {
@@ -491,7 +511,10 @@ impl DynamoSink {
                 async move {
                     // Not started after the budget: left for the next call.
                     let result = match Instant::now() < deadline {
-                        true => Some(toolrank_dynamodb::batch_write(client, table, requests, units).await),
+                        true => {
+                            limiter.spend(requests.len() as f64).await;
+                            Some(toolrank_dynamodb::batch_write(client, table, requests, units).await)
+                        }
                         false => None,
                     };
                     (keys, result)
