@@ -1,8 +1,32 @@
 # Sourced by the bench scripts: the repository root, the shared build cache, the local
-# stack, a release toolrank in $BIN, and a scratch directory $WORK removed on exit.
+# stack, a release toolrank in $BIN, a scratch directory $WORK removed on exit, and
+# `exact`, which compares what the sinks hold with `toolrank replay`.
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/toolrank/target}"
 eval "$(infra/local/up)"
 cargo build --release --locked --bin toolrank >&2
 BIN="$CARGO_TARGET_DIR/release"
 WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
+# The generated histories end on this day: the consumers score for it, and so does replay.
+TODAY=2025-07-14
+
+exact() {  # exact NAMESPACE TABLE FILE...: the sinks hold what replay computes from FILEs
+  local namespace="$1" table="$2"; shift 2
+  rm -rf "$WORK/replay" "$WORK/valkey" "$WORK/dynamodb"
+  "$BIN/toolrank" replay --today "$TODAY" --out "$WORK/replay" "$@" 2> /dev/null
+  "$BIN/toolrank" results --from valkey --namespace "$namespace" --today "$TODAY" --out "$WORK/valkey" 2> /dev/null
+  "$BIN/toolrank" results --from dynamodb --table "$table" --today "$TODAY" --out "$WORK/dynamodb" 2> /dev/null
+  python3 - "$WORK" <<'PY'
+import sys
+work = sys.argv[1]
+read = lambda sink, t: open(f"{work}/{sink}/{t}.jsonl").read().splitlines()
+tables = ["agent_score_summary", "user_process_patterns", "agent_tool_errors"]
+wrong = [f"valkey {t}" for t in tables if read("valkey", t) != read("replay", t)]
+wrong += [f"dynamodb {t}" for t in tables[::2] if read("dynamodb", t) != read("replay", t)]
+recommended = [l for l in read("replay", "user_process_patterns") if '"is_recommended":true' in l]
+wrong += ["dynamodb recommended patterns"] * (read("dynamodb", "user_process_patterns") != recommended)
+rows = {t: len(read("replay", t)) for t in tables}
+print(f"exact:                 {'NO, differ: ' + ', '.join(wrong) if wrong else 'both sinks equal replay'} ({rows['agent_score_summary']} agents, {rows['user_process_patterns']} patterns, {len(recommended)} recommended)")
+sys.exit(1 if wrong else 0)
+PY
+}

@@ -24,8 +24,6 @@
 #                           CONSUME_ARGS="--checkpoint-secs 30"; STEADY_ARGS adds flags to
 #                           the steady-rate consumer only, e.g. STEADY_ARGS="--dynamodb-max-wcu 1000")
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/toolrank/target}"
 SESSIONS="${SESSIONS:-300000}"
 PARTITIONS="${PARTITIONS:-6}"
 LATENCY_RATE="${LATENCY_RATE:-5000}"
@@ -33,13 +31,8 @@ LATENCY_SESSIONS="${LATENCY_SESSIONS:-30000}"
 DYNAMODB_FLUSH_MS="${DYNAMODB_FLUSH_MS:-1000}"
 read -ra CONSUME_ARGS <<< "${CONSUME_ARGS:-}"
 read -ra STEADY_ARGS <<< "${STEADY_ARGS:-}"
-# The generated history ends on this day; the sinks score for it (and so does replay).
-TODAY=2025-07-14
-eval "$(infra/local/up)"
-cargo build --release --locked --bin toolrank >&2
+source "$(dirname "$0")/prelude.sh"
 cargo build --release --locked -p toolrank-consume-kafka --bin kafka-drain >&2
-BIN="$CARGO_TARGET_DIR/release"
-WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
 RUN="bench$$"
 TOPIC="$RUN-events"; TABLE="$RUN-AgentTable"
 # The Kafka path does not read the table's stream; without one, DynamoDB Local does not slow
@@ -90,26 +83,7 @@ PY
 }
 costs "$WORK/consume.log"
 
-exact() {  # the sinks hold what replay computes from the records in $@
-  rm -rf "$WORK/replay" "$WORK/valkey" "$WORK/dynamodb"
-  "$BIN/toolrank" replay --today "$TODAY" --out "$WORK/replay" "$@" 2> /dev/null
-  "$BIN/toolrank" results --from valkey --namespace "$RUN" --today "$TODAY" --out "$WORK/valkey" 2> /dev/null
-  "$BIN/toolrank" results --from dynamodb --table "$TABLE" --today "$TODAY" --out "$WORK/dynamodb" 2> /dev/null
-  python3 - "$WORK" <<'PY'
-import sys
-work = sys.argv[1]
-read = lambda sink, t: open(f"{work}/{sink}/{t}.jsonl").read().splitlines()
-tables = ["agent_score_summary", "user_process_patterns", "agent_tool_errors"]
-wrong = [f"valkey {t}" for t in tables if read("valkey", t) != read("replay", t)]
-wrong += [f"dynamodb {t}" for t in tables[::2] if read("dynamodb", t) != read("replay", t)]
-recommended = [l for l in read("replay", "user_process_patterns") if '"is_recommended":true' in l]
-wrong += ["dynamodb recommended patterns"] * (read("dynamodb", "user_process_patterns") != recommended)
-rows = {t: len(read("replay", t)) for t in tables}
-print(f"exact:                 {'NO, differ: ' + ', '.join(wrong) if wrong else 'both sinks equal replay'} ({rows['agent_score_summary']} agents, {rows['user_process_patterns']} patterns, {len(recommended)} recommended)")
-sys.exit(1 if wrong else 0)
-PY
-}
-exact "$WORK/history.jsonl"
+exact "$RUN" "$TABLE" "$WORK/history.jsonl"
 
 # 4. Latency at a steady rate. First the broker's own delivery latency, with the no-op
 # consumer alone on a topic of its own (a second consumer fetching beside toolrank's would
@@ -167,4 +141,4 @@ else
 fi
 grep '^produced' "$WORK/produce.log"
 "$BIN/toolrank" generate --sessions "$LATENCY_SESSIONS" --seed 43 --out "$WORK/steady.jsonl" >&2
-exact "$WORK/history.jsonl" "$WORK/steady.jsonl"
+exact "$RUN" "$TABLE" "$WORK/history.jsonl" "$WORK/steady.jsonl"

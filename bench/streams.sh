@@ -7,7 +7,8 @@
 #   2. published to a fresh topic and read by one `toolrank consume kafka --until-idle
 #      IDLE` into both sinks (a second table holding the Agent items).
 # Prints, for each: records, wall and CPU time (/usr/bin/time), records/s of wall time
-# without the idle wait, CPU µs per record, DynamoDB sink requests per record, peak RSS.
+# without the idle wait, CPU µs per record, DynamoDB sink requests per record, peak RSS,
+# and whether both sinks then equal `toolrank replay` of the history (the script fails if not).
 # Usage: bench/streams.sh   (SESSIONS=6000 IDLE=3)
 set -euo pipefail
 SESSIONS="${SESSIONS:-6000}"
@@ -23,7 +24,7 @@ grep '"SK":{"S":"METADATA"}' "$WORK/history.jsonl" > "$WORK/catalog.jsonl"
 "$BIN/toolrank" produce --topic "$RUN-events" "$WORK/history.jsonl" 2>&1 | tail -1 >&2
 measure() {
   local name="$1"; shift
-  /usr/bin/time -f "%e %U %S %M" -o "$WORK/time" "$BIN/toolrank" "$@" --until-idle "$IDLE" 2> "$WORK/log"
+  /usr/bin/time -f "%e %U %S %M" -o "$WORK/time" "$BIN/toolrank" "$@" --until-idle "$IDLE" --today "$TODAY" 2> "$WORK/log"
   grep -E "^consumed" "$WORK/log" >&2
   python3 - "$name" "$WORK/log" $(cat "$WORK/time") "$IDLE" <<'PY'
 import re, sys
@@ -39,4 +40,6 @@ PY
 }
 measure "dynamodb-streams" consume dynamodb-streams --source-table "$RUN-Streams" --table "$RUN-Streams" \
   --application "$RUN" --namespace "$RUN-s" --dead-letter-file "$WORK/dl.jsonl"
+exact "$RUN-s" "$RUN-Streams" "$WORK/history.jsonl"
 measure "kafka" consume kafka --topic "$RUN-events" --dead-letter-topic "$RUN-dl" --group "$RUN" --table "$RUN-Kafka" --namespace "$RUN-k"
+exact "$RUN-k" "$RUN-Kafka" "$WORK/history.jsonl"
