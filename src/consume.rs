@@ -100,9 +100,9 @@ struct Checkpointing {
     checkpoint_secs: f64,
     /// While a backlog is read, checkpoints wait as long as its records are late, up to
     /// this many seconds: a catch-up's state grows fast and each save carries most of
-    /// it, so saving every --checkpoint-secs would write it many times over (2.7x the
-    /// state table's writes on bench/stream.sh's backlog). A restart during a catch-up
-    /// replays up to this much. At most --checkpoint-secs: no stretching.
+    /// it, so saving every --checkpoint-secs would write it many times over (over twice
+    /// the state table's write units on bench/stream.sh's backlog). A restart during a
+    /// catch-up replays up to this much. At most --checkpoint-secs: no stretching.
     #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = crate::args::seconds, env = "TOOLRANK_CHECKPOINT_MAX_SECS")]
     checkpoint_max_secs: f64,
 }
