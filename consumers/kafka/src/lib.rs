@@ -260,6 +260,9 @@ impl Consumer_ {
         let mut last_flush = Instant::now();
         let mut last_checkpoint = Instant::now();
         let mut last_refresh = Instant::now() - Duration::from_secs(3600);
+        // The partitions take turns (see `checkpoint`): each is saved once per interval,
+        // which a backlog stretches. Judged at each flush, not at every message.
+        let mut checkpoint_every = self.config.checkpoint_interval;
         loop {
             if stop.load(Ordering::Relaxed) {
                 info!("stopping: finishing the batch");
@@ -281,6 +284,7 @@ impl Consumer_ {
                 if self.lag() < CAUGHT_UP_LAG {
                     self.writer.caught_up();
                 }
+                checkpoint_every = self.writer.stretched(self.config.checkpoint_interval, self.config.checkpoint_max) / self.parts.len().max(1) as u32;
                 // Not before the group has assigned this consumer its partitions: a lease
                 // taken earlier loads them all as other consumers' copies, and claiming
                 // them moments later rewrites the sinks a second time.
@@ -293,8 +297,7 @@ impl Consumer_ {
                 self.flush_sinks(false);
                 slow("flushing the sinks", started);
             }
-            // The partitions take turns (see `checkpoint`): each is saved once per interval.
-            if last_checkpoint.elapsed() >= self.writer.stretched(self.config.checkpoint_interval, self.config.checkpoint_max) / self.parts.len().max(1) as u32 {
+            if last_checkpoint.elapsed() >= checkpoint_every {
                 last_checkpoint = Instant::now();
                 self.checkpoint(false)?;
                 slow("checkpointing", last_checkpoint);

@@ -123,7 +123,7 @@ impl Config {
             sink_interval: Duration::from_millis(number("TOOLRANK_SINK_INTERVAL_MS")?.map_or(1000, |ms| ms as u64)),
             dynamodb_writes_per_event: Some(writes_per_event).filter(|&b| b > 0.0),
             dynamodb_max_defer: Duration::from_millis(number("TOOLRANK_DYNAMODB_MAX_DEFER_MS")?.map_or(60_000, |ms| ms as u64)),
-            dynamodb_max_wcu: number("TOOLRANK_DYNAMODB_MAX_WCU")?.filter(|&w| w > 0.0),
+            dynamodb_max_wcu: number("TOOLRANK_DYNAMODB_MAX_WCU")?,
             tombstone_horizon: positive("TOOLRANK_TOMBSTONE_HORIZON_SECS")?.map_or(toolrank_live::DEFAULT_TOMBSTONE_HORIZON, Duration::from_secs),
         })
     }

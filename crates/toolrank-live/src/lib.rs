@@ -67,7 +67,7 @@ pub struct WriterConfig {
     /// interval would rewrite the same hot keys. `None`: every interval.
     pub dynamodb_writes_per_event: Option<f64>,
     /// Write capacity units per second the DynamoDB sink may spend (one per item written;
-    /// its items are under 1 KB): a round is spread out instead of bursting. `None`: no limit.
+    /// its items are under 1 KB): a round is spread out instead of bursting. `None` or 0: no limit.
     pub dynamodb_max_wcu: Option<f64>,
     /// How long a removed item's tombstone is kept ([`Engine::expire_tombstones`]).
     pub tombstone_horizon: Duration,
