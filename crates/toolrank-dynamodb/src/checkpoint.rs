@@ -14,6 +14,11 @@
 //! writers take turns). Once the deltas add up to the base's size the whole state is
 //! saved as a new base covering them, and their items are deleted. Readers load the base
 //! and the deltas after it, or only the deltas after the head they already hold.
+//!
+//! Snapshots and deltas are stored LZ4-compressed (about half their size: DynamoDB
+//! charges writes, deletes and storage by the byte); items written before carry no
+//! `Encoding` and are read as they are. Sizes in the manifest (`Bytes`, `LogBytes`) are
+//! the uncompressed ones, so when a log is compacted does not change.
 
 use crate::{aws, batch_write, Error, Units, TOTAL};
 use aws_sdk_dynamodb::primitives::Blob;
@@ -90,6 +95,31 @@ impl Chunks {
 
     fn sk(&self, i: usize) -> String {
         format!("{}{i:06}", self.prefix())
+    }
+}
+
+/// The `Encoding` of compressed snapshots (on the manifest) and deltas (on the item).
+const LZ4: &str = "lz4";
+
+/// `bytes` as stored: LZ4 with the length prepended.
+fn pack(bytes: &[u8]) -> Vec<u8> {
+    lz4_flex::compress_prepend_size(bytes)
+}
+
+/// What [`pack`] stored, or `stored` itself when it was written uncompressed (`encoding`
+/// absent). A corrupt item is an `Input` error naming `what`, never a panic or a huge
+/// allocation (LZ4 expands at most 255 times).
+fn unpack(stored: Vec<u8>, encoding: Option<&String>, what: impl FnOnce() -> String) -> Result<Vec<u8>, Error> {
+    match encoding.map(String::as_str) {
+        None => Ok(stored),
+        Some(LZ4) => {
+            let size = stored.get(..4).map_or(u64::MAX, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as u64);
+            if size > 255 * stored.len() as u64 {
+                return Err(Error::Input(format!("{}: corrupt (claims {size} bytes from {})", what(), stored.len())));
+            }
+            lz4_flex::decompress_size_prepended(&stored).map_err(|e| Error::Input(format!("{}: corrupt: {e}", what())))
+        }
+        Some(other) => Err(Error::Input(format!("{}: unknown encoding {other:?}", what()))),
     }
 }
 
@@ -318,10 +348,10 @@ impl CheckpointStore {
         let chunks = number(manifest, "Chunks") as usize;
         let blobs = self.blobs(scope, "begins_with(SK, :prefix)", &[(":prefix", s(set.prefix()))], "the checkpoint").await?;
         let got = blobs.len();
-        let state = blobs.concat();
         if got != chunks {
             return Err(Error::Input(format!("checkpoint {generation} of {scope} has {got} of its {chunks} chunks")));
         }
+        let state = unpack(blobs.concat(), text(manifest, "Encoding"), || format!("checkpoint {generation} of {scope}"))?;
         let at = LogHead::of(manifest);
         let deltas = self.deltas(scope, at.base_at, at.head).await?;
         Ok(Checkpoint { generation, position, state, deltas, at })
@@ -345,7 +375,7 @@ impl CheckpointStore {
             let page = query.consistent_read(true).set_exclusive_start_key(start).send().await.map_err(aws(format!("reading {what} of {scope}")))?;
             for item in page.items() {
                 let blob = item.get("Data").and_then(|v| v.as_b().ok()).ok_or_else(|| Error::Input(format!("an item of {what} of {scope} without Data")))?;
-                blobs.push(blob.as_ref().to_vec());
+                blobs.push(unpack(blob.as_ref().to_vec(), text(item, "Encoding"), || format!("an item of {what} of {scope}"))?);
             }
             start = page.last_evaluated_key;
             if start.is_none() {
@@ -457,7 +487,8 @@ impl CheckpointStore {
                 .table_name(&self.table)
                 .item("PK", s(scope))
                 .item("SK", s(delta_sk(head + 1 + i as u64)))
-                .item("Data", AttributeValue::B(Blob::new(d.as_slice())))
+                .item("Data", AttributeValue::B(Blob::new(pack(d))))
+                .item("Encoding", s(LZ4))
                 .build()
                 .expect("item set");
             items.push(TransactWriteItem::builder().put(put).build());
@@ -487,7 +518,8 @@ impl CheckpointStore {
     async fn save_base(&self, scope: &str, owner: &str, generation: u64, position: &str, state: &[u8], base: Base) -> Result<LogHead, Error> {
         let next = generation + 1;
         let set = Chunks::new(next);
-        let chunks: Vec<&[u8]> = state.chunks(CHUNK_BYTES).collect();
+        let stored = pack(state);
+        let chunks: Vec<&[u8]> = stored.chunks(CHUNK_BYTES).collect();
         // The chunks in batches of 25, then the manifest.
         self.wrote(chunks.len().div_ceil(25) + 1);
         let puts = chunks.iter().enumerate().map(|(i, c)| {
@@ -502,8 +534,8 @@ impl CheckpointStore {
             .key("PK", s(scope))
             .key("SK", s("manifest"))
             .update_expression(match base {
-                Base::Whole => "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t, #h = if_not_exists(#h, :zero) + :one, #ba = if_not_exists(#h, :zero) + :one REMOVE LogBytes",
-                Base::Upto(_) => "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t, #ba = :at REMOVE LogBytes",
+                Base::Whole => "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t, #e = :e, #h = if_not_exists(#h, :zero) + :one, #ba = if_not_exists(#h, :zero) + :one REMOVE LogBytes",
+                Base::Upto(_) => "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t, #e = :e, #ba = :at REMOVE LogBytes",
             })
             .condition_expression("#o = :o AND #g = :g")
             .expression_attribute_names("#ba", "BaseAt")
@@ -513,7 +545,9 @@ impl CheckpointStore {
             .expression_attribute_names("#b", "Bytes")
             .expression_attribute_names("#o", "Owner")
             .expression_attribute_names("#t", "ChunkTag")
+            .expression_attribute_names("#e", "Encoding")
             .expression_attribute_values(":t", s(&set.tag))
+            .expression_attribute_values(":e", s(LZ4))
             .expression_attribute_values(":next", n(next))
             .expression_attribute_values(":g", n(generation))
             .expression_attribute_values(":p", s(position))
@@ -723,5 +757,32 @@ impl Lease {
             Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(()),
             Err(e) => Err(aws(format!("releasing the lease {}", self.scope))(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_state_reads_back_and_old_items_read_as_they_are() {
+        let state: Vec<u8> = (0..10_000u32).flat_map(|i| (i % 97).to_le_bytes()).collect();
+        let stored = pack(&state);
+        assert!(stored.len() < state.len() / 2, "{} of {}", stored.len(), state.len());
+        assert_eq!(unpack(stored, Some(&LZ4.to_owned()), String::new).unwrap(), state);
+        assert_eq!(unpack(state.clone(), None, String::new).unwrap(), state);
+    }
+
+    #[test]
+    fn a_corrupt_or_unknown_encoding_is_an_error_not_a_panic() {
+        let lz4 = Some(LZ4.to_owned());
+        let what = || "delta 7".to_owned();
+        for stored in [vec![], vec![1, 2], vec![255, 255, 255, 255, 0], pack(b"some state bytes").split_off(3)] {
+            assert!(matches!(unpack(stored, lz4.as_ref(), what), Err(Error::Input(m)) if m.starts_with("delta 7: corrupt")));
+        }
+        let mut truncated = pack(&[7; 5000]);
+        truncated.truncate(truncated.len() - 2);
+        assert!(unpack(truncated, lz4.as_ref(), what).is_err());
+        assert!(matches!(unpack(vec![1], Some(&"zstd".to_owned()), what), Err(Error::Input(m)) if m.contains("unknown encoding")));
     }
 }
