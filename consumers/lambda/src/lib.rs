@@ -8,7 +8,8 @@
 //!   deltas after it, each delta the new state of the sessions and Agent items one batch
 //!   changed. An invocation brings the bucket's engine to the log's head (a warm
 //!   container reads only the deltas it has not seen), applies its records, and appends
-//!   their delta in one transaction conditioned on the head it read. Of two concurrent
+//!   their delta as the log's next items, each one conditional put (no transaction:
+//!   that would cost twice the units; the head is the last delta item). Of two concurrent
 //!   invocations (other shards, or ParallelizationFactor > 1) one wins; the other applies
 //!   the winner's delta over its unsaved changes, applies its records again and appends
 //!   again. Once the deltas add up to the base's size the log is compacted into a new
@@ -390,14 +391,14 @@ impl Handler {
             }
             let w = &self.writer;
             let records = changes.clone().count() as u64;
-            match w.call("appending to a bucket's log", w.store.append(&scope, b.at, &deltas, records)) {
-                Ok(at) => {
+            match w.call("appending to a bucket's log", w.store.append(&scope, &head, &deltas, records)) {
+                Ok(appended) => {
                     b.engine.delta_saved();
-                    let from = std::mem::replace(&mut b.at, at);
+                    let (from, at) = (std::mem::replace(&mut b.at, appended.head), appended.head);
                     let bytes: u64 = deltas.iter().map(|d| d.len() as u64).sum();
                     if head.compaction_due(deltas.len(), bytes, self.config.compact_bytes) {
                         let state = b.engine.snapshot();
-                        match w.call("compacting a bucket's log", w.store.compact(&scope, OWNER, head.generation, at, &state)) {
+                        match w.call("compacting a bucket's log", w.store.compact(&scope, OWNER, head.generation, &appended, &state)) {
                             Ok(_) | Err(toolrank_dynamodb::Error::Fenced(_)) => {}
                             Err(e) => warn!(bucket, error = %e, "could not compact a bucket's log; a later invocation will"),
                         }

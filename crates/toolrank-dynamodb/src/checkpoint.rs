@@ -10,10 +10,19 @@
 //! what changed since its last save as the next numbered delta items, in one transaction
 //! with the manifest's `Head` (and, for a unit with one owner, its `Position`,
 //! conditioned on the owner): an append costs what changed, not the whole state. Of two
-//! writers at the same head one fails as `Fenced` (Lambda buckets, where many short
-//! writers take turns). Once the deltas add up to the base's size the whole state is
-//! saved as a new base covering them, and their items are deleted. Readers load the base
-//! and the deltas after it, or only the deltas after the head they already hold.
+//! writers at the same head one fails as `Fenced`. Once the deltas add up to the base's
+//! size the whole state is saved as a new base covering them, and their items are
+//! deleted. Readers load the base and the deltas after it, or only the deltas after the
+//! head they already hold.
+//!
+//! A *shared* log (a Lambda bucket, where many short writers take turns and none owns it)
+//! is appended to without a transaction: each delta is one conditional put of the next
+//! number (`attribute_not_exists`), carrying the log's running byte and record counts, so
+//! of two writers at the same head one fails as `Fenced`, and the head is the last delta
+//! item (a query), not a manifest field. A transaction would cost twice the units (and a
+//! manifest update besides). Its compactions delete the deltas they cover only after
+//! [`DELETE_GRACE`]: until then a writer that read an older head still finds its next
+//! number taken.
 //!
 //! Snapshots and deltas are stored LZ4-compressed (about half their size: DynamoDB
 //! charges writes, deletes and storage by the byte); items written before carry no
@@ -56,6 +65,7 @@ pub struct CheckpointStore {
     /// state costs.
     writes: Arc<AtomicU64>,
     units: Units,
+    delete_grace: Duration,
 }
 
 fn s(v: impl Into<String>) -> AttributeValue {
@@ -139,6 +149,12 @@ pub const COMPACT_MIN_BYTES: u64 = 256 * 1024;
 /// ...or once this many deltas follow the base (each a row a cold start queries).
 const COMPACT_MAX_DELTAS: u64 = 1000;
 
+/// How long a shared log keeps the deltas a base covers: a writer that read an older
+/// head puts its delta at a number that must still be taken, or the put would succeed
+/// below the base, where no reader looks. Lambda ends an invocation after 15 minutes at
+/// most; 5 more for clocks and requests in flight.
+pub const DELETE_GRACE: Duration = Duration::from_secs(20 * 60);
+
 /// Where a delta log stands (see the module docs).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LogHead {
@@ -155,17 +171,24 @@ pub struct LogHead {
     /// Input records appended to the log since it began (those [`CheckpointStore::append`]
     /// was told of): how many events a writer of the logs' sum has seen.
     pub records: u64,
+    /// Bytes appended to the log since it began, through `head`: what a shared log's next
+    /// delta counts on from.
+    pub total_bytes: u64,
 }
 
 impl LogHead {
     fn of(manifest: &HashMap<String, AttributeValue>) -> LogHead {
+        let base_at = number(manifest, "BaseAt");
+        let log_bytes = number(manifest, "LogBytes");
         LogHead {
             generation: generation_of(manifest),
-            base_at: number(manifest, "BaseAt"),
-            head: number(manifest, "Head"),
+            base_at,
+            // A shared log's manifest has no head: its deltas after the base say.
+            head: number(manifest, "Head").max(base_at),
             base_bytes: number(manifest, "Bytes"),
-            log_bytes: number(manifest, "LogBytes"),
+            log_bytes,
             records: number(manifest, "Records"),
+            total_bytes: number(manifest, "BaseTotal") + log_bytes,
         }
     }
 
@@ -177,12 +200,14 @@ impl LogHead {
 }
 
 /// How a whole save relates to the log ([`CheckpointStore::save`], [`CheckpointStore::compact`]).
+#[derive(Clone, Copy)]
 enum Base {
     /// The owner's whole state: it covers every delta and whatever was not appended, so
     /// it takes the next log position (a reader at the old head sees that it moved).
     Whole,
-    /// The state as of delta `at` (a Lambda bucket's compaction; later deltas stay).
-    Upto(u64),
+    /// The state as of a shared log's delta `at` (a Lambda bucket's compaction; later
+    /// deltas stay).
+    Upto(LogHead),
 }
 
 /// A delta log read in full: its base state and the deltas after it.
@@ -194,12 +219,18 @@ pub struct Log {
 }
 
 /// Delta items per append transaction: 10 of at most `CHUNK_BYTES` stay under the 4 MB a
-/// transaction may write. An owner's append takes at most this many (one transaction).
+/// transaction may write. An owner's append takes at most this many.
 pub const DELTAS_PER_APPEND: usize = 10;
 
 impl CheckpointStore {
     pub fn new(client: Client, table: impl Into<String>) -> CheckpointStore {
-        CheckpointStore { client, table: table.into(), writes: Arc::default(), units: Units::default() }
+        CheckpointStore { client, table: table.into(), writes: Arc::default(), units: Units::default(), delete_grace: DELETE_GRACE }
+    }
+
+    /// How long shared logs keep the deltas a base covers ([`DELETE_GRACE`]; tests that
+    /// race no stale writer shorten it).
+    pub fn with_delete_grace(self, grace: Duration) -> CheckpointStore {
+        CheckpointStore { delete_grace: grace, ..self }
     }
 
     /// Write requests this store (and its clones) sent so far.
@@ -352,7 +383,7 @@ impl CheckpointStore {
             return Err(Error::Input(format!("checkpoint {generation} of {scope} has {got} of its {chunks} chunks")));
         }
         let state = unpack(blobs.concat(), text(manifest, "Encoding"), || format!("checkpoint {generation} of {scope}"))?;
-        let at = LogHead::of(manifest);
+        let at = self.head_of(scope, manifest).await?;
         let deltas = self.deltas(scope, at.base_at, at.head).await?;
         Ok(Checkpoint { generation, position, state, deltas, at })
     }
@@ -393,7 +424,40 @@ impl CheckpointStore {
 
     /// Where `scope`'s delta log stands; `None` before it exists.
     pub async fn log_head(&self, scope: &str) -> Result<Option<LogHead>, Error> {
-        Ok(self.manifest(scope).await?.as_ref().map(LogHead::of))
+        match self.manifest(scope).await? {
+            Some(m) => Ok(Some(self.head_of(scope, &m).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Where the log of `manifest` stands: at the manifest's head, or at a shared log's
+    /// last delta after it.
+    async fn head_of(&self, scope: &str, manifest: &HashMap<String, AttributeValue>) -> Result<LogHead, Error> {
+        let mut at = LogHead::of(manifest);
+        let got = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("PK = :pk AND SK BETWEEN :from AND :to")
+            .expression_attribute_values(":pk", s(scope))
+            .expression_attribute_values(":from", s(delta_sk(at.head + 1)))
+            .expression_attribute_values(":to", s(delta_sk(u64::MAX)))
+            .projection_expression("SK, #t, #r")
+            .expression_attribute_names("#t", "Total")
+            .expression_attribute_names("#r", "Records")
+            .scan_index_forward(false)
+            .limit(1)
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(aws(format!("reading the head of {scope}")))?;
+        if let Some(last) = got.items().first() {
+            at.head = text(last, "SK").and_then(|sk| sk.strip_prefix("delta#")).and_then(|n| n.parse().ok()).ok_or_else(|| Error::Input(format!("a delta of {scope} with a bad key")))?;
+            at.total_bytes = number(last, "Total");
+            at.log_bytes = at.total_bytes.saturating_sub(number(manifest, "BaseTotal"));
+            at.records = number(last, "Records");
+        }
+        Ok(at)
     }
 
     /// The delta log of `scope` in full (empty before it exists), without claiming it
@@ -425,15 +489,38 @@ impl CheckpointStore {
         Ok(deltas)
     }
 
-    /// Appends `deltas`, the effect of `records` input records, after delta `head`, if
-    /// that is still the latest. Returns the new head; `Err(Fenced)` when another writer
-    /// appended first (read its deltas, apply the batch again, append again). Deltas past
-    /// the first ten go in further transactions: each is a set of whole sessions, so a
-    /// log cut between two is still consistent.
-    pub async fn append(&self, scope: &str, head: u64, deltas: &[Vec<u8>], records: u64) -> Result<u64, Error> {
-        let mut head = head;
-        for (i, group) in deltas.chunks(DELTAS_PER_APPEND).enumerate() {
-            head = self.append_group(scope, head, group, None, if i == 0 { records } else { 0 }).await?;
+    /// Appends `deltas`, the effect of `records` input records, to the shared log `scope`
+    /// after `at`, if that is still its head: one conditional put per delta (see the
+    /// module docs). Returns the new head; `Err(Fenced)` when another writer appended
+    /// first (read its deltas, apply the batch again, append again). Each delta is a set
+    /// of whole sessions, so a log cut between two is still consistent.
+    pub async fn append(&self, scope: &str, at: &LogHead, deltas: &[Vec<u8>], records: u64) -> Result<LogHead, Error> {
+        let mut head = *at;
+        head.records += records;
+        for d in deltas {
+            head.head += 1;
+            head.total_bytes += d.len() as u64;
+            head.log_bytes += d.len() as u64;
+            self.wrote(1);
+            let put = self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .item("PK", s(scope))
+                .item("SK", s(delta_sk(head.head)))
+                .item("Data", AttributeValue::B(Blob::new(pack(d))))
+                .item("Encoding", s(LZ4))
+                .item("Total", n(head.total_bytes))
+                .item("Records", n(head.records))
+                .condition_expression("attribute_not_exists(PK)")
+                .return_consumed_capacity(TOTAL)
+                .send()
+                .await;
+            match put {
+                Ok(out) => self.units.add(out.consumed_capacity()),
+                Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => return Err(Error::Fenced(scope.to_owned())),
+                Err(e) => return Err(aws(format!("appending to the delta log of {scope}"))(e)),
+            }
         }
         Ok(head)
     }
@@ -446,18 +533,17 @@ impl CheckpointStore {
         if deltas.len() > DELTAS_PER_APPEND {
             return Err(Error::Input(format!("{} deltas for {scope}: at most {DELTAS_PER_APPEND} go with a position", deltas.len())));
         }
-        self.append_group(scope, head, deltas, Some((owner, position)), 0).await
+        self.append_group(scope, head, deltas, owner, position).await
     }
 
-    /// One append transaction: the manifest's head (and an owner's position, or the count
-    /// of records appended) with the delta items.
-    async fn append_group(&self, scope: &str, head: u64, group: &[Vec<u8>], owned: Option<(&str, &str)>, records: u64) -> Result<u64, Error> {
+    /// One append transaction: the manifest's head and the owner's position with the
+    /// delta items.
+    async fn append_group(&self, scope: &str, head: u64, group: &[Vec<u8>], owner: &str, position: &str) -> Result<u64, Error> {
         use aws_sdk_dynamodb::types::{Put, TransactWriteItem, Update};
         let next = head + group.len() as u64;
         let bytes: usize = group.iter().map(Vec::len).sum();
-        let mut condition = String::from(if head == 0 { "(attribute_not_exists(#h) OR #h = :h)" } else { "#h = :h" });
-        let mut expression = String::from("SET #h = :next, #lb = if_not_exists(#lb, :zero) + :bytes");
-        let mut update = Update::builder()
+        let condition = if head == 0 { "(attribute_not_exists(#h) OR #h = :h) AND #o = :o" } else { "#h = :h AND #o = :o" };
+        let update = Update::builder()
             .table_name(&self.table)
             .key("PK", s(scope))
             .key("SK", s("manifest"))
@@ -466,21 +552,15 @@ impl CheckpointStore {
             .expression_attribute_values(":h", n(head))
             .expression_attribute_values(":next", n(next))
             .expression_attribute_values(":zero", n(0))
-            .expression_attribute_values(":bytes", n(bytes));
-        if let Some((owner, position)) = owned {
-            condition += " AND #o = :o";
-            expression += ", #p = :p";
-            update = update
-                .expression_attribute_names("#o", "Owner")
-                .expression_attribute_names("#p", "Position")
-                .expression_attribute_values(":o", s(owner))
-                .expression_attribute_values(":p", s(position));
-        }
-        if records > 0 {
-            expression += ", #r = if_not_exists(#r, :zero) + :records";
-            update = update.expression_attribute_names("#r", "Records").expression_attribute_values(":records", n(records));
-        }
-        let update = update.update_expression(expression).condition_expression(condition).build().expect("update set");
+            .expression_attribute_values(":bytes", n(bytes))
+            .expression_attribute_names("#o", "Owner")
+            .expression_attribute_names("#p", "Position")
+            .expression_attribute_values(":o", s(owner))
+            .expression_attribute_values(":p", s(position))
+            .update_expression("SET #h = :next, #lb = if_not_exists(#lb, :zero) + :bytes, #p = :p")
+            .condition_expression(condition)
+            .build()
+            .expect("update set");
         let mut items = vec![TransactWriteItem::builder().update(update).build()];
         for (i, d) in group.iter().enumerate() {
             let put = Put::builder()
@@ -506,11 +586,12 @@ impl CheckpointStore {
         }
     }
 
-    /// Saves `state`, which holds the deltas up to `at`, as the log's new base after base
-    /// `generation`, then deletes the deltas it covers. `Err(Fenced)` when another writer
-    /// saved a base first.
-    pub async fn compact(&self, scope: &str, owner: &str, generation: u64, at: u64, state: &[u8]) -> Result<u64, Error> {
-        Ok(self.save_base(scope, owner, generation, &at.to_string(), state, Base::Upto(at)).await?.generation)
+    /// Saves `state`, which holds the deltas of the shared log `scope` up to `at` (as
+    /// [`append`](Self::append) returned it), as the log's new base after base
+    /// `generation`. The deltas it covers are deleted by a later compaction, once
+    /// [`DELETE_GRACE`] has passed. `Err(Fenced)` when another writer saved a base first.
+    pub async fn compact(&self, scope: &str, owner: &str, generation: u64, at: &LogHead, state: &[u8]) -> Result<u64, Error> {
+        Ok(self.save_base(scope, owner, generation, &at.head.to_string(), state, Base::Upto(*at)).await?.generation)
     }
 
     /// Saves `state` as the checkpoint after `generation` and the base of the log (see
@@ -535,7 +616,8 @@ impl CheckpointStore {
             .key("SK", s("manifest"))
             .update_expression(match base {
                 Base::Whole => "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t, #e = :e, #h = if_not_exists(#h, :zero) + :one, #ba = if_not_exists(#h, :zero) + :one REMOVE LogBytes",
-                Base::Upto(_) => "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t, #e = :e, #ba = :at REMOVE LogBytes",
+                Base::Upto(_) => "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t, #e = :e, #ba = :at, #bt = :total, #r = :records, \
+                                  #pa = if_not_exists(#pa, :at), #pm = if_not_exists(#pm, :now), #du = if_not_exists(#du, :before) REMOVE LogBytes",
             })
             .condition_expression("#o = :o AND #g = :g")
             .expression_attribute_names("#ba", "BaseAt")
@@ -556,7 +638,17 @@ impl CheckpointStore {
             .expression_attribute_values(":o", s(owner));
         let switched = match base {
             Base::Whole => switched.expression_attribute_names("#h", "Head").expression_attribute_values(":zero", n(0)).expression_attribute_values(":one", n(1)),
-            Base::Upto(at) => switched.expression_attribute_values(":at", n(at)),
+            Base::Upto(at) => switched
+                .expression_attribute_names("#bt", "BaseTotal")
+                .expression_attribute_names("#r", "Records")
+                .expression_attribute_names("#pa", "PendingAt")
+                .expression_attribute_names("#pm", "PendingMs")
+                .expression_attribute_names("#du", "DeletedUpto")
+                .expression_attribute_values(":at", n(at.head))
+                .expression_attribute_values(":total", n(at.total_bytes))
+                .expression_attribute_values(":records", n(at.records))
+                .expression_attribute_values(":now", n(now_ms()))
+                .expression_attribute_values(":before", n(at.base_at)),
         };
         let switched = switched
             .return_values(ReturnValue::AllOld)
@@ -577,13 +669,60 @@ impl CheckpointStore {
             Err(e) => return Err(aws(format!("saving the checkpoint of {scope}"))(e)),
         };
         self.delete_chunks(scope, &Chunks::of(&old), number(&old, "Chunks") as usize).await;
-        let (old_base, old_head) = (number(&old, "BaseAt"), number(&old, "Head"));
-        let (base_at, head, covered) = match base {
-            Base::Whole => (old_head + 1, old_head + 1, old_head),
-            Base::Upto(at) => (at, old_head, at),
-        };
-        self.delete_deltas(scope, old_base + 1..=covered).await;
-        Ok(LogHead { generation: next, base_at, head, base_bytes: state.len() as u64, log_bytes: 0, records: number(&old, "Records") })
+        let base_bytes = state.len() as u64;
+        match base {
+            Base::Whole => {
+                let (old_base, old_head) = (number(&old, "BaseAt"), number(&old, "Head"));
+                self.delete_deltas(scope, old_base + 1..=old_head).await;
+                Ok(LogHead { generation: next, base_at: old_head + 1, head: old_head + 1, base_bytes, log_bytes: 0, records: number(&old, "Records"), total_bytes: 0 })
+            }
+            Base::Upto(at) => {
+                self.delete_after_grace(scope, &old).await;
+                Ok(LogHead { generation: next, base_at: at.head, base_bytes, log_bytes: 0, ..at })
+            }
+        }
+    }
+
+    /// A shared log's deletion of covered deltas ([`DELETE_GRACE`]): the manifest names
+    /// one pending base (`PendingAt`, saved at `PendingMs`) and how far deltas are deleted
+    /// (`DeletedUpto`). Once the pending base is old enough, the compaction that finds it
+    /// (`old`, the manifest it replaced) makes its own base pending and deletes the deltas
+    /// the old one covered; until then it deletes nothing.
+    async fn delete_after_grace(&self, scope: &str, old: &HashMap<String, AttributeValue>) {
+        let Some(pending_ms) = old.get("PendingMs").map(|_| number(old, "PendingMs")) else { return };
+        if now_ms() < pending_ms + self.delete_grace.as_millis() as u64 {
+            return;
+        }
+        let (pending_at, deleted_upto) = (number(old, "PendingAt"), number(old, "DeletedUpto"));
+        // Conditioned on the pending base, so one compaction deletes its deltas; this one's
+        // base (the manifest's BaseAt now) becomes pending.
+        self.wrote(1);
+        let rotated = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("PK", s(scope))
+            .key("SK", s("manifest"))
+            .update_expression("SET #pa = #ba, #pm = :now, #du = :upto")
+            .condition_expression("#pm = :ms")
+            .expression_attribute_names("#pa", "PendingAt")
+            .expression_attribute_names("#ba", "BaseAt")
+            .expression_attribute_names("#pm", "PendingMs")
+            .expression_attribute_names("#du", "DeletedUpto")
+            .expression_attribute_values(":now", n(now_ms()))
+            .expression_attribute_values(":upto", n(pending_at.max(deleted_upto)))
+            .expression_attribute_values(":ms", n(pending_ms))
+            .return_consumed_capacity(TOTAL)
+            .send()
+            .await;
+        match rotated {
+            Ok(out) => {
+                self.units.add(out.consumed_capacity());
+                self.delete_deltas(scope, deleted_upto + 1..=pending_at).await;
+            }
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => {}
+            Err(e) => tracing::warn!(scope, error = %e, "could not mark compacted deltas for deletion; a later compaction will"),
+        }
     }
 
     /// Best-effort removal of deltas a base covers: leftovers are never read again.
