@@ -248,6 +248,16 @@ impl CheckpointStore {
         self.writes.fetch_add(n as u64, Ordering::Relaxed);
     }
 
+    /// A put of the item (`scope`, `sk`).
+    fn put(&self, scope: &str, sk: &str) -> aws_sdk_dynamodb::operation::put_item::builders::PutItemFluentBuilder {
+        self.client.put_item().table_name(&self.table).item("PK", s(scope)).item("SK", s(sk))
+    }
+
+    /// An update of the item (`scope`, `sk`).
+    fn update(&self, scope: &str, sk: &str) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
+        self.client.update_item().table_name(&self.table).key("PK", s(scope)).key("SK", s(sk))
+    }
+
     async fn manifest(&self, scope: &str) -> Result<Option<HashMap<String, AttributeValue>>, Error> {
         let got = self
             .client
@@ -272,11 +282,7 @@ impl CheckpointStore {
     pub async fn add_to_set(&self, scope: &str, sk: &str, name: &str, members: Vec<String>) -> Result<(), Error> {
         self.wrote(1);
         let out = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("PK", s(scope))
-            .key("SK", s(sk))
+            .update(scope, sk)
             .update_expression("ADD #n :m")
             .expression_attribute_names("#n", name)
             .expression_attribute_values(":m", AttributeValue::Ss(members))
@@ -309,11 +315,7 @@ impl CheckpointStore {
         let now = now_ms();
         self.wrote(1);
         let out = self
-            .client
-            .put_item()
-            .table_name(&self.table)
-            .item("PK", s(scope))
-            .item("SK", s(owner))
+            .put(scope, owner)
             .item("Expires", n(now + duration.as_millis() as u64))
             .return_consumed_capacity(TOTAL)
             .send()
@@ -344,11 +346,7 @@ impl CheckpointStore {
             let condition = if manifest.is_some() { "#g = :g" } else { "attribute_not_exists(PK)" };
             self.wrote(1);
             let claimed = self
-                .client
-                .update_item()
-                .table_name(&self.table)
-                .key("PK", s(scope))
-                .key("SK", s("manifest"))
+                .update(scope, "manifest")
                 .update_expression("SET #o = :o, #g = :g")
                 .condition_expression(condition)
                 .expression_attribute_names("#o", "Owner")
@@ -503,11 +501,7 @@ impl CheckpointStore {
             head.log_bytes += d.len() as u64;
             self.wrote(1);
             let put = self
-                .client
-                .put_item()
-                .table_name(&self.table)
-                .item("PK", s(scope))
-                .item("SK", s(delta_sk(head.head)))
+                .put(scope, &delta_sk(head.head))
                 .item("Data", AttributeValue::B(Blob::new(pack(d))))
                 .item("Encoding", s(LZ4))
                 .item("Total", n(head.total_bytes))
@@ -609,11 +603,7 @@ impl CheckpointStore {
         });
         batch_write(&self.client, &self.table, puts.collect(), &self.units).await.map_err(aws(format!("writing the checkpoint of {scope}")))?;
         let switched = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("PK", s(scope))
-            .key("SK", s("manifest"))
+            .update(scope, "manifest")
             .update_expression(match base {
                 Base::Whole => "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t, #e = :e, #h = if_not_exists(#h, :zero) + :one, #ba = if_not_exists(#h, :zero) + :one REMOVE LogBytes",
                 Base::Upto(_) => "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t, #e = :e, #ba = :at, #bt = :total, #r = :records, \
@@ -698,11 +688,7 @@ impl CheckpointStore {
         // base (the manifest's BaseAt now) becomes pending.
         self.wrote(1);
         let rotated = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("PK", s(scope))
-            .key("SK", s("manifest"))
+            .update(scope, "manifest")
             .update_expression("SET #pa = #ba, #pm = :now, #du = :upto")
             .condition_expression("#pm = :ms")
             .expression_attribute_names("#pa", "PendingAt")
