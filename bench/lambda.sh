@@ -2,7 +2,7 @@
 # The Lambda handler's cost (issue: ≥ 100k records/s of CPU per core, sinks aside):
 #   1. decode + apply of every record of a generated stream-style history (SESSIONS
 #      sessions, ~3 records each; 30000 gives ~90k records), cut into DynamoDB Streams
-#      events of 100 and of 1000 records, into in-memory bucket engines;
+#      events of 100, 1000 and 10,000 records (BATCHES), into in-memory bucket engines;
 #   2. whole invocations against DynamoDB Local (one warm container, its bucket log in the
 #      state table, the DynamoDB sink on) on the first INVOKE_RECORDS records arriving at
 #      RATE records/s: ms per invocation, DynamoDB write requests and units per record;
@@ -12,18 +12,19 @@
 # default) and keep to the same write budget, WRITES_PER_EVENT items per record (0.05,
 # both paths' default; 0 writes at every interval): the same pacing.
 # RATE=0 SINK_INTERVAL_MS=600000 compares them writing the sink once, at the end.
-# Usage: bench/lambda.sh   (SESSIONS=30000 INVOKE_RECORDS=20000 RATE=5000 SINK_INTERVAL_MS=1000 WRITES_PER_EVENT=0.05
-#                           BATCHES=100,1000: the batch sizes of steps 1 and 2)
+# Usage: bench/lambda.sh   (SESSIONS=30000 INVOKE_RECORDS=50000 RATE=5000 SINK_INTERVAL_MS=1000 WRITES_PER_EVENT=0.05
+#                           BATCHES=100,1000,10000: the batch sizes of steps 1 and 2;
+#                           10,000 is what a 2 s batching window collects at 5,000/s)
 set -euo pipefail
 SESSIONS="${SESSIONS:-30000}"
-INVOKE_RECORDS="${INVOKE_RECORDS:-20000}"
+INVOKE_RECORDS="${INVOKE_RECORDS:-50000}"
 RATE="${RATE:-5000}"
 SINK_INTERVAL_MS="${SINK_INTERVAL_MS:-1000}"
 WRITES_PER_EVENT="${WRITES_PER_EVENT:-0.05}"
 source "$(dirname "$0")/prelude.sh"
 cargo build --release --locked -p toolrank-lambda --bin lambda-bench >&2
 "$BIN/toolrank" generate --sessions "$SESSIONS" --seed 5 --style stream --out "$WORK/history.jsonl" >&2
-TOOLRANK_SINK_INTERVAL_MS="$SINK_INTERVAL_MS" TOOLRANK_DYNAMODB_WRITES_PER_EVENT="$WRITES_PER_EVENT" BATCHES="${BATCHES:-100,1000}" "$BIN/lambda-bench" "$WORK/history.jsonl" "$INVOKE_RECORDS" "$RATE"
+TOOLRANK_SINK_INTERVAL_MS="$SINK_INTERVAL_MS" TOOLRANK_DYNAMODB_WRITES_PER_EVENT="$WRITES_PER_EVENT" BATCHES="${BATCHES:-100,1000,10000}" "$BIN/lambda-bench" "$WORK/history.jsonl" "$INVOKE_RECORDS" "$RATE"
 RUN="lbench$$"
 head -n "$INVOKE_RECORDS" "$WORK/history.jsonl" > "$WORK/subset.jsonl"
 "$BIN/toolrank" setup --topic "$RUN-events" --dead-letter-topic "$RUN-dl" --partitions 2 --table "$RUN-Kafka" >&2
