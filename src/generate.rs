@@ -1,6 +1,6 @@
 //! `toolrank generate`: synthetic histories for demos, tests and benchmarks.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use std::fs::File;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +36,11 @@ pub struct Args {
     /// Line format.
     #[arg(long, value_enum, default_value = "stream")]
     style: StyleArg,
+    /// Stream style: remove each session's executions by TTL (REMOVE records, as
+    /// DynamoDB emits them) once N later sessions were written. The live items stay a
+    /// sliding window however long the stream: a soak test of bounded memory.
+    #[arg(long, value_name = "N")]
+    ttl_after: Option<u64>,
     /// Output file (default: stdout).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -59,6 +64,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         domains: args.domains,
         days: args.days,
         end: args.end,
+        ttl_after: args.ttl_after,
         ..Config::default()
     };
     let style = match args.style {
@@ -66,6 +72,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
         StyleArg::Stream => Style::Stream,
         StyleArg::Flat => Style::Flat,
     };
+    if args.ttl_after.is_some() && style != Style::Stream {
+        bail!("--ttl-after needs --style stream: only stream records carry removals");
+    }
     let stats = match &args.out {
         Some(p) => generate(&cfg, style, File::create(p).with_context(|| format!("creating {}", p.display()))?)?,
         None => generate(&cfg, style, std::io::stdout().lock())?,

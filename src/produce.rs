@@ -49,6 +49,11 @@ pub struct Args {
     /// Seed of the generated workload.
     #[arg(long, default_value_t = 1, requires = "generate")]
     seed: u64,
+    /// Remove each generated session's executions by TTL once N later sessions were
+    /// published (see `toolrank generate --ttl-after`): a stream of any length whose
+    /// live items stay a sliding window.
+    #[arg(long, value_name = "N", requires = "generate")]
+    ttl_after: Option<u64>,
     /// Input files, export directories, or - for stdin.
     #[arg(value_name = "FILE|DIR|-", required_unless_present = "generate")]
     inputs: Vec<String>,
@@ -101,7 +106,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let mut readers = Vec::new();
     if args.generate {
         let (reader, writer) = std::io::pipe()?;
-        let cfg = Config { sessions: args.sessions, seed: args.seed, ..Config::default() };
+        let cfg = Config { sessions: args.sessions, seed: args.seed, ttl_after: args.ttl_after, ..Config::default() };
         std::thread::spawn(move || generate(&cfg, Style::Stream, writer));
         readers.push(LineReader::from_read("generated".into(), Box::new(reader), Arc::default())?);
     } else {

@@ -9,6 +9,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Zipf};
+use std::collections::VecDeque;
 use std::io::{self, Write};
 use toolrank_events::Day;
 
@@ -24,11 +25,15 @@ pub struct Config {
     pub end: String,
     /// Fraction of agents whose Agent item only arrives after their executions.
     pub late_metadata: f64,
+    /// Stream style: each session's executions are removed by TTL once this many later
+    /// sessions were written, so the table's live items stay a sliding window (the
+    /// seed's TTL) however long the stream runs. `None`: only the occasional removal.
+    pub ttl_after: Option<u64>,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { sessions: 1000, seed: 1, domains: 8, agents: 200, days: 60, end: "2025-07-14".into(), late_metadata: 0.1 }
+        Config { sessions: 1000, seed: 1, domains: 8, agents: 200, days: 60, end: "2025-07-14".into(), late_metadata: 0.1, ttl_after: None }
     }
 }
 
@@ -204,6 +209,8 @@ pub fn generate(cfg: &Config, style: Style, out: impl Write) -> io::Result<Stats
         }
     }
     let end = Day::parse_iso(&cfg.end).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "end is not YYYY-MM-DD"))?;
+    // Stream style with `ttl_after`: the sessions whose executions are still live.
+    let mut window: VecDeque<(String, Vec<String>)> = VecDeque::new();
     for s in 0..cfg.sessions {
         let user = format!("USR{:06}", user_zipf.sample(&mut rng) as u64);
         let (y, m, d) = Day(end.0 - rng.random_range(0..cfg.days.max(1)) as i32).ymd();
@@ -211,6 +218,7 @@ pub fn generate(cfg: &Config, style: Style, out: impl Write) -> io::Result<Stats
         let pk = format!("{user}#{session}");
         let mut second = rng.random_range(0..80_000u32);
         let mut process = 0;
+        let mut live = Vec::new();
         for _ in 0..if rng.random_bool(0.15) { 2 } else { 1 } {
             let a = &agents[agent_zipf.sample(&mut rng) as usize - 1];
             let flow = &a.workflows[rng.random_range(0..a.workflows.len())];
@@ -242,8 +250,20 @@ pub fn generate(cfg: &Config, style: Style, out: impl Write) -> io::Result<Stats
                             let ttl = rng.random_bool(0.5);
                             w.remove(&mut rng, &pk, &sk, ttl)?;
                             w.stats.executions -= 1;
+                        } else if cfg.ttl_after.is_some() {
+                            live.push(sk);
                         }
                     }
+                }
+            }
+        }
+        if let Some(keep) = cfg.ttl_after {
+            window.push_back((pk, live));
+            while window.len() as u64 > keep {
+                let (pk, sks) = window.pop_front().expect("not empty");
+                for sk in sks {
+                    w.remove(&mut rng, &pk, &sk, true)?;
+                    w.stats.executions -= 1;
                 }
             }
         }
@@ -255,4 +275,45 @@ pub fn generate(cfg: &Config, style: Style, out: impl Write) -> io::Result<Stats
     }
     w.out.flush()?;
     Ok(w.stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use toolrank_events::{decode_line, Action, Entity};
+
+    /// The table state a stream leaves: per key, the content of its newest record.
+    fn live_executions(out: &[u8]) -> HashMap<(String, String), bool> {
+        let mut latest: HashMap<(String, String), (u128, bool)> = HashMap::new();
+        for line in out.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            decode_line(line, &mut |rec| {
+                let c = rec.result.expect("generated records decode");
+                let live = matches!(c.action, Action::Put(Entity::Execution(_)));
+                let seq = c.seq.expect("stream records carry a sequence number");
+                let slot = latest.entry((c.pk.into_owned(), c.sk.into_owned())).or_insert((0, false));
+                if seq > slot.0 {
+                    *slot = (seq, live);
+                }
+            })
+            .expect("generated lines decode");
+        }
+        latest.into_iter().filter(|(_, (_, live))| *live).map(|(k, _)| (k, true)).collect()
+    }
+
+    #[test]
+    fn ttl_after_keeps_a_sliding_window_of_live_sessions() {
+        let cfg = Config { sessions: 500, seed: 3, ttl_after: Some(20), ..Config::default() };
+        let mut out = Vec::new();
+        let stats = generate(&cfg, Style::Stream, &mut out).unwrap();
+        let live = live_executions(&out);
+        assert_eq!(live.len() as u64, stats.executions, "the stats count what is live at the end");
+        let sessions: std::collections::HashSet<_> = live.keys().map(|(pk, _)| pk.clone()).collect();
+        assert!(!sessions.is_empty() && sessions.len() <= 20, "{} sessions live", sessions.len());
+        let oldest = sessions.iter().map(|pk| pk[pk.len() - 7..].parse::<u64>().unwrap()).min().unwrap();
+        assert!(oldest >= 480, "only the last 20 sessions keep executions (oldest live: {oldest})");
+
+        let without = generate(&Config { ttl_after: None, ..cfg }, Style::Stream, std::io::sink()).unwrap();
+        assert!(without.executions > 20 * stats.executions / 2, "without it, the occasional removal only");
+    }
 }
