@@ -12,13 +12,13 @@
 # With a horizon shorter than the run, the state levels off at the live window plus a
 # horizon's removals; with a week (the default horizon) it grows with every removal seen.
 # Usage: bench/soak.sh   (SESSIONS=200000 gives ~1.2M records; LIVE=20000; RATE=10000;
-#                         HORIZONS="30 604800"; SAMPLE_SECS=15; CONSUME_ARGS adds flags)
+#                         HORIZONS="30 604800"; SAMPLE_SECS=30, the gauges' period; CONSUME_ARGS adds flags)
 set -euo pipefail
 SESSIONS="${SESSIONS:-200000}"
 LIVE="${LIVE:-20000}"
 RATE="${RATE:-10000}"
 HORIZONS="${HORIZONS:-30 604800}"
-SAMPLE_SECS="${SAMPLE_SECS:-15}"
+SAMPLE_SECS="${SAMPLE_SECS:-30}"
 PARTITIONS="${PARTITIONS:-6}"
 read -ra CONSUME_ARGS <<< "${CONSUME_ARGS:-}"
 source "$(dirname "$0")/prelude.sh"
