@@ -351,6 +351,9 @@ fn print_summary(s: &toolrank_live::Summary) {
     if s.tombstones_expired > 0 {
         eprintln!("{} tombstones of removed items expired (--tombstone-horizon-secs)", s.tombstones_expired);
     }
+    if s.names_collected > 0 {
+        eprintln!("{} interned names nothing referred to any more were forgotten", s.names_collected);
+    }
     eprintln!("write capacity units consumed: DynamoDB sink {:.0}, state table {:.0}", s.dynamodb_write_units, s.state_write_units);
     eprintln!("waited on: DynamoDB sink {:.1} s, Valkey sink {:.1} s, checkpoints {:.1} s", s.dynamodb_ms as f64 / 1e3, s.valkey_ms as f64 / 1e3, s.checkpoint_ms as f64 / 1e3);
     if s.read_ms > 0 || s.finish_ms > 0 {

@@ -67,6 +67,9 @@ fn replay(history: &[Event], order: &[usize], ctl: &[u8]) -> Engine {
         match ctl[i] % 8 {
             0 => engine.flush(),
             1 => engine = Engine::restore(&engine.snapshot()).expect("own snapshot restores"),
+            3 => {
+                engine.collect_names();
+            }
             _ => {}
         }
     }
@@ -162,9 +165,16 @@ proptest! {
                 engine.apply(&rec.result.expect("valid"));
             })
             .expect("decodes");
-            if ctl[n] % 3 == 0 {
-                engine.flush_into(&mut live);
-                write_changes(&mut live, &mut sink_agents, &mut sink_patterns);
+            match ctl[n] % 6 {
+                0 | 3 => {
+                    engine.flush_into(&mut live);
+                    write_changes(&mut live, &mut sink_agents, &mut sink_patterns);
+                }
+                // A unit renumbers its names, with changes not yet forwarded.
+                1 => {
+                    engine.collect_names();
+                }
+                _ => {}
             }
         }
         for e in &mut engines {
@@ -249,6 +259,7 @@ fn share_a_delta_log(history: &[Event], order: &[usize], ctl: &[u8], containers:
         }
         if let Some(h) = horizon {
             engine.expire_tombstones(h);
+            engine.collect_names();
         }
     };
     for (n, (range, c)) in batches.into_iter().enumerate() {
@@ -396,8 +407,13 @@ proptest! {
                     engine.track_deltas();
                     follower = Engine::restore(&engine.snapshot()).expect("restores");
                 }
-                2 | 3 => {
+                2 => {
                     engine.expire_tombstones(window);
+                }
+                3 => {
+                    engine.expire_tombstones(window);
+                    engine.collect_names();
+                    follower.collect_names();
                 }
                 _ => {}
             }

@@ -165,6 +165,26 @@ impl Aggregates {
         }
     }
 
+    /// Rewrites every symbol through `renumber` (the engine's names were renumbered).
+    pub(crate) fn renumber(&mut self, mut renumber: impl FnMut(SymKind, Sym) -> Sym) {
+        let mut string = |s| renumber(SymKind::String, s);
+        let syms = |map: BTreeMap<Sym, i64>, string: &mut dyn FnMut(Sym) -> Sym| map.into_iter().map(|(t, n)| (string(t), n)).collect();
+        self.agents = std::mem::take(&mut self.agents)
+            .into_iter()
+            .map(|(agent, mut a)| {
+                a.failed_tools = syms(std::mem::take(&mut a.failed_tools), &mut string);
+                a.tools = syms(std::mem::take(&mut a.tools), &mut string);
+                (string(agent), a)
+            })
+            .collect();
+        let mut key = |k: PatternKey| PatternKey { user: renumber(SymKind::String, k.user), agent: renumber(SymKind::String, k.agent), sequence: renumber(SymKind::Sequence, k.sequence) };
+        self.patterns = std::mem::take(&mut self.patterns).into_iter().map(|(k, p)| (key(k), p)).collect();
+        if let Some(t) = &mut self.touched {
+            t.patterns = std::mem::take(&mut t.patterns).into_iter().map(&mut key).collect();
+            t.agents = std::mem::take(&mut t.agents).into_iter().map(|a| renumber(SymKind::String, a)).collect();
+        }
+    }
+
     /// Adds (`sign = 1`) or subtracts (`sign = -1`) another engine's aggregates,
     /// `translate` mapping its symbols into ours.
     pub fn absorb(&mut self, other: &Aggregates, sign: i64, mut translate: impl FnMut(SymKind, Sym) -> Sym) {

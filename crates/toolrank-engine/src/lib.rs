@@ -159,7 +159,43 @@ pub enum StateError {
 
 const SNAPSHOT_VERSION: u32 = 6;
 
-/// Maps one engine's symbols to another's; valid as long as both live (interners only grow).
+/// Below this many names, [`Engine::collect_names_if_due`] does not collect.
+pub const NAMES_MIN: usize = 4096;
+
+/// Old symbols to those of fresh interners that take only the names still referred to.
+struct Renumber {
+    old_strings: Interner<str>,
+    old_sequences: Interner<[Sym]>,
+    strings: Interner<str>,
+    sequences: Interner<[Sym]>,
+    string_map: FxHashMap<Sym, Sym>,
+    sequence_map: FxHashMap<Sym, Sym>,
+}
+
+impl Renumber {
+    fn new(old_strings: Interner<str>, old_sequences: Interner<[Sym]>) -> Renumber {
+        Renumber { old_strings, old_sequences, strings: Interner::default(), sequences: Interner::default(), string_map: FxHashMap::default(), sequence_map: FxHashMap::default() }
+    }
+
+    fn string(&mut self, s: Sym) -> Sym {
+        *self.string_map.entry(s).or_insert_with(|| self.strings.intern(self.old_strings.get(s)))
+    }
+
+    fn sequence(&mut self, s: Sym) -> Sym {
+        if let Some(&t) = self.sequence_map.get(&s) {
+            return t;
+        }
+        let old = std::mem::take(&mut self.old_sequences);
+        let renumbered: Vec<Sym> = old.get(s).iter().map(|&x| self.string(x)).collect();
+        self.old_sequences = old;
+        let t = self.sequences.intern(&renumbered);
+        self.sequence_map.insert(s, t);
+        t
+    }
+}
+
+/// Maps one engine's symbols to another's; valid as long as both live and neither
+/// collects its names (a collecting engine resets the map it forwards with).
 #[derive(Default)]
 struct Translation {
     strings: FxHashMap<Sym, Sym>,
@@ -229,6 +265,9 @@ pub struct Engine {
     /// Our symbols to those of the engine [`Engine::flush_into`] forwards to.
     #[serde(skip)]
     forward: Translation,
+    /// Names kept by the last [`Engine::collect_names`].
+    #[serde(skip)]
+    names_kept: usize,
     /// What changed since the last [`Engine::delta_saved`], when tracking.
     #[serde(skip)]
     delta: Option<DeltaTracker>,
@@ -588,6 +627,74 @@ impl Engine {
         expired
     }
 
+    /// Forgets the interned names (user IDs above all: they keep coming) that nothing
+    /// in the state refers to any more, once there are as many again as were kept at the
+    /// last collection (at least [`NAMES_MIN`]): amortized, a name costs O(1) to collect.
+    /// Returns how many went. See [`collect_names`](Self::collect_names).
+    pub fn collect_names_if_due(&mut self) -> usize {
+        if self.strings.len() < (2 * self.names_kept).max(NAMES_MIN) {
+            return 0;
+        }
+        self.collect_names()
+    }
+
+    /// Renumbers the names still referred to (by sessions, SKs, contributions, the
+    /// catalog, the aggregates) into fresh interners, so that those of expired or removed
+    /// sessions stop costing memory; returns how many went. Results are unchanged.
+    /// Symbols are this engine's own: the engine it forwards to learns the new ones at
+    /// the next flush, but anything else holding this engine's symbols (a [`Changes`] of
+    /// a tracking engine, a sink's record of it) must not outlive this call: collect
+    /// units, not a merged view with sinks behind it.
+    pub fn collect_names(&mut self) -> usize {
+        let before = self.strings.len();
+        let mut r = Renumber::new(std::mem::take(&mut self.strings), std::mem::take(&mut self.sequences));
+        for p in &mut self.sks {
+            *p = SkParts { process: r.string(p.process), agent: r.string(p.agent), tool: r.string(p.tool) };
+        }
+        for s in self.sessions.iter_mut().filter(|s| !s.pk.is_empty()) {
+            s.user = r.string(s.user);
+            for d in s.rows.iter_mut().filter_map(|row| row.data.as_mut()) {
+                d.tool_nm = r.string(d.tool_nm);
+            }
+            for (agent, c) in &mut s.committed {
+                *agent = r.string(*agent);
+                c.pattern = r.sequence(c.pattern);
+                for t in c.failed_tools.iter_mut() {
+                    *t = r.string(*t);
+                }
+            }
+            for agent in &mut s.dirty {
+                *agent = r.string(*agent);
+            }
+        }
+        self.catalog = std::mem::take(&mut self.catalog)
+            .into_iter()
+            .map(|(agent, mut slot)| {
+                if let Some(m) = &mut slot.meta {
+                    m.domain = r.string(m.domain);
+                }
+                (r.string(agent), slot)
+            })
+            .collect();
+        for agent in &mut self.catalog_changes {
+            *agent = r.string(*agent);
+        }
+        if let Some(t) = &mut self.catalog_touched {
+            *t = t.drain().map(|a| r.string(a)).collect();
+        }
+        if let Some(d) = &mut self.delta {
+            d.catalog = d.catalog.drain().map(|a| r.string(a)).collect();
+        }
+        self.aggregates.renumber(|kind, s| match kind {
+            SymKind::String => r.string(s),
+            SymKind::Sequence => r.sequence(s),
+        });
+        (self.strings, self.sequences) = (r.strings, r.sequences);
+        self.forward = Translation::default();
+        self.names_kept = self.strings.len();
+        before - self.names_kept
+    }
+
     /// Frees the slot of a session without rows or contributions.
     fn drop_session(&mut self, idx: u32) {
         let s = std::mem::replace(&mut self.sessions[idx as usize], Session { pk: "".into(), user: 0, rows: Vec::new(), committed: Vec::new(), dirty: Vec::new() });
@@ -899,6 +1006,8 @@ impl Engine {
         engine.strings.rebuild();
         engine.sequences.rebuild();
         engine.sk_index.rebuild();
+        // Collect once as many again have come, not at once (a restart would pay a walk).
+        engine.names_kept = engine.strings.len();
         let sessions = &engine.sessions;
         for (i, s) in sessions.iter().enumerate() {
             if s.pk.is_empty() {
@@ -1096,6 +1205,42 @@ mod tests {
         assert_eq!(e.apply(&agent(Some(BASE_SEQ))), Applied::Changed);
         assert_eq!(e.apply(&agent(Some(BASE_SEQ))), Applied::Stale);
         assert_eq!(e.apply(&agent(Some(3))), Applied::Unchanged, "the same content, now versioned");
+    }
+
+    #[test]
+    fn names_nothing_refers_to_are_collected_and_results_stay() {
+        let run = |user: usize, success: Option<bool>| Change {
+            pk: Cow::Owned(format!("USR{user}#S{user}")),
+            sk: Cow::Borrowed("PRC001#AGT1#TL1"),
+            seq: None,
+            action: match success {
+                Some(success) => Action::Put(Entity::Execution(Execution { tool_nm: Cow::Borrowed("T"), at: Timestamp::parse("20250614140605").unwrap(), success })),
+                None => Action::Delete { ttl: false },
+            },
+        };
+        let (mut e, mut global) = (Engine::new(), Engine::new());
+        e.apply(&Change { pk: Cow::Borrowed("AGT1"), sk: Cow::Borrowed(METADATA_SK), seq: None, action: Action::Put(Entity::Agent(AgentItem { domain_id: Cow::Borrowed("D"), name: None, partial: false })) });
+        for u in 0..100 {
+            e.apply(&run(u, Some(u % 3 != 0)));
+        }
+        e.flush_into(&mut global);
+        for u in 0..90 {
+            e.apply(&run(u, None));
+        }
+        e.flush_into(&mut global);
+        let today = toolrank_events::Day::parse_iso("2025-06-20").unwrap();
+        let (report, staging) = (e.report(today), format!("{:?}", e.staging_sorted()));
+        assert_eq!(e.collect_names(), 90, "the names of the 90 users whose sessions went");
+        assert_eq!((e.report(today), format!("{:?}", e.staging_sorted())), (report.clone(), staging));
+        assert_eq!(global.report(today), report);
+        // Forwarding and snapshots go on with the new symbols.
+        for u in 95..110 {
+            e.apply(&run(u, if u < 100 { None } else { Some(u % 2 == 0) }));
+        }
+        e.flush_into(&mut global);
+        assert_eq!(global.report(today), e.report(today));
+        assert_eq!(Engine::restore(&e.snapshot()).unwrap().report(today), e.report(today));
+        assert_eq!(e.collect_names_if_due(), 0, "not due below NAMES_MIN names");
     }
 
     #[test]

@@ -91,6 +91,8 @@ pub struct Summary {
     pub checkpoints: u64,
     /// Tombstones of removed items forgotten after the horizon.
     pub tombstones_expired: u64,
+    /// Interned names (user IDs, ...) forgotten once nothing referred to them.
+    pub names_collected: u64,
     /// The engine state of the units this consumer owned at its last checkpoint.
     pub state: StateStats,
     pub sink_writes: u64,
@@ -138,6 +140,7 @@ impl Summary {
             (counter("toolrank_dead_letters_total", "Bad records dead-lettered.", &[]), self.dead_letters),
             (counter("toolrank_checkpoints_total", "Checkpoints saved.", &[]), self.checkpoints),
             (counter("toolrank_tombstones_expired_total", "Tombstones of removed items forgotten after the horizon.", &[]), self.tombstones_expired),
+            (counter("toolrank_names_collected_total", "Interned names (user IDs, ...) of units forgotten once nothing referred to them.", &[]), self.names_collected),
             (counter("toolrank_sink_writes_total", "Sink write rounds.", &[]), self.sink_writes),
             (counter("toolrank_dynamodb_requests_total", "DynamoDB write requests of the sink.", &[]), self.dynamodb_requests),
             (counter("toolrank_state_writes_total", "DynamoDB write requests to the state table (checkpoints, bucket logs, leases).", &[]), self.state_writes),
@@ -626,12 +629,15 @@ impl SinkWriter {
         self.summary.state = total;
     }
 
-    /// Forgets the tombstones of `engine` older than the horizon (a save then carries
-    /// that), counting them.
+    /// Forgets the tombstones of a unit's `engine` older than the horizon (a save then
+    /// carries that), and, when due, the names nothing refers to any more (the users of
+    /// expired sessions), counting both. Units only: the merged engine's symbols are
+    /// held by the sinks.
     pub fn expire_tombstones(&mut self, engine: &mut Engine) {
         engine.set_clock(now_secs());
         let horizon = u32::try_from(self.config.tombstone_horizon.as_secs()).unwrap_or(u32::MAX);
         self.summary.tombstones_expired += engine.expire_tombstones(horizon) as u64;
+        self.summary.names_collected += engine.collect_names_if_due() as u64;
     }
 
     /// The outcome of a started save once it finished (with `wait`, waiting for it), like
