@@ -65,7 +65,7 @@ for HORIZON in $HORIZONS; do
   done
   wait "$PRODUCER"
   wait "$CONSUMER" || { echo "the consumer failed:"; tail -5 "$WORK/consume.log"; exit 1; }
-  grep -E '^(consumed|state held|[0-9]+ tombstones)' "$WORK/consume.log" | sed 's/^/  /'
+  grep -E '^(consumed|state held|[0-9]+ tombstones|[0-9]+ interned names)' "$WORK/consume.log" | sed 's/^/  /'
   echo "  peak RSS $(($(cat "$WORK/peak") / 1024)) MiB"
   exact "$NS" "$TABLE" "$WORK/history.jsonl"
 done
