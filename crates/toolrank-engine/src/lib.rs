@@ -268,6 +268,9 @@ pub struct Engine {
     /// Names kept by the last [`Engine::collect_names`].
     #[serde(skip)]
     names_kept: usize,
+    /// Sessions dropped since then: only they free names (a user's, above all).
+    #[serde(skip)]
+    dropped_since_collected: usize,
     /// What changed since the last [`Engine::delta_saved`], when tracking.
     #[serde(skip)]
     delta: Option<DeltaTracker>,
@@ -629,10 +632,11 @@ impl Engine {
 
     /// Forgets the interned names (user IDs above all: they keep coming) that nothing
     /// in the state refers to any more, once there are as many again as were kept at the
-    /// last collection (at least [`NAMES_MIN`]): amortized, a name costs O(1) to collect.
+    /// last collection (at least [`NAMES_MIN`]) and sessions were dropped since (a
+    /// growing state, a backlog's, frees none): amortized, a name costs O(1) to collect.
     /// Returns how many went. See [`collect_names`](Self::collect_names).
     pub fn collect_names_if_due(&mut self) -> usize {
-        if self.strings.len() < (2 * self.names_kept).max(NAMES_MIN) {
+        if self.dropped_since_collected == 0 || self.strings.len() < (2 * self.names_kept).max(NAMES_MIN) {
             return 0;
         }
         self.collect_names()
@@ -692,11 +696,13 @@ impl Engine {
         (self.strings, self.sequences) = (r.strings, r.sequences);
         self.forward = Translation::default();
         self.names_kept = self.strings.len();
+        self.dropped_since_collected = 0;
         before - self.names_kept
     }
 
     /// Frees the slot of a session without rows or contributions.
     fn drop_session(&mut self, idx: u32) {
+        self.dropped_since_collected += 1;
         let s = std::mem::replace(&mut self.sessions[idx as usize], Session { pk: "".into(), user: 0, rows: Vec::new(), committed: Vec::new(), dirty: Vec::new() });
         debug_assert!(s.rows.is_empty() && s.committed.is_empty() && s.dirty.is_empty());
         if let Ok(entry) = self.session_index.find_entry(FxBuildHasher.hash_one(&*s.pk), |&i| i == idx) {
@@ -1241,6 +1247,20 @@ mod tests {
         assert_eq!(global.report(today), e.report(today));
         assert_eq!(Engine::restore(&e.snapshot()).unwrap().report(today), e.report(today));
         assert_eq!(e.collect_names_if_due(), 0, "not due below NAMES_MIN names");
+
+        // Due once names doubled and sessions were dropped since the last collection.
+        let mut e = Engine::new();
+        for u in 0..NAMES_MIN + 1000 {
+            e.apply(&run(u, Some(true)));
+        }
+        e.flush();
+        assert_eq!(e.collect_names_if_due(), 0, "a growing state has nothing to collect");
+        for u in 0..3000 {
+            e.apply(&run(u, None));
+        }
+        e.flush();
+        assert_eq!(e.collect_names_if_due(), 3000);
+        assert_eq!(e.collect_names_if_due(), 0, "collected a moment ago");
     }
 
     #[test]
