@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Lambda handler's cost (issue: ≥ 100k records/s of CPU per core, sinks aside):
+# The Lambda handler's cost:
 #   1. decode + apply of every record of a generated stream-style history (SESSIONS
 #      sessions, ~3 records each; 30000 gives ~90k records), cut into DynamoDB Streams
 #      events of 100, 1000 and 10,000 records (BATCHES), into in-memory bucket engines;

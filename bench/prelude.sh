@@ -1,12 +1,18 @@
 # Sourced by the bench scripts: the repository root, the shared build cache, the local
-# stack, a release toolrank in $BIN, a scratch directory $WORK removed on exit, and
+# stack, a release toolrank in $BIN, a scratch directory $WORK removed on exit (after the
+# figures are printed as a markdown table), and
 # `exact`, which compares what the sinks hold with `toolrank replay`.
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/toolrank/target}"
 eval "$(infra/local/up)"
 cargo build --release --locked --bin toolrank >&2
 BIN="$CARGO_TARGET_DIR/release"
-WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
+WORK=$(mktemp -d)
+# What the script prints is also kept, and at exit printed again as the markdown table
+# docs/benchmarks.md shows (bench/table.py), with the command, the commit and the machine.
+BENCH_ARGS=("$0" "$@")
+exec 3>&1 > >(tee "$WORK/stdout"); TEE=$!
+trap 'exec 1>&3; wait "$TEE" 2>/dev/null || true; python3 bench/table.py "${BENCH_ARGS[@]}" "$WORK/stdout"; rm -rf "$WORK"' EXIT
 # The generated histories end on this day: the consumers score for it, and so does replay.
 TODAY=2025-07-14
 

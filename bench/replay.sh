@@ -56,20 +56,25 @@ runs toolrank "$BIN" replay --today "$TODAY" --out "$OUT/toolrank" "$INPUT"
 runs duckdb "$VENV/bin/python" bench/duckdb_replay.py "$INPUT" "$TODAY" "$OUT/duckdb"
 EXECUTIONS=$(wc -l <"$OUT/toolrank/staging.jsonl")
 
+{
 echo "input: $INPUT, $(printf %.0f "$MB") MB, $SESSIONS sessions, $EXECUTIONS executions; $RUNS runs each"
 python3 bench/compare.py "$OUT/toolrank" "$OUT/duckdb" && echo "results: identical"
 python3 - "$MB" "$EXECUTIONS" "$OUT/toolrank.runs" "$OUT/duckdb.runs" <<'PY'
 import statistics, sys
 mb, ex = float(sys.argv[1]), float(sys.argv[2])
-def load(path):
-    runs = [tuple(map(float, line.split())) for line in open(path)]
-    return runs, tuple(statistics.median(r[i] for r in runs) for i in range(3))
-print(f"{'median':10} {'wall s':>8} {'CPU s':>8} {'MB/s':>8} {'exec/s':>12} {'CPU us/exec':>12} {'peak MB':>8}   wall s min-max")
 medians = {}
-for name, path in (("toolrank", sys.argv[3]), ("duckdb", sys.argv[4])):
-    runs, (w, c, r) = load(path)
+rows = []
+for name, path in (("toolrank", sys.argv[3]), ("DuckDB", sys.argv[4])):
+    runs = [tuple(map(float, line.split())) for line in open(path)]
+    w, c, r = (statistics.median(x[i] for x in runs) for i in range(3))
     medians[name] = w
     walls = [x[0] for x in runs]
-    print(f"{name:10} {w:8.2f} {c:8.2f} {mb / w:8.1f} {ex / w:12,.0f} {c / ex * 1e6:12.2f} {r:8.0f}   {min(walls):.2f}-{max(walls):.2f}")
-print(f"toolrank is {medians['duckdb'] / medians['toolrank']:.1f}x faster than DuckDB (median wall clock, 2 cores available to both)")
+    rows.append(f"| {name} | {w:.2f} | {min(walls):.2f}-{max(walls):.2f} | {c:.2f} | {mb / w:.1f} | {ex / w:,.0f} | {c / ex * 1e6:.2f} | {r:.0f} |")
+print(f"speed-up: toolrank is {medians['DuckDB'] / medians['toolrank']:.1f}x faster than DuckDB (median wall clock, 2 cores available to both)")
+print()
+print("| median of runs | wall s | wall s min-max | CPU s | MB/s | executions/s | CPU µs/execution | peak MB |")
+print("|---|---|---|---|---|---|---|---|")
+print("\n".join(rows))
 PY
+} | tee "$OUT/summary"
+python3 bench/table.py "$0" "$OUT/summary" "$@"

@@ -3,7 +3,7 @@
 -- substituted by bench/duckdb_replay.py: {input} (the export file), {today} (YYYY-MM-DD).
 -- An export holds the table's current state, one line per item, so no deduplication is
 -- needed. Redshift's dialect (SUPER navigation, LISTAGG … WITHIN GROUP, GETDATE) differs:
--- the Redshift versions of these queries are the warehouse issue's work.
+-- the Redshift versions of these queries are in sql/redshift/
 
 CREATE TABLE items AS
 SELECT Item.PK.S AS pk, Item.SK.S AS sk, Item.EntityType.S AS entity_type,
