@@ -1,4 +1,5 @@
-//! `toolrank backfill`: the table's current contents onto the events topic.
+//! `toolrank backfill`: the table's current contents onto the events topic, or into the
+//! Lambda function's bucket logs.
 
 use crate::replay::DeadLetters;
 use anyhow::{bail, Context, Result};
@@ -9,7 +10,7 @@ use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use toolrank_backfill::{export, scan, Progress, Run};
+use toolrank_backfill::{export, scan, Kafka, Progress, Run, Sender, Target};
 use toolrank_dynamodb::{CheckpointStore, Limiter};
 
 /// Build the rankings from a table's current contents (a parallel Scan) or from a DynamoDB
@@ -26,10 +27,20 @@ use toolrank_dynamodb::{CheckpointStore, Limiter};
 /// backfill killed or stopped with SIGINT resumes there when run again with the same
 /// --id (default: the table, or the export's first path). --restart starts over.
 ///
+/// With --target lambda the copies go into the Lambda function's bucket logs instead
+/// (the handler's own bucketing, --application and --buckets as the function's
+/// TOOLRANK_APPLICATION and TOOLRANK_BUCKETS), beside the running function: a Lambda
+/// deployment becomes exact without Kafka. The function's next sink write (any
+/// invocation once its interval is up, or the scheduled flush) shows them.
+///
+/// Incremental exports (lines with Metadata.WriteTimestampMicros) are changes at their
+/// write time: give the full export first, then the incremental ones, in order.
+///
 ///   toolrank backfill --from dynamodb --table AgentTable --segments 8 --max-rcu 500
 ///   toolrank backfill --from export ./AWSDynamoDB/01234-abcd/
 ///   toolrank backfill --from export s3://my-bucket/exports/AWSDynamoDB/01234-abcd/
 ///   toolrank consume kafka --topic toolrank-events --group rankings
+///   toolrank backfill --from dynamodb --table AgentTable --target lambda --application toolrank
 #[derive(clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
@@ -74,6 +85,26 @@ pub struct Args {
     /// Append lines that are not export items here as JSON lines (--from export).
     #[arg(long, value_name = "FILE")]
     dead_letter: Option<PathBuf>,
+    /// Where the items go: the events topic, or the Lambda function's bucket logs.
+    #[arg(long, value_enum, default_value = "kafka")]
+    target: TargetArg,
+    /// The function's TOOLRANK_APPLICATION (--target lambda).
+    #[arg(long, env = "TOOLRANK_APPLICATION", default_value = "lambda")]
+    application: String,
+    /// The function's TOOLRANK_BUCKETS (--target lambda): the items hash into its buckets.
+    #[arg(long, env = "TOOLRANK_BUCKETS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    buckets: u32,
+    /// Records per append to a bucket log (--target lambda), like a batch of the function.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    lambda_batch: u32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TargetArg {
+    /// The events topic (--brokers, --topic): the Kafka consumers apply the copies.
+    Kafka,
+    /// The Lambda function's bucket logs in the state table.
+    Lambda,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -85,6 +116,37 @@ enum From {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
+    match args.target {
+        TargetArg::Kafka => backfill(args, |args| Kafka { brokers: args.brokers.clone(), topic: args.topic.clone() }),
+        TargetArg::Lambda => {
+            let buckets = Buckets::start(lambda_config(&args), args.lambda_batch as usize);
+            backfill(args, move |_| buckets.clone())
+        }
+    }
+}
+
+/// The function's configuration for writing its bucket logs only: the function writes
+/// the sinks.
+fn lambda_config(args: &Args) -> toolrank_lambda::Config {
+    toolrank_lambda::Config {
+        application: args.application.clone(),
+        state_table: args.state_table.clone(),
+        table: None,
+        valkey_url: None,
+        valkey_prefix: String::new(),
+        today: None,
+        buckets: args.buckets,
+        compact_bytes: toolrank_lambda::COMPACT_MIN_BYTES,
+        sink_wait: Duration::from_secs(20),
+        sink_interval: Duration::ZERO,
+        dynamodb_writes_per_event: None,
+        dynamodb_max_defer: Duration::ZERO,
+        dynamodb_max_wcu: None,
+        tombstone_horizon: toolrank_live::DEFAULT_TOMBSTONE_HORIZON,
+    }
+}
+
+fn backfill<T: Target>(args: Args, target: impl Fn(&Args) -> T) -> Result<ExitCode> {
     match args.from {
         From::Export => anyhow::ensure!(!args.paths.is_empty(), "--from export needs the export directory or files"),
         From::Dynamodb => anyhow::ensure!(args.paths.is_empty(), "--from dynamodb reads --table, not paths: {:?}", args.paths),
@@ -112,8 +174,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 table: args.table.clone(),
                 segments: args.segments,
                 page_items: args.page_items,
-                brokers: args.brokers.clone(),
-                topic: args.topic.clone(),
+                target: target(&args),
                 limiter: Limiter::new(args.max_rcu),
                 run: Run { store, scope, owner, checkpoint_every: every, progress: &progress, stop: &stop },
             };
@@ -142,13 +203,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 paths => export::Files::Local(toolrank_source_file::expand(paths)?),
             };
             let job = export::Job { files, run: Run { store, scope, owner, checkpoint_every: every, progress: &progress, stop: &stop } };
-            let mut publisher = toolrank_kafka::Publisher::new(&args.brokers, &args.topic)?;
-            let done = rt.block_on(job.run(&mut publisher, &mut |letter| {
+            let mut sender = target(&args).sender()?;
+            let done = rt.block_on(job.run(&mut sender, &mut |letter| {
                 if let Err(e) = dead.reject(&mut bad, letter) {
                     failed.get_or_insert(e);
                 }
             }));
-            rt.block_on(publisher.finish())?;
+            rt.block_on(sender.finish())?;
             if let Some(e) = failed {
                 return Err(e);
             }
@@ -159,8 +220,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let secs = started.elapsed().as_secs_f64();
     let items = progress.items();
     eprintln!(
-        "backfilled {items} items onto {} in {secs:.1} s ({:.0} items/s, {:.1} read capacity units){}",
-        args.topic,
+        "backfilled {items} items {} in {secs:.1} s ({:.0} items/s, {:.1} read capacity units){}",
+        match args.target {
+            TargetArg::Kafka => format!("onto {}", args.topic),
+            TargetArg::Lambda => format!("into the bucket logs of {} in {}", args.application, args.state_table),
+        },
         items as f64 / secs.max(1e-9),
         progress.rcu(),
         if finished { "" } else { "; stopped before the end: run the same command again to resume" }
@@ -209,4 +273,93 @@ fn bar(rt: &tokio::runtime::Runtime, client: &aws_sdk_dynamodb::Client, args: &A
         }
     });
     bar
+}
+
+/// The Lambda function's bucket logs as a backfill target: a thread runs the function's
+/// own handler (its bucketing, appends, lost races and compactions) on batches of base
+/// copies, as if the stream delivered them; each sender buffers a batch.
+#[derive(Clone)]
+struct Buckets {
+    jobs: std::sync::mpsc::Sender<(Vec<u8>, tokio::sync::oneshot::Sender<Result<toolrank_lambda::Outcome, String>>)>,
+    batch: usize,
+}
+
+impl Buckets {
+    fn start(config: toolrank_lambda::Config, batch: usize) -> Buckets {
+        let (jobs, queue) = std::sync::mpsc::channel::<(Vec<u8>, tokio::sync::oneshot::Sender<Result<toolrank_lambda::Outcome, String>>)>();
+        std::thread::spawn(move || {
+            let mut handler = toolrank_lambda::Handler::new(config).map_err(|e| e.to_string());
+            for (event, reply) in queue {
+                let _ = reply.send(handler.as_mut().map_err(|e| e.clone()).and_then(|h| h.handle(&event)));
+            }
+        });
+        Buckets { jobs, batch }
+    }
+}
+
+struct BucketSender {
+    buckets: Buckets,
+    records: Vec<u8>,
+    count: usize,
+}
+
+impl Target for Buckets {
+    type Sender = BucketSender;
+    fn sender(&self) -> Result<BucketSender, toolrank_backfill::Error> {
+        Ok(BucketSender { buckets: self.clone(), records: Vec::new(), count: 0 })
+    }
+}
+
+impl BucketSender {
+    /// Appends the buffered records to the bucket logs, retrying (with backoff) from a
+    /// failure: what was appended before is stale on a retry.
+    async fn append(&mut self) -> Result<(), toolrank_backfill::Error> {
+        if self.count == 0 {
+            return Ok(());
+        }
+        let mut event = Vec::with_capacity(self.records.len() + 16);
+        event.extend_from_slice(b"{\"Records\":[");
+        event.extend_from_slice(&self.records);
+        event.extend_from_slice(b"]}");
+        let mut backoff = toolrank_live::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        for attempt in 1.. {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let outcome = match self.buckets.jobs.send((event.clone(), reply)) {
+                Ok(()) => answer.await.unwrap_or_else(|_| Err("the bucket writer stopped".into())),
+                Err(_) => Err("the bucket writer stopped".into()),
+            };
+            match outcome {
+                Ok(o) if o.failures.is_empty() => break,
+                Ok(_) if attempt < 20 => tracing::warn!(attempt, "a bucket log could not be appended to; retrying"),
+                Err(e) if attempt < 20 => tracing::warn!(attempt, error = %e, "appending to the bucket logs failed; retrying"),
+                Ok(_) => return Err(toolrank_backfill::Error::Input("the bucket logs could not be appended to after 20 attempts".into())),
+                Err(e) => return Err(toolrank_backfill::Error::Input(format!("appending to the bucket logs: {e}"))),
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+        self.records.clear();
+        self.count = 0;
+        Ok(())
+    }
+}
+
+impl Sender for BucketSender {
+    async fn send(&mut self, _key: Option<&str>, record: &[u8]) -> Result<(), toolrank_backfill::Error> {
+        if self.count > 0 {
+            self.records.push(b',');
+        }
+        self.records.extend_from_slice(record);
+        self.count += 1;
+        if self.count >= self.buckets.batch {
+            self.append().await?;
+        }
+        Ok(())
+    }
+    async fn settle(&mut self) -> Result<(), toolrank_backfill::Error> {
+        self.append().await
+    }
+    async fn finish(mut self) -> Result<u64, toolrank_backfill::Error> {
+        self.append().await?;
+        Ok(0)
+    }
 }

@@ -709,8 +709,8 @@ fn rounds_under_budget(budget: &str) -> u64 {
 /// the records' lateness (--checkpoint-max-secs; the policy is unit-tested in
 /// toolrank-live): the sinks equal replay either way. Saving at every interval takes
 /// whole snapshots while the partitions still coalesce changes for the sinks (whose
-/// intervals a backlog stretches): those changes reach the sinks all the same (they
-/// did not before session 14).
+/// intervals a backlog stretches): a whole save forwards those changes first, so they
+/// reach the sinks all the same.
 #[test]
 fn a_backlog_read_with_checkpoints_at_every_interval_or_stretched_stays_exact() {
     let checkpoints = |max: &str| {
@@ -1183,6 +1183,92 @@ fn lambda_handler_on_kinesis_events_is_exact_through_retries_and_failures() {
 /// DynamoDB write rounds of a Lambda handler (one warm container, called directly) with
 /// write budget `budget` and the sinks due at every invocation, over 300 generated
 /// sessions in batches of 50 and the schedule's flush; the sinks equal replay in the end.
+/// The function under cargo-lambda's Runtime API emulator (`cargo lambda watch
+/// --only-lambda-apis`), invoked by `cargo lambda invoke` with events shaped as `sam
+/// local generate-event dynamodb update` writes them (one document over many lines, every
+/// envelope field). While DynamoDB fails, the response carries batch item failures from
+/// the batch's first record; retried from there, the batch goes through, and after a
+/// scheduled flush both sinks equal replay.
+#[test]
+fn the_function_under_the_cargo_lambda_emulator_reports_partial_failures_and_is_exact() {
+    let cargo_lambda = env("TOOLRANK_CARGO_LAMBDA");
+    let proxy = FaultyProxy::start(&env("AWS_ENDPOINT_URL_DYNAMODB"));
+    let live = Live::new("1");
+    let history = generated(&live, "150", "23");
+    let port = free_port().to_string();
+    let emulator = Running::spawn(
+        Command::new(&cargo_lambda)
+            .args(["lambda", "watch", "--only-lambda-apis", "--invoke-address", "127.0.0.1", "--invoke-port", &port])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    wait_for_port(port.parse().unwrap());
+    let runtime_api = format!("http://127.0.0.1:{port}/.rt");
+    let function = Running::spawn(
+        Command::new(env!("CARGO_BIN_EXE_toolrank"))
+            .arg("lambda")
+            .envs([
+                ("AWS_LAMBDA_RUNTIME_API", runtime_api.as_str()),
+                ("AWS_LAMBDA_FUNCTION_NAME", "_"),
+                ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "4096"),
+                ("AWS_LAMBDA_FUNCTION_VERSION", "1"),
+                ("AWS_ENDPOINT_URL_DYNAMODB", proxy.url.as_str()),
+                ("TOOLRANK_TABLE", live.table.as_str()),
+                ("TOOLRANK_NAMESPACE", live.namespace.as_str()),
+                ("TOOLRANK_APPLICATION", &unique("emulated")),
+                ("TOOLRANK_TODAY", TODAY),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    let invoke = |event: &str| -> serde_json::Value {
+        let file = live.dir.path().join("event.json");
+        std::fs::write(&file, event).unwrap();
+        let out = run(Command::new(&cargo_lambda).args(["lambda", "invoke", "--invoke-address", "127.0.0.1", "--invoke-port", &port, "--data-file"]).arg(&file));
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("the function's response {text:?}: {e}; the emulator said: {}", emulator.said()))
+    };
+    // The history's stream records in order, each in the envelope Lambda delivers.
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&history)
+        .unwrap()
+        .lines()
+        .enumerate()
+        .map(|(i, line)| {
+            let r: serde_json::Value = serde_json::from_str(line).unwrap();
+            let mut dynamodb = r["dynamodb"].clone();
+            dynamodb["ApproximateCreationDateTime"] = serde_json::json!(1_752_000_000 + i);
+            dynamodb["SizeBytes"] = serde_json::json!(line.len());
+            dynamodb["StreamViewType"] = serde_json::json!("NEW_AND_OLD_IMAGES");
+            serde_json::json!({"eventID": (i + 1).to_string(), "eventVersion": "1.1", "dynamodb": dynamodb, "awsRegion": "us-east-1",
+                "eventName": r["eventName"], "eventSourceARN": "arn:aws:dynamodb:us-east-1:123456789012:table/AgentTable/stream/2025-07-14T00:00:00.000",
+                "eventSource": "aws:dynamodb"})
+        })
+        .collect();
+    let mut failures = 0;
+    for (n, batch) in records.chunks(100).enumerate() {
+        let event = serde_json::to_string_pretty(&serde_json::json!({ "Records": batch })).unwrap();
+        if n == 1 {
+            proxy.fail(true);
+            let answer = invoke(&event);
+            proxy.fail(false);
+            let failed = answer["batchItemFailures"].as_array().cloned().unwrap_or_default();
+            assert_eq!(failed.len(), 1, "{answer}");
+            assert_eq!(failed[0]["itemIdentifier"], batch[0]["dynamodb"]["SequenceNumber"], "retried from the batch's first record");
+            failures += 1;
+        }
+        let answer = invoke(&event);
+        assert_eq!(answer["batchItemFailures"], serde_json::json!([]), "batch {n}: {answer}");
+    }
+    let flushed = invoke(r#"{"version":"0","id":"flush","detail-type":"Scheduled Event","source":"aws.events","detail":{}}"#);
+    assert_eq!(flushed["batchItemFailures"], serde_json::json!([]), "{flushed}");
+    assert_eq!(failures, 1);
+    let said = function.said();
+    drop(function);
+    assert!(said.contains("could not save a bucket"), "{said}");
+    live.assert_sinks_equal_replay(&history, None);
+}
+
 fn lambda_rounds_under_budget(budget: f64) -> u64 {
     let live = Live::new("1");
     let history = generated(&live, "300", "11");
@@ -1570,6 +1656,67 @@ fn backfill_beside_a_live_consumer_counts_nothing_twice() {
     let consumer = consumer.wait(COMMAND_LIMIT);
     assert!(consumer.status.success(), "{}", String::from_utf8_lossy(&consumer.stderr));
     live.drain(&[]);
+    live.assert_sinks_equal_replay(history.to_str().unwrap(), None);
+}
+
+/// A Lambda deployment made exact without Kafka: the table holds the first half of a
+/// history when the function starts; the application then writes the second half while
+/// the stream delivers it to the function, and `backfill --target lambda` writes the
+/// table's items into the function's bucket logs meanwhile. After the schedule's flush,
+/// both sinks equal replay of the whole history.
+#[test]
+fn backfill_into_the_lambda_bucket_logs_beside_the_running_function_equals_replay() {
+    let live = Live::new("1");
+    let history = live.dir.path().join("history.jsonl");
+    live.toolrank(&["generate", "--sessions", "600", "--seed", "31", "--agents", "30", "--out", history.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&history).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let (before, after) = (live.dir.path().join("before.jsonl"), live.dir.path().join("after.jsonl"));
+    std::fs::write(&before, lines[..lines.len() / 2].join("\n")).unwrap();
+    std::fs::write(&after, lines[lines.len() / 2..].join("\n")).unwrap();
+    live.toolrank(&["produce", "--to", "dynamodb", "--table", &live.table, before.to_str().unwrap()]);
+    let api = RuntimeApi::start();
+    let app = unique("lambda-backfill");
+    let _function = Running::spawn(
+        live.command()
+            .arg("lambda")
+            .envs([
+                ("AWS_LAMBDA_RUNTIME_API", api.address.as_str()),
+                ("AWS_LAMBDA_FUNCTION_NAME", "toolrank"),
+                ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512"),
+                ("AWS_LAMBDA_FUNCTION_VERSION", "1"),
+                ("TOOLRANK_TABLE", live.table.as_str()),
+                ("TOOLRANK_NAMESPACE", live.namespace.as_str()),
+                ("TOOLRANK_APPLICATION", app.as_str()),
+                ("TOOLRANK_TODAY", TODAY),
+                ("TOOLRANK_BUCKETS", "2"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let to_table = Running::spawn(live.command().args(["produce", "--to", "dynamodb", "--table", &live.table, "--rate", "400", after.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::piped()));
+    let backfill = Running::spawn(
+        live.command()
+            .args(["backfill", "--from", "dynamodb", "--table", &live.table, "--target", "lambda", "--application", &app, "--buckets", "2"])
+            .args(["--segments", "2", "--page-items", "50", "--lambda-batch", "100", "--id", &unique("lambda")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    // The stream delivers the second half to the function in batches, as it is written.
+    let records: Vec<serde_json::Value> = lines[lines.len() / 2..].iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for batch in records.chunks(100) {
+        let answer = api.invoke(serde_json::json!({ "Records": batch }).to_string()).expect("the function answers");
+        let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(answer["batchItemFailures"], serde_json::json!([]), "{answer}");
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let backfilled = backfill.wait(COMMAND_LIMIT);
+    let said = String::from_utf8_lossy(&backfilled.stderr);
+    assert!(backfilled.status.success(), "{said}");
+    assert!(said.contains(&format!("into the bucket logs of {app}")), "{said}");
+    assert!(to_table.wait(COMMAND_LIMIT).status.success());
+    let flushed = api.invoke(r#"{"source":"aws.events","detail-type":"Scheduled Event","detail":{}}"#.to_owned());
+    assert!(flushed.is_ok(), "{flushed:?}");
     live.assert_sinks_equal_replay(history.to_str().unwrap(), None);
 }
 

@@ -242,3 +242,112 @@ fn generated_stream_replays_with_stale_redeliveries() {
     assert!(patterns.iter().any(|p| p["is_recommended"] == true));
     assert!(stderr.contains("bad 0") && !stderr.contains("stale or duplicate 0"), "{stderr}");
 }
+
+/// A Lambda test event as `sam local generate-event dynamodb update` writes it: one
+/// document over many lines, records carrying every envelope field Lambda sends.
+fn sam_event(records: &[Value]) -> String {
+    let records: Vec<Value> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut dynamodb = r["dynamodb"].clone();
+            dynamodb["ApproximateCreationDateTime"] = json!(1_749_900_000 + i);
+            dynamodb["SizeBytes"] = json!(26);
+            dynamodb["StreamViewType"] = json!("NEW_AND_OLD_IMAGES");
+            json!({"eventID": format!("{}", i + 1), "eventVersion": "1.0", "dynamodb": dynamodb, "awsRegion": "us-east-1",
+                "eventName": r["eventName"], "eventSourceARN": "arn:aws:dynamodb:us-east-1:123456789012:table/AgentTable/stream/2025-06-14T00:00:00.000",
+                "eventSource": "aws:dynamodb"})
+        })
+        .collect();
+    serde_json::to_string_pretty(&json!({ "Records": records })).unwrap()
+}
+
+/// Writes a DynamoDB export directory (`manifest-files.json` + gzip `data/`) of `lines`.
+fn export_dir(root: &Path, id: &str, lines: &[String]) -> PathBuf {
+    let dir = root.join("AWSDynamoDB").join(id);
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    let name = "part0.json.gz";
+    let mut enc = flate2::write::GzEncoder::new(std::fs::File::create(dir.join("data").join(name)).unwrap(), flate2::Compression::fast());
+    for line in lines {
+        writeln!(enc, "{line}").unwrap();
+    }
+    enc.finish().unwrap();
+    let manifest = json!({"itemCount": lines.len(), "dataFileS3Key": format!("AWSDynamoDB/{id}/data/{name}")});
+    std::fs::write(dir.join("manifest-files.json"), format!("{manifest}\n")).unwrap();
+    dir
+}
+
+#[test]
+fn aws_documents_over_many_lines_give_the_same_tables() {
+    let (_, want) = replay_tables(&[SEED], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let event = dir.path().join("event.json");
+    std::fs::write(&event, sam_event(&seed_records())).unwrap();
+    let records = dir.path().join("records.json");
+    std::fs::write(&records, serde_json::to_string_pretty(&seed_records()).unwrap()).unwrap();
+    let items = dir.path().join("items.json");
+    std::fs::write(&items, serde_json::to_string_pretty(&seed_items()).unwrap()).unwrap();
+    for input in [&event, &records, &items] {
+        let (out, got) = replay_tables(&[input.to_str().unwrap()], &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(got, want, "{}: {stderr}", input.display());
+        assert!(stderr.contains("bad 0"), "{}: {stderr}", input.display());
+    }
+}
+
+#[test]
+fn a_malformed_document_is_dead_lettered_with_its_position_and_the_rest_is_read() {
+    let (_, want) = replay_tables(&[SEED], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    // The seed's records as a pretty array whose last element is cut off, then the whole
+    // seed once more as JSON lines in a second file.
+    let mut records = seed_records();
+    records.push(json!({"eventName": "INSERT", "dynamodb": {"Keys": {}}}));
+    let text = serde_json::to_string_pretty(&records).unwrap();
+    let cut = text.rfind("\"Keys\"").unwrap();
+    let broken = dir.path().join("broken.json");
+    std::fs::write(&broken, &text[..cut]).unwrap();
+    // The cut element starts on the line after the last "\n  {" before the cut.
+    let element_line = text[..=text[..cut].rfind("\n  {").unwrap()].matches('\n').count() as u64 + 1;
+    let dlq = dir.path().join("dead.jsonl");
+    let (out, got) = replay_tables(&[broken.to_str().unwrap(), SEED], &["--dead-letter", dlq.to_str().unwrap()]);
+    assert_eq!(got, want, "{}", String::from_utf8_lossy(&out.stderr));
+    let letters = read_jsonl(&dlq);
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["source"], broken.to_str().unwrap());
+    assert_eq!(letters[0]["line"].as_u64(), Some(element_line));
+    assert!(letters[0]["reason"].as_str().unwrap().contains("EOF"), "{}", letters[0]);
+}
+
+#[test]
+fn incremental_exports_apply_after_the_full_export_they_follow() {
+    let dir = tempfile::tempdir().unwrap();
+    let items = seed_items();
+    let hist: Vec<&Value> = items.iter().filter(|i| i["EntityType"]["S"] == "UserSessPrcToolMappHist").collect();
+    let keys = |i: &Value| json!({"PK": i["PK"], "SK": i["SK"]});
+    let line = |micros: u64, i: &Value, new: Option<&Value>| {
+        let mut l = json!({"Metadata": {"WriteTimestampMicros": {"N": micros.to_string()}}, "Keys": keys(i), "OldImage": i});
+        if let Some(new) = new {
+            l["NewImage"] = new.clone();
+        }
+        l.to_string()
+    };
+    // The full export holds the seed minus its first execution.
+    let full = export_dir(dir.path(), "01-full", &items.iter().filter(|i| *i != hist[0]).map(|i| json!({"Item": i}).to_string()).collect::<Vec<_>>());
+    // The first incremental export adds it back, removes the second and flips the third;
+    // the second removes the third again, with a write time between (older: ignored) and
+    // then a later one.
+    let mut flipped = hist[2].clone();
+    flipped["SuccYN"] = json!({"S": if hist[2]["SuccYN"]["S"] == "Y" { "N" } else { "Y" }});
+    let inc1 = export_dir(dir.path(), "02-inc", &[line(1_750_000_000_000_010, hist[0], Some(hist[0])), line(1_750_000_000_000_020, hist[1], None), line(1_750_000_000_000_030, hist[2], Some(&flipped))]);
+    let inc2 = export_dir(dir.path(), "03-inc", &[line(1_750_000_000_000_025, hist[2], None), line(1_750_000_000_000_040, hist[1], Some(hist[1]))]);
+
+    // The table at the end of the last export: the seed with the third execution flipped.
+    let expected: Vec<String> = items.iter().map(|i| if i == hist[2] { flipped.to_string() } else { i.to_string() }).collect();
+    let typed = write_lines(dir.path(), "expected.jsonl", expected);
+    let (_, want) = replay_tables(&[typed.to_str().unwrap()], &[]);
+    let (out, got) = replay_tables(&[full.to_str().unwrap(), inc1.to_str().unwrap(), inc2.to_str().unwrap()], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(got, want, "{stderr}");
+    assert!(stderr.contains("incremental-export 5") && stderr.contains("bad 0") && stderr.contains("stale or duplicate 1"), "{stderr}");
+}

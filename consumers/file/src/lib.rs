@@ -1,7 +1,11 @@
 //! Line sources for replay and backfill: files (gzip detected by magic bytes, not by
 //! name), stdin (`-`), and DynamoDB export directories (`manifest-files.json` + `data/`).
 //!
-//! It yields raw lines with their 1-based number; decoding is the events crate's job.
+//! It yields raw lines with their 1-based number; decoding is the events crate's job. A
+//! file that holds JSON documents spread over many lines (a Lambda test event as the
+//! console or `sam local generate-event` writes it, a JSON array of records or items)
+//! yields each document, or each array element, as one "line" numbered by the line it
+//! starts on.
 
 use flate2::read::MultiGzDecoder;
 use std::fs::File;
@@ -159,6 +163,9 @@ pub struct LineReader {
     end: usize,
     eof: bool,
     line: u64,
+    /// For an input of multi-line JSON documents: every record's `(line, start, end)` in
+    /// `buf`, and how many were handed out.
+    documents: Option<(Vec<(u64, usize, usize)>, usize)>,
 }
 
 const BUF: usize = 1 << 22;
@@ -180,7 +187,37 @@ impl LineReader {
         let head = raw.fill_buf().map_err(io_err(Path::new(&name)))?;
         let reader: Box<dyn Read> =
             if head.starts_with(&[0x1f, 0x8b]) { Box::new(MultiGzDecoder::new(raw)) } else { Box::new(raw) };
-        Ok(LineReader { name, reader, buf: vec![0; BUF], pos: 0, end: 0, eof: false, line: 0 })
+        let mut lines = LineReader { name, reader, buf: vec![0; BUF], pos: 0, end: 0, eof: false, line: 0, documents: None };
+        lines.refill()?;
+        if lines.holds_documents() {
+            while !lines.eof {
+                lines.refill()?;
+            }
+            let (spans, parsed_all) = document_spans(&lines.buf[..lines.end]);
+            // Not even a first document: JSON lines whose first line is cut short, read as
+            // lines so that every other line still counts.
+            let lines_after_all = !parsed_all && spans.len() == 1 && lines.buf[..lines.end].trim_ascii_start().starts_with(b"{");
+            if !lines_after_all {
+                lines.documents = Some((spans, 0));
+            }
+        }
+        Ok(lines)
+    }
+
+    /// Whether the input is JSON documents over many lines rather than one value a line:
+    /// it opens an array (a line of JSON lines is an object), or its first line is the
+    /// start of an object that does not end on it.
+    fn holds_documents(&self) -> bool {
+        let text = &self.buf[..self.end];
+        let Some(first) = text.iter().position(|b| !b.is_ascii_whitespace()) else { return false };
+        match text[first] {
+            b'[' => true,
+            b'{' => match memchr::memchr(b'\n', &text[first..]) {
+                Some(n) => serde_json::from_slice::<serde::de::IgnoredAny>(&text[first..first + n]).is_err_and(|e| e.is_eof()),
+                None => false,
+            },
+            _ => false,
+        }
     }
 
     /// The input's name.
@@ -213,6 +250,11 @@ impl LineReader {
 
     /// The next non-blank line without its line terminator, with its 1-based number.
     pub fn next_line(&mut self) -> Result<Option<(u64, &[u8])>, SourceError> {
+        if let Some((spans, next)) = &mut self.documents {
+            let Some(&(line, a, b)) = spans.get(*next) else { return Ok(None) };
+            *next += 1;
+            return Ok(Some((line, &self.buf[a..b])));
+        }
         while let Some((start, stop)) = self.next_span()? {
             if !is_blank(&self.buf[start..stop]) {
                 return Ok(Some((self.line, &self.buf[start..stop])));
@@ -227,6 +269,14 @@ impl LineReader {
     /// line is copied into it, so a line's bytes are never copied. `None` at the end.
     pub fn next_block(&mut self, mut spare: Vec<u8>, lines: &mut Vec<(u64, usize, usize)>) -> Result<Option<Vec<u8>>, SourceError> {
         lines.clear();
+        if let Some((spans, next)) = &mut self.documents {
+            if *next >= spans.len() {
+                return Ok(None);
+            }
+            lines.extend_from_slice(&spans[*next..]);
+            *next = spans.len();
+            return Ok(Some(std::mem::replace(&mut self.buf, spare)));
+        }
         loop {
             while let Some((start, stop)) = self.buffered_span() {
                 if !is_blank(&self.buf[start..stop]) {
@@ -280,6 +330,67 @@ impl LineReader {
         }
         Some((start, stop))
     }
+}
+
+/// The records of a text of JSON documents: each document, or each element of a
+/// document that is an array, as `(line it starts on, start, end)`. Where the text stops
+/// being JSON, the rest from the record that does not parse is one more record, which
+/// then fails to decode with the parser's reason: nothing is dropped unseen. Also says
+/// whether the whole text parsed.
+fn document_spans(text: &[u8]) -> (Vec<(u64, usize, usize)>, bool) {
+    let mut spans = Vec::new();
+    let (mut line, mut counted) = (1u64, 0usize);
+    let mut at_line = |offset: usize| {
+        line += memchr::memchr_iter(b'\n', &text[counted..offset]).count() as u64;
+        counted = offset;
+        line
+    };
+    let skip_ws = |mut i: usize| {
+        while i < text.len() && text[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        i
+    };
+    // The end of the JSON value starting at `start`, if one does.
+    let value_end = |start: usize| -> Option<usize> {
+        let mut values = serde_json::Deserializer::from_slice(&text[start..]).into_iter::<serde::de::IgnoredAny>();
+        matches!(values.next(), Some(Ok(_))).then(|| start + values.byte_offset())
+    };
+    let mut i = skip_ws(0);
+    while i < text.len() {
+        if text[i] == b'[' {
+            let mut j = skip_ws(i + 1);
+            if text.get(j) == Some(&b']') {
+                i = skip_ws(j + 1);
+                continue;
+            }
+            loop {
+                let Some(end) = value_end(j) else {
+                    spans.push((at_line(j), j, text.len()));
+                    return (spans, false);
+                };
+                spans.push((at_line(j), j, end));
+                j = skip_ws(end);
+                match text.get(j) {
+                    Some(b',') => j = skip_ws(j + 1),
+                    Some(b']') => break,
+                    _ => {
+                        spans.push((at_line(j.min(text.len())), j.min(text.len()), text.len()));
+                        return (spans, false);
+                    }
+                }
+            }
+            i = skip_ws(j + 1);
+        } else {
+            let Some(end) = value_end(i) else {
+                spans.push((at_line(i), i, text.len()));
+                return (spans, false);
+            };
+            spans.push((at_line(i), i, end));
+            i = skip_ws(end);
+        }
+    }
+    (spans, true)
 }
 
 fn is_blank(line: &[u8]) -> bool {
@@ -351,6 +462,37 @@ mod tests {
         }
         assert!(blocks > 3, "{blocks} blocks");
         assert_eq!(got, self::lines(&input));
+    }
+
+    fn read_text(text: &str) -> Vec<(u64, String)> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("doc.json");
+        std::fs::write(&path, text).unwrap();
+        lines(&Input::File(path))
+    }
+
+    #[test]
+    fn multi_line_documents_and_arrays_yield_a_record_each_at_the_line_it_starts() {
+        let event = "{\n  \"Records\": [\n    {\"eventName\": \"INSERT\"},\n    {\"eventName\": \"REMOVE\"}\n  ]\n}\n";
+        assert_eq!(read_text(event), vec![(1, event.trim_end().to_owned())]);
+        assert_eq!(read_text("[\n  {\"a\": 1},\n\n  {\"b\":\n 2}\n]\n"), vec![(2, "{\"a\": 1}".to_owned()), (4, "{\"b\":\n 2}".to_owned())]);
+        assert_eq!(read_text("  [ ]\n[{\"c\":3}]"), vec![(2, "{\"c\":3}".to_owned())]);
+        // Two documents one after the other.
+        assert_eq!(read_text("{\n\"x\": 1\n}\n{\n\"y\": 2\n}"), vec![(1, "{\n\"x\": 1\n}".to_owned()), (4, "{\n\"y\": 2\n}".to_owned())]);
+    }
+
+    #[test]
+    fn a_malformed_document_is_one_record_from_where_it_stops_parsing() {
+        assert_eq!(read_text("[\n{\"a\": 1},\n{\"b\": oops},\n{\"c\": 3}\n]"), vec![(2, "{\"a\": 1}".to_owned()), (3, "{\"b\": oops},\n{\"c\": 3}\n]".to_owned())]);
+        assert_eq!(read_text("[{\"a\": 1} {\"b\": 2}]"), vec![(1, "{\"a\": 1}".to_owned()), (1, "{\"b\": 2}]".to_owned())]);
+        assert_eq!(read_text("{\n\"x\": 1\n}\n{\n\"unclosed\": [1,\n"), vec![(1, "{\n\"x\": 1\n}".to_owned()), (4, "{\n\"unclosed\": [1,".to_owned())]);
+    }
+
+    #[test]
+    fn json_lines_stay_lines_even_when_one_is_truncated() {
+        assert_eq!(read_text("{\"a\":1}\n{\"b\":\n{\"c\":3}\n"), vec![(1, "{\"a\":1}".to_owned()), (2, "{\"b\":".to_owned()), (3, "{\"c\":3}".to_owned())]);
+        // A first line cut short: not a document either, so still lines.
+        assert_eq!(read_text("{\"b\":\n{\"c\":3}\n"), vec![(1, "{\"b\":".to_owned()), (2, "{\"c\":3}".to_owned())]);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The Lambda handler: DynamoDB Streams events and Kinesis events carrying DynamoDB
 //! changes, with exact results through retries, bisected batches and concurrency.
 //!
-//! Lambda keeps nothing between invocations that can be trusted, so (also in the README):
+//! Lambda keeps nothing between invocations that can be trusted, so (also in
+//! docs/architecture.md):
 //! - **State in DynamoDB, as delta logs.** Item keys hash into `TOOLRANK_BUCKETS` buckets
 //!   (one by default; a session's items share their PK, so a session stays in one
 //!   bucket). Each bucket is a log in the state table: a base checkpoint and numbered
@@ -45,6 +46,11 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
+mod settings;
+mod telemetry;
+pub use settings::Settings;
+pub use telemetry::{init_logging, MetricLine};
+
 /// The DynamoDB sink's write budget by default: `consume kafka`'s.
 pub const DEFAULT_WRITES_PER_EVENT: f64 = 0.05;
 
@@ -81,53 +87,6 @@ pub struct Config {
     pub dynamodb_max_wcu: Option<f64>,
     /// How long a removed item's tombstone is kept in a bucket.
     pub tombstone_horizon: Duration,
-}
-
-impl Config {
-    /// `TOOLRANK_APPLICATION` (default `lambda`), `TOOLRANK_STATE_TABLE`
-    /// (`toolrank-state`), `TOOLRANK_TABLE` (`AgentTable`; empty disables the DynamoDB
-    /// sink), `TOOLRANK_VALKEY_URL` (unset disables Valkey), `TOOLRANK_NAMESPACE` (the promoted one, else `tr`),
-    /// `TOOLRANK_TODAY` (default: the date of each write), `TOOLRANK_BUCKETS` (1),
-    /// `TOOLRANK_COMPACT_BYTES` (262144), `TOOLRANK_SINK_INTERVAL_MS` (1000; 0 writes
-    /// the sinks at every invocation), `TOOLRANK_DYNAMODB_WRITES_PER_EVENT` (0.05; 0
-    /// disables the budget), `TOOLRANK_DYNAMODB_MAX_DEFER_MS` (60000),
-    /// `TOOLRANK_TOMBSTONE_HORIZON_SECS` (604800: at least the stream's retention, 24 h,
-    /// plus the longest a failed batch is retried).
-    pub fn from_env() -> Result<Config, String> {
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let positive = |k: &str| var(k).map(|b| b.parse::<u64>().ok().filter(|&b| b > 0).ok_or_else(|| format!("{k} {b:?} is not a positive number"))).transpose();
-        let today = var("TOOLRANK_TODAY").map(|t| Day::parse_iso(&t).ok_or_else(|| format!("TOOLRANK_TODAY {t:?} is not a YYYY-MM-DD date"))).transpose()?;
-        let number = |k: &str| var(k).map(|v| v.parse::<f64>().ok().filter(|x| x.is_finite() && *x >= 0.0).ok_or_else(|| format!("{k} {v:?} is not a number, 0 or more"))).transpose();
-        let writes_per_event = number("TOOLRANK_DYNAMODB_WRITES_PER_EVENT")?.unwrap_or(DEFAULT_WRITES_PER_EVENT);
-        let buckets = positive("TOOLRANK_BUCKETS")?.map(|b| u32::try_from(b).map_err(|_| format!("TOOLRANK_BUCKETS {b} is too large"))).transpose()?;
-        Ok(Config {
-            application: var("TOOLRANK_APPLICATION").unwrap_or_else(|| "lambda".into()),
-            state_table: var("TOOLRANK_STATE_TABLE").unwrap_or_else(|| "toolrank-state".into()),
-            table: match std::env::var("TOOLRANK_TABLE") {
-                Ok(t) if t.is_empty() => None,
-                Ok(t) => Some(t),
-                Err(_) => Some("AgentTable".into()),
-            },
-            // Without TOOLRANK_NAMESPACE, the one `toolrank promote` made active (read once,
-            // at cold start), so a promotion reaches the function at its next cold start.
-            valkey_prefix: var("TOOLRANK_NAMESPACE")
-                .or_else(|| {
-                    let url = var("TOOLRANK_VALKEY_URL")?;
-                    toolrank_live::Namespaces::connect(&url, Duration::from_secs(1)).and_then(|mut n| n.active()).ok().flatten()
-                })
-                .unwrap_or_else(|| "tr".into()),
-            valkey_url: var("TOOLRANK_VALKEY_URL"),
-            today,
-            buckets: buckets.unwrap_or(1),
-            compact_bytes: positive("TOOLRANK_COMPACT_BYTES")?.unwrap_or(COMPACT_MIN_BYTES),
-            sink_wait: Duration::from_secs(20),
-            sink_interval: Duration::from_millis(number("TOOLRANK_SINK_INTERVAL_MS")?.map_or(1000, |ms| ms as u64)),
-            dynamodb_writes_per_event: Some(writes_per_event).filter(|&b| b > 0.0),
-            dynamodb_max_defer: Duration::from_millis(number("TOOLRANK_DYNAMODB_MAX_DEFER_MS")?.map_or(60_000, |ms| ms as u64)),
-            dynamodb_max_wcu: number("TOOLRANK_DYNAMODB_MAX_WCU")?,
-            tombstone_horizon: positive("TOOLRANK_TOMBSTONE_HORIZON_SECS")?.map_or(toolrank_live::DEFAULT_TOMBSTONE_HORIZON, Duration::from_secs),
-        })
-    }
 }
 
 /// One record of an event, decoded.
@@ -460,8 +419,9 @@ type Job = (Box<RawValue>, oneshot::Sender<Result<Outcome, String>>);
 
 /// Runs the handler under the Lambda Runtime API (`AWS_LAMBDA_RUNTIME_API`) until the
 /// process ends. `started` is when the process started, for the cold-start figure.
-pub async fn serve(started: Instant) -> Result<(), lambda_runtime::Error> {
-    let config = Config::from_env()?;
+/// Each invocation's figures go to stdout as a CloudWatch embedded-metric-format line.
+pub async fn serve(config: Config, started: Instant) -> Result<(), lambda_runtime::Error> {
+    let function = std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "toolrank".into());
     // The handler makes blocking calls on a runtime of its own: it gets a thread of its own.
     let (jobs, queue) = std::sync::mpsc::channel::<Job>();
     let (ready, initialized) = oneshot::channel();
@@ -482,14 +442,22 @@ pub async fn serve(started: Instant) -> Result<(), lambda_runtime::Error> {
     });
     initialized.await??;
     info!(init_ms = started.elapsed().as_millis() as u64, "cold start: ready for the first event");
+    MetricLine::new(&function).seconds("InitSeconds", started.elapsed()).print();
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Box<RawValue>>| {
         let jobs = jobs.clone();
+        let function = function.clone();
         async move {
             let started = Instant::now();
             let (reply, answer) = oneshot::channel();
             jobs.send((event.payload, reply))?;
             let outcome = answer.await??;
             info!(records = outcome.records, dead_letters = outcome.dead_letters, failures = outcome.failures.len(), ms = started.elapsed().as_millis() as u64, "invocation");
+            MetricLine::new(&function)
+                .count("Records", outcome.records)
+                .count("DeadLetters", outcome.dead_letters)
+                .count("BatchItemFailures", outcome.failures.len())
+                .seconds("InvocationSeconds", started.elapsed())
+                .print();
             Ok::<_, lambda_runtime::Error>(outcome.response())
         }
     }))

@@ -26,10 +26,13 @@ pub enum Format {
     LambdaEvent,
     /// A staging-shaped flat event (`op`, `user_id`, ...).
     Flat,
+    /// A DynamoDB incremental export line: `Metadata.WriteTimestampMicros`, `Keys`,
+    /// `NewImage` (absent for a delete), `OldImage`.
+    IncrementalExport,
 }
 
 impl Format {
-    pub const ALL: [Format; 5] = [Format::Export, Format::TypedItem, Format::StreamRecord, Format::LambdaEvent, Format::Flat];
+    pub const ALL: [Format; 6] = [Format::Export, Format::TypedItem, Format::StreamRecord, Format::LambdaEvent, Format::Flat, Format::IncrementalExport];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -38,6 +41,7 @@ impl Format {
             Format::StreamRecord => "stream-record",
             Format::LambdaEvent => "lambda-event",
             Format::Flat => "flat",
+            Format::IncrementalExport => "incremental-export",
         }
     }
 }
@@ -49,7 +53,7 @@ pub enum DecodeError {
     NotUtf8,
     #[error("not valid JSON: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("unrecognized record: expected an export line {{\"Item\":...}}, a typed item with PK/SK, a stream record with eventName and dynamodb, a Lambda event {{\"Records\":[...]}} or a flat event with op")]
+    #[error("unrecognized record: expected an export line {{\"Item\":...}}, an incremental export line {{\"Metadata\":...,\"Keys\":...}}, a typed item with PK/SK, a stream record with eventName and dynamodb, a Lambda event {{\"Records\":[...]}} or a flat event with op")]
     Unrecognized,
     #[error("missing {0}")]
     Missing(&'static str),
@@ -67,6 +71,8 @@ pub enum DecodeError {
     Success(String),
     #[error("SequenceNumber {0:?} is not a decimal number")]
     Sequence(String),
+    #[error("Metadata.WriteTimestampMicros {0:?} is not a decimal number")]
+    WriteTimestamp(String),
     #[error("Agent item with SK {0:?}: agents live at SK = METADATA")]
     AgentSk(String),
 }
@@ -121,6 +127,9 @@ pub fn decode_line<'a>(line: &'a [u8], emit: &mut dyn FnMut(Record<'a>)) -> Resu
         }
         single(emit, hist);
         Ok(Format::Flat)
+    } else if env.metadata.is_some() || env.keys.is_some() {
+        single(emit, incremental_change(env.metadata, env.keys, env.new_image)?);
+        Ok(Format::IncrementalExport)
     } else if env.pk.is_some() || env.sk.is_some() {
         single(emit, put_item(Image {
             pk: env.pk,
@@ -190,6 +199,26 @@ struct Envelope<'a> {
     agent_nm: Option<Attr<'a>>,
     #[serde(rename = "GSI1_PK", borrow)]
     gsi1_pk: Option<Attr<'a>>,
+    #[serde(rename = "Metadata", borrow)]
+    metadata: Option<ExportMetadata<'a>>,
+    #[serde(rename = "Keys", borrow)]
+    keys: Option<Image<'a>>,
+    #[serde(rename = "NewImage", borrow)]
+    new_image: Option<Image<'a>>,
+}
+
+/// An incremental export line's `Metadata`.
+#[derive(serde::Deserialize)]
+struct ExportMetadata<'a> {
+    #[serde(rename = "WriteTimestampMicros", borrow)]
+    write_timestamp_micros: Option<Number<'a>>,
+}
+
+/// A number attribute, `{"N": "..."}`.
+#[derive(serde::Deserialize)]
+struct Number<'a> {
+    #[serde(rename = "N", borrow)]
+    n: Str<'a>,
 }
 
 /// A DynamoDB Streams record as Lambda and the Streams API deliver it.
@@ -346,6 +375,23 @@ pub fn stream_record_change<'a>(event_name: &str, keys: Option<Image<'a>>, new_i
     Ok(change)
 }
 
+/// An incremental export line's change: the new image, or a delete of its keys. Its write
+/// time orders it, so it outranks the full export it follows (whose items have no order)
+/// and an older incremental export's line for the same item.
+fn incremental_change<'a>(metadata: Option<ExportMetadata<'a>>, keys: Option<Image<'a>>, new_image: Option<Image<'a>>) -> Result<Change<'a>, DecodeError> {
+    let micros = metadata.and_then(|m| m.write_timestamp_micros).ok_or(DecodeError::Missing("Metadata.WriteTimestampMicros"))?.n.0;
+    let seq = micros.parse::<u128>().map_err(|_| DecodeError::WriteTimestamp(micros.into_owned()))?;
+    let mut change = match new_image {
+        Some(image) => put_item(image)?,
+        None => {
+            let keys = keys.ok_or(DecodeError::Missing("Keys"))?;
+            Change { pk: required(keys.pk, "Keys.PK")?, sk: required(keys.sk, "Keys.SK")?, seq: None, action: Action::Delete { ttl: false } }
+        }
+    };
+    change.seq = Some(seq);
+    Ok(change)
+}
+
 /// Decodes the data of a Kinesis record carrying a DynamoDB change (Kinesis Data Streams
 /// for DynamoDB). Those records have no stream `SequenceNumber` and may arrive twice or
 /// out of order for one item, so `ApproximateCreationDateTime` orders them (in
@@ -449,5 +495,43 @@ mod tests {
         let change = stream_record_change("REMOVE", Some(keys), None, Some("8"), false).unwrap();
         assert_eq!((change.seq, change.action), (Some(8), Action::Delete { ttl: false }));
         assert!(matches!(stream_record_change("UPSERT", None, None, None, false), Err(DecodeError::UnknownEventName(_))));
+    }
+
+    fn decode_one(line: &str) -> (Format, Result<Change<'_>, DecodeError>) {
+        let mut got = None;
+        match decode_line(line.as_bytes(), &mut |r| got = Some(r.result)) {
+            Ok(format) => (format, got.expect("one record")),
+            Err(e) => (Format::Flat, Err(e)),
+        }
+    }
+
+    #[test]
+    fn incremental_export_lines_are_changes_at_their_write_time() {
+        let keys = r#""Keys":{"PK":{"S":"U1#S1"},"SK":{"S":"P1#A1#T1"}}"#;
+        let image = r#"{"PK":{"S":"U1#S1"},"SK":{"S":"P1#A1#T1"},"EntityType":{"S":"UserSessPrcToolMappHist"},"ToolNM":{"S":"search"},"TransactDT":{"S":"20250714080000"},"SuccYN":{"S":"N"}}"#;
+        let put = format!(r#"{{"Metadata":{{"WriteTimestampMicros":{{"N":"1752480000123456"}}}},{keys},"NewImage":{image},"OldImage":{image}}}"#);
+        let (format, change) = decode_one(&put);
+        let change = change.unwrap();
+        assert_eq!((format, change.seq), (Format::IncrementalExport, Some(1_752_480_000_123_456)));
+        assert!(matches!(change.action, Action::Put(Entity::Execution(ref e)) if !e.success && e.tool_nm == "search"));
+        let delete = format!(r#"{{"Metadata":{{"WriteTimestampMicros":{{"N":"1752480000123457"}}}},{keys},"OldImage":{image}}}"#);
+        let change = decode_one(&delete).1.unwrap();
+        assert_eq!((change.pk.as_ref(), change.sk.as_ref(), change.seq, change.action), ("U1#S1", "P1#A1#T1", Some(1_752_480_000_123_457), Action::Delete { ttl: false }));
+        assert!(matches!(decode_one(&format!(r#"{{{keys}}}"#)).1, Err(DecodeError::Missing("Metadata.WriteTimestampMicros"))));
+        assert!(matches!(decode_one(&format!(r#"{{"Metadata":{{"WriteTimestampMicros":{{"N":"soon"}}}},{keys}}}"#)).1, Err(DecodeError::WriteTimestamp(_))));
+        assert!(matches!(decode_one(r#"{"Metadata":{"WriteTimestampMicros":{"N":"1"}}}"#).1, Err(DecodeError::Missing("Keys"))));
+    }
+
+    #[test]
+    fn attributes_of_every_dynamodb_type_that_are_not_read_are_ignored() {
+        let others = r#""Bin":{"B":"dGVzdA=="},"Bins":{"BS":["dGVzdA==","YQ=="]},"List":{"L":[{"S":"a"},{"N":"1"},{"NULL":true},{"M":{}}]},"Map":{"M":{"ToolValues":{"M":{"q":{"S":"x"}}},"Empty":{"L":[]}}},"Nums":{"NS":["1","2.5"]},"Nothing":{"NULL":true},"Strs":{"SS":["a","b"]},"Flag":{"BOOL":false},"EmptyStrs":{"SS":[]},"EmptyNums":{"NS":[]},"EmptyBins":{"BS":[]},"Num":{"N":"-1e3"}"#;
+        let item = format!(r#"{{"PK":{{"S":"U1#S1"}},"SK":{{"S":"P1#A1#T1"}},"EntityType":{{"S":"UserSessPrcToolMappHist"}},"ToolNM":{{"S":"search"}},"TransactDT":{{"S":"20250714080000"}},"SuccYN":{{"S":"Y"}},{others}}}"#);
+        for line in [format!(r#"{{"Item":{item}}}"#), item.clone(), format!(r#"{{"eventName":"INSERT","dynamodb":{{"NewImage":{item},"SequenceNumber":"5"}}}}"#), format!(r#"{{"Records":[{{"eventName":"MODIFY","dynamodb":{{"NewImage":{item},"SequenceNumber":"6"}}}}]}}"#)] {
+            let change = decode_one(&line).1.unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert!(matches!(change.action, Action::Put(Entity::Execution(ref e)) if e.success && e.tool_nm == "search"), "{line}");
+        }
+        // A read attribute of another type is still an error that names it.
+        let wrong = item.replace(r#""ToolNM":{"S":"search"}"#, r#""ToolNM":{"SS":["search"]}"#);
+        assert!(matches!(decode_one(&wrong).1, Err(DecodeError::WrongType { field: "ToolNM", .. })));
     }
 }

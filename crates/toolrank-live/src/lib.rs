@@ -16,6 +16,8 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 use toolrank_dynamodb::{CheckpointStore, Lease, Log};
+mod backoff;
+pub use backoff::Backoff;
 pub use toolrank_dynamodb::LogHead;
 use toolrank_engine::{Applied, Changes, Engine, PatternKey, StateStats, Sym};
 use toolrank_events::{decode_line, Change, Day};

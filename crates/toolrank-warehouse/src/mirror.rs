@@ -60,6 +60,7 @@ fn image(format: Format, doc: &Value, index: Option<usize>, change: &Change) -> 
         Format::StreamRecord => doc["dynamodb"]["NewImage"].clone(),
         Format::LambdaEvent => doc["Records"][index.unwrap_or(0)]["dynamodb"]["NewImage"].clone(),
         Format::Flat => flat_item(change),
+        Format::IncrementalExport => doc["NewImage"].clone(),
     })
 }
 

@@ -1,14 +1,15 @@
 //! The table's items from a DynamoDB export (`manifest-files.json` + `data/*.json.gz`, or
 //! export files, on disk or in S3): one `{"Item": {...}}` per line, checkpointed by file
-//! and line.
+//! and line. A full export's items become base copies; an incremental export's lines
+//! (`Metadata.WriteTimestampMicros`, `Keys`, `NewImage` unless deleted) become changes at
+//! their write time, which outrank the base copies of the full export before them.
 
-use crate::{base_record, Error, Run};
+use crate::{base_record, change_record, Error, Run, Sender};
 use serde_json::value::RawValue;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use toolrank_events::DeadLetter;
-use toolrank_kafka::Publisher;
 use toolrank_source_file::{Input, LineReader};
 
 /// Where an export's data files are.
@@ -49,7 +50,25 @@ pub struct Job<'a> {
 #[derive(serde::Deserialize)]
 struct Line<'a> {
     #[serde(rename = "Item", borrow)]
-    item: &'a RawValue,
+    item: Option<&'a RawValue>,
+    #[serde(rename = "Metadata")]
+    metadata: Option<Metadata>,
+    #[serde(rename = "Keys", borrow)]
+    keys: Option<&'a RawValue>,
+    #[serde(rename = "NewImage", borrow)]
+    new_image: Option<&'a RawValue>,
+}
+
+#[derive(serde::Deserialize)]
+struct Metadata {
+    #[serde(rename = "WriteTimestampMicros")]
+    write_timestamp_micros: Option<Number>,
+}
+
+#[derive(serde::Deserialize)]
+struct Number {
+    #[serde(rename = "N")]
+    n: String,
 }
 
 #[derive(serde::Deserialize)]
@@ -71,20 +90,34 @@ fn parse_position(text: &str) -> Result<(usize, u64), Error> {
     Ok((f.parse().map_err(|_| bad())?, l.parse().map_err(|_| bad())?))
 }
 
-/// The base copy of one export line, and the item's PK (the record key).
+/// The record of one export line (a base copy, or an incremental export's change), and
+/// the item's PK (the record key).
 fn record(line: &[u8]) -> Result<(String, String), String> {
     let text = std::str::from_utf8(line).map_err(|_| "not UTF-8 text".to_owned())?;
-    let item = serde_json::from_str::<Line>(text).map_err(|e| format!("not an export line {{\"Item\": ...}}: {e}"))?.item;
-    let keys: Keys = serde_json::from_str(item.get()).map_err(|e| format!("the item has no PK and SK: {e}"))?;
-    let pk: serde_json::Value = serde_json::from_str(keys.pk.get()).map_err(|e| e.to_string())?;
-    let key = pk["S"].as_str().ok_or("PK is not a string attribute {\"S\": ...}")?.to_owned();
-    Ok((key, base_record(&pk, &serde_json::from_str(keys.sk.get()).map_err(|e| e.to_string())?, item.get())))
+    let not_export = |e: &dyn std::fmt::Display| format!("not an export line {{\"Item\": ...}} or an incremental export line {{\"Metadata\": ..., \"Keys\": ...}}: {e}");
+    let line = serde_json::from_str::<Line>(text).map_err(|e| not_export(&e))?;
+    let keys_of = |raw: &RawValue| -> Result<(serde_json::Value, serde_json::Value, String), String> {
+        let keys: Keys = serde_json::from_str(raw.get()).map_err(|e| format!("the item has no PK and SK: {e}"))?;
+        let pk: serde_json::Value = serde_json::from_str(keys.pk.get()).map_err(|e| e.to_string())?;
+        let key = pk["S"].as_str().ok_or("PK is not a string attribute {\"S\": ...}")?.to_owned();
+        Ok((pk, serde_json::from_str(keys.sk.get()).map_err(|e| e.to_string())?, key))
+    };
+    if let Some(item) = line.item {
+        let (pk, sk, key) = keys_of(item)?;
+        return Ok((key, base_record(&pk, &sk, item.get())));
+    }
+    let micros = line.metadata.and_then(|m| m.write_timestamp_micros).ok_or_else(|| not_export(&"no Item and no Metadata.WriteTimestampMicros"))?.n;
+    if micros.is_empty() || !micros.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("Metadata.WriteTimestampMicros {micros:?} is not a decimal number"));
+    }
+    let (pk, sk, key) = keys_of(line.keys.or(line.new_image).ok_or("an incremental export line without Keys")?)?;
+    Ok((key, change_record(&pk, &sk, line.new_image.map(RawValue::get), &micros)))
 }
 
 impl Job<'_> {
     /// Publishes every line after the checkpoint; bad lines go to `reject`. Returns
     /// whether the export was read to its end.
-    pub async fn run(&self, publisher: &mut Publisher, reject: &mut dyn FnMut(DeadLetter)) -> Result<bool, Error> {
+    pub async fn run(&self, sender: &mut impl Sender, reject: &mut dyn FnMut(DeadLetter)) -> Result<bool, Error> {
         let claimed = self.run.store.claim(&self.run.scope, &self.run.owner).await?;
         let mut generation = claimed.generation;
         let (from_file, from_line) = match claimed.position.as_deref() {
@@ -102,7 +135,7 @@ impl Job<'_> {
                     continue;
                 }
                 match record(line) {
-                    Ok((key, line)) => publisher.send(Some(&key), line.as_bytes()).await?,
+                    Ok((key, line)) => sender.send(Some(&key), line.as_bytes()).await?,
                     Err(reason) => {
                         self.run.progress.dead_letters.fetch_add(1, Ordering::Relaxed);
                         reject(DeadLetter { source: name.clone(), line: line_no, record: None, position: None, reason, raw: String::from_utf8_lossy(line).into_owned() })
@@ -111,7 +144,7 @@ impl Job<'_> {
                 self.run.progress.items.fetch_add(1, Ordering::Relaxed);
                 last = line_no;
                 if saved.elapsed() >= self.run.checkpoint_every || self.run.stop.load(Ordering::Relaxed) {
-                    publisher.settle().await?;
+                    sender.settle().await?;
                     generation = self.run.store.save(&self.run.scope, &self.run.owner, generation, &position(index, last), &[]).await?.generation;
                     saved = Instant::now();
                     if self.run.stop.load(Ordering::Relaxed) {
@@ -119,7 +152,7 @@ impl Job<'_> {
                     }
                 }
             }
-            publisher.settle().await?;
+            sender.settle().await?;
             generation = self.run.store.save(&self.run.scope, &self.run.owner, generation, &position(index + 1, 0), &[]).await?.generation;
         }
         Ok(true)
@@ -136,6 +169,13 @@ mod tests {
         assert_eq!(key, "U#S");
         assert!(line.contains(r#""NewImage":{"PK":{"S":"U#S"},"SK":{"S":"P#A#T"},"ToolNM":{"S":"x"}}"#) && line.contains(r#""SequenceNumber":"0""#));
         assert!(record(b"{}").unwrap_err().contains("export line"));
+        let keys = r#""Keys":{"PK":{"S":"U#S"},"SK":{"S":"P#A#T"}}"#;
+        let (key, line) = record(format!(r#"{{"Metadata":{{"WriteTimestampMicros":{{"N":"1700000000000001"}}}},{keys},"NewImage":{{"PK":{{"S":"U#S"}},"SK":{{"S":"P#A#T"}}}}}}"#).as_bytes()).unwrap();
+        assert_eq!(key, "U#S");
+        assert!(line.contains(r#""eventName":"INSERT""#) && line.contains(r#""SequenceNumber":"1700000000000001""#));
+        let (_, line) = record(format!(r#"{{"Metadata":{{"WriteTimestampMicros":{{"N":"1700000000000002"}}}},{keys},"OldImage":{{"PK":{{"S":"U#S"}}}}}}"#).as_bytes()).unwrap();
+        assert!(line.contains(r#""eventName":"REMOVE""#) && line.contains(r#""SequenceNumber":"1700000000000002""#) && !line.contains("NewImage"));
+        assert!(record(format!(r#"{{"Metadata":{{"WriteTimestampMicros":{{"N":"x"}}}},{keys}}}"#).as_bytes()).unwrap_err().contains("WriteTimestampMicros"));
         assert!(record(br#"{"Item":{"PK":{"N":"1"},"SK":{"S":"x"}}}"#).unwrap_err().contains("PK"));
         assert_eq!(parse_position(&position(2, 41)).unwrap(), (2, 41));
     }

@@ -15,11 +15,17 @@
 //! broker, so a killed backfill resumes there; what it publishes twice is a base copy of
 //! the same state, which changes nothing.
 //!
+//! The records go to a [`Target`]: the events topic ([`Kafka`]), or anything else that
+//! takes records in order and says when they are durable (the Lambda function's bucket
+//! logs, wired by the CLI).
+//!
 //! [`BASE_SEQ`]: toolrank_events::BASE_SEQ
 
 pub mod export;
 pub mod s3;
 pub mod scan;
+
+use std::future::Future;
 
 use serde_json::Value;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,7 +46,57 @@ pub enum Error {
 
 /// The stream-record line of a base copy of an item (its typed-JSON image as text).
 pub fn base_record(pk: &Value, sk: &Value, image: &str) -> String {
-    format!(r#"{{"eventName":"INSERT","eventSource":"toolrank:backfill","dynamodb":{{"Keys":{{"PK":{pk},"SK":{sk}}},"NewImage":{image},"SequenceNumber":"0"}}}}"#)
+    change_record(pk, sk, Some(image), "0")
+}
+
+/// The stream-record line of a change at `sequence`: an INSERT of `image`, or without one
+/// a REMOVE of the keys.
+pub fn change_record(pk: &Value, sk: &Value, image: Option<&str>, sequence: &str) -> String {
+    match image {
+        Some(image) => format!(r#"{{"eventName":"INSERT","eventSource":"toolrank:backfill","dynamodb":{{"Keys":{{"PK":{pk},"SK":{sk}}},"NewImage":{image},"SequenceNumber":"{sequence}"}}}}"#),
+        None => format!(r#"{{"eventName":"REMOVE","eventSource":"toolrank:backfill","dynamodb":{{"Keys":{{"PK":{pk},"SK":{sk}}},"SequenceNumber":"{sequence}"}}}}"#),
+    }
+}
+
+/// Where a backfill's records go. Each Scan segment (and an export) opens a sender of its own.
+pub trait Target {
+    type Sender: Sender;
+    fn sender(&self) -> Result<Self::Sender, Error>;
+}
+
+/// Takes records in order; `settle` returns once every record sent before is durable, so
+/// a checkpoint after it never skips one.
+pub trait Sender {
+    /// Queues one record (keyed by its item's PK).
+    fn send(&mut self, key: Option<&str>, record: &[u8]) -> impl Future<Output = Result<(), Error>>;
+    fn settle(&mut self) -> impl Future<Output = Result<(), Error>>;
+    /// Settles and closes; returns how many records had to be sent again.
+    fn finish(self) -> impl Future<Output = Result<u64, Error>>;
+}
+
+/// The events topic: the live consumers read the copies among the live changes.
+pub struct Kafka {
+    pub brokers: String,
+    pub topic: String,
+}
+
+impl Target for Kafka {
+    type Sender = toolrank_kafka::Publisher;
+    fn sender(&self) -> Result<toolrank_kafka::Publisher, Error> {
+        Ok(toolrank_kafka::Publisher::new(&self.brokers, &self.topic)?)
+    }
+}
+
+impl Sender for toolrank_kafka::Publisher {
+    async fn send(&mut self, key: Option<&str>, record: &[u8]) -> Result<(), Error> {
+        Ok(toolrank_kafka::Publisher::send(self, key, record).await?)
+    }
+    async fn settle(&mut self) -> Result<(), Error> {
+        Ok(toolrank_kafka::Publisher::settle(self).await?)
+    }
+    async fn finish(self) -> Result<u64, Error> {
+        Ok(toolrank_kafka::Publisher::finish(self).await?.1)
+    }
 }
 
 /// What every backfill shares: where its checkpoints go and how often, what it reports

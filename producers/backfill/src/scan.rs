@@ -1,24 +1,22 @@
 //! The table's items by a parallel Scan: one task per segment, each with its own
-//! publisher and checkpoint (LastEvaluatedKey), all under one read-capacity budget.
+//! sender and checkpoint (LastEvaluatedKey), all under one read-capacity budget.
 
-use crate::{base_record, Error, Run};
+use crate::{base_record, Error, Run, Sender, Target};
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnConsumedCapacity};
 use aws_sdk_dynamodb::Client;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 use toolrank_dynamodb::{attribute_json, attribute_value, aws, item_json, Limiter};
-use toolrank_kafka::Publisher;
 
-/// What one Scan backfill reads and where it publishes.
-pub struct Job<'a> {
+/// What one Scan backfill reads and where it sends the items.
+pub struct Job<'a, T> {
     pub client: Client,
     pub table: String,
     pub segments: u32,
     /// Items per Scan page (None: DynamoDB's 1 MB pages).
     pub page_items: Option<i32>,
-    pub brokers: String,
-    pub topic: String,
+    pub target: T,
     pub limiter: Limiter,
     pub run: Run<'a>,
 }
@@ -48,7 +46,7 @@ fn key_of(text: &str) -> Result<HashMap<String, AttributeValue>, Error> {
     map.iter().map(|(k, v)| Ok((k.clone(), attribute_value(v).map_err(Error::Input)?))).collect()
 }
 
-impl Job<'_> {
+impl<T: Target> Job<'_, T> {
     /// Scans every segment not finished by an earlier run, concurrently.
     pub async fn run(&self) -> Result<Outcome, Error> {
         let runs = (0..self.segments).map(|segment| self.segment(segment));
@@ -76,7 +74,7 @@ impl Job<'_> {
         if start.is_some() {
             tracing::info!(segment, "resuming after the checkpointed key");
         }
-        let mut publisher = Publisher::new(&self.brokers, &self.topic)?;
+        let mut sender = self.target.sender()?;
         let mut saved = Instant::now();
         let mut done = false;
         while !self.run.stop.load(Ordering::Relaxed) {
@@ -98,7 +96,7 @@ impl Job<'_> {
                 let image = item_json(item).to_string();
                 bytes += image.len();
                 let line = base_record(&attribute_json(pk), &attribute_json(sk), &image);
-                publisher.send(pk.as_s().ok().map(String::as_str), line.as_bytes()).await?;
+                sender.send(pk.as_s().ok().map(String::as_str), line.as_bytes()).await?;
             }
             // DynamoDB reports what the page consumed; where it does not (DynamoDB Local),
             // estimate it as DynamoDB bills a Scan: 0.5 unit per 4 KB read.
@@ -108,7 +106,7 @@ impl Job<'_> {
             start = page.last_evaluated_key;
             done = start.is_none();
             if done || saved.elapsed() >= self.run.checkpoint_every {
-                generation = self.save(&scope, generation, start.as_ref(), &mut publisher).await?;
+                generation = self.save(&scope, generation, start.as_ref(), &mut sender).await?;
                 saved = Instant::now();
             }
             if done {
@@ -118,16 +116,16 @@ impl Job<'_> {
         }
         if !done {
             // Stopped: what was published is checkpointed, the rest resumes next time.
-            self.save(&scope, generation, start.as_ref(), &mut publisher).await?;
+            self.save(&scope, generation, start.as_ref(), &mut sender).await?;
         }
-        let (_, resent) = publisher.finish().await?;
+        let resent = sender.finish().await?;
         Ok((done, false, resent))
     }
 
-    /// Checkpoints `next` (None: the segment is done) once the broker acknowledged every
-    /// record published before it.
-    async fn save(&self, scope: &str, generation: u64, next: Option<&HashMap<String, AttributeValue>>, publisher: &mut Publisher) -> Result<u64, Error> {
-        publisher.settle().await?;
+    /// Checkpoints `next` (None: the segment is done) once every record sent before it
+    /// is durable (acknowledged by the broker, appended to a bucket log).
+    async fn save(&self, scope: &str, generation: u64, next: Option<&HashMap<String, AttributeValue>>, sender: &mut T::Sender) -> Result<u64, Error> {
+        sender.settle().await?;
         let position = next.map_or_else(|| DONE.to_owned(), key_text);
         Ok(self.run.store.save(scope, &self.run.owner, generation, &position, &[]).await?.generation)
     }

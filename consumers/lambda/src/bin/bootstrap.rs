@@ -1,10 +1,11 @@
 //! The Lambda function: `bootstrap` for the `provided.al2023` runtime (cargo-lambda
-//! layout). Configuration from the environment: see `toolrank_lambda::Config::from_env`.
+//! layout). Settings from the environment (`toolrank lambda --help` lists them), logs by
+//! the function's log controls, metrics as embedded-metric-format lines.
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
     let started = std::time::Instant::now();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TOOLRANK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().json().with_env_filter(filter).with_target(false).without_time().init();
-    toolrank_lambda::serve(started).await
+    toolrank_lambda::init_logging();
+    let settings = toolrank_lambda::Settings::from_env().map_err(|e| e.render().to_string())?;
+    toolrank_lambda::serve(settings.config(), started).await
 }

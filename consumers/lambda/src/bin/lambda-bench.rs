@@ -96,7 +96,7 @@ fn main() {
             buckets,
             compact_bytes: COMPACT_MIN_BYTES,
             // The sink interval and write budget as the function's environment sets them.
-            ..Config::from_env().expect("TOOLRANK_* settings")
+            ..toolrank_lambda::Settings::from_env().expect("TOOLRANK_* settings").config()
         };
         let mut handler = Handler::new(config).expect("a handler");
         let started = Instant::now();
