@@ -252,8 +252,11 @@ fn bar(rt: &tokio::runtime::Runtime, client: &aws_sdk_dynamodb::Client, args: &A
     };
     let bar = if std::io::stderr().is_terminal() {
         match total {
-            Some(n) => ProgressBar::new(n as u64).with_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} items {per_sec} eta {eta}").expect("valid template")),
-            None => ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {pos} items {per_sec}").expect("valid template")),
+            Some(n) => ProgressBar::new(n as u64).with_style(
+                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} items {per_sec} eta {eta}").expect("valid template"),
+            ),
+            None => ProgressBar::new_spinner()
+                .with_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {pos} items {per_sec}").expect("valid template")),
         }
     } else {
         ProgressBar::hidden()
@@ -280,13 +283,16 @@ fn bar(rt: &tokio::runtime::Runtime, client: &aws_sdk_dynamodb::Client, args: &A
 /// copies, as if the stream delivered them; each sender buffers a batch.
 #[derive(Clone)]
 struct Buckets {
-    jobs: std::sync::mpsc::Sender<(Vec<u8>, tokio::sync::oneshot::Sender<Result<toolrank_lambda::Outcome, String>>)>,
+    jobs: std::sync::mpsc::Sender<Append>,
     batch: usize,
 }
 
+/// An event of base copies for the handler, and where its outcome goes.
+type Append = (Vec<u8>, tokio::sync::oneshot::Sender<Result<toolrank_lambda::Outcome, String>>);
+
 impl Buckets {
     fn start(config: toolrank_lambda::Config, batch: usize) -> Buckets {
-        let (jobs, queue) = std::sync::mpsc::channel::<(Vec<u8>, tokio::sync::oneshot::Sender<Result<toolrank_lambda::Outcome, String>>)>();
+        let (jobs, queue) = std::sync::mpsc::channel::<Append>();
         std::thread::spawn(move || {
             let mut handler = toolrank_lambda::Handler::new(config).map_err(|e| e.to_string());
             for (event, reply) in queue {

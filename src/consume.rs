@@ -345,7 +345,10 @@ fn print_summary(s: &toolrank_live::Summary) {
     if st.sessions > 0 {
         eprintln!(
             "state held at the last checkpoint: {} live executions in {} sessions, {} tombstones; ~{:.1} MB",
-            st.live_rows, st.sessions, st.tombstones, st.heap_bytes as f64 / 1e6
+            st.live_rows,
+            st.sessions,
+            st.tombstones,
+            st.heap_bytes as f64 / 1e6
         );
     }
     if s.tombstones_expired > 0 {
@@ -355,9 +358,18 @@ fn print_summary(s: &toolrank_live::Summary) {
         eprintln!("{} interned names nothing referred to any more were forgotten", s.names_collected);
     }
     eprintln!("write capacity units consumed: DynamoDB sink {:.0}, state table {:.0}", s.dynamodb_write_units, s.state_write_units);
-    eprintln!("waited on: DynamoDB sink {:.1} s, Valkey sink {:.1} s, checkpoints {:.1} s", s.dynamodb_ms as f64 / 1e3, s.valkey_ms as f64 / 1e3, s.checkpoint_ms as f64 / 1e3);
+    eprintln!(
+        "waited on: DynamoDB sink {:.1} s, Valkey sink {:.1} s, checkpoints {:.1} s",
+        s.dynamodb_ms as f64 / 1e3,
+        s.valkey_ms as f64 / 1e3,
+        s.checkpoint_ms as f64 / 1e3
+    );
     if s.read_ms > 0 || s.finish_ms > 0 {
-        eprintln!("read for {:.1} s (first record applied to last), exit took {:.1} s (last checkpoint, then the sinks)", s.read_ms as f64 / 1e3, s.finish_ms as f64 / 1e3);
+        eprintln!(
+            "read for {:.1} s (first record applied to last), exit took {:.1} s (last checkpoint, then the sinks)",
+            s.read_ms as f64 / 1e3,
+            s.finish_ms as f64 / 1e3
+        );
     }
     if let (Some(p50), Some(p99), Some(max)) = (s.latency_p50_ms, s.latency_p99_ms, s.latency_max_ms) {
         eprintln!("latency from produce to visible in the sinks: p50 {p50} ms, p99 {p99} ms, max {max} ms");

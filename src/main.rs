@@ -5,13 +5,13 @@ mod backfill;
 mod consume;
 mod generate;
 mod lambda;
+mod mirror_kafka;
+mod mirror_streams;
+mod namespace;
 mod output;
 mod produce;
 mod replay;
 mod replay_kafka;
-mod mirror_kafka;
-mod mirror_streams;
-mod namespace;
 mod setup;
 mod sinks;
 mod warehouse;
@@ -70,8 +70,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TOOLRANK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOOLRANK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
     match cli.log_format {
         LogFormat::Text => builder.without_time().init(),

@@ -16,7 +16,14 @@ use toolrank_warehouse::DataApi;
 /// How long changes may wait before they are applied.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
-pub fn follow(rt: &tokio::runtime::Runtime, api: &DataApi, brokers: &str, topic: &str, until_idle: Option<f64>, dead: &mut DeadLetters) -> Result<(Mirror, u64)> {
+pub fn follow(
+    rt: &tokio::runtime::Runtime,
+    api: &DataApi,
+    brokers: &str,
+    topic: &str,
+    until_idle: Option<f64>,
+    dead: &mut DeadLetters,
+) -> Result<(Mirror, u64)> {
     let source = format!("kafka:{topic}");
     let mut mirror = rt.block_on(Mirror::open(api, &source))?;
     let positions = rt.block_on(Mirror::positions(api, &source))?;

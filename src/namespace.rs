@@ -322,15 +322,21 @@ pub fn write_shadow(engine: &Engine, sinks: &SinkArgs, today: Day, dry_run: bool
         ValkeySink::new(url, name)?.write(engine, &everything)?;
     }
     if !sinks.no_dynamodb {
-        runtime()?.block_on(async {
-            let client = toolrank_dynamodb::client().await;
-            toolrank_dynamodb::create_state_table(&client, &sinks.state_table).await?;
-            register(&client, &sinks.state_table, &sinks.table, name, true).await?;
-            drop_in_table(&client, &sinks.table, name).await?;
-            DynamoSink::in_namespace(client, &sinks.table, Namespace::Shadow(name.to_owned())).write(engine, &everything, today).await?;
-            anyhow::Ok(())
-        }).with_context(|| format!("writing namespace {name} into DynamoDB table {}", sinks.table))?;
+        runtime()?
+            .block_on(async {
+                let client = toolrank_dynamodb::client().await;
+                toolrank_dynamodb::create_state_table(&client, &sinks.state_table).await?;
+                register(&client, &sinks.state_table, &sinks.table, name, true).await?;
+                drop_in_table(&client, &sinks.table, name).await?;
+                DynamoSink::in_namespace(client, &sinks.table, Namespace::Shadow(name.to_owned())).write(engine, &everything, today).await?;
+                anyhow::Ok(())
+            })
+            .with_context(|| format!("writing namespace {name} into DynamoDB table {}", sinks.table))?;
     }
-    eprintln!("wrote {} agents and {} patterns into namespace {name}; readers use {active} until `toolrank promote {name}`", everything.agents.len(), everything.patterns.len());
+    eprintln!(
+        "wrote {} agents and {} patterns into namespace {name}; readers use {active} until `toolrank promote {name}`",
+        everything.agents.len(),
+        everything.patterns.len()
+    );
     Ok(())
 }

@@ -84,7 +84,13 @@ pub fn write_dir(dir: &Path, engine: &Engine, today: Day) -> Result<()> {
         write_report(dir, &report)?;
         let reported = started.elapsed();
         let written = writer.join();
-        tracing::debug!(staging_order_s = ordered.as_secs_f64(), report_built_s = built.as_secs_f64(), report_s = reported.as_secs_f64(), staging_s = started.elapsed().as_secs_f64(), "output phases");
+        tracing::debug!(
+            staging_order_s = ordered.as_secs_f64(),
+            report_built_s = built.as_secs_f64(),
+            report_s = reported.as_secs_f64(),
+            staging_s = started.elapsed().as_secs_f64(),
+            "output phases"
+        );
         written.expect("the staging writer does not panic").with_context(|| format!("writing {}", path.display()))
     })
 }
@@ -188,8 +194,7 @@ impl Table {
             writeln!(out, "== {} ==", self.title)?;
         }
         let line = |out: &mut dyn Write, cells: &mut dyn Iterator<Item = &str>| -> std::io::Result<()> {
-            let parts: Vec<String> =
-                cells.zip(&widths).map(|(c, &w)| format!("{c}{}", " ".repeat(w.saturating_sub(c.width())))).collect();
+            let parts: Vec<String> = cells.zip(&widths).map(|(c, &w)| format!("{c}{}", " ".repeat(w.saturating_sub(c.width())))).collect();
             writeln!(out, "{}", parts.join("  ").trim_end())
         };
         line(out, &mut self.header.iter().copied())?;

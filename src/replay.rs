@@ -4,16 +4,16 @@ use crate::output;
 use crate::sinks::SinkArgs;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::cell::Cell;
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
 use toolrank_engine::{Applied, Engine};
-use std::sync::mpsc;
 use toolrank_events::{decode_line, Action, Change, Day, DeadLetter, DecodeError, Entity, Format, Record};
 use toolrank_source_file::{expand, Input, LineReader, SourceError};
 
@@ -179,12 +179,7 @@ type Batch = Result<DecodedBatch, SourceError>;
 /// order. A read error travels in the chunk's place and ends the run there. Chunks come
 /// back once applied, through `recycled`, and are filled again: fresh buffers would cost
 /// a page fault per 4 KiB of input.
-fn read_inputs(
-    inputs: &[Input],
-    read: Arc<AtomicU64>,
-    decoders: Vec<mpsc::SyncSender<Result<Chunk, SourceError>>>,
-    recycled: mpsc::Receiver<Chunk>,
-) {
+fn read_inputs(inputs: &[Input], read: Arc<AtomicU64>, decoders: Vec<mpsc::SyncSender<Result<Chunk, SourceError>>>, recycled: mpsc::Receiver<Chunk>) {
     let mut next = 0;
     let mut send = |item: Result<Chunk, SourceError>| {
         let ok = decoders[next % decoders.len()].send(item).is_ok();
@@ -258,8 +253,7 @@ fn ingest_files(inputs: &[Input], engine: &mut Engine, counts: &mut Counts, dead
     let progress = (std::io::stderr().is_terminal() && total_bytes >= 64 << 20).then(|| {
         let bar = ProgressBar::new(total_bytes);
         bar.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .expect("valid template"),
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}").expect("valid template"),
         );
         bar
     });
@@ -400,11 +394,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         output::print_tables(&engine.report(today), args.top, &mut std::io::stdout().lock())?;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    tracing::debug!(
-        ingest_s = ingested.as_secs_f64(),
-        output_s = elapsed - ingested.as_secs_f64(),
-        "replay phases"
-    );
+    tracing::debug!(ingest_s = ingested.as_secs_f64(), output_s = elapsed - ingested.as_secs_f64(), "replay phases");
     summary(&counts, &engine, bytes, elapsed, inputs, today);
     // The process ends here: the OS takes the state back at once, where dropping it
     // would free every session one by one (a tenth of a second at 200k sessions).
@@ -422,13 +412,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
 fn summary(c: &Counts, engine: &Engine, bytes: u64, secs: f64, inputs: usize, today: Day) {
     let st = engine.stats();
     let mb = bytes as f64 / 1e6;
-    let formats: Vec<String> =
-        Format::ALL.iter().map(|f| format!("{} {}", f.name(), c.by_format[*f as usize])).collect();
-    eprintln!(
-        "replayed {inputs} input(s), {} lines, {mb:.1} MB in {secs:.2} s ({:.1} MB/s); scores for {today}",
-        c.lines,
-        mb / secs.max(1e-9)
-    );
+    let formats: Vec<String> = Format::ALL.iter().map(|f| format!("{} {}", f.name(), c.by_format[*f as usize])).collect();
+    eprintln!("replayed {inputs} input(s), {} lines, {mb:.1} MB in {secs:.2} s ({:.1} MB/s); scores for {today}", c.lines, mb / secs.max(1e-9));
     eprintln!("  records: {}; bad {}", formats.join(", "), c.bad);
     eprintln!(
         "  changes: executions {}, agents {}, other entities {} (ignored), deletes {} ({} by TTL), stale or duplicate {}",

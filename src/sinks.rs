@@ -106,11 +106,27 @@ pub fn top(args: TopArgs) -> Result<ExitCode> {
 fn agent_row(i: usize, f: &AgentFigures, today: Day) -> Vec<String> {
     let score = f.last.map_or(0.0, |l| toolrank_engine::score::agent_score(f.executions, f.successes, i64::from(today.0) - i64::from(l.0)));
     let last = f.last.map(|d| d.to_string()).unwrap_or_default();
-    vec![(i + 1).to_string(), f.agent_id.clone(), f.agent_name.clone().unwrap_or_default(), f.executions.to_string(), f.successes.to_string(), last, format!("{score:.4}")]
+    vec![
+        (i + 1).to_string(),
+        f.agent_id.clone(),
+        f.agent_name.clone().unwrap_or_default(),
+        f.executions.to_string(),
+        f.successes.to_string(),
+        last,
+        format!("{score:.4}"),
+    ]
 }
 
 fn pattern_row(i: usize, f: &PatternFigures, today: Day) -> Vec<String> {
-    vec![(i + 1).to_string(), f.user_id.clone(), f.process_pattern.clone(), f.agent_id.clone(), f.tool_sequence.clone(), f.executions.to_string(), format!("{:.4}", f.score(today))]
+    vec![
+        (i + 1).to_string(),
+        f.user_id.clone(),
+        f.process_pattern.clone(),
+        f.agent_id.clone(),
+        f.tool_sequence.clone(),
+        f.executions.to_string(),
+        format!("{:.4}", f.score(today)),
+    ]
 }
 
 fn top_from_valkey(v: &mut ValkeyReader, what: &TopWhat, limit: usize, today: Day) -> Result<Vec<Vec<String>>> {
@@ -119,7 +135,12 @@ fn top_from_valkey(v: &mut ValkeyReader, what: &TopWhat, limit: usize, today: Da
         TopWhat::Tools { agent } => {
             let mut tools = v.agent(agent)?.tools;
             tools.sort_by(|a, b| b.score().total_cmp(&a.score()).then_with(|| a.tool_nm.cmp(&b.tool_nm)));
-            tools.iter().take(limit).enumerate().map(|(i, t)| vec![(i + 1).to_string(), t.tool_nm.clone(), t.rows.to_string(), t.failed.to_string(), format!("{:.4}", t.score())]).collect()
+            tools
+                .iter()
+                .take(limit)
+                .enumerate()
+                .map(|(i, t)| vec![(i + 1).to_string(), t.tool_nm.clone(), t.rows.to_string(), t.failed.to_string(), format!("{:.4}", t.score())])
+                .collect()
         }
         TopWhat::Patterns { user } => v.top_patterns(user.as_deref(), limit)?.iter().enumerate().map(|(i, f)| pattern_row(i, f, today)).collect(),
     })
@@ -130,7 +151,12 @@ fn top_from_dynamodb(table: &str, namespace: &toolrank_sink_dynamodb::Namespace,
     rt.block_on(async {
         let client = toolrank_dynamodb::client().await;
         Ok(match what {
-            TopWhat::Agents { domain } => toolrank_sink_dynamodb::top_agents(&client, table, namespace, domain, limit).await?.iter().enumerate().map(|(i, f)| agent_row(i, f, today)).collect(),
+            TopWhat::Agents { domain } => toolrank_sink_dynamodb::top_agents(&client, table, namespace, domain, limit)
+                .await?
+                .iter()
+                .enumerate()
+                .map(|(i, f)| agent_row(i, f, today))
+                .collect(),
             TopWhat::Tools { .. } => bail!("per-tool rankings live in Valkey only, and Valkey is unreachable"),
             TopWhat::Patterns { user } => {
                 let mut ps = toolrank_sink_dynamodb::patterns(&client, table, namespace, user.as_deref()).await?;
@@ -169,7 +195,13 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
     let today = args.sinks.today()?.unwrap_or_else(Day::today_utc);
     let report = read_sink(args.from, &args.sinks, today)?;
     output::write_report(&args.out, &report)?;
-    eprintln!("wrote {} agents, {} patterns, {} tool-error rows to {}", report.agents.len(), report.patterns.len(), report.tool_errors.len(), args.out.display());
+    eprintln!(
+        "wrote {} agents, {} patterns, {} tool-error rows to {}",
+        report.agents.len(),
+        report.patterns.len(),
+        report.tool_errors.len(),
+        args.out.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

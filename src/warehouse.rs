@@ -117,7 +117,9 @@ async fn run_scoring(api: &DataApi, today: Day, incremental: bool) -> Result<()>
     let files = if incremental { vec![sql::SCHEMA, sql::INCREMENTAL, sql::TODAY] } else { vec![sql::SCHEMA, sql::STAGING, sql::SCORES, sql::TODAY] };
     for file in files {
         let started = Instant::now();
-        api.batch(sql::batch(&file, today)).await.with_context(|| format!("running sql/redshift/{} (it reads \"AgentTable\": Zero-ETL's, or `toolrank mirror`'s)", file.name))?;
+        api.batch(sql::batch(&file, today))
+            .await
+            .with_context(|| format!("running sql/redshift/{} (it reads \"AgentTable\": Zero-ETL's, or `toolrank mirror`'s)", file.name))?;
         tracing::info!(file = file.name, secs = started.elapsed().as_secs_f64(), "ran");
     }
     Ok(())
@@ -130,13 +132,21 @@ fn score(args: ScoreArgs) -> Result<ExitCode> {
         let api = args.warehouse.connect().await?;
         run_scoring(&api, today, args.incremental).await?;
         let report = results::read(&api).await?;
-        let (staging, catalog) = if args.out.is_some() || args.push { (results::staging(&api).await?, results::catalog(&api).await?) } else { Default::default() };
+        let (staging, catalog) =
+            if args.out.is_some() || args.push { (results::staging(&api).await?, results::catalog(&api).await?) } else { Default::default() };
         anyhow::Ok((report, staging, catalog))
     })?;
     if let Some(dir) = &args.out {
         output::write_report(dir, &report)?;
         write_staging(&dir.join("staging.jsonl"), &staging)?;
-        eprintln!("wrote {} agents, {} patterns, {} tool-error rows, {} staging rows to {}", report.agents.len(), report.patterns.len(), report.tool_errors.len(), staging.len(), dir.display());
+        eprintln!(
+            "wrote {} agents, {} patterns, {} tool-error rows, {} staging rows to {}",
+            report.agents.len(),
+            report.patterns.len(),
+            report.tool_errors.len(),
+            staging.len(),
+            dir.display()
+        );
     } else {
         output::print_tables(&report, 20, &mut std::io::stdout().lock())?;
     }
@@ -372,7 +382,11 @@ pub fn reconcile(args: ReconcileArgs) -> Result<ExitCode> {
         warehouse.patterns.retain(|p| p.is_recommended);
     }
     let tables = reconcile::compare(&stream, &warehouse);
-    println!("stream ({}) versus warehouse, scored for {}:", if args.from == From::Valkey { "valkey" } else { "dynamodb" }, String::from_utf8_lossy(&today.iso_bytes()));
+    println!(
+        "stream ({}) versus warehouse, scored for {}:",
+        if args.from == From::Valkey { "valkey" } else { "dynamodb" },
+        String::from_utf8_lossy(&today.iso_bytes())
+    );
     print!("{}", reconcile::render(&tables, args.show));
     let mut agree = tables.iter().all(reconcile::TableReport::agrees);
     if !self_check.rows.is_empty() {

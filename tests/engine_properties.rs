@@ -12,8 +12,7 @@ use toolrank_events::{decode_line, Day};
 const TODAY: &str = "2025-07-14";
 
 fn hist_key() -> impl Strategy<Value = (String, String)> {
-    (0..3u8, 0..2u8, 1..4u8, 1..5u8, 1..4u8)
-        .prop_map(|(u, s, p, a, t)| (format!("USR{u}#SESS{s}"), format!("PRC00{p}#AGT{a}#TL{t}")))
+    (0..3u8, 0..2u8, 1..4u8, 1..5u8, 1..4u8).prop_map(|(u, s, p, a, t)| (format!("USR{u}#SESS{s}"), format!("PRC00{p}#AGT{a}#TL{t}")))
 }
 
 fn event() -> impl Strategy<Value = Event> {
@@ -336,7 +335,13 @@ fn deltas_hold_only_what_changed_and_refuse_garbage() {
     engine.track_deltas();
     assert!(engine.delta(usize::MAX).is_empty(), "nothing changed yet");
     let whole = engine.snapshot().len();
-    let line = Event { pk: "USR1#SESS1".into(), sk: "PRC001#AGT9#TL1".into(), item: Some(Item::Hist { tool_nm: "T".into(), dt: "20250614090000".into(), succ: false }), ttl: false }.stream_record(9999);
+    let line = Event {
+        pk: "USR1#SESS1".into(),
+        sk: "PRC001#AGT9#TL1".into(),
+        item: Some(Item::Hist { tool_nm: "T".into(), dt: "20250614090000".into(), succ: false }),
+        ttl: false,
+    }
+    .stream_record(9999);
     decode_line(line.as_bytes(), &mut |rec| {
         engine.apply(&rec.result.expect("valid"));
     })

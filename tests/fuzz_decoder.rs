@@ -32,7 +32,9 @@ fn mutated() -> impl Strategy<Value = Vec<u8>> {
             match kind {
                 0 => b[pos] = byte,
                 1 => b.insert(pos, byte),
-                2 => { b.remove(pos); }
+                2 => {
+                    b.remove(pos);
+                }
                 _ => b.truncate(pos),
             }
         }

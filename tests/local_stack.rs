@@ -141,11 +141,8 @@ fn produced_records_are_keyed_by_session_and_ordered() {
     let out = toolrank(&["produce", "--topic", &topic, SEED]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("produced 34 records"));
 
-    let consumer: BaseConsumer = toolrank_kafka::client_config(&env("TOOLRANK_KAFKA_BROKERS"))
-        .set("group.id", unique("reader"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
+    let consumer: BaseConsumer =
+        toolrank_kafka::client_config(&env("TOOLRANK_KAFKA_BROKERS")).set("group.id", unique("reader")).set("enable.auto.commit", "false").create().unwrap();
     let mut tpl = TopicPartitionList::new();
     for p in 0..3 {
         tpl.add_partition_offset(&topic, p, Offset::Beginning).unwrap();
@@ -254,8 +251,24 @@ impl Live {
 
     fn consume_args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
         let mut args = vec![
-            "consume", "kafka", "--topic", &self.topic, "--group", &self.group, "--dead-letter-topic", &self.dlq, "--table", &self.table,
-            "--namespace", &self.namespace, "--today", TODAY, "--lease-secs", "2", "--checkpoint-secs", "1",
+            "consume",
+            "kafka",
+            "--topic",
+            &self.topic,
+            "--group",
+            &self.group,
+            "--dead-letter-topic",
+            &self.dlq,
+            "--table",
+            &self.table,
+            "--namespace",
+            &self.namespace,
+            "--today",
+            TODAY,
+            "--lease-secs",
+            "2",
+            "--checkpoint-secs",
+            "1",
         ];
         args.extend_from_slice(extra);
         args
@@ -284,8 +297,22 @@ impl Live {
         let mut cmd = self.command();
         let dead_letters = self.dir.path().join("stream-dead-letters.jsonl");
         cmd.args(["consume"]).args(source_args).args([
-            "--table", &self.table, "--application", &self.group, "--namespace", &self.namespace, "--today", TODAY,
-            "--lease-secs", "2", "--checkpoint-secs", "1", "--discover-secs", "2", "--idle-poll-ms", "100",
+            "--table",
+            &self.table,
+            "--application",
+            &self.group,
+            "--namespace",
+            &self.namespace,
+            "--today",
+            TODAY,
+            "--lease-secs",
+            "2",
+            "--checkpoint-secs",
+            "1",
+            "--discover-secs",
+            "2",
+            "--idle-poll-ms",
+            "100",
         ]);
         cmd.arg("--dead-letter-file").arg(dead_letters).args(extra);
         cmd
@@ -418,7 +445,6 @@ fn seed_through_kafka_reaches_both_sinks_and_the_access_patterns() {
     assert!(text.starts_with("source: dynamodb") && text.find("AGT002").unwrap() < text.find("AGT001").unwrap(), "{text}");
 }
 
-
 /// The Prometheus metrics a command serves at `addr`.
 fn scrape(addr: &str) -> String {
     use std::io::{Read, Write};
@@ -515,12 +541,19 @@ impl FaultyProxy {
                 let Ok((mut inbound, _)) = listener.accept().await else { continue };
                 if flag.load(std::sync::atomic::Ordering::SeqCst) {
                     let refused = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-                    let (status, kind) = if refused % 2 == 0 { ("500 Internal Server Error", "InternalServerError") } else { ("400 Bad Request", "ProvisionedThroughputExceededException") };
+                    let (status, kind) = if refused % 2 == 0 {
+                        ("500 Internal Server Error", "InternalServerError")
+                    } else {
+                        ("400 Bad Request", "ProvisionedThroughputExceededException")
+                    };
                     tokio::spawn(async move {
                         let mut buf = vec![0u8; 1 << 16];
                         let _ = tokio::time::timeout(Duration::from_millis(500), inbound.read(&mut buf)).await;
                         let body = format!(r#"{{"__type":"com.amazonaws.dynamodb.v20120810#{kind}","message":"injected by the test"}}"#);
-                        let head = format!("HTTP/1.1 {status}\r\nContent-Type: application/x-amz-json-1.0\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                        let head = format!(
+                            "HTTP/1.1 {status}\r\nContent-Type: application/x-amz-json-1.0\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        );
                         let _ = inbound.write_all(format!("{head}{body}").as_bytes()).await;
                         let _ = inbound.shutdown().await;
                     });
@@ -642,7 +675,9 @@ fn owned_partitions(log: &str) -> std::collections::BTreeSet<u32> {
     }
     let mut owned = std::collections::BTreeSet::new();
     for line in plain.lines() {
-        let Some(p) = line.split("partition=").nth(1).and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()).and_then(|n| n.parse().ok()) else { continue };
+        let Some(p) = line.split("partition=").nth(1).and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()).and_then(|n| n.parse().ok()) else {
+            continue;
+        };
         if line.contains("partition assigned") {
             owned.insert(p);
         } else if line.contains("partition revoked") {
@@ -693,7 +728,8 @@ fn a_dynamodb_write_budget_defers_rounds_and_the_sinks_still_converge() {
 fn rounds_under_budget(budget: &str) -> u64 {
     let live = Live::new("2");
     let history = generated(&live, "300", "11");
-    let consumer = live.consumer(&["--until-idle", "3", "--dynamodb-flush-ms", "100", "--dynamodb-writes-per-event", budget, "--dynamodb-max-defer-ms", "600000"]);
+    let consumer =
+        live.consumer(&["--until-idle", "3", "--dynamodb-flush-ms", "100", "--dynamodb-writes-per-event", budget, "--dynamodb-max-defer-ms", "600000"]);
     let producer = live.producer("250", &history);
     assert!(producer.wait(COMMAND_LIMIT).status.success());
     let out = consumer.wait(COMMAND_LIMIT);
@@ -722,8 +758,26 @@ fn a_backlog_read_with_checkpoints_at_every_interval_or_stretched_stays_exact() 
         // coalesce their changes in between.
         std::thread::sleep(Duration::from_secs(10));
         let out = live.toolrank(&[
-            "consume", "kafka", "--topic", &live.topic, "--group", &live.group, "--dead-letter-topic", &live.dlq, "--table", &live.table,
-            "--namespace", &live.namespace, "--today", TODAY, "--until-idle", "3", "--checkpoint-secs", "0.05", "--checkpoint-max-secs", max,
+            "consume",
+            "kafka",
+            "--topic",
+            &live.topic,
+            "--group",
+            &live.group,
+            "--dead-letter-topic",
+            &live.dlq,
+            "--table",
+            &live.table,
+            "--namespace",
+            &live.namespace,
+            "--today",
+            TODAY,
+            "--until-idle",
+            "3",
+            "--checkpoint-secs",
+            "0.05",
+            "--checkpoint-max-secs",
+            max,
         ]);
         let log = String::from_utf8(out.stderr).unwrap();
         live.assert_sinks_equal_replay(&history, None);
@@ -872,7 +926,8 @@ fn dynamodb_streams_pollers_share_the_stream_and_take_over_from_a_killed_one() {
     let history = live.dir.path().join("history.jsonl");
     let history = history.to_str().unwrap();
     live.toolrank(&["generate", "--sessions", "900", "--seed", "12", "--agents", "30", "--out", history]);
-    let producer = Running::spawn(live.command().args(["produce", "--to", "dynamodb", "--table", &live.table, history]).stdout(Stdio::null()).stderr(Stdio::piped()));
+    let producer =
+        Running::spawn(live.command().args(["produce", "--to", "dynamodb", "--table", &live.table, history]).stdout(Stdio::null()).stderr(Stdio::piped()));
     let quiet = |mut cmd: Command| Running::spawn(cmd.stdout(Stdio::null()).stderr(Stdio::null()));
     let a = quiet(live.streams_poller(&["--id", "a"]));
     std::thread::sleep(Duration::from_secs(4));
@@ -1225,7 +1280,8 @@ fn the_function_under_the_cargo_lambda_emulator_reports_partial_failures_and_is_
     let invoke = |event: &str| -> serde_json::Value {
         let file = live.dir.path().join("event.json");
         std::fs::write(&file, event).unwrap();
-        let out = run(Command::new(&cargo_lambda).args(["lambda", "invoke", "--invoke-address", "127.0.0.1", "--invoke-port", &port, "--data-file"]).arg(&file));
+        let out =
+            run(Command::new(&cargo_lambda).args(["lambda", "invoke", "--invoke-address", "127.0.0.1", "--invoke-port", &port, "--data-file"]).arg(&file));
         let text = String::from_utf8_lossy(&out.stdout);
         serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("the function's response {text:?}: {e}; the emulator said: {}", emulator.said()))
     };
@@ -1347,7 +1403,9 @@ fn assert_same_tables(a: &std::path::Path, b: &std::path::Path, tables: &[&str])
     fn load(dir: &std::path::Path, table: &str) -> Vec<serde_json::Map<String, serde_json::Value>> {
         let text = std::fs::read_to_string(dir.join(format!("{table}.jsonl"))).unwrap();
         let mut rows: Vec<_> = text.lines().map(|l| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(l).unwrap()).collect();
-        let key = |r: &serde_json::Map<String, serde_json::Value>| r.iter().filter(|(_, v)| v.is_string()).map(|(_, v)| v.as_str().unwrap().to_owned()).collect::<Vec<_>>();
+        let key = |r: &serde_json::Map<String, serde_json::Value>| {
+            r.iter().filter(|(_, v)| v.is_string()).map(|(_, v)| v.as_str().unwrap().to_owned()).collect::<Vec<_>>()
+        };
         rows.sort_by_key(key);
         rows
     }
@@ -1359,7 +1417,9 @@ fn assert_same_tables(a: &std::path::Path, b: &std::path::Path, tables: &[&str])
             for (k, v) in r {
                 let w = &s[k];
                 match (v.as_f64(), w.as_f64()) {
-                    (Some(p), Some(q)) if v.is_f64() || w.is_f64() => assert!((p - q).abs() <= 1e-12_f64.max(1e-9 * p.abs()), "{table}.{k}: {p} vs {q} in {r:?}"),
+                    (Some(p), Some(q)) if v.is_f64() || w.is_f64() => {
+                        assert!((p - q).abs() <= 1e-12_f64.max(1e-9 * p.abs()), "{table}.{k}: {p} vs {q} in {r:?}")
+                    }
                     _ => assert_eq!(v, w, "{table}.{k} in {r:?}"),
                 }
             }
@@ -1384,7 +1444,15 @@ fn warehouse_reproduces_the_seed_tables_through_the_mirror() {
     let rows: Vec<serde_json::Value> = agents.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let figures: Vec<(&str, u64, u64, u64, String)> = rows
         .iter()
-        .map(|r| (r["agentid"].as_str().unwrap(), r["total_executions"].as_u64().unwrap(), r["success_count"].as_u64().unwrap(), r["failure_count"].as_u64().unwrap(), format!("{:.2}", r["calculated_score"].as_f64().unwrap())))
+        .map(|r| {
+            (
+                r["agentid"].as_str().unwrap(),
+                r["total_executions"].as_u64().unwrap(),
+                r["success_count"].as_u64().unwrap(),
+                r["failure_count"].as_u64().unwrap(),
+                format!("{:.2}", r["calculated_score"].as_f64().unwrap()),
+            )
+        })
         .collect();
     assert_eq!(figures, vec![("AGT002", 1, 1, 0, "0.05".into()), ("AGT001", 2, 1, 1, "0.02".into())]);
     // Mirrored again as a new load: the same tables, not twice the history.
@@ -1572,7 +1640,8 @@ fn backfill_from_a_table_resumes_after_kill_and_equals_replay_and_the_export() {
     let id = unique("backfill");
     let backfill = |extra: &[&str]| {
         let mut cmd = live.command();
-        cmd.args(["backfill", "--from", "dynamodb", "--table", &live.table, "--topic", &live.topic, "--segments", "3", "--id", &id, "--page-items", "100"]).args(extra);
+        cmd.args(["backfill", "--from", "dynamodb", "--table", &live.table, "--topic", &live.topic, "--segments", "3", "--id", &id, "--page-items", "100"])
+            .args(extra);
         cmd
     };
     // Slowed to a few read units/s: killed with -9 after 3 s, resumed and stopped by
@@ -1604,7 +1673,9 @@ fn backfill_from_a_table_resumes_after_kill_and_equals_replay_and_the_export() {
     std::fs::write(other.dir.path().join("catalog.jsonl"), catalog).unwrap();
     other.toolrank(&["produce", "--to", "dynamodb", "--table", &other.table, other.dir.path().join("catalog.jsonl").to_str().unwrap()]);
     let dir = export_dir(other.dir.path(), &export_lines);
-    let out = String::from_utf8(other.toolrank(&["backfill", "--from", "export", "--topic", &other.topic, "--id", &unique("export"), dir.to_str().unwrap()]).stderr).unwrap();
+    let out =
+        String::from_utf8(other.toolrank(&["backfill", "--from", "export", "--topic", &other.topic, "--id", &unique("export"), dir.to_str().unwrap()]).stderr)
+            .unwrap();
     assert_eq!(count_after(&out, "backfilled "), table_items, "{out}");
     other.drain(&[]);
     other.assert_sinks_equal_replay(history, None);
@@ -1646,10 +1717,29 @@ fn backfill_beside_a_live_consumer_counts_nothing_twice() {
     // and a consumer reads the topic.
     live.toolrank(&["produce", "--to", "dynamodb", "--table", &live.table, before.to_str().unwrap()]);
     let consumer = live.consumer(&["--until-idle", "12"]);
-    let to_table = Running::spawn(live.command().args(["produce", "--to", "dynamodb", "--table", &live.table, "--rate", "400", after.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::piped()));
+    let to_table = Running::spawn(
+        live.command()
+            .args(["produce", "--to", "dynamodb", "--table", &live.table, "--rate", "400", after.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
     let to_topic = live.producer("400", after.to_str().unwrap());
     std::thread::sleep(Duration::from_millis(800));
-    live.toolrank(&["backfill", "--from", "dynamodb", "--table", &live.table, "--topic", &live.topic, "--segments", "2", "--page-items", "50", "--id", &unique("beside")]);
+    live.toolrank(&[
+        "backfill",
+        "--from",
+        "dynamodb",
+        "--table",
+        &live.table,
+        "--topic",
+        &live.topic,
+        "--segments",
+        "2",
+        "--page-items",
+        "50",
+        "--id",
+        &unique("beside"),
+    ]);
     for child in [to_table, to_topic] {
         assert!(child.wait(COMMAND_LIMIT).status.success());
     }
@@ -1694,7 +1784,12 @@ fn backfill_into_the_lambda_bucket_logs_beside_the_running_function_equals_repla
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     );
-    let to_table = Running::spawn(live.command().args(["produce", "--to", "dynamodb", "--table", &live.table, "--rate", "400", after.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::piped()));
+    let to_table = Running::spawn(
+        live.command()
+            .args(["produce", "--to", "dynamodb", "--table", &live.table, "--rate", "400", after.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
     let backfill = Running::spawn(
         live.command()
             .args(["backfill", "--from", "dynamodb", "--table", &live.table, "--target", "lambda", "--application", &app, "--buckets", "2"])
@@ -1771,13 +1866,33 @@ fn replay_from_kafka_into_a_shadow_namespace_then_diff_and_promote() {
     assert_same_tables(&read("valkey", Some(&shadow), "shadow-valkey"), &replay_all, &TABLES);
     assert_dynamodb_holds(&read("dynamodb", Some(&shadow), "shadow-dynamodb"), &replay_all);
     let diff = String::from_utf8(live.toolrank(&["diff", &shadow, "--valkey-url", &url, "--state-table", &state, "--today", TODAY]).stdout).unwrap();
-    assert!(diff.contains(&format!("{shadow} (new) against {} (current)", live.namespace)) && !diff.contains(" 0 changed  ") , "{diff}");
+    assert!(diff.contains(&format!("{shadow} (new) against {} (current)", live.namespace)) && !diff.contains(" 0 changed  "), "{diff}");
     let dry = String::from_utf8(live.toolrank(&[&replay_args[..], &["--dry-run"]].concat()).stderr).unwrap();
     assert!(dry.contains("dry run: nothing written"), "{dry}");
     // A second consumer group rebuilding another shadow leaves the live items alone too.
     let rebuilt = unique("v3");
     let group = unique("rebuild");
-    live.toolrank(&[&["consume", "kafka", "--topic", &live.topic, "--group", &group, "--dead-letter-topic", &live.dlq, "--namespace", &rebuilt, "--shadow", "--until-idle", "8"], &sinks[..]].concat());
+    live.toolrank(
+        &[
+            &[
+                "consume",
+                "kafka",
+                "--topic",
+                &live.topic,
+                "--group",
+                &group,
+                "--dead-letter-topic",
+                &live.dlq,
+                "--namespace",
+                &rebuilt,
+                "--shadow",
+                "--until-idle",
+                "8",
+            ],
+            &sinks[..],
+        ]
+        .concat(),
+    );
     assert_dynamodb_holds(&read("dynamodb", Some(&rebuilt), "rebuilt-dynamodb"), &replay_all);
     assert_active(&replay_first, "beside-rebuild");
 
@@ -1811,7 +1926,8 @@ fn replay_from_kafka_into_a_shadow_namespace_then_diff_and_promote() {
     // The active namespace is never overwritten in place; nothing after --since is nothing.
     let refused = live.command().args(&replay_args).output().unwrap();
     assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("active namespace"));
-    let later = String::from_utf8(live.toolrank(&["replay", "--from-kafka", "--topic", &live.topic, "--since", "2999-01-01", "--today", TODAY]).stderr).unwrap();
+    let later =
+        String::from_utf8(live.toolrank(&["replay", "--from-kafka", "--topic", &live.topic, "--since", "2999-01-01", "--today", TODAY]).stderr).unwrap();
     assert!(later.contains(", 0 lines"), "{later}");
     valkey.kill();
 }
@@ -1833,7 +1949,8 @@ fn valkey_holds(url: &str, prefix: &str, domains: &[String]) -> (Vec<toolrank_en
     let mut agents = reader.agents().unwrap();
     agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
     let mut patterns = reader.patterns().unwrap();
-    patterns.sort_by(|a, b| (&a.user_id, &a.process_pattern, &a.agent_id, &a.tool_sequence).cmp(&(&b.user_id, &b.process_pattern, &b.agent_id, &b.tool_sequence)));
+    patterns
+        .sort_by(|a, b| (&a.user_id, &a.process_pattern, &a.agent_id, &a.tool_sequence).cmp(&(&b.user_id, &b.process_pattern, &b.agent_id, &b.tool_sequence)));
     let rankings = domains.iter().map(|d| reader.top_agents(d, 0).unwrap().into_iter().map(|a| a.agent_id).collect()).collect();
     (agents, patterns, rankings)
 }
@@ -1848,7 +1965,8 @@ async fn pattern_items(client: &aws_sdk_dynamodb::Client, table: &str) -> std::c
         for item in page.items() {
             if item.get("EntityType").and_then(|v| v.as_s().ok()).is_some_and(|e| e == toolrank_sink_dynamodb::PATTERN_ENTITY) {
                 let key = format!("{:?} {:?}", item["PK"], item["SK"]);
-                let rest: std::collections::BTreeMap<&String, String> = item.iter().filter(|(k, _)| k.as_str() != toolrank_dynamodb::TTL_ATTRIBUTE).map(|(k, v)| (k, format!("{v:?}"))).collect();
+                let rest: std::collections::BTreeMap<&String, String> =
+                    item.iter().filter(|(k, _)| k.as_str() != toolrank_dynamodb::TTL_ATTRIBUTE).map(|(k, v)| (k, format!("{v:?}"))).collect();
                 items.insert(key, format!("{rest:?}"));
             }
         }
@@ -1949,7 +2067,8 @@ fn valkey_sink_writes_only_differences_and_holds_what_a_full_write_holds() {
     let mut sink = toolrank_sink_valkey::ValkeySink::new(&url, diffed.as_str()).unwrap();
     let changes = engine.take_changes();
     sink.write(&engine, &changes).unwrap();
-    let domains_before: Vec<String> = engine.build_report(toolrank_events::Day::parse_iso("2026-11-30").unwrap()).agents.iter().map(|a| a.domain_id.clone()).collect();
+    let domains_before: Vec<String> =
+        engine.build_report(toolrank_events::Day::parse_iso("2026-11-30").unwrap()).agents.iter().map(|a| a.domain_id.clone()).collect();
     let initial = sink.commands;
     // The second half: more executions, modifies, removes and late or changed Agent items;
     // then the busiest agent moves to a new domain and loses its name.
@@ -1964,7 +2083,8 @@ fn valkey_sink_writes_only_differences_and_holds_what_a_full_write_holds() {
     let mut rewrite = toolrank_sink_valkey::ValkeySink::new(&url, full.as_str()).unwrap();
     rewrite.write(&engine, &engine.everything()).unwrap();
     assert!(incremental < rewrite.commands, "the second write sent only differences: {incremental} commands against {} for everything", rewrite.commands);
-    let mut domains: Vec<String> = engine.build_report(toolrank_events::Day::parse_iso("2026-11-30").unwrap()).agents.iter().map(|a| a.domain_id.clone()).chain(domains_before).collect();
+    let mut domains: Vec<String> =
+        engine.build_report(toolrank_events::Day::parse_iso("2026-11-30").unwrap()).agents.iter().map(|a| a.domain_id.clone()).chain(domains_before).collect();
     domains.sort();
     domains.dedup();
     let (held, expected) = (valkey_holds(&url, &diffed, &domains), valkey_holds(&url, &full, &domains));
@@ -2068,7 +2188,10 @@ fn owned_checkpoints_append_with_their_position_and_rebase_whole() {
         assert_eq!(store.append_owned(scope, "a", "25", 3, &[d(4)]).await.unwrap(), 4);
         // Another consumer takes the unit over: the old owner's appends and saves fail.
         let ck = store.claim(scope, "b").await.unwrap();
-        assert_eq!((ck.position.as_deref(), ck.state, ck.deltas, ck.at), (Some("25"), b"state".to_vec(), vec![d(4)], LogHead { log_bytes: 100, total_bytes: 100, head: 4, ..at }));
+        assert_eq!(
+            (ck.position.as_deref(), ck.state, ck.deltas, ck.at),
+            (Some("25"), b"state".to_vec(), vec![d(4)], LogHead { log_bytes: 100, total_bytes: 100, head: 4, ..at })
+        );
         assert!(matches!(store.append_owned(scope, "a", "30", 4, &[d(5)]).await, Err(Error::Fenced(_))));
         assert!(matches!(store.save(scope, "a", 1, "30", b"zombie").await, Err(Error::Fenced(_))));
         let log = store.load_log(scope).await.unwrap();

@@ -8,13 +8,7 @@ const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/reference.md");
 /// `toolrank ARGS... --help` with no `TOOLRANK_*` or AWS variable set (clap shows their
 /// values) at a fixed width.
 fn help(path: &[String]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_toolrank"))
-        .args(path)
-        .arg("--help")
-        .env_clear()
-        .env("COLUMNS", "100")
-        .output()
-        .expect("toolrank runs");
+    let out = Command::new(env!("CARGO_BIN_EXE_toolrank")).args(path).arg("--help").env_clear().env("COLUMNS", "100").output().expect("toolrank runs");
     assert!(out.status.success(), "toolrank {} --help failed: {}", path.join(" "), String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).expect("help is UTF-8")
 }

@@ -55,8 +55,14 @@ fn seed_sample_reproduces_the_published_tables() {
     let (_, [agents, patterns, errors, staging]) = replay_tables(&[SEED], &[]);
     assert_eq!(agents.len(), 2);
     let (a2, a1) = (&agents[0], &agents[1]);
-    assert_eq!((a2["agentid"].as_str(), a2["total_executions"].as_u64(), a2["success_count"].as_u64(), a2["failure_count"].as_u64()), (Some("AGT002"), Some(1), Some(1), Some(0)));
-    assert_eq!((a1["agentid"].as_str(), a1["total_executions"].as_u64(), a1["success_count"].as_u64(), a1["failure_count"].as_u64()), (Some("AGT001"), Some(2), Some(1), Some(1)));
+    assert_eq!(
+        (a2["agentid"].as_str(), a2["total_executions"].as_u64(), a2["success_count"].as_u64(), a2["failure_count"].as_u64()),
+        (Some("AGT002"), Some(1), Some(1), Some(0))
+    );
+    assert_eq!(
+        (a1["agentid"].as_str(), a1["total_executions"].as_u64(), a1["success_count"].as_u64(), a1["failure_count"].as_u64()),
+        (Some("AGT001"), Some(2), Some(1), Some(1))
+    );
     assert!((a1["calculated_score"].as_f64().unwrap() - 0.0249).abs() < 5e-5);
     assert!((a2["calculated_score"].as_f64().unwrap() - 0.0498).abs() < 5e-5);
     assert_eq!(a1["calculated_score"].as_f64().unwrap(), 2.0 * (-3.0f64).exp() * 0.25);
@@ -64,13 +70,17 @@ fn seed_sample_reproduces_the_published_tables() {
     assert_eq!(a1["days_since_last_exec"], 30);
     assert_eq!(a1["domainid"], "DMN001");
     assert_eq!(a1["agentnm"], "매장 검색 에이전트");
-    let rec: Vec<(&str, bool)> =
-        patterns.iter().map(|p| (p["userid"].as_str().unwrap(), p["is_recommended"].as_bool().unwrap())).collect();
+    let rec: Vec<(&str, bool)> = patterns.iter().map(|p| (p["userid"].as_str().unwrap(), p["is_recommended"].as_bool().unwrap())).collect();
     assert_eq!(rec, vec![("USR001", true), ("USR003", true), ("USR002", false)]);
     assert_eq!(patterns[0]["process_pattern"], "PRC001->PRC002->PRC003");
     assert_eq!(patterns[0]["tool_sequence"], "FIND_LOC->USE_SEARCH_ENGINE_API->FORMAT_RESULTS");
     assert_eq!(patterns[0]["agent_sequence"], "AGT001");
-    assert_eq!(errors, vec![json!({"agentid":"AGT001","agent_name":"매장 검색 에이전트","total_executions":6,"total_errors":1,"error_rate":1.0/6.0,"failed_tools":"USE_SEARCH_ENGINE_API"})]);
+    assert_eq!(
+        errors,
+        vec![
+            json!({"agentid":"AGT001","agent_name":"매장 검색 에이전트","total_executions":6,"total_errors":1,"error_rate":1.0/6.0,"failed_tools":"USE_SEARCH_ENGINE_API"})
+        ]
+    );
     assert_eq!(staging.len(), 9);
     assert_eq!(
         staging[0],
@@ -160,8 +170,18 @@ fn bad_lines() -> Vec<(Vec<u8>, &'static str)> {
     vec![
         (b"this is not json".to_vec(), "not valid JSON"),
         (truncated, "EOF while parsing"),
-        (rec(&|r| { r["dynamodb"].as_object_mut().unwrap().remove("NewImage"); }), "missing dynamodb.NewImage"),
-        (rec(&|r| { r["dynamodb"]["NewImage"].as_object_mut().unwrap().remove("TransactDT"); }), "missing TransactDT"),
+        (
+            rec(&|r| {
+                r["dynamodb"].as_object_mut().unwrap().remove("NewImage");
+            }),
+            "missing dynamodb.NewImage",
+        ),
+        (
+            rec(&|r| {
+                r["dynamodb"]["NewImage"].as_object_mut().unwrap().remove("TransactDT");
+            }),
+            "missing TransactDT",
+        ),
         (rec(&|r| r["dynamodb"]["NewImage"]["TransactDT"] = json!({"N": "20250614140605"})), "TransactDT must be a string"),
         (rec(&|r| r["dynamodb"]["NewImage"]["SuccYN"] = json!({"S": 1})), "invalid type"),
         (rec(&|r| r["eventName"] = json!("UPSERT")), "unknown eventName"),
@@ -339,7 +359,15 @@ fn incremental_exports_apply_after_the_full_export_they_follow() {
     // then a later one.
     let mut flipped = hist[2].clone();
     flipped["SuccYN"] = json!({"S": if hist[2]["SuccYN"]["S"] == "Y" { "N" } else { "Y" }});
-    let inc1 = export_dir(dir.path(), "02-inc", &[line(1_750_000_000_000_010, hist[0], Some(hist[0])), line(1_750_000_000_000_020, hist[1], None), line(1_750_000_000_000_030, hist[2], Some(&flipped))]);
+    let inc1 = export_dir(
+        dir.path(),
+        "02-inc",
+        &[
+            line(1_750_000_000_000_010, hist[0], Some(hist[0])),
+            line(1_750_000_000_000_020, hist[1], None),
+            line(1_750_000_000_000_030, hist[2], Some(&flipped)),
+        ],
+    );
     let inc2 = export_dir(dir.path(), "03-inc", &[line(1_750_000_000_000_025, hist[2], None), line(1_750_000_000_000_040, hist[1], Some(hist[1]))]);
 
     // The table at the end of the last export: the seed with the third execution flipped.

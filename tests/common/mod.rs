@@ -42,9 +42,7 @@ impl Event {
                         r#""EntityType":{{"S":"UserSessPrcToolMappHist"}},"ToolNM":{{"S":"{tool_nm}"}},"TransactDT":{{"S":"{dt}"}},"SuccYN":{{"S":"{}"}}"#,
                         if *succ { "Y" } else { "N" }
                     ),
-                    Item::Agent { domain, name } => format!(
-                        r#""EntityType":{{"S":"Agent"}},"AgentNM":{{"S":"{name}"}},"GSI1_PK":{{"S":"{domain}"}}"#
-                    ),
+                    Item::Agent { domain, name } => format!(r#""EntityType":{{"S":"Agent"}},"AgentNM":{{"S":"{name}"}},"GSI1_PK":{{"S":"{domain}"}}"#),
                     Item::Other => r#""EntityType":{"S":"UserInfo"}"#.to_owned(),
                 };
                 format!(

@@ -80,11 +80,8 @@ pub fn export_files(dir: &Path) -> Result<Vec<PathBuf>, SourceError> {
     }
     let data = dir.join("data");
     if data.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&data)
-            .map_err(io_err(&data))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file())
-            .collect();
+        let mut files: Vec<PathBuf> =
+            std::fs::read_dir(&data).map_err(io_err(&data))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect();
         files.sort();
         return Ok(files);
     }
@@ -121,7 +118,11 @@ fn manifest_files(manifest: &Path) -> Result<Vec<PathBuf>, SourceError> {
         let key = Path::new(&key);
         let by_name = key.file_name().map(|n| base.join("data").join(n));
         let found = base.ancestors().map(|a| a.join(key)).chain(by_name).find(|p| p.is_file());
-        let path = found.ok_or_else(|| SourceError::Manifest { manifest: name.clone(), line, reason: format!("data file {} not found under {}", key.display(), base.display()) })?;
+        let path = found.ok_or_else(|| SourceError::Manifest {
+            manifest: name.clone(),
+            line,
+            reason: format!("data file {} not found under {}", key.display(), base.display()),
+        })?;
         files.push(path);
     }
     Ok(files)
@@ -165,8 +166,11 @@ pub struct LineReader {
     line: u64,
     /// For an input of multi-line JSON documents: every record's `(line, start, end)` in
     /// `buf`, and how many were handed out.
-    documents: Option<(Vec<(u64, usize, usize)>, usize)>,
+    documents: Option<(Vec<Span>, usize)>,
 }
+
+/// A record's `(line, start, end)` in a buffer.
+type Span = (u64, usize, usize);
 
 const BUF: usize = 1 << 22;
 
@@ -185,8 +189,7 @@ impl LineReader {
     pub fn from_read(name: String, raw: Box<dyn Read>, bytes_read: Arc<AtomicU64>) -> Result<LineReader, SourceError> {
         let mut raw = BufReader::with_capacity(1 << 16, Counting { inner: raw, count: bytes_read });
         let head = raw.fill_buf().map_err(io_err(Path::new(&name)))?;
-        let reader: Box<dyn Read> =
-            if head.starts_with(&[0x1f, 0x8b]) { Box::new(MultiGzDecoder::new(raw)) } else { Box::new(raw) };
+        let reader: Box<dyn Read> = if head.starts_with(&[0x1f, 0x8b]) { Box::new(MultiGzDecoder::new(raw)) } else { Box::new(raw) };
         let mut lines = LineReader { name, reader, buf: vec![0; BUF], pos: 0, end: 0, eof: false, line: 0, documents: None };
         lines.refill()?;
         if lines.holds_documents() {
@@ -483,7 +486,10 @@ mod tests {
 
     #[test]
     fn a_malformed_document_is_one_record_from_where_it_stops_parsing() {
-        assert_eq!(read_text("[\n{\"a\": 1},\n{\"b\": oops},\n{\"c\": 3}\n]"), vec![(2, "{\"a\": 1}".to_owned()), (3, "{\"b\": oops},\n{\"c\": 3}\n]".to_owned())]);
+        assert_eq!(
+            read_text("[\n{\"a\": 1},\n{\"b\": oops},\n{\"c\": 3}\n]"),
+            vec![(2, "{\"a\": 1}".to_owned()), (3, "{\"b\": oops},\n{\"c\": 3}\n]".to_owned())]
+        );
         assert_eq!(read_text("[{\"a\": 1} {\"b\": 2}]"), vec![(1, "{\"a\": 1}".to_owned()), (1, "{\"b\": 2}]".to_owned())]);
         assert_eq!(read_text("{\n\"x\": 1\n}\n{\n\"unclosed\": [1,\n"), vec![(1, "{\n\"x\": 1\n}".to_owned()), (4, "{\n\"unclosed\": [1,".to_owned())]);
     }

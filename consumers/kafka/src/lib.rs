@@ -34,8 +34,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use toolrank_engine::Engine;
 use toolrank_events::Day;
-use toolrank_live::{apply_line, LogHead, Saving, SinkWriter, WriterConfig};
 pub use toolrank_live::Summary;
+use toolrank_live::{apply_line, LogHead, Saving, SinkWriter, WriterConfig};
 use tracing::{debug, info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -221,7 +221,17 @@ pub fn run(config: Config, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
         dynamodb_max_wcu: config.dynamodb_max_wcu,
         tombstone_horizon: config.tombstone_horizon,
     })?;
-    let mut c = Consumer_ { config, writer, consumer, rebalances_seen: 0, dead_letters, parts: BTreeMap::new(), partition_count, stranded: None, fenced: BTreeMap::new() };
+    let mut c = Consumer_ {
+        config,
+        writer,
+        consumer,
+        rebalances_seen: 0,
+        dead_letters,
+        parts: BTreeMap::new(),
+        partition_count,
+        stranded: None,
+        fenced: BTreeMap::new(),
+    };
     let result = c.run(&stop);
     let Consumer_ { consumer, writer, .. } = c;
     leave_group(consumer);
@@ -312,7 +322,11 @@ impl Consumer_ {
                     Drain::Others(positions) => match &self.stranded {
                         Some((since, seen)) if *seen == positions => {
                             if since.elapsed() >= STRANDED_AFTER {
-                                warn!(?positions, "partitions this consumer does not own have lagged for {} s with no progress: rejoining the group", STRANDED_AFTER.as_secs());
+                                warn!(
+                                    ?positions,
+                                    "partitions this consumer does not own have lagged for {} s with no progress: rejoining the group",
+                                    STRANDED_AFTER.as_secs()
+                                );
                                 self.checkpoint(true)?;
                                 self.consumer.unsubscribe();
                                 self.consumer.subscribe(&[&self.config.topic])?;
@@ -339,7 +353,8 @@ impl Consumer_ {
                 let (mut low, mut high) = (0i64, 0i64);
                 // SAFETY: the client pointer lives as long as `self.consumer`; the topic is a
                 // valid C string; the outputs are plain integers.
-                let err = unsafe { rdkafka::bindings::rd_kafka_get_watermark_offsets(self.consumer.client().native_ptr(), topic.as_ptr(), p, &mut low, &mut high) };
+                let err =
+                    unsafe { rdkafka::bindings::rd_kafka_get_watermark_offsets(self.consumer.client().native_ptr(), topic.as_ptr(), p, &mut low, &mut high) };
                 match err {
                     rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR if high >= 0 => (high - part.next_offset).max(0),
                     _ => 0,
@@ -409,7 +424,19 @@ impl Consumer_ {
         let (engine, position, at) = self.writer.claim(&scope(&self.config, p))?;
         let next_offset = position.as_deref().and_then(|p| p.parse().ok()).unwrap_or(0);
         info!(partition = p, generation = at.generation, deltas = at.head.saturating_sub(at.base_at), next_offset, "checkpoint claimed");
-        self.parts.insert(p, Partition { engine, next_offset, at, dirty: false, saving: None, saving_offset: next_offset, saved_offset: next_offset, save_started: Instant::now() });
+        self.parts.insert(
+            p,
+            Partition {
+                engine,
+                next_offset,
+                at,
+                dirty: false,
+                saving: None,
+                saving_offset: next_offset,
+                saved_offset: next_offset,
+                save_started: Instant::now(),
+            },
+        );
         Ok(next_offset)
     }
 
@@ -456,23 +483,25 @@ impl Consumer_ {
                 }
             },
         };
-        let lagging: Vec<(i32, i64)> = (0..self.partition_count).filter_map(|p| {
-            let position = match self.parts.get(&p) {
-                Some(part) => part.next_offset,
-                None => match committed.find_partition(&self.config.topic, p).map(|e| e.offset()) {
-                    Some(Offset::Offset(o)) => o,
-                    _ => 0,
-                },
-            };
-            let lags = match self.consumer.fetch_watermarks(&self.config.topic, p, Duration::from_secs(5)) {
-                Ok((_, high)) => position < high,
-                Err(e) => {
-                    warn!(partition = p, error = %e, "could not read the high watermark");
-                    true
-                }
-            };
-            lags.then_some((p, position))
-        }).collect();
+        let lagging: Vec<(i32, i64)> = (0..self.partition_count)
+            .filter_map(|p| {
+                let position = match self.parts.get(&p) {
+                    Some(part) => part.next_offset,
+                    None => match committed.find_partition(&self.config.topic, p).map(|e| e.offset()) {
+                        Some(Offset::Offset(o)) => o,
+                        _ => 0,
+                    },
+                };
+                let lags = match self.consumer.fetch_watermarks(&self.config.topic, p, Duration::from_secs(5)) {
+                    Ok((_, high)) => position < high,
+                    Err(e) => {
+                        warn!(partition = p, error = %e, "could not read the high watermark");
+                        true
+                    }
+                };
+                lags.then_some((p, position))
+            })
+            .collect();
         match lagging.iter().any(|(p, _)| self.parts.contains_key(p)) {
             _ if lagging.is_empty() => Drain::Done,
             true => Drain::Own,

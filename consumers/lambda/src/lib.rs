@@ -31,19 +31,19 @@
 
 use aws_lambda_events::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
 use base64::Engine as _;
+use lambda_runtime::{service_fn, LambdaEvent};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::time::Duration;
-use toolrank_engine::Engine;
-use toolrank_events::{decode_kinesis_data, decode_line, Change, Day};
-use toolrank_dynamodb::{LogHead, DELTA_BYTES};
-pub use toolrank_dynamodb::COMPACT_MIN_BYTES;
-use toolrank_live::{apply_change, apply_deltas, log_engine, LogCatchUp, SinkWriter, WriterConfig};
-use lambda_runtime::{service_fn, LambdaEvent};
 use std::time::Instant;
 use tokio::sync::oneshot;
+pub use toolrank_dynamodb::COMPACT_MIN_BYTES;
+use toolrank_dynamodb::{LogHead, DELTA_BYTES};
+use toolrank_engine::Engine;
+use toolrank_events::{decode_kinesis_data, decode_line, Change, Day};
+use toolrank_live::{apply_change, apply_deltas, log_engine, LogCatchUp, SinkWriter, WriterConfig};
 use tracing::{info, warn};
 
 mod settings;
@@ -139,7 +139,9 @@ impl<'a> Batch<'a> {
         let mut kinesis_data = self.data.iter();
         for (raw, head) in self.records.iter().zip(&self.heads) {
             let (id, decoded) = match (&head.kinesis, &head.dynamodb) {
-                (Some(k), _) => (k.sequence_number.clone(), decode_kinesis_data(kinesis_data.next().expect("decoded")).map(|(c, _)| c).map_err(|e| e.to_string())),
+                (Some(k), _) => {
+                    (k.sequence_number.clone(), decode_kinesis_data(kinesis_data.next().expect("decoded")).map(|(c, _)| c).map_err(|e| e.to_string()))
+                }
                 (None, d) => (d.as_ref().and_then(|d| d.sequence_number.clone()).unwrap_or_default(), decode_stream_record(raw.get())),
             };
             match decoded {
@@ -212,7 +214,6 @@ struct Bucket {
     engine: Engine,
     at: u64,
 }
-
 
 /// The handler with what a warm container keeps: engines and the sink writer.
 pub struct Handler {
@@ -451,7 +452,13 @@ pub async fn serve(config: Config, started: Instant) -> Result<(), lambda_runtim
             let (reply, answer) = oneshot::channel();
             jobs.send((event.payload, reply))?;
             let outcome = answer.await??;
-            info!(records = outcome.records, dead_letters = outcome.dead_letters, failures = outcome.failures.len(), ms = started.elapsed().as_millis() as u64, "invocation");
+            info!(
+                records = outcome.records,
+                dead_letters = outcome.dead_letters,
+                failures = outcome.failures.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "invocation"
+            );
             MetricLine::new(&function)
                 .count("Records", outcome.records)
                 .count("DeadLetters", outcome.dead_letters)

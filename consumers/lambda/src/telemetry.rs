@@ -87,7 +87,8 @@ mod tests {
 
     #[test]
     fn a_metric_line_is_embedded_metric_format() {
-        let line = MetricLine::new("fn").count("Records", 3).seconds("InvocationSeconds", Duration::from_millis(1500)).render(UNIX_EPOCH + Duration::from_secs(2));
+        let line =
+            MetricLine::new("fn").count("Records", 3).seconds("InvocationSeconds", Duration::from_millis(1500)).render(UNIX_EPOCH + Duration::from_secs(2));
         let v: Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["FunctionName"], "fn");
         assert_eq!(v["Records"], 3);

@@ -20,7 +20,12 @@ impl DynamoStreams {
     /// The latest stream of `table` (its `LatestStreamArn`).
     pub async fn of_table(config: &aws_config::SdkConfig, table: &str) -> Result<DynamoStreams, SourceError> {
         let tables = aws_sdk_dynamodb::Client::new(config);
-        let described = tables.describe_table().table_name(table).send().await.map_err(|e| SourceError::Other(format!("describing table {table}: {}", DisplayErrorContext(&e))))?;
+        let described = tables
+            .describe_table()
+            .table_name(table)
+            .send()
+            .await
+            .map_err(|e| SourceError::Other(format!("describing table {table}: {}", DisplayErrorContext(&e))))?;
         let arn = described
             .table()
             .and_then(|t| t.latest_stream_arn())
@@ -48,7 +53,14 @@ impl ShardSource for DynamoStreams {
         let mut out = Vec::new();
         let mut start: Option<String> = None;
         loop {
-            let page = self.client.describe_stream().stream_arn(&self.arn).set_exclusive_start_shard_id(start).send().await.map_err(classify("describing the stream"))?;
+            let page = self
+                .client
+                .describe_stream()
+                .stream_arn(&self.arn)
+                .set_exclusive_start_shard_id(start)
+                .send()
+                .await
+                .map_err(classify("describing the stream"))?;
             let Some(desc) = page.stream_description else { break };
             for s in desc.shards() {
                 if let Some(id) = s.shard_id() {
@@ -121,7 +133,8 @@ impl StreamRecord for Record {
         let data = self.dynamodb().ok_or("missing dynamodb")?;
         // A TTL deletion is made by the DynamoDB service.
         let ttl = self.user_identity().is_some_and(|u| u.r#type() == Some("Service") && u.principal_id() == Some("dynamodb.amazonaws.com"));
-        let change = stream_record_change(name, data.keys.as_ref().map(image), data.new_image.as_ref().map(image), data.sequence_number(), ttl).map_err(|e| e.to_string())?;
+        let change = stream_record_change(name, data.keys.as_ref().map(image), data.new_image.as_ref().map(image), data.sequence_number(), ttl)
+            .map_err(|e| e.to_string())?;
         apply_change(engine, &change, summary);
         Ok(data.approximate_creation_date_time().and_then(|t| t.to_millis().ok()))
     }

@@ -45,7 +45,11 @@ impl ShardSource for Kinesis {
             };
             let page = req.send().await.map_err(classify("listing shards"))?;
             for s in page.shards() {
-                out.push(ShardInfo { id: s.shard_id().to_owned(), parent: s.parent_shard_id().map(str::to_owned), adjacent_parent: s.adjacent_parent_shard_id().map(str::to_owned) });
+                out.push(ShardInfo {
+                    id: s.shard_id().to_owned(),
+                    parent: s.parent_shard_id().map(str::to_owned),
+                    adjacent_parent: s.adjacent_parent_shard_id().map(str::to_owned),
+                });
             }
             token = page.next_token;
             if token.is_none() {

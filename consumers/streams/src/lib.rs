@@ -40,9 +40,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use toolrank_dynamodb::Lease;
 use toolrank_engine::Engine;
-use toolrank_events::{DeadLetter, Day};
-use toolrank_live::{SinkWriter, WriterConfig};
+use toolrank_events::{Day, DeadLetter};
 pub use toolrank_live::Summary;
+use toolrank_live::{SinkWriter, WriterConfig};
 use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -178,7 +178,18 @@ pub fn run<S: ShardSource>(config: Config, source: S, stop: &AtomicBool) -> Resu
         dynamodb_max_wcu: config.dynamodb_max_wcu,
         tombstone_horizon: config.tombstone_horizon,
     })?;
-    let mut p = Poller { config, source, writer, prefix, trees: BTreeMap::new(), registry: Vec::new(), listing: Vec::new(), tree_of: HashMap::new(), workers: 1, dead_letters: None };
+    let mut p = Poller {
+        config,
+        source,
+        writer,
+        prefix,
+        trees: BTreeMap::new(),
+        registry: Vec::new(),
+        listing: Vec::new(),
+        tree_of: HashMap::new(),
+        workers: 1,
+        dead_letters: None,
+    };
     p.run(stop)?;
     Ok(p.writer.into_summary())
 }
@@ -360,7 +371,17 @@ impl<S: ShardSource> Poller<S> {
                 }
             }
             let (engine, position, at) = self.writer.claim(&scope)?;
-            let mut tree = Tree { scope, lease, renewed: Instant::now(), engine, at, shards: parse_position(position.as_deref()), iterators: HashMap::new(), caught_up: HashMap::new(), dirty: false };
+            let mut tree = Tree {
+                scope,
+                lease,
+                renewed: Instant::now(),
+                engine,
+                at,
+                shards: parse_position(position.as_deref()),
+                iterators: HashMap::new(),
+                caught_up: HashMap::new(),
+                dirty: false,
+            };
             tree.dirty = adopt_shards(&mut tree, &root, &self.listing, &self.tree_of);
             info!(tree = root, generation = at.generation, shards = tree.shards.len(), "took a tree");
             self.trees.insert(root, tree);
@@ -442,7 +463,14 @@ impl<S: ShardSource> Poller<S> {
                         Err(reason) => {
                             writer.summary.dead_letters += 1;
                             warn!(shard = id, sequence = seq, reason, "dead-lettered");
-                            let letter = DeadLetter { source: format!("{}/{id}", source.name()), line: writer.summary.messages, record: None, position: Some(seq.to_owned()), reason, raw: rec.describe() };
+                            let letter = DeadLetter {
+                                source: format!("{}/{id}", source.name()),
+                                line: writer.summary.messages,
+                                record: None,
+                                position: Some(seq.to_owned()),
+                                reason,
+                                raw: rec.describe(),
+                            };
                             write_dead_letter(dead_letters, &config.dead_letter_file, &letter)?;
                         }
                     }

@@ -71,7 +71,10 @@ mod tests {
     #[test]
     fn sequences_compare_as_numbers() {
         assert_eq!(compare_sequences("000000000000000000009", "10"), Ordering::Less);
-        assert_eq!(compare_sequences("49590338271490256608559692538361571095921575989136588898", "49590338271490256608559692538361571095921575989136588899"), Ordering::Less);
+        assert_eq!(
+            compare_sequences("49590338271490256608559692538361571095921575989136588898", "49590338271490256608559692538361571095921575989136588899"),
+            Ordering::Less
+        );
         assert_eq!(compare_sequences("12", "012"), Ordering::Equal);
     }
 }

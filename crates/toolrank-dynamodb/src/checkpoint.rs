@@ -450,7 +450,10 @@ impl CheckpointStore {
             .await
             .map_err(aws(format!("reading the head of {scope}")))?;
         if let Some(last) = got.items().first() {
-            at.head = text(last, "SK").and_then(|sk| sk.strip_prefix("delta#")).and_then(|n| n.parse().ok()).ok_or_else(|| Error::Input(format!("a delta of {scope} with a bad key")))?;
+            at.head = text(last, "SK")
+                .and_then(|sk| sk.strip_prefix("delta#"))
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| Error::Input(format!("a delta of {scope} with a bad key")))?;
             at.total_bytes = number(last, "Total");
             at.log_bytes = at.total_bytes.saturating_sub(number(manifest, "BaseTotal"));
             at.records = number(last, "Records");
@@ -627,7 +630,9 @@ impl CheckpointStore {
             .expression_attribute_values(":b", n(state.len()))
             .expression_attribute_values(":o", s(owner));
         let switched = match base {
-            Base::Whole => switched.expression_attribute_names("#h", "Head").expression_attribute_values(":zero", n(0)).expression_attribute_values(":one", n(1)),
+            Base::Whole => {
+                switched.expression_attribute_names("#h", "Head").expression_attribute_values(":zero", n(0)).expression_attribute_values(":one", n(1))
+            }
             Base::Upto(at) => switched
                 .expression_attribute_names("#bt", "BaseTotal")
                 .expression_attribute_names("#r", "Records")
@@ -640,11 +645,7 @@ impl CheckpointStore {
                 .expression_attribute_values(":now", n(now_ms()))
                 .expression_attribute_values(":before", n(at.base_at)),
         };
-        let switched = switched
-            .return_values(ReturnValue::AllOld)
-            .return_consumed_capacity(TOTAL)
-            .send()
-            .await;
+        let switched = switched.return_values(ReturnValue::AllOld).return_consumed_capacity(TOTAL).send().await;
         let old = match switched {
             // The manifest before: the previous save's generation, tag and count of
             // chunks, the log's base and head.
@@ -664,7 +665,15 @@ impl CheckpointStore {
             Base::Whole => {
                 let (old_base, old_head) = (number(&old, "BaseAt"), number(&old, "Head"));
                 self.delete_deltas(scope, old_base + 1..=old_head).await;
-                Ok(LogHead { generation: next, base_at: old_head + 1, head: old_head + 1, base_bytes, log_bytes: 0, records: number(&old, "Records"), total_bytes: 0 })
+                Ok(LogHead {
+                    generation: next,
+                    base_at: old_head + 1,
+                    head: old_head + 1,
+                    base_bytes,
+                    log_bytes: 0,
+                    records: number(&old, "Records"),
+                    total_bytes: 0,
+                })
             }
             Base::Upto(at) => {
                 self.delete_after_grace(scope, &old).await;

@@ -7,8 +7,8 @@
 
 use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, ConsumedCapacity, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
-    ProjectionType, ReturnConsumedCapacity, ScalarAttributeType, StreamSpecification, StreamViewType, TableStatus, TimeToLiveSpecification,
+    AttributeDefinition, AttributeValue, BillingMode, ConsumedCapacity, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection, ProjectionType,
+    ReturnConsumedCapacity, ScalarAttributeType, StreamSpecification, StreamViewType, TableStatus, TimeToLiveSpecification,
 };
 use aws_sdk_dynamodb::Client;
 use futures_util::future::{BoxFuture, FutureExt};
@@ -22,8 +22,8 @@ use toolrank_events::decode_line;
 
 mod checkpoint;
 mod limiter;
-pub use limiter::Limiter;
 pub use checkpoint::{Checkpoint, CheckpointStore, Lease, Log, LogHead, COMPACT_MIN_BYTES, DELTAS_PER_APPEND, DELTA_BYTES};
+pub use limiter::Limiter;
 
 /// The TTL attribute (epoch seconds) of the seed's retention policy.
 pub const TTL_ATTRIBUTE: &str = "ExpireAt";
@@ -123,17 +123,12 @@ pub async fn create_table(client: &Client, table: &str, stream: bool) -> Result<
     }
     let status = create(client, request, table).await?;
     let ttl = client.describe_time_to_live().table_name(table).send().await.map_err(aws("describing TTL"))?;
-    let enabled = ttl
-        .time_to_live_description()
-        .and_then(|d| d.attribute_name())
-        .is_some_and(|a| a == TTL_ATTRIBUTE);
+    let enabled = ttl.time_to_live_description().and_then(|d| d.attribute_name()).is_some_and(|a| a == TTL_ATTRIBUTE);
     if !enabled {
         client
             .update_time_to_live()
             .table_name(table)
-            .time_to_live_specification(
-                TimeToLiveSpecification::builder().enabled(true).attribute_name(TTL_ATTRIBUTE).build().expect("valid"),
-            )
+            .time_to_live_specification(TimeToLiveSpecification::builder().enabled(true).attribute_name(TTL_ATTRIBUTE).build().expect("valid"))
             .send()
             .await
             .map_err(aws(format!("enabling TTL on {table}")))?;
@@ -234,8 +229,15 @@ pub enum WriteOp {
     /// Put the whole item.
     Put(HashMap<String, AttributeValue>),
     /// Set these attributes of an item, keeping the others (a flat event's agent upsert).
-    Update { pk: String, sk: String, set: Vec<(String, String)> },
-    Delete { pk: String, sk: String },
+    Update {
+        pk: String,
+        sk: String,
+        set: Vec<(String, String)>,
+    },
+    Delete {
+        pk: String,
+        sk: String,
+    },
 }
 
 /// Converts DynamoDB's typed JSON (`{"S": ...}`, `{"N": ...}`, `{"M": {...}}`, ...).
@@ -398,14 +400,7 @@ pub async fn write(client: &Client, table: &str, op: WriteOp) -> Result<(), Erro
             client.put_item().table_name(table).set_item(Some(item)).send().await.map_err(aws("PutItem"))?;
         }
         WriteOp::Delete { pk, sk } => {
-            client
-                .delete_item()
-                .table_name(table)
-                .key("PK", AttributeValue::S(pk))
-                .key("SK", AttributeValue::S(sk))
-                .send()
-                .await
-                .map_err(aws("DeleteItem"))?;
+            client.delete_item().table_name(table).key("PK", AttributeValue::S(pk)).key("SK", AttributeValue::S(sk)).send().await.map_err(aws("DeleteItem"))?;
         }
         WriteOp::Update { pk, sk, set } => {
             let mut req = client.update_item().table_name(table).key("PK", AttributeValue::S(pk)).key("SK", AttributeValue::S(sk));

@@ -51,7 +51,12 @@ fn run(events: u64, horizon: Option<u32>) {
             live.pop_front();
             for p in 1..=3 {
                 seq += 1;
-                engine.apply(&change(format!("USR{:05}#SESS{s:09}", s % 20_000), format!("PRC00{p}#AGT{:03}#TL001", s % 200), seq, Action::Delete { ttl: true }));
+                engine.apply(&change(
+                    format!("USR{:05}#SESS{s:09}", s % 20_000),
+                    format!("PRC00{p}#AGT{:03}#TL001", s % 200),
+                    seq,
+                    Action::Delete { ttl: true },
+                ));
             }
             removed += 3;
         }

@@ -177,7 +177,11 @@ impl Aggregates {
                 (string(agent), a)
             })
             .collect();
-        let mut key = |k: PatternKey| PatternKey { user: renumber(SymKind::String, k.user), agent: renumber(SymKind::String, k.agent), sequence: renumber(SymKind::Sequence, k.sequence) };
+        let mut key = |k: PatternKey| PatternKey {
+            user: renumber(SymKind::String, k.user),
+            agent: renumber(SymKind::String, k.agent),
+            sequence: renumber(SymKind::Sequence, k.sequence),
+        };
         self.patterns = std::mem::take(&mut self.patterns).into_iter().map(|(k, p)| (key(k), p)).collect();
         if let Some(t) = &mut self.touched {
             t.patterns = std::mem::take(&mut t.patterns).into_iter().map(&mut key).collect();

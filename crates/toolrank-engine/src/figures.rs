@@ -125,7 +125,9 @@ impl Engine {
             })
             .collect();
         let mut scores: Vec<f64> = scored.iter().map(|&(_, s)| s).collect();
-        let (Some(cut), Some(top)) = (score::percentile_cont_unsorted(&mut scores, score::RECOMMEND_PERCENTILE), score::percentile_cont_unsorted(&mut scores, TOP_PERCENTILE)) else {
+        let (Some(cut), Some(top)) =
+            (score::percentile_cont_unsorted(&mut scores, score::RECOMMEND_PERCENTILE), score::percentile_cont_unsorted(&mut scores, TOP_PERCENTILE))
+        else {
             return Recommended::default();
         };
         Recommended {

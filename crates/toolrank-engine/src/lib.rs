@@ -28,8 +28,8 @@ pub use report::{recommendation_cut, AgentScore, PatternRow, Report, StagingOrde
 
 use hashbrown::HashTable;
 use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
-use std::hash::BuildHasher;
 use serde::{Deserialize, Serialize};
+use std::hash::BuildHasher;
 use toolrank_events::{Action, Change, Entity, HistKey, Timestamp, BASE_SEQ, METADATA_SK};
 
 /// What [`Engine::apply`] did with a change.
@@ -174,7 +174,14 @@ struct Renumber {
 
 impl Renumber {
     fn new(old_strings: Interner<str>, old_sequences: Interner<[Sym]>) -> Renumber {
-        Renumber { old_strings, old_sequences, strings: Interner::default(), sequences: Interner::default(), string_map: FxHashMap::default(), sequence_map: FxHashMap::default() }
+        Renumber {
+            old_strings,
+            old_sequences,
+            strings: Interner::default(),
+            sequences: Interner::default(),
+            string_map: FxHashMap::default(),
+            sequence_map: FxHashMap::default(),
+        }
     }
 
     fn string(&mut self, s: Sym) -> Sym {
@@ -388,9 +395,7 @@ impl Engine {
     fn apply_hist(&mut self, key: HistKey<'_>, change: &Change<'_>) -> Applied {
         let seq = change.seq.map(Seq::from);
         let data = match &change.action {
-            Action::Put(Entity::Execution(e)) => {
-                Some(RowData { tool_nm: self.strings.intern(&e.tool_nm), at: e.at, success: e.success })
-            }
+            Action::Put(Entity::Execution(e)) => Some(RowData { tool_nm: self.strings.intern(&e.tool_nm), at: e.at, success: e.success }),
             Action::Put(_) | Action::Delete { .. } => None,
         };
         let sk = self.intern_sk(&change.sk, &key);
@@ -419,12 +424,20 @@ impl Engine {
                 if row.data.is_none() && row.seq.is_none() {
                     s.rows.swap_remove(i);
                 }
-                if changed { Applied::Changed } else { Applied::Unchanged }
+                if changed {
+                    Applied::Changed
+                } else {
+                    Applied::Unchanged
+                }
             }
             None => {
                 let removed = if data.is_none() { self.clock } else { 0 };
                 s.rows.push(Row { sk, removed, seq, data });
-                if data.is_some() { Applied::Changed } else { Applied::Unchanged }
+                if data.is_some() {
+                    Applied::Changed
+                } else {
+                    Applied::Unchanged
+                }
             }
         };
         if applied == Applied::Changed {
@@ -447,10 +460,7 @@ impl Engine {
             (_, _, Some(id)) => id,
             _ => self.strings.intern(&change.pk),
         };
-        let new_meta = agent_item.map(|a| AgentMeta {
-            domain: self.strings.intern(&a.domain_id),
-            name: a.name.as_deref().map(Into::into),
-        });
+        let new_meta = agent_item.map(|a| AgentMeta { domain: self.strings.intern(&a.domain_id), name: a.name.as_deref().map(Into::into) });
         let slot = match self.catalog.get_mut(&id) {
             Some(_) if change.seq == Some(BASE_SEQ) => return Applied::Stale,
             Some(slot) => slot,
@@ -703,7 +713,8 @@ impl Engine {
     /// Frees the slot of a session without rows or contributions.
     fn drop_session(&mut self, idx: u32) {
         self.dropped_since_collected += 1;
-        let s = std::mem::replace(&mut self.sessions[idx as usize], Session { pk: "".into(), user: 0, rows: Vec::new(), committed: Vec::new(), dirty: Vec::new() });
+        let s =
+            std::mem::replace(&mut self.sessions[idx as usize], Session { pk: "".into(), user: 0, rows: Vec::new(), committed: Vec::new(), dirty: Vec::new() });
         debug_assert!(s.rows.is_empty() && s.committed.is_empty() && s.dirty.is_empty());
         if let Ok(entry) = self.session_index.find_entry(FxBuildHasher.hash_one(&*s.pk), |&i| i == idx) {
             entry.remove();
@@ -753,7 +764,10 @@ impl Engine {
                 }
                 None => None,
             };
-            let seq = r.seq.map(|offset| seq_at(delta.seq_base, offset).ok_or_else(|| StateError::DeltaKey(format!("{}/{sk}: sequence number", state.pk)))).transpose()?;
+            let seq = r
+                .seq
+                .map(|offset| seq_at(delta.seq_base, offset).ok_or_else(|| StateError::DeltaKey(format!("{}/{sk}: sequence number", state.pk))))
+                .transpose()?;
             rows.push(Row { sk: self.intern_sk(sk, &key), removed: r.removed, seq, data });
         }
         if let Some(d) = &mut self.delta {
@@ -867,7 +881,11 @@ impl Engine {
         for id in std::mem::take(&mut self.catalog_changes) {
             let Some(g) = global.as_deref_mut() else { continue };
             let gid = self.forward.string(&self.strings, &mut g.strings, id);
-            let meta = self.catalog.get(&id).and_then(|slot| slot.meta.as_ref()).map(|m| AgentMeta { domain: self.forward.string(&self.strings, &mut g.strings, m.domain), name: m.name.clone() });
+            let meta = self
+                .catalog
+                .get(&id)
+                .and_then(|slot| slot.meta.as_ref())
+                .map(|m| AgentMeta { domain: self.forward.string(&self.strings, &mut g.strings, m.domain), name: m.name.clone() });
             g.set_meta(gid, meta);
         }
     }
@@ -1095,7 +1113,8 @@ mod compact_rows {
 
     pub fn serialize<S: Serializer>(rows: &[Row], serializer: S) -> Result<S::Ok, S::Error> {
         let base = least_seq(rows);
-        let stored = rows.iter().map(|r| -> Stored { (r.sk, r.removed, r.seq.map(|q| u128::from(q) - base), r.data.map(|d| (d.tool_nm, d.at.packed, d.success))) });
+        let stored =
+            rows.iter().map(|r| -> Stored { (r.sk, r.removed, r.seq.map(|q| u128::from(q) - base), r.data.map(|d| (d.tool_nm, d.at.packed, d.success))) });
         let mut t = serializer.serialize_tuple(2)?;
         t.serialize_element(&base)?;
         t.serialize_element(&Rows(std::cell::Cell::new(Some(stored))))?;
@@ -1118,7 +1137,11 @@ mod compact_rows {
             .map(|(sk, removed, offset, data)| {
                 let seq = offset.map(|o| seq_at(base, o).ok_or_else(|| D::Error::custom("sequence number out of range"))).transpose()?;
                 let data = data
-                    .map(|(tool_nm, packed, success)| Timestamp::from_packed(packed).map(|at| RowData { tool_nm, at, success }).ok_or_else(|| D::Error::custom(format!("TransactDT {packed}"))))
+                    .map(|(tool_nm, packed, success)| {
+                        Timestamp::from_packed(packed)
+                            .map(|at| RowData { tool_nm, at, success })
+                            .ok_or_else(|| D::Error::custom(format!("TransactDT {packed}")))
+                    })
                     .transpose()?;
                 Ok(Row { sk, removed, seq, data })
             })
@@ -1184,7 +1207,9 @@ mod tests {
 
     fn hist(seq: Option<u128>, success: Option<bool>) -> Change<'static> {
         let action = match success {
-            Some(success) => Action::Put(Entity::Execution(Execution { tool_nm: Cow::Borrowed("T"), at: Timestamp::parse("20250614140605").unwrap(), success })),
+            Some(success) => {
+                Action::Put(Entity::Execution(Execution { tool_nm: Cow::Borrowed("T"), at: Timestamp::parse("20250614140605").unwrap(), success }))
+            }
             None => Action::Delete { ttl: false },
         };
         Change { pk: Cow::Borrowed("U#S"), sk: Cow::Borrowed("P#A#T"), seq, action }
@@ -1220,12 +1245,19 @@ mod tests {
             sk: Cow::Borrowed("PRC001#AGT1#TL1"),
             seq: None,
             action: match success {
-                Some(success) => Action::Put(Entity::Execution(Execution { tool_nm: Cow::Borrowed("T"), at: Timestamp::parse("20250614140605").unwrap(), success })),
+                Some(success) => {
+                    Action::Put(Entity::Execution(Execution { tool_nm: Cow::Borrowed("T"), at: Timestamp::parse("20250614140605").unwrap(), success }))
+                }
                 None => Action::Delete { ttl: false },
             },
         };
         let (mut e, mut global) = (Engine::new(), Engine::new());
-        e.apply(&Change { pk: Cow::Borrowed("AGT1"), sk: Cow::Borrowed(METADATA_SK), seq: None, action: Action::Put(Entity::Agent(AgentItem { domain_id: Cow::Borrowed("D"), name: None, partial: false })) });
+        e.apply(&Change {
+            pk: Cow::Borrowed("AGT1"),
+            sk: Cow::Borrowed(METADATA_SK),
+            seq: None,
+            action: Action::Put(Entity::Agent(AgentItem { domain_id: Cow::Borrowed("D"), name: None, partial: false })),
+        });
         for u in 0..100 {
             e.apply(&run(u, Some(u % 3 != 0)));
         }

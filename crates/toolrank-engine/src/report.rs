@@ -147,14 +147,10 @@ impl Report {
             });
         }
         scores.sort_unstable_by(|a, b| {
-            desc(a.calculated_score, b.calculated_score)
-                .then_with(|| a.domain_id.cmp(&b.domain_id))
-                .then_with(|| a.agent_id.cmp(&b.agent_id))
+            desc(a.calculated_score, b.calculated_score).then_with(|| a.domain_id.cmp(&b.domain_id)).then_with(|| a.agent_id.cmp(&b.agent_id))
         });
         tool_errors.sort_unstable_by(|a, b| {
-            desc(a.error_rate, b.error_rate)
-                .then_with(|| b.total_errors.cmp(&a.total_errors))
-                .then_with(|| a.agent_id.cmp(&b.agent_id))
+            desc(a.error_rate, b.error_rate).then_with(|| b.total_errors.cmp(&a.total_errors)).then_with(|| a.agent_id.cmp(&b.agent_id))
         });
         let mut patterns: Vec<PatternRow> = patterns
             .into_iter()
@@ -239,8 +235,7 @@ impl Engine {
         for (i, &u) in users.iter().enumerate() {
             rank[u as usize] = i as u32;
         }
-        let mut sessions: Vec<(u32, &str, &crate::Session)> =
-            self.sessions.iter().map(|s| (rank[s.user as usize], s.session_id(), s)).collect();
+        let mut sessions: Vec<(u32, &str, &crate::Session)> = self.sessions.iter().map(|s| (rank[s.user as usize], s.session_id(), s)).collect();
         sessions.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
         StagingOrder { engine: self, sessions }
     }

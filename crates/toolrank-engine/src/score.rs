@@ -79,7 +79,11 @@ mod tests {
                     x ^= x >> 7;
                     x ^= x << 17;
                     // Ties too: a quarter of the values repeat one.
-                    if i % 4 == 0 { 0.5 } else { (x % 10_000) as f64 / 100.0 }
+                    if i % 4 == 0 {
+                        0.5
+                    } else {
+                        (x % 10_000) as f64 / 100.0
+                    }
                 })
                 .collect();
             let mut sorted = values.clone();
@@ -104,8 +108,14 @@ mod tests {
         for today in 100..400 {
             let mut by_score: Vec<_> = (0..agents.len()).collect();
             let mut by_key = by_score.clone();
-            let s = |i: &usize| { let (n, k, d) = agents[*i]; agent_score(n, k, i64::from(today - d)) };
-            let r = |i: &usize| { let (n, k, d) = agents[*i]; rank_key(AGENT_DECAY, n, k, d) };
+            let s = |i: &usize| {
+                let (n, k, d) = agents[*i];
+                agent_score(n, k, i64::from(today - d))
+            };
+            let r = |i: &usize| {
+                let (n, k, d) = agents[*i];
+                rank_key(AGENT_DECAY, n, k, d)
+            };
             by_score.sort_by(|a, b| s(b).total_cmp(&s(a)));
             by_key.sort_by(|a, b| r(b).total_cmp(&r(a)));
             if (today - 100) < 300 && s(&by_score[4]) > 0.0 {

@@ -45,9 +45,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Attr<'a> {
                 f.write_str("a DynamoDB attribute value such as {\"S\": \"...\"}")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Attr<'a>, A::Error> {
-                let tag: Str<'de> = map
-                    .next_key()?
-                    .ok_or_else(|| de::Error::custom("empty attribute value {}"))?;
+                let tag: Str<'de> = map.next_key()?.ok_or_else(|| de::Error::custom("empty attribute value {}"))?;
                 let value = if tag.0 == "S" {
                     Attr::S(map.next_value::<Str<'de>>()?.0)
                 } else {
@@ -91,10 +89,8 @@ mod tests {
 
     #[test]
     fn strings_borrow_and_other_types_are_named() {
-        let img: Image = serde_json::from_str(
-            r#"{"PK":{"S":"USR001#S1"},"SK":{"S":"a\"b"},"TransactDT":{"N":"1"},"ToolValues":{"M":{"x":{"S":"y"}}}}"#,
-        )
-        .unwrap();
+        let img: Image =
+            serde_json::from_str(r#"{"PK":{"S":"USR001#S1"},"SK":{"S":"a\"b"},"TransactDT":{"N":"1"},"ToolValues":{"M":{"x":{"S":"y"}}}}"#).unwrap();
         assert!(matches!(img.pk, Some(Attr::S(Cow::Borrowed("USR001#S1")))));
         assert_eq!(img.sk, Some(Attr::S(Cow::Owned("a\"b".into()))));
         assert_eq!(img.transact_dt, Some(Attr::Other("N".into())));

@@ -118,11 +118,9 @@ impl Change<'_> {
         let action = match self.action {
             Action::Delete { ttl } => Action::Delete { ttl },
             Action::Put(Entity::Other) => Action::Put(Entity::Other),
-            Action::Put(Entity::Execution(e)) => Action::Put(Entity::Execution(Execution {
-                tool_nm: Cow::Owned(e.tool_nm.into_owned()),
-                at: e.at,
-                success: e.success,
-            })),
+            Action::Put(Entity::Execution(e)) => {
+                Action::Put(Entity::Execution(Execution { tool_nm: Cow::Owned(e.tool_nm.into_owned()), at: e.at, success: e.success }))
+            }
             Action::Put(Entity::Agent(a)) => Action::Put(Entity::Agent(AgentItem {
                 domain_id: Cow::Owned(a.domain_id.into_owned()),
                 name: a.name.map(|n| Cow::Owned(n.into_owned())),

@@ -98,9 +98,7 @@ pub fn decode_line<'a>(line: &'a [u8], emit: &mut dyn FnMut(Record<'a>)) -> Resu
         Ok(Format::Export)
     } else if let Some(records) = env.records {
         for (i, raw) in records.into_iter().enumerate() {
-            let result = serde_json::from_str::<StreamRecord>(raw.get())
-                .map_err(DecodeError::from)
-                .and_then(stream_change);
+            let result = serde_json::from_str::<StreamRecord>(raw.get()).map_err(DecodeError::from).and_then(stream_change);
             emit(Record { index: Some(i), raw: Some(raw.get()), result });
         }
         Ok(Format::LambdaEvent)
@@ -131,16 +129,19 @@ pub fn decode_line<'a>(line: &'a [u8], emit: &mut dyn FnMut(Record<'a>)) -> Resu
         single(emit, incremental_change(env.metadata, env.keys, env.new_image)?);
         Ok(Format::IncrementalExport)
     } else if env.pk.is_some() || env.sk.is_some() {
-        single(emit, put_item(Image {
-            pk: env.pk,
-            sk: env.sk,
-            entity_type: env.entity_type,
-            transact_dt: env.transact_dt_attr,
-            succ_yn: env.succ_yn,
-            tool_nm: env.tool_nm,
-            agent_nm: env.agent_nm,
-            gsi1_pk: env.gsi1_pk,
-        })?);
+        single(
+            emit,
+            put_item(Image {
+                pk: env.pk,
+                sk: env.sk,
+                entity_type: env.entity_type,
+                transact_dt: env.transact_dt_attr,
+                succ_yn: env.succ_yn,
+                tool_nm: env.tool_nm,
+                agent_nm: env.agent_nm,
+                gsi1_pk: env.gsi1_pk,
+            })?,
+        );
         Ok(Format::TypedItem)
     } else {
         Err(DecodeError::Unrecognized)
@@ -347,27 +348,26 @@ fn put_item(img: Image<'_>) -> Result<Change<'_>, DecodeError> {
 fn stream_change(rec: StreamRecord<'_>) -> Result<Change<'_>, DecodeError> {
     let name = rec.event_name.ok_or(DecodeError::Missing("eventName"))?.0;
     let data = rec.dynamodb.ok_or(DecodeError::Missing("dynamodb"))?;
-    let ttl = rec.user_identity.is_some_and(|u| {
-        u.kind.is_some_and(|k| k.0 == "Service") && u.principal_id.is_some_and(|p| p.0 == "dynamodb.amazonaws.com")
-    });
+    let ttl = rec.user_identity.is_some_and(|u| u.kind.is_some_and(|k| k.0 == "Service") && u.principal_id.is_some_and(|p| p.0 == "dynamodb.amazonaws.com"));
     stream_record_change(&name, data.keys, data.new_image, data.sequence_number.map(|s| s.0).as_deref(), ttl)
 }
 
 /// The change a DynamoDB stream record describes, from its parts: for consumers that get
 /// records already parsed (the Streams API's SDK types). `ttl`: the record's
 /// `userIdentity` is the DynamoDB service (a TTL removal).
-pub fn stream_record_change<'a>(event_name: &str, keys: Option<Image<'a>>, new_image: Option<Image<'a>>, sequence_number: Option<&str>, ttl: bool) -> Result<Change<'a>, DecodeError> {
+pub fn stream_record_change<'a>(
+    event_name: &str,
+    keys: Option<Image<'a>>,
+    new_image: Option<Image<'a>>,
+    sequence_number: Option<&str>,
+    ttl: bool,
+) -> Result<Change<'a>, DecodeError> {
     let seq = sequence_number.map(|s| s.parse::<u128>().map_err(|_| DecodeError::Sequence(s.to_owned()))).transpose()?;
     let mut change = match event_name {
         "INSERT" | "MODIFY" => put_item(new_image.ok_or(DecodeError::Missing("dynamodb.NewImage"))?)?,
         "REMOVE" => {
             let keys = keys.ok_or(DecodeError::Missing("dynamodb.Keys"))?;
-            Change {
-                pk: required(keys.pk, "dynamodb.Keys.PK")?,
-                sk: required(keys.sk, "dynamodb.Keys.SK")?,
-                seq: None,
-                action: Action::Delete { ttl },
-            }
+            Change { pk: required(keys.pk, "dynamodb.Keys.PK")?, sk: required(keys.sk, "dynamodb.Keys.SK")?, seq: None, action: Action::Delete { ttl } }
         }
         other => return Err(DecodeError::UnknownEventName(other.to_owned())),
     };
@@ -415,7 +415,13 @@ fn creation_micros(raw: &str) -> Option<u64> {
     if !(v.is_finite() && v > 0.0) {
         return None;
     }
-    let micros = if v < 1e11 { v * 1e6 } else if v < 1e14 { v * 1e3 } else { v };
+    let micros = if v < 1e11 {
+        v * 1e6
+    } else if v < 1e14 {
+        v * 1e3
+    } else {
+        v
+    };
     Some(micros as u64)
 }
 
@@ -451,18 +457,9 @@ fn flat_changes(f: Flat<'_>) -> Result<(Option<Change<'_>>, Change<'_>), DecodeE
         pk: agent_id.clone(),
         sk: Cow::Borrowed(METADATA_SK),
         seq: None,
-        action: Action::Put(Entity::Agent(AgentItem {
-            domain_id: domain.0,
-            name: f.agent_name.map(|n| n.0),
-            partial: true,
-        })),
+        action: Action::Put(Entity::Agent(AgentItem { domain_id: domain.0, name: f.agent_name.map(|n| n.0), partial: true })),
     });
-    let hist = Change {
-        pk: pk.into(),
-        sk: sk.into(),
-        seq: None,
-        action: Action::Put(Entity::Execution(Execution { tool_nm, at, success })),
-    };
+    let hist = Change { pk: pk.into(), sk: sk.into(), seq: None, action: Action::Put(Entity::Execution(Execution { tool_nm, at, success })) };
     Ok((agent, hist))
 }
 
@@ -516,7 +513,10 @@ mod tests {
         assert!(matches!(change.action, Action::Put(Entity::Execution(ref e)) if !e.success && e.tool_nm == "search"));
         let delete = format!(r#"{{"Metadata":{{"WriteTimestampMicros":{{"N":"1752480000123457"}}}},{keys},"OldImage":{image}}}"#);
         let change = decode_one(&delete).1.unwrap();
-        assert_eq!((change.pk.as_ref(), change.sk.as_ref(), change.seq, change.action), ("U1#S1", "P1#A1#T1", Some(1_752_480_000_123_457), Action::Delete { ttl: false }));
+        assert_eq!(
+            (change.pk.as_ref(), change.sk.as_ref(), change.seq, change.action),
+            ("U1#S1", "P1#A1#T1", Some(1_752_480_000_123_457), Action::Delete { ttl: false })
+        );
         assert!(matches!(decode_one(&format!(r#"{{{keys}}}"#)).1, Err(DecodeError::Missing("Metadata.WriteTimestampMicros"))));
         assert!(matches!(decode_one(&format!(r#"{{"Metadata":{{"WriteTimestampMicros":{{"N":"soon"}}}},{keys}}}"#)).1, Err(DecodeError::WriteTimestamp(_))));
         assert!(matches!(decode_one(r#"{"Metadata":{"WriteTimestampMicros":{"N":"1"}}}"#).1, Err(DecodeError::Missing("Keys"))));
@@ -525,8 +525,15 @@ mod tests {
     #[test]
     fn attributes_of_every_dynamodb_type_that_are_not_read_are_ignored() {
         let others = r#""Bin":{"B":"dGVzdA=="},"Bins":{"BS":["dGVzdA==","YQ=="]},"List":{"L":[{"S":"a"},{"N":"1"},{"NULL":true},{"M":{}}]},"Map":{"M":{"ToolValues":{"M":{"q":{"S":"x"}}},"Empty":{"L":[]}}},"Nums":{"NS":["1","2.5"]},"Nothing":{"NULL":true},"Strs":{"SS":["a","b"]},"Flag":{"BOOL":false},"EmptyStrs":{"SS":[]},"EmptyNums":{"NS":[]},"EmptyBins":{"BS":[]},"Num":{"N":"-1e3"}"#;
-        let item = format!(r#"{{"PK":{{"S":"U1#S1"}},"SK":{{"S":"P1#A1#T1"}},"EntityType":{{"S":"UserSessPrcToolMappHist"}},"ToolNM":{{"S":"search"}},"TransactDT":{{"S":"20250714080000"}},"SuccYN":{{"S":"Y"}},{others}}}"#);
-        for line in [format!(r#"{{"Item":{item}}}"#), item.clone(), format!(r#"{{"eventName":"INSERT","dynamodb":{{"NewImage":{item},"SequenceNumber":"5"}}}}"#), format!(r#"{{"Records":[{{"eventName":"MODIFY","dynamodb":{{"NewImage":{item},"SequenceNumber":"6"}}}}]}}"#)] {
+        let item = format!(
+            r#"{{"PK":{{"S":"U1#S1"}},"SK":{{"S":"P1#A1#T1"}},"EntityType":{{"S":"UserSessPrcToolMappHist"}},"ToolNM":{{"S":"search"}},"TransactDT":{{"S":"20250714080000"}},"SuccYN":{{"S":"Y"}},{others}}}"#
+        );
+        for line in [
+            format!(r#"{{"Item":{item}}}"#),
+            item.clone(),
+            format!(r#"{{"eventName":"INSERT","dynamodb":{{"NewImage":{item},"SequenceNumber":"5"}}}}"#),
+            format!(r#"{{"Records":[{{"eventName":"MODIFY","dynamodb":{{"NewImage":{item},"SequenceNumber":"6"}}}}]}}"#),
+        ] {
             let change = decode_one(&line).1.unwrap_or_else(|e| panic!("{line}: {e}"));
             assert!(matches!(change.action, Action::Put(Entity::Execution(ref e)) if e.success && e.tool_nm == "search"), "{line}");
         }

@@ -51,10 +51,7 @@ impl Day {
 
     /// Today's date in UTC.
     pub fn today_utc() -> Day {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         Day((secs / 86_400) as i32)
     }
 }
@@ -202,8 +199,17 @@ mod tests {
         assert_eq!(&Day::parse_iso("0987-01-02").unwrap().iso_bytes(), b"0987-01-02");
         assert_eq!(Timestamp::parse("2025-06-14T14:06:05Z"), Some(t));
         assert_eq!(Timestamp::parse("2025-06-14 14:06:05.123"), Some(t));
-        for bad in ["2025061414060", "20251314140605", "20250230140605", "20250614240605", "20250614146005",
-            "2025061414060x", "", "2025-06-14T14:06:05+09:00", "+0250614140605"] {
+        for bad in [
+            "2025061414060",
+            "20251314140605",
+            "20250230140605",
+            "20250614240605",
+            "20250614146005",
+            "2025061414060x",
+            "",
+            "2025-06-14T14:06:05+09:00",
+            "+0250614140605",
+        ] {
             assert_eq!(Timestamp::parse(bad), None, "{bad}");
         }
         assert!(Timestamp::parse("20240229000000").is_some());

@@ -47,8 +47,7 @@ pub enum TopicStatus {
 
 /// Creates each `(name, partitions)` topic unless it exists. Idempotent.
 pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) -> Result<Vec<(String, TopicStatus)>, Error> {
-    let admin: AdminClient<DefaultClientContext> =
-        client_config(brokers).create().map_err(|source| Error::Client { brokers: brokers.into(), source })?;
+    let admin: AdminClient<DefaultClientContext> = client_config(brokers).create().map_err(|source| Error::Client { brokers: brokers.into(), source })?;
     let new: Vec<NewTopic> = topics.iter().map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(1))).collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin.create_topics(&new, &opts).await.map_err(|source| Error::Client { brokers: brokers.into(), source })?;

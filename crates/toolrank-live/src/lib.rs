@@ -21,9 +21,9 @@ pub use backoff::Backoff;
 pub use toolrank_dynamodb::LogHead;
 use toolrank_engine::{Applied, Changes, Engine, PatternKey, StateStats, Sym};
 use toolrank_events::{decode_line, Change, Day};
+use toolrank_sink_dynamodb::DynamoSink;
 pub use toolrank_sink_dynamodb::Namespace;
 pub use toolrank_sink_valkey::Namespaces;
-use toolrank_sink_dynamodb::DynamoSink;
 use toolrank_sink_valkey::ValkeySink;
 use tracing::{debug, info, warn};
 
@@ -142,7 +142,10 @@ impl Summary {
             (counter("toolrank_dead_letters_total", "Bad records dead-lettered.", &[]), self.dead_letters),
             (counter("toolrank_checkpoints_total", "Checkpoints saved.", &[]), self.checkpoints),
             (counter("toolrank_tombstones_expired_total", "Tombstones of removed items forgotten after the horizon.", &[]), self.tombstones_expired),
-            (counter("toolrank_names_collected_total", "Interned names (user IDs, ...) of units forgotten once nothing referred to them.", &[]), self.names_collected),
+            (
+                counter("toolrank_names_collected_total", "Interned names (user IDs, ...) of units forgotten once nothing referred to them.", &[]),
+                self.names_collected,
+            ),
             (counter("toolrank_sink_writes_total", "Sink write rounds.", &[]), self.sink_writes),
             (counter("toolrank_dynamodb_requests_total", "DynamoDB write requests of the sink.", &[]), self.dynamodb_requests),
             (counter("toolrank_state_writes_total", "DynamoDB write requests to the state table (checkpoints, bucket logs, leases).", &[]), self.state_writes),
@@ -156,7 +159,8 @@ impl Summary {
             counter("toolrank_dynamodb_write_units_total", "Write capacity units DynamoDB reported consumed, by table.", &[("table", table)]).set(units);
         }
         for (on, ms) in [("dynamodb", self.dynamodb_ms), ("valkey", self.valkey_ms), ("checkpoint", self.checkpoint_ms)] {
-            counter("toolrank_blocked_seconds_total", "Time the consumer's loop waited on a sink write or a checkpoint save.", &[("on", on)]).set(ms as f64 / 1000.0);
+            counter("toolrank_blocked_seconds_total", "Time the consumer's loop waited on a sink write or a checkpoint save.", &[("on", on)])
+                .set(ms as f64 / 1000.0);
         }
         for (quantile, value) in [("0.5", self.latency_p50_ms), ("0.99", self.latency_p99_ms)] {
             if let Some(ms) = value {
@@ -223,10 +227,14 @@ impl Latencies {
     fn quantile(&self, q: f64) -> Option<u64> {
         let rank = ((self.count as f64 * q).ceil() as u64).max(1);
         let mut seen = 0;
-        self.buckets.iter().position(|&n| {
-            seen += n;
-            seen >= rank
-        }).filter(|_| self.count > 0).map(|i| i as u64)
+        self.buckets
+            .iter()
+            .position(|&n| {
+                seen += n;
+                seen >= rank
+            })
+            .filter(|_| self.count > 0)
+            .map(|i| i as u64)
     }
 }
 
@@ -242,7 +250,11 @@ struct Remote {
 pub const CALL_DEADLINE: Duration = Duration::from_secs(40);
 
 /// Runs `call` on `rt`, cut off after [`CALL_DEADLINE`].
-pub fn within<T, E: Into<toolrank_dynamodb::Error>>(rt: &tokio::runtime::Runtime, what: &str, call: impl std::future::Future<Output = Result<T, E>>) -> Result<T, toolrank_dynamodb::Error> {
+pub fn within<T, E: Into<toolrank_dynamodb::Error>>(
+    rt: &tokio::runtime::Runtime,
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, toolrank_dynamodb::Error> {
     // The timer must be made inside the runtime.
     match rt.block_on(async { tokio::time::timeout(CALL_DEADLINE, call).await }) {
         Ok(result) => result.map_err(Into::into),
@@ -421,7 +433,10 @@ impl SinkWriter {
         let client = rt.block_on(toolrank_dynamodb::client());
         let mut global = Engine::new();
         global.track_changes();
-        let dynamodb = config.table.as_ref().map(|t| DynamoSink::in_namespace(client.clone(), t.clone(), config.dynamodb_namespace.clone()).with_max_wcu(config.dynamodb_max_wcu));
+        let dynamodb = config
+            .table
+            .as_ref()
+            .map(|t| DynamoSink::in_namespace(client.clone(), t.clone(), config.dynamodb_namespace.clone()).with_max_wcu(config.dynamodb_max_wcu));
         let valkey = config.valkey_url.as_ref().map(|url| ValkeySink::new(url, config.valkey_prefix.clone())).transpose()?;
         Ok(SinkWriter {
             store: CheckpointStore::new(client.clone(), config.state_table.clone()),
@@ -463,7 +478,11 @@ impl SinkWriter {
     }
 
     /// Runs `call` on the runtime within [`CALL_DEADLINE`].
-    pub fn call<T, E: Into<toolrank_dynamodb::Error>>(&self, what: &str, call: impl std::future::Future<Output = Result<T, E>>) -> Result<T, toolrank_dynamodb::Error> {
+    pub fn call<T, E: Into<toolrank_dynamodb::Error>>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, toolrank_dynamodb::Error> {
         within(&self.rt, what, call)
     }
 

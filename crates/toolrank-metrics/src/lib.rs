@@ -126,7 +126,11 @@ pub fn serve(addr: SocketAddr) -> std::io::Result<SocketAddr> {
                 _ => ("404 Not Found", "toolrank serves GET /metrics\n".to_owned()),
             };
             let mut stream = &stream;
-            let _ = write!(stream, "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
         }
     })?;
     Ok(bound)

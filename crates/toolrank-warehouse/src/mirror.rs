@@ -127,7 +127,8 @@ impl Mirror {
     /// for the positions it records: a topic, a stream ARN, "files").
     pub async fn open(api: &DataApi, source: &str) -> Result<Mirror, Error> {
         api.batch(sql::batch(&sql::MIRROR, toolrank_events::Day(0))).await?;
-        let batch_id = format!("{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+        let batch_id =
+            format!("{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
         Ok(Mirror {
             source: source.to_owned(),
             pending: BTreeMap::new(),
@@ -253,7 +254,9 @@ impl Mirror {
         statements.push(format!(
             "DELETE FROM \"AgentTable\" USING toolrank_mirror_batch b WHERE b.batch_id = {id} AND \"AgentTable\".\"PK\" = b.\"PK\" AND \"AgentTable\".\"SK\" = b.\"SK\""
         ));
-        statements.push(format!("INSERT INTO \"AgentTable\" SELECT \"PK\", \"SK\", \"value\" FROM toolrank_mirror_batch WHERE batch_id = {id} AND \"value\" IS NOT NULL"));
+        statements.push(format!(
+            "INSERT INTO \"AgentTable\" SELECT \"PK\", \"SK\", \"value\" FROM toolrank_mirror_batch WHERE batch_id = {id} AND \"value\" IS NOT NULL"
+        ));
         statements.push(format!("DELETE FROM toolrank_mirror_batch WHERE batch_id = {id}"));
         let positions = std::mem::take(&mut self.positions);
         if !positions.is_empty() {

@@ -8,7 +8,8 @@ use toolrank_events::{Day, Timestamp};
 /// Reads the three analysis tables.
 pub async fn read(api: &DataApi) -> Result<Report, Error> {
     let agents = api.query("SELECT * FROM agent_score_summary ORDER BY calculated_score DESC, domainid, agentid", &[]).await?;
-    let patterns = api.query("SELECT * FROM user_process_patterns ORDER BY pattern_score DESC, userid, process_pattern, agent_sequence, tool_sequence", &[]).await?;
+    let patterns =
+        api.query("SELECT * FROM user_process_patterns ORDER BY pattern_score DESC, userid, process_pattern, agent_sequence, tool_sequence", &[]).await?;
     let errors = api.query("SELECT * FROM agent_tool_errors ORDER BY error_rate DESC, total_errors DESC, agentid", &[]).await?;
     Ok(Report { agents: agent_rows(&agents)?, patterns: pattern_rows(&patterns)?, tool_errors: error_rows(&errors)? })
 }

@@ -94,7 +94,8 @@ fn parse_position(text: &str) -> Result<(usize, u64), Error> {
 /// the item's PK (the record key).
 fn record(line: &[u8]) -> Result<(String, String), String> {
     let text = std::str::from_utf8(line).map_err(|_| "not UTF-8 text".to_owned())?;
-    let not_export = |e: &dyn std::fmt::Display| format!("not an export line {{\"Item\": ...}} or an incremental export line {{\"Metadata\": ..., \"Keys\": ...}}: {e}");
+    let not_export =
+        |e: &dyn std::fmt::Display| format!("not an export line {{\"Item\": ...}} or an incremental export line {{\"Metadata\": ..., \"Keys\": ...}}: {e}");
     let line = serde_json::from_str::<Line>(text).map_err(|e| not_export(&e))?;
     let keys_of = |raw: &RawValue| -> Result<(serde_json::Value, serde_json::Value, String), String> {
         let keys: Keys = serde_json::from_str(raw.get()).map_err(|e| format!("the item has no PK and SK: {e}"))?;
@@ -138,7 +139,14 @@ impl Job<'_> {
                     Ok((key, line)) => sender.send(Some(&key), line.as_bytes()).await?,
                     Err(reason) => {
                         self.run.progress.dead_letters.fetch_add(1, Ordering::Relaxed);
-                        reject(DeadLetter { source: name.clone(), line: line_no, record: None, position: None, reason, raw: String::from_utf8_lossy(line).into_owned() })
+                        reject(DeadLetter {
+                            source: name.clone(),
+                            line: line_no,
+                            record: None,
+                            position: None,
+                            reason,
+                            raw: String::from_utf8_lossy(line).into_owned(),
+                        })
                     }
                 }
                 self.run.progress.items.fetch_add(1, Ordering::Relaxed);
@@ -170,10 +178,16 @@ mod tests {
         assert!(line.contains(r#""NewImage":{"PK":{"S":"U#S"},"SK":{"S":"P#A#T"},"ToolNM":{"S":"x"}}"#) && line.contains(r#""SequenceNumber":"0""#));
         assert!(record(b"{}").unwrap_err().contains("export line"));
         let keys = r#""Keys":{"PK":{"S":"U#S"},"SK":{"S":"P#A#T"}}"#;
-        let (key, line) = record(format!(r#"{{"Metadata":{{"WriteTimestampMicros":{{"N":"1700000000000001"}}}},{keys},"NewImage":{{"PK":{{"S":"U#S"}},"SK":{{"S":"P#A#T"}}}}}}"#).as_bytes()).unwrap();
+        let (key, line) = record(
+            format!(r#"{{"Metadata":{{"WriteTimestampMicros":{{"N":"1700000000000001"}}}},{keys},"NewImage":{{"PK":{{"S":"U#S"}},"SK":{{"S":"P#A#T"}}}}}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
         assert_eq!(key, "U#S");
         assert!(line.contains(r#""eventName":"INSERT""#) && line.contains(r#""SequenceNumber":"1700000000000001""#));
-        let (_, line) = record(format!(r#"{{"Metadata":{{"WriteTimestampMicros":{{"N":"1700000000000002"}}}},{keys},"OldImage":{{"PK":{{"S":"U#S"}}}}}}"#).as_bytes()).unwrap();
+        let (_, line) =
+            record(format!(r#"{{"Metadata":{{"WriteTimestampMicros":{{"N":"1700000000000002"}}}},{keys},"OldImage":{{"PK":{{"S":"U#S"}}}}}}"#).as_bytes())
+                .unwrap();
         assert!(line.contains(r#""eventName":"REMOVE""#) && line.contains(r#""SequenceNumber":"1700000000000002""#) && !line.contains("NewImage"));
         assert!(record(format!(r#"{{"Metadata":{{"WriteTimestampMicros":{{"N":"x"}}}},{keys}}}"#).as_bytes()).unwrap_err().contains("WriteTimestampMicros"));
         assert!(record(br#"{"Item":{"PK":{"N":"1"},"SK":{"S":"x"}}}"#).unwrap_err().contains("PK"));

@@ -53,8 +53,12 @@ pub fn base_record(pk: &Value, sk: &Value, image: &str) -> String {
 /// a REMOVE of the keys.
 pub fn change_record(pk: &Value, sk: &Value, image: Option<&str>, sequence: &str) -> String {
     match image {
-        Some(image) => format!(r#"{{"eventName":"INSERT","eventSource":"toolrank:backfill","dynamodb":{{"Keys":{{"PK":{pk},"SK":{sk}}},"NewImage":{image},"SequenceNumber":"{sequence}"}}}}"#),
-        None => format!(r#"{{"eventName":"REMOVE","eventSource":"toolrank:backfill","dynamodb":{{"Keys":{{"PK":{pk},"SK":{sk}}},"SequenceNumber":"{sequence}"}}}}"#),
+        Some(image) => format!(
+            r#"{{"eventName":"INSERT","eventSource":"toolrank:backfill","dynamodb":{{"Keys":{{"PK":{pk},"SK":{sk}}},"NewImage":{image},"SequenceNumber":"{sequence}"}}}}"#
+        ),
+        None => {
+            format!(r#"{{"eventName":"REMOVE","eventSource":"toolrank:backfill","dynamodb":{{"Keys":{{"PK":{pk},"SK":{sk}}},"SequenceNumber":"{sequence}"}}}}"#)
+        }
     }
 }
 
@@ -136,7 +140,11 @@ mod tests {
 
     #[test]
     fn a_base_record_decodes_as_an_insert_with_sequence_zero() {
-        let line = base_record(&serde_json::json!({"S": "U#S"}), &serde_json::json!({"S": "P#A#T"}), r#"{"PK":{"S":"U#S"},"SK":{"S":"P#A#T"},"EntityType":{"S":"UserSessPrcToolMappHist"},"TransactDT":{"S":"20250614140605"},"SuccYN":{"S":"Y"},"ToolNM":{"S":"X"}}"#);
+        let line = base_record(
+            &serde_json::json!({"S": "U#S"}),
+            &serde_json::json!({"S": "P#A#T"}),
+            r#"{"PK":{"S":"U#S"},"SK":{"S":"P#A#T"},"EntityType":{"S":"UserSessPrcToolMappHist"},"TransactDT":{"S":"20250614140605"},"SuccYN":{"S":"Y"},"ToolNM":{"S":"X"}}"#,
+        );
         let mut changes = Vec::new();
         toolrank_events::decode_line(line.as_bytes(), &mut |r| changes.push(r.result.unwrap().into_owned())).unwrap();
         assert_eq!(changes[0].seq, Some(toolrank_events::BASE_SEQ));

@@ -57,8 +57,18 @@ pub struct Stats {
 }
 
 const TOOL_NAMES: &[&str] = &[
-    "FIND_LOC", "USE_SEARCH_ENGINE_API", "FORMAT_RESULTS", "FETCH_REVIEWS", "RANK_RESULTS", "CALL_MAPS_API",
-    "TRANSLATE", "SUMMARIZE", "CREATE_S3_BUCKET", "LAUNCH_EC2", "QUERY_DB", "SEND_EMAIL",
+    "FIND_LOC",
+    "USE_SEARCH_ENGINE_API",
+    "FORMAT_RESULTS",
+    "FETCH_REVIEWS",
+    "RANK_RESULTS",
+    "CALL_MAPS_API",
+    "TRANSLATE",
+    "SUMMARIZE",
+    "CREATE_S3_BUCKET",
+    "LAUNCH_EC2",
+    "QUERY_DB",
+    "SEND_EMAIL",
 ];
 
 struct Agent {
@@ -176,9 +186,7 @@ pub fn generate(cfg: &Config, style: Style, out: impl Write) -> io::Result<Stats
             let n_tools = rng.random_range(2..=6);
             let tools: Vec<(String, &'static str)> =
                 (0..n_tools).map(|t| (format!("TL{:03}", t + 1), TOOL_NAMES[(i as usize * 7 + t) % TOOL_NAMES.len()])).collect();
-            let workflows = (0..rng.random_range(1..=3))
-                .map(|_| (0..rng.random_range(1..=4)).map(|_| rng.random_range(0..n_tools)).collect())
-                .collect();
+            let workflows = (0..rng.random_range(1..=3)).map(|_| (0..rng.random_range(1..=4)).map(|_| rng.random_range(0..n_tools)).collect()).collect();
             Agent {
                 id: format!("AGT{:04}", i + 1),
                 domain: format!("DMN{:03}", i % cfg.domains.max(1) + 1),

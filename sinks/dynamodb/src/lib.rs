@@ -27,9 +27,9 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use toolrank_dynamodb::TOTAL;
 use toolrank_engine::{AgentFigures, Changes, Engine, PatternFigures, PatternKey, Sym};
 use toolrank_events::Day;
-use toolrank_dynamodb::TOTAL;
 
 /// `GSI1_PK` and `EntityType` of pattern items.
 pub const PATTERN_ENTITY: &str = "UserPrcToolMapp";
@@ -249,10 +249,7 @@ impl DynamoSink {
             &everything
         };
         let agents: HashSet<Sym> = changes.agents.iter().copied().chain(self.pending_agents.drain()).collect();
-        let agents = agents
-            .into_iter()
-            .map(|agent| (Some(agent), engine.name(agent).to_owned(), engine.agent_figures(agent).map(table_figures)))
-            .collect();
+        let agents = agents.into_iter().map(|agent| (Some(agent), engine.name(agent).to_owned(), engine.agent_figures(agent).map(table_figures))).collect();
         // The recommended set moves only when some pattern changed (the cut is
         // time-invariant); after a load, the table's items must be compared in any case.
         let patterns = (!self.loaded || !changes.patterns.is_empty() || self.patterns_pending).then(|| self.plan_patterns(engine, changes, today));
@@ -345,7 +342,8 @@ impl DynamoSink {
         self.load().await?;
         let named: HashSet<&str> = agents.iter().map(|a| a.agent_id.as_str()).collect();
         let gone: Vec<String> = self.agents.keys().filter(|id| !named.contains(id.as_str())).cloned().collect();
-        let writes = agents.into_iter().map(|f| (None, f.agent_id.clone(), Some(table_figures(f)))).chain(gone.into_iter().map(|id| (None, id, None))).collect();
+        let writes =
+            agents.into_iter().map(|f| (None, f.agent_id.clone(), Some(table_figures(f)))).chain(gone.into_iter().map(|id| (None, id, None))).collect();
         self.write_agents(writes, today).await?;
         let patterns = PatternPlan { desired: desired(patterns), leaving: None, recommended: None };
         loop {
@@ -416,7 +414,18 @@ impl DynamoSink {
             let units = self.units.clone();
             return Box::pin(async move { req.send().await.map(|out| units.add(out.consumed_capacity())).map_err(|e| WriteFailure::other(&e)) });
         }
-        let owned = ["Score", "TotalExecutions", "SuccessCount", "FailureCount", "ToolRows", "FailedToolRows", "FailedTools", "ScoreDate", "ScoredBy", "LastExecutionDate"];
+        let owned = [
+            "Score",
+            "TotalExecutions",
+            "SuccessCount",
+            "FailureCount",
+            "ToolRows",
+            "FailedToolRows",
+            "FailedTools",
+            "ScoreDate",
+            "ScoredBy",
+            "LastExecutionDate",
+        ];
         let mut req = self
             .client
             .update_item()
@@ -493,7 +502,9 @@ impl DynamoSink {
                 puts += usize::from(w.is_some());
                 let request = match w {
                     Some(w) => put_pattern(&self.namespace, key, w, today),
-                    None => WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(self.namespace.pattern_key(key))).build().expect("key")).build(),
+                    None => WriteRequest::builder()
+                        .delete_request(DeleteRequest::builder().set_key(Some(self.namespace.pattern_key(key))).build().expect("key"))
+                        .build(),
                 };
                 (key.clone(), request)
             })
@@ -572,9 +583,11 @@ fn desired(recommended: impl IntoIterator<Item = (PatternFigures, bool)>) -> Has
 fn send_update(req: aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder, units: &toolrank_dynamodb::Units) -> Request {
     let units = units.clone();
     Box::pin(async move {
-        req.return_consumed_capacity(TOTAL).send().await.map(|out| units.add(out.consumed_capacity())).map_err(|e| match e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) {
-            true => WriteFailure::ItemGone,
-            false => WriteFailure::other(&e),
+        req.return_consumed_capacity(TOTAL).send().await.map(|out| units.add(out.consumed_capacity())).map_err(|e| {
+            match e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) {
+                true => WriteFailure::ItemGone,
+                false => WriteFailure::other(&e),
+            }
         })
     })
 }
@@ -612,9 +625,7 @@ fn get<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
 }
 
 fn parse<T: std::str::FromStr>(item: &Item, name: &str, what: &'static str, key: &str) -> Result<T, Error> {
-    get(item, name)
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| Error::Item { what, key: key.to_owned(), reason: format!("missing or invalid {name}") })
+    get(item, name).and_then(|v| v.parse().ok()).ok_or_else(|| Error::Item { what, key: key.to_owned(), reason: format!("missing or invalid {name}") })
 }
 
 fn parse_day(item: &Item, name: &str, what: &'static str, key: &str) -> Result<Day, Error> {
@@ -623,7 +634,10 @@ fn parse_day(item: &Item, name: &str, what: &'static str, key: &str) -> Result<D
 
 /// The items a paginated Scan or Query collected (`.into_paginator().items().send()
 /// .try_collect()`), or the failure of `what`.
-fn all_items<E: std::error::Error + 'static, R: std::fmt::Debug>(collected: Result<Vec<Item>, aws_sdk_dynamodb::error::SdkError<E, R>>, what: &str) -> Result<Vec<Item>, Error> {
+fn all_items<E: std::error::Error + 'static, R: std::fmt::Debug>(
+    collected: Result<Vec<Item>, aws_sdk_dynamodb::error::SdkError<E, R>>,
+    what: &str,
+) -> Result<Vec<Item>, Error> {
     collected.map_err(|e| Error::Aws(format!("{what}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))
 }
 
@@ -634,7 +648,9 @@ pub async fn read_table(client: &Client, table: &str, namespace: &Namespace) -> 
     let scan = client.scan().table_name(table).expression_attribute_values(":m", s(sk)).expression_attribute_values(":src", s(SOURCE)).consistent_read(true);
     let scan = match namespace {
         Namespace::Live => scan.filter_expression("SK = :m AND ScoredBy = :src"),
-        Namespace::Shadow(_) => scan.filter_expression("SK = :m AND ScoredBy = :src AND begins_with(PK, :ns)").expression_attribute_values(":ns", s(namespace.prefix())),
+        Namespace::Shadow(_) => {
+            scan.filter_expression("SK = :m AND ScoredBy = :src AND begins_with(PK, :ns)").expression_attribute_values(":ns", s(namespace.prefix()))
+        }
     };
     let agent_items = all_items(scan.into_paginator().items().send().try_collect().await, &format!("scanning {table}"))?;
     let agents = agent_items.iter().map(|item| agent_from_item(item, namespace)).collect::<Result<_, _>>()?;
@@ -647,7 +663,8 @@ pub async fn read_table(client: &Client, table: &str, namespace: &Namespace) -> 
         .expression_attribute_values(":p", s(namespace.prefix() + PATTERN_ENTITY))
         .expression_attribute_values(":src", s(SOURCE));
     let pattern_items = all_items(query.into_paginator().items().send().try_collect().await, &format!("querying {table} GSI1"))?;
-    let patterns = pattern_items.iter().map(|item| Ok((pattern_from_item(item, namespace)?, get(item, "TopScoring") == Some("Y")))).collect::<Result<_, _>>()?;
+    let patterns =
+        pattern_items.iter().map(|item| Ok((pattern_from_item(item, namespace)?, get(item, "TopScoring") == Some("Y")))).collect::<Result<_, _>>()?;
     Ok((agents, patterns))
 }
 
@@ -687,11 +704,19 @@ pub async fn patterns(client: &Client, table: &str, namespace: &Namespace, user:
 /// Deletes a shadow namespace's items; returns how many there were.
 pub async fn drop_namespace(client: &Client, table: &str, name: &str) -> Result<usize, Error> {
     let prefix = Namespace::Shadow(name.to_owned()).prefix();
-    let scan = client.scan().table_name(table).filter_expression("begins_with(PK, :ns)").expression_attribute_values(":ns", s(&prefix)).projection_expression("PK, SK");
+    let scan = client
+        .scan()
+        .table_name(table)
+        .filter_expression("begins_with(PK, :ns)")
+        .expression_attribute_values(":ns", s(&prefix))
+        .projection_expression("PK, SK");
     let keys = all_items(scan.into_paginator().items().send().try_collect().await, &format!("scanning {table}"))?;
     let n = keys.len();
-    let deletes = keys.into_iter().map(|k| WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(k)).build().expect("key")).build()).collect();
-    toolrank_dynamodb::batch_write(client, table, deletes, &Default::default()).await.map_err(|e| Error::Aws(format!("deleting namespace {name}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
+    let deletes =
+        keys.into_iter().map(|k| WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(k)).build().expect("key")).build()).collect();
+    toolrank_dynamodb::batch_write(client, table, deletes, &Default::default())
+        .await
+        .map_err(|e| Error::Aws(format!("deleting namespace {name}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
     Ok(n)
 }
 
