@@ -1,0 +1,175 @@
+//! The sinks on their own: DynamoDB rounds and budgets, Valkey differences.
+
+use crate::support::*;
+use std::time::{Duration, Instant};
+
+/// Applies the lines of a history file to `engine`.
+fn apply_lines(engine: &mut toolrank_engine::Engine, lines: &[&str]) {
+    for line in lines {
+        toolrank_events::decode_line(line.as_bytes(), &mut |rec| {
+            engine.apply(&rec.result.expect("a generated record decodes"));
+        })
+        .unwrap();
+    }
+}
+
+/// What a Valkey namespace holds, through the reader: agents (with tools), patterns, and
+/// each domain's ranking (a member left behind in a domain an agent moved out of shows).
+fn valkey_holds(url: &str, prefix: &str, domains: &[String]) -> (Vec<toolrank_engine::AgentFigures>, Vec<toolrank_engine::PatternFigures>, Vec<Vec<String>>) {
+    let mut reader = toolrank_sink_valkey::ValkeyReader::connect(url, prefix, Duration::from_secs(5)).unwrap();
+    let mut agents = reader.agents().unwrap();
+    agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+    let mut patterns = reader.patterns().unwrap();
+    patterns
+        .sort_by(|a, b| (&a.user_id, &a.process_pattern, &a.agent_id, &a.tool_sequence).cmp(&(&b.user_id, &b.process_pattern, &b.agent_id, &b.tool_sequence)));
+    let rankings = domains.iter().map(|d| reader.top_agents(d, 0).unwrap().into_iter().map(|a| a.agent_id).collect()).collect();
+    (agents, patterns, rankings)
+}
+
+/// The pattern items (`UserPrcToolMapp`) a table holds, without their TTL (it counts
+/// from the moment of writing).
+async fn pattern_items(client: &aws_sdk_dynamodb::Client, table: &str) -> std::collections::BTreeMap<String, String> {
+    let mut items = std::collections::BTreeMap::new();
+    let mut start = None;
+    loop {
+        let page = client.scan().table_name(table).set_exclusive_start_key(start).send().await.unwrap();
+        for item in page.items() {
+            if item.get("EntityType").and_then(|v| v.as_s().ok()).is_some_and(|e| e == toolrank_sink_dynamodb::PATTERN_ENTITY) {
+                let key = format!("{:?} {:?}", item["PK"], item["SK"]);
+                let rest: std::collections::BTreeMap<&String, String> =
+                    item.iter().filter(|(k, _)| k.as_str() != toolrank_dynamodb::TTL_ATTRIBUTE).map(|(k, v)| (k, format!("{v:?}"))).collect();
+                items.insert(key, format!("{rest:?}"));
+            }
+        }
+        start = page.last_evaluated_key;
+        if start.is_none() {
+            return items;
+        }
+    }
+}
+
+/// A DynamoDB sink written round after round (each round plans only the patterns that
+/// changed or crossed a cut since the last) holds, after every round, the same pattern
+/// items as a sink that writes everything into an empty table: entering, leaving and
+/// top-flag moves included.
+#[test]
+fn dynamodb_sink_rounds_hold_what_a_full_write_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.jsonl");
+    toolrank(&["generate", "--sessions", "600", "--seed", "17", "--agents", "30", "--out", path.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let today = toolrank_events::Day::parse_iso(TODAY).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = toolrank_dynamodb::client().await;
+        let rounds = unique("Rounds");
+        toolrank_dynamodb::create_table(&client, &rounds, false).await.unwrap();
+        let mut sink = toolrank_sink_dynamodb::DynamoSink::new(client.clone(), rounds.clone());
+        let mut engine = toolrank_engine::Engine::new();
+        engine.track_changes();
+        for (i, slice) in lines.chunks(lines.len() / 6 + 1).enumerate() {
+            apply_lines(&mut engine, slice);
+            engine.flush();
+            let changes = engine.take_changes();
+            sink.write(&engine, &changes, today).await.unwrap();
+            assert!(!sink.needs_write());
+            let full = unique("Full");
+            toolrank_dynamodb::create_table(&client, &full, false).await.unwrap();
+            toolrank_sink_dynamodb::DynamoSink::new(client.clone(), full.clone()).write(&engine, &engine.everything(), today).await.unwrap();
+            let (held, expected) = (pattern_items(&client, &rounds).await, pattern_items(&client, &full).await);
+            assert!(!expected.is_empty());
+            assert_eq!(held, expected, "round {i}");
+        }
+    });
+}
+
+/// A write capacity budget (`--dynamodb-max-wcu`) spreads a round out: its items go at
+/// most that many per second, and the table ends holding what an unlimited write holds.
+#[test]
+fn a_dynamodb_write_capacity_budget_spreads_a_round_out() {
+    const WCU: f64 = 40.0;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.jsonl");
+    toolrank(&["generate", "--sessions", "300", "--seed", "19", "--agents", "30", "--out", path.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut engine = toolrank_engine::Engine::new();
+    apply_lines(&mut engine, &text.lines().collect::<Vec<_>>());
+    engine.flush();
+    let today = toolrank_events::Day::parse_iso(TODAY).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = toolrank_dynamodb::client().await;
+        let (limited, free) = (unique("Limited"), unique("Free"));
+        for table in [&limited, &free] {
+            toolrank_dynamodb::create_table(&client, table, false).await.unwrap();
+        }
+        let mut sink = toolrank_sink_dynamodb::DynamoSink::new(client.clone(), limited.clone()).with_max_wcu(Some(WCU));
+        let started = Instant::now();
+        loop {
+            sink.write(&engine, &engine.everything(), today).await.unwrap();
+            if !sink.needs_write() {
+                break;
+            }
+        }
+        let (took, items) = (started.elapsed(), sink.stats.requests);
+        toolrank_sink_dynamodb::DynamoSink::new(client.clone(), free.clone()).write(&engine, &engine.everything(), today).await.unwrap();
+        assert_eq!(pattern_items(&client, &limited).await, pattern_items(&client, &free).await);
+        // The last batch of 25 goes once the ones before it have had their time.
+        eprintln!("{items} items in {took:?} at {WCU} WCU");
+        assert!(items > 50 && took.as_secs_f64() >= (items as f64 - 25.0) / WCU, "{items} items in {took:?}");
+    });
+}
+
+#[test]
+fn valkey_sink_writes_only_differences_and_holds_what_a_full_write_holds() {
+    let url = env("TOOLRANK_VALKEY_URL");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.jsonl");
+    toolrank(&["generate", "--sessions", "800", "--seed", "11", "--agents", "30", "--out", path.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let (first, second) = lines.split_at(lines.len() / 2);
+    let mut engine = toolrank_engine::Engine::new();
+    engine.track_changes();
+    apply_lines(&mut engine, first);
+    engine.flush();
+    let (diffed, full) = (unique("vdiff"), unique("vfull"));
+    let mut sink = toolrank_sink_valkey::ValkeySink::new(&url, diffed.as_str()).unwrap();
+    let changes = engine.take_changes();
+    sink.write(&engine, &changes).unwrap();
+    let domains_before: Vec<String> =
+        engine.build_report(toolrank_events::Day::parse_iso("2026-11-30").unwrap()).agents.iter().map(|a| a.domain_id.clone()).collect();
+    let initial = sink.commands;
+    // The second half: more executions, modifies, removes and late or changed Agent items;
+    // then the busiest agent moves to a new domain and loses its name.
+    apply_lines(&mut engine, second);
+    let moved = r#"{"eventID":"moved","eventName":"MODIFY","dynamodb":{"Keys":{"PK":{"S":"AGT0001"},"SK":{"S":"METADATA"}},"NewImage":{"PK":{"S":"AGT0001"},"SK":{"S":"METADATA"},"EntityType":{"S":"Agent"},"GSI1_PK":{"S":"DMN999"},"GSI1_SK":{"S":"AGTSCORE#0"}},"SequenceNumber":"9000000000000000000","StreamViewType":"NEW_AND_OLD_IMAGES"}}"#;
+    apply_lines(&mut engine, &[moved]);
+    engine.flush();
+    let changes = engine.take_changes();
+    assert!(!changes.agents.is_empty() && !changes.patterns.is_empty());
+    sink.write(&engine, &changes).unwrap();
+    let incremental = sink.commands - initial;
+    let mut rewrite = toolrank_sink_valkey::ValkeySink::new(&url, full.as_str()).unwrap();
+    rewrite.write(&engine, &engine.everything()).unwrap();
+    assert!(incremental < rewrite.commands, "the second write sent only differences: {incremental} commands against {} for everything", rewrite.commands);
+    let mut domains: Vec<String> =
+        engine.build_report(toolrank_events::Day::parse_iso("2026-11-30").unwrap()).agents.iter().map(|a| a.domain_id.clone()).chain(domains_before).collect();
+    domains.sort();
+    domains.dedup();
+    let (held, expected) = (valkey_holds(&url, &diffed, &domains), valkey_holds(&url, &full, &domains));
+    assert!(!held.1.is_empty());
+    let moved = held.0.iter().find(|a| a.agent_id == "AGT0001").expect("the moved agent");
+    assert_eq!((moved.domain_id.as_str(), moved.agent_name.as_deref()), ("DMN999", None));
+    assert!(domains.iter().any(|d| d == "DMN001"), "the domain it left is compared too");
+    for (a, b) in held.0.iter().zip(&expected.0) {
+        assert_eq!(a, b, "agent {} as written by differences, and by a full write", a.agent_id);
+    }
+    assert_eq!(held.0.len(), expected.0.len());
+    assert_eq!(held.1.len(), expected.1.len());
+    for (a, b) in held.1.iter().zip(&expected.1) {
+        assert_eq!(a, b);
+    }
+    assert_eq!(held.2, expected.2, "each domain's ranking");
+}

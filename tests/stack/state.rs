@@ -1,0 +1,99 @@
+//! The state store: bucket logs and owned checkpoints.
+
+use crate::support::*;
+
+/// A checkpoint store on a state table of its own.
+async fn fresh_state_store() -> toolrank_dynamodb::CheckpointStore {
+    let client = toolrank_dynamodb::client().await;
+    let table = unique("state");
+    toolrank_dynamodb::create_state_table(&client, &table).await.unwrap();
+    toolrank_dynamodb::CheckpointStore::new(client, table)
+}
+
+#[test]
+fn bucket_logs_take_appends_in_turn_and_compact() {
+    use toolrank_dynamodb::{Error, LogHead};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = fresh_state_store().await;
+        let scope = "lambda/test/bucket/00000";
+        assert_eq!(store.log_head(scope).await.unwrap(), None);
+        store.claim(scope, "lambda").await.unwrap();
+        let d = |i: u8| vec![i; 100];
+        let start = store.log_head(scope).await.unwrap().unwrap();
+        let two = store.append(scope, &start, &[d(1), d(2)], 30).await.unwrap();
+        assert_eq!((two.head, two.log_bytes, two.records), (2, 200, 30));
+        // A writer that read head 0 too loses the race.
+        assert!(matches!(store.append(scope, &start, &[d(9)], 5).await, Err(Error::Fenced(_))));
+        // The head is the last delta item: the manifest was not written.
+        assert_eq!(store.log_head(scope).await.unwrap(), Some(two));
+        let many: Vec<Vec<u8>> = (3..14).map(d).collect();
+        let head = store.append(scope, &two, &many, 12).await.unwrap();
+        assert_eq!(store.log_head(scope).await.unwrap(), Some(head));
+        // The records appended add up; the lost race's are not among them.
+        assert_eq!((head.head, head.base_at, head.log_bytes, head.records, head.total_bytes), (13, 0, 1300, 42, 1300));
+        assert_eq!(store.deltas(scope, 11, 13).await.unwrap(), vec![d(12), d(13)]);
+        // A base covering deltas up to 12; 13 stays after it. Within the grace the
+        // covered deltas stay too: a writer that read head 5 still loses its race.
+        let at12 = LogHead { head: 12, log_bytes: 1200, total_bytes: 1200, records: 42, ..head };
+        store.compact(scope, "lambda", head.generation, &at12, b"base").await.unwrap();
+        let after = store.log_head(scope).await.unwrap().unwrap();
+        assert_eq!(after, LogHead { generation: 1, base_at: 12, head: 13, base_bytes: 4, log_bytes: 100, records: 42, total_bytes: 1300 });
+        assert_eq!(store.deltas(scope, 5, 7).await.unwrap(), vec![d(6), d(7)], "kept for the grace");
+        assert!(matches!(store.append(scope, &LogHead { head: 5, ..head }, &[d(9)], 1).await, Err(Error::Fenced(_))));
+        assert!(matches!(store.compact(scope, "lambda", head.generation, &head, b"late").await, Err(Error::Fenced(_))), "a base from a stale head");
+        let log = store.load_log(scope).await.unwrap();
+        assert_eq!((log.base, log.deltas, log.at.head), (b"base".to_vec(), vec![d(13)], 13));
+        // The next append counts on from the last delta.
+        let fourteen = store.append(scope, &after, &[d(14)], 1).await.unwrap();
+        assert_eq!((fourteen.head, fourteen.log_bytes, fourteen.records, fourteen.total_bytes), (14, 200, 43, 1400));
+        assert_eq!(store.log_head(scope).await.unwrap(), Some(fourteen));
+        // Past the grace, the compaction after next deletes what the first one covered:
+        // the first makes its base pending, a later one past the grace deletes its deltas.
+        let store = store.with_delete_grace(std::time::Duration::ZERO);
+        store.compact(scope, "lambda", 1, &fourteen, b"base14").await.unwrap();
+        assert!(matches!(store.deltas(scope, 0, 2).await, Err(Error::Input(_))), "deleted past the grace");
+        assert_eq!(store.deltas(scope, 12, 14).await.unwrap(), vec![d(13), d(14)], "covered by the pending base: kept");
+        let log = store.load_log(scope).await.unwrap();
+        assert_eq!((log.base, log.deltas.len(), log.at.head, log.at.base_at, log.at.log_bytes), (b"base14".to_vec(), 0, 14, 14, 0));
+        let fifteen = store.append(scope, &log.at, &[d(15)], 2).await.unwrap();
+        assert_eq!((fifteen.head, fifteen.log_bytes, fifteen.records, fifteen.total_bytes), (15, 100, 45, 1500));
+        assert_eq!(store.log_head(scope).await.unwrap(), Some(fifteen));
+    });
+}
+
+#[test]
+fn owned_checkpoints_append_with_their_position_and_rebase_whole() {
+    use toolrank_dynamodb::{Error, LogHead};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = fresh_state_store().await;
+        let scope = "kafka/g/t/0";
+        let d = |i: u8| vec![i; 100];
+        let ck = store.claim(scope, "a").await.unwrap();
+        assert_eq!((ck.position, ck.at), (None, LogHead::default()));
+        // Appends move the position with the deltas; none: the position alone.
+        assert_eq!(store.append_owned(scope, "a", "10", 0, &[d(1), d(2)]).await.unwrap(), 2);
+        assert_eq!(store.append_owned(scope, "a", "12", 2, &[]).await.unwrap(), 2);
+        assert!(matches!(store.append_owned(scope, "a", "13", 2, &vec![d(3); 11]).await, Err(Error::Input(_))), "one transaction at most");
+        let ck = store.claim(scope, "a").await.unwrap();
+        assert_eq!((ck.position.as_deref(), ck.state.len(), ck.deltas, ck.at.head), (Some("12"), 0, vec![d(1), d(2)], 2));
+        // A whole save covers the deltas and whatever was not appended: it takes the next
+        // position, so a reader at head 2 sees that it moved; the deltas are deleted.
+        let at = store.save(scope, "a", ck.at.generation, "20", b"state").await.unwrap();
+        assert_eq!(at, LogHead { generation: 1, base_at: 3, head: 3, base_bytes: 5, log_bytes: 0, records: 0, total_bytes: 0 });
+        assert_eq!(store.log_head(scope).await.unwrap(), Some(at));
+        assert!(matches!(store.deltas(scope, 0, 2).await, Err(Error::Input(_))), "deleted");
+        assert_eq!(store.append_owned(scope, "a", "25", 3, &[d(4)]).await.unwrap(), 4);
+        // Another consumer takes the unit over: the old owner's appends and saves fail.
+        let ck = store.claim(scope, "b").await.unwrap();
+        assert_eq!(
+            (ck.position.as_deref(), ck.state, ck.deltas, ck.at),
+            (Some("25"), b"state".to_vec(), vec![d(4)], LogHead { log_bytes: 100, total_bytes: 100, head: 4, ..at })
+        );
+        assert!(matches!(store.append_owned(scope, "a", "30", 4, &[d(5)]).await, Err(Error::Fenced(_))));
+        assert!(matches!(store.save(scope, "a", 1, "30", b"zombie").await, Err(Error::Fenced(_))));
+        let log = store.load_log(scope).await.unwrap();
+        assert_eq!((log.base, log.deltas), (b"state".to_vec(), vec![d(4)]));
+    });
+}

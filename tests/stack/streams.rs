@@ -1,0 +1,97 @@
+//! The DynamoDB Streams and Kinesis pollers.
+
+use crate::support::*;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+#[test]
+fn dynamodb_streams_poller_equals_replay_and_its_own_writes_change_nothing() {
+    let live = Live::new("1");
+    let history = live.dir.path().join("history.jsonl");
+    let history = history.to_str().unwrap();
+    live.toolrank(&["generate", "--sessions", "400", "--seed", "11", "--agents", "30", "--out", history]);
+    let produced = String::from_utf8(live.toolrank(&["produce", "--to", "dynamodb", "--table", &live.table, history]).stderr).unwrap();
+    // The sink writes its rankings into the table it reads: they come back on the stream.
+    let first = String::from_utf8(run(&mut live.streams_poller(&["--until-idle", "3"])).stderr).unwrap();
+    eprintln!("{produced}{first}");
+    live.assert_sinks_equal_replay(history, None);
+    // Reading them (in the first run, or now if they reached the stream after it went
+    // idle) moves no count and writes nothing: no write loop.
+    let second = String::from_utf8(run(&mut live.streams_poller(&["--until-idle", "3"])).stderr).unwrap();
+    assert!(second.contains("(0 DynamoDB requests"), "{second}");
+    let consumed = count_after(&first, "consumed ") + count_after(&second, "consumed ");
+    assert!(consumed > count_after(&produced, "produced "), "the pollers read the sink's writes back: {first}{second}");
+    live.assert_sinks_equal_replay(history, None);
+}
+
+#[test]
+fn dynamodb_streams_pollers_share_the_stream_and_take_over_from_a_killed_one() {
+    let live = Live::new("1");
+    let history = live.dir.path().join("history.jsonl");
+    let history = history.to_str().unwrap();
+    live.toolrank(&["generate", "--sessions", "900", "--seed", "12", "--agents", "30", "--out", history]);
+    let producer =
+        Running::spawn(live.command().args(["produce", "--to", "dynamodb", "--table", &live.table, history]).stdout(Stdio::null()).stderr(Stdio::piped()));
+    let quiet = |mut cmd: Command| Running::spawn(cmd.stdout(Stdio::null()).stderr(Stdio::null()));
+    let a = quiet(live.streams_poller(&["--id", "a"]));
+    std::thread::sleep(Duration::from_secs(4));
+    let b = Running::spawn(live.streams_poller(&["--id", "b", "--until-idle", "6"]).stdout(Stdio::null()).stderr(Stdio::piped()));
+    std::thread::sleep(Duration::from_secs(4));
+    a.kill();
+    // A second poller that dies mid-stream too, after taking the lineage or not.
+    std::thread::sleep(Duration::from_secs(1));
+    let c = quiet(live.streams_poller(&["--id", "c"]));
+    std::thread::sleep(Duration::from_secs(4));
+    c.kill();
+    assert!(producer.wait(COMMAND_LIMIT).status.success());
+    let out = b.wait(COMMAND_LIMIT);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("took a tree"), "b took the killed pollers' lineage over: {log}");
+    live.assert_sinks_equal_replay(history, None);
+}
+
+#[test]
+fn kinesis_records_put_as_dynamodb_puts_them_equal_replay() {
+    use aws_sdk_kinesis::primitives::Blob;
+    use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+    let live = Live::new("1");
+    let history = generated(&live, "300", "13");
+    let stream = unique("changes");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&history).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    // Kinesis records of DynamoDB have no stream sequence number: their creation time (in
+    // microseconds) keeps the history's order, so redeliveries in it stay older.
+    let mut seqs: Vec<u128> = lines.iter().map(|v| v["dynamodb"]["SequenceNumber"].as_str().unwrap().parse().unwrap()).collect();
+    seqs.sort_unstable();
+    let mut records = Vec::new();
+    for (i, mut v) in lines.into_iter().enumerate() {
+        let data = v["dynamodb"].as_object_mut().unwrap();
+        let seq: u128 = data.remove("SequenceNumber").unwrap().as_str().unwrap().parse().unwrap();
+        let created = 1_752_000_000_000_000u64 + seqs.binary_search(&seq).unwrap() as u64;
+        data.insert("ApproximateCreationDateTime".into(), created.into());
+        let pk = data["Keys"]["PK"]["S"].as_str().unwrap().to_owned();
+        let obj = v.as_object_mut().unwrap();
+        obj.insert("recordFormat".into(), "application/json".into());
+        obj.insert("tableName".into(), live.table.clone().into());
+        let entry = PutRecordsRequestEntry::builder().partition_key(pk).data(Blob::new(serde_json::to_vec(&v).unwrap())).build().unwrap();
+        // Kinesis delivers at least once: every seventh record arrives twice.
+        if i % 7 == 0 {
+            records.push(entry.clone());
+        }
+        records.push(entry);
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        let kinesis = aws_sdk_kinesis::Client::new(&config);
+        kinesis.create_stream().stream_name(&stream).shard_count(2).send().await.unwrap();
+        for chunk in records.chunks(500) {
+            let out = kinesis.put_records().stream_name(&stream).set_records(Some(chunk.to_vec())).send().await.unwrap();
+            assert_eq!(out.failed_record_count(), Some(0));
+        }
+    });
+    let out = String::from_utf8(run(&mut live.poller(&["kinesis", "--stream", &stream], &["--until-idle", "3"])).stderr).unwrap();
+    eprintln!("{out}");
+    assert!(count_after(&out, "changes, ") > 0, "duplicates were recognized as stale: {out}");
+    live.assert_sinks_equal_replay(&history, None);
+}

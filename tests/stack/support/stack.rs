@@ -1,0 +1,265 @@
+//! The local stack as one test sees it: its own topic, table and namespace, and what the sinks must hold.
+
+use super::*;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+pub const TODAY: &str = "2025-07-14";
+pub const TABLES: [&str; 3] = ["agent_score_summary", "user_process_patterns", "agent_tool_errors"];
+
+/// A topic, its dead-letter topic, a table and a Valkey namespace of one test.
+pub struct Live {
+    pub topic: String,
+    pub dlq: String,
+    pub table: String,
+    pub namespace: String,
+    pub group: String,
+    pub dir: tempfile::TempDir,
+    /// Environment of every command (another broker, a faulty DynamoDB endpoint).
+    pub env: Vec<(&'static str, String)>,
+}
+
+impl Live {
+    pub fn new(partitions: &str) -> Live {
+        Live::with_env(partitions, Vec::new())
+    }
+
+    pub fn with_env(partitions: &str, env: Vec<(&'static str, String)>) -> Live {
+        let live = Live {
+            topic: unique("live"),
+            dlq: unique("live-dlq"),
+            table: unique("LiveTable"),
+            namespace: unique("ns"),
+            group: unique("group"),
+            dir: tempfile::tempdir().unwrap(),
+            env,
+        };
+        live.toolrank(&["setup", "--topic", &live.topic, "--dead-letter-topic", &live.dlq, "--partitions", partitions, "--table", &live.table]);
+        live
+    }
+
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_toolrank"));
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
+    pub fn toolrank(&self, args: &[&str]) -> Output {
+        run(self.command().args(args))
+    }
+
+    pub fn consume_args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec![
+            "consume",
+            "kafka",
+            "--topic",
+            &self.topic,
+            "--group",
+            &self.group,
+            "--dead-letter-topic",
+            &self.dlq,
+            "--table",
+            &self.table,
+            "--namespace",
+            &self.namespace,
+            "--today",
+            TODAY,
+            "--lease-secs",
+            "2",
+            "--checkpoint-secs",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        args
+    }
+
+    pub fn consumer(&self, extra: &[&str]) -> Running {
+        Running::spawn(self.command().args(self.consume_args(extra)).stdout(Stdio::null()).stderr(Stdio::piped()))
+    }
+
+    /// Publishes `input` to the topic at `rate` records/s in the background.
+    pub fn producer(&self, rate: &str, input: &str) -> Running {
+        Running::spawn(self.command().args(["produce", "--topic", &self.topic, "--rate", rate, input]).stdout(Stdio::null()).stderr(Stdio::piped()))
+    }
+
+    /// Runs a consumer until the topic is drained (longer than the group's session
+    /// timeout, so partitions of killed members come back to it).
+    pub fn drain(&self, extra: &[&str]) -> String {
+        let mut args = self.consume_args(&["--until-idle", "12"]);
+        args.extend_from_slice(extra);
+        String::from_utf8(self.toolrank(&args).stderr).unwrap()
+    }
+
+    /// Runs `consume SOURCE` (dynamodb-streams or kinesis) on the test's table and
+    /// namespace, with short leases and intervals.
+    pub fn poller(&self, source_args: &[&str], extra: &[&str]) -> Command {
+        let mut cmd = self.command();
+        let dead_letters = self.dir.path().join("stream-dead-letters.jsonl");
+        cmd.args(["consume"]).args(source_args).args([
+            "--table",
+            &self.table,
+            "--application",
+            &self.group,
+            "--namespace",
+            &self.namespace,
+            "--today",
+            TODAY,
+            "--lease-secs",
+            "2",
+            "--checkpoint-secs",
+            "1",
+            "--discover-secs",
+            "2",
+            "--idle-poll-ms",
+            "100",
+        ]);
+        cmd.arg("--dead-letter-file").arg(dead_letters).args(extra);
+        cmd
+    }
+
+    pub fn streams_poller(&self, extra: &[&str]) -> Command {
+        self.poller(&["dynamodb-streams", "--source-table", &self.table], extra)
+    }
+
+    /// `results` of both sinks equal `replay` of `input`: every table from Valkey, and
+    /// the agents, tool errors and recommended patterns from DynamoDB.
+    pub fn assert_sinks_equal_replay(&self, input: &str, valkey_url: Option<&str>) {
+        let d = self.dir.path();
+        let (rr, rv, rd) = (d.join("replay"), d.join("valkey"), d.join("dynamodb"));
+        self.toolrank(&["replay", "--today", TODAY, "--out", rr.to_str().unwrap(), input]);
+        let url = valkey_url.map(str::to_owned).unwrap_or_else(|| env("TOOLRANK_VALKEY_URL"));
+        self.toolrank(&["results", "--from", "valkey", "--valkey-url", &url, "--namespace", &self.namespace, "--today", TODAY, "--out", rv.to_str().unwrap()]);
+        self.toolrank(&["results", "--from", "dynamodb", "--table", &self.table, "--today", TODAY, "--out", rd.to_str().unwrap()]);
+        for t in TABLES {
+            assert_eq!(read_table(&rv, t), read_table(&rr, t), "valkey {t} equals replay");
+        }
+        assert_dynamodb_holds(&rd, &rr);
+    }
+}
+
+pub fn read_table(dir: &std::path::Path, table: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{table}.jsonl"))).unwrap()
+}
+
+/// `results --from dynamodb` in `dynamodb` holds what DynamoDB keeps of `replay`: the
+/// agents, the tool errors and the recommended patterns.
+pub fn assert_dynamodb_holds(dynamodb: &std::path::Path, replay: &std::path::Path) {
+    assert_eq!(read_table(dynamodb, "agent_score_summary"), read_table(replay, "agent_score_summary"), "dynamodb agents equal replay");
+    assert_eq!(read_table(dynamodb, "agent_tool_errors"), read_table(replay, "agent_tool_errors"), "dynamodb tool errors equal replay");
+    let all = read_table(replay, "user_process_patterns");
+    let recommended: Vec<&str> = all.lines().filter(|l| l.contains("\"is_recommended\":true")).collect();
+    assert_eq!(read_table(dynamodb, "user_process_patterns").lines().collect::<Vec<_>>(), recommended, "dynamodb holds the recommended patterns");
+    assert!(!recommended.is_empty());
+}
+
+/// DynamoDB Local keeps working on every table with a stream, idle or not, until it is
+/// deleted: without this, a long test run slows it down for everything after.
+impl Drop for Live {
+    fn drop(&mut self) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let client = toolrank_dynamodb::client().await;
+            let _ = client.delete_table().table_name(&self.table).send().await;
+        });
+    }
+}
+
+/// A generated history, and its METADATA lines (the catalog) written into the test's
+/// table, so that the DynamoDB sink has Agent items to score. The hist items are not
+/// needed there: the consumer reads them from Kafka.
+pub fn generated(live: &Live, sessions: &str, seed: &str) -> String {
+    let path = live.dir.path().join(format!("history-{seed}.jsonl"));
+    live.toolrank(&["generate", "--sessions", sessions, "--seed", seed, "--agents", "30", "--out", path.to_str().unwrap()]);
+    let catalog = live.dir.path().join(format!("catalog-{seed}.jsonl"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: String = text.lines().filter(|l| l.contains(r#""SK":{"S":"METADATA"}"#)).map(|l| format!("{l}\n")).collect();
+    assert!(!lines.is_empty());
+    std::fs::write(&catalog, lines).unwrap();
+    live.toolrank(&["produce", "--to", "dynamodb", "--table", &live.table, catalog.to_str().unwrap()]);
+    path.to_str().unwrap().to_owned()
+}
+
+/// A private tansu broker (SQLite storage in its own directory), to restart it.
+pub struct Broker {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub process: Option<Running>,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let mut b = Broker { port: free_port(), dir: tempfile::tempdir().unwrap(), process: None };
+        b.spawn();
+        b
+    }
+
+    pub fn spawn(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = Running::spawn(
+            Command::new(env("TOOLRANK_TANSU"))
+                .args(["broker", "--storage-engine", "sqlite://tansu.db", "--listener-url", &url, "--advertised-listener-url", &url])
+                .current_dir(self.dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        self.process = Some(child);
+        wait_for_port(self.port);
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the broker gracefully and starts it again on the same storage.
+    pub fn restart(&mut self, down_for: Duration) {
+        let mut broker = self.process.take().unwrap();
+        broker.signal("-TERM");
+        if !broker.exits_within(Duration::from_secs(30)) {
+            eprintln!("tansu did not stop within 30 s of SIGTERM: killed");
+        }
+        drop(broker);
+        std::thread::sleep(down_for);
+        self.spawn();
+    }
+}
+
+/// A private Valkey without persistence on `port`.
+pub fn valkey_server(port: u16) -> Running {
+    Running::spawn(
+        Command::new(env("TOOLRANK_VALKEY_SERVER"))
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null()),
+    )
+}
+
+/// Every table of two `replay --out` directories holds the same rows: keys, counts,
+/// names and dates exactly, floats to 1e-9 relative.
+pub fn assert_same_tables(a: &std::path::Path, b: &std::path::Path, tables: &[&str]) {
+    pub fn load(dir: &std::path::Path, table: &str) -> Vec<serde_json::Map<String, serde_json::Value>> {
+        let text = std::fs::read_to_string(dir.join(format!("{table}.jsonl"))).unwrap();
+        let mut rows: Vec<_> = text.lines().map(|l| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(l).unwrap()).collect();
+        let key = |r: &serde_json::Map<String, serde_json::Value>| {
+            r.iter().filter(|(_, v)| v.is_string()).map(|(_, v)| v.as_str().unwrap().to_owned()).collect::<Vec<_>>()
+        };
+        rows.sort_by_key(key);
+        rows
+    }
+    for table in tables {
+        let (x, y) = (load(a, table), load(b, table));
+        assert_eq!(x.len(), y.len(), "{table}: row counts");
+        for (r, s) in x.iter().zip(&y) {
+            assert_eq!(r.keys().collect::<Vec<_>>(), s.keys().collect::<Vec<_>>(), "{table}: columns");
+            for (k, v) in r {
+                let w = &s[k];
+                match (v.as_f64(), w.as_f64()) {
+                    (Some(p), Some(q)) if v.is_f64() || w.is_f64() => {
+                        assert!((p - q).abs() <= 1e-12_f64.max(1e-9 * p.abs()), "{table}.{k}: {p} vs {q} in {r:?}")
+                    }
+                    _ => assert_eq!(v, w, "{table}.{k} in {r:?}"),
+                }
+            }
+        }
+    }
+}
+
+pub const ALL_TABLES: [&str; 4] = ["agent_score_summary", "user_process_patterns", "agent_tool_errors", "staging"];
