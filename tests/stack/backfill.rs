@@ -113,17 +113,10 @@ fn backfill_from_a_table_resumes_after_kill_and_equals_replay_and_the_export() {
 #[test]
 fn backfill_beside_a_live_consumer_counts_nothing_twice() {
     let live = Live::new("3");
-    let history = live.dir.path().join("history.jsonl");
-    live.toolrank(&["generate", "--sessions", "700", "--seed", "22", "--agents", "30", "--out", history.to_str().unwrap()]);
-    let text = std::fs::read_to_string(&history).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
-    let (before, after) = (live.dir.path().join("before.jsonl"), live.dir.path().join("after.jsonl"));
-    std::fs::write(&before, lines[..lines.len() / 2].join("\n")).unwrap();
-    std::fs::write(&after, lines[lines.len() / 2..].join("\n")).unwrap();
     // The table holds the first half when the pipeline starts; the application then
     // writes the second half to the table and the topic while a backfill scans the table
     // and a consumer reads the topic.
-    live.toolrank(&["produce", "--to", "dynamodb", "--table", &live.table, before.to_str().unwrap()]);
+    let (history, after) = live.history_in_halves("700", "22");
     let consumer = live.consumer(&["--until-idle", "12"]);
     let to_table = Running::spawn(
         live.command()
@@ -165,33 +158,10 @@ fn backfill_beside_a_live_consumer_counts_nothing_twice() {
 #[test]
 fn backfill_into_the_lambda_bucket_logs_beside_the_running_function_equals_replay() {
     let live = Live::new("1");
-    let history = live.dir.path().join("history.jsonl");
-    live.toolrank(&["generate", "--sessions", "600", "--seed", "31", "--agents", "30", "--out", history.to_str().unwrap()]);
-    let text = std::fs::read_to_string(&history).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
-    let (before, after) = (live.dir.path().join("before.jsonl"), live.dir.path().join("after.jsonl"));
-    std::fs::write(&before, lines[..lines.len() / 2].join("\n")).unwrap();
-    std::fs::write(&after, lines[lines.len() / 2..].join("\n")).unwrap();
-    live.toolrank(&["produce", "--to", "dynamodb", "--table", &live.table, before.to_str().unwrap()]);
+    let (history, after) = live.history_in_halves("600", "31");
     let api = RuntimeApi::start();
     let app = unique("lambda-backfill");
-    let _function = Running::spawn(
-        live.command()
-            .arg("lambda")
-            .envs([
-                ("AWS_LAMBDA_RUNTIME_API", api.address.as_str()),
-                ("AWS_LAMBDA_FUNCTION_NAME", "toolrank"),
-                ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512"),
-                ("AWS_LAMBDA_FUNCTION_VERSION", "1"),
-                ("TOOLRANK_TABLE", live.table.as_str()),
-                ("TOOLRANK_NAMESPACE", live.namespace.as_str()),
-                ("TOOLRANK_APPLICATION", app.as_str()),
-                ("TOOLRANK_TODAY", TODAY),
-                ("TOOLRANK_BUCKETS", "2"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
+    let _function = Running::spawn(live.function(&api.address, "toolrank", &app, &[("TOOLRANK_BUCKETS", "2")]).stdout(Stdio::null()).stderr(Stdio::null()));
     let to_table = Running::spawn(
         live.command()
             .args(["produce", "--to", "dynamodb", "--table", &live.table, "--rate", "400", after.to_str().unwrap()])
@@ -206,7 +176,7 @@ fn backfill_into_the_lambda_bucket_logs_beside_the_running_function_equals_repla
             .stderr(Stdio::piped()),
     );
     // The stream delivers the second half to the function in batches, as it is written.
-    let records: Vec<serde_json::Value> = lines[lines.len() / 2..].iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&after).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     for batch in records.chunks(100) {
         let answer = api.invoke(serde_json::json!({ "Records": batch }).to_string()).expect("the function answers");
         let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();

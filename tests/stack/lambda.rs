@@ -88,22 +88,13 @@ fn lambda_handler_is_exact(kinesis: bool, seed: &str, buckets: &str, compact_byt
     let handlers: Vec<Running> = (0..2)
         .map(|_| {
             Running::spawn(
-                Command::new(env!("CARGO_BIN_EXE_toolrank"))
-                    .arg("lambda")
-                    .envs([
-                        ("AWS_LAMBDA_RUNTIME_API", api.address.as_str()),
-                        ("AWS_LAMBDA_FUNCTION_NAME", "toolrank"),
-                        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512"),
-                        ("AWS_LAMBDA_FUNCTION_VERSION", "1"),
-                        ("AWS_ENDPOINT_URL_DYNAMODB", proxy.url.as_str()),
-                        ("TOOLRANK_TABLE", live.table.as_str()),
-                        ("TOOLRANK_NAMESPACE", live.namespace.as_str()),
-                        ("TOOLRANK_APPLICATION", app.as_str()),
-                        ("TOOLRANK_TODAY", TODAY),
-                        ("TOOLRANK_BUCKETS", buckets),
-                        ("TOOLRANK_COMPACT_BYTES", compact_bytes),
-                    ])
-                    .stderr(Stdio::null()),
+                live.function(
+                    &api.address,
+                    "toolrank",
+                    &app,
+                    &[("AWS_ENDPOINT_URL_DYNAMODB", proxy.url.as_str()), ("TOOLRANK_BUCKETS", buckets), ("TOOLRANK_COMPACT_BYTES", compact_bytes)],
+                )
+                .stderr(Stdio::null()),
             )
         })
         .collect();
@@ -166,20 +157,9 @@ fn the_function_under_the_cargo_lambda_emulator_reports_partial_failures_and_is_
     );
     wait_for_port(port.parse().unwrap());
     let runtime_api = format!("http://127.0.0.1:{port}/.rt");
+    // The emulator's function name when `cargo lambda invoke` names none.
     let function = Running::spawn(
-        Command::new(env!("CARGO_BIN_EXE_toolrank"))
-            .arg("lambda")
-            .envs([
-                ("AWS_LAMBDA_RUNTIME_API", runtime_api.as_str()),
-                ("AWS_LAMBDA_FUNCTION_NAME", "_"),
-                ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "4096"),
-                ("AWS_LAMBDA_FUNCTION_VERSION", "1"),
-                ("AWS_ENDPOINT_URL_DYNAMODB", proxy.url.as_str()),
-                ("TOOLRANK_TABLE", live.table.as_str()),
-                ("TOOLRANK_NAMESPACE", live.namespace.as_str()),
-                ("TOOLRANK_APPLICATION", &unique("emulated")),
-                ("TOOLRANK_TODAY", TODAY),
-            ])
+        live.function(&runtime_api, "_", &unique("emulated"), &[("AWS_ENDPOINT_URL_DYNAMODB", proxy.url.as_str())])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
     );

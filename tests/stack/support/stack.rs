@@ -44,6 +44,39 @@ impl Live {
         cmd
     }
 
+    /// `toolrank lambda` under the Runtime API at `runtime_api` as function `name`, writing
+    /// this test's table and namespace with the state of `application`; `env` on top.
+    pub fn function(&self, runtime_api: &str, name: &str, application: &str, env: &[(&str, &str)]) -> Command {
+        let mut cmd = self.command();
+        cmd.arg("lambda")
+            .envs([
+                ("AWS_LAMBDA_RUNTIME_API", runtime_api),
+                ("AWS_LAMBDA_FUNCTION_NAME", name),
+                ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512"),
+                ("AWS_LAMBDA_FUNCTION_VERSION", "1"),
+                ("TOOLRANK_TABLE", &self.table),
+                ("TOOLRANK_NAMESPACE", &self.namespace),
+                ("TOOLRANK_APPLICATION", application),
+                ("TOOLRANK_TODAY", TODAY),
+            ])
+            .envs(env.iter().copied());
+        cmd
+    }
+
+    /// A generated history of `sessions` (30 agents) and its first and second halves, as
+    /// files; the first half is written into the table.
+    pub fn history_in_halves(&self, sessions: &str, seed: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let history = self.dir.path().join("history.jsonl");
+        self.toolrank(&["generate", "--sessions", sessions, "--seed", seed, "--agents", "30", "--out", history.to_str().unwrap()]);
+        let text = std::fs::read_to_string(&history).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let (before, after) = (self.dir.path().join("before.jsonl"), self.dir.path().join("after.jsonl"));
+        std::fs::write(&before, lines[..lines.len() / 2].join("\n")).unwrap();
+        std::fs::write(&after, lines[lines.len() / 2..].join("\n")).unwrap();
+        self.toolrank(&["produce", "--to", "dynamodb", "--table", &self.table, before.to_str().unwrap()]);
+        (history, after)
+    }
+
     pub fn toolrank(&self, args: &[&str]) -> Output {
         run(self.command().args(args))
     }
