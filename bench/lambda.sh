@@ -29,9 +29,10 @@ RUN="lbench$$"
 head -n "$INVOKE_RECORDS" "$WORK/history.jsonl" > "$WORK/subset.jsonl"
 "$BIN/toolrank" setup --topic "$RUN-events" --dead-letter-topic "$RUN-dl" --partitions 2 --table "$RUN-Kafka" >&2
 "$BIN/toolrank" produce --topic "$RUN-events" --rate "$RATE" "$WORK/subset.jsonl" 2> /dev/null &
+PRODUCER=$!
 "$BIN/toolrank" consume kafka --topic "$RUN-events" --dead-letter-topic "$RUN-dl" --group "$RUN" --table "$RUN-Kafka" \
   --namespace "$RUN" --until-idle 3 --dynamodb-flush-ms "$SINK_INTERVAL_MS" --dynamodb-writes-per-event "$WRITES_PER_EVENT" 2> "$WORK/kafka.log"
-wait
+wait "$PRODUCER"
 python3 - "$WORK/kafka.log" <<'PY'
 import re, sys
 log = open(sys.argv[1]).read()
