@@ -1,7 +1,7 @@
 //! `toolrank consume kafka`: a consumer group feeding the engine, then the sinks, with
 //! an exactly-once effect.
 //!
-//! How (also in the README):
+//! How (also in docs/architecture.md):
 //! - **State per partition.** Each assigned partition has its own [`Engine`]. Every
 //!   checkpoint interval what changed in it since the last checkpoint (the sessions and
 //!   Agent items touched) and the next offset are saved together, atomically, in the

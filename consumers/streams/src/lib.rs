@@ -1,7 +1,7 @@
 //! `toolrank consume dynamodb-streams` and `toolrank consume kinesis`: shard pollers with
 //! KCL-style leases and an exactly-once effect.
 //!
-//! How (also in the README):
+//! How (also in docs/architecture.md):
 //! - **Lineages.** A stream's shards form trees: a shard closes and its child (or two,
 //!   after a split) continues its key range. All changes of one item, and of one session,
 //!   stay within one tree, so a tree is the unit that owns engine state, the way a Kafka
