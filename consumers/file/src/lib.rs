@@ -359,6 +359,8 @@ fn document_spans(text: &[u8]) -> (Vec<(u64, usize, usize)>, bool) {
         let mut values = serde_json::Deserializer::from_slice(&text[start..]).into_iter::<serde::de::IgnoredAny>();
         matches!(values.next(), Some(Ok(_))).then(|| start + values.byte_offset())
     };
+    // The end of the text without trailing blanks: where a record that does not parse ends.
+    let tail = text.len() - text.iter().rev().take_while(|b| b.is_ascii_whitespace()).count();
     let mut i = skip_ws(0);
     while i < text.len() {
         if text[i] == b'[' {
@@ -369,7 +371,7 @@ fn document_spans(text: &[u8]) -> (Vec<(u64, usize, usize)>, bool) {
             }
             loop {
                 let Some(end) = value_end(j) else {
-                    spans.push((at_line(j), j, text.len()));
+                    spans.push((at_line(j), j, tail.max(j)));
                     return (spans, false);
                 };
                 spans.push((at_line(j), j, end));
@@ -378,7 +380,8 @@ fn document_spans(text: &[u8]) -> (Vec<(u64, usize, usize)>, bool) {
                     Some(b',') => j = skip_ws(j + 1),
                     Some(b']') => break,
                     _ => {
-                        spans.push((at_line(j.min(text.len())), j.min(text.len()), text.len()));
+                        let j = j.min(tail);
+                        spans.push((at_line(j), j, tail));
                         return (spans, false);
                     }
                 }
@@ -386,7 +389,7 @@ fn document_spans(text: &[u8]) -> (Vec<(u64, usize, usize)>, bool) {
             i = skip_ws(j + 1);
         } else {
             let Some(end) = value_end(i) else {
-                spans.push((at_line(i), i, text.len()));
+                spans.push((at_line(i), i, tail.max(i)));
                 return (spans, false);
             };
             spans.push((at_line(i), i, end));
