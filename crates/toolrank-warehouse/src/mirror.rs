@@ -297,5 +297,15 @@ mod tests {
         let out = decode(lambda).unwrap();
         assert_eq!(out[0].as_ref().unwrap().image.as_ref().unwrap()["GSI1_PK"]["S"], "D");
         assert_eq!(out[1].as_ref().unwrap_err().index, Some(1));
+        // Incremental export lines: the new image at its write time, or a delete.
+        let keys = r#""Keys":{"PK":{"S":"U#S"},"SK":{"S":"P#A#T"}}"#;
+        let put = format!(
+            r#"{{"Metadata":{{"WriteTimestampMicros":{{"N":"1750000000000001"}}}},{keys},"NewImage":{{"PK":{{"S":"U#S"}},"SK":{{"S":"P#A#T"}},"EntityType":{{"S":"UserSessPrcToolMappHist"}},"TransactDT":{{"S":"20250614140605"}},"SuccYN":{{"S":"Y"}},"ToolNM":{{"S":"X"}},"ResultMsg":{{"S":"new"}}}}}}"#
+        );
+        let c = decode(put.as_bytes()).unwrap().remove(0).unwrap();
+        assert_eq!((c.image.unwrap()["ResultMsg"]["S"].as_str(), c.seq), (Some("new"), Some(1_750_000_000_000_001)));
+        let delete = format!(r#"{{"Metadata":{{"WriteTimestampMicros":{{"N":"1750000000000002"}}}},{keys},"OldImage":{{"PK":{{"S":"U#S"}}}}}}"#);
+        let c = decode(delete.as_bytes()).unwrap().remove(0).unwrap();
+        assert_eq!((c.pk.as_str(), c.image, c.seq), ("U#S", None, Some(1_750_000_000_000_002)));
     }
 }
