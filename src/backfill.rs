@@ -29,7 +29,9 @@ use toolrank_dynamodb::{CheckpointStore, Limiter};
 ///
 /// With --target lambda the copies go into the Lambda function's bucket logs instead
 /// (the handler's own bucketing, --application and --buckets as the function's
-/// TOOLRANK_APPLICATION and TOOLRANK_BUCKETS), beside the running function: a Lambda
+/// TOOLRANK_APPLICATION and TOOLRANK_BUCKETS; TOOLRANK_COMPACT_BYTES and
+/// TOOLRANK_TOMBSTONE_HORIZON_SECS are read as the function reads them, so set them as
+/// the function has them), beside the running function: a Lambda
 /// deployment becomes exact without Kafka. The function's next sink write (any
 /// invocation once its interval is up, or the scheduled flush) shows them.
 ///
@@ -119,31 +121,25 @@ pub fn run(args: Args) -> Result<ExitCode> {
     match args.target {
         TargetArg::Kafka => backfill(args, |args| Kafka { brokers: args.brokers.clone(), topic: args.topic.clone() }),
         TargetArg::Lambda => {
-            let buckets = Buckets::start(lambda_config(&args), args.lambda_batch as usize);
+            let buckets = Buckets::start(lambda_config(&args)?, args.lambda_batch as usize);
             backfill(args, move |_| buckets.clone())
         }
     }
 }
 
-/// The function's configuration for writing its bucket logs only: the function writes
-/// the sinks.
-fn lambda_config(args: &Args) -> toolrank_lambda::Config {
-    toolrank_lambda::Config {
-        application: args.application.clone(),
-        state_table: args.state_table.clone(),
-        table: None,
-        valkey_url: None,
-        valkey_prefix: String::new(),
-        today: None,
-        buckets: args.buckets,
-        compact_bytes: toolrank_lambda::COMPACT_MIN_BYTES,
-        sink_wait: Duration::from_secs(20),
-        sink_interval: Duration::ZERO,
-        dynamodb_writes_per_event: None,
-        dynamodb_max_defer: Duration::ZERO,
-        dynamodb_max_wcu: None,
-        tombstone_horizon: toolrank_live::DEFAULT_TOMBSTONE_HORIZON,
-    }
+/// The function's own settings, read from the same environment variables as the function
+/// (so its compaction size and tombstone horizon hold for the logs the backfill appends
+/// to), with this backfill's application, state table and buckets, and no sinks: the
+/// function writes them.
+fn lambda_config(args: &Args) -> Result<toolrank_lambda::Config> {
+    let mut settings = toolrank_lambda::Settings::from_env().map_err(|e| anyhow::anyhow!("the function's settings: {}", e.render()))?;
+    settings.application.clone_from(&args.application);
+    settings.state_table.clone_from(&args.state_table);
+    settings.buckets = args.buckets;
+    settings.table.clear();
+    settings.valkey_url = None;
+    settings.namespace = Some(String::new());
+    Ok(settings.config())
 }
 
 fn backfill<T: Target>(args: Args, target: impl Fn(&Args) -> T) -> Result<ExitCode> {
