@@ -1,7 +1,7 @@
 //! `toolrank backfill`: the table's current contents onto the events topic, or into the
 //! Lambda function's bucket logs.
 
-use crate::replay::DeadLetters;
+use crate::dead_letters::DeadLetters;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
@@ -11,7 +11,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use toolrank_backfill::{export, scan, Kafka, Progress, Run, Sender, Target};
-use toolrank_dynamodb::{CheckpointStore, Limiter};
+use toolrank_dynamodb::Limiter;
+use toolrank_state::CheckpointStore;
 
 /// Build the rankings from a table's current contents (a parallel Scan) or from a DynamoDB
 /// export, beside the live pipeline.
@@ -149,13 +150,13 @@ fn backfill<T: Target>(args: Args, target: impl Fn(&Args) -> T) -> Result<ExitCo
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let stop = Arc::new(AtomicBool::new(false));
-    crate::consume::watch_signals(stop.clone());
+    crate::signals::watch_signals(stop.clone());
     let progress = Arc::new(Progress::default());
     let every = Duration::from_secs_f64(args.checkpoint_secs.max(0.01));
     let owner = format!("backfill-{}", std::process::id());
     let started = Instant::now();
     let client = rt.block_on(toolrank_dynamodb::client());
-    rt.block_on(toolrank_dynamodb::create_state_table(&client, &args.state_table))?;
+    rt.block_on(toolrank_state::create_state_table(&client, &args.state_table))?;
     let store = CheckpointStore::new(client.clone(), args.state_table.clone());
     let bar = bar(&rt, &client, &args, progress.clone());
     let finished = match args.from {

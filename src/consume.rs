@@ -3,7 +3,7 @@
 use crate::sinks::SinkArgs;
 use anyhow::Result;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -157,12 +157,11 @@ impl DynamoDbPacing {
     }
 }
 
+/// The flags every live consumer shares: pacing, checkpoints, retention, sinks.
 #[derive(clap::Args)]
-struct PollerArgs {
-    /// The application: pollers with the same name share the shards (and one state).
-    #[arg(long, env = "TOOLRANK_APPLICATION", default_value = "toolrank")]
-    application: String,
-    /// Exit after SECS without a new record, once every shard is read (tests, batch use).
+struct LiveArgs {
+    /// Exit after SECS without a new record, once the whole input is read: every
+    /// partition or shard, by this consumer or the others of its group (tests, batch use).
     #[arg(long, value_name = "SECS", value_parser = crate::args::seconds)]
     until_idle: Option<f64>,
     /// Milliseconds between Valkey writes (changes are coalesced per key in between).
@@ -174,6 +173,49 @@ struct PollerArgs {
     retention: Retention,
     #[command(flatten)]
     checkpoints: Checkpointing,
+    /// This consumer's identity in leases and checkpoints (default: host, process id and
+    /// start time, unique per start).
+    #[arg(long, env = "TOOLRANK_CONSUMER_ID")]
+    id: Option<String>,
+    #[command(flatten)]
+    sinks: SinkArgs,
+}
+
+impl LiveArgs {
+    /// The shared settings, with leases lasting `lease`.
+    fn config(self, lease: Duration) -> Result<toolrank_live::LiveConfig> {
+        let target = crate::namespace::target(&self.sinks);
+        Ok(toolrank_live::LiveConfig {
+            writer: toolrank_live::WriterConfig {
+                state_table: self.sinks.state_table.clone(),
+                table: (!self.sinks.no_dynamodb).then(|| self.sinks.table.clone()),
+                dynamodb_namespace: target.dynamodb,
+                valkey_url: (!self.sinks.no_valkey).then(|| self.sinks.valkey_url.clone()),
+                valkey_prefix: target.name,
+                today: self.sinks.today()?,
+                owner: self.id.unwrap_or_else(|| toolrank_live::unique_owner(&std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()))),
+                lease,
+                dynamodb_interval: self.dynamodb.interval(),
+                dynamodb_max_defer: self.dynamodb.max_defer(),
+                dynamodb_writes_per_event: self.dynamodb.writes_per_event(),
+                dynamodb_max_wcu: self.dynamodb.dynamodb_max_wcu,
+                tombstone_horizon: self.retention.horizon(),
+            },
+            pacing: toolrank_live::Pacing {
+                until_idle: self.until_idle.map(Duration::from_secs_f64),
+                flush_interval: Duration::from_millis(self.flush_ms),
+                checkpoint_interval: self.checkpoints.interval(),
+                checkpoint_max: self.checkpoints.max(),
+            },
+        })
+    }
+}
+
+#[derive(clap::Args)]
+struct PollerArgs {
+    /// The application: pollers with the same name share the shards (and one state).
+    #[arg(long, env = "TOOLRANK_APPLICATION", default_value = "toolrank")]
+    application: String,
     /// Seconds between reads of the shard listing (new shards, splits).
     #[arg(long, default_value_t = 10.0, value_parser = crate::args::seconds)]
     discover_secs: f64,
@@ -188,44 +230,20 @@ struct PollerArgs {
     /// Rejected records, one JSON line each (reason, shard, sequence number, record).
     #[arg(long, env = "TOOLRANK_DEAD_LETTER_FILE", default_value = "toolrank-dead-letters.jsonl")]
     dead_letter_file: std::path::PathBuf,
-    /// This poller's identity (default: host and process id).
-    #[arg(long, env = "TOOLRANK_CONSUMER_ID")]
-    id: Option<String>,
     #[command(flatten)]
-    sinks: SinkArgs,
+    live: LiveArgs,
 }
 
 impl PollerArgs {
     fn config(self) -> Result<toolrank_consume_streams::Config> {
-        let target = crate::namespace::target(&self.sinks);
         Ok(toolrank_consume_streams::Config {
             application: self.application,
-            until_idle: self.until_idle.map(Duration::from_secs_f64),
-            flush_interval: Duration::from_millis(self.flush_ms),
-            dynamodb_interval: self.dynamodb.interval(),
-            dynamodb_max_defer: self.dynamodb.max_defer(),
-            dynamodb_writes_per_event: self.dynamodb.writes_per_event(),
-            dynamodb_max_wcu: self.dynamodb.dynamodb_max_wcu,
-            checkpoint_interval: self.checkpoints.interval(),
-            checkpoint_max: self.checkpoints.max(),
             discover_interval: Duration::from_secs_f64(self.discover_secs),
             idle_poll: Duration::from_millis(self.idle_poll_ms),
-            state_table: self.sinks.state_table.clone(),
-            table: (!self.sinks.no_dynamodb).then(|| self.sinks.table.clone()),
-            valkey_url: (!self.sinks.no_valkey).then(|| self.sinks.valkey_url.clone()),
-            valkey_prefix: target.name,
-            dynamodb_namespace: target.dynamodb,
-            today: self.sinks.today()?,
-            owner: owner(self.id),
-            lease: Duration::from_secs_f64(self.lease_secs),
             dead_letter_file: self.dead_letter_file,
-            tombstone_horizon: self.retention.horizon(),
+            live: self.live.config(Duration::from_secs_f64(self.lease_secs))?,
         })
     }
-}
-
-fn owner(id: Option<String>) -> String {
-    id.unwrap_or_else(|| format!("{}-{}", std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()), std::process::id()))
 }
 
 /// Consume a Kafka topic as a member of a consumer group.
@@ -256,37 +274,22 @@ struct KafkaArgs {
     /// The dead-letter topic.
     #[arg(long, env = "TOOLRANK_DEAD_LETTER_TOPIC", default_value = "toolrank-dead-letters")]
     dead_letter_topic: String,
-    /// Exit after SECS without a new message (tests, batch use).
-    #[arg(long, value_name = "SECS", value_parser = crate::args::seconds)]
-    until_idle: Option<f64>,
     /// Milliseconds a fetch that finds nothing new waits on the broker. Kafka answers as
     /// soon as records arrive, so this only paces idle polling there; brokers that answer
     /// at the deadline (tansu) add it to every record's latency.
     #[arg(long, value_name = "MS", default_value_t = toolrank_kafka::FETCH_WAIT_MS, value_parser = clap::value_parser!(u64).range(1..=60_000), env = "TOOLRANK_FETCH_WAIT_MS")]
     fetch_wait_ms: u64,
-    /// Milliseconds between Valkey writes (changes are coalesced per key in between).
-    #[arg(long, default_value_t = 20, env = "TOOLRANK_FLUSH_MS")]
-    flush_ms: u64,
-    #[command(flatten)]
-    dynamodb: DynamoDbPacing,
-    #[command(flatten)]
-    retention: Retention,
-    #[command(flatten)]
-    checkpoints: Checkpointing,
     /// Seconds the sink lease lasts without renewal (how soon another consumer takes
     /// over the sinks from a dead one).
     #[arg(long, default_value_t = 5.0, value_parser = crate::args::seconds)]
     lease_secs: f64,
-    /// This consumer's identity (default: host and process id).
-    #[arg(long, env = "TOOLRANK_CONSUMER_ID")]
-    id: Option<String>,
     #[command(flatten)]
-    sinks: SinkArgs,
+    live: LiveArgs,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let stop = Arc::new(AtomicBool::new(false));
-    watch_signals(stop.clone());
+    crate::signals::watch_signals(stop.clone());
     let summary = match args.source {
         Source::Kafka(a) => kafka(a, stop)?,
         Source::DynamodbStreams(a) => {
@@ -307,31 +310,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
 }
 
 fn kafka(a: KafkaArgs, stop: Arc<AtomicBool>) -> Result<toolrank_live::Summary> {
-    let owner = owner(a.id);
-    let target = crate::namespace::target(&a.sinks);
     let config = toolrank_consume_kafka::Config {
         brokers: a.brokers,
         topic: a.topic,
         group: a.group,
         dead_letter_topic: a.dead_letter_topic,
-        until_idle: a.until_idle.map(Duration::from_secs_f64),
         fetch_wait: Duration::from_millis(a.fetch_wait_ms),
-        flush_interval: Duration::from_millis(a.flush_ms),
-        dynamodb_interval: a.dynamodb.interval(),
-        dynamodb_max_defer: a.dynamodb.max_defer(),
-        dynamodb_writes_per_event: a.dynamodb.writes_per_event(),
-        dynamodb_max_wcu: a.dynamodb.dynamodb_max_wcu,
-        checkpoint_interval: a.checkpoints.interval(),
-        checkpoint_max: a.checkpoints.max(),
-        state_table: a.sinks.state_table.clone(),
-        table: (!a.sinks.no_dynamodb).then(|| a.sinks.table.clone()),
-        valkey_url: (!a.sinks.no_valkey).then(|| a.sinks.valkey_url.clone()),
-        valkey_prefix: target.name,
-        dynamodb_namespace: target.dynamodb,
-        today: a.sinks.today()?,
-        owner,
-        lease: Duration::from_secs_f64(a.lease_secs),
-        tombstone_horizon: a.retention.horizon(),
+        live: a.live.config(Duration::from_secs_f64(a.lease_secs))?,
     };
     Ok(toolrank_consume_kafka::run(config, stop)?)
 }
@@ -380,19 +365,4 @@ fn print_summary(s: &toolrank_live::Summary) {
     if s.retried_errors > 0 {
         eprintln!("{} sink, checkpoint or lease errors were retried", s.retried_errors);
     }
-}
-
-/// Sets `stop` on SIGINT or SIGTERM.
-pub(crate) fn watch_signals(stop: Arc<AtomicBool>) {
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
-        rt.block_on(async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        });
-        stop.store(true, Ordering::Relaxed);
-    });
 }

@@ -3,16 +3,18 @@
 mod args;
 mod backfill;
 mod consume;
+mod dead_letters;
 mod generate;
 mod lambda;
-mod mirror_kafka;
-mod mirror_streams;
+mod mirror;
 mod namespace;
 mod output;
 mod produce;
 mod replay;
 mod replay_kafka;
 mod setup;
+mod signals;
+mod sink_args;
 mod sinks;
 mod warehouse;
 
@@ -64,7 +66,7 @@ enum Command {
     Promote(namespace::PromoteArgs),
     Diff(namespace::DiffArgs),
     Warehouse(warehouse::Args),
-    Mirror(warehouse::MirrorArgs),
+    Mirror(mirror::MirrorArgs),
     Reconcile(warehouse::ReconcileArgs),
 }
 
@@ -98,7 +100,7 @@ fn main() -> ExitCode {
         Command::Promote(args) => namespace::promote(args),
         Command::Diff(args) => namespace::diff(args),
         Command::Warehouse(args) => warehouse::run(args),
-        Command::Mirror(args) => warehouse::mirror(args),
+        Command::Mirror(args) => mirror::mirror(args),
         Command::Reconcile(args) => warehouse::reconcile(args),
     };
     match result {

@@ -14,7 +14,7 @@
 //! registered shadow's name writes or reads its items; any other name only picks the
 //! Valkey prefix, with DynamoDB's rankings on the live items.
 
-use crate::sinks::{SinkArgs, DEFAULT_NAMESPACE};
+use crate::sink_args::{SinkArgs, DEFAULT_NAMESPACE};
 use anyhow::{bail, Context, Result};
 use aws_sdk_dynamodb::types::AttributeValue;
 use std::collections::BTreeMap;
@@ -47,7 +47,7 @@ pub fn target(sinks: &SinkArgs) -> Target {
                 if !sinks.shadow {
                     return is_shadow(&client, &sinks.state_table, &sinks.table, &name).await;
                 }
-                toolrank_dynamodb::create_state_table(&client, &sinks.state_table).await?;
+                toolrank_state::create_state_table(&client, &sinks.state_table).await?;
                 register(&client, &sinks.state_table, &sinks.table, &name, true).await?;
                 Ok(true)
             })
@@ -155,7 +155,7 @@ pub fn promote(args: PromoteArgs) -> Result<ExitCode> {
     let rt = runtime()?;
     rt.block_on(async {
         let client = toolrank_dynamodb::client().await;
-        toolrank_dynamodb::create_state_table(&client, &sinks.state_table).await?;
+        toolrank_state::create_state_table(&client, &sinks.state_table).await?;
         if !sinks.no_dynamodb {
             promote_in_table(&client, sinks, &args.name, &previous, args.drop_previous, today).await?;
         }
@@ -325,7 +325,7 @@ pub fn write_shadow(engine: &Engine, sinks: &SinkArgs, today: Day, dry_run: bool
         runtime()?
             .block_on(async {
                 let client = toolrank_dynamodb::client().await;
-                toolrank_dynamodb::create_state_table(&client, &sinks.state_table).await?;
+                toolrank_state::create_state_table(&client, &sinks.state_table).await?;
                 register(&client, &sinks.state_table, &sinks.table, name, true).await?;
                 drop_in_table(&client, &sinks.table, name).await?;
                 DynamoSink::in_namespace(client, &sinks.table, Namespace::Shadow(name.to_owned())).write(engine, &everything, today).await?;

@@ -1,12 +1,12 @@
 //! `toolrank replay`: files in, the seed's tables out, with no service at all.
 
+use crate::dead_letters::DeadLetters;
 use crate::output;
 use crate::sinks::SinkArgs;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::cell::Cell;
-use std::fs::File;
-use std::io::{BufWriter, IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -95,46 +95,6 @@ struct Counts {
     ttl_deletes: u64,
     stale: u64,
     bad: u64,
-}
-
-/// The dead-letter file of a file-reading job: bad records are logged (the first ten),
-/// counted and appended as JSON lines.
-pub(crate) struct DeadLetters {
-    writer: Option<BufWriter<File>>,
-    strict: bool,
-}
-
-impl DeadLetters {
-    pub(crate) fn open(path: Option<&std::path::Path>, strict: bool) -> Result<DeadLetters> {
-        let writer = match path {
-            Some(p) => Some(BufWriter::new(File::options().create(true).append(true).open(p).with_context(|| format!("opening {}", p.display()))?)),
-            None => None,
-        };
-        Ok(DeadLetters { writer, strict })
-    }
-
-    /// Records one bad record; in strict mode it becomes the error that ends the run.
-    pub(crate) fn reject(&mut self, bad: &mut u64, letter: DeadLetter) -> Result<()> {
-        *bad += 1;
-        let bad = *bad;
-        let at = match letter.record {
-            Some(i) => format!("{}:{} (record {i})", letter.source, letter.line),
-            None => format!("{}:{}", letter.source, letter.line),
-        };
-        if self.strict {
-            bail!("bad record at {at}: {}", letter.reason);
-        }
-        if bad <= 10 {
-            tracing::warn!(position = %at, reason = %letter.reason, "skipping bad record");
-        } else if bad == 11 {
-            tracing::warn!("more bad records; counting them without logging each");
-        }
-        if let Some(w) = &mut self.writer {
-            serde_json::to_writer(&mut *w, &letter)?;
-            w.write_all(b"\n")?;
-        }
-        Ok(())
-    }
 }
 
 /// A decoded record, borrowing from its chunk's text.
@@ -371,9 +331,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     };
     engine.flush();
     let ingested = started.elapsed();
-    if let Some(w) = &mut dead.writer {
-        w.flush().context("writing the dead-letter file")?;
-    }
+    dead.flush()?;
     if let Some(dir) = args.out.as_ref().filter(|_| !args.dry_run) {
         output::write_dir(dir, &engine, today)?;
     }

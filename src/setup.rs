@@ -58,7 +58,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             let status = toolrank_dynamodb::create_table(&client, &args.table, !args.no_stream).await?;
             let what = if status == TableStatusReport::Created { "created" } else { "exists:" };
             eprintln!("dynamodb table {what} {}", args.table);
-            let status = toolrank_dynamodb::create_state_table(&client, &args.state_table).await?;
+            let status = toolrank_state::create_state_table(&client, &args.state_table).await?;
             let what = if status == TableStatusReport::Created { "created" } else { "exists:" };
             eprintln!("dynamodb table {what} {}", args.state_table);
         }

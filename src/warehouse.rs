@@ -1,7 +1,7 @@
-//! The batch path: `toolrank warehouse score`, `toolrank mirror` and `toolrank reconcile`.
+//! The batch path: `toolrank warehouse score` and `toolrank reconcile` (`toolrank mirror`
+//! keeps the warehouse's copy of the table).
 
 use crate::output;
-use crate::replay::DeadLetters;
 use crate::sinks::{read_sink, From, SinkArgs};
 use anyhow::{bail, Context, Result};
 use std::borrow::Cow;
@@ -9,9 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use toolrank_engine::{Engine, Report, StagingRow};
-use toolrank_events::{Action, AgentItem, Change, Day, DeadLetter, Entity, Execution, METADATA_SK};
-use toolrank_source_file::{expand, LineReader};
-use toolrank_warehouse::mirror::{self, Mirror};
+use toolrank_events::{Action, AgentItem, Change, Day, Entity, Execution, METADATA_SK};
 use toolrank_warehouse::{reconcile, results, sql, DataApi, Target, Value};
 
 /// Where the warehouse is: a Redshift Serverless workgroup or a provisioned cluster, and
@@ -41,7 +39,7 @@ pub struct WarehouseArgs {
 }
 
 impl WarehouseArgs {
-    async fn connect(&self) -> Result<DataApi> {
+    pub async fn connect(&self) -> Result<DataApi> {
         let target = match (&self.workgroup, &self.cluster_identifier) {
             (Some(name), _) => Target::Workgroup { name: name.clone(), secret_arn: self.secret_arn.clone() },
             (None, Some(id)) => Target::Cluster { id: id.clone(), db_user: self.db_user.clone(), secret_arn: self.secret_arn.clone() },
@@ -56,7 +54,7 @@ impl WarehouseArgs {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
@@ -205,135 +203,6 @@ fn push(rt: &tokio::runtime::Runtime, sinks: &SinkArgs, staging: &[results::Stag
     }
     eprintln!("pushed {} agents and {} patterns to the sinks", everything.agents.len(), everything.patterns.len());
     Ok(())
-}
-
-/// Keep the warehouse's "AgentTable"("PK","SK","value") current, as Zero-ETL does: from
-/// files (any replay format, gzip, export directories, - for stdin) or by following a
-/// Kafka topic or the table's DynamoDB stream.
-///
-/// Every record is validated like everywhere else (bad ones go to --dead-letter, counted);
-/// the item's whole image becomes "value", DynamoDB's typed JSON as Zero-ETL writes it.
-/// Inserts, modifies and removes (TTL ones included) apply per key, the last write wins
-/// and an older stream record than the one applied is ignored. Changes are applied in
-/// batches, each one transaction with the source positions it covers: a restarted
-/// --follow mirror resumes exactly where its last batch committed.
-///
-///   toolrank mirror examples/seed-sample.jsonl
-///   toolrank mirror --follow kafka --topic toolrank-events --until-idle 5
-///   toolrank mirror --follow dynamodb-streams --source-table AgentTable
-#[derive(clap::Args)]
-#[command(verbatim_doc_comment)]
-pub struct MirrorArgs {
-    #[command(flatten)]
-    warehouse: WarehouseArgs,
-    /// Follow a live source instead of reading files.
-    #[arg(long, value_enum)]
-    follow: Option<Follow>,
-    /// The topic to follow (--follow kafka).
-    #[arg(long, env = "TOOLRANK_TOPIC", default_value = "toolrank-events")]
-    topic: String,
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "TOOLRANK_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
-    /// The table whose stream is followed (--follow dynamodb-streams).
-    #[arg(long, env = "TOOLRANK_SOURCE_TABLE", default_value = "AgentTable")]
-    source_table: String,
-    /// Exit after SECS without a new record (--follow; tests and batch use).
-    #[arg(long, value_name = "SECS", value_parser = crate::args::seconds)]
-    until_idle: Option<f64>,
-    /// Append rejected records here as JSON lines.
-    #[arg(long, value_name = "FILE")]
-    dead_letter: Option<PathBuf>,
-    /// Empty "AgentTable" (and the recorded positions) first: a new load rather than
-    /// changes to the current table.
-    #[arg(long)]
-    fresh: bool,
-    /// Files to mirror, in order.
-    inputs: Vec<String>,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Follow {
-    /// The topic's partitions, from the offsets the last batch recorded.
-    Kafka,
-    /// The table's DynamoDB stream, every shard, parents before children.
-    DynamodbStreams,
-}
-
-pub fn mirror(args: MirrorArgs) -> Result<ExitCode> {
-    let mut dead = DeadLetters::open(args.dead_letter.as_deref(), false)?;
-    let rt = runtime()?;
-    let api = rt.block_on(args.warehouse.connect())?;
-    if args.fresh {
-        rt.block_on(Mirror::clear(&api))?;
-    }
-    let started = Instant::now();
-    let (mirror, bad) = match args.follow {
-        None => {
-            if args.inputs.is_empty() {
-                bail!("nothing to mirror: name files (or - for stdin), or --follow a source");
-            }
-            mirror_files(&rt, &api, &args.inputs, &mut dead)?
-        }
-        Some(Follow::Kafka) => crate::mirror_kafka::follow(&rt, &api, &args.brokers, &args.topic, args.until_idle, &mut dead)?,
-        Some(Follow::DynamodbStreams) => crate::mirror_streams::follow(&rt, &api, &args.source_table, args.until_idle, &mut dead)?,
-    };
-    let s = mirror.stats;
-    eprintln!(
-        "mirrored {} item writes and {} removes in {} batches ({} stale records ignored, {bad} rejected) in {:.1} s",
-        s.items_written,
-        s.items_removed,
-        s.batches,
-        s.stale,
-        started.elapsed().as_secs_f64()
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Feeds one line to the mirror; rejected records go to the dead letters.
-pub(crate) fn mirror_line(mirror: &mut Mirror, line: &[u8], source: &str, line_no: u64, dead: &mut DeadLetters, bad: &mut u64) -> Result<()> {
-    let letter = |record, reason: String, raw: Option<String>| DeadLetter {
-        source: source.to_owned(),
-        line: line_no,
-        record,
-        position: None,
-        reason,
-        raw: raw.unwrap_or_else(|| String::from_utf8_lossy(line).into_owned()),
-    };
-    match mirror::decode(line) {
-        Err(e) => dead.reject(bad, letter(None, e.to_string(), None))?,
-        Ok(records) => {
-            for r in records {
-                match r {
-                    Ok(change) => mirror.push(change),
-                    Err(rejected) => dead.reject(bad, letter(rejected.index, rejected.reason, rejected.raw))?,
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-fn mirror_files(rt: &tokio::runtime::Runtime, api: &DataApi, inputs: &[String], dead: &mut DeadLetters) -> Result<(Mirror, u64)> {
-    let inputs = expand(inputs)?;
-    let mut mirror = rt.block_on(Mirror::open(api, "files"))?;
-    let mut bad = 0;
-    let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    for input in &inputs {
-        let mut reader = LineReader::open(input, read.clone())?;
-        let name = reader.name().to_owned();
-        while let Some((line_no, line)) = reader.next_line()? {
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            mirror_line(&mut mirror, line, &name, line_no, dead, &mut bad)?;
-            if mirror.full() {
-                rt.block_on(mirror.flush(api))?;
-            }
-        }
-    }
-    rt.block_on(mirror.flush(api))?;
-    Ok((mirror, bad))
 }
 
 /// Compare the streaming sinks with the warehouse, table by table.

@@ -411,7 +411,7 @@ fn a_consumer_fenced_without_a_rebalance_claims_its_partition_again() {
     let state_table = std::env::var("TOOLRANK_STATE_TABLE").unwrap_or_else(|_| "toolrank-state".into());
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let store = toolrank_dynamodb::CheckpointStore::new(toolrank_dynamodb::client().await, state_table);
+        let store = toolrank_state::CheckpointStore::new(toolrank_dynamodb::client().await, state_table);
         store.claim(&format!("kafka/{}/{}/0", live.group, live.topic), "intruder").await.unwrap();
     });
     assert!(producer.wait(COMMAND_LIMIT).status.success());

@@ -3,16 +3,16 @@
 use crate::support::*;
 
 /// A checkpoint store on a state table of its own.
-async fn fresh_state_store() -> toolrank_dynamodb::CheckpointStore {
+async fn fresh_state_store() -> toolrank_state::CheckpointStore {
     let client = toolrank_dynamodb::client().await;
     let table = unique("state");
-    toolrank_dynamodb::create_state_table(&client, &table).await.unwrap();
-    toolrank_dynamodb::CheckpointStore::new(client, table)
+    toolrank_state::create_state_table(&client, &table).await.unwrap();
+    toolrank_state::CheckpointStore::new(client, table)
 }
 
 #[test]
 fn bucket_logs_take_appends_in_turn_and_compact() {
-    use toolrank_dynamodb::{Error, LogHead};
+    use toolrank_state::{Error, LogHead};
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let store = fresh_state_store().await;
@@ -64,7 +64,7 @@ fn bucket_logs_take_appends_in_turn_and_compact() {
 
 #[test]
 fn owned_checkpoints_append_with_their_position_and_rebase_whole() {
-    use toolrank_dynamodb::{Error, LogHead};
+    use toolrank_state::{Error, LogHead};
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let store = fresh_state_store().await;

@@ -33,9 +33,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use toolrank_engine::Engine;
-use toolrank_events::Day;
 pub use toolrank_live::Summary;
-use toolrank_live::{apply_line, LogHead, Saving, SinkWriter, WriterConfig};
+use toolrank_live::{apply_line, LiveConfig, LogHead, Saving, SinkWriter, Source};
 use tracing::{debug, info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -55,41 +54,10 @@ pub struct Config {
     pub topic: String,
     pub group: String,
     pub dead_letter_topic: String,
-    /// Exit after this long without a message.
-    pub until_idle: Option<Duration>,
     /// How long a fetch that finds nothing new waits on the broker ([`toolrank_kafka::FETCH_WAIT_MS`]).
     pub fetch_wait: Duration,
-    /// How often deltas reach Valkey (and the merged engine).
-    pub flush_interval: Duration,
-    /// How often changes reach DynamoDB: every write costs money, so it coalesces longer.
-    pub dynamodb_interval: Duration,
-    /// How long DynamoDB writes may wait while a backlog is read.
-    pub dynamodb_max_defer: Duration,
-    /// The DynamoDB write budget (items per event), if any.
-    pub dynamodb_writes_per_event: Option<f64>,
-    /// The DynamoDB sink's write capacity budget per second, if any ([`WriterConfig`]).
-    pub dynamodb_max_wcu: Option<f64>,
-    /// How often partition state is checkpointed.
-    pub checkpoint_interval: Duration,
-    /// How long checkpoints may wait while a backlog is read ([`SinkWriter::stretched`]).
-    pub checkpoint_max: Duration,
-    /// The pipeline's state table (checkpoints, leases).
-    pub state_table: String,
-    /// The DynamoDB sink's table; `None` disables the sink.
-    pub table: Option<String>,
-    /// Valkey URL; `None` disables the sink.
-    pub valkey_url: Option<String>,
-    pub valkey_prefix: String,
-    /// Where the DynamoDB rankings go: the live items, or a shadow namespace's.
-    pub dynamodb_namespace: toolrank_live::Namespace,
-    /// Scores are written for this date; `None` is the UTC date at each write.
-    pub today: Option<Day>,
-    /// This consumer's identity in leases and checkpoints.
-    pub owner: String,
-    /// How long the sink lease lasts without renewal.
-    pub lease: Duration,
-    /// How long a removed item's tombstone is kept.
-    pub tombstone_horizon: Duration,
+    /// The sinks and the loop's pacing, as every live consumer has them.
+    pub live: LiveConfig,
 }
 
 struct Partition {
@@ -108,9 +76,9 @@ struct Partition {
     saved_offset: i64,
 }
 
-struct Consumer_ {
+/// The group member as the runtime's [`Source`]: a unit per assigned partition.
+struct Kafka {
     config: Config,
-    writer: SinkWriter,
     consumer: BaseConsumer<Rebalances>,
     /// The rebalance events already acted on.
     rebalances_seen: u64,
@@ -182,6 +150,23 @@ enum Drain {
     Others(Vec<(i32, i64)>),
 }
 
+/// One partition's turn: each is saved once per `interval`.
+fn turn(interval: Duration, partitions: usize) -> Duration {
+    interval / partitions.max(1) as u32
+}
+
+/// How far the group has read, from the partitions that still lag (with their
+/// positions) and which of them this consumer `owns`.
+fn drain_of(lagging: Vec<(i32, i64)>, owns: impl Fn(i32) -> bool) -> Drain {
+    if lagging.is_empty() {
+        Drain::Done
+    } else if lagging.iter().any(|&(p, _)| owns(p)) {
+        Drain::Own
+    } else {
+        Drain::Others(lagging)
+    }
+}
+
 fn scope(config: &Config, partition: i32) -> String {
     format!("kafka/{}/{}/{partition}", config.group, config.topic)
 }
@@ -205,36 +190,12 @@ pub fn run(config: Config, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
         return Err(Error::NoTopic(config.topic.clone()));
     }
     let dead_letters: BaseProducer = toolrank_kafka::client_config(&config.brokers).set("compression.type", "none").set("linger.ms", "5").create()?;
-    let writer = SinkWriter::new(WriterConfig {
-        state_table: config.state_table.clone(),
-        table: config.table.clone(),
-        dynamodb_namespace: config.dynamodb_namespace.clone(),
-        valkey_url: config.valkey_url.clone(),
-        valkey_prefix: config.valkey_prefix.clone(),
-        today: config.today,
-        owner: config.owner.clone(),
-        lease: config.lease,
-        lease_scope: format!("kafka/{}/{}/sink-writer", config.group, config.topic),
-        dynamodb_interval: config.dynamodb_interval,
-        dynamodb_max_defer: config.dynamodb_max_defer,
-        dynamodb_writes_per_event: config.dynamodb_writes_per_event,
-        dynamodb_max_wcu: config.dynamodb_max_wcu,
-        tombstone_horizon: config.tombstone_horizon,
-    })?;
-    let mut c = Consumer_ {
-        config,
-        writer,
-        consumer,
-        rebalances_seen: 0,
-        dead_letters,
-        parts: BTreeMap::new(),
-        partition_count,
-        stranded: None,
-        fenced: BTreeMap::new(),
-    };
-    let result = c.run(&stop);
-    let Consumer_ { consumer, writer, .. } = c;
-    leave_group(consumer);
+    let mut writer = SinkWriter::new(config.live.writer.clone(), format!("kafka/{}/{}/sink-writer", config.group, config.topic))?;
+    let pacing = config.live.pacing.clone();
+    let mut source =
+        Kafka { config, consumer, rebalances_seen: 0, dead_letters, parts: BTreeMap::new(), partition_count, stranded: None, fenced: BTreeMap::new() };
+    let result = toolrank_live::run(&mut source, &mut writer, &pacing, &stop);
+    leave_group(source.consumer);
     result?;
     Ok(writer.into_summary())
 }
@@ -255,94 +216,89 @@ fn leave_group(consumer: BaseConsumer<Rebalances>) {
     }
 }
 
-/// Logs (at debug) a step of the loop that held up reading for long enough to show in
-/// the latency's tail.
-fn slow(step: &str, started: Instant) {
-    let took = started.elapsed();
-    if took >= Duration::from_millis(20) {
-        debug!(step, ms = took.as_millis() as u64, "the loop was held up");
+impl Source for Kafka {
+    type Error = Error;
+
+    fn read(&mut self, writer: &mut SinkWriter) -> Result<usize, Error> {
+        let read = match self.consumer.poll(Duration::from_millis(20)) {
+            Some(Ok(msg)) => {
+                let msg = msg.detach();
+                self.sync_assignment(writer)?;
+                self.handle(writer, &msg);
+                1
+            }
+            Some(Err(e)) => {
+                warn!(error = %e, "kafka consumer error");
+                0
+            }
+            None => {
+                self.sync_assignment(writer)?;
+                0
+            }
+        };
+        self.dead_letters.poll(Duration::ZERO);
+        Ok(read)
+    }
+
+    fn engines(&mut self) -> Vec<&mut Engine> {
+        self.parts.values_mut().map(|p| &mut p.engine).collect()
+    }
+
+    /// The scopes of the partitions other consumers own.
+    fn others(&self) -> Vec<String> {
+        (0..self.partition_count).filter(|p| !self.parts.contains_key(p)).map(|p| scope(&self.config, p)).collect()
+    }
+
+    /// Not before the group has assigned this consumer its partitions.
+    fn settled(&self) -> bool {
+        self.rebalances_seen > 0
+    }
+
+    fn before_flush(&mut self, writer: &mut SinkWriter) {
+        if self.lag() < CAUGHT_UP_LAG {
+            writer.caught_up();
+        }
+    }
+
+    /// The partitions take turns (see `checkpoint`): each is saved once per interval.
+    fn checkpoint_every(&self, interval: Duration) -> Duration {
+        turn(interval, self.parts.len())
+    }
+
+    fn checkpoint(&mut self, writer: &mut SinkWriter, all: bool) -> Result<(), Error> {
+        self.save(writer, all)
+    }
+
+    fn dirty(&self) -> bool {
+        self.parts.values().any(|p| p.dirty)
+    }
+
+    fn drained(&mut self, writer: &mut SinkWriter) -> Result<bool, Error> {
+        match self.drain() {
+            Drain::Done => return Ok(true),
+            Drain::Own => self.stranded = None,
+            Drain::Others(positions) => match &self.stranded {
+                Some((since, seen)) if *seen == positions => {
+                    if since.elapsed() >= STRANDED_AFTER {
+                        warn!(
+                            ?positions,
+                            "partitions this consumer does not own have lagged for {} s with no progress: rejoining the group",
+                            STRANDED_AFTER.as_secs()
+                        );
+                        toolrank_live::checkpoint(self, writer, true)?;
+                        self.consumer.unsubscribe();
+                        self.consumer.subscribe(&[&self.config.topic])?;
+                        self.stranded = None;
+                    }
+                }
+                _ => self.stranded = Some((Instant::now(), positions)),
+            },
+        }
+        Ok(false)
     }
 }
 
-impl Consumer_ {
-    fn run(&mut self, stop: &AtomicBool) -> Result<(), Error> {
-        let mut last_message = Instant::now();
-        let mut last_flush = Instant::now();
-        let mut last_checkpoint = Instant::now();
-        let mut last_refresh = Instant::now() - Duration::from_secs(3600);
-        // The partitions take turns (see `checkpoint`): each is saved once per interval,
-        // which a backlog stretches. Judged at each flush, not at every message.
-        let mut checkpoint_every = self.config.checkpoint_interval;
-        loop {
-            if stop.load(Ordering::Relaxed) {
-                info!("stopping: finishing the batch");
-                break;
-            }
-            match self.consumer.poll(Duration::from_millis(20)) {
-                Some(Ok(msg)) => {
-                    let msg = msg.detach();
-                    last_message = Instant::now();
-                    self.sync_assignment()?;
-                    self.handle(&msg);
-                }
-                Some(Err(e)) => warn!(error = %e, "kafka consumer error"),
-                None => self.sync_assignment()?,
-            }
-            self.dead_letters.poll(Duration::ZERO);
-            if last_flush.elapsed() >= self.config.flush_interval {
-                last_flush = Instant::now();
-                if self.lag() < CAUGHT_UP_LAG {
-                    self.writer.caught_up();
-                }
-                checkpoint_every = self.writer.stretched(self.config.checkpoint_interval, self.config.checkpoint_max) / self.parts.len().max(1) as u32;
-                // Not before the group has assigned this consumer its partitions: a lease
-                // taken earlier loads them all as other consumers' copies, and claiming
-                // them moments later rewrites the sinks a second time.
-                if last_refresh.elapsed() >= Duration::from_secs(1) && self.rebalances_seen > 0 {
-                    last_refresh = Instant::now();
-                    self.writer.refresh_lease(&self.others());
-                    slow("renewing the sink lease", last_refresh);
-                }
-                let started = Instant::now();
-                self.flush_sinks(false);
-                slow("flushing the sinks", started);
-            }
-            if last_checkpoint.elapsed() >= checkpoint_every {
-                last_checkpoint = Instant::now();
-                self.checkpoint(false)?;
-                slow("checkpointing", last_checkpoint);
-            }
-            if self.config.until_idle.is_some_and(|idle| last_message.elapsed() >= idle) {
-                match self.drained() {
-                    Drain::Done => {
-                        info!("idle: the topic is drained");
-                        break;
-                    }
-                    Drain::Own => self.stranded = None,
-                    Drain::Others(positions) => match &self.stranded {
-                        Some((since, seen)) if *seen == positions => {
-                            if since.elapsed() >= STRANDED_AFTER {
-                                warn!(
-                                    ?positions,
-                                    "partitions this consumer does not own have lagged for {} s with no progress: rejoining the group",
-                                    STRANDED_AFTER.as_secs()
-                                );
-                                self.checkpoint(true)?;
-                                self.consumer.unsubscribe();
-                                self.consumer.subscribe(&[&self.config.topic])?;
-                                self.stranded = None;
-                            }
-                        }
-                        _ => self.stranded = Some((Instant::now(), positions)),
-                    },
-                }
-                // Messages are waiting (a slow broker, a rebalance): not idle.
-                last_message = Instant::now();
-            }
-        }
-        self.finish()
-    }
-
+impl Kafka {
     /// Messages on the broker past the owned partitions' positions, by the high watermarks
     /// librdkafka caches from its fetch responses (asking costs no request).
     fn lag(&self) -> i64 {
@@ -363,40 +319,13 @@ impl Consumer_ {
             .sum()
     }
 
-    /// The scopes of the partitions other consumers own.
-    fn others(&self) -> Vec<String> {
-        (0..self.partition_count).filter(|p| !self.parts.contains_key(p)).map(|p| scope(&self.config, p)).collect()
-    }
-
-    fn flush_sinks(&mut self, now: bool) -> bool {
-        self.writer.flush(self.parts.values_mut().map(|p| &mut p.engine), now)
-    }
-
-    /// Final checkpoint, then the sinks from everybody's latest checkpoints.
-    fn finish(&mut self) -> Result<(), Error> {
-        self.writer.finishing();
-        // Exiting without the last checkpoint loses no data, but a restart would redo it.
-        for _ in 0..10 {
-            self.checkpoint(true)?;
-            if self.parts.values().all(|p| !p.dirty) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        // The offsets the final sink write covers were committed by the checkpoint above.
-        let others = self.others();
-        let mut units: Vec<&mut Engine> = self.parts.values_mut().map(|p| &mut p.engine).collect();
-        self.writer.finish(&others, &mut units);
-        Ok(())
-    }
-
     /// Adopts newly assigned partitions (claiming their checkpoints) and drops revoked ones.
-    fn sync_assignment(&mut self) -> Result<(), Error> {
+    fn sync_assignment(&mut self, writer: &mut SinkWriter) -> Result<(), Error> {
         // Asking rdkafka for the assignment is a round trip to its main thread: only after
         // a rebalance (its callbacks run inside `poll`, before any message it lets through).
         let events = self.consumer.context().events.load(Ordering::SeqCst);
         if events == self.rebalances_seen {
-            return self.reclaim_fenced();
+            return self.reclaim_fenced(writer);
         }
         self.rebalances_seen = events;
         // The new assignment decides: what is still assigned here is claimed below.
@@ -407,12 +336,12 @@ impl Consumer_ {
         let assigned: Vec<i32> = self.consumer.assignment()?.elements().iter().filter(|e| e.topic() == self.config.topic).map(|e| e.partition()).collect();
         let gone: Vec<i32> = self.parts.keys().filter(|p| revoked.contains(p) || !assigned.contains(p)).copied().collect();
         for p in gone {
-            self.release(p);
+            self.release(writer, p);
             info!(partition = p, "partition revoked");
         }
         for p in assigned {
             if !self.parts.contains_key(&p) {
-                self.adopt(p)?;
+                self.adopt(writer, p)?;
                 info!(partition = p, "partition assigned");
             }
         }
@@ -420,8 +349,8 @@ impl Consumer_ {
     }
 
     /// Claims partition `p`'s checkpoint and owns it from the checkpoint's position on.
-    fn adopt(&mut self, p: i32) -> Result<i64, Error> {
-        let (engine, position, at) = self.writer.claim(&scope(&self.config, p))?;
+    fn adopt(&mut self, writer: &mut SinkWriter, p: i32) -> Result<i64, Error> {
+        let (engine, position, at) = writer.claim(&scope(&self.config, p))?;
         let next_offset = position.as_deref().and_then(|p| p.parse().ok()).unwrap_or(0);
         info!(partition = p, generation = at.generation, deltas = at.head.saturating_sub(at.base_at), next_offset, "checkpoint claimed");
         self.parts.insert(
@@ -443,7 +372,7 @@ impl Consumer_ {
     /// Claims again the partitions let go after a fence that Kafka still assigns here
     /// `RECLAIM_AFTER` later, reading on from their checkpoints' positions (rdkafka's
     /// fetch position went on meanwhile: the consumer seeks back).
-    fn reclaim_fenced(&mut self) -> Result<(), Error> {
+    fn reclaim_fenced(&mut self, writer: &mut SinkWriter) -> Result<(), Error> {
         let due: Vec<i32> = self.fenced.iter().filter(|(_, at)| at.elapsed() >= RECLAIM_AFTER).map(|(&p, _)| p).collect();
         if due.is_empty() {
             return Ok(());
@@ -455,11 +384,11 @@ impl Consumer_ {
                 continue;
             }
             warn!(partition = p, "still assigned here {} s after its checkpoint was claimed elsewhere: claiming it again", RECLAIM_AFTER.as_secs());
-            let next_offset = self.adopt(p)?;
+            let next_offset = self.adopt(writer, p)?;
             let offset = if next_offset > 0 { Offset::Offset(next_offset) } else { Offset::Beginning };
             if let Err(e) = self.consumer.seek(&self.config.topic, p, offset, Duration::from_secs(10)) {
                 warn!(partition = p, error = %e, "could not seek back to the checkpoint; letting the partition go again");
-                self.release(p);
+                self.release(writer, p);
                 self.fenced.insert(p, Instant::now());
             }
         }
@@ -468,7 +397,7 @@ impl Consumer_ {
     /// Whether the group has read the whole topic: every owned partition up to its high
     /// watermark, and every other one committed up to it by its owner. A consumer that
     /// owns nothing yet (a rebalance in progress) is not done.
-    fn drained(&self) -> Drain {
+    fn drain(&self) -> Drain {
         let mut others = TopicPartitionList::new();
         for p in (0..self.partition_count).filter(|p| !self.parts.contains_key(p)) {
             others.add_partition(&self.config.topic, p);
@@ -502,43 +431,39 @@ impl Consumer_ {
                 lags.then_some((p, position))
             })
             .collect();
-        match lagging.iter().any(|(p, _)| self.parts.contains_key(p)) {
-            _ if lagging.is_empty() => Drain::Done,
-            true => Drain::Own,
-            false => Drain::Others(lagging),
-        }
+        drain_of(lagging, |p| self.parts.contains_key(&p))
     }
 
     /// Drops an owned partition and takes its share out of the merged engine.
-    fn release(&mut self, p: i32) {
+    fn release(&mut self, writer: &mut SinkWriter, p: i32) {
         let mut part = self.parts.remove(&p).expect("owned");
-        self.writer.release(&mut part.engine);
+        writer.release(&mut part.engine);
     }
 
-    fn handle(&mut self, msg: &OwnedMessage) {
-        self.writer.summary.messages += 1;
+    fn handle(&mut self, writer: &mut SinkWriter, msg: &OwnedMessage) {
+        writer.summary.messages += 1;
         let (p, offset) = (msg.partition(), msg.offset());
         let Some(part) = self.parts.get_mut(&p) else {
             debug!(partition = p, offset, "message of a partition not owned");
             return;
         };
         if offset < part.next_offset {
-            self.writer.summary.skipped_redeliveries += 1;
+            writer.summary.skipped_redeliveries += 1;
             return;
         }
         part.next_offset = offset + 1;
         part.dirty = true;
         if let Some(ts) = msg.timestamp().to_millis() {
-            self.writer.observe(ts);
+            writer.observe(ts);
         }
         let payload = msg.payload().unwrap_or_default();
-        for (reason, raw) in apply_line(&mut part.engine, payload, &mut self.writer.summary) {
-            self.dead_letter(msg, &reason, raw.as_deref().map(str::as_bytes).unwrap_or(payload));
+        for (reason, raw) in apply_line(&mut part.engine, payload, &mut writer.summary) {
+            self.dead_letter(writer, msg, &reason, raw.as_deref().map(str::as_bytes).unwrap_or(payload));
         }
     }
     /// Sends a bad record to the dead-letter topic with the reason and its source position.
-    fn dead_letter(&mut self, msg: &OwnedMessage, reason: &str, payload: &[u8]) {
-        self.writer.summary.dead_letters += 1;
+    fn dead_letter(&mut self, writer: &mut SinkWriter, msg: &OwnedMessage, reason: &str, payload: &[u8]) {
+        writer.summary.dead_letters += 1;
         warn!(partition = msg.partition(), offset = msg.offset(), reason, "dead-lettered");
         let (partition, offset) = (msg.partition().to_string(), msg.offset().to_string());
         let headers = OwnedHeaders::new()
@@ -566,8 +491,7 @@ impl Consumer_ {
     /// Saves a changed partition's state with its offset (every changed one with
     /// `wait`), then commits the offsets saved. Saves run on the runtime's worker: one
     /// started at a round is collected at a later one, or at once with `wait`.
-    fn checkpoint(&mut self, wait: bool) -> Result<(), Error> {
-        self.flush_sinks(false);
+    fn save(&mut self, writer: &mut SinkWriter, wait: bool) -> Result<(), Error> {
         // The dead letters of the offsets a checkpoint covers are delivered before it.
         self.dead_letters.flush(Duration::from_secs(30))?;
         let mut fenced = Vec::new();
@@ -578,7 +502,7 @@ impl Consumer_ {
         for (&p, part) in self.parts.iter_mut() {
             let mut started = false;
             loop {
-                match self.writer.saved(&mut part.saving, wait) {
+                match writer.saved(&mut part.saving, wait) {
                     Some(Ok(Some(at))) => {
                         part.at = at;
                         part.saved_offset = part.saving_offset;
@@ -595,16 +519,15 @@ impl Consumer_ {
                     break;
                 }
                 part.save_started = Instant::now();
-                part.saving = Some(self.writer.start_save(&scope(&self.config, p), part.at, &part.next_offset.to_string(), &mut part.engine));
+                part.saving = Some(writer.start_save(&scope(&self.config, p), part.at, &part.next_offset.to_string(), &mut part.engine));
                 (part.saving_offset, part.dirty, started) = (part.next_offset, false, true);
             }
         }
         for p in fenced {
             warn!(partition = p, "another consumer owns this partition now; letting go");
-            self.release(p);
+            self.release(writer, p);
             self.fenced.insert(p, Instant::now());
         }
-        self.writer.record_state(self.parts.values().map(|p| &p.engine), wait);
         self.commit(wait)
     }
 
@@ -638,4 +561,60 @@ pub fn dead_letter_headers<M: Message>(msg: &M) -> BTreeMap<String, String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_group_is_drained_only_when_no_partition_lags() {
+        let owns = |p: i32| p < 2;
+        assert_eq!(drain_of(vec![], owns), Drain::Done);
+        // Any lagging partition of its own keeps a consumer reading.
+        assert_eq!(drain_of(vec![(1, 10), (3, 7)], owns), Drain::Own);
+        // Only others' lag: their positions, to tell progress from a stranded partition.
+        assert_eq!(drain_of(vec![(2, 5), (3, 7)], owns), Drain::Others(vec![(2, 5), (3, 7)]));
+    }
+
+    #[test]
+    fn partitions_take_turns_over_the_checkpoint_interval() {
+        assert_eq!(turn(Duration::from_secs(4), 0), Duration::from_secs(4));
+        assert_eq!(turn(Duration::from_secs(4), 4), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn each_partition_has_a_scope_of_its_own_per_group_and_topic() {
+        let config = Config {
+            brokers: String::new(),
+            topic: "events".into(),
+            group: "g".into(),
+            dead_letter_topic: String::new(),
+            fetch_wait: Duration::ZERO,
+            live: toolrank_live::LiveConfig {
+                writer: toolrank_live::WriterConfig {
+                    state_table: String::new(),
+                    table: None,
+                    dynamodb_namespace: toolrank_live::Namespace::Live,
+                    valkey_url: None,
+                    valkey_prefix: String::new(),
+                    today: None,
+                    owner: String::new(),
+                    lease: Duration::ZERO,
+                    dynamodb_interval: Duration::ZERO,
+                    dynamodb_max_defer: Duration::ZERO,
+                    dynamodb_writes_per_event: None,
+                    dynamodb_max_wcu: None,
+                    tombstone_horizon: Duration::ZERO,
+                },
+                pacing: toolrank_live::Pacing {
+                    until_idle: None,
+                    flush_interval: Duration::ZERO,
+                    checkpoint_interval: Duration::ZERO,
+                    checkpoint_max: Duration::ZERO,
+                },
+            },
+        };
+        assert_eq!(scope(&config, 3), "kafka/g/events/3");
+    }
 }

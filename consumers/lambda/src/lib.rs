@@ -39,11 +39,11 @@ use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::time::Duration;
 use std::time::Instant;
 use tokio::sync::oneshot;
-pub use toolrank_dynamodb::COMPACT_MIN_BYTES;
-use toolrank_dynamodb::{LogHead, DELTA_BYTES};
 use toolrank_engine::Engine;
 use toolrank_events::{decode_kinesis_data, decode_line, Change, Day};
 use toolrank_live::{apply_change, apply_deltas, log_engine, LogCatchUp, SinkWriter, WriterConfig};
+pub use toolrank_state::COMPACT_MIN_BYTES;
+use toolrank_state::{LogHead, DELTA_BYTES};
 use tracing::{info, warn};
 
 mod settings;
@@ -228,24 +228,26 @@ pub struct Handler {
 
 impl Handler {
     pub fn new(config: Config) -> Result<Handler, toolrank_live::Error> {
-        let writer = SinkWriter::new(WriterConfig {
-            state_table: config.state_table.clone(),
-            table: config.table.clone(),
-            // The active namespace is always the one on the live items.
-            dynamodb_namespace: toolrank_live::Namespace::Live,
-            valkey_url: config.valkey_url.clone(),
-            valkey_prefix: config.valkey_prefix.clone(),
-            today: config.today,
-            owner: format!("lambda-{}", std::process::id()),
-            lease: Duration::from_secs(10),
-            lease_scope: format!("lambda/{}/sink-writer", config.application),
-            // Invocations judge the interval (`sinks_due`); the writer keeps the budget.
-            dynamodb_interval: Duration::ZERO,
-            dynamodb_max_defer: config.dynamodb_max_defer,
-            dynamodb_writes_per_event: config.dynamodb_writes_per_event,
-            dynamodb_max_wcu: config.dynamodb_max_wcu,
-            tombstone_horizon: config.tombstone_horizon,
-        })?;
+        let writer = SinkWriter::new(
+            WriterConfig {
+                state_table: config.state_table.clone(),
+                table: config.table.clone(),
+                // The active namespace is always the one on the live items.
+                dynamodb_namespace: toolrank_live::Namespace::Live,
+                valkey_url: config.valkey_url.clone(),
+                valkey_prefix: config.valkey_prefix.clone(),
+                today: config.today,
+                owner: toolrank_live::unique_owner("lambda"),
+                lease: Duration::from_secs(10),
+                // Invocations judge the interval (`sinks_due`); the writer keeps the budget.
+                dynamodb_interval: Duration::ZERO,
+                dynamodb_max_defer: config.dynamodb_max_defer,
+                dynamodb_writes_per_event: config.dynamodb_writes_per_event,
+                dynamodb_max_wcu: config.dynamodb_max_wcu,
+                tombstone_horizon: config.tombstone_horizon,
+            },
+            format!("lambda/{}/sink-writer", config.application),
+        )?;
         let scopes = (0..config.buckets).map(|b| format!("lambda/{}/bucket/{b:05}", config.application)).collect();
         Ok(Handler { config, writer, buckets: HashMap::new(), scopes, last_sink_write: 0 })
     }
@@ -469,4 +471,62 @@ pub async fn serve(config: Config, started: Instant) -> Result<(), lambda_runtim
         }
     }))
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = include_str!("../../../examples/seed-sample.jsonl");
+
+    fn event(records: &[&str]) -> String {
+        format!("{{\"Records\": [{}]}}", records.join(","))
+    }
+
+    #[test]
+    fn a_streams_event_decodes_in_order_with_each_partition_key_in_one_bucket() {
+        let lines: Vec<&str> = SAMPLE.lines().collect();
+        let text = event(&lines);
+        let batch = Batch::parse(text.as_bytes()).unwrap().expect("records");
+        assert_eq!(batch.len(), lines.len());
+        let (items, by_bucket, dead_letters) = batch.decode(8);
+        assert_eq!((items.len(), dead_letters), (lines.len(), 0));
+        assert_eq!(by_bucket.values().map(Vec::len).sum::<usize>(), items.len());
+        let mut bucket_of: HashMap<&str, u32> = HashMap::new();
+        for (&bucket, indices) in &by_bucket {
+            assert!(indices.windows(2).all(|w| w[0] < w[1]), "a bucket keeps the event's order");
+            for &i in indices {
+                assert_eq!(*bucket_of.entry(items[i].change.pk.as_ref()).or_insert(bucket), bucket, "one key, one bucket");
+            }
+        }
+        assert_eq!(Batch::parse(text.as_bytes()).unwrap().unwrap().decode(1).1.len(), 1);
+    }
+
+    #[test]
+    fn a_record_that_does_not_decode_is_counted_and_the_rest_go_on() {
+        let lines: Vec<&str> = SAMPLE.lines().take(3).collect();
+        let bad = r#"{"eventName": "INSERT", "dynamodb": {"SequenceNumber": "9"}}"#;
+        let text = event(&[lines[0], bad, lines[1], lines[2]]);
+        let batch = Batch::parse(text.as_bytes()).unwrap().unwrap();
+        let (items, _, dead_letters) = batch.decode(1);
+        assert_eq!((items.len(), dead_letters), (3, 1));
+        assert_eq!(items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["1000000000000000000002", "1000000000000000000003", "1000000000000000000004"]);
+    }
+
+    #[test]
+    fn an_object_without_records_is_a_flush_and_anything_else_is_refused() {
+        assert!(Batch::parse(br#"{"source": "aws.scheduler"}"#).unwrap().is_none());
+        assert!(Batch::parse(br#"{"Records": []}"#).unwrap().unwrap().is_empty());
+        assert!(Batch::parse(b"[1, 2]").is_err());
+        assert!(Batch::parse(b"\xff\xfe").is_err());
+    }
+
+    #[test]
+    fn failures_answer_as_batch_item_failures() {
+        let outcome = Outcome { records: 3, dead_letters: 0, failures: vec!["42".into()] };
+        let response = outcome.response();
+        assert_eq!(response.batch_item_failures.len(), 1);
+        assert_eq!(response.batch_item_failures[0].item_identifier.as_deref(), Some("42"));
+        assert!(Outcome::default().response().batch_item_failures.is_empty());
+    }
 }

@@ -14,7 +14,7 @@
 //!   trees go, so several pollers split the trees and a dead poller's trees are taken
 //!   over once its leases lapse.
 //! - **Checkpoints.** A tree's engine snapshot and its shards' sequence numbers are saved
-//!   together, atomically ([`toolrank_dynamodb::CheckpointStore`]); a new owner claims
+//!   together, atomically ([`toolrank_state::CheckpointStore`]); a new owner claims
 //!   (fencing the old one) and resumes from there, skipping records at or below each
 //!   shard's sequence number, so a record is applied exactly once whatever is re-read.
 //! - **Sinks.** One poller holds the sink lease and writes the sinks from all trees
@@ -35,14 +35,15 @@ use serde::{Deserialize, Serialize};
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
-use toolrank_dynamodb::Lease;
 use toolrank_engine::Engine;
-use toolrank_events::{Day, DeadLetter};
+use toolrank_events::DeadLetter;
 pub use toolrank_live::Summary;
-use toolrank_live::{SinkWriter, WriterConfig};
+use toolrank_live::{LiveConfig, SinkWriter};
+use toolrank_state::Lease;
 use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -68,40 +69,15 @@ impl From<toolrank_dynamodb::Error> for Error {
 pub struct Config {
     /// The application: pollers with the same name share the stream's shards.
     pub application: String,
-    /// Exit after this long without a record, once every shard is read to its end.
-    pub until_idle: Option<Duration>,
-    /// How often deltas reach Valkey (and the merged engine).
-    pub flush_interval: Duration,
-    /// How often changes reach DynamoDB.
-    pub dynamodb_interval: Duration,
-    /// How long DynamoDB writes may wait while a backlog is read.
-    pub dynamodb_max_defer: Duration,
-    /// The DynamoDB write budget (items per event), if any.
-    pub dynamodb_writes_per_event: Option<f64>,
-    /// The DynamoDB sink's write capacity budget per second, if any ([`WriterConfig`]).
-    pub dynamodb_max_wcu: Option<f64>,
-    /// How often tree state is checkpointed.
-    pub checkpoint_interval: Duration,
-    /// How long checkpoints may wait while a backlog is read ([`SinkWriter::stretched`]).
-    pub checkpoint_max: Duration,
     /// How often the shard listing is read (new shards, splits).
     pub discover_interval: Duration,
     /// Pause after a round of reads that found nothing.
     pub idle_poll: Duration,
-    pub state_table: String,
-    pub table: Option<String>,
-    pub valkey_url: Option<String>,
-    pub valkey_prefix: String,
-    /// Where the DynamoDB rankings go: the live items, or a shadow namespace's.
-    pub dynamodb_namespace: toolrank_live::Namespace,
-    pub today: Option<Day>,
-    pub owner: String,
-    /// How long a lease (tree or sink) lasts without renewal.
-    pub lease: Duration,
     /// Where rejected records go, one JSON line each.
     pub dead_letter_file: PathBuf,
-    /// How long a removed item's tombstone is kept.
-    pub tombstone_horizon: Duration,
+    /// The sinks and the loop's pacing, as every live consumer has them. Its lease
+    /// duration is also the trees' leases'.
+    pub live: LiveConfig,
 }
 
 /// A shard's progress within its tree, as checkpointed.
@@ -136,17 +112,15 @@ struct Tree {
     dirty: bool,
 }
 
-impl Tree {
-    /// Parent before child: a shard is read once its parents in the tree are done.
-    fn ready(&self, pos: &ShardPos) -> bool {
-        [&pos.parent, &pos.adjacent_parent].into_iter().flatten().all(|p| self.shards.get(p).is_none_or(|pp| pp.done))
-    }
+/// Parent before child: a shard is read once its parents in the tree are done.
+fn ready(shards: &BTreeMap<String, ShardPos>, pos: &ShardPos) -> bool {
+    [&pos.parent, &pos.adjacent_parent].into_iter().flatten().all(|p| shards.get(p).is_none_or(|pp| pp.done))
 }
 
+/// A poller as the runtime's [`toolrank_live::Source`]: a unit per owned tree.
 struct Poller<S: ShardSource> {
     config: Config,
     source: S,
-    writer: SinkWriter,
     /// State-table prefix of this application on this stream.
     prefix: String,
     trees: BTreeMap<String, Tree>,
@@ -157,31 +131,19 @@ struct Poller<S: ShardSource> {
     tree_of: HashMap<String, String>,
     workers: usize,
     dead_letters: Option<std::fs::File>,
+    last_discover: Instant,
+    last_balance: Instant,
 }
 
 /// Runs a poller on `source` until `stop` is set or, with `until_idle`, every shard is read.
 pub fn run<S: ShardSource>(config: Config, source: S, stop: &AtomicBool) -> Result<Summary, Error> {
     let prefix = format!("streams/{}/{}", config.application, source.name());
-    let writer = SinkWriter::new(WriterConfig {
-        state_table: config.state_table.clone(),
-        table: config.table.clone(),
-        dynamodb_namespace: config.dynamodb_namespace.clone(),
-        valkey_url: config.valkey_url.clone(),
-        valkey_prefix: config.valkey_prefix.clone(),
-        today: config.today,
-        owner: config.owner.clone(),
-        lease: config.lease,
-        lease_scope: format!("{prefix}/sink-writer"),
-        dynamodb_interval: config.dynamodb_interval,
-        dynamodb_max_defer: config.dynamodb_max_defer,
-        dynamodb_writes_per_event: config.dynamodb_writes_per_event,
-        dynamodb_max_wcu: config.dynamodb_max_wcu,
-        tombstone_horizon: config.tombstone_horizon,
-    })?;
+    let mut writer = SinkWriter::new(config.live.writer.clone(), format!("{prefix}/sink-writer"))?;
+    let pacing = config.live.pacing.clone();
+    let long_ago = Instant::now() - Duration::from_secs(3600);
     let mut p = Poller {
         config,
         source,
-        writer,
         prefix,
         trees: BTreeMap::new(),
         registry: Vec::new(),
@@ -189,9 +151,11 @@ pub fn run<S: ShardSource>(config: Config, source: S, stop: &AtomicBool) -> Resu
         tree_of: HashMap::new(),
         workers: 1,
         dead_letters: None,
+        last_discover: long_ago,
+        last_balance: long_ago,
     };
-    p.run(stop)?;
-    Ok(p.writer.into_summary())
+    toolrank_live::run(&mut p, &mut writer, &pacing, stop)?;
+    Ok(writer.into_summary())
 }
 
 /// Builds the AWS configuration (on the caller's side, before [`run`] starts its own runtime).
@@ -200,58 +164,28 @@ pub fn sdk_config() -> aws_config::SdkConfig {
     rt.block_on(toolrank_dynamodb::sdk_config())
 }
 
-impl<S: ShardSource> Poller<S> {
-    fn scope(&self, root: &str) -> String {
-        format!("{}/tree/{root}", self.prefix)
+impl<S: ShardSource> toolrank_live::Source for Poller<S> {
+    type Error = Error;
+
+    /// Reads the shard listing and balances the trees, each at its interval.
+    fn sync(&mut self, writer: &mut SinkWriter) -> Result<(), Error> {
+        if self.last_discover.elapsed() >= self.config.discover_interval {
+            self.last_discover = Instant::now();
+            self.discover(writer)?;
+        }
+        if self.last_balance.elapsed() >= self.config.live.writer.lease / 3 {
+            self.last_balance = Instant::now();
+            self.balance(writer)?;
+        }
+        Ok(())
     }
 
-    fn run(&mut self, stop: &AtomicBool) -> Result<(), Error> {
-        let long_ago = Instant::now() - Duration::from_secs(3600);
-        let (mut last_record, mut last_flush, mut last_checkpoint) = (Instant::now(), Instant::now(), Instant::now());
-        let (mut last_discover, mut last_balance, mut last_refresh) = (long_ago, long_ago, long_ago);
-        loop {
-            if stop.load(Ordering::Relaxed) {
-                info!("stopping: finishing the batch");
-                break;
-            }
-            if last_discover.elapsed() >= self.config.discover_interval {
-                last_discover = Instant::now();
-                self.discover()?;
-            }
-            if last_balance.elapsed() >= self.config.lease / 3 {
-                last_balance = Instant::now();
-                self.balance()?;
-            }
-            let read = self.read_round()?;
-            if read > 0 {
-                last_record = Instant::now();
-            }
-            if last_flush.elapsed() >= self.config.flush_interval {
-                last_flush = Instant::now();
-                if last_refresh.elapsed() >= Duration::from_secs(1) {
-                    last_refresh = Instant::now();
-                    self.writer.refresh_lease(&self.others());
-                }
-                self.flush_sinks(false);
-            }
-            if last_checkpoint.elapsed() >= self.writer.stretched(self.config.checkpoint_interval, self.config.checkpoint_max) {
-                last_checkpoint = Instant::now();
-                self.checkpoint(false);
-            }
-            if self.config.until_idle.is_some_and(|idle| last_record.elapsed() >= idle) {
-                self.discover()?;
-                if self.drained()? {
-                    info!("idle: every shard is read");
-                    break;
-                }
-                last_record = Instant::now();
-            }
-            if read == 0 {
-                std::thread::sleep(self.config.idle_poll);
-            }
-        }
-        self.finish();
-        Ok(())
+    fn read(&mut self, writer: &mut SinkWriter) -> Result<usize, Error> {
+        self.read_round(writer)
+    }
+
+    fn engines(&mut self) -> Vec<&mut Engine> {
+        self.trees.values_mut().map(|t| &mut t.engine).collect()
     }
 
     /// The scopes of the trees other pollers own.
@@ -259,15 +193,96 @@ impl<S: ShardSource> Poller<S> {
         self.registry.iter().filter(|r| !self.trees.contains_key(*r)).map(|r| self.scope(r)).collect()
     }
 
-    fn flush_sinks(&mut self, now: bool) -> bool {
-        self.writer.flush(self.trees.values_mut().map(|t| &mut t.engine), now)
+    /// Saves every changed tree's state with its shards' positions.
+    fn checkpoint(&mut self, writer: &mut SinkWriter, _all: bool) -> Result<(), Error> {
+        let listed: HashSet<&str> = self.listing.iter().map(|s| s.id.as_str()).collect();
+        let mut fenced = Vec::new();
+        for (root, tree) in self.trees.iter_mut().filter(|(_, t)| t.dirty) {
+            prune(&mut tree.shards, &listed);
+            let position = serde_json::to_string(&tree.shards).expect("positions serialize");
+            match writer.save(&tree.scope, tree.at, &position, &mut tree.engine) {
+                Ok(Some(at)) => {
+                    tree.at = at;
+                    tree.dirty = false;
+                }
+                Ok(None) => {}
+                Err(_) => fenced.push(root.clone()),
+            }
+        }
+        for root in fenced {
+            warn!(tree = root, "another poller owns this tree now; letting go");
+            self.drop_tree(writer, &root);
+        }
+        Ok(())
+    }
+
+    fn dirty(&self) -> bool {
+        self.trees.values().any(|t| t.dirty)
+    }
+
+    /// Whether every shard of every tree is read to what the stream holds: owned shards
+    /// by their last read, others' by reading after their checkpointed positions.
+    fn drained(&mut self, writer: &mut SinkWriter) -> Result<bool, Error> {
+        self.discover(writer)?;
+        for shard in &self.listing {
+            let root = &self.tree_of[&shard.id];
+            if let Some(tree) = self.trees.get(root) {
+                let Some(pos) = tree.shards.get(&shard.id) else { return Ok(false) };
+                if !pos.done && !tree.caught_up.contains_key(&shard.id) {
+                    return Ok(false);
+                }
+                continue;
+            }
+            let scope = self.scope(root);
+            let position = writer.call("reading a tree's position", writer.store.position(&scope))?;
+            let pos = parse_position(position.as_deref()).remove(&shard.id).unwrap_or_default();
+            if pos.done {
+                continue;
+            }
+            let source = &self.source;
+            let unread = writer.call("reading after another poller's position", async {
+                let it = source.iterator(&shard.id, pos.seq.as_deref()).await.map_err(|e| toolrank_dynamodb::Error::Input(e.to_string()))?;
+                let page = source.read(&it).await.map_err(|e| toolrank_dynamodb::Error::Input(e.to_string()))?;
+                Ok::<_, toolrank_dynamodb::Error>(page.records.len())
+            });
+            match unread {
+                Ok(0) => {}
+                Ok(_) => return Ok(false),
+                Err(e) => {
+                    warn!(shard = shard.id, error = %e, "could not check another poller's progress");
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn idle(&mut self) {
+        std::thread::sleep(self.config.idle_poll);
+    }
+
+    /// Releases the leases of the trees whose state is saved.
+    fn release(&mut self, writer: &mut SinkWriter) {
+        for (root, tree) in &self.trees {
+            if !tree.dirty {
+                if let Err(e) = writer.call("releasing a tree lease", tree.lease.release()) {
+                    warn!(tree = root, error = %e, "could not release a tree lease; it lapses by itself");
+                }
+            }
+        }
+    }
+}
+
+impl<S: ShardSource> Poller<S> {
+    fn scope(&self, root: &str) -> String {
+        format!("{}/tree/{root}", self.prefix)
     }
 
     /// Reads the shard listing and the registry, places every shard in its tree, and
     /// registers new trees.
-    fn discover(&mut self) -> Result<(), Error> {
-        let listing = self.writer.call("listing shards", async { self.source.shards().await.map_err(|e| toolrank_dynamodb::Error::Input(e.to_string())) })?;
-        let registry = self.writer.call("reading the tree registry", self.writer.store.set(&self.prefix, "trees", "Trees"))?;
+    fn discover(&mut self, writer: &mut SinkWriter) -> Result<(), Error> {
+        let listing = writer.call("listing shards", async { self.source.shards().await.map_err(|e| toolrank_dynamodb::Error::Input(e.to_string())) })?;
+        let registry = writer.call("reading the tree registry", writer.store.set(&self.prefix, "trees", "Trees"))?;
         // Membership as the trees' owners recorded it (a root's shards may be trimmed).
         let mut member: HashMap<String, String> = HashMap::new();
         for root in &registry {
@@ -276,7 +291,7 @@ impl<S: ShardSource> Poller<S> {
                 Some(t) => t.shards.keys().cloned().collect(),
                 None => {
                     let scope = self.scope(root);
-                    let position = self.writer.call("reading a tree's position", self.writer.store.position(&scope))?;
+                    let position = writer.call("reading a tree's position", writer.store.position(&scope))?;
                     parse_position(position.as_deref()).into_keys().collect()
                 }
             };
@@ -300,7 +315,7 @@ impl<S: ShardSource> Poller<S> {
         let new: Vec<String> = tree_of.values().filter(|r| !registry.contains(r)).cloned().collect::<HashSet<_>>().into_iter().collect();
         if !new.is_empty() {
             info!(trees = ?new, "registering new shard lineages");
-            self.writer.call("registering trees", self.writer.store.add_to_set(&self.prefix, "trees", "Trees", new.clone()))?;
+            writer.call("registering trees", writer.store.add_to_set(&self.prefix, "trees", "Trees", new.clone()))?;
         }
         self.registry = registry.into_iter().chain(new).collect();
         self.registry.sort();
@@ -309,38 +324,38 @@ impl<S: ShardSource> Poller<S> {
         self.listing = listing;
         let (listing, tree_of) = (&self.listing, &self.tree_of);
         for (root, tree) in &mut self.trees {
-            tree.dirty |= adopt_shards(tree, root, listing, tree_of);
+            tree.dirty |= adopt_shards(&mut tree.shards, root, listing, tree_of);
         }
         Ok(())
     }
 
     /// Heartbeats, renews this poller's tree leases, takes free or lapsed trees up to its
     /// fair share, and lets surplus ones go.
-    fn balance(&mut self) -> Result<(), Error> {
+    fn balance(&mut self, writer: &mut SinkWriter) -> Result<(), Error> {
         let workers_scope = format!("{}/workers", self.prefix);
-        match self.writer.call("heartbeat", self.writer.store.heartbeat(&workers_scope, self.writer.owner(), self.config.lease * 2)) {
+        match writer.call("heartbeat", writer.store.heartbeat(&workers_scope, writer.owner(), self.config.live.writer.lease * 2)) {
             Ok(n) => self.workers = n,
             Err(e) => {
-                self.writer.summary.retried_errors += 1;
+                writer.summary.retried_errors += 1;
                 warn!(error = %e, "heartbeat failed");
             }
         }
         let roots: Vec<String> = self.trees.keys().cloned().collect();
         for root in roots {
             let tree = &self.trees[&root];
-            let held = match self.writer.call("renewing a tree lease", tree.lease.acquire()) {
+            let held = match writer.call("renewing a tree lease", tree.lease.acquire()) {
                 Ok(held) => held,
                 Err(e) => {
-                    self.writer.summary.retried_errors += 1;
+                    writer.summary.retried_errors += 1;
                     warn!(tree = root, error = %e, "renewing a tree lease failed");
-                    tree.renewed.elapsed() < self.config.lease / 2
+                    tree.renewed.elapsed() < self.config.live.writer.lease / 2
                 }
             };
             if held {
                 self.trees.get_mut(&root).expect("owned").renewed = Instant::now();
             } else {
                 warn!(tree = root, "lost the lease of a tree; letting go");
-                self.drop_tree(&root);
+                self.drop_tree(writer, &root);
             }
         }
         let share = self.registry.len().div_ceil(self.workers.max(1));
@@ -349,8 +364,8 @@ impl<S: ShardSource> Poller<S> {
             let Some(root) = self.trees.iter().find(|(_, t)| !t.dirty).map(|(r, _)| r.clone()) else { break };
             info!(tree = root, share, "handing a tree over to another poller");
             let lease = self.trees[&root].lease.clone();
-            self.drop_tree(&root);
-            if let Err(e) = self.writer.call("releasing a tree lease", lease.release()) {
+            self.drop_tree(writer, &root);
+            if let Err(e) = writer.call("releasing a tree lease", lease.release()) {
                 warn!(tree = root, error = %e, "could not release a tree lease; it lapses by itself");
             }
         }
@@ -360,17 +375,23 @@ impl<S: ShardSource> Poller<S> {
                 break;
             }
             let scope = self.scope(&root);
-            let lease = Lease::new(self.writer.client.clone(), self.config.state_table.clone(), scope.clone(), self.config.owner.clone(), self.config.lease);
-            match self.writer.call("taking a tree lease", lease.acquire()) {
+            let lease = Lease::new(
+                writer.client.clone(),
+                self.config.live.writer.state_table.clone(),
+                scope.clone(),
+                self.config.live.writer.owner.clone(),
+                self.config.live.writer.lease,
+            );
+            match writer.call("taking a tree lease", lease.acquire()) {
                 Ok(true) => {}
                 Ok(false) => continue,
                 Err(e) => {
-                    self.writer.summary.retried_errors += 1;
+                    writer.summary.retried_errors += 1;
                     warn!(tree = root, error = %e, "taking a tree lease failed");
                     continue;
                 }
             }
-            let (engine, position, at) = self.writer.claim(&scope)?;
+            let (engine, position, at) = writer.claim(&scope)?;
             let mut tree = Tree {
                 scope,
                 lease,
@@ -382,7 +403,7 @@ impl<S: ShardSource> Poller<S> {
                 caught_up: HashMap::new(),
                 dirty: false,
             };
-            tree.dirty = adopt_shards(&mut tree, &root, &self.listing, &self.tree_of);
+            tree.dirty = adopt_shards(&mut tree.shards, &root, &self.listing, &self.tree_of);
             info!(tree = root, generation = at.generation, shards = tree.shards.len(), "took a tree");
             self.trees.insert(root, tree);
         }
@@ -390,22 +411,22 @@ impl<S: ShardSource> Poller<S> {
     }
 
     /// Drops an owned tree and takes its share out of the merged engine.
-    fn drop_tree(&mut self, root: &str) {
+    fn drop_tree(&mut self, writer: &mut SinkWriter, root: &str) {
         if let Some(mut tree) = self.trees.remove(root) {
-            self.writer.release(&mut tree.engine);
+            writer.release(&mut tree.engine);
         }
     }
 
     /// Reads one page from every ready shard of the owned trees; returns the records read.
-    fn read_round(&mut self) -> Result<usize, Error> {
+    fn read_round(&mut self, writer: &mut SinkWriter) -> Result<usize, Error> {
         let mut total = 0;
-        let Poller { source, writer, trees, dead_letters, config, .. } = self;
+        let Poller { source, trees, dead_letters, config, .. } = self;
         for tree in trees.values_mut() {
             let now = Instant::now();
             let ids: Vec<String> = tree
                 .shards
                 .iter()
-                .filter(|(id, p)| !p.done && tree.ready(p) && tree.caught_up.get(*id).is_none_or(|at| now.duration_since(*at) >= config.idle_poll))
+                .filter(|(id, p)| !p.done && ready(&tree.shards, p) && tree.caught_up.get(*id).is_none_or(|at| now.duration_since(*at) >= config.idle_poll))
                 .map(|(id, _)| id.clone())
                 .collect();
             for id in ids {
@@ -499,89 +520,6 @@ impl<S: ShardSource> Poller<S> {
         }
         Ok(total)
     }
-
-    /// Saves every changed tree's state with its shards' positions.
-    /// `last`: the final round (the state's size is measured then in any case).
-    fn checkpoint(&mut self, last: bool) {
-        self.flush_sinks(false);
-        let listed: HashSet<&str> = self.listing.iter().map(|s| s.id.as_str()).collect();
-        let mut fenced = Vec::new();
-        for (root, tree) in self.trees.iter_mut().filter(|(_, t)| t.dirty) {
-            prune(tree, &listed);
-            let position = serde_json::to_string(&tree.shards).expect("positions serialize");
-            match self.writer.save(&tree.scope, tree.at, &position, &mut tree.engine) {
-                Ok(Some(at)) => {
-                    tree.at = at;
-                    tree.dirty = false;
-                }
-                Ok(None) => {}
-                Err(_) => fenced.push(root.clone()),
-            }
-        }
-        for root in fenced {
-            warn!(tree = root, "another poller owns this tree now; letting go");
-            self.drop_tree(&root);
-        }
-        self.writer.record_state(self.trees.values().map(|t| &t.engine), last);
-    }
-
-    /// Whether every shard of every tree is read to what the stream holds: owned shards
-    /// by their last read, others' by reading after their checkpointed positions.
-    fn drained(&mut self) -> Result<bool, Error> {
-        for shard in &self.listing {
-            let root = &self.tree_of[&shard.id];
-            if let Some(tree) = self.trees.get(root) {
-                let Some(pos) = tree.shards.get(&shard.id) else { return Ok(false) };
-                if !pos.done && !tree.caught_up.contains_key(&shard.id) {
-                    return Ok(false);
-                }
-                continue;
-            }
-            let scope = self.scope(root);
-            let position = self.writer.call("reading a tree's position", self.writer.store.position(&scope))?;
-            let pos = parse_position(position.as_deref()).remove(&shard.id).unwrap_or_default();
-            if pos.done {
-                continue;
-            }
-            let source = &self.source;
-            let unread = self.writer.call("reading after another poller's position", async {
-                let it = source.iterator(&shard.id, pos.seq.as_deref()).await.map_err(|e| toolrank_dynamodb::Error::Input(e.to_string()))?;
-                let page = source.read(&it).await.map_err(|e| toolrank_dynamodb::Error::Input(e.to_string()))?;
-                Ok::<_, toolrank_dynamodb::Error>(page.records.len())
-            });
-            match unread {
-                Ok(0) => {}
-                Ok(_) => return Ok(false),
-                Err(e) => {
-                    warn!(shard = shard.id, error = %e, "could not check another poller's progress");
-                    return Ok(false);
-                }
-            }
-        }
-        Ok(true)
-    }
-
-    /// Final checkpoints, the sinks from everybody's latest checkpoints, leases released.
-    fn finish(&mut self) {
-        self.writer.finishing();
-        for _ in 0..10 {
-            self.checkpoint(true);
-            if self.trees.values().all(|t| !t.dirty) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        let others = self.others();
-        let mut units: Vec<&mut Engine> = self.trees.values_mut().map(|t| &mut t.engine).collect();
-        self.writer.finish(&others, &mut units);
-        for (root, tree) in &self.trees {
-            if !tree.dirty {
-                if let Err(e) = self.writer.call("releasing a tree lease", tree.lease.release()) {
-                    warn!(tree = root, error = %e, "could not release a tree lease; it lapses by itself");
-                }
-            }
-        }
-    }
 }
 
 /// The root of `shard`'s tree: recorded membership first, then the parent's tree if the
@@ -600,11 +538,11 @@ fn root_of(shard: &str, listed: &HashMap<&str, &ShardInfo>, member: &HashMap<Str
 }
 
 /// Adds the listed shards of `root`'s tree that the tree does not know yet; whether any was.
-fn adopt_shards(tree: &mut Tree, root: &str, listing: &[ShardInfo], tree_of: &HashMap<String, String>) -> bool {
+fn adopt_shards(shards: &mut BTreeMap<String, ShardPos>, root: &str, listing: &[ShardInfo], tree_of: &HashMap<String, String>) -> bool {
     let mut added = false;
     for s in listing.iter().filter(|s| tree_of.get(&s.id).is_some_and(|r| r == root)) {
-        if !tree.shards.contains_key(&s.id) {
-            tree.shards.insert(s.id.clone(), ShardPos { parent: s.parent.clone(), adjacent_parent: s.adjacent_parent.clone(), seq: None, done: false });
+        if !shards.contains_key(&s.id) {
+            shards.insert(s.id.clone(), ShardPos { parent: s.parent.clone(), adjacent_parent: s.adjacent_parent.clone(), seq: None, done: false });
             added = true;
         }
     }
@@ -612,9 +550,9 @@ fn adopt_shards(tree: &mut Tree, root: &str, listing: &[ShardInfo], tree_of: &Ha
 }
 
 /// Forgets done shards the stream no longer lists and no remaining shard descends from.
-fn prune(tree: &mut Tree, listed: &HashSet<&str>) {
-    let parents: HashSet<String> = tree.shards.values().flat_map(|p| [p.parent.clone(), p.adjacent_parent.clone()]).flatten().collect();
-    tree.shards.retain(|id, p| !p.done || listed.contains(id.as_str()) || parents.contains(id));
+fn prune(shards: &mut BTreeMap<String, ShardPos>, listed: &HashSet<&str>) {
+    let parents: HashSet<String> = shards.values().flat_map(|p| [p.parent.clone(), p.adjacent_parent.clone()]).flatten().collect();
+    shards.retain(|id, p| !p.done || listed.contains(id.as_str()) || parents.contains(id));
 }
 
 fn parse_position(position: Option<&str>) -> BTreeMap<String, ShardPos> {
@@ -624,9 +562,84 @@ fn parse_position(position: Option<&str>) -> BTreeMap<String, ShardPos> {
 fn write_dead_letter(file: &mut Option<std::fs::File>, path: &PathBuf, letter: &DeadLetter) -> Result<(), Error> {
     let io = |e| Error::DeadLetters(path.clone(), e);
     if file.is_none() {
-        *file = Some(std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io)?);
+        // Records may carry user data: readable by the owner only.
+        *file = Some(std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(io)?);
     }
     let mut line = serde_json::to_vec(letter).expect("dead letters serialize");
     line.push(b'\n');
     file.as_mut().expect("opened").write_all(&line).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard(id: &str, parent: Option<&str>) -> ShardInfo {
+        ShardInfo { id: id.into(), parent: parent.map(Into::into), adjacent_parent: None }
+    }
+
+    /// The tree of every listed shard, as `discover` places them.
+    fn trees(listing: &[ShardInfo], member: &HashMap<String, String>) -> HashMap<String, String> {
+        let listed: HashMap<&str, &ShardInfo> = listing.iter().map(|s| (s.id.as_str(), s)).collect();
+        let mut memo = HashMap::new();
+        listing.iter().map(|s| (s.id.clone(), root_of(&s.id, &listed, member, &mut memo))).collect()
+    }
+
+    #[test]
+    fn children_join_their_parents_tree_and_orphans_start_their_own() {
+        // a splits into b and c; d's parent was trimmed from the listing and is unknown.
+        let listing = [shard("a", None), shard("b", Some("a")), shard("c", Some("a")), shard("d", Some("gone"))];
+        let t = trees(&listing, &HashMap::new());
+        assert_eq!((t["a"].as_str(), t["b"].as_str(), t["c"].as_str(), t["d"].as_str()), ("a", "a", "a", "d"));
+    }
+
+    #[test]
+    fn recorded_membership_outlives_a_trimmed_root() {
+        // a was trimmed; its tree recorded b as a member, so b's child e stays in tree a.
+        let listing = [shard("b", Some("a")), shard("e", Some("b"))];
+        let member: HashMap<String, String> = [("a", "a"), ("b", "a")].map(|(s, r)| (s.to_owned(), r.to_owned())).into();
+        let t = trees(&listing, &member);
+        assert_eq!((t["b"].as_str(), t["e"].as_str()), ("a", "a"));
+    }
+
+    #[test]
+    fn a_child_is_read_only_once_its_parents_are_done() {
+        let mut shards = BTreeMap::new();
+        let listing = [shard("a", None), shard("b", Some("a"))];
+        let tree_of: HashMap<String, String> = [("a", "a"), ("b", "a")].map(|(s, r)| (s.to_owned(), r.to_owned())).into();
+        assert!(adopt_shards(&mut shards, "a", &listing, &tree_of));
+        assert!(!adopt_shards(&mut shards, "a", &listing, &tree_of), "known shards are not added twice");
+        assert!(ready(&shards, &shards["a"]));
+        assert!(!ready(&shards, &shards["b"]));
+        shards.get_mut("a").unwrap().done = true;
+        assert!(ready(&shards, &shards["b"]));
+        // A parent the tree never knew (trimmed before it was listed) holds nothing up.
+        let orphan = ShardPos { parent: Some("gone".into()), ..ShardPos::default() };
+        assert!(ready(&shards, &orphan));
+    }
+
+    #[test]
+    fn done_shards_are_forgotten_once_unlisted_and_without_children() {
+        let pos = |parent: Option<&str>, done| ShardPos { parent: parent.map(Into::into), done, ..ShardPos::default() };
+        let mut shards: BTreeMap<String, ShardPos> =
+            [("a", pos(None, true)), ("b", pos(Some("a"), true)), ("c", pos(Some("b"), false)), ("x", pos(None, true))]
+                .map(|(id, p)| (id.to_owned(), p))
+                .into();
+        // Only c is still listed: x goes; b stays as c's parent, and a as b's.
+        prune(&mut shards, &["c"].into());
+        assert_eq!(shards.keys().map(String::as_str).collect::<Vec<_>>(), ["a", "b", "c"]);
+        // Once c is done and unlisted too, what named a parent is gone with it.
+        shards.get_mut("c").unwrap().done = true;
+        prune(&mut shards, &HashSet::new());
+        assert_eq!(shards.keys().map(String::as_str).collect::<Vec<_>>(), ["a", "b"]);
+    }
+
+    #[test]
+    fn positions_round_trip_and_an_unreadable_one_starts_empty() {
+        let shards: BTreeMap<String, ShardPos> = [("a".to_owned(), ShardPos { seq: Some("42".into()), done: true, ..ShardPos::default() })].into();
+        let text = serde_json::to_string(&shards).unwrap();
+        assert_eq!(parse_position(Some(&text)), shards);
+        assert!(parse_position(Some("not json")).is_empty());
+        assert!(parse_position(None).is_empty());
+    }
 }

@@ -8,7 +8,7 @@
 use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, ConsumedCapacity, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection, ProjectionType,
-    ReturnConsumedCapacity, ScalarAttributeType, StreamSpecification, StreamViewType, TableStatus, TimeToLiveSpecification,
+    ReturnConsumedCapacity, ScalarAttributeType, StreamSpecification, StreamViewType, TimeToLiveSpecification,
 };
 use aws_sdk_dynamodb::Client;
 use futures_util::future::{BoxFuture, FutureExt};
@@ -20,9 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use toolrank_events::decode_line;
 
-mod checkpoint;
 mod limiter;
-pub use checkpoint::{Checkpoint, CheckpointStore, Lease, Log, LogHead, COMPACT_MIN_BYTES, DELTAS_PER_APPEND, DELTA_BYTES};
 pub use limiter::Limiter;
 
 /// The TTL attribute (epoch seconds) of the seed's retention policy.
@@ -33,7 +31,7 @@ pub const TTL_ATTRIBUTE: &str = "ExpireAt";
 pub enum Error {
     #[error("{what}: {message}")]
     Aws { what: String, message: String },
-    #[error("table {0} did not become ACTIVE within 60 s")]
+    #[error("table {0} did not become ACTIVE within 5 minutes")]
     NotActive(String),
     #[error("{0}")]
     Input(String),
@@ -152,14 +150,13 @@ pub async fn batch_write(
         .into_iter()
         .map(|mut pending| {
             async move {
-                let mut delay = Duration::from_millis(20);
+                let mut backoff = toolrank_backoff::Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
                 while !pending.is_empty() {
                     let out = client.batch_write_item().request_items(table, pending).return_consumed_capacity(TOTAL).send().await?;
                     units.add_all(out.consumed_capacity());
                     pending = out.unprocessed_items.and_then(|mut m| m.remove(table)).unwrap_or_default();
                     if !pending.is_empty() {
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(2));
+                        tokio::time::sleep(backoff.next_delay()).await;
                     }
                 }
                 Ok(())
@@ -171,9 +168,9 @@ pub async fn batch_write(
     results.into_iter().collect()
 }
 
-/// Creates the pipeline's own state table unless it exists: `PK`/`SK` strings, on-demand,
-/// no stream (checkpoints and leases must not come back as events). Idempotent.
-pub async fn create_state_table(client: &Client, table: &str) -> Result<TableStatusReport, Error> {
+/// Creates a table keyed by `PK`/`SK` strings, on-demand, with no stream, unless it
+/// exists (the pipeline's state table is one). Idempotent.
+pub async fn create_keyed_table(client: &Client, table: &str) -> Result<TableStatusReport, Error> {
     create(client, keyed_table(client, table), table).await
 }
 
@@ -212,15 +209,17 @@ async fn create(
     Ok(status)
 }
 
+/// How long a new table may take to become ACTIVE.
+const ACTIVE_WITHIN: Duration = Duration::from_secs(300);
+
+/// Waits until `table` is ACTIVE, with the SDK's waiter (its backoff between polls).
 async fn wait_active(client: &Client, table: &str) -> Result<(), Error> {
-    for _ in 0..600 {
-        let d = client.describe_table().table_name(table).send().await.map_err(aws(format!("describing table {table}")))?;
-        if d.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Err(Error::NotActive(table.into()))
+    use aws_sdk_dynamodb::client::Waiters;
+    client.wait_until_table_exists().table_name(table).wait(ACTIVE_WITHIN).await.map_err(|e| match e {
+        aws_sdk_dynamodb::waiters::table_exists::WaitUntilTableExistsError::ExceededMaxWait(_) => Error::NotActive(table.into()),
+        e => Error::Aws { what: format!("waiting for table {table}"), message: DisplayErrorContext(&e).to_string() },
+    })?;
+    Ok(())
 }
 
 /// One write an agent application would make.

@@ -15,16 +15,17 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
-use toolrank_dynamodb::{CheckpointStore, Lease, Log};
-mod backoff;
-pub use backoff::Backoff;
-pub use toolrank_dynamodb::LogHead;
+use toolrank_state::{CheckpointStore, Lease, Log};
+mod run;
+pub use run::{checkpoint, run, Pacing, Source};
+pub use toolrank_backoff::Backoff;
 use toolrank_engine::{Applied, Changes, Engine, PatternKey, StateStats, Sym};
 use toolrank_events::{decode_line, Change, Day};
 use toolrank_sink_dynamodb::DynamoSink;
 pub use toolrank_sink_dynamodb::Namespace;
 pub use toolrank_sink_valkey::Namespaces;
 use toolrank_sink_valkey::ValkeySink;
+pub use toolrank_state::LogHead;
 use tracing::{debug, info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -55,8 +56,6 @@ pub struct WriterConfig {
     pub owner: String,
     /// How long a lease lasts without renewal.
     pub lease: Duration,
-    /// The sink lease's scope: one writer per consumer group (or poller application).
-    pub lease_scope: String,
     /// How often changes reach DynamoDB: every write costs money, so it coalesces longer
     /// than Valkey.
     pub dynamodb_interval: Duration,
@@ -73,6 +72,13 @@ pub struct WriterConfig {
     pub dynamodb_max_wcu: Option<f64>,
     /// How long a removed item's tombstone is kept ([`Engine::expire_tombstones`]).
     pub tombstone_horizon: Duration,
+}
+
+/// The settings every long-running consumer shares.
+#[derive(Clone, Debug)]
+pub struct LiveConfig {
+    pub writer: WriterConfig,
+    pub pacing: Pacing,
 }
 
 /// A week: longer than DynamoDB Streams (24 h) or Kinesis (24 h by default) keep a
@@ -270,6 +276,14 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
+/// An identity for leases and checkpoints unique to this process start: `name`, the
+/// process id and the start time, so that two sandboxes or containers reusing a process
+/// id are still told apart.
+pub fn unique_owner(name: &str) -> String {
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros());
+    format!("{name}-{}-{started:x}", std::process::id())
+}
+
 /// Seconds since the Unix epoch: the clock tombstones are stamped with.
 fn now_secs() -> u32 {
     (now_ms() / 1000) as u32
@@ -427,7 +441,9 @@ pub struct SinkWriter {
 }
 
 impl SinkWriter {
-    pub fn new(config: WriterConfig) -> Result<SinkWriter, Error> {
+    /// A writer contending for the sink lease of `lease_scope`: one writer per consumer
+    /// group (or poller application).
+    pub fn new(config: WriterConfig, lease_scope: String) -> Result<SinkWriter, Error> {
         // One worker: DynamoDB sink writes run on it while the consumer's loop goes on.
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("a tokio runtime");
         let client = rt.block_on(toolrank_dynamodb::client());
@@ -440,7 +456,7 @@ impl SinkWriter {
         let valkey = config.valkey_url.as_ref().map(|url| ValkeySink::new(url, config.valkey_prefix.clone())).transpose()?;
         Ok(SinkWriter {
             store: CheckpointStore::new(client.clone(), config.state_table.clone()),
-            lease: Lease::new(client.clone(), config.state_table.clone(), config.lease_scope.clone(), config.owner.clone(), config.lease),
+            lease: Lease::new(client.clone(), config.state_table.clone(), lease_scope, config.owner.clone(), config.lease),
             client,
             rt,
             summary: Summary::default(),
@@ -497,7 +513,7 @@ impl SinkWriter {
     /// Runs `f` until it succeeds, counting failures; gives up after 30 s (within Kafka's
     /// poll interval). For what a consumer cannot go on without, like claiming a unit.
     pub fn retrying<T>(&mut self, what: &str, mut f: impl FnMut(&SinkWriter) -> Result<T, toolrank_dynamodb::Error>) -> Result<T, Error> {
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match f(self) {
@@ -505,8 +521,7 @@ impl SinkWriter {
                 Err(e) if Instant::now() < deadline => {
                     self.summary.retried_errors += 1;
                     warn!(error = %e, "{what} failed; retrying");
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    std::thread::sleep(backoff.next_delay());
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -575,7 +590,7 @@ impl SinkWriter {
     /// unless the log is due for a new base or the changes do not fit one append: then
     /// the whole state is saved. See [`saved`](Self::saved).
     pub fn start_save(&mut self, scope: &str, at: LogHead, position: &str, engine: &mut Engine) -> Saving {
-        use toolrank_dynamodb::{COMPACT_MIN_BYTES, DELTAS_PER_APPEND, DELTA_BYTES};
+        use toolrank_state::{COMPACT_MIN_BYTES, DELTAS_PER_APPEND, DELTA_BYTES};
         let started = Instant::now();
         self.expire_tombstones(engine);
         // Past this, the delta would not fit one append or would make the log due for a

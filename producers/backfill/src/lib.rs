@@ -106,7 +106,7 @@ impl Sender for toolrank_kafka::Publisher {
 /// What every backfill shares: where its checkpoints go and how often, what it reports
 /// progress to, and the flag that stops it cleanly.
 pub struct Run<'a> {
-    pub store: toolrank_dynamodb::CheckpointStore,
+    pub store: toolrank_state::CheckpointStore,
     /// The checkpoints' scope (a Scan's segments: `{scope}/segment/{i}`).
     pub scope: String,
     pub owner: String,

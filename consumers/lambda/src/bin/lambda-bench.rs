@@ -79,7 +79,7 @@ fn main() {
     let sink_table = |batch: usize| format!("lambda-bench-{}-{batch}", std::process::id());
     rt.block_on(async {
         let client = toolrank_dynamodb::client().await;
-        toolrank_dynamodb::create_state_table(&client, &state_table).await.expect("state table");
+        toolrank_state::create_state_table(&client, &state_table).await.expect("state table");
         for &batch in &batches {
             toolrank_dynamodb::create_table(&client, &sink_table(batch), false).await.expect("sink table");
         }

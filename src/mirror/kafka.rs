@@ -2,8 +2,8 @@
 //! its last committed batch recorded in the warehouse (no consumer-group commits: the
 //! offsets live in the same transaction as the rows they produced).
 
-use crate::replay::DeadLetters;
-use crate::warehouse::mirror_line;
+use super::line::mirror_line;
+use crate::dead_letters::DeadLetters;
 use anyhow::{bail, Context, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -50,7 +50,7 @@ pub fn follow(
     tracing::info!(topic, partitions = partitions.len(), resumed = positions.len(), "following");
 
     let stop = Arc::new(AtomicBool::new(false));
-    crate::consume::watch_signals(stop.clone());
+    crate::signals::watch_signals(stop.clone());
     let idle = until_idle.map(Duration::from_secs_f64);
     let (mut last_message, mut last_flush) = (Instant::now(), Instant::now());
     let mut bad = 0;

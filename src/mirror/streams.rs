@@ -2,8 +2,8 @@
 //! process reading every shard (parents before children), resuming from the sequence
 //! numbers its last committed batch recorded in the warehouse.
 
-use crate::replay::DeadLetters;
-use crate::warehouse::mirror_line;
+use super::line::mirror_line;
+use crate::dead_letters::DeadLetters;
 use anyhow::{Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,7 +55,7 @@ pub fn follow(rt: &tokio::runtime::Runtime, api: &DataApi, table: &str, until_id
     tracing::info!(stream = stream.name(), resumed = shards.len(), "following");
 
     let stop = Arc::new(AtomicBool::new(false));
-    crate::consume::watch_signals(stop.clone());
+    crate::signals::watch_signals(stop.clone());
     let idle = until_idle.map(Duration::from_secs_f64);
     let (mut last_record, mut last_flush) = (Instant::now(), Instant::now());
     let mut parents: HashMap<String, Option<String>> = HashMap::new();

@@ -29,7 +29,6 @@
 //! `Encoding` and are read as they are. Sizes in the manifest (`Bytes`, `LogBytes`) are
 //! the uncompressed ones, so when a log is compacted does not change.
 
-use crate::{aws, batch_write, Error, Units, TOTAL};
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, PutRequest, ReturnValue, WriteRequest};
 use aws_sdk_dynamodb::Client;
@@ -37,6 +36,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use toolrank_dynamodb::{aws, batch_write, Error, Units, TOTAL};
 
 /// Items stay well under DynamoDB's 400 KB limit.
 const CHUNK_BYTES: usize = 350 * 1024;
