@@ -182,23 +182,25 @@ struct LiveArgs {
 }
 
 impl LiveArgs {
-    /// The shared settings, with leases lasting `lease`.
-    fn config(self, lease: Duration) -> Result<toolrank_live::LiveConfig> {
+    /// The shared settings, with leases lasting `lease`, and the sinks.
+    fn config(self, lease: Duration) -> Result<(toolrank_live::LiveConfig, Vec<toolrank_live::Wired>)> {
         let target = crate::namespace::target(&self.sinks);
-        Ok(toolrank_live::LiveConfig {
+        let sinks = toolrank_sink_wiring::SinkSettings {
+            table: (!self.sinks.no_dynamodb).then(|| self.sinks.table.clone()),
+            dynamodb_namespace: target.dynamodb,
+            dynamodb_interval: self.dynamodb.interval(),
+            dynamodb_max_defer: self.dynamodb.max_defer(),
+            dynamodb_writes_per_event: self.dynamodb.writes_per_event(),
+            dynamodb_max_wcu: self.dynamodb.dynamodb_max_wcu,
+            valkey_url: (!self.sinks.no_valkey).then(|| self.sinks.valkey_url.clone()),
+            valkey_prefix: target.name,
+        };
+        let live = toolrank_live::LiveConfig {
             writer: toolrank_live::WriterConfig {
                 state_table: self.sinks.state_table.clone(),
-                table: (!self.sinks.no_dynamodb).then(|| self.sinks.table.clone()),
-                dynamodb_namespace: target.dynamodb,
-                valkey_url: (!self.sinks.no_valkey).then(|| self.sinks.valkey_url.clone()),
-                valkey_prefix: target.name,
                 today: self.sinks.today()?,
                 owner: self.id.unwrap_or_else(|| toolrank_live::unique_owner(&std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()))),
                 lease,
-                dynamodb_interval: self.dynamodb.interval(),
-                dynamodb_max_defer: self.dynamodb.max_defer(),
-                dynamodb_writes_per_event: self.dynamodb.writes_per_event(),
-                dynamodb_max_wcu: self.dynamodb.dynamodb_max_wcu,
                 tombstone_horizon: self.retention.horizon(),
             },
             pacing: toolrank_live::Pacing {
@@ -207,7 +209,8 @@ impl LiveArgs {
                 checkpoint_interval: self.checkpoints.interval(),
                 checkpoint_max: self.checkpoints.max(),
             },
-        })
+        };
+        Ok((live, sinks.wire()?))
     }
 }
 
@@ -235,14 +238,16 @@ struct PollerArgs {
 }
 
 impl PollerArgs {
-    fn config(self) -> Result<toolrank_consume_streams::Config> {
-        Ok(toolrank_consume_streams::Config {
+    fn config(self) -> Result<(toolrank_consume_streams::Config, Vec<toolrank_live::Wired>)> {
+        let (live, sinks) = self.live.config(Duration::from_secs_f64(self.lease_secs))?;
+        let config = toolrank_consume_streams::Config {
             application: self.application,
             discover_interval: Duration::from_secs_f64(self.discover_secs),
             idle_poll: Duration::from_millis(self.idle_poll_ms),
             dead_letter_file: self.dead_letter_file,
-            live: self.live.config(Duration::from_secs_f64(self.lease_secs))?,
-        })
+            live,
+        };
+        Ok((config, sinks))
     }
 }
 
@@ -293,16 +298,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let summary = match args.source {
         Source::Kafka(a) => kafka(a, stop)?,
         Source::DynamodbStreams(a) => {
-            let config = a.poller.config()?;
+            let (config, sinks) = a.poller.config()?;
             let sdk = toolrank_consume_streams::sdk_config();
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let source = rt.block_on(toolrank_consume_streams::dynamodb_streams::DynamoStreams::of_table(&sdk, &a.source_table))?;
-            toolrank_consume_streams::run(config, source, &stop)?
+            toolrank_consume_streams::run(config, source, sinks, &stop)?
         }
         Source::Kinesis(a) => {
-            let config = a.poller.config()?;
+            let (config, sinks) = a.poller.config()?;
             let source = toolrank_consume_streams::kinesis::Kinesis::new(&toolrank_consume_streams::sdk_config(), a.stream);
-            toolrank_consume_streams::run(config, source, &stop)?
+            toolrank_consume_streams::run(config, source, sinks, &stop)?
         }
     };
     print_summary(&summary);
@@ -310,15 +315,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
 }
 
 fn kafka(a: KafkaArgs, stop: Arc<AtomicBool>) -> Result<toolrank_live::Summary> {
+    let (live, sinks) = a.live.config(Duration::from_secs_f64(a.lease_secs))?;
     let config = toolrank_consume_kafka::Config {
         brokers: a.brokers,
         topic: a.topic,
         group: a.group,
         dead_letter_topic: a.dead_letter_topic,
         fetch_wait: Duration::from_millis(a.fetch_wait_ms),
-        live: a.live.config(Duration::from_secs_f64(a.lease_secs))?,
+        live,
     };
-    Ok(toolrank_consume_kafka::run(config, stop)?)
+    Ok(toolrank_consume_kafka::run(config, sinks, stop)?)
 }
 
 fn print_summary(s: &toolrank_live::Summary) {

@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use toolrank_engine::Engine;
 pub use toolrank_live::Summary;
-use toolrank_live::{apply_line, LiveConfig, LogHead, Saving, SinkWriter, Source};
+use toolrank_live::{apply_line, LiveConfig, LogHead, Saving, SinkWriter, Source, Wired};
 use tracing::{debug, info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -171,8 +171,9 @@ fn scope(config: &Config, partition: i32) -> String {
     format!("kafka/{}/{}/{partition}", config.group, config.topic)
 }
 
-/// Runs the consumer until `stop` is set or, with `until_idle`, the topic is drained.
-pub fn run(config: Config, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
+/// Runs the consumer, writing `sinks` while it holds the sink lease, until `stop` is set
+/// or, with `until_idle`, the topic is drained.
+pub fn run(config: Config, sinks: Vec<Wired>, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
     let consumer: BaseConsumer<Rebalances> = toolrank_kafka::client_config(&config.brokers)
         .set("group.id", &config.group)
         .set("enable.auto.commit", "false")
@@ -190,7 +191,7 @@ pub fn run(config: Config, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
         return Err(Error::NoTopic(config.topic.clone()));
     }
     let dead_letters: BaseProducer = toolrank_kafka::client_config(&config.brokers).set("compression.type", "none").set("linger.ms", "5").create()?;
-    let mut writer = SinkWriter::new(config.live.writer.clone(), format!("kafka/{}/{}/sink-writer", config.group, config.topic))?;
+    let mut writer = SinkWriter::new(config.live.writer.clone(), format!("kafka/{}/{}/sink-writer", config.group, config.topic), sinks)?;
     let pacing = config.live.pacing.clone();
     let mut source =
         Kafka { config, consumer, rebalances_seen: 0, dead_letters, parts: BTreeMap::new(), partition_count, stranded: None, fenced: BTreeMap::new() };
@@ -594,17 +595,9 @@ mod tests {
             live: toolrank_live::LiveConfig {
                 writer: toolrank_live::WriterConfig {
                     state_table: String::new(),
-                    table: None,
-                    dynamodb_namespace: toolrank_live::Namespace::Live,
-                    valkey_url: None,
-                    valkey_prefix: String::new(),
                     today: None,
                     owner: String::new(),
                     lease: Duration::ZERO,
-                    dynamodb_interval: Duration::ZERO,
-                    dynamodb_max_defer: Duration::ZERO,
-                    dynamodb_writes_per_event: None,
-                    dynamodb_max_wcu: None,
                     tombstone_horizon: Duration::ZERO,
                 },
                 pacing: toolrank_live::Pacing {

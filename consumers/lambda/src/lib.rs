@@ -40,7 +40,7 @@ use std::time::Duration;
 use std::time::Instant;
 use tokio::sync::oneshot;
 use toolrank_engine::Engine;
-use toolrank_events::{decode_kinesis_data, decode_line, Change, Day};
+use toolrank_events::{decode_kinesis_data, decode_line, Change};
 use toolrank_live::{apply_change, apply_deltas, log_engine, LogCatchUp, SinkWriter, WriterConfig};
 pub use toolrank_state::COMPACT_MIN_BYTES;
 use toolrank_state::{LogHead, DELTA_BYTES};
@@ -48,45 +48,19 @@ use tracing::{info, warn};
 
 mod settings;
 mod telemetry;
-pub use settings::Settings;
+pub use settings::{Config, Settings, DEFAULT_WRITES_PER_EVENT};
 pub use telemetry::{init_logging, MetricLine};
-
-/// The DynamoDB sink's write budget by default: `consume kafka`'s.
-pub const DEFAULT_WRITES_PER_EVENT: f64 = 0.05;
 
 /// The owner name of every bucket checkpoint: invocations are told apart by generation.
 const OWNER: &str = "lambda";
 
-/// What the handler needs, from the function's environment.
-#[derive(Clone, Debug)]
-pub struct Config {
-    pub application: String,
-    pub state_table: String,
-    pub table: Option<String>,
-    pub valkey_url: Option<String>,
-    pub valkey_prefix: String,
-    pub today: Option<Day>,
-    pub buckets: u32,
-    /// A bucket's log is compacted once its deltas add up to the base's size, or this.
-    pub compact_bytes: u64,
-    /// How long an invocation waits for the sink lease.
-    pub sink_wait: Duration,
-    /// The sinks are written at most this often, by whichever container is invoked once
-    /// the interval is up; in between, invocations only append to the bucket logs, and
-    /// the next write (or a flush event) carries their changes. Coalesces sink writes
-    /// across invocations, as the long-running consumers do across their flush interval.
-    pub sink_interval: Duration,
-    /// The DynamoDB sink's write budget (items per record appended to the bucket logs
-    /// since its last write; `None`: every sink interval), as `consume kafka
-    /// --dynamodb-writes-per-event`: a due write waits for later invocations until it
-    /// keeps to it, at most `dynamodb_max_defer`. Valkey is written at every interval.
-    pub dynamodb_writes_per_event: Option<f64>,
-    pub dynamodb_max_defer: Duration,
-    /// `TOOLRANK_DYNAMODB_MAX_WCU`: the sink's write capacity budget per second, if any
-    /// (as `consume kafka --dynamodb-max-wcu`).
-    pub dynamodb_max_wcu: Option<f64>,
-    /// How long a removed item's tombstone is kept in a bucket.
-    pub tombstone_horizon: Duration,
+/// Why a handler could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Sinks(#[from] toolrank_sink_wiring::Error),
+    #[error(transparent)]
+    Live(#[from] toolrank_live::Error),
 }
 
 /// One record of an event, decoded.
@@ -227,26 +201,30 @@ pub struct Handler {
 }
 
 impl Handler {
-    pub fn new(config: Config) -> Result<Handler, toolrank_live::Error> {
+    pub fn new(config: Config) -> Result<Handler, SetupError> {
+        let sinks = toolrank_sink_wiring::SinkSettings {
+            table: config.table.clone(),
+            // The active namespace is always the one on the live items.
+            dynamodb_namespace: toolrank_sink_wiring::Namespace::Live,
+            // Invocations judge the interval (`sinks_due`); the writer keeps the budget.
+            dynamodb_interval: Duration::ZERO,
+            dynamodb_max_defer: config.dynamodb_max_defer,
+            dynamodb_writes_per_event: config.dynamodb_writes_per_event,
+            dynamodb_max_wcu: config.dynamodb_max_wcu,
+            valkey_url: config.valkey_url.clone(),
+            valkey_prefix: config.valkey_prefix.clone(),
+        }
+        .wire()?;
         let writer = SinkWriter::new(
             WriterConfig {
                 state_table: config.state_table.clone(),
-                table: config.table.clone(),
-                // The active namespace is always the one on the live items.
-                dynamodb_namespace: toolrank_live::Namespace::Live,
-                valkey_url: config.valkey_url.clone(),
-                valkey_prefix: config.valkey_prefix.clone(),
                 today: config.today,
                 owner: toolrank_live::unique_owner("lambda"),
                 lease: Duration::from_secs(10),
-                // Invocations judge the interval (`sinks_due`); the writer keeps the budget.
-                dynamodb_interval: Duration::ZERO,
-                dynamodb_max_defer: config.dynamodb_max_defer,
-                dynamodb_writes_per_event: config.dynamodb_writes_per_event,
-                dynamodb_max_wcu: config.dynamodb_max_wcu,
                 tombstone_horizon: config.tombstone_horizon,
             },
             format!("lambda/{}/sink-writer", config.application),
+            sinks,
         )?;
         let scopes = (0..config.buckets).map(|b| format!("lambda/{}/bucket/{b:05}", config.application)).collect();
         Ok(Handler { config, writer, buckets: HashMap::new(), scopes, last_sink_write: 0 })

@@ -2,10 +2,45 @@
 //! and from flags or the environment by `toolrank lambda`, so `toolrank lambda --help`
 //! lists every variable the function reads.
 
-use crate::{Config, COMPACT_MIN_BYTES, DEFAULT_WRITES_PER_EVENT};
 use clap::{Args, Parser};
 use std::time::Duration;
 use toolrank_events::Day;
+use toolrank_state::COMPACT_MIN_BYTES;
+
+/// The DynamoDB sink's write budget by default: `consume kafka`'s.
+pub const DEFAULT_WRITES_PER_EVENT: f64 = 0.05;
+
+/// What the handler needs, from the function's environment.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub application: String,
+    pub state_table: String,
+    pub table: Option<String>,
+    pub valkey_url: Option<String>,
+    pub valkey_prefix: String,
+    pub today: Option<Day>,
+    pub buckets: u32,
+    /// A bucket's log is compacted once its deltas add up to the base's size, or this.
+    pub compact_bytes: u64,
+    /// How long an invocation waits for the sink lease.
+    pub sink_wait: Duration,
+    /// The sinks are written at most this often, by whichever container is invoked once
+    /// the interval is up; in between, invocations only append to the bucket logs, and
+    /// the next write (or a flush event) carries their changes. Coalesces sink writes
+    /// across invocations, as the long-running consumers do across their flush interval.
+    pub sink_interval: Duration,
+    /// The DynamoDB sink's write budget (items per record appended to the bucket logs
+    /// since its last write; `None`: every sink interval), as `consume kafka
+    /// --dynamodb-writes-per-event`: a due write waits for later invocations until it
+    /// keeps to it, at most `dynamodb_max_defer`. Valkey is written at every interval.
+    pub dynamodb_writes_per_event: Option<f64>,
+    pub dynamodb_max_defer: Duration,
+    /// `TOOLRANK_DYNAMODB_MAX_WCU`: the sink's write capacity budget per second, if any
+    /// (as `consume kafka --dynamodb-max-wcu`).
+    pub dynamodb_max_wcu: Option<f64>,
+    /// How long a removed item's tombstone is kept in a bucket.
+    pub tombstone_horizon: Duration,
+}
 
 /// The Lambda function's settings (each also a `TOOLRANK_*` environment variable).
 #[derive(Args, Clone, Debug)]
@@ -78,7 +113,7 @@ impl Settings {
             .namespace
             .or_else(|| {
                 let url = self.valkey_url.as_deref()?;
-                toolrank_live::Namespaces::connect(url, Duration::from_secs(1)).and_then(|mut n| n.active()).ok().flatten()
+                toolrank_sink_wiring::Namespaces::connect(url, Duration::from_secs(1)).and_then(|mut n| n.active()).ok().flatten()
             })
             .unwrap_or_else(|| "tr".into());
         Config {

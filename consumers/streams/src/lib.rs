@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use toolrank_engine::Engine;
 use toolrank_events::DeadLetter;
 pub use toolrank_live::Summary;
-use toolrank_live::{LiveConfig, SinkWriter};
+use toolrank_live::{LiveConfig, SinkWriter, Wired};
 use toolrank_state::Lease;
 use tracing::{info, warn};
 
@@ -135,10 +135,11 @@ struct Poller<S: ShardSource> {
     last_balance: Instant,
 }
 
-/// Runs a poller on `source` until `stop` is set or, with `until_idle`, every shard is read.
-pub fn run<S: ShardSource>(config: Config, source: S, stop: &AtomicBool) -> Result<Summary, Error> {
+/// Runs a poller on `source`, writing `sinks` while it holds the sink lease, until
+/// `stop` is set or, with `until_idle`, every shard is read.
+pub fn run<S: ShardSource>(config: Config, source: S, sinks: Vec<Wired>, stop: &AtomicBool) -> Result<Summary, Error> {
     let prefix = format!("streams/{}/{}", config.application, source.name());
-    let mut writer = SinkWriter::new(config.live.writer.clone(), format!("{prefix}/sink-writer"))?;
+    let mut writer = SinkWriter::new(config.live.writer.clone(), format!("{prefix}/sink-writer"), sinks)?;
     let pacing = config.live.pacing.clone();
     let long_ago = Instant::now() - Duration::from_secs(3600);
     let mut p = Poller {

@@ -6,24 +6,13 @@
 //! shard lineage), each an engine checkpointed with its input position. The loop decides
 //! when each step runs; the source decides what a step means for its input.
 
-use crate::{Error, SinkWriter};
+use crate::config::Pacing;
+use crate::error::Error;
+use crate::writer::SinkWriter;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use toolrank_engine::Engine;
 use tracing::{debug, info};
-
-/// How often the loop's steps run.
-#[derive(Clone, Debug)]
-pub struct Pacing {
-    /// Exit after this long without a record, once the whole input is read.
-    pub until_idle: Option<Duration>,
-    /// How often deltas reach Valkey (and the merged engine).
-    pub flush_interval: Duration,
-    /// How often the units are checkpointed.
-    pub checkpoint_interval: Duration,
-    /// How long checkpoints may wait while a backlog is read ([`SinkWriter::stretched`]).
-    pub checkpoint_max: Duration,
-}
 
 /// A live input as the loop sees it.
 pub trait Source {

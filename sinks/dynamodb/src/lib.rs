@@ -761,6 +761,50 @@ fn pattern_from_item(item: &Item, namespace: &Namespace) -> Result<PatternFigure
     })
 }
 
+impl toolrank_sink::Sink for DynamoSink {
+    type Request = Plan;
+
+    fn name(&self) -> &'static str {
+        "dynamodb"
+    }
+
+    fn plan(&mut self, figures: &Engine, changes: &Changes, today: Day) -> Result<Plan, toolrank_sink::Error> {
+        Ok(DynamoSink::plan(self, figures, changes, today))
+    }
+
+    fn size(&self, plan: &Plan) -> Option<usize> {
+        self.writes(plan)
+    }
+
+    /// Runs the plan on the caller's runtime. Cut off after the deadline, what the table
+    /// holds is unknown: the next write compares with it.
+    fn send(&mut self, plan: Plan) -> Result<(), toolrank_sink::Error> {
+        let handle = tokio::runtime::Handle::current();
+        match handle.block_on(async { tokio::time::timeout(toolrank_sink::SEND_DEADLINE, self.execute(plan)).await }) {
+            Ok(result) => result.map_err(|e| toolrank_sink::Error::new("dynamodb", e)),
+            Err(_) => {
+                self.reset();
+                Err(toolrank_sink::Error::new(
+                    "dynamodb",
+                    format!("cut off after {} s; comparing with the table at the next write", toolrank_sink::SEND_DEADLINE.as_secs()),
+                ))
+            }
+        }
+    }
+
+    fn pending(&self) -> bool {
+        self.needs_write()
+    }
+
+    fn fence(&mut self) {
+        self.reset();
+    }
+
+    fn stats(&self) -> toolrank_sink::Stats {
+        toolrank_sink::Stats { requests: self.stats.requests, write_units: self.units.get() }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

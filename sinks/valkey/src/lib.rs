@@ -401,3 +401,31 @@ impl Namespaces {
         Ok(keys.len())
     }
 }
+
+impl toolrank_sink::Sink for ValkeySink {
+    type Request = Prepared;
+
+    fn name(&self) -> &'static str {
+        "valkey"
+    }
+
+    fn plan(&mut self, figures: &Engine, changes: &Changes, _today: Day) -> Result<Prepared, toolrank_sink::Error> {
+        self.prepare(figures, changes).map_err(|e| toolrank_sink::Error::new("valkey", e))
+    }
+
+    fn send(&mut self, prepared: Prepared) -> Result<(), toolrank_sink::Error> {
+        ValkeySink::send(self, prepared).map_err(|e| toolrank_sink::Error::new("valkey", e))
+    }
+
+    fn pending(&self) -> bool {
+        self.needs_resync()
+    }
+
+    fn fence(&mut self) {
+        self.force_resync();
+    }
+
+    fn stats(&self) -> toolrank_sink::Stats {
+        toolrank_sink::Stats { requests: self.commands, write_units: 0.0 }
+    }
+}

@@ -1,0 +1,108 @@
+//! The counters of a run, and the Prometheus metrics they are published as.
+
+use toolrank_engine::{Applied, StateStats};
+
+/// Counters of one run.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Summary {
+    /// Messages or stream records read.
+    pub messages: u64,
+    /// Messages below a unit's checkpointed position (redelivered).
+    pub skipped_redeliveries: u64,
+    pub changes: u64,
+    pub stale: u64,
+    pub ignored: u64,
+    pub dead_letters: u64,
+    pub checkpoints: u64,
+    /// Tombstones of removed items forgotten after the horizon.
+    pub tombstones_expired: u64,
+    /// Interned names (user IDs, ...) forgotten once nothing referred to them.
+    pub names_collected: u64,
+    /// The engine state of the units this consumer owned at its last checkpoint.
+    pub state: StateStats,
+    pub sink_writes: u64,
+    pub dynamodb_requests: u64,
+    /// DynamoDB sink writes started (each coalesces the changes of its interval).
+    pub dynamodb_rounds: u64,
+    /// Write requests to the state table: checkpoints, bucket logs, leases.
+    pub state_writes: u64,
+    /// Write capacity units DynamoDB reported consumed: by the sink, by the state table.
+    pub dynamodb_write_units: f64,
+    pub state_write_units: f64,
+    pub valkey_commands: u64,
+    /// Failed sink writes, checkpoints and lease renewals (all retried).
+    pub retried_errors: u64,
+    /// Milliseconds from a record's creation (Kafka timestamp, stream record time) to its
+    /// effect being visible in Valkey (DynamoDB without Valkey), measured by the writer.
+    pub latency_p50_ms: Option<u64>,
+    pub latency_p99_ms: Option<u64>,
+    pub latency_max_ms: Option<u64>,
+    /// The part of it spent in this process: from reading the record to its effect being
+    /// visible (what the broker or stream adds before is not toolrank's).
+    pub own_latency_p50_ms: Option<u64>,
+    pub own_latency_p99_ms: Option<u64>,
+    /// Milliseconds the consumer's loop waited on each: where its wall time goes.
+    pub dynamodb_ms: u64,
+    pub valkey_ms: u64,
+    pub checkpoint_ms: u64,
+    /// Milliseconds from the first record applied to the last, and from the start of the
+    /// exit (the last checkpoint, then the sinks) to its end: a run's wall time split
+    /// into reading and the one-off writes after it.
+    pub read_ms: u64,
+    pub finish_ms: u64,
+}
+
+impl Summary {
+    /// Copies the running totals into the process's Prometheus metrics.
+    pub fn publish(&self) {
+        use toolrank_metrics::{counter, gauge};
+        let totals = [
+            (counter("toolrank_messages_total", "Messages or stream records read.", &[]), self.messages),
+            (counter("toolrank_redeliveries_skipped_total", "Records at or below a checkpointed position, skipped.", &[]), self.skipped_redeliveries),
+            (counter("toolrank_changes_total", "Changes applied to the table state, by outcome.", &[("outcome", "applied")]), self.changes),
+            (counter("toolrank_changes_total", "Changes applied to the table state, by outcome.", &[("outcome", "stale")]), self.stale),
+            (counter("toolrank_changes_total", "Changes applied to the table state, by outcome.", &[("outcome", "ignored")]), self.ignored),
+            (counter("toolrank_dead_letters_total", "Bad records dead-lettered.", &[]), self.dead_letters),
+            (counter("toolrank_checkpoints_total", "Checkpoints saved.", &[]), self.checkpoints),
+            (counter("toolrank_tombstones_expired_total", "Tombstones of removed items forgotten after the horizon.", &[]), self.tombstones_expired),
+            (
+                counter("toolrank_names_collected_total", "Interned names (user IDs, ...) of units forgotten once nothing referred to them.", &[]),
+                self.names_collected,
+            ),
+            (counter("toolrank_sink_writes_total", "Sink write rounds.", &[]), self.sink_writes),
+            (counter("toolrank_dynamodb_requests_total", "DynamoDB write requests of the sink.", &[]), self.dynamodb_requests),
+            (counter("toolrank_state_writes_total", "DynamoDB write requests to the state table (checkpoints, bucket logs, leases).", &[]), self.state_writes),
+            (counter("toolrank_valkey_commands_total", "Valkey commands of the sink.", &[]), self.valkey_commands),
+            (counter("toolrank_retried_errors_total", "Failed sink writes, checkpoints and lease renewals (retried).", &[]), self.retried_errors),
+        ];
+        for (metric, value) in totals {
+            metric.set(value as f64);
+        }
+        for (table, units) in [("sink", self.dynamodb_write_units), ("state", self.state_write_units)] {
+            counter("toolrank_dynamodb_write_units_total", "Write capacity units DynamoDB reported consumed, by table.", &[("table", table)]).set(units);
+        }
+        for (on, ms) in [("dynamodb", self.dynamodb_ms), ("valkey", self.valkey_ms), ("checkpoint", self.checkpoint_ms)] {
+            counter("toolrank_blocked_seconds_total", "Time the consumer's loop waited on a sink write or a checkpoint save.", &[("on", on)])
+                .set(ms as f64 / 1000.0);
+        }
+        for (quantile, value) in [("0.5", self.latency_p50_ms), ("0.99", self.latency_p99_ms)] {
+            if let Some(ms) = value {
+                gauge("toolrank_visible_latency_ms", "Record creation to its effect in the sinks.", &[("quantile", quantile)]).set(ms as f64);
+            }
+        }
+        for (quantile, value) in [("0.5", self.own_latency_p50_ms), ("0.99", self.own_latency_p99_ms)] {
+            if let Some(ms) = value {
+                gauge("toolrank_own_latency_ms", "Record read by this consumer to its effect in the sinks.", &[("quantile", quantile)]).set(ms as f64);
+            }
+        }
+    }
+
+    /// Counts what the engine did with one change.
+    pub fn count(&mut self, applied: Applied) {
+        match applied {
+            Applied::Changed | Applied::Unchanged => self.changes += 1,
+            Applied::Stale => self.stale += 1,
+            Applied::Ignored => self.ignored += 1,
+        }
+    }
+}

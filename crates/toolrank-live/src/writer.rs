@@ -1,0 +1,634 @@
+//! The sink writer: the merged engine, the sink lease, checkpoints, and the sinks'
+//! schedule (see the crate docs).
+
+use crate::backlog::{reading_behind, stretch};
+use crate::clock::{now_ms, now_secs};
+use crate::config::WriterConfig;
+use crate::deadline::{within, CALL_DEADLINE};
+use crate::error::Error;
+use crate::latency::Visibility;
+use crate::sinks::{Scheduler, Turn};
+use crate::summary::Summary;
+use crate::units::{apply_deltas, log_engine, restore, LogCatchUp};
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+use toolrank_backoff::Backoff;
+use toolrank_engine::{Engine, StateStats};
+use toolrank_events::Day;
+use toolrank_sink::Wired;
+use toolrank_state::{CheckpointStore, Lease, LogHead};
+use tracing::{debug, info, warn};
+
+/// A unit owned by another consumer, as of its latest checkpoint (lease holder only).
+struct Remote {
+    engine: Engine,
+    /// The log position it holds (the head it was read at).
+    at: u64,
+}
+
+/// How often the state's size is measured for the gauges.
+const STATE_EVERY: Duration = Duration::from_secs(30);
+
+/// A checkpoint save running on the runtime's worker ([`SinkWriter::start_save`]).
+pub struct Saving {
+    task: tokio::task::JoinHandle<Result<LogHead, toolrank_dynamodb::Error>>,
+    scope: String,
+    /// The input position it covers.
+    position: String,
+    bytes: usize,
+    /// The whole state, or an append of what changed.
+    whole: bool,
+}
+
+/// A renewal of the sink lease: what [`Lease::take`] returns.
+type Renewal = tokio::task::JoinHandle<Result<Option<bool>, toolrank_dynamodb::Error>>;
+
+/// The merged engine, the sink lease and the sinks (see the crate docs).
+pub struct SinkWriter {
+    /// The runtime every blocking call of the consumer runs on.
+    pub rt: tokio::runtime::Runtime,
+    pub client: aws_sdk_dynamodb::Client,
+    pub store: CheckpointStore,
+    pub summary: Summary,
+    config: WriterConfig,
+    lease: Lease,
+    holds_lease: bool,
+    /// When the sink lease was last renewed (when that renewal was sent).
+    lease_renewed: Instant,
+    /// When the state's size was last measured ([`record_state`](Self::record_state)).
+    state_recorded: Option<Instant>,
+    /// A renewal of the held lease running beside the loop, and when it was sent.
+    renewal: Option<(Instant, Renewal)>,
+    remotes: BTreeMap<String, Remote>,
+    /// Owned units whose changes since their last save are not all tracked any more (a
+    /// save failed after taking them): their next save is whole.
+    untracked: HashSet<String>,
+    global: Engine,
+    /// The wired sinks and when each writes.
+    sinks: Scheduler,
+    /// The records the read delta logs hold, for a writer that only reads logs
+    /// ([`write_once`](Self::write_once)): its events, where a consumer counts its own.
+    log_events: Option<u64>,
+    /// The records not yet visible, and the latencies of those that became visible.
+    visibility: Visibility,
+    /// When the latest record was applied, and how old it was then (ms).
+    behind: (Instant, i64),
+    /// When the first record was applied; when the exit began ([`SinkWriter::finishing`]).
+    first_applied: Option<Instant>,
+    finishing: Option<Instant>,
+    /// When the input last had nothing waiting ([`SinkWriter::caught_up`]).
+    drained: Instant,
+    /// When the metrics were last published.
+    published: Instant,
+}
+
+impl SinkWriter {
+    /// A writer contending for the sink lease of `lease_scope`: one writer per consumer
+    /// group (or poller application).
+    /// The `sinks` are written in order.
+    pub fn new(config: WriterConfig, lease_scope: String, sinks: Vec<Wired>) -> Result<SinkWriter, Error> {
+        // One worker: DynamoDB sink writes run on it while the consumer's loop goes on.
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("a tokio runtime");
+        let client = rt.block_on(toolrank_dynamodb::client());
+        let mut global = Engine::new();
+        global.track_changes();
+        Ok(SinkWriter {
+            store: CheckpointStore::new(client.clone(), config.state_table.clone()),
+            lease: Lease::new(client.clone(), config.state_table.clone(), lease_scope, config.owner.clone(), config.lease),
+            client,
+            rt,
+            summary: Summary::default(),
+            config,
+            holds_lease: false,
+            lease_renewed: Instant::now(),
+            renewal: None,
+            state_recorded: None,
+            remotes: BTreeMap::new(),
+            untracked: HashSet::new(),
+            global,
+            sinks: Scheduler::new(sinks),
+            log_events: None,
+            visibility: Visibility::new(),
+            behind: (Instant::now(), 0),
+            first_applied: None,
+            finishing: None,
+            drained: Instant::now(),
+            published: Instant::now(),
+        })
+    }
+
+    /// Runs `call` on the runtime within [`CALL_DEADLINE`].
+    pub fn call<T, E: Into<toolrank_dynamodb::Error>>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, toolrank_dynamodb::Error> {
+        within(&self.rt, what, call)
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.config.owner
+    }
+
+    pub fn holds_lease(&self) -> bool {
+        self.holds_lease
+    }
+
+    /// Runs `f` until it succeeds, counting failures; gives up after 30 s (within Kafka's
+    /// poll interval). For what a consumer cannot go on without, like claiming a unit.
+    pub fn retrying<T>(&mut self, what: &str, mut f: impl FnMut(&SinkWriter) -> Result<T, toolrank_dynamodb::Error>) -> Result<T, Error> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match f(self) {
+                Ok(v) => return Ok(v),
+                Err(e) if Instant::now() < deadline => {
+                    self.summary.retried_errors += 1;
+                    warn!(error = %e, "{what} failed; retrying");
+                    std::thread::sleep(backoff.next_delay());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Claims a unit's checkpoint for this consumer (fencing its previous owner) and
+    /// returns its engine (added to the merged one, tracking what changes for the next
+    /// save), its position, and where its log stands.
+    pub fn claim(&mut self, scope: &str) -> Result<(Engine, Option<String>, LogHead), Error> {
+        let owner = self.config.owner.clone();
+        let ck = self.retrying(&format!("claiming {scope}"), |w| w.call("claiming a checkpoint", w.store.claim(scope, &owner)))?;
+        let mut engine = restore(scope, &ck.state)?;
+        apply_deltas(scope, &mut engine, &ck.deltas)?;
+        engine.track_deltas();
+        self.untracked.remove(scope);
+        if let Some(mut remote) = self.remotes.remove(scope) {
+            self.global.unabsorb(&mut remote.engine);
+        }
+        self.global.absorb(&mut engine);
+        Ok((engine, ck.position, ck.at))
+    }
+
+    /// Whether any sink is configured.
+    pub fn has_sinks(&self) -> bool {
+        !self.sinks.is_empty()
+    }
+
+    /// Moves the merged copy of a delta-log unit (a Lambda bucket) from log position
+    /// `from` to `to` by `deltas`, which this process just appended itself: that spares
+    /// reading them back. A copy at another position is caught up by the next
+    /// [`write_once`](Self::write_once).
+    pub fn advance_log(&mut self, scope: &str, from: u64, to: u64, deltas: &[Vec<u8>]) -> Result<(), Error> {
+        let Some(r) = self.remotes.get_mut(scope).filter(|r| r.at == from) else { return Ok(()) };
+        let applied = apply_deltas(scope, &mut r.engine, deltas);
+        r.engine.flush_into(&mut self.global);
+        if applied.is_err() {
+            // Half applied: no longer a copy of any position.
+            let mut r = self.remotes.remove(scope).expect("present");
+            self.global.unabsorb(&mut r.engine);
+        } else {
+            r.at = to;
+        }
+        applied
+    }
+
+    /// Takes an owned unit's share out of the merged engine (it moved elsewhere). Its
+    /// pending deltas are forwarded first: the merged engine must hold exactly what is
+    /// taken out.
+    pub fn release(&mut self, engine: &mut Engine) {
+        engine.flush_into(&mut self.global);
+        self.global.unabsorb(engine);
+    }
+
+    /// Saves a unit's checkpoint. `Ok(None)`: it failed and was counted (the unit stays
+    /// dirty, its position must not be acknowledged); `Err(Fenced)`: another consumer
+    /// owns the unit now.
+    pub fn save(&mut self, scope: &str, at: LogHead, position: &str, engine: &mut Engine) -> Result<Option<LogHead>, toolrank_dynamodb::Error> {
+        let mut saving = Some(self.start_save(scope, at, position, engine));
+        self.saved(&mut saving, true).expect("waited for")
+    }
+
+    /// Starts saving a unit's checkpoint on the runtime's worker: what changed since the
+    /// last save is taken now, the upload runs while the consumer goes on. A save
+    /// appends those changes to the unit's log with the position (it costs what changed),
+    /// unless the log is due for a new base or the changes do not fit one append: then
+    /// the whole state is saved. See [`saved`](Self::saved).
+    pub fn start_save(&mut self, scope: &str, at: LogHead, position: &str, engine: &mut Engine) -> Saving {
+        use toolrank_state::{COMPACT_MIN_BYTES, DELTAS_PER_APPEND, DELTA_BYTES};
+        let started = Instant::now();
+        self.expire_tombstones(engine);
+        // Past this, the delta would not fit one append or would make the log due for a
+        // new base: it is not even serialized.
+        let limit = (DELTAS_PER_APPEND * DELTA_BYTES).min(at.base_bytes.max(COMPACT_MIN_BYTES).saturating_sub(at.log_bytes) as usize);
+        let deltas = match self.untracked.contains(scope) {
+            true => None,
+            false => engine.delta_within(DELTA_BYTES, limit),
+        };
+        let bytes: usize = deltas.iter().flatten().map(Vec::len).sum();
+        let deltas = deltas.filter(|d| d.len() <= DELTAS_PER_APPEND && !at.compaction_due(d.len(), bytes as u64, COMPACT_MIN_BYTES));
+        let whole = deltas.is_none();
+        let deltas = deltas.unwrap_or_default();
+        // Taken: a failed save makes the next one whole (see `saved`).
+        engine.delta_saved();
+        let state = whole.then(|| {
+            // A snapshot flushes the unit's pending changes into its own aggregates; they
+            // are forwarded first, or the merged engine (and so the sinks) would never get
+            // the ones the unit was still coalescing (see `flush`).
+            engine.flush_into(&mut self.global);
+            engine.snapshot()
+        });
+        let bytes = state.as_ref().map_or(bytes, Vec::len);
+        let (store, owner, scope_, position_) = (self.store.clone(), self.config.owner.clone(), scope.to_owned(), position.to_owned());
+        let task = self.rt.spawn(async move {
+            let save = async {
+                match state {
+                    Some(state) => store.save(&scope_, &owner, at.generation, &position_, &state).await,
+                    None => {
+                        let head = store.append_owned(&scope_, &owner, &position_, at.head, &deltas).await?;
+                        Ok(LogHead { head, log_bytes: at.log_bytes + bytes as u64, ..at })
+                    }
+                }
+            };
+            match tokio::time::timeout(CALL_DEADLINE, save).await {
+                Ok(result) => result,
+                Err(_) => Err(toolrank_dynamodb::Error::Timeout(format!("saving the checkpoint of {scope_} (after {} s)", CALL_DEADLINE.as_secs()))),
+            }
+        });
+        self.summary.checkpoint_ms += started.elapsed().as_millis() as u64;
+        Saving { task, scope: scope.to_owned(), position: position.to_owned(), bytes, whole }
+    }
+
+    /// Records the size of the state of the units this consumer owns (after a
+    /// checkpoint round): in the summary and as `toolrank_state_*` gauges. Measuring walks
+    /// every session (tens of milliseconds on a large state, which the loop's latency
+    /// would show), so it is done at most every [`STATE_EVERY`] unless `now` (the final
+    /// round).
+    pub fn record_state<'a>(&mut self, units: impl IntoIterator<Item = &'a Engine>, now: bool) {
+        use toolrank_metrics::gauge;
+        if !now && self.state_recorded.is_some_and(|at| at.elapsed() < STATE_EVERY) {
+            return;
+        }
+        self.state_recorded = Some(Instant::now());
+        let mut total = StateStats::default();
+        for st in units.into_iter().map(Engine::stats) {
+            total.sessions += st.sessions;
+            total.live_sessions += st.live_sessions;
+            total.live_rows += st.live_rows;
+            total.tombstones += st.tombstones;
+            total.agents += st.agents;
+            total.heap_bytes += st.heap_bytes;
+        }
+        for (name, help, value) in [
+            ("toolrank_state_sessions", "Sessions held by the units this consumer owns (live ones and those holding only tombstones).", total.sessions),
+            ("toolrank_state_live_rows", "Current executions held by the units this consumer owns.", total.live_rows),
+            ("toolrank_state_tombstones", "Removed items remembered (until --tombstone-horizon-secs) by the units this consumer owns.", total.tombstones),
+            ("toolrank_state_bytes", "Approximate heap bytes of the engine state of the units this consumer owns.", total.heap_bytes),
+        ] {
+            gauge(name, help, &[]).set(value as f64);
+        }
+        self.summary.state = total;
+    }
+
+    /// Forgets the tombstones of a unit's `engine` older than the horizon (a save then
+    /// carries that), and, when due, the names nothing refers to any more (the users of
+    /// expired sessions), counting both. Units only: the merged engine's symbols are
+    /// held by the sinks.
+    pub fn expire_tombstones(&mut self, engine: &mut Engine) {
+        engine.set_clock(now_secs());
+        let horizon = u32::try_from(self.config.tombstone_horizon.as_secs()).unwrap_or(u32::MAX);
+        self.summary.tombstones_expired += engine.expire_tombstones(horizon) as u64;
+        self.summary.names_collected += engine.collect_names_if_due() as u64;
+    }
+
+    /// The outcome of a started save once it finished (with `wait`, waiting for it), like
+    /// [`save`](Self::save)'s; `None` while it runs or if there is none.
+    pub fn saved(&mut self, saving: &mut Option<Saving>, wait: bool) -> Option<Result<Option<LogHead>, toolrank_dynamodb::Error>> {
+        let s = saving.take_if(|s| wait || s.task.is_finished())?;
+        let started = Instant::now();
+        let result = self.rt.block_on(s.task).expect("a checkpoint save does not panic");
+        self.summary.checkpoint_ms += started.elapsed().as_millis() as u64;
+        Some(match result {
+            Ok(at) => {
+                self.summary.checkpoints += 1;
+                if s.whole {
+                    self.untracked.remove(&s.scope);
+                }
+                debug!(scope = s.scope, generation = at.generation, head = at.head, position = s.position, bytes = s.bytes, whole = s.whole, "checkpoint");
+                Ok(Some(at))
+            }
+            Err(e @ toolrank_dynamodb::Error::Fenced(_)) => Err(e),
+            Err(e) => {
+                // Whether it was written is unknown, and the changes it carried are no
+                // longer tracked: the next save is whole. (A whole save that did land
+                // after all makes that one fail as `Fenced`, as before appends existed.)
+                self.untracked.insert(s.scope.clone());
+                self.summary.retried_errors += 1;
+                warn!(scope = s.scope, error = %e, "checkpoint failed; retrying at the next interval");
+                Ok(None)
+            }
+        })
+    }
+
+    /// Notes that the input has nothing waiting: the records just applied are as recent as
+    /// the source delivers them, so their lateness is the source's, not a backlog.
+    pub fn caught_up(&mut self) {
+        self.drained = Instant::now();
+    }
+
+    /// How far behind the records applied are while a backlog is read (the input has not
+    /// run dry for a second, and records still arrive); `None` otherwise.
+    fn backlog(&self) -> Option<Duration> {
+        let (applied, behind_ms) = self.behind;
+        reading_behind(applied.elapsed(), self.drained.elapsed(), behind_ms)
+    }
+
+    /// Notes a record applied now, created at `created_ms`, for the latency figures.
+    pub fn observe(&mut self, created_ms: i64) {
+        let now = Instant::now();
+        self.first_applied.get_or_insert(now);
+        self.behind = (now, now_ms() - created_ms);
+        if self.holds_lease {
+            self.visibility.push(created_ms, now_ms());
+        }
+    }
+
+    /// Takes or renews the sink lease; on taking it, the sinks are compared in full. The
+    /// holder loads the latest checkpoints of `others`, the scopes of units it does not own.
+    pub fn refresh_lease(&mut self, others: &[String]) {
+        if self.take_lease() {
+            if let Err(e) = self.refresh_remotes(others) {
+                self.summary.retried_errors += 1;
+                warn!(error = %e, "reading other consumers' checkpoints failed; retrying");
+            }
+        }
+    }
+
+    /// Takes or renews the sink lease; whether it is held.
+    fn take_lease(&mut self) -> bool {
+        let Some((sent, taken)) = self.lease_outcome() else {
+            // A renewal is on its way and the last one still holds.
+            return self.holds_lease;
+        };
+        // Whether this writer's record of what the sinks hold is still exact: nobody else
+        // wrote them since it last held the lease.
+        let mut continued = true;
+        let held = match taken {
+            Ok(taken) => {
+                self.lease_renewed = sent;
+                continued = taken == Some(true);
+                taken.is_some()
+            }
+            Err(e) => {
+                // Unknown: keep writing only while the last renewal surely still holds.
+                self.summary.retried_errors += 1;
+                warn!(error = %e, "renewing the sink lease failed");
+                self.holds_lease && self.lease_renewed.elapsed() < self.config.lease / 2
+            }
+        };
+        if held && !self.holds_lease && !continued {
+            info!("took the sink lease");
+            self.sinks.fence();
+        }
+        if !held && self.holds_lease {
+            info!("lost the sink lease");
+            // Another consumer makes these visible; their latency is not ours to measure.
+            self.visibility.clear();
+            for (_, mut r) in std::mem::take(&mut self.remotes) {
+                self.global.unabsorb(&mut r.engine);
+            }
+        }
+        self.holds_lease = held;
+        held
+    }
+
+    /// The outcome of a take or renewal of the lease, with when it was sent. A holder
+    /// renews beside the loop (a slow state table must not hold up reading): it sends a
+    /// renewal and collects it at a later call, and waits for it only once the last
+    /// renewal is half a lease old. `None` while a renewal runs and need not be waited for.
+    fn lease_outcome(&mut self) -> Option<(Instant, Result<Option<bool>, toolrank_dynamodb::Error>)> {
+        if !self.holds_lease {
+            self.settle_renewal();
+            return Some((Instant::now(), self.call("taking the sink lease", self.lease.take())));
+        }
+        let due = self.lease_renewed.elapsed() >= self.config.lease / 2;
+        if let Some((sent, task)) = self.renewal.take_if(|(_, task)| due || task.is_finished()) {
+            return Some((sent, self.join_renewal(task)));
+        }
+        if due {
+            return Some((Instant::now(), self.call("renewing the sink lease", self.lease.take())));
+        }
+        if self.renewal.is_none() {
+            let lease = self.lease.clone();
+            self.renewal = Some((Instant::now(), self.rt.spawn(async move { lease.take().await })));
+        }
+        None
+    }
+
+    /// Waits for a renewal still running (before the lease is released or taken anew:
+    /// a late renewal must not take it back).
+    fn settle_renewal(&mut self) {
+        if let Some((_, task)) = self.renewal.take() {
+            // Its outcome no longer matters: the caller takes or releases the lease anew.
+            let _ = self.join_renewal(task);
+        }
+    }
+
+    /// A renewal's outcome, waited for up to the call deadline; one still running then is
+    /// aborted (a late one must not renew a lease given up meanwhile).
+    fn join_renewal(&self, mut task: Renewal) -> Result<Option<bool>, toolrank_dynamodb::Error> {
+        let joined = self.call("renewing the sink lease", async { (&mut task).await.expect("a lease renewal does not panic") });
+        task.abort();
+        joined
+    }
+
+    /// Brings the merged copies of the units other consumers own (`others`) to their
+    /// logs' heads: by the deltas after a copy's position, or from the base when there
+    /// is no copy or a new base replaced those deltas. Copies of units not among
+    /// `others` any more are dropped. Returns the records the logs hold.
+    fn refresh_remotes(&mut self, others: &[String]) -> Result<u64, Error> {
+        let gone: Vec<String> = self.remotes.keys().filter(|s| !others.contains(s)).cloned().collect();
+        for scope in gone {
+            let mut r = self.remotes.remove(&scope).expect("listed");
+            self.global.unabsorb(&mut r.engine);
+        }
+        let mut records = 0;
+        for scope in others {
+            let Some(head) = self.call("reading a log head", self.store.log_head(scope))? else { continue };
+            records += head.records;
+            let at = self.remotes.get(scope).map(|r| r.at);
+            let log = match self.log_catch_up(scope, at, &head)? {
+                LogCatchUp::Current => continue,
+                LogCatchUp::Deltas(deltas) => {
+                    self.advance_log(scope, at.expect("deltas follow a copy"), head.head, &deltas)?;
+                    continue;
+                }
+                LogCatchUp::Log(log) => log,
+            };
+            let mut engine = log_engine(scope, &log)?;
+            if let Some(mut old) = self.remotes.remove(scope) {
+                self.global.unabsorb(&mut old.engine);
+            }
+            self.global.absorb(&mut engine);
+            debug!(scope, generation = log.at.generation, head = log.at.head, "merged another consumer's checkpoint");
+            self.remotes.insert(scope.clone(), Remote { engine, at: log.at.head });
+        }
+        Ok(records)
+    }
+
+    /// What brings a copy of a delta-log unit at log position `at` (`None`: no copy) to
+    /// `head`: the deltas after it, or the whole log when there is no copy or a
+    /// compaction deleted those deltas.
+    pub fn log_catch_up(&self, scope: &str, at: Option<u64>, head: &LogHead) -> Result<LogCatchUp, toolrank_dynamodb::Error> {
+        if at == Some(head.head) {
+            return Ok(LogCatchUp::Current);
+        }
+        if let Some(at) = at.filter(|at| (head.base_at..head.head).contains(at)) {
+            match self.call("reading a log's deltas", self.store.deltas(scope, at, head.head)) {
+                Ok(deltas) => return Ok(LogCatchUp::Deltas(deltas)),
+                // Compacted meanwhile: from the base.
+                Err(toolrank_dynamodb::Error::Input(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.call("reading a log", self.store.load_log(scope)).map(LogCatchUp::Log)
+    }
+
+    /// Forwards the owned units' deltas into the merged engine and, as lease holder,
+    /// writes what changed to the sinks. `false` when a sink write failed (it is
+    /// retried). `now` writes every sink even before its interval is up.
+    pub fn flush<'a>(&mut self, units: impl IntoIterator<Item = &'a mut Engine>, now: bool) -> bool {
+        if !now && self.sinks.resting(self.backlog()) {
+            // No sink writes yet (a backlog stretches their intervals): the changes
+            // coalesce in the units meanwhile, where forwarding them costs nothing.
+            return true;
+        }
+        for engine in units {
+            engine.flush_into(&mut self.global);
+        }
+        if !self.holds_lease {
+            return true;
+        }
+        let changes = self.global.take_changes();
+        let mut turn = Turn {
+            global: &self.global,
+            rt: &self.rt,
+            today: self.config.today.unwrap_or_else(Day::today_utc),
+            backlog: self.backlog(),
+            events: self.log_events.unwrap_or(self.summary.messages),
+            visibility: &mut self.visibility,
+            retried: &mut self.summary.retried_errors,
+        };
+        let ok = self.sinks.write(&changes, now, &mut turn);
+        if !changes.is_empty() {
+            self.summary.sink_writes += 1;
+        }
+        if self.published.elapsed() >= Duration::from_secs(1) {
+            self.published = Instant::now();
+            self.counters().publish();
+        }
+        ok
+    }
+
+    /// `interval`, or while a backlog is read, as long as its records are late, up to
+    /// `max`: work whose result is stale anyway (DynamoDB rounds, checkpoints of a
+    /// catch-up's fast-growing state) is not paid for at every interval.
+    pub fn stretched(&self, interval: Duration, max: Duration) -> Duration {
+        stretch(interval, max, self.backlog())
+    }
+
+    /// The last consumer to finish must write what all others saved: waits for the sink
+    /// lease (taking or renewing it loads the others' latest checkpoints), writes until
+    /// the sinks acknowledge (up to 3 minutes), and releases the lease.
+    pub fn finish(&mut self, others: &[String], units: &mut [&mut Engine]) {
+        let deadline = Instant::now() + self.config.lease * 3;
+        loop {
+            self.refresh_lease(others);
+            if self.holds_lease || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if !self.holds_lease {
+            warn!("could not take the sink lease before exiting; its holder writes the sinks");
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while !self.flush(units.iter_mut().map(|e| &mut **e), true) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.settle_renewal();
+        if let Err(e) = self.call("releasing the sink lease", self.lease.release()) {
+            warn!(error = %e, "could not release the sink lease; it lapses by itself");
+        }
+    }
+
+    /// When any writer last wrote the sinks with [`write_once`](Self::write_once) (ms
+    /// since the epoch, 0 if never).
+    pub fn last_written(&self) -> Result<i64, toolrank_dynamodb::Error> {
+        self.call("reading the sink lease", self.lease.last_released()).map(|ms| ms as i64)
+    }
+
+    /// Writes the sinks once, as lease holder, from the heads of the delta logs `logs`,
+    /// and gives the lease up: for writers that come and go (Lambda invocations). Waits
+    /// for the lease up to `wait`; `false` if it was not taken or a read or write failed.
+    /// Unless `now`, DynamoDB keeps to the write budget, counting the records appended to
+    /// the logs (its changes wait in this writer for its next turn with the lease).
+    pub fn write_once(&mut self, logs: &[String], wait: Duration, now: bool) -> bool {
+        let deadline = Instant::now() + wait;
+        while !self.take_lease() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !self.holds_lease {
+            return false;
+        }
+        let ok = match self.refresh_remotes(logs) {
+            Ok(records) => {
+                self.log_events = Some(records);
+                // Both writes end before the lease is given up.
+                let flushed = self.flush(std::iter::empty(), now);
+                flushed & self.sinks.collect_all(&self.rt, &mut self.visibility, &mut self.summary.retried_errors)
+            }
+            Err(e) => {
+                self.summary.retried_errors += 1;
+                warn!(error = %e, "reading the bucket logs failed");
+                false
+            }
+        };
+        self.settle_renewal();
+        if let Err(e) = self.call("releasing the sink lease", self.lease.release()) {
+            warn!(error = %e, "could not release the sink lease; it lapses by itself");
+        }
+        self.holds_lease = false;
+        ok
+    }
+
+    /// Marks the start of the exit: the consumer's last checkpoint, then the sinks.
+    pub fn finishing(&mut self) {
+        self.finishing = Some(Instant::now());
+    }
+
+    /// The run's counters, with the latency percentiles.
+    pub fn into_summary(self) -> Summary {
+        let summary = self.counters();
+        summary.publish();
+        summary
+    }
+
+    /// The run's counters so far, with the latency percentiles.
+    pub fn counters(&self) -> Summary {
+        let mut summary = Summary {
+            latency_p50_ms: self.visibility.latency(0.5),
+            latency_p99_ms: self.visibility.latency(0.99),
+            latency_max_ms: self.visibility.latency(1.0),
+            own_latency_p50_ms: self.visibility.own_latency(0.5),
+            own_latency_p99_ms: self.visibility.own_latency(0.99),
+            state_writes: self.store.write_requests() + self.lease.write_requests(),
+            state_write_units: self.store.write_units() + self.lease.write_units(),
+            read_ms: self.first_applied.map_or(0, |first| self.behind.0.saturating_duration_since(first).as_millis() as u64),
+            finish_ms: self.finishing.map_or(0, |at| at.elapsed().as_millis() as u64),
+            ..self.summary
+        };
+        self.sinks.add_to(&mut summary);
+        summary
+    }
+}

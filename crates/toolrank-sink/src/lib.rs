@@ -1,0 +1,149 @@
+//! What the runtime asks of a sink, so that it writes any sink the binary wires in
+//! (`sinks/dynamodb`, `sinks/valkey`) without knowing which.
+//!
+//! A write is *planned* on the consumer's thread, from the merged figures and the keys
+//! that changed since the sink's last write, then *sent* on a worker thread while the
+//! consumer reads on; the runtime collects the outcome at a later turn. Sinks hold
+//! absolute values (counts, dates, rank keys), so a write repeated after a failure
+//! converges instead of double counting. A sink remembers what it wrote, to send only
+//! what differs; when another writer may have written since (the sink lease changed
+//! hands, a write was cut off), the runtime *fences* that memory off and the next write
+//! compares with what the sink holds.
+
+use std::any::Any;
+use std::time::Duration;
+use toolrank_engine::{Changes, Engine};
+use toolrank_events::Day;
+
+/// The longest a send may take: a stalled request is cut off and its sink compares with
+/// what it holds at its next write.
+pub const SEND_DEADLINE: Duration = Duration::from_secs(40);
+
+/// A failed plan or send (retried at a later write).
+#[derive(Debug, thiserror::Error)]
+#[error("{sink} sink: {message}")]
+pub struct Error {
+    pub sink: &'static str,
+    pub message: String,
+}
+
+impl Error {
+    pub fn new(sink: &'static str, error: impl std::fmt::Display) -> Error {
+        Error { sink, message: error.to_string() }
+    }
+}
+
+/// What a sink's writes cost so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Stats {
+    /// Requests (DynamoDB) or commands (Valkey) sent.
+    pub requests: u64,
+    /// Write capacity units the service reported consumed, where it reports them.
+    pub write_units: f64,
+}
+
+/// When a sink writes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Pace {
+    /// At every flush; while a backlog is read, its changes coalesce for a tenth of the
+    /// backlog's age (at most a second). For a sink whose writes are cheap (Valkey).
+    Live,
+    /// Every `interval`, each key written at most once per interval: for a sink billed
+    /// per write (DynamoDB).
+    Paced {
+        interval: Duration,
+        /// While a backlog is read, writes wait as long as its records are late, up to
+        /// this; also the longest a write waits for the budget. Zero: every interval.
+        max_defer: Duration,
+        /// A write waits (up to `max_defer`) until it writes at most this many items per
+        /// event read since the last one. `None`: every interval.
+        writes_per_event: Option<f64>,
+    },
+}
+
+/// A place the rankings are written.
+pub trait Sink: Send + 'static {
+    /// What one write sends, taken from the figures so that sending needs no engine.
+    type Request: Send + 'static;
+
+    /// The sink's name in logs and metrics.
+    fn name(&self) -> &'static str;
+
+    /// Plans the write that brings the sink to `figures` for the keys in `changes`, or for
+    /// everything when it does not know what it holds, scoring for `today`.
+    fn plan(&mut self, figures: &Engine, changes: &Changes, today: Day) -> Result<Self::Request, Error>;
+
+    /// How many items `request` writes, when the sink knows what it holds (a write budget
+    /// weighs it); `None` otherwise.
+    fn size(&self, _request: &Self::Request) -> Option<usize> {
+        None
+    }
+
+    /// Sends a planned write; blocks, within [`SEND_DEADLINE`]. What failed is written
+    /// again at the next write ([`pending`](Self::pending)).
+    fn send(&mut self, request: Self::Request) -> Result<(), Error>;
+
+    /// Whether a write is due without new changes: the sink does not know what it holds,
+    /// or has failed writes to redo.
+    fn pending(&self) -> bool;
+
+    /// Forgets what this writer believes the sink holds: another writer may have written
+    /// since. The next write compares with the sink.
+    fn fence(&mut self);
+
+    fn stats(&self) -> Stats;
+}
+
+/// A [`Sink`] whose request type is erased, so that the runtime holds sinks of every kind.
+pub trait AnySink: Send {
+    fn name(&self) -> &'static str;
+    fn plan(&mut self, figures: &Engine, changes: &Changes, today: Day) -> Result<Box<dyn Any + Send>, Error>;
+    fn size(&self, request: &(dyn Any + Send)) -> Option<usize>;
+    fn send(&mut self, request: Box<dyn Any + Send>) -> Result<(), Error>;
+    fn pending(&self) -> bool;
+    fn fence(&mut self);
+    fn stats(&self) -> Stats;
+}
+
+impl<S: Sink> AnySink for S {
+    fn name(&self) -> &'static str {
+        Sink::name(self)
+    }
+
+    fn plan(&mut self, figures: &Engine, changes: &Changes, today: Day) -> Result<Box<dyn Any + Send>, Error> {
+        Ok(Box::new(Sink::plan(self, figures, changes, today)?))
+    }
+
+    fn size(&self, request: &(dyn Any + Send)) -> Option<usize> {
+        request.downcast_ref::<S::Request>().and_then(|r| Sink::size(self, r))
+    }
+
+    fn send(&mut self, request: Box<dyn Any + Send>) -> Result<(), Error> {
+        let request = request.downcast::<S::Request>().map_err(|_| Error::new(Sink::name(self), "a request planned by another sink"))?;
+        Sink::send(self, *request)
+    }
+
+    fn pending(&self) -> bool {
+        Sink::pending(self)
+    }
+
+    fn fence(&mut self) {
+        Sink::fence(self)
+    }
+
+    fn stats(&self) -> Stats {
+        Sink::stats(self)
+    }
+}
+
+/// A sink as the runtime holds it, with its pace.
+pub struct Wired {
+    pub sink: Box<dyn AnySink>,
+    pub pace: Pace,
+}
+
+impl Wired {
+    pub fn new(sink: impl Sink, pace: Pace) -> Wired {
+        Wired { sink: Box::new(sink), pace }
+    }
+}
