@@ -264,7 +264,8 @@ fn bar(rt: &tokio::runtime::Runtime, client: &aws_sdk_dynamodb::Client, args: &A
         while !shown.is_finished() {
             shown.set_position(progress.items());
             toolrank_metrics::job_progress("backfill", progress.items(), progress.dead_letters.load(std::sync::atomic::Ordering::Relaxed));
-            toolrank_metrics::counter("toolrank_backfill_read_capacity_units_total", "Read capacity the Scan consumed.", &[]).set(progress.rcu());
+            toolrank_metrics::describe_counter!("toolrank_backfill_read_capacity_units_total", "Read capacity units the Scan consumed (whole units).");
+            toolrank_metrics::counter!("toolrank_backfill_read_capacity_units_total").absolute(progress.rcu().round() as u64);
             if hidden && last_log.elapsed() >= Duration::from_secs(10) {
                 tracing::info!(items = progress.items(), rcu = progress.rcu(), "backfilling");
                 last_log = Instant::now();

@@ -39,7 +39,8 @@ struct Cli {
     #[arg(long, global = true, value_enum, default_value = "text", env = "TOOLRANK_LOG_FORMAT")]
     log_format: LogFormat,
     /// Serve Prometheus metrics (records, rows/s as counters, errors, dead letters, sink
-    /// writes, latencies) at http://ADDR/metrics while the command runs.
+    /// writes, latency histograms, the process) at http://ADDR/metrics, and a health check
+    /// at http://ADDR/healthz, while the command runs.
     #[arg(long, global = true, env = "TOOLRANK_METRICS_ADDR", value_name = "ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
     #[command(subcommand)]
@@ -80,7 +81,7 @@ fn main() -> ExitCode {
     }
     if let Some(addr) = cli.metrics_addr {
         match toolrank_metrics::serve(addr) {
-            Ok(bound) => tracing::info!(%bound, "serving Prometheus metrics at /metrics"),
+            Ok(bound) => tracing::info!(%bound, "serving Prometheus metrics at /metrics, health at /healthz"),
             Err(e) => {
                 eprintln!("toolrank: error: serving metrics on {addr}: {e}");
                 return ExitCode::FAILURE;

@@ -256,7 +256,9 @@ impl Source for Kafka {
     }
 
     fn before_flush(&mut self, writer: &mut SinkWriter) {
-        if self.lag() < CAUGHT_UP_LAG {
+        let lag = self.lag();
+        metrics::gauge!("toolrank_source_lag_records").set(lag as f64);
+        if lag < CAUGHT_UP_LAG {
             writer.caught_up();
         }
     }

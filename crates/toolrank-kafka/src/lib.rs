@@ -101,6 +101,9 @@ pub struct Publisher {
     /// Deliveries that failed and were sent again.
     resent: u64,
     paused: Option<std::time::Instant>,
+    /// The pauses between bursts of failed deliveries: jittered, growing while the
+    /// failures go on, from the start again after a quiet minute.
+    backoff: toolrank_backoff::Backoff,
 }
 
 /// A record awaiting its acknowledgement, kept to send it again if delivery fails.
@@ -128,7 +131,15 @@ impl Publisher {
             .set("message.timeout.ms", "60000")
             .create()
             .map_err(|source| Error::Client { brokers: brokers.into(), source })?;
-        Ok(Publisher { producer, topic: topic.into(), in_flight: VecDeque::new(), published: 0, resent: 0, paused: None })
+        Ok(Publisher {
+            producer,
+            topic: topic.into(),
+            in_flight: VecDeque::new(),
+            published: 0,
+            resent: 0,
+            paused: None,
+            backoff: toolrank_backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+        })
     }
 
     /// Queues one record, waiting for the oldest delivery when too many are in flight.
@@ -181,7 +192,10 @@ impl Publisher {
         // broker stops.
         if self.paused.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
             tracing::warn!(topic = %self.topic, error = %source, "deliveries failed; sending them again");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            if self.paused.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                self.backoff = toolrank_backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+            }
+            tokio::time::sleep(self.backoff.next_delay()).await;
             self.paused = Some(std::time::Instant::now());
         }
         self.resent += 1;

@@ -65,9 +65,12 @@ impl Visibility {
 
     /// The first `n` waiting records are visible since `now` (ms since the epoch).
     pub(crate) fn visible(&mut self, n: usize, now: i64) {
+        let (visible, own) = (toolrank_metrics::histogram!("toolrank_visible_latency_seconds"), toolrank_metrics::histogram!("toolrank_own_latency_seconds"));
         for (created, read) in self.unseen.drain(..n.min(self.unseen.len())) {
             self.latencies.record(now - created);
             self.own_latencies.record(now - read);
+            visible.record((now - created).max(0) as f64 / 1000.0);
+            own.record((now - read).max(0) as f64 / 1000.0);
         }
     }
 

@@ -57,6 +57,8 @@ struct Writing {
     task: tokio::task::JoinHandle<Written>,
     /// How many of the records not yet visible it covers.
     unseen: usize,
+    /// When it started (ms since the epoch).
+    started: i64,
 }
 
 /// One wired sink and its schedule.
@@ -225,7 +227,7 @@ impl Scheduler {
             let result = sink.send(request);
             (sink, result, now_ms())
         });
-        slot.writing = Some(Writing { task, unseen: turn.visibility.waiting() });
+        slot.writing = Some(Writing { task, unseen: turn.visibility.waiting(), started: now_ms() });
         slot.blocked_ms += started.elapsed().as_millis() as u64;
         if now {
             ok &= self.collect(i, true, turn.rt, turn.visibility, turn.retried);
@@ -243,6 +245,7 @@ impl Scheduler {
         let started = Instant::now();
         let (mut sink, result, ended) = rt.block_on(writing.task).expect("a sink write does not panic");
         slot.blocked_ms += started.elapsed().as_millis() as u64;
+        toolrank_metrics::histogram!("toolrank_sink_write_seconds", "sink" => slot.name).record((ended - writing.started).max(0) as f64 / 1000.0);
         let sent = match result {
             Ok(()) => true,
             Err(e) => {

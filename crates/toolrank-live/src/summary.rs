@@ -1,6 +1,38 @@
 //! The counters of a run, and the Prometheus metrics they are published as.
 
+use std::sync::Once;
 use toolrank_engine::{Applied, StateStats};
+use toolrank_metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+
+static DESCRIBED: Once = Once::new();
+
+/// The help of every metric a live consumer records.
+fn describe() {
+    describe_counter!("toolrank_messages_total", "Messages or stream records read.");
+    describe_counter!("toolrank_redeliveries_skipped_total", "Records at or below a checkpointed position, skipped.");
+    describe_counter!("toolrank_changes_total", "Changes applied to the table state, by outcome.");
+    describe_counter!("toolrank_dead_letters_total", "Bad records dead-lettered.");
+    describe_counter!("toolrank_checkpoints_total", "Checkpoints saved.");
+    describe_counter!("toolrank_tombstones_expired_total", "Tombstones of removed items forgotten after the horizon.");
+    describe_counter!("toolrank_names_collected_total", "Interned names (user IDs, ...) of units forgotten once nothing referred to them.");
+    describe_counter!("toolrank_sink_writes_total", "Sink write rounds.");
+    describe_counter!("toolrank_dynamodb_requests_total", "DynamoDB write requests of the sink.");
+    describe_counter!("toolrank_state_writes_total", "DynamoDB write requests to the state table (checkpoints, bucket logs, leases).");
+    describe_counter!("toolrank_valkey_commands_total", "Valkey commands of the sink.");
+    describe_counter!("toolrank_retried_errors_total", "Failed sink writes, checkpoints and lease renewals (retried).");
+    describe_counter!("toolrank_dynamodb_write_units_total", "Write capacity units DynamoDB reported consumed, by table (whole units).");
+    describe_counter!("toolrank_blocked_milliseconds_total", Unit::Milliseconds, "Time the consumer's loop waited on a sink write or a checkpoint save.");
+    describe_gauge!("toolrank_state_sessions", "Sessions held by the units this consumer owns (live ones and those holding only tombstones).");
+    describe_gauge!("toolrank_state_live_rows", "Current executions held by the units this consumer owns.");
+    describe_gauge!("toolrank_state_tombstones", "Removed items remembered (until --tombstone-horizon-secs) by the units this consumer owns.");
+    describe_gauge!("toolrank_state_bytes", Unit::Bytes, "Approximate heap bytes of the engine state of the units this consumer owns.");
+    describe_gauge!("toolrank_source_lag_records", "Records on the input past this consumer's positions (Kafka: by the high watermarks).");
+    describe_gauge!("toolrank_source_age_seconds", Unit::Seconds, "Age of the latest record applied when it was applied (a stream's iterator age).");
+    describe_histogram!("toolrank_visible_latency_seconds", Unit::Seconds, "Record creation to its effect in the sinks.");
+    describe_histogram!("toolrank_own_latency_seconds", Unit::Seconds, "Record read by this consumer to its effect in the sinks.");
+    describe_histogram!("toolrank_sink_write_seconds", Unit::Seconds, "One sink write, from its start to its end, by sink.");
+    describe_histogram!("toolrank_checkpoint_seconds", Unit::Seconds, "One checkpoint save, from its start to its end.");
+}
 
 /// Counters of one run.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -53,47 +85,42 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// Copies the running totals into the process's Prometheus metrics.
+    /// Copies the running totals into the process's metrics.
     pub fn publish(&self) {
         use toolrank_metrics::{counter, gauge};
+        DESCRIBED.call_once(describe);
         let totals = [
-            (counter("toolrank_messages_total", "Messages or stream records read.", &[]), self.messages),
-            (counter("toolrank_redeliveries_skipped_total", "Records at or below a checkpointed position, skipped.", &[]), self.skipped_redeliveries),
-            (counter("toolrank_changes_total", "Changes applied to the table state, by outcome.", &[("outcome", "applied")]), self.changes),
-            (counter("toolrank_changes_total", "Changes applied to the table state, by outcome.", &[("outcome", "stale")]), self.stale),
-            (counter("toolrank_changes_total", "Changes applied to the table state, by outcome.", &[("outcome", "ignored")]), self.ignored),
-            (counter("toolrank_dead_letters_total", "Bad records dead-lettered.", &[]), self.dead_letters),
-            (counter("toolrank_checkpoints_total", "Checkpoints saved.", &[]), self.checkpoints),
-            (counter("toolrank_tombstones_expired_total", "Tombstones of removed items forgotten after the horizon.", &[]), self.tombstones_expired),
-            (
-                counter("toolrank_names_collected_total", "Interned names (user IDs, ...) of units forgotten once nothing referred to them.", &[]),
-                self.names_collected,
-            ),
-            (counter("toolrank_sink_writes_total", "Sink write rounds.", &[]), self.sink_writes),
-            (counter("toolrank_dynamodb_requests_total", "DynamoDB write requests of the sink.", &[]), self.dynamodb_requests),
-            (counter("toolrank_state_writes_total", "DynamoDB write requests to the state table (checkpoints, bucket logs, leases).", &[]), self.state_writes),
-            (counter("toolrank_valkey_commands_total", "Valkey commands of the sink.", &[]), self.valkey_commands),
-            (counter("toolrank_retried_errors_total", "Failed sink writes, checkpoints and lease renewals (retried).", &[]), self.retried_errors),
+            (counter!("toolrank_messages_total"), self.messages),
+            (counter!("toolrank_redeliveries_skipped_total"), self.skipped_redeliveries),
+            (counter!("toolrank_changes_total", "outcome" => "applied"), self.changes),
+            (counter!("toolrank_changes_total", "outcome" => "stale"), self.stale),
+            (counter!("toolrank_changes_total", "outcome" => "ignored"), self.ignored),
+            (counter!("toolrank_dead_letters_total"), self.dead_letters),
+            (counter!("toolrank_checkpoints_total"), self.checkpoints),
+            (counter!("toolrank_tombstones_expired_total"), self.tombstones_expired),
+            (counter!("toolrank_names_collected_total"), self.names_collected),
+            (counter!("toolrank_sink_writes_total"), self.sink_writes),
+            (counter!("toolrank_dynamodb_requests_total"), self.dynamodb_requests),
+            (counter!("toolrank_state_writes_total"), self.state_writes),
+            (counter!("toolrank_valkey_commands_total"), self.valkey_commands),
+            (counter!("toolrank_retried_errors_total"), self.retried_errors),
+            // Whole units: DynamoDB reports halves for eventually consistent reads.
+            (counter!("toolrank_dynamodb_write_units_total", "table" => "sink"), self.dynamodb_write_units.round() as u64),
+            (counter!("toolrank_dynamodb_write_units_total", "table" => "state"), self.state_write_units.round() as u64),
+            (counter!("toolrank_blocked_milliseconds_total", "on" => "dynamodb"), self.dynamodb_ms),
+            (counter!("toolrank_blocked_milliseconds_total", "on" => "valkey"), self.valkey_ms),
+            (counter!("toolrank_blocked_milliseconds_total", "on" => "checkpoint"), self.checkpoint_ms),
         ];
         for (metric, value) in totals {
-            metric.set(value as f64);
+            metric.absolute(value);
         }
-        for (table, units) in [("sink", self.dynamodb_write_units), ("state", self.state_write_units)] {
-            counter("toolrank_dynamodb_write_units_total", "Write capacity units DynamoDB reported consumed, by table.", &[("table", table)]).set(units);
-        }
-        for (on, ms) in [("dynamodb", self.dynamodb_ms), ("valkey", self.valkey_ms), ("checkpoint", self.checkpoint_ms)] {
-            counter("toolrank_blocked_seconds_total", "Time the consumer's loop waited on a sink write or a checkpoint save.", &[("on", on)])
-                .set(ms as f64 / 1000.0);
-        }
-        for (quantile, value) in [("0.5", self.latency_p50_ms), ("0.99", self.latency_p99_ms)] {
-            if let Some(ms) = value {
-                gauge("toolrank_visible_latency_ms", "Record creation to its effect in the sinks.", &[("quantile", quantile)]).set(ms as f64);
-            }
-        }
-        for (quantile, value) in [("0.5", self.own_latency_p50_ms), ("0.99", self.own_latency_p99_ms)] {
-            if let Some(ms) = value {
-                gauge("toolrank_own_latency_ms", "Record read by this consumer to its effect in the sinks.", &[("quantile", quantile)]).set(ms as f64);
-            }
+        for (name, value) in [
+            ("toolrank_state_sessions", self.state.sessions),
+            ("toolrank_state_live_rows", self.state.live_rows),
+            ("toolrank_state_tombstones", self.state.tombstones),
+            ("toolrank_state_bytes", self.state.heap_bytes),
+        ] {
+            gauge!(name).set(value as f64);
         }
     }
 

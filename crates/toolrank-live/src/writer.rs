@@ -38,6 +38,7 @@ pub struct Saving {
     bytes: usize,
     /// The whole state, or an append of what changed.
     whole: bool,
+    started: Instant,
 }
 
 /// A renewal of the sink lease: what [`Lease::take`] returns.
@@ -255,7 +256,7 @@ impl SinkWriter {
             }
         });
         self.summary.checkpoint_ms += started.elapsed().as_millis() as u64;
-        Saving { task, scope: scope.to_owned(), position: position.to_owned(), bytes, whole }
+        Saving { task, scope: scope.to_owned(), position: position.to_owned(), bytes, whole, started }
     }
 
     /// Records the size of the state of the units this consumer owns (after a
@@ -264,7 +265,6 @@ impl SinkWriter {
     /// would show), so it is done at most every [`STATE_EVERY`] unless `now` (the final
     /// round).
     pub fn record_state<'a>(&mut self, units: impl IntoIterator<Item = &'a Engine>, now: bool) {
-        use toolrank_metrics::gauge;
         if !now && self.state_recorded.is_some_and(|at| at.elapsed() < STATE_EVERY) {
             return;
         }
@@ -277,14 +277,6 @@ impl SinkWriter {
             total.tombstones += st.tombstones;
             total.agents += st.agents;
             total.heap_bytes += st.heap_bytes;
-        }
-        for (name, help, value) in [
-            ("toolrank_state_sessions", "Sessions held by the units this consumer owns (live ones and those holding only tombstones).", total.sessions),
-            ("toolrank_state_live_rows", "Current executions held by the units this consumer owns.", total.live_rows),
-            ("toolrank_state_tombstones", "Removed items remembered (until --tombstone-horizon-secs) by the units this consumer owns.", total.tombstones),
-            ("toolrank_state_bytes", "Approximate heap bytes of the engine state of the units this consumer owns.", total.heap_bytes),
-        ] {
-            gauge(name, help, &[]).set(value as f64);
         }
         self.summary.state = total;
     }
@@ -310,6 +302,7 @@ impl SinkWriter {
         Some(match result {
             Ok(at) => {
                 self.summary.checkpoints += 1;
+                toolrank_metrics::histogram!("toolrank_checkpoint_seconds").record(s.started.elapsed().as_secs_f64());
                 if s.whole {
                     self.untracked.remove(&s.scope);
                 }
@@ -525,6 +518,7 @@ impl SinkWriter {
         if self.published.elapsed() >= Duration::from_secs(1) {
             self.published = Instant::now();
             self.counters().publish();
+            toolrank_metrics::gauge!("toolrank_source_age_seconds").set(self.behind.1.max(0) as f64 / 1000.0);
         }
         ok
     }
