@@ -89,6 +89,40 @@ fn produce_to_dynamodb_writes_the_items() {
 }
 
 #[test]
+fn a_consumer_serves_counters_latency_histograms_process_metrics_and_health_while_it_runs() {
+    let live = Live::new("2");
+    toolrank(&["produce", "--topic", &live.topic, SEED]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let consumer = live.consumer(&["--metrics-addr", &addr, "--until-idle", "10"]);
+    wait_for_port(port);
+    // An idle client (connected, silent) holds up no scrape.
+    let _idle = std::net::TcpStream::connect(&addr).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let metrics = loop {
+        let metrics = scrape(&addr);
+        if metrics.contains("toolrank_messages_total 34") && metrics.contains("toolrank_visible_latency_seconds_count") {
+            break metrics;
+        }
+        assert!(Instant::now() < deadline, "the seed's 34 records and their latency never showed: {metrics}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for expected in [
+        "# TYPE toolrank_visible_latency_seconds histogram",
+        "toolrank_visible_latency_seconds_bucket{le=\"+Inf\"}",
+        "# TYPE toolrank_sink_write_seconds histogram",
+        "# TYPE toolrank_changes_total counter",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+    ] {
+        assert!(metrics.contains(expected), "{expected} missing: {metrics}");
+    }
+    assert!(get(&addr, "/healthz").ends_with("\r\n\r\nok\n"));
+    let out = consumer.wait(COMMAND_LIMIT);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
 fn seed_through_kafka_reaches_both_sinks_and_the_access_patterns() {
     let live = Live::new("3");
     toolrank(&["produce", "--to", "dynamodb", "--table", &live.table, SEED]);

@@ -123,9 +123,14 @@ pub fn rand_suffix() -> u128 {
 
 /// The Prometheus metrics a command serves at `addr`.
 pub fn scrape(addr: &str) -> String {
+    get(addr, "/metrics")
+}
+
+/// `GET path` on `addr`: the whole response, which must be a 200.
+pub fn get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut conn = std::net::TcpStream::connect(addr).unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: toolrank\r\n\r\n").unwrap();
+    write!(conn, "GET {path} HTTP/1.1\r\nHost: toolrank\r\n\r\n").unwrap();
     let mut response = String::new();
     conn.read_to_string(&mut response).unwrap();
     assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
