@@ -21,6 +21,7 @@ mod config;
 mod deadline;
 mod error;
 mod latency;
+mod lease;
 mod run;
 mod sinks;
 mod summary;

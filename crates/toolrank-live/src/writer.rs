@@ -7,6 +7,7 @@ use crate::config::WriterConfig;
 use crate::deadline::{within, CALL_DEADLINE};
 use crate::error::Error;
 use crate::latency::Visibility;
+use crate::lease::{Held, SinkLease};
 use crate::sinks::{Scheduler, Turn};
 use crate::summary::Summary;
 use crate::units::{apply_deltas, log_engine, restore, LogCatchUp};
@@ -41,9 +42,6 @@ pub struct Saving {
     started: Instant,
 }
 
-/// A renewal of the sink lease: what [`Lease::take`] returns.
-type Renewal = tokio::task::JoinHandle<Result<Option<bool>, toolrank_dynamodb::Error>>;
-
 /// The merged engine, the sink lease and the sinks (see the crate docs).
 pub struct SinkWriter {
     /// The runtime every blocking call of the consumer runs on.
@@ -52,14 +50,9 @@ pub struct SinkWriter {
     pub store: CheckpointStore,
     pub summary: Summary,
     config: WriterConfig,
-    lease: Lease,
-    holds_lease: bool,
-    /// When the sink lease was last renewed (when that renewal was sent).
-    lease_renewed: Instant,
+    lease: SinkLease,
     /// When the state's size was last measured ([`record_state`](Self::record_state)).
     state_recorded: Option<Instant>,
-    /// A renewal of the held lease running beside the loop, and when it was sent.
-    renewal: Option<(Instant, Renewal)>,
     remotes: BTreeMap<String, Remote>,
     /// Owned units whose changes since their last save are not all tracked any more (a
     /// save failed after taking them): their next save is whole.
@@ -95,14 +88,11 @@ impl SinkWriter {
         global.track_changes();
         Ok(SinkWriter {
             store: CheckpointStore::new(client.clone(), config.state_table.clone()),
-            lease: Lease::new(client.clone(), config.state_table.clone(), lease_scope, config.owner.clone(), config.lease),
+            lease: SinkLease::new(Lease::new(client.clone(), config.state_table.clone(), lease_scope, config.owner.clone(), config.lease), config.lease),
             client,
             rt,
             summary: Summary::default(),
             config,
-            holds_lease: false,
-            lease_renewed: Instant::now(),
-            renewal: None,
             state_recorded: None,
             remotes: BTreeMap::new(),
             untracked: HashSet::new(),
@@ -132,7 +122,7 @@ impl SinkWriter {
     }
 
     pub fn holds_lease(&self) -> bool {
-        self.holds_lease
+        self.lease.held()
     }
 
     /// Runs `f` until it succeeds, counting failures; gives up after 30 s (within Kafka's
@@ -340,7 +330,7 @@ impl SinkWriter {
         let now = Instant::now();
         self.first_applied.get_or_insert(now);
         self.behind = (now, now_ms() - created_ms);
-        if self.holds_lease {
+        if self.lease.held() {
             self.visibility.push(created_ms, now_ms());
         }
     }
@@ -356,82 +346,26 @@ impl SinkWriter {
         }
     }
 
-    /// Takes or renews the sink lease; whether it is held.
+    /// Takes or renews the sink lease; whether it is held. On taking it after another
+    /// writer, the sinks are fenced (they compare in full at their next write); on losing
+    /// it, the copies of others' units are dropped.
     fn take_lease(&mut self) -> bool {
-        let Some((sent, taken)) = self.lease_outcome() else {
-            // A renewal is on its way and the last one still holds.
-            return self.holds_lease;
-        };
-        // Whether this writer's record of what the sinks hold is still exact: nobody else
-        // wrote them since it last held the lease.
-        let mut continued = true;
-        let held = match taken {
-            Ok(taken) => {
-                self.lease_renewed = sent;
-                continued = taken == Some(true);
-                taken.is_some()
+        match self.lease.turn(&self.rt, &mut self.summary.retried_errors) {
+            Held::Taken => {
+                info!("took the sink lease");
+                self.sinks.fence();
             }
-            Err(e) => {
-                // Unknown: keep writing only while the last renewal surely still holds.
-                self.summary.retried_errors += 1;
-                warn!(error = %e, "renewing the sink lease failed");
-                self.holds_lease && self.lease_renewed.elapsed() < self.config.lease / 2
+            Held::Lost => {
+                info!("lost the sink lease");
+                // Another consumer makes these visible; their latency is not ours to measure.
+                self.visibility.clear();
+                for (_, mut r) in std::mem::take(&mut self.remotes) {
+                    self.global.unabsorb(&mut r.engine);
+                }
             }
-        };
-        if held && !self.holds_lease && !continued {
-            info!("took the sink lease");
-            self.sinks.fence();
+            Held::Still | Held::No => {}
         }
-        if !held && self.holds_lease {
-            info!("lost the sink lease");
-            // Another consumer makes these visible; their latency is not ours to measure.
-            self.visibility.clear();
-            for (_, mut r) in std::mem::take(&mut self.remotes) {
-                self.global.unabsorb(&mut r.engine);
-            }
-        }
-        self.holds_lease = held;
-        held
-    }
-
-    /// The outcome of a take or renewal of the lease, with when it was sent. A holder
-    /// renews beside the loop (a slow state table must not hold up reading): it sends a
-    /// renewal and collects it at a later call, and waits for it only once the last
-    /// renewal is half a lease old. `None` while a renewal runs and need not be waited for.
-    fn lease_outcome(&mut self) -> Option<(Instant, Result<Option<bool>, toolrank_dynamodb::Error>)> {
-        if !self.holds_lease {
-            self.settle_renewal();
-            return Some((Instant::now(), self.call("taking the sink lease", self.lease.take())));
-        }
-        let due = self.lease_renewed.elapsed() >= self.config.lease / 2;
-        if let Some((sent, task)) = self.renewal.take_if(|(_, task)| due || task.is_finished()) {
-            return Some((sent, self.join_renewal(task)));
-        }
-        if due {
-            return Some((Instant::now(), self.call("renewing the sink lease", self.lease.take())));
-        }
-        if self.renewal.is_none() {
-            let lease = self.lease.clone();
-            self.renewal = Some((Instant::now(), self.rt.spawn(async move { lease.take().await })));
-        }
-        None
-    }
-
-    /// Waits for a renewal still running (before the lease is released or taken anew:
-    /// a late renewal must not take it back).
-    fn settle_renewal(&mut self) {
-        if let Some((_, task)) = self.renewal.take() {
-            // Its outcome no longer matters: the caller takes or releases the lease anew.
-            let _ = self.join_renewal(task);
-        }
-    }
-
-    /// A renewal's outcome, waited for up to the call deadline; one still running then is
-    /// aborted (a late one must not renew a lease given up meanwhile).
-    fn join_renewal(&self, mut task: Renewal) -> Result<Option<bool>, toolrank_dynamodb::Error> {
-        let joined = self.call("renewing the sink lease", async { (&mut task).await.expect("a lease renewal does not panic") });
-        task.abort();
-        joined
+        self.lease.held()
     }
 
     /// Brings the merged copies of the units other consumers own (`others`) to their
@@ -498,7 +432,7 @@ impl SinkWriter {
         for engine in units {
             engine.flush_into(&mut self.global);
         }
-        if !self.holds_lease {
+        if !self.lease.held() {
             return true;
         }
         let changes = self.global.take_changes();
@@ -537,12 +471,12 @@ impl SinkWriter {
         let deadline = Instant::now() + self.config.lease * 3;
         loop {
             self.refresh_lease(others);
-            if self.holds_lease || Instant::now() >= deadline {
+            if self.lease.held() || Instant::now() >= deadline {
                 break;
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        if !self.holds_lease {
+        if !self.lease.held() {
             warn!("could not take the sink lease before exiting; its holder writes the sinks");
             return;
         }
@@ -550,16 +484,13 @@ impl SinkWriter {
         while !self.flush(units.iter_mut().map(|e| &mut **e), true) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(200));
         }
-        self.settle_renewal();
-        if let Err(e) = self.call("releasing the sink lease", self.lease.release()) {
-            warn!(error = %e, "could not release the sink lease; it lapses by itself");
-        }
+        self.lease.release(&self.rt);
     }
 
     /// When any writer last wrote the sinks with [`write_once`](Self::write_once) (ms
     /// since the epoch, 0 if never).
     pub fn last_written(&self) -> Result<i64, toolrank_dynamodb::Error> {
-        self.call("reading the sink lease", self.lease.last_released()).map(|ms| ms as i64)
+        self.lease.last_released(&self.rt).map(|ms| ms as i64)
     }
 
     /// Writes the sinks once, as lease holder, from the heads of the delta logs `logs`,
@@ -572,7 +503,7 @@ impl SinkWriter {
         while !self.take_lease() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        if !self.holds_lease {
+        if !self.lease.held() {
             return false;
         }
         let ok = match self.refresh_remotes(logs) {
@@ -588,11 +519,7 @@ impl SinkWriter {
                 false
             }
         };
-        self.settle_renewal();
-        if let Err(e) = self.call("releasing the sink lease", self.lease.release()) {
-            warn!(error = %e, "could not release the sink lease; it lapses by itself");
-        }
-        self.holds_lease = false;
+        self.lease.release(&self.rt);
         ok
     }
 
@@ -616,8 +543,8 @@ impl SinkWriter {
             latency_max_ms: self.visibility.latency(1.0),
             own_latency_p50_ms: self.visibility.own_latency(0.5),
             own_latency_p99_ms: self.visibility.own_latency(0.99),
-            state_writes: self.store.write_requests() + self.lease.write_requests(),
-            state_write_units: self.store.write_units() + self.lease.write_units(),
+            state_writes: self.store.write_requests() + self.lease.writes().0,
+            state_write_units: self.store.write_units() + self.lease.writes().1,
             read_ms: self.first_applied.map_or(0, |first| self.behind.0.saturating_duration_since(first).as_millis() as u64),
             finish_ms: self.finishing.map_or(0, |at| at.elapsed().as_millis() as u64),
             ..self.summary
