@@ -22,6 +22,7 @@ mod deadline;
 mod error;
 mod latency;
 mod lease;
+mod merged;
 mod run;
 mod sinks;
 mod summary;

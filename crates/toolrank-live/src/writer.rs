@@ -8,10 +8,11 @@ use crate::deadline::{within, CALL_DEADLINE};
 use crate::error::Error;
 use crate::latency::Visibility;
 use crate::lease::{Held, SinkLease};
+use crate::merged::Merged;
 use crate::sinks::{Scheduler, Turn};
 use crate::summary::Summary;
 use crate::units::{apply_deltas, log_engine, restore, LogCatchUp};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use toolrank_backoff::Backoff;
 use toolrank_engine::{Engine, StateStats};
@@ -19,13 +20,6 @@ use toolrank_events::Day;
 use toolrank_sink::Wired;
 use toolrank_state::{CheckpointStore, Lease, LogHead};
 use tracing::{debug, info, warn};
-
-/// A unit owned by another consumer, as of its latest checkpoint (lease holder only).
-struct Remote {
-    engine: Engine,
-    /// The log position it holds (the head it was read at).
-    at: u64,
-}
 
 /// How often the state's size is measured for the gauges.
 const STATE_EVERY: Duration = Duration::from_secs(30);
@@ -53,11 +47,11 @@ pub struct SinkWriter {
     lease: SinkLease,
     /// When the state's size was last measured ([`record_state`](Self::record_state)).
     state_recorded: Option<Instant>,
-    remotes: BTreeMap<String, Remote>,
     /// Owned units whose changes since their last save are not all tracked any more (a
     /// save failed after taking them): their next save is whole.
     untracked: HashSet<String>,
-    global: Engine,
+    /// The sum of every unit: what the sinks show.
+    merged: Merged,
     /// The wired sinks and when each writes.
     sinks: Scheduler,
     /// The records the read delta logs hold, for a writer that only reads logs
@@ -84,8 +78,6 @@ impl SinkWriter {
         // One worker: DynamoDB sink writes run on it while the consumer's loop goes on.
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("a tokio runtime");
         let client = rt.block_on(toolrank_dynamodb::client());
-        let mut global = Engine::new();
-        global.track_changes();
         Ok(SinkWriter {
             store: CheckpointStore::new(client.clone(), config.state_table.clone()),
             lease: SinkLease::new(Lease::new(client.clone(), config.state_table.clone(), lease_scope, config.owner.clone(), config.lease), config.lease),
@@ -94,9 +86,8 @@ impl SinkWriter {
             summary: Summary::default(),
             config,
             state_recorded: None,
-            remotes: BTreeMap::new(),
             untracked: HashSet::new(),
-            global,
+            merged: Merged::new(),
             sinks: Scheduler::new(sinks),
             log_events: None,
             visibility: Visibility::new(),
@@ -153,10 +144,7 @@ impl SinkWriter {
         apply_deltas(scope, &mut engine, &ck.deltas)?;
         engine.track_deltas();
         self.untracked.remove(scope);
-        if let Some(mut remote) = self.remotes.remove(scope) {
-            self.global.unabsorb(&mut remote.engine);
-        }
-        self.global.absorb(&mut engine);
+        self.merged.adopt(scope, &mut engine);
         Ok((engine, ck.position, ck.at))
     }
 
@@ -170,25 +158,14 @@ impl SinkWriter {
     /// reading them back. A copy at another position is caught up by the next
     /// [`write_once`](Self::write_once).
     pub fn advance_log(&mut self, scope: &str, from: u64, to: u64, deltas: &[Vec<u8>]) -> Result<(), Error> {
-        let Some(r) = self.remotes.get_mut(scope).filter(|r| r.at == from) else { return Ok(()) };
-        let applied = apply_deltas(scope, &mut r.engine, deltas);
-        r.engine.flush_into(&mut self.global);
-        if applied.is_err() {
-            // Half applied: no longer a copy of any position.
-            let mut r = self.remotes.remove(scope).expect("present");
-            self.global.unabsorb(&mut r.engine);
-        } else {
-            r.at = to;
-        }
-        applied
+        self.merged.advance_copy(scope, from, to, deltas)
     }
 
     /// Takes an owned unit's share out of the merged engine (it moved elsewhere). Its
     /// pending deltas are forwarded first: the merged engine must hold exactly what is
     /// taken out.
     pub fn release(&mut self, engine: &mut Engine) {
-        engine.flush_into(&mut self.global);
-        self.global.unabsorb(engine);
+        self.merged.release(engine);
     }
 
     /// Saves a unit's checkpoint. `Ok(None)`: it failed and was counted (the unit stays
@@ -225,7 +202,7 @@ impl SinkWriter {
             // A snapshot flushes the unit's pending changes into its own aggregates; they
             // are forwarded first, or the merged engine (and so the sinks) would never get
             // the ones the unit was still coalescing (see `flush`).
-            engine.flush_into(&mut self.global);
+            self.merged.forward(engine);
             engine.snapshot()
         });
         let bytes = state.as_ref().map_or(bytes, Vec::len);
@@ -359,9 +336,7 @@ impl SinkWriter {
                 info!("lost the sink lease");
                 // Another consumer makes these visible; their latency is not ours to measure.
                 self.visibility.clear();
-                for (_, mut r) in std::mem::take(&mut self.remotes) {
-                    self.global.unabsorb(&mut r.engine);
-                }
+                self.merged.drop_copies();
             }
             Held::Still | Held::No => {}
         }
@@ -373,31 +348,23 @@ impl SinkWriter {
     /// is no copy or a new base replaced those deltas. Copies of units not among
     /// `others` any more are dropped. Returns the records the logs hold.
     fn refresh_remotes(&mut self, others: &[String]) -> Result<u64, Error> {
-        let gone: Vec<String> = self.remotes.keys().filter(|s| !others.contains(s)).cloned().collect();
-        for scope in gone {
-            let mut r = self.remotes.remove(&scope).expect("listed");
-            self.global.unabsorb(&mut r.engine);
-        }
+        self.merged.keep_copies(others);
         let mut records = 0;
         for scope in others {
             let Some(head) = self.call("reading a log head", self.store.log_head(scope))? else { continue };
             records += head.records;
-            let at = self.remotes.get(scope).map(|r| r.at);
+            let at = self.merged.copy_at(scope);
             let log = match self.log_catch_up(scope, at, &head)? {
                 LogCatchUp::Current => continue,
                 LogCatchUp::Deltas(deltas) => {
-                    self.advance_log(scope, at.expect("deltas follow a copy"), head.head, &deltas)?;
+                    self.merged.advance_copy(scope, at.expect("deltas follow a copy"), head.head, &deltas)?;
                     continue;
                 }
                 LogCatchUp::Log(log) => log,
             };
-            let mut engine = log_engine(scope, &log)?;
-            if let Some(mut old) = self.remotes.remove(scope) {
-                self.global.unabsorb(&mut old.engine);
-            }
-            self.global.absorb(&mut engine);
+            let engine = log_engine(scope, &log)?;
+            self.merged.hold_copy(scope, engine, log.at.head);
             debug!(scope, generation = log.at.generation, head = log.at.head, "merged another consumer's checkpoint");
-            self.remotes.insert(scope.clone(), Remote { engine, at: log.at.head });
         }
         Ok(records)
     }
@@ -430,14 +397,14 @@ impl SinkWriter {
             return true;
         }
         for engine in units {
-            engine.flush_into(&mut self.global);
+            self.merged.forward(engine);
         }
         if !self.lease.held() {
             return true;
         }
-        let changes = self.global.take_changes();
+        let changes = self.merged.take_changes();
         let mut turn = Turn {
-            global: &self.global,
+            global: self.merged.figures(),
             rt: &self.rt,
             today: self.config.today.unwrap_or_else(Day::today_utc),
             backlog: self.backlog(),

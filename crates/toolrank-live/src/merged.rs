@@ -1,0 +1,105 @@
+//! The merged view the sink lease holder writes the sinks from: the sum of every unit's
+//! engine, this consumer's own (forwarded as they change) and copies of the units other
+//! consumers own (as of their latest checkpoints). Aggregates merge by addition, so a
+//! unit moves in and out of the sum with `absorb` and `unabsorb`.
+
+use crate::error::Error;
+use crate::units::apply_deltas;
+use std::collections::BTreeMap;
+use toolrank_engine::{Changes, Engine};
+
+/// A unit owned by another consumer, as of its latest checkpoint (lease holder only).
+struct Copy {
+    engine: Engine,
+    /// The log position it holds (the head it was read at).
+    at: u64,
+}
+
+pub(crate) struct Merged {
+    global: Engine,
+    copies: BTreeMap<String, Copy>,
+}
+
+impl Merged {
+    pub(crate) fn new() -> Merged {
+        let mut global = Engine::new();
+        global.track_changes();
+        Merged { global, copies: BTreeMap::new() }
+    }
+
+    /// The figures the sinks are written from.
+    pub(crate) fn figures(&self) -> &Engine {
+        &self.global
+    }
+
+    /// What changed in the sum since the last call.
+    pub(crate) fn take_changes(&mut self) -> Changes {
+        self.global.take_changes()
+    }
+
+    /// Adds a unit this consumer now owns, in place of the copy of it held until now.
+    pub(crate) fn adopt(&mut self, scope: &str, engine: &mut Engine) {
+        self.drop_copy(scope);
+        self.global.absorb(engine);
+    }
+
+    /// Forwards a unit's changes since the last forward.
+    pub(crate) fn forward(&mut self, engine: &mut Engine) {
+        engine.flush_into(&mut self.global);
+    }
+
+    /// Takes an owned unit's share out (it moved elsewhere). Its pending changes are
+    /// forwarded first: the sum must hold exactly what is taken out.
+    pub(crate) fn release(&mut self, engine: &mut Engine) {
+        engine.flush_into(&mut self.global);
+        self.global.unabsorb(engine);
+    }
+
+    /// The log position of the copy of `scope`, if one is held.
+    pub(crate) fn copy_at(&self, scope: &str) -> Option<u64> {
+        self.copies.get(scope).map(|c| c.at)
+    }
+
+    /// Holds `engine` at log position `at` as the copy of `scope`, in place of any older one.
+    pub(crate) fn hold_copy(&mut self, scope: &str, mut engine: Engine, at: u64) {
+        self.drop_copy(scope);
+        self.global.absorb(&mut engine);
+        self.copies.insert(scope.to_owned(), Copy { engine, at });
+    }
+
+    /// Moves the copy of `scope` from log position `from` to `to` by `deltas`. A copy at
+    /// another position is left as it is (the next refresh reads it); one that fails
+    /// half way is dropped.
+    pub(crate) fn advance_copy(&mut self, scope: &str, from: u64, to: u64, deltas: &[Vec<u8>]) -> Result<(), Error> {
+        let Some(c) = self.copies.get_mut(scope).filter(|c| c.at == from) else { return Ok(()) };
+        let applied = apply_deltas(scope, &mut c.engine, deltas);
+        c.engine.flush_into(&mut self.global);
+        match applied {
+            // Half applied: no longer a copy of any position.
+            Err(_) => self.drop_copy(scope),
+            Ok(()) => c.at = to,
+        }
+        applied
+    }
+
+    /// Drops the copies of units not among `others`.
+    pub(crate) fn keep_copies(&mut self, others: &[String]) {
+        let gone: Vec<String> = self.copies.keys().filter(|s| !others.contains(s)).cloned().collect();
+        for scope in gone {
+            self.drop_copy(&scope);
+        }
+    }
+
+    /// Drops every copy (the lease went to another writer, who holds its own).
+    pub(crate) fn drop_copies(&mut self) {
+        for (_, mut c) in std::mem::take(&mut self.copies) {
+            self.global.unabsorb(&mut c.engine);
+        }
+    }
+
+    fn drop_copy(&mut self, scope: &str) {
+        if let Some(mut c) = self.copies.remove(scope) {
+            self.global.unabsorb(&mut c.engine);
+        }
+    }
+}
