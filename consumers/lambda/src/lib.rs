@@ -331,14 +331,14 @@ impl Handler {
             }
             let w = &self.writer;
             let records = changes.clone().count() as u64;
-            match w.call("appending to a bucket's log", w.store.append(&scope, &head, &deltas, records)) {
+            match w.call("appending to a bucket's log", w.store().append(&scope, &head, &deltas, records)) {
                 Ok(appended) => {
                     b.engine.delta_saved();
                     let (from, at) = (std::mem::replace(&mut b.at, appended.head), appended.head);
                     let bytes: u64 = deltas.iter().map(|d| d.len() as u64).sum();
                     if head.compaction_due(deltas.len(), bytes, self.config.compact_bytes) {
                         let state = b.engine.snapshot();
-                        match w.call("compacting a bucket's log", w.store.compact(&scope, OWNER, head.generation, &appended, &state)) {
+                        match w.call("compacting a bucket's log", w.store().compact(&scope, OWNER, head.generation, &appended, &state)) {
                             Ok(_) | Err(toolrank_dynamodb::Error::Fenced(_)) => {}
                             Err(e) => warn!(bucket, error = %e, "could not compact a bucket's log; a later invocation will"),
                         }
@@ -360,11 +360,11 @@ impl Handler {
     /// the deltas it needs were compacted away); returns the head as read.
     fn catch_up(&mut self, bucket: u32, scope: &str) -> Result<LogHead, toolrank_dynamodb::Error> {
         let w = &self.writer;
-        let head = match w.call("reading a bucket's log", w.store.log_head(scope))? {
+        let head = match w.call("reading a bucket's log", w.store().log_head(scope))? {
             Some(head) => head,
             None => {
                 // The first append and compaction need a manifest to condition on.
-                w.call("creating a bucket", w.store.claim(scope, OWNER))?;
+                w.call("creating a bucket", w.store().claim(scope, OWNER))?;
                 LogHead::default()
             }
         };

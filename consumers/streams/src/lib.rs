@@ -235,7 +235,7 @@ impl<S: ShardSource> toolrank_live::Source for Poller<S> {
                 continue;
             }
             let scope = self.scope(root);
-            let position = writer.call("reading a tree's position", writer.store.position(&scope))?;
+            let position = writer.call("reading a tree's position", writer.store().position(&scope))?;
             let pos = parse_position(position.as_deref()).remove(&shard.id).unwrap_or_default();
             if pos.done {
                 continue;
@@ -283,7 +283,7 @@ impl<S: ShardSource> Poller<S> {
     /// registers new trees.
     fn discover(&mut self, writer: &mut SinkWriter) -> Result<(), Error> {
         let listing = writer.call("listing shards", async { self.source.shards().await.map_err(|e| toolrank_dynamodb::Error::Input(e.to_string())) })?;
-        let registry = writer.call("reading the tree registry", writer.store.set(&self.prefix, "trees", "Trees"))?;
+        let registry = writer.call("reading the tree registry", writer.store().set(&self.prefix, "trees", "Trees"))?;
         // Membership as the trees' owners recorded it (a root's shards may be trimmed).
         let mut member: HashMap<String, String> = HashMap::new();
         for root in &registry {
@@ -292,7 +292,7 @@ impl<S: ShardSource> Poller<S> {
                 Some(t) => t.shards.keys().cloned().collect(),
                 None => {
                     let scope = self.scope(root);
-                    let position = writer.call("reading a tree's position", writer.store.position(&scope))?;
+                    let position = writer.call("reading a tree's position", writer.store().position(&scope))?;
                     parse_position(position.as_deref()).into_keys().collect()
                 }
             };
@@ -316,7 +316,7 @@ impl<S: ShardSource> Poller<S> {
         let new: Vec<String> = tree_of.values().filter(|r| !registry.contains(r)).cloned().collect::<HashSet<_>>().into_iter().collect();
         if !new.is_empty() {
             info!(trees = ?new, "registering new shard lineages");
-            writer.call("registering trees", writer.store.add_to_set(&self.prefix, "trees", "Trees", new.clone()))?;
+            writer.call("registering trees", writer.store().add_to_set(&self.prefix, "trees", "Trees", new.clone()))?;
         }
         self.registry = registry.into_iter().chain(new).collect();
         self.registry.sort();
@@ -334,7 +334,7 @@ impl<S: ShardSource> Poller<S> {
     /// fair share, and lets surplus ones go.
     fn balance(&mut self, writer: &mut SinkWriter) -> Result<(), Error> {
         let workers_scope = format!("{}/workers", self.prefix);
-        match writer.call("heartbeat", writer.store.heartbeat(&workers_scope, writer.owner(), self.config.live.writer.lease * 2)) {
+        match writer.call("heartbeat", writer.store().heartbeat(&workers_scope, writer.owner(), self.config.live.writer.lease * 2)) {
             Ok(n) => self.workers = n,
             Err(e) => {
                 writer.summary.retried_errors += 1;

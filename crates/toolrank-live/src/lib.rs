@@ -16,6 +16,7 @@
 //! - **Counters and latency** of the run ([`Summary`]).
 
 mod backlog;
+mod checkpointer;
 mod clock;
 mod config;
 mod deadline;
@@ -29,6 +30,7 @@ mod summary;
 mod units;
 mod writer;
 
+pub use checkpointer::Saving;
 pub use clock::{now_ms, unique_owner};
 pub use config::{LiveConfig, Pacing, WriterConfig, DEFAULT_TOMBSTONE_HORIZON};
 pub use deadline::{within, CALL_DEADLINE};
@@ -39,4 +41,4 @@ pub use toolrank_backoff::Backoff;
 pub use toolrank_sink::{Pace, Wired};
 pub use toolrank_state::LogHead;
 pub use units::{apply_change, apply_deltas, apply_line, log_engine, restore, LogCatchUp};
-pub use writer::{Saving, SinkWriter};
+pub use writer::SinkWriter;

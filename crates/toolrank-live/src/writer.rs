@@ -2,9 +2,10 @@
 //! schedule (see the crate docs).
 
 use crate::backlog::{reading_behind, stretch};
-use crate::clock::{now_ms, now_secs};
+use crate::checkpointer::{Checkpointer, Saving};
+use crate::clock::now_ms;
 use crate::config::WriterConfig;
-use crate::deadline::{within, CALL_DEADLINE};
+use crate::deadline::within;
 use crate::error::Error;
 use crate::latency::Visibility;
 use crate::lease::{Held, SinkLease};
@@ -12,46 +13,26 @@ use crate::merged::Merged;
 use crate::sinks::{Scheduler, Turn};
 use crate::summary::Summary;
 use crate::units::{apply_deltas, log_engine, restore, LogCatchUp};
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use toolrank_backoff::Backoff;
-use toolrank_engine::{Engine, StateStats};
+use toolrank_engine::Engine;
 use toolrank_events::Day;
 use toolrank_sink::Wired;
 use toolrank_state::{CheckpointStore, Lease, LogHead};
 use tracing::{debug, info, warn};
-
-/// How often the state's size is measured for the gauges.
-const STATE_EVERY: Duration = Duration::from_secs(30);
-
-/// A checkpoint save running on the runtime's worker ([`SinkWriter::start_save`]).
-pub struct Saving {
-    task: tokio::task::JoinHandle<Result<LogHead, toolrank_dynamodb::Error>>,
-    scope: String,
-    /// The input position it covers.
-    position: String,
-    bytes: usize,
-    /// The whole state, or an append of what changed.
-    whole: bool,
-    started: Instant,
-}
 
 /// The merged engine, the sink lease and the sinks (see the crate docs).
 pub struct SinkWriter {
     /// The runtime every blocking call of the consumer runs on.
     pub rt: tokio::runtime::Runtime,
     pub client: aws_sdk_dynamodb::Client,
-    pub store: CheckpointStore,
     pub summary: Summary,
     config: WriterConfig,
     lease: SinkLease,
-    /// When the state's size was last measured ([`record_state`](Self::record_state)).
-    state_recorded: Option<Instant>,
-    /// Owned units whose changes since their last save are not all tracked any more (a
-    /// save failed after taking them): their next save is whole.
-    untracked: HashSet<String>,
     /// The sum of every unit: what the sinks show.
     merged: Merged,
+    /// Checkpoint saves and the state's size.
+    checkpoints: Checkpointer,
     /// The wired sinks and when each writes.
     sinks: Scheduler,
     /// The records the read delta logs hold, for a writer that only reads logs
@@ -79,14 +60,12 @@ impl SinkWriter {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("a tokio runtime");
         let client = rt.block_on(toolrank_dynamodb::client());
         Ok(SinkWriter {
-            store: CheckpointStore::new(client.clone(), config.state_table.clone()),
+            checkpoints: Checkpointer::new(CheckpointStore::new(client.clone(), config.state_table.clone()), &config),
             lease: SinkLease::new(Lease::new(client.clone(), config.state_table.clone(), lease_scope, config.owner.clone(), config.lease), config.lease),
             client,
             rt,
             summary: Summary::default(),
             config,
-            state_recorded: None,
-            untracked: HashSet::new(),
             merged: Merged::new(),
             sinks: Scheduler::new(sinks),
             log_events: None,
@@ -139,11 +118,11 @@ impl SinkWriter {
     /// save), its position, and where its log stands.
     pub fn claim(&mut self, scope: &str) -> Result<(Engine, Option<String>, LogHead), Error> {
         let owner = self.config.owner.clone();
-        let ck = self.retrying(&format!("claiming {scope}"), |w| w.call("claiming a checkpoint", w.store.claim(scope, &owner)))?;
+        let ck = self.retrying(&format!("claiming {scope}"), |w| w.call("claiming a checkpoint", w.store().claim(scope, &owner)))?;
         let mut engine = restore(scope, &ck.state)?;
         apply_deltas(scope, &mut engine, &ck.deltas)?;
         engine.track_deltas();
-        self.untracked.remove(scope);
+        self.checkpoints.claimed(scope);
         self.merged.adopt(scope, &mut engine);
         Ok((engine, ck.position, ck.at))
     }
@@ -177,116 +156,33 @@ impl SinkWriter {
     }
 
     /// Starts saving a unit's checkpoint on the runtime's worker: what changed since the
-    /// last save is taken now, the upload runs while the consumer goes on. A save
-    /// appends those changes to the unit's log with the position (it costs what changed),
-    /// unless the log is due for a new base or the changes do not fit one append: then
-    /// the whole state is saved. See [`saved`](Self::saved).
+    /// last save is taken now, the upload runs while the consumer goes on; collect it
+    /// with [`saved`](Self::saved).
     pub fn start_save(&mut self, scope: &str, at: LogHead, position: &str, engine: &mut Engine) -> Saving {
-        use toolrank_state::{COMPACT_MIN_BYTES, DELTAS_PER_APPEND, DELTA_BYTES};
-        let started = Instant::now();
-        self.expire_tombstones(engine);
-        // Past this, the delta would not fit one append or would make the log due for a
-        // new base: it is not even serialized.
-        let limit = (DELTAS_PER_APPEND * DELTA_BYTES).min(at.base_bytes.max(COMPACT_MIN_BYTES).saturating_sub(at.log_bytes) as usize);
-        let deltas = match self.untracked.contains(scope) {
-            true => None,
-            false => engine.delta_within(DELTA_BYTES, limit),
-        };
-        let bytes: usize = deltas.iter().flatten().map(Vec::len).sum();
-        let deltas = deltas.filter(|d| d.len() <= DELTAS_PER_APPEND && !at.compaction_due(d.len(), bytes as u64, COMPACT_MIN_BYTES));
-        let whole = deltas.is_none();
-        let deltas = deltas.unwrap_or_default();
-        // Taken: a failed save makes the next one whole (see `saved`).
-        engine.delta_saved();
-        let state = whole.then(|| {
-            // A snapshot flushes the unit's pending changes into its own aggregates; they
-            // are forwarded first, or the merged engine (and so the sinks) would never get
-            // the ones the unit was still coalescing (see `flush`).
-            self.merged.forward(engine);
-            engine.snapshot()
-        });
-        let bytes = state.as_ref().map_or(bytes, Vec::len);
-        let (store, owner, scope_, position_) = (self.store.clone(), self.config.owner.clone(), scope.to_owned(), position.to_owned());
-        let task = self.rt.spawn(async move {
-            let save = async {
-                match state {
-                    Some(state) => store.save(&scope_, &owner, at.generation, &position_, &state).await,
-                    None => {
-                        let head = store.append_owned(&scope_, &owner, &position_, at.head, &deltas).await?;
-                        Ok(LogHead { head, log_bytes: at.log_bytes + bytes as u64, ..at })
-                    }
-                }
-            };
-            match tokio::time::timeout(CALL_DEADLINE, save).await {
-                Ok(result) => result,
-                Err(_) => Err(toolrank_dynamodb::Error::Timeout(format!("saving the checkpoint of {scope_} (after {} s)", CALL_DEADLINE.as_secs()))),
-            }
-        });
-        self.summary.checkpoint_ms += started.elapsed().as_millis() as u64;
-        Saving { task, scope: scope.to_owned(), position: position.to_owned(), bytes, whole, started }
-    }
-
-    /// Records the size of the state of the units this consumer owns (after a
-    /// checkpoint round): in the summary and as `toolrank_state_*` gauges. Measuring walks
-    /// every session (tens of milliseconds on a large state, which the loop's latency
-    /// would show), so it is done at most every [`STATE_EVERY`] unless `now` (the final
-    /// round).
-    pub fn record_state<'a>(&mut self, units: impl IntoIterator<Item = &'a Engine>, now: bool) {
-        if !now && self.state_recorded.is_some_and(|at| at.elapsed() < STATE_EVERY) {
-            return;
-        }
-        self.state_recorded = Some(Instant::now());
-        let mut total = StateStats::default();
-        for st in units.into_iter().map(Engine::stats) {
-            total.sessions += st.sessions;
-            total.live_sessions += st.live_sessions;
-            total.live_rows += st.live_rows;
-            total.tombstones += st.tombstones;
-            total.agents += st.agents;
-            total.heap_bytes += st.heap_bytes;
-        }
-        self.summary.state = total;
-    }
-
-    /// Forgets the tombstones of a unit's `engine` older than the horizon (a save then
-    /// carries that), and, when due, the names nothing refers to any more (the users of
-    /// expired sessions), counting both. Units only: the merged engine's symbols are
-    /// held by the sinks.
-    pub fn expire_tombstones(&mut self, engine: &mut Engine) {
-        engine.set_clock(now_secs());
-        let horizon = u32::try_from(self.config.tombstone_horizon.as_secs()).unwrap_or(u32::MAX);
-        self.summary.tombstones_expired += engine.expire_tombstones(horizon) as u64;
-        self.summary.names_collected += engine.collect_names_if_due() as u64;
+        self.checkpoints.start(&self.rt, &mut self.merged, &mut self.summary, scope, at, position, engine)
     }
 
     /// The outcome of a started save once it finished (with `wait`, waiting for it), like
     /// [`save`](Self::save)'s; `None` while it runs or if there is none.
     pub fn saved(&mut self, saving: &mut Option<Saving>, wait: bool) -> Option<Result<Option<LogHead>, toolrank_dynamodb::Error>> {
-        let s = saving.take_if(|s| wait || s.task.is_finished())?;
-        let started = Instant::now();
-        let result = self.rt.block_on(s.task).expect("a checkpoint save does not panic");
-        self.summary.checkpoint_ms += started.elapsed().as_millis() as u64;
-        Some(match result {
-            Ok(at) => {
-                self.summary.checkpoints += 1;
-                toolrank_metrics::histogram!("toolrank_checkpoint_seconds").record(s.started.elapsed().as_secs_f64());
-                if s.whole {
-                    self.untracked.remove(&s.scope);
-                }
-                debug!(scope = s.scope, generation = at.generation, head = at.head, position = s.position, bytes = s.bytes, whole = s.whole, "checkpoint");
-                Ok(Some(at))
-            }
-            Err(e @ toolrank_dynamodb::Error::Fenced(_)) => Err(e),
-            Err(e) => {
-                // Whether it was written is unknown, and the changes it carried are no
-                // longer tracked: the next save is whole. (A whole save that did land
-                // after all makes that one fail as `Fenced`, as before appends existed.)
-                self.untracked.insert(s.scope.clone());
-                self.summary.retried_errors += 1;
-                warn!(scope = s.scope, error = %e, "checkpoint failed; retrying at the next interval");
-                Ok(None)
-            }
-        })
+        self.checkpoints.collect(&self.rt, &mut self.summary, saving, wait)
+    }
+
+    /// Records the size of the state of the units this consumer owns (after a checkpoint
+    /// round), at most every half minute unless `now` (the final round).
+    pub fn record_state<'a>(&mut self, units: impl IntoIterator<Item = &'a Engine>, now: bool) {
+        self.checkpoints.measure(&mut self.summary, units, now);
+    }
+
+    /// Forgets the tombstones of a unit's `engine` older than the horizon, and the names
+    /// nothing refers to any more, counting both.
+    pub fn expire_tombstones(&mut self, engine: &mut Engine) {
+        self.checkpoints.expire(&mut self.summary, engine);
+    }
+
+    /// The pipeline's state table.
+    pub fn store(&self) -> &CheckpointStore {
+        self.checkpoints.store()
     }
 
     /// Notes that the input has nothing waiting: the records just applied are as recent as
@@ -351,7 +247,7 @@ impl SinkWriter {
         self.merged.keep_copies(others);
         let mut records = 0;
         for scope in others {
-            let Some(head) = self.call("reading a log head", self.store.log_head(scope))? else { continue };
+            let Some(head) = self.call("reading a log head", self.store().log_head(scope))? else { continue };
             records += head.records;
             let at = self.merged.copy_at(scope);
             let log = match self.log_catch_up(scope, at, &head)? {
@@ -377,14 +273,14 @@ impl SinkWriter {
             return Ok(LogCatchUp::Current);
         }
         if let Some(at) = at.filter(|at| (head.base_at..head.head).contains(at)) {
-            match self.call("reading a log's deltas", self.store.deltas(scope, at, head.head)) {
+            match self.call("reading a log's deltas", self.store().deltas(scope, at, head.head)) {
                 Ok(deltas) => return Ok(LogCatchUp::Deltas(deltas)),
                 // Compacted meanwhile: from the base.
                 Err(toolrank_dynamodb::Error::Input(_)) => {}
                 Err(e) => return Err(e),
             }
         }
-        self.call("reading a log", self.store.load_log(scope)).map(LogCatchUp::Log)
+        self.call("reading a log", self.store().load_log(scope)).map(LogCatchUp::Log)
     }
 
     /// Forwards the owned units' deltas into the merged engine and, as lease holder,
@@ -510,8 +406,8 @@ impl SinkWriter {
             latency_max_ms: self.visibility.latency(1.0),
             own_latency_p50_ms: self.visibility.own_latency(0.5),
             own_latency_p99_ms: self.visibility.own_latency(0.99),
-            state_writes: self.store.write_requests() + self.lease.writes().0,
-            state_write_units: self.store.write_units() + self.lease.writes().1,
+            state_writes: self.store().write_requests() + self.lease.writes().0,
+            state_write_units: self.store().write_units() + self.lease.writes().1,
             read_ms: self.first_applied.map_or(0, |first| self.behind.0.saturating_duration_since(first).as_millis() as u64),
             finish_ms: self.finishing.map_or(0, |at| at.elapsed().as_millis() as u64),
             ..self.summary
