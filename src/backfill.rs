@@ -1,7 +1,6 @@
 //! `toolrank backfill`: the table's current contents onto the events topic, or into the
 //! Lambda function's bucket logs.
 
-use crate::dead_letters::DeadLetters;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
@@ -11,6 +10,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use toolrank_backfill::{export, scan, Kafka, Progress, Run, Sender, Target};
+use toolrank_dead_letters::DeadLetters;
 use toolrank_dynamodb::Limiter;
 use toolrank_state::CheckpointStore;
 
@@ -208,7 +208,7 @@ fn backfill<T: Target>(args: Args, target: impl Fn(&Args) -> T) -> Result<ExitCo
             }));
             rt.block_on(sender.finish())?;
             if let Some(e) = failed {
-                return Err(e);
+                return Err(e.into());
             }
             done.context("backfilling from the export")?
         }

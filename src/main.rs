@@ -3,7 +3,6 @@
 mod args;
 mod backfill;
 mod consume;
-mod dead_letters;
 mod generate;
 mod lambda;
 mod mirror;

@@ -1,6 +1,5 @@
 //! `toolrank replay`: files in, the seed's tables out, with no service at all.
 
-use crate::dead_letters::DeadLetters;
 use crate::output;
 use crate::sinks::SinkArgs;
 use anyhow::{Context, Result};
@@ -13,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
+use toolrank_dead_letters::DeadLetters;
 use toolrank_engine::{Applied, Engine};
 use toolrank_events::{decode_line, Action, Change, Day, DeadLetter, DecodeError, Entity, Format, Record};
 use toolrank_source_file::{expand, Input, LineReader, SourceError};
@@ -317,7 +317,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     apply(&mut engine, &mut counts, change);
                     Ok(())
                 }
-                Err(letter) => dead.reject(&mut counts.bad, letter),
+                Err(letter) => dead.reject(&mut counts.bad, letter).map_err(anyhow::Error::from),
             };
             let (by_format, bytes) = crate::replay_kafka::ingest(&args.kafka, topic, each)?;
             counts.by_format = by_format;

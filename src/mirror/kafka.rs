@@ -3,13 +3,13 @@
 //! offsets live in the same transaction as the rows they produced).
 
 use super::line::mirror_line;
-use crate::dead_letters::DeadLetters;
 use anyhow::{bail, Context, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use toolrank_dead_letters::DeadLetters;
 use toolrank_warehouse::mirror::Mirror;
 use toolrank_warehouse::DataApi;
 

@@ -1,7 +1,7 @@
 //! One input line into the mirror, whatever the source.
 
-use crate::dead_letters::DeadLetters;
 use anyhow::Result;
+use toolrank_dead_letters::DeadLetters;
 use toolrank_events::DeadLetter;
 use toolrank_warehouse::mirror::{self, Mirror};
 

@@ -5,12 +5,12 @@ mod kafka;
 mod line;
 mod streams;
 
-use crate::dead_letters::DeadLetters;
 use anyhow::{bail, Result};
 use line::mirror_line;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
+use toolrank_dead_letters::DeadLetters;
 use toolrank_source_file::{expand, LineReader};
 use toolrank_warehouse::mirror::Mirror;
 use toolrank_warehouse::DataApi;

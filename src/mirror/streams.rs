@@ -3,7 +3,6 @@
 //! numbers its last committed batch recorded in the warehouse.
 
 use super::line::mirror_line;
-use crate::dead_letters::DeadLetters;
 use anyhow::{Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use toolrank_consume_streams::dynamodb_streams::{record_json, DynamoStreams};
 use toolrank_consume_streams::{ShardSource, SourceError, StreamRecord};
+use toolrank_dead_letters::DeadLetters;
 use toolrank_warehouse::mirror::Mirror;
 use toolrank_warehouse::DataApi;
 

@@ -34,11 +34,10 @@ pub use source::{compare_sequences, Page, ShardInfo, ShardSource, SourceError, S
 use serde::{Deserialize, Serialize};
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
+use toolrank_dead_letters::DeadLetters;
 use toolrank_engine::Engine;
 use toolrank_events::DeadLetter;
 pub use toolrank_live::Summary;
@@ -54,8 +53,8 @@ pub enum Error {
     Source(#[from] SourceError),
     #[error("shard {shard} merges the lineages of {a} and {b}: shard merges across lineages are not supported")]
     Merge { shard: String, a: String, b: String },
-    #[error("dead-letter file {0}: {1}")]
-    DeadLetters(PathBuf, std::io::Error),
+    #[error(transparent)]
+    DeadLetters(#[from] toolrank_dead_letters::Error),
 }
 
 impl From<toolrank_dynamodb::Error> for Error {
@@ -130,7 +129,7 @@ struct Poller<S: ShardSource> {
     listing: Vec<ShardInfo>,
     tree_of: HashMap<String, String>,
     workers: usize,
-    dead_letters: Option<std::fs::File>,
+    dead_letters: DeadLetters,
     last_discover: Instant,
     last_balance: Instant,
 }
@@ -142,6 +141,7 @@ pub fn run<S: ShardSource>(config: Config, source: S, sinks: Vec<Wired>, stop: &
     let mut writer = SinkWriter::new(config.live.writer.clone(), format!("{prefix}/sink-writer"), sinks)?;
     let pacing = config.live.pacing.clone();
     let long_ago = Instant::now() - Duration::from_secs(3600);
+    let dead_letters = DeadLetters::durable(&config.dead_letter_file);
     let mut p = Poller {
         config,
         source,
@@ -151,7 +151,7 @@ pub fn run<S: ShardSource>(config: Config, source: S, sinks: Vec<Wired>, stop: &
         listing: Vec::new(),
         tree_of: HashMap::new(),
         workers: 1,
-        dead_letters: None,
+        dead_letters,
         last_discover: long_ago,
         last_balance: long_ago,
     };
@@ -483,8 +483,6 @@ impl<S: ShardSource> Poller<S> {
                         Ok(Some(created)) => writer.observe(created),
                         Ok(None) => {}
                         Err(reason) => {
-                            writer.summary.dead_letters += 1;
-                            warn!(shard = id, sequence = seq, reason, "dead-lettered");
                             let letter = DeadLetter {
                                 source: format!("{}/{id}", source.name()),
                                 line: writer.summary.messages,
@@ -493,7 +491,7 @@ impl<S: ShardSource> Poller<S> {
                                 reason,
                                 raw: rec.describe(),
                             };
-                            write_dead_letter(dead_letters, &config.dead_letter_file, &letter)?;
+                            dead_letters.reject(&mut writer.summary.dead_letters, letter)?;
                         }
                     }
                     pos.seq = Some(seq.to_owned());
@@ -558,17 +556,6 @@ fn prune(shards: &mut BTreeMap<String, ShardPos>, listed: &HashSet<&str>) {
 
 fn parse_position(position: Option<&str>) -> BTreeMap<String, ShardPos> {
     position.and_then(|p| serde_json::from_str(p).ok()).unwrap_or_default()
-}
-
-fn write_dead_letter(file: &mut Option<std::fs::File>, path: &PathBuf, letter: &DeadLetter) -> Result<(), Error> {
-    let io = |e| Error::DeadLetters(path.clone(), e);
-    if file.is_none() {
-        // Records may carry user data: readable by the owner only.
-        *file = Some(std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(io)?);
-    }
-    let mut line = serde_json::to_vec(letter).expect("dead letters serialize");
-    line.push(b'\n');
-    file.as_mut().expect("opened").write_all(&line).map_err(io)
 }
 
 #[cfg(test)]
