@@ -78,9 +78,8 @@ impl DeadLetters {
         if self.writer.is_none() {
             self.writer = Some(self.create()?);
         }
-        let path = self.path.clone().expect("a file");
+        let (Some(path), Some(w)) = (&self.path, &mut self.writer) else { unreachable!("opened above") };
         let io = |source| Error::File { path: path.clone(), source };
-        let w = self.writer.as_mut().expect("opened");
         serde_json::to_writer(&mut *w, &letter).map_err(|e| io(e.into()))?;
         w.write_all(b"\n").map_err(io)?;
         if self.durable {

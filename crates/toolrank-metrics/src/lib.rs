@@ -20,41 +20,29 @@ const SECONDS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why metrics could not be served.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("installing the metrics recorder: {0}")]
     Recorder(String),
-    Io(std::io::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
 }
-
-impl std::fmt::Display for Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Error::Recorder(e) => write!(f, "installing the metrics recorder: {e}"),
-            Error::Io(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-impl std::error::Error for Error {}
 
 /// Installs the Prometheus recorder and serves it at `GET /metrics` (and `GET /healthz`)
 /// from background threads, one per connection; returns the bound address (port 0 picks
 /// a free one).
 pub fn serve(addr: SocketAddr) -> Result<SocketAddr, Error> {
-    let listener = TcpListener::bind(addr).map_err(Error::Io)?;
-    let bound = listener.local_addr().map_err(Error::Io)?;
+    let listener = TcpListener::bind(addr)?;
+    let bound = listener.local_addr()?;
     let handle = PrometheusBuilder::new().set_buckets(SECONDS).and_then(PrometheusBuilder::install_recorder).map_err(|e| Error::Recorder(e.to_string()))?;
     describe_process();
-    std::thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let handle = handle.clone();
-                // A slow or idle client holds its own thread, never the next scrape.
-                let _ = std::thread::Builder::new().name("metrics-scrape".into()).spawn(move || answer(stream, &handle));
-            }
-        })
-        .map_err(Error::Io)?;
+    std::thread::Builder::new().name("metrics".into()).spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let handle = handle.clone();
+            // A slow or idle client holds its own thread, never the next scrape.
+            let _ = std::thread::Builder::new().name("metrics-scrape".into()).spawn(move || answer(stream, &handle));
+        }
+    })?;
     Ok(bound)
 }
 
