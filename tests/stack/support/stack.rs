@@ -82,28 +82,16 @@ impl Live {
     }
 
     pub fn consume_args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
-        let mut args = vec![
-            "consume",
-            "kafka",
-            "--topic",
-            &self.topic,
-            "--group",
-            &self.group,
-            "--dead-letter-topic",
-            &self.dlq,
-            "--table",
-            &self.table,
-            "--namespace",
-            &self.namespace,
-            "--today",
-            TODAY,
-            "--lease-secs",
-            "2",
-            "--checkpoint-secs",
-            "1",
-        ];
+        let mut args = vec!["consume", "kafka", "--topic", &self.topic, "--group", &self.group, "--dead-letter-topic", &self.dlq];
+        args.extend(self.live_args());
         args.extend_from_slice(extra);
         args
+    }
+
+    /// The flags every live consumer of the test takes: its table and namespace, the
+    /// scoring date, short leases and checkpoints.
+    fn live_args(&self) -> [&str; 10] {
+        ["--table", &self.table, "--namespace", &self.namespace, "--today", TODAY, "--lease-secs", "2", "--checkpoint-secs", "1"]
     }
 
     pub fn consumer(&self, extra: &[&str]) -> Running {
@@ -128,24 +116,7 @@ impl Live {
     pub fn poller(&self, source_args: &[&str], extra: &[&str]) -> Command {
         let mut cmd = self.command();
         let dead_letters = self.dir.path().join("stream-dead-letters.jsonl");
-        cmd.args(["consume"]).args(source_args).args([
-            "--table",
-            &self.table,
-            "--application",
-            &self.group,
-            "--namespace",
-            &self.namespace,
-            "--today",
-            TODAY,
-            "--lease-secs",
-            "2",
-            "--checkpoint-secs",
-            "1",
-            "--discover-secs",
-            "2",
-            "--idle-poll-ms",
-            "100",
-        ]);
+        cmd.args(["consume"]).args(source_args).args(self.live_args()).args(["--application", &self.group, "--discover-secs", "2", "--idle-poll-ms", "100"]);
         cmd.arg("--dead-letter-file").arg(dead_letters).args(extra);
         cmd
     }
