@@ -444,14 +444,14 @@ impl Kafka {
     }
 
     fn handle(&mut self, writer: &mut SinkWriter, msg: &OwnedMessage) {
-        writer.summary.messages += 1;
+        writer.tally().messages += 1;
         let (p, offset) = (msg.partition(), msg.offset());
         let Some(part) = self.parts.get_mut(&p) else {
             debug!(partition = p, offset, "message of a partition not owned");
             return;
         };
         if offset < part.next_offset {
-            writer.summary.skipped_redeliveries += 1;
+            writer.tally().skipped_redeliveries += 1;
             return;
         }
         part.next_offset = offset + 1;
@@ -460,13 +460,13 @@ impl Kafka {
             writer.observe(ts);
         }
         let payload = msg.payload().unwrap_or_default();
-        for (reason, raw) in apply_line(&mut part.engine, payload, &mut writer.summary) {
+        for (reason, raw) in apply_line(&mut part.engine, payload, writer.tally()) {
             self.dead_letter(writer, msg, &reason, raw.as_deref().map(str::as_bytes).unwrap_or(payload));
         }
     }
     /// Sends a bad record to the dead-letter topic with the reason and its source position.
     fn dead_letter(&mut self, writer: &mut SinkWriter, msg: &OwnedMessage, reason: &str, payload: &[u8]) {
-        writer.summary.dead_letters += 1;
+        writer.tally().dead_letters += 1;
         warn!(partition = msg.partition(), offset = msg.offset(), reason, "dead-lettered");
         let (partition, offset) = (msg.partition().to_string(), msg.offset().to_string());
         let headers = OwnedHeaders::new()

@@ -41,7 +41,7 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 use toolrank_engine::Engine;
 use toolrank_events::{decode_kinesis_data, decode_line, Change};
-use toolrank_live::{apply_change, apply_deltas, log_engine, LogCatchUp, SinkWriter, WriterConfig};
+use toolrank_live::{apply_change, apply_deltas, log_engine, LogCatchUp, SinkWriter, Source, WriterConfig};
 pub use toolrank_state::COMPACT_MIN_BYTES;
 use toolrank_state::{LogHead, DELTA_BYTES};
 use tracing::{info, warn};
@@ -248,13 +248,18 @@ impl Handler {
         };
         let (items, by_bucket, dead_letters) = batch.decode(self.config.buckets);
         let mut outcome = Outcome { records: batch.len(), dead_letters, ..Outcome::default() };
-        let mut earliest_failed: Option<usize> = None;
-        for (bucket, indices) in &by_bucket {
-            if let Err(e) = self.apply_bucket(*bucket, indices.iter().map(|&i| &items[i].change)) {
-                warn!(bucket, error = %e, "could not save a bucket; its records are retried");
-                earliest_failed = earliest_failed.min(Some(indices[0])).or(Some(indices[0]));
-            }
+        let mut invocation = Invocation {
+            buckets: &mut self.buckets,
+            scopes: &self.scopes,
+            compact_bytes: self.config.compact_bytes,
+            items: &items,
+            pending: by_bucket.iter().map(|(&bucket, indices)| (bucket, (indices.as_slice(), LogHead::default()))).collect(),
+            failed: Vec::new(),
+        };
+        if !toolrank_live::invoke(&mut invocation, &mut self.writer, APPEND_ROUNDS).map_err(|e| e.to_string())? {
+            invocation.give_up();
         }
+        let mut earliest_failed = invocation.failed.iter().map(|&(_, first)| first).min();
         if self.writer.has_sinks() && self.sinks_due() && !self.write_sinks(false) {
             warn!("the sinks were not written; the batch is retried");
             earliest_failed = Some(0);
@@ -301,76 +306,61 @@ impl Handler {
         }
         ok
     }
+}
 
-    /// Applies changes to a bucket's latest state and appends what they changed to the
-    /// bucket's log. When a concurrent invocation appended first, the deltas it missed
-    /// are applied over its unsaved changes, then the changes again (those its rival's
-    /// deltas replaced apply anew, the rest are stale), and it appends again. On any
-    /// other failure the cached engine is dropped: it may hold what was never saved.
-    fn apply_bucket<'c, 'a: 'c>(&mut self, bucket: u32, changes: impl Iterator<Item = &'c Change<'a>> + Clone) -> Result<(), toolrank_dynamodb::Error> {
-        let result = self.append_bucket(bucket, changes);
-        if result.is_err() {
-            self.buckets.remove(&bucket);
+/// The rounds an invocation appends in before its buckets that still lose the race to
+/// concurrent invocations are failed (Lambda retries them).
+const APPEND_ROUNDS: usize = 8;
+
+/// An invocation's records as a [`Source`]: its units are the buckets they fall in. A
+/// round brings each bucket's engine to its log's head (loading it when absent, or when
+/// the deltas it needs were compacted away), applies the bucket's records, and appends
+/// what they changed to the log. When a concurrent invocation appended first, the next
+/// round applies the deltas it missed over its unsaved changes, then the records again
+/// (those its rival's deltas replaced apply anew, the rest are stale). On any other
+/// failure the bucket's cached engine is dropped: it may hold what was never saved.
+struct Invocation<'h, 'e> {
+    buckets: &'h mut HashMap<u32, Bucket>,
+    scopes: &'h [String],
+    compact_bytes: u64,
+    items: &'h [Item<'e>],
+    /// The buckets not appended yet: their records' indices and their log's head as read.
+    pending: BTreeMap<u32, (&'h [usize], LogHead)>,
+    /// The buckets that failed, each with the index of its first record.
+    failed: Vec<(u32, usize)>,
+}
+
+impl Invocation<'_, '_> {
+    fn fail(&mut self, bucket: u32, error: &toolrank_dynamodb::Error) {
+        warn!(bucket, error = %error, "could not save a bucket; its records are retried");
+        self.buckets.remove(&bucket);
+        if let Some((indices, _)) = self.pending.remove(&bucket) {
+            self.failed.push((bucket, indices[0]));
         }
-        result
     }
 
-    fn append_bucket<'c, 'a: 'c>(&mut self, bucket: u32, changes: impl Iterator<Item = &'c Change<'a>> + Clone) -> Result<(), toolrank_dynamodb::Error> {
-        let scope = self.scopes[bucket as usize].clone();
-        let mut last_error = None;
-        for _ in 0..8 {
-            let head = self.catch_up(bucket, &scope)?;
-            let b = self.buckets.get_mut(&bucket).expect("caught up");
-            for change in changes.clone() {
-                apply_change(&mut b.engine, change, &mut self.writer.summary);
-            }
-            self.writer.expire_tombstones(&mut b.engine);
-            let deltas = b.engine.delta(DELTA_BYTES);
-            if deltas.is_empty() {
-                return Ok(());
-            }
-            let w = &self.writer;
-            let records = changes.clone().count() as u64;
-            match w.call("appending to a bucket's log", w.store().append(&scope, &head, &deltas, records)) {
-                Ok(appended) => {
-                    b.engine.delta_saved();
-                    let (from, at) = (std::mem::replace(&mut b.at, appended.head), appended.head);
-                    let bytes: u64 = deltas.iter().map(|d| d.len() as u64).sum();
-                    if head.compaction_due(deltas.len(), bytes, self.config.compact_bytes) {
-                        let state = b.engine.snapshot();
-                        match w.call("compacting a bucket's log", w.store().compact(&scope, OWNER, head.generation, &appended, &state)) {
-                            Ok(_) | Err(toolrank_dynamodb::Error::Fenced(_)) => {}
-                            Err(e) => warn!(bucket, error = %e, "could not compact a bucket's log; a later invocation will"),
-                        }
-                    }
-                    if self.writer.has_sinks() {
-                        // The sink writer's copy follows without reading the deltas back.
-                        self.writer.advance_log(&scope, from, at, &deltas).map_err(|e| toolrank_dynamodb::Error::Input(e.to_string()))?;
-                    }
-                    return Ok(());
-                }
-                Err(e @ toolrank_dynamodb::Error::Fenced(_)) => last_error = Some(e),
-                Err(e) => return Err(e),
-            }
+    /// Fails the buckets that lost the race in every round.
+    fn give_up(&mut self) {
+        let lost: Vec<u32> = self.pending.keys().copied().collect();
+        for bucket in lost {
+            self.fail(bucket, &toolrank_dynamodb::Error::Fenced(format!("concurrent invocations appended first {APPEND_ROUNDS} times")));
         }
-        Err(last_error.expect("attempted"))
     }
 
-    /// Brings a bucket's cached engine to its log's head (loading it when absent, or when
-    /// the deltas it needs were compacted away); returns the head as read.
-    fn catch_up(&mut self, bucket: u32, scope: &str) -> Result<LogHead, toolrank_dynamodb::Error> {
-        let w = &self.writer;
-        let head = match w.call("reading a bucket's log", w.store().log_head(scope))? {
+    /// Brings a bucket's cached engine to its log's head; returns the head as read.
+    fn catch_up(&mut self, writer: &SinkWriter, bucket: u32) -> Result<LogHead, toolrank_dynamodb::Error> {
+        let scope = &self.scopes[bucket as usize];
+        let head = match writer.call("reading a bucket's log", writer.store().log_head(scope))? {
             Some(head) => head,
             None => {
                 // The first append and compaction need a manifest to condition on.
-                w.call("creating a bucket", w.store().claim(scope, OWNER))?;
+                writer.call("creating a bucket", writer.store().claim(scope, OWNER))?;
                 LogHead::default()
             }
         };
         let state_error = |e: toolrank_live::Error| toolrank_dynamodb::Error::Input(e.to_string());
         let b = self.buckets.get_mut(&bucket);
-        match w.log_catch_up(scope, b.as_ref().map(|b| b.at), &head)? {
+        match writer.log_catch_up(scope, b.as_ref().map(|b| b.at), &head)? {
             LogCatchUp::Current => Ok(head),
             LogCatchUp::Deltas(deltas) => {
                 let b = b.expect("deltas follow a cached engine");
@@ -386,6 +376,100 @@ impl Handler {
                 Ok(log.at)
             }
         }
+    }
+
+    /// Appends a bucket's changes to its log (compacting it when due) and moves the sink
+    /// writer's copy along; `Ok(false)` when a concurrent invocation appended first.
+    fn append(&mut self, writer: &mut SinkWriter, bucket: u32) -> Result<bool, toolrank_dynamodb::Error> {
+        let scope = &self.scopes[bucket as usize];
+        let (indices, head) = self.pending[&bucket];
+        let b = self.buckets.get_mut(&bucket).expect("caught up");
+        let deltas = b.engine.delta(DELTA_BYTES);
+        if deltas.is_empty() {
+            return Ok(true);
+        }
+        let appended = match writer.call("appending to a bucket's log", writer.store().append(scope, &head, &deltas, indices.len() as u64)) {
+            Ok(appended) => appended,
+            Err(toolrank_dynamodb::Error::Fenced(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        b.engine.delta_saved();
+        let (from, at) = (std::mem::replace(&mut b.at, appended.head), appended.head);
+        let bytes: u64 = deltas.iter().map(|d| d.len() as u64).sum();
+        if head.compaction_due(deltas.len(), bytes, self.compact_bytes) {
+            let state = b.engine.snapshot();
+            match writer.call("compacting a bucket's log", writer.store().compact(scope, OWNER, head.generation, &appended, &state)) {
+                Ok(_) | Err(toolrank_dynamodb::Error::Fenced(_)) => {}
+                Err(e) => warn!(bucket, error = %e, "could not compact a bucket's log; a later invocation will"),
+            }
+        }
+        if writer.has_sinks() {
+            // The sink writer's copy follows without reading the deltas back.
+            writer.advance_log(scope, from, at, &deltas).map_err(|e| toolrank_dynamodb::Error::Input(e.to_string()))?;
+        }
+        Ok(true)
+    }
+}
+
+impl Source for Invocation<'_, '_> {
+    type Error = toolrank_live::Error;
+
+    fn sync(&mut self, writer: &mut SinkWriter) -> Result<(), Self::Error> {
+        let buckets: Vec<u32> = self.pending.keys().copied().collect();
+        for bucket in buckets {
+            match self.catch_up(writer, bucket) {
+                Ok(head) => self.pending.get_mut(&bucket).expect("pending").1 = head,
+                Err(e) => self.fail(bucket, &e),
+            }
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, writer: &mut SinkWriter) -> Result<usize, Self::Error> {
+        let mut read = 0;
+        for (bucket, (indices, _)) in &self.pending {
+            let b = self.buckets.get_mut(bucket).expect("caught up");
+            for &i in *indices {
+                apply_change(&mut b.engine, &self.items[i].change, writer.tally());
+            }
+            writer.expire_tombstones(&mut b.engine);
+            read += indices.len();
+        }
+        Ok(read)
+    }
+
+    /// The buckets' changes reach the sink writer through their logs
+    /// ([`SinkWriter::advance_log`]), not by forwarding: none to forward.
+    fn engines(&mut self) -> Vec<&mut Engine> {
+        Vec::new()
+    }
+
+    /// Every bucket: between invocations no writer owns one.
+    fn others(&self) -> Vec<String> {
+        self.scopes.to_vec()
+    }
+
+    fn checkpoint(&mut self, writer: &mut SinkWriter, _all: bool) -> Result<(), Self::Error> {
+        let buckets: Vec<u32> = self.pending.keys().copied().collect();
+        for bucket in buckets {
+            match self.append(writer, bucket) {
+                Ok(true) => {
+                    self.pending.remove(&bucket);
+                }
+                Ok(false) => {}
+                Err(e) => self.fail(bucket, &e),
+            }
+        }
+        Ok(())
+    }
+
+    fn dirty(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// An invocation's input is all in its event.
+    fn drained(&mut self, _writer: &mut SinkWriter) -> Result<bool, Self::Error> {
+        Ok(true)
     }
 }
 

@@ -337,7 +337,7 @@ impl<S: ShardSource> Poller<S> {
         match writer.call("heartbeat", writer.store().heartbeat(&workers_scope, writer.owner(), self.config.live.writer.lease * 2)) {
             Ok(n) => self.workers = n,
             Err(e) => {
-                writer.summary.retried_errors += 1;
+                writer.tally().retried_errors += 1;
                 warn!(error = %e, "heartbeat failed");
             }
         }
@@ -347,7 +347,7 @@ impl<S: ShardSource> Poller<S> {
             let held = match writer.call("renewing a tree lease", tree.lease.acquire()) {
                 Ok(held) => held,
                 Err(e) => {
-                    writer.summary.retried_errors += 1;
+                    writer.tally().retried_errors += 1;
                     warn!(tree = root, error = %e, "renewing a tree lease failed");
                     tree.renewed.elapsed() < self.config.live.writer.lease / 2
                 }
@@ -377,7 +377,7 @@ impl<S: ShardSource> Poller<S> {
             }
             let scope = self.scope(&root);
             let lease = Lease::new(
-                writer.client.clone(),
+                writer.client().clone(),
                 self.config.live.writer.state_table.clone(),
                 scope.clone(),
                 self.config.live.writer.owner.clone(),
@@ -387,7 +387,7 @@ impl<S: ShardSource> Poller<S> {
                 Ok(true) => {}
                 Ok(false) => continue,
                 Err(e) => {
-                    writer.summary.retried_errors += 1;
+                    writer.tally().retried_errors += 1;
                     warn!(tree = root, error = %e, "taking a tree lease failed");
                     continue;
                 }
@@ -435,37 +435,37 @@ impl<S: ShardSource> Poller<S> {
                     Some(it) => it.clone(),
                     None => {
                         let after = tree.shards[&id].seq.clone();
-                        match writer.rt.block_on(source.iterator(&id, after.as_deref())) {
+                        match writer.block_on(source.iterator(&id, after.as_deref())) {
                             Ok(it) => it,
                             Err(SourceError::Trimmed(e)) => {
                                 // The records after our position are gone (older than the
                                 // stream's retention): resume at the oldest still there.
                                 warn!(shard = id, error = %e, "position trimmed; reading from the oldest record");
-                                writer.summary.retried_errors += 1;
-                                writer.rt.block_on(source.iterator(&id, None))?
+                                writer.tally().retried_errors += 1;
+                                writer.block_on(source.iterator(&id, None))?
                             }
                             Err(e) => {
-                                writer.summary.retried_errors += 1;
+                                writer.tally().retried_errors += 1;
                                 warn!(shard = id, error = %e, "getting a shard iterator failed; retrying");
                                 continue;
                             }
                         }
                     }
                 };
-                let page = match writer.rt.block_on(async { tokio::time::timeout(toolrank_live::CALL_DEADLINE, source.read(&iterator)).await }) {
+                let page = match writer.block_on(async { tokio::time::timeout(toolrank_live::CALL_DEADLINE, source.read(&iterator)).await }) {
                     Ok(Ok(page)) => page,
                     Ok(Err(SourceError::Expired)) => {
                         tree.iterators.remove(&id);
                         continue;
                     }
                     Ok(Err(e)) => {
-                        writer.summary.retried_errors += 1;
+                        writer.tally().retried_errors += 1;
                         warn!(shard = id, error = %e, "reading a shard failed; retrying");
                         tree.iterators.remove(&id);
                         continue;
                     }
                     Err(_) => {
-                        writer.summary.retried_errors += 1;
+                        writer.tally().retried_errors += 1;
                         warn!(shard = id, "reading a shard timed out; retrying");
                         tree.iterators.remove(&id);
                         continue;
@@ -473,25 +473,25 @@ impl<S: ShardSource> Poller<S> {
                 };
                 let pos = tree.shards.get_mut(&id).expect("listed");
                 for rec in &page.records {
-                    writer.summary.messages += 1;
+                    writer.tally().messages += 1;
                     let seq = rec.sequence();
                     if pos.seq.as_deref().is_some_and(|last| compare_sequences(seq, last) != CmpOrdering::Greater) {
-                        writer.summary.skipped_redeliveries += 1;
+                        writer.tally().skipped_redeliveries += 1;
                         continue;
                     }
-                    match rec.apply(&mut tree.engine, &mut writer.summary) {
+                    match rec.apply(&mut tree.engine, writer.tally()) {
                         Ok(Some(created)) => writer.observe(created),
                         Ok(None) => {}
                         Err(reason) => {
                             let letter = DeadLetter {
                                 source: format!("{}/{id}", source.name()),
-                                line: writer.summary.messages,
+                                line: writer.tally().messages,
                                 record: None,
                                 position: Some(seq.to_owned()),
                                 reason,
                                 raw: rec.describe(),
                             };
-                            dead_letters.reject(&mut writer.summary.dead_letters, letter)?;
+                            dead_letters.reject(&mut writer.tally().dead_letters, letter)?;
                         }
                     }
                     pos.seq = Some(seq.to_owned());

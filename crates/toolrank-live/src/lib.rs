@@ -3,8 +3,9 @@
 //! A consumer divides its input into *units* (a Kafka partition, a shard lineage, a
 //! Lambda bucket), each with its own [`Engine`] checkpointed together with its input
 //! position under a *scope* of the state table. Units move between consumers with their
-//! checkpoints. The long-running consumers run one loop ([`run`] over a [`Source`]); the
-//! rest is here, in [`SinkWriter`]:
+//! checkpoints. Every consumer is a [`Source`]: the long-running ones run one loop
+//! ([`run`]), Lambda the same steps once per invocation ([`invoke`]); the rest is here,
+//! in [`SinkWriter`]:
 //! - **One writer.** One consumer holds the sink lease and writes the sinks from a merged
 //!   engine: its own units' deltas plus the latest checkpoints of the units others own,
 //!   so the sinks always show the sum over all units. Sink writes are absolute values
@@ -35,7 +36,7 @@ pub use clock::{now_ms, unique_owner};
 pub use config::{LiveConfig, Pacing, WriterConfig, DEFAULT_TOMBSTONE_HORIZON};
 pub use deadline::{within, CALL_DEADLINE};
 pub use error::Error;
-pub use run::{checkpoint, run, Source};
+pub use run::{checkpoint, invoke, run, Source};
 pub use summary::Summary;
 pub use toolrank_backoff::Backoff;
 pub use toolrank_sink::{Pace, Wired};

@@ -3,8 +3,10 @@
 //! and the sinks' final write from everybody's checkpoints.
 //!
 //! A consumer brings its input as a [`Source`]: the units it owns (a Kafka partition, a
-//! shard lineage), each an engine checkpointed with its input position. The loop decides
-//! when each step runs; the source decides what a step means for its input.
+//! shard lineage, a Lambda bucket), each an engine checkpointed with its input position.
+//! The loop decides when each step runs; the source decides what a step means for its
+//! input. A source whose input arrives in invocations (Lambda) runs the same steps once
+//! per invocation ([`invoke`]).
 
 use crate::config::Pacing;
 use crate::error::Error;
@@ -113,6 +115,24 @@ pub fn run<S: Source>(source: &mut S, writer: &mut SinkWriter, pacing: &Pacing, 
         }
     }
     finish(source, writer)
+}
+
+/// One invocation of a source whose input comes in batches and who keeps nothing it can
+/// trust between them (a Lambda event): bring the units to their logs' heads, read the
+/// batch into them, save them. Rounds repeat while a save lost a race with a concurrent
+/// invocation (the next round's sync applies the winner's changes first), up to
+/// `rounds`; returns whether every unit was saved. The sinks are the caller's to write
+/// ([`SinkWriter::write_once`]): an invocation does not always hold their lease.
+pub fn invoke<S: Source>(source: &mut S, writer: &mut SinkWriter, rounds: usize) -> Result<bool, S::Error> {
+    for _ in 0..rounds {
+        source.sync(writer)?;
+        source.read(writer)?;
+        source.checkpoint(writer, true)?;
+        if !source.dirty() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// A checkpoint turn: the sinks take the units' changes first (a save takes what

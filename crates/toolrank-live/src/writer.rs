@@ -24,9 +24,9 @@ use tracing::{debug, info, warn};
 /// The merged engine, the sink lease and the sinks (see the crate docs).
 pub struct SinkWriter {
     /// The runtime every blocking call of the consumer runs on.
-    pub rt: tokio::runtime::Runtime,
-    pub client: aws_sdk_dynamodb::Client,
-    pub summary: Summary,
+    rt: tokio::runtime::Runtime,
+    client: aws_sdk_dynamodb::Client,
+    summary: Summary,
     config: WriterConfig,
     lease: SinkLease,
     /// The sum of every unit: what the sinks show.
@@ -85,6 +85,24 @@ impl SinkWriter {
         call: impl std::future::Future<Output = Result<T, E>>,
     ) -> Result<T, toolrank_dynamodb::Error> {
         within(&self.rt, what, call)
+    }
+
+    /// Runs `future` to completion on the writer's runtime: a source's own calls (reading
+    /// shards) share the runtime with the writer's.
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.rt.block_on(future)
+    }
+
+    /// The DynamoDB client, for a source's own calls (a stream's clients share its
+    /// configuration).
+    pub fn client(&self) -> &aws_sdk_dynamodb::Client {
+        &self.client
+    }
+
+    /// The run's counters, for what a source counts itself (records read, redeliveries
+    /// skipped, dead letters, retries).
+    pub fn tally(&mut self) -> &mut Summary {
+        &mut self.summary
     }
 
     pub fn owner(&self) -> &str {
