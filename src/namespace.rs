@@ -194,7 +194,7 @@ pub fn promote(args: PromoteArgs) -> Result<ExitCode> {
 async fn promote_in_table(client: &aws_sdk_dynamodb::Client, sinks: &SinkArgs, name: &str, previous: &str, drop_previous: bool, today: Day) -> Result<()> {
     let (table, state_table) = (sinks.table.as_str(), sinks.state_table.as_str());
     let shadow = Namespace::Shadow(name.to_owned());
-    let (agents, patterns) = toolrank_sink_dynamodb::read_table(client, table, &shadow).await?;
+    let (agents, patterns) = toolrank_sink_dynamodb::read_table(client, table, &shadow, &[]).await?;
     if agents.is_empty() && patterns.is_empty() {
         bail!("namespace {name:?} holds no rankings in DynamoDB table {table}: write it first (toolrank replay --namespace {name}), or promote Valkey alone with --no-dynamodb");
     }
@@ -205,7 +205,8 @@ async fn promote_in_table(client: &aws_sdk_dynamodb::Client, sinks: &SinkArgs, n
     } else if !is_shadow(client, state_table, table, previous).await? {
         // Once registered, an earlier attempt kept it: the live items may be half promoted
         // by now, so they are not copied again.
-        let (live_agents, live_patterns) = toolrank_sink_dynamodb::read_table(client, table, &Namespace::Live).await?;
+        let domains: Vec<String> = agents.iter().map(|a| a.domain_id.clone()).collect();
+        let (live_agents, live_patterns) = toolrank_sink_dynamodb::read_table(client, table, &Namespace::Live, &domains).await?;
         DynamoSink::in_namespace(client.clone(), table, kept).write_figures(live_agents, live_patterns, today).await?;
         register(client, state_table, table, previous, true).await?;
     }

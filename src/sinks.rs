@@ -177,7 +177,7 @@ pub fn read_sink(from: From, sinks: &SinkArgs, today: Day) -> Result<Report> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let (agents, patterns) = rt.block_on(async {
                 let client = toolrank_dynamodb::client().await;
-                toolrank_sink_dynamodb::read_table(&client, &sinks.table, &target.dynamodb).await
+                toolrank_sink_dynamodb::read_table(&client, &sinks.table, &target.dynamodb, &[]).await
             })?;
             let mut report = Report::from_figures(agents, patterns.into_iter().map(|(f, _)| f).collect(), today);
             // The table holds the recommended patterns only: all of them are.

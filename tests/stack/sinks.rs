@@ -121,6 +121,75 @@ fn a_dynamodb_write_capacity_budget_spreads_a_round_out() {
     });
 }
 
+/// Adds execution items (the history's shape, ~400 bytes each) to `table` until it holds
+/// `total` such padding items.
+async fn pad_history(client: &aws_sdk_dynamodb::Client, table: &str, from: usize, total: usize) {
+    use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
+    let s = |v: String| AttributeValue::S(v);
+    let puts: Vec<WriteRequest> = (from..total)
+        .map(|i| {
+            let item = std::collections::HashMap::from([
+                ("PK".to_owned(), s(format!("USRPAD{:04}#SESS{i:09}", i % 1000))),
+                ("SK".to_owned(), s("PRC001#AGT001#TL001".to_owned())),
+                ("EntityType".to_owned(), s("UserSessPrcToolMappHist".to_owned())),
+                ("ToolValues".to_owned(), s("x".repeat(300))),
+                ("TransactDT".to_owned(), s("20250614101500".to_owned())),
+                ("SuccYN".to_owned(), s("Y".to_owned())),
+            ]);
+            WriteRequest::builder().put_request(PutRequest::builder().set_item(Some(item)).build().unwrap()).build()
+        })
+        .collect();
+    toolrank_dynamodb::batch_write(client, table, puts, &Default::default()).await.unwrap();
+}
+
+/// A DynamoDB sink starting on a table (a consumer's start, a takeover of the sink lease)
+/// reads back what it wrote at what the rankings cost, never what the history costs: the
+/// same read units within 10% on a table with 20,000 history items and with 200,000, and
+/// no Scan; and the start finds the table as the sink left it (nothing to write).
+#[test]
+fn a_dynamodb_sink_start_reads_what_the_rankings_cost_not_the_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.jsonl");
+    toolrank(&["generate", "--sessions", "300", "--seed", "23", "--agents", "30", "--out", path.to_str().unwrap()]);
+    let table = unique("Reads");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // No stream: DynamoDB Local slows down with every stream record it holds, and the sink
+    // reads none.
+    rt.block_on(async { toolrank_dynamodb::create_table(&toolrank_dynamodb::client().await, &table, false).await.unwrap() });
+    toolrank(&["produce", "--to", "dynamodb", "--table", &table, path.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut engine = toolrank_engine::Engine::new();
+    apply_lines(&mut engine, &text.lines().collect::<Vec<_>>());
+    engine.flush();
+    let today = toolrank_events::Day::parse_iso(TODAY).unwrap();
+    rt.block_on(async {
+        let client = toolrank_dynamodb::client().await;
+        let mut sink = toolrank_sink_dynamodb::DynamoSink::new(client.clone(), table.clone());
+        while sink.needs_write() {
+            sink.write(&engine, &engine.everything(), today).await.unwrap();
+        }
+        let mut reads = Vec::new();
+        let mut padded = 0;
+        for padding in [20_000, 200_000] {
+            let started = Instant::now();
+            pad_history(&client, &table, padded, padding).await;
+            eprintln!("padded {} items in {:?}", padding - padded, started.elapsed());
+            padded = padding;
+            let (counted, usage) = toolrank_dynamodb::client_with_usage().await;
+            let mut start = toolrank_sink_dynamodb::DynamoSink::new(counted, table.clone());
+            start.write(&engine, &engine.everything(), today).await.unwrap();
+            let by_op = usage.by_op();
+            eprintln!("{padding} history items: {by_op:?}");
+            assert!(!by_op.contains_key("Scan"), "{by_op:?}");
+            assert_eq!(start.stats.requests, 0, "the table holds what the sink wrote");
+            assert!(!start.needs_write());
+            reads.push(usage.read_units());
+        }
+        assert!(reads[0] > 0.0, "reads are counted");
+        assert!((reads[1] - reads[0]).abs() <= 0.1 * reads[0], "read units at 20k and 200k history items: {reads:?}");
+    });
+}
+
 #[test]
 fn valkey_sink_writes_only_differences_and_holds_what_a_full_write_holds() {
     let url = env("TOOLRANK_VALKEY_URL");

@@ -21,7 +21,9 @@ use std::time::Duration;
 use toolrank_events::decode_line;
 
 mod limiter;
+mod usage;
 pub use limiter::Limiter;
+pub use usage::{Cost, Usage};
 
 /// The TTL attribute (epoch seconds) of the seed's retention policy.
 pub const TTL_ATTRIBUTE: &str = "ExpireAt";
@@ -78,7 +80,15 @@ impl Units {
 
 /// A client configured from the environment (see [`sdk_config`]).
 pub async fn client() -> Client {
-    Client::new(&sdk_config().await)
+    client_with_usage().await.0
+}
+
+/// A client as [`client`] makes it, and what its requests cost ([`Usage`]), which the
+/// metrics also show.
+pub async fn client_with_usage() -> (Client, Usage) {
+    let usage = Usage::default();
+    let config = aws_sdk_dynamodb::config::Builder::from(&sdk_config().await).interceptor(usage::Counting(usage.clone())).build();
+    (Client::from_conf(config), usage)
 }
 
 /// The AWS configuration from the environment, shared by every AWS client of toolrank.

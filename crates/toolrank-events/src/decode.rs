@@ -7,6 +7,7 @@
 
 use crate::attr::{Attr, Image, Str};
 use crate::change::{Action, AgentItem, Change, Entity, Execution, HistKey, KeyError, AGENT_ENTITY, HIST_ENTITY, METADATA_SK};
+use crate::redact::{without_values, KeyDigest};
 use crate::time::Timestamp;
 use serde::de::{self, Deserializer, Visitor};
 use serde_json::value::RawValue;
@@ -51,7 +52,8 @@ impl Format {
 pub enum DecodeError {
     #[error("not UTF-8 text")]
     NotUtf8,
-    #[error("not valid JSON: {0}")]
+    /// The parser's message without the values it quotes ([`without_values`]).
+    #[error("not valid JSON: {}", without_values(&.0.to_string()))]
     Json(#[from] serde_json::Error),
     #[error("unrecognized record: expected an export line {{\"Item\":...}}, an incremental export line {{\"Metadata\":...,\"Keys\":...}}, a typed item with PK/SK, a stream record with eventName and dynamodb, a Lambda event {{\"Records\":[...]}} or a flat event with op")]
     Unrecognized,
@@ -63,8 +65,9 @@ pub enum DecodeError {
     UnknownEventName(String),
     #[error("unknown op {0:?}: expected upsert or delete")]
     UnknownOp(String),
-    #[error("{0}: {1:?}")]
-    Key(KeyError, String),
+    /// The key by its digest: keys hold user ids.
+    #[error("{0}: {1}")]
+    Key(KeyError, KeyDigest),
     #[error("TransactDT {0:?} is not a valid YYYYMMDDHHMMSS timestamp")]
     Timestamp(String),
     #[error("SuccYN {0:?} must be Y or N")]
@@ -309,8 +312,8 @@ fn required<'a>(attr: Option<Attr<'a>>, field: &'static str) -> Result<Cow<'a, s
 
 fn hist_key_check(pk: &str, sk: &str) -> Result<(), DecodeError> {
     HistKey::parse(pk, sk).map(|_| ()).map_err(|e| match e {
-        KeyError::Pk => DecodeError::Key(e, pk.to_owned()),
-        KeyError::Sk => DecodeError::Key(e, sk.to_owned()),
+        KeyError::Pk => DecodeError::Key(e, KeyDigest::of(pk)),
+        KeyError::Sk => DecodeError::Key(e, KeyDigest::of(sk)),
     })
 }
 

@@ -14,6 +14,15 @@
 //! Writes are coalesced: the sink remembers what it wrote and writes a key only when its
 //! figures changed since. A failed key stays pending and is retried on the next call.
 //!
+//! Reading back what the sink wrote (at a start, or after another writer held the sink)
+//! costs what the rankings cost, never what the history costs: no Scan. The domains the
+//! sink scored agents in are registered on one item of their own (`PK =
+//! toolrank#sink`, `SK = Domains` or `Domains#NAME`, a string set, added to before the
+//! first agent of a new domain is written); each domain's agents are one Query of GSI1
+//! (access pattern 2's), the pattern items one Query of GSI1's `UserPrcToolMapp`
+//! partition. Index reads are eventually consistent: a value a moment old only makes the
+//! next write compare with it, and writes are absolute.
+//!
 //! A shadow namespace ([`Namespace::Shadow`], written by recomputations) keeps the same
 //! items under keys readers of the seed's access patterns never meet: `PK` and `GSI1_PK`
 //! prefixed `toolrank#NAME#`, agents at `SK = SCORE`. No such key parses as a hist or
@@ -117,6 +126,9 @@ pub enum Namespace {
     Shadow(String),
 }
 
+/// `PK` of the item that registers the domains a namespace's agents were scored in.
+const REGISTRY_PK: &str = "toolrank#sink";
+
 /// `SK` and `EntityType` of an agent's item in a shadow namespace.
 const SHADOW_AGENT_SK: &str = "SCORE";
 const SHADOW_ENTITY: &str = "ToolrankScore";
@@ -151,6 +163,15 @@ impl Namespace {
         }
     }
 
+    /// The key of the item registering this namespace's domains.
+    fn registry_key(&self) -> Item {
+        let sk = match self {
+            Namespace::Live => "Domains".to_owned(),
+            Namespace::Shadow(name) => format!("Domains#{name}"),
+        };
+        HashMap::from([("PK".to_owned(), s(REGISTRY_PK)), ("SK".to_owned(), s(sk))])
+    }
+
     fn pattern_key(&self, (user, name): &(String, String)) -> Item {
         HashMap::from([("PK".to_owned(), s(self.prefix() + user)), ("SK".to_owned(), s(format!("{PATTERN_ENTITY}#{name}")))])
     }
@@ -174,6 +195,8 @@ pub struct DynamoSink {
     recommended: Option<HashMap<PatternKey, bool>>,
     /// The first write reads what the table holds.
     loaded: bool,
+    /// The domains registered as holding this namespace's scored agents.
+    domains: HashSet<String>,
     pub stats: WriteStats,
     /// Write capacity units the sink's writes consumed.
     pub units: toolrank_dynamodb::Units,
@@ -206,6 +229,7 @@ impl DynamoSink {
             patterns_pending: false,
             recommended: None,
             loaded: false,
+            domains: HashSet::new(),
             stats: WriteStats::default(),
             units: toolrank_dynamodb::Units::default(),
             limiter: toolrank_dynamodb::Limiter::new(None),
@@ -315,7 +339,9 @@ impl DynamoSink {
     /// know what it holds.
     pub async fn execute(&mut self, plan: Plan) -> Result<(), Error> {
         if !self.loaded {
-            self.load().await?;
+            // A first plan holds every agent the engine knows: their domains are read too.
+            let known: HashSet<String> = plan.agents.iter().filter_map(|(_, _, f)| f.as_ref().map(|f| f.domain_id.clone())).collect();
+            self.load(known).await?;
         }
         let mut failed = self.write_agents(plan.agents, plan.today).await.err();
         if let Some(patterns) = plan.patterns {
@@ -326,9 +352,14 @@ impl DynamoSink {
         failed.map_or(Ok(()), Err)
     }
 
-    /// Reads what the namespace holds, to compare each write with it.
-    async fn load(&mut self) -> Result<(), Error> {
-        let (agents, patterns) = read_table(&self.client, &self.table, &self.namespace).await?;
+    /// Reads what the namespace holds, to compare each write with it: the agents of the
+    /// registered domains and of `known` ones, and the pattern items.
+    async fn load(&mut self, known: HashSet<String>) -> Result<(), Error> {
+        let registered = registered_domains(&self.client, &self.table, &self.namespace).await?;
+        let domains: HashSet<String> = registered.iter().cloned().chain(known).collect();
+        let agents = read_agents(&self.client, &self.table, &self.namespace, &domains).await?;
+        let patterns = read_patterns(&self.client, &self.table, &self.namespace).await?;
+        self.domains = registered;
         self.agents = agents.into_iter().map(|a| (a.agent_id.clone(), a)).collect();
         self.patterns = patterns.into_iter().map(|(f, top)| ((f.user_id.clone(), pattern_name(&f)), Written { figures: f, top })).collect();
         self.recommended = None;
@@ -339,7 +370,7 @@ impl DynamoSink {
     /// Makes the namespace hold exactly these rankings (another namespace's, at a
     /// promotion): agents and patterns not among them are dropped.
     pub async fn write_figures(&mut self, agents: Vec<AgentFigures>, patterns: Vec<(PatternFigures, bool)>, today: Day) -> Result<(), Error> {
-        self.load().await?;
+        self.load(agents.iter().map(|a| a.domain_id.clone()).collect()).await?;
         let named: HashSet<&str> = agents.iter().map(|a| a.agent_id.as_str()).collect();
         let gone: Vec<String> = self.agents.keys().filter(|id| !named.contains(id.as_str())).cloned().collect();
         let writes =
@@ -358,6 +389,10 @@ impl DynamoSink {
     /// changed, `CONCURRENCY` requests at a time: an agent without figures left the
     /// catalog. A failed engine agent (`Some` symbol) stays pending.
     async fn write_agents(&mut self, agents: Vec<(Option<Sym>, String, Option<AgentFigures>)>, today: Day) -> Result<(), Error> {
+        if let Err(e) = self.register_domains(&agents).await {
+            self.pending_agents.extend(agents.iter().filter_map(|(agent, _, _)| *agent));
+            return Err(e);
+        }
         let mut requests = Vec::new();
         for (agent, id, figures) in agents {
             if !self.agent_changed(&id, figures.as_ref()) {
@@ -404,6 +439,33 @@ impl DynamoSink {
             };
         }
         failed.map_or(Ok(()), Err)
+    }
+
+    /// Registers the domains of `agents` not registered yet, before any of them is written:
+    /// a later load finds every scored agent by its domain.
+    async fn register_domains(&mut self, agents: &[(Option<Sym>, String, Option<AgentFigures>)]) -> Result<(), Error> {
+        let new: HashSet<&str> =
+            agents.iter().filter_map(|(_, _, f)| f.as_ref()).map(|f| f.domain_id.as_str()).filter(|d| !self.domains.contains(*d)).collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let new: Vec<String> = new.into_iter().map(str::to_owned).collect();
+        let out = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(self.namespace.registry_key()))
+            .update_expression("ADD Domains :d SET ScoredBy = :src")
+            .expression_attribute_values(":d", AttributeValue::Ss(new.clone()))
+            .expression_attribute_values(":src", s(SOURCE))
+            .return_consumed_capacity(TOTAL)
+            .send()
+            .await
+            .map_err(|e| Error::Aws(format!("registering domains in {}: {}", self.table, aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
+        self.units.add(out.consumed_capacity());
+        self.stats.requests += 1;
+        self.domains.extend(new);
+        Ok(())
     }
 
     /// Deletes an agent's shadow item, or removes what the pipeline owns from a live one.
@@ -641,19 +703,62 @@ fn all_items<E: std::error::Error + 'static, R: std::fmt::Debug>(
     collected.map_err(|e| Error::Aws(format!("{what}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))
 }
 
-/// Reads back what a namespace holds: the scored agents and the pattern items (with
-/// their top-scoring flag). Live Agent items the pipeline has not scored are left out.
-pub async fn read_table(client: &Client, table: &str, namespace: &Namespace) -> Result<(Vec<AgentFigures>, Vec<(PatternFigures, bool)>), Error> {
-    let (_, sk) = namespace.agent_key("");
-    let scan = client.scan().table_name(table).expression_attribute_values(":m", s(sk)).expression_attribute_values(":src", s(SOURCE)).consistent_read(true);
-    let scan = match namespace {
-        Namespace::Live => scan.filter_expression("SK = :m AND ScoredBy = :src"),
-        Namespace::Shadow(_) => {
-            scan.filter_expression("SK = :m AND ScoredBy = :src AND begins_with(PK, :ns)").expression_attribute_values(":ns", s(namespace.prefix()))
+/// Reads back what a namespace holds: the scored agents (of the registered domains and
+/// `known` ones) and the pattern items (with their top-scoring flag). Live Agent items
+/// the pipeline has not scored are left out.
+pub async fn read_table(
+    client: &Client,
+    table: &str,
+    namespace: &Namespace,
+    known: &[String],
+) -> Result<(Vec<AgentFigures>, Vec<(PatternFigures, bool)>), Error> {
+    let domains: HashSet<String> = registered_domains(client, table, namespace).await?.into_iter().chain(known.iter().cloned()).collect();
+    Ok((read_agents(client, table, namespace, &domains).await?, read_patterns(client, table, namespace).await?))
+}
+
+/// The domains registered as holding a namespace's scored agents (one GetItem).
+async fn registered_domains(client: &Client, table: &str, namespace: &Namespace) -> Result<HashSet<String>, Error> {
+    let got = client
+        .get_item()
+        .table_name(table)
+        .set_key(Some(namespace.registry_key()))
+        .consistent_read(true)
+        .send()
+        .await
+        .map_err(|e| Error::Aws(format!("reading the domain registry of {table}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
+    Ok(got.item.and_then(|i| i.get("Domains").and_then(|v| v.as_ss().ok()).cloned()).unwrap_or_default().into_iter().collect())
+}
+
+/// The scored agents of `domains`: one Query of GSI1 per domain (access pattern 2's),
+/// several at a time.
+async fn read_agents(client: &Client, table: &str, namespace: &Namespace, domains: &HashSet<String>) -> Result<Vec<AgentFigures>, Error> {
+    let queries = domains.iter().map(|domain| {
+        let query = client
+            .query()
+            .table_name(table)
+            .index_name("GSI1")
+            .key_condition_expression("GSI1_PK = :d AND begins_with(GSI1_SK, :p)")
+            .filter_expression("ScoredBy = :src")
+            .expression_attribute_values(":d", s(namespace.prefix() + domain))
+            .expression_attribute_values(":p", s("AGTSCORE"))
+            .expression_attribute_values(":src", s(SOURCE));
+        async move { all_items(query.into_paginator().items().send().try_collect().await, &format!("querying {table} GSI1")) }
+    });
+    let pages: Vec<Result<Vec<Item>, Error>> = stream::iter(queries).buffer_unordered(CONCURRENCY / 4).collect().await;
+    let mut agents = Vec::new();
+    for items in pages {
+        for item in items? {
+            // A shadow agent's own SK; a live Agent item's METADATA.
+            if get(&item, "SK") == Some(namespace.agent_key("").1) {
+                agents.push(agent_from_item(&item, namespace)?);
+            }
         }
-    };
-    let agent_items = all_items(scan.into_paginator().items().send().try_collect().await, &format!("scanning {table}"))?;
-    let agents = agent_items.iter().map(|item| agent_from_item(item, namespace)).collect::<Result<_, _>>()?;
+    }
+    Ok(agents)
+}
+
+/// The pattern items the sink wrote: one Query of GSI1's `UserPrcToolMapp` partition.
+async fn read_patterns(client: &Client, table: &str, namespace: &Namespace) -> Result<Vec<(PatternFigures, bool)>, Error> {
     let query = client
         .query()
         .table_name(table)
@@ -662,10 +767,8 @@ pub async fn read_table(client: &Client, table: &str, namespace: &Namespace) -> 
         .filter_expression("ScoredBy = :src")
         .expression_attribute_values(":p", s(namespace.prefix() + PATTERN_ENTITY))
         .expression_attribute_values(":src", s(SOURCE));
-    let pattern_items = all_items(query.into_paginator().items().send().try_collect().await, &format!("querying {table} GSI1"))?;
-    let patterns =
-        pattern_items.iter().map(|item| Ok((pattern_from_item(item, namespace)?, get(item, "TopScoring") == Some("Y")))).collect::<Result<_, _>>()?;
-    Ok((agents, patterns))
+    let items = all_items(query.into_paginator().items().send().try_collect().await, &format!("querying {table} GSI1"))?;
+    items.iter().map(|item| Ok((pattern_from_item(item, namespace)?, get(item, "TopScoring") == Some("Y")))).collect()
 }
 
 /// The seed's access pattern 2: a domain's agents by `GSI1_SK` descending, best first.
@@ -689,7 +792,7 @@ pub async fn top_agents(client: &Client, table: &str, namespace: &Namespace, dom
 /// 'UserPrcToolMapp#')`) or of everyone (access pattern 8, on GSI1).
 pub async fn patterns(client: &Client, table: &str, namespace: &Namespace, user: Option<&str>) -> Result<Vec<PatternFigures>, Error> {
     let Some(user) = user else {
-        return Ok(read_table(client, table, namespace).await?.1.into_iter().map(|(f, _)| f).collect());
+        return Ok(read_patterns(client, table, namespace).await?.into_iter().map(|(f, _)| f).collect());
     };
     let query = client
         .query()
@@ -703,20 +806,22 @@ pub async fn patterns(client: &Client, table: &str, namespace: &Namespace, user:
 
 /// Deletes a shadow namespace's items; returns how many there were.
 pub async fn drop_namespace(client: &Client, table: &str, name: &str) -> Result<usize, Error> {
-    let prefix = Namespace::Shadow(name.to_owned()).prefix();
-    let scan = client
-        .scan()
-        .table_name(table)
-        .filter_expression("begins_with(PK, :ns)")
-        .expression_attribute_values(":ns", s(&prefix))
-        .projection_expression("PK, SK");
-    let keys = all_items(scan.into_paginator().items().send().try_collect().await, &format!("scanning {table}"))?;
+    let namespace = Namespace::Shadow(name.to_owned());
+    let (agents, patterns) = read_table(client, table, &namespace, &[]).await?;
+    let agent_keys = agents.iter().map(|a| {
+        let (pk, sk) = namespace.agent_key(&a.agent_id);
+        HashMap::from([("PK".to_owned(), s(pk)), ("SK".to_owned(), s(sk))])
+    });
+    let pattern_keys = patterns.iter().map(|(f, _)| namespace.pattern_key(&(f.user_id.clone(), pattern_name(f))));
+    let keys: Vec<Item> = agent_keys.chain(pattern_keys).collect();
     let n = keys.len();
-    let deletes =
-        keys.into_iter().map(|k| WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(k)).build().expect("key")).build()).collect();
-    toolrank_dynamodb::batch_write(client, table, deletes, &Default::default())
-        .await
-        .map_err(|e| Error::Aws(format!("deleting namespace {name}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
+    let delete = |k: Item| WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(k)).build().expect("key")).build();
+    // The registry goes last: until then a retried drop finds what is left.
+    for batch in [keys.into_iter().map(delete).collect(), vec![delete(namespace.registry_key())]] {
+        toolrank_dynamodb::batch_write(client, table, batch, &Default::default())
+            .await
+            .map_err(|e| Error::Aws(format!("deleting namespace {name}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
+    }
     Ok(n)
 }
 
@@ -812,14 +917,16 @@ mod tests {
     use toolrank_engine::Applied;
     use toolrank_events::{Action, AgentItem, Change, Entity};
 
-    /// A shadow namespace's items come back through the table's stream like any write:
-    /// none of their keys may count as an Agent or an execution.
+    /// A shadow namespace's items and the domain registries come back through the
+    /// table's stream like any write: none of their keys may count as an Agent or an
+    /// execution.
     #[test]
     fn shadow_items_are_no_events() {
         let ns = Namespace::Shadow("v2".into());
         let (agent_pk, agent_sk) = ns.agent_key("A1");
         let pattern = ns.pattern_key(&("U1".into(), "P1|A1|T1".into()));
-        let keys = [(agent_pk, agent_sk.to_owned()), (get(&pattern, "PK").unwrap().to_owned(), get(&pattern, "SK").unwrap().to_owned())];
+        let key = |item: &Item| (get(item, "PK").unwrap().to_owned(), get(item, "SK").unwrap().to_owned());
+        let keys = [(agent_pk, agent_sk.to_owned()), key(&pattern), key(&ns.registry_key()), key(&Namespace::Live.registry_key())];
         let agent = || Entity::Agent(AgentItem { domain_id: Cow::Borrowed("toolrank#v2#D1"), name: None, partial: false });
         let mut engine = Engine::new();
         for (pk, sk) in keys {
