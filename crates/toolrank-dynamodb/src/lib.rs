@@ -86,6 +86,7 @@ pub async fn client() -> Client {
 /// A client as [`client`] makes it, and what its requests cost ([`Usage`]), which the
 /// metrics also show.
 pub async fn client_with_usage() -> (Client, Usage) {
+    metrics::describe_counter!("toolrank_dynamodb_read_units_total", "Read capacity units DynamoDB reported consumed, by operation (whole units).");
     let usage = Usage::default();
     let config = aws_sdk_dynamodb::config::Builder::from(&sdk_config().await).interceptor(usage::Counting(usage.clone())).build();
     (Client::from_conf(config), usage)
