@@ -15,7 +15,7 @@ pub struct SinkArgs {
     #[arg(long, global = true, env = "TOOLRANK_STATE_TABLE", default_value = "toolrank-state")]
     pub state_table: String,
     /// Valkey URL.
-    #[arg(long, global = true, env = "TOOLRANK_VALKEY_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(long, global = true, env = "TOOLRANK_VALKEY_URL", hide_env_values = true, default_value = "redis://127.0.0.1:6379")]
     pub valkey_url: String,
     /// Valkey key prefix of the rankings (a namespace). Default: the one `toolrank
     /// promote` made active, else "tr".

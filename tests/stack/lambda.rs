@@ -229,6 +229,7 @@ fn lambda_rounds_under_budget(budget: f64) -> u64 {
         dynamodb_max_defer: Duration::from_secs(600),
         dynamodb_max_wcu: None,
         tombstone_horizon: toolrank_live::DEFAULT_TOMBSTONE_HORIZON,
+        dead_letter_queue_url: None,
     };
     let mut handler = toolrank_lambda::Handler::new(config).unwrap();
     let text = std::fs::read_to_string(&history).unwrap();
@@ -252,4 +253,66 @@ fn lambda_rounds_under_budget(budget: f64) -> u64 {
 fn the_lambda_handler_keeps_the_dynamodb_write_budget_across_invocations() {
     assert_eq!(lambda_rounds_under_budget(1e-6), 2);
     assert!(lambda_rounds_under_budget(0.0) >= 10);
+}
+
+/// A record that does not decode goes whole to the dead-letter queue (SQS, in moto) with
+/// its reason and sequence number, while the log names only those two: none of its
+/// contents or keys. The rest of the batch is applied. When the queue cannot take the
+/// letter, the batch fails from that record, so Lambda retries it and nothing is lost.
+#[test]
+fn lambda_dead_letters_go_whole_to_sqs_and_never_into_the_log() {
+    let live = Live::new("1");
+    // The application's items, which the sink scores.
+    live.toolrank(&["produce", "--to", "dynamodb", "--table", &live.table, SEED]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sqs = rt.block_on(async { aws_sdk_sqs::Client::new(&aws_config::load_from_env().await) });
+    let queue = rt.block_on(sqs.create_queue().queue_name(unique("dead-letters")).send()).unwrap().queue_url.unwrap();
+    let app = unique("lambda-dlq");
+    let bad = |seq: &str| {
+        let image = r#"{"PK":{"S":"USR777#SESS1"},"SK":{"S":"PRC001"},"EntityType":{"S":"UserSessPrcToolMappHist"},"ToolValues":{"S":"card 4111-1111 kept secret"},"TransactDT":{"S":"20250614101500"},"SuccYN":{"S":"Y"}}"#;
+        format!(
+            r#"{{"eventName":"INSERT","eventSource":"aws:dynamodb","dynamodb":{{"SequenceNumber":"{seq}","Keys":{{"PK":{{"S":"USR777#SESS1"}},"SK":{{"S":"PRC001"}}}},"NewImage":{image}}}}}"#
+        )
+    };
+    let seed = std::fs::read_to_string(SEED).unwrap();
+    let lines: Vec<&str> = seed.lines().collect();
+    let event = |records: &[&str]| format!(r#"{{"Records": [{}]}}"#, records.join(","));
+    let flush = r#"{"version":"0","id":"flush","detail-type":"Scheduled Event","source":"aws.events","detail":{}}"#;
+
+    let api = RuntimeApi::start();
+    let function = Running::spawn(
+        live.function(&api.address, "toolrank", &app, &[("TOOLRANK_DEAD_LETTER_QUEUE_URL", &queue)]).stdout(Stdio::piped()).stderr(Stdio::piped()),
+    );
+    let first = bad("999");
+    let mut records = lines.clone();
+    records.insert(3, &first);
+    let answer: serde_json::Value = serde_json::from_str(&api.invoke(event(&records)).unwrap()).unwrap();
+    assert_eq!(answer["batchItemFailures"], serde_json::json!([]), "{answer}");
+    assert!(api.invoke(flush.to_owned()).is_ok());
+    let said = function.said();
+    drop(function);
+
+    let got =
+        rt.block_on(sqs.receive_message().queue_url(&queue).max_number_of_messages(10).wait_time_seconds(2).message_attribute_names("All").send()).unwrap();
+    let messages = got.messages();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    let attribute = |name: &str| messages[0].message_attributes().and_then(|a| a.get(name)).and_then(|v| v.string_value()).unwrap_or_default().to_owned();
+    assert_eq!(messages[0].body(), Some(first.as_str()), "the record whole");
+    assert!(attribute("toolrank-reason").contains("SK is not PROCESS#AGENT#TOOL"), "{}", attribute("toolrank-reason"));
+    assert_eq!(attribute("toolrank-position"), "999");
+    assert_eq!(attribute("toolrank-source"), format!("lambda/{app}"));
+    assert!(said.contains("dead-lettered") && said.contains("999"), "{said}");
+    for secret in ["4111", "secret", "USR777", "PRC001\""] {
+        assert!(!said.contains(secret) && !attribute("toolrank-reason").contains(secret), "{secret:?} reached the log or the reason: {said}");
+    }
+
+    // A queue that does not exist: the letter is not sent, and the batch fails from it.
+    let missing = format!("{queue}-missing");
+    let function = Running::spawn(live.function(&api.address, "toolrank", &app, &[("TOOLRANK_DEAD_LETTER_QUEUE_URL", &missing)]).stderr(Stdio::null()));
+    let second = bad("1001");
+    let answer: serde_json::Value = serde_json::from_str(&api.invoke(event(&[lines[0], &second])).unwrap()).unwrap();
+    assert_eq!(answer["batchItemFailures"], serde_json::json!([{"itemIdentifier": "1001"}]), "{answer}");
+    assert!(api.invoke(flush.to_owned()).is_ok());
+    drop(function);
+    live.assert_sinks_equal_replay(SEED, None);
 }

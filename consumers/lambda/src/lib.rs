@@ -21,8 +21,10 @@
 //!   its records stale and counts nothing twice.
 //! - **batchItemFailures.** A bucket that cannot be appended to reports its earliest
 //!   record: Lambda retries from there, and what follows (already applied elsewhere) is
-//!   stale. A record that does not decode is logged as a dead letter and not failed, or
-//!   it would block its shard forever.
+//!   stale. A record that does not decode is not failed, or it would block its shard
+//!   forever: it goes whole to the dead-letter queue (`TOOLRANK_DEAD_LETTER_QUEUE_URL`,
+//!   SQS) with its reason and sequence number, and only those two reach the log. A
+//!   failed send fails the batch from that record.
 //! - **Sinks.** After appending, the invocation takes the sink lease, brings its copy of
 //!   every bucket to the log heads, writes what changed to DynamoDB and Valkey, and gives
 //!   the lease up. The last writer has seen every append before it, so the sinks end at
@@ -46,8 +48,10 @@ pub use toolrank_state::COMPACT_MIN_BYTES;
 use toolrank_state::{LogHead, DELTA_BYTES};
 use tracing::{info, warn};
 
+mod dead_letters;
 mod settings;
 mod telemetry;
+pub use dead_letters::Rejected;
 pub use settings::{Config, Settings, DEFAULT_WRITES_PER_EVENT};
 pub use telemetry::{init_logging, MetricLine};
 
@@ -65,6 +69,8 @@ pub enum SetupError {
 
 /// One record of an event, decoded.
 pub struct Item<'a> {
+    /// Its index in the event.
+    pub index: usize,
     /// Its `itemIdentifier` for batchItemFailures: the sequence number.
     pub id: String,
     pub change: Change<'a>,
@@ -105,13 +111,22 @@ impl<'a> Batch<'a> {
         self.records.is_empty()
     }
 
-    /// The decodable records in order, their indices by bucket (of `buckets`), and how
-    /// many were dead-lettered (logged).
-    pub fn decode(&self, buckets: u32) -> (Vec<Item<'_>>, BTreeMap<u32, Vec<usize>>, usize) {
+    /// The `itemIdentifier` of record `index`: its sequence number.
+    fn id(&self, index: usize) -> String {
+        let head = &self.heads[index];
+        match (&head.kinesis, &head.dynamodb) {
+            (Some(k), _) => k.sequence_number.clone(),
+            (None, d) => d.as_ref().and_then(|d| d.sequence_number.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// The decodable records in order, their indices by bucket (of `buckets`), and the
+    /// records that do not decode.
+    pub fn decode(&self, buckets: u32) -> (Vec<Item<'_>>, BTreeMap<u32, Vec<usize>>, Vec<Rejected<'a>>) {
         let mut items: Vec<Item> = Vec::with_capacity(self.heads.len());
-        let mut dead_letters = 0;
+        let mut rejected = Vec::new();
         let mut kinesis_data = self.data.iter();
-        for (raw, head) in self.records.iter().zip(&self.heads) {
+        for (index, (raw, head)) in self.records.iter().zip(&self.heads).enumerate() {
             let (id, decoded) = match (&head.kinesis, &head.dynamodb) {
                 (Some(k), _) => {
                     (k.sequence_number.clone(), decode_kinesis_data(kinesis_data.next().expect("decoded")).map(|(c, _)| c).map_err(|e| e.to_string()))
@@ -119,10 +134,10 @@ impl<'a> Batch<'a> {
                 (None, d) => (d.as_ref().and_then(|d| d.sequence_number.clone()).unwrap_or_default(), decode_stream_record(raw.get())),
             };
             match decoded {
-                Ok(change) => items.push(Item { id, change }),
+                Ok(change) => items.push(Item { index, id, change }),
                 Err(reason) => {
-                    dead_letters += 1;
-                    warn!(dead_letter = raw.get(), sequence_number = id, reason, "dead-lettered");
+                    warn!(sequence_number = id, reason, "dead-lettered");
+                    rejected.push(Rejected { index, id, reason, raw });
                 }
             }
         }
@@ -131,7 +146,7 @@ impl<'a> Batch<'a> {
         for (i, item) in items.iter().enumerate() {
             by_bucket.entry((hasher.hash_one(item.change.pk.as_ref()) % u64::from(buckets)) as u32).or_default().push(i);
         }
-        (items, by_bucket, dead_letters)
+        (items, by_bucket, rejected)
     }
 }
 
@@ -198,6 +213,8 @@ pub struct Handler {
     /// When this container last wrote the sinks (ms since the epoch: a frozen container's
     /// monotonic clock may not advance).
     last_sink_write: i64,
+    /// Where records that do not decode go.
+    dead_letters: Option<dead_letters::Queue>,
 }
 
 impl Handler {
@@ -227,7 +244,9 @@ impl Handler {
             sinks,
         )?;
         let scopes = (0..config.buckets).map(|b| format!("lambda/{}/bucket/{b:05}", config.application)).collect();
-        Ok(Handler { config, writer, buckets: HashMap::new(), scopes, last_sink_write: 0 })
+        let source = format!("lambda/{}", config.application);
+        let dead_letters = config.dead_letter_queue_url.clone().map(|url| writer.block_on(dead_letters::Queue::new(url, source)));
+        Ok(Handler { config, writer, buckets: HashMap::new(), scopes, last_sink_write: 0, dead_letters })
     }
 
     /// The counters of this container's invocations so far.
@@ -246,8 +265,17 @@ impl Handler {
             }
             return Ok(Outcome::default());
         };
-        let (items, by_bucket, dead_letters) = batch.decode(self.config.buckets);
-        let mut outcome = Outcome { records: batch.len(), dead_letters, ..Outcome::default() };
+        let (items, by_bucket, rejected) = batch.decode(self.config.buckets);
+        let mut outcome = Outcome { records: batch.len(), dead_letters: rejected.len(), ..Outcome::default() };
+        self.writer.tally().dead_letters += rejected.len() as u64;
+        // A letter not sent fails the batch from its record: the retry sends it again.
+        let unsent = match (&self.dead_letters, rejected.is_empty()) {
+            (Some(queue), false) => self.writer.block_on(queue.send(&rejected)).err().map(|(index, error)| {
+                warn!(error, "dead letters were not sent; the batch is retried from the first one not sent");
+                index
+            }),
+            _ => None,
+        };
         let mut invocation = Invocation {
             buckets: &mut self.buckets,
             scopes: &self.scopes,
@@ -259,13 +287,14 @@ impl Handler {
         if !toolrank_live::invoke(&mut invocation, &mut self.writer, APPEND_ROUNDS).map_err(|e| e.to_string())? {
             invocation.give_up();
         }
-        let mut earliest_failed = invocation.failed.iter().map(|&(_, first)| first).min();
+        // Lambda retries from the earliest record reported, in the event's order.
+        let mut earliest_failed = invocation.failed.iter().map(|&(_, first)| items[first].index).chain(unsent).min();
         if self.writer.has_sinks() && self.sinks_due() && !self.write_sinks(false) {
             warn!("the sinks were not written; the batch is retried");
             earliest_failed = Some(0);
         }
-        if let Some(i) = earliest_failed.filter(|_| !items.is_empty()) {
-            outcome.failures.push(items[i].id.clone());
+        if let Some(index) = earliest_failed.filter(|_| !batch.is_empty()) {
+            outcome.failures.push(batch.id(index));
         }
         Ok(outcome)
     }
@@ -551,8 +580,8 @@ mod tests {
         let text = event(&lines);
         let batch = Batch::parse(text.as_bytes()).unwrap().expect("records");
         assert_eq!(batch.len(), lines.len());
-        let (items, by_bucket, dead_letters) = batch.decode(8);
-        assert_eq!((items.len(), dead_letters), (lines.len(), 0));
+        let (items, by_bucket, rejected) = batch.decode(8);
+        assert_eq!((items.len(), rejected.len()), (lines.len(), 0));
         assert_eq!(by_bucket.values().map(Vec::len).sum::<usize>(), items.len());
         let mut bucket_of: HashMap<&str, u32> = HashMap::new();
         for (&bucket, indices) in &by_bucket {
@@ -565,13 +594,16 @@ mod tests {
     }
 
     #[test]
-    fn a_record_that_does_not_decode_is_counted_and_the_rest_go_on() {
+    fn a_record_that_does_not_decode_is_rejected_whole_with_its_position_and_the_rest_go_on() {
         let lines: Vec<&str> = SAMPLE.lines().take(3).collect();
         let bad = r#"{"eventName": "INSERT", "dynamodb": {"SequenceNumber": "9"}}"#;
         let text = event(&[lines[0], bad, lines[1], lines[2]]);
         let batch = Batch::parse(text.as_bytes()).unwrap().unwrap();
-        let (items, _, dead_letters) = batch.decode(1);
-        assert_eq!((items.len(), dead_letters), (3, 1));
+        let (items, _, rejected) = batch.decode(1);
+        assert_eq!((items.len(), rejected.len()), (3, 1));
+        assert_eq!((rejected[0].index, rejected[0].id.as_str(), rejected[0].raw.get()), (1, "9", bad));
+        assert_eq!(items.iter().map(|i| i.index).collect::<Vec<_>>(), [0, 2, 3]);
+        assert_eq!(batch.id(1), "9");
         assert_eq!(items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["1000000000000000000002", "1000000000000000000003", "1000000000000000000004"]);
     }
 

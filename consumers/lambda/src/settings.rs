@@ -40,6 +40,9 @@ pub struct Config {
     pub dynamodb_max_wcu: Option<f64>,
     /// How long a removed item's tombstone is kept in a bucket.
     pub tombstone_horizon: Duration,
+    /// The SQS queue records that do not decode are sent to; `None`: they are counted
+    /// and logged by sequence number and reason only.
+    pub dead_letter_queue_url: Option<String>,
 }
 
 /// The Lambda function's settings (each also a `TOOLRANK_*` environment variable).
@@ -91,6 +94,12 @@ pub struct Settings {
     /// (24 h) plus the longest a failed batch is retried.
     #[arg(long, env = "TOOLRANK_TOMBSTONE_HORIZON_SECS", value_parser = clap::value_parser!(u64).range(1..))]
     pub tombstone_horizon_secs: Option<u64>,
+    /// The SQS queue (URL) a record that does not decode is sent to, whole, with its
+    /// reason and sequence number; a failed send fails the batch from that record. Unset:
+    /// such records are counted and logged by sequence number and reason only (never
+    /// their contents).
+    #[arg(long, env = "TOOLRANK_DEAD_LETTER_QUEUE_URL")]
+    pub dead_letter_queue_url: Option<String>,
 }
 
 /// `bootstrap`'s command line: the settings alone, from the environment.
@@ -131,6 +140,7 @@ impl Settings {
             dynamodb_max_defer: Duration::from_millis(self.dynamodb_max_defer_ms as u64),
             dynamodb_max_wcu: self.dynamodb_max_wcu,
             tombstone_horizon: self.tombstone_horizon_secs.map_or(toolrank_live::DEFAULT_TOMBSTONE_HORIZON, Duration::from_secs),
+            dead_letter_queue_url: self.dead_letter_queue_url.filter(|u| !u.is_empty()),
         }
     }
 }
