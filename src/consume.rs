@@ -177,6 +177,18 @@ struct LiveArgs {
     /// start time, unique per start).
     #[arg(long, env = "TOOLRANK_CONSUMER_ID")]
     id: Option<String>,
+    /// Records larger than this many bytes are dead-lettered before they are decoded
+    /// (default: DynamoDB's item limit, 400 KB).
+    #[arg(long, value_name = "BYTES", env = "TOOLRANK_MAX_RECORD_BYTES", default_value_t = toolrank_live::DEFAULT_MAX_RECORD_BYTES)]
+    max_record_bytes: usize,
+    /// When a partition's or shard's input no longer holds what follows its checkpoint
+    /// (retention deleted records before they were read; the input ends before the
+    /// checkpoint): `stop` stops that unit with an error naming it (the others go on;
+    /// with --until-idle the consumer then exits non-zero), `skip` reads on from the
+    /// oldest record the input holds, logging and counting what was skipped
+    /// (toolrank_source_gaps_total).
+    #[arg(long, value_name = "POLICY", env = "TOOLRANK_ON_GAP", default_value = "stop", value_parser = ["stop", "skip"])]
+    on_gap: String,
     #[command(flatten)]
     sinks: SinkArgs,
 }
@@ -209,6 +221,8 @@ impl LiveArgs {
                 checkpoint_interval: self.checkpoints.interval(),
                 checkpoint_max: self.checkpoints.max(),
             },
+            max_record_bytes: self.max_record_bytes,
+            on_gap: self.on_gap.parse().map_err(anyhow::Error::msg)?,
         };
         Ok((live, sinks.wire()?))
     }

@@ -326,6 +326,7 @@ fn a_dynamodb_write_budget_defers_rounds_and_the_sinks_still_converge() {
 /// rounds due every 100 ms, over 300 generated sessions arriving at 250 records/s; the
 /// sinks equal replay in the end.
 fn rounds_under_budget(budget: &str) -> u64 {
+    let _pace = dynamodb_pace();
     let live = Live::new("2");
     let history = generated(&live, "300", "11");
     let consumer =
@@ -458,29 +459,71 @@ fn a_consumer_fenced_without_a_rebalance_claims_its_partition_again() {
 }
 
 #[test]
-fn bad_records_are_dead_lettered_with_reason_and_offset() {
+fn bad_and_oversized_records_are_dead_lettered_with_reason_and_offset() {
     let live = Live::new("1");
     let input = live.dir.path().join("mixed.jsonl");
     let seed = std::fs::read_to_string(SEED).unwrap();
-    std::fs::write(&input, format!("{seed}not json\n{{\"eventName\":\"INSERT\"}}\n")).unwrap();
+    // A valid execution of a new session, too large for --max-record-bytes.
+    let mut big: serde_json::Value =
+        serde_json::from_str(seed.lines().find(|l| l.contains("UserSessPrcToolMappHist") && l.contains("NewImage")).unwrap()).unwrap();
+    for image in ["Keys", "NewImage"] {
+        big["dynamodb"][image]["PK"] = serde_json::json!({"S": "USR999#SESS20250614009"});
+    }
+    big["dynamodb"]["NewImage"]["ToolValues"] = serde_json::json!({"S": "x".repeat(3000)});
+    let big = big.to_string();
+    std::fs::write(&input, format!("{seed}not json\n{{\"eventName\":\"INSERT\"}}\n{big}\n")).unwrap();
     toolrank(&["produce", "--topic", &live.topic, input.to_str().unwrap()]);
-    let summary = live.drain(&["--no-dynamodb"]);
-    assert!(summary.contains("2 dead-lettered"), "{summary}");
+    let summary = live.drain(&["--no-dynamodb", "--max-record-bytes", "2500"]);
+    assert!(summary.contains("3 dead-lettered"), "{summary}");
     let consumer: BaseConsumer = toolrank_kafka::client_config(&env("TOOLRANK_KAFKA_BROKERS")).set("group.id", unique("dlq-reader")).create().unwrap();
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(&live.dlq, 0, Offset::Beginning).unwrap();
     consumer.assign(&tpl).unwrap();
     let mut letters = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while letters.len() < 2 && Instant::now() < deadline {
+    while letters.len() < 3 && Instant::now() < deadline {
         if let Some(Ok(msg)) = consumer.poll(Duration::from_millis(200)) {
             letters.push((toolrank_consume_kafka::dead_letter_headers(&msg), msg.payload().unwrap().to_vec()));
         }
     }
-    assert_eq!(letters.len(), 2);
+    assert_eq!(letters.len(), 3);
     assert_eq!(letters[0].1, b"not json");
     assert!(letters[0].0["toolrank-reason"].contains("not valid JSON"), "{:?}", letters[0].0);
     assert_eq!(letters[0].0["toolrank-source-offset"], "34");
     assert_eq!(letters[1].0["toolrank-source-offset"], "35");
     assert!(letters[1].0["toolrank-reason"].contains("missing"), "{:?}", letters[1].0);
+    assert_eq!(letters[2].1, big.as_bytes(), "the oversized record whole");
+    assert_eq!(letters[2].0["toolrank-source-offset"], "36");
+    assert!(letters[2].0["toolrank-reason"].contains("larger than the limit of 2500"), "{:?}", letters[2].0);
+}
+
+/// A checkpoint whose position its partition no longer holds (here past the partition's
+/// end, as after the topic was recreated or the state table restored from elsewhere)
+/// stops that partition: the consumer exits non-zero within seconds, naming it, and reads
+/// nothing from the wrong place. With `--on-gap skip` the partition reads on from its
+/// oldest record, the gap is logged, and the sinks equal replay.
+#[test]
+fn a_checkpoint_its_partition_no_longer_holds_stops_it_unless_gaps_are_skipped() {
+    let live = Live::new("1");
+    toolrank(&["produce", "--to", "dynamodb", "--table", &live.table, SEED]);
+    toolrank(&["produce", "--topic", &live.topic, SEED]);
+    let scope = format!("kafka/{}/{}/0", live.group, live.topic);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = toolrank_state::CheckpointStore::new(toolrank_dynamodb::client().await, "toolrank-state");
+        let ck = store.claim(&scope, "restored").await.unwrap();
+        store.save(&scope, "restored", ck.generation, "1000", &[]).await.unwrap();
+    });
+    let started = Instant::now();
+    let out = live.command().args(live.consume_args(&["--until-idle", "3"])).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(started.elapsed() < Duration::from_secs(60), "{said}");
+    assert!(said.contains(&format!("partition 0 of {}", live.topic)) && said.contains("the partition ends at 34"), "{said}");
+    assert!(said.contains("--on-gap skip"), "the error says how to go on: {said}");
+    assert!(!said.contains("consumed 34 messages"), "{said}");
+
+    let summary = live.drain(&["--on-gap", "skip"]);
+    assert!(summary.contains("reading on from offset 0 (--on-gap skip)"), "{summary}");
+    live.assert_sinks_equal_replay(SEED, None);
 }

@@ -212,6 +212,7 @@ fn the_function_under_the_cargo_lambda_emulator_reports_partial_failures_and_is_
 }
 
 fn lambda_rounds_under_budget(budget: f64) -> u64 {
+    let _pace = dynamodb_pace();
     let live = Live::new("1");
     let history = generated(&live, "300", "11");
     let config = toolrank_lambda::Config {
@@ -230,6 +231,7 @@ fn lambda_rounds_under_budget(budget: f64) -> u64 {
         dynamodb_max_wcu: None,
         tombstone_horizon: toolrank_live::DEFAULT_TOMBSTONE_HORIZON,
         dead_letter_queue_url: None,
+        max_record_bytes: toolrank_live::DEFAULT_MAX_RECORD_BYTES,
     };
     let mut handler = toolrank_lambda::Handler::new(config).unwrap();
     let text = std::fs::read_to_string(&history).unwrap();

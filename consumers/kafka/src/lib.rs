@@ -34,8 +34,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use toolrank_engine::Engine;
 pub use toolrank_live::Summary;
-use toolrank_live::{apply_line, LiveConfig, LogHead, Saving, SinkWriter, Source, Wired};
-use tracing::{debug, info, warn};
+use toolrank_live::{apply_line, LiveConfig, LogHead, OnGap, Saving, SinkWriter, Source, Wired};
+use tracing::{debug, error, info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -45,6 +45,8 @@ pub enum Error {
     Live(#[from] toolrank_live::Error),
     #[error("topic {0} not found")]
     NoTopic(String),
+    #[error("stopped at a gap: {0} (read on from the oldest record with --on-gap skip, then backfill from the table to fill the gap: docs/operations.md, Runbooks, Gaps)")]
+    Gap(String),
 }
 
 /// What `consume kafka` needs.
@@ -74,6 +76,11 @@ struct Partition {
     save_started: Instant,
     /// The offset the last saved checkpoint covers (what may be committed).
     saved_offset: i64,
+    /// Where the consumer must seek before reading on (the checkpoint's position, which
+    /// the group's committed offset need not be); messages meanwhile are dropped.
+    seek: Option<i64>,
+    /// Why the partition stopped (a gap under `--on-gap stop`): it is paused and read no more.
+    stopped: Option<String>,
 }
 
 /// The group member as the runtime's [`Source`]: a unit per assigned partition.
@@ -167,6 +174,18 @@ fn drain_of(lagging: Vec<(i32, i64)>, owns: impl Fn(i32) -> bool) -> Drain {
     }
 }
 
+/// Why a partition whose checkpoint reads on from `next` no longer holds what follows it,
+/// given its oldest offset `low` and its end `high`; `None`: it does.
+fn gap_of(next: i64, low: i64, high: i64) -> Option<String> {
+    if next < low {
+        Some(format!("the checkpoint reads on from offset {next} but the partition starts at {low}: {} records were deleted before they were read", low - next))
+    } else if next > high {
+        Some(format!("the checkpoint reads on from offset {next} but the partition ends at {high}: the topic holds less than the checkpoint covers"))
+    } else {
+        None
+    }
+}
+
 fn scope(config: &Config, partition: i32) -> String {
     format!("kafka/{}/{}/{partition}", config.group, config.topic)
 }
@@ -196,8 +215,12 @@ pub fn run(config: Config, sinks: Vec<Wired>, stop: Arc<AtomicBool>) -> Result<S
     let mut source =
         Kafka { config, consumer, rebalances_seen: 0, dead_letters, parts: BTreeMap::new(), partition_count, stranded: None, fenced: BTreeMap::new() };
     let result = toolrank_live::run(&mut source, &mut writer, &pacing, &stop);
+    let stopped = source.stopped();
     leave_group(source.consumer);
     result?;
+    if !stopped.is_empty() {
+        return Err(Error::Gap(stopped.join("; ")));
+    }
     Ok(writer.into_summary())
 }
 
@@ -221,6 +244,7 @@ impl Source for Kafka {
     type Error = Error;
 
     fn read(&mut self, writer: &mut SinkWriter) -> Result<usize, Error> {
+        self.seek_pending();
         let read = match self.consumer.poll(Duration::from_millis(20)) {
             Some(Ok(msg)) => {
                 let msg = msg.detach();
@@ -351,11 +375,40 @@ impl Kafka {
         Ok(())
     }
 
-    /// Claims partition `p`'s checkpoint and owns it from the checkpoint's position on.
-    fn adopt(&mut self, writer: &mut SinkWriter, p: i32) -> Result<i64, Error> {
+    /// Claims partition `p`'s checkpoint and owns it from the checkpoint's position on:
+    /// the consumer seeks there (the group's committed offset may lie before or after it),
+    /// unless the partition no longer holds it (a gap, see [`gap_of`]).
+    fn adopt(&mut self, writer: &mut SinkWriter, p: i32) -> Result<(), Error> {
         let (engine, position, at) = writer.claim(&scope(&self.config, p))?;
-        let next_offset = position.as_deref().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let mut next_offset = position.as_deref().and_then(|p| p.parse().ok()).unwrap_or(0);
         info!(partition = p, generation = at.generation, deltas = at.head.saturating_sub(at.base_at), next_offset, "checkpoint claimed");
+        let mut stopped = None;
+        match self.consumer.fetch_watermarks(&self.config.topic, p, Duration::from_secs(5)) {
+            Ok((low, high)) => {
+                if let Some(gap) = position.as_ref().and_then(|_| gap_of(next_offset, low, high)) {
+                    let at = format!("partition {p} of {}: {gap}", self.config.topic);
+                    match self.config.live.on_gap {
+                        OnGap::Stop => {
+                            error!(partition = p, checkpoint = next_offset, low, high, "{at}; the partition is stopped");
+                            stopped = Some(at);
+                        }
+                        OnGap::Skip => {
+                            let skipped = if next_offset < low { low - next_offset } else { next_offset - high };
+                            warn!(partition = p, checkpoint = next_offset, low, high, skipped, "{at}; reading on from offset {low} (--on-gap skip)");
+                            toolrank_live::count_gap(skipped as u64);
+                            next_offset = low;
+                        }
+                    }
+                }
+            }
+            // Unknown now: the partition reads from its checkpoint as always.
+            Err(e) => warn!(partition = p, error = %e, "could not read the watermarks to check the checkpoint's position"),
+        }
+        if stopped.is_some() {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&self.config.topic, p);
+            self.consumer.pause(&tpl)?;
+        }
         self.parts.insert(
             p,
             Partition {
@@ -367,9 +420,33 @@ impl Kafka {
                 saving_offset: next_offset,
                 saved_offset: next_offset,
                 save_started: Instant::now(),
+                seek: stopped.is_none().then_some(next_offset),
+                stopped,
             },
         );
-        Ok(next_offset)
+        Ok(())
+    }
+
+    /// Seeks the partitions that must read from their checkpoints. A partition just
+    /// assigned may not take a seek yet (librdkafka starts its fetcher meanwhile): it is
+    /// tried again at the next read.
+    fn seek_pending(&mut self) {
+        for (&p, part) in self.parts.iter_mut().filter(|(_, part)| part.seek.is_some()) {
+            let offset = part.seek.expect("filtered");
+            let to = if offset > 0 { Offset::Offset(offset) } else { Offset::Beginning };
+            match self.consumer.seek(&self.config.topic, p, to, Duration::ZERO) {
+                Ok(()) => {
+                    debug!(partition = p, offset, "reading from the checkpoint's position");
+                    part.seek = None;
+                }
+                Err(e) => debug!(partition = p, error = %e, "the partition does not take a seek yet"),
+            }
+        }
+    }
+
+    /// The partitions stopped at a gap, each with why.
+    fn stopped(&self) -> Vec<String> {
+        self.parts.values().filter_map(|p| p.stopped.clone()).collect()
     }
 
     /// Claims again the partitions let go after a fence that Kafka still assigns here
@@ -387,13 +464,8 @@ impl Kafka {
                 continue;
             }
             warn!(partition = p, "still assigned here {} s after its checkpoint was claimed elsewhere: claiming it again", RECLAIM_AFTER.as_secs());
-            let next_offset = self.adopt(writer, p)?;
-            let offset = if next_offset > 0 { Offset::Offset(next_offset) } else { Offset::Beginning };
-            if let Err(e) = self.consumer.seek(&self.config.topic, p, offset, Duration::from_secs(10)) {
-                warn!(partition = p, error = %e, "could not seek back to the checkpoint; letting the partition go again");
-                self.release(writer, p);
-                self.fenced.insert(p, Instant::now());
-            }
+            // rdkafka's fetch position went on meanwhile: the adoption seeks back.
+            self.adopt(writer, p)?;
         }
         Ok(())
     }
@@ -418,6 +490,8 @@ impl Kafka {
         let lagging: Vec<(i32, i64)> = (0..self.partition_count)
             .filter_map(|p| {
                 let position = match self.parts.get(&p) {
+                    // A stopped partition reads no more: the rest of the input decides.
+                    Some(part) if part.stopped.is_some() => return None,
                     Some(part) => part.next_offset,
                     None => match committed.find_partition(&self.config.topic, p).map(|e| e.offset()) {
                         Some(Offset::Offset(o)) => o,
@@ -444,12 +518,17 @@ impl Kafka {
     }
 
     fn handle(&mut self, writer: &mut SinkWriter, msg: &OwnedMessage) {
-        writer.tally().messages += 1;
         let (p, offset) = (msg.partition(), msg.offset());
         let Some(part) = self.parts.get_mut(&p) else {
+            writer.tally().messages += 1;
             debug!(partition = p, offset, "message of a partition not owned");
             return;
         };
+        if part.seek.is_some() || part.stopped.is_some() {
+            // Fetched before the seek to the checkpoint: read again after it.
+            return;
+        }
+        writer.tally().messages += 1;
         if offset < part.next_offset {
             writer.tally().skipped_redeliveries += 1;
             return;
@@ -460,6 +539,10 @@ impl Kafka {
             writer.observe(ts);
         }
         let payload = msg.payload().unwrap_or_default();
+        if let Some(reason) = toolrank_live::oversized(payload.len(), self.config.live.max_record_bytes) {
+            self.dead_letter(writer, msg, &reason, payload);
+            return;
+        }
         for (reason, raw) in apply_line(&mut part.engine, payload, writer.tally()) {
             self.dead_letter(writer, msg, &reason, raw.as_deref().map(str::as_bytes).unwrap_or(payload));
         }
@@ -571,6 +654,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_checkpoint_outside_the_partition_is_a_gap() {
+        assert_eq!(gap_of(5, 0, 10), None);
+        assert_eq!(gap_of(10, 0, 10), None, "at the end: nothing waiting yet");
+        assert_eq!(gap_of(3, 3, 3), None);
+        assert!(gap_of(2, 5, 10).is_some_and(|g| g.contains("3 records were deleted before they were read")));
+        assert!(gap_of(12, 0, 10).is_some_and(|g| g.contains("ends at 10")));
+    }
+
+    #[test]
     fn the_group_is_drained_only_when_no_partition_lags() {
         let owns = |p: i32| p < 2;
         assert_eq!(drain_of(vec![], owns), Drain::Done);
@@ -608,6 +700,8 @@ mod tests {
                     checkpoint_interval: Duration::ZERO,
                     checkpoint_max: Duration::ZERO,
                 },
+                max_record_bytes: 0,
+                on_gap: toolrank_live::OnGap::Stop,
             },
         };
         assert_eq!(scope(&config, 3), "kafka/g/events/3");

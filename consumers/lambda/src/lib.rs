@@ -121,17 +121,28 @@ impl<'a> Batch<'a> {
     }
 
     /// The decodable records in order, their indices by bucket (of `buckets`), and the
-    /// records that do not decode.
-    pub fn decode(&self, buckets: u32) -> (Vec<Item<'_>>, BTreeMap<u32, Vec<usize>>, Vec<Rejected<'a>>) {
+    /// records that do not decode or are larger than `max_bytes`.
+    pub fn decode(&self, buckets: u32, max_bytes: usize) -> (Vec<Item<'_>>, BTreeMap<u32, Vec<usize>>, Vec<Rejected<'a>>) {
         let mut items: Vec<Item> = Vec::with_capacity(self.heads.len());
         let mut rejected = Vec::new();
         let mut kinesis_data = self.data.iter();
         for (index, (raw, head)) in self.records.iter().zip(&self.heads).enumerate() {
             let (id, decoded) = match (&head.kinesis, &head.dynamodb) {
                 (Some(k), _) => {
-                    (k.sequence_number.clone(), decode_kinesis_data(kinesis_data.next().expect("decoded")).map(|(c, _)| c).map_err(|e| e.to_string()))
+                    let data = kinesis_data.next().expect("decoded");
+                    let decoded = match toolrank_live::oversized(data.len(), max_bytes) {
+                        Some(reason) => Err(reason),
+                        None => decode_kinesis_data(data).map(|(c, _)| c).map_err(|e| e.to_string()),
+                    };
+                    (k.sequence_number.clone(), decoded)
                 }
-                (None, d) => (d.as_ref().and_then(|d| d.sequence_number.clone()).unwrap_or_default(), decode_stream_record(raw.get())),
+                (None, d) => {
+                    let decoded = match toolrank_live::oversized(raw.get().len(), max_bytes) {
+                        Some(reason) => Err(reason),
+                        None => decode_stream_record(raw.get()),
+                    };
+                    (d.as_ref().and_then(|d| d.sequence_number.clone()).unwrap_or_default(), decoded)
+                }
             };
             match decoded {
                 Ok(change) => items.push(Item { index, id, change }),
@@ -265,7 +276,7 @@ impl Handler {
             }
             return Ok(Outcome::default());
         };
-        let (items, by_bucket, rejected) = batch.decode(self.config.buckets);
+        let (items, by_bucket, rejected) = batch.decode(self.config.buckets, self.config.max_record_bytes);
         let mut outcome = Outcome { records: batch.len(), dead_letters: rejected.len(), ..Outcome::default() };
         self.writer.tally().dead_letters += rejected.len() as u64;
         // A letter not sent fails the batch from its record: the retry sends it again.
@@ -580,7 +591,7 @@ mod tests {
         let text = event(&lines);
         let batch = Batch::parse(text.as_bytes()).unwrap().expect("records");
         assert_eq!(batch.len(), lines.len());
-        let (items, by_bucket, rejected) = batch.decode(8);
+        let (items, by_bucket, rejected) = batch.decode(8, usize::MAX);
         assert_eq!((items.len(), rejected.len()), (lines.len(), 0));
         assert_eq!(by_bucket.values().map(Vec::len).sum::<usize>(), items.len());
         let mut bucket_of: HashMap<&str, u32> = HashMap::new();
@@ -590,7 +601,7 @@ mod tests {
                 assert_eq!(*bucket_of.entry(items[i].change.pk.as_ref()).or_insert(bucket), bucket, "one key, one bucket");
             }
         }
-        assert_eq!(Batch::parse(text.as_bytes()).unwrap().unwrap().decode(1).1.len(), 1);
+        assert_eq!(Batch::parse(text.as_bytes()).unwrap().unwrap().decode(1, usize::MAX).1.len(), 1);
     }
 
     #[test]
@@ -599,12 +610,17 @@ mod tests {
         let bad = r#"{"eventName": "INSERT", "dynamodb": {"SequenceNumber": "9"}}"#;
         let text = event(&[lines[0], bad, lines[1], lines[2]]);
         let batch = Batch::parse(text.as_bytes()).unwrap().unwrap();
-        let (items, _, rejected) = batch.decode(1);
+        let (items, _, rejected) = batch.decode(1, usize::MAX);
         assert_eq!((items.len(), rejected.len()), (3, 1));
         assert_eq!((rejected[0].index, rejected[0].id.as_str(), rejected[0].raw.get()), (1, "9", bad));
         assert_eq!(items.iter().map(|i| i.index).collect::<Vec<_>>(), [0, 2, 3]);
         assert_eq!(batch.id(1), "9");
         assert_eq!(items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["1000000000000000000002", "1000000000000000000003", "1000000000000000000004"]);
+        // Over the size limit (the seed's records are longer than this bad one), a record
+        // is rejected before it is decoded.
+        let (items, _, rejected) = batch.decode(1, bad.len());
+        let oversized: Vec<usize> = rejected.iter().filter(|r| r.reason.contains("larger than the limit")).map(|r| r.index).collect();
+        assert_eq!((items.len(), rejected.len(), oversized), (0, 4, vec![0, 2, 3]));
     }
 
     #[test]

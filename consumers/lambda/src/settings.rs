@@ -43,6 +43,8 @@ pub struct Config {
     /// The SQS queue records that do not decode are sent to; `None`: they are counted
     /// and logged by sequence number and reason only.
     pub dead_letter_queue_url: Option<String>,
+    /// Records larger than this are dead-lettered before they are decoded.
+    pub max_record_bytes: usize,
 }
 
 /// The Lambda function's settings (each also a `TOOLRANK_*` environment variable).
@@ -100,6 +102,10 @@ pub struct Settings {
     /// their contents).
     #[arg(long, env = "TOOLRANK_DEAD_LETTER_QUEUE_URL")]
     pub dead_letter_queue_url: Option<String>,
+    /// Records larger than this many bytes (a Kinesis record's data, a stream record's
+    /// JSON) are dead-lettered before they are decoded (default: DynamoDB's item limit).
+    #[arg(long, env = "TOOLRANK_MAX_RECORD_BYTES", default_value_t = toolrank_live::DEFAULT_MAX_RECORD_BYTES)]
+    pub max_record_bytes: usize,
 }
 
 /// `bootstrap`'s command line: the settings alone, from the environment.
@@ -141,6 +147,7 @@ impl Settings {
             dynamodb_max_wcu: self.dynamodb_max_wcu,
             tombstone_horizon: self.tombstone_horizon_secs.map_or(toolrank_live::DEFAULT_TOMBSTONE_HORIZON, Duration::from_secs),
             dead_letter_queue_url: self.dead_letter_queue_url.filter(|u| !u.is_empty()),
+            max_record_bytes: self.max_record_bytes,
         }
     }
 }

@@ -142,6 +142,11 @@ impl StreamRecord for Record {
     fn describe(&self) -> String {
         record_json(self).to_string()
     }
+
+    /// DynamoDB's own count (`SizeBytes`: keys and images).
+    fn size(&self) -> usize {
+        self.dynamodb().and_then(|d| d.size_bytes()).map_or(0, |b| b.max(0) as usize)
+    }
 }
 
 /// A record as Lambda delivers it (eventName, dynamodb.Keys/NewImage/SequenceNumber,

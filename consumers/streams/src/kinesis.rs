@@ -89,4 +89,8 @@ impl StreamRecord for Record {
     fn describe(&self) -> String {
         String::from_utf8_lossy(self.data().as_ref()).into_owned()
     }
+
+    fn size(&self) -> usize {
+        self.data().as_ref().len()
+    }
 }

@@ -41,9 +41,9 @@ use toolrank_dead_letters::DeadLetters;
 use toolrank_engine::Engine;
 use toolrank_events::DeadLetter;
 pub use toolrank_live::Summary;
-use toolrank_live::{LiveConfig, SinkWriter, Wired};
+use toolrank_live::{LiveConfig, OnGap, SinkWriter, Wired};
 use toolrank_state::Lease;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -55,6 +55,8 @@ pub enum Error {
     Merge { shard: String, a: String, b: String },
     #[error(transparent)]
     DeadLetters(#[from] toolrank_dead_letters::Error),
+    #[error("stopped at a gap: {0} (read on from the oldest record with --on-gap skip, then backfill from the table to fill the gap: docs/operations.md, Runbooks, Gaps)")]
+    Gap(String),
 }
 
 impl From<toolrank_dynamodb::Error> for Error {
@@ -109,6 +111,8 @@ struct Tree {
     /// is read at once).
     caught_up: HashMap<String, Instant>,
     dirty: bool,
+    /// Why the tree stopped (a trimmed position under `--on-gap stop`): it is read no more.
+    stopped: Option<String>,
 }
 
 /// Parent before child: a shard is read once its parents in the tree are done.
@@ -156,6 +160,10 @@ pub fn run<S: ShardSource>(config: Config, source: S, sinks: Vec<Wired>, stop: &
         last_balance: long_ago,
     };
     toolrank_live::run(&mut p, &mut writer, &pacing, stop)?;
+    let stopped: Vec<String> = p.trees.values().filter_map(|t| t.stopped.clone()).collect();
+    if !stopped.is_empty() {
+        return Err(Error::Gap(stopped.join("; ")));
+    }
     Ok(writer.into_summary())
 }
 
@@ -228,6 +236,10 @@ impl<S: ShardSource> toolrank_live::Source for Poller<S> {
         for shard in &self.listing {
             let root = &self.tree_of[&shard.id];
             if let Some(tree) = self.trees.get(root) {
+                if tree.stopped.is_some() {
+                    // Read no more: the rest of the input decides.
+                    continue;
+                }
                 let Some(pos) = tree.shards.get(&shard.id) else { return Ok(false) };
                 if !pos.done && !tree.caught_up.contains_key(&shard.id) {
                     return Ok(false);
@@ -403,6 +415,7 @@ impl<S: ShardSource> Poller<S> {
                 iterators: HashMap::new(),
                 caught_up: HashMap::new(),
                 dirty: false,
+                stopped: None,
             };
             tree.dirty = adopt_shards(&mut tree.shards, &root, &self.listing, &self.tree_of);
             info!(tree = root, generation = at.generation, shards = tree.shards.len(), "took a tree");
@@ -422,7 +435,7 @@ impl<S: ShardSource> Poller<S> {
     fn read_round(&mut self, writer: &mut SinkWriter) -> Result<usize, Error> {
         let mut total = 0;
         let Poller { source, trees, dead_letters, config, .. } = self;
-        for tree in trees.values_mut() {
+        for tree in trees.values_mut().filter(|t| t.stopped.is_none()) {
             let now = Instant::now();
             let ids: Vec<String> = tree
                 .shards
@@ -437,13 +450,22 @@ impl<S: ShardSource> Poller<S> {
                         let after = tree.shards[&id].seq.clone();
                         match writer.block_on(source.iterator(&id, after.as_deref())) {
                             Ok(it) => it,
-                            Err(SourceError::Trimmed(e)) => {
-                                // The records after our position are gone (older than the
-                                // stream's retention): resume at the oldest still there.
-                                warn!(shard = id, error = %e, "position trimmed; reading from the oldest record");
-                                writer.tally().retried_errors += 1;
-                                writer.block_on(source.iterator(&id, None))?
-                            }
+                            // The records after the position are gone (older than the
+                            // stream's retention): a gap.
+                            Err(SourceError::Trimmed(e)) => match config.live.on_gap {
+                                OnGap::Skip => {
+                                    warn!(shard = id, error = %e, "position trimmed; reading on from the oldest record (--on-gap skip)");
+                                    toolrank_live::count_gap(1);
+                                    writer.block_on(source.iterator(&id, None))?
+                                }
+                                OnGap::Stop => {
+                                    let at =
+                                        format!("shard {id} of {}: the records after the checkpoint's position were trimmed before they were read", tree.scope);
+                                    error!(shard = id, error = %e, "{at}; the shard's tree is stopped");
+                                    tree.stopped = Some(at);
+                                    break;
+                                }
+                            },
                             Err(e) => {
                                 writer.tally().retried_errors += 1;
                                 warn!(shard = id, error = %e, "getting a shard iterator failed; retrying");
@@ -479,7 +501,11 @@ impl<S: ShardSource> Poller<S> {
                         writer.tally().skipped_redeliveries += 1;
                         continue;
                     }
-                    match rec.apply(&mut tree.engine, writer.tally()) {
+                    let applied = match toolrank_live::oversized(rec.size(), config.live.max_record_bytes) {
+                        Some(reason) => Err(reason),
+                        None => rec.apply(&mut tree.engine, writer.tally()),
+                    };
+                    match applied {
                         Ok(Some(created)) => writer.observe(created),
                         Ok(None) => {}
                         Err(reason) => {

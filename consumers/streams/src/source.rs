@@ -29,6 +29,8 @@ pub trait StreamRecord {
     fn apply(&self, engine: &mut Engine, summary: &mut Summary) -> Result<Option<i64>, String>;
     /// Its text, for the dead-letter file.
     fn describe(&self) -> String;
+    /// Its size in bytes as the stream counts it, for `--max-record-bytes`.
+    fn size(&self) -> usize;
 }
 
 /// Why a shard iterator could not be used.

@@ -23,6 +23,50 @@ pub struct WriterConfig {
 pub struct LiveConfig {
     pub writer: WriterConfig,
     pub pacing: Pacing,
+    /// Records larger than this are dead-lettered before they are decoded ([`oversized`]).
+    pub max_record_bytes: usize,
+    /// What a unit does when its input no longer holds its checkpoint's position.
+    pub on_gap: OnGap,
+}
+
+/// What a unit does when its input no longer holds what follows its checkpoint: records
+/// were deleted by retention before they were read, or the input ends before the
+/// checkpoint's position (the topic was recreated, the state restored from elsewhere).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnGap {
+    /// The unit stops with an error that names it; the others go on (`--on-gap stop`).
+    #[default]
+    Stop,
+    /// The unit reads on from the oldest record its input holds; what was skipped is
+    /// logged and counted (`toolrank_source_gaps_total`) (`--on-gap skip`).
+    Skip,
+}
+
+impl std::str::FromStr for OnGap {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<OnGap, String> {
+        match s {
+            "stop" => Ok(OnGap::Stop),
+            "skip" => Ok(OnGap::Skip),
+            other => Err(format!("{other:?}: expected stop or skip")),
+        }
+    }
+}
+
+/// Counts records a unit skipped at a gap (`--on-gap skip`).
+pub fn count_gap(records: u64) {
+    toolrank_metrics::counter!("toolrank_source_gaps_total").increment(records);
+}
+
+/// DynamoDB's item limit (400 KB): the default for `--max-record-bytes`.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 400 * 1024;
+
+/// Why a record of `bytes` is refused under a limit of `max` (`--max-record-bytes`,
+/// `TOOLRANK_MAX_RECORD_BYTES`), if it is: one oversized record must not cost a
+/// consumer its memory or its decoder its time.
+pub fn oversized(bytes: usize, max: usize) -> Option<String> {
+    (bytes > max).then(|| format!("record of {bytes} bytes is larger than the limit of {max} (--max-record-bytes, TOOLRANK_MAX_RECORD_BYTES)"))
 }
 
 /// How often the loop's steps run.

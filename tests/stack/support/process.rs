@@ -155,3 +155,10 @@ pub fn count_after(text: &str, prefix: &str) -> u64 {
     let at = text.find(prefix).unwrap_or_else(|| panic!("{prefix:?} in {text}")) + prefix.len();
     text[at..].split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
 }
+
+/// Tests that load DynamoDB Local heavily and tests that count its rounds take turns: a
+/// round paced by DynamoDB's answers is slower while 200,000 items go in beside it.
+pub fn dynamodb_pace() -> std::sync::MutexGuard<'static, ()> {
+    static PACE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    PACE.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -52,7 +52,7 @@ fn main() {
         let (wall, start) = (Instant::now(), cpu());
         for event in &events {
             let parsed = Batch::parse(event.as_bytes()).expect("an event").expect("records");
-            let (items, by_bucket, _) = parsed.decode(buckets);
+            let (items, by_bucket, _) = parsed.decode(buckets, usize::MAX);
             for (b, indices) in by_bucket {
                 let engine = &mut engines[b as usize];
                 for i in indices {
