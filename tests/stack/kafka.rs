@@ -527,3 +527,56 @@ fn a_checkpoint_its_partition_no_longer_holds_stops_it_unless_gaps_are_skipped()
     assert!(summary.contains("reading on from offset 0 (--on-gap skip)"), "{summary}");
     live.assert_sinks_equal_replay(SEED, None);
 }
+
+/// A dead letter the broker does not take (here: its topic does not exist yet) is never
+/// lost: no checkpoint covers its record, the partition is read again from its
+/// checkpoint, and once the topic exists the letter is delivered and the sinks equal
+/// replay.
+#[test]
+fn a_dead_letter_not_delivered_is_sent_again_and_no_checkpoint_covers_it() {
+    let live = Live::new("1");
+    toolrank(&["produce", "--to", "dynamodb", "--table", &live.table, SEED]);
+    let input = live.dir.path().join("mixed.jsonl");
+    std::fs::write(&input, format!("{}not json\n", std::fs::read_to_string(SEED).unwrap())).unwrap();
+    toolrank(&["produce", "--topic", &live.topic, input.to_str().unwrap()]);
+    let missing = unique("dlq-not-yet");
+    let args = |extra: &[&'static str]| {
+        let mut args = live.consume_args(extra);
+        let at = args.iter().position(|a| *a == "--dead-letter-topic").unwrap() + 1;
+        args[at] = missing.as_str();
+        args
+    };
+    let consumer = Running::spawn(live.command().args(args(&[])).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()));
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !consumer.said().contains("reading it again from its checkpoint") {
+        assert!(Instant::now() < deadline, "{}", consumer.said());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    consumer.signal("-TERM");
+    let out = consumer.wait(COMMAND_LIMIT);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("a dead letter was not delivered"), "{said}");
+    let scope = format!("kafka/{}/{}/0", live.group, live.topic);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let position =
+        rt.block_on(async { toolrank_state::CheckpointStore::new(toolrank_dynamodb::client().await, "toolrank-state").position(&scope).await.unwrap() });
+    assert!(position.as_deref().is_none_or(|p| p.parse::<i64>().unwrap() <= 34), "the checkpoint covers the letter's record: {position:?}");
+
+    toolrank(&["setup", "--topic", &live.topic, "--dead-letter-topic", &missing, "--partitions", "1", "--table", &live.table]);
+    let out = live.toolrank(&args(&["--until-idle", "5"]));
+    let summary = String::from_utf8_lossy(&out.stderr);
+    assert!(summary.contains("1 dead-lettered"), "{summary}");
+    let consumer: BaseConsumer = toolrank_kafka::client_config(&env("TOOLRANK_KAFKA_BROKERS")).set("group.id", unique("dlq-reader")).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&missing, 0, Offset::Beginning).unwrap();
+    consumer.assign(&tpl).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let letter = loop {
+        if let Some(Ok(msg)) = consumer.poll(Duration::from_millis(200)) {
+            break msg.payload().unwrap().to_vec();
+        }
+        assert!(Instant::now() < deadline, "no dead letter");
+    };
+    assert_eq!(letter, b"not json");
+    live.assert_sinks_equal_replay(SEED, None);
+}

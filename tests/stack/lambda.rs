@@ -310,6 +310,8 @@ fn lambda_dead_letters_go_whole_to_sqs_and_never_into_the_log() {
 
     // A queue that does not exist: the letter is not sent, and the batch fails from it.
     let missing = format!("{queue}-missing");
+    // A Runtime API of its own: the first function's last poll for an event may outlive it.
+    let api = RuntimeApi::start();
     let function = Running::spawn(live.function(&api.address, "toolrank", &app, &[("TOOLRANK_DEAD_LETTER_QUEUE_URL", &missing)]).stderr(Stdio::null()));
     let second = bad("1001");
     let answer: serde_json::Value = serde_json::from_str(&api.invoke(event(&[lines[0], &second])).unwrap()).unwrap();

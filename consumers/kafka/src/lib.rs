@@ -25,8 +25,9 @@
 
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::DeliveryResult;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -89,7 +90,7 @@ struct Kafka {
     consumer: BaseConsumer<Rebalances>,
     /// The rebalance events already acted on.
     rebalances_seen: u64,
-    dead_letters: BaseProducer,
+    dead_letters: BaseProducer<Deliveries>,
     parts: BTreeMap<i32, Partition>,
     partition_count: i32,
     /// Since when only partitions this consumer does not own have lagged, at which
@@ -109,6 +110,39 @@ struct Rebalances {
 }
 
 impl ClientContext for Rebalances {}
+
+/// The dead letters that were not delivered: by source partition, the lowest source
+/// offset. A checkpoint must not cover them (`save`).
+#[derive(Default)]
+struct Deliveries {
+    failed: Mutex<BTreeMap<i32, i64>>,
+}
+
+impl Deliveries {
+    fn fail(&self, partition: i32, offset: i64) {
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        let lowest = failed.entry(partition).or_insert(offset);
+        *lowest = (*lowest).min(offset);
+    }
+
+    fn take(&self) -> BTreeMap<i32, i64> {
+        std::mem::take(&mut *self.failed.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    /// The source partition and offset of the letter.
+    type DeliveryOpaque = Box<(i32, i64)>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, source: Box<(i32, i64)>) {
+        if let Err((e, _)) = result {
+            warn!(partition = source.0, offset = source.1, error = %e, "a dead letter was not delivered");
+            self.fail(source.0, source.1);
+        }
+    }
+}
 
 impl ConsumerContext for Rebalances {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -209,7 +243,12 @@ pub fn run(config: Config, sinks: Vec<Wired>, stop: Arc<AtomicBool>) -> Result<S
     if partition_count == 0 {
         return Err(Error::NoTopic(config.topic.clone()));
     }
-    let dead_letters: BaseProducer = toolrank_kafka::client_config(&config.brokers).set("compression.type", "none").set("linger.ms", "5").create()?;
+    let dead_letters: BaseProducer<Deliveries> = toolrank_kafka::client_config(&config.brokers)
+        .set("compression.type", "none")
+        .set("linger.ms", "5")
+        // Within a checkpoint's wait for them (`save`): a letter not delivered by then failed.
+        .set("message.timeout.ms", "20000")
+        .create_with_context(Deliveries::default())?;
     let mut writer = SinkWriter::new(config.live.writer.clone(), format!("kafka/{}/{}/sink-writer", config.group, config.topic), sinks)?;
     let pacing = config.live.pacing.clone();
     let mut source =
@@ -557,7 +596,8 @@ impl Kafka {
             .insert(Header { key: "toolrank-source-topic", value: Some(self.config.topic.as_str()) })
             .insert(Header { key: "toolrank-source-partition", value: Some(partition.as_str()) })
             .insert(Header { key: "toolrank-source-offset", value: Some(offset.as_str()) });
-        let mut record = BaseRecord::<[u8], [u8]>::to(&self.config.dead_letter_topic).payload(payload).headers(headers);
+        let source = Box::new((msg.partition(), msg.offset()));
+        let mut record = BaseRecord::<[u8], [u8], Box<(i32, i64)>>::with_opaque_to(&self.config.dead_letter_topic, source).payload(payload).headers(headers);
         if let Some(k) = msg.key() {
             record = record.key(k);
         }
@@ -568,7 +608,8 @@ impl Kafka {
                     self.dead_letters.poll(Duration::from_millis(10));
                     record = Some(r);
                 } else {
-                    warn!(error = %e, "could not dead-letter a record");
+                    warn!(partition = msg.partition(), offset = msg.offset(), error = %e, "could not dead-letter a record");
+                    self.dead_letters.context().fail(msg.partition(), msg.offset());
                 }
             }
         }
@@ -578,8 +619,21 @@ impl Kafka {
     /// `wait`), then commits the offsets saved. Saves run on the runtime's worker: one
     /// started at a round is collected at a later one, or at once with `wait`.
     fn save(&mut self, writer: &mut SinkWriter, wait: bool) -> Result<(), Error> {
-        // The dead letters of the offsets a checkpoint covers are delivered before it.
-        self.dead_letters.flush(Duration::from_secs(30))?;
+        // The dead letters of the offsets a checkpoint covers are delivered before it: a
+        // partition whose letter failed is read again from its checkpoint instead, so the
+        // letter is sent again.
+        if let Err(e) = self.dead_letters.flush(Duration::from_secs(30)) {
+            warn!(error = %e, "dead letters are still in flight; checkpointing at the next turn");
+            return Ok(());
+        }
+        for (p, offset) in self.dead_letters.context().take() {
+            let Some(part) = self.parts.get_mut(&p) else { continue };
+            warn!(partition = p, offset, "a dead letter of this partition was not delivered: reading it again from its checkpoint");
+            // A save in flight covers only letters delivered before it: it may land.
+            writer.saved(&mut part.saving, true);
+            self.release(writer, p);
+            self.adopt(writer, p)?;
+        }
         let mut fenced = Vec::new();
         // One new save per round unless `wait`: the one saved longest ago. Serializing a
         // partition's changes (now and then its whole state) takes milliseconds to tens

@@ -28,8 +28,8 @@
 //! - **Sinks.** After appending, the invocation takes the sink lease, brings its copy of
 //!   every bucket to the log heads, writes what changed to DynamoDB and Valkey, and gives
 //!   the lease up. The last writer has seen every append before it, so the sinks end at
-//!   the final state. A failed write fails the batch's first record: the retry is stale
-//!   everywhere and writes the sinks again.
+//!   the final state. A failed write does not fail the batch (its records are saved in
+//!   the logs): the next write, a later invocation's or the scheduled flush's, catches up.
 
 use aws_lambda_events::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
 use base64::Engine as _;
@@ -299,10 +299,11 @@ impl Handler {
             invocation.give_up();
         }
         // Lambda retries from the earliest record reported, in the event's order.
-        let mut earliest_failed = invocation.failed.iter().map(|&(_, first)| items[first].index).chain(unsent).min();
+        let earliest_failed = invocation.failed.iter().map(|&(_, first)| items[first].index).chain(unsent).min();
+        // What was appended is saved: the sinks catch up at the next write (a later
+        // invocation's, or the scheduled flush), so a sink outage does not retry the batch.
         if self.writer.has_sinks() && self.sinks_due() && !self.write_sinks(false) {
-            warn!("the sinks were not written; the batch is retried");
-            earliest_failed = Some(0);
+            warn!("the sinks were not written; the next write or the scheduled flush writes them");
         }
         if let Some(index) = earliest_failed.filter(|_| !batch.is_empty()) {
             outcome.failures.push(batch.id(index));
