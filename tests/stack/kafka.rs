@@ -580,3 +580,135 @@ fn a_dead_letter_not_delivered_is_sent_again_and_no_checkpoint_covers_it() {
     assert_eq!(letter, b"not json");
     live.assert_sinks_equal_replay(SEED, None);
 }
+
+/// The sink holder's DynamoDB requests stall in the network mid-stream (a sink round,
+/// its lease renewal) until the other consumer has taken the sink lease and written;
+/// then they arrive. The table refuses the late round (its fencing token is older than
+/// the one claimed since), the deposed holder counts it, and both sinks equal replay
+/// while both consumers still run. (Valkey's refusal of a late transaction is shown in
+/// `sinks::a_write_carrying_an_older_fencing_token_is_refused_by_both_sinks`.)
+#[test]
+fn a_deposed_sink_holders_late_writes_are_refused_and_the_sinks_stay_exact() {
+    let _pace = dynamodb_pace();
+    let valkey_url = env("TOOLRANK_VALKEY_URL");
+    let live = Live::new("2");
+    let history = generated(&live, "6000", "29");
+    // Each consumer reaches DynamoDB through a proxy of its own.
+    let consumer = |id: &str| {
+        let dynamodb = FaultyProxy::start(&env("AWS_ENDPOINT_URL_DYNAMODB"));
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let mut cmd = live.command();
+        cmd.env("AWS_ENDPOINT_URL_DYNAMODB", &dynamodb.url).args([
+            "consume",
+            "kafka",
+            "--topic",
+            &live.topic,
+            "--group",
+            &live.group,
+            "--dead-letter-topic",
+            &live.dlq,
+            "--table",
+            &live.table,
+            "--namespace",
+            &live.namespace,
+            "--today",
+            TODAY,
+            "--lease-secs",
+            "5",
+            "--checkpoint-secs",
+            "1",
+            "--dynamodb-flush-ms",
+            "200",
+            "--dynamodb-writes-per-event",
+            "0",
+            "--dynamodb-max-defer-ms",
+            "0",
+            "--valkey-url",
+            &valkey_url,
+            "--metrics-addr",
+            &metrics,
+            "--id",
+            id,
+        ]);
+        (Running::spawn(cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped())), metrics, dynamodb)
+    };
+    let holds = |c: &Running| c.said().matches("took the sink lease").count() > c.said().matches("lost the sink lease").count();
+    let producer = live.producer("1500", &history);
+    let a = consumer("a");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !holds(&a.0) {
+        assert!(Instant::now() < deadline, "a never took the sink lease: {}", a.0.said());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let b = consumer("b");
+    // The group settles (both own a partition) and one of them holds the lease.
+    while !(b.0.said().contains("checkpoint claimed") && holds(&a.0) != holds(&b.0)) {
+        assert!(Instant::now() < deadline, "the group never settled:\n{}\n{}", a.0.said(), b.0.said());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let (holder, other) = if holds(&a.0) { (&a, &b) } else { (&b, &a) };
+    // The holder's lease (5 s) lapses while its requests wait; the other takes it within
+    // a second and writes. The hold stays under the SDK's 10 s attempt timeout: the
+    // holder is still waiting for its replies when its requests arrive.
+    holder.2.hold(true);
+    std::thread::sleep(Duration::from_millis(9500));
+    holder.2.hold(false);
+    assert!(holds(&other.0), "the other consumer took the sink lease:\n{}", other.0.said());
+    assert!(producer.wait(COMMAND_LIMIT).status.success());
+    // Exact while both still run, within seconds of the input's end.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let exact = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| live.assert_sinks_equal_replay(&history, Some(&valkey_url))));
+        match exact {
+            Ok(()) => break,
+            Err(e) if Instant::now() >= deadline => {
+                eprintln!("a:\n{}\nb:\n{}", a.0.said(), b.0.said());
+                std::panic::resume_unwind(e)
+            }
+            Err(_) => std::thread::sleep(Duration::from_secs(1)),
+        }
+    }
+    let counter = "toolrank_sink_fenced_writes_total{sink=\"dynamodb\"} ";
+    let metrics = scrape(&holder.1);
+    assert!(
+        metrics.contains(counter) && count_after(&metrics, counter) >= 1,
+        "the deposed holder's late round was refused and counted:\n{}\n{metrics}",
+        holder.0.said()
+    );
+    for consumer in [a, b] {
+        consumer.0.signal("-TERM");
+        let out = consumer.0.wait(COMMAND_LIMIT);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    live.assert_sinks_equal_replay(&history, Some(&valkey_url));
+}
+
+/// DynamoDB answers every request with a throttle or a server error for 40 s (longer than
+/// any one retry loop) while a second member joins the group: neither exits, the
+/// partitions whose checkpoints cannot be claimed wait paused, and once DynamoDB answers
+/// again both sinks equal replay.
+#[test]
+fn a_member_joining_while_dynamodb_fails_waits_for_its_claims_and_nobody_exits() {
+    let _pace = dynamodb_pace();
+    let proxy = FaultyProxy::start(&env("AWS_ENDPOINT_URL_DYNAMODB"));
+    let live = Live::with_env("4", vec![("AWS_ENDPOINT_URL_DYNAMODB", proxy.url.clone())]);
+    let history = generated(&live, "3000", "31");
+    let producer = live.producer("2000", &history);
+    let a = live.consumer(&["--id", "a", "--until-idle", "15"]);
+    std::thread::sleep(Duration::from_secs(4));
+    proxy.fail(true);
+    std::thread::sleep(Duration::from_secs(2));
+    let b = live.consumer(&["--id", "b", "--until-idle", "15"]);
+    std::thread::sleep(Duration::from_secs(38));
+    assert!(!a.said().contains("Error:") && !b.said().contains("Error:"), "nobody gave up:\n{}\n{}", a.said(), b.said());
+    proxy.fail(false);
+    assert!(producer.wait(COMMAND_LIMIT).status.success());
+    for consumer in [a, b] {
+        let out = consumer.wait(COMMAND_LIMIT);
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{log}");
+    }
+    assert!(proxy.refused.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    live.assert_sinks_equal_replay(&history, None);
+}

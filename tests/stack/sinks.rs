@@ -246,3 +246,67 @@ fn valkey_sink_writes_only_differences_and_holds_what_a_full_write_holds() {
     }
     assert_eq!(held.2, expected.2, "each domain's ranking");
 }
+
+/// Two writers of one table and one Valkey namespace hold the sink lease in turn: the
+/// first (fencing token 7) writes, plans its next write, and is deposed before that
+/// write arrives; the second (token 8) writes the newer figures. The late write is
+/// refused by both sinks, which keep the newer figures.
+#[test]
+fn a_write_carrying_an_older_fencing_token_is_refused_by_both_sinks() {
+    use toolrank_sink_dynamodb::{DynamoSink, Namespace};
+    use toolrank_sink_valkey::ValkeySink;
+    let url = env("TOOLRANK_VALKEY_URL");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.jsonl");
+    toolrank(&["generate", "--sessions", "300", "--seed", "37", "--agents", "30", "--out", path.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let engine_of = |upto: usize| {
+        let mut engine = toolrank_engine::Engine::new();
+        apply_lines(&mut engine, &lines[..upto]);
+        engine.flush();
+        engine
+    };
+    let (first, stale, last) = (engine_of(lines.len() / 3), engine_of(lines.len() * 2 / 3), engine_of(lines.len()));
+    let today = toolrank_events::Day::parse_iso(TODAY).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _inside = rt.enter();
+    let client = rt.block_on(toolrank_dynamodb::client());
+    let (table, reference) = (unique("Fenced"), unique("Reference"));
+    for t in [&table, &reference] {
+        rt.block_on(toolrank_dynamodb::create_table(&client, t, false)).unwrap();
+    }
+    let namespace = Namespace::Shadow("fenced".into());
+    let (prefix, reference_prefix) = (unique("vfenced"), unique("vreference"));
+    let mut deposed: [Box<dyn toolrank_sink::AnySink>; 2] =
+        [Box::new(DynamoSink::in_namespace(client.clone(), table.clone(), namespace.clone())), Box::new(ValkeySink::new(&url, prefix.as_str()).unwrap())];
+    let mut holder: [Box<dyn toolrank_sink::AnySink>; 2] =
+        [Box::new(DynamoSink::in_namespace(client.clone(), table.clone(), namespace.clone())), Box::new(ValkeySink::new(&url, prefix.as_str()).unwrap())];
+    for (old, new) in deposed.iter_mut().zip(holder.iter_mut()) {
+        old.hold(7);
+        let plan = old.plan(&first, &first.everything(), today).unwrap();
+        old.send(plan).unwrap();
+        let late = old.plan(&stale, &stale.everything(), today).unwrap();
+        new.hold(8);
+        let plan = new.plan(&last, &last.everything(), today).unwrap();
+        new.send(plan).unwrap();
+        let refused = old.send(late).unwrap_err();
+        assert!(refused.fenced, "{} refused the late write as fenced: {refused}", old.name());
+    }
+    // What an unfenced writer makes of the newest figures.
+    let mut plain = DynamoSink::in_namespace(client.clone(), reference.clone(), namespace.clone());
+    rt.block_on(plain.write(&last, &last.everything(), today)).unwrap();
+    ValkeySink::new(&url, reference_prefix.as_str()).unwrap().write(&last, &last.everything()).unwrap();
+    let read = |t: &str| {
+        let (mut agents, mut patterns) = rt.block_on(toolrank_sink_dynamodb::read_table(&client, t, &namespace, &[])).unwrap();
+        agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+        patterns.sort_by_cached_key(|p| format!("{p:?}"));
+        (agents, patterns)
+    };
+    assert_eq!(read(&table), read(&reference), "DynamoDB holds the newest figures");
+    let domains: Vec<String> = last.build_report(today).agents.iter().map(|a| a.domain_id.clone()).collect();
+    assert_eq!(valkey_holds(&url, &prefix, &domains), valkey_holds(&url, &reference_prefix, &domains), "Valkey holds the newest figures");
+    for t in [&table, &reference] {
+        rt.block_on(client.delete_table().table_name(t).send()).unwrap();
+    }
+}

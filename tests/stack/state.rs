@@ -97,3 +97,32 @@ fn owned_checkpoints_append_with_their_position_and_rebase_whole() {
         assert_eq!((log.base, log.deltas), (b"state".to_vec(), vec![d(4)]));
     });
 }
+
+/// Every take of a lease by a new holder increments its generation, a renewal keeps it,
+/// and a holder renewing a generation taken over since learns it lost the lease: the
+/// generation is the fencing token the sinks compare.
+#[test]
+fn a_lease_hands_every_new_holder_a_larger_generation() {
+    use toolrank_state::{Lease, Taken};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = toolrank_dynamodb::client().await;
+        let table = unique("state");
+        toolrank_state::create_state_table(&client, &table).await.unwrap();
+        let lease = |owner: &str, ms: u64| Lease::new(client.clone(), table.clone(), "kafka/g/t/sink-writer", owner, std::time::Duration::from_millis(ms));
+        let (a, b) = (lease("a", 400), lease("b", 400));
+        let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let Some(Taken { continued: false, generation: first }) = a.take(None).await.unwrap() else { panic!("a takes a new lease") };
+        // A new lease item starts at the clock: a state table made anew still orders later holders after earlier ones.
+        assert!(first > started, "{first} after {started}");
+        assert_eq!(a.take(Some(first)).await.unwrap(), Some(Taken { continued: true, generation: first }), "a renewal keeps the generation");
+        assert_eq!(b.take(None).await.unwrap(), None, "held by a");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert_eq!(b.take(None).await.unwrap(), Some(Taken { continued: false, generation: first + 1 }), "b takes the lapsed lease over");
+        assert_eq!(a.take(Some(first)).await.unwrap(), None, "a's renewal finds b's generation: lost");
+        b.release().await.unwrap();
+        assert_eq!(a.take(None).await.unwrap(), Some(Taken { continued: false, generation: first + 2 }), "a again, after b");
+        assert_eq!(a.take(None).await.unwrap(), Some(Taken { continued: true, generation: first + 3 }), "a take that is not a renewal always moves on");
+        client.delete_table().table_name(&table).send().await.unwrap();
+    });
+}

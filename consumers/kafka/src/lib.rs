@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use toolrank_engine::Engine;
+use toolrank_live::Backoff;
 pub use toolrank_live::Summary;
 use toolrank_live::{apply_line, LiveConfig, LogHead, OnGap, Saving, SinkWriter, Source, Wired};
 use tracing::{debug, error, info, warn};
@@ -98,6 +99,9 @@ struct Kafka {
     stranded: Option<(Instant, Vec<(i32, i64)>)>,
     /// Partitions let go after a fence, and when, until a rebalance or `RECLAIM_AFTER`.
     fenced: BTreeMap<i32, Instant>,
+    /// Assigned partitions whose checkpoint could not be claimed yet (the state table
+    /// failed): paused, claimed again when their backoff is over, while the others go on.
+    unclaimed: BTreeMap<i32, (Instant, Backoff)>,
 }
 
 /// Records the group's rebalances as rdkafka reports them (see `sync_assignment`).
@@ -251,8 +255,17 @@ pub fn run(config: Config, sinks: Vec<Wired>, stop: Arc<AtomicBool>) -> Result<S
         .create_with_context(Deliveries::default())?;
     let mut writer = SinkWriter::new(config.live.writer.clone(), format!("kafka/{}/{}/sink-writer", config.group, config.topic), sinks)?;
     let pacing = config.live.pacing.clone();
-    let mut source =
-        Kafka { config, consumer, rebalances_seen: 0, dead_letters, parts: BTreeMap::new(), partition_count, stranded: None, fenced: BTreeMap::new() };
+    let mut source = Kafka {
+        config,
+        consumer,
+        rebalances_seen: 0,
+        dead_letters,
+        parts: BTreeMap::new(),
+        partition_count,
+        stranded: None,
+        fenced: BTreeMap::new(),
+        unclaimed: BTreeMap::new(),
+    };
     let result = toolrank_live::run(&mut source, &mut writer, &pacing, &stop);
     let stopped = source.stopped();
     leave_group(source.consumer);
@@ -391,6 +404,7 @@ impl Kafka {
         // a rebalance (its callbacks run inside `poll`, before any message it lets through).
         let events = self.consumer.context().events.load(Ordering::SeqCst);
         if events == self.rebalances_seen {
+            self.claim_due(writer)?;
             return self.reclaim_fenced(writer);
         }
         self.rebalances_seen = events;
@@ -401,24 +415,55 @@ impl Kafka {
         let revoked = std::mem::take(&mut *self.consumer.context().revoked.lock().unwrap_or_else(|e| e.into_inner()));
         let assigned: Vec<i32> = self.consumer.assignment()?.elements().iter().filter(|e| e.topic() == self.config.topic).map(|e| e.partition()).collect();
         let gone: Vec<i32> = self.parts.keys().filter(|p| revoked.contains(p) || !assigned.contains(p)).copied().collect();
+        self.unclaimed.retain(|p, _| assigned.contains(p));
         for p in gone {
             self.release(writer, p);
             info!(partition = p, "partition revoked");
         }
         for p in assigned {
-            if !self.parts.contains_key(&p) {
-                self.adopt(writer, p)?;
+            if !self.parts.contains_key(&p) && !self.unclaimed.contains_key(&p) {
                 info!(partition = p, "partition assigned");
+                self.adopt(writer, p)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Claims the assigned partitions whose last claim failed and whose backoff is over.
+    fn claim_due(&mut self, writer: &mut SinkWriter) -> Result<(), Error> {
+        let due: Vec<i32> = self.unclaimed.iter().filter(|(_, (at, _))| Instant::now() >= *at).map(|(&p, _)| p).collect();
+        for p in due {
+            self.adopt(writer, p)?;
+        }
+        Ok(())
+    }
+
+    /// Pauses or resumes fetching partition `p`.
+    fn pause(&self, p: i32, on: bool) -> Result<(), Error> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.config.topic, p);
+        match on {
+            true => self.consumer.pause(&tpl)?,
+            false => self.consumer.resume(&tpl)?,
         }
         Ok(())
     }
 
     /// Claims partition `p`'s checkpoint and owns it from the checkpoint's position on:
     /// the consumer seeks there (the group's committed offset may lie before or after it),
-    /// unless the partition no longer holds it (a gap, see [`gap_of`]).
+    /// unless the partition no longer holds it (a gap, see [`gap_of`]). A claim the state
+    /// table failed leaves the partition paused, to be claimed again after a jittered
+    /// backoff: the consumer reads its other partitions meanwhile and stays in the group.
     fn adopt(&mut self, writer: &mut SinkWriter, p: i32) -> Result<(), Error> {
-        let (engine, position, at) = writer.claim(&scope(&self.config, p))?;
+        let Some((engine, position, at)) = writer.claim(&scope(&self.config, p))? else {
+            let (next, backoff) =
+                self.unclaimed.entry(p).or_insert_with(|| (Instant::now(), Backoff::new(Duration::from_millis(200), Duration::from_secs(10))));
+            *next = Instant::now() + backoff.next_delay();
+            return self.pause(p, true);
+        };
+        if self.unclaimed.remove(&p).is_some() {
+            self.pause(p, false)?;
+        }
         let mut next_offset = position.as_deref().and_then(|p| p.parse().ok()).unwrap_or(0);
         info!(partition = p, generation = at.generation, deltas = at.head.saturating_sub(at.base_at), next_offset, "checkpoint claimed");
         let mut stopped = None;
@@ -444,9 +489,7 @@ impl Kafka {
             Err(e) => warn!(partition = p, error = %e, "could not read the watermarks to check the checkpoint's position"),
         }
         if stopped.is_some() {
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&self.config.topic, p);
-            self.consumer.pause(&tpl)?;
+            self.pause(p, true)?;
         }
         self.parts.insert(
             p,

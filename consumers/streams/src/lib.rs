@@ -404,7 +404,14 @@ impl<S: ShardSource> Poller<S> {
                     continue;
                 }
             }
-            let (engine, position, at) = writer.claim(&scope)?;
+            // A claim the state table failed is tried again at the next round: the
+            // lease goes back meanwhile, for whichever poller gets there first.
+            let Some((engine, position, at)) = writer.claim(&scope)? else {
+                if let Err(e) = writer.call("releasing a tree lease", lease.release()) {
+                    warn!(tree = root, error = %e, "could not release a tree lease; it lapses by itself");
+                }
+                continue;
+            };
             let mut tree = Tree {
                 scope,
                 lease,

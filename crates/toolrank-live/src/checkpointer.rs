@@ -7,7 +7,8 @@ use crate::config::WriterConfig;
 use crate::deadline::CALL_DEADLINE;
 use crate::merged::Merged;
 use crate::summary::Summary;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use toolrank_engine::{Engine, StateStats};
 use toolrank_state::{CheckpointStore, LogHead};
@@ -22,6 +23,8 @@ pub struct Saving {
     scope: String,
     /// The input position it covers.
     position: String,
+    /// The changes an append carries, kept for the next save if this one fails.
+    deltas: Arc<Vec<Vec<u8>>>,
     bytes: usize,
     /// The whole state, or an append of what changed.
     whole: bool,
@@ -36,13 +39,23 @@ pub(crate) struct Checkpointer {
     /// Owned units whose changes since their last save are not all tracked any more (a
     /// save failed after taking them): their next save is whole.
     untracked: HashSet<String>,
+    /// The changes of appends that failed, by unit: the next save carries them before its
+    /// own, so a state table that throttles costs the same appends again, not snapshots.
+    unsaved: HashMap<String, Vec<Vec<u8>>>,
     /// When the state's size was last measured.
     state_recorded: Option<Instant>,
 }
 
 impl Checkpointer {
     pub(crate) fn new(store: CheckpointStore, config: &WriterConfig) -> Checkpointer {
-        Checkpointer { store, owner: config.owner.clone(), horizon: config.tombstone_horizon, untracked: HashSet::new(), state_recorded: None }
+        Checkpointer {
+            store,
+            owner: config.owner.clone(),
+            horizon: config.tombstone_horizon,
+            untracked: HashSet::new(),
+            unsaved: HashMap::new(),
+            state_recorded: None,
+        }
     }
 
     pub(crate) fn store(&self) -> &CheckpointStore {
@@ -52,6 +65,7 @@ impl Checkpointer {
     /// A unit just claimed: its changes are tracked from its checkpoint on.
     pub(crate) fn claimed(&mut self, scope: &str) {
         self.untracked.remove(scope);
+        self.unsaved.remove(scope);
     }
 
     /// Starts saving a unit's checkpoint on the runtime's worker: what changed since the
@@ -76,15 +90,20 @@ impl Checkpointer {
         // Past this, the delta would not fit one append or would make the log due for a
         // new base: it is not even serialized.
         let limit = (DELTAS_PER_APPEND * DELTA_BYTES).min(at.base_bytes.max(COMPACT_MIN_BYTES).saturating_sub(at.log_bytes) as usize);
+        // A failed append's changes go first, in the order they were taken.
+        let unsaved = self.unsaved.remove(scope).unwrap_or_default();
+        let unsaved_bytes: usize = unsaved.iter().map(Vec::len).sum();
         let deltas = match self.untracked.contains(scope) {
             true => None,
-            false => engine.delta_within(DELTA_BYTES, limit),
+            false => engine.delta_within(DELTA_BYTES, limit.saturating_sub(unsaved_bytes)).map(|new| unsaved.into_iter().chain(new).collect::<Vec<_>>()),
         };
         let bytes: usize = deltas.iter().flatten().map(Vec::len).sum();
         let deltas = deltas.filter(|d| d.len() <= DELTAS_PER_APPEND && !at.compaction_due(d.len(), bytes as u64, COMPACT_MIN_BYTES));
         let whole = deltas.is_none();
-        let deltas = deltas.unwrap_or_default();
-        // Taken: a failed save makes the next one whole (see `saved`).
+        let deltas = Arc::new(deltas.unwrap_or_default());
+        let carried = deltas.clone();
+        // Taken: a failed append hands its changes to the next save, a failed whole save
+        // makes the next one whole (see `collect`).
         engine.delta_saved();
         let state = whole.then(|| {
             // A snapshot flushes the unit's pending changes into its own aggregates; they
@@ -100,7 +119,7 @@ impl Checkpointer {
                 match state {
                     Some(state) => store.save(&scope_, &owner, at.generation, &position_, &state).await,
                     None => {
-                        let head = store.append_owned(&scope_, &owner, &position_, at.head, &deltas).await?;
+                        let head = store.append_owned(&scope_, &owner, &position_, at.head, &carried).await?;
                         Ok(LogHead { head, log_bytes: at.log_bytes + bytes as u64, ..at })
                     }
                 }
@@ -111,7 +130,7 @@ impl Checkpointer {
             }
         });
         summary.checkpoint_ms += started.elapsed().as_millis() as u64;
-        Saving { task, scope: scope.to_owned(), position: position.to_owned(), bytes, whole, started }
+        Saving { task, scope: scope.to_owned(), position: position.to_owned(), deltas, bytes, whole, started }
     }
 
     /// Records the size of the state of the units this consumer owns (after a
@@ -172,10 +191,18 @@ impl Checkpointer {
             }
             Err(e @ toolrank_dynamodb::Error::Fenced(_)) => Err(e),
             Err(e) => {
-                // Whether it was written is unknown, and the changes it carried are no
-                // longer tracked: the next save is whole. (A whole save that did land
-                // after all makes that one fail as `Fenced`, as before appends existed.)
-                self.untracked.insert(s.scope.clone());
+                // Whether it was written is unknown. A failed append's changes go into the
+                // next save; a failed whole save's are no longer tracked: the next is
+                // whole. (A save that did land after all makes the next one fail as
+                // `Fenced`: the log's head moved; the unit is claimed again from it.)
+                match s.whole {
+                    true => {
+                        self.untracked.insert(s.scope.clone());
+                    }
+                    false => {
+                        self.unsaved.insert(s.scope.clone(), Arc::unwrap_or_clone(s.deltas));
+                    }
+                }
                 summary.retried_errors += 1;
                 warn!(scope = s.scope, error = %e, "checkpoint failed; retrying at the next interval");
                 Ok(None)

@@ -4,11 +4,11 @@
 
 use crate::deadline::within;
 use std::time::{Duration, Instant};
-use toolrank_state::Lease;
+use toolrank_state::{Lease, Taken};
 use tracing::warn;
 
 /// A renewal of the lease: what [`Lease::take`] returns.
-type Renewal = tokio::task::JoinHandle<Result<Option<bool>, toolrank_dynamodb::Error>>;
+type Renewal = tokio::task::JoinHandle<Result<Option<Taken>, toolrank_dynamodb::Error>>;
 
 /// What a turn did to the lease.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +27,9 @@ pub(crate) struct SinkLease {
     lease: Lease,
     duration: Duration,
     held: bool,
+    /// The fencing token of the lease as last taken or renewed: the sinks refuse writes
+    /// carrying an older one.
+    generation: Option<u64>,
     /// When the lease was last renewed (when that renewal was sent).
     renewed: Instant,
     /// A renewal running beside the loop, and when it was sent.
@@ -35,11 +38,16 @@ pub(crate) struct SinkLease {
 
 impl SinkLease {
     pub(crate) fn new(lease: Lease, duration: Duration) -> SinkLease {
-        SinkLease { lease, duration, held: false, renewed: Instant::now(), renewal: None }
+        SinkLease { lease, duration, held: false, generation: None, renewed: Instant::now(), renewal: None }
     }
 
     pub(crate) fn held(&self) -> bool {
         self.held
+    }
+
+    /// The fencing token of the lease as this writer last held it.
+    pub(crate) fn generation(&self) -> Option<u64> {
+        self.generation
     }
 
     /// Takes or renews the lease. A failed call counts in `retried`; then the lease is
@@ -55,7 +63,10 @@ impl SinkLease {
         let held = match taken {
             Ok(taken) => {
                 self.renewed = sent;
-                continued = taken == Some(true);
+                continued = taken.is_some_and(|t| t.continued);
+                if let Some(t) = taken {
+                    self.generation = Some(t.generation);
+                }
                 taken.is_some()
             }
             Err(e) => {
@@ -75,21 +86,29 @@ impl SinkLease {
 
     /// The outcome of a take or renewal, with when it was sent; `None` while a renewal
     /// runs and need not be waited for.
-    fn outcome(&mut self, rt: &tokio::runtime::Runtime) -> Option<(Instant, Result<Option<bool>, toolrank_dynamodb::Error>)> {
-        if !self.held {
+    fn outcome(&mut self, rt: &tokio::runtime::Runtime) -> Option<(Instant, Result<Option<Taken>, toolrank_dynamodb::Error>)> {
+        let held = self.generation.filter(|_| self.held);
+        if held.is_none() {
             self.settle(rt);
-            return Some((Instant::now(), within(rt, "taking the sink lease", self.lease.take())));
+            return Some((Instant::now(), within(rt, "taking the sink lease", self.lease.take(None))));
         }
         let due = self.renewed.elapsed() >= self.duration / 2;
         if let Some((sent, task)) = self.renewal.take_if(|(_, task)| due || task.is_finished()) {
-            return Some((sent, join(rt, task)));
+            let renewed = join(rt, task);
+            if let Ok(Some(taken)) = renewed {
+                // The next one goes out now: a renewal is always on its way, so a slow
+                // state table has the whole lease to answer before it lapses.
+                let lease = self.lease.clone();
+                self.renewal = Some((Instant::now(), rt.spawn(async move { lease.take(Some(taken.generation)).await })));
+            }
+            return Some((sent, renewed));
         }
         if due {
-            return Some((Instant::now(), within(rt, "renewing the sink lease", self.lease.take())));
+            return Some((Instant::now(), within(rt, "renewing the sink lease", self.lease.take(held))));
         }
         if self.renewal.is_none() {
             let lease = self.lease.clone();
-            self.renewal = Some((Instant::now(), rt.spawn(async move { lease.take().await })));
+            self.renewal = Some((Instant::now(), rt.spawn(async move { lease.take(held).await })));
         }
         None
     }
@@ -125,7 +144,7 @@ impl SinkLease {
 
 /// A renewal's outcome, waited for up to the call deadline; one still running then is
 /// aborted (a late one must not renew a lease given up meanwhile).
-fn join(rt: &tokio::runtime::Runtime, mut task: Renewal) -> Result<Option<bool>, toolrank_dynamodb::Error> {
+fn join(rt: &tokio::runtime::Runtime, mut task: Renewal) -> Result<Option<Taken>, toolrank_dynamodb::Error> {
     let joined = within(rt, "renewing the sink lease", async { (&mut task).await.expect("a lease renewal does not panic") });
     task.abort();
     joined

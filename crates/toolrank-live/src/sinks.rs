@@ -70,6 +70,8 @@ pub(crate) struct Slot {
     writing: Option<Writing>,
     /// The sink must forget what it wrote once its running write returns.
     fence_on_return: bool,
+    /// The fencing token the sink takes once its running write returns.
+    token_on_return: Option<u64>,
     changes: ChangeSet,
     /// When its last round started.
     last: Instant,
@@ -97,6 +99,7 @@ impl Slot {
             sink: Some(wired.sink),
             writing: None,
             fence_on_return: false,
+            token_on_return: None,
             changes: ChangeSet::default(),
             last: Instant::now(),
             events_at_last: 0,
@@ -248,6 +251,11 @@ impl Scheduler {
         toolrank_metrics::histogram!("toolrank_sink_write_seconds", "sink" => slot.name).record((ended - writing.started).max(0) as f64 / 1000.0);
         let sent = match result {
             Ok(()) => true,
+            Err(e) if e.fenced => {
+                toolrank_metrics::counter!("toolrank_sink_fenced_writes_total", "sink" => slot.name).increment(1);
+                warn!(error = %e, "{} sink refused a write of this writer: another one holds the sink lease", slot.name);
+                false
+            }
             Err(e) => {
                 // What failed stays pending inside the sink.
                 warn!(error = %e, "{} sink write failed; retrying at the next flush", slot.name);
@@ -256,6 +264,9 @@ impl Scheduler {
         };
         if std::mem::take(&mut slot.fence_on_return) {
             sink.fence();
+        }
+        if let Some(generation) = slot.token_on_return.take() {
+            sink.hold(generation);
         }
         slot.stats = sink.stats();
         let ok = sent && !sink.pending();
@@ -279,6 +290,17 @@ impl Scheduler {
             match &mut slot.sink {
                 Some(sink) => sink.fence(),
                 None => slot.fence_on_return = true,
+            }
+        }
+    }
+
+    /// Gives every sink the sink lease's fencing token for its writes from now on (now,
+    /// or when its running write returns).
+    pub(crate) fn hold(&mut self, generation: u64) {
+        for slot in &mut self.slots {
+            match &mut slot.sink {
+                Some(sink) => sink.hold(generation),
+                None => slot.token_on_return = Some(generation),
             }
         }
     }

@@ -14,7 +14,6 @@ use crate::sinks::{Scheduler, Turn};
 use crate::summary::Summary;
 use crate::units::{apply_deltas, log_engine, restore, LogCatchUp};
 use std::time::{Duration, Instant};
-use toolrank_backoff::Backoff;
 use toolrank_engine::Engine;
 use toolrank_events::Day;
 use toolrank_sink::Wired;
@@ -113,30 +112,24 @@ impl SinkWriter {
         self.lease.held()
     }
 
-    /// Runs `f` until it succeeds, counting failures; gives up after 30 s (within Kafka's
-    /// poll interval). For what a consumer cannot go on without, like claiming a unit.
-    pub fn retrying<T>(&mut self, what: &str, mut f: impl FnMut(&SinkWriter) -> Result<T, toolrank_dynamodb::Error>) -> Result<T, Error> {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match f(self) {
-                Ok(v) => return Ok(v),
-                Err(e) if Instant::now() < deadline => {
-                    self.summary.retried_errors += 1;
-                    warn!(error = %e, "{what} failed; retrying");
-                    std::thread::sleep(backoff.next_delay());
-                }
-                Err(e) => return Err(e.into()),
+    /// Claims a unit's checkpoint for this consumer (fencing its previous owner) and
+    /// returns its engine (added to the merged one, tracking what changes for the next
+    /// save), its position, and where its log stands; `None` when the state table failed
+    /// the claim (counted), for a caller that goes on with its other units and tries
+    /// again later.
+    pub fn claim(&mut self, scope: &str) -> Result<Option<(Engine, Option<String>, LogHead)>, Error> {
+        match self.call("claiming a checkpoint", self.store().claim(scope, &self.config.owner)) {
+            Ok(ck) => self.adopt(scope, ck).map(Some),
+            Err(e) => {
+                self.summary.retried_errors += 1;
+                warn!(error = %e, "claiming {scope} failed; trying again later");
+                Ok(None)
             }
         }
     }
 
-    /// Claims a unit's checkpoint for this consumer (fencing its previous owner) and
-    /// returns its engine (added to the merged one, tracking what changes for the next
-    /// save), its position, and where its log stands.
-    pub fn claim(&mut self, scope: &str) -> Result<(Engine, Option<String>, LogHead), Error> {
-        let owner = self.config.owner.clone();
-        let ck = self.retrying(&format!("claiming {scope}"), |w| w.call("claiming a checkpoint", w.store().claim(scope, &owner)))?;
+    /// Restores a claimed checkpoint into a unit's engine and adds it to the merged one.
+    fn adopt(&mut self, scope: &str, ck: toolrank_state::Checkpoint) -> Result<(Engine, Option<String>, LogHead), Error> {
         let mut engine = restore(scope, &ck.state)?;
         apply_deltas(scope, &mut engine, &ck.deltas)?;
         engine.track_deltas();
@@ -238,7 +231,8 @@ impl SinkWriter {
     }
 
     /// Takes or renews the sink lease; whether it is held. On taking it after another
-    /// writer, the sinks are fenced (they compare in full at their next write); on losing
+    /// writer, the sinks are fenced (they compare in full at their next write); every
+    /// write they make carries the lease's fencing token (its generation); on losing
     /// it, the copies of others' units are dropped.
     fn take_lease(&mut self) -> bool {
         match self.lease.turn(&self.rt, &mut self.summary.retried_errors) {
@@ -253,6 +247,9 @@ impl SinkWriter {
                 self.merged.drop_copies();
             }
             Held::Still | Held::No => {}
+        }
+        if let Some(generation) = self.lease.generation().filter(|_| self.lease.held()) {
+            self.sinks.hold(generation);
         }
         self.lease.held()
     }

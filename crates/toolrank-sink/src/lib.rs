@@ -25,11 +25,18 @@ pub const SEND_DEADLINE: Duration = Duration::from_secs(40);
 pub struct Error {
     pub sink: &'static str,
     pub message: String,
+    /// The sink refused the write: a writer with a newer fencing token wrote since.
+    pub fenced: bool,
 }
 
 impl Error {
     pub fn new(sink: &'static str, error: impl std::fmt::Display) -> Error {
-        Error { sink, message: error.to_string() }
+        Error { sink, message: error.to_string(), fenced: false }
+    }
+
+    /// A write the sink refused for its stale fencing token.
+    pub fn fenced(sink: &'static str, error: impl std::fmt::Display) -> Error {
+        Error { fenced: true, ..Error::new(sink, error) }
     }
 }
 
@@ -91,6 +98,13 @@ pub trait Sink: Send + 'static {
     /// since. The next write compares with the sink.
     fn fence(&mut self);
 
+    /// Makes every write from now on carry the sink lease's fencing token `generation`.
+    /// The sink keeps the largest token it was written with and refuses a write that
+    /// carries a smaller one (a deposed holder's late write, [`Error::fenced`]); a writer
+    /// with a new token records it there before it reads what the sink holds. Writers
+    /// without a lease (a replay, a backfill) never call it and write unconditionally.
+    fn hold(&mut self, generation: u64);
+
     fn stats(&self) -> Stats;
 }
 
@@ -102,6 +116,7 @@ pub trait AnySink: Send {
     fn send(&mut self, request: Box<dyn Any + Send>) -> Result<(), Error>;
     fn pending(&self) -> bool;
     fn fence(&mut self);
+    fn hold(&mut self, generation: u64);
     fn stats(&self) -> Stats;
 }
 
@@ -129,6 +144,10 @@ impl<S: Sink> AnySink for S {
 
     fn fence(&mut self) {
         Sink::fence(self)
+    }
+
+    fn hold(&mut self, generation: u64) {
+        Sink::hold(self, generation)
     }
 
     fn stats(&self) -> Stats {

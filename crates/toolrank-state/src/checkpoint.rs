@@ -780,6 +780,15 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A lease taken or renewed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Taken {
+    /// This owner was its last holder: nobody held it in between.
+    pub continued: bool,
+    /// The fencing token: larger for every later holder.
+    pub generation: u64,
+}
+
 /// A time-limited exclusive role (e.g. the one consumer of a group that writes the
 /// sinks), held by renewing it before it expires; a dead holder's lease lapses.
 #[derive(Clone)]
@@ -811,35 +820,58 @@ impl Lease {
 
     /// Takes or renews the lease; `false` while another live owner holds it.
     pub async fn acquire(&self) -> Result<bool, Error> {
-        Ok(self.take().await?.is_some())
+        Ok(self.take(None).await?.is_some())
     }
 
-    /// Takes or renews the lease: `None` while another live owner holds it, else whether
-    /// this owner was its last holder (nobody held it in between).
-    pub async fn take(&self) -> Result<Option<bool>, Error> {
+    /// Takes the lease, or renews it when this owner holds it at generation `held`:
+    /// `None` while another live owner holds it (or took it since `held`).
+    ///
+    /// Every take that is not a renewal increments the lease's generation in the same
+    /// conditional write: a fencing token that orders the holders, so that a sink can
+    /// refuse a deposed holder's late write. A new lease item starts at the current time
+    /// in milliseconds, so a state table created anew still hands out larger tokens than
+    /// the one it replaced.
+    pub async fn take(&self, held: Option<u64>) -> Result<Option<Taken>, Error> {
         let now = now_ms();
         self.writes.fetch_add(1, Ordering::Relaxed);
-        let put = self
+        let update = self
             .client
-            .put_item()
+            .update_item()
             .table_name(&self.table)
-            .item("PK", s(&self.scope))
-            .item("SK", s("lease"))
-            .item("Owner", s(&self.owner))
-            .item("Expires", n(now + self.duration.as_millis() as u64))
-            .condition_expression("attribute_not_exists(PK) OR #o = :me OR #e < :now")
+            .key("PK", s(&self.scope))
+            .key("SK", s("lease"))
             .expression_attribute_names("#o", "Owner")
             .expression_attribute_names("#e", "Expires")
             .expression_attribute_values(":me", s(&self.owner))
-            .expression_attribute_values(":now", n(now))
-            .return_values(ReturnValue::AllOld)
-            .return_consumed_capacity(TOTAL)
-            .send()
-            .await;
-        match put {
+            .expression_attribute_values(":until", n(now + self.duration.as_millis() as u64))
+            .return_consumed_capacity(TOTAL);
+        let update = match held {
+            Some(generation) => update
+                .update_expression("SET #o = :me, #e = :until")
+                .condition_expression("#o = :me AND #g = :g")
+                .expression_attribute_names("#g", "Generation")
+                .expression_attribute_values(":g", n(generation))
+                .return_values(ReturnValue::None),
+            None => update
+                .update_expression("SET #o = :me, #e = :until, #g = if_not_exists(#g, :now) + :one")
+                .condition_expression("attribute_not_exists(PK) OR #o = :me OR #e < :now")
+                .expression_attribute_names("#g", "Generation")
+                .expression_attribute_values(":now", n(now))
+                .expression_attribute_values(":one", n(1))
+                .return_values(ReturnValue::AllOld),
+        };
+        match update.send().await {
             Ok(out) => {
                 self.units.add(out.consumed_capacity());
-                Ok(Some(out.attributes().and_then(|a| text(a, "Owner")) == Some(&self.owner)))
+                Ok(Some(match held {
+                    Some(generation) => Taken { continued: true, generation },
+                    // The item as it was: its owner, and the generation the write incremented.
+                    None => {
+                        let was = out.attributes();
+                        let generation = was.filter(|w| w.contains_key("Generation")).map_or(now, |w| number(w, "Generation")) + 1;
+                        Taken { continued: was.and_then(|w| text(w, "Owner")) == Some(&self.owner), generation }
+                    }
+                }))
             }
             Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(None),
             Err(e) => Err(aws(format!("taking the lease {}", self.scope))(e)),

@@ -5,7 +5,7 @@
 
 mod checkpoint;
 
-pub use checkpoint::{Checkpoint, CheckpointStore, Lease, Log, LogHead, COMPACT_MIN_BYTES, DELTAS_PER_APPEND, DELTA_BYTES};
+pub use checkpoint::{Checkpoint, CheckpointStore, Lease, Log, LogHead, Taken, COMPACT_MIN_BYTES, DELTAS_PER_APPEND, DELTA_BYTES};
 pub use toolrank_dynamodb::{Error, TableStatusReport};
 
 /// Creates the pipeline's state table unless it exists: `PK`/`SK` strings, on-demand,

@@ -23,10 +23,16 @@
 //! partition. Index reads are eventually consistent: a value a moment old only makes the
 //! next write compare with it, and writes are absolute.
 //!
+//! A writer holding the sink lease writes fenced ([`fence`]): it claims its token on a
+//! fence item before reading the table back, and each of its writes is a transaction
+//! checked against that item, so a deposed holder's late write is refused.
+//!
 //! A shadow namespace ([`Namespace::Shadow`], written by recomputations) keeps the same
 //! items under keys readers of the seed's access patterns never meet: `PK` and `GSI1_PK`
 //! prefixed `toolrank#NAME#`, agents at `SK = SCORE`. No such key parses as a hist or
 //! METADATA key, so they are no events if they come back through the stream.
+
+mod fence;
 
 use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, PutRequest, WriteRequest};
 use aws_sdk_dynamodb::Client;
@@ -57,6 +63,8 @@ pub enum Error {
     Aws(String),
     #[error("unreadable {what} item {key}: {reason}")]
     Item { what: &'static str, key: String, reason: String },
+    #[error("write refused: {0}")]
+    Fenced(String),
 }
 
 impl From<Error> for toolrank_dynamodb::Error {
@@ -136,15 +144,58 @@ const SHADOW_ENTITY: &str = "ToolrankScore";
 /// One agent write in flight (an UpdateItem or a DeleteItem).
 type Request = Pin<Box<dyn Future<Output = Result<(), WriteFailure>> + Send>>;
 
+/// One agent write: the pipeline's attributes of an item set or removed, or a shadow
+/// item deleted.
+enum AgentWrite {
+    Update(aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder),
+    Delete(aws_sdk_dynamodb::operation::delete_item::builders::DeleteItemFluentBuilder),
+}
+
+impl AgentWrite {
+    /// Sends it alone, unfenced.
+    fn send(self, units: &toolrank_dynamodb::Units) -> Request {
+        match self {
+            AgentWrite::Update(req) => send_update(req, units),
+            AgentWrite::Delete(req) => {
+                let units = units.clone();
+                Box::pin(async move {
+                    req.return_consumed_capacity(TOTAL).send().await.map(|out| units.add(out.consumed_capacity())).map_err(|e| WriteFailure::other(&e))
+                })
+            }
+        }
+    }
+
+    /// It as one element of a fenced transaction.
+    fn transact(self) -> aws_sdk_dynamodb::types::TransactWriteItem {
+        match self {
+            AgentWrite::Update(req) => fence::update(&req),
+            AgentWrite::Delete(req) => {
+                let i = req.as_input();
+                fence::delete(i.get_table_name().as_deref().unwrap_or_default(), i.get_key().clone().unwrap_or_default())
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
 enum WriteFailure {
     /// A live Agent item no longer exists (the condition failed).
     ItemGone,
+    /// A writer with a newer fencing token claimed the table.
+    Fenced(String),
     Other(String),
 }
 
 impl WriteFailure {
     fn other(e: &(dyn std::error::Error + 'static)) -> WriteFailure {
         WriteFailure::Other(aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string())
+    }
+
+    fn message(&self) -> &str {
+        match self {
+            WriteFailure::ItemGone => "the item is gone",
+            WriteFailure::Fenced(m) | WriteFailure::Other(m) => m,
+        }
     }
 }
 
@@ -168,6 +219,15 @@ impl Namespace {
         let sk = match self {
             Namespace::Live => "Domains".to_owned(),
             Namespace::Shadow(name) => format!("Domains#{name}"),
+        };
+        HashMap::from([("PK".to_owned(), s(REGISTRY_PK)), ("SK".to_owned(), s(sk))])
+    }
+
+    /// The key of the item holding the largest fencing token the namespace was written with.
+    fn fence_key(&self) -> Item {
+        let sk = match self {
+            Namespace::Live => "Fence".to_owned(),
+            Namespace::Shadow(name) => format!("Fence#{name}"),
         };
         HashMap::from([("PK".to_owned(), s(REGISTRY_PK)), ("SK".to_owned(), s(sk))])
     }
@@ -197,6 +257,8 @@ pub struct DynamoSink {
     loaded: bool,
     /// The domains registered as holding this namespace's scored agents.
     domains: HashSet<String>,
+    /// The sink lease's fencing token the writes carry, when the writer holds the lease.
+    fence: Option<fence::Fence>,
     pub stats: WriteStats,
     /// Write capacity units the sink's writes consumed.
     pub units: toolrank_dynamodb::Units,
@@ -230,6 +292,7 @@ impl DynamoSink {
             recommended: None,
             loaded: false,
             domains: HashSet::new(),
+            fence: None,
             stats: WriteStats::default(),
             units: toolrank_dynamodb::Units::default(),
             limiter: toolrank_dynamodb::Limiter::new(None),
@@ -338,16 +401,25 @@ impl DynamoSink {
     /// Carries a [`plan`](Self::plan) out: reads the namespace first if this sink does not
     /// know what it holds.
     pub async fn execute(&mut self, plan: Plan) -> Result<(), Error> {
+        if let Some(f) = self.fence.filter(|f| !f.claimed) {
+            // Before the table is read: a deposed writer's write from now on is refused.
+            fence::claim(self, f.token).await.inspect_err(|_| self.reset())?;
+            self.fence = Some(fence::Fence { claimed: true, ..f });
+        }
         if !self.loaded {
             // A first plan holds every agent the engine knows: their domains are read too.
             let known: HashSet<String> = plan.agents.iter().filter_map(|(_, _, f)| f.as_ref().map(|f| f.domain_id.clone())).collect();
             self.load(known).await?;
         }
         let mut failed = self.write_agents(plan.agents, plan.today).await.err();
-        if let Some(patterns) = plan.patterns {
+        if let Some(patterns) = plan.patterns.filter(|_| !matches!(failed, Some(Error::Fenced(_)))) {
             if let Err(e) = self.write_patterns(patterns, plan.today).await {
                 failed.get_or_insert(e);
             }
+        }
+        if let Some(Error::Fenced(_)) = failed {
+            // Another writer holds the table now: what it holds is unknown to this one.
+            self.reset();
         }
         failed.map_or(Ok(()), Err)
     }
@@ -399,34 +471,27 @@ impl DynamoSink {
                 self.stats.unchanged += u64::from(figures.is_some());
                 continue;
             }
-            let req = match &figures {
+            let write = match &figures {
                 Some(f) => self.update_agent(f, today),
                 // Not among the rankings: a shadow item is ours to delete; a live Agent item
                 // (if it still exists) loses the pipeline's attributes and sorts last.
                 None => self.unscore_agent(&id),
             };
-            requests.push((agent, id, figures, req));
+            requests.push(((agent, id, figures), write));
         }
         self.stats.requests += requests.len() as u64;
-        // Boxed futures: the write must be `Send` to run on a runtime's worker, which a
-        // stream of closures over borrowed data does not prove.
-        let limiter = &self.limiter;
-        let sends: Vec<BoxFuture<'_, _>> = requests
-            .into_iter()
-            .map(|(agent, id, f, req)| {
-                async move {
-                    limiter.spend(1.0).await;
-                    (agent, id, f, req.await)
-                }
-                .boxed()
-            })
-            .collect();
-        let sent: Vec<_> = stream::iter(sends).buffer_unordered(CONCURRENCY).collect().await;
+        let (targets, writes): (Vec<_>, Vec<_>) = requests.into_iter().unzip();
+        let sent = self.send_agent_writes(writes).await;
         let mut failed = None;
-        for (agent, id, f, result) in sent {
+        for ((agent, id, f), result) in targets.into_iter().zip(sent) {
             match result {
                 // The Agent item was removed meanwhile; its removal comes through the input.
                 Ok(()) | Err(WriteFailure::ItemGone) => {}
+                Err(WriteFailure::Fenced(e)) => {
+                    agent.map(|a| self.pending_agents.insert(a));
+                    failed.get_or_insert(Error::Fenced(e));
+                    continue;
+                }
                 Err(WriteFailure::Other(e)) => {
                     agent.map(|a| self.pending_agents.insert(a));
                     failed.get_or_insert(Error::Aws(format!("writing agent {id}: {e}")));
@@ -439,6 +504,62 @@ impl DynamoSink {
             };
         }
         failed.map_or(Ok(()), Err)
+    }
+
+    /// Sends agent writes: fenced, in transactions one at a time; otherwise alone,
+    /// `CONCURRENCY` at a time. The outcome of each, by position.
+    async fn send_agent_writes(&self, writes: Vec<AgentWrite>) -> Vec<Result<(), WriteFailure>> {
+        if let Some(f) = self.fence {
+            let items = writes.into_iter().map(AgentWrite::transact).collect();
+            let sent = fence::send(self, f.token, items, None).await;
+            // Without a deadline every item is sent, or refused by the fence.
+            return sent.into_iter().map(|o| o.unwrap_or_else(|| Err(WriteFailure::Other("not sent".into())))).collect();
+        }
+        // Boxed futures: the write must be `Send` to run on a runtime's worker, which a
+        // stream of closures over borrowed data does not prove.
+        let (limiter, units) = (&self.limiter, &self.units);
+        let sends: Vec<BoxFuture<'_, _>> = writes
+            .into_iter()
+            .enumerate()
+            .map(|(i, write)| {
+                async move {
+                    limiter.spend(1.0).await;
+                    (i, write.send(units).await)
+                }
+                .boxed()
+            })
+            .collect();
+        let mut sent: Vec<_> = stream::iter(sends).buffer_unordered(CONCURRENCY).collect().await;
+        sent.sort_unstable_by_key(|(i, _)| *i);
+        sent.into_iter().map(|(_, result)| result).collect()
+    }
+
+    /// Puts and deletes unfenced, in batches of 25, several in flight, none started after
+    /// `deadline`. The outcome of each, by position: `None` if it was not sent.
+    async fn batch_write_within(&self, requests: Vec<WriteRequest>, deadline: Instant) -> Vec<Option<Result<(), WriteFailure>>> {
+        let (client, table, units, limiter) = (&self.client, &self.table, &self.units, &self.limiter);
+        let sends: Vec<BoxFuture<'_, _>> = requests
+            .chunks(25)
+            .map(|batch| {
+                let batch = batch.to_vec();
+                async move {
+                    if Instant::now() >= deadline {
+                        return (batch.len(), None);
+                    }
+                    limiter.spend(batch.len() as f64).await;
+                    (batch.len(), Some(toolrank_dynamodb::batch_write(client, table, batch, units).await))
+                }
+                .boxed()
+            })
+            .collect();
+        // In order: each batch's outcome stands for its items, by position.
+        let done: Vec<_> = stream::iter(sends).buffered(CONCURRENCY / 4).collect().await;
+        done.into_iter()
+            .flat_map(|(len, result)| {
+                let outcome = result.map(|r| r.map_err(|e| WriteFailure::Other(aws_sdk_dynamodb::error::DisplayErrorContext(&e).to_string())));
+                std::iter::repeat_n(outcome, len)
+            })
+            .collect()
     }
 
     /// Registers the domains of `agents` not registered yet, before any of them is written:
@@ -469,12 +590,10 @@ impl DynamoSink {
     }
 
     /// Deletes an agent's shadow item, or removes what the pipeline owns from a live one.
-    fn unscore_agent(&self, agent_id: &str) -> Request {
+    fn unscore_agent(&self, agent_id: &str) -> AgentWrite {
         let (pk, sk) = self.namespace.agent_key(agent_id);
         if self.namespace != Namespace::Live {
-            let req = self.client.delete_item().table_name(&self.table).key("PK", s(pk)).key("SK", s(sk)).return_consumed_capacity(TOTAL);
-            let units = self.units.clone();
-            return Box::pin(async move { req.send().await.map(|out| units.add(out.consumed_capacity())).map_err(|e| WriteFailure::other(&e)) });
+            return AgentWrite::Delete(self.client.delete_item().table_name(&self.table).key("PK", s(pk)).key("SK", s(sk)));
         }
         let owned = [
             "Score",
@@ -500,12 +619,12 @@ impl DynamoSink {
         for (i, name) in owned.into_iter().enumerate() {
             req = req.expression_attribute_names(format!("#r{i}"), name);
         }
-        send_update(req, &self.units)
+        AgentWrite::Update(req)
     }
 
     /// The UpdateItem of the attributes the pipeline owns on an Agent item, conditional on
     /// the item existing; in a shadow namespace, of the whole item of its own.
-    fn update_agent(&self, f: &AgentFigures, today: Day) -> Request {
+    fn update_agent(&self, f: &AgentFigures, today: Day) -> AgentWrite {
         let score = f.last.map_or(0.0, |last| toolrank_engine::score::agent_score(f.executions, f.successes, i64::from(today.0) - i64::from(last.0)));
         let mut set = vec![
             ("Score", s(score.to_string())),
@@ -551,7 +670,7 @@ impl DynamoSink {
         for (i, name) in remove.into_iter().enumerate() {
             req = req.expression_attribute_names(format!("#r{i}"), name);
         }
-        send_update(req, &self.units)
+        AgentWrite::Update(req)
     }
 
     /// Puts the recommended patterns (with their top-scoring flag) whose figures changed
@@ -572,50 +691,39 @@ impl DynamoSink {
             })
             .collect();
         self.stats.unchanged += (plan.desired.len() - puts) as u64;
-        // Batches of 25, several in flight, started only within the budget: a large
-        // change (a first load, a moved cut) is spread over several calls instead of
-        // blocking the caller. What was written is remembered batch by batch.
+        // Started only within the budget: a large change (a first load, a moved cut) is
+        // spread over several calls instead of blocking the caller. What was written is
+        // remembered item by item.
         let deadline = Instant::now() + WRITE_BUDGET;
-        let (client, table, units, limiter) = (&self.client, &self.table, &self.units, &self.limiter);
-        let sends: Vec<BoxFuture<'_, _>> = writes
-            .chunks(25)
-            .map(|batch| {
-                let (keys, requests): (Vec<_>, Vec<_>) = batch.iter().cloned().unzip();
-                async move {
-                    // Not started after the budget: left for the next call.
-                    let result = match Instant::now() < deadline {
-                        true => {
-                            limiter.spend(requests.len() as f64).await;
-                            Some(toolrank_dynamodb::batch_write(client, table, requests, units).await)
-                        }
-                        false => None,
-                    };
-                    (keys, result)
-                }
-                .boxed()
-            })
-            .collect();
-        let done: Vec<_> = stream::iter(sends).buffer_unordered(CONCURRENCY / 4).collect().await;
+        let (keys, requests): (Vec<_>, Vec<_>) = writes.into_iter().unzip();
+        let outcomes = match self.fence {
+            Some(f) => {
+                let items = requests.into_iter().map(|w| fence::from_batch(&self.table, w)).collect();
+                fence::send(self, f.token, items, Some(deadline)).await
+            }
+            None => self.batch_write_within(requests, deadline).await,
+        };
         self.patterns_pending = false;
         let mut failed = None;
-        for (keys, result) in done {
-            let Some(result) = result else {
+        for (key, outcome) in keys.into_iter().zip(outcomes) {
+            let Some(result) = outcome else {
                 self.patterns_pending = true;
                 continue;
             };
-            self.stats.requests += keys.len() as u64;
+            self.stats.requests += 1;
             if let Err(e) = result {
                 // Rewritten next time: puts and deletes are idempotent.
                 self.patterns_pending = true;
-                failed.get_or_insert(Error::Aws(format!("writing pattern items: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))));
+                failed.get_or_insert(match e {
+                    WriteFailure::Fenced(m) => Error::Fenced(m),
+                    WriteFailure::ItemGone | WriteFailure::Other(_) => Error::Aws(format!("writing pattern items: {}", e.message())),
+                });
                 continue;
             }
-            for key in keys {
-                match plan.desired.get(&key) {
-                    Some(w) => self.patterns.insert(key, w.clone()),
-                    None => self.patterns.remove(&key),
-                };
-            }
+            match plan.desired.get(&key) {
+                Some(w) => self.patterns.insert(key, w.clone()),
+                None => self.patterns.remove(&key),
+            };
         }
         // Known only once every item of the plan was written.
         self.recommended = plan.recommended.filter(|_| !self.patterns_pending && failed.is_none());
@@ -817,7 +925,7 @@ pub async fn drop_namespace(client: &Client, table: &str, name: &str) -> Result<
     let n = keys.len();
     let delete = |k: Item| WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(k)).build().expect("key")).build();
     // The registry goes last: until then a retried drop finds what is left.
-    for batch in [keys.into_iter().map(delete).collect(), vec![delete(namespace.registry_key())]] {
+    for batch in [keys.into_iter().map(delete).collect(), vec![delete(namespace.registry_key()), delete(namespace.fence_key())]] {
         toolrank_dynamodb::batch_write(client, table, batch, &Default::default())
             .await
             .map_err(|e| Error::Aws(format!("deleting namespace {name}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))?;
@@ -886,6 +994,7 @@ impl toolrank_sink::Sink for DynamoSink {
     fn send(&mut self, plan: Plan) -> Result<(), toolrank_sink::Error> {
         let handle = tokio::runtime::Handle::current();
         match handle.block_on(async { tokio::time::timeout(toolrank_sink::SEND_DEADLINE, self.execute(plan)).await }) {
+            Ok(Err(e @ Error::Fenced(_))) => Err(toolrank_sink::Error::fenced("dynamodb", e)),
             Ok(result) => result.map_err(|e| toolrank_sink::Error::new("dynamodb", e)),
             Err(_) => {
                 self.reset();
@@ -903,6 +1012,12 @@ impl toolrank_sink::Sink for DynamoSink {
 
     fn fence(&mut self) {
         self.reset();
+    }
+
+    fn hold(&mut self, generation: u64) {
+        if self.fence.is_none_or(|f| f.token != generation) {
+            self.fence = Some(fence::Fence { token: generation, claimed: false });
+        }
     }
 
     fn stats(&self) -> toolrank_sink::Stats {

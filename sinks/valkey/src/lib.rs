@@ -11,9 +11,13 @@
 //! | `P:patterns` | sorted set | all pattern ids by rank key |
 //! | `P:pattern:<id>` | hash | user, process_pattern, agent, tool_sequence, executions, successes, first, last |
 //! | `P:domains`, `P:agent-ids` | sets | what exists, for readers that list everything |
+//! | `P:fence` | string | the largest sink-lease fencing token written with (live consumers) |
 //!
 //! Rank keys are time-invariant, so the sorted sets stay correctly ordered as days pass;
-//! scores are derived when read. Each call is one `MULTI`/`EXEC` pipeline. When Valkey
+//! scores are derived when read. Each call is one `MULTI`/`EXEC` pipeline; a writer
+//! holding the sink lease first `WATCH`es `P:fence`, refuses to write when it holds a
+//! larger token than its own, and sets it to its own in the transaction, so that a
+//! deposed writer's late transaction is refused or aborted. When Valkey
 //! is unreachable the sink remembers to resynchronize: on the next successful connection
 //! it rewrites everything in one transaction, so nothing is lost.
 
@@ -29,6 +33,10 @@ pub enum Error {
     Valkey(#[from] redis::RedisError),
     #[error("valkey holds an unreadable {what} {key}: {reason}")]
     Data { what: &'static str, key: String, reason: String },
+    #[error("write refused: {0} holds a newer fencing token than this writer's {1}")]
+    Fenced(String, u64),
+    #[error("an older writer's transaction came in between; everything is written again")]
+    Interleaved,
 }
 
 /// Read and write timeout of one sink call of ordinary size.
@@ -40,6 +48,10 @@ pub struct Prepared {
     pipe: Pipeline,
     commands: u64,
     agents: Vec<(String, Option<AgentFigures>)>,
+    /// It rewrites everything: what else the namespace holds is deleted first.
+    full: bool,
+    /// The fencing token it carries, if the writer holds the sink lease.
+    token: Option<u64>,
 }
 
 pub struct ValkeySink {
@@ -50,6 +62,8 @@ pub struct ValkeySink {
     agents: HashMap<String, AgentFigures>,
     /// Everything must be rewritten (first call, or after Valkey was unreachable).
     resync: bool,
+    /// The sink lease's fencing token the writes carry ([`toolrank_sink::Sink::hold`]).
+    token: Option<u64>,
     /// Commands sent, for metrics and benchmarks.
     pub commands: u64,
 }
@@ -57,7 +71,7 @@ pub struct ValkeySink {
 impl ValkeySink {
     /// A sink for `url` (e.g. `redis://127.0.0.1:6379`) under `prefix`. Connects lazily.
     pub fn new(url: &str, prefix: impl Into<String>) -> Result<ValkeySink, Error> {
-        Ok(ValkeySink { client: redis::Client::open(url)?, conn: None, prefix: prefix.into(), agents: HashMap::new(), resync: true, commands: 0 })
+        Ok(ValkeySink { client: redis::Client::open(url)?, conn: None, prefix: prefix.into(), agents: HashMap::new(), resync: true, token: None, commands: 0 })
     }
 
     fn key(&self, parts: &[&str]) -> String {
@@ -103,12 +117,11 @@ impl ValkeySink {
     pub fn prepare(&mut self, engine: &Engine, changes: &Changes) -> Result<Prepared, Error> {
         let mut pipe = redis::pipe();
         pipe.atomic();
+        if let Some(token) = self.token {
+            pipe.set(self.key(&["fence"]), token).ignore();
+        }
         let everything;
         let changes = if self.resync {
-            let stale = self.existing_keys().inspect_err(|_| self.conn = None)?;
-            if !stale.is_empty() {
-                pipe.del(stale).ignore();
-            }
             self.agents.clear();
             everything = engine.everything();
             &everything
@@ -139,13 +152,13 @@ impl ValkeySink {
                 }
             }
         }
-        Ok(Prepared { commands: pipe.cmd_iter().count() as u64, pipe, agents })
+        Ok(Prepared { commands: pipe.cmd_iter().count() as u64, pipe, agents, full: self.resync, token: self.token })
     }
 
     /// Sends a prepared transaction; what it wrote is remembered once it succeeded. On
     /// failure the next [`prepare`](Self::prepare) rewrites everything.
     pub fn send(&mut self, prepared: Prepared) -> Result<(), Error> {
-        let result = self.try_send(&prepared.pipe, prepared.commands);
+        let result = self.try_send(&prepared);
         match result {
             Ok(()) => {
                 for (id, figures) in prepared.agents {
@@ -164,22 +177,19 @@ impl ValkeySink {
         result
     }
 
-    fn try_send(&mut self, pipe: &Pipeline, commands: u64) -> Result<(), Error> {
-        self.commands += commands;
+    fn try_send(&mut self, prepared: &Prepared) -> Result<(), Error> {
         // A resynchronization of a large state is one large transaction: its time grows
         // with it, so the timeouts do too (10 µs per command on top), or it would never
         // finish within them and be retried forever.
-        let timeout = IO_TIMEOUT + Duration::from_micros(10 * commands);
+        let timeout = IO_TIMEOUT + Duration::from_micros(10 * prepared.commands);
+        let (fence, prefix) = (self.key(&["fence"]), self.prefix.clone());
         let conn = self.connection()?;
         conn.set_read_timeout(Some(timeout))?;
         conn.set_write_timeout(Some(timeout))?;
-        pipe.query::<()>(conn)?;
-        Ok(())
-    }
-
-    fn existing_keys(&mut self) -> Result<Vec<String>, Error> {
-        let prefix = self.prefix.clone();
-        namespace_keys(self.connection()?, &prefix)
+        let mut sent = 0;
+        let result = transact(conn, prepared, &fence, &prefix, &mut sent);
+        self.commands += sent;
+        result
     }
 
     /// Moves agent `id` from its `old` figures (as written) to its `new` ones: all its
@@ -257,6 +267,50 @@ impl ValkeySink {
 pub struct ValkeyReader {
     conn: Connection,
     prefix: String,
+}
+
+/// Sends `prepared` as one transaction; with a fencing token, only while `fence` holds
+/// no larger one. Counts the commands sent in `sent`.
+fn transact(conn: &mut Connection, prepared: &Prepared, fence: &str, prefix: &str, sent: &mut u64) -> Result<(), Error> {
+    if let Some(token) = prepared.token {
+        // Watched first: a transaction of another writer from now on aborts this one.
+        *sent += 2;
+        let (held,): (Option<u64>,) = redis::pipe().cmd("WATCH").arg(fence).ignore().get(fence).query(conn)?;
+        if held.is_some_and(|held| held > token) {
+            return Err(Error::Fenced(fence.to_owned(), token));
+        }
+    }
+    let full;
+    let pipe = match prepared.full {
+        // What the namespace holds is listed only now, after the WATCH: a key another
+        // writer adds later aborts the transaction instead of outliving it.
+        true => {
+            let stale: Vec<String> = namespace_keys(conn, prefix)?.into_iter().filter(|k| k != fence).collect();
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            if !stale.is_empty() {
+                *sent += 1;
+                pipe.del(stale).ignore();
+            }
+            for cmd in prepared.pipe.cmd_iter() {
+                pipe.add_command(cmd.clone()).ignore();
+            }
+            full = pipe;
+            &full
+        }
+        false => &prepared.pipe,
+    };
+    *sent += prepared.commands;
+    if pipe.query::<Option<()>>(conn)?.is_some() {
+        return Ok(());
+    }
+    // Aborted: another writer's transaction changed the fence since the WATCH.
+    *sent += 1;
+    let token = prepared.token.unwrap_or_default();
+    match conn.get::<_, Option<u64>>(fence)? {
+        Some(held) if held > token => Err(Error::Fenced(fence.to_owned(), token)),
+        _ => Err(Error::Interleaved),
+    }
 }
 
 fn field<T: std::str::FromStr>(h: &HashMap<String, String>, name: &str, what: &'static str, key: &str) -> Result<T, Error> {
@@ -414,7 +468,10 @@ impl toolrank_sink::Sink for ValkeySink {
     }
 
     fn send(&mut self, prepared: Prepared) -> Result<(), toolrank_sink::Error> {
-        ValkeySink::send(self, prepared).map_err(|e| toolrank_sink::Error::new("valkey", e))
+        ValkeySink::send(self, prepared).map_err(|e| match e {
+            Error::Fenced(..) => toolrank_sink::Error::fenced("valkey", e),
+            e => toolrank_sink::Error::new("valkey", e),
+        })
     }
 
     fn pending(&self) -> bool {
@@ -423,6 +480,10 @@ impl toolrank_sink::Sink for ValkeySink {
 
     fn fence(&mut self) {
         self.force_resync();
+    }
+
+    fn hold(&mut self, generation: u64) {
+        self.token = Some(generation);
     }
 
     fn stats(&self) -> toolrank_sink::Stats {

@@ -1,4 +1,5 @@
-//! A proxy in front of DynamoDB that can answer every request with a throttle or a server error.
+//! A proxy in front of DynamoDB (or any TCP server) that can answer every request with a
+//! throttle or a server error, or hold what clients send for a while.
 
 use std::time::Duration;
 
@@ -8,6 +9,8 @@ use std::time::Duration;
 pub struct FaultyProxy {
     pub url: String,
     pub failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// While set, what clients send waits in the proxy (a network that stalls).
+    pub holding: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Requests answered with an injected error.
     pub refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub cut: tokio::sync::watch::Sender<u64>,
@@ -22,6 +25,8 @@ impl FaultyProxy {
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let holding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hold = holding.clone();
         let (cut, _) = tokio::sync::watch::channel(0u64);
         let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (flag, cuts, count) = (failing.clone(), cut.clone(), refused.clone());
@@ -48,17 +53,32 @@ impl FaultyProxy {
                     });
                     continue;
                 }
-                let (upstream, mut cut) = (upstream.clone(), cuts.subscribe());
+                let (upstream, mut cut, hold) = (upstream.clone(), cuts.subscribe(), hold.clone());
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                    let Ok(outbound) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                    let ((mut from_client, mut to_client), (mut from_server, mut to_server)) = (inbound.into_split(), outbound.into_split());
+                    // Each chunk a client sends waits while the proxy holds; replies pass.
+                    let up = async move {
+                        let mut buf = vec![0u8; 1 << 16];
+                        while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+                            while hold.load(std::sync::atomic::Ordering::SeqCst) {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
+                            if to_server.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to_server.shutdown().await;
+                    };
+                    let down = tokio::io::copy(&mut from_server, &mut to_client);
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = async { tokio::join!(up, down) } => {}
                         _ = cut.changed() => {}
                     }
                 });
             }
         });
-        FaultyProxy { url, failing, refused, cut, _rt: rt }
+        FaultyProxy { url, failing, holding, refused, cut, _rt: rt }
     }
 
     pub fn fail(&self, on: bool) {
@@ -66,6 +86,11 @@ impl FaultyProxy {
         if on {
             self.cut.send_modify(|n| *n += 1);
         }
+    }
+
+    /// Holds what clients send from now on; `false` lets it through.
+    pub fn hold(&self, on: bool) {
+        self.holding.store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Fails for `window`, then passes requests through again.
