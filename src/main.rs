@@ -2,6 +2,7 @@
 
 mod args;
 mod backfill;
+mod checkpoint;
 mod consume;
 mod generate;
 mod lambda;
@@ -63,6 +64,9 @@ enum Command {
     Top(sinks::TopArgs),
     Results(sinks::ResultsArgs),
     Backfill(backfill::Args),
+    /// Manage the checkpoints the live consumers keep in the state table.
+    #[command(subcommand)]
+    Checkpoint(checkpoint::Command),
     Promote(namespace::PromoteArgs),
     Diff(namespace::DiffArgs),
     Warehouse(warehouse::Args),
@@ -97,6 +101,7 @@ fn main() -> ExitCode {
         Command::Top(args) => sinks::top(args),
         Command::Results(args) => sinks::results(args),
         Command::Backfill(args) => backfill::run(args),
+        Command::Checkpoint(args) => checkpoint::run(args),
         Command::Promote(args) => namespace::promote(args),
         Command::Diff(args) => namespace::diff(args),
         Command::Warehouse(args) => warehouse::run(args),

@@ -358,28 +358,9 @@ fn a_backlog_read_with_checkpoints_at_every_interval_or_stretched_stays_exact() 
         // Valkey is written once a second (a tenth of the lateness) and the partitions
         // coalesce their changes in between.
         std::thread::sleep(Duration::from_secs(10));
-        let out = live.toolrank(&[
-            "consume",
-            "kafka",
-            "--topic",
-            &live.topic,
-            "--group",
-            &live.group,
-            "--dead-letter-topic",
-            &live.dlq,
-            "--table",
-            &live.table,
-            "--namespace",
-            &live.namespace,
-            "--today",
-            TODAY,
-            "--until-idle",
-            "3",
-            "--checkpoint-secs",
-            "0.05",
-            "--checkpoint-max-secs",
-            max,
-        ]);
+        let mut args = live.kafka_args();
+        args.extend(["--until-idle", "3", "--checkpoint-secs", "0.05", "--checkpoint-max-secs", max]);
+        let out = live.toolrank(&args);
         let log = String::from_utf8(out.stderr).unwrap();
         live.assert_sinks_equal_replay(&history, None);
         count_after(&log, "dead-lettered; ")
@@ -598,21 +579,7 @@ fn a_deposed_sink_holders_late_writes_are_refused_and_the_sinks_stay_exact() {
         let dynamodb = FaultyProxy::start(&env("AWS_ENDPOINT_URL_DYNAMODB"));
         let metrics = format!("127.0.0.1:{}", free_port());
         let mut cmd = live.command();
-        cmd.env("AWS_ENDPOINT_URL_DYNAMODB", &dynamodb.url).args([
-            "consume",
-            "kafka",
-            "--topic",
-            &live.topic,
-            "--group",
-            &live.group,
-            "--dead-letter-topic",
-            &live.dlq,
-            "--table",
-            &live.table,
-            "--namespace",
-            &live.namespace,
-            "--today",
-            TODAY,
+        cmd.env("AWS_ENDPOINT_URL_DYNAMODB", &dynamodb.url).args(live.kafka_args()).args([
             "--lease-secs",
             "5",
             "--checkpoint-secs",
@@ -656,8 +623,9 @@ fn a_deposed_sink_holders_late_writes_are_refused_and_the_sinks_stay_exact() {
     holder.2.hold(false);
     assert!(holds(&other.0), "the other consumer took the sink lease:\n{}", other.0.said());
     assert!(producer.wait(COMMAND_LIMIT).status.success());
-    // Exact while both still run, within seconds of the input's end.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Exact while both still run, soon after the input's end (DynamoDB Local answers the
+    // new holder's reads of the other's checkpoints slowly for a while after the hold).
+    let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let exact = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| live.assert_sinks_equal_replay(&history, Some(&valkey_url))));
         match exact {
@@ -712,5 +680,51 @@ fn a_member_joining_while_dynamodb_fails_waits_for_its_claims_and_nobody_exits()
         assert!(out.status.success(), "{log}");
     }
     assert!(proxy.refused.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    live.assert_sinks_equal_replay(&history, None);
+}
+
+/// A partition checkpoint that no longer reads back (its stored state is garbage) is no
+/// outage to retry: the consumer stops with an error naming the checkpoint and the way
+/// out, and no panic. `toolrank checkpoint reset` deletes it; the consumer then rebuilds
+/// the partition from the topic, and the sinks equal replay.
+#[test]
+fn a_checkpoint_that_does_not_read_back_is_named_and_reset() {
+    let live = Live::new("1");
+    let history = generated(&live, "300", "41");
+    assert!(live.producer("5000", &history).wait(COMMAND_LIMIT).status.success());
+    live.drain(&[]);
+    let scope = format!("kafka/{}/{}/0", live.group, live.topic);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let corrupted = rt.block_on(async {
+        use aws_sdk_dynamodb::primitives::Blob;
+        let client = toolrank_dynamodb::client().await;
+        let page = client
+            .query()
+            .table_name("toolrank-state")
+            .key_condition_expression("PK = :pk")
+            .expression_attribute_values(":pk", AttributeValue::S(scope.clone()))
+            .send()
+            .await
+            .unwrap();
+        let mut corrupted = 0;
+        for mut item in page.items().iter().filter(|i| i.contains_key("Data")).cloned() {
+            item.insert("Data".into(), AttributeValue::B(Blob::new(vec![0xff; 40])));
+            client.put_item().table_name("toolrank-state").set_item(Some(item)).send().await.unwrap();
+            corrupted += 1;
+        }
+        corrupted
+    });
+    assert!(corrupted > 0, "the checkpoint of {scope} holds state");
+    let attempt =
+        |args: &[&str]| Running::spawn(live.command().args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped())).wait(COMMAND_LIMIT);
+    let out = attempt(&live.consume_args(&["--until-idle", "5"]));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !said.contains("panicked"), "{said}");
+    assert!(said.contains(&format!("checkpoint of {scope}")) && said.contains(&format!("toolrank checkpoint reset --scope {scope}")), "{said}");
+    let reset = live.toolrank(&["checkpoint", "reset", "--scope", &scope]);
+    assert!(reset.status.success() && String::from_utf8_lossy(&reset.stdout).contains("deleted the checkpoint"), "{reset:?}");
+    let again = attempt(&["checkpoint", "reset", "--scope", &scope]);
+    assert!(!again.status.success(), "nothing left to reset");
+    live.drain(&[]);
     live.assert_sinks_equal_replay(&history, None);
 }

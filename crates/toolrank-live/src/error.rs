@@ -4,6 +4,15 @@
 pub enum Error {
     #[error(transparent)]
     State(#[from] toolrank_dynamodb::Error),
-    #[error("checkpoint of {scope}: {source}")]
+    /// A checkpoint that reads back but does not restore: retrying cannot mend it.
+    #[error("checkpoint of {scope}: {source}; {RESET}", RESET = reset_hint(scope))]
     Snapshot { scope: String, source: toolrank_engine::StateError },
+    /// A checkpoint whose stored items do not read back (a corrupt or unknown encoding).
+    #[error("checkpoint of {scope}: {message}; {RESET}", RESET = reset_hint(scope))]
+    Unreadable { scope: String, message: String },
+}
+
+/// How to recover a unit whose checkpoint is broken.
+fn reset_hint(scope: &str) -> String {
+    format!("to recover, run `toolrank checkpoint reset --scope {scope}`, then a backfill (docs/operations.md, Runbooks)")
 }

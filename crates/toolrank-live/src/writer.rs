@@ -120,6 +120,8 @@ impl SinkWriter {
     pub fn claim(&mut self, scope: &str) -> Result<Option<(Engine, Option<String>, LogHead)>, Error> {
         match self.call("claiming a checkpoint", self.store().claim(scope, &self.config.owner)) {
             Ok(ck) => self.adopt(scope, ck).map(Some),
+            // A checkpoint that does not read back is no outage: it stays broken.
+            Err(toolrank_dynamodb::Error::Input(message)) => Err(Error::Unreadable { scope: scope.to_owned(), message }),
             Err(e) => {
                 self.summary.retried_errors += 1;
                 warn!(error = %e, "claiming {scope} failed; trying again later");

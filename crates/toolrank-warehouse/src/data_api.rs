@@ -109,8 +109,8 @@ impl DataApi {
                 Some(StatusString::Finished) => return Ok(d.has_result_set().unwrap_or(false)),
                 Some(StatusString::Failed) => {
                     // A batch names the sub-statement that failed.
-                    let failed = d.sub_statements().iter().find(|s| s.error().is_some()).map(|s| s.query_string().unwrap_or_default().to_owned());
-                    return Err(Error::Failed { message: message(), sql: failed.unwrap_or_else(|| sql.to_owned()) });
+                    let failed = d.sub_statements().iter().find(|s| s.error().is_some()).and_then(|s| s.query_string());
+                    return Err(Error::Failed { message: message(), statement: crate::statement_name(failed.unwrap_or(sql)) });
                 }
                 Some(StatusString::Aborted) => return Err(Error::Aborted { id: id.to_owned(), message: message() }),
                 _ => {}

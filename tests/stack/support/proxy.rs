@@ -71,8 +71,11 @@ impl FaultyProxy {
                         let _ = to_server.shutdown().await;
                     };
                     let down = tokio::io::copy(&mut from_server, &mut to_client);
+                    // Either side closing ends the connection: a client must not send its
+                    // next request into a connection the server has closed.
                     tokio::select! {
-                        _ = async { tokio::join!(up, down) } => {}
+                        _ = up => {}
+                        _ = down => {}
                         _ = cut.changed() => {}
                     }
                 });

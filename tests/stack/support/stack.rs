@@ -7,6 +7,9 @@ use std::time::Duration;
 pub const TODAY: &str = "2025-07-14";
 pub const TABLES: [&str; 3] = ["agent_score_summary", "user_process_patterns", "agent_tool_errors"];
 
+/// Short leases and checkpoints, so that a test sees units move within seconds.
+const SHORT_LEASES: [&str; 4] = ["--lease-secs", "2", "--checkpoint-secs", "1"];
+
 /// A topic, its dead-letter topic, a table and a Valkey namespace of one test.
 pub struct Live {
     pub topic: String,
@@ -82,16 +85,24 @@ impl Live {
     }
 
     pub fn consume_args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
-        let mut args = vec!["consume", "kafka", "--topic", &self.topic, "--group", &self.group, "--dead-letter-topic", &self.dlq];
-        args.extend(self.live_args());
+        let mut args = self.kafka_args();
+        args.extend(SHORT_LEASES);
         args.extend_from_slice(extra);
         args
     }
 
-    /// The flags every live consumer of the test takes: its table and namespace, the
-    /// scoring date, short leases and checkpoints.
-    fn live_args(&self) -> [&str; 10] {
-        ["--table", &self.table, "--namespace", &self.namespace, "--today", TODAY, "--lease-secs", "2", "--checkpoint-secs", "1"]
+    /// `consume kafka` on the test's topic, group, table and namespace, at the scoring
+    /// date, with the consumer's own leases and checkpoints.
+    pub fn kafka_args(&self) -> Vec<&str> {
+        let mut args = vec!["consume", "kafka", "--topic", &self.topic, "--group", &self.group, "--dead-letter-topic", &self.dlq];
+        args.extend(self.sink_args());
+        args
+    }
+
+    /// Where every live consumer of the test writes: its table and namespace, at the
+    /// scoring date.
+    fn sink_args(&self) -> [&str; 6] {
+        ["--table", &self.table, "--namespace", &self.namespace, "--today", TODAY]
     }
 
     pub fn consumer(&self, extra: &[&str]) -> Running {
@@ -116,7 +127,14 @@ impl Live {
     pub fn poller(&self, source_args: &[&str], extra: &[&str]) -> Command {
         let mut cmd = self.command();
         let dead_letters = self.dir.path().join("stream-dead-letters.jsonl");
-        cmd.args(["consume"]).args(source_args).args(self.live_args()).args(["--application", &self.group, "--discover-secs", "2", "--idle-poll-ms", "100"]);
+        cmd.args(["consume"]).args(source_args).args(self.sink_args()).args(SHORT_LEASES).args([
+            "--application",
+            &self.group,
+            "--discover-secs",
+            "2",
+            "--idle-poll-ms",
+            "100",
+        ]);
         cmd.arg("--dead-letter-file").arg(dead_letters).args(extra);
         cmd
     }
