@@ -98,19 +98,23 @@ impl SinkLease {
             if let Ok(Some(taken)) = renewed {
                 // The next one goes out now: a renewal is always on its way, so a slow
                 // state table has the whole lease to answer before it lapses.
-                let lease = self.lease.clone();
-                self.renewal = Some((Instant::now(), rt.spawn(async move { lease.take(Some(taken.generation)).await })));
+                self.send_renewal(rt, taken.generation);
             }
             return Some((sent, renewed));
         }
         if due {
             return Some((Instant::now(), within(rt, "renewing the sink lease", self.lease.take(held))));
         }
-        if self.renewal.is_none() {
-            let lease = self.lease.clone();
-            self.renewal = Some((Instant::now(), rt.spawn(async move { lease.take(held).await })));
+        if let (None, Some(generation)) = (&self.renewal, held) {
+            self.send_renewal(rt, generation);
         }
         None
+    }
+
+    /// Sends a renewal of the lease held at `generation` beside the loop.
+    fn send_renewal(&mut self, rt: &tokio::runtime::Runtime, generation: u64) {
+        let lease = self.lease.clone();
+        self.renewal = Some((Instant::now(), rt.spawn(async move { lease.take(Some(generation)).await })));
     }
 
     /// Waits for a renewal still running (before the lease is released or taken anew: a

@@ -416,27 +416,20 @@ impl CheckpointStore {
     /// Deletes every item of `scope` (its manifest, base, deltas and lease): the unit's
     /// next owner starts it from nothing. Returns how many items there were.
     pub async fn reset(&self, scope: &str) -> Result<usize, Error> {
-        let mut keys = Vec::new();
-        let mut start: Option<HashMap<String, AttributeValue>> = None;
-        loop {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("PK = :pk")
-                .expression_attribute_values(":pk", s(scope))
-                .projection_expression("PK, SK")
-                .consistent_read(true)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(aws(format!("listing the checkpoint of {scope}")))?;
-            keys.extend(page.items().iter().cloned());
-            start = page.last_evaluated_key;
-            if start.is_none() {
-                break;
-            }
-        }
+        let keys: Vec<HashMap<String, AttributeValue>> = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("PK = :pk")
+            .expression_attribute_values(":pk", s(scope))
+            .projection_expression("PK, SK")
+            .consistent_read(true)
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(aws(format!("listing the checkpoint of {scope}")))?;
         let deletes: Vec<WriteRequest> = keys
             .iter()
             .map(|k| WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(k.clone())).build().expect("a key")).build())

@@ -52,11 +52,14 @@ pub(crate) async fn claim(sink: &DynamoSink, token: u64) -> Result<(), Error> {
             units.add(out.consumed_capacity());
             Ok(())
         }
-        Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => {
-            Err(Error::Fenced(format!("the table was claimed by a writer with a newer fencing token than {token}")))
-        }
+        Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Err(Error::Fenced(refused(token))),
         Err(e) => Err(Error::Aws(format!("claiming the sink's fence in {table}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e)))),
     }
+}
+
+/// Why a write carrying `token` was refused.
+fn refused(token: u64) -> String {
+    format!("the table was claimed by a writer with a newer fencing token than {token}")
 }
 
 /// An item write as a transaction element.
@@ -103,13 +106,12 @@ pub(crate) async fn send(sink: &DynamoSink, token: u64, items: Vec<TransactWrite
         .expect("a key and a condition");
     let check = TransactWriteItem::builder().condition_check(check).build();
     let mut outcomes: Vec<Option<Result<(), WriteFailure>>> = items.iter().map(|_| None).collect();
-    let mut items: Vec<Option<TransactWriteItem>> = items.into_iter().map(Some).collect();
-    let positions: Vec<usize> = (0..items.len()).collect();
-    for chunk in positions.chunks(ITEMS_PER_TRANSACTION) {
+    let items: Vec<(usize, TransactWriteItem)> = items.into_iter().enumerate().collect();
+    for chunk in items.chunks(ITEMS_PER_TRANSACTION) {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
-        let mut live: Vec<(usize, TransactWriteItem)> = chunk.iter().map(|&i| (i, items[i].take().expect("sent once"))).collect();
+        let mut live = chunk.to_vec();
         while !live.is_empty() {
             // Transactional writes cost two units per item.
             limiter.spend(2.0 * live.len() as f64).await;
@@ -130,7 +132,7 @@ pub(crate) async fn send(sink: &DynamoSink, token: u64, items: Vec<TransactWrite
                 _ => Vec::new(),
             };
             if reasons.first() == Some(&"ConditionalCheckFailed") {
-                let refused = format!("the table was claimed by a writer with a newer fencing token than {token}");
+                let refused = refused(token);
                 outcomes.iter_mut().filter(|o| o.is_none()).for_each(|o| *o = Some(Err(WriteFailure::Fenced(refused.clone()))));
                 return outcomes;
             }
