@@ -67,9 +67,8 @@ pub struct Args {
     /// one export in S3: s3://BUCKET/PREFIX (the export's folder, a prefix holding one
     /// export, its manifest-files.json or a data file), read file by file.
     paths: Vec<String>,
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "TOOLRANK_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
+    #[command(flatten)]
+    kafka: crate::kafka_connection::ConnectionArgs,
     /// The events topic the live consumers read.
     #[arg(long, env = "TOOLRANK_TOPIC", default_value = "toolrank-events")]
     topic: String,
@@ -120,7 +119,10 @@ enum From {
 
 pub fn run(args: Args) -> Result<ExitCode> {
     match args.target {
-        TargetArg::Kafka => backfill(args, |args| Kafka { brokers: args.brokers.clone(), topic: args.topic.clone() }),
+        TargetArg::Kafka => {
+            let kafka = args.kafka.connect()?;
+            backfill(args, move |args| Kafka { kafka: kafka.clone(), topic: args.topic.clone() })
+        }
         TargetArg::Lambda => {
             let buckets = Buckets::start(lambda_config(&args)?, args.lambda_batch as usize);
             backfill(args, move |_| buckets.clone())

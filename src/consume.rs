@@ -281,9 +281,8 @@ impl PollerArgs {
 #[derive(clap::Args)]
 #[command(verbatim_doc_comment)]
 struct KafkaArgs {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "TOOLRANK_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
+    #[command(flatten)]
+    kafka: crate::kafka_connection::ConnectionArgs,
     /// The events topic.
     #[arg(long, env = "TOOLRANK_TOPIC", default_value = "toolrank-events")]
     topic: String,
@@ -331,7 +330,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
 fn kafka(a: KafkaArgs, stop: Arc<AtomicBool>) -> Result<toolrank_live::Summary> {
     let (live, sinks) = a.live.config(Duration::from_secs_f64(a.lease_secs))?;
     let config = toolrank_consume_kafka::Config {
-        brokers: a.brokers,
+        kafka: a.kafka.connect()?,
         topic: a.topic,
         group: a.group,
         dead_letter_topic: a.dead_letter_topic,

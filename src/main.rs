@@ -5,6 +5,7 @@ mod backfill;
 mod checkpoint;
 mod consume;
 mod generate;
+mod kafka_connection;
 mod lambda;
 mod mirror;
 mod namespace;

@@ -27,9 +27,8 @@ pub struct Args {
     /// Where records go.
     #[arg(long, value_enum, default_value = "kafka")]
     to: Target,
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "TOOLRANK_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
+    #[command(flatten)]
+    kafka: crate::kafka_connection::ConnectionArgs,
     /// Kafka topic.
     #[arg(long, env = "TOOLRANK_TOPIC", default_value = "toolrank-events")]
     topic: String,
@@ -116,7 +115,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     tokio::runtime::Runtime::new()?.block_on(async {
         let mut sink = match args.to {
-            Target::Kafka => Sink::Kafka(toolrank_kafka::Publisher::new(&args.brokers, &args.topic)?),
+            Target::Kafka => Sink::Kafka(toolrank_kafka::Publisher::new(&args.kafka.connect()?, &args.topic)?),
             Target::Dynamodb => Sink::Dynamodb(toolrank_dynamodb::client().await),
         };
         let mut pacer = Pacer { rate: args.rate, start: Instant::now(), n: 0 };

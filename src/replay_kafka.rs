@@ -17,9 +17,8 @@ pub struct KafkaArgs {
     /// The topic to replay (with --from-kafka).
     #[arg(long, env = "TOOLRANK_TOPIC")]
     pub topic: Option<String>,
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "TOOLRANK_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
+    #[command(flatten)]
+    kafka: crate::kafka_connection::ConnectionArgs,
     /// Start at each partition's first record at or after this time (RFC 3339 such as
     /// 2025-07-14T00:00:00Z, a date, or Unix milliseconds).
     #[arg(long, conflicts_with = "from_beginning", value_name = "TIMESTAMP")]
@@ -55,12 +54,16 @@ pub fn parse_time(text: &str) -> Result<i64> {
 pub fn ingest(args: &KafkaArgs, topic: &str, each: &mut dyn FnMut(Result<&Change<'_>, DeadLetter>) -> Result<()>) -> Result<([u64; Format::ALL.len()], u64)> {
     let since = args.since.as_deref().map(parse_time).transpose()?;
     let until = args.until.as_deref().map(parse_time).transpose()?;
-    let consumer: BaseConsumer = toolrank_kafka::client_config(&args.brokers)
+    let kafka = args.kafka.connect()?;
+    let context = kafka.context();
+    let consumer: BaseConsumer<toolrank_kafka::Context> = kafka
+        .client_config()
         .set("group.id", format!("toolrank-replay-{}", std::process::id()))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
-        .create()
-        .with_context(|| format!("connecting to Kafka at {}", args.brokers))?;
+        .create_with_context(context.clone())
+        .with_context(|| format!("connecting to Kafka at {}", kafka.brokers))?;
+    context.give_token(consumer.client()).map_err(anyhow::Error::msg)?;
     let timeout = Duration::from_secs(10);
     let metadata = consumer.fetch_metadata(Some(topic), timeout).with_context(|| format!("reading the metadata of {topic}"))?;
     let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();

@@ -14,9 +14,8 @@ use toolrank_kafka::TopicStatus;
 /// Endpoints come from the environment; `eval "$(infra/local/up)"` sets them locally.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "TOOLRANK_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    pub brokers: String,
+    #[command(flatten)]
+    pub kafka: crate::kafka_connection::ConnectionArgs,
     /// The events topic.
     #[arg(long, env = "TOOLRANK_TOPIC", default_value = "toolrank-events")]
     pub topic: String,
@@ -48,7 +47,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     tokio::runtime::Runtime::new()?.block_on(async {
         if !args.no_kafka {
             let topics = [(args.topic.as_str(), args.partitions), (args.dead_letter_topic.as_str(), args.partitions)];
-            for (name, status) in toolrank_kafka::create_topics(&args.brokers, &topics).await? {
+            for (name, status) in toolrank_kafka::create_topics(&args.kafka.connect()?, &topics).await? {
                 let what = if status == TopicStatus::Created { "created" } else { "exists:" };
                 eprintln!("kafka topic {what} {name}");
             }

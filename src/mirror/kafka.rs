@@ -19,7 +19,7 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 pub fn follow(
     rt: &tokio::runtime::Runtime,
     api: &DataApi,
-    brokers: &str,
+    kafka: &toolrank_kafka::Connection,
     topic: &str,
     until_idle: Option<f64>,
     dead: &mut DeadLetters,
@@ -27,12 +27,15 @@ pub fn follow(
     let source = format!("kafka:{topic}");
     let mut mirror = rt.block_on(Mirror::open(api, &source))?;
     let positions = rt.block_on(Mirror::positions(api, &source))?;
-    let consumer: BaseConsumer = toolrank_kafka::client_config(brokers)
+    let context = kafka.context();
+    let consumer: BaseConsumer<toolrank_kafka::Context> = kafka
+        .client_config()
         .set("group.id", "toolrank-mirror")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
-        .create()
-        .with_context(|| format!("connecting to Kafka at {brokers}"))?;
+        .create_with_context(context.clone())
+        .with_context(|| format!("connecting to Kafka at {}", kafka.brokers))?;
+    context.give_token(consumer.client()).map_err(anyhow::Error::msg)?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).with_context(|| format!("reading the metadata of topic {topic}"))?;
     let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
     if partitions.is_empty() {

@@ -40,9 +40,8 @@ pub struct MirrorArgs {
     /// The topic to follow (--follow kafka).
     #[arg(long, env = "TOOLRANK_TOPIC", default_value = "toolrank-events")]
     topic: String,
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "TOOLRANK_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
+    #[command(flatten)]
+    kafka: crate::kafka_connection::ConnectionArgs,
     /// The table whose stream is followed (--follow dynamodb-streams).
     #[arg(long, env = "TOOLRANK_SOURCE_TABLE", default_value = "AgentTable")]
     source_table: String,
@@ -83,7 +82,7 @@ pub fn mirror(args: MirrorArgs) -> Result<ExitCode> {
             }
             mirror_files(&rt, &api, &args.inputs, &mut dead)?
         }
-        Some(Follow::Kafka) => kafka::follow(&rt, &api, &args.brokers, &args.topic, args.until_idle, &mut dead)?,
+        Some(Follow::Kafka) => kafka::follow(&rt, &api, &args.kafka.connect()?, &args.topic, args.until_idle, &mut dead)?,
         Some(Follow::DynamodbStreams) => streams::follow(&rt, &api, &args.source_table, args.until_idle, &mut dead)?,
     };
     let s = mirror.stats;

@@ -24,8 +24,12 @@ fn produced_records_are_keyed_by_session_and_ordered() {
     let out = toolrank(&["produce", "--topic", &topic, SEED]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("produced 34 records"));
 
-    let consumer: BaseConsumer =
-        toolrank_kafka::client_config(&env("TOOLRANK_KAFKA_BROKERS")).set("group.id", unique("reader")).set("enable.auto.commit", "false").create().unwrap();
+    let consumer: BaseConsumer = toolrank_kafka::Connection::plain(&env("TOOLRANK_KAFKA_BROKERS"))
+        .client_config()
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
     let mut tpl = TopicPartitionList::new();
     for p in 0..3 {
         tpl.add_partition_offset(&topic, p, Offset::Beginning).unwrap();
@@ -456,7 +460,8 @@ fn bad_and_oversized_records_are_dead_lettered_with_reason_and_offset() {
     toolrank(&["produce", "--topic", &live.topic, input.to_str().unwrap()]);
     let summary = live.drain(&["--no-dynamodb", "--max-record-bytes", "2500"]);
     assert!(summary.contains("3 dead-lettered"), "{summary}");
-    let consumer: BaseConsumer = toolrank_kafka::client_config(&env("TOOLRANK_KAFKA_BROKERS")).set("group.id", unique("dlq-reader")).create().unwrap();
+    let consumer: BaseConsumer =
+        toolrank_kafka::Connection::plain(&env("TOOLRANK_KAFKA_BROKERS")).client_config().set("group.id", unique("dlq-reader")).create().unwrap();
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(&live.dlq, 0, Offset::Beginning).unwrap();
     consumer.assign(&tpl).unwrap();
@@ -547,7 +552,8 @@ fn a_dead_letter_not_delivered_is_sent_again_and_no_checkpoint_covers_it() {
     let out = live.toolrank(&args(&["--until-idle", "5"]));
     let summary = String::from_utf8_lossy(&out.stderr);
     assert!(summary.contains("1 dead-lettered"), "{summary}");
-    let consumer: BaseConsumer = toolrank_kafka::client_config(&env("TOOLRANK_KAFKA_BROKERS")).set("group.id", unique("dlq-reader")).create().unwrap();
+    let consumer: BaseConsumer =
+        toolrank_kafka::Connection::plain(&env("TOOLRANK_KAFKA_BROKERS")).client_config().set("group.id", unique("dlq-reader")).create().unwrap();
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(&missing, 0, Offset::Beginning).unwrap();
     consumer.assign(&tpl).unwrap();

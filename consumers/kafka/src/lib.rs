@@ -23,7 +23,6 @@
 //!   (uploads run on the sink writer's worker thread); they serve lag monitoring, while
 //!   the checkpoint is what a restart resumes from.
 
-use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::DeliveryResult;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
@@ -34,6 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use toolrank_engine::Engine;
+use toolrank_kafka::Connection;
 use toolrank_live::Backoff;
 pub use toolrank_live::Summary;
 use toolrank_live::{apply_line, LiveConfig, LogHead, OnGap, Saving, SinkWriter, Source, Wired};
@@ -45,6 +45,8 @@ pub enum Error {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error(transparent)]
     Live(#[from] toolrank_live::Error),
+    #[error("kafka: no OAUTHBEARER token: {0}")]
+    Token(String),
     #[error("topic {0} not found")]
     NoTopic(String),
     #[error("stopped at a gap: {0} (read on from the oldest record with --on-gap skip, then backfill from the table to fill the gap: docs/operations.md, Runbooks, Gaps)")]
@@ -54,7 +56,7 @@ pub enum Error {
 /// What `consume kafka` needs.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub brokers: String,
+    pub kafka: Connection,
     pub topic: String,
     pub group: String,
     pub dead_letter_topic: String,
@@ -105,20 +107,20 @@ struct Kafka {
 }
 
 /// Records the group's rebalances as rdkafka reports them (see `sync_assignment`).
-#[derive(Default)]
 struct Rebalances {
+    kafka: toolrank_kafka::Context,
     /// Bumped at every revocation and assignment.
     events: AtomicU64,
     /// Partitions revoked since the consumer last looked.
     revoked: Mutex<Vec<i32>>,
 }
 
-impl ClientContext for Rebalances {}
+toolrank_kafka::delegate_client_context!(Rebalances);
 
 /// The dead letters that were not delivered: by source partition, the lowest source
 /// offset. A checkpoint must not cover them (`save`).
-#[derive(Default)]
 struct Deliveries {
+    kafka: toolrank_kafka::Context,
     failed: Mutex<BTreeMap<i32, i64>>,
 }
 
@@ -134,7 +136,7 @@ impl Deliveries {
     }
 }
 
-impl ClientContext for Deliveries {}
+toolrank_kafka::delegate_client_context!(Deliveries);
 
 impl ProducerContext for Deliveries {
     /// The source partition and offset of the letter.
@@ -231,7 +233,10 @@ fn scope(config: &Config, partition: i32) -> String {
 /// Runs the consumer, writing `sinks` while it holds the sink lease, until `stop` is set
 /// or, with `until_idle`, the topic is drained.
 pub fn run(config: Config, sinks: Vec<Wired>, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
-    let consumer: BaseConsumer<Rebalances> = toolrank_kafka::client_config(&config.brokers)
+    let context = config.kafka.context();
+    let consumer: BaseConsumer<Rebalances> = config
+        .kafka
+        .client_config()
         .set("group.id", &config.group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
@@ -240,19 +245,23 @@ pub fn run(config: Config, sinks: Vec<Wired>, stop: Arc<AtomicBool>) -> Result<S
         // Also the rebalance timeout: how long a rebalance may wait for members.
         .set("max.poll.interval.ms", "60000")
         .set("fetch.wait.max.ms", config.fetch_wait.as_millis().to_string())
-        .create_with_context(Rebalances::default())?;
+        .create_with_context(Rebalances { kafka: context.clone(), events: AtomicU64::new(0), revoked: Mutex::default() })?;
+    // Its first OAUTHBEARER token before the metadata request (later ones come as it polls).
+    context.give_token(consumer.client()).map_err(Error::Token)?;
     consumer.subscribe(&[&config.topic])?;
     let metadata = consumer.fetch_metadata(Some(&config.topic), Duration::from_secs(10))?;
     let partition_count = metadata.topics().iter().find(|t| t.name() == config.topic).map_or(0, |t| t.partitions().len() as i32);
     if partition_count == 0 {
         return Err(Error::NoTopic(config.topic.clone()));
     }
-    let dead_letters: BaseProducer<Deliveries> = toolrank_kafka::client_config(&config.brokers)
+    let dead_letters: BaseProducer<Deliveries> = config
+        .kafka
+        .client_config()
         .set("compression.type", "none")
         .set("linger.ms", "5")
         // Within a checkpoint's wait for them (`save`): a letter not delivered by then failed.
         .set("message.timeout.ms", "20000")
-        .create_with_context(Deliveries::default())?;
+        .create_with_context(Deliveries { kafka: context, failed: Mutex::default() })?;
     let mut writer = SinkWriter::new(config.live.writer.clone(), format!("kafka/{}/{}/sink-writer", config.group, config.topic), sinks)?;
     let pacing = config.live.pacing.clone();
     let mut source = Kafka {
@@ -778,7 +787,7 @@ mod tests {
     #[test]
     fn each_partition_has_a_scope_of_its_own_per_group_and_topic() {
         let config = Config {
-            brokers: String::new(),
+            kafka: Connection::plain(""),
             topic: "events".into(),
             group: "g".into(),
             dead_letter_topic: String::new(),

@@ -80,14 +80,14 @@ pub trait Sender {
 
 /// The events topic: the live consumers read the copies among the live changes.
 pub struct Kafka {
-    pub brokers: String,
+    pub kafka: toolrank_kafka::Connection,
     pub topic: String,
 }
 
 impl Target for Kafka {
     type Sender = toolrank_kafka::Publisher;
     fn sender(&self) -> Result<toolrank_kafka::Publisher, Error> {
-        Ok(toolrank_kafka::Publisher::new(&self.brokers, &self.topic)?)
+        Ok(toolrank_kafka::Publisher::new(&self.kafka, &self.topic)?)
     }
 }
 

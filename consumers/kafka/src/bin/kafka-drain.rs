@@ -22,7 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(other) => return Err(format!("unknown argument {other}").into()),
     };
     let group = format!("kafka-drain-{}", std::process::id());
-    let consumer: BaseConsumer = toolrank_kafka::client_config(&brokers)
+    let consumer: BaseConsumer = toolrank_kafka::Connection::plain(&brokers)
+        .client_config()
         .set("group.id", &group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", if latency { "latest" } else { "earliest" })
