@@ -139,51 +139,7 @@ fn seed_through_kafka_reaches_both_sinks_and_the_access_patterns() {
     assert!(own <= total, "{summary}");
     live.assert_sinks_equal_replay(SEED, None);
 
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let client = toolrank_dynamodb::client().await;
-        // Access pattern 2: the domain's agents by GSI1_SK descending.
-        let agents = client
-            .query()
-            .table_name(&live.table)
-            .index_name("GSI1")
-            .key_condition_expression("GSI1_PK = :d AND begins_with(GSI1_SK, :p)")
-            .expression_attribute_values(":d", AttributeValue::S("DMN001".into()))
-            .expression_attribute_values(":p", AttributeValue::S("AGTSCORE".into()))
-            .scan_index_forward(false)
-            .send()
-            .await
-            .unwrap();
-        let order: Vec<&str> = agents.items().iter().map(|i| i["PK"].as_s().unwrap().as_str()).collect();
-        assert_eq!(order, ["AGT002", "AGT001", "AGT003"], "AGT002 (0.05) before AGT001 (0.02); AGT003 has no executions");
-        assert_eq!(agents.items()[1]["Score"], AttributeValue::S(format!("{}", 0.024893534183931972)));
-        assert_eq!(agents.items()[0]["AgentNM"].as_s().unwrap(), "매장 검색 에이전트2", "fields of the application are kept");
-        // Access pattern 7: one user's recommended patterns.
-        let mine = client
-            .query()
-            .table_name(&live.table)
-            .key_condition_expression("PK = :u AND begins_with(SK, :p)")
-            .expression_attribute_values(":u", AttributeValue::S("USR001".into()))
-            .expression_attribute_values(":p", AttributeValue::S("UserPrcToolMapp#PRC001".into()))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(mine.count(), 1);
-        assert_eq!(mine.items()[0]["Toollist"].as_s().unwrap(), "FIND_LOC->USE_SEARCH_ENGINE_API->FORMAT_RESULTS");
-        assert!(mine.items()[0].contains_key("ExpireAt"), "the seed's TTL policy");
-        // Access pattern 8: everyone's, on GSI1.
-        let all = client
-            .query()
-            .table_name(&live.table)
-            .index_name("GSI1")
-            .key_condition_expression("GSI1_PK = :p AND begins_with(GSI1_SK, :n)")
-            .expression_attribute_values(":p", AttributeValue::S("UserPrcToolMapp".into()))
-            .expression_attribute_values(":n", AttributeValue::S("PRC001->PRC002".into()))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(all.count(), 2);
-    });
+    assert_seed_access_patterns(&live.table);
     let top = String::from_utf8(toolrank(&["top", "agents", "--domain", "DMN001", "--namespace", &live.namespace, "--today", TODAY]).stdout).unwrap();
     assert!(top.starts_with("source: valkey") && top.find("AGT002").unwrap() < top.find("AGT001").unwrap(), "{top}");
     let fallback = toolrank(&["top", "agents", "--domain", "DMN001", "--table", &live.table, "--valkey-url", "redis://127.0.0.1:1", "--today", TODAY]);

@@ -13,4 +13,5 @@ mod lambda;
 mod sinks;
 mod state;
 mod streams;
+mod tls;
 mod warehouse;

@@ -21,6 +21,9 @@
 //! is unreachable the sink remembers to resynchronize: on the next successful connection
 //! it rewrites everything in one transaction, so nothing is lost.
 
+mod connect;
+
+pub use connect::{CA_FILE_ENV, PASSWORD_FILE_ENV};
 use redis::{Commands, Connection, Pipeline};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -31,6 +34,10 @@ use toolrank_events::Day;
 pub enum Error {
     #[error("valkey: {0}")]
     Valkey(#[from] redis::RedisError),
+    #[error("valkey settings: {0}")]
+    Settings(String),
+    #[error("connecting to valkey at {endpoint}: {cause}")]
+    Connect { endpoint: String, cause: String },
     #[error("valkey holds an unreadable {what} {key}: {reason}")]
     Data { what: &'static str, key: String, reason: String },
     #[error("write refused: {0} holds a newer fencing token than this writer's {1}")]
@@ -71,7 +78,7 @@ pub struct ValkeySink {
 impl ValkeySink {
     /// A sink for `url` (e.g. `redis://127.0.0.1:6379`) under `prefix`. Connects lazily.
     pub fn new(url: &str, prefix: impl Into<String>) -> Result<ValkeySink, Error> {
-        Ok(ValkeySink { client: redis::Client::open(url)?, conn: None, prefix: prefix.into(), agents: HashMap::new(), resync: true, token: None, commands: 0 })
+        Ok(ValkeySink { client: connect::client(url)?, conn: None, prefix: prefix.into(), agents: HashMap::new(), resync: true, token: None, commands: 0 })
     }
 
     fn key(&self, parts: &[&str]) -> String {
@@ -85,12 +92,37 @@ impl ValkeySink {
 
     fn connection(&mut self) -> Result<&mut Connection, Error> {
         if self.conn.is_none() {
-            let conn = self.client.get_connection_with_timeout(Duration::from_secs(1))?;
+            let conn = connect::connect(&self.client, Duration::from_secs(1))?;
             conn.set_read_timeout(Some(IO_TIMEOUT))?;
             conn.set_write_timeout(Some(IO_TIMEOUT))?;
             self.conn = Some(conn);
         }
         Ok(self.conn.as_mut().expect("just connected"))
+    }
+
+    /// Connects once, so that settings Valkey refuses (a TLS handshake that fails, a
+    /// wrong password) stop the caller at start with the cause. Valkey being down is an
+    /// outage, not a settings error: it is only logged, the writes retry.
+    pub fn verify(&mut self) -> Result<(), Error> {
+        match connect::connect(&self.client, Duration::from_secs(5)) {
+            Ok(mut conn) => {
+                conn.set_read_timeout(Some(IO_TIMEOUT))?;
+                conn.set_write_timeout(Some(IO_TIMEOUT))?;
+                redis::cmd("PING")
+                    .query::<String>(&mut conn)
+                    .map_err(|e| Error::Connect { endpoint: connect::endpoint(&self.client), cause: e.to_string() })?;
+                self.conn = Some(conn);
+                Ok(())
+            }
+            Err(Error::Connect { endpoint, cause }) => match connect::refusal(&self.client, &cause) {
+                Some(cause) => Err(Error::Connect { endpoint, cause }),
+                None => {
+                    tracing::warn!(%endpoint, error = %cause, "valkey does not answer yet; going on, the writes retry");
+                    Ok(())
+                }
+            },
+            Err(e) => Err(e),
+        }
     }
 
     /// Makes the next write rewrite everything (e.g. after another writer held the sinks).
@@ -323,7 +355,7 @@ fn day_field(h: &HashMap<String, String>, name: &str, what: &'static str, key: &
 
 impl ValkeyReader {
     pub fn connect(url: &str, prefix: impl Into<String>, timeout: Duration) -> Result<ValkeyReader, Error> {
-        let conn = redis::Client::open(url)?.get_connection_with_timeout(timeout)?;
+        let conn = connect::connect(&connect::client(url)?, timeout)?;
         conn.set_read_timeout(Some(timeout))?;
         Ok(ValkeyReader { conn, prefix: prefix.into() })
     }
@@ -426,7 +458,7 @@ pub struct Namespaces {
 
 impl Namespaces {
     pub fn connect(url: &str, timeout: Duration) -> Result<Namespaces, Error> {
-        let conn = redis::Client::open(url)?.get_connection_with_timeout(timeout)?;
+        let conn = connect::connect(&connect::client(url)?, timeout)?;
         conn.set_read_timeout(Some(Duration::from_secs(10)))?;
         Ok(Namespaces { conn })
     }

@@ -36,7 +36,7 @@ pub struct SinkSettings {
 
 /// A sink's settings that do not make a sink.
 #[derive(Debug, thiserror::Error)]
-#[error("valkey: {0}")]
+#[error(transparent)]
 pub struct Error(#[from] toolrank_sink_valkey::Error);
 
 impl SinkSettings {
@@ -51,7 +51,9 @@ impl SinkSettings {
             sinks.push(Wired::new(sink, pace));
         }
         if let Some(url) = &self.valkey_url {
-            sinks.push(Wired::new(ValkeySink::new(url, self.valkey_prefix.clone())?, Pace::Live));
+            let mut sink = ValkeySink::new(url, self.valkey_prefix.clone())?;
+            sink.verify()?;
+            sinks.push(Wired::new(sink, Pace::Live));
         }
         Ok(sinks)
     }

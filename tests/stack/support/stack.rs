@@ -1,6 +1,7 @@
 //! The local stack as one test sees it: its own topic, table and namespace, and what the sinks must hold.
 
 use super::*;
+use aws_sdk_dynamodb::types::AttributeValue;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
@@ -285,3 +286,54 @@ pub fn assert_same_tables(a: &std::path::Path, b: &std::path::Path, tables: &[&s
 }
 
 pub const ALL_TABLES: [&str; 4] = ["agent_score_summary", "user_process_patterns", "agent_tool_errors", "staging"];
+
+/// The seed's access patterns answer from the DynamoDB sink's items in `table` after the
+/// seed sample went through a live path: agents by score (2), one user's recommended
+/// patterns (7), everyone's (8).
+pub fn assert_seed_access_patterns(table: &str) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = toolrank_dynamodb::client().await;
+        // Access pattern 2: the domain's agents by GSI1_SK descending.
+        let agents = client
+            .query()
+            .table_name(table)
+            .index_name("GSI1")
+            .key_condition_expression("GSI1_PK = :d AND begins_with(GSI1_SK, :p)")
+            .expression_attribute_values(":d", AttributeValue::S("DMN001".into()))
+            .expression_attribute_values(":p", AttributeValue::S("AGTSCORE".into()))
+            .scan_index_forward(false)
+            .send()
+            .await
+            .unwrap();
+        let order: Vec<&str> = agents.items().iter().map(|i| i["PK"].as_s().unwrap().as_str()).collect();
+        assert_eq!(order, ["AGT002", "AGT001", "AGT003"], "AGT002 (0.05) before AGT001 (0.02); AGT003 has no executions");
+        assert_eq!(agents.items()[1]["Score"], AttributeValue::S(format!("{}", 0.024893534183931972)));
+        assert_eq!(agents.items()[0]["AgentNM"].as_s().unwrap(), "매장 검색 에이전트2", "fields of the application are kept");
+        // Access pattern 7: one user's recommended patterns.
+        let mine = client
+            .query()
+            .table_name(table)
+            .key_condition_expression("PK = :u AND begins_with(SK, :p)")
+            .expression_attribute_values(":u", AttributeValue::S("USR001".into()))
+            .expression_attribute_values(":p", AttributeValue::S("UserPrcToolMapp#PRC001".into()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(mine.count(), 1);
+        assert_eq!(mine.items()[0]["Toollist"].as_s().unwrap(), "FIND_LOC->USE_SEARCH_ENGINE_API->FORMAT_RESULTS");
+        assert!(mine.items()[0].contains_key("ExpireAt"), "the seed's TTL policy");
+        // Access pattern 8: everyone's, on GSI1.
+        let all = client
+            .query()
+            .table_name(table)
+            .index_name("GSI1")
+            .key_condition_expression("GSI1_PK = :p AND begins_with(GSI1_SK, :n)")
+            .expression_attribute_values(":p", AttributeValue::S("UserPrcToolMapp".into()))
+            .expression_attribute_values(":n", AttributeValue::S("PRC001->PRC002".into()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(all.count(), 2);
+    });
+}
