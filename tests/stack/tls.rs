@@ -50,6 +50,10 @@ fn a_dirty_stream_over_tls_leaves_both_sinks_equal_to_replay() {
     live.assert_sinks_equal_replay(&history, Some(&env("TOOLRANK_TEST_VALKEY_TLS_URL")));
 }
 
+/// A refused setting: what it is, the environment and flags that make it, and the
+/// endpoint and cause the error must name.
+type Case<'a> = (&'a str, Vec<(&'a str, String)>, Vec<String>, [&'a str; 2]);
+
 /// Each setting the servers refuse ends `consume kafka` within seconds, non-zero, with
 /// an error naming the endpoint and the cause, no secret in what it printed, and nothing
 /// written to the sinks.
@@ -63,7 +67,7 @@ fn settings_the_servers_refuse_stop_the_consumer_at_start_with_the_cause() {
     let (good_kafka, wrong_ca) = (tls_file("kafka.properties"), tls_file("kafka-other-ca.properties"));
     let good_valkey = format!("rediss://toolrank:{password}@{valkey_host}");
     // (what, environment, extra flags, the endpoint and the cause the error must name)
-    let cases: Vec<(&str, Vec<(&str, String)>, Vec<String>, [&str; 2])> = vec![
+    let cases: Vec<Case> = vec![
         (
             "kafka: a CA that did not sign the broker's certificate",
             vec![("TOOLRANK_KAFKA_BROKERS", tls_kafka.clone()), ("TOOLRANK_KAFKA_CONFIG_FILE", wrong_ca)],
