@@ -5,7 +5,7 @@
 # Multi-arch: docker buildx build --platform linux/arm64,linux/amd64 -t ... .
 
 FROM rust:1.95-slim-bookworm AS build
-# librdkafka (bundled by rdkafka) builds with make, perl and a C/C++ compiler.
+# librdkafka and OpenSSL (both bundled by rdkafka) build with make, perl and a C/C++ compiler.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential perl python3 pkg-config \
  && rm -rf /var/lib/apt/lists/*

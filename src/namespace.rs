@@ -243,7 +243,7 @@ pub struct DiffArgs {
 }
 
 fn read(url: &str, namespace: &str, today: Day) -> Result<Report> {
-    let mut v = ValkeyReader::connect(url, namespace.to_owned(), Duration::from_secs(5))?;
+    let mut v = ValkeyReader::connect(url, namespace, Duration::from_secs(5))?;
     Ok(Report::from_figures(v.agents()?, v.patterns()?, today))
 }
 

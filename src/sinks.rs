@@ -45,7 +45,7 @@ enum TopWhat {
 pub fn top(args: TopArgs) -> Result<ExitCode> {
     let today = args.sinks.today()?.unwrap_or_else(Day::today_utc);
     let target = crate::namespace::target(&args.sinks);
-    let valkey = ValkeyReader::connect(&args.sinks.valkey_url, target.name, Duration::from_secs(1));
+    let valkey = ValkeyReader::connect(&args.sinks.valkey_url, &target.name, Duration::from_secs(1));
     let (source, rows): (&str, Vec<Vec<String>>) = match valkey {
         Ok(mut v) => ("valkey", top_from_valkey(&mut v, &args.what, args.limit, today)?),
         Err(e) => {
@@ -170,7 +170,7 @@ pub fn read_sink(from: From, sinks: &SinkArgs, today: Day) -> Result<Report> {
     let target = crate::namespace::target(sinks);
     Ok(match from {
         From::Valkey => {
-            let mut v = ValkeyReader::connect(&sinks.valkey_url, target.name, Duration::from_secs(5))?;
+            let mut v = ValkeyReader::connect(&sinks.valkey_url, &target.name, Duration::from_secs(5))?;
             Report::from_figures(v.agents()?, v.patterns()?, today)
         }
         From::Dynamodb => {

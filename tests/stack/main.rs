@@ -8,6 +8,7 @@
 mod support;
 
 mod backfill;
+mod cluster;
 mod kafka;
 mod lambda;
 mod sinks;

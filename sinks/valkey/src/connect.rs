@@ -4,7 +4,7 @@
 //! `TOOLRANK_VALKEY_PASSWORD_FILE`, so that it need not be in a URL at all. Every
 //! command, the sink and the readers open Valkey here, so the variables hold everywhere.
 
-use crate::Error;
+use crate::{cluster, Error};
 use redis::{ConnectionAddr, IntoConnectionInfo, TlsCertificates};
 use std::time::Duration;
 
@@ -48,6 +48,120 @@ pub fn client(url: &str) -> Result<redis::Client, Error> {
         }
         Some(_) => Err(Error::Settings(format!("{CA_FILE_ENV} is set but the Valkey URL is not rediss:// (TLS)"))),
         None => Ok(redis::Client::open(info)?),
+    }
+}
+
+/// One Valkey deployment: a server, or a cluster reached through the node in the URL.
+/// Whether it is a cluster is found at the first connection.
+pub struct Valkey {
+    seed: redis::Client,
+    cluster: Option<bool>,
+}
+
+impl Valkey {
+    pub fn open(url: &str) -> Result<Valkey, Error> {
+        Ok(Valkey { seed: client(url)?, cluster: None })
+    }
+
+    /// The URL's node, for messages.
+    pub fn endpoint(&self) -> String {
+        endpoint(&self.seed)
+    }
+
+    /// [`refusal`] for this deployment's URL.
+    pub fn refusal(&self, cause: &str) -> Option<String> {
+        refusal(&self.seed, cause)
+    }
+
+    /// Whether it is a cluster, once a connection found out.
+    pub fn cluster(&self) -> Option<bool> {
+        self.cluster
+    }
+
+    /// A connection to the node that serves `key` (the server itself when not a cluster),
+    /// within `timeout` per connection.
+    pub fn connection_for(&mut self, key: &str, timeout: Duration) -> Result<redis::Connection, Error> {
+        let mut conn = connect(&self.seed, timeout)?;
+        let failed = |e: redis::RedisError, endpoint: String| Error::Connect { endpoint, cause: e.to_string() };
+        let cluster = match self.cluster {
+            Some(known) => known,
+            None => *self.cluster.insert(cluster::enabled(&mut conn).map_err(|e| failed(e, self.endpoint()))?),
+        };
+        if !cluster {
+            return Ok(conn);
+        }
+        let slot = cluster::slot(key);
+        let (host, port) = cluster::owner(&mut conn, slot).map_err(|e| failed(e, self.endpoint()))?.ok_or_else(|| Error::Connect {
+            endpoint: self.endpoint(),
+            cause: format!("no node serves slot {slot} (is the cluster's every slot assigned?)"),
+        })?;
+        let node = redis::Client::open(cluster::at(self.seed.get_connection_info(), host, port))?;
+        if endpoint(&node) == self.endpoint() {
+            return Ok(conn);
+        }
+        connect(&node, timeout)
+    }
+}
+
+/// How long a reader follows a slot that is moving before it gives up.
+const FOLLOW_FOR: Duration = Duration::from_secs(30);
+
+/// A connection to the node serving `key` that follows the key when its slot moves: an
+/// answer `MOVED`, `ASK`, `TRYAGAIN` or `CLUSTERDOWN` makes it ask the cluster for the
+/// owner again and send the command again (readers only: a read is safe to repeat).
+pub struct Following {
+    valkey: Valkey,
+    key: String,
+    timeout: Duration,
+    conn: redis::Connection,
+}
+
+impl Following {
+    pub fn new(mut valkey: Valkey, key: &str, timeout: Duration) -> Result<Following, Error> {
+        let conn = valkey.connection_for(key, timeout)?;
+        conn.set_read_timeout(Some(timeout))?;
+        Ok(Following { valkey, key: key.to_owned(), timeout, conn })
+    }
+
+    pub fn valkey(&self) -> &Valkey {
+        &self.valkey
+    }
+
+    fn follow<T>(&mut self, send: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>) -> redis::RedisResult<T> {
+        let deadline = std::time::Instant::now() + FOLLOW_FOR;
+        loop {
+            match send(&mut self.conn) {
+                Err(e) if e.is_cluster_error() && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    self.conn =
+                        self.valkey.connection_for(&self.key, self.timeout).map_err(|e| redis::RedisError::from(std::io::Error::other(e.to_string())))?;
+                    self.conn.set_read_timeout(Some(self.timeout))?;
+                }
+                answer => return answer,
+            }
+        }
+    }
+}
+
+impl redis::ConnectionLike for Following {
+    fn req_packed_command(&mut self, cmd: &[u8]) -> redis::RedisResult<redis::Value> {
+        self.follow(|c| c.req_packed_command(cmd))
+    }
+
+    fn req_packed_commands(&mut self, cmd: &[u8], offset: usize, count: usize) -> redis::RedisResult<Vec<redis::Value>> {
+        self.follow(|c| c.req_packed_commands(cmd, offset, count))
+    }
+
+    fn get_db(&self) -> i64 {
+        self.conn.get_db()
+    }
+
+    fn check_connection(&mut self) -> bool {
+        self.conn.check_connection()
+    }
+
+    fn is_open(&self) -> bool {
+        self.conn.is_open()
     }
 }
 

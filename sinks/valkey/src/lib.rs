@@ -13,6 +13,11 @@
 //! | `P:domains`, `P:agent-ids` | sets | what exists, for readers that list everything |
 //! | `P:fence` | string | the largest sink-lease fencing token written with (live consumers) |
 //!
+//! In a cluster (found when connecting: `INFO cluster`), the prefix is the namespace's
+//! hash tag, `{tr}:agents:<domain>` and so on, so that a namespace's keys share one slot
+//! and everything below holds as on one server, on the node that owns the slot
+//! ([`cluster`]).
+//!
 //! Rank keys are time-invariant, so the sorted sets stay correctly ordered as days pass;
 //! scores are derived when read. Each call is one `MULTI`/`EXEC` pipeline; a writer
 //! holding the sink lease first `WATCH`es `P:fence`, refuses to write when it holds a
@@ -21,8 +26,10 @@
 //! is unreachable the sink remembers to resynchronize: on the next successful connection
 //! it rewrites everything in one transaction, so nothing is lost.
 
+mod cluster;
 mod connect;
 
+use connect::{Following, Valkey};
 pub use connect::{CA_FILE_ENV, PASSWORD_FILE_ENV};
 use redis::{Commands, Connection, Pipeline};
 use std::collections::HashMap;
@@ -62,8 +69,11 @@ pub struct Prepared {
 }
 
 pub struct ValkeySink {
-    client: redis::Client,
+    valkey: Valkey,
     conn: Option<Connection>,
+    /// The namespace.
+    namespace: String,
+    /// Its key prefix: the namespace, or in a cluster its hash tag (known once connected).
     prefix: String,
     /// The figures of each agent as written, so that a write sends only what differs.
     agents: HashMap<String, AgentFigures>,
@@ -78,7 +88,17 @@ pub struct ValkeySink {
 impl ValkeySink {
     /// A sink for `url` (e.g. `redis://127.0.0.1:6379`) under `prefix`. Connects lazily.
     pub fn new(url: &str, prefix: impl Into<String>) -> Result<ValkeySink, Error> {
-        Ok(ValkeySink { client: connect::client(url)?, conn: None, prefix: prefix.into(), agents: HashMap::new(), resync: true, token: None, commands: 0 })
+        let namespace: String = prefix.into();
+        Ok(ValkeySink {
+            valkey: Valkey::open(url)?,
+            conn: None,
+            prefix: namespace.clone(),
+            namespace,
+            agents: HashMap::new(),
+            resync: true,
+            token: None,
+            commands: 0,
+        })
     }
 
     fn key(&self, parts: &[&str]) -> String {
@@ -92,29 +112,32 @@ impl ValkeySink {
 
     fn connection(&mut self) -> Result<&mut Connection, Error> {
         if self.conn.is_none() {
-            let conn = connect::connect(&self.client, Duration::from_secs(1))?;
-            conn.set_read_timeout(Some(IO_TIMEOUT))?;
-            conn.set_write_timeout(Some(IO_TIMEOUT))?;
-            self.conn = Some(conn);
+            self.open(Duration::from_secs(1))?;
         }
         Ok(self.conn.as_mut().expect("just connected"))
+    }
+
+    /// Connects to the node serving the namespace, learning whether Valkey is a cluster
+    /// (and so the key prefix).
+    fn open(&mut self, timeout: Duration) -> Result<&mut Connection, Error> {
+        let conn = self.valkey.connection_for(&cluster::key_prefix(&self.namespace, true), timeout)?;
+        conn.set_read_timeout(Some(IO_TIMEOUT))?;
+        conn.set_write_timeout(Some(IO_TIMEOUT))?;
+        self.prefix = cluster::key_prefix(&self.namespace, self.valkey.cluster() == Some(true));
+        Ok(self.conn.insert(conn))
     }
 
     /// Connects once, so that settings Valkey refuses (a TLS handshake that fails, a
     /// wrong password) stop the caller at start with the cause. Valkey being down is an
     /// outage, not a settings error: it is only logged, the writes retry.
     pub fn verify(&mut self) -> Result<(), Error> {
-        match connect::connect(&self.client, Duration::from_secs(5)) {
-            Ok(mut conn) => {
-                conn.set_read_timeout(Some(IO_TIMEOUT))?;
-                conn.set_write_timeout(Some(IO_TIMEOUT))?;
-                redis::cmd("PING")
-                    .query::<String>(&mut conn)
-                    .map_err(|e| Error::Connect { endpoint: connect::endpoint(&self.client), cause: e.to_string() })?;
-                self.conn = Some(conn);
+        let endpoint = self.valkey.endpoint();
+        match self.open(Duration::from_secs(5)) {
+            Ok(conn) => {
+                redis::cmd("PING").query::<String>(conn).map_err(|e| Error::Connect { endpoint, cause: e.to_string() })?;
                 Ok(())
             }
-            Err(Error::Connect { endpoint, cause }) => match connect::refusal(&self.client, &cause) {
+            Err(Error::Connect { endpoint, cause }) => match self.valkey.refusal(&cause) {
                 Some(cause) => Err(Error::Connect { endpoint, cause }),
                 None => {
                     tracing::warn!(%endpoint, error = %cause, "valkey does not answer yet; going on, the writes retry");
@@ -147,6 +170,10 @@ impl ValkeySink {
     /// a caller can send it on another thread while it goes on. Only what differs from
     /// the figures last written goes in.
     pub fn prepare(&mut self, engine: &Engine, changes: &Changes) -> Result<Prepared, Error> {
+        if self.valkey.cluster().is_none() {
+            // The key names depend on whether Valkey is a cluster.
+            self.connection()?;
+        }
         let mut pipe = redis::pipe();
         pipe.atomic();
         if let Some(token) = self.token {
@@ -297,7 +324,7 @@ impl ValkeySink {
 
 /// Reads what a Valkey sink holds under `prefix`.
 pub struct ValkeyReader {
-    conn: Connection,
+    conn: Following,
     prefix: String,
 }
 
@@ -354,10 +381,10 @@ fn day_field(h: &HashMap<String, String>, name: &str, what: &'static str, key: &
 }
 
 impl ValkeyReader {
-    pub fn connect(url: &str, prefix: impl Into<String>, timeout: Duration) -> Result<ValkeyReader, Error> {
-        let conn = connect::connect(&connect::client(url)?, timeout)?;
-        conn.set_read_timeout(Some(timeout))?;
-        Ok(ValkeyReader { conn, prefix: prefix.into() })
+    pub fn connect(url: &str, namespace: &str, timeout: Duration) -> Result<ValkeyReader, Error> {
+        let conn = Following::new(Valkey::open(url)?, &cluster::key_prefix(namespace, true), timeout)?;
+        let prefix = cluster::key_prefix(namespace, conn.valkey().cluster() == Some(true));
+        Ok(ValkeyReader { conn, prefix })
     }
 
     fn key(&self, parts: &[&str]) -> String {
@@ -453,36 +480,52 @@ fn namespace_keys(conn: &mut Connection, prefix: &str) -> Result<Vec<String>, Er
 /// Namespaces (key prefixes) of rankings in one Valkey: which one is active, switching,
 /// dropping.
 pub struct Namespaces {
-    conn: Connection,
+    valkey: Valkey,
+    timeout: Duration,
 }
 
 impl Namespaces {
     pub fn connect(url: &str, timeout: Duration) -> Result<Namespaces, Error> {
-        let conn = connect::connect(&connect::client(url)?, timeout)?;
+        let mut namespaces = Namespaces { valkey: Valkey::open(url)?, timeout };
+        namespaces.node(ACTIVE_KEY)?;
+        Ok(namespaces)
+    }
+
+    /// A connection to the node serving `key`.
+    fn node(&mut self, key: &str) -> Result<Connection, Error> {
+        let conn = self.valkey.connection_for(key, self.timeout)?;
         conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-        Ok(Namespaces { conn })
+        Ok(conn)
+    }
+
+    /// The node and key prefix of namespace `name`.
+    fn namespace(&mut self, name: &str) -> Result<(Connection, String), Error> {
+        let conn = self.node(&cluster::key_prefix(name, true))?;
+        Ok((conn, cluster::key_prefix(name, self.valkey.cluster() == Some(true))))
     }
 
     /// The namespace readers use, if one was promoted.
     pub fn active(&mut self) -> Result<Option<String>, Error> {
-        Ok(self.conn.get(ACTIVE_KEY)?)
+        Ok(self.node(ACTIVE_KEY)?.get(ACTIVE_KEY)?)
     }
 
     /// Makes `name` the active namespace in one command; returns the one it replaces.
     pub fn promote(&mut self, name: &str) -> Result<Option<String>, Error> {
-        Ok(redis::cmd("SET").arg(ACTIVE_KEY).arg(name).arg("GET").query(&mut self.conn)?)
+        Ok(redis::cmd("SET").arg(ACTIVE_KEY).arg(name).arg("GET").query(&mut self.node(ACTIVE_KEY)?)?)
     }
 
     /// How many keys namespace `name` has (0: it holds no rankings).
     pub fn size(&mut self, name: &str) -> Result<usize, Error> {
-        Ok(namespace_keys(&mut self.conn, name)?.len())
+        let (mut conn, prefix) = self.namespace(name)?;
+        Ok(namespace_keys(&mut conn, &prefix)?.len())
     }
 
     /// Deletes every key of namespace `name`; returns how many there were.
     pub fn drop(&mut self, name: &str) -> Result<usize, Error> {
-        let keys = namespace_keys(&mut self.conn, name)?;
+        let (mut conn, prefix) = self.namespace(name)?;
+        let keys = namespace_keys(&mut conn, &prefix)?;
         for chunk in keys.chunks(1000) {
-            let _: () = self.conn.del(chunk)?;
+            let _: () = conn.del(chunk)?;
         }
         Ok(keys.len())
     }
