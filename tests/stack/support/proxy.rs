@@ -11,6 +11,8 @@ pub struct FaultyProxy {
     pub failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// While set, what clients send waits in the proxy (a network that stalls).
     pub holding: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// `TransactWriteItems` requests (sink writes) that arrived while holding.
+    pub held_writes: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Requests answered with an injected error.
     pub refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub cut: tokio::sync::watch::Sender<u64>,
@@ -27,6 +29,8 @@ impl FaultyProxy {
         let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let holding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let hold = holding.clone();
+        let held_writes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let held = held_writes.clone();
         let (cut, _) = tokio::sync::watch::channel(0u64);
         let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (flag, cuts, count) = (failing.clone(), cut.clone(), refused.clone());
@@ -53,7 +57,7 @@ impl FaultyProxy {
                     });
                     continue;
                 }
-                let (upstream, mut cut, hold) = (upstream.clone(), cuts.subscribe(), hold.clone());
+                let (upstream, mut cut, hold, held) = (upstream.clone(), cuts.subscribe(), hold.clone(), held.clone());
                 tokio::spawn(async move {
                     let Ok(outbound) = tokio::net::TcpStream::connect(&upstream).await else { return };
                     let ((mut from_client, mut to_client), (mut from_server, mut to_server)) = (inbound.into_split(), outbound.into_split());
@@ -61,6 +65,9 @@ impl FaultyProxy {
                     let up = async move {
                         let mut buf = vec![0u8; 1 << 16];
                         while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+                            if hold.load(std::sync::atomic::Ordering::SeqCst) && buf[..n].windows(18).any(|w| w == b"TransactWriteItems") {
+                                held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
                             while hold.load(std::sync::atomic::Ordering::SeqCst) {
                                 tokio::time::sleep(Duration::from_millis(10)).await;
                             }
@@ -81,7 +88,7 @@ impl FaultyProxy {
                 });
             }
         });
-        FaultyProxy { url, failing, holding, refused, cut, _rt: rt }
+        FaultyProxy { url, failing, holding, held_writes, refused, cut, _rt: rt }
     }
 
     pub fn fail(&self, on: bool) {

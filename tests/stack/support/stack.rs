@@ -85,6 +85,20 @@ impl Live {
         run(self.command().args(args))
     }
 
+    /// The seed sample through the test's topic (and its items into the table) reaches
+    /// both sinks equal to `replay` (Valkey at `valkey_url`, default the local one), and
+    /// `top` reads it from Valkey. Returns what the draining consumer said.
+    pub fn seed_reaches_both_sinks(&self, valkey_url: Option<&str>) -> String {
+        self.toolrank(&["produce", "--to", "dynamodb", "--table", &self.table, SEED]);
+        self.toolrank(&["produce", "--topic", &self.topic, SEED]);
+        let summary = self.drain(&[]);
+        assert!(summary.contains("consumed 34 messages"), "{summary}");
+        self.assert_sinks_equal_replay(SEED, valkey_url);
+        let top = String::from_utf8(self.toolrank(&["top", "agents", "--domain", "DMN001", "--namespace", &self.namespace, "--today", TODAY]).stdout).unwrap();
+        assert!(top.starts_with("source: valkey") && top.find("AGT002").unwrap() < top.find("AGT001").unwrap(), "{top}");
+        summary
+    }
+
     pub fn consume_args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
         let mut args = self.kafka_args();
         args.extend(SHORT_LEASES);
