@@ -636,11 +636,11 @@ fn a_member_joining_while_dynamodb_fails_waits_for_its_claims_and_nobody_exits()
     let live = Live::with_env("4", vec![("AWS_ENDPOINT_URL_DYNAMODB", proxy.url.clone())]);
     let history = generated(&live, "3000", "31");
     let producer = live.producer("2000", &history);
-    let mut a = live.consumer(&["--id", "a", "--until-idle", "15"]);
+    let mut a = live.steady_consumer(&["--id", "a", "--until-idle", "15"]);
     std::thread::sleep(Duration::from_secs(4));
     proxy.fail(true);
     std::thread::sleep(Duration::from_secs(2));
-    let mut b = live.consumer(&["--id", "b", "--until-idle", "15"]);
+    let mut b = live.steady_consumer(&["--id", "b", "--until-idle", "15"]);
     std::thread::sleep(Duration::from_secs(38));
     for member in [&mut a, &mut b] {
         assert!(!member.exits_within(Duration::ZERO), "nobody gave up:\n{}", member.said());

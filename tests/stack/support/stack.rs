@@ -124,6 +124,15 @@ impl Live {
         Running::spawn(self.command().args(self.consume_args(extra)).stdout(Stdio::null()).stderr(Stdio::piped()))
     }
 
+    /// A consumer with 5 s leases: for tests whose DynamoDB is slow on purpose, where a
+    /// renewal can take longer than a 2 s lease and the lease would pass back and forth.
+    pub fn steady_consumer(&self, extra: &[&str]) -> Running {
+        let mut args = self.kafka_args();
+        args.extend(["--lease-secs", "5", "--checkpoint-secs", "1"]);
+        args.extend_from_slice(extra);
+        Running::spawn(self.command().args(args).stdout(Stdio::null()).stderr(Stdio::piped()))
+    }
+
     /// Publishes `input` to the topic at `rate` records/s in the background.
     pub fn producer(&self, rate: &str, input: &str) -> Running {
         Running::spawn(self.command().args(["produce", "--topic", &self.topic, "--rate", rate, input]).stdout(Stdio::null()).stderr(Stdio::piped()))
