@@ -38,6 +38,11 @@ pub fn key_prefix(name: &str, cluster: bool) -> String {
     }
 }
 
+/// The hash tag of namespace `name`: the key whose slot holds the namespace in a cluster.
+pub fn tag(name: &str) -> String {
+    key_prefix(name, true)
+}
+
 /// Whether the server is a cluster node (`INFO cluster`).
 pub fn enabled(conn: &mut redis::Connection) -> redis::RedisResult<bool> {
     let info: String = redis::cmd("INFO").arg("cluster").query(conn)?;

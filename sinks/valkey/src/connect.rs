@@ -73,6 +73,11 @@ impl Valkey {
         refusal(&self.seed, cause)
     }
 
+    /// The key prefix of namespace `name` here: the name, or in a cluster its hash tag.
+    pub fn key_prefix(&self, name: &str) -> String {
+        cluster::key_prefix(name, self.cluster == Some(true))
+    }
+
     /// Whether it is a cluster, once a connection found out.
     pub fn cluster(&self) -> Option<bool> {
         self.cluster

@@ -120,10 +120,10 @@ impl ValkeySink {
     /// Connects to the node serving the namespace, learning whether Valkey is a cluster
     /// (and so the key prefix).
     fn open(&mut self, timeout: Duration) -> Result<&mut Connection, Error> {
-        let conn = self.valkey.connection_for(&cluster::key_prefix(&self.namespace, true), timeout)?;
+        let conn = self.valkey.connection_for(&cluster::tag(&self.namespace), timeout)?;
         conn.set_read_timeout(Some(IO_TIMEOUT))?;
         conn.set_write_timeout(Some(IO_TIMEOUT))?;
-        self.prefix = cluster::key_prefix(&self.namespace, self.valkey.cluster() == Some(true));
+        self.prefix = self.valkey.key_prefix(&self.namespace);
         Ok(self.conn.insert(conn))
     }
 
@@ -382,8 +382,8 @@ fn day_field(h: &HashMap<String, String>, name: &str, what: &'static str, key: &
 
 impl ValkeyReader {
     pub fn connect(url: &str, namespace: &str, timeout: Duration) -> Result<ValkeyReader, Error> {
-        let conn = Following::new(Valkey::open(url)?, &cluster::key_prefix(namespace, true), timeout)?;
-        let prefix = cluster::key_prefix(namespace, conn.valkey().cluster() == Some(true));
+        let conn = Following::new(Valkey::open(url)?, &cluster::tag(namespace), timeout)?;
+        let prefix = conn.valkey().key_prefix(namespace);
         Ok(ValkeyReader { conn, prefix })
     }
 
@@ -500,8 +500,8 @@ impl Namespaces {
 
     /// The node and key prefix of namespace `name`.
     fn namespace(&mut self, name: &str) -> Result<(Connection, String), Error> {
-        let conn = self.node(&cluster::key_prefix(name, true))?;
-        Ok((conn, cluster::key_prefix(name, self.valkey.cluster() == Some(true))))
+        let conn = self.node(&cluster::tag(name))?;
+        Ok((conn, self.valkey.key_prefix(name)))
     }
 
     /// The namespace readers use, if one was promoted.
