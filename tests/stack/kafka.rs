@@ -657,16 +657,18 @@ fn a_member_joining_while_dynamodb_fails_waits_for_its_claims_and_nobody_exits()
 }
 
 /// A partition checkpoint that no longer reads back (its stored state is garbage) is no
-/// outage to retry: the consumer stops with an error naming the checkpoint and the way
-/// out, and no panic. `toolrank checkpoint reset` deletes it; the consumer then rebuilds
-/// the partition from the topic, and the sinks equal replay.
+/// outage to retry: that partition stops, named with the way out, while the consumer
+/// reads its other partition to the end (and checkpoints it); with `--until-idle` it then
+/// exits non-zero, without a panic. `toolrank checkpoint reset` deletes the broken
+/// checkpoint; the consumer then rebuilds the partition from the topic, and the sinks
+/// equal replay.
 #[test]
-fn a_checkpoint_that_does_not_read_back_is_named_and_reset() {
-    let live = Live::new("1");
-    let history = generated(&live, "300", "41");
-    assert!(live.producer("5000", &history).wait(COMMAND_LIMIT).status.success());
+fn a_checkpoint_that_does_not_read_back_stops_its_partition_alone_and_is_reset() {
+    let live = Live::new("2");
+    let first = generated(&live, "300", "41");
+    assert!(live.producer("5000", &first).wait(COMMAND_LIMIT).status.success());
     live.drain(&[]);
-    let scope = format!("kafka/{}/{}/0", live.group, live.topic);
+    let scope = |p: i32| format!("kafka/{}/{}/{p}", live.group, live.topic);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let corrupted = rt.block_on(async {
         use aws_sdk_dynamodb::primitives::Blob;
@@ -675,7 +677,7 @@ fn a_checkpoint_that_does_not_read_back_is_named_and_reset() {
             .query()
             .table_name("toolrank-state")
             .key_condition_expression("PK = :pk")
-            .expression_attribute_values(":pk", AttributeValue::S(scope.clone()))
+            .expression_attribute_values(":pk", AttributeValue::S(scope(0)))
             .send()
             .await
             .unwrap();
@@ -687,17 +689,29 @@ fn a_checkpoint_that_does_not_read_back_is_named_and_reset() {
         }
         corrupted
     });
-    assert!(corrupted > 0, "the checkpoint of {scope} holds state");
+    assert!(corrupted > 0, "the checkpoint of {} holds state", scope(0));
+    let second = generated(&live, "300", "43");
+    assert!(live.producer("5000", &second).wait(COMMAND_LIMIT).status.success());
     let attempt =
         |args: &[&str]| Running::spawn(live.command().args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped())).wait(COMMAND_LIMIT);
     let out = attempt(&live.consume_args(&["--until-idle", "5"]));
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && !said.contains("panicked"), "{said}");
-    assert!(said.contains(&format!("checkpoint of {scope}")) && said.contains(&format!("toolrank checkpoint reset --scope {scope}")), "{said}");
-    let reset = live.toolrank(&["checkpoint", "reset", "--scope", &scope]);
+    assert!(said.contains(&format!("checkpoint of {}", scope(0))) && said.contains(&format!("toolrank checkpoint reset --scope {}", scope(0))), "{said}");
+    assert!(!said.contains(&format!("checkpoint of {}", scope(1))), "{said}");
+    // The healthy partition was read to its end meanwhile.
+    let reader: BaseConsumer = toolrank_kafka::Connection::plain(&env("TOOLRANK_KAFKA_BROKERS")).client_config().create().unwrap();
+    let (_, end) = reader.fetch_watermarks(&live.topic, 1, Duration::from_secs(10)).unwrap();
+    let position =
+        rt.block_on(async { toolrank_state::CheckpointStore::new(toolrank_dynamodb::client().await, "toolrank-state").position(&scope(1)).await.unwrap() });
+    assert_eq!(position.as_deref(), Some(end.to_string().as_str()), "{said}");
+
+    let reset = live.toolrank(&["checkpoint", "reset", "--scope", &scope(0)]);
     assert!(reset.status.success() && String::from_utf8_lossy(&reset.stdout).contains("deleted the checkpoint"), "{reset:?}");
-    let again = attempt(&["checkpoint", "reset", "--scope", &scope]);
+    let again = attempt(&["checkpoint", "reset", "--scope", &scope(0)]);
     assert!(!again.status.success(), "nothing left to reset");
     live.drain(&[]);
-    live.assert_sinks_equal_replay(&history, None);
+    let history = live.dir.path().join("both.jsonl");
+    std::fs::write(&history, std::fs::read_to_string(&first).unwrap() + &std::fs::read_to_string(&second).unwrap()).unwrap();
+    live.assert_sinks_equal_replay(history.to_str().unwrap(), None);
 }

@@ -49,8 +49,9 @@ pub enum Error {
     Token(String),
     #[error("topic {0} not found")]
     NoTopic(String),
-    #[error("stopped at a gap: {0} (read on from the oldest record with --on-gap skip, then backfill from the table to fill the gap: docs/operations.md, Runbooks, Gaps)")]
-    Gap(String),
+    /// Partitions stopped at a gap or at a broken checkpoint, each with why and what to do.
+    #[error("partitions stopped: {0}")]
+    Stopped(String),
 }
 
 /// What `consume kafka` needs.
@@ -83,8 +84,27 @@ struct Partition {
     /// Where the consumer must seek before reading on (the checkpoint's position, which
     /// the group's committed offset need not be); messages meanwhile are dropped.
     seek: Option<i64>,
-    /// Why the partition stopped (a gap under `--on-gap stop`): it is paused and read no more.
+    /// Why the partition stopped (a gap under `--on-gap stop`, a checkpoint that does not
+    /// restore): it is paused and read no more, its share left out of the rankings.
     stopped: Option<String>,
+}
+
+impl Partition {
+    /// A partition claimed at `next_offset`; unless `stopped`, it seeks there first.
+    fn new(engine: Engine, next_offset: i64, at: LogHead, stopped: Option<String>) -> Partition {
+        Partition {
+            engine,
+            next_offset,
+            at,
+            dirty: false,
+            saving: None,
+            saving_offset: next_offset,
+            saved_offset: next_offset,
+            save_started: Instant::now(),
+            seek: stopped.is_none().then_some(next_offset),
+            stopped,
+        }
+    }
 }
 
 /// The group member as the runtime's [`Source`]: a unit per assigned partition.
@@ -280,7 +300,7 @@ pub fn run(config: Config, sinks: Vec<Wired>, stop: Arc<AtomicBool>) -> Result<S
     leave_group(source.consumer);
     result?;
     if !stopped.is_empty() {
-        return Err(Error::Gap(stopped.join("; ")));
+        return Err(Error::Stopped(stopped.join("; ")));
     }
     Ok(writer.into_summary())
 }
@@ -464,7 +484,11 @@ impl Kafka {
     /// table failed leaves the partition paused, to be claimed again after a jittered
     /// backoff: the consumer reads its other partitions meanwhile and stays in the group.
     fn adopt(&mut self, writer: &mut SinkWriter, p: i32) -> Result<(), Error> {
-        let Some((engine, position, at)) = writer.claim(&scope(&self.config, p))? else {
+        let claimed = match writer.claim(&scope(&self.config, p)) {
+            Err(e) if e.is_broken_checkpoint() => return self.stop_broken(p, e),
+            claimed => claimed?,
+        };
+        let Some((engine, position, at)) = claimed else {
             let (next, backoff) =
                 self.unclaimed.entry(p).or_insert_with(|| (Instant::now(), Backoff::new(Duration::from_millis(200), Duration::from_secs(10))));
             *next = Instant::now() + backoff.next_delay();
@@ -483,7 +507,7 @@ impl Kafka {
                     match self.config.live.on_gap {
                         OnGap::Stop => {
                             error!(partition = p, checkpoint = next_offset, low, high, "{at}; the partition is stopped");
-                            stopped = Some(at);
+                            stopped = Some(format!("{at} ({})", toolrank_live::GAP_HINT));
                         }
                         OnGap::Skip => {
                             let skipped = if next_offset < low { low - next_offset } else { next_offset - high };
@@ -500,21 +524,18 @@ impl Kafka {
         if stopped.is_some() {
             self.pause(p, true)?;
         }
-        self.parts.insert(
-            p,
-            Partition {
-                engine,
-                next_offset,
-                at,
-                dirty: false,
-                saving: None,
-                saving_offset: next_offset,
-                saved_offset: next_offset,
-                save_started: Instant::now(),
-                seek: stopped.is_none().then_some(next_offset),
-                stopped,
-            },
-        );
+        self.parts.insert(p, Partition::new(engine, next_offset, at, stopped));
+        Ok(())
+    }
+
+    /// Stops partition `p`, whose checkpoint cannot be restored (`broken`): it stays
+    /// assigned here, paused, so that no other member crash-loops on it, while the other
+    /// partitions go on.
+    fn stop_broken(&mut self, p: i32, broken: toolrank_live::Error) -> Result<(), Error> {
+        error!(partition = p, error = %broken, "the partition is stopped");
+        self.unclaimed.remove(&p);
+        self.pause(p, true)?;
+        self.parts.insert(p, Partition::new(Engine::new(), 0, LogHead::default(), Some(broken.to_string())));
         Ok(())
     }
 
@@ -535,7 +556,7 @@ impl Kafka {
         }
     }
 
-    /// The partitions stopped at a gap, each with why.
+    /// The partitions stopped, each with why.
     fn stopped(&self) -> Vec<String> {
         self.parts.values().filter_map(|p| p.stopped.clone()).collect()
     }

@@ -82,25 +82,49 @@ pub struct Batch<'a> {
     records: Vec<&'a RawValue>,
     heads: Vec<Head>,
     data: Vec<Vec<u8>>,
+    /// The sequence number of the first record whose envelope does not parse: the batch
+    /// ends before it and fails from it (Lambda retries it, then sends it to the event
+    /// source's on-failure destination).
+    unreadable: Option<String>,
 }
 
 impl<'a> Batch<'a> {
     /// Parses `{"Records": [...]}`; `None` for a JSON object without `Records` (a flush
     /// event, e.g. an EventBridge schedule's); `Err` when the event itself is unreadable.
+    /// A record whose envelope does not parse ends the batch if it names its sequence
+    /// number (the batch fails from it); without one it can only be a bad record, and is
+    /// dead-lettered as such.
     pub fn parse(event: &'a [u8]) -> Result<Option<Batch<'a>>, String> {
         let text = std::str::from_utf8(event).map_err(|_| "event is not UTF-8".to_owned())?;
         let event: Event = serde_json::from_str(text).map_err(|e| format!("not a Records event: {e}"))?;
-        let Some(records) = event.records else { return Ok(None) };
+        let Some(mut records) = event.records else { return Ok(None) };
         let mut heads = Vec::with_capacity(records.len());
         let mut data = Vec::new();
-        for raw in &records {
-            let head: Head = serde_json::from_str(raw.get()).map_err(|e| format!("unreadable record: {e}"))?;
+        let mut unreadable = None;
+        for (index, raw) in records.iter().enumerate() {
+            let head: Head = match serde_json::from_str(raw.get()) {
+                Ok(head) => head,
+                Err(e) => match envelope_id(raw) {
+                    Some(id) => {
+                        warn!(index, sequence_number = id, error = %e, "a record's envelope does not parse: the batch fails from it");
+                        unreadable = Some(id);
+                        records.truncate(index);
+                        break;
+                    }
+                    None => Head { kinesis: None, dynamodb: None },
+                },
+            };
             if let Some(k) = &head.kinesis {
                 data.push(base64::engine::general_purpose::STANDARD.decode(&k.data).unwrap_or_default());
             }
             heads.push(head);
         }
-        Ok(Some(Batch { records, heads, data }))
+        Ok(Some(Batch { records, heads, data, unreadable }))
+    }
+
+    /// The index of the record whose envelope does not parse (after every other), if any.
+    fn unreadable_at(&self) -> Option<usize> {
+        self.unreadable.as_ref().map(|_| self.records.len())
     }
 
     pub fn len(&self) -> usize {
@@ -113,7 +137,7 @@ impl<'a> Batch<'a> {
 
     /// The `itemIdentifier` of record `index`: its sequence number.
     fn id(&self, index: usize) -> String {
-        let head = &self.heads[index];
+        let Some(head) = self.heads.get(index) else { return self.unreadable.clone().unwrap_or_default() };
         match (&head.kinesis, &head.dynamodb) {
             (Some(k), _) => k.sequence_number.clone(),
             (None, d) => d.as_ref().and_then(|d| d.sequence_number.clone()).unwrap_or_default(),
@@ -159,6 +183,13 @@ impl<'a> Batch<'a> {
         }
         (items, by_bucket, rejected)
     }
+}
+
+/// The sequence number of a record whose envelope does not parse, read leniently.
+fn envelope_id(raw: &RawValue) -> Option<String> {
+    let record: serde_json::Value = serde_json::from_str(raw.get()).ok()?;
+    let id = record.pointer("/dynamodb/SequenceNumber").or_else(|| record.pointer("/kinesis/sequenceNumber"))?;
+    id.as_str().filter(|id| !id.is_empty()).map(str::to_owned)
 }
 
 #[derive(Deserialize)]
@@ -299,13 +330,13 @@ impl Handler {
             invocation.give_up();
         }
         // Lambda retries from the earliest record reported, in the event's order.
-        let earliest_failed = invocation.failed.iter().map(|&(_, first)| items[first].index).chain(unsent).min();
+        let earliest_failed = invocation.failed.iter().map(|&(_, first)| items[first].index).chain(unsent).chain(batch.unreadable_at()).min();
         // What was appended is saved: the sinks catch up at the next write (a later
         // invocation's, or the scheduled flush), so a sink outage does not retry the batch.
         if self.writer.has_sinks() && self.sinks_due() && !self.write_sinks(false) {
             warn!("the sinks were not written; the next write or the scheduled flush writes them");
         }
-        if let Some(index) = earliest_failed.filter(|_| !batch.is_empty()) {
+        if let Some(index) = earliest_failed {
             outcome.failures.push(batch.id(index));
         }
         Ok(outcome)
@@ -622,6 +653,26 @@ mod tests {
         let (items, _, rejected) = batch.decode(1, bad.len());
         let oversized: Vec<usize> = rejected.iter().filter(|r| r.reason.contains("larger than the limit")).map(|r| r.index).collect();
         assert_eq!((items.len(), rejected.len(), oversized), (0, 4, vec![0, 2, 3]));
+    }
+
+    #[test]
+    fn a_record_whose_envelope_does_not_parse_ends_the_batch_and_fails_from_it() {
+        let lines: Vec<&str> = SAMPLE.lines().take(2).collect();
+        // `data` must be base64 text: the envelope is broken, its sequence number readable.
+        let broken = r#"{"eventSource": "aws:kinesis", "kinesis": {"data": 5, "sequenceNumber": "77"}}"#;
+        let text = event(&[lines[0], broken, lines[1]]);
+        let batch = Batch::parse(text.as_bytes()).unwrap().unwrap();
+        assert_eq!((batch.len(), batch.unreadable_at()), (1, Some(1)));
+        assert_eq!(batch.id(1), "77", "Lambda retries from the broken record");
+        let (items, _, rejected) = batch.decode(1, usize::MAX);
+        assert_eq!((items.len(), rejected.len()), (1, 0), "the records before it are applied");
+        // Without a sequence number it cannot be retried from: a bad record, dead-lettered.
+        let nameless = r#"{"dynamodb": 5}"#;
+        let text = event(&[lines[0], nameless, lines[1]]);
+        let batch = Batch::parse(text.as_bytes()).unwrap().unwrap();
+        assert_eq!((batch.len(), batch.unreadable_at()), (3, None));
+        let (items, _, rejected) = batch.decode(1, usize::MAX);
+        assert_eq!((items.len(), rejected.len(), rejected[0].index), (2, 1, 1));
     }
 
     #[test]

@@ -41,7 +41,7 @@ use toolrank_dead_letters::DeadLetters;
 use toolrank_engine::Engine;
 use toolrank_events::DeadLetter;
 pub use toolrank_live::Summary;
-use toolrank_live::{LiveConfig, OnGap, SinkWriter, Wired};
+use toolrank_live::{LiveConfig, LogHead, OnGap, SinkWriter, Wired};
 use toolrank_state::Lease;
 use tracing::{error, info, warn};
 
@@ -55,8 +55,9 @@ pub enum Error {
     Merge { shard: String, a: String, b: String },
     #[error(transparent)]
     DeadLetters(#[from] toolrank_dead_letters::Error),
-    #[error("stopped at a gap: {0} (read on from the oldest record with --on-gap skip, then backfill from the table to fill the gap: docs/operations.md, Runbooks, Gaps)")]
-    Gap(String),
+    /// Trees stopped at a gap or at a broken checkpoint, each with why and what to do.
+    #[error("trees stopped: {0}")]
+    Stopped(String),
 }
 
 impl From<toolrank_dynamodb::Error> for Error {
@@ -103,7 +104,7 @@ struct Tree {
     renewed: Instant,
     engine: Engine,
     /// Where its checkpoint's log stands.
-    at: toolrank_live::LogHead,
+    at: LogHead,
     shards: BTreeMap<String, ShardPos>,
     iterators: HashMap<String, String>,
     /// Shards whose last read returned nothing, and when they may be read again (the
@@ -111,7 +112,8 @@ struct Tree {
     /// is read at once).
     caught_up: HashMap<String, Instant>,
     dirty: bool,
-    /// Why the tree stopped (a trimmed position under `--on-gap stop`): it is read no more.
+    /// Why the tree stopped (a trimmed position under `--on-gap stop`, a checkpoint that
+    /// does not restore): it is read no more, its share left out of the rankings.
     stopped: Option<String>,
 }
 
@@ -162,7 +164,7 @@ pub fn run<S: ShardSource>(config: Config, source: S, sinks: Vec<Wired>, stop: &
     toolrank_live::run(&mut p, &mut writer, &pacing, stop)?;
     let stopped: Vec<String> = p.trees.values().filter_map(|t| t.stopped.clone()).collect();
     if !stopped.is_empty() {
-        return Err(Error::Gap(stopped.join("; ")));
+        return Err(Error::Stopped(stopped.join("; ")));
     }
     Ok(writer.into_summary())
 }
@@ -406,7 +408,15 @@ impl<S: ShardSource> Poller<S> {
             }
             // A claim the state table failed is tried again at the next round: the
             // lease goes back meanwhile, for whichever poller gets there first.
-            let Some((engine, position, at)) = writer.claim(&scope)? else {
+            let (claimed, stopped) = match writer.claim(&scope) {
+                // Stopped, its lease held: no other poller crash-loops on it.
+                Err(e) if e.is_broken_checkpoint() => {
+                    error!(tree = root, error = %e, "the tree is stopped");
+                    (Some((Engine::new(), None, LogHead::default())), Some(e.to_string()))
+                }
+                claimed => (claimed?, None),
+            };
+            let Some((engine, position, at)) = claimed else {
                 if let Err(e) = writer.call("releasing a tree lease", lease.release()) {
                     warn!(tree = root, error = %e, "could not release a tree lease; it lapses by itself");
                 }
@@ -422,7 +432,7 @@ impl<S: ShardSource> Poller<S> {
                 iterators: HashMap::new(),
                 caught_up: HashMap::new(),
                 dirty: false,
-                stopped: None,
+                stopped,
             };
             tree.dirty = adopt_shards(&mut tree.shards, &root, &self.listing, &self.tree_of);
             info!(tree = root, generation = at.generation, shards = tree.shards.len(), "took a tree");
@@ -469,7 +479,7 @@ impl<S: ShardSource> Poller<S> {
                                     let at =
                                         format!("shard {id} of {}: the records after the checkpoint's position were trimmed before they were read", tree.scope);
                                     error!(shard = id, error = %e, "{at}; the shard's tree is stopped");
-                                    tree.stopped = Some(at);
+                                    tree.stopped = Some(format!("{at} ({})", toolrank_live::GAP_HINT));
                                     break;
                                 }
                             },

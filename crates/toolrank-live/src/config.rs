@@ -54,6 +54,10 @@ impl std::str::FromStr for OnGap {
     }
 }
 
+/// What to do about a unit stopped at a gap.
+pub const GAP_HINT: &str =
+    "read on from the oldest record with --on-gap skip, then backfill from the table to fill the gap: docs/operations.md, Runbooks, Gaps";
+
 /// Counts records a unit skipped at a gap (`--on-gap skip`).
 pub fn count_gap(records: u64) {
     toolrank_metrics::counter!("toolrank_source_gaps_total").increment(records);

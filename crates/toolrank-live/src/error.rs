@@ -12,6 +12,14 @@ pub enum Error {
     Unreadable { scope: String, message: String },
 }
 
+impl Error {
+    /// A checkpoint that can never be restored as it is: its unit stops (the others go
+    /// on) until `toolrank checkpoint reset` deletes it.
+    pub fn is_broken_checkpoint(&self) -> bool {
+        matches!(self, Error::Snapshot { .. } | Error::Unreadable { .. })
+    }
+}
+
 /// How to recover a unit whose checkpoint is broken.
 fn reset_hint(scope: &str) -> String {
     format!("to recover, run `toolrank checkpoint reset --scope {scope}`, then a backfill (docs/operations.md, Runbooks)")

@@ -18,7 +18,7 @@ use toolrank_engine::Engine;
 use toolrank_events::Day;
 use toolrank_sink::Wired;
 use toolrank_state::{CheckpointStore, Lease, LogHead};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// The merged engine, the sink lease and the sinks (see the crate docs).
 pub struct SinkWriter {
@@ -270,12 +270,23 @@ impl SinkWriter {
             let log = match self.log_catch_up(scope, at, &head)? {
                 LogCatchUp::Current => continue,
                 LogCatchUp::Deltas(deltas) => {
-                    self.merged.advance_copy(scope, at.expect("deltas follow a copy"), head.head, &deltas)?;
+                    if let Err(e) = self.merged.advance_copy(scope, at.expect("deltas follow a copy"), head.head, &deltas) {
+                        // The copy is dropped; the next refresh reads the whole log.
+                        warn!(error = %e, "another consumer's deltas do not apply");
+                    }
                     continue;
                 }
                 LogCatchUp::Log(log) => log,
             };
-            let engine = log_engine(scope, &log)?;
+            let engine = match log_engine(scope, &log) {
+                Ok(engine) => engine,
+                // Its owner stops it (or will, when it claims it): the others' copies go on.
+                Err(e) if e.is_broken_checkpoint() => {
+                    error!(error = %e, "another consumer's checkpoint does not restore; the rankings leave it out");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             self.merged.hold_copy(scope, engine, log.at.head);
             debug!(scope, generation = log.at.generation, head = log.at.head, "merged another consumer's checkpoint");
         }
