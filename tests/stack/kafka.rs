@@ -409,19 +409,7 @@ fn bad_and_oversized_records_are_dead_lettered_with_reason_and_offset() {
     toolrank(&["produce", "--topic", &live.topic, input.to_str().unwrap()]);
     let summary = live.drain(&["--no-dynamodb", "--max-record-bytes", "2500"]);
     assert!(summary.contains("3 dead-lettered"), "{summary}");
-    let consumer: BaseConsumer =
-        toolrank_kafka::Connection::plain(&env("TOOLRANK_KAFKA_BROKERS")).client_config().set("group.id", unique("dlq-reader")).create().unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&live.dlq, 0, Offset::Beginning).unwrap();
-    consumer.assign(&tpl).unwrap();
-    let mut letters = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while letters.len() < 3 && Instant::now() < deadline {
-        if let Some(Ok(msg)) = consumer.poll(Duration::from_millis(200)) {
-            letters.push((toolrank_consume_kafka::dead_letter_headers(&msg), msg.payload().unwrap().to_vec()));
-        }
-    }
-    assert_eq!(letters.len(), 3);
+    let letters = dead_letters(&live.dlq, 3);
     assert_eq!(letters[0].1, b"not json");
     assert!(letters[0].0["toolrank-reason"].contains("not valid JSON"), "{:?}", letters[0].0);
     assert_eq!(letters[0].0["toolrank-source-offset"], "34");
@@ -430,6 +418,50 @@ fn bad_and_oversized_records_are_dead_lettered_with_reason_and_offset() {
     assert_eq!(letters[2].1, big.as_bytes(), "the oversized record whole");
     assert_eq!(letters[2].0["toolrank-source-offset"], "36");
     assert!(letters[2].0["toolrank-reason"].contains("larger than the limit of 2500"), "{:?}", letters[2].0);
+}
+
+/// The first `count` letters of the (one-partition) dead-letter topic, headers and payload.
+fn dead_letters(topic: &str, count: usize) -> Vec<(std::collections::BTreeMap<String, String>, Vec<u8>)> {
+    let consumer: BaseConsumer =
+        toolrank_kafka::Connection::plain(&env("TOOLRANK_KAFKA_BROKERS")).client_config().set("group.id", unique("dlq-reader")).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut letters = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while letters.len() < count && Instant::now() < deadline {
+        if let Some(Ok(msg)) = consumer.poll(Duration::from_millis(200)) {
+            letters.push((toolrank_consume_kafka::dead_letter_headers(&msg), msg.payload().unwrap().to_vec()));
+        }
+    }
+    assert_eq!(letters.len(), count, "dead letters on {topic}");
+    letters
+}
+
+/// A record the engine panics on (injected for one session's partition key) is caught:
+/// each of its messages is dead-lettered with the reason, the partition is restored from
+/// its checkpoint and passes over them, and the consumer goes on; the sinks equal replay
+/// of the history without that session.
+#[test]
+fn a_record_the_engine_panics_on_is_dead_lettered_and_the_partition_restored() {
+    let live = Live::new("2");
+    let history = generated(&live, "300", "47");
+    let text = std::fs::read_to_string(&history).unwrap();
+    let pk = text.lines().find_map(|l| l.split(r#""Keys":{"PK":{"S":"USR"#).nth(1)).map(|rest| format!("USR{}", rest.split('"').next().unwrap())).unwrap();
+    let marker = format!(r#""Keys":{{"PK":{{"S":"{pk}"}}"#);
+    let poisoned = text.lines().filter(|l| l.contains(&marker)).count();
+    let rest = live.dir.path().join("without-the-session.jsonl");
+    std::fs::write(&rest, text.lines().filter(|l| !l.contains(&marker)).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    assert!(live.producer("5000", &history).wait(COMMAND_LIMIT).status.success());
+    let out = live.command().args(live.consume_args(&["--until-idle", "8"])).env("TOOLRANK_FAULT_PANIC_PK", &pk).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains(&format!("{poisoned} dead-lettered")), "{poisoned} records of {pk}: {said}");
+    assert!(said.contains("restoring the partition from its checkpoint"), "{said}");
+    let letters = dead_letters(&live.dlq, poisoned);
+    assert!(letters.iter().all(|(headers, _)| headers["toolrank-reason"].starts_with("panicked while applying: injected")), "{letters:?}");
+    assert!(!said.contains(&pk), "no key in the logs: {said}");
+    live.assert_sinks_equal_replay(rest.to_str().unwrap(), None);
 }
 
 /// A checkpoint whose position its partition no longer holds (here past the partition's
@@ -501,19 +533,7 @@ fn a_dead_letter_not_delivered_is_sent_again_and_no_checkpoint_covers_it() {
     let out = live.toolrank(&args(&["--until-idle", "5"]));
     let summary = String::from_utf8_lossy(&out.stderr);
     assert!(summary.contains("1 dead-lettered"), "{summary}");
-    let consumer: BaseConsumer =
-        toolrank_kafka::Connection::plain(&env("TOOLRANK_KAFKA_BROKERS")).client_config().set("group.id", unique("dlq-reader")).create().unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&missing, 0, Offset::Beginning).unwrap();
-    consumer.assign(&tpl).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let letter = loop {
-        if let Some(Ok(msg)) = consumer.poll(Duration::from_millis(200)) {
-            break msg.payload().unwrap().to_vec();
-        }
-        assert!(Instant::now() < deadline, "no dead letter");
-    };
-    assert_eq!(letter, b"not json");
+    assert_eq!(dead_letters(&missing, 1)[0].1, b"not json");
     live.assert_sinks_equal_replay(SEED, None);
 }
 

@@ -28,7 +28,7 @@ use rdkafka::message::DeliveryResult;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -124,6 +124,12 @@ struct Kafka {
     /// Assigned partitions whose checkpoint could not be claimed yet (the state table
     /// failed): paused, claimed again when their backoff is over, while the others go on.
     unclaimed: BTreeMap<i32, (Instant, Backoff)>,
+    /// Records (partition, offset) the engine panicked on, already dead-lettered: read
+    /// again after their partition is restored, they are passed over.
+    poisoned: BTreeSet<(i32, i64)>,
+    /// Partitions whose engine panicked mid-change: restored from their checkpoints at
+    /// the next read.
+    restore: BTreeSet<i32>,
 }
 
 /// Records the group's rebalances as rdkafka reports them (see `sync_assignment`).
@@ -294,6 +300,8 @@ pub fn run(config: Config, sinks: Vec<Wired>, stop: Arc<AtomicBool>) -> Result<S
         stranded: None,
         fenced: BTreeMap::new(),
         unclaimed: BTreeMap::new(),
+        poisoned: BTreeSet::new(),
+        restore: BTreeSet::new(),
     };
     let result = toolrank_live::run(&mut source, &mut writer, &pacing, &stop);
     let stopped = source.stopped();
@@ -325,6 +333,10 @@ impl Source for Kafka {
     type Error = Error;
 
     fn read(&mut self, writer: &mut SinkWriter) -> Result<usize, Error> {
+        for p in std::mem::take(&mut self.restore) {
+            warn!(partition = p, "the engine panicked mid-change: restoring the partition from its checkpoint");
+            self.reread(writer, p)?;
+        }
         self.seek_pending();
         let read = match self.consumer.poll(Duration::from_millis(20)) {
             Some(Ok(msg)) => {
@@ -623,6 +635,15 @@ impl Kafka {
         drain_of(lagging, |p| self.parts.contains_key(&p))
     }
 
+    /// Restores owned partition `p` from its checkpoint and reads on from its position.
+    fn reread(&mut self, writer: &mut SinkWriter, p: i32) -> Result<(), Error> {
+        let Some(part) = self.parts.get_mut(&p) else { return Ok(()) };
+        // A save in flight covers only what was read before it: it may land.
+        writer.saved(&mut part.saving, true);
+        self.release(writer, p);
+        self.adopt(writer, p)
+    }
+
     /// Drops an owned partition and takes its share out of the merged engine.
     fn release(&mut self, writer: &mut SinkWriter, p: i32) {
         let mut part = self.parts.remove(&p).expect("owned");
@@ -647,6 +668,9 @@ impl Kafka {
         }
         part.next_offset = offset + 1;
         part.dirty = true;
+        if self.poisoned.contains(&(p, offset)) {
+            return;
+        }
         if let Some(ts) = msg.timestamp().to_millis() {
             writer.observe(ts);
         }
@@ -655,8 +679,20 @@ impl Kafka {
             self.dead_letter(writer, msg, &reason, payload);
             return;
         }
-        for (reason, raw) in apply_line(&mut part.engine, payload, writer.tally()) {
-            self.dead_letter(writer, msg, &reason, raw.as_deref().map(str::as_bytes).unwrap_or(payload));
+        match toolrank_live::guard(|| apply_line(&mut part.engine, payload, writer.tally())) {
+            Ok(bad) => {
+                for (reason, raw) in bad {
+                    self.dead_letter(writer, msg, &reason, raw.as_deref().map(str::as_bytes).unwrap_or(payload));
+                }
+            }
+            // The message goes whole to the dead letters, so none of its records may
+            // count: the partition is restored to before it (a line may hold several
+            // records, some applied before the panic) and passes over it.
+            Err(panicked) => {
+                self.dead_letter(writer, msg, &panicked.reason(), payload);
+                self.poisoned.insert((p, offset));
+                self.restore.insert(p);
+            }
         }
     }
     /// Sends a bad record to the dead-letter topic with the reason and its source position.
@@ -700,12 +736,8 @@ impl Kafka {
             return Ok(());
         }
         for (p, offset) in self.dead_letters.context().take() {
-            let Some(part) = self.parts.get_mut(&p) else { continue };
             warn!(partition = p, offset, "a dead letter of this partition was not delivered: reading it again from its checkpoint");
-            // A save in flight covers only letters delivered before it: it may land.
-            writer.saved(&mut part.saving, true);
-            self.release(writer, p);
-            self.adopt(writer, p)?;
+            self.reread(writer, p)?;
         }
         let mut fenced = Vec::new();
         // One new save per round unless `wait`: the one saved longest ago. Serializing a

@@ -497,15 +497,29 @@ impl Source for Invocation<'_, '_> {
         Ok(())
     }
 
+    /// Applies each bucket's records. A panic fails the bucket's records (its engine is
+    /// dropped, so the retry starts from its log): Lambda retries them, and sends them to
+    /// the event source's on-failure destination when the retries run out, while the
+    /// other buckets go on.
     fn read(&mut self, writer: &mut SinkWriter) -> Result<usize, Self::Error> {
         let mut read = 0;
+        let mut panicked = Vec::new();
         for (bucket, (indices, _)) in &self.pending {
             let b = self.buckets.get_mut(bucket).expect("caught up");
-            for &i in *indices {
-                apply_change(&mut b.engine, &self.items[i].change, writer.tally());
+            let applied = toolrank_live::guard(|| {
+                for &i in *indices {
+                    apply_change(&mut b.engine, &self.items[i].change, writer.tally());
+                }
+            });
+            if let Err(p) = applied {
+                panicked.push((*bucket, p.reason()));
+                continue;
             }
             writer.expire_tombstones(&mut b.engine);
             read += indices.len();
+        }
+        for (bucket, reason) in panicked {
+            self.fail(bucket, &toolrank_dynamodb::Error::Input(reason));
         }
         Ok(read)
     }

@@ -138,6 +138,9 @@ struct Poller<S: ShardSource> {
     dead_letters: DeadLetters,
     last_discover: Instant,
     last_balance: Instant,
+    /// Sequence numbers of records the engine panicked on, already dead-lettered: read
+    /// again after their tree is restored from its checkpoint, they are passed over.
+    poisoned: HashSet<String>,
 }
 
 /// Runs a poller on `source`, writing `sinks` while it holds the sink lease, until
@@ -160,6 +163,7 @@ pub fn run<S: ShardSource>(config: Config, source: S, sinks: Vec<Wired>, stop: &
         dead_letters,
         last_discover: long_ago,
         last_balance: long_ago,
+        poisoned: HashSet::new(),
     };
     toolrank_live::run(&mut p, &mut writer, &pacing, stop)?;
     let stopped: Vec<String> = p.trees.values().filter_map(|t| t.stopped.clone()).collect();
@@ -451,8 +455,9 @@ impl<S: ShardSource> Poller<S> {
     /// Reads one page from every ready shard of the owned trees; returns the records read.
     fn read_round(&mut self, writer: &mut SinkWriter) -> Result<usize, Error> {
         let mut total = 0;
-        let Poller { source, trees, dead_letters, config, .. } = self;
-        for tree in trees.values_mut().filter(|t| t.stopped.is_none()) {
+        let mut restore = Vec::new();
+        let Poller { source, trees, dead_letters, config, poisoned, .. } = self;
+        for (root, tree) in trees.iter_mut().filter(|(_, t)| t.stopped.is_none()) {
             let now = Instant::now();
             let ids: Vec<String> = tree
                 .shards
@@ -518,9 +523,20 @@ impl<S: ShardSource> Poller<S> {
                         writer.tally().skipped_redeliveries += 1;
                         continue;
                     }
+                    if poisoned.contains(seq) {
+                        pos.seq = Some(seq.to_owned());
+                        tree.dirty = true;
+                        continue;
+                    }
                     let applied = match toolrank_live::oversized(rec.size(), config.live.max_record_bytes) {
                         Some(reason) => Err(reason),
-                        None => rec.apply(&mut tree.engine, writer.tally()),
+                        None => toolrank_live::guard(|| rec.apply(&mut tree.engine, writer.tally())).unwrap_or_else(|panicked| {
+                            if panicked.engine_touched {
+                                poisoned.insert(seq.to_owned());
+                                restore.push(root.clone());
+                            }
+                            Err(panicked.reason())
+                        }),
                     };
                     match applied {
                         Ok(Some(created)) => writer.observe(created),
@@ -537,8 +553,15 @@ impl<S: ShardSource> Poller<S> {
                             dead_letters.reject(&mut writer.tally().dead_letters, letter)?;
                         }
                     }
+                    if restore.last() == Some(root) {
+                        // Its engine is suspect: read no further.
+                        break;
+                    }
                     pos.seq = Some(seq.to_owned());
                     tree.dirty = true;
+                }
+                if restore.last() == Some(root) {
+                    break;
                 }
                 total += page.records.len();
                 if page.records.is_empty() {
@@ -559,6 +582,11 @@ impl<S: ShardSource> Poller<S> {
                     }
                 }
             }
+        }
+        // Taken again from its checkpoint at the next balance (its lease is still ours).
+        for root in restore {
+            warn!(tree = root, "the engine panicked mid-change: restoring the tree from its checkpoint");
+            self.drop_tree(writer, &root);
         }
         Ok(total)
     }
