@@ -110,6 +110,47 @@ fn backfill_from_a_table_resumes_after_kill_and_equals_replay_and_the_export() {
     assert!(!missing.status.success() && String::from_utf8_lossy(&missing.stderr).contains("no manifest-files.json"), "{missing:?}");
 }
 
+/// A data file of an export whose gzip stream is corrupt is dead-lettered by name; the
+/// backfill publishes the other files, checkpoints past it (run again, it has nothing
+/// left to do) and the sinks equal replay of the files that read.
+#[test]
+fn a_corrupt_export_file_is_dead_lettered_by_name_and_the_backfill_goes_on_past_it() {
+    let live = Live::new("1");
+    let history = live.dir.path().join("export.jsonl");
+    live.toolrank(&["generate", "--sessions", "300", "--seed", "23", "--agents", "30", "--style", "export", "--out", history.to_str().unwrap()]);
+    let lines: Vec<String> = std::fs::read_to_string(&history).unwrap().lines().map(str::to_owned).collect();
+    let dir = export_dir(live.dir.path(), &lines);
+    // Past its 10-byte header the deflate stream of part-1 is garbage.
+    let part = dir.join("data/part-1.json.gz");
+    let mut bytes = std::fs::read(&part).unwrap();
+    bytes[10..40].fill(0xff);
+    std::fs::write(&part, bytes).unwrap();
+    let kept: Vec<&String> = lines.chunks(lines.len().div_ceil(3)).enumerate().filter(|(i, _)| *i != 1).flat_map(|(_, c)| c).collect();
+    let good = live.dir.path().join("good.jsonl");
+    std::fs::write(&good, kept.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let catalog = live.dir.path().join("catalog.jsonl");
+    std::fs::write(&catalog, kept.iter().filter(|l| l.contains(r#""SK":{"S":"METADATA"}"#)).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    live.toolrank(&["produce", "--to", "dynamodb", "--table", &live.table, catalog.to_str().unwrap()]);
+
+    let letters = live.dir.path().join("letters.jsonl");
+    let (id, dir, letters_arg) = (unique("corrupt"), dir.to_str().unwrap().to_owned(), letters.to_str().unwrap().to_owned());
+    let backfill =
+        || live.command().args(["backfill", "--from", "export", "--topic", &live.topic, "--id", &id, "--dead-letter", &letters_arg, &dir]).output().unwrap();
+    let out = backfill();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert_eq!(count_after(&said, "backfilled "), kept.len() as u64, "{said}");
+    let written = std::fs::read_to_string(&letters).unwrap();
+    let letter: serde_json::Value = serde_json::from_str(written.lines().next().unwrap()).unwrap();
+    assert_eq!(written.lines().count(), 1, "{written}");
+    assert!(letter["source"].as_str().unwrap().ends_with("part-1.json.gz") && letter["reason"].as_str().unwrap().contains("corrupt"), "{letter}");
+    let again = backfill();
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success() && count_after(&said, "backfilled ") == 0, "resumed past the corrupt file: {said}");
+    live.drain(&[]);
+    live.assert_sinks_equal_replay(good.to_str().unwrap(), None);
+}
+
 #[test]
 fn backfill_beside_a_live_consumer_counts_nothing_twice() {
     let live = Live::new("3");

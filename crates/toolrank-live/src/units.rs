@@ -1,9 +1,9 @@
 //! A unit's engine: records applied to it, and its state restored from a checkpoint.
 
 use crate::clock::now_secs;
-use std::cell::Cell;
 use crate::error::Error;
 use crate::summary::Summary;
+use std::cell::Cell;
 use toolrank_engine::Engine;
 use toolrank_events::{decode_line, Change};
 use toolrank_state::Log;

@@ -26,6 +26,14 @@ impl Files {
         }
     }
 
+    /// The name of file `index` in positions and dead letters.
+    fn name(&self, index: usize) -> String {
+        match self {
+            Files::Local(inputs) => inputs[index].name(),
+            Files::S3 { objects, .. } => objects[index].url(),
+        }
+    }
+
     /// A reader of file `index`; an S3 object is downloaded first, into a temporary file
     /// that lives as long as the returned guard.
     async fn open(&self, index: usize, read: Arc<AtomicU64>) -> Result<(LineReader, Option<tempfile::NamedTempFile>), Error> {
@@ -79,6 +87,13 @@ struct Keys<'a> {
     sk: &'a RawValue,
 }
 
+/// Whether a read failed on the file's bytes (a broken gzip stream, a truncated file)
+/// rather than on the reading itself.
+fn corrupt(e: &toolrank_source_file::SourceError) -> bool {
+    use std::io::ErrorKind::{InvalidData, InvalidInput, UnexpectedEof};
+    matches!(e, toolrank_source_file::SourceError::Io { source, .. } if matches!(source.kind(), InvalidData | InvalidInput | UnexpectedEof))
+}
+
 /// A checkpoint position: the file's index in the inputs and its last line published.
 fn position(file: usize, line: u64) -> String {
     format!("{file}:{line}")
@@ -115,7 +130,26 @@ fn record(line: &[u8]) -> Result<(String, String), String> {
     Ok((key, change_record(&pk, &sk, line.new_image.map(RawValue::get), &micros)))
 }
 
+/// The dead letter of an export file whose bytes are corrupt after line `last`: the rest
+/// of it is lost either way, and the backfill goes on with the next file.
+fn corrupt_file(name: &str, last: u64, e: &toolrank_source_file::SourceError) -> DeadLetter {
+    DeadLetter {
+        source: name.to_owned(),
+        line: last + 1,
+        record: None,
+        position: None,
+        reason: format!("the file is corrupt after line {last}, the rest of it is skipped: {e}"),
+        raw: String::new(),
+    }
+}
+
 impl Job<'_> {
+    /// Counts a dead letter and hands it to `reject`.
+    fn reject(&self, reject: &mut dyn FnMut(DeadLetter), letter: DeadLetter) {
+        self.run.progress.dead_letters.fetch_add(1, Ordering::Relaxed);
+        reject(letter);
+    }
+
     /// Publishes every line after the checkpoint; bad lines go to `reject`. Returns
     /// whether the export was read to its end.
     pub async fn run(&self, sender: &mut impl Sender, reject: &mut dyn FnMut(DeadLetter)) -> Result<bool, Error> {
@@ -128,26 +162,43 @@ impl Job<'_> {
         let read = Arc::new(AtomicU64::new(0));
         let mut saved = Instant::now();
         for index in from_file..self.files.len() {
-            let (mut reader, _download) = self.files.open(index, read.clone()).await?;
-            let name = reader.name().to_owned();
             let mut last = if index == from_file { from_line } else { 0 };
-            while let Some((line_no, line)) = reader.next_line()? {
+            let (mut reader, _download) = match self.files.open(index, read.clone()).await {
+                Ok(opened) => opened,
+                Err(Error::Source(e)) if corrupt(&e) => {
+                    self.reject(reject, corrupt_file(&self.files.name(index), 0, &e));
+                    generation = self.run.store.save(&self.run.scope, &self.run.owner, generation, &position(index + 1, 0), &[]).await?.generation;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let name = reader.name().to_owned();
+            loop {
+                let (line_no, line) = match reader.next_line() {
+                    Ok(Some(next)) => next,
+                    Ok(None) => break,
+                    Err(e) if corrupt(&e) => {
+                        self.reject(reject, corrupt_file(&name, last, &e));
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 if line_no <= last {
                     continue;
                 }
                 match record(line) {
                     Ok((key, line)) => sender.send(Some(&key), line.as_bytes()).await?,
-                    Err(reason) => {
-                        self.run.progress.dead_letters.fetch_add(1, Ordering::Relaxed);
-                        reject(DeadLetter {
+                    Err(reason) => self.reject(
+                        reject,
+                        DeadLetter {
                             source: name.clone(),
                             line: line_no,
                             record: None,
                             position: None,
                             reason,
                             raw: String::from_utf8_lossy(line).into_owned(),
-                        })
-                    }
+                        },
+                    ),
                 }
                 self.run.progress.items.fetch_add(1, Ordering::Relaxed);
                 last = line_no;
