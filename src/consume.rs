@@ -247,6 +247,12 @@ struct PollerArgs {
     /// Rejected records, one JSON line each (reason, shard, sequence number, record).
     #[arg(long, env = "TOOLRANK_DEAD_LETTER_FILE", default_value = "toolrank-dead-letters.jsonl")]
     dead_letter_file: std::path::PathBuf,
+    /// Send rejected records to this SQS queue (URL) instead of the file: whole, with
+    /// message attributes toolrank-reason, toolrank-position (the sequence number) and
+    /// toolrank-source. A letter the queue does not take is sent again before the poller
+    /// reads past its record.
+    #[arg(long, env = "TOOLRANK_DEAD_LETTER_QUEUE_URL")]
+    dead_letter_queue_url: Option<String>,
     #[command(flatten)]
     live: LiveArgs,
 }
@@ -259,6 +265,7 @@ impl PollerArgs {
             discover_interval: Duration::from_secs_f64(self.discover_secs),
             idle_poll: Duration::from_millis(self.idle_poll_ms),
             dead_letter_file: self.dead_letter_file,
+            dead_letter_queue_url: self.dead_letter_queue_url,
             live,
         };
         Ok((config, sinks))

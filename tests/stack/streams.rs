@@ -51,14 +51,13 @@ fn dynamodb_streams_pollers_share_the_stream_and_take_over_from_a_killed_one() {
     live.assert_sinks_equal_replay(history, None);
 }
 
-#[test]
-fn kinesis_records_put_as_dynamodb_puts_them_equal_replay() {
+/// `history`'s stream records as Kinesis Data Streams for DynamoDB puts them, onto a new
+/// stream of two shards (with `extra` records after them); returns the stream's name.
+fn put_on_kinesis(live: &Live, history: &str, extra: &[String]) -> String {
     use aws_sdk_kinesis::primitives::Blob;
     use aws_sdk_kinesis::types::PutRecordsRequestEntry;
-    let live = Live::new("1");
-    let history = generated(&live, "300", "13");
     let stream = unique("changes");
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&history).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(history).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     // Kinesis records of DynamoDB have no stream sequence number: their creation time (in
     // microseconds) keeps the history's order, so redeliveries in it stay older.
     let mut seqs: Vec<u128> = lines.iter().map(|v| v["dynamodb"]["SequenceNumber"].as_str().unwrap().parse().unwrap()).collect();
@@ -80,6 +79,7 @@ fn kinesis_records_put_as_dynamodb_puts_them_equal_replay() {
         }
         records.push(entry);
     }
+    records.extend(extra.iter().map(|data| PutRecordsRequestEntry::builder().partition_key("bad").data(Blob::new(data.as_bytes())).build().unwrap()));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
@@ -90,8 +90,45 @@ fn kinesis_records_put_as_dynamodb_puts_them_equal_replay() {
             assert_eq!(out.failed_record_count(), Some(0));
         }
     });
+    stream
+}
+
+#[test]
+fn kinesis_records_put_as_dynamodb_puts_them_equal_replay() {
+    let live = Live::new("1");
+    let history = generated(&live, "300", "13");
+    let stream = put_on_kinesis(&live, &history, &[]);
     let out = String::from_utf8(run(&mut live.poller(&["kinesis", "--stream", &stream], &["--until-idle", "3"])).stderr).unwrap();
     eprintln!("{out}");
     assert!(count_after(&out, "changes, ") > 0, "duplicates were recognized as stale: {out}");
+    live.assert_sinks_equal_replay(&history, None);
+}
+
+/// With `--dead-letter-queue-url` a poller sends a record that does not decode whole to
+/// the SQS queue (moto) with its reason and sequence number; the log names neither its
+/// contents nor its keys, and the rest is applied.
+#[test]
+fn a_poller_sends_dead_letters_whole_to_sqs() {
+    let live = Live::new("1");
+    let history = generated(&live, "100", "17");
+    let bad = r#"{"eventName":"INSERT","recordFormat":"application/json","dynamodb":{"ApproximateCreationDateTime":1752000000000000,"Keys":{"PK":{"S":"USR777#SESS1"},"SK":{"S":"PRC001"}},"NewImage":{"PK":{"S":"USR777#SESS1"},"SK":{"S":"PRC001"},"ToolValues":{"S":"card 4111-1111 kept secret"}}}}"#;
+    let stream = put_on_kinesis(&live, &history, &[bad.to_owned()]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sqs = rt.block_on(async { aws_sdk_sqs::Client::new(&aws_config::load_from_env().await) });
+    let queue = rt.block_on(sqs.create_queue().queue_name(unique("poller-letters")).send()).unwrap().queue_url.unwrap();
+    let out = run(&mut live.poller(&["kinesis", "--stream", &stream], &["--until-idle", "3", "--dead-letter-queue-url", &queue]));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("1 dead-lettered"), "{said}");
+    let got =
+        rt.block_on(sqs.receive_message().queue_url(&queue).max_number_of_messages(10).wait_time_seconds(2).message_attribute_names("All").send()).unwrap();
+    let messages = got.messages();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    let attribute = |name: &str| messages[0].message_attributes().and_then(|a| a.get(name)).and_then(|v| v.string_value()).unwrap_or_default().to_owned();
+    assert_eq!(messages[0].body(), Some(bad), "the record whole");
+    assert!(attribute("toolrank-reason").contains("missing EntityType"), "{}", attribute("toolrank-reason"));
+    assert!(!attribute("toolrank-position").is_empty());
+    for secret in ["4111", "secret", "USR777"] {
+        assert!(!said.contains(secret) && !attribute("toolrank-reason").contains(secret), "{secret:?} reached the log or the reason: {said}");
+    }
     live.assert_sinks_equal_replay(&history, None);
 }

@@ -256,7 +256,7 @@ pub struct Handler {
     /// monotonic clock may not advance).
     last_sink_write: i64,
     /// Where records that do not decode go.
-    dead_letters: Option<dead_letters::Queue>,
+    dead_letters: Option<toolrank_dead_letters::Queue>,
 }
 
 impl Handler {
@@ -287,7 +287,8 @@ impl Handler {
         )?;
         let scopes = (0..config.buckets).map(|b| format!("lambda/{}/bucket/{b:05}", config.application)).collect();
         let source = format!("lambda/{}", config.application);
-        let dead_letters = config.dead_letter_queue_url.clone().map(|url| writer.block_on(dead_letters::Queue::new(url, source)));
+        let dead_letters =
+            config.dead_letter_queue_url.clone().map(|url| toolrank_dead_letters::Queue::new(&writer.block_on(toolrank_dynamodb::sdk_config()), url, source));
         Ok(Handler { config, writer, buckets: HashMap::new(), scopes, last_sink_write: 0, dead_letters })
     }
 
@@ -312,7 +313,7 @@ impl Handler {
         self.writer.tally().dead_letters += rejected.len() as u64;
         // A letter not sent fails the batch from its record: the retry sends it again.
         let unsent = match (&self.dead_letters, rejected.is_empty()) {
-            (Some(queue), false) => self.writer.block_on(queue.send(&rejected)).err().map(|(index, error)| {
+            (Some(queue), false) => self.writer.block_on(dead_letters::send(queue, &rejected)).err().map(|(index, error)| {
                 warn!(error, "dead letters were not sent; the batch is retried from the first one not sent");
                 index
             }),

@@ -37,7 +37,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
-use toolrank_dead_letters::DeadLetters;
+use toolrank_dead_letters::{DeadLetters, Letter, Queue};
 use toolrank_engine::Engine;
 use toolrank_events::DeadLetter;
 pub use toolrank_live::Summary;
@@ -77,6 +77,9 @@ pub struct Config {
     pub idle_poll: Duration,
     /// Where rejected records go, one JSON line each.
     pub dead_letter_file: PathBuf,
+    /// An SQS queue that takes the rejected records instead of the file, whole, with
+    /// why and where (message attributes `toolrank-reason`, `toolrank-position`).
+    pub dead_letter_queue_url: Option<String>,
     /// The sinks and the loop's pacing, as every live consumer has them. Its lease
     /// duration is also the trees' leases'.
     pub live: LiveConfig,
@@ -122,6 +125,31 @@ fn ready(shards: &BTreeMap<String, ShardPos>, pos: &ShardPos) -> bool {
     [&pos.parent, &pos.adjacent_parent].into_iter().flatten().all(|p| shards.get(p).is_none_or(|pp| pp.done))
 }
 
+/// Where a poller's dead letters go: its file, or the SQS queue.
+struct Letters {
+    log: DeadLetters,
+    queue: Option<Queue>,
+}
+
+impl Letters {
+    /// Sends one letter; `false` when the queue did not take it: the record is read
+    /// again, so that no checkpoint passes a letter that was lost.
+    fn reject(&mut self, writer: &mut SinkWriter, mut letter: DeadLetter) -> Result<bool, Error> {
+        if let Some(queue) = &self.queue {
+            let position = letter.position.clone().unwrap_or_default();
+            let sent = writer.block_on(queue.send(&[Letter { position: &position, reason: &letter.reason, body: &letter.raw }]));
+            if let Err((_, error)) = sent {
+                writer.tally().retried_errors += 1;
+                warn!(position, error, "a dead letter was not sent; reading its record again");
+                return Ok(false);
+            }
+            letter.raw.clear();
+        }
+        self.log.reject(&mut writer.tally().dead_letters, letter)?;
+        Ok(true)
+    }
+}
+
 /// A poller as the runtime's [`toolrank_live::Source`]: a unit per owned tree.
 struct Poller<S: ShardSource> {
     config: Config,
@@ -135,7 +163,7 @@ struct Poller<S: ShardSource> {
     listing: Vec<ShardInfo>,
     tree_of: HashMap<String, String>,
     workers: usize,
-    dead_letters: DeadLetters,
+    dead_letters: Letters,
     last_discover: Instant,
     last_balance: Instant,
     /// Sequence numbers of records the engine panicked on, already dead-lettered: read
@@ -150,7 +178,14 @@ pub fn run<S: ShardSource>(config: Config, source: S, sinks: Vec<Wired>, stop: &
     let mut writer = SinkWriter::new(config.live.writer.clone(), format!("{prefix}/sink-writer"), sinks)?;
     let pacing = config.live.pacing.clone();
     let long_ago = Instant::now() - Duration::from_secs(3600);
-    let dead_letters = DeadLetters::durable(&config.dead_letter_file);
+    let dead_letters = Letters {
+        queue: config.dead_letter_queue_url.clone().map(|url| Queue::new(&writer.block_on(toolrank_dynamodb::sdk_config()), url, prefix.clone())),
+        // With a queue, the letters are only counted and logged here.
+        log: match config.dead_letter_queue_url {
+            Some(_) => DeadLetters::open(None, false)?,
+            None => DeadLetters::durable(&config.dead_letter_file),
+        },
+    };
     let mut p = Poller {
         config,
         source,
@@ -456,6 +491,8 @@ impl<S: ShardSource> Poller<S> {
     fn read_round(&mut self, writer: &mut SinkWriter) -> Result<usize, Error> {
         let mut total = 0;
         let mut restore = Vec::new();
+        // Shards whose dead letter was not sent: read again from their last record.
+        let mut unsent = false;
         let Poller { source, trees, dead_letters, config, poisoned, .. } = self;
         for (root, tree) in trees.iter_mut().filter(|(_, t)| t.stopped.is_none()) {
             let now = Instant::now();
@@ -550,8 +587,12 @@ impl<S: ShardSource> Poller<S> {
                                 reason,
                                 raw: rec.describe(),
                             };
-                            dead_letters.reject(&mut writer.tally().dead_letters, letter)?;
+                            unsent = !dead_letters.reject(writer, letter)?;
                         }
+                    }
+                    if unsent {
+                        tree.iterators.remove(&id);
+                        break;
                     }
                     if restore.last() == Some(root) {
                         // Its engine is suspect: read no further.
@@ -559,6 +600,9 @@ impl<S: ShardSource> Poller<S> {
                     }
                     pos.seq = Some(seq.to_owned());
                     tree.dirty = true;
+                }
+                if std::mem::take(&mut unsent) {
+                    continue;
                 }
                 if restore.last() == Some(root) {
                     break;

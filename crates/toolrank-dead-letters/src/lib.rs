@@ -1,7 +1,11 @@
-//! Where bad records go, for every job and consumer that writes them to a file: counted,
-//! the first few logged, each appended as a JSON line ([`DeadLetter`]) to a file only its
-//! owner may read (records carry user data), or, in strict mode, the error that ends the
-//! run.
+//! Where bad records go, for every job and consumer: counted, the first few logged, each
+//! appended as a JSON line ([`DeadLetter`]) to a file only its owner may read (records
+//! carry user data) or sent to an SQS [`Queue`], or, in strict mode, the error that ends
+//! the run.
+
+mod queue;
+
+pub use queue::{Letter, Queue};
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
