@@ -21,6 +21,11 @@ impl Backoff {
         Backoff { base, cap, attempt: 0, state: state | 1 }
     }
 
+    /// Starts over from the base delay (the call succeeded).
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
     /// The next delay to wait before retrying.
     pub fn next_delay(&mut self) -> Duration {
         let ceiling = self.base.saturating_mul(1u32 << self.attempt.min(20)).min(self.cap);
@@ -49,5 +54,15 @@ mod tests {
         // Jitter: the capped delays are not all alike, and they use the range.
         let capped = &delays[10..];
         assert!(capped.iter().any(|d| *d < Duration::from_millis(1000)) && capped.iter().any(|d| *d > Duration::from_millis(1000)), "{capped:?}");
+    }
+
+    #[test]
+    fn a_reset_starts_from_the_base_again() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(60));
+        for _ in 0..10 {
+            b.next_delay();
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
     }
 }

@@ -32,6 +32,9 @@ impl Latencies {
     }
 }
 
+/// The most records whose latency is waited for (16 bytes each: 16 MiB).
+const MAX_UNSEEN: usize = 1 << 20;
+
 /// The records applied but not yet visible in the sinks, and the latencies of those that
 /// became visible.
 pub(crate) struct Visibility {
@@ -47,9 +50,15 @@ impl Visibility {
         Visibility { unseen: Vec::new(), latencies: Latencies::new(), own_latencies: Latencies::new() }
     }
 
-    /// A record created at `created` and read at `read` (ms since the epoch) waits to be visible.
+    /// A record created at `created` and read at `read` (ms since the epoch) waits to be
+    /// visible. Past [`MAX_UNSEEN`] waiting records (the sinks are down) the latency of
+    /// the rest is not measured, only counted: the list stays bounded.
     pub(crate) fn push(&mut self, created: i64, read: i64) {
-        self.unseen.push((created, read));
+        if self.unseen.len() < MAX_UNSEEN {
+            self.unseen.push((created, read));
+        } else {
+            toolrank_metrics::counter!("toolrank_latency_unmeasured_total").increment(1);
+        }
     }
 
     /// How many records wait to be visible.
@@ -81,5 +90,21 @@ impl Visibility {
 
     pub(crate) fn own_latency(&self, q: f64) -> Option<u64> {
         self.own_latencies.quantile(q)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_records_waiting_to_be_visible_are_bounded() {
+        let mut v = Visibility::new();
+        for i in 0..MAX_UNSEEN + 10 {
+            v.push(i as i64, i as i64);
+        }
+        assert_eq!(v.waiting(), MAX_UNSEEN);
+        v.visible(v.waiting(), MAX_UNSEEN as i64 + 5);
+        assert_eq!((v.waiting(), v.latency(0.0)), (0, Some(6)));
     }
 }

@@ -13,6 +13,7 @@ use crate::latency::Visibility;
 use crate::summary::Summary;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
+use toolrank_backoff::Backoff;
 use toolrank_engine::{Changes, Engine, PatternKey, Sym};
 use toolrank_events::Day;
 use toolrank_sink::{AnySink, Pace, Stats, Wired};
@@ -89,6 +90,10 @@ pub(crate) struct Slot {
     /// Milliseconds the loop spent planning its writes and waiting for them.
     blocked_ms: u64,
     stats: Stats,
+    /// After a failed write, the next is not tried before `retry_at` (jittered, growing
+    /// while the sink stays down), so that an outage costs few attempts and log lines.
+    backoff: Backoff,
+    retry_at: Instant,
 }
 
 impl Slot {
@@ -109,6 +114,8 @@ impl Slot {
             rounds: 0,
             blocked_ms: 0,
             stats: Stats::default(),
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+            retry_at: Instant::now(),
         }
     }
 }
@@ -176,9 +183,12 @@ impl Scheduler {
     fn write_one(&mut self, i: usize, now: bool, turn: &mut Turn<'_>) -> bool {
         let mut ok = self.collect(i, now, turn.rt, turn.visibility, turn.retried);
         let slot = &mut self.slots[i];
+        // Bounded by the rankings' keys, however long the sink is down.
+        toolrank_metrics::gauge!("toolrank_sink_pending_keys", "sink" => slot.name).set(slot.changes.len() as f64);
         let interval = interval(slot.pace, turn.backlog);
         let since = slot.last.elapsed();
         let due = match slot.pace {
+            _ if !now && Instant::now() < slot.retry_at => false,
             Pace::Live => now || since >= interval,
             Pace::Paced { max_defer, .. } => now || (since >= interval && (slot.budget_waited.elapsed() >= slot.budget_wait || since >= max_defer)),
         };
@@ -200,6 +210,7 @@ impl Scheduler {
             Err(e) => {
                 // The sink stays pending: its next write compares in full.
                 slot.sink = Some(sink);
+                slot.retry_at = Instant::now() + slot.backoff.next_delay();
                 slot.blocked_ms += started.elapsed().as_millis() as u64;
                 warn!(error = %e, "{} sink write failed while planning; retrying at the next flush", slot.name);
                 *turn.retried += 1;
@@ -269,6 +280,11 @@ impl Scheduler {
             sink.hold(generation);
         }
         slot.stats = sink.stats();
+        if sent {
+            slot.backoff.reset();
+        } else {
+            slot.retry_at = Instant::now() + slot.backoff.next_delay();
+        }
         let ok = sent && !sink.pending();
         slot.sink = Some(sink);
         *retried += u64::from(!sent);
