@@ -70,7 +70,7 @@ trap 'cleanup; exec 1>&3; wait "$TEE" 2>/dev/null || true; python3 bench/table.p
 "$BIN/toolrank" generate --sessions "$SESSIONS" --seed "$CHAOS_SEED" --out "$WORK/history.jsonl" >&2
 grep '"SK":{"S":"METADATA"}' "$WORK/history.jsonl" > "$WORK/catalog.jsonl" || true
 "$BIN/toolrank" produce --to dynamodb --table "$TABLE" "$WORK/catalog.jsonl" 2> /dev/null
-# Malformed lines (not JSON, cut short, wrong types) and one poison record mixed in:
+# Malformed lines (not JSON, cut short, an unknown eventName) and one poison record mixed in:
 # `replay` skips them as the consumers dead-letter them.
 python3 - "$WORK/history.jsonl" "$WORK/input.jsonl" "$MALFORMED" "$CHAOS_SEED" <<'PY'
 import random, sys
@@ -79,7 +79,7 @@ rng = random.Random(int(sys.argv[4]))
 bad = []
 for i in range(int(sys.argv[3])):
     line = rng.choice(lines)
-    bad.append(["not json", line[: rng.randrange(1, len(line))], line.replace('"S":', '"N":', 1)][i % 3])
+    bad.append(["not json", line[: rng.randrange(1, len(line) - 1)], line.replace('"eventName":"', '"eventName":"UNKNOWN', 1)][i % 3])
 bad.append('{"padding":"' + "x" * 500_000 + '"}')
 for b in bad:
     lines.insert(rng.randrange(len(lines) + 1), b)
@@ -160,7 +160,7 @@ echo "faults:"
 sort -n "$FAULTS" | sed 's/^/  /'
 echo "records:               $RECORDS published ($MALFORMED malformed, 1 poison of 500 KB), $PARTITIONS partitions, seed $CHAOS_SEED"
 kill "$PROXY"; wait "$PROXY" 2> /dev/null || true
-echo "dead letters:          $("$BIN/kafka-drain" "$BROKERS" "$TOPIC-dl" | awk '{print $2}') on the topic (a partition read again after a kill sends its letters again)"
+echo "dead letters:          $("$BIN/kafka-drain" "$BROKERS" "$TOPIC-dl" | awk '{print $2}') on the topic for $((MALFORMED + 1)) bad records (a partition read again after a kill sends its letters again)"
 echo "DynamoDB refused:      $(cat "$WORK/proxy.out") connections while throttling"
 echo "longest lag:           $LAG records"
 if [ -z "$CONVERGED" ]; then
