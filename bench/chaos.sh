@@ -58,11 +58,20 @@ broker; valkey
 python3 bench/throttling_proxy.py "$PROXY_PORT" "${AWS_ENDPOINT_URL_DYNAMODB#http://}" "$WORK/throttle" > "$WORK/proxy.out" &
 PROXY=$!
 listening "$BROKER_PORT"; listening "$CHAOS_VALKEY_PORT"; listening "$PROXY_PORT"
-cleanup() {
+SUPERVISORS=()
+cleanup() {  # the measurement is over: everything the script started goes, at once
   touch "$WORK/stop"
-  for f in a.pid b.pid broker.pid valkey.pid; do [ -f "$WORK/$f" ] && kill -CONT "$(cat "$WORK/$f")" 2> /dev/null && kill "$(cat "$WORK/$f")" 2> /dev/null; done
+  # A supervisor may be starting a consumer as this runs: kill until both have ended.
+  # (Not a bare `wait`: it would wait for the tee that prints this script's output.)
+  for _ in $(seq 50); do
+    for f in a b; do kill -9 "$(cat "$WORK/$f.pid" 2> /dev/null)" 2> /dev/null || true; done
+    local running=0
+    for pid in "${SUPERVISORS[@]}"; do kill -0 "$pid" 2> /dev/null && running=1; done
+    [ "$running" = 0 ] && break
+    sleep 0.2
+  done
+  for f in broker valkey; do kill "$(cat "$WORK/$f.pid" 2> /dev/null)" 2> /dev/null || true; done
   kill "$PROXY" 2> /dev/null || true
-  wait 2> /dev/null || true
 }
 trap 'cleanup; exec 1>&3; wait "$TEE" 2>/dev/null || true; python3 bench/table.py "${BENCH_ARGS[@]}" "$WORK/stdout"; rm -rf "$WORK"' EXIT
 
@@ -97,7 +106,9 @@ supervise() {  # supervise NAME METRICS_PORT: a consumer, started again whenever
   done
 }
 supervise a "$METRICS_A" &
+SUPERVISORS+=($!)
 supervise b "$METRICS_B" &
+SUPERVISORS+=($!)
 "$BIN/toolrank" produce --brokers "$BROKERS" --topic "$TOPIC" --rate "$RATE" "$WORK/input.jsonl" 2> "$WORK/produce.log" &
 PRODUCER=$!
 SPAN=$((RECORDS / RATE + 1))
