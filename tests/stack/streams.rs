@@ -132,3 +132,78 @@ fn a_poller_sends_dead_letters_whole_to_sqs() {
     }
     live.assert_sinks_equal_replay(&history, None);
 }
+
+/// DynamoDB Local keeps every record of a stream, so a stream that has trimmed what
+/// follows a checkpoint is played by the real stream's source answering
+/// TrimmedDataAccessException for any position after one.
+struct Trimmed(toolrank_consume_streams::dynamodb_streams::DynamoStreams);
+
+impl toolrank_consume_streams::ShardSource for Trimmed {
+    type Record = <toolrank_consume_streams::dynamodb_streams::DynamoStreams as toolrank_consume_streams::ShardSource>::Record;
+
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+
+    async fn shards(&self) -> Result<Vec<toolrank_consume_streams::ShardInfo>, toolrank_consume_streams::SourceError> {
+        self.0.shards().await
+    }
+
+    async fn iterator(&self, shard: &str, after: Option<&str>) -> Result<String, toolrank_consume_streams::SourceError> {
+        match after {
+            Some(_) => Err(toolrank_consume_streams::SourceError::Trimmed("TrimmedDataAccessException (played by the test)".into())),
+            None => self.0.iterator(shard, None).await,
+        }
+    }
+
+    async fn read(&self, iterator: &str) -> Result<toolrank_consume_streams::Page<Self::Record>, toolrank_consume_streams::SourceError> {
+        self.0.read(iterator).await
+    }
+}
+
+/// A tree whose checkpointed position the stream no longer holds stops with an error
+/// naming its shard and the way on (`--on-gap stop`, the default); with `--on-gap skip`
+/// it reads on from the oldest record the stream holds, and counts the gap.
+#[test]
+fn a_trimmed_position_stops_its_tree_unless_gaps_are_skipped() {
+    use toolrank_live::{LiveConfig, OnGap, Pacing, WriterConfig};
+    let live = Live::new("1");
+    let history = live.dir.path().join("history.jsonl");
+    live.toolrank(&["generate", "--sessions", "100", "--seed", "19", "--agents", "30", "--out", history.to_str().unwrap()]);
+    live.toolrank(&["produce", "--to", "dynamodb", "--table", &live.table, history.to_str().unwrap()]);
+    run(&mut live.streams_poller(&["--until-idle", "3"]));
+    let poll = |on_gap: OnGap| {
+        let config = toolrank_consume_streams::Config {
+            application: live.group.clone(),
+            discover_interval: Duration::from_secs(2),
+            idle_poll: Duration::from_millis(100),
+            dead_letter_file: live.dir.path().join("trimmed-letters.jsonl"),
+            dead_letter_queue_url: None,
+            live: LiveConfig {
+                writer: WriterConfig {
+                    state_table: "toolrank-state".into(),
+                    today: None,
+                    owner: toolrank_live::unique_owner("trimmed"),
+                    lease: Duration::from_secs(2),
+                    tombstone_horizon: toolrank_live::DEFAULT_TOMBSTONE_HORIZON,
+                },
+                pacing: Pacing {
+                    until_idle: Some(Duration::from_secs(3)),
+                    flush_interval: Duration::from_millis(100),
+                    checkpoint_interval: Duration::from_secs(1),
+                    checkpoint_max: Duration::from_secs(1),
+                },
+                max_record_bytes: toolrank_live::DEFAULT_MAX_RECORD_BYTES,
+                on_gap,
+            },
+        };
+        let sdk = toolrank_consume_streams::sdk_config();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let source = rt.block_on(toolrank_consume_streams::dynamodb_streams::DynamoStreams::of_table(&sdk, &live.table)).unwrap();
+        toolrank_consume_streams::run(config, Trimmed(source), Vec::new(), &std::sync::atomic::AtomicBool::new(false))
+    };
+    let stopped = poll(OnGap::Stop).unwrap_err().to_string();
+    assert!(stopped.contains("were trimmed before they were read") && stopped.contains("--on-gap skip"), "{stopped}");
+    let skipped = poll(OnGap::Skip).unwrap();
+    assert!(skipped.messages > 0, "read on from the oldest record: {skipped:?}");
+}

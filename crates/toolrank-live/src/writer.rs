@@ -50,6 +50,9 @@ pub struct SinkWriter {
     published: Instant,
 }
 
+/// How many times a checkpoint is read before it counts as broken ([`SinkWriter::claim`]).
+const BROKEN_READS: u32 = 3;
+
 impl SinkWriter {
     /// A writer contending for the sink lease of `lease_scope`: one writer per consumer
     /// group (or poller application).
@@ -118,14 +121,27 @@ impl SinkWriter {
     /// the claim (counted), for a caller that goes on with its other units and tries
     /// again later.
     pub fn claim(&mut self, scope: &str) -> Result<Option<(Engine, Option<String>, LogHead)>, Error> {
-        match self.call("claiming a checkpoint", self.store().claim(scope, &self.config.owner)) {
-            Ok(ck) => self.adopt(scope, ck).map(Some),
-            // A checkpoint that does not read back is no outage: it stays broken.
-            Err(toolrank_dynamodb::Error::Input(message)) => Err(Error::Unreadable { scope: scope.to_owned(), message }),
-            Err(e) => {
-                self.summary.retried_errors += 1;
-                warn!(error = %e, "claiming {scope} failed; trying again later");
-                Ok(None)
+        let mut reads = 0;
+        loop {
+            reads += 1;
+            let claimed = match self.call("claiming a checkpoint", self.store().claim(scope, &self.config.owner)) {
+                Ok(ck) => self.adopt(scope, ck).map(Some),
+                Err(toolrank_dynamodb::Error::Input(message)) => Err(Error::Unreadable { scope: scope.to_owned(), message }),
+                Err(e) => {
+                    self.summary.retried_errors += 1;
+                    warn!(error = %e, "claiming {scope} failed; trying again later");
+                    return Ok(None);
+                }
+            };
+            match claimed {
+                // A read that overlapped another writer's save can see part of it (a
+                // Query is not isolated from a transaction): read again before calling
+                // the checkpoint broken, which stops its unit.
+                Err(e) if e.is_broken_checkpoint() && reads < BROKEN_READS => {
+                    warn!(error = %e, "a checkpoint did not read back; reading it again");
+                    crate::deadline::block(&self.rt, async { tokio::time::sleep(Duration::from_secs(1)).await });
+                }
+                claimed => return claimed,
             }
         }
     }
