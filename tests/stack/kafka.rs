@@ -537,21 +537,23 @@ fn a_dead_letter_not_delivered_is_sent_again_and_no_checkpoint_covers_it() {
     live.assert_sinks_equal_replay(SEED, None);
 }
 
-/// The sink holder's DynamoDB requests stall in the network mid-stream (a sink round,
-/// its lease renewal) until the other consumer has taken the sink lease and written;
-/// then they arrive. The table refuses the late round (its fencing token is older than
-/// the one claimed since), the deposed holder counts it, and both sinks equal replay
-/// while both consumers still run. (Valkey's refusal of a late transaction is shown in
-/// `sinks::a_write_carrying_an_older_fencing_token_is_refused_by_both_sinks`.)
+/// The sink holder's DynamoDB requests and Valkey commands stall in the network
+/// mid-stream (a sink round, a Valkey transaction, its lease renewal) until the other
+/// consumer has taken the sink lease and written; then they arrive. The table refuses the
+/// late round (its fencing token is older than the one claimed since), the deposed holder
+/// counts it, Valkey's late transaction changes nothing (the fence it watched has moved
+/// on), and both sinks equal replay while both consumers still run.
 #[test]
 fn a_deposed_sink_holders_late_writes_are_refused_and_the_sinks_stay_exact() {
     let _pace = dynamodb_pace();
     let valkey_url = env("TOOLRANK_VALKEY_URL");
     let live = Live::new("2");
     let history = generated(&live, "6000", "29");
-    // Each consumer reaches DynamoDB through a proxy of its own.
+    // Each consumer reaches DynamoDB and Valkey through proxies of its own.
     let consumer = |id: &str| {
         let dynamodb = FaultyProxy::start(&env("AWS_ENDPOINT_URL_DYNAMODB"));
+        let valkey = FaultyProxy::start(valkey_url.trim_start_matches("redis://"));
+        let through_proxy = valkey.url.replace("http://", "redis://");
         let metrics = format!("127.0.0.1:{}", free_port());
         let mut cmd = live.command();
         cmd.env("AWS_ENDPOINT_URL_DYNAMODB", &dynamodb.url).args(live.kafka_args()).args([
@@ -566,13 +568,13 @@ fn a_deposed_sink_holders_late_writes_are_refused_and_the_sinks_stay_exact() {
             "--dynamodb-max-defer-ms",
             "0",
             "--valkey-url",
-            &valkey_url,
+            &through_proxy,
             "--metrics-addr",
             &metrics,
             "--id",
             id,
         ]);
-        (Running::spawn(cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped())), metrics, dynamodb)
+        (Running::spawn(cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped())), metrics, dynamodb, valkey)
     };
     let holds = |c: &Running| c.said().matches("took the sink lease").count() > c.said().matches("lost the sink lease").count();
     let producer = live.producer("1500", &history);
@@ -596,12 +598,14 @@ fn a_deposed_sink_holders_late_writes_are_refused_and_the_sinks_stay_exact() {
     // requests waiting, then 9.5 s more: under the SDK's 10 s attempt timeout, so the
     // holder still waits for that round's reply when it arrives.
     holder.2.hold(true);
+    holder.3.hold(true);
     let held_since = Instant::now();
     while holder.2.held_writes.load(std::sync::atomic::Ordering::SeqCst) == 0 && held_since.elapsed() < Duration::from_secs(15) {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(9500));
     holder.2.hold(false);
+    holder.3.hold(false);
     assert!(holds(&other.0), "the other consumer took the sink lease:\n{}", other.0.said());
     assert!(producer.wait(COMMAND_LIMIT).status.success());
     // Exact while both still run, soon after the input's end (DynamoDB Local answers the
