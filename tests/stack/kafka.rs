@@ -680,37 +680,6 @@ fn a_member_joining_while_dynamodb_fails_waits_for_its_claims_and_nobody_exits()
     live.assert_sinks_equal_replay(&history, None);
 }
 
-/// A state table that stalls longer than the group's poll interval (here 20 s,
-/// `--kafka-config max.poll.interval.ms`; the lease renewal waits out its 30 s timeout)
-/// does not cost the member its group: while the loop waits it pauses its partitions and
-/// polls, so librdkafka never reports the poll interval exceeded; once DynamoDB answers
-/// again the consumer reads on and the sinks equal replay.
-#[test]
-fn a_consumer_waiting_on_a_stalled_state_table_stays_in_its_group() {
-    let _pace = dynamodb_pace();
-    let proxy = FaultyProxy::start(&env("AWS_ENDPOINT_URL_DYNAMODB"));
-    let live = Live::with_env("4", vec![("AWS_ENDPOINT_URL_DYNAMODB", proxy.url.clone())]);
-    let history = generated(&live, "300", "53");
-    // Records keep coming through the stall: the consumer has work, and does not go idle.
-    let producer = live.producer("15", &history);
-    let consumer = live.steady_consumer(&["--until-idle", "10", "--kafka-config", "max.poll.interval.ms=20000"]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while consumer.said().matches("checkpoint claimed").count() < 4 {
-        assert!(Instant::now() < deadline, "{}", consumer.said());
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    proxy.hold(true);
-    std::thread::sleep(Duration::from_secs(45));
-    proxy.hold(false);
-    assert!(producer.wait(COMMAND_LIMIT).status.success());
-    let out = consumer.wait(COMMAND_LIMIT);
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{said}");
-    assert!(said.contains("timed out"), "the state table stalled: {said}");
-    assert!(!said.contains("poll interval"), "{said}");
-    live.assert_sinks_equal_replay(&history, None);
-}
-
 /// A partition checkpoint that no longer reads back (its stored state is garbage) is no
 /// outage to retry: that partition stops, named with the way out, while the consumer
 /// reads its other partition to the end (and checkpoints it); with `--until-idle` it then

@@ -28,7 +28,7 @@ use rdkafka::message::DeliveryResult;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -110,12 +110,7 @@ impl Partition {
 /// The group member as the runtime's [`Source`]: a unit per assigned partition.
 struct Kafka {
     config: Config,
-    consumer: Arc<BaseConsumer<Rebalances>>,
-    /// Partitions this consumer keeps paused (unclaimed, stopped): a wait's [`Alive`]
-    /// resumes only the others.
-    held: Arc<Mutex<BTreeSet<i32>>>,
-    /// Messages polled while the loop waited on a call ([`Alive`]), read first.
-    stash: Arc<Mutex<VecDeque<OwnedMessage>>>,
+    consumer: BaseConsumer<Rebalances>,
     /// The rebalance events already acted on.
     rebalances_seen: u64,
     dead_letters: BaseProducer<Deliveries>,
@@ -135,54 +130,6 @@ struct Kafka {
     /// Partitions whose engine panicked mid-change: restored from their checkpoints at
     /// the next read.
     restore: BTreeSet<i32>,
-}
-
-/// Keeps the member in its group while the loop waits on the state table: the assigned
-/// partitions (but those the consumer holds paused itself) are paused and the consumer
-/// polls, so that slow calls in a row never add up past `max.poll.interval.ms`; what a
-/// poll returns meanwhile (fetched before the pause) is stashed for the loop.
-struct Alive {
-    consumer: Arc<BaseConsumer<Rebalances>>,
-    topic: String,
-    held: Arc<Mutex<BTreeSet<i32>>>,
-    stash: Arc<Mutex<VecDeque<OwnedMessage>>>,
-    /// What this wait paused, to resume when it ends.
-    paused: Option<TopicPartitionList>,
-}
-
-impl toolrank_live::KeepAlive for Alive {
-    fn waiting(&mut self) {
-        if self.paused.is_none() {
-            let mut tpl = TopicPartitionList::new();
-            let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-            for e in
-                self.consumer.assignment().map(|a| a.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect::<Vec<_>>()).unwrap_or_default()
-            {
-                if e.0 == self.topic && !held.contains(&e.1) {
-                    tpl.add_partition(&e.0, e.1);
-                }
-            }
-            if let Err(e) = self.consumer.pause(&tpl) {
-                warn!(error = %e, "could not pause the partitions while waiting");
-            }
-            debug!(partitions = tpl.count(), "waiting on the state table: partitions paused, polling");
-            self.paused = Some(tpl);
-        }
-        match self.consumer.poll(Duration::ZERO) {
-            Some(Ok(msg)) => self.stash.lock().unwrap_or_else(|e| e.into_inner()).push_back(msg.detach()),
-            Some(Err(e)) => warn!(error = %e, "kafka consumer error"),
-            None => {}
-        }
-    }
-
-    fn done(&mut self) {
-        if let Some(tpl) = self.paused.take() {
-            // A partition revoked meanwhile is not resumed: nothing to do for it.
-            if let Err(e) = self.consumer.resume(&tpl) {
-                debug!(error = %e, "resuming the partitions after a wait");
-            }
-        }
-    }
 }
 
 /// Records the group's rebalances as rdkafka reports them (see `sync_assignment`).
@@ -315,15 +262,14 @@ pub fn run(config: Config, sinks: Vec<Wired>, stop: Arc<AtomicBool>) -> Result<S
     let context = config.kafka.context();
     let consumer: BaseConsumer<Rebalances> = config
         .kafka
-        .client_config_over(&[
-            ("session.timeout.ms", "10000"),
-            ("heartbeat.interval.ms", "1000"),
-            // Also the rebalance timeout: how long a rebalance may wait for members.
-            ("max.poll.interval.ms", "60000"),
-        ])
+        .client_config()
         .set("group.id", &config.group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        // Also the rebalance timeout: how long a rebalance may wait for members.
+        .set("max.poll.interval.ms", "60000")
         .set("fetch.wait.max.ms", config.fetch_wait.as_millis().to_string())
         .create_with_context(Rebalances { kafka: context.clone(), events: AtomicU64::new(0), revoked: Mutex::default() })?;
     // Its first OAUTHBEARER token before the metadata request (later ones come as it polls).
@@ -344,20 +290,9 @@ pub fn run(config: Config, sinks: Vec<Wired>, stop: Arc<AtomicBool>) -> Result<S
         .create_with_context(Deliveries { kafka: context, failed: Mutex::default() })?;
     let mut writer = SinkWriter::new(config.live.writer.clone(), format!("kafka/{}/{}/sink-writer", config.group, config.topic), sinks)?;
     let pacing = config.live.pacing.clone();
-    let consumer = Arc::new(consumer);
-    let (held, stash) = (Arc::new(Mutex::new(BTreeSet::new())), Arc::new(Mutex::new(VecDeque::new())));
-    toolrank_live::keep_alive(Some(Box::new(Alive {
-        consumer: consumer.clone(),
-        topic: config.topic.clone(),
-        held: held.clone(),
-        stash: stash.clone(),
-        paused: None,
-    })));
     let mut source = Kafka {
         config,
         consumer,
-        held,
-        stash,
         rebalances_seen: 0,
         dead_letters,
         parts: BTreeMap::new(),
@@ -370,7 +305,6 @@ pub fn run(config: Config, sinks: Vec<Wired>, stop: Arc<AtomicBool>) -> Result<S
     };
     let result = toolrank_live::run(&mut source, &mut writer, &pacing, &stop);
     let stopped = source.stopped();
-    toolrank_live::keep_alive(None);
     leave_group(source.consumer);
     result?;
     if !stopped.is_empty() {
@@ -384,7 +318,7 @@ pub fn run(config: Config, sinks: Vec<Wired>, stop: Arc<AtomicBool>) -> Result<S
 /// drop runs on a thread of its own: past the wait the process goes on without it, and
 /// the coordinator drops the member when its session times out. Offsets were committed
 /// before: nothing is lost either way.
-fn leave_group(consumer: Arc<BaseConsumer<Rebalances>>) {
+fn leave_group(consumer: BaseConsumer<Rebalances>) {
     let (done, left) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         drop(consumer);
@@ -404,12 +338,6 @@ impl Source for Kafka {
             self.reread(writer, p)?;
         }
         self.seek_pending();
-        let stashed = self.stash.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
-        if let Some(msg) = stashed {
-            self.sync_assignment(writer)?;
-            self.handle(writer, &msg);
-            return Ok(1);
-        }
         let read = match self.consumer.poll(Duration::from_millis(20)) {
             Some(Ok(msg)) => {
                 let msg = msg.detach();
@@ -555,15 +483,10 @@ impl Kafka {
     fn pause(&self, p: i32, on: bool) -> Result<(), Error> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.config.topic, p);
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         match on {
             true => self.consumer.pause(&tpl)?,
             false => self.consumer.resume(&tpl)?,
         }
-        match on {
-            true => held.insert(p),
-            false => held.remove(&p),
-        };
         Ok(())
     }
 

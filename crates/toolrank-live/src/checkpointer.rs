@@ -177,7 +177,7 @@ impl Checkpointer {
     ) -> Option<Result<Option<LogHead>, toolrank_dynamodb::Error>> {
         let s = saving.take_if(|s| wait || s.task.is_finished())?;
         let started = Instant::now();
-        let result = crate::deadline::block(rt, s.task).expect("a checkpoint save does not panic");
+        let result = rt.block_on(s.task).expect("a checkpoint save does not panic");
         summary.checkpoint_ms += started.elapsed().as_millis() as u64;
         Some(match result {
             Ok(at) => {

@@ -34,7 +34,7 @@ mod writer;
 pub use checkpointer::Saving;
 pub use clock::{now_ms, unique_owner};
 pub use config::{count_gap, oversized, LiveConfig, OnGap, Pacing, WriterConfig, DEFAULT_MAX_RECORD_BYTES, DEFAULT_TOMBSTONE_HORIZON, GAP_HINT};
-pub use deadline::{keep_alive, within, KeepAlive, CALL_DEADLINE};
+pub use deadline::{within, CALL_DEADLINE};
 pub use error::Error;
 pub use run::{checkpoint, invoke, run, Source};
 pub use summary::Summary;

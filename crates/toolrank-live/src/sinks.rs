@@ -257,7 +257,7 @@ impl Scheduler {
             return true;
         };
         let started = Instant::now();
-        let (mut sink, result, ended) = crate::deadline::block(rt, writing.task).expect("a sink write does not panic");
+        let (mut sink, result, ended) = rt.block_on(writing.task).expect("a sink write does not panic");
         slot.blocked_ms += started.elapsed().as_millis() as u64;
         toolrank_metrics::histogram!("toolrank_sink_write_seconds", "sink" => slot.name).record((ended - writing.started).max(0) as f64 / 1000.0);
         let sent = match result {
