@@ -69,6 +69,8 @@ pub struct Args {
     paths: Vec<String>,
     #[command(flatten)]
     kafka: crate::kafka_connection::ConnectionArgs,
+    #[command(flatten)]
+    shutdown: crate::signals::ShutdownArgs,
     /// The events topic the live consumers read.
     #[arg(long, env = "TOOLRANK_TOPIC", default_value = "toolrank-events")]
     topic: String,
@@ -152,7 +154,7 @@ fn backfill<T: Target>(args: Args, target: impl Fn(&Args) -> T) -> Result<ExitCo
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let stop = Arc::new(AtomicBool::new(false));
-    crate::signals::watch_signals(stop.clone());
+    args.shutdown.watch(stop.clone());
     let progress = Arc::new(Progress::default());
     let every = Duration::from_secs_f64(args.checkpoint_secs.max(0.01));
     let owner = format!("backfill-{}", std::process::id());

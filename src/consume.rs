@@ -10,6 +10,8 @@ use std::time::Duration;
 /// Consume history continuously and keep the rankings in DynamoDB and Valkey exact.
 #[derive(clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    shutdown: crate::signals::ShutdownArgs,
     #[command(subcommand)]
     source: Source,
 }
@@ -314,7 +316,7 @@ struct KafkaArgs {
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let stop = Arc::new(AtomicBool::new(false));
-    crate::signals::watch_signals(stop.clone());
+    args.shutdown.watch(stop.clone());
     let summary = match args.source {
         Source::Kafka(a) => kafka(a, stop)?,
         Source::DynamodbStreams(a) => {

@@ -1,20 +1,60 @@
 //! Graceful shutdown: long-running commands finish their batch, checkpoint and exit on
-//! SIGINT or SIGTERM.
+//! SIGINT or SIGTERM, within a time limit.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
 
-/// Sets `stop` on SIGINT or SIGTERM.
-pub fn watch_signals(stop: Arc<AtomicBool>) {
+/// How long a stop may take.
+#[derive(clap::Args)]
+pub struct ShutdownArgs {
+    /// Seconds a stop (SIGINT or SIGTERM) may take to finish the batch in hand, save the
+    /// last checkpoints and write the sinks a last time. Past them, or at a second
+    /// signal, the process exits at once with status 1: nothing is lost or counted
+    /// twice, a restart reads on from the last checkpoint saved. With the broker and
+    /// DynamoDB both unreachable the orderly part could otherwise take minutes. Keep it
+    /// under the orchestrator's grace period (ECS stopTimeout, Kubernetes
+    /// terminationGracePeriodSeconds), which kills harder. 0: no limit.
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 60.0, value_parser = crate::args::seconds, env = "TOOLRANK_SHUTDOWN_SECS")]
+    shutdown_secs: f64,
+}
+
+impl ShutdownArgs {
+    /// Sets `stop` at the first SIGINT or SIGTERM, and bounds the stop (see the flag).
+    pub fn watch(&self, stop: Arc<AtomicBool>) {
+        let limit = (self.shutdown_secs > 0.0).then(|| Duration::from_secs_f64(self.shutdown_secs));
+        watch_signals(stop, limit);
+    }
+}
+
+/// Sets `stop` on SIGINT or SIGTERM; then ends the process once `limit` passes or at a
+/// second signal.
+fn watch_signals(stop: Arc<AtomicBool>, limit: Option<Duration>) {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
         rt.block_on(async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
+                _ = int.recv() => {}
                 _ = term.recv() => {}
             }
+            stop.store(true, Ordering::Relaxed);
+            let secs = limit.map(|l| l.as_secs_f64());
+            tracing::info!(limit_secs = secs, "stop requested: finishing the batch, the last checkpoints and the sinks' write (a second signal exits at once)");
+            let expired = async {
+                match limit {
+                    Some(limit) => tokio::time::sleep(limit).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = int.recv() => tracing::warn!("a second signal: exiting now; a restart reads on from the last checkpoint"),
+                _ = term.recv() => tracing::warn!("a second signal: exiting now; a restart reads on from the last checkpoint"),
+                _ = expired => tracing::error!(limit_secs = secs, "the stop took longer than --shutdown-secs: exiting now; a restart reads on from the last checkpoint"),
+            }
         });
-        stop.store(true, Ordering::Relaxed);
+        std::process::exit(1);
     });
 }

@@ -7,7 +7,6 @@ use anyhow::{bail, Context, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use toolrank_dead_letters::DeadLetters;
 use toolrank_warehouse::mirror::Mirror;
@@ -22,6 +21,7 @@ pub fn follow(
     kafka: &toolrank_kafka::Connection,
     topic: &str,
     until_idle: Option<f64>,
+    stop: &AtomicBool,
     dead: &mut DeadLetters,
 ) -> Result<(Mirror, u64)> {
     let source = format!("kafka:{topic}");
@@ -52,8 +52,6 @@ pub fn follow(
     consumer.assign(&assignment)?;
     tracing::info!(topic, partitions = partitions.len(), resumed = positions.len(), "following");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    crate::signals::watch_signals(stop.clone());
     let idle = until_idle.map(Duration::from_secs_f64);
     let (mut last_message, mut last_flush) = (Instant::now(), Instant::now());
     let mut bad = 0;

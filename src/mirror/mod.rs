@@ -55,6 +55,8 @@ pub struct MirrorArgs {
     /// changes to the current table.
     #[arg(long)]
     fresh: bool,
+    #[command(flatten)]
+    shutdown: crate::signals::ShutdownArgs,
     /// Files to mirror, in order.
     inputs: Vec<String>,
 }
@@ -82,8 +84,14 @@ pub fn mirror(args: MirrorArgs) -> Result<ExitCode> {
             }
             mirror_files(&rt, &api, &args.inputs, &mut dead)?
         }
-        Some(Follow::Kafka) => kafka::follow(&rt, &api, &args.kafka.connect()?, &args.topic, args.until_idle, &mut dead)?,
-        Some(Follow::DynamodbStreams) => streams::follow(&rt, &api, &args.source_table, args.until_idle, &mut dead)?,
+        Some(follow) => {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            args.shutdown.watch(stop.clone());
+            match follow {
+                Follow::Kafka => kafka::follow(&rt, &api, &args.kafka.connect()?, &args.topic, args.until_idle, &stop, &mut dead)?,
+                Follow::DynamodbStreams => streams::follow(&rt, &api, &args.source_table, args.until_idle, &stop, &mut dead)?,
+            }
+        }
     };
     let s = mirror.stats;
     eprintln!(

@@ -6,7 +6,6 @@ use super::line::mirror_line;
 use anyhow::{Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use toolrank_consume_streams::dynamodb_streams::{record_json, DynamoStreams};
 use toolrank_consume_streams::{ShardSource, SourceError, StreamRecord};
@@ -46,7 +45,14 @@ impl Shard {
     }
 }
 
-pub fn follow(rt: &tokio::runtime::Runtime, api: &DataApi, table: &str, until_idle: Option<f64>, dead: &mut DeadLetters) -> Result<(Mirror, u64)> {
+pub fn follow(
+    rt: &tokio::runtime::Runtime,
+    api: &DataApi,
+    table: &str,
+    until_idle: Option<f64>,
+    stop: &AtomicBool,
+    dead: &mut DeadLetters,
+) -> Result<(Mirror, u64)> {
     let config = rt.block_on(toolrank_dynamodb::sdk_config());
     let stream = rt.block_on(DynamoStreams::of_table(&config, table)).map_err(|e| anyhow::anyhow!("{e}"))?;
     let source = format!("dynamodb-streams:{}", stream.name());
@@ -54,8 +60,6 @@ pub fn follow(rt: &tokio::runtime::Runtime, api: &DataApi, table: &str, until_id
     let mut shards: BTreeMap<String, Shard> = rt.block_on(Mirror::positions(api, &source))?.into_iter().map(|(id, p)| (id, Shard::parse(&p))).collect();
     tracing::info!(stream = stream.name(), resumed = shards.len(), "following");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    crate::signals::watch_signals(stop.clone());
     let idle = until_idle.map(Duration::from_secs_f64);
     let (mut last_record, mut last_flush) = (Instant::now(), Instant::now());
     let mut parents: HashMap<String, Option<String>> = HashMap::new();

@@ -368,9 +368,10 @@ fn tombstones_expire_after_the_horizon_and_the_sinks_stay_exact() {
 fn a_consumer_fenced_without_a_rebalance_claims_its_partition_again() {
     let live = Live::new("1");
     let history = generated(&live, "600", "17");
-    // About 8 s of records: the partition is still dirty (so saved, so fenced) after the claim.
+    // About 8 s of records: the partition is still dirty (so saved, so fenced) after the
+    // claim. Saved every second even while it reads behind (a slow broker, a busy machine).
     let producer = live.producer("250", &history);
-    let consumer = live.consumer(&["--until-idle", "5"]);
+    let consumer = live.consumer(&["--until-idle", "5", "--checkpoint-max-secs", "1"]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !consumer.said().contains("partition assigned") {
         assert!(Instant::now() < deadline, "never assigned: {}", consumer.said());
@@ -537,6 +538,44 @@ fn a_dead_letter_not_delivered_is_sent_again_and_no_checkpoint_covers_it() {
     live.assert_sinks_equal_replay(SEED, None);
 }
 
+/// A stop that cannot finish (DynamoDB holds every request, so neither the last
+/// checkpoint nor the sinks' write can end) ends at `--shutdown-secs` with status 1, and
+/// at once on a second signal without a limit; a consumer started afterwards reads on
+/// from the last checkpoint and the sinks equal replay.
+#[test]
+fn a_stop_that_cannot_finish_ends_at_the_shutdown_limit_or_a_second_signal() {
+    let proxy = FaultyProxy::start(&env("AWS_ENDPOINT_URL_DYNAMODB"));
+    let live = Live::with_env("2", vec![("AWS_ENDPOINT_URL_DYNAMODB", proxy.url.clone())]);
+    let history = generated(&live, "300", "7");
+    assert!(live.producer("0", &history).wait(COMMAND_LIMIT).status.success());
+    for (limit, second_signal) in [("3", false), ("0", true)] {
+        let consumer = live.steady_consumer(&["--shutdown-secs", limit]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !consumer.said().contains("took the sink lease") {
+            assert!(Instant::now() < deadline, "{}", consumer.said());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Reading, with checkpoints behind it.
+        std::thread::sleep(Duration::from_secs(3));
+        proxy.hold(true);
+        consumer.signal("-TERM");
+        let stopped = Instant::now();
+        if second_signal {
+            std::thread::sleep(Duration::from_secs(2));
+            consumer.signal("-TERM");
+        }
+        let out = consumer.wait(Duration::from_secs(60));
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(stopped.elapsed() < Duration::from_secs(20), "took {:?}: {said}", stopped.elapsed());
+        assert_eq!(out.status.code(), Some(1), "{said}");
+        let why = if second_signal { "a second signal: exiting now" } else { "the stop took longer than --shutdown-secs" };
+        assert!(said.contains(why), "{said}");
+        proxy.hold(false);
+    }
+    live.drain(&[]);
+    live.assert_sinks_equal_replay(&history, None);
+}
+
 /// The sink holder's DynamoDB requests and Valkey commands stall in the network
 /// mid-stream (a sink round, a Valkey transaction, its lease renewal) until the other
 /// consumer has taken the sink lease and written; then they arrive. The table refuses the
@@ -610,18 +649,7 @@ fn a_deposed_sink_holders_late_writes_are_refused_and_the_sinks_stay_exact() {
     assert!(producer.wait(COMMAND_LIMIT).status.success());
     // Exact while both still run, soon after the input's end (DynamoDB Local answers the
     // new holder's reads of the other's checkpoints slowly for a while after the hold).
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let exact = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| live.assert_sinks_equal_replay(&history, Some(&valkey_url))));
-        match exact {
-            Ok(()) => break,
-            Err(e) if Instant::now() >= deadline => {
-                eprintln!("a:\n{}\nb:\n{}", a.0.said(), b.0.said());
-                std::panic::resume_unwind(e)
-            }
-            Err(_) => std::thread::sleep(Duration::from_secs(1)),
-        }
-    }
+    live.await_sinks_equal_replay(&history, Some(&valkey_url), Duration::from_secs(90), || format!("a:\n{}\nb:\n{}", a.0.said(), b.0.said()));
     // The deposed holder takes its late round's reply back when it next looks at its
     // sinks (at the latest when it stops): it counts and logs the refusal then.
     let counter = "toolrank_sink_fenced_writes_total{sink=\"dynamodb\"} ";
@@ -677,6 +705,37 @@ fn a_member_joining_while_dynamodb_fails_waits_for_its_claims_and_nobody_exits()
         assert!(out.status.success(), "{log}");
     }
     assert!(proxy.refused.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    live.assert_sinks_equal_replay(&history, None);
+}
+
+/// A state table that stalls longer than the group's poll interval (here 20 s,
+/// `--kafka-config max.poll.interval.ms`) does not cost the member its group: the calls
+/// between two polls share half the interval, so each slow call is cut off in time and
+/// retried after the next poll, and librdkafka never reports the poll interval exceeded;
+/// once DynamoDB answers again the consumer reads on and the sinks equal replay.
+#[test]
+fn a_consumer_waiting_on_a_stalled_state_table_stays_in_its_group() {
+    let _pace = dynamodb_pace();
+    let proxy = FaultyProxy::start(&env("AWS_ENDPOINT_URL_DYNAMODB"));
+    let live = Live::with_env("4", vec![("AWS_ENDPOINT_URL_DYNAMODB", proxy.url.clone())]);
+    let history = generated(&live, "300", "53");
+    // Records keep coming through the stall: the consumer has work, and does not go idle.
+    let producer = live.producer("15", &history);
+    let consumer = live.steady_consumer(&["--until-idle", "10", "--kafka-config", "max.poll.interval.ms=20000"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while consumer.said().matches("checkpoint claimed").count() < 4 {
+        assert!(Instant::now() < deadline, "{}", consumer.said());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    proxy.hold(true);
+    std::thread::sleep(Duration::from_secs(45));
+    proxy.hold(false);
+    assert!(producer.wait(COMMAND_LIMIT).status.success());
+    let out = consumer.wait(COMMAND_LIMIT);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("no answer in time"), "the state table stalled: {said}");
+    assert!(!said.contains("poll interval"), "{said}");
     live.assert_sinks_equal_replay(&history, None);
 }
 

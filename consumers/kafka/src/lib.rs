@@ -23,6 +23,7 @@
 //!   (uploads run on the sink writer's worker thread); they serve lag monitoring, while
 //!   the checkpoint is what a restart resumes from.
 
+use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::DeliveryResult;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
@@ -111,6 +112,8 @@ impl Partition {
 struct Kafka {
     config: Config,
     consumer: BaseConsumer<Rebalances>,
+    /// What the loop's state-table calls may take in all between two polls ([`poll_budget`]).
+    poll_budget: Duration,
     /// The rebalance events already acted on.
     rebalances_seen: u64,
     dead_letters: BaseProducer<Deliveries>,
@@ -260,16 +263,17 @@ fn scope(config: &Config, partition: i32) -> String {
 /// or, with `until_idle`, the topic is drained.
 pub fn run(config: Config, sinks: Vec<Wired>, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
     let context = config.kafka.context();
-    let consumer: BaseConsumer<Rebalances> = config
-        .kafka
-        .client_config()
+    let mut client = config.kafka.client_config_over(&[
+        ("session.timeout.ms", "10000"),
+        ("heartbeat.interval.ms", "1000"),
+        // Also the rebalance timeout: how long a rebalance may wait for members.
+        ("max.poll.interval.ms", "60000"),
+    ]);
+    let poll_budget = poll_budget(&client);
+    let consumer: BaseConsumer<Rebalances> = client
         .set("group.id", &config.group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        // Also the rebalance timeout: how long a rebalance may wait for members.
-        .set("max.poll.interval.ms", "60000")
         .set("fetch.wait.max.ms", config.fetch_wait.as_millis().to_string())
         .create_with_context(Rebalances { kafka: context.clone(), events: AtomicU64::new(0), revoked: Mutex::default() })?;
     // Its first OAUTHBEARER token before the metadata request (later ones come as it polls).
@@ -293,6 +297,7 @@ pub fn run(config: Config, sinks: Vec<Wired>, stop: Arc<AtomicBool>) -> Result<S
     let mut source = Kafka {
         config,
         consumer,
+        poll_budget,
         rebalances_seen: 0,
         dead_letters,
         parts: BTreeMap::new(),
@@ -311,6 +316,15 @@ pub fn run(config: Config, sinks: Vec<Wired>, stop: Arc<AtomicBool>) -> Result<S
         return Err(Error::Stopped(stopped.join("; ")));
     }
     Ok(writer.into_summary())
+}
+
+/// Half of `max.poll.interval.ms`: what the loop's state-table calls may take in all
+/// between two polls ([`toolrank_live::polled`]), so that a stalled state table costs
+/// failed calls, retried after the next poll, rather than the member's partitions (the
+/// reading and the sinks' planning of the same turn fit in the other half).
+fn poll_budget(client: &ClientConfig) -> Duration {
+    let ms = client.get("max.poll.interval.ms").and_then(|v| v.parse::<u64>().ok()).unwrap_or(300_000);
+    Duration::from_millis(ms / 2)
 }
 
 /// Leaves the group within `LEAVE_WAIT`. rdkafka's close on drop waits as long as the
@@ -338,7 +352,9 @@ impl Source for Kafka {
             self.reread(writer, p)?;
         }
         self.seek_pending();
-        let read = match self.consumer.poll(Duration::from_millis(20)) {
+        let polled = self.consumer.poll(Duration::from_millis(20));
+        toolrank_live::polled(Some(self.poll_budget));
+        let read = match polled {
             Some(Ok(msg)) => {
                 let msg = msg.detach();
                 self.sync_assignment(writer)?;

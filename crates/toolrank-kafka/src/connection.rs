@@ -115,8 +115,18 @@ impl Connection {
 
     /// Client settings: toolrank's defaults, then the given properties.
     pub fn client_config(&self) -> ClientConfig {
+        self.client_config_over(&[])
+    }
+
+    /// [`client_config`](Self::client_config) with `defaults` under the user's
+    /// properties: what a client picks for itself (a consumer group's timeouts) unless
+    /// the user set it (`--kafka-config max.poll.interval.ms=...`).
+    pub fn client_config_over(&self, defaults: &[(&str, &str)]) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers).set("socket.keepalive.enable", "true");
+        for (k, v) in defaults {
+            c.set(*k, *v);
+        }
         for (k, v) in &self.properties {
             c.set(k, v);
         }

@@ -13,7 +13,8 @@
 //!   counting. The sinks are whatever the binary wires in ([`Wired`]: a
 //!   [`toolrank_sink::Sink`] and its [`Pace`]); this crate knows none of them.
 //! - **Deadlines.** Every DynamoDB call is cut off after [`CALL_DEADLINE`], so a stalled
-//!   request cannot stall a consumer.
+//!   request cannot stall a consumer; an input that must be polled within a limit
+//!   (Kafka) gives the calls between two polls a budget in all ([`polled`]).
 //! - **Counters and latency** of the run ([`Summary`]).
 
 mod backlog;
@@ -34,7 +35,7 @@ mod writer;
 pub use checkpointer::Saving;
 pub use clock::{now_ms, unique_owner};
 pub use config::{count_gap, oversized, LiveConfig, OnGap, Pacing, WriterConfig, DEFAULT_MAX_RECORD_BYTES, DEFAULT_TOMBSTONE_HORIZON, GAP_HINT};
-pub use deadline::{within, CALL_DEADLINE};
+pub use deadline::{polled, within, CALL_DEADLINE};
 pub use error::Error;
 pub use run::{checkpoint, invoke, run, Source};
 pub use summary::Summary;

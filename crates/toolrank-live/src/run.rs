@@ -146,6 +146,8 @@ pub fn checkpoint<S: Source>(source: &mut S, writer: &mut SinkWriter, all: bool)
 
 /// The last checkpoints, then the sinks from everybody's latest checkpoints.
 fn finish<S: Source>(source: &mut S, writer: &mut SinkWriter) -> Result<(), S::Error> {
+    // The input is not polled any more: the calls from here on have their own deadlines only.
+    crate::deadline::polled(None);
     writer.finishing();
     // Exiting without the last checkpoint loses no data, but a restart would redo it.
     for _ in 0..10 {

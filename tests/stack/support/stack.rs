@@ -3,7 +3,7 @@
 use super::*;
 use aws_sdk_dynamodb::types::AttributeValue;
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub const TODAY: &str = "2025-07-14";
 pub const TABLES: [&str; 3] = ["agent_score_summary", "user_process_patterns", "agent_tool_errors"];
@@ -180,6 +180,24 @@ impl Live {
             assert_eq!(read_table(&rv, t), read_table(&rr, t), "valkey {t} equals replay");
         }
         assert_dynamodb_holds(&rd, &rr);
+    }
+
+    /// [`assert_sinks_equal_replay`](Self::assert_sinks_equal_replay) passes within
+    /// `limit` while the consumers run (checked every second); past it, fails with the
+    /// last difference and `said()` (what the consumers said).
+    pub fn await_sinks_equal_replay(&self, input: &str, valkey_url: Option<&str>, limit: Duration, said: impl Fn() -> String) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let exact = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.assert_sinks_equal_replay(input, valkey_url)));
+            match exact {
+                Ok(()) => return,
+                Err(e) if Instant::now() >= deadline => {
+                    eprintln!("{}", said());
+                    std::panic::resume_unwind(e)
+                }
+                Err(_) => std::thread::sleep(Duration::from_secs(1)),
+            }
+        }
     }
 }
 
