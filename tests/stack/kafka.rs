@@ -240,6 +240,38 @@ fn owned_partitions(log: &str) -> std::collections::BTreeSet<u32> {
     owned
 }
 
+/// Valkey accepts connections but answers nothing (a proxy holds what the consumer
+/// sends) from the start: connecting happens beside the loop, so the consumer reads on
+/// and DynamoDB gets the whole input meanwhile; once Valkey answers, it gets everything
+/// too.
+#[test]
+fn a_valkey_that_never_answers_at_start_holds_up_nothing_else() {
+    let valkey = FaultyProxy::start(env("TOOLRANK_VALKEY_URL").trim_start_matches("redis://"));
+    valkey.hold(true);
+    let valkey_url = valkey.url.replace("http://", "redis://");
+    let live = Live::new("2");
+    let history = generated(&live, "400", "61");
+    assert!(live.producer("0", &history).wait(COMMAND_LIMIT).status.success());
+    let consumer = live.consumer(&["--valkey-url", &valkey_url, "--dynamodb-flush-ms", "200", "--dynamodb-writes-per-event", "0"]);
+    let replay = live.dir.path().join("replay");
+    live.toolrank(&["replay", "--today", TODAY, "--out", replay.to_str().unwrap(), &history]);
+    let dynamodb = live.dir.path().join("dynamodb");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        live.toolrank(&["results", "--from", "dynamodb", "--table", &live.table, "--today", TODAY, "--out", dynamodb.to_str().unwrap()]);
+        if read_table(&dynamodb, "agent_score_summary") == read_table(&replay, "agent_score_summary") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "DynamoDB never got the input while Valkey was held: {}", consumer.said());
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    valkey.hold(false);
+    live.await_sinks_equal_replay(&history, Some(&valkey_url), Duration::from_secs(120), || consumer.said());
+    consumer.signal("-TERM");
+    let out = consumer.wait(COMMAND_LIMIT);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[test]
 fn valkey_outage_loses_nothing() {
     let port = 20000 + (std::process::id() % 5000) as u16;
