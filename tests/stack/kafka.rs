@@ -241,9 +241,8 @@ fn owned_partitions(log: &str) -> std::collections::BTreeSet<u32> {
 }
 
 /// Valkey accepts connections but answers nothing (a proxy holds what the consumer
-/// sends) from the start: connecting happens beside the loop, so the consumer reads on
-/// and DynamoDB gets the whole input meanwhile; once Valkey answers, it gets everything
-/// too.
+/// sends) from the start: the consumer reads on and DynamoDB gets the whole input
+/// meanwhile; once Valkey answers, it gets everything too.
 #[test]
 fn a_valkey_that_never_answers_at_start_holds_up_nothing_else() {
     let valkey = FaultyProxy::start(env("TOOLRANK_VALKEY_URL").trim_start_matches("redis://"));

@@ -288,8 +288,7 @@ impl Scheduler {
         let ok = sent && !sink.pending();
         slot.sink = Some(sink);
         *retried += u64::from(!sent);
-        // Visible once the sink holds everything: not after a send that only connected.
-        if ok && i == self.visible {
+        if sent && i == self.visible {
             visibility.visible(writing.unseen, ended);
         }
         ok

@@ -172,13 +172,7 @@ impl redis::ConnectionLike for Following {
 
 /// Connects `client` within `timeout`; a failure names the endpoint.
 pub fn connect(client: &redis::Client, timeout: Duration) -> Result<redis::Connection, Error> {
-    let failed = |e: redis::RedisError| Error::Connect { endpoint: endpoint(client), cause: e.to_string() };
-    let conn = client.get_connection_with_timeout(timeout).map_err(failed)?;
-    // Until the caller sets its own: a server that accepts but never answers must not
-    // hold the first commands (the cluster check) forever.
-    conn.set_read_timeout(Some(timeout)).map_err(failed)?;
-    conn.set_write_timeout(Some(timeout)).map_err(failed)?;
-    Ok(conn)
+    client.get_connection_with_timeout(timeout).map_err(|e| Error::Connect { endpoint: endpoint(client), cause: e.to_string() })
 }
 
 /// When a first connection's error means the settings cannot work (rather than Valkey

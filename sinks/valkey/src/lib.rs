@@ -66,10 +66,6 @@ pub struct Prepared {
     full: bool,
     /// The fencing token it carries, if the writer holds the sink lease.
     token: Option<u64>,
-    /// It only connects (Valkey has not answered yet): the key names depend on whether
-    /// Valkey is a cluster, and connecting, which can wait out a timeout, is for the
-    /// sender's thread, not the planner's.
-    connect_only: bool,
 }
 
 pub struct ValkeySink {
@@ -165,7 +161,6 @@ impl ValkeySink {
     /// Brings Valkey up to date with `engine` for `changes`, or entirely after a gap.
     /// On failure the sink stays consistent by resynchronizing at the next call.
     pub fn write(&mut self, engine: &Engine, changes: &Changes) -> Result<(), Error> {
-        self.connection()?;
         let prepared = self.prepare(engine, changes)?;
         self.send(prepared)
     }
@@ -176,9 +171,8 @@ impl ValkeySink {
     /// the figures last written goes in.
     pub fn prepare(&mut self, engine: &Engine, changes: &Changes) -> Result<Prepared, Error> {
         if self.valkey.cluster().is_none() {
-            // The key names depend on whether Valkey is a cluster: the send connects and
-            // learns it, and the next transaction is planned then (the resync stays due).
-            return Ok(Prepared { pipe: redis::pipe(), commands: 0, agents: Vec::new(), full: false, token: self.token, connect_only: true });
+            // The key names depend on whether Valkey is a cluster.
+            self.connection()?;
         }
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -217,15 +211,12 @@ impl ValkeySink {
                 }
             }
         }
-        Ok(Prepared { commands: pipe.cmd_iter().count() as u64, pipe, agents, full: self.resync, token: self.token, connect_only: false })
+        Ok(Prepared { commands: pipe.cmd_iter().count() as u64, pipe, agents, full: self.resync, token: self.token })
     }
 
     /// Sends a prepared transaction; what it wrote is remembered once it succeeded. On
     /// failure the next [`prepare`](Self::prepare) rewrites everything.
     pub fn send(&mut self, prepared: Prepared) -> Result<(), Error> {
-        if prepared.connect_only {
-            return self.connection().map(|_| ());
-        }
         let result = self.try_send(&prepared);
         match result {
             Ok(()) => {
