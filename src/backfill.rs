@@ -6,7 +6,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use toolrank_backfill::{export, scan, Kafka, Progress, Run, Sender, Target};
@@ -153,8 +152,7 @@ fn backfill<T: Target>(args: Args, target: impl Fn(&Args) -> T) -> Result<ExitCo
         From::Dynamodb => anyhow::ensure!(args.paths.is_empty(), "--from dynamodb reads --table, not paths: {:?}", args.paths),
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    args.shutdown.watch(stop.clone());
+    let stop = args.shutdown.watch();
     let progress = Arc::new(Progress::default());
     let every = Duration::from_secs_f64(args.checkpoint_secs.max(0.01));
     let owner = format!("backfill-{}", std::process::id());

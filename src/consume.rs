@@ -315,8 +315,7 @@ struct KafkaArgs {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let stop = Arc::new(AtomicBool::new(false));
-    args.shutdown.watch(stop.clone());
+    let stop = args.shutdown.watch();
     let summary = match args.source {
         Source::Kafka(a) => kafka(a, stop)?,
         Source::DynamodbStreams(a) => {

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// How long a stop may take.
 #[derive(clap::Args)]
@@ -21,10 +21,20 @@ pub struct ShutdownArgs {
 }
 
 impl ShutdownArgs {
-    /// Sets `stop` at the first SIGINT or SIGTERM, and bounds the stop (see the flag).
-    pub fn watch(&self, stop: Arc<AtomicBool>) {
+    /// A flag set at the first SIGINT or SIGTERM; the stop is bounded (see the flag).
+    pub fn watch(&self) -> Arc<AtomicBool> {
+        let stop = Arc::new(AtomicBool::new(false));
         let limit = (self.shutdown_secs > 0.0).then(|| Duration::from_secs_f64(self.shutdown_secs));
-        watch_signals(stop, limit);
+        watch_signals(stop.clone(), limit);
+        stop
+    }
+}
+
+/// The next SIGINT or SIGTERM.
+async fn signalled(int: &mut Signal, term: &mut Signal) {
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
     }
 }
 
@@ -36,10 +46,7 @@ fn watch_signals(stop: Arc<AtomicBool>, limit: Option<Duration>) {
         rt.block_on(async {
             let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
             let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
+            signalled(&mut int, &mut term).await;
             stop.store(true, Ordering::Relaxed);
             let secs = limit.map(|l| l.as_secs_f64());
             tracing::info!(limit_secs = secs, "stop requested: finishing the batch, the last checkpoints and the sinks' write (a second signal exits at once)");
@@ -50,8 +57,7 @@ fn watch_signals(stop: Arc<AtomicBool>, limit: Option<Duration>) {
                 }
             };
             tokio::select! {
-                _ = int.recv() => tracing::warn!("a second signal: exiting now; a restart reads on from the last checkpoint"),
-                _ = term.recv() => tracing::warn!("a second signal: exiting now; a restart reads on from the last checkpoint"),
+                _ = signalled(&mut int, &mut term) => tracing::warn!("a second signal: exiting now; a restart reads on from the last checkpoint"),
                 _ = expired => tracing::error!(limit_secs = secs, "the stop took longer than --shutdown-secs: exiting now; a restart reads on from the last checkpoint"),
             }
         });

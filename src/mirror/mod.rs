@@ -85,8 +85,7 @@ pub fn mirror(args: MirrorArgs) -> Result<ExitCode> {
             mirror_files(&rt, &api, &args.inputs, &mut dead)?
         }
         Some(follow) => {
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            args.shutdown.watch(stop.clone());
+            let stop = args.shutdown.watch();
             match follow {
                 Follow::Kafka => kafka::follow(&rt, &api, &args.kafka.connect()?, &args.topic, args.until_idle, &stop, &mut dead)?,
                 Follow::DynamodbStreams => streams::follow(&rt, &api, &args.source_table, args.until_idle, &stop, &mut dead)?,
