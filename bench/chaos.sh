@@ -177,7 +177,7 @@ echo "longest lag:           $LAG records"
 if [ -z "$CONVERGED" ]; then
   echo "converged:             NO, not within $CONVERGE_LIMIT s of the last fault and the last record"
   echo "$OUT"
-  tail -20 "$WORK/a.log" "$WORK/b.log"
+  tail -n 40 "$WORK/a.log" "$WORK/b.log"
   exit 1
 fi
 echo "converged:             $CONVERGED s after the last fault and the last record"
