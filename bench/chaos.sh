@@ -18,7 +18,8 @@
 # Usage: bench/chaos.sh   (SESSIONS=60000 gives ~200k records; RATE=4000; KILLS=10;
 #                          VALKEY_DOWN=30; THROTTLE=60; BROKER_DOWN=5; MALFORMED=1000;
 #                          LEASE_SECS=5; CHAOS_SEED picks the moments and the history;
-#                          CONSUME_ARGS adds flags to both consumers)
+#                          CONSUME_ARGS adds flags to both consumers; a run that does not
+#                          converge keeps the logs in CHAOS_KEEP, default $TMPDIR or /tmp)
 # scripts/test runs a short one: SESSIONS=2000 RATE=1000 KILLS=3 VALKEY_DOWN=5 THROTTLE=8 MALFORMED=50.
 set -euo pipefail
 SESSIONS="${SESSIONS:-60000}"
@@ -178,6 +179,9 @@ if [ -z "$CONVERGED" ]; then
   echo "converged:             NO, not within $CONVERGE_LIMIT s of the last fault and the last record"
   echo "$OUT"
   tail -n 40 "$WORK/a.log" "$WORK/b.log"
+  KEPT="${CHAOS_KEEP:-${TMPDIR:-/tmp}}/$RUN"
+  mkdir -p "$KEPT" && cp "$WORK"/{a,b}.log "$FAULTS" "$WORK/input.jsonl" "$KEPT/"
+  echo "the consumers' logs, the faults and the input are kept in $KEPT"
   exit 1
 fi
 echo "converged:             $CONVERGED s after the last fault and the last record"

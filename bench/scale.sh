@@ -44,7 +44,8 @@ run() {  # run N: N consumers in one group, on a state table and namespace of th
   # Stopped together once the sinks show everything (the holder reads the others'
   # checkpoints as they save them).
   until exact "$name" "$name" "$WORK/history.jsonl" > /dev/null; do sleep 5; done
-  kill -TERM "${pids[@]}"
+  # The consumers are the children of /usr/bin/time, which reports when they exit.
+  for pid in "${pids[@]}"; do pkill -TERM -P "$pid"; done
   for pid in "${pids[@]}"; do wait "$pid"; done
   python3 - "$n" "$EVENTS" "$WORK" "$read_secs" <<'PY'
 import re, sys

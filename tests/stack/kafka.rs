@@ -739,6 +739,43 @@ fn a_member_joining_while_dynamodb_fails_waits_for_its_claims_and_nobody_exits()
     live.assert_sinks_equal_replay(&history, None);
 }
 
+/// A partition paused because its claim failed, then revoked and assigned here again
+/// (librdkafka keeps its pause through the rebalances), is read once its claim succeeds:
+/// `a` starts while DynamoDB fails (every claim fails, all four partitions wait paused),
+/// `b` joins and takes half of them, DynamoDB answers again, `b` leaves while records
+/// still arrive, and `a` reads every partition to the end.
+#[test]
+fn a_partition_paused_by_a_failed_claim_and_assigned_again_is_read() {
+    let _pace = dynamodb_pace();
+    let proxy = FaultyProxy::start(&env("AWS_ENDPOINT_URL_DYNAMODB"));
+    let live = Live::with_env("4", vec![("AWS_ENDPOINT_URL_DYNAMODB", proxy.url.clone())]);
+    let history = generated(&live, "1500", "37");
+    proxy.fail(true);
+    let producer = live.producer("100", &history);
+    let a = live.steady_consumer(&["--id", "a"]);
+    let await_said = |who: &Running, what: &str, count: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while who.said().matches(what).count() < count {
+            assert!(Instant::now() < deadline, "waiting for {count} \"{what}\":\n{}", who.said());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    await_said(&a, "failed; trying again later", 4);
+    let b = live.steady_consumer(&["--id", "b"]);
+    await_said(&b, "partition assigned", 2);
+    proxy.fail(false);
+    await_said(&b, "checkpoint claimed", 2);
+    b.signal("-TERM");
+    let out = b.wait(COMMAND_LIMIT);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(producer.wait(COMMAND_LIMIT).status.success());
+    live.await_sinks_equal_replay(&history, None, Duration::from_secs(120), || a.said());
+    a.signal("-TERM");
+    let out = a.wait(COMMAND_LIMIT);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(proxy.refused.load(std::sync::atomic::Ordering::SeqCst) > 0);
+}
+
 /// A state table that stalls longer than the group's poll interval (here 20 s,
 /// `--kafka-config max.poll.interval.ms`) does not cost the member its group: the calls
 /// between two polls share half the interval, so each slow call is cut off in time and

@@ -522,9 +522,11 @@ impl Kafka {
             *next = Instant::now() + backoff.next_delay();
             return self.pause(p, true);
         };
-        if self.unclaimed.remove(&p).is_some() {
-            self.pause(p, false)?;
-        }
+        // Resumed whether or not this claim follows a failed one here: librdkafka keeps a
+        // partition's pause through a rebalance, so one paused while its claim failed, then
+        // revoked (its retry forgotten) and assigned again, would otherwise never be read.
+        self.unclaimed.remove(&p);
+        self.pause(p, false)?;
         let mut next_offset = position.as_deref().and_then(|p| p.parse().ok()).unwrap_or(0);
         info!(partition = p, generation = at.generation, deltas = at.head.saturating_sub(at.base_at), next_offset, "checkpoint claimed");
         let mut stopped = None;
