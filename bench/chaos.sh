@@ -51,8 +51,8 @@ fault() { echo "$((SECONDS - START)) s: $*" >> "$FAULTS"; }
 
 # The services the faults hit are the script's own: the shared stack stays untouched.
 mkdir -p "$WORK/kafka"
-broker() { (cd "$WORK/kafka" && exec "$TOOLRANK_TANSU" broker --storage-engine sqlite://tansu.db \
-  --listener-url "tcp://$BROKERS" --advertised-listener-url "tcp://$BROKERS" > /dev/null 2>&1) & echo $! > "$WORK/broker.pid"; }
+broker() { (cd "$WORK/kafka" && RUST_LOG="${RUST_LOG:-tansu_broker::coordinator=info}" exec "$TOOLRANK_TANSU" broker --storage-engine sqlite://tansu.db \
+  --listener-url "tcp://$BROKERS" --advertised-listener-url "tcp://$BROKERS" >> "$WORK/broker.log" 2>&1) & echo $! > "$WORK/broker.pid"; }
 valkey() { "$TOOLRANK_VALKEY_SERVER" --port "$CHAOS_VALKEY_PORT" --bind 127.0.0.1 --save "" --appendonly no > /dev/null 2>&1 & echo $! > "$WORK/valkey.pid"; }
 listening() { for _ in $(seq 300); do (: < "/dev/tcp/127.0.0.1/$1") 2> /dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 broker; valkey
@@ -180,8 +180,8 @@ if [ -z "$CONVERGED" ]; then
   echo "$OUT"
   tail -n 40 "$WORK/a.log" "$WORK/b.log"
   KEPT="${CHAOS_KEEP:-${TMPDIR:-/tmp}}/$RUN"
-  mkdir -p "$KEPT" && cp "$WORK"/{a,b}.log "$FAULTS" "$WORK/input.jsonl" "$KEPT/"
-  echo "the consumers' logs, the faults and the input are kept in $KEPT"
+  mkdir -p "$KEPT" && cp "$WORK"/{a,b,broker}.log "$FAULTS" "$WORK/input.jsonl" "$KEPT/"
+  echo "the consumers' and the broker's logs, the faults and the input are kept in $KEPT"
   exit 1
 fi
 echo "converged:             $CONVERGED s after the last fault and the last record"

@@ -133,6 +133,10 @@ struct Kafka {
     /// Partitions whose engine panicked mid-change: restored from their checkpoints at
     /// the next read.
     restore: BTreeSet<i32>,
+    /// Partitions this consumer paused and has not resumed. librdkafka keeps a pause
+    /// through rebalances, so this outlives assignments; a partition is resumed only if
+    /// it is here (a resume just after an assignment can lose the fetch's start offset).
+    paused: BTreeSet<i32>,
 }
 
 /// Records the group's rebalances as rdkafka reports them (see `sync_assignment`).
@@ -307,6 +311,7 @@ pub fn run(config: Config, sinks: Vec<Wired>, stop: Arc<AtomicBool>) -> Result<S
         unclaimed: BTreeMap::new(),
         poisoned: BTreeSet::new(),
         restore: BTreeSet::new(),
+        paused: BTreeSet::new(),
     };
     let result = toolrank_live::run(&mut source, &mut writer, &pacing, &stop);
     let stopped = source.stopped();
@@ -495,13 +500,17 @@ impl Kafka {
         Ok(())
     }
 
-    /// Pauses or resumes fetching partition `p`.
-    fn pause(&self, p: i32, on: bool) -> Result<(), Error> {
+    /// Pauses or resumes fetching partition `p` (a resume only if it was paused here).
+    fn pause(&mut self, p: i32, on: bool) -> Result<(), Error> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.config.topic, p);
         match on {
-            true => self.consumer.pause(&tpl)?,
-            false => self.consumer.resume(&tpl)?,
+            true => {
+                self.consumer.pause(&tpl)?;
+                self.paused.insert(p);
+            }
+            false if self.paused.remove(&p) => self.consumer.resume(&tpl)?,
+            false => {}
         }
         Ok(())
     }
@@ -522,9 +531,10 @@ impl Kafka {
             *next = Instant::now() + backoff.next_delay();
             return self.pause(p, true);
         };
-        // Resumed whether or not this claim follows a failed one here: librdkafka keeps a
-        // partition's pause through a rebalance, so one paused while its claim failed, then
-        // revoked (its retry forgotten) and assigned again, would otherwise never be read.
+        // Resumed if it was paused here, whether or not this claim follows a failed one:
+        // librdkafka keeps a partition's pause through a rebalance, so one paused while
+        // its claim failed, then revoked (its retry forgotten) and assigned again, would
+        // otherwise never be read.
         self.unclaimed.remove(&p);
         self.pause(p, false)?;
         let mut next_offset = position.as_deref().and_then(|p| p.parse().ok()).unwrap_or(0);
