@@ -586,7 +586,7 @@ impl Kafka {
         for (&p, part) in self.parts.iter_mut().filter(|(_, part)| part.seek.is_some()) {
             let offset = part.seek.expect("filtered");
             let to = if offset > 0 { Offset::Offset(offset) } else { Offset::Beginning };
-            match self.consumer.seek(&self.config.topic, p, to, Duration::ZERO) {
+            match self.consumer.seek(&self.config.topic, p, to, Duration::from_secs(1)) {
                 Ok(()) => {
                     debug!(partition = p, offset, "reading from the checkpoint's position");
                     part.seek = None;
