@@ -739,35 +739,6 @@ fn a_member_joining_while_dynamodb_fails_waits_for_its_claims_and_nobody_exits()
     live.assert_sinks_equal_replay(&history, None);
 }
 
-/// A member that joins a group while records arrive gets half of the partitions and
-/// reads them from the checkpoints the first member saved when they were revoked (the
-/// seek to a checkpoint's position must take, even just after the assignment): both
-/// read, and the sinks equal replay while both still run.
-#[test]
-fn a_member_joining_a_reading_group_reads_its_partitions() {
-    let live = Live::new("8");
-    let history = generated(&live, "12000", "43");
-    // Records keep arriving after the second member joins.
-    let producer = live.producer("2000", &history);
-    let a = live.steady_consumer(&["--id", "a"]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !a.said().contains("took the sink lease") {
-        assert!(Instant::now() < deadline, "{}", a.said());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let b = live.steady_consumer(&["--id", "b"]);
-    assert!(producer.wait(COMMAND_LIMIT).status.success());
-    live.await_sinks_equal_replay(&history, None, Duration::from_secs(180), || format!("a:\n{}\nb:\n{}", a.said(), b.said()));
-    for member in [&a, &b] {
-        member.signal("-TERM");
-    }
-    let (a, b) = (a.wait(COMMAND_LIMIT), b.wait(COMMAND_LIMIT));
-    let said = String::from_utf8_lossy(&b.stderr);
-    assert!(a.status.success() && b.status.success(), "{said}");
-    let read: u64 = said.split("consumed ").nth(1).and_then(|t| t.split_whitespace().next()).and_then(|n| n.parse().ok()).unwrap_or(0);
-    assert!(said.contains("checkpoint claimed") && read > 0, "the joining member read its partitions: {said}");
-}
-
 /// A partition paused because its claim failed, then revoked and assigned here again
 /// (librdkafka keeps its pause through the rebalances), is read once its claim succeeds:
 /// `a` starts while DynamoDB fails (every claim fails, all four partitions wait paused),
