@@ -134,8 +134,8 @@ struct Kafka {
     /// the next read.
     restore: BTreeSet<i32>,
     /// Partitions this consumer paused and has not resumed. librdkafka keeps a pause
-    /// through rebalances, so this outlives assignments; a partition is resumed only if
-    /// it is here (a resume just after an assignment can lose the fetch's start offset).
+    /// through rebalances, so this outlives assignments: a successful claim resumes the
+    /// partition if it is here, and leaves the others alone.
     paused: BTreeSet<i32>,
 }
 
@@ -579,9 +579,10 @@ impl Kafka {
         Ok(())
     }
 
-    /// Seeks the partitions that must read from their checkpoints. A partition just
-    /// assigned may not take a seek yet (librdkafka starts its fetcher meanwhile): it is
-    /// tried again at the next read.
+    /// Seeks the partitions that must read from their checkpoints, waiting up to a second
+    /// for librdkafka to take each seek (one sent without waiting just after an assignment
+    /// was seen to leave a joining member's partitions unread). A partition that does not
+    /// take it yet (librdkafka starts its fetcher meanwhile) is tried again at the next read.
     fn seek_pending(&mut self) {
         for (&p, part) in self.parts.iter_mut().filter(|(_, part)| part.seek.is_some()) {
             let offset = part.seek.expect("filtered");
