@@ -7,11 +7,16 @@
 # events/s and, per process, CPU seconds, CPU µs per event it read and peak memory
 # (/usr/bin/time), the sink lease holder's apart, with its ratios to the largest other
 # consumer; checks both sinks against `toolrank replay` after each group.
-# Usage: bench/scale.sh   (SESSIONS=300000 gives ~1M events; PARTITIONS=8; COUNTS="1 2 4")
+# A group that has not read everything, or whose sinks do not equal replay, LIMIT seconds
+# after it started, or one of whose consumers exits early, fails the script with the
+# consumers' last log lines.
+# Usage: bench/scale.sh   (SESSIONS=300000 gives ~1M events; PARTITIONS=8; COUNTS="1 2 4";
+#                          LIMIT=900)
 set -euo pipefail
 SESSIONS="${SESSIONS:-300000}"
 PARTITIONS="${PARTITIONS:-8}"
 COUNTS="${COUNTS:-1 2 4}"
+LIMIT="${LIMIT:-900}"
 source "$(dirname "$0")/prelude.sh"
 RUN="scale$$"
 "$BIN/toolrank" generate --sessions "$SESSIONS" --seed 42 --out "$WORK/history.jsonl" >&2
@@ -29,21 +34,34 @@ metric() {
     awk -v m="$name" '$1 == m || index($1, m "{") == 1 { s += $2 } END { printf "%d\n", s }'
 }
 
+# Fails the script if group N ran past LIMIT or one of its consumers exited ($pids, $start).
+check() {
+  local n="$1" why=""
+  for pid in "${pids[@]}"; do kill -0 "$pid" 2> /dev/null || why="a consumer exited early"; done
+  [ $((SECONDS - start)) -le "$LIMIT" ] || why="not done within $LIMIT s"
+  [ -z "$why" ] && return 0
+  echo "$n consumers: $why; their last log lines:" >&2
+  for i in $(seq "$n"); do echo "--- consumer $i" >&2; tail -n 20 "$WORK/$n-$i.log" >&2; done
+  for pid in "${pids[@]}"; do pkill -TERM -P "$pid" 2> /dev/null || true; done
+  exit 1
+}
+
 run() {  # run N: N consumers in one group, on a state table and namespace of their own
-  local n="$1" name="$RUN-$1" pids=()
+  local n="$1" name="$RUN-$1"
+  pids=()
   "$BIN/toolrank" setup --no-kafka --table "$name" --no-stream >&2
   "$BIN/toolrank" produce --to dynamodb --table "$name" "$WORK/catalog.jsonl" >&2
-  local start=$SECONDS
+  start=$SECONDS
   for i in $(seq "$n"); do
     /usr/bin/time -f "%e %U %S %M" -o "$WORK/$n-$i.time" "$BIN/toolrank" --metrics-addr "127.0.0.1:$((19400 + i))" consume kafka \
       --topic "$RUN" --group "$name" --dead-letter-topic "$RUN-dl" --table "$name" --namespace "$name" --today "$TODAY" 2> "$WORK/$n-$i.log" &
     pids+=($!)
   done
-  until [ "$(metric toolrank_messages_total "$n")" -ge "$EVENTS" ]; do sleep 0.5; done
+  until [ "$(metric toolrank_messages_total "$n")" -ge "$EVENTS" ]; do check "$n"; sleep 0.5; done
   local read_secs=$((SECONDS - start))
   # Stopped together once the sinks show everything (the holder reads the others'
   # checkpoints as they save them).
-  until exact "$name" "$name" "$WORK/history.jsonl" > /dev/null; do sleep 5; done
+  until exact "$name" "$name" "$WORK/history.jsonl" > /dev/null; do check "$n"; sleep 5; done
   # The consumers are the children of /usr/bin/time, which reports when they exit.
   for pid in "${pids[@]}"; do pkill -TERM -P "$pid"; done
   for pid in "${pids[@]}"; do wait "$pid"; done
