@@ -739,6 +739,47 @@ fn a_member_joining_while_dynamodb_fails_waits_for_its_claims_and_nobody_exits()
     live.assert_sinks_equal_replay(&history, None);
 }
 
+/// A member that joins a group while records arrive takes some of the partitions from
+/// the checkpoints the first member saved when they were revoked, reads them, and serves
+/// its counters though the first member holds the sink lease; the sinks equal replay
+/// while both run.
+#[test]
+fn a_member_joining_a_reading_group_reads_its_partitions_and_serves_its_counters() {
+    let live = Live::new("4");
+    let history = generated(&live, "3000", "43");
+    let producer = live.producer("2000", &history);
+    let a = live.steady_consumer(&["--id", "a"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !a.said().contains("took the sink lease") {
+        assert!(Instant::now() < deadline, "{}", a.said());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let b = live.steady_consumer(&["--id", "b", "--metrics-addr", &addr]);
+    wait_for_port(port);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let metrics = scrape(&addr);
+        let read = metrics.lines().find_map(|l| l.strip_prefix("toolrank_messages_total ")).and_then(|n| n.trim().parse::<u64>().ok());
+        if read.is_some_and(|n| n > 0) {
+            break;
+        }
+        assert!(!b.said().contains("took the sink lease"), "b took the sink lease before its counters showed what it read:\n{}", b.said());
+        assert!(Instant::now() < deadline, "b's counters never showed what it read: {metrics}\nb:\n{}", b.said());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(producer.wait(COMMAND_LIMIT).status.success());
+    live.await_sinks_equal_replay(&history, None, Duration::from_secs(180), || format!("a:\n{}\nb:\n{}", a.said(), b.said()));
+    for member in [&a, &b] {
+        member.signal("-TERM");
+    }
+    let (a, b) = (a.wait(COMMAND_LIMIT), b.wait(COMMAND_LIMIT));
+    let said = String::from_utf8_lossy(&b.stderr);
+    assert!(a.status.success() && b.status.success(), "{said}");
+    assert!(said.contains("checkpoint claimed") && count_after(&said, "consumed ") > 0, "b read its partitions: {said}");
+}
+
 /// A partition paused because its claim failed, then revoked and assigned here again
 /// (librdkafka keeps its pause through the rebalances), is read once its claim succeeds:
 /// `a` starts while DynamoDB fails (every claim fails, all four partitions wait paused),

@@ -580,9 +580,10 @@ impl Kafka {
     }
 
     /// Seeks the partitions that must read from their checkpoints, waiting up to a second
-    /// for librdkafka to take each seek (one sent without waiting just after an assignment
-    /// was seen to leave a joining member's partitions unread). A partition that does not
-    /// take it yet (librdkafka starts its fetcher meanwhile) is tried again at the next read.
+    /// for librdkafka to take each seek: only then does it report one it refuses (a seek
+    /// sent without waiting fails silently, and the partition would read on from the
+    /// group's committed offset instead). A partition that does not take it yet
+    /// (librdkafka starts its fetcher meanwhile) is tried again at the next read.
     fn seek_pending(&mut self) {
         for (&p, part) in self.parts.iter_mut().filter(|(_, part)| part.seek.is_some()) {
             let offset = part.seek.expect("filtered");

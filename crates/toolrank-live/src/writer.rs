@@ -331,6 +331,12 @@ impl SinkWriter {
     /// writes what changed to the sinks. `false` when a sink write failed (it is
     /// retried). `now` writes every sink even before its interval is up.
     pub fn flush<'a>(&mut self, units: impl IntoIterator<Item = &'a mut Engine>, now: bool) -> bool {
+        // Every consumer's counters, holder or not, resting or not.
+        if self.published.elapsed() >= Duration::from_secs(1) {
+            self.published = Instant::now();
+            self.counters().publish();
+            toolrank_metrics::gauge!("toolrank_source_age_seconds").set(self.behind.1.max(0) as f64 / 1000.0);
+        }
         if !now && self.sinks.resting(self.backlog()) {
             // No sink writes yet (a backlog stretches their intervals): the changes
             // coalesce in the units meanwhile, where forwarding them costs nothing.
@@ -355,11 +361,6 @@ impl SinkWriter {
         let ok = self.sinks.write(&changes, now, &mut turn);
         if !changes.is_empty() {
             self.summary.sink_writes += 1;
-        }
-        if self.published.elapsed() >= Duration::from_secs(1) {
-            self.published = Instant::now();
-            self.counters().publish();
-            toolrank_metrics::gauge!("toolrank_source_age_seconds").set(self.behind.1.max(0) as f64 / 1000.0);
         }
         ok
     }
