@@ -2,14 +2,17 @@
 # What adding consumers to a group buys: one generated history (modifies, removes,
 # redeliveries) on a topic of PARTITIONS partitions, read into both sinks by groups of 1, 2
 # and 4 `consume kafka` processes (COUNTS), each group with a state table and namespace of
-# its own. A group runs until every record is read and both sinks equal replay, then all
-# its consumers are stopped together (so no hand-over is measured). Prints the group's
-# events/s and, per process, CPU seconds, CPU µs per event it read and peak memory
-# (/usr/bin/time), the sink lease holder's apart, with its ratios to the largest other
-# consumer; checks both sinks against `toolrank replay` after each group.
+# its own. A group runs until every record is read and both sinks equal replay; at that
+# moment each process's CPU seconds and peak memory so far (/proc: utime+stime, VmHWM)
+# and the records it read (its /metrics) are taken, and which one holds the sink lease
+# (`toolrank_sink_lease_held`). So the figures cover reading and keeping the sinks
+# exact, not the hand-over when all of them stop together afterwards. Prints the
+# group's events/s and, per process, CPU seconds, CPU µs per event it read and peak
+# memory, the sink lease holder's apart, with its ratios to the largest other consumer;
+# checks both sinks against `toolrank replay` after each group.
 # A group that has not read everything, or whose sinks do not equal replay, LIMIT seconds
-# after it started, or one of whose consumers exits early, fails the script with the
-# consumers' last log lines.
+# after it started, or one of whose consumers exits early or fails to stop, fails the
+# script with the consumers' last log lines.
 # Usage: bench/scale.sh   (SESSIONS=300000 gives ~1M events; PARTITIONS=8; COUNTS="1 2 4";
 #                          LIMIT=900)
 set -euo pipefail
@@ -27,10 +30,13 @@ grep '"SK":{"S":"METADATA"}' "$WORK/history.jsonl" > "$WORK/catalog.jsonl" || tr
 "$BIN/toolrank" produce --topic "$RUN" "$WORK/history.jsonl" >&2
 echo "events:                $EVENTS in $PARTITIONS partitions"
 
-# The sum of one metric over the N consumers' endpoints (ports 19400 + i), as an integer.
+# The sum of one metric over the N consumers' endpoints (ports 19400 + i), or consumer
+# ONLY's, as an integer.
 metric() {
-  local name="$1" n="$2"
-  for i in $(seq "$n"); do curl -s "http://127.0.0.1:$((19400 + i))/metrics" || true; done |
+  local name="$1" n="$2" only="${3:-}"
+  for i in $(seq "$n"); do
+    if [ -z "$only" ] || [ "$i" = "$only" ]; then curl -s "http://127.0.0.1:$((19400 + i))/metrics" || true; fi
+  done |
     awk -v m="$name" '$1 == m || index($1, m "{") == 1 { s += $2 } END { printf "%d\n", s }'
 }
 
@@ -42,7 +48,7 @@ check() {
   [ -z "$why" ] && return 0
   echo "$n consumers: $why; their last log lines:" >&2
   for i in $(seq "$n"); do echo "--- consumer $i" >&2; tail -n 20 "$WORK/$n-$i.log" >&2; done
-  for pid in "${pids[@]}"; do pkill -TERM -P "$pid" 2> /dev/null || true; done
+  kill -TERM "${pids[@]}" 2> /dev/null || true
   exit 1
 }
 
@@ -53,42 +59,55 @@ run() {  # run N: N consumers in one group, on a state table and namespace of th
   "$BIN/toolrank" produce --to dynamodb --table "$name" "$WORK/catalog.jsonl" >&2
   start=$SECONDS
   for i in $(seq "$n"); do
-    /usr/bin/time -f "%e %U %S %M" -o "$WORK/$n-$i.time" "$BIN/toolrank" --metrics-addr "127.0.0.1:$((19400 + i))" consume kafka \
+    "$BIN/toolrank" --metrics-addr "127.0.0.1:$((19400 + i))" consume kafka \
       --topic "$RUN" --group "$name" --dead-letter-topic "$RUN-dl" --table "$name" --namespace "$name" --today "$TODAY" 2> "$WORK/$n-$i.log" &
     pids+=($!)
   done
-  until [ "$(metric toolrank_messages_total "$n")" -ge "$EVENTS" ]; do check "$n"; sleep 0.5; done
+  # Who held the sink lease at each look while reading (one line per look).
+  : > "$WORK/$n.holders"
+  holders() { for i in $(seq "$n"); do [ "$(metric toolrank_sink_lease_held "$n" "$i")" = 1 ] && echo -n "$i "; done; echo; }
+  until [ "$(metric toolrank_messages_total "$n")" -ge "$EVENTS" ]; do check "$n"; holders >> "$WORK/$n.holders"; sleep 0.5; done
   local read_secs=$((SECONDS - start))
-  # Stopped together once the sinks show everything (the holder reads the others'
-  # checkpoints as they save them).
-  until exact "$name" "$name" "$WORK/history.jsonl" > /dev/null; do check "$n"; sleep 5; done
-  # The consumers are the children of /usr/bin/time, which reports when they exit.
-  for pid in "${pids[@]}"; do pkill -TERM -P "$pid"; done
-  for pid in "${pids[@]}"; do wait "$pid"; done
+  # Done once the sinks show everything (the holder reads the others' checkpoints as
+  # they save them).
+  until exact "$name" "$name" "$WORK/history.jsonl" > /dev/null; do check "$n"; holders >> "$WORK/$n.holders"; sleep 5; done
+  holders >> "$WORK/$n.holders"
+  for i in $(seq "$n"); do
+    local pid="${pids[$((i - 1))]}"
+    echo "$(awk '{ print ($14 + $15) / 100 }' "/proc/$pid/stat") $(awk '/^VmHWM/ { print $2 }' "/proc/$pid/status") $(metric toolrank_messages_total "$n" "$i")" > "$WORK/$n-$i.figures"
+  done
+  kill -TERM "${pids[@]}"
+  for i in $(seq "$n"); do
+    if ! wait "${pids[$((i - 1))]}"; then
+      echo "$n consumers: consumer $i did not stop cleanly; its last log lines:" >&2
+      tail -n 20 "$WORK/$n-$i.log" >&2
+      exit 1
+    fi
+  done
   python3 - "$n" "$EVENTS" "$WORK" "$read_secs" <<'PY'
-import re, sys
+import sys
 n, events, work, read_secs = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], max(int(sys.argv[4]), 1)
+looks = [line.split() for line in open(f"{work}/{n}.holders")]
+holder = looks[-1][0] if len(looks[-1]) == 1 else None
+seen = {h for look in looks for h in look}
 procs = []
 for i in range(1, n + 1):
-    wall, user, sys_, rss = open(f"{work}/{n}-{i}.time").read().split()[-4:]
-    log = open(f"{work}/{n}-{i}.log").read()
-    read = int(re.search(r"consumed (\d+) messages", log).group(1))
-    holder = "took the sink lease" in log
-    procs.append((float(user) + float(sys_), int(rss) / 1024, read, holder))
+    cpu, rss_kib, read = open(f"{work}/{n}-{i}.figures").read().split()
+    procs.append((float(cpu), int(rss_kib) / 1024, int(read), str(i) == holder))
 total = sum(p[0] for p in procs)
 print(f"{n} consumers:           {events / read_secs:,.0f} events/s (all read in {read_secs} s), {total:.1f} CPU s, {total * 1e6 / events:.1f} CPU µs/event")
-for i, (cpu, rss, read, holder) in enumerate(procs, 1):
-    role = "sink holder" if holder else "consumer"
+for i, (cpu, rss, read, is_holder) in enumerate(procs, 1):
+    role = "sink holder" if is_holder else "consumer"
     print(f"{n} consumers, {role} {i}: {cpu:.1f} CPU s, {read:,} events read, {cpu * 1e6 / max(read, 1):.1f} CPU µs/event read, peak {rss:.0f} MiB")
-holders = [p for p in procs if p[3]]
 others = [p for p in procs if not p[3]]
-if len(holders) == 1 and others:
-    h = holders[0]
+if holder and others:
+    h = next(p for p in procs if p[3])
     rss = max(o[1] for o in others)
     per_event = max(o[0] / max(o[2], 1) for o in others)
-    print(f"{n} consumers, holder/other: peak memory {h[1] / rss:.2f}x, CPU per event read {h[0] / max(h[2], 1) / per_event:.2f}x")
-elif len(holders) != 1:
-    print(f"{n} consumers, holder/other: the sink lease changed hands ({len(holders)} holders), no ratio")
+    moved = f" (the lease moved while reading: held by {', '.join(sorted(seen))})" if len(seen) > 1 else ""
+    print(f"{n} consumers, holder/other: peak memory {h[1] / rss:.2f}x, CPU per event read {h[0] / max(h[2], 1) / per_event:.2f}x{moved}")
+elif others:
+    print(f"{n} consumers, holder/other: no single holder at the end ({looks[-1]}), no ratio")
 PY
   exact "$name" "$name" "$WORK/history.jsonl"
 }

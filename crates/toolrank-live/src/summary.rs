@@ -27,6 +27,7 @@ fn describe() {
     describe_gauge!("toolrank_state_tombstones", "Removed items remembered (until --tombstone-horizon-secs) by the units this consumer owns.");
     describe_gauge!("toolrank_state_bytes", Unit::Bytes, "Approximate heap bytes of the engine state of the units this consumer owns.");
     describe_gauge!("toolrank_source_lag_records", "Records on the input past this consumer's positions (Kafka: by the high watermarks).");
+    describe_gauge!("toolrank_sink_lease_held", "1 while this consumer holds the sink lease (it writes the sinks for the group), else 0.");
     describe_gauge!("toolrank_source_age_seconds", Unit::Seconds, "Age of the latest record applied when it was applied (a stream's iterator age).");
     describe_histogram!("toolrank_visible_latency_seconds", Unit::Seconds, "Record creation to its effect in the sinks.");
     describe_histogram!("toolrank_own_latency_seconds", Unit::Seconds, "Record read by this consumer to its effect in the sinks.");

@@ -269,6 +269,7 @@ impl SinkWriter {
         if let Some(generation) = self.lease.generation().filter(|_| self.lease.held()) {
             self.sinks.hold(generation);
         }
+        toolrank_metrics::gauge!("toolrank_sink_lease_held").set(if self.lease.held() { 1.0 } else { 0.0 });
         self.lease.held()
     }
 
@@ -374,7 +375,8 @@ impl SinkWriter {
 
     /// The last consumer to finish must write what all others saved: waits for the sink
     /// lease (taking or renewing it loads the others' latest checkpoints), writes until
-    /// the sinks acknowledge (up to 3 minutes), and releases the lease.
+    /// the sinks acknowledge (up to 3 minutes, renewing the lease; lost meanwhile, its new
+    /// holder writes them), and releases the lease.
     pub fn finish(&mut self, others: &[String], units: &mut [&mut Engine]) {
         let deadline = Instant::now() + self.config.lease * 3;
         loop {
@@ -391,6 +393,12 @@ impl SinkWriter {
         let deadline = Instant::now() + Duration::from_secs(180);
         while !self.flush(units.iter_mut().map(|e| &mut **e), true) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(200));
+            // Renewed between tries: a lease that lapsed while a sink refused would pass to
+            // another consumer, and this one's writes would be refused until the deadline.
+            if !self.take_lease() {
+                warn!("lost the sink lease while writing before exiting; its holder writes the sinks");
+                return;
+            }
         }
         self.lease.release(&self.rt);
     }
