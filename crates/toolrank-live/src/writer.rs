@@ -280,7 +280,12 @@ impl SinkWriter {
     fn refresh_remotes(&mut self, others: &[String]) -> Result<u64, Error> {
         self.merged.keep_copies(others);
         let mut records = 0;
-        for scope in others {
+        for (i, scope) in others.iter().enumerate() {
+            // Loading copies can take longer than a lease: it is renewed between them, and
+            // once lost the rest are not loaded.
+            if i > 0 && !self.take_lease() {
+                break;
+            }
             let Some(head) = self.call("reading a log head", self.store().log_head(scope))? else { continue };
             records += head.records;
             let at = self.merged.copy_at(scope);
@@ -423,6 +428,8 @@ impl SinkWriter {
             return false;
         }
         let ok = match self.refresh_remotes(logs) {
+            // Lost while the logs were read: its new holder writes them.
+            Ok(_) if !self.lease.held() => false,
             Ok(records) => {
                 self.log_events = Some(records);
                 // Both writes end before the lease is given up.
