@@ -28,9 +28,10 @@ exact() {  # exact NAMESPACE TABLE FILE...: the sinks hold what replay computes 
   "$BIN/toolrank" results --from valkey --namespace "$namespace" --today "$TODAY" --out "$WORK/valkey" 2> /dev/null
   "$BIN/toolrank" results --from dynamodb --table "$table" --today "$TODAY" --out "$WORK/dynamodb" 2> /dev/null
   python3 - "$WORK" <<'PY'
-import sys
+import os, sys
 work = sys.argv[1]
-read = lambda sink, t: open(f"{work}/{sink}/{t}.jsonl").read().splitlines()
+# A sink that holds nothing yet (its `results` failed) reads as empty.
+read = lambda sink, t: open(f"{work}/{sink}/{t}.jsonl").read().splitlines() if os.path.exists(f"{work}/{sink}/{t}.jsonl") else []
 tables = ["agent_score_summary", "user_process_patterns", "agent_tool_errors"]
 wrong = [f"valkey {t}" for t in tables if read("valkey", t) != read("replay", t)]
 wrong += [f"dynamodb {t}" for t in tables[::2] if read("dynamodb", t) != read("replay", t)]

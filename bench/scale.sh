@@ -95,19 +95,20 @@ for i in range(1, n + 1):
     cpu, rss_kib, read = open(f"{work}/{n}-{i}.figures").read().split()
     procs.append((float(cpu), int(rss_kib) / 1024, int(read), str(i) == holder))
 total = sum(p[0] for p in procs)
-print(f"{n} consumers:           {events / read_secs:,.0f} events/s (all read in {read_secs} s), {total:.1f} CPU s, {total * 1e6 / events:.1f} CPU µs/event")
+group = f"{n} consumer{'s' if n > 1 else ''}"
+print(f"{group}:{' ' * (21 - len(group))}{events / read_secs:,.0f} events/s (all read in {read_secs} s), {total:.1f} CPU s, {total * 1e6 / events:.1f} CPU µs/event")
 for i, (cpu, rss, read, is_holder) in enumerate(procs, 1):
     role = "sink holder" if is_holder else "consumer"
-    print(f"{n} consumers, {role} {i}: {cpu:.1f} CPU s, {read:,} events read, {cpu * 1e6 / max(read, 1):.1f} CPU µs/event read, peak {rss:.0f} MiB")
+    print(f"{group}, {role} {i}: {cpu:.1f} CPU s, {read:,} events read, {cpu * 1e6 / max(read, 1):.1f} CPU µs/event read, peak {rss:.0f} MiB")
 others = [p for p in procs if not p[3]]
 if holder and others:
     h = next(p for p in procs if p[3])
     rss = max(o[1] for o in others)
     per_event = max(o[0] / max(o[2], 1) for o in others)
     moved = f" (the lease moved while reading: held by {', '.join(sorted(seen))})" if len(seen) > 1 else ""
-    print(f"{n} consumers, holder/other: peak memory {h[1] / rss:.2f}x, CPU per event read {h[0] / max(h[2], 1) / per_event:.2f}x{moved}")
+    print(f"{group}, holder/other: peak memory {h[1] / rss:.2f}x, CPU per event read {h[0] / max(h[2], 1) / per_event:.2f}x{moved}")
 elif others:
-    print(f"{n} consumers, holder/other: no single holder at the end ({looks[-1]}), no ratio")
+    print(f"{group}, holder/other: no single holder at the end ({looks[-1]}), no ratio")
 PY
   exact "$name" "$name" "$WORK/history.jsonl"
 }

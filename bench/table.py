@@ -23,6 +23,6 @@ print()
 print("| figure | value |")
 print("|---|---|")
 for line in open(path):
-    m = re.match(r"^\s*([A-Za-z][^:|]{1,100}):\s+(\S.*)$", line.rstrip())
+    m = re.match(r"^\s*([A-Za-z0-9][^:|]{1,100}):\s+(\S.*)$", line.rstrip())
     if m:
         print(f"| {m.group(1).strip()} | {m.group(2).replace('|', '/')} |")
