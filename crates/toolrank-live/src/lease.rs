@@ -75,7 +75,7 @@ impl SinkLease {
                 self.held && self.renewed.elapsed() < self.duration / 2
             }
         };
-        let was = std::mem::replace(&mut self.held, held);
+        let was = self.set_held(held);
         match (was, held) {
             (false, true) if !continued => Held::Taken,
             (_, true) => Held::Still,
@@ -132,7 +132,13 @@ impl SinkLease {
         if let Err(e) = within(rt, "releasing the sink lease", self.lease.release()) {
             warn!(error = %e, "could not release the sink lease; it lapses by itself");
         }
-        self.held = false;
+        self.set_held(false);
+    }
+
+    /// Records whether the lease is held, in `toolrank_sink_lease_held` too; what it was.
+    fn set_held(&mut self, held: bool) -> bool {
+        toolrank_metrics::gauge!("toolrank_sink_lease_held").set(if held { 1.0 } else { 0.0 });
+        std::mem::replace(&mut self.held, held)
     }
 
     /// When any writer last gave the lease up after writing (ms since the epoch, 0 if never).

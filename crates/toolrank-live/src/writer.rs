@@ -269,7 +269,6 @@ impl SinkWriter {
         if let Some(generation) = self.lease.generation().filter(|_| self.lease.held()) {
             self.sinks.hold(generation);
         }
-        toolrank_metrics::gauge!("toolrank_sink_lease_held").set(if self.lease.held() { 1.0 } else { 0.0 });
         self.lease.held()
     }
 
