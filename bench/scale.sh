@@ -96,7 +96,7 @@ for i in range(1, n + 1):
     procs.append((float(cpu), int(rss_kib) / 1024, int(read), str(i) == holder))
 total = sum(p[0] for p in procs)
 group = f"{n} consumer{'s' if n > 1 else ''}"
-print(f"{group}:{' ' * (21 - len(group))}{events / read_secs:,.0f} events/s (all read in {read_secs} s), {total:.1f} CPU s, {total * 1e6 / events:.1f} CPU µs/event")
+print(f"{group}:{' ' * (22 - len(group))}{events / read_secs:,.0f} events/s (all read in {read_secs} s), {total:.1f} CPU s, {total * 1e6 / events:.1f} CPU µs/event")
 for i, (cpu, rss, read, is_holder) in enumerate(procs, 1):
     role = "sink holder" if is_holder else "consumer"
     print(f"{group}, {role} {i}: {cpu:.1f} CPU s, {read:,} events read, {cpu * 1e6 / max(read, 1):.1f} CPU µs/event read, peak {rss:.0f} MiB")
