@@ -22,7 +22,8 @@
 #                           DYNAMODB_FLUSH_MS=1000 is the consumers' --dynamodb-flush-ms;
 #                           CONSUME_ARGS adds flags to both consumers, e.g.
 #                           CONSUME_ARGS="--checkpoint-secs 30"; STEADY_ARGS adds flags to
-#                           the steady-rate consumer only, e.g. STEADY_ARGS="--dynamodb-max-wcu 1000")
+#                           the steady-rate consumer only, e.g. STEADY_ARGS="--dynamodb-max-wcu 1000";
+#                           PROFILE=1 adds where the CPU time goes, from perf samples)
 set -euo pipefail
 SESSIONS="${SESSIONS:-300000}"
 PARTITIONS="${PARTITIONS:-6}"
@@ -46,8 +47,10 @@ grep '"SK":{"S":"METADATA"}' "$WORK/history.jsonl" > "$WORK/catalog.jsonl" || tr
 "$BIN/toolrank" produce --topic "$TOPIC" "$WORK/history.jsonl" >&2
 
 echo "events: $EVENTS in $PARTITIONS partitions"
-RAW=$("$BIN/kafka-drain" "$TOOLRANK_KAFKA_BROKERS" "$TOPIC")
+RAW=$(/usr/bin/time -f "%U %S" -o "$WORK/raw-time" "$BIN/kafka-drain" "$TOOLRANK_KAFKA_BROKERS" "$TOPIC")
 echo "raw rdkafka consume:   $RAW"
+# What reading alone costs: the floor of toolrank's CPU per event.
+echo "raw consume CPU:       $(awk -v n="$EVENTS" '{printf "%.2f CPU µs/record", ($1 + $2) * 1e6 / n}' "$WORK/raw-time")"
 /usr/bin/time -f "%e %U %S %M" -o "$WORK/time" "$BIN/toolrank" consume kafka --topic "$TOPIC" --group "$RUN" \
   --dead-letter-topic "$TOPIC-dl" --table "$TABLE" --namespace "$RUN" --until-idle 3 --dynamodb-flush-ms "$DYNAMODB_FLUSH_MS" --today "$TODAY" "${CONSUME_ARGS[@]}" 2> "$WORK/consume.log"
 read -r WALL USER SYS RSS < "$WORK/time"
@@ -84,6 +87,22 @@ PY
 costs "$WORK/consume.log"
 
 exact "$RUN" "$TABLE" "$WORK/history.jsonl"
+
+# 3b. With PROFILE=1: where that CPU time goes. Another group reads the same records under
+# `perf record` (Debian's linux-perf) into sinks of its own (a table of its own: the
+# DynamoDB sink's fence is the table's; its Valkey keys in database 1, so that its
+# start-up rewrite does not SCAN the first run's keys); its samples split the unprofiled
+# run's CPU µs per event by part (bench/profile.py).
+if [ "${PROFILE:-0}" = 1 ]; then
+  command -v perf >/dev/null || { echo "PROFILE=1 needs perf (apt-get install linux-perf)" >&2; exit 1; }
+  "$BIN/toolrank" setup --topic "$TOPIC" --dead-letter-topic "$TOPIC-dl" --partitions "$PARTITIONS" --table "$TABLE-profile" --no-stream >&2
+  "$BIN/toolrank" produce --to dynamodb --table "$TABLE-profile" "$WORK/catalog.jsonl" >&2
+  perf record -q -F 499 --call-graph dwarf,16384 -o "$WORK/perf.data" "$BIN/toolrank" consume kafka --topic "$TOPIC" --group "$RUN-profile" \
+    --dead-letter-topic "$TOPIC-dl" --table "$TABLE-profile" --namespace "$RUN-profile" --valkey-url "$TOOLRANK_VALKEY_URL/1" --until-idle 3 \
+    --dynamodb-flush-ms "$DYNAMODB_FLUSH_MS" --today "$TODAY" "${CONSUME_ARGS[@]}" 2> "$WORK/profile.log"
+  echo "where the CPU µs per event go (perf samples of a second run, same records):"
+  perf script -F comm,ip,sym -i "$WORK/perf.data" 2>/dev/null | python3 bench/profile.py "$EVENTS" "$(python3 -c "print($USER + $SYS)")"
+fi
 
 # 4. Latency at a steady rate. First the broker's own delivery latency, with the no-op
 # consumer alone on a topic of its own (a second consumer fetching beside toolrank's would

@@ -26,7 +26,7 @@
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::DeliveryResult;
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet};
@@ -111,7 +111,8 @@ impl Partition {
 /// The group member as the runtime's [`Source`]: a unit per assigned partition.
 struct Kafka {
     config: Config,
-    consumer: BaseConsumer<Rebalances>,
+    /// Shared so that a polled message can borrow it while the source changes.
+    consumer: Arc<BaseConsumer<Rebalances>>,
     /// What the loop's state-table calls may take in all between two polls ([`poll_budget`]).
     poll_budget: Duration,
     /// The rebalance events already acted on.
@@ -217,6 +218,10 @@ const STRANDED_AFTER: Duration = Duration::from_secs(30);
 /// gave it to another member has reached this one by then.
 const RECLAIM_AFTER: Duration = Duration::from_secs(15);
 
+/// The most messages one [`Source::read`] applies: a few milliseconds of work, so that the
+/// loop's sink and checkpoint turns keep their pace.
+const READ_BATCH: usize = 256;
+
 /// How long leaving the group may take at exit (see `leave_group`).
 const LEAVE_WAIT: Duration = Duration::from_secs(15);
 
@@ -300,7 +305,7 @@ pub fn run(config: Config, sinks: Vec<Wired>, stop: Arc<AtomicBool>) -> Result<S
     let pacing = config.live.pacing.clone();
     let mut source = Kafka {
         config,
-        consumer,
+        consumer: Arc::new(consumer),
         poll_budget,
         rebalances_seen: 0,
         dead_letters,
@@ -337,7 +342,7 @@ fn poll_budget(client: &ClientConfig) -> Duration {
 /// drop runs on a thread of its own: past the wait the process goes on without it, and
 /// the coordinator drops the member when its session times out. Offsets were committed
 /// before: nothing is lost either way.
-fn leave_group(consumer: BaseConsumer<Rebalances>) {
+fn leave_group(consumer: Arc<BaseConsumer<Rebalances>>) {
     let (done, left) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         drop(consumer);
@@ -357,24 +362,37 @@ impl Source for Kafka {
             self.reread(writer, p)?;
         }
         self.seek_pending();
-        let polled = self.consumer.poll(Duration::from_millis(20));
-        toolrank_live::polled(Some(self.poll_budget));
-        let read = match polled {
-            Some(Ok(msg)) => {
-                let msg = msg.detach();
-                self.sync_assignment(writer)?;
-                self.handle(writer, &msg);
-                1
+        // Up to READ_BATCH messages that are already fetched, the first waited for: the
+        // loop's own steps (its clocks, the dead letters' delivery reports) then run once
+        // per batch, not once per message.
+        let mut read = 0;
+        let mut wait = Duration::from_millis(20);
+        // Messages are applied where rdkafka holds them, not copied out first.
+        let consumer = self.consumer.clone();
+        while read < READ_BATCH {
+            let polled = consumer.poll(wait);
+            toolrank_live::polled(Some(self.poll_budget));
+            wait = Duration::ZERO;
+            match polled {
+                Some(Ok(msg)) => {
+                    self.sync_assignment(writer)?;
+                    self.handle(writer, &msg);
+                    read += 1;
+                }
+                Some(Err(e)) => {
+                    warn!(error = %e, "kafka consumer error");
+                    break;
+                }
+                None => {
+                    self.sync_assignment(writer)?;
+                    break;
+                }
             }
-            Some(Err(e)) => {
-                warn!(error = %e, "kafka consumer error");
-                0
+            // A partition to restore or to seek is seen to before reading on.
+            if !self.restore.is_empty() || self.parts.values().any(|p| p.seek.is_some()) {
+                break;
             }
-            None => {
-                self.sync_assignment(writer)?;
-                0
-            }
-        };
+        }
         self.dead_letters.poll(Duration::ZERO);
         Ok(read)
     }
@@ -680,7 +698,7 @@ impl Kafka {
         writer.release(&mut part.engine);
     }
 
-    fn handle(&mut self, writer: &mut SinkWriter, msg: &OwnedMessage) {
+    fn handle(&mut self, writer: &mut SinkWriter, msg: &impl Message) {
         let (p, offset) = (msg.partition(), msg.offset());
         let Some(part) = self.parts.get_mut(&p) else {
             writer.tally().messages += 1;
@@ -726,7 +744,7 @@ impl Kafka {
         }
     }
     /// Sends a bad record to the dead-letter topic with the reason and its source position.
-    fn dead_letter(&mut self, writer: &mut SinkWriter, msg: &OwnedMessage, reason: &str, payload: &[u8]) {
+    fn dead_letter(&mut self, writer: &mut SinkWriter, msg: &impl Message, reason: &str, payload: &[u8]) {
         writer.tally().dead_letters += 1;
         warn!(partition = msg.partition(), offset = msg.offset(), reason, "dead-lettered");
         let (partition, offset) = (msg.partition().to_string(), msg.offset().to_string());

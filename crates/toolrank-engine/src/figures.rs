@@ -175,24 +175,29 @@ impl Engine {
 
     /// A pattern's figures, `None` unless it has executions and its agent a current Agent item.
     pub fn pattern_figures(&self, key: PatternKey) -> Option<PatternFigures> {
-        self.pattern_figures_cached(key, &mut FxHashMap::default())
+        self.pattern_figures_with(key, |sequence| self.joined(sequence))
     }
 
     /// [`pattern_figures`](Self::pattern_figures), joining each sequence's names once:
     /// many users share a sequence.
     pub(crate) fn pattern_figures_cached(&self, key: PatternKey, joined: &mut FxHashMap<Sym, (String, String)>) -> Option<PatternFigures> {
+        self.pattern_figures_with(key, |sequence| joined.entry(sequence).or_insert_with(|| self.joined(sequence)).clone())
+    }
+
+    fn pattern_figures_with(&self, key: PatternKey, joined: impl FnOnce(Sym) -> (String, String)) -> Option<PatternFigures> {
         self.agent_meta(key.agent)?;
         let agg = self.aggregates.patterns.get(&key)?;
-        let (process_pattern, tool_sequence) = joined.entry(key.sequence).or_insert_with(|| self.joined(key.sequence));
+        let (first, last) = (agg.first_days.min()?, agg.last_days.max()?);
+        let (process_pattern, tool_sequence) = joined(key.sequence);
         Some(PatternFigures {
             user_id: self.strings.get(key.user).to_owned(),
-            process_pattern: process_pattern.clone(),
+            process_pattern,
             agent_id: self.strings.get(key.agent).to_owned(),
-            tool_sequence: tool_sequence.clone(),
+            tool_sequence,
             executions: agg.executions as u64,
             successes: agg.successes as u64,
-            first: agg.first_days.min()?,
-            last: agg.last_days.max()?,
+            first,
+            last,
         })
     }
 }

@@ -229,11 +229,11 @@ impl SinkWriter {
 
     /// Notes a record applied now, created at `created_ms`, for the latency figures.
     pub fn observe(&mut self, created_ms: i64) {
-        let now = Instant::now();
+        let (now, wall) = (Instant::now(), now_ms());
         self.first_applied.get_or_insert(now);
-        self.behind = (now, now_ms() - created_ms);
+        self.behind = (now, wall - created_ms);
         if self.lease.held() {
-            self.visibility.push(created_ms, now_ms());
+            self.visibility.push(created_ms, wall);
         }
     }
 

@@ -61,6 +61,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Prepared {
     pipe: Pipeline,
     commands: u64,
+    /// Commands and the sorted-set members they carry: what the transaction's time grows with.
+    weight: u64,
     agents: Vec<(String, Option<AgentFigures>)>,
     /// It rewrites everything: what else the namespace holds is deleted first.
     full: bool,
@@ -198,20 +200,43 @@ impl ValkeySink {
             self.put_agent(&mut pipe, old, new.as_ref(), id);
             agents.push((id.to_owned(), new));
         }
+        // Each pattern's hash is its own command; its two sorted sets take it with every
+        // other pattern of the same set, in one ZADD or ZREM per set (per `SET_CHUNK`).
+        let (mut ranked, mut removed) = (Vec::new(), Vec::new());
         for &k in &changes.patterns {
-            let id = engine.pattern_id(k);
+            let user = engine.name(k.user);
             match engine.pattern_figures(k) {
                 // ZADD moves a member, HSET overwrites every field: nothing to remove first.
-                Some(f) => self.put_pattern(&mut pipe, &id, &f),
+                Some(f) => {
+                    let id = f.id();
+                    self.put_pattern(&mut pipe, &id, &f);
+                    ranked.push((user, f.rank_key(), id));
+                }
                 None => {
-                    let user = engine.name(k.user);
-                    pipe.zrem(self.key(&["patterns", user]), &id).ignore();
-                    pipe.zrem(self.key(&["patterns"]), &id).ignore();
+                    let id = engine.pattern_id(k);
                     pipe.del(self.key(&["pattern", &id])).ignore();
+                    removed.push((user, id));
                 }
             }
         }
-        Ok(Prepared { commands: pipe.cmd_iter().count() as u64, pipe, agents, full: self.resync, token: self.token })
+        let members = (ranked.len() + removed.len()) as u64;
+        ranked.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        removed.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for (key, group) in sets(&ranked, |r| r.0).chain(std::iter::once((None, &ranked[..]))) {
+            let key = self.key(&key.map_or(vec!["patterns"], |user| vec!["patterns", user]));
+            for chunk in group.chunks(SET_CHUNK) {
+                let items: Vec<(f64, &str)> = chunk.iter().map(|(_, rank, id)| (*rank, id.as_str())).collect();
+                pipe.zadd_multiple(&key, &items).ignore();
+            }
+        }
+        for (key, group) in sets(&removed, |r| r.0).chain(std::iter::once((None, &removed[..]))) {
+            let key = self.key(&key.map_or(vec!["patterns"], |user| vec!["patterns", user]));
+            for chunk in group.chunks(SET_CHUNK) {
+                pipe.zrem(&key, chunk.iter().map(|(_, id)| id.as_str()).collect::<Vec<_>>()).ignore();
+            }
+        }
+        let commands = pipe.cmd_iter().count() as u64;
+        Ok(Prepared { commands, weight: commands + members, pipe, agents, full: self.resync, token: self.token })
     }
 
     /// Sends a prepared transaction; what it wrote is remembered once it succeeded. On
@@ -240,7 +265,7 @@ impl ValkeySink {
         // A resynchronization of a large state is one large transaction: its time grows
         // with it, so the timeouts do too (10 µs per command on top), or it would never
         // finish within them and be retried forever.
-        let timeout = IO_TIMEOUT + Duration::from_micros(10 * prepared.commands);
+        let timeout = IO_TIMEOUT + Duration::from_micros(10 * prepared.weight);
         let (fence, prefix) = (self.key(&["fence"]), self.prefix.clone());
         let conn = self.connection()?;
         conn.set_read_timeout(Some(timeout))?;
@@ -305,21 +330,24 @@ impl ValkeySink {
     }
 
     fn put_pattern(&self, pipe: &mut Pipeline, id: &str, f: &PatternFigures) {
-        let rank = f.rank_key();
-        pipe.zadd(self.key(&["patterns", &f.user_id]), id, rank).ignore();
-        pipe.zadd(self.key(&["patterns"]), id, rank).ignore();
-        let fields = [
-            ("user", f.user_id.clone()),
-            ("process_pattern", f.process_pattern.clone()),
-            ("agent", f.agent_id.clone()),
-            ("tool_sequence", f.tool_sequence.clone()),
-            ("executions", f.executions.to_string()),
-            ("successes", f.successes.to_string()),
-            ("first", f.first.to_string()),
-            ("last", f.last.to_string()),
-        ];
-        pipe.hset_multiple(self.key(&["pattern", id]), &fields).ignore();
+        // Argument by argument: the figures' strings are not copied first.
+        let mut hset = redis::cmd("HSET");
+        hset.arg(self.key(&["pattern", id]));
+        hset.arg("user").arg(&f.user_id).arg("process_pattern").arg(&f.process_pattern);
+        hset.arg("agent").arg(&f.agent_id).arg("tool_sequence").arg(&f.tool_sequence);
+        hset.arg("executions").arg(f.executions).arg("successes").arg(f.successes);
+        hset.arg("first").arg(f.first.to_string()).arg("last").arg(f.last.to_string());
+        pipe.add_command(hset).ignore();
     }
+}
+
+/// The most members one ZADD or ZREM carries: a pipeline's arguments stay small, and
+/// so does what Valkey parses at once.
+const SET_CHUNK: usize = 1024;
+
+/// `sorted` (by the key `of` gives) in runs of one key each, with that key.
+fn sets<'a, T>(sorted: &'a [T], of: fn(&T) -> &'a str) -> impl Iterator<Item = (Option<&'a str>, &'a [T])> + 'a {
+    sorted.chunk_by(move |a, b| of(a) == of(b)).map(move |run| (Some(of(&run[0])), run))
 }
 
 /// Reads what a Valkey sink holds under `prefix`.
