@@ -22,13 +22,13 @@ print(f"`{' '.join(settings + [script] + args)}` at commit `{commit}`{' (with un
 print()
 print("| figure | value |")
 print("|---|---|")
-for line in open(path):
+lines = open(path).read().splitlines()
+for line in lines:
     m = re.match(r"^\s*([A-Za-z0-9][^:|]{1,100}):\s+(\S.*)$", line.rstrip())
     if m:
         print(f"| {m.group(1).strip()} | {m.group(2).replace('|', '/')} |")
 # A markdown table the script printed (e.g. bench/stream.sh's PROFILE=1 split) follows
 # as it is, under the line that introduced it.
-lines = open(path).read().splitlines()
 for i, line in enumerate(lines):
     if line.startswith("|") and (i == 0 or not lines[i - 1].startswith("|")):
         print()

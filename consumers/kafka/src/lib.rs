@@ -371,8 +371,12 @@ impl Source for Kafka {
         let consumer = self.consumer.clone();
         while read < READ_BATCH {
             let polled = consumer.poll(wait);
-            toolrank_live::polled(Some(self.poll_budget));
-            wait = Duration::ZERO;
+            if !wait.is_zero() {
+                // The batch's other polls follow within milliseconds: the budget given at
+                // its first holds for the calls of the whole batch.
+                toolrank_live::polled(Some(self.poll_budget));
+                wait = Duration::ZERO;
+            }
             match polled {
                 Some(Ok(msg)) => {
                     self.sync_assignment(writer)?;

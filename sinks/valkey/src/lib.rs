@@ -220,21 +220,23 @@ impl ValkeySink {
             }
         }
         let members = (ranked.len() + removed.len()) as u64;
-        ranked.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        removed.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        for (key, group) in sets(&ranked, |r| r.0).chain(std::iter::once((None, &ranked[..]))) {
-            let key = self.key(&key.map_or(vec!["patterns"], |user| vec!["patterns", user]));
-            for chunk in group.chunks(SET_CHUNK) {
+        self.per_set(
+            &mut pipe,
+            &mut ranked,
+            |r| r.0,
+            |pipe, key, chunk| {
                 let items: Vec<(f64, &str)> = chunk.iter().map(|(_, rank, id)| (*rank, id.as_str())).collect();
-                pipe.zadd_multiple(&key, &items).ignore();
-            }
-        }
-        for (key, group) in sets(&removed, |r| r.0).chain(std::iter::once((None, &removed[..]))) {
-            let key = self.key(&key.map_or(vec!["patterns"], |user| vec!["patterns", user]));
-            for chunk in group.chunks(SET_CHUNK) {
-                pipe.zrem(&key, chunk.iter().map(|(_, id)| id.as_str()).collect::<Vec<_>>()).ignore();
-            }
-        }
+                pipe.zadd_multiple(key, &items).ignore();
+            },
+        );
+        self.per_set(
+            &mut pipe,
+            &mut removed,
+            |r| r.0,
+            |pipe, key, chunk| {
+                pipe.zrem(key, chunk.iter().map(|(_, id)| id.as_str()).collect::<Vec<_>>()).ignore();
+            },
+        );
         let commands = pipe.cmd_iter().count() as u64;
         Ok(Prepared { commands, weight: commands + members, pipe, agents, full: self.resync, token: self.token })
     }
@@ -329,6 +331,18 @@ impl ValkeySink {
         }
     }
 
+    /// Adds `command` for each pattern sorted set: every user's `patterns:<user>` with that
+    /// user's `items`, then `patterns` with all of them, `SET_CHUNK` items at a time.
+    fn per_set<'a, T>(&self, pipe: &mut Pipeline, items: &mut [T], user: fn(&T) -> &'a str, command: impl Fn(&mut Pipeline, &str, &[T])) {
+        items.sort_unstable_by(|a, b| user(a).cmp(user(b)));
+        let runs = items.chunk_by(|a, b| user(a) == user(b)).map(|run| (self.key(&["patterns", user(&run[0])]), run));
+        for (key, run) in runs.chain(std::iter::once((self.key(&["patterns"]), &items[..]))) {
+            for chunk in run.chunks(SET_CHUNK) {
+                command(pipe, &key, chunk);
+            }
+        }
+    }
+
     fn put_pattern(&self, pipe: &mut Pipeline, id: &str, f: &PatternFigures) {
         // Argument by argument: the figures' strings are not copied first.
         let mut hset = redis::cmd("HSET");
@@ -344,11 +358,6 @@ impl ValkeySink {
 /// The most members one ZADD or ZREM carries: a pipeline's arguments stay small, and
 /// so does what Valkey parses at once.
 const SET_CHUNK: usize = 1024;
-
-/// `sorted` (by the key `of` gives) in runs of one key each, with that key.
-fn sets<'a, T>(sorted: &'a [T], of: fn(&T) -> &'a str) -> impl Iterator<Item = (Option<&'a str>, &'a [T])> + 'a {
-    sorted.chunk_by(move |a, b| of(a) == of(b)).map(move |run| (Some(of(&run[0])), run))
-}
 
 /// Reads what a Valkey sink holds under `prefix`.
 pub struct ValkeyReader {
