@@ -19,7 +19,8 @@ PARTS = [
     ("Valkey sink: listing the namespace's keys (a full rewrite's SCAN)", ["namespace_keys"]),
     ("Valkey sink: building the transaction", ["ValkeySink::prepare"]),
     ("Valkey sink: sending it, reading the replies", ["ValkeySink::send", "toolrank_sink_valkey"]),
-    ("DynamoDB sink", ["toolrank_sink_dynamodb", "DynamoSink"]),
+    ("DynamoDB sink: planning (the recommended set, the changed figures)", ["DynamoSink::plan"]),
+    ("DynamoDB sink: comparing, building and sending the items", ["toolrank_sink_dynamodb", "DynamoSink"]),
     ("checkpoints (deltas, snapshots, state table)", ["toolrank_state", "Source>::checkpoint", "Engine::delta", "Engine::snapshot", "lz4_flex", "Checkpointer"]),
     # The engine runs inside the decoder's callback and the sinks' turn: it comes first.
     ("engine: applying changes", ["Engine::apply"]),

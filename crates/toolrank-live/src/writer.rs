@@ -30,6 +30,9 @@ pub struct SinkWriter {
     lease: SinkLease,
     /// The sum of every unit: what the sinks show.
     merged: Merged,
+    /// Whether a copy of another consumer's unit may lag its log or be missing (the last
+    /// refresh failed or dropped one): the sinks are not written from such a sum.
+    copies_behind: bool,
     /// Checkpoint saves and the state's size.
     checkpoints: Checkpointer,
     /// The wired sinks and when each writes.
@@ -69,6 +72,7 @@ impl SinkWriter {
             summary: Summary::default(),
             config,
             merged: Merged::new(),
+            copies_behind: false,
             sinks: Scheduler::new(sinks),
             log_events: None,
             visibility: Visibility::new(),
@@ -241,9 +245,13 @@ impl SinkWriter {
     /// holder loads the latest checkpoints of `others`, the scopes of units it does not own.
     pub fn refresh_lease(&mut self, others: &[String]) {
         if self.take_lease() {
-            if let Err(e) = self.refresh_remotes(others) {
-                self.summary.retried_errors += 1;
-                warn!(error = %e, "reading other consumers' checkpoints failed; retrying");
+            match self.refresh_remotes(others) {
+                Ok(_) => {}
+                Err(e) => {
+                    self.copies_behind = true;
+                    self.summary.retried_errors += 1;
+                    warn!(error = %e, "reading other consumers' checkpoints failed; retrying");
+                }
             }
         }
     }
@@ -278,12 +286,13 @@ impl SinkWriter {
     /// `others` any more are dropped. Returns the records the logs hold.
     fn refresh_remotes(&mut self, others: &[String]) -> Result<u64, Error> {
         self.merged.keep_copies(others);
+        self.copies_behind = true;
         let mut records = 0;
         for (i, scope) in others.iter().enumerate() {
             // Loading copies can take longer than a lease: it is renewed between them, and
             // once lost the rest are not loaded.
             if i > 0 && !self.take_lease() {
-                break;
+                return Ok(records);
             }
             let Some(head) = self.call("reading a log head", self.store().log_head(scope))? else { continue };
             records += head.records;
@@ -294,6 +303,7 @@ impl SinkWriter {
                     if let Err(e) = self.merged.advance_copy(scope, at.expect("deltas follow a copy"), head.head, &deltas) {
                         // The copy is dropped; the next refresh reads the whole log.
                         warn!(error = %e, "another consumer's deltas do not apply");
+                        return Ok(records);
                     }
                     continue;
                 }
@@ -311,6 +321,7 @@ impl SinkWriter {
             self.merged.hold_copy(scope, engine, log.at.head);
             debug!(scope, generation = log.at.generation, head = log.at.head, "merged another consumer's checkpoint");
         }
+        self.copies_behind = false;
         Ok(records)
     }
 
@@ -352,6 +363,11 @@ impl SinkWriter {
         }
         if !self.lease.held() {
             return true;
+        }
+        if self.copies_behind {
+            // A sum missing part of another consumer's units would show too little: the
+            // changes wait for the next refresh. The write is owed, not made.
+            return false;
         }
         let changes = self.merged.take_changes();
         let mut turn = Turn {
@@ -399,7 +415,9 @@ impl SinkWriter {
             std::thread::sleep(Duration::from_millis(200));
             // Renewed between tries: a lease that lapsed while a sink refused would pass to
             // another consumer, and this one's writes would be refused until the deadline.
-            if !self.take_lease() {
+            // Renewing also reads again the copies a failed refresh left behind.
+            self.refresh_lease(others);
+            if !self.lease.held() {
                 warn!("lost the sink lease while writing before exiting; its holder writes the sinks");
                 return;
             }
