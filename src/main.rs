@@ -75,7 +75,19 @@ enum Command {
     Reconcile(warehouse::ReconcileArgs),
 }
 
+/// Transparent huge pages off for this process: mimalloc asks for them, and then the
+/// first touch of each fresh 2 MB region (a sink's buffers, a growing table) zeroes all
+/// of it, which cost the Kafka path about a third of its CPU per event.
+fn no_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE takes no pointers and only sets a flag of this process.
+    #[cfg(target_os = "linux")]
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
 fn main() -> ExitCode {
+    no_huge_pages();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("TOOLRANK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);

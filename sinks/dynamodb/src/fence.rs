@@ -90,10 +90,18 @@ pub(crate) fn from_batch(table: &str, w: WriteRequest) -> TransactWriteItem {
     }
 }
 
-/// Sends `items` in transactions checked against the sink's fence item holding at most
-/// `token`, one at a time, starting none after `deadline`. The outcome of each item, by
-/// position: `None` if it was not sent. Once the fence refuses, nothing more is sent.
-pub(crate) async fn send(sink: &DynamoSink, token: u64, items: Vec<TransactWriteItem>, deadline: Option<Instant>) -> Vec<Option<Result<(), WriteFailure>>> {
+/// Sends `len` items in transactions checked against the sink's fence item holding at
+/// most `token`, one at a time, starting none after `deadline`. The items are built as
+/// their transaction is (a large round's items all at once would be tens of MB of fresh
+/// memory). The outcome of each item, by position: `None` if it was not sent. Once the
+/// fence refuses, nothing more is sent.
+pub(crate) async fn send(
+    sink: &DynamoSink,
+    token: u64,
+    items: impl Iterator<Item = TransactWriteItem>,
+    len: usize,
+    deadline: Option<Instant>,
+) -> Vec<Option<Result<(), WriteFailure>>> {
     let (client, table, units, limiter) = (&sink.client, sink.table.as_str(), &sink.units, &sink.limiter);
     let key = sink.namespace.fence_key();
     let check = ConditionCheck::builder()
@@ -105,16 +113,17 @@ pub(crate) async fn send(sink: &DynamoSink, token: u64, items: Vec<TransactWrite
         .build()
         .expect("a key and a condition");
     let check = TransactWriteItem::builder().condition_check(check).build();
-    let mut outcomes: Vec<Option<Result<(), WriteFailure>>> = items.iter().map(|_| None).collect();
-    let items: Vec<(usize, TransactWriteItem)> = items.into_iter().enumerate().collect();
-    for chunk in items.chunks(ITEMS_PER_TRANSACTION) {
+    let mut outcomes: Vec<Option<Result<(), WriteFailure>>> = (0..len).map(|_| None).collect();
+    let mut items = items.enumerate().peekable();
+    while items.peek().is_some() {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
-        let mut live = chunk.to_vec();
+        let mut live: Vec<(usize, TransactWriteItem)> = items.by_ref().take(ITEMS_PER_TRANSACTION).collect();
         while !live.is_empty() {
             // Transactional writes cost two units per item.
             limiter.spend(2.0 * live.len() as f64).await;
+            // Cloned: an item whose own condition failed leaves the rest to be sent again.
             let elements = std::iter::once(check.clone()).chain(live.iter().map(|(_, item)| item.clone())).collect();
             let sent = client.transact_write_items().set_transact_items(Some(elements)).return_consumed_capacity(TOTAL).send().await;
             let e = match sent {

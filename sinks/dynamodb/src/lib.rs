@@ -510,8 +510,8 @@ impl DynamoSink {
     /// `CONCURRENCY` at a time. The outcome of each, by position.
     async fn send_agent_writes(&self, writes: Vec<AgentWrite>) -> Vec<Result<(), WriteFailure>> {
         if let Some(f) = self.fence {
-            let items = writes.into_iter().map(AgentWrite::transact).collect();
-            let sent = fence::send(self, f.token, items, None).await;
+            let len = writes.len();
+            let sent = fence::send(self, f.token, writes.into_iter().map(AgentWrite::transact), len, None).await;
             // Without a deadline every item is sent, or refused by the fence.
             return sent.into_iter().map(|o| o.unwrap_or_else(|| Err(WriteFailure::Other("not sent".into())))).collect();
         }
@@ -676,32 +676,24 @@ impl DynamoSink {
     /// Puts the recommended patterns (with their top-scoring flag) whose figures changed
     /// and deletes those no longer recommended.
     async fn write_patterns(&mut self, plan: PatternPlan, today: Day) -> Result<(), Error> {
-        let mut puts = 0;
-        let writes: Vec<((String, String), WriteRequest)> = self
-            .pattern_changes(&plan)
-            .map(|(key, w)| {
-                puts += usize::from(w.is_some());
-                let request = match w {
-                    Some(w) => put_pattern(&self.namespace, key, w, today),
-                    None => WriteRequest::builder()
-                        .delete_request(DeleteRequest::builder().set_key(Some(self.namespace.pattern_key(key))).build().expect("key"))
-                        .build(),
-                };
-                (key.clone(), request)
-            })
-            .collect();
+        // Keys only: a key of `desired` is put, any other deleted; the requests are built
+        // as they are sent.
+        let keys: Vec<(String, String)> = self.pattern_changes(&plan).map(|(key, _)| key.clone()).collect();
+        let puts = keys.iter().filter(|key| plan.desired.contains_key(*key)).count();
         self.stats.unchanged += (plan.desired.len() - puts) as u64;
+        let request = |key: &(String, String)| match plan.desired.get(key) {
+            Some(w) => put_pattern(&self.namespace, key, w, today),
+            None => {
+                WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(self.namespace.pattern_key(key))).build().expect("key")).build()
+            }
+        };
         // Started only within the budget: a large change (a first load, a moved cut) is
         // spread over several calls instead of blocking the caller. What was written is
         // remembered item by item.
         let deadline = Instant::now() + WRITE_BUDGET;
-        let (keys, requests): (Vec<_>, Vec<_>) = writes.into_iter().unzip();
         let outcomes = match self.fence {
-            Some(f) => {
-                let items = requests.into_iter().map(|w| fence::from_batch(&self.table, w)).collect();
-                fence::send(self, f.token, items, Some(deadline)).await
-            }
-            None => self.batch_write_within(requests, deadline).await,
+            Some(f) => fence::send(self, f.token, keys.iter().map(|key| fence::from_batch(&self.table, request(key))), keys.len(), Some(deadline)).await,
+            None => self.batch_write_within(keys.iter().map(request).collect(), deadline).await,
         };
         self.patterns_pending = false;
         let mut failed = None;
@@ -764,7 +756,9 @@ fn send_update(req: aws_sdk_dynamodb::operation::update_item::builders::UpdateIt
 
 fn put_pattern(namespace: &Namespace, key: &(String, String), w: &Written, today: Day) -> WriteRequest {
     let f = &w.figures;
-    let mut item = namespace.pattern_key(key);
+    // Sized for every attribute: growing it rehashes twice per item.
+    let mut item = Item::with_capacity(19);
+    item.extend(namespace.pattern_key(key));
     item.extend([
         ("EntityType".to_owned(), s(PATTERN_ENTITY)),
         ("GSI1_PK".to_owned(), s(namespace.prefix() + PATTERN_ENTITY)),

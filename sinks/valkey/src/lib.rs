@@ -31,7 +31,7 @@ mod connect;
 
 use connect::{Following, Valkey};
 pub use connect::{CA_FILE_ENV, PASSWORD_FILE_ENV};
-use redis::{Commands, Connection, Pipeline};
+use redis::{Cmd, Commands, Connection};
 use std::collections::HashMap;
 use std::time::Duration;
 use toolrank_engine::{AgentFigures, Changes, Engine, PatternFigures, ToolFigures};
@@ -59,8 +59,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// The Valkey sink (see the crate docs).
 /// A transaction built by [`ValkeySink::prepare`], with the agent figures it writes.
 pub struct Prepared {
-    pipe: Pipeline,
-    commands: u64,
+    pipe: Packed,
     /// Commands and the sorted-set members they carry: what the transaction's time grows with.
     weight: u64,
     agents: Vec<(String, Option<AgentFigures>)>,
@@ -85,7 +84,26 @@ pub struct ValkeySink {
     token: Option<u64>,
     /// Commands sent, for metrics and benchmarks.
     pub commands: u64,
+    /// The memory the last transaction was encoded into, for the next one.
+    spare: Vec<u8>,
 }
+
+/// A transaction's commands, encoded as they are added (no command outlives its line).
+struct Packed {
+    bytes: Vec<u8>,
+    commands: u64,
+}
+
+impl Packed {
+    fn add(&mut self, cmd: Cmd) {
+        cmd.write_packed_command(&mut self.bytes);
+        self.commands += 1;
+    }
+}
+
+/// The largest encoding kept for the next transaction: a full rewrite's can be hundreds
+/// of MB, which would then be held for good.
+const SPARE_LIMIT: usize = 16 << 20;
 
 impl ValkeySink {
     /// A sink for `url` (e.g. `redis://127.0.0.1:6379`) under `prefix`. Connects lazily.
@@ -100,6 +118,7 @@ impl ValkeySink {
             resync: true,
             token: None,
             commands: 0,
+            spare: Vec::new(),
         })
     }
 
@@ -176,10 +195,9 @@ impl ValkeySink {
             // The key names depend on whether Valkey is a cluster.
             self.connection()?;
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
+        let mut pipe = Packed { bytes: std::mem::take(&mut self.spare), commands: 0 };
         if let Some(token) = self.token {
-            pipe.set(self.key(&["fence"]), token).ignore();
+            pipe.add(Cmd::set(self.key(&["fence"]), token));
         }
         let everything;
         let changes = if self.resync {
@@ -214,7 +232,7 @@ impl ValkeySink {
                 }
                 None => {
                     let id = engine.pattern_id(k);
-                    pipe.del(self.key(&["pattern", &id])).ignore();
+                    pipe.add(Cmd::del(self.key(&["pattern", &id])));
                     removed.push((user, id));
                 }
             }
@@ -226,7 +244,7 @@ impl ValkeySink {
             |r| r.0,
             |pipe, key, chunk| {
                 let items: Vec<(f64, &str)> = chunk.iter().map(|(_, rank, id)| (*rank, id.as_str())).collect();
-                pipe.zadd_multiple(key, &items).ignore();
+                pipe.add(Cmd::zadd_multiple(key, &items));
             },
         );
         self.per_set(
@@ -234,17 +252,22 @@ impl ValkeySink {
             &mut removed,
             |r| r.0,
             |pipe, key, chunk| {
-                pipe.zrem(key, chunk.iter().map(|(_, id)| id.as_str()).collect::<Vec<_>>()).ignore();
+                pipe.add(Cmd::zrem(key, chunk.iter().map(|(_, id)| id.as_str()).collect::<Vec<_>>()));
             },
         );
-        let commands = pipe.cmd_iter().count() as u64;
-        Ok(Prepared { commands, weight: commands + members, pipe, agents, full: self.resync, token: self.token })
+        Ok(Prepared { weight: pipe.commands + members, pipe, agents, full: self.resync, token: self.token })
     }
 
     /// Sends a prepared transaction; what it wrote is remembered once it succeeded. On
     /// failure the next [`prepare`](Self::prepare) rewrites everything.
     pub fn send(&mut self, prepared: Prepared) -> Result<(), Error> {
         let result = self.try_send(&prepared);
+        // The next transaction is encoded into the same memory (a large one's only
+        // up to a limit: it would be held for good).
+        if prepared.pipe.bytes.capacity() <= SPARE_LIMIT {
+            self.spare = prepared.pipe.bytes;
+            self.spare.clear();
+        }
         match result {
             Ok(()) => {
                 for (id, figures) in prepared.agents {
@@ -280,24 +303,24 @@ impl ValkeySink {
 
     /// Moves agent `id` from its `old` figures (as written) to its `new` ones: all its
     /// keys when it appears, moves domain or leaves; otherwise only the changed parts.
-    fn put_agent(&self, pipe: &mut Pipeline, old: Option<&AgentFigures>, new: Option<&AgentFigures>, id: &str) {
+    fn put_agent(&self, pipe: &mut Packed, old: Option<&AgentFigures>, new: Option<&AgentFigures>, id: &str) {
         let moved = match (old, new) {
             (Some(o), Some(n)) => o.domain_id != n.domain_id,
             _ => true,
         };
         if let Some(o) = old.filter(|_| moved) {
-            pipe.zrem(self.key(&["agents", &o.domain_id]), id).ignore();
-            pipe.srem(self.key(&["agent-ids"]), id).ignore();
-            pipe.del(&[self.key(&["agent", id]), self.key(&["tools", id]), self.key(&["toolfigures", id])]).ignore();
+            pipe.add(Cmd::zrem(self.key(&["agents", &o.domain_id]), id));
+            pipe.add(Cmd::srem(self.key(&["agent-ids"]), id));
+            pipe.add(Cmd::del(&[self.key(&["agent", id]), self.key(&["tools", id]), self.key(&["toolfigures", id])]));
         }
         let Some(f) = new else { return };
         let old = old.filter(|_| !moved);
         if old.is_none_or(|o| o.rank_key().to_bits() != f.rank_key().to_bits()) {
-            pipe.zadd(self.key(&["agents", &f.domain_id]), id, f.rank_key()).ignore();
+            pipe.add(Cmd::zadd(self.key(&["agents", &f.domain_id]), id, f.rank_key()));
         }
         if old.is_none() {
-            pipe.sadd(self.key(&["domains"]), &f.domain_id).ignore();
-            pipe.sadd(self.key(&["agent-ids"]), id).ignore();
+            pipe.add(Cmd::sadd(self.key(&["domains"]), &f.domain_id));
+            pipe.add(Cmd::sadd(self.key(&["agent-ids"]), id));
         }
         let hash = |a: &AgentFigures| {
             let mut fields = vec![
@@ -316,24 +339,24 @@ impl ValkeySink {
         if old.is_none_or(|o| hash(o) != fields) {
             let gone: Vec<&str> = ["name", "last"].into_iter().filter(|n| !fields.iter().any(|(k, _)| k == n)).collect();
             if old.is_some() && !gone.is_empty() {
-                pipe.hdel(self.key(&["agent", id]), gone).ignore();
+                pipe.add(Cmd::hdel(self.key(&["agent", id]), gone));
             }
-            pipe.hset_multiple(self.key(&["agent", id]), &fields).ignore();
+            pipe.add(Cmd::hset_multiple(self.key(&["agent", id]), &fields));
         }
         let before: HashMap<&str, &ToolFigures> = old.map(|o| o.tools.iter().map(|t| (t.tool_nm.as_str(), t)).collect()).unwrap_or_default();
         for t in f.tools.iter().filter(|t| before.get(t.tool_nm.as_str()) != Some(t)) {
-            pipe.zadd(self.key(&["tools", id]), &t.tool_nm, t.score()).ignore();
-            pipe.hset(self.key(&["toolfigures", id]), &t.tool_nm, format!("{} {}", t.rows, t.failed)).ignore();
+            pipe.add(Cmd::zadd(self.key(&["tools", id]), &t.tool_nm, t.score()));
+            pipe.add(Cmd::hset(self.key(&["toolfigures", id]), &t.tool_nm, format!("{} {}", t.rows, t.failed)));
         }
         for gone in before.keys().filter(|n| !f.tools.iter().any(|t| t.tool_nm == **n)) {
-            pipe.zrem(self.key(&["tools", id]), *gone).ignore();
-            pipe.hdel(self.key(&["toolfigures", id]), *gone).ignore();
+            pipe.add(Cmd::zrem(self.key(&["tools", id]), *gone));
+            pipe.add(Cmd::hdel(self.key(&["toolfigures", id]), *gone));
         }
     }
 
     /// Adds `command` for each pattern sorted set: every user's `patterns:<user>` with that
     /// user's `items`, then `patterns` with all of them, `SET_CHUNK` items at a time.
-    fn per_set<'a, T>(&self, pipe: &mut Pipeline, items: &mut [T], user: fn(&T) -> &'a str, command: impl Fn(&mut Pipeline, &str, &[T])) {
+    fn per_set<'a, T>(&self, pipe: &mut Packed, items: &mut [T], user: fn(&T) -> &'a str, command: impl Fn(&mut Packed, &str, &[T])) {
         items.sort_unstable_by(|a, b| user(a).cmp(user(b)));
         let runs = items.chunk_by(|a, b| user(a) == user(b)).map(|run| (self.key(&["patterns", user(&run[0])]), run));
         for (key, run) in runs.chain(std::iter::once((self.key(&["patterns"]), &items[..]))) {
@@ -343,7 +366,7 @@ impl ValkeySink {
         }
     }
 
-    fn put_pattern(&self, pipe: &mut Pipeline, id: &str, f: &PatternFigures) {
+    fn put_pattern(&self, pipe: &mut Packed, id: &str, f: &PatternFigures) {
         // Argument by argument: the figures' strings are not copied first.
         let mut hset = redis::cmd("HSET");
         hset.arg(self.key(&["pattern", id]));
@@ -351,7 +374,7 @@ impl ValkeySink {
         hset.arg("agent").arg(&f.agent_id).arg("tool_sequence").arg(&f.tool_sequence);
         hset.arg("executions").arg(f.executions).arg("successes").arg(f.successes);
         hset.arg("first").arg(f.first.to_string()).arg("last").arg(f.last.to_string());
-        pipe.add_command(hset).ignore();
+        pipe.add(hset);
     }
 }
 
@@ -376,28 +399,19 @@ fn transact(conn: &mut Connection, prepared: &Prepared, fence: &str, prefix: &st
             return Err(Error::Fenced(fence.to_owned(), token));
         }
     }
-    let full;
-    let pipe = match prepared.full {
-        // What the namespace holds is listed only now, after the WATCH: a key another
-        // writer adds later aborts the transaction instead of outliving it.
-        true => {
-            let stale: Vec<String> = namespace_keys(conn, prefix)?.into_iter().filter(|k| k != fence).collect();
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            if !stale.is_empty() {
-                *sent += 1;
-                pipe.del(stale).ignore();
-            }
-            for cmd in prepared.pipe.cmd_iter() {
-                pipe.add_command(cmd.clone()).ignore();
-            }
-            full = pipe;
-            &full
-        }
-        false => &prepared.pipe,
+    // What the namespace holds is listed only now, after the WATCH: a key another writer
+    // adds later aborts the transaction instead of outliving it.
+    let stale: Vec<String> = match prepared.full {
+        true => namespace_keys(conn, prefix)?.into_iter().filter(|k| k != fence).collect(),
+        false => Vec::new(),
     };
-    *sent += prepared.commands;
-    if pipe.query::<Option<()>>(conn)?.is_some() {
+    let del = (!stale.is_empty()).then(|| {
+        let mut del = redis::cmd("DEL");
+        del.arg(stale);
+        del
+    });
+    *sent += prepared.pipe.commands + u64::from(del.is_some());
+    if exec(conn, del, &prepared.pipe)? {
         return Ok(());
     }
     // Aborted: another writer's transaction changed the fence since the WATCH.
@@ -407,6 +421,32 @@ fn transact(conn: &mut Connection, prepared: &Prepared, fence: &str, prefix: &st
         Some(held) if held > token => Err(Error::Fenced(fence.to_owned(), token)),
         _ => Err(Error::Interleaved),
     }
+}
+
+/// Sends `del` (if any), then `pipe`'s commands as one MULTI/EXEC transaction; `false`
+/// when Valkey aborted it (a watched key changed).
+fn exec(conn: &mut Connection, del: Option<Cmd>, pipe: &Packed) -> redis::RedisResult<bool> {
+    let mut head = redis::cmd("MULTI").get_packed_command();
+    let queued = pipe.commands + u64::from(del.is_some());
+    if let Some(del) = del {
+        del.write_packed_command(&mut head);
+    }
+    conn.send_packed_command(&head)?;
+    conn.send_packed_command(&pipe.bytes)?;
+    conn.send_packed_command(&redis::cmd("EXEC").get_packed_command())?;
+    // MULTI's reply and one per queued command come first: all are read before an error
+    // is returned, so that the connection stays in step.
+    let mut failed = None;
+    for _ in 0..=queued {
+        if let Err(e) = conn.recv_response()?.extract_error() {
+            failed.get_or_insert(e);
+        }
+    }
+    let done = conn.recv_response()?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    Ok(done.extract_error()? != redis::Value::Nil)
 }
 
 fn field<T: std::str::FromStr>(h: &HashMap<String, String>, name: &str, what: &'static str, key: &str) -> Result<T, Error> {
