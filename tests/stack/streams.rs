@@ -30,8 +30,11 @@ fn dynamodb_streams_pollers_share_the_stream_and_take_over_from_a_killed_one() {
     let history = live.dir.path().join("history.jsonl");
     let history = history.to_str().unwrap();
     live.toolrank(&["generate", "--sessions", "900", "--seed", "12", "--agents", "30", "--out", history]);
-    let producer =
-        Running::spawn(live.command().args(["produce", "--to", "dynamodb", "--table", &live.table, history]).stdout(Stdio::null()).stderr(Stdio::piped()));
+    // Paced (~3,000 records over ~20 s) so that records still arrive after both killed
+    // pollers are gone, whatever the stack's speed: b must take their lineage over.
+    let producer = Running::spawn(
+        live.command().args(["produce", "--to", "dynamodb", "--table", &live.table, "--rate", "150", history]).stdout(Stdio::null()).stderr(Stdio::piped()),
+    );
     let quiet = |mut cmd: Command| Running::spawn(cmd.stdout(Stdio::null()).stderr(Stdio::null()));
     let a = quiet(live.streams_poller(&["--id", "a"]));
     std::thread::sleep(Duration::from_secs(4));
