@@ -245,13 +245,10 @@ impl SinkWriter {
     /// holder loads the latest checkpoints of `others`, the scopes of units it does not own.
     pub fn refresh_lease(&mut self, others: &[String]) {
         if self.take_lease() {
-            match self.refresh_remotes(others) {
-                Ok(_) => {}
-                Err(e) => {
-                    self.copies_behind = true;
-                    self.summary.retried_errors += 1;
-                    warn!(error = %e, "reading other consumers' checkpoints failed; retrying");
-                }
+            // A failed refresh leaves `copies_behind` set: the sinks wait for the next one.
+            if let Err(e) = self.refresh_remotes(others) {
+                self.summary.retried_errors += 1;
+                warn!(error = %e, "reading other consumers' checkpoints failed; retrying");
             }
         }
     }
