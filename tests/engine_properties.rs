@@ -6,7 +6,7 @@ mod common;
 
 use common::{canonical, evaluate, final_state, from_engine, Event, Item};
 use proptest::prelude::*;
-use toolrank_engine::Engine;
+use toolrank_engine::{AggregateCopy, Engine, StateError};
 use toolrank_events::{decode_line, Day};
 
 const TODAY: &str = "2025-07-14";
@@ -287,12 +287,24 @@ fn share_a_delta_log(history: &[Event], order: &[usize], ctl: &[u8], containers:
     let mut merged = Engine::new();
     merged.track_changes();
     let mut view = Engine::new();
+    // Copies of the aggregates only, as a sink writer keeps another consumer's unit: one
+    // following the whole log, one read from the last base and the deltas after it.
+    let mut following = Engine::new();
+    following.track_changes();
+    let mut copy = AggregateCopy::from_log(&[], &[]).expect("empty log");
+    following.absorb_copy(&mut copy);
     for delta in &log {
         view.apply_delta(delta).expect("applies");
         view.flush_into(&mut merged);
+        copy.apply_delta(delta, Some(&mut following)).expect("applies");
     }
+    let mut from_base = Engine::new();
+    from_base.absorb_copy(&mut AggregateCopy::from_log(&base, &log[base_at..]).expect("loads"));
     let today = Day::parse_iso(TODAY).unwrap();
-    let mut results = vec![(merged.report(today), format!("{:?}", view.staging_sorted()))];
+    let staging = format!("{:?}", view.staging_sorted());
+    let mut results = vec![(merged.report(today), staging.clone())];
+    results.push((following.report(today), staging.clone()));
+    results.push((from_base.report(today), staging));
     for c in &mut pool {
         c.catch_up(&log);
         let report = c.engine.report(today);
@@ -449,4 +461,34 @@ proptest! {
         }
         prop_assert_eq!(engine.stats().live_rows, follower.stats().live_rows);
     }
+}
+
+/// Checkpoints written before deltas carried the aggregates' difference (a version 6
+/// base, a version 2 delta, of the bundled sample's first 20 and last 14 lines) still
+/// restore, in full and as a copy of the aggregates.
+#[test]
+fn checkpoints_of_the_previous_format_still_restore() {
+    let base = include_bytes!("fixtures/engine-v6-snapshot.bin");
+    let delta = include_bytes!("fixtures/engine-v2-delta.bin").to_vec();
+    let mut whole = Engine::new();
+    for line in include_str!("../examples/seed-sample.jsonl").lines() {
+        decode_line(line.as_bytes(), &mut |rec| {
+            whole.apply(&rec.result.expect("valid"));
+        })
+        .expect("decodes");
+    }
+    let today = Day::parse_iso(TODAY).unwrap();
+    let expected = whole.report(today);
+    assert!(!expected.agents.is_empty());
+    let mut restored = Engine::restore(base).expect("a version 6 snapshot restores");
+    restored.apply_delta(&delta).expect("a version 2 delta applies");
+    assert_eq!(restored.report(today), expected);
+    let mut view = Engine::new();
+    view.absorb_copy(&mut AggregateCopy::from_log(base, std::slice::from_ref(&delta)).expect("an old log loads as a copy"));
+    assert_eq!(view.report(today), expected);
+    // An engine appending to a shared log cannot take such a delta's figures out of its
+    // own: it must load the log instead.
+    let mut tracking = Engine::restore(base).expect("restores");
+    tracking.track_deltas();
+    assert!(matches!(tracking.apply_delta(&delta), Err(StateError::DeltaWithoutFigures)));
 }

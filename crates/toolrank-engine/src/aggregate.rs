@@ -31,7 +31,7 @@ pub struct Contribution {
 /// A sorted vector: most patterns have one or two distinct days, and agents at most one
 /// entry per day of history, so this beats a tree on both memory and speed.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DayHistogram(Vec<(Day, i64)>);
+pub struct DayHistogram(pub(crate) Vec<(Day, i64)>);
 
 impl DayHistogram {
     fn add(&mut self, day: Day, diff: i64) {
@@ -69,6 +69,20 @@ pub struct AgentAggregate {
     pub tools: BTreeMap<Sym, i64>,
 }
 
+impl AgentAggregate {
+    /// Every figure is zero: nothing adds to the agent (in a difference of two states,
+    /// its counts can cancel while its days and tools still differ).
+    fn is_empty(&self) -> bool {
+        self.executions == 0
+            && self.successes == 0
+            && self.rows == 0
+            && self.failed_rows == 0
+            && self.last_days.0.is_empty()
+            && self.failed_tools.is_empty()
+            && self.tools.is_empty()
+    }
+}
+
 /// Per (user, agent, pattern sequence).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PatternAggregate {
@@ -76,6 +90,13 @@ pub struct PatternAggregate {
     pub successes: i64,
     pub first_days: DayHistogram,
     pub last_days: DayHistogram,
+}
+
+impl PatternAggregate {
+    /// Every figure is zero (see [`AgentAggregate`]'s).
+    fn is_empty(&self) -> bool {
+        self.executions == 0 && self.successes == 0 && self.first_days.0.is_empty() && self.last_days.0.is_empty()
+    }
 }
 
 /// Which interner a symbol belongs to.
@@ -93,8 +114,9 @@ pub struct PatternKey {
     pub sequence: Sym,
 }
 
-/// All aggregates. Entries whose counts reach zero are dropped, so an aggregate built
-/// by any interleaving of adds and retractions equals one built from the final state.
+/// All aggregates. Entries whose figures all reach zero are dropped, so an aggregate built
+/// by any interleaving of adds and retractions equals one built from the final state, and
+/// the difference of two states (what a checkpoint's delta carries) is one too.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Aggregates {
     pub agents: FxHashMap<Sym, AgentAggregate>,
@@ -147,7 +169,7 @@ impl Aggregates {
         for &t in tools {
             add(&mut a.tools, t, diff);
         }
-        if a.executions == 0 && a.rows == 0 {
+        if a.is_empty() {
             self.agents.remove(&agent);
         }
         let key = PatternKey { user, agent, sequence: c.pattern };
@@ -160,7 +182,7 @@ impl Aggregates {
         p.successes += succ;
         p.first_days.add(c.first, diff);
         p.last_days.add(c.last, diff);
-        if p.executions == 0 {
+        if p.is_empty() {
             self.patterns.remove(&key);
         }
     }
@@ -208,7 +230,7 @@ impl Aggregates {
             for (&t, &n) in &o.tools {
                 add(&mut a.tools, translate(SymKind::String, t), sign * n);
             }
-            if a.executions == 0 && a.rows == 0 {
+            if a.is_empty() {
                 self.agents.remove(&agent);
             }
             if let Some(t) = &mut self.touched {
@@ -227,7 +249,7 @@ impl Aggregates {
             for &(day, n) in &o.last_days.0 {
                 p.last_days.add(day, sign * n);
             }
-            if p.executions == 0 {
+            if p.is_empty() {
                 self.patterns.remove(&key);
             }
             if let Some(t) = &mut self.touched {

@@ -16,12 +16,14 @@
 //! need no recomputation.
 
 mod aggregate;
+mod copy;
 mod figures;
 mod intern;
 mod report;
 pub mod score;
 
 pub use aggregate::{AgentAggregate, Aggregates, Contribution, DayHistogram, PatternAggregate, PatternKey, SymKind, Touched};
+pub use copy::AggregateCopy;
 pub use figures::{AgentFigures, PatternFigures, Recommended, ToolFigures, TOP_PERCENTILE};
 pub use intern::{Interner, Sym};
 pub use report::{recommendation_cut, AgentScore, PatternRow, Report, StagingOrder, StagingRow, ToolErrors};
@@ -29,8 +31,9 @@ pub use report::{recommendation_cut, AgentScore, PatternRow, Report, StagingOrde
 use hashbrown::HashTable;
 use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::hash::BuildHasher;
-use toolrank_events::{Action, Change, Entity, HistKey, Timestamp, BASE_SEQ, METADATA_SK};
+use toolrank_events::{Action, Change, Day, Entity, HistKey, Timestamp, BASE_SEQ, METADATA_SK};
 
 /// What [`Engine::apply`] did with a change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,9 +158,15 @@ pub enum StateError {
     DeltaKey(String),
     #[error("engine delta refers to string {0}, which it does not hold")]
     DeltaString(u32),
+    #[error("engine delta of version {OLD_DELTA_VERSION} carries no aggregates: the engine it applies to must be restored from its log instead")]
+    DeltaWithoutFigures,
 }
 
-const SNAPSHOT_VERSION: u32 = 6;
+/// Version 7 stores the catalog and the aggregates before the sessions, so that a copy
+/// of them ([`AggregateCopy`]) reads a snapshot without its sessions. Version 6 (the
+/// sessions first) still restores.
+const SNAPSHOT_VERSION: u32 = 7;
+const OLD_SNAPSHOT_VERSION: u32 = 6;
 
 /// Below this many names, [`Engine::collect_names_if_due`] does not collect.
 pub const NAMES_MIN: usize = 4096;
@@ -242,8 +251,11 @@ fn tools_of<'a>(sequences: &'a Interner<[Sym]>, c: &Contribution) -> &'a [Sym] {
 /// The incremental engine. See the crate docs.
 #[derive(Default, Serialize, Deserialize)]
 pub struct Engine {
+    // Serialized in this order: what an [`AggregateCopy`] reads first, the sessions last.
     strings: Interner<str>,
     sequences: Interner<[Sym]>,
+    catalog: FxHashMap<Sym, AgentSlot>,
+    aggregates: Aggregates,
     sks: Vec<SkParts>,
     sk_index: Interner<str>,
     sessions: Vec<Session>,
@@ -259,8 +271,6 @@ pub struct Engine {
     /// The clock at the last sweep of [`Engine::expire_tombstones`].
     #[serde(skip)]
     swept_at: u32,
-    catalog: FxHashMap<Sym, AgentSlot>,
-    aggregates: Aggregates,
     #[serde(skip)]
     dirty: Vec<u32>,
     /// Agent items changed since the last flush (forwarded by [`Engine::flush_into`]).
@@ -283,25 +293,85 @@ pub struct Engine {
     delta: Option<DeltaTracker>,
 }
 
-/// Sessions (by slot) and Agent items whose stored state changed.
+/// A snapshot of version 6: the same state, the sessions before the aggregates.
+#[derive(Deserialize)]
+struct EngineV6 {
+    strings: Interner<str>,
+    sequences: Interner<[Sym]>,
+    sks: Vec<SkParts>,
+    sk_index: Interner<str>,
+    sessions: Vec<Session>,
+    catalog: FxHashMap<Sym, AgentSlot>,
+    aggregates: Aggregates,
+}
+
+/// What a copy of the aggregates reads of a snapshot: its beginning.
+#[derive(Deserialize)]
+struct SnapshotFigures {
+    strings: Interner<str>,
+    sequences: Interner<[Sym]>,
+    catalog: FxHashMap<Sym, AgentSlot>,
+    aggregates: Aggregates,
+}
+
+/// Sessions (by slot) and Agent items whose stored state changed, and what that did to
+/// the aggregates.
 #[derive(Default)]
 struct DeltaTracker {
     sessions: FxHashSet<u32>,
     /// PKs of sessions dropped since: a receiver drops them too.
     dropped: FxHashSet<Box<str>>,
     catalog: FxHashSet<Sym>,
+    /// The aggregates now minus those of the log's head: the flushed contribution
+    /// changes since, less the figures of others' deltas applied since.
+    figures: Aggregates,
 }
 
-const DELTA_VERSION: u32 = 2;
+/// Version 3 carries the aggregates' difference beside the sessions; version 2 (without
+/// it) still applies to an engine that does not track deltas.
+const DELTA_VERSION: u32 = 3;
+const OLD_DELTA_VERSION: u32 = 2;
 
 /// The new state of the sessions and Agent items a delta covers, by value (symbols are
 /// each engine's own): a session's rows replace the receiver's, so removals carry over.
-/// Users, SKs and tool names are indexes into the delta's own `strings`, each written
-/// once: they repeat across rows, and a delta's bytes are what a checkpoint pays for.
-/// Sequence numbers are offsets from `seq_base`, the delta's least: a few bytes each
-/// instead of a 21-digit number's eleven.
+/// Beside them, what those changes did to the aggregates (`agents`, `patterns`: the
+/// difference, which adds up along the log), so that a copy of the aggregates follows the
+/// log without the sessions. Users, SKs, tool names and pattern sequences are indexes
+/// into the delta's own `strings` and `sequences`, each written once: they repeat, and a
+/// delta's bytes are what a checkpoint pays for. Sequence numbers are offsets from
+/// `seq_base`, the delta's least: a few bytes each instead of a 21-digit number's eleven.
+/// The sessions come last: [`DeltaFigures`] reads what precedes them.
 #[derive(Serialize, Deserialize)]
 struct Delta<'a> {
+    seq_base: u128,
+    #[serde(borrow)]
+    strings: Vec<&'a str>,
+    sequences: Vec<Vec<u32>>,
+    #[serde(borrow)]
+    catalog: Vec<CatalogState<'a>>,
+    agents: Vec<AgentChange>,
+    patterns: Vec<PatternChange>,
+    #[serde(borrow)]
+    sessions: Vec<SessionState<'a>>,
+}
+
+/// A delta without its sessions.
+#[derive(Deserialize)]
+struct DeltaFigures<'a> {
+    #[allow(dead_code, reason = "read to reach the fields after it")]
+    seq_base: u128,
+    #[serde(borrow)]
+    strings: Vec<&'a str>,
+    sequences: Vec<Vec<u32>>,
+    #[serde(borrow)]
+    catalog: Vec<CatalogState<'a>>,
+    agents: Vec<AgentChange>,
+    patterns: Vec<PatternChange>,
+}
+
+/// A delta of version 2: sessions and catalog only.
+#[derive(Deserialize)]
+struct DeltaV2<'a> {
     seq_base: u128,
     #[serde(borrow)]
     strings: Vec<&'a str>,
@@ -309,6 +379,31 @@ struct Delta<'a> {
     sessions: Vec<SessionState<'a>>,
     #[serde(borrow)]
     catalog: Vec<CatalogState<'a>>,
+}
+
+/// An agent's aggregate difference; strings are indexes into the delta's.
+#[derive(Serialize, Deserialize)]
+struct AgentChange {
+    agent: u32,
+    executions: i64,
+    successes: i64,
+    last_days: Vec<(Day, i64)>,
+    rows: i64,
+    failed_rows: i64,
+    failed_tools: Vec<(u32, i64)>,
+    tools: Vec<(u32, i64)>,
+}
+
+/// A pattern's aggregate difference; `sequence` indexes the delta's `sequences`.
+#[derive(Serialize, Deserialize)]
+struct PatternChange {
+    user: u32,
+    agent: u32,
+    sequence: u32,
+    executions: i64,
+    successes: i64,
+    first_days: Vec<(Day, i64)>,
+    last_days: Vec<(Day, i64)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -328,13 +423,20 @@ struct RowState {
     removed: u32,
 }
 
-/// The string table of a delta being written.
+/// The string and sequence tables of a delta being written.
 #[derive(Default)]
 struct DeltaStrings<'a> {
     index: FxHashMap<&'a str, u32>,
     strings: Vec<&'a str>,
-    /// Bytes the strings add to the delta.
+    sequence_index: FxHashMap<Sym, u32>,
+    sequences: Vec<Vec<u32>>,
+    /// Bytes the tables add to the delta.
     bytes: usize,
+}
+
+/// Postcard's size of a varint of `n`.
+fn varint_len(n: usize) -> usize {
+    (usize::BITS - n.leading_zeros()).div_ceil(7).max(1) as usize
 }
 
 impl<'a> DeltaStrings<'a> {
@@ -342,10 +444,50 @@ impl<'a> DeltaStrings<'a> {
         *self.index.entry(s).or_insert_with(|| {
             self.strings.push(s);
             // Postcard: the length as a varint, then the bytes.
-            self.bytes += s.len() + (usize::BITS - s.len().leading_zeros()).div_ceil(7).max(1) as usize;
+            self.bytes += s.len() + varint_len(s.len());
             self.strings.len() as u32 - 1
         })
     }
+
+    /// The index of the engine's pattern sequence `seq`, its strings in the string table.
+    fn sequence(&mut self, strings: &'a Interner<str>, sequences: &Interner<[Sym]>, seq: Sym) -> u32 {
+        if let Some(&i) = self.sequence_index.get(&seq) {
+            return i;
+        }
+        let entries: Vec<u32> = sequences.get(seq).iter().map(|&x| self.index(strings.get(x))).collect();
+        self.bytes += varint_len(entries.len()) + entries.iter().map(|&e| varint_len(e as usize)).sum::<usize>();
+        self.sequences.push(entries);
+        let i = self.sequences.len() as u32 - 1;
+        self.sequence_index.insert(seq, i);
+        i
+    }
+}
+
+/// One entry of a delta being written.
+enum DeltaEntry<'a> {
+    Agent(AgentChange),
+    Pattern(PatternChange),
+    Session(SessionState<'a>),
+}
+
+impl DeltaEntry<'_> {
+    fn size(&self) -> usize {
+        match self {
+            DeltaEntry::Agent(a) => postcard::experimental::serialized_size(a),
+            DeltaEntry::Pattern(p) => postcard::experimental::serialized_size(p),
+            DeltaEntry::Session(s) => postcard::experimental::serialized_size(s),
+        }
+        .unwrap_or(0)
+    }
+}
+
+/// What a delta entry is built from.
+#[derive(Clone, Copy)]
+enum DeltaSource<'a> {
+    Agent(Sym),
+    Pattern(PatternKey),
+    /// A session's PK and its slot (`None`: dropped).
+    Session(&'a str, Option<u32>),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -504,24 +646,36 @@ impl Engine {
     }
 
     /// Starts recording which sessions and Agent items change, for
-    /// [`delta`](Self::delta).
+    /// [`delta`](Self::delta). The engine must hold its log's head (a new engine, or one
+    /// just restored from its log); its pending changes are flushed first, as part of it.
     pub fn track_deltas(&mut self) {
-        self.delta.get_or_insert_with(Default::default);
+        if self.delta.is_none() {
+            self.flush();
+            self.delta = Some(DeltaTracker::default());
+        }
     }
 
     /// The state of every session and Agent item changed since tracking started or the
-    /// last [`delta_saved`](Self::delta_saved), as deltas for
-    /// [`apply_delta`](Self::apply_delta) of about `max_bytes` at most each (a single
-    /// session larger than that gets one of its own); empty when nothing changed. Lets a
-    /// checkpoint store what one batch changed instead of everything.
-    pub fn delta(&self, max_bytes: usize) -> Vec<Vec<u8>> {
+    /// last [`delta_saved`](Self::delta_saved), with what it did to the aggregates, as
+    /// deltas for [`apply_delta`](Self::apply_delta) (and [`AggregateCopy::apply_delta`])
+    /// of about `max_bytes` at most each (a single session larger than that gets one of
+    /// its own); empty when nothing changed. Lets a checkpoint store what one batch
+    /// changed instead of everything.
+    ///
+    /// It flushes first, without forwarding: an engine that forwards into a merged one
+    /// must [`flush_into`](Self::flush_into) it first, like before a
+    /// [`snapshot`](Self::snapshot).
+    pub fn delta(&mut self, max_bytes: usize) -> Vec<Vec<u8>> {
         self.delta_within(max_bytes, usize::MAX).expect("no limit")
     }
 
-    /// [`delta`](Self::delta), or `None` as soon as the sessions changed add up to more
-    /// than `limit` bytes: a caller that would rather save everything then (a delta as
-    /// large as the state) does not pay for serializing them first.
-    pub fn delta_within(&self, max_bytes: usize, limit: usize) -> Option<Vec<Vec<u8>>> {
+    /// [`delta`](Self::delta), or `None` as soon as the changes add up to more than
+    /// `limit` bytes: a caller that would rather save everything then (a delta as large
+    /// as the state) does not pay for serializing them first.
+    pub fn delta_within(&mut self, max_bytes: usize, limit: usize) -> Option<Vec<Vec<u8>>> {
+        // The figures must cover the sessions' rows: a new owner restoring this log
+        // counts them, and would never send what a copy of the aggregates missed.
+        self.flush();
         let Some(d) = &self.delta else { return Some(Vec::new()) };
         let mut sessions: Vec<u32> = d.sessions.iter().copied().collect();
         sessions.sort_unstable();
@@ -541,38 +695,87 @@ impl Engine {
             .collect();
         let seq_base = least_seq(sessions.iter().flat_map(|&i| &self.sessions[i as usize].rows));
         let mut out = Vec::new();
-        let empty = |catalog| Delta { seq_base, strings: Vec::new(), sessions: Vec::new(), catalog };
+        let empty =
+            |catalog| Delta { seq_base, strings: Vec::new(), sequences: Vec::new(), catalog, agents: Vec::new(), patterns: Vec::new(), sessions: Vec::new() };
         let mut part = empty(catalog);
         let mut table = DeltaStrings::default();
         let mut bytes = postcard::experimental::serialized_size(&part.catalog).unwrap_or(0);
         let mut total = bytes;
+        let mut agents: Vec<Sym> = d.figures.agents.keys().copied().collect();
+        agents.sort_unstable();
+        let mut patterns: Vec<PatternKey> = d.figures.patterns.keys().copied().collect();
+        patterns.sort_unstable();
+        let sources = agents.into_iter().map(DeltaSource::Agent).chain(patterns.into_iter().map(DeltaSource::Pattern));
         // Dropped sessions first (no rows): a session of the same PK made since replaces nothing.
-        let dropped = d.dropped.iter().map(|pk| (&**pk, None));
-        let current = sessions.iter().map(|&i| (&*self.sessions[i as usize].pk, Some(i)));
-        for (pk, slot) in dropped.chain(current) {
+        let dropped = d.dropped.iter().map(|pk| DeltaSource::Session(pk, None));
+        let current = sessions.iter().map(|&i| DeltaSource::Session(&self.sessions[i as usize].pk, Some(i)));
+        for source in sources.chain(dropped).chain(current) {
             let strings_before = table.bytes;
-            let mut state = self.delta_session(pk, slot, seq_base, &mut table);
-            let mut size = postcard::experimental::serialized_size(&state).unwrap_or(0) + table.bytes - strings_before;
-            if bytes + size > max_bytes && !(part.sessions.is_empty() && part.catalog.is_empty()) {
-                // A new part, with a string table of its own.
-                part.strings = std::mem::take(&mut table).strings;
+            let mut entry = self.delta_entry(source, seq_base, &mut table);
+            let mut size = entry.size() + table.bytes - strings_before;
+            let part_empty = part.sessions.is_empty() && part.catalog.is_empty() && part.agents.is_empty() && part.patterns.is_empty();
+            if bytes + size > max_bytes && !part_empty {
+                // A new part, with tables of its own.
+                (part.strings, part.sequences) = {
+                    let t = std::mem::take(&mut table);
+                    (t.strings, t.sequences)
+                };
                 out.push(versioned(DELTA_VERSION, &std::mem::replace(&mut part, empty(Vec::new()))));
                 bytes = 0;
-                state = self.delta_session(pk, slot, seq_base, &mut table);
-                size = postcard::experimental::serialized_size(&state).unwrap_or(0) + table.bytes;
+                entry = self.delta_entry(source, seq_base, &mut table);
+                size = entry.size() + table.bytes;
             }
             total += size;
             if total > limit {
                 return None;
             }
             bytes += size;
-            part.sessions.push(state);
+            match entry {
+                DeltaEntry::Agent(a) => part.agents.push(a),
+                DeltaEntry::Pattern(p) => part.patterns.push(p),
+                DeltaEntry::Session(s) => part.sessions.push(s),
+            }
         }
-        if !(part.sessions.is_empty() && part.catalog.is_empty()) {
-            part.strings = table.strings;
+        if !(part.sessions.is_empty() && part.catalog.is_empty() && part.agents.is_empty() && part.patterns.is_empty()) {
+            (part.strings, part.sequences) = (table.strings, table.sequences);
             out.push(versioned(DELTA_VERSION, &part));
         }
         Some(out)
+    }
+
+    /// A delta's entry for `source`, its strings and sequences in `table`.
+    fn delta_entry<'e>(&'e self, source: DeltaSource<'e>, seq_base: u128, table: &mut DeltaStrings<'e>) -> DeltaEntry<'e> {
+        let figures = &self.delta.as_ref().expect("tracking").figures;
+        let strings = &self.strings;
+        let syms = |map: &BTreeMap<Sym, i64>, table: &mut DeltaStrings<'e>| map.iter().map(|(&t, &n)| (table.index(strings.get(t)), n)).collect();
+        match source {
+            DeltaSource::Agent(agent) => {
+                let a = &figures.agents[&agent];
+                DeltaEntry::Agent(AgentChange {
+                    agent: table.index(strings.get(agent)),
+                    executions: a.executions,
+                    successes: a.successes,
+                    last_days: a.last_days.0.clone(),
+                    rows: a.rows,
+                    failed_rows: a.failed_rows,
+                    failed_tools: syms(&a.failed_tools, table),
+                    tools: syms(&a.tools, table),
+                })
+            }
+            DeltaSource::Pattern(key) => {
+                let p = &figures.patterns[&key];
+                DeltaEntry::Pattern(PatternChange {
+                    user: table.index(strings.get(key.user)),
+                    agent: table.index(strings.get(key.agent)),
+                    sequence: table.sequence(strings, &self.sequences, key.sequence),
+                    executions: p.executions,
+                    successes: p.successes,
+                    first_days: p.first_days.0.clone(),
+                    last_days: p.last_days.0.clone(),
+                })
+            }
+            DeltaSource::Session(pk, slot) => DeltaEntry::Session(self.delta_session(pk, slot, seq_base, table)),
+        }
     }
 
     /// Session `pk` (at `slot`; `None`: dropped) as a delta holds it, its strings in `table`.
@@ -696,13 +899,15 @@ impl Engine {
         if let Some(t) = &mut self.catalog_touched {
             *t = t.drain().map(|a| r.string(a)).collect();
         }
-        if let Some(d) = &mut self.delta {
-            d.catalog = d.catalog.drain().map(|a| r.string(a)).collect();
-        }
-        self.aggregates.renumber(|kind, s| match kind {
+        let mut renumber = |kind, s| match kind {
             SymKind::String => r.string(s),
             SymKind::Sequence => r.sequence(s),
-        });
+        };
+        if let Some(d) = &mut self.delta {
+            d.catalog = d.catalog.drain().map(|a| renumber(SymKind::String, a)).collect();
+            d.figures.renumber(&mut renumber);
+        }
+        self.aggregates.renumber(&mut renumber);
         (self.strings, self.sequences) = (r.strings, r.sequences);
         self.forward = Translation::default();
         self.names_kept = self.strings.len();
@@ -730,12 +935,38 @@ impl Engine {
     /// it held that engine's state as of the delta before (the deltas of one log, applied
     /// in order, on its base). Aggregates follow at the next [`flush`](Self::flush). Not
     /// recorded by this engine's own tracking.
+    ///
+    /// An engine that tracks deltas (one that appends to a shared log, like a Lambda
+    /// bucket's) takes the delta's aggregate difference out of its own: what it appends
+    /// next is its state's difference from this delta's.
     pub fn apply_delta(&mut self, bytes: &[u8]) -> Result<(), StateError> {
-        let mut delta: Delta = postcard::from_bytes(versioned_body(bytes, DELTA_VERSION, StateError::DeltaVersion)?)?;
-        for session in std::mem::take(&mut delta.sessions) {
-            self.replace_session(&delta, session)?;
+        let (version, body) = version_of(bytes, StateError::DeltaVersion)?;
+        let (seq_base, strings, sessions, catalog) = match version {
+            DELTA_VERSION => {
+                let delta: Delta = postcard::from_bytes(body)?;
+                let figures = figures_of(&mut self.strings, &mut self.sequences, &delta.strings, &delta.sequences, &delta.agents, &delta.patterns)?;
+                if let Some(d) = &mut self.delta {
+                    d.figures.absorb(&figures, -1, |_, s| s);
+                }
+                (delta.seq_base, delta.strings, delta.sessions, delta.catalog)
+            }
+            OLD_DELTA_VERSION if self.delta.is_some() => return Err(StateError::DeltaWithoutFigures),
+            OLD_DELTA_VERSION => {
+                let delta: DeltaV2 = postcard::from_bytes(body)?;
+                (delta.seq_base, delta.strings, delta.sessions, delta.catalog)
+            }
+            other => return Err(StateError::DeltaVersion(other)),
+        };
+        for session in sessions {
+            self.replace_session(&strings, seq_base, session)?;
         }
-        for c in delta.catalog {
+        self.apply_catalog(catalog);
+        Ok(())
+    }
+
+    /// The Agent items of a delta.
+    fn apply_catalog(&mut self, catalog: Vec<CatalogState<'_>>) {
+        for c in catalog {
             let id = self.strings.intern(c.agent);
             let meta = c.meta.map(|(domain, name)| AgentMeta { domain: self.strings.intern(domain), name: name.map(Into::into) });
             let old = self.catalog.get(&id).and_then(|s| s.meta.clone());
@@ -748,11 +979,10 @@ impl Engine {
                 self.catalog_changed(id);
             }
         }
-        Ok(())
     }
 
-    fn replace_session(&mut self, delta: &Delta<'_>, state: SessionState<'_>) -> Result<(), StateError> {
-        let string = |i: u32| delta.strings.get(i as usize).copied().ok_or(StateError::DeltaString(i));
+    fn replace_session(&mut self, strings: &[&str], seq_base: u128, state: SessionState<'_>) -> Result<(), StateError> {
+        let string = |i: u32| strings.get(i as usize).copied().ok_or(StateError::DeltaString(i));
         let mut rows = Vec::with_capacity(state.rows.len());
         for r in state.rows {
             let sk = string(r.sk)?;
@@ -764,10 +994,8 @@ impl Engine {
                 }
                 None => None,
             };
-            let seq = r
-                .seq
-                .map(|offset| seq_at(delta.seq_base, offset).ok_or_else(|| StateError::DeltaKey(format!("{}/{sk}: sequence number", state.pk))))
-                .transpose()?;
+            let seq =
+                r.seq.map(|offset| seq_at(seq_base, offset).ok_or_else(|| StateError::DeltaKey(format!("{}/{sk}: sequence number", state.pk)))).transpose()?;
             rows.push(Row { sk: self.intern_sk(sk, &key), removed: r.removed, seq, data });
         }
         if let Some(d) = &mut self.delta {
@@ -860,6 +1088,9 @@ impl Engine {
                 let old = old_pos.map(|i| s.committed.swap_remove(i).1);
                 for (c, diff) in old.iter().map(|c| (c, -1)).chain(new.iter().map(|c| (c, 1))) {
                     self.aggregates.apply(s.user, agent, c, tools_of(&self.sequences, c), diff);
+                    if let Some(d) = &mut self.delta {
+                        d.figures.apply(s.user, agent, c, tools_of(&self.sequences, c), diff);
+                    }
                     if let Some(g) = global.as_deref_mut() {
                         let from = (&self.strings, &self.sequences);
                         let (user, agent) = (self.forward.string(from.0, &mut g.strings, s.user), self.forward.string(from.0, &mut g.strings, agent));
@@ -878,8 +1109,15 @@ impl Engine {
         for idx in emptied {
             self.drop_session(idx);
         }
+        match global {
+            Some(g) => self.forward_catalog(g),
+            None => self.catalog_changes.clear(),
+        }
+    }
+
+    /// Sets the Agent items changed since the last flush in `global`.
+    fn forward_catalog(&mut self, g: &mut Engine) {
         for id in std::mem::take(&mut self.catalog_changes) {
-            let Some(g) = global.as_deref_mut() else { continue };
             let gid = self.forward.string(&self.strings, &mut g.strings, id);
             let meta = self
                 .catalog
@@ -936,10 +1174,16 @@ impl Engine {
         for (id, meta) in ids {
             self.set_meta(id, meta);
         }
+        self.add_figures(&mut map, (&other.strings, &other.sequences), &other.aggregates, sign);
+    }
+
+    /// Adds (`sign = 1`) or subtracts `figures`, whose symbols are those of `from`
+    /// (mapped into ours through `map`).
+    fn add_figures(&mut self, map: &mut Translation, from: (&Interner<str>, &Interner<[Sym]>), figures: &Aggregates, sign: i64) {
         let (strings, sequences) = (&mut self.strings, &mut self.sequences);
-        self.aggregates.absorb(&other.aggregates, sign, |kind, s| match kind {
-            SymKind::String => map.string(&other.strings, strings, s),
-            SymKind::Sequence => map.sequence((&other.strings, &other.sequences), (&mut *strings, &mut *sequences), s),
+        self.aggregates.absorb(figures, sign, |kind, s| match kind {
+            SymKind::String => map.string(from.0, strings, s),
+            SymKind::Sequence => map.sequence(from, (&mut *strings, &mut *sequences), s),
         });
     }
 
@@ -1026,7 +1270,23 @@ impl Engine {
 
     /// Restores a state written by [`snapshot`](Self::snapshot).
     pub fn restore(bytes: &[u8]) -> Result<Engine, StateError> {
-        let mut engine: Engine = postcard::from_bytes(versioned_body(bytes, SNAPSHOT_VERSION, StateError::Version)?)?;
+        let mut engine = match version_of(bytes, StateError::Version)? {
+            (SNAPSHOT_VERSION, body) => postcard::from_bytes(body)?,
+            (OLD_SNAPSHOT_VERSION, body) => {
+                let old: EngineV6 = postcard::from_bytes(body)?;
+                Engine {
+                    strings: old.strings,
+                    sequences: old.sequences,
+                    catalog: old.catalog,
+                    aggregates: old.aggregates,
+                    sks: old.sks,
+                    sk_index: old.sk_index,
+                    sessions: old.sessions,
+                    ..Engine::default()
+                }
+            }
+            (other, _) => return Err(StateError::Version(other)),
+        };
         engine.strings.rebuild();
         engine.sequences.rebuild();
         engine.sk_index.rebuild();
@@ -1077,15 +1337,58 @@ fn versioned(version: u32, value: &impl Serialize) -> Vec<u8> {
     out
 }
 
-/// The body of `bytes` written by [`versioned`] with `expected`; `wrong(found)` for
-/// another version (0 when too short to hold one).
-fn versioned_body(bytes: &[u8], expected: u32, wrong: fn(u32) -> StateError) -> Result<&[u8], StateError> {
+/// The version and body of `bytes` written by [`versioned`]; `wrong(0)` when too short
+/// to hold a version.
+fn version_of(bytes: &[u8], wrong: fn(u32) -> StateError) -> Result<(u32, &[u8]), StateError> {
     let (version, body) = bytes.split_at_checked(4).ok_or(wrong(0))?;
-    let version = u32::from_le_bytes(version.try_into().expect("4 bytes"));
-    if version != expected {
-        return Err(wrong(version));
+    Ok((u32::from_le_bytes(version.try_into().expect("4 bytes")), body))
+}
+
+/// A delta's aggregate difference in the symbols of an engine's `strings` and
+/// `sequences` (interned as needed). Checks every index before anything is summed.
+fn figures_of(
+    strings: &mut Interner<str>,
+    sequences: &mut Interner<[Sym]>,
+    delta_strings: &[&str],
+    delta_sequences: &[Vec<u32>],
+    agents: &[AgentChange],
+    patterns: &[PatternChange],
+) -> Result<Aggregates, StateError> {
+    let mut string = |i: u32| delta_strings.get(i as usize).map(|s| strings.intern(s)).ok_or(StateError::DeltaString(i));
+    let mut out = Aggregates::default();
+    for a in agents {
+        let mut syms = |list: &[(u32, i64)]| list.iter().map(|&(t, n)| Ok((string(t)?, n))).collect::<Result<BTreeMap<_, _>, StateError>>();
+        let (failed_tools, tools) = (syms(&a.failed_tools)?, syms(&a.tools)?);
+        out.agents.insert(
+            string(a.agent)?,
+            AgentAggregate {
+                executions: a.executions,
+                successes: a.successes,
+                last_days: DayHistogram(a.last_days.clone()),
+                rows: a.rows,
+                failed_rows: a.failed_rows,
+                failed_tools,
+                tools,
+            },
+        );
     }
-    Ok(body)
+    let mut sequence_syms = Vec::with_capacity(delta_sequences.len());
+    for seq in delta_sequences {
+        let syms = seq.iter().map(|&i| string(i)).collect::<Result<Vec<Sym>, _>>()?;
+        sequence_syms.push(sequences.intern(&syms));
+    }
+    for p in patterns {
+        let sequence = *sequence_syms.get(p.sequence as usize).ok_or(StateError::DeltaString(p.sequence))?;
+        let key = PatternKey { user: string(p.user)?, agent: string(p.agent)?, sequence };
+        let figures = PatternAggregate {
+            executions: p.executions,
+            successes: p.successes,
+            first_days: DayHistogram(p.first_days.clone()),
+            last_days: DayHistogram(p.last_days.clone()),
+        };
+        out.patterns.insert(key, figures);
+    }
+    Ok(out)
 }
 
 /// The least sequence number of `rows` (0 if none): deltas and snapshots store the others

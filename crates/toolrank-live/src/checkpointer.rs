@@ -90,6 +90,10 @@ impl Checkpointer {
         // Past this, the delta would not fit one append or would make the log due for a
         // new base: it is not even serialized.
         let limit = (DELTAS_PER_APPEND * DELTA_BYTES).min(at.base_bytes.max(COMPACT_MIN_BYTES).saturating_sub(at.log_bytes) as usize);
+        // Deltas and snapshots flush the unit's pending changes into its own aggregates;
+        // they are forwarded first, or the merged engine (and so the sinks) would never get
+        // the ones the unit was still coalescing (see `flush`).
+        merged.forward(engine);
         // A failed append's changes go first, in the order they were taken.
         let unsaved = self.unsaved.remove(scope).unwrap_or_default();
         let unsaved_bytes: usize = unsaved.iter().map(Vec::len).sum();
@@ -105,13 +109,7 @@ impl Checkpointer {
         // Taken: a failed append hands its changes to the next save, a failed whole save
         // makes the next one whole (see `collect`).
         engine.delta_saved();
-        let state = whole.then(|| {
-            // A snapshot flushes the unit's pending changes into its own aggregates; they
-            // are forwarded first, or the merged engine (and so the sinks) would never get
-            // the ones the unit was still coalescing (see `flush`).
-            merged.forward(engine);
-            engine.snapshot()
-        });
+        let state = whole.then(|| engine.snapshot());
         let bytes = state.as_ref().map_or(bytes, Vec::len);
         let (store, owner, scope_, position_) = (self.store.clone(), self.owner.clone(), scope.to_owned(), position.to_owned());
         let task = rt.spawn(async move {

@@ -1,16 +1,16 @@
 //! The merged view the sink lease holder writes the sinks from: the sum of every unit's
-//! engine, this consumer's own (forwarded as they change) and copies of the units other
-//! consumers own (as of their latest checkpoints). Aggregates merge by addition, so a
-//! unit moves in and out of the sum with `absorb` and `unabsorb`.
+//! engine, this consumer's own (forwarded as they change) and copies of the aggregates of
+//! the units other consumers own (as of their latest checkpoints). Aggregates merge by
+//! addition, so a unit moves in and out of the sum with `absorb` and `unabsorb`.
 
 use crate::error::Error;
-use crate::units::apply_deltas;
 use std::collections::BTreeMap;
-use toolrank_engine::{Changes, Engine};
+use toolrank_engine::{AggregateCopy, Changes, Engine};
 
-/// A unit owned by another consumer, as of its latest checkpoint (lease holder only).
+/// A unit owned by another consumer, as of its latest checkpoint (lease holder only):
+/// its aggregates, not its sessions.
 struct Copy {
-    engine: Engine,
+    figures: AggregateCopy,
     /// The log position it holds (the head it was read at).
     at: u64,
 }
@@ -60,11 +60,11 @@ impl Merged {
         self.copies.get(scope).map(|c| c.at)
     }
 
-    /// Holds `engine` at log position `at` as the copy of `scope`, in place of any older one.
-    pub(crate) fn hold_copy(&mut self, scope: &str, mut engine: Engine, at: u64) {
+    /// Holds `figures` at log position `at` as the copy of `scope`, in place of any older one.
+    pub(crate) fn hold_copy(&mut self, scope: &str, mut figures: AggregateCopy, at: u64) {
         self.drop_copy(scope);
-        self.global.absorb(&mut engine);
-        self.copies.insert(scope.to_owned(), Copy { engine, at });
+        self.global.absorb_copy(&mut figures);
+        self.copies.insert(scope.to_owned(), Copy { figures, at });
     }
 
     /// Moves the copy of `scope` from log position `from` to `to` by `deltas`. A copy at
@@ -72,8 +72,10 @@ impl Merged {
     /// half way is dropped.
     pub(crate) fn advance_copy(&mut self, scope: &str, from: u64, to: u64, deltas: &[Vec<u8>]) -> Result<(), Error> {
         let Some(c) = self.copies.get_mut(scope).filter(|c| c.at == from) else { return Ok(()) };
-        let applied = apply_deltas(scope, &mut c.engine, deltas);
-        c.engine.flush_into(&mut self.global);
+        let applied = deltas
+            .iter()
+            .try_for_each(|d| c.figures.apply_delta(d, Some(&mut self.global)))
+            .map_err(|source| Error::Snapshot { scope: scope.to_owned(), source });
         match applied {
             // Half applied: no longer a copy of any position.
             Err(_) => self.drop_copy(scope),
@@ -93,13 +95,13 @@ impl Merged {
     /// Drops every copy (the lease went to another writer, who holds its own).
     pub(crate) fn drop_copies(&mut self) {
         for (_, mut c) in std::mem::take(&mut self.copies) {
-            self.global.unabsorb(&mut c.engine);
+            self.global.unabsorb_copy(&mut c.figures);
         }
     }
 
     fn drop_copy(&mut self, scope: &str) {
         if let Some(mut c) = self.copies.remove(scope) {
-            self.global.unabsorb(&mut c.engine);
+            self.global.unabsorb_copy(&mut c.figures);
         }
     }
 }

@@ -4,7 +4,7 @@ use crate::clock::now_secs;
 use crate::error::Error;
 use crate::summary::Summary;
 use std::cell::Cell;
-use toolrank_engine::Engine;
+use toolrank_engine::{AggregateCopy, Engine};
 use toolrank_events::{decode_line, Change};
 use toolrank_state::Log;
 
@@ -111,13 +111,19 @@ pub fn log_engine(scope: &str, log: &Log) -> Result<Engine, Error> {
     Ok(engine)
 }
 
+/// The aggregates a whole delta log holds, without its sessions (a copy of a unit another
+/// consumer owns).
+pub fn log_copy(scope: &str, log: &Log) -> Result<AggregateCopy, Error> {
+    AggregateCopy::from_log(&log.base, &log.deltas).map_err(|source| Error::Snapshot { scope: scope.to_owned(), source })
+}
+
 /// How a copy of a delta-log unit catches up ([`SinkWriter::log_catch_up`]).
 pub enum LogCatchUp {
     /// It is at the head.
     Current,
     /// Apply these deltas to it.
     Deltas(Vec<Vec<u8>>),
-    /// Replace it with this log's engine ([`log_engine`]).
+    /// Replace it with this log's engine ([`log_engine`]; a copy's: [`log_copy`]).
     Log(Log),
 }
 

@@ -12,7 +12,7 @@ use crate::lease::{Held, SinkLease};
 use crate::merged::Merged;
 use crate::sinks::{Scheduler, Turn};
 use crate::summary::Summary;
-use crate::units::{apply_deltas, log_engine, restore, LogCatchUp};
+use crate::units::{apply_deltas, log_copy, restore, LogCatchUp};
 use std::time::{Duration, Instant};
 use toolrank_engine::Engine;
 use toolrank_events::Day;
@@ -306,8 +306,8 @@ impl SinkWriter {
                 }
                 LogCatchUp::Log(log) => log,
             };
-            let engine = match log_engine(scope, &log) {
-                Ok(engine) => engine,
+            let figures = match log_copy(scope, &log) {
+                Ok(figures) => figures,
                 // Its owner stops it (or will, when it claims it): the others' copies go on.
                 Err(e) if e.is_broken_checkpoint() => {
                     error!(error = %e, "another consumer's checkpoint does not restore; the rankings leave it out");
@@ -315,7 +315,7 @@ impl SinkWriter {
                 }
                 Err(e) => return Err(e),
             };
-            self.merged.hold_copy(scope, engine, log.at.head);
+            self.merged.hold_copy(scope, figures, log.at.head);
             debug!(scope, generation = log.at.generation, head = log.at.head, "merged another consumer's checkpoint");
         }
         self.copies_behind = false;

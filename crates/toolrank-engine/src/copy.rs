@@ -1,0 +1,109 @@
+//! A unit's aggregates without its sessions: see [`AggregateCopy`].
+
+use crate::{figures_of, version_of, DeltaFigures, Engine, SnapshotFigures, StateError, DELTA_VERSION, OLD_DELTA_VERSION, SNAPSHOT_VERSION};
+
+/// What a sink writer keeps of a unit another consumer owns: its aggregates and Agent
+/// items, not its sessions. Read from the unit's base snapshot (which stores them before
+/// the sessions) and moved along its checkpoint log by the aggregate difference every
+/// delta carries, so it costs the size of the rankings, not of the history, and a delta
+/// costs what it changed in the figures.
+pub struct AggregateCopy {
+    /// An engine without sessions: its catalog and aggregates merge like any engine's.
+    engine: Engine,
+}
+
+impl AggregateCopy {
+    /// The copy of a unit whose checkpoint log is `base` (empty: a new unit) and `deltas`.
+    /// A log written by an older version (version 2 deltas carry no aggregates) is
+    /// restored in full once, then stripped of its sessions.
+    pub fn from_log(base: &[u8], deltas: &[Vec<u8>]) -> Result<AggregateCopy, StateError> {
+        let figures_only = || {
+            let mut copy = AggregateCopy::from_snapshot(base)?;
+            for d in deltas {
+                copy.apply_delta(d, None)?;
+            }
+            Ok(copy)
+        };
+        match figures_only() {
+            Err(StateError::DeltaWithoutFigures) => {
+                let mut engine = if base.is_empty() { Engine::new() } else { Engine::restore(base)? };
+                for d in deltas {
+                    engine.apply_delta(d)?;
+                }
+                Ok(AggregateCopy::from_engine(engine))
+            }
+            copy => copy,
+        }
+    }
+
+    fn from_snapshot(bytes: &[u8]) -> Result<AggregateCopy, StateError> {
+        if bytes.is_empty() {
+            return Ok(AggregateCopy { engine: Engine::new() });
+        }
+        match version_of(bytes, StateError::Version)? {
+            (SNAPSHOT_VERSION, body) => {
+                // Only the beginning is read: the sessions after it are not even decoded.
+                let f: SnapshotFigures = postcard::from_bytes(body)?;
+                let mut engine = Engine { strings: f.strings, sequences: f.sequences, catalog: f.catalog, aggregates: f.aggregates, ..Engine::default() };
+                engine.strings.rebuild();
+                engine.sequences.rebuild();
+                Ok(AggregateCopy { engine })
+            }
+            _ => Engine::restore(bytes).map(AggregateCopy::from_engine),
+        }
+    }
+
+    /// A copy of `engine`'s aggregates and Agent items; its sessions are dropped.
+    pub fn from_engine(mut engine: Engine) -> AggregateCopy {
+        engine.flush();
+        AggregateCopy {
+            engine: Engine {
+                strings: engine.strings,
+                sequences: engine.sequences,
+                catalog: engine.catalog,
+                aggregates: engine.aggregates,
+                ..Engine::default()
+            },
+        }
+    }
+
+    /// Moves the copy along its log by one delta, and `global` (the merged view it is
+    /// absorbed into, if any) with it. A delta that does not decode changes nothing; one
+    /// of version 2 fails with [`StateError::DeltaWithoutFigures`].
+    pub fn apply_delta(&mut self, bytes: &[u8], global: Option<&mut Engine>) -> Result<(), StateError> {
+        let (version, body) = version_of(bytes, StateError::DeltaVersion)?;
+        match version {
+            DELTA_VERSION => {}
+            OLD_DELTA_VERSION => return Err(StateError::DeltaWithoutFigures),
+            other => return Err(StateError::DeltaVersion(other)),
+        }
+        let delta: DeltaFigures = postcard::from_bytes(body)?;
+        let e = &mut self.engine;
+        let figures = figures_of(&mut e.strings, &mut e.sequences, &delta.strings, &delta.sequences, &delta.agents, &delta.patterns)?;
+        e.aggregates.absorb(&figures, 1, |_, s| s);
+        e.apply_catalog(delta.catalog);
+        match global {
+            Some(g) => {
+                let mut map = std::mem::take(&mut e.forward);
+                g.add_figures(&mut map, (&e.strings, &e.sequences), &figures, 1);
+                e.forward = map;
+                e.forward_catalog(g);
+            }
+            None => e.catalog_changes.clear(),
+        }
+        Ok(())
+    }
+}
+
+impl Engine {
+    /// Adds another unit's copy to this merged view (see [`absorb`](Self::absorb)).
+    pub fn absorb_copy(&mut self, copy: &mut AggregateCopy) {
+        self.absorb(&mut copy.engine);
+    }
+
+    /// Takes back what [`absorb_copy`](Self::absorb_copy) added for `copy` in its
+    /// current state.
+    pub fn unabsorb_copy(&mut self, copy: &mut AggregateCopy) {
+        self.unabsorb(&mut copy.engine);
+    }
+}
