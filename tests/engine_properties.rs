@@ -148,11 +148,25 @@ proptest! {
     #[test]
     fn partitioned_engines_merge_into_the_whole((history, order, ctl) in scenario(), parts in 1..4usize) {
         let partition = |e: &Event| e.pk.bytes().map(usize::from).sum::<usize>() % parts;
-        let mut engines: Vec<Engine> = (0..parts).map(|_| Engine::new()).collect();
+        let mut engines: Vec<Engine> = (0..parts)
+            .map(|_| {
+                let mut e = Engine::new();
+                e.track_deltas();
+                e
+            })
+            .collect();
         // A merged view kept current by forwarding, and what a sink that writes only the
         // reported changes would hold.
         let mut live = Engine::new();
         live.track_changes();
+        // Another consumer's view of the same units: copies of their aggregates, moved by
+        // the deltas of their checkpoints.
+        let mut copies: Vec<AggregateCopy> = (0..parts).map(|_| AggregateCopy::from_log(&[], &[]).expect("empty log")).collect();
+        let mut held = Engine::new();
+        held.track_changes();
+        for c in &mut copies {
+            held.absorb_copy(c);
+        }
         let mut sink_agents = SinkAgents::new();
         let mut sink_patterns = SinkPatterns::new();
         for (n, &idx) in order.iter().enumerate() {
@@ -173,11 +187,23 @@ proptest! {
                 1 => {
                     engine.collect_names();
                 }
+                // A checkpoint: the unit forwards, then appends its delta.
+                4 => {
+                    engine.flush_into(&mut live);
+                    for delta in engine.delta(usize::from(ctl[n] % 3) * 60) {
+                        copies[p].apply_delta(&delta, Some(&mut held)).expect("applies");
+                    }
+                    engine.delta_saved();
+                }
                 _ => {}
             }
         }
-        for e in &mut engines {
+        for (p, e) in engines.iter_mut().enumerate() {
             e.flush_into(&mut live);
+            for delta in e.delta(usize::MAX) {
+                copies[p].apply_delta(&delta, Some(&mut held)).expect("applies");
+            }
+            e.delta_saved();
         }
         write_changes(&mut live, &mut sink_agents, &mut sink_patterns);
         let mut merged = Engine::new();
@@ -188,6 +214,7 @@ proptest! {
         let today = Day::parse_iso(TODAY).unwrap();
         let expected = whole.report(today);
         prop_assert_eq!(&merged.report(today), &expected);
+        prop_assert_eq!(&held.report(today), &expected);
         prop_assert_eq!(&live.report(today), &expected);
         // The incrementally maintained sink holds exactly the full figures.
         let all = live.everything();
