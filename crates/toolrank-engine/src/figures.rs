@@ -81,6 +81,28 @@ impl PatternFigures {
     }
 }
 
+/// A pattern's figures that borrow the engine's names, for a sink that encodes them
+/// straight into its request ([`PatternFigures`] owns four strings).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PatternView<'e> {
+    pub user_id: &'e str,
+    pub agent_id: &'e str,
+    /// The pattern sequence: [`Engine::sequence_names`] gives `process_pattern` and
+    /// `tool_sequence` (many users share one).
+    pub sequence: Sym,
+    pub executions: u64,
+    pub successes: u64,
+    pub first: Day,
+    pub last: Day,
+}
+
+impl PatternView<'_> {
+    /// [`PatternFigures::rank_key`].
+    pub fn rank_key(&self) -> f64 {
+        score::rank_key(PATTERN_DECAY, self.executions, self.successes, self.last.0)
+    }
+}
+
 fn pattern_id(user: &str, process_pattern: &str, agent: &str, tool_sequence: &str) -> String {
     format!("{user}|{process_pattern}|{agent}|{tool_sequence}")
 }
@@ -104,6 +126,10 @@ impl Engine {
     }
 
     /// A pattern sequence as `process_pattern` and `tool_sequence` (names joined by `->`).
+    pub fn sequence_names(&self, sequence: Sym) -> (String, String) {
+        self.joined(sequence)
+    }
+
     fn joined(&self, sequence: Sym) -> (String, String) {
         let seq = self.sequences.get(sequence);
         let (procs, tools) = seq.split_at(seq.len() / 2);
@@ -185,19 +211,32 @@ impl Engine {
     }
 
     fn pattern_figures_with(&self, key: PatternKey, joined: impl FnOnce(Sym) -> (String, String)) -> Option<PatternFigures> {
+        let v = self.pattern_view(key)?;
+        let (process_pattern, tool_sequence) = joined(v.sequence);
+        Some(PatternFigures {
+            user_id: v.user_id.to_owned(),
+            process_pattern,
+            agent_id: v.agent_id.to_owned(),
+            tool_sequence,
+            executions: v.executions,
+            successes: v.successes,
+            first: v.first,
+            last: v.last,
+        })
+    }
+
+    /// [`pattern_figures`](Self::pattern_figures) borrowing the engine's names.
+    pub fn pattern_view(&self, key: PatternKey) -> Option<PatternView<'_>> {
         self.agent_meta(key.agent)?;
         let agg = self.aggregates.patterns.get(&key)?;
-        let (first, last) = (agg.first_days.min()?, agg.last_days.max()?);
-        let (process_pattern, tool_sequence) = joined(key.sequence);
-        Some(PatternFigures {
-            user_id: self.strings.get(key.user).to_owned(),
-            process_pattern,
-            agent_id: self.strings.get(key.agent).to_owned(),
-            tool_sequence,
+        Some(PatternView {
+            user_id: self.strings.get(key.user),
+            agent_id: self.strings.get(key.agent),
+            sequence: key.sequence,
             executions: agg.executions as u64,
             successes: agg.successes as u64,
-            first,
-            last,
+            first: agg.first_days.min()?,
+            last: agg.last_days.max()?,
         })
     }
 }

@@ -24,7 +24,7 @@ pub mod score;
 
 pub use aggregate::{AgentAggregate, Aggregates, Contribution, DayHistogram, PatternAggregate, PatternKey, SymKind, Touched};
 pub use copy::AggregateCopy;
-pub use figures::{AgentFigures, PatternFigures, Recommended, ToolFigures, TOP_PERCENTILE};
+pub use figures::{AgentFigures, PatternFigures, PatternView, Recommended, ToolFigures, TOP_PERCENTILE};
 pub use intern::{Interner, Sym};
 pub use report::{recommendation_cut, AgentScore, PatternRow, Report, StagingOrder, StagingRow, ToolErrors};
 

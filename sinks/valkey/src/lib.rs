@@ -34,7 +34,7 @@ pub use connect::{CA_FILE_ENV, PASSWORD_FILE_ENV};
 use redis::{Cmd, Commands, Connection};
 use std::collections::HashMap;
 use std::time::Duration;
-use toolrank_engine::{AgentFigures, Changes, Engine, PatternFigures, ToolFigures};
+use toolrank_engine::{AgentFigures, Changes, Engine, PatternFigures, PatternView, Sym, ToolFigures};
 use toolrank_events::Day;
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +98,62 @@ impl Packed {
     fn add(&mut self, cmd: Cmd) {
         cmd.write_packed_command(&mut self.bytes);
         self.commands += 1;
+    }
+
+    /// Starts a command of `args` arguments (the command's name included), each written
+    /// next with [`arg`](Self::arg) or [`number`](Self::number): the hot commands are
+    /// encoded from the engine's names without building their keys and ids first.
+    fn command(&mut self, args: usize) {
+        self.bytes.push(b'*');
+        self.bytes.extend_from_slice(itoa::Buffer::new().format(args).as_bytes());
+        self.bytes.extend_from_slice(b"\r\n");
+        self.commands += 1;
+    }
+
+    /// One argument: `pieces` joined.
+    fn arg(&mut self, pieces: &[&[u8]]) {
+        let len: usize = pieces.iter().map(|p| p.len()).sum();
+        self.bytes.push(b'$');
+        self.bytes.extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
+        self.bytes.extend_from_slice(b"\r\n");
+        for p in pieces {
+            self.bytes.extend_from_slice(p);
+        }
+        self.bytes.extend_from_slice(b"\r\n");
+    }
+
+    /// One argument: an integer, or a sorted set's score (as redis-rs writes an `f64`).
+    fn number(&mut self, n: Number) {
+        match n {
+            Number::Count(n) => self.arg(&[itoa::Buffer::new().format(n).as_bytes()]),
+            Number::Score(f) => self.arg(&[ryu::Buffer::new().format(f).as_bytes()]),
+        }
+    }
+}
+
+enum Number {
+    Count(u64),
+    Score(f64),
+}
+
+/// A pattern's id, `user|process_pattern|agent|tool_sequence`, as its parts.
+#[derive(Clone, Copy)]
+struct PatternId<'a> {
+    user: &'a str,
+    process_pattern: &'a str,
+    agent: &'a str,
+    tool_sequence: &'a str,
+}
+
+impl<'a> PatternId<'a> {
+    fn of(v: &PatternView<'a>, names: &'a HashMap<Sym, (String, String)>) -> PatternId<'a> {
+        let (process_pattern, tool_sequence) = &names[&v.sequence];
+        PatternId { user: v.user_id, process_pattern, agent: v.agent_id, tool_sequence }
+    }
+
+    fn pieces(&self) -> [&'a [u8]; 7] {
+        let (u, p, a, t) = (self.user, self.process_pattern, self.agent, self.tool_sequence);
+        [u.as_bytes(), b"|", p.as_bytes(), b"|", a.as_bytes(), b"|", t.as_bytes()]
     }
 }
 
@@ -220,20 +276,25 @@ impl ValkeySink {
         }
         // Each pattern's hash is its own command; its two sorted sets take it with every
         // other pattern of the same set, in one ZADD or ZREM per set (per `SET_CHUNK`).
+        // A sequence's names are joined once per write: many users share it.
+        let views: Vec<_> = changes.patterns.iter().map(|&k| (k, engine.pattern_view(k))).collect();
+        let mut names = HashMap::new();
+        for v in views.iter().filter_map(|(_, v)| v.as_ref()) {
+            names.entry(v.sequence).or_insert_with(|| engine.sequence_names(v.sequence));
+        }
         let (mut ranked, mut removed) = (Vec::new(), Vec::new());
-        for &k in &changes.patterns {
-            let user = engine.name(k.user);
-            match engine.pattern_figures(k) {
+        for (k, v) in &views {
+            match v {
                 // ZADD moves a member, HSET overwrites every field: nothing to remove first.
-                Some(f) => {
-                    let id = f.id();
-                    self.put_pattern(&mut pipe, &id, &f);
-                    ranked.push((user, f.rank_key(), id));
+                Some(v) => {
+                    let id = PatternId::of(v, &names);
+                    self.put_pattern(&mut pipe, &id, v);
+                    ranked.push((v.user_id, v.rank_key(), id));
                 }
                 None => {
-                    let id = engine.pattern_id(k);
+                    let id = engine.pattern_id(*k);
                     pipe.add(Cmd::del(self.key(&["pattern", &id])));
-                    removed.push((user, id));
+                    removed.push((engine.name(k.user), id));
                 }
             }
         }
@@ -243,8 +304,13 @@ impl ValkeySink {
             &mut ranked,
             |r| r.0,
             |pipe, key, chunk| {
-                let items: Vec<(f64, &str)> = chunk.iter().map(|(_, rank, id)| (*rank, id.as_str())).collect();
-                pipe.add(Cmd::zadd_multiple(key, &items));
+                pipe.command(2 + 2 * chunk.len());
+                pipe.arg(&[b"ZADD"]);
+                pipe.arg(&[key.as_bytes()]);
+                for (_, rank, id) in chunk {
+                    pipe.number(Number::Score(*rank));
+                    pipe.arg(&id.pieces());
+                }
             },
         );
         self.per_set(
@@ -366,15 +432,23 @@ impl ValkeySink {
         }
     }
 
-    fn put_pattern(&self, pipe: &mut Packed, id: &str, f: &PatternFigures) {
-        // Argument by argument: the figures' strings are not copied first.
-        let mut hset = redis::cmd("HSET");
-        hset.arg(self.key(&["pattern", id]));
-        hset.arg("user").arg(&f.user_id).arg("process_pattern").arg(&f.process_pattern);
-        hset.arg("agent").arg(&f.agent_id).arg("tool_sequence").arg(&f.tool_sequence);
-        hset.arg("executions").arg(f.executions).arg("successes").arg(f.successes);
-        hset.arg("first").arg(f.first.to_string()).arg("last").arg(f.last.to_string());
-        pipe.add(hset);
+    fn put_pattern(&self, pipe: &mut Packed, id: &PatternId<'_>, v: &PatternView<'_>) {
+        let [u, s1, p, s2, a, s3, t] = id.pieces();
+        pipe.command(18);
+        pipe.arg(&[b"HSET"]);
+        pipe.arg(&[self.prefix.as_bytes(), b":pattern:", u, s1, p, s2, a, s3, t]);
+        for (field, value) in [(&b"user"[..], u), (b"process_pattern", p), (b"agent", a), (b"tool_sequence", t)] {
+            pipe.arg(&[field]);
+            pipe.arg(&[value]);
+        }
+        for (field, n) in [(&b"executions"[..], v.executions), (b"successes", v.successes)] {
+            pipe.arg(&[field]);
+            pipe.number(Number::Count(n));
+        }
+        for (field, day) in [(&b"first"[..], v.first), (b"last", v.last)] {
+            pipe.arg(&[field]);
+            pipe.arg(&[day.to_string().as_bytes()]);
+        }
     }
 }
 
@@ -640,5 +714,39 @@ impl toolrank_sink::Sink for ValkeySink {
 
     fn stats(&self) -> toolrank_sink::Stats {
         toolrank_sink::Stats { requests: self.commands, write_units: 0.0 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hand-encoded pattern commands are byte for byte what redis-rs encodes.
+    #[test]
+    fn pattern_commands_encode_as_redis_rs_does() {
+        let sink = ValkeySink::new("redis://127.0.0.1:1", "ns").expect("a valid URL");
+        let (first, last) = (Day::parse_iso("2025-07-01").unwrap(), Day::parse_iso("2025-07-14").unwrap());
+        let v = PatternView { user_id: "u1", agent_id: "a9", sequence: 3, executions: 12, successes: 7, first, last };
+        let names = HashMap::from([(3, ("p1->p2".to_owned(), "t1->t2".to_owned()))]);
+        let id = PatternId::of(&v, &names);
+        let mut packed = Packed { bytes: Vec::new(), commands: 0 };
+        sink.put_pattern(&mut packed, &id, &v);
+        let mut hset = redis::cmd("HSET");
+        hset.arg("ns:pattern:u1|p1->p2|a9|t1->t2");
+        hset.arg("user").arg("u1").arg("process_pattern").arg("p1->p2").arg("agent").arg("a9").arg("tool_sequence").arg("t1->t2");
+        hset.arg("executions").arg(12u64).arg("successes").arg(7u64).arg("first").arg("2025-07-01").arg("last").arg("2025-07-14");
+        assert_eq!(String::from_utf8_lossy(&packed.bytes), String::from_utf8_lossy(&hset.get_packed_command()));
+
+        let mut packed = Packed { bytes: Vec::new(), commands: 0 };
+        packed.command(6);
+        packed.arg(&[b"ZADD"]);
+        packed.arg(&[b"ns:patterns"]);
+        for rank in [v.rank_key(), f64::NEG_INFINITY] {
+            packed.number(Number::Score(rank));
+            packed.arg(&id.pieces());
+        }
+        let members = [(v.rank_key(), "u1|p1->p2|a9|t1->t2"), (f64::NEG_INFINITY, "u1|p1->p2|a9|t1->t2")];
+        assert_eq!(packed.bytes, Cmd::zadd_multiple("ns:patterns", &members).get_packed_command());
+        assert_eq!(packed.commands, 1);
     }
 }
