@@ -42,7 +42,12 @@ impl DayHistogram {
                     self.0.remove(i);
                 }
             }
-            Err(i) => self.0.insert(i, (day, diff)),
+            Err(i) => {
+                // Most histograms hold a day or two: a vector's default first capacity
+                // of four would be most of a pattern's memory.
+                self.0.reserve_exact(1);
+                self.0.insert(i, (day, diff));
+            }
         }
     }
 
