@@ -1,6 +1,6 @@
 //! A unit's aggregates without its sessions: see [`AggregateCopy`].
 
-use crate::{figures_of, version_of, DeltaFigures, Engine, SnapshotFigures, StateError, DELTA_VERSION, OLD_DELTA_VERSION, SNAPSHOT_VERSION};
+use crate::{figures_of, version_of, DeltaHead, Engine, SnapshotFigures, StateError, DELTA_VERSION, OLD_DELTA_VERSION, SNAPSHOT_VERSION};
 
 /// What a sink writer keeps of a unit another consumer owns: its aggregates and Agent
 /// items, not its sessions. Read from the unit's base snapshot (which stores them before
@@ -77,11 +77,12 @@ impl AggregateCopy {
             OLD_DELTA_VERSION => return Err(StateError::DeltaWithoutFigures),
             other => return Err(StateError::DeltaVersion(other)),
         }
-        let delta: DeltaFigures = postcard::from_bytes(body)?;
+        // Only the head: the sessions after it are not even decoded.
+        let head: DeltaHead = postcard::from_bytes(body)?;
         let e = &mut self.engine;
-        let figures = figures_of(&mut e.strings, &mut e.sequences, &delta.strings, &delta.sequences, &delta.agents, &delta.patterns)?;
+        let figures = figures_of(&mut e.strings, &mut e.sequences, &head)?;
         e.aggregates.absorb(&figures, 1, |_, s| s);
-        e.apply_catalog(delta.catalog);
+        e.apply_catalog(head.catalog);
         match global {
             Some(g) => {
                 let mut map = std::mem::take(&mut e.forward);

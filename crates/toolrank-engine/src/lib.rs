@@ -340,25 +340,18 @@ const OLD_DELTA_VERSION: u32 = 2;
 /// into the delta's own `strings` and `sequences`, each written once: they repeat, and a
 /// delta's bytes are what a checkpoint pays for. Sequence numbers are offsets from
 /// `seq_base`, the delta's least: a few bytes each instead of a 21-digit number's eleven.
-/// The sessions come last: [`DeltaFigures`] reads what precedes them.
+/// The sessions come last: a copy of the aggregates reads only the [`DeltaHead`].
 #[derive(Serialize, Deserialize)]
 struct Delta<'a> {
-    seq_base: u128,
     #[serde(borrow)]
-    strings: Vec<&'a str>,
-    sequences: Vec<Vec<u32>>,
-    #[serde(borrow)]
-    catalog: Vec<CatalogState<'a>>,
-    agents: Vec<AgentChange>,
-    patterns: Vec<PatternChange>,
+    head: DeltaHead<'a>,
     #[serde(borrow)]
     sessions: Vec<SessionState<'a>>,
 }
 
-/// A delta without its sessions.
-#[derive(Deserialize)]
-struct DeltaFigures<'a> {
-    #[allow(dead_code, reason = "read to reach the fields after it")]
+/// A delta without its sessions (postcard writes a nested struct's fields in place).
+#[derive(Serialize, Deserialize)]
+struct DeltaHead<'a> {
     seq_base: u128,
     #[serde(borrow)]
     strings: Vec<&'a str>,
@@ -367,6 +360,13 @@ struct DeltaFigures<'a> {
     catalog: Vec<CatalogState<'a>>,
     agents: Vec<AgentChange>,
     patterns: Vec<PatternChange>,
+}
+
+impl Delta<'_> {
+    fn is_empty(&self) -> bool {
+        let h = &self.head;
+        self.sessions.is_empty() && h.catalog.is_empty() && h.agents.is_empty() && h.patterns.is_empty()
+    }
 }
 
 /// A delta of version 2: sessions and catalog only.
@@ -695,11 +695,13 @@ impl Engine {
             .collect();
         let seq_base = least_seq(sessions.iter().flat_map(|&i| &self.sessions[i as usize].rows));
         let mut out = Vec::new();
-        let empty =
-            |catalog| Delta { seq_base, strings: Vec::new(), sequences: Vec::new(), catalog, agents: Vec::new(), patterns: Vec::new(), sessions: Vec::new() };
+        let empty = |catalog| Delta {
+            head: DeltaHead { seq_base, strings: Vec::new(), sequences: Vec::new(), catalog, agents: Vec::new(), patterns: Vec::new() },
+            sessions: Vec::new(),
+        };
         let mut part = empty(catalog);
         let mut table = DeltaStrings::default();
-        let mut bytes = postcard::experimental::serialized_size(&part.catalog).unwrap_or(0);
+        let mut bytes = postcard::experimental::serialized_size(&part.head.catalog).unwrap_or(0);
         let mut total = bytes;
         let mut agents: Vec<Sym> = d.figures.agents.keys().copied().collect();
         agents.sort_unstable();
@@ -713,10 +715,9 @@ impl Engine {
             let strings_before = table.bytes;
             let mut entry = self.delta_entry(source, seq_base, &mut table);
             let mut size = entry.size() + table.bytes - strings_before;
-            let part_empty = part.sessions.is_empty() && part.catalog.is_empty() && part.agents.is_empty() && part.patterns.is_empty();
-            if bytes + size > max_bytes && !part_empty {
+            if bytes + size > max_bytes && !part.is_empty() {
                 // A new part, with tables of its own.
-                (part.strings, part.sequences) = {
+                (part.head.strings, part.head.sequences) = {
                     let t = std::mem::take(&mut table);
                     (t.strings, t.sequences)
                 };
@@ -731,13 +732,13 @@ impl Engine {
             }
             bytes += size;
             match entry {
-                DeltaEntry::Agent(a) => part.agents.push(a),
-                DeltaEntry::Pattern(p) => part.patterns.push(p),
+                DeltaEntry::Agent(a) => part.head.agents.push(a),
+                DeltaEntry::Pattern(p) => part.head.patterns.push(p),
                 DeltaEntry::Session(s) => part.sessions.push(s),
             }
         }
-        if !(part.sessions.is_empty() && part.catalog.is_empty() && part.agents.is_empty() && part.patterns.is_empty()) {
-            (part.strings, part.sequences) = (table.strings, table.sequences);
+        if !part.is_empty() {
+            (part.head.strings, part.head.sequences) = (table.strings, table.sequences);
             out.push(versioned(DELTA_VERSION, &part));
         }
         Some(out)
@@ -943,12 +944,12 @@ impl Engine {
         let (version, body) = version_of(bytes, StateError::DeltaVersion)?;
         let (seq_base, strings, sessions, catalog) = match version {
             DELTA_VERSION => {
-                let delta: Delta = postcard::from_bytes(body)?;
-                let figures = figures_of(&mut self.strings, &mut self.sequences, &delta.strings, &delta.sequences, &delta.agents, &delta.patterns)?;
+                let Delta { head, sessions } = postcard::from_bytes(body)?;
+                let figures = figures_of(&mut self.strings, &mut self.sequences, &head)?;
                 if let Some(d) = &mut self.delta {
                     d.figures.absorb(&figures, -1, |_, s| s);
                 }
-                (delta.seq_base, delta.strings, delta.sessions, delta.catalog)
+                (head.seq_base, head.strings, sessions, head.catalog)
             }
             OLD_DELTA_VERSION if self.delta.is_some() => return Err(StateError::DeltaWithoutFigures),
             OLD_DELTA_VERSION => {
@@ -1346,17 +1347,10 @@ fn version_of(bytes: &[u8], wrong: fn(u32) -> StateError) -> Result<(u32, &[u8])
 
 /// A delta's aggregate difference in the symbols of an engine's `strings` and
 /// `sequences` (interned as needed). Checks every index before anything is summed.
-fn figures_of(
-    strings: &mut Interner<str>,
-    sequences: &mut Interner<[Sym]>,
-    delta_strings: &[&str],
-    delta_sequences: &[Vec<u32>],
-    agents: &[AgentChange],
-    patterns: &[PatternChange],
-) -> Result<Aggregates, StateError> {
-    let mut string = |i: u32| delta_strings.get(i as usize).map(|s| strings.intern(s)).ok_or(StateError::DeltaString(i));
+fn figures_of(strings: &mut Interner<str>, sequences: &mut Interner<[Sym]>, head: &DeltaHead<'_>) -> Result<Aggregates, StateError> {
+    let mut string = |i: u32| head.strings.get(i as usize).map(|s| strings.intern(s)).ok_or(StateError::DeltaString(i));
     let mut out = Aggregates::default();
-    for a in agents {
+    for a in &head.agents {
         let mut syms = |list: &[(u32, i64)]| list.iter().map(|&(t, n)| Ok((string(t)?, n))).collect::<Result<BTreeMap<_, _>, StateError>>();
         let (failed_tools, tools) = (syms(&a.failed_tools)?, syms(&a.tools)?);
         out.agents.insert(
@@ -1372,12 +1366,12 @@ fn figures_of(
             },
         );
     }
-    let mut sequence_syms = Vec::with_capacity(delta_sequences.len());
-    for seq in delta_sequences {
+    let mut sequence_syms = Vec::with_capacity(head.sequences.len());
+    for seq in &head.sequences {
         let syms = seq.iter().map(|&i| string(i)).collect::<Result<Vec<Sym>, _>>()?;
         sequence_syms.push(sequences.intern(&syms));
     }
-    for p in patterns {
+    for p in &head.patterns {
         let sequence = *sequence_syms.get(p.sequence as usize).ok_or(StateError::DeltaString(p.sequence))?;
         let key = PatternKey { user: string(p.user)?, agent: string(p.agent)?, sequence };
         let figures = PatternAggregate {
