@@ -54,7 +54,7 @@ impl AggregateCopy {
     }
 
     /// A copy of `engine`'s aggregates and Agent items; its sessions are dropped.
-    pub fn from_engine(mut engine: Engine) -> AggregateCopy {
+    fn from_engine(mut engine: Engine) -> AggregateCopy {
         engine.flush();
         AggregateCopy {
             engine: Engine {
@@ -85,9 +85,7 @@ impl AggregateCopy {
         e.apply_catalog(head.catalog);
         match global {
             Some(g) => {
-                let mut map = std::mem::take(&mut e.forward);
-                g.add_figures(&mut map, (&e.strings, &e.sequences), &figures, 1);
-                e.forward = map;
+                g.add_figures(&mut e.forward, (&e.strings, &e.sequences), &figures, 1);
                 e.forward_catalog(g);
             }
             None => e.catalog_changes.clear(),

@@ -121,16 +121,12 @@ pub const TOP_PERCENTILE: f64 = 0.95;
 impl Engine {
     /// The identity of a pattern key, visible or not (to remove what a sink holds).
     pub fn pattern_id(&self, key: PatternKey) -> String {
-        let (procs, tools) = self.joined(key.sequence);
+        let (procs, tools) = self.sequence_names(key.sequence);
         pattern_id(self.strings.get(key.user), &procs, self.strings.get(key.agent), &tools)
     }
 
     /// A pattern sequence as `process_pattern` and `tool_sequence` (names joined by `->`).
     pub fn sequence_names(&self, sequence: Sym) -> (String, String) {
-        self.joined(sequence)
-    }
-
-    fn joined(&self, sequence: Sym) -> (String, String) {
         let seq = self.sequences.get(sequence);
         let (procs, tools) = seq.split_at(seq.len() / 2);
         let join = |ids: &[Sym]| ids.iter().map(|&s| self.strings.get(s)).collect::<Vec<_>>().join("->");
@@ -201,13 +197,13 @@ impl Engine {
 
     /// A pattern's figures, `None` unless it has executions and its agent a current Agent item.
     pub fn pattern_figures(&self, key: PatternKey) -> Option<PatternFigures> {
-        self.pattern_figures_with(key, |sequence| self.joined(sequence))
+        self.pattern_figures_with(key, |sequence| self.sequence_names(sequence))
     }
 
     /// [`pattern_figures`](Self::pattern_figures), joining each sequence's names once:
     /// many users share a sequence.
     pub(crate) fn pattern_figures_cached(&self, key: PatternKey, joined: &mut FxHashMap<Sym, (String, String)>) -> Option<PatternFigures> {
-        self.pattern_figures_with(key, |sequence| joined.entry(sequence).or_insert_with(|| self.joined(sequence)).clone())
+        self.pattern_figures_with(key, |sequence| joined.entry(sequence).or_insert_with(|| self.sequence_names(sequence)).clone())
     }
 
     fn pattern_figures_with(&self, key: PatternKey, joined: impl FnOnce(Sym) -> (String, String)) -> Option<PatternFigures> {

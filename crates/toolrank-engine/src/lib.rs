@@ -945,8 +945,10 @@ impl Engine {
         let (seq_base, strings, sessions, catalog) = match version {
             DELTA_VERSION => {
                 let Delta { head, sessions } = postcard::from_bytes(body)?;
-                let figures = figures_of(&mut self.strings, &mut self.sequences, &head)?;
+                // Only a tracking engine keeps a difference to take them out of: restoring
+                // a log does not read the figures.
                 if let Some(d) = &mut self.delta {
+                    let figures = figures_of(&mut self.strings, &mut self.sequences, &head)?;
                     d.figures.absorb(&figures, -1, |_, s| s);
                 }
                 (head.seq_base, head.strings, sessions, head.catalog)
