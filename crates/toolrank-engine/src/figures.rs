@@ -3,7 +3,7 @@
 
 use crate::score::{self, AGENT_DECAY, PATTERN_DECAY};
 use crate::{Engine, PatternKey, Sym};
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use toolrank_events::Day;
 
@@ -107,12 +107,33 @@ fn pattern_id(user: &str, process_pattern: &str, agent: &str, tool_sequence: &st
     format!("{user}|{process_pattern}|{agent}|{tool_sequence}")
 }
 
-/// Patterns at or above the recommendation cut, and those in the top-scoring set that the
-/// seed's TTL policy keeps longer.
-#[derive(Clone, Debug, Default)]
-pub struct Recommended {
-    pub patterns: FxHashSet<PatternKey>,
-    pub top: FxHashSet<PatternKey>,
+/// Patterns at or above the recommendation cut, each with whether it is in the
+/// top-scoring set that the seed's TTL policy keeps longer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Recommended(FxHashMap<PatternKey, bool>);
+
+impl Recommended {
+    /// `Some(top)` for a recommended pattern, `None` for any other.
+    pub fn get(&self, k: &PatternKey) -> Option<bool> {
+        self.0.get(k).copied()
+    }
+
+    pub fn contains(&self, k: &PatternKey) -> bool {
+        self.0.contains_key(k)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The recommended patterns with their top-scoring flags, in no order.
+    pub fn iter(&self) -> impl Iterator<Item = (PatternKey, bool)> + '_ {
+        self.0.iter().map(|(&k, &top)| (k, top))
+    }
 }
 
 /// The top-scoring set: patterns at or above this percentile get the long TTL.
@@ -152,10 +173,8 @@ impl Engine {
         else {
             return Recommended::default();
         };
-        Recommended {
-            patterns: scored.iter().filter(|&&(_, s)| s >= cut).map(|&(k, _)| k).collect(),
-            top: scored.iter().filter(|&&(_, s)| s >= top).map(|&(k, _)| k).collect(),
-        }
+        // One pass, one map: a sink plans from this at every round.
+        Recommended(scored.into_iter().filter(|&(_, s)| s >= cut).map(|(k, s)| (k, s >= top)).collect())
     }
 
     /// An agent's figures, `None` unless it has a current Agent item.

@@ -17,7 +17,7 @@ use toolrank_backoff::Backoff;
 use toolrank_engine::{Changes, Engine, PatternKey, Sym};
 use toolrank_events::Day;
 use toolrank_sink::{AnySink, Pace, Stats, Wired};
-use tracing::warn;
+use tracing::{debug, warn};
 
 /// Changes taken from the merged engine and not yet written to a sink.
 #[derive(Default)]
@@ -224,7 +224,9 @@ impl Scheduler {
             }
             // Unknown (a first write, a retry): written now.
             if !now && writes.is_some_and(|w| over_budget(slot, turn.events, w as f64)) {
-                // The changes wait for a later round.
+                // The changes wait for a later round; the plan was work for nothing.
+                toolrank_metrics::counter!("toolrank_sink_plans_held_total", "sink" => slot.name).increment(1);
+                debug!(items = writes, changes = changes.len(), "{} sink round planned and held back by the write budget", slot.name);
                 slot.changes.add(&changes);
                 slot.sink = Some(sink);
                 slot.budget_waited = Instant::now();

@@ -16,6 +16,7 @@ fn describe() {
     describe_counter!("toolrank_tombstones_expired_total", "Tombstones of removed items forgotten after the horizon.");
     describe_counter!("toolrank_names_collected_total", "Interned names (user IDs, ...) of units forgotten once nothing referred to them.");
     describe_counter!("toolrank_sink_writes_total", "Sink write rounds.");
+    describe_counter!("toolrank_sink_plans_held_total", "Sink rounds planned, then held back by the write budget (--dynamodb-writes-per-event), by sink.");
     describe_counter!("toolrank_dynamodb_requests_total", "DynamoDB write requests of the sink (no label); every API request by operation (label op).");
     describe_counter!("toolrank_state_writes_total", "DynamoDB write requests to the state table (checkpoints, bucket logs, leases).");
     describe_counter!("toolrank_valkey_commands_total", "Valkey commands of the sink.");

@@ -43,7 +43,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use toolrank_dynamodb::TOTAL;
-use toolrank_engine::{AgentFigures, Changes, Engine, PatternFigures, PatternKey, Sym};
+use rustc_hash::{FxHashMap, FxHashSet};
+use toolrank_engine::{AgentFigures, Changes, Engine, PatternFigures, PatternKey, Recommended, Sym};
 use toolrank_events::Day;
 
 /// `GSI1_PK` and `EntityType` of pattern items.
@@ -88,13 +89,13 @@ pub struct Plan {
 #[derive(Clone, Debug)]
 struct PatternPlan {
     /// Recommended patterns, with top-scoring flags: put where they differ.
-    desired: HashMap<(String, String), Written>,
+    desired: FxHashMap<(String, String), Written>,
     /// Items to delete where written; `None` compares all: whatever the sink wrote that
     /// `desired` lacks is deleted.
     leaving: Option<Vec<(String, String)>>,
     /// The recommended set (engine keys, top flags) once this plan is carried out; `None`
     /// for a plan not taken from an engine.
-    recommended: Option<HashMap<PatternKey, bool>>,
+    recommended: Option<Recommended>,
 }
 
 /// Counters of what the sink did, for metrics and benchmarks.
@@ -244,7 +245,7 @@ pub struct DynamoSink {
     namespace: Namespace,
     agents: HashMap<String, AgentFigures>,
     /// Pattern items by (user, name).
-    patterns: HashMap<(String, String), Written>,
+    patterns: FxHashMap<(String, String), Written>,
     /// Agents whose last write failed.
     pending_agents: HashSet<Sym>,
     /// Pattern items not yet written (a failure, or beyond a call's budget).
@@ -252,7 +253,7 @@ pub struct DynamoSink {
     /// The recommended set the written pattern items hold, by engine key with top flags,
     /// when known: a plan then takes the figures of only the patterns that changed or
     /// crossed a cut since (taking all of them costs ~100 ms on a large state).
-    recommended: Option<HashMap<PatternKey, bool>>,
+    recommended: Option<Recommended>,
     /// The first write reads what the table holds.
     loaded: bool,
     /// The domains registered as holding this namespace's scored agents.
@@ -286,7 +287,7 @@ impl DynamoSink {
             table: table.into(),
             namespace,
             agents: HashMap::new(),
-            patterns: HashMap::new(),
+            patterns: FxHashMap::default(),
             pending_agents: HashSet::new(),
             patterns_pending: false,
             recommended: None,
@@ -348,23 +349,20 @@ impl DynamoSink {
     /// in `changes` or that entered, left or moved across the top cut since the set the
     /// table holds.
     fn plan_patterns(&self, engine: &Engine, changes: &Changes, today: Day) -> PatternPlan {
-        let rec = engine.recommended(today);
+        let recommended = engine.recommended(today);
         let known = self.recommended.as_ref().filter(|_| self.loaded && !self.patterns_pending);
         // Only a plan against a known set skips patterns, so only it looks them up.
-        let changed: HashSet<PatternKey> = known.map(|_| changes.patterns.iter().copied().collect()).unwrap_or_default();
-        let mut recommended = HashMap::with_capacity(rec.patterns.len());
-        let mut desired = HashMap::new();
-        for &k in &rec.patterns {
-            let top = rec.top.contains(&k);
-            recommended.insert(k, top);
-            if known.is_some_and(|was| !changed.contains(&k) && was.get(&k) == Some(&top)) {
+        let changed: FxHashSet<PatternKey> = known.map(|_| changes.patterns.iter().copied().collect()).unwrap_or_default();
+        let mut desired = FxHashMap::default();
+        for (k, top) in recommended.iter() {
+            if known.is_some_and(|was| !changed.contains(&k) && was.get(&k) == Some(top)) {
                 continue;
             }
             if let Some(f) = engine.pattern_figures(k) {
                 desired.insert((f.user_id.clone(), pattern_name(&f)), Written { figures: f, top });
             }
         }
-        let leaving = known.map(|was| was.keys().filter(|k| !recommended.contains_key(*k)).map(|&k| item_key(engine, k)).collect());
+        let leaving = known.map(|was| was.iter().filter(|(k, _)| !recommended.contains(k)).map(|(k, _)| item_key(engine, k)).collect());
         PatternPlan { desired, leaving, recommended: Some(recommended) }
     }
 
@@ -729,7 +727,6 @@ fn table_figures(mut f: AgentFigures) -> AgentFigures {
     f
 }
 
-/// The recommended pattern items by key.
 /// The item key (user, name) of pattern `k`, whether or not the engine still holds its figures.
 fn item_key(engine: &Engine, k: PatternKey) -> (String, String) {
     let user = engine.name(k.user);
@@ -737,7 +734,8 @@ fn item_key(engine: &Engine, k: PatternKey) -> (String, String) {
     (user.to_owned(), id[user.len() + 1..].to_owned())
 }
 
-fn desired(recommended: impl IntoIterator<Item = (PatternFigures, bool)>) -> HashMap<(String, String), Written> {
+/// The recommended pattern items by key.
+fn desired(recommended: impl IntoIterator<Item = (PatternFigures, bool)>) -> FxHashMap<(String, String), Written> {
     recommended.into_iter().map(|(f, top)| ((f.user_id.clone(), pattern_name(&f)), Written { figures: f, top })).collect()
 }
 
