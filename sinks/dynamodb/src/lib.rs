@@ -38,12 +38,12 @@ use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, PutRequest, WriteRe
 use aws_sdk_dynamodb::Client;
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::{self, StreamExt};
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use toolrank_dynamodb::TOTAL;
-use rustc_hash::{FxHashMap, FxHashSet};
 use toolrank_engine::{AgentFigures, Changes, Engine, PatternFigures, PatternKey, Recommended, Sym};
 use toolrank_events::Day;
 
