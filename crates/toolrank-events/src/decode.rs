@@ -7,6 +7,7 @@
 
 use crate::attr::{Attr, Image, Str};
 use crate::change::{Action, AgentItem, Change, Entity, Execution, HistKey, KeyError, AGENT_ENTITY, HIST_ENTITY, METADATA_SK};
+use crate::fast::Fast;
 use crate::redact::{without_values, KeyDigest};
 use crate::time::Timestamp;
 use serde::de::{self, Deserializer, Visitor};
@@ -94,6 +95,22 @@ pub struct Record<'a> {
 /// was emitted.
 pub fn decode_line<'a>(line: &'a [u8], emit: &mut dyn FnMut(Record<'a>)) -> Result<Format, DecodeError> {
     let text = std::str::from_utf8(line).map_err(|_| DecodeError::NotUtf8)?;
+    let single = |emit: &mut dyn FnMut(Record<'a>), change| emit(Record { index: None, raw: None, result: Ok(change) });
+    match crate::fast::line(text) {
+        Some(Fast::Export(item)) => {
+            single(emit, put_item(item)?);
+            return Ok(Format::Export);
+        }
+        Some(Fast::Stream(rec)) => {
+            single(emit, stream_change(rec)?);
+            return Ok(Format::StreamRecord);
+        }
+        None => decode_envelope(text, emit),
+    }
+}
+
+/// [`decode_line`] by serde: every format, and every error with its position.
+fn decode_envelope<'a>(text: &'a str, emit: &mut dyn FnMut(Record<'a>)) -> Result<Format, DecodeError> {
     let env: Envelope<'a> = serde_json::from_str(text)?;
     let single = |emit: &mut dyn FnMut(Record<'a>), change| emit(Record { index: None, raw: None, result: Ok(change) });
     if let Some(item) = env.item {
@@ -227,34 +244,34 @@ struct Number<'a> {
 
 /// A DynamoDB Streams record as Lambda and the Streams API deliver it.
 #[derive(serde::Deserialize)]
-struct StreamRecord<'a> {
+pub(crate) struct StreamRecord<'a> {
     #[serde(rename = "eventName", borrow)]
-    event_name: Option<Str<'a>>,
+    pub(crate) event_name: Option<Str<'a>>,
     #[serde(borrow)]
-    dynamodb: Option<StreamData<'a>>,
+    pub(crate) dynamodb: Option<StreamData<'a>>,
     #[serde(rename = "userIdentity", borrow)]
-    user_identity: Option<UserIdentity<'a>>,
+    pub(crate) user_identity: Option<UserIdentity<'a>>,
 }
 
 #[derive(serde::Deserialize)]
-struct StreamData<'a> {
+pub(crate) struct StreamData<'a> {
     #[serde(rename = "Keys", borrow)]
-    keys: Option<Image<'a>>,
+    pub(crate) keys: Option<Image<'a>>,
     #[serde(rename = "NewImage", borrow)]
-    new_image: Option<Image<'a>>,
+    pub(crate) new_image: Option<Image<'a>>,
     #[serde(rename = "SequenceNumber", borrow)]
-    sequence_number: Option<Str<'a>>,
+    pub(crate) sequence_number: Option<Str<'a>>,
     /// Kept raw: seconds in Lambda events, milliseconds or microseconds from Kinesis.
     #[serde(rename = "ApproximateCreationDateTime", borrow)]
-    approximate_creation: Option<&'a RawValue>,
+    pub(crate) approximate_creation: Option<&'a RawValue>,
 }
 
 #[derive(serde::Deserialize)]
-struct UserIdentity<'a> {
+pub(crate) struct UserIdentity<'a> {
     #[serde(rename = "type", borrow)]
-    kind: Option<Str<'a>>,
+    pub(crate) kind: Option<Str<'a>>,
     #[serde(rename = "principalId", borrow)]
-    principal_id: Option<Str<'a>>,
+    pub(crate) principal_id: Option<Str<'a>>,
 }
 
 /// SPEC §2's staging-shaped flat event (its fields, taken from the [`Envelope`]).
@@ -543,5 +560,213 @@ mod tests {
         // A read attribute of another type is still an error that names it.
         let wrong = item.replace(r#""ToolNM":{"S":"search"}"#, r#""ToolNM":{"SS":["search"]}"#);
         assert!(matches!(decode_one(&wrong).1, Err(DecodeError::WrongType { field: "ToolNM", .. })));
+    }
+
+    /// A line's outcome, compared as text: its format or error, and each record's change
+    /// or error (`fast`: through [`decode_line`], else the serde path alone).
+    fn outcome(line: &[u8], fast: bool) -> String {
+        let mut records = Vec::new();
+        let mut emit = |r: Record<'_>| records.push(format!("{:?} {:?} {:?}", r.index, r.raw, r.result.map_err(|e| e.to_string())));
+        let result = match (fast, std::str::from_utf8(line)) {
+            (true, _) => decode_line(line, &mut emit),
+            (false, Ok(text)) => decode_envelope(text, &mut emit),
+            (false, Err(_)) => Err(DecodeError::NotUtf8),
+        };
+        format!("{:?} {records:?}", result.map_err(|e| e.to_string()))
+    }
+
+    const EXECUTION: &[(&str, &str)] = &[
+        ("PK", r#"{"S":"USR001#SESS1"}"#),
+        ("SK", r#"{"S":"PRC001#AGT001#TL001"}"#),
+        ("EntityType", r#"{"S":"UserSessPrcToolMappHist"}"#),
+        ("ToolNM", r#"{"S":"FIND"}"#),
+        ("ToolValues", r#"{"M":{"q":{"S":"x"},"n":{"N":"3"},"l":{"L":[{"BOOL":true},{"NULL":true}]}}}"#),
+        ("TransactDT", r#"{"S":"20250614140605"}"#),
+        ("SuccYN", r#"{"S":"Y"}"#),
+    ];
+    const AGENT: &[(&str, &str)] = &[
+        ("PK", r#"{"S":"AGT001"}"#),
+        ("SK", r#"{"S":"METADATA"}"#),
+        ("EntityType", r#"{"S":"Agent"}"#),
+        ("AgentNM", r#"{"S":"finder"}"#),
+        ("GSI1_PK", r#"{"S":"DMN001"}"#),
+    ];
+    /// Field names: read, unread, spelled with an escape.
+    const KEYS: &[&str] = &["PK", "SK", "EntityType", "TransactDT", "SuccYN", "ToolNM", "AgentNM", "GSI1_PK", "ResultMsg", r"P\u004B", "S"];
+    /// Values, valid or not for the field they land in.
+    const VALUES: &[&str] = &[
+        r#"{"S":"USR002#SESS9"}"#,
+        r#"{"S":"PRC002#AGT002#TL002"}"#,
+        r#"{"S":"METADATA"}"#,
+        r#"{"S":"Agent"}"#,
+        r#"{"S":"20250101000000"}"#,
+        r#"{"S":"2025"}"#,
+        r#"{"S":"N"}"#,
+        r#"{"S":"X"}"#,
+        r#"{"S":"a\"b"}"#,
+        r#"{"S":"\u0041GT001"}"#,
+        r#"{"S":"한글"}"#,
+        "{ \"S\" :\t\"spaced\" }",
+        r#"{"N":"1"}"#,
+        r#"{"N":1}"#,
+        r#"{"M":{}}"#,
+        r#"{"L":[[],[1,-0.5,true,false,"s",{"a":[]}]]}"#,
+        r#"{"NULL":true}"#,
+        r#"{"S":"a","N":"1"}"#,
+        r#"{"S":1}"#,
+        r#"{"S":null}"#,
+        "{}",
+        "null",
+        "1",
+        "-0",
+        "01",
+        "1e5",
+        "1.",
+        "123456789012345678",
+        "12345678901234.5",
+        "-",
+        "[1,2]",
+        "\"s\"",
+        "true",
+        "tru",
+        "nul",
+    ];
+    const SPACES: &[&str] = &["", "", "", " ", "\n\t", "\r "];
+
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n.max(1) as u64) as usize
+        }
+
+        fn pick<'a>(&mut self, pool: &[&'a str]) -> &'a str {
+            pool[self.below(pool.len())]
+        }
+
+        fn object(&mut self, fields: &[(String, String)]) -> String {
+            let parts: Vec<String> = fields
+                .iter()
+                .map(|(k, v)| format!("{}\"{k}\"{}:{}{v}{}", self.pick(SPACES), self.pick(SPACES), self.pick(SPACES), self.pick(SPACES)))
+                .collect();
+            format!("{{{}}}", parts.join(","))
+        }
+
+        /// An item image: an execution's, an Agent's or none, with up to three edits.
+        fn image(&mut self) -> String {
+            let base = [EXECUTION, AGENT, &[]][self.below(3)];
+            let mut fields: Vec<(String, String)> = base.iter().map(|&(k, v)| (k.to_owned(), v.to_owned())).collect();
+            for _ in 0..self.below(4) {
+                let at = self.below(fields.len() + 1);
+                let one = at.min(fields.len().saturating_sub(1));
+                match self.below(4) {
+                    0 if !fields.is_empty() => fields[one].1 = self.pick(VALUES).to_owned(),
+                    1 if !fields.is_empty() => fields.insert(at, fields[one].clone()),
+                    2 if !fields.is_empty() => {
+                        fields.remove(one);
+                    }
+                    _ => fields.insert(at, (self.pick(KEYS).to_owned(), self.pick(VALUES).to_owned())),
+                }
+            }
+            self.object(&fields)
+        }
+
+        fn stream_record(&mut self) -> String {
+            let mut data = vec![
+                ("Keys".to_owned(), self.image()),
+                ("SequenceNumber".to_owned(), self.pick(&["\"12\"", "\"4000000000000000003\"", "\"x\"", "12", "null"]).to_owned()),
+            ];
+            if self.below(4) > 0 {
+                data.push(("NewImage".to_owned(), self.image()));
+            }
+            for _ in 0..self.below(3) {
+                let extra = self.pick(&["ApproximateCreationDateTime", "StreamViewType", "OldImage", "SizeBytes", "Keys", "NewImage"]);
+                let value = if extra.ends_with("Image") || extra == "Keys" { self.image() } else { self.pick(VALUES).to_owned() };
+                data.insert(self.below(data.len() + 1), (extra.to_owned(), value));
+            }
+            let name = self.pick(&["\"INSERT\"", "\"MODIFY\"", "\"REMOVE\"", "\"DROP\"", "null", "1", r#""INS\u0045RT""#]);
+            let user = self.pick(&[
+                r#"{"type":"Service","principalId":"dynamodb.amazonaws.com"}"#,
+                r#"{"type":"User"}"#,
+                "null",
+                r#"{"type":"Service","type":"Service"}"#,
+            ]);
+            let mut fields =
+                vec![("eventID".to_owned(), "\"e1\"".to_owned()), ("eventName".to_owned(), name.to_owned()), ("dynamodb".to_owned(), self.object(&data))];
+            if self.below(3) == 0 {
+                fields.push(("userIdentity".to_owned(), user.to_owned()));
+            }
+            self.top_level_extras(&mut fields);
+            self.object(&fields)
+        }
+
+        /// Sometimes a field of another format, or one no format has.
+        fn top_level_extras(&mut self, fields: &mut Vec<(String, String)>) {
+            if self.below(4) == 0 {
+                let extra = self.pick(&["awsRegion", "eventSource", "op", "Records", "Keys", "PK", "Metadata", "event_id", "unknown", "eventName", "Item"]);
+                let value = if matches!(extra, "Keys" | "Item") { self.image() } else { self.pick(VALUES).to_owned() };
+                fields.insert(self.below(fields.len() + 1), (extra.to_owned(), value));
+            }
+        }
+
+        fn line(&mut self) -> Vec<u8> {
+            let mut line = match self.below(6) {
+                0..=1 => {
+                    let mut fields = vec![("Item".to_owned(), self.image())];
+                    self.top_level_extras(&mut fields);
+                    self.object(&fields)
+                }
+                2..=4 => self.stream_record(),
+                _ => format!("{{\"Records\":[{}]}}", self.stream_record()),
+            }
+            .into_bytes();
+            // Sometimes a byte changed, added, removed, or the line cut short.
+            if self.below(3) == 0 && !line.is_empty() {
+                let at = self.below(line.len());
+                let byte = [b'"', b'\\', b'{', b'}', b',', b':', b' ', b'x', b'0', 0x01, 0xff][self.below(11)];
+                match self.below(4) {
+                    0 => line[at] = byte,
+                    1 => line.insert(at, byte),
+                    2 => {
+                        line.remove(at);
+                    }
+                    _ => line.truncate(at),
+                }
+            }
+            line
+        }
+    }
+
+    #[test]
+    fn the_fast_path_decodes_what_serde_decodes_and_leaves_the_rest_to_it() {
+        let (mut fast, mut decoded, total) = (0, 0, 40_000u64);
+        for seed in 1..=total {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let line = rng.line();
+            let outcome = outcome(&line, true);
+            if std::str::from_utf8(&line).ok().and_then(crate::fast::line).is_some() {
+                fast += 1;
+                decoded += u64::from(outcome.contains("Ok(Change"));
+            }
+            assert_eq!(outcome, self::outcome(&line, false), "{}", String::from_utf8_lossy(&line));
+        }
+        // Both paths were exercised, and the fast one on lines that decode as well as on
+        // lines it scanned whose content the decoder then rejects.
+        assert!(fast > total / 20 && fast < total / 2, "{fast} of {total} lines took the fast path");
+        assert!(decoded > fast / 5 && decoded < fast, "{decoded} of {fast} lines on the fast path decoded to a change");
+    }
+
+    #[test]
+    fn the_fast_path_takes_export_lines_and_stream_records_as_written() {
+        let export = r#"{"Item":{"PK":{"S":"USR001#SESS1"},"SK":{"S":"PRC001#AGT001#TL001"},"EntityType":{"S":"UserSessPrcToolMappHist"},"ToolNM":{"S":"FIND"},"TransactDT":{"S":"20250614140605"},"SuccYN":{"S":"Y"}}}"#;
+        assert!(matches!(crate::fast::line(export), Some(Fast::Export(_))));
+        assert!(crate::fast::line(KINESIS).is_none(), "userIdentity null: the serde path's");
+        let record = KINESIS.replace(r#""userIdentity":null,"#, "");
+        assert!(matches!(crate::fast::line(&record), Some(Fast::Stream(_))));
+        assert!(crate::fast::line(&export.replace("FIND", r"FI\u004eD")).is_none());
+        assert!(crate::fast::line(&export.replace(r#""SuccYN""#, r#""PK":{"S":"x"},"SuccYN""#)).is_none());
     }
 }

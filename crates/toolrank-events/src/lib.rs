@@ -7,6 +7,7 @@
 mod attr;
 mod change;
 mod decode;
+mod fast;
 mod redact;
 pub mod time;
 
