@@ -99,11 +99,11 @@ pub fn decode_line<'a>(line: &'a [u8], emit: &mut dyn FnMut(Record<'a>)) -> Resu
     match crate::fast::line(text) {
         Some(Fast::Export(item)) => {
             single(emit, put_item(item)?);
-            return Ok(Format::Export);
+            Ok(Format::Export)
         }
         Some(Fast::Stream(rec)) => {
             single(emit, stream_change(rec)?);
-            return Ok(Format::StreamRecord);
+            Ok(Format::StreamRecord)
         }
         None => decode_envelope(text, emit),
     }

@@ -11,6 +11,7 @@ use crate::decode::{StreamData, StreamRecord, UserIdentity};
 use std::borrow::Cow;
 
 /// A line the fast path decoded.
+#[allow(clippy::large_enum_variant, reason = "one per line, matched at once: a box would cost an allocation")]
 pub(crate) enum Fast<'a> {
     Export(Image<'a>),
     Stream(StreamRecord<'a>),
