@@ -274,7 +274,7 @@ mod tests {
                         x ^= x >> 7;
                         x ^= x << 17;
                         // Mostly plain text, sometimes a byte that ends the scan.
-                        [b'a', b'Z', b'#', 0x7f, 0xc3, 0x80, b' ', b'"', b'\\', 0x00, 0x1f, 0x20][(x % 12) as usize * usize::from(x % 7 == 0) % 12]
+                        [b'a', b'Z', b'#', 0x7f, 0xc3, 0x80, b' ', b'"', b'\\', 0x00, 0x1f, 0x20][(x % 12) as usize * usize::from(x.is_multiple_of(7)) % 12]
                     })
                     .collect();
                 let slow = bytes.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20);
