@@ -95,18 +95,26 @@ impl<'a> Scan<'a> {
 
     /// An object, each of whose values `field` reads given its key.
     fn object(&mut self, mut field: impl FnMut(&mut Self, &'a str) -> Option<()>) -> Option<()> {
-        self.eat(b'{')?;
-        if self.peek()? == b'}' {
+        self.items(b'{', b'}', |s| {
+            let key = s.string()?;
+            s.eat(b':')?;
+            field(s, key)
+        })
+    }
+
+    /// The comma-separated items of an object or array from `open` to `close`, each read
+    /// by `item`.
+    fn items(&mut self, open: u8, close: u8, mut item: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
+        self.eat(open)?;
+        if self.peek()? == close {
             self.at += 1;
             return Some(());
         }
         loop {
-            let key = self.string()?;
-            self.eat(b':')?;
-            field(self, key)?;
+            item(self)?;
             match self.peek()? {
                 b',' => self.at += 1,
-                b'}' => {
+                c if c == close => {
                     self.at += 1;
                     return Some(());
                 }
@@ -124,24 +132,7 @@ impl<'a> Scan<'a> {
         match self.peek()? {
             b'"' => self.string().map(drop),
             b'{' => self.object(|s, _| s.skip(depth + 1)),
-            b'[' => {
-                self.at += 1;
-                if self.peek()? == b']' {
-                    self.at += 1;
-                    return Some(());
-                }
-                loop {
-                    self.skip(depth + 1)?;
-                    match self.peek()? {
-                        b',' => self.at += 1,
-                        b']' => {
-                            self.at += 1;
-                            return Some(());
-                        }
-                        _ => return None,
-                    }
-                }
-            }
+            b'[' => self.items(b'[', b']', |s| s.skip(depth + 1)),
             b't' => self.word(b"true"),
             b'f' => self.word(b"false"),
             b'-' | b'0'..=b'9' => self.number(),
