@@ -127,8 +127,13 @@ impl Live {
     /// A consumer with 5 s leases: for tests whose DynamoDB is slow on purpose, where a
     /// renewal can take longer than a 2 s lease and the lease would pass back and forth.
     pub fn steady_consumer(&self, extra: &[&str]) -> Running {
+        self.consumer_with_lease("5", extra)
+    }
+
+    /// A consumer whose sink lease lasts `secs` seconds, checkpointing every second.
+    pub fn consumer_with_lease(&self, secs: &str, extra: &[&str]) -> Running {
         let mut args = self.kafka_args();
-        args.extend(["--lease-secs", "5", "--checkpoint-secs", "1"]);
+        args.extend(["--lease-secs", secs, "--checkpoint-secs", "1"]);
         args.extend_from_slice(extra);
         Running::spawn(self.command().args(args).stdout(Stdio::null()).stderr(Stdio::piped()))
     }
