@@ -109,7 +109,7 @@ fn pattern_id(user: &str, process_pattern: &str, agent: &str, tool_sequence: &st
 
 /// Patterns at or above the recommendation cut, each with whether it is in the
 /// top-scoring set that the seed's TTL policy keeps longer.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default)]
 pub struct Recommended(FxHashMap<PatternKey, bool>);
 
 impl Recommended {
@@ -120,14 +120,6 @@ impl Recommended {
 
     pub fn contains(&self, k: &PatternKey) -> bool {
         self.0.contains_key(k)
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 
     /// The recommended patterns with their top-scoring flags, in no order.

@@ -95,7 +95,6 @@ pub struct Record<'a> {
 /// was emitted.
 pub fn decode_line<'a>(line: &'a [u8], emit: &mut dyn FnMut(Record<'a>)) -> Result<Format, DecodeError> {
     let text = std::str::from_utf8(line).map_err(|_| DecodeError::NotUtf8)?;
-    let single = |emit: &mut dyn FnMut(Record<'a>), change| emit(Record { index: None, raw: None, result: Ok(change) });
     match crate::fast::line(text) {
         Some(Fast::Export(item)) => {
             single(emit, put_item(item)?);
@@ -109,10 +108,14 @@ pub fn decode_line<'a>(line: &'a [u8], emit: &mut dyn FnMut(Record<'a>)) -> Resu
     }
 }
 
+/// Emits the one change of a single-record line.
+fn single<'a>(emit: &mut dyn FnMut(Record<'a>), change: Change<'a>) {
+    emit(Record { index: None, raw: None, result: Ok(change) });
+}
+
 /// [`decode_line`] by serde: every format, and every error with its position.
 fn decode_envelope<'a>(text: &'a str, emit: &mut dyn FnMut(Record<'a>)) -> Result<Format, DecodeError> {
     let env: Envelope<'a> = serde_json::from_str(text)?;
-    let single = |emit: &mut dyn FnMut(Record<'a>), change| emit(Record { index: None, raw: None, result: Ok(change) });
     if let Some(item) = env.item {
         single(emit, put_item(item)?);
         Ok(Format::Export)
