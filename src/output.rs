@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 use std::sync::mpsc;
-use toolrank_engine::{Engine, PatternRow, Report, StagingRow};
+use toolrank_engine::{Engine, PatternRow, Report, StagingOrder, StagingRow};
 use toolrank_events::Day;
 use unicode_width::UnicodeWidthStr;
 
@@ -21,26 +21,48 @@ fn serde_line<T: Serialize>(row: &T, out: &mut Vec<u8>) {
 const STAGING_PIECE: usize = 4096;
 
 /// The `replay --out` layout: one file per seed table. The staging table, by far the
-/// largest, is rendered in pieces by two threads and written by a third while this
-/// thread builds and writes the report. Each renderer fills the buffers the writer hands
-/// back, so the output costs no fresh memory beyond a few pieces.
+/// largest, is put in order by this thread, then rendered in pieces by two threads and
+/// written by a third, while a fourth builds and writes the report from the start. Each
+/// renderer fills the buffers the writer hands back, so the output costs no fresh memory
+/// beyond a few pieces.
 pub fn write_dir(dir: &Path, engine: &Engine, today: Day) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("staging.jsonl");
     let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
     let started = std::time::Instant::now();
-    let order = engine.staging_order();
-    let ordered = started.elapsed();
+    std::thread::scope(|s| -> Result<()> {
+        let report = std::thread::Builder::new().name("report".into()).spawn_scoped(s, || -> Result<_> {
+            let report = engine.build_report(today);
+            let built = started.elapsed();
+            write_report(dir, &report)?;
+            Ok((built, started.elapsed()))
+        })?;
+        let order = engine.staging_order();
+        let ordered = started.elapsed();
+        let written = write_staging(&order, file);
+        let (built, reported) = report.join().expect("the report writer does not panic")?;
+        tracing::debug!(
+            staging_order_s = ordered.as_secs_f64(),
+            report_built_s = built.as_secs_f64(),
+            report_s = reported.as_secs_f64(),
+            staging_s = started.elapsed().as_secs_f64(),
+            "output phases"
+        );
+        written.with_context(|| format!("writing {}", path.display()))
+    })
+}
+
+/// Renders the staging table in pieces on two threads and writes them in order on a third.
+fn write_staging(order: &StagingOrder<'_>, file: File) -> std::io::Result<()> {
     let pieces = order.len().div_ceil(STAGING_PIECE);
     const RENDERERS: usize = 2;
-    std::thread::scope(|s| -> Result<()> {
+    std::thread::scope(|s| {
         let (mut rendered, mut returns) = (Vec::new(), Vec::new());
         for first in 0..RENDERERS {
             let (piece_tx, piece_rx) = mpsc::sync_channel::<Vec<u8>>(1);
             let (return_tx, return_rx) = mpsc::channel::<Vec<u8>>();
             rendered.push(piece_rx);
             returns.push(return_tx);
-            let order = &order;
             let renderer = std::thread::Builder::new().name(format!("render-{first}"));
             renderer.spawn_scoped(s, move || {
                 // One piece being rendered, one queued, one being written: then the
@@ -79,25 +101,13 @@ pub fn write_dir(dir: &Path, engine: &Engine, today: Day) -> Result<()> {
             }
             w.flush()
         })?;
-        let report = engine.build_report(today);
-        let built = started.elapsed();
-        write_report(dir, &report)?;
-        let reported = started.elapsed();
-        let written = writer.join();
-        tracing::debug!(
-            staging_order_s = ordered.as_secs_f64(),
-            report_built_s = built.as_secs_f64(),
-            report_s = reported.as_secs_f64(),
-            staging_s = started.elapsed().as_secs_f64(),
-            "output phases"
-        );
-        written.expect("the staging writer does not panic").with_context(|| format!("writing {}", path.display()))
+        writer.join().expect("the staging writer does not panic")
     })
 }
 
 /// Appends a JSON string, copying it straight through unless it needs escaping.
 fn json_str(s: &str, out: &mut Vec<u8>) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    if toolrank_events::escape_at(s.as_bytes()).is_none() {
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');

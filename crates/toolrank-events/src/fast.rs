@@ -84,7 +84,7 @@ impl<'a> Scan<'a> {
         self.eat(b'"')?;
         let start = self.at;
         let rest = &self.bytes()[start..];
-        let len = special(rest)?;
+        let len = escape_at(rest)?;
         if rest[len] != b'"' {
             return None;
         }
@@ -234,9 +234,10 @@ impl<'a> Scan<'a> {
         Some(UserIdentity { kind, principal_id })
     }
 }
-/// The index of the first quote, backslash or control character in `bytes`, eight
-/// bytes at a time (each test flags a byte's top bit; the lowest flag is always a true one).
-fn special(bytes: &[u8]) -> Option<usize> {
+/// The index of the first byte a JSON string must escape (a quote, backslash or control
+/// character) in `bytes`, found eight bytes at a time (each test flags a byte's top bit;
+/// the lowest flag is always a true one).
+pub fn escape_at(bytes: &[u8]) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const TOPS: u64 = 0x8080_8080_8080_8080;
     let below = |w: u64, n: u64| w.wrapping_sub(ONES * n) & !w & TOPS;
@@ -255,7 +256,7 @@ fn special(bytes: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn special_bytes_are_found_eight_at_a_time_as_one_by_one() {
+    fn bytes_to_escape_are_found_eight_at_a_time_as_one_by_one() {
         let mut x = 0x2545_f491_4f6c_dd1du64;
         for len in 0..200 {
             for _ in 0..50 {
@@ -269,7 +270,7 @@ mod tests {
                     })
                     .collect();
                 let slow = bytes.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20);
-                assert_eq!(super::special(&bytes), slow, "{bytes:?}");
+                assert_eq!(super::escape_at(&bytes), slow, "{bytes:?}");
             }
         }
     }

@@ -14,6 +14,7 @@ pub mod time;
 pub use attr::{Attr, Image, Str};
 pub use change::{Action, AgentItem, Change, Entity, Execution, HistKey, KeyError, AGENT_ENTITY, BASE_SEQ, HIST_ENTITY, METADATA_SK};
 pub use decode::{decode_kinesis_data, decode_line, stream_record_change, DecodeError, Format, Record};
+pub use fast::escape_at;
 pub use redact::{without_values, KeyDigest};
 pub use time::{Day, Timestamp};
 
