@@ -77,9 +77,10 @@ enum Command {
 
 /// Transparent huge pages off for this process: mimalloc asks for them, and then the
 /// first touch of each fresh 2 MB region (a sink's buffers, a growing table) zeroes all
-/// of it, which cost the Kafka path about a third of its CPU per event. Replay keeps
-/// them: it fills every page it takes, so one fault per 2 MB instead of one per 4 KB
-/// halves its kernel time.
+/// of it, which cost the Kafka path about a third of its CPU per event. Replay too: it
+/// fills every page it takes, and huge pages halve its kernel time on memory the kernel
+/// has ready, but a huge-page fault may compact memory first (the `madvise` defrag
+/// setting), and then a replay spends a second in the kernel instead of a tenth.
 fn no_huge_pages() {
     // SAFETY: PR_SET_THP_DISABLE takes no pointers and only sets a flag of this process.
     #[cfg(target_os = "linux")]
@@ -89,10 +90,8 @@ fn no_huge_pages() {
 }
 
 fn main() -> ExitCode {
+    no_huge_pages();
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Replay(_)) {
-        no_huge_pages();
-    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("TOOLRANK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
     match cli.log_format {
