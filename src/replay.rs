@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
 use toolrank_dead_letters::DeadLetters;
-use toolrank_engine::{Applied, Engine};
+use toolrank_engine::{Aggregates, Applied, Contributions, Engine};
 use toolrank_events::{decode_line, Action, Change, Day, DeadLetter, DecodeError, Entity, Format, Record};
 use toolrank_source_file::{expand, Input, LineReader, SourceError};
 
@@ -205,8 +205,9 @@ fn decode_chunk(chunk: &Chunk) -> DecodedLines<'_> {
     DecodedLines { items, by_format }
 }
 
-/// Reads, decodes and applies files: a reader thread, one decoder per core, and this
-/// thread applying batches in input order. Returns the bytes read.
+/// Reads, decodes and applies files: a reader thread, one decoder per core, this thread
+/// applying batches in input order to the sessions, and a thread summing what they
+/// contribute into the aggregates. Returns the bytes read.
 fn ingest_files(inputs: &[Input], engine: &mut Engine, counts: &mut Counts, dead: &mut DeadLetters) -> Result<u64> {
     let total_bytes: u64 = inputs.iter().filter_map(Input::byte_len).sum();
     let read = Arc::new(AtomicU64::new(0));
@@ -218,8 +219,9 @@ fn ingest_files(inputs: &[Input], engine: &mut Engine, counts: &mut Counts, dead
         bar
     });
 
-    // A reader thread, one decoder per core, and this thread applying batches in input
-    // order: decoding is most of the work, and spreads over the cores this way.
+    // A reader thread, one decoder per core, this thread applying batches in input order,
+    // and an aggregating thread: this thread's share is the longest, so it hands the
+    // summing on.
     let decoders = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
     let (mut to_decoders, mut from_decoders) = (Vec::new(), Vec::new());
     let (reader_read, all_inputs) = (read.clone(), inputs);
@@ -239,6 +241,26 @@ fn ingest_files(inputs: &[Input], engine: &mut Engine, counts: &mut Counts, dead
             .name("read".into())
             .spawn_scoped(scope, move || read_inputs(all_inputs, reader_read, to_decoders, recycled))
             .context("starting the read thread")?;
+        let (to_aggregator, deltas) = mpsc::sync_channel::<Contributions>(4);
+        let (spent, spent_batches) = mpsc::channel::<Contributions>();
+        let aggregator = std::thread::Builder::new()
+            .name("aggregate".into())
+            .spawn_scoped(scope, move || {
+                let mut aggregates = Aggregates::default();
+                for mut batch in deltas {
+                    batch.apply_to(&mut aggregates);
+                    batch.clear();
+                    let _ = spent.send(batch);
+                }
+                aggregates
+            })
+            .context("starting the aggregating thread")?;
+        // The contributions of what was applied so far, handed to the aggregating thread.
+        let hand_on = |engine: &mut Engine| -> Result<()> {
+            let mut batch = spent_batches.try_recv().unwrap_or_default();
+            engine.flush_aside(&mut batch);
+            to_aggregator.send(batch).map_err(|_| anyhow::anyhow!("the aggregating thread stopped"))
+        };
         let batches = (0..).map_while(|i: usize| from_decoders[i % decoders].recv().ok());
         for batch in batches {
             let mut batch = batch?;
@@ -257,14 +279,15 @@ fn ingest_files(inputs: &[Input], engine: &mut Engine, counts: &mut Counts, dead
             let chunk = batch.into_owner();
             chunk.items.set(items);
             let _ = recycle.send(chunk);
-            // This thread waits on decoding much of the time: turning the batch's changes
-            // into aggregate deltas now keeps the final flush short.
-            engine.flush();
+            hand_on(engine)?;
             toolrank_metrics::job_progress("replay", counts.lines, counts.bad);
             if let Some(bar) = &progress {
                 bar.set_position(read.load(Ordering::Relaxed));
             }
         }
+        hand_on(engine)?;
+        drop(to_aggregator);
+        engine.adopt_aggregates(aggregator.join().expect("the aggregating thread does not panic"));
         Ok(())
     })?;
     if let Some(bar) = progress {

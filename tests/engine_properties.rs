@@ -6,7 +6,7 @@ mod common;
 
 use common::{canonical, evaluate, final_state, from_engine, Event, Item};
 use proptest::prelude::*;
-use toolrank_engine::{AggregateCopy, Engine, StateError};
+use toolrank_engine::{AggregateCopy, Aggregates, Contributions, Engine, StateError};
 use toolrank_events::{decode_line, Day};
 
 const TODAY: &str = "2025-07-14";
@@ -91,6 +91,36 @@ proptest! {
         let got = from_engine(&report, &engine.staging_sorted());
         let want = canonical(evaluate(&final_state(&history), TODAY));
         prop_assert_eq!(got, want);
+    }
+
+    /// What replay does: flushes that hand their contributions to aggregates summed
+    /// elsewhere, adopted at the end, here mixed with flushes into the engine's own.
+    #[test]
+    fn contributions_summed_aside_equal_the_batch_reference((history, order, ctl) in scenario()) {
+        let mut engine = Engine::new();
+        let (mut aside, mut batch) = (Aggregates::default(), Contributions::default());
+        for (i, &idx) in order.iter().enumerate() {
+            let line = history[idx].stream_record(idx as u64 + 1);
+            decode_line(line.as_bytes(), &mut |rec| {
+                engine.apply(&rec.result.expect("generated records are valid"));
+            })
+            .expect("generated lines decode");
+            match ctl[i] % 4 {
+                0 => engine.flush(),
+                1 | 2 => {
+                    engine.flush_aside(&mut batch);
+                    batch.apply_to(&mut aside);
+                    batch.clear();
+                }
+                _ => {}
+            }
+        }
+        engine.flush_aside(&mut batch);
+        batch.apply_to(&mut aside);
+        engine.adopt_aggregates(aside);
+        let report = engine.report(Day::parse_iso(TODAY).unwrap());
+        let got = from_engine(&report, &engine.staging_sorted());
+        prop_assert_eq!(got, canonical(evaluate(&final_state(&history), TODAY)));
     }
 
     #[test]

@@ -139,6 +139,85 @@ pub struct Touched {
     pub patterns: rustc_hash::FxHashSet<PatternKey>,
 }
 
+/// A [`Contribution`] with its rows' tools, borrowed from wherever it is kept.
+struct Execution<'a> {
+    success: bool,
+    first: Day,
+    last: Day,
+    pattern: Sym,
+    rows: u32,
+    failed_tools: &'a [Sym],
+    tools: &'a [Sym],
+}
+
+/// Contribution deltas an engine's flush hands out ([`crate::Engine::flush_aside`])
+/// instead of applying them, so that another thread applies them to its aggregates
+/// ([`apply_to`](Self::apply_to)) while the engine goes on. Flat: a batch allocates
+/// nothing per delta, and cleared batches are reused.
+#[derive(Debug, Default)]
+pub struct Contributions {
+    deltas: Vec<Delta>,
+    /// The failed tools and tools of every delta, each a range of this.
+    syms: Vec<Sym>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Delta {
+    user: Sym,
+    agent: Sym,
+    pattern: Sym,
+    first: Day,
+    last: Day,
+    rows: u32,
+    success: bool,
+    diff: i64,
+    /// `syms[failed_at..tools_at]` failed, `syms[tools_at..end]` all tools.
+    failed_at: u32,
+    tools_at: u32,
+    end: u32,
+}
+
+impl Contributions {
+    pub fn len(&self) -> usize {
+        self.deltas.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.deltas.is_empty()
+    }
+
+    /// Empties the batch, keeping its memory.
+    pub fn clear(&mut self) {
+        self.deltas.clear();
+        self.syms.clear();
+    }
+
+    pub(crate) fn push(&mut self, user: Sym, agent: Sym, c: &Contribution, tools: &[Sym], diff: i64) {
+        let failed_at = self.syms.len() as u32;
+        self.syms.extend_from_slice(&c.failed_tools);
+        let tools_at = self.syms.len() as u32;
+        self.syms.extend_from_slice(tools);
+        let (pattern, first, last, rows, success) = (c.pattern, c.first, c.last, c.rows, c.success);
+        self.deltas.push(Delta { user, agent, pattern, first, last, rows, success, diff, failed_at, tools_at, end: self.syms.len() as u32 });
+    }
+
+    /// Applies the batch's deltas, in order, to `aggregates`.
+    pub fn apply_to(&self, aggregates: &mut Aggregates) {
+        for d in &self.deltas {
+            let execution = Execution {
+                success: d.success,
+                first: d.first,
+                last: d.last,
+                pattern: d.pattern,
+                rows: d.rows,
+                failed_tools: &self.syms[d.failed_at as usize..d.tools_at as usize],
+                tools: &self.syms[d.tools_at as usize..d.end as usize],
+            };
+            aggregates.add(d.user, d.agent, &execution, d.diff);
+        }
+    }
+}
+
 fn add(map: &mut BTreeMap<Sym, i64>, key: Sym, diff: i64) {
     let n = map.entry(key).or_insert(0);
     *n += diff;
@@ -161,6 +240,11 @@ impl Aggregates {
     /// Adds (`diff = 1`) or retracts (`diff = -1`) one agent execution of `user`; `tools`
     /// are the `ToolNM`s of its rows.
     pub fn apply(&mut self, user: Sym, agent: Sym, c: &Contribution, tools: &[Sym], diff: i64) {
+        let execution = Execution { success: c.success, first: c.first, last: c.last, pattern: c.pattern, rows: c.rows, failed_tools: &c.failed_tools, tools };
+        self.add(user, agent, &execution, diff);
+    }
+
+    fn add(&mut self, user: Sym, agent: Sym, c: &Execution<'_>, diff: i64) {
         let succ = diff * i64::from(c.success);
         let a = self.agents.entry(agent).or_default();
         a.executions += diff;
@@ -168,10 +252,10 @@ impl Aggregates {
         a.last_days.add(c.last, diff);
         a.rows += diff * i64::from(c.rows);
         a.failed_rows += diff * c.failed_tools.len() as i64;
-        for &t in &c.failed_tools {
+        for &t in c.failed_tools {
             add(&mut a.failed_tools, t, diff);
         }
-        for &t in tools {
+        for &t in c.tools {
             add(&mut a.tools, t, diff);
         }
         if a.is_empty() {
@@ -189,6 +273,16 @@ impl Aggregates {
         p.last_days.add(c.last, diff);
         if p.is_empty() {
             self.patterns.remove(&key);
+        }
+    }
+
+    /// Adds `other`, whose symbols are ours: taken over whole when there is nothing to
+    /// add it to and no change to record.
+    pub(crate) fn add_all(&mut self, other: Aggregates) {
+        if self.agents.is_empty() && self.patterns.is_empty() && self.touched.is_none() {
+            (self.agents, self.patterns) = (other.agents, other.patterns);
+        } else {
+            self.absorb(&other, 1, |_, sym| sym);
         }
     }
 

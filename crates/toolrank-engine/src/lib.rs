@@ -22,7 +22,7 @@ mod intern;
 mod report;
 pub mod score;
 
-pub use aggregate::{AgentAggregate, Aggregates, Contribution, DayHistogram, PatternAggregate, PatternKey, SymKind, Touched};
+pub use aggregate::{AgentAggregate, Aggregates, Contribution, Contributions, DayHistogram, PatternAggregate, PatternKey, SymKind, Touched};
 pub use copy::AggregateCopy;
 pub use figures::{AgentFigures, PatternFigures, PatternView, Recommended, ToolFigures, TOP_PERCENTILE};
 pub use intern::{Interner, Sym};
@@ -243,6 +243,14 @@ impl Translation {
 }
 
 /// The `ToolNM`s of a contribution's rows: the second half of its pattern sequence.
+/// Where a flush puts the contribution deltas: always into the delta being tracked, and
+/// into this engine's aggregates (and a merged view's), or aside for another thread.
+enum FlushTo<'a> {
+    Own,
+    Global(&'a mut Engine),
+    Aside(&'a mut Contributions),
+}
+
 fn tools_of<'a>(sequences: &'a Interner<[Sym]>, c: &Contribution) -> &'a [Sym] {
     let seq = sequences.get(c.pattern);
     &seq[seq.len() / 2..]
@@ -1063,17 +1071,31 @@ impl Engine {
 
     /// Turns every dirty (session, agent) group into contribution deltas on the aggregates.
     pub fn flush(&mut self) {
-        self.flush_to(None);
+        self.flush_to(FlushTo::Own);
+    }
+
+    /// Flushes like [`flush`](Self::flush), but puts the contribution deltas into `out`
+    /// instead of applying them to this engine's aggregates: another thread applies them
+    /// ([`Contributions::apply_to`]) to aggregates that [`adopt_aggregates`](Self::adopt_aggregates)
+    /// hands back, so that a replay's reading and summing run side by side.
+    pub fn flush_aside(&mut self, out: &mut Contributions) {
+        self.flush_to(FlushTo::Aside(out));
+    }
+
+    /// Adds aggregates built from this engine's [`flush_aside`](Self::flush_aside)
+    /// batches (their symbols are this engine's) to its own.
+    pub fn adopt_aggregates(&mut self, aggregates: Aggregates) {
+        self.aggregates.add_all(aggregates);
     }
 
     /// Flushes, applying the same deltas and Agent item changes to `global` too: a merged
     /// view over the engines of several partitions, kept current without re-merging.
     /// Each engine must forward into one `global` only.
     pub fn flush_into(&mut self, global: &mut Engine) {
-        self.flush_to(Some(global));
+        self.flush_to(FlushTo::Global(global));
     }
 
-    fn flush_to(&mut self, mut global: Option<&mut Engine>) {
+    fn flush_to(&mut self, mut to: FlushTo<'_>) {
         let (mut rows, mut seq, mut emptied) = (Vec::new(), Vec::new(), Vec::new());
         for idx in std::mem::take(&mut self.dirty) {
             let s = &mut self.sessions[idx as usize];
@@ -1090,11 +1112,14 @@ impl Engine {
                 }
                 let old = old_pos.map(|i| s.committed.swap_remove(i).1);
                 for (c, diff) in old.iter().map(|c| (c, -1)).chain(new.iter().map(|c| (c, 1))) {
-                    self.aggregates.apply(s.user, agent, c, tools_of(&self.sequences, c), diff);
+                    match &mut to {
+                        FlushTo::Aside(out) => out.push(s.user, agent, c, tools_of(&self.sequences, c), diff),
+                        FlushTo::Own | FlushTo::Global(_) => self.aggregates.apply(s.user, agent, c, tools_of(&self.sequences, c), diff),
+                    }
                     if let Some(d) = &mut self.delta {
                         d.figures.apply(s.user, agent, c, tools_of(&self.sequences, c), diff);
                     }
-                    if let Some(g) = global.as_deref_mut() {
+                    if let FlushTo::Global(g) = &mut to {
                         let from = (&self.strings, &self.sequences);
                         let (user, agent) = (self.forward.string(from.0, &mut g.strings, s.user), self.forward.string(from.0, &mut g.strings, agent));
                         let c = self.forward.contribution(from, (&mut g.strings, &mut g.sequences), c);
@@ -1112,9 +1137,9 @@ impl Engine {
         for idx in emptied {
             self.drop_session(idx);
         }
-        match global {
-            Some(g) => self.forward_catalog(g),
-            None => self.catalog_changes.clear(),
+        match to {
+            FlushTo::Global(g) => self.forward_catalog(g),
+            FlushTo::Own | FlushTo::Aside(_) => self.catalog_changes.clear(),
         }
     }
 
