@@ -1,6 +1,10 @@
 //! A unit's aggregates without its sessions: see [`AggregateCopy`].
 
-use crate::{figures_of, version_of, DeltaHead, Engine, SnapshotFigures, StateError, DELTA_VERSION, OLD_DELTA_VERSION, SNAPSHOT_VERSION};
+use crate::{
+    figures_of, version_of, AgentMeta, Aggregates, DeltaHead, Engine, SnapshotFigures, StateError, Sym, SymKind, DELTA_VERSION, OLD_DELTA_VERSION,
+    SNAPSHOT_VERSION,
+};
+use rustc_hash::FxHashSet;
 
 /// What a sink writer keeps of a unit another consumer owns: its aggregates and Agent
 /// items, not its sessions. Read from the unit's base snapshot (which stores them before
@@ -104,5 +108,44 @@ impl Engine {
     /// current state.
     pub fn unabsorb_copy(&mut self, copy: &mut AggregateCopy) {
         self.unabsorb(&mut copy.engine);
+    }
+
+    /// Puts `new` (the same unit read again, from a newer base) in the place of `old` in
+    /// this merged view, moving the sum by their difference only: the changes recorded
+    /// (what the sinks write next) are the keys whose figures or Agent items differ, as
+    /// if the copy had followed the deltas the new base replaced, not every key of the
+    /// unit twice.
+    pub fn replace_copy(&mut self, old: &mut AggregateCopy, new: &mut AggregateCopy) {
+        let (old, new) = (&mut old.engine, &mut new.engine);
+        let metas = |e: &mut Engine, g: &mut Engine| -> Vec<(Sym, AgentMeta)> {
+            let (from, map) = (&e.strings, &mut e.forward);
+            let metas = e.catalog.iter().filter_map(|(&agent, slot)| Some((agent, slot.meta.as_ref()?)));
+            metas
+                .map(|(agent, m)| {
+                    let meta = AgentMeta { domain: map.string(from, &mut g.strings, m.domain), name: m.name.clone() };
+                    (map.string(from, &mut g.strings, agent), meta)
+                })
+                .collect()
+        };
+        let (was, now) = (metas(old, self), metas(new, self));
+        let now_ids: FxHashSet<Sym> = now.iter().map(|(id, _)| *id).collect();
+        for (id, _) in was.into_iter().filter(|(id, _)| !now_ids.contains(id)) {
+            self.set_meta(id, None);
+        }
+        for (id, meta) in now {
+            if self.catalog.get(&id).and_then(|slot| slot.meta.as_ref()) != Some(&meta) {
+                self.set_meta(id, Some(meta));
+            }
+        }
+        let mut difference = Aggregates::default();
+        for (e, sign) in [(new, 1), (old, -1)] {
+            let (strings, sequences) = (&mut self.strings, &mut self.sequences);
+            let (from, map) = ((&e.strings, &e.sequences), &mut e.forward);
+            difference.absorb(&e.aggregates, sign, |kind, s| match kind {
+                SymKind::String => map.string(from.0, strings, s),
+                SymKind::Sequence => map.sequence(from, (&mut *strings, &mut *sequences), s),
+            });
+        }
+        self.aggregates.absorb(&difference, 1, |_, s| s);
     }
 }

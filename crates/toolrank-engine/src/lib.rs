@@ -242,7 +242,6 @@ impl Translation {
     }
 }
 
-/// The `ToolNM`s of a contribution's rows: the second half of its pattern sequence.
 /// Where a flush puts the contribution deltas: always into the delta being tracked, and
 /// into this engine's aggregates (and a merged view's), or aside for another thread.
 enum FlushTo<'a> {
@@ -251,6 +250,7 @@ enum FlushTo<'a> {
     Aside(&'a mut Contributions),
 }
 
+/// The `ToolNM`s of a contribution's rows: the second half of its pattern sequence.
 fn tools_of<'a>(sequences: &'a Interner<[Sym]>, c: &Contribution) -> &'a [Sym] {
     let seq = sequences.get(c.pattern);
     &seq[seq.len() / 2..]

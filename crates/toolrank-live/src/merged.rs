@@ -60,10 +60,14 @@ impl Merged {
         self.copies.get(scope).map(|c| c.at)
     }
 
-    /// Holds `figures` at log position `at` as the copy of `scope`, in place of any older one.
+    /// Holds `figures` at log position `at` as the copy of `scope`, in place of any older
+    /// one: the sum moves by what differs between the two, so that the sinks rewrite
+    /// only that.
     pub(crate) fn hold_copy(&mut self, scope: &str, mut figures: AggregateCopy, at: u64) {
-        self.drop_copy(scope);
-        self.global.absorb_copy(&mut figures);
+        match self.copies.get_mut(scope) {
+            Some(old) => self.global.replace_copy(&mut old.figures, &mut figures),
+            None => self.global.absorb_copy(&mut figures),
+        }
         self.copies.insert(scope.to_owned(), Copy { figures, at });
     }
 
