@@ -55,14 +55,19 @@ fn scenario() -> impl Strategy<Value = (Vec<Event>, Vec<usize>, Vec<u8>)> {
     })
 }
 
+/// Applies `event`, the history's `idx`th, as the stream record it would be.
+fn deliver(engine: &mut Engine, event: &Event, idx: usize) {
+    let line = event.stream_record(idx as u64 + 1);
+    decode_line(line.as_bytes(), &mut |rec| {
+        engine.apply(&rec.result.expect("generated records are valid"));
+    })
+    .expect("generated lines decode");
+}
+
 fn replay(history: &[Event], order: &[usize], ctl: &[u8]) -> Engine {
     let mut engine = Engine::new();
     for (i, &idx) in order.iter().enumerate() {
-        let line = history[idx].stream_record(idx as u64 + 1);
-        decode_line(line.as_bytes(), &mut |rec| {
-            engine.apply(&rec.result.expect("generated records are valid"));
-        })
-        .expect("generated lines decode");
+        deliver(&mut engine, &history[idx], idx);
         match ctl[i] % 8 {
             0 => engine.flush(),
             1 => engine = Engine::restore(&engine.snapshot()).expect("own snapshot restores"),
@@ -100,11 +105,7 @@ proptest! {
         let mut engine = Engine::new();
         let (mut aside, mut batch) = (Aggregates::default(), Contributions::default());
         for (i, &idx) in order.iter().enumerate() {
-            let line = history[idx].stream_record(idx as u64 + 1);
-            decode_line(line.as_bytes(), &mut |rec| {
-                engine.apply(&rec.result.expect("generated records are valid"));
-            })
-            .expect("generated lines decode");
+            deliver(&mut engine, &history[idx], idx);
             match ctl[i] % 4 {
                 0 => engine.flush(),
                 1 | 2 => {
