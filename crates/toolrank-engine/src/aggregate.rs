@@ -178,14 +178,6 @@ struct Delta {
 }
 
 impl Contributions {
-    pub fn len(&self) -> usize {
-        self.deltas.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.deltas.is_empty()
-    }
-
     /// Empties the batch, keeping its memory.
     pub fn clear(&mut self) {
         self.deltas.clear();

@@ -1,9 +1,6 @@
 //! A unit's aggregates without its sessions: see [`AggregateCopy`].
 
-use crate::{
-    figures_of, version_of, AgentMeta, Aggregates, DeltaHead, Engine, SnapshotFigures, StateError, Sym, SymKind, DELTA_VERSION, OLD_DELTA_VERSION,
-    SNAPSHOT_VERSION,
-};
+use crate::{figures_of, version_of, Aggregates, DeltaHead, Engine, SnapshotFigures, StateError, Sym, DELTA_VERSION, OLD_DELTA_VERSION, SNAPSHOT_VERSION};
 use rustc_hash::FxHashSet;
 
 /// What a sink writer keeps of a unit another consumer owns: its aggregates and Agent
@@ -117,17 +114,8 @@ impl Engine {
     /// unit twice.
     pub fn replace_copy(&mut self, old: &mut AggregateCopy, new: &mut AggregateCopy) {
         let (old, new) = (&mut old.engine, &mut new.engine);
-        let metas = |e: &mut Engine, g: &mut Engine| -> Vec<(Sym, AgentMeta)> {
-            let (from, map) = (&e.strings, &mut e.forward);
-            let metas = e.catalog.iter().filter_map(|(&agent, slot)| Some((agent, slot.meta.as_ref()?)));
-            metas
-                .map(|(agent, m)| {
-                    let meta = AgentMeta { domain: map.string(from, &mut g.strings, m.domain), name: m.name.clone() };
-                    (map.string(from, &mut g.strings, agent), meta)
-                })
-                .collect()
-        };
-        let (was, now) = (metas(old, self), metas(new, self));
+        let was = old.forward.catalog(&old.strings, &old.catalog, &mut self.strings);
+        let now = new.forward.catalog(&new.strings, &new.catalog, &mut self.strings);
         let now_ids: FxHashSet<Sym> = now.iter().map(|(id, _)| *id).collect();
         for (id, _) in was.into_iter().filter(|(id, _)| !now_ids.contains(id)) {
             self.set_meta(id, None);
@@ -139,12 +127,7 @@ impl Engine {
         }
         let mut difference = Aggregates::default();
         for (e, sign) in [(new, 1), (old, -1)] {
-            let (strings, sequences) = (&mut self.strings, &mut self.sequences);
-            let (from, map) = ((&e.strings, &e.sequences), &mut e.forward);
-            difference.absorb(&e.aggregates, sign, |kind, s| match kind {
-                SymKind::String => map.string(from.0, strings, s),
-                SymKind::Sequence => map.sequence(from, (&mut *strings, &mut *sequences), s),
-            });
+            e.forward.absorb((&e.strings, &e.sequences), (&mut self.strings, &mut self.sequences), &e.aggregates, sign, &mut difference);
         }
         self.aggregates.absorb(&difference, 1, |_, s| s);
     }

@@ -240,6 +240,29 @@ impl Translation {
             ..c.clone()
         }
     }
+
+    /// Adds (`sign = 1`) or subtracts `figures`, whose symbols are those of `from`, to
+    /// `into`, whose symbols are those of `to`.
+    fn absorb(
+        &mut self,
+        from: (&Interner<str>, &Interner<[Sym]>),
+        to: (&mut Interner<str>, &mut Interner<[Sym]>),
+        figures: &Aggregates,
+        sign: i64,
+        into: &mut Aggregates,
+    ) {
+        let (strings, sequences) = to;
+        into.absorb(figures, sign, |kind, s| match kind {
+            SymKind::String => self.string(from.0, strings, s),
+            SymKind::Sequence => self.sequence(from, (&mut *strings, &mut *sequences), s),
+        });
+    }
+
+    /// The Agent items of `catalog` (symbols of `from`) in the symbols of `to`.
+    fn catalog(&mut self, from: &Interner<str>, catalog: &FxHashMap<Sym, AgentSlot>, to: &mut Interner<str>) -> Vec<(Sym, AgentMeta)> {
+        let metas = catalog.iter().filter_map(|(&agent, slot)| Some((agent, slot.meta.as_ref()?)));
+        metas.map(|(agent, m)| (self.string(from, to, agent), AgentMeta { domain: self.string(from, to, m.domain), name: m.name.clone() })).collect()
+    }
 }
 
 /// Where a flush puts the contribution deltas: always into the delta being tracked, and
@@ -1112,12 +1135,13 @@ impl Engine {
                 }
                 let old = old_pos.map(|i| s.committed.swap_remove(i).1);
                 for (c, diff) in old.iter().map(|c| (c, -1)).chain(new.iter().map(|c| (c, 1))) {
+                    let tools = tools_of(&self.sequences, c);
                     match &mut to {
-                        FlushTo::Aside(out) => out.push(s.user, agent, c, tools_of(&self.sequences, c), diff),
-                        FlushTo::Own | FlushTo::Global(_) => self.aggregates.apply(s.user, agent, c, tools_of(&self.sequences, c), diff),
+                        FlushTo::Aside(out) => out.push(s.user, agent, c, tools, diff),
+                        FlushTo::Own | FlushTo::Global(_) => self.aggregates.apply(s.user, agent, c, tools, diff),
                     }
                     if let Some(d) = &mut self.delta {
-                        d.figures.apply(s.user, agent, c, tools_of(&self.sequences, c), diff);
+                        d.figures.apply(s.user, agent, c, tools, diff);
                     }
                     if let FlushTo::Global(g) = &mut to {
                         let from = (&self.strings, &self.sequences);
@@ -1189,18 +1213,8 @@ impl Engine {
         other.flush();
         self.flush();
         let mut map = Translation::default();
-        let ids: Vec<(Sym, Option<AgentMeta>)> = other
-            .catalog
-            .iter()
-            .filter_map(|(&agent, slot)| {
-                let meta = slot.meta.as_ref()?;
-                let id = map.string(&other.strings, &mut self.strings, agent);
-                let domain = map.string(&other.strings, &mut self.strings, meta.domain);
-                Some((id, (sign > 0).then(|| AgentMeta { domain, name: meta.name.clone() })))
-            })
-            .collect();
-        for (id, meta) in ids {
-            self.set_meta(id, meta);
+        for (id, meta) in map.catalog(&other.strings, &other.catalog, &mut self.strings) {
+            self.set_meta(id, (sign > 0).then_some(meta));
         }
         self.add_figures(&mut map, (&other.strings, &other.sequences), &other.aggregates, sign);
     }
@@ -1208,11 +1222,7 @@ impl Engine {
     /// Adds (`sign = 1`) or subtracts `figures`, whose symbols are those of `from`
     /// (mapped into ours through `map`).
     fn add_figures(&mut self, map: &mut Translation, from: (&Interner<str>, &Interner<[Sym]>), figures: &Aggregates, sign: i64) {
-        let (strings, sequences) = (&mut self.strings, &mut self.sequences);
-        self.aggregates.absorb(figures, sign, |kind, s| match kind {
-            SymKind::String => map.string(from.0, strings, s),
-            SymKind::Sequence => map.sequence(from, (&mut *strings, &mut *sequences), s),
-        });
+        map.absorb(from, (&mut self.strings, &mut self.sequences), figures, sign, &mut self.aggregates);
     }
 
     /// Starts recording what changes, for [`take_changes`](Self::take_changes).
