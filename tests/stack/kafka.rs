@@ -619,8 +619,99 @@ fn a_deposed_sink_holders_late_writes_are_refused_and_the_sinks_stay_exact() {
     let valkey_url = env("TOOLRANK_VALKEY_URL");
     let live = Live::new("2");
     let history = generated(&live, "6000", "29");
-    // Each consumer reaches DynamoDB and Valkey through proxies of its own.
-    let consumer = |id: &str| {
+    let producer = live.producer("1500", &history);
+    let (a, b) = proxied_pair(&live, &valkey_url);
+    std::thread::sleep(Duration::from_secs(2));
+    let (holder, other) = if a.holds() { (&a, &b) } else { (&b, &a) };
+    let deposed = if a.holds() { "a" } else { "b" };
+    // The holder's lease (5 s) lapses while its requests wait; the other takes it within
+    // a second and writes. The hold starts with a sink round of the holder (so that round
+    // is among the requests waiting, not only reads of checkpoints) and lasts 9.5 s: under
+    // the SDK's 10 s attempt timeout, so the holder still waits for that round's reply
+    // when it arrives.
+    holder.dynamodb.hold_from_next_write();
+    let armed_since = Instant::now();
+    while !holder.dynamodb.is_holding() {
+        assert!(armed_since.elapsed() < Duration::from_secs(30), "the holder sent no sink round:\n{}", holder.run.said());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    holder.valkey.hold(true);
+    std::thread::sleep(Duration::from_millis(9500));
+    holder.dynamodb.hold(false);
+    holder.valkey.hold(false);
+    assert!(other.holds(), "the other consumer took the sink lease:\n{}", other.run.said());
+    assert!(producer.wait(COMMAND_LIMIT).status.success());
+    // Exact while both still run, soon after the input's end (DynamoDB Local answers the
+    // new holder's reads of the other's checkpoints slowly for a while after the hold).
+    live.await_sinks_equal_replay(&history, Some(&valkey_url), Duration::from_secs(90), || format!("a:\n{}\nb:\n{}", a.run.said(), b.run.said()));
+    // The deposed holder takes its late round's reply back when it next looks at its
+    // sinks (at the latest when it stops): it counts and logs the refusal then.
+    let counter = "toolrank_sink_fenced_writes_total{sink=\"dynamodb\"} ";
+    let holder_metrics = holder.metrics.clone();
+    let counted = |metrics: &str| metrics.contains(counter) && count_after(metrics, counter) >= 1;
+    let waited = Instant::now();
+    let mut metrics = scrape(&holder_metrics);
+    while !counted(&metrics) && waited.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(500));
+        metrics = scrape(&holder_metrics);
+    }
+    let mut said = String::new();
+    for (id, consumer) in [("a", a), ("b", b)] {
+        consumer.run.signal("-TERM");
+        let out = consumer.run.wait(COMMAND_LIMIT);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        if id == deposed {
+            said = String::from_utf8_lossy(&out.stderr).into_owned();
+        }
+    }
+    assert!(
+        counted(&metrics) || said.contains("dynamodb sink refused a write of this writer"),
+        "the deposed holder's late round was refused and counted:\n{said}\n{metrics}"
+    );
+    live.assert_sinks_equal_replay(&history, Some(&valkey_url));
+}
+
+/// The sink holder's queries of the state table (among them its reads of the other
+/// consumer's checkpoint log) each wait 8 s, longer than its 5 s lease, for 25 s: its loop
+/// waits on them, but the lease is renewed beside the loop, so the other consumer never
+/// takes it over; once the queries are quick again both sinks equal replay.
+#[test]
+fn a_sink_holder_waiting_on_reads_longer_than_its_lease_keeps_it() {
+    let _pace = dynamodb_pace();
+    let valkey_url = env("TOOLRANK_VALKEY_URL");
+    let live = Live::new("2");
+    let history = generated(&live, "3000", "37");
+    let producer = live.producer("1500", &history);
+    let (a, b) = proxied_pair(&live, &valkey_url);
+    let (holder, other) = if a.holds() { (&a, &b) } else { (&b, &a) };
+    let taken = other.run.said().matches("took the sink lease").count();
+    holder.dynamodb.delay_queries(Duration::from_secs(8));
+    std::thread::sleep(Duration::from_secs(25));
+    holder.dynamodb.delay_queries(Duration::ZERO);
+    let delayed = holder.dynamodb.delayed_queries.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(delayed >= 2, "the holder waited on {delayed} slow queries:\n{}", holder.run.said());
+    assert!(!holder.run.said().contains("lost the sink lease"), "the holder kept the sink lease:\n{}", holder.run.said());
+    assert_eq!(other.run.said().matches("took the sink lease").count(), taken, "the other never took it:\n{}", other.run.said());
+    assert!(producer.wait(COMMAND_LIMIT).status.success());
+    live.await_sinks_equal_replay(&history, Some(&valkey_url), Duration::from_secs(90), || format!("a:\n{}\nb:\n{}", a.run.said(), b.run.said()));
+    for consumer in [a, b] {
+        consumer.run.signal("-TERM");
+        let out = consumer.run.wait(COMMAND_LIMIT);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// A consumer of a group that reaches DynamoDB and Valkey through proxies of its own.
+struct Proxied {
+    run: Running,
+    metrics: String,
+    dynamodb: FaultyProxy,
+    valkey: FaultyProxy,
+}
+
+impl Proxied {
+    /// `consume kafka` as `id`, with a 5 s sink lease and sink rounds at every 200 ms.
+    fn start(live: &Live, valkey_url: &str, id: &str) -> Proxied {
         let dynamodb = FaultyProxy::start(&env("AWS_ENDPOINT_URL_DYNAMODB"));
         let valkey = FaultyProxy::start(valkey_url.trim_start_matches("redis://"));
         let through_proxy = valkey.url.replace("http://", "redis://");
@@ -644,68 +735,32 @@ fn a_deposed_sink_holders_late_writes_are_refused_and_the_sinks_stay_exact() {
             "--id",
             id,
         ]);
-        (Running::spawn(cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped())), metrics, dynamodb, valkey)
-    };
-    let holds = |c: &Running| c.said().matches("took the sink lease").count() > c.said().matches("lost the sink lease").count();
-    let producer = live.producer("1500", &history);
-    let a = consumer("a");
+        let run = Running::spawn(cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()));
+        Proxied { run, metrics, dynamodb, valkey }
+    }
+
+    /// Whether it holds the sink lease, by what it said.
+    fn holds(&self) -> bool {
+        let said = self.run.said();
+        said.matches("took the sink lease").count() > said.matches("lost the sink lease").count()
+    }
+}
+
+/// Consumers `a`, then `b` of `live`'s group (behind proxies of their own), once the
+/// group settled: both own a partition and one of them holds the sink lease.
+fn proxied_pair(live: &Live, valkey_url: &str) -> (Proxied, Proxied) {
+    let a = Proxied::start(live, valkey_url, "a");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !holds(&a.0) {
-        assert!(Instant::now() < deadline, "a never took the sink lease: {}", a.0.said());
+    while !a.holds() {
+        assert!(Instant::now() < deadline, "a never took the sink lease: {}", a.run.said());
         std::thread::sleep(Duration::from_millis(100));
     }
-    let b = consumer("b");
-    // The group settles (both own a partition) and one of them holds the lease.
-    while !(b.0.said().contains("checkpoint claimed") && holds(&a.0) != holds(&b.0)) {
-        assert!(Instant::now() < deadline, "the group never settled:\n{}\n{}", a.0.said(), b.0.said());
+    let b = Proxied::start(live, valkey_url, "b");
+    while !(b.run.said().contains("checkpoint claimed") && a.holds() != b.holds()) {
+        assert!(Instant::now() < deadline, "the group never settled:\n{}\n{}", a.run.said(), b.run.said());
         std::thread::sleep(Duration::from_millis(100));
     }
-    std::thread::sleep(Duration::from_secs(2));
-    let (holder, other) = if holds(&a.0) { (&a, &b) } else { (&b, &a) };
-    let deposed = if holds(&a.0) { "a" } else { "b" };
-    // The holder's lease (5 s) lapses while its requests wait; the other takes it within
-    // a second and writes. The hold lasts until a sink round of the holder is among the
-    // requests waiting, then 9.5 s more: under the SDK's 10 s attempt timeout, so the
-    // holder still waits for that round's reply when it arrives.
-    holder.2.hold(true);
-    holder.3.hold(true);
-    let held_since = Instant::now();
-    while holder.2.held_writes.load(std::sync::atomic::Ordering::SeqCst) == 0 && held_since.elapsed() < Duration::from_secs(15) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(9500));
-    holder.2.hold(false);
-    holder.3.hold(false);
-    assert!(holds(&other.0), "the other consumer took the sink lease:\n{}", other.0.said());
-    assert!(producer.wait(COMMAND_LIMIT).status.success());
-    // Exact while both still run, soon after the input's end (DynamoDB Local answers the
-    // new holder's reads of the other's checkpoints slowly for a while after the hold).
-    live.await_sinks_equal_replay(&history, Some(&valkey_url), Duration::from_secs(90), || format!("a:\n{}\nb:\n{}", a.0.said(), b.0.said()));
-    // The deposed holder takes its late round's reply back when it next looks at its
-    // sinks (at the latest when it stops): it counts and logs the refusal then.
-    let counter = "toolrank_sink_fenced_writes_total{sink=\"dynamodb\"} ";
-    let holder_metrics = holder.1.clone();
-    let counted = |metrics: &str| metrics.contains(counter) && count_after(metrics, counter) >= 1;
-    let waited = Instant::now();
-    let mut metrics = scrape(&holder_metrics);
-    while !counted(&metrics) && waited.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(500));
-        metrics = scrape(&holder_metrics);
-    }
-    let mut said = String::new();
-    for (id, consumer) in [("a", a), ("b", b)] {
-        consumer.0.signal("-TERM");
-        let out = consumer.0.wait(COMMAND_LIMIT);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        if id == deposed {
-            said = String::from_utf8_lossy(&out.stderr).into_owned();
-        }
-    }
-    assert!(
-        counted(&metrics) || said.contains("dynamodb sink refused a write of this writer"),
-        "the deposed holder's late round was refused and counted:\n{said}\n{metrics}"
-    );
-    live.assert_sinks_equal_replay(&history, Some(&valkey_url));
+    (a, b)
 }
 
 /// DynamoDB answers every request with a throttle or a server error for 40 s (longer than

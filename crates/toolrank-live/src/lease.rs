@@ -1,14 +1,17 @@
 //! The sink lease: one writer of a group writes the sinks. A holder renews beside the
-//! loop (a slow state table must not hold up reading): it sends a renewal and collects
-//! it at a later turn, and waits for it only once the last renewal is half a lease old.
+//! loop (a slow state table must not hold up reading, and a loop held up by a slow read,
+//! such as another consumer's checkpoint, must not lose the lease): a task renews it every
+//! third of a lease while the loop goes on, and the loop collects what it learnt at its
+//! turns, waiting for it only once the last renewal is half a lease old.
 
-use crate::deadline::within;
+use crate::deadline::{within, CALL_DEADLINE};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use toolrank_state::{Lease, Taken};
 use tracing::warn;
 
-/// A renewal of the lease: what [`Lease::take`] returns.
-type Renewal = tokio::task::JoinHandle<Result<Option<Taken>, toolrank_dynamodb::Error>>;
+/// What a renewal returned, with when it was sent.
+type Outcome = (Instant, Result<Option<Taken>, toolrank_dynamodb::Error>);
 
 /// What a turn did to the lease.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,13 +35,92 @@ pub(crate) struct SinkLease {
     generation: Option<u64>,
     /// When the lease was last renewed (when that renewal was sent).
     renewed: Instant,
-    /// A renewal running beside the loop, and when it was sent.
-    renewal: Option<(Instant, Renewal)>,
+    /// The renewals running beside the loop while the lease is held.
+    renewer: Option<Renewer>,
+}
+
+/// A task renewing the lease every third of a lease until a renewal fails or is refused,
+/// it is stopped, or the loop has not turned for [`stalled`]: a loop stuck that long
+/// gives the lease up to another consumer.
+struct Renewer {
+    outcomes: tokio::sync::mpsc::UnboundedReceiver<Outcome>,
+    /// When the loop last turned.
+    turned: Arc<Mutex<Instant>>,
+    stop: Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How long the loop may go without a turn before the renewals stop: past the longest
+/// call it can wait for, and a lease more.
+fn stalled(duration: Duration) -> Duration {
+    CALL_DEADLINE + duration
+}
+
+impl Renewer {
+    fn start(rt: &tokio::runtime::Runtime, lease: Lease, generation: u64, duration: Duration) -> Renewer {
+        let (sender, outcomes) = tokio::sync::mpsc::unbounded_channel();
+        let turned = Arc::new(Mutex::new(Instant::now()));
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let (last_turn, stopped) = (turned.clone(), stop.clone());
+        let task = rt.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(duration / 3) => {}
+                    _ = stopped.notified() => return,
+                }
+                if last_turn.lock().expect("not poisoned").elapsed() > stalled(duration) {
+                    warn!("the loop has not turned for {} s: the sink lease is left to lapse", stalled(duration).as_secs());
+                    return;
+                }
+                let sent = Instant::now();
+                let renewed = lease.take(Some(generation)).await;
+                let go_on = matches!(renewed, Ok(Some(_)));
+                if sender.send((sent, renewed)).is_err() || !go_on {
+                    return;
+                }
+            }
+        });
+        Renewer { outcomes, turned, stop, task }
+    }
+
+    /// The latest outcome not collected yet; with `wait`, waits for the next one if there
+    /// is none (`None`: the task ended without one).
+    fn latest(&mut self, rt: &tokio::runtime::Runtime, wait: bool) -> Option<Result<Outcome, toolrank_dynamodb::Error>> {
+        *self.turned.lock().expect("not poisoned") = Instant::now();
+        let mut latest = None;
+        while let Ok(outcome) = self.outcomes.try_recv() {
+            latest = Some(outcome);
+        }
+        match latest {
+            Some(outcome) => Some(Ok(outcome)),
+            None if wait => {
+                let next = within(rt, "renewing the sink lease", async { Ok::<_, toolrank_dynamodb::Error>(self.outcomes.recv().await) });
+                next.transpose()
+            }
+            None => None,
+        }
+    }
+
+    /// Stops the renewals and waits for one still running (before the lease is released
+    /// or taken anew: a late renewal must not take it back).
+    fn settle(mut self, rt: &tokio::runtime::Runtime) {
+        self.stop.notify_one();
+        // Its outcome no longer matters: the caller takes or releases the lease anew.
+        let task = &mut self.task;
+        let _ = within(rt, "renewing the sink lease", async { Ok::<_, toolrank_dynamodb::Error>(task.await) });
+    }
+}
+
+impl Drop for Renewer {
+    /// A writer dropped without giving the lease up lets it lapse.
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl SinkLease {
     pub(crate) fn new(lease: Lease, duration: Duration) -> SinkLease {
-        SinkLease { lease, duration, held: false, generation: None, renewed: Instant::now(), renewal: None }
+        SinkLease { lease, duration, held: false, generation: None, renewed: Instant::now(), renewer: None }
     }
 
     pub(crate) fn held(&self) -> bool {
@@ -54,7 +136,7 @@ impl SinkLease {
     /// kept only while the last renewal surely still holds.
     pub(crate) fn turn(&mut self, rt: &tokio::runtime::Runtime, retried: &mut u64) -> Held {
         let Some((sent, taken)) = self.outcome(rt) else {
-            // A renewal is on its way and the last one still holds.
+            // Renewals are on their way and the last one still holds.
             return if self.held { Held::Still } else { Held::No };
         };
         // Whether this writer's record of what the sinks hold is still exact: nobody else
@@ -76,6 +158,10 @@ impl SinkLease {
             }
         };
         let was = self.set_held(held);
+        if let Some(generation) = self.generation.filter(|_| held && self.renewer.is_none()) {
+            // Renewed from now on beside the loop, also while it waits for a long call.
+            self.renewer = Some(Renewer::start(rt, self.lease.clone(), generation, self.duration));
+        }
         match (was, held) {
             (false, true) if !continued => Held::Taken,
             (_, true) => Held::Still,
@@ -84,45 +170,37 @@ impl SinkLease {
         }
     }
 
-    /// The outcome of a take or renewal, with when it was sent; `None` while a renewal
-    /// runs and need not be waited for.
-    fn outcome(&mut self, rt: &tokio::runtime::Runtime) -> Option<(Instant, Result<Option<Taken>, toolrank_dynamodb::Error>)> {
+    /// The outcome of a take or renewal, with when it was sent; `None` while renewals run
+    /// and need not be waited for.
+    fn outcome(&mut self, rt: &tokio::runtime::Runtime) -> Option<Outcome> {
         let held = self.generation.filter(|_| self.held);
         if held.is_none() {
             self.settle(rt);
             return Some((Instant::now(), within(rt, "taking the sink lease", self.lease.take(None))));
         }
         let due = self.renewed.elapsed() >= self.duration / 2;
-        if let Some((sent, task)) = self.renewal.take_if(|(_, task)| due || task.is_finished()) {
-            let renewed = join(rt, task);
-            if let Ok(Some(taken)) = renewed {
-                // The next one goes out now: a renewal is always on its way, so a slow
-                // state table has the whole lease to answer before it lapses.
-                self.send_renewal(rt, taken.generation);
+        match self.renewer.as_mut().and_then(|r| r.latest(rt, due)) {
+            Some(Ok(outcome)) => {
+                if !matches!(outcome.1, Ok(Some(_))) {
+                    // The renewals stopped with it: the next turn starts them again.
+                    self.settle(rt);
+                }
+                Some(outcome)
             }
-            return Some((sent, renewed));
+            Some(Err(e)) => Some((Instant::now(), Err(e))),
+            None if due => {
+                // The renewals stopped (the loop stalled) or never started: renew here.
+                self.settle(rt);
+                Some((Instant::now(), within(rt, "renewing the sink lease", self.lease.take(held))))
+            }
+            None => None,
         }
-        if due {
-            return Some((Instant::now(), within(rt, "renewing the sink lease", self.lease.take(held))));
-        }
-        if let (None, Some(generation)) = (&self.renewal, held) {
-            self.send_renewal(rt, generation);
-        }
-        None
     }
 
-    /// Sends a renewal of the lease held at `generation` beside the loop.
-    fn send_renewal(&mut self, rt: &tokio::runtime::Runtime, generation: u64) {
-        let lease = self.lease.clone();
-        self.renewal = Some((Instant::now(), rt.spawn(async move { lease.take(Some(generation)).await })));
-    }
-
-    /// Waits for a renewal still running (before the lease is released or taken anew: a
-    /// late renewal must not take it back).
+    /// Stops the renewals beside the loop, waiting for one still running.
     fn settle(&mut self, rt: &tokio::runtime::Runtime) {
-        if let Some((_, task)) = self.renewal.take() {
-            // Its outcome no longer matters: the caller takes or releases the lease anew.
-            let _ = join(rt, task);
+        if let Some(renewer) = self.renewer.take() {
+            renewer.settle(rt);
         }
     }
 
@@ -150,12 +228,4 @@ impl SinkLease {
     pub(crate) fn writes(&self) -> (u64, f64) {
         (self.lease.write_requests(), self.lease.write_units())
     }
-}
-
-/// A renewal's outcome, waited for up to the call deadline; one still running then is
-/// aborted (a late one must not renew a lease given up meanwhile).
-fn join(rt: &tokio::runtime::Runtime, mut task: Renewal) -> Result<Option<Taken>, toolrank_dynamodb::Error> {
-    let joined = within(rt, "renewing the sink lease", async { (&mut task).await.expect("a lease renewal does not panic") });
-    task.abort();
-    joined
 }

@@ -11,8 +11,12 @@ pub struct FaultyProxy {
     pub failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// While set, what clients send waits in the proxy (a network that stalls).
     pub holding: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// `TransactWriteItems` requests (sink writes) that arrived while holding.
-    pub held_writes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// While set, the next `TransactWriteItems` request (a sink write) starts holding.
+    pub armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Milliseconds each `Query` request waits before it goes on (0: none).
+    pub query_delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// `Query` requests delayed so far.
+    pub delayed_queries: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Requests answered with an injected error.
     pub refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub cut: tokio::sync::watch::Sender<u64>,
@@ -29,8 +33,11 @@ impl FaultyProxy {
         let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let holding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let hold = holding.clone();
-        let held_writes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let held = held_writes.clone();
+        let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let arm = armed.clone();
+        let query_delay_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let delayed_queries = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (delay, delayed) = (query_delay_ms.clone(), delayed_queries.clone());
         let (cut, _) = tokio::sync::watch::channel(0u64);
         let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (flag, cuts, count) = (failing.clone(), cut.clone(), refused.clone());
@@ -57,7 +64,8 @@ impl FaultyProxy {
                     });
                     continue;
                 }
-                let (upstream, mut cut, hold, held) = (upstream.clone(), cuts.subscribe(), hold.clone(), held.clone());
+                let (upstream, mut cut, hold, arm) = (upstream.clone(), cuts.subscribe(), hold.clone(), arm.clone());
+                let (delay, delayed) = (delay.clone(), delayed.clone());
                 tokio::spawn(async move {
                     let Ok(outbound) = tokio::net::TcpStream::connect(&upstream).await else { return };
                     let ((mut from_client, mut to_client), (mut from_server, mut to_server)) = (inbound.into_split(), outbound.into_split());
@@ -65,8 +73,13 @@ impl FaultyProxy {
                     let up = async move {
                         let mut buf = vec![0u8; 1 << 16];
                         while let Ok(n @ 1..) = from_client.read(&mut buf).await {
-                            if hold.load(std::sync::atomic::Ordering::SeqCst) && buf[..n].windows(18).any(|w| w == b"TransactWriteItems") {
-                                held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            if buf[..n].windows(18).any(|w| w == b"TransactWriteItems") && arm.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                                hold.store(true, std::sync::atomic::Ordering::SeqCst);
+                            }
+                            let wait = delay.load(std::sync::atomic::Ordering::SeqCst);
+                            if wait > 0 && buf[..n].windows(14).any(|w| w == b"20120810.Query") {
+                                delayed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                tokio::time::sleep(Duration::from_millis(wait)).await;
                             }
                             while hold.load(std::sync::atomic::Ordering::SeqCst) {
                                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -88,7 +101,7 @@ impl FaultyProxy {
                 });
             }
         });
-        FaultyProxy { url, failing, holding, held_writes, refused, cut, _rt: rt }
+        FaultyProxy { url, failing, holding, armed, query_delay_ms, delayed_queries, refused, cut, _rt: rt }
     }
 
     pub fn fail(&self, on: bool) {
@@ -101,6 +114,20 @@ impl FaultyProxy {
     /// Holds what clients send from now on; `false` lets it through.
     pub fn hold(&self, on: bool) {
         self.holding.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Holds from the next sink write on: that write and all after it wait.
+    pub fn hold_from_next_write(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Makes each `Query` request from now on wait `delay` before it goes on.
+    pub fn delay_queries(&self, delay: Duration) {
+        self.query_delay_ms.store(delay.as_millis() as u64, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_holding(&self) -> bool {
+        self.holding.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Fails for `window`, then passes requests through again.
