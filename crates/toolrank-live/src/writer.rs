@@ -286,8 +286,8 @@ impl SinkWriter {
         self.copies_behind = true;
         let mut records = 0;
         for (i, scope) in others.iter().enumerate() {
-            // Loading copies can take longer than a lease: it is renewed between them, and
-            // once lost the rest are not loaded.
+            // Loading copies can take longer than a lease: it is renewed beside the loop,
+            // looked at between them, and once lost the rest are not loaded.
             if i > 0 && !self.take_lease() {
                 return Ok(records);
             }
