@@ -247,6 +247,37 @@ fn valkey_sink_writes_only_differences_and_holds_what_a_full_write_holds() {
     assert_eq!(held.2, expected.2, "each domain's ranking");
 }
 
+/// A full rewrite (a new holder's first write, a resynchronization) lists its namespace
+/// with SCAN, which walks every key of the server: another namespace's 50,000 keys cost
+/// it some fifty round trips, not five thousand.
+#[test]
+fn a_valkey_full_rewrite_lists_its_namespace_in_few_round_trips() {
+    let url = env("TOOLRANK_VALKEY_URL");
+    let lines: Vec<&str> = include_str!("../../examples/seed-sample.jsonl").lines().collect();
+    let mut engine = toolrank_engine::Engine::new();
+    apply_lines(&mut engine, &lines);
+    engine.flush();
+    let rewrite = || {
+        let mut sink = toolrank_sink_valkey::ValkeySink::new(&url, unique("vscan").as_str()).unwrap();
+        sink.write(&engine, &engine.everything()).unwrap();
+        sink.commands
+    };
+    let before = rewrite();
+    let mut conn = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+    let other = unique("vscan-other");
+    let keys: Vec<String> = (0..50_000).map(|i| format!("{other}:{i}")).collect();
+    for chunk in keys.chunks(1000) {
+        let _: () = redis::cmd("MSET").arg(chunk.iter().flat_map(|k| [k.as_str(), "x"]).collect::<Vec<_>>()).query(&mut conn).unwrap();
+    }
+    let after = rewrite();
+    for chunk in keys.chunks(1000) {
+        let _: () = redis::cmd("DEL").arg(chunk).query(&mut conn).unwrap();
+    }
+    // The same figures into an empty namespace: the same commands but for the SCAN calls.
+    let scans = after - before;
+    assert!(scans < 1000, "another namespace's 50,000 keys took {scans} more commands to list past");
+}
+
 /// Two writers of one table and one Valkey namespace hold the sink lease in turn: the
 /// first (fencing token 7) writes, plans its next write, and is deposed before that
 /// write arrives; the second (token 8) writes the newer figures. The late write is

@@ -476,7 +476,11 @@ fn transact(conn: &mut Connection, prepared: &Prepared, fence: &str, prefix: &st
     // What the namespace holds is listed only now, after the WATCH: a key another writer
     // adds later aborts the transaction instead of outliving it.
     let stale: Vec<String> = match prepared.full {
-        true => namespace_keys(conn, prefix)?.into_iter().filter(|k| k != fence).collect(),
+        true => {
+            let (keys, calls) = namespace_keys(conn, prefix)?;
+            *sent += calls;
+            keys.into_iter().filter(|k| k != fence).collect()
+        }
         false => Vec::new(),
     };
     let del = (!stale.is_empty()).then(|| {
@@ -623,9 +627,27 @@ impl ValkeyReader {
 /// so no namespace's keys can include it.
 pub const ACTIVE_KEY: &str = "toolrank-active-namespace";
 
-/// Every key of namespace `prefix`.
-fn namespace_keys(conn: &mut Connection, prefix: &str) -> Result<Vec<String>, Error> {
-    Ok(conn.scan_match::<_, String>(format!("{prefix}:*"))?.collect::<Result<Vec<_>, _>>()?)
+/// Keys a `SCAN` call looks at. SCAN walks the whole keyspace, other namespaces' keys
+/// too, and at its default (10) a full rewrite would make a round trip per ten keys of
+/// the server; a thousand keeps each call short for the server (about a millisecond).
+const SCAN_COUNT: usize = 1000;
+
+/// Every key of namespace `prefix` (once each: SCAN may return a key twice), and the
+/// SCAN calls that listed them.
+fn namespace_keys(conn: &mut Connection, prefix: &str) -> Result<(Vec<String>, u64), Error> {
+    let pattern = format!("{prefix}:*");
+    let (mut keys, mut cursor, mut calls) = (Vec::new(), 0u64, 0);
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(SCAN_COUNT).query(conn)?;
+        calls += 1;
+        keys.extend(batch);
+        if next == 0 {
+            keys.sort_unstable();
+            keys.dedup();
+            return Ok((keys, calls));
+        }
+        cursor = next;
+    }
 }
 
 /// Namespaces (key prefixes) of rankings in one Valkey: which one is active, switching,
@@ -668,13 +690,13 @@ impl Namespaces {
     /// How many keys namespace `name` has (0: it holds no rankings).
     pub fn size(&mut self, name: &str) -> Result<usize, Error> {
         let (mut conn, prefix) = self.namespace(name)?;
-        Ok(namespace_keys(&mut conn, &prefix)?.len())
+        Ok(namespace_keys(&mut conn, &prefix)?.0.len())
     }
 
     /// Deletes every key of namespace `name`; returns how many there were.
     pub fn drop(&mut self, name: &str) -> Result<usize, Error> {
         let (mut conn, prefix) = self.namespace(name)?;
-        let keys = namespace_keys(&mut conn, &prefix)?;
+        let (keys, _) = namespace_keys(&mut conn, &prefix)?;
         for chunk in keys.chunks(1000) {
             let _: () = conn.del(chunk)?;
         }
