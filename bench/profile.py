@@ -21,6 +21,9 @@ PARTS = [
     ("Valkey sink: sending it, reading the replies", ["ValkeySink::send", "toolrank_sink_valkey"]),
     ("DynamoDB sink: planning (the recommended set, the changed figures)", ["DynamoSink::plan"]),
     ("DynamoDB sink: comparing, building and sending the items", ["toolrank_sink_dynamodb", "DynamoSink"]),
+    # A sink lease holder in a group: reading the other members' checkpoint logs and
+    # moving its copies of their aggregates, and the merged sum, along them.
+    ("following other members' logs (reading, decoding, adding up)", ["refresh_remotes", "log_catch_up", "advance_copy", "hold_copy", "AggregateCopy", "replace_copy"]),
     ("checkpoints (deltas, snapshots, state table)", ["toolrank_state", "Source>::checkpoint", "Engine::delta", "Engine::snapshot", "lz4_flex", "Checkpointer"]),
     # The engine runs inside the decoder's callback and the sinks' turn: it comes first.
     ("engine: applying changes", ["Engine::apply"]),

@@ -13,13 +13,21 @@
 # A group that has not read everything, or whose sinks do not equal replay, LIMIT seconds
 # after it started, or one of whose consumers exits early or fails to stop, fails the
 # script with the consumers' last log lines.
+# With PROFILE=1, the group of PROFILE_GROUP (2) runs once more under `perf record`
+# (Debian's linux-perf, call graphs; a state table and namespace of its own), and
+# bench/profile.py splits the sink holder's CPU, and the busiest other member's, by part
+# of the pipeline, in CPU µs per event of the group: what the holder pays on top.
 # Usage: bench/scale.sh   (SESSIONS=300000 gives ~1M events; PARTITIONS=8; COUNTS="1 2 4";
-#                          LIMIT=900)
+#                          LIMIT=900; PROFILE=1, PROFILE_GROUP=2)
 set -euo pipefail
 SESSIONS="${SESSIONS:-300000}"
 PARTITIONS="${PARTITIONS:-8}"
 COUNTS="${COUNTS:-1 2 4}"
 LIMIT="${LIMIT:-900}"
+if [ "${PROFILE:-0}" = 1 ] && ! command -v perf > /dev/null; then
+  echo "PROFILE=1 needs perf (apt-get install linux-perf)" >&2
+  exit 1
+fi
 source "$(dirname "$0")/prelude.sh"
 RUN="scale$$"
 "$BIN/toolrank" generate --sessions "$SESSIONS" --seed 42 --out "$WORK/history.jsonl" >&2
@@ -40,59 +48,76 @@ metric() {
     awk -v m="$name" '$1 == m || index($1, m "{") == 1 { s += $2 } END { printf "%d\n", s }'
 }
 
-# Fails the script if group N ran past LIMIT or one of its consumers exited ($pids, $start).
+# Fails the script if group N ran past LIMIT or one of its consumers exited ($pids, $start,
+# $name).
 check() {
   local n="$1" why=""
   for pid in "${pids[@]}"; do kill -0 "$pid" 2> /dev/null || why="a consumer exited early"; done
   [ $((SECONDS - start)) -le "$LIMIT" ] || why="not done within $LIMIT s"
   [ -z "$why" ] && return 0
   echo "$n consumers: $why; their last log lines:" >&2
-  for i in $(seq "$n"); do echo "--- consumer $i" >&2; tail -n 20 "$WORK/$n-$i.log" >&2; done
+  for i in $(seq "$n"); do echo "--- consumer $i" >&2; tail -n 20 "$WORK/$name-$i.log" >&2; done
   kill -TERM "${pids[@]}" 2> /dev/null || true
   exit 1
 }
 
-run() {  # run N: N consumers in one group, on a state table and namespace of their own
-  local n="$1" name="$RUN-$1"
-  pids=()
+# run N [profile]: N consumers in one group, on a state table and namespace of their own;
+# with `profile`, each under perf, and the holder's and another member's CPU split by part
+# is printed instead of the group's figures.
+run() {
+  local n="$1" profile="${2:-}" name="$RUN-$1${2:+-$2}"
+  pids=() perfs=()
   "$BIN/toolrank" setup --no-kafka --table "$name" --no-stream >&2
   "$BIN/toolrank" produce --to dynamodb --table "$name" "$WORK/catalog.jsonl" >&2
   start=$SECONDS
   for i in $(seq "$n"); do
     "$BIN/toolrank" --metrics-addr "127.0.0.1:$((19400 + i))" consume kafka \
-      --topic "$RUN" --group "$name" --dead-letter-topic "$RUN-dl" --table "$name" --namespace "$name" --today "$TODAY" 2> "$WORK/$n-$i.log" &
+      --topic "$RUN" --group "$name" --dead-letter-topic "$RUN-dl" --table "$name" --namespace "$name" --today "$TODAY" 2> "$WORK/$name-$i.log" &
     pids+=($!)
+    if [ -n "$profile" ]; then
+      perf record -q -F 499 --call-graph dwarf,16384 -p "$!" -o "$WORK/$name-$i.perf" 2> /dev/null &
+      perfs+=($!)
+    fi
   done
   # Who held the sink lease at each look while reading (one line per look).
-  : > "$WORK/$n.holders"
+  : > "$WORK/$name.holders"
   holders() { for i in $(seq "$n"); do [ "$(metric toolrank_sink_lease_held "$n" "$i")" = 1 ] && echo -n "$i "; done; echo; }
-  until [ "$(metric toolrank_messages_total "$n")" -ge "$EVENTS" ]; do check "$n"; holders >> "$WORK/$n.holders"; sleep 0.5; done
+  until [ "$(metric toolrank_messages_total "$n")" -ge "$EVENTS" ]; do check "$n"; holders >> "$WORK/$name.holders"; sleep 0.5; done
   local read_secs=$((SECONDS - start))
   # Done once the sinks show everything (the holder reads the others' checkpoints as
   # they save them).
-  until exact "$name" "$name" "$WORK/history.jsonl" > /dev/null; do check "$n"; holders >> "$WORK/$n.holders"; sleep 5; done
-  holders >> "$WORK/$n.holders"
+  until exact "$name" "$name" "$WORK/history.jsonl" > /dev/null; do check "$n"; holders >> "$WORK/$name.holders"; sleep 5; done
+  holders >> "$WORK/$name.holders"
+  # The samples cover what the figures cover: perf stops before they are taken.
+  if [ -n "$profile" ]; then
+    kill -INT "${perfs[@]}"
+    wait "${perfs[@]}" || true
+  fi
   for i in $(seq "$n"); do
     local pid="${pids[$((i - 1))]}"
-    echo "$(awk '{ print ($14 + $15) / 100 }' "/proc/$pid/stat") $(awk '/^VmHWM/ { print $2 }' "/proc/$pid/status") $(metric toolrank_messages_total "$n" "$i")" > "$WORK/$n-$i.figures"
+    echo "$(awk '{ print ($14 + $15) / 100 }' "/proc/$pid/stat") $(awk '/^VmHWM/ { print $2 }' "/proc/$pid/status") $(metric toolrank_messages_total "$n" "$i")" > "$WORK/$name-$i.figures"
   done
   kill -TERM "${pids[@]}"
   for i in $(seq "$n"); do
     if ! wait "${pids[$((i - 1))]}"; then
       echo "$n consumers: consumer $i did not stop cleanly; its last log lines:" >&2
-      tail -n 20 "$WORK/$n-$i.log" >&2
+      tail -n 20 "$WORK/$name-$i.log" >&2
       exit 1
     fi
   done
-  python3 - "$n" "$EVENTS" "$WORK" "$read_secs" <<'PY'
+  if [ -n "$profile" ]; then
+    profiles "$n" "$name"
+    return
+  fi
+  python3 - "$n" "$EVENTS" "$WORK" "$read_secs" "$name" <<'PY'
 import sys
-n, events, work, read_secs = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], max(int(sys.argv[4]), 1)
-looks = [line.split() for line in open(f"{work}/{n}.holders")]
+n, events, work, read_secs, name = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], max(int(sys.argv[4]), 1), sys.argv[5]
+looks = [line.split() for line in open(f"{work}/{name}.holders")]
 holder = looks[-1][0] if len(looks[-1]) == 1 else None
 seen = {h for look in looks for h in look}
 procs = []
 for i in range(1, n + 1):
-    cpu, rss_kib, read = open(f"{work}/{n}-{i}.figures").read().split()
+    cpu, rss_kib, read = open(f"{work}/{name}-{i}.figures").read().split()
     procs.append((float(cpu), int(rss_kib) / 1024, int(read), str(i) == holder))
 total = sum(p[0] for p in procs)
 group = f"{n} consumer{'s' if n > 1 else ''}"
@@ -112,4 +137,31 @@ elif others:
 PY
   exact "$name" "$name" "$WORK/history.jsonl"
 }
+# profiles N NAME: the profiled run NAME's sink holder's and busiest other member's CPU by
+# part, per event of the group.
+profiles() {
+  local n="$1" name="$2" holder other
+  read -r holder other < <(python3 - "$n" "$WORK" "$name" <<'PY'
+import sys
+n, work, name = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+last = [line.split() for line in open(f"{work}/{name}.holders")][-1]
+holder = last[0] if len(last) == 1 else "none"
+rate = lambda i: (lambda cpu, rss, read: float(cpu) / max(int(read), 1))(*open(f"{work}/{name}-{i}.figures").read().split())
+others = [str(i) for i in range(1, n + 1) if str(i) != holder]
+print(holder, max(others, key=rate) if others else "none")
+PY
+)
+  if [ "$holder" = none ] || [ "$other" = none ]; then
+    echo "$n consumers, profiled: no single sink holder at the end, or no other member; no split"
+    return
+  fi
+  local role i
+  for role in "sink holder $holder" "consumer $other"; do
+    i="${role##* }"
+    echo "where the CPU of $n consumers' $role goes (profiled run; CPU µs per event of the group):"
+    perf script -F comm,ip,sym -i "$WORK/$name-$i.perf" 2> /dev/null | python3 bench/profile.py "$EVENTS" "$(cut -d' ' -f1 "$WORK/$name-$i.figures")"
+  done
+}
+
 for n in $COUNTS; do run "$n"; done
+if [ "${PROFILE:-0}" = 1 ]; then run "${PROFILE_GROUP:-2}" profile; fi
