@@ -39,7 +39,24 @@ cargo build --release --locked -p toolrank-consume-kafka --bin kafka-drain >&2
 RANDOM=$CHAOS_SEED
 RUN="chaos$$"
 TOPIC="$RUN-events"; TABLE="$RUN-AgentTable"; GROUP="$RUN"; NS="$RUN"
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# A free port below the kernel's ephemeral range: a service the faults stop is restarted on
+# its port, and while it is down, clients connecting to an ephemeral port can take it as
+# their own (a TCP self-connect), so that the service could not bind it again.
+port() {
+  python3 - <<'PY'
+import random, socket
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+# Below the range when there is room (else any free port).
+for p in [random.randrange(10000, low) for _ in range(100)] if low > 11000 else [0]:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p))
+        print(s.getsockname()[1])
+        break
+    except OSError:
+        pass
+PY
+}
 BROKER_PORT=$(port); CHAOS_VALKEY_PORT=$(port); PROXY_PORT=$(port); METRICS_A=$(port); METRICS_B=$(port)
 BROKERS="127.0.0.1:$BROKER_PORT"
 # Every command of the script talks to its own broker and Valkey.
