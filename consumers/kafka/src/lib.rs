@@ -120,9 +120,10 @@ struct Kafka {
     dead_letters: BaseProducer<Deliveries>,
     parts: BTreeMap<i32, Partition>,
     partition_count: i32,
-    /// Since when only partitions this consumer does not own have lagged, at which
-    /// committed positions (they are stranded if those do not move).
-    stranded: Option<(Instant, Vec<(i32, i64)>)>,
+    /// Whether partitions this consumer does not own lag with no progress.
+    stranded: Stranded,
+    /// When an idle turn last looked at whether the group reads every partition.
+    group_checked: Instant,
     /// Partitions let go after a fence, and when, until a rebalance or `RECLAIM_AFTER`.
     fenced: BTreeMap<i32, Instant>,
     /// Assigned partitions whose checkpoint could not be claimed yet (the state table
@@ -210,8 +211,14 @@ impl ConsumerContext for Rebalances {
 const CAUGHT_UP_LAG: i64 = 1000;
 
 /// How long partitions this consumer does not own may lag with no progress before it
-/// rejoins the group: a member that left during a coordinator restart can strand them.
+/// rejoins the group: a member that left during a coordinator restart can strand them,
+/// and so can a coordinator that ends a rebalance with a partition assigned to no live
+/// member (the local stack's broker does, after consumers are killed in quick succession).
 const STRANDED_AFTER: Duration = Duration::from_secs(30);
+
+/// How often a consumer with nothing to read looks at whether its group reads every
+/// partition (one committed-offsets request and a watermark request per partition).
+const GROUP_CHECK: Duration = Duration::from_secs(15);
 
 /// How long after letting a fenced partition go it is claimed again if Kafka still
 /// assigns it here: longer than the group's session timeout, so that a rebalance that
@@ -233,6 +240,32 @@ enum Drain {
     Own,
     /// Only partitions it does not own lag; their committed positions.
     Others(Vec<(i32, i64)>),
+}
+
+/// Since when only partitions this consumer does not own have lagged, at which
+/// committed positions: they are stranded if those do not move.
+#[derive(Debug, Default)]
+struct Stranded(Option<(Instant, Vec<(i32, i64)>)>);
+
+impl Stranded {
+    /// Takes in how far the group has read at `now`; returns the stranded partitions'
+    /// positions once the same ones have lagged at the same positions for `STRANDED_AFTER`
+    /// (and starts over).
+    fn observe(&mut self, drain: Drain, now: Instant) -> Option<Vec<(i32, i64)>> {
+        match drain {
+            Drain::Done | Drain::Own => self.0 = None,
+            Drain::Others(positions) => match &self.0 {
+                Some((since, seen)) if *seen == positions => {
+                    if now.duration_since(*since) >= STRANDED_AFTER {
+                        self.0 = None;
+                        return Some(positions);
+                    }
+                }
+                _ => self.0 = Some((now, positions)),
+            },
+        }
+        None
+    }
 }
 
 /// One partition's turn: each is saved once per `interval`.
@@ -311,7 +344,8 @@ pub fn run(config: Config, sinks: Vec<Wired>, stop: Arc<AtomicBool>) -> Result<S
         dead_letters,
         parts: BTreeMap::new(),
         partition_count,
-        stranded: None,
+        stranded: Stranded::default(),
+        group_checked: Instant::now(),
         fenced: BTreeMap::new(),
         unclaimed: BTreeMap::new(),
         poisoned: BTreeSet::new(),
@@ -437,31 +471,38 @@ impl Source for Kafka {
     }
 
     fn drained(&mut self, writer: &mut SinkWriter) -> Result<bool, Error> {
-        match self.drain() {
-            Drain::Done => return Ok(true),
-            Drain::Own => self.stranded = None,
-            Drain::Others(positions) => match &self.stranded {
-                Some((since, seen)) if *seen == positions => {
-                    if since.elapsed() >= STRANDED_AFTER {
-                        warn!(
-                            ?positions,
-                            "partitions this consumer does not own have lagged for {} s with no progress: rejoining the group",
-                            STRANDED_AFTER.as_secs()
-                        );
-                        toolrank_live::checkpoint(self, writer, true)?;
-                        self.consumer.unsubscribe();
-                        self.consumer.subscribe(&[&self.config.topic])?;
-                        self.stranded = None;
-                    }
-                }
-                _ => self.stranded = Some((Instant::now(), positions)),
-            },
+        let drain = self.drain();
+        let done = drain == Drain::Done;
+        self.rejoin_if_stranded(writer, drain)?;
+        Ok(done)
+    }
+
+    /// Every `GROUP_CHECK` of idle turns, whether the group reads every partition: a
+    /// broker's coordinator may leave one assigned to nobody (see `STRANDED_AFTER`), and
+    /// nothing else would ever show it to the group.
+    fn idle(&mut self, writer: &mut SinkWriter) -> Result<(), Error> {
+        if self.group_checked.elapsed() >= GROUP_CHECK && self.settled() {
+            self.group_checked = Instant::now();
+            let drain = self.drain();
+            self.rejoin_if_stranded(writer, drain)?;
         }
-        Ok(false)
+        Ok(())
     }
 }
 
 impl Kafka {
+    /// Rejoins the group once partitions this consumer does not own have lagged with no
+    /// progress for `STRANDED_AFTER`.
+    fn rejoin_if_stranded(&mut self, writer: &mut SinkWriter, drain: Drain) -> Result<(), Error> {
+        if let Some(positions) = self.stranded.observe(drain, Instant::now()) {
+            warn!(?positions, "partitions this consumer does not own have lagged for {} s with no progress: rejoining the group", STRANDED_AFTER.as_secs());
+            toolrank_live::checkpoint(self, writer, true)?;
+            self.consumer.unsubscribe();
+            self.consumer.subscribe(&[&self.config.topic])?;
+        }
+        Ok(())
+    }
+
     /// Messages on the broker past the owned partitions' positions, by the high watermarks
     /// librdkafka caches from its fetch responses (asking costs no request).
     fn lag(&self) -> i64 {
@@ -863,6 +904,22 @@ pub fn dead_letter_headers<M: Message>(msg: &M) -> BTreeMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partitions_are_stranded_once_they_lag_at_the_same_positions_for_long_enough() {
+        let (t0, mut stranded) = (Instant::now(), Stranded::default());
+        let at = |s| t0 + Duration::from_secs(s);
+        let lag = |offset| Drain::Others(vec![(2, offset)]);
+        assert_eq!(stranded.observe(lag(100), at(0)), None);
+        assert_eq!(stranded.observe(lag(100), at(29)), None);
+        assert_eq!(stranded.observe(lag(100), at(30)), Some(vec![(2, 100)]));
+        assert_eq!(stranded.observe(lag(100), at(31)), None, "after a rejoin the wait starts over");
+        assert_eq!(stranded.observe(lag(150), at(45)), None, "progress starts it over too");
+        assert_eq!(stranded.observe(lag(150), at(74)), None);
+        assert_eq!(stranded.observe(Drain::Own, at(75)), None);
+        assert_eq!(stranded.observe(lag(150), at(106)), None, "its own lag in between starts it over");
+        assert_eq!(stranded.observe(lag(150), at(136)), Some(vec![(2, 150)]));
+    }
 
     #[test]
     fn a_checkpoint_outside_the_partition_is_a_gap() {

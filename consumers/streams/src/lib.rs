@@ -311,8 +311,9 @@ impl<S: ShardSource> toolrank_live::Source for Poller<S> {
         Ok(true)
     }
 
-    fn idle(&mut self) {
+    fn idle(&mut self, _writer: &mut SinkWriter) -> Result<(), Error> {
         std::thread::sleep(self.config.idle_poll);
+        Ok(())
     }
 
     /// Releases the leases of the trees whose state is saved.

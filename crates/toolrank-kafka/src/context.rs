@@ -41,10 +41,24 @@ impl Context {
             self.refuse(format!("{message} (no TLS answer: is this a plaintext port?)"));
         } else if message.contains("Authentication failed") || message.contains("SASL authentication error") {
             self.refuse(message.to_owned());
-        } else if message.contains("Disconnected") && message.contains("APIVERSION_QUERY") && self.hung_up.fetch_add(1, Ordering::Relaxed) >= 1 {
+        } else if hung_up_at_once(message) && self.hung_up.fetch_add(1, Ordering::Relaxed) >= 1 {
             self.refuse(format!("{message} (the broker hangs up at the first request: a TLS port needs security.protocol=SSL or SASL_SSL)"));
         }
     }
+}
+
+/// A TLS port answers a plaintext first request by closing the connection at once
+/// (within milliseconds); a broker that is busy or going down may hang up on it too, but
+/// only after seconds, and that is an outage, not a setting.
+const HANG_UP_AT_ONCE_MS: u64 = 1000;
+
+/// Whether `message` says the broker closed the connection at the first request
+/// (`Disconnected: ... (after 5ms in state APIVERSION_QUERY)`), and did so at once.
+fn hung_up_at_once(message: &str) -> bool {
+    let Some(at) = message.find("ms in state APIVERSION_QUERY") else { return false };
+    let digits = &message[..at];
+    let ms = digits[digits.rfind(|c: char| !c.is_ascii_digit()).map_or(0, |i| i + 1)..].parse::<u64>();
+    message.contains("Disconnected") && ms.is_ok_and(|ms| ms < HANG_UP_AT_ONCE_MS)
 }
 
 /// Whether an error librdkafka reports means the connection settings are wrong (no retry
@@ -147,4 +161,31 @@ macro_rules! delegate_client_context {
             }
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TLS_PORT: &str = "127.0.0.1:19093/bootstrap: Disconnected: connection reset by peer (after 5ms in state APIVERSION_QUERY)";
+    const GOING_DOWN: &str =
+        "127.0.0.1:24483/111: Disconnected: connection reset by peer (after 4903ms in state APIVERSION_QUERY, 1 identical error(s) suppressed)";
+
+    #[test]
+    fn a_broker_hanging_up_at_once_twice_is_a_tls_port_and_one_hanging_up_late_an_outage() {
+        let context = Context::default();
+        context.classify(TLS_PORT);
+        assert_eq!(context.refused(), None, "one hang-up may be chance");
+        context.classify(TLS_PORT);
+        assert!(context.refused().is_some_and(|cause| cause.contains("a TLS port needs security.protocol=SSL")));
+
+        let context = Context::default();
+        for _ in 0..5 {
+            context.classify(GOING_DOWN);
+        }
+        assert_eq!(context.refused(), None);
+        for message in ["Disconnected (after ms in state APIVERSION_QUERY)", "after 3ms in state APIVERSION_QUERY", "Disconnected: after 3ms in state UP"] {
+            assert!(!hung_up_at_once(message), "{message}");
+        }
+    }
 }

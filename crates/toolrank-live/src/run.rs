@@ -61,8 +61,11 @@ pub trait Source {
     /// those other consumers own, is read to the input's end.
     fn drained(&mut self, writer: &mut SinkWriter) -> Result<bool, Self::Error>;
 
-    /// After a turn that read nothing.
-    fn idle(&mut self) {}
+    /// After a turn that read nothing: where a source waits, or looks at what it does
+    /// not read itself (the Kafka consumer, at whether its group reads every partition).
+    fn idle(&mut self, _writer: &mut SinkWriter) -> Result<(), Self::Error> {
+        Ok(())
+    }
 
     /// After the sinks' final write: gives up what the source holds.
     fn release(&mut self, _writer: &mut SinkWriter) {}
@@ -111,7 +114,7 @@ pub fn run<S: Source>(source: &mut S, writer: &mut SinkWriter, pacing: &Pacing, 
             last_record = Instant::now();
         }
         if read == 0 {
-            source.idle();
+            source.idle(writer)?;
         }
     }
     finish(source, writer)
