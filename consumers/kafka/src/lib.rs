@@ -236,7 +236,7 @@ const LEAVE_WAIT: Duration = Duration::from_secs(15);
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Drain {
     Done,
-    /// This consumer's partitions lag.
+    /// This consumer's partitions lag, or the broker did not tell.
     Own,
     /// Only partitions it does not own lag; their committed positions.
     Others(Vec<(i32, i64)>),
@@ -471,7 +471,7 @@ impl Source for Kafka {
     }
 
     fn drained(&mut self, writer: &mut SinkWriter) -> Result<bool, Error> {
-        let drain = self.drain();
+        let drain = self.drain(Duration::from_secs(5));
         let done = drain == Drain::Done;
         self.rejoin_if_stranded(writer, drain)?;
         Ok(done)
@@ -483,7 +483,9 @@ impl Source for Kafka {
     fn idle(&mut self, writer: &mut SinkWriter) -> Result<(), Error> {
         if self.group_checked.elapsed() >= GROUP_CHECK && self.settled() {
             self.group_checked = Instant::now();
-            let drain = self.drain();
+            // Short waits: the loop writes the sinks and checkpoints while the broker is
+            // away, and the check holds it up.
+            let drain = self.drain(Duration::from_secs(1));
             self.rejoin_if_stranded(writer, drain)?;
         }
         Ok(())
@@ -687,16 +689,17 @@ impl Kafka {
         Ok(())
     }
     /// Whether the group has read the whole topic: every owned partition up to its high
-    /// watermark, and every other one committed up to it by its owner. A consumer that
-    /// owns nothing yet (a rebalance in progress) is not done.
-    fn drain(&self) -> Drain {
+    /// watermark, and every other one committed up to it by its owner, each request
+    /// waiting at most `wait`. A consumer that owns nothing yet (a rebalance in progress)
+    /// is not done, nor is one that could not ask (`Drain::Own`).
+    fn drain(&self, wait: Duration) -> Drain {
         let mut others = TopicPartitionList::new();
         for p in (0..self.partition_count).filter(|p| !self.parts.contains_key(p)) {
             others.add_partition(&self.config.topic, p);
         }
         let committed = match others.count() {
             0 => others,
-            _ => match self.consumer.committed_offsets(others, Duration::from_secs(5)) {
+            _ => match self.consumer.committed_offsets(others, wait) {
                 Ok(c) => c,
                 Err(e) => {
                     warn!(error = %e, "could not read the group's committed offsets");
@@ -704,27 +707,27 @@ impl Kafka {
                 }
             },
         };
-        let lagging: Vec<(i32, i64)> = (0..self.partition_count)
-            .filter_map(|p| {
-                let position = match self.parts.get(&p) {
-                    // A stopped partition reads no more: the rest of the input decides.
-                    Some(part) if part.stopped.is_some() => return None,
-                    Some(part) => part.next_offset,
-                    None => match committed.find_partition(&self.config.topic, p).map(|e| e.offset()) {
-                        Some(Offset::Offset(o)) => o,
-                        _ => 0,
-                    },
-                };
-                let lags = match self.consumer.fetch_watermarks(&self.config.topic, p, Duration::from_secs(5)) {
-                    Ok((_, high)) => position < high,
-                    Err(e) => {
-                        warn!(partition = p, error = %e, "could not read the high watermark");
-                        true
-                    }
-                };
-                lags.then_some((p, position))
-            })
-            .collect();
+        let mut lagging = Vec::new();
+        for p in 0..self.partition_count {
+            let position = match self.parts.get(&p) {
+                // A stopped partition reads no more: the rest of the input decides.
+                Some(part) if part.stopped.is_some() => continue,
+                Some(part) => part.next_offset,
+                None => match committed.find_partition(&self.config.topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o,
+                    _ => 0,
+                },
+            };
+            match self.consumer.fetch_watermarks(&self.config.topic, p, wait) {
+                Ok((_, high)) if position < high => lagging.push((p, position)),
+                Ok(_) => {}
+                // Not known, so not done; and the broker is slow or away: no more asking.
+                Err(e) => {
+                    warn!(partition = p, error = %e, "could not read the high watermark");
+                    return Drain::Own;
+                }
+            }
+        }
         drain_of(lagging, |p| self.parts.contains_key(&p))
     }
 
