@@ -211,10 +211,19 @@ impl ConsumerContext for Rebalances {
 const CAUGHT_UP_LAG: i64 = 1000;
 
 /// How long partitions this consumer does not own may lag with no progress before it
-/// rejoins the group: a member that left during a coordinator restart can strand them,
-/// and so can a coordinator that ends a rebalance with a partition assigned to no live
-/// member (the local stack's broker does, after consumers are killed in quick succession).
+/// rejoins the group, at least: a member that left during a coordinator restart can
+/// strand them, and so can a coordinator that ends a rebalance with a partition assigned
+/// to no live member (the local stack's broker does, after consumers are killed in quick
+/// succession). See [`stranded_after`].
 const STRANDED_AFTER: Duration = Duration::from_secs(30);
+
+/// How long partitions this consumer does not own may lag with no progress before it
+/// rejoins the group: their owners commit only at their checkpoints, which wait up to
+/// `checkpoint_max` while a backlog is read, so a shorter wait would take a busy owner
+/// for a missing one (and every rejoin sets its catch-up back to its last checkpoint).
+fn stranded_after(pacing: &toolrank_live::Pacing) -> Duration {
+    STRANDED_AFTER.max(pacing.checkpoint_max * 2)
+}
 
 /// How often a consumer with nothing to read looks at whether its group reads every
 /// partition (one committed-offsets request and a watermark request per partition).
@@ -243,25 +252,32 @@ enum Drain {
 }
 
 /// Since when only partitions this consumer does not own have lagged, at which
-/// committed positions: they are stranded if those do not move.
-#[derive(Debug, Default)]
-struct Stranded(Option<(Instant, Vec<(i32, i64)>)>);
+/// committed positions: they are stranded if those do not move for `after`.
+#[derive(Debug)]
+struct Stranded {
+    after: Duration,
+    seen: Option<(Instant, Vec<(i32, i64)>)>,
+}
 
 impl Stranded {
+    fn new(after: Duration) -> Stranded {
+        Stranded { after, seen: None }
+    }
+
     /// Takes in how far the group has read at `now`; returns the stranded partitions'
-    /// positions once the same ones have lagged at the same positions for `STRANDED_AFTER`
-    /// (and starts over).
+    /// positions once the same ones have lagged at the same positions for `after` (and
+    /// starts over).
     fn observe(&mut self, drain: Drain, now: Instant) -> Option<Vec<(i32, i64)>> {
         match drain {
-            Drain::Done | Drain::Own => self.0 = None,
-            Drain::Others(positions) => match &self.0 {
+            Drain::Done | Drain::Own => self.seen = None,
+            Drain::Others(positions) => match &self.seen {
                 Some((since, seen)) if *seen == positions => {
-                    if now.duration_since(*since) >= STRANDED_AFTER {
-                        self.0 = None;
+                    if now.duration_since(*since) >= self.after {
+                        self.seen = None;
                         return Some(positions);
                     }
                 }
-                _ => self.0 = Some((now, positions)),
+                _ => self.seen = Some((now, positions)),
             },
         }
         None
@@ -344,7 +360,7 @@ pub fn run(config: Config, sinks: Vec<Wired>, stop: Arc<AtomicBool>) -> Result<S
         dead_letters,
         parts: BTreeMap::new(),
         partition_count,
-        stranded: Stranded::default(),
+        stranded: Stranded::new(stranded_after(&pacing)),
         group_checked: Instant::now(),
         fenced: BTreeMap::new(),
         unclaimed: BTreeMap::new(),
@@ -497,7 +513,8 @@ impl Kafka {
     /// progress for `STRANDED_AFTER`.
     fn rejoin_if_stranded(&mut self, writer: &mut SinkWriter, drain: Drain) -> Result<(), Error> {
         if let Some(positions) = self.stranded.observe(drain, Instant::now()) {
-            warn!(?positions, "partitions this consumer does not own have lagged for {} s with no progress: rejoining the group", STRANDED_AFTER.as_secs());
+            let secs = self.stranded.after.as_secs();
+            warn!(?positions, "partitions this consumer does not own have lagged for {secs} s with no progress: rejoining the group");
             toolrank_live::checkpoint(self, writer, true)?;
             self.consumer.unsubscribe();
             self.consumer.subscribe(&[&self.config.topic])?;
@@ -910,7 +927,7 @@ mod tests {
 
     #[test]
     fn partitions_are_stranded_once_they_lag_at_the_same_positions_for_long_enough() {
-        let (t0, mut stranded) = (Instant::now(), Stranded::default());
+        let (t0, mut stranded) = (Instant::now(), Stranded::new(Duration::from_secs(30)));
         let at = |s| t0 + Duration::from_secs(s);
         let lag = |offset| Drain::Others(vec![(2, offset)]);
         assert_eq!(stranded.observe(lag(100), at(0)), None);
@@ -922,6 +939,18 @@ mod tests {
         assert_eq!(stranded.observe(Drain::Own, at(75)), None);
         assert_eq!(stranded.observe(lag(150), at(106)), None, "its own lag in between starts it over");
         assert_eq!(stranded.observe(lag(150), at(136)), Some(vec![(2, 150)]));
+    }
+
+    #[test]
+    fn owners_get_twice_their_longest_checkpoint_wait_before_their_partitions_count_as_stranded() {
+        let pacing = |max| toolrank_live::Pacing {
+            until_idle: None,
+            flush_interval: Duration::from_secs(1),
+            checkpoint_interval: Duration::from_secs(5),
+            checkpoint_max: Duration::from_secs(max),
+        };
+        assert_eq!(stranded_after(&pacing(60)), Duration::from_secs(120));
+        assert_eq!(stranded_after(&pacing(5)), STRANDED_AFTER);
     }
 
     #[test]
