@@ -510,7 +510,7 @@ impl Source for Kafka {
 
 impl Kafka {
     /// Rejoins the group once partitions this consumer does not own have lagged with no
-    /// progress for `STRANDED_AFTER`.
+    /// progress for the stranded wait ([`stranded_after`]).
     fn rejoin_if_stranded(&mut self, writer: &mut SinkWriter, drain: Drain) -> Result<(), Error> {
         if let Some(positions) = self.stranded.observe(drain, Instant::now()) {
             let secs = self.stranded.after.as_secs();

@@ -56,8 +56,8 @@ const HANG_UP_AT_ONCE_MS: u64 = 1000;
 /// (`Disconnected: ... (after 5ms in state APIVERSION_QUERY)`), and did so at once.
 fn hung_up_at_once(message: &str) -> bool {
     let Some(at) = message.find("ms in state APIVERSION_QUERY") else { return false };
-    let digits = &message[..at];
-    let ms = digits[digits.rfind(|c: char| !c.is_ascii_digit()).map_or(0, |i| i + 1)..].parse::<u64>();
+    // The number just before it: what follows the last non-digit.
+    let ms = message[..at].rsplit(|c: char| !c.is_ascii_digit()).next().unwrap_or("").parse::<u64>();
     message.contains("Disconnected") && ms.is_ok_and(|ms| ms < HANG_UP_AT_ONCE_MS)
 }
 
