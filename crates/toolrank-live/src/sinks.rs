@@ -41,13 +41,36 @@ impl ChangeSet {
     }
 
     fn take(&mut self) -> Changes {
+        self.take_at_most(usize::MAX)
+    }
+
+    /// Every changed agent and at most `patterns` changed patterns; the other patterns
+    /// stay for a later write.
+    fn take_at_most(&mut self, patterns: usize) -> Changes {
         let mut agents: Vec<Sym> = self.agents.drain().collect();
-        let mut patterns: Vec<PatternKey> = self.patterns.drain().collect();
+        let mut taken: Vec<PatternKey> = match self.patterns.len() <= patterns {
+            true => self.patterns.drain().collect(),
+            false => {
+                let taken: Vec<PatternKey> = self.patterns.iter().take(patterns).copied().collect();
+                for k in &taken {
+                    self.patterns.remove(k);
+                }
+                taken
+            }
+        };
         agents.sort_unstable();
-        patterns.sort_unstable();
-        Changes { agents, patterns }
+        taken.sort_unstable();
+        Changes { agents, patterns: taken }
     }
 }
+
+/// The most changed patterns one write of a live sink carries. A larger change (a
+/// catch-up's coalesced interval, another consumer's new base, a sink back from an
+/// outage) goes out in several writes, one per flush and each as soon as the last one
+/// returned, so that a transaction and the memory it is encoded in stay bounded whatever
+/// the rankings' size (Valkey reuses that memory from one write to the next). A sink
+/// that does not know what it holds rewrites everything in one write regardless.
+const LIVE_WRITE_PATTERNS: usize = 16_384;
 
 /// What a sink write returns: the sink, the outcome, and when it ended (ms since the
 /// epoch: its records were visible from then, however late the loop collects it).
@@ -74,6 +97,9 @@ pub(crate) struct Slot {
     /// The fencing token the sink takes once its running write returns.
     token_on_return: Option<u64>,
     changes: ChangeSet,
+    /// Its last write left changes for the next one ([`LIVE_WRITE_PATTERNS`]): that one
+    /// is due at once.
+    carry: bool,
     /// When its last round started.
     last: Instant,
     /// Events read when the last round started; when a round last waited for the write
@@ -106,6 +132,7 @@ impl Slot {
             fence_on_return: false,
             token_on_return: None,
             changes: ChangeSet::default(),
+            carry: false,
             last: Instant::now(),
             events_at_last: 0,
             budget_waited: Instant::now(),
@@ -157,7 +184,7 @@ impl Scheduler {
     /// Whether no sink would write at a flush now, so that the units' changes may keep
     /// coalescing where they are (only with a live sink: the others forward at every flush).
     pub(crate) fn resting(&self, backlog: Option<Duration>) -> bool {
-        self.slots.iter().any(|s| s.pace == Pace::Live) && self.slots.iter().all(|s| s.last.elapsed() < interval(s.pace, backlog))
+        self.slots.iter().any(|s| s.pace == Pace::Live) && self.slots.iter().all(|s| !s.carry && s.last.elapsed() < interval(s.pace, backlog))
     }
 
     /// Adds `changes` to every sink's and writes each that is due (every one with `now`).
@@ -189,7 +216,7 @@ impl Scheduler {
         let since = slot.last.elapsed();
         let due = match slot.pace {
             _ if !now && Instant::now() < slot.retry_at => false,
-            Pace::Live => now || since >= interval,
+            Pace::Live => now || slot.carry || since >= interval,
             Pace::Paced { max_defer, .. } => now || (since >= interval && (slot.budget_waited.elapsed() >= slot.budget_wait || since >= max_defer)),
         };
         let Some(mut sink) = slot.sink.take_if(|s| due && (!slot.changes.is_empty() || s.pending())) else {
@@ -204,7 +231,11 @@ impl Scheduler {
             return ok;
         }
         let started = Instant::now();
-        let changes = slot.changes.take();
+        let changes = match slot.pace {
+            Pace::Live if !now && !unknown => slot.changes.take_at_most(LIVE_WRITE_PATTERNS),
+            _ => slot.changes.take(),
+        };
+        slot.carry = slot.pace == Pace::Live && !slot.changes.is_empty();
         let request = match sink.plan(turn.global, &changes, turn.today) {
             Ok(request) => request,
             Err(e) => {
@@ -243,7 +274,9 @@ impl Scheduler {
             let result = sink.send(request);
             (sink, result, now_ms())
         });
-        slot.writing = Some(Writing { task, unseen: turn.visibility.waiting(), started: now_ms() });
+        // Records become visible with the write that carries the last of their changes.
+        let unseen = if slot.carry { 0 } else { turn.visibility.waiting() };
+        slot.writing = Some(Writing { task, unseen, started: now_ms() });
         slot.blocked_ms += started.elapsed().as_millis() as u64;
         if now {
             ok &= self.collect(i, true, turn.rt, turn.visibility, turn.retried);
@@ -359,4 +392,72 @@ fn interval(pace: Pace, backlog: Option<Duration>) -> Duration {
 fn over_budget(slot: &Slot, events: u64, writes: f64) -> bool {
     let Pace::Paced { max_defer, writes_per_event: Some(budget), .. } = slot.pace else { return false };
     slot.last.elapsed() < max_defer && writes > budget * events.saturating_sub(slot.events_at_last) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use toolrank_sink::{Error, Sink};
+
+    /// Records how many changed patterns each write it was sent carried.
+    struct Recording(Arc<Mutex<Vec<usize>>>);
+
+    impl Sink for Recording {
+        type Request = usize;
+        fn name(&self) -> &'static str {
+            "recording"
+        }
+        fn plan(&mut self, _: &Engine, changes: &Changes, _: Day) -> Result<usize, Error> {
+            Ok(changes.patterns.len())
+        }
+        fn send(&mut self, patterns: usize) -> Result<(), Error> {
+            self.0.lock().unwrap().push(patterns);
+            Ok(())
+        }
+        fn pending(&self) -> bool {
+            false
+        }
+        fn fence(&mut self) {}
+        fn hold(&mut self, _: u64) {}
+        fn stats(&self) -> Stats {
+            Stats::default()
+        }
+    }
+
+    fn patterns(n: u32) -> Changes {
+        Changes { agents: vec![1], patterns: (0..n).map(|user| PatternKey { user, agent: 1, sequence: 2 }).collect() }
+    }
+
+    #[test]
+    fn a_large_change_goes_to_a_live_sink_in_bounded_writes_each_due_once_the_last_returned() {
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let mut scheduler = Scheduler::new(vec![Wired::new(Recording(written.clone()), Pace::Live)]);
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let (engine, mut visibility, mut retried) = (Engine::new(), Visibility::new(), 0);
+        let mut turn = Turn { global: &engine, rt: &rt, today: Day(20_000), backlog: None, events: 0, visibility: &mut visibility, retried: &mut retried };
+        let total = 2 * LIVE_WRITE_PATTERNS as u32 + 100;
+        assert!(scheduler.write(&patterns(total), false, &mut turn));
+        // From now on a backlog ten seconds old: a write waits a second after the last
+        // one, unless it carries what the last one left.
+        turn.backlog = Some(Duration::from_secs(10));
+        for _ in 0..2 {
+            // Once the last write returned, the next flush starts the next one at once.
+            while !scheduler.slots[0].writing.as_ref().unwrap().task.is_finished() {
+                std::thread::yield_now();
+            }
+            assert!(!scheduler.resting(turn.backlog), "changes left over are due");
+            assert!(scheduler.write(&Changes::default(), false, &mut turn));
+            assert!(scheduler.slots[0].writing.is_some());
+        }
+        assert!(scheduler.collect_all(&rt, turn.visibility, turn.retried));
+        assert_eq!(*written.lock().unwrap(), [LIVE_WRITE_PATTERNS, LIVE_WRITE_PATTERNS, 100]);
+        assert!(!scheduler.slots[0].carry && scheduler.slots[0].changes.is_empty());
+        // Nothing left over: the sink rests until its interval is up.
+        assert!(scheduler.resting(turn.backlog));
+
+        // The exit's write (`now`) carries everything at once.
+        assert!(scheduler.write(&patterns(total), true, &mut turn));
+        assert_eq!(written.lock().unwrap().last(), Some(&(total as usize)));
+    }
 }
