@@ -8,6 +8,7 @@
 use crate::intern::Sym;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 use std::collections::BTreeMap;
 use toolrank_events::Day;
 
@@ -29,9 +30,11 @@ pub struct Contribution {
 
 /// Counts per day, so that the latest/earliest day is known after any retraction.
 /// A sorted vector: most patterns have one or two distinct days, and agents at most one
-/// entry per day of history, so this beats a tree on both memory and speed.
+/// entry per day of history, so this beats a tree on both memory and speed. One day is
+/// held in place (no allocation: most patterns' histograms hold one), more on the heap;
+/// it serializes as a plain sequence, as a `Vec` does.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DayHistogram(pub(crate) Vec<(Day, i64)>);
+pub struct DayHistogram(pub(crate) SmallVec<[(Day, i64); 1]>);
 
 impl DayHistogram {
     fn add(&mut self, day: Day, diff: i64) {
@@ -43,8 +46,8 @@ impl DayHistogram {
                 }
             }
             Err(i) => {
-                // Most histograms hold a day or two: a vector's default first capacity
-                // of four would be most of a pattern's memory.
+                // Most histograms hold a day or two: a vector's default growth to four
+                // would be most of a pattern's memory.
                 self.0.reserve_exact(1);
                 self.0.insert(i, (day, diff));
             }

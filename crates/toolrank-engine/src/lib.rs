@@ -787,7 +787,7 @@ impl Engine {
                     agent: table.index(strings.get(agent)),
                     executions: a.executions,
                     successes: a.successes,
-                    last_days: a.last_days.0.clone(),
+                    last_days: a.last_days.0.to_vec(),
                     rows: a.rows,
                     failed_rows: a.failed_rows,
                     failed_tools: syms(&a.failed_tools, table),
@@ -802,8 +802,8 @@ impl Engine {
                     sequence: table.sequence(strings, &self.sequences, key.sequence),
                     executions: p.executions,
                     successes: p.successes,
-                    first_days: p.first_days.0.clone(),
-                    last_days: p.last_days.0.clone(),
+                    first_days: p.first_days.0.to_vec(),
+                    last_days: p.last_days.0.to_vec(),
                 })
             }
             DeltaSource::Session(pk, slot) => DeltaEntry::Session(self.delta_session(pk, slot, seq_base, table)),
@@ -1395,7 +1395,7 @@ fn figures_of(strings: &mut Interner<str>, sequences: &mut Interner<[Sym]>, head
             AgentAggregate {
                 executions: a.executions,
                 successes: a.successes,
-                last_days: DayHistogram(a.last_days.clone()),
+                last_days: DayHistogram(a.last_days.as_slice().into()),
                 rows: a.rows,
                 failed_rows: a.failed_rows,
                 failed_tools,
@@ -1414,8 +1414,8 @@ fn figures_of(strings: &mut Interner<str>, sequences: &mut Interner<[Sym]>, head
         let figures = PatternAggregate {
             executions: p.executions,
             successes: p.successes,
-            first_days: DayHistogram(p.first_days.clone()),
-            last_days: DayHistogram(p.last_days.clone()),
+            first_days: DayHistogram(p.first_days.as_slice().into()),
+            last_days: DayHistogram(p.last_days.as_slice().into()),
         };
         out.patterns.insert(key, figures);
     }
