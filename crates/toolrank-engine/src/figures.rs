@@ -36,7 +36,7 @@ pub struct ToolFigures {
 }
 
 /// One `user_process_patterns` group.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PatternFigures {
     pub user_id: String,
     pub process_pattern: String,

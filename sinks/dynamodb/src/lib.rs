@@ -41,6 +41,7 @@ use futures_util::stream::{self, StreamExt};
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use toolrank_dynamodb::TOTAL;
@@ -119,11 +120,30 @@ pub fn pattern_name(f: &PatternFigures) -> String {
     format!("{}|{}|{}", f.process_pattern, f.agent_id, f.tool_sequence)
 }
 
-/// What the sink keeps per written pattern item.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A pattern item's content: its figures and whether it is in the top-scoring set.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Written {
     figures: PatternFigures,
     top: bool,
+}
+
+/// What the sink keeps per written pattern item: 128 bits of two independently keyed
+/// hashes of its content, not the content, which tells whether an item must be written
+/// again at a fraction of the memory (a sink holds one per recommended pattern).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fingerprint(u128);
+
+/// The keys of the hashes [`Fingerprint`]s are taken with, drawn once per sink.
+struct Fingerprints(RandomState, RandomState);
+
+impl Fingerprints {
+    fn new() -> Fingerprints {
+        Fingerprints(RandomState::new(), RandomState::new())
+    }
+
+    fn of(&self, w: &Written) -> Fingerprint {
+        Fingerprint(u128::from(self.0.hash_one(w)) << 64 | u128::from(self.1.hash_one(w)))
+    }
 }
 
 /// Where a namespace's rankings live in the table.
@@ -245,7 +265,8 @@ pub struct DynamoSink {
     namespace: Namespace,
     agents: HashMap<String, AgentFigures>,
     /// Pattern items by (user, name).
-    patterns: FxHashMap<(String, String), Written>,
+    patterns: FxHashMap<(String, String), Fingerprint>,
+    fingerprints: Fingerprints,
     /// Agents whose last write failed.
     pending_agents: HashSet<Sym>,
     /// Pattern items not yet written (a failure, or beyond a call's budget).
@@ -288,6 +309,7 @@ impl DynamoSink {
             namespace,
             agents: HashMap::new(),
             patterns: FxHashMap::default(),
+            fingerprints: Fingerprints::new(),
             pending_agents: HashSet::new(),
             patterns_pending: false,
             recommended: None,
@@ -390,7 +412,7 @@ impl DynamoSink {
     /// The pattern items a plan writes: puts (`Some`) of those whose figures or flag
     /// differ, deletes (`None`) of those no longer recommended.
     fn pattern_changes<'a>(&'a self, plan: &'a PatternPlan) -> impl Iterator<Item = (&'a (String, String), Option<&'a Written>)> + 'a {
-        let puts = plan.desired.iter().filter(|(key, w)| self.patterns.get(*key) != Some(*w)).map(|(key, w)| (key, Some(w)));
+        let puts = plan.desired.iter().filter(|(key, w)| self.patterns.get(*key) != Some(&self.fingerprints.of(w))).map(|(key, w)| (key, Some(w)));
         let unwanted = plan.leaving.is_none().then(|| self.patterns.keys().filter(|k| !plan.desired.contains_key(*k))).into_iter().flatten();
         let leaving = plan.leaving.iter().flatten().filter(|k| self.patterns.contains_key(*k));
         puts.chain(unwanted.chain(leaving).map(|k| (k, None)))
@@ -431,7 +453,8 @@ impl DynamoSink {
         let patterns = read_patterns(&self.client, &self.table, &self.namespace).await?;
         self.domains = registered;
         self.agents = agents.into_iter().map(|a| (a.agent_id.clone(), a)).collect();
-        self.patterns = patterns.into_iter().map(|(f, top)| ((f.user_id.clone(), pattern_name(&f)), Written { figures: f, top })).collect();
+        self.patterns =
+            patterns.into_iter().map(|(f, top)| ((f.user_id.clone(), pattern_name(&f)), self.fingerprints.of(&Written { figures: f, top }))).collect();
         self.recommended = None;
         self.loaded = true;
         Ok(())
@@ -711,7 +734,7 @@ impl DynamoSink {
                 continue;
             }
             match plan.desired.get(&key) {
-                Some(w) => self.patterns.insert(key, w.clone()),
+                Some(w) => self.patterns.insert(key, self.fingerprints.of(w)),
                 None => self.patterns.remove(&key),
             };
         }
@@ -1023,6 +1046,33 @@ mod tests {
     use std::borrow::Cow;
     use toolrank_engine::Applied;
     use toolrank_events::{Action, AgentItem, Change, Entity};
+
+    #[test]
+    fn an_items_fingerprint_moves_with_every_part_of_its_content() {
+        let f = PatternFigures {
+            user_id: "USR1".into(),
+            process_pattern: "PRC1->PRC2".into(),
+            agent_id: "AGT1".into(),
+            tool_sequence: "T1->T2".into(),
+            executions: 3,
+            successes: 2,
+            first: Day(20_000),
+            last: Day(20_010),
+        };
+        let fp = Fingerprints::new();
+        let of = |f: &PatternFigures, top| fp.of(&Written { figures: f.clone(), top });
+        assert_eq!(of(&f, false), of(&f.clone(), false));
+        let variants = [
+            PatternFigures { successes: 3, ..f.clone() },
+            PatternFigures { last: Day(20_011), ..f.clone() },
+            PatternFigures { first: Day(19_999), ..f.clone() },
+            PatternFigures { tool_sequence: "T1->T3".into(), ..f.clone() },
+        ];
+        for v in &variants {
+            assert_ne!(of(v, false), of(&f, false), "{v:?}");
+        }
+        assert_ne!(of(&f, true), of(&f, false));
+    }
 
     /// A shadow namespace's items and the domain registries come back through the
     /// table's stream like any write: none of their keys may count as an Agent or an
