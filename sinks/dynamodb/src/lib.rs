@@ -89,8 +89,9 @@ pub struct Plan {
 /// The pattern items a write compares with what the sink wrote.
 #[derive(Clone, Debug)]
 struct PatternPlan {
-    /// Recommended patterns, with top-scoring flags: put where they differ.
-    desired: FxHashMap<(String, String), Written>,
+    /// Recommended patterns, with top-scoring flags and the fingerprint of that content:
+    /// put where the sink wrote another.
+    desired: FxHashMap<(String, String), (Written, Fingerprint)>,
     /// Items to delete where written; `None` compares all: whatever the sink wrote that
     /// `desired` lacks is deleted.
     leaving: Option<Vec<(String, String)>>,
@@ -121,7 +122,7 @@ pub fn pattern_name(f: &PatternFigures) -> String {
 }
 
 /// A pattern item's content: its figures and whether it is in the top-scoring set.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Hash)]
 struct Written {
     figures: PatternFigures,
     top: bool,
@@ -381,11 +382,21 @@ impl DynamoSink {
                 continue;
             }
             if let Some(f) = engine.pattern_figures(k) {
-                desired.insert((f.user_id.clone(), pattern_name(&f)), Written { figures: f, top });
+                let (key, item) = self.item(f, top);
+                desired.insert(key, item);
             }
         }
         let leaving = known.map(|was| was.iter().filter(|(k, _)| !recommended.contains(k)).map(|(k, _)| item_key(engine, k)).collect());
         PatternPlan { desired, leaving, recommended: Some(recommended) }
+    }
+
+    /// The item of a pattern's `figures`: its key (user, name), its content, and the
+    /// content's fingerprint, taken once for every comparison of a plan.
+    fn item(&self, figures: PatternFigures, top: bool) -> ((String, String), (Written, Fingerprint)) {
+        let key = (figures.user_id.clone(), pattern_name(&figures));
+        let written = Written { figures, top };
+        let fingerprint = self.fingerprints.of(&written);
+        (key, (written, fingerprint))
     }
 
     /// How many items a [`plan`](Self::plan) writes when carried out now (what differs
@@ -412,7 +423,7 @@ impl DynamoSink {
     /// The pattern items a plan writes: puts (`Some`) of those whose figures or flag
     /// differ, deletes (`None`) of those no longer recommended.
     fn pattern_changes<'a>(&'a self, plan: &'a PatternPlan) -> impl Iterator<Item = (&'a (String, String), Option<&'a Written>)> + 'a {
-        let puts = plan.desired.iter().filter(|(key, w)| self.patterns.get(*key) != Some(&self.fingerprints.of(w))).map(|(key, w)| (key, Some(w)));
+        let puts = plan.desired.iter().filter(|(key, (_, fp))| self.patterns.get(*key) != Some(fp)).map(|(key, (w, _))| (key, Some(w)));
         let unwanted = plan.leaving.is_none().then(|| self.patterns.keys().filter(|k| !plan.desired.contains_key(*k))).into_iter().flatten();
         let leaving = plan.leaving.iter().flatten().filter(|k| self.patterns.contains_key(*k));
         puts.chain(unwanted.chain(leaving).map(|k| (k, None)))
@@ -453,8 +464,7 @@ impl DynamoSink {
         let patterns = read_patterns(&self.client, &self.table, &self.namespace).await?;
         self.domains = registered;
         self.agents = agents.into_iter().map(|a| (a.agent_id.clone(), a)).collect();
-        self.patterns =
-            patterns.into_iter().map(|(f, top)| ((f.user_id.clone(), pattern_name(&f)), self.fingerprints.of(&Written { figures: f, top }))).collect();
+        self.patterns = patterns.into_iter().map(|(f, top)| self.item(f, top)).map(|(key, (_, fingerprint))| (key, fingerprint)).collect();
         self.recommended = None;
         self.loaded = true;
         Ok(())
@@ -469,7 +479,8 @@ impl DynamoSink {
         let writes =
             agents.into_iter().map(|f| (None, f.agent_id.clone(), Some(table_figures(f)))).chain(gone.into_iter().map(|id| (None, id, None))).collect();
         self.write_agents(writes, today).await?;
-        let patterns = PatternPlan { desired: desired(patterns), leaving: None, recommended: None };
+        let desired = patterns.into_iter().map(|(f, top)| self.item(f, top)).collect();
+        let patterns = PatternPlan { desired, leaving: None, recommended: None };
         loop {
             self.write_patterns(patterns.clone(), today).await?;
             if !self.patterns_pending {
@@ -703,7 +714,7 @@ impl DynamoSink {
         let puts = keys.iter().filter(|key| plan.desired.contains_key(*key)).count();
         self.stats.unchanged += (plan.desired.len() - puts) as u64;
         let request = |key: &(String, String)| match plan.desired.get(key) {
-            Some(w) => put_pattern(&self.namespace, key, w, today),
+            Some((w, _)) => put_pattern(&self.namespace, key, w, today),
             None => {
                 WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(self.namespace.pattern_key(key))).build().expect("key")).build()
             }
@@ -734,7 +745,7 @@ impl DynamoSink {
                 continue;
             }
             match plan.desired.get(&key) {
-                Some(w) => self.patterns.insert(key, self.fingerprints.of(w)),
+                Some(&(_, fingerprint)) => self.patterns.insert(key, fingerprint),
                 None => self.patterns.remove(&key),
             };
         }
@@ -755,11 +766,6 @@ fn item_key(engine: &Engine, k: PatternKey) -> (String, String) {
     let user = engine.name(k.user);
     let id = engine.pattern_id(k);
     (user.to_owned(), id[user.len() + 1..].to_owned())
-}
-
-/// The recommended pattern items by key.
-fn desired(recommended: impl IntoIterator<Item = (PatternFigures, bool)>) -> FxHashMap<(String, String), Written> {
-    recommended.into_iter().map(|(f, top)| ((f.user_id.clone(), pattern_name(&f)), Written { figures: f, top })).collect()
 }
 
 /// Sends an UpdateItem; a failed `attribute_exists(PK)` condition means the item is gone.
