@@ -210,6 +210,10 @@ fn decode_chunk(chunk: &Chunk) -> DecodedLines<'_> {
 /// contribute into the aggregates. Returns the bytes read.
 fn ingest_files(inputs: &[Input], engine: &mut Engine, counts: &mut Counts, dead: &mut DeadLetters) -> Result<u64> {
     let total_bytes: u64 = inputs.iter().filter_map(Input::byte_len).sum();
+    // Sessions take ~800 bytes of a DynamoDB export each (more in other formats, more
+    // when gzipped): room for that many up front is room enough, and what stays unused
+    // is never touched.
+    engine.reserve_sessions(usize::try_from(total_bytes / SESSION_BYTES).unwrap_or(usize::MAX));
     let read = Arc::new(AtomicU64::new(0));
     let progress = (std::io::stderr().is_terminal() && total_bytes >= 64 << 20).then(|| {
         let bar = ProgressBar::new(total_bytes);
@@ -295,6 +299,9 @@ fn ingest_files(inputs: &[Input], engine: &mut Engine, counts: &mut Counts, dead
     }
     Ok(read.load(Ordering::Relaxed))
 }
+
+/// The fewest input bytes a session takes, for sizing the session table up front.
+const SESSION_BYTES: u64 = 512;
 
 /// The storage of decoded records, emptied, to go back with its chunk: collecting an
 /// empty vector into one of the same layout keeps its allocation.

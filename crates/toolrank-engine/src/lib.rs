@@ -554,6 +554,14 @@ impl Engine {
         Engine::default()
     }
 
+    /// Makes room for `additional` more sessions at once: growing the session table step
+    /// by step copies it and rehashes its index each time, into memory never touched before.
+    pub fn reserve_sessions(&mut self, additional: usize) {
+        self.sessions.reserve(additional);
+        let sessions = &self.sessions;
+        self.session_index.reserve(additional, |&j| FxBuildHasher.hash_one(&*sessions[j as usize].pk));
+    }
+
     /// Applies one change to the table state. Aggregates follow at the next [`flush`](Self::flush).
     pub fn apply(&mut self, change: &Change<'_>) -> Applied {
         if let Ok(key) = HistKey::parse(&change.pk, &change.sk) {
@@ -1273,14 +1281,15 @@ impl Engine {
         report::build(self, today)
     }
 
-    fn session_staging<'e>(&'e self, s: &'e Session) -> impl Iterator<Item = StagingRow<'e>> + 'e {
-        s.rows.iter().filter_map(move |r| {
+    /// The staging rows of the session `session_id` of `user`, which holds `rows`.
+    fn session_staging<'e>(&'e self, user: Sym, session_id: &'e str, rows: &'e [Row]) -> impl Iterator<Item = StagingRow<'e>> + 'e {
+        rows.iter().filter_map(move |r| {
             let data = r.data?;
             let parts = self.sks[r.sk as usize];
             let meta = self.agent_meta(parts.agent)?;
             Some(StagingRow {
-                user_id: self.strings.get(s.user),
-                session_id: s.session_id(),
+                user_id: self.strings.get(user),
+                session_id,
                 process_id: self.strings.get(parts.process),
                 domain_id: self.strings.get(meta.domain),
                 agent_id: self.strings.get(parts.agent),
