@@ -236,7 +236,7 @@ async fn forget(store: &CheckpointStore, owner: &str, scopes: impl IntoIterator<
     for scope in scopes {
         let claimed = store.claim(&scope, owner).await?;
         if claimed.position.is_some() {
-            store.save(&scope, owner, claimed.generation, "", &[]).await?;
+            store.save(&scope, owner, claimed.generation, "", &[], 0).await?;
         }
     }
     Ok(())

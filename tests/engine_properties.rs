@@ -124,6 +124,26 @@ proptest! {
         prop_assert_eq!(got, canonical(evaluate(&final_state(&history), TODAY)));
     }
 
+    /// A checkpoint may store a snapshot's catalog and aggregates apart from its
+    /// sessions: that part alone gives a copy the figures of the whole, which restores.
+    #[test]
+    fn a_snapshots_figures_part_makes_the_copy_the_whole_makes((history, order, ctl) in scenario()) {
+        let mut engine = replay(&history, &order, &ctl);
+        let (whole, figures) = engine.snapshot_split();
+        let today = Day::parse_iso(TODAY).unwrap();
+        let copied = |base: &[u8]| {
+            let mut view = Engine::new();
+            view.absorb_copy(&mut AggregateCopy::from_log(base, &[]).expect("loads"));
+            view.report(today)
+        };
+        let report = engine.report(today);
+        prop_assert_eq!(copied(&whole[..figures]), report.clone());
+        prop_assert_eq!(copied(&whole), report);
+        let mut restored = Engine::restore(&whole).expect("restores");
+        prop_assert_eq!(restored.staging_sorted(), engine.staging_sorted());
+        prop_assert_eq!(restored.report(today), engine.report(today));
+    }
+
     #[test]
     fn delivery_order_and_snapshots_do_not_matter((history, order, ctl) in scenario()) {
         let in_order: Vec<usize> = (0..history.len()).collect();

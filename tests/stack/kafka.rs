@@ -511,7 +511,7 @@ fn a_checkpoint_its_partition_no_longer_holds_stops_it_unless_gaps_are_skipped()
     rt.block_on(async {
         let store = toolrank_state::CheckpointStore::new(toolrank_dynamodb::client().await, "toolrank-state");
         let ck = store.claim(&scope, "restored").await.unwrap();
-        store.save(&scope, "restored", ck.generation, "1000", &[]).await.unwrap();
+        store.save(&scope, "restored", ck.generation, "1000", &[], 0).await.unwrap();
     });
     let started = Instant::now();
     let out = live.command().args(live.consume_args(&["--until-idle", "3"])).output().unwrap();

@@ -36,12 +36,12 @@ fn bucket_logs_take_appends_in_turn_and_compact() {
         // A base covering deltas up to 12; 13 stays after it. Within the grace the
         // covered deltas stay too: a writer that read head 5 still loses its race.
         let at12 = LogHead { head: 12, log_bytes: 1200, total_bytes: 1200, records: 42, ..head };
-        store.compact(scope, "lambda", head.generation, &at12, b"base").await.unwrap();
+        store.compact(scope, "lambda", head.generation, &at12, b"base", 0).await.unwrap();
         let after = store.log_head(scope).await.unwrap().unwrap();
         assert_eq!(after, LogHead { generation: 1, base_at: 12, head: 13, base_bytes: 4, log_bytes: 100, records: 42, total_bytes: 1300 });
         assert_eq!(store.deltas(scope, 5, 7).await.unwrap(), vec![d(6), d(7)], "kept for the grace");
         assert!(matches!(store.append(scope, &LogHead { head: 5, ..head }, &[d(9)], 1).await, Err(Error::Fenced(_))));
-        assert!(matches!(store.compact(scope, "lambda", head.generation, &head, b"late").await, Err(Error::Fenced(_))), "a base from a stale head");
+        assert!(matches!(store.compact(scope, "lambda", head.generation, &head, b"late", 0).await, Err(Error::Fenced(_))), "a base from a stale head");
         let log = store.load_log(scope).await.unwrap();
         assert_eq!((log.base, log.deltas, log.at.head), (b"base".to_vec(), vec![d(13)], 13));
         // The next append counts on from the last delta.
@@ -51,7 +51,7 @@ fn bucket_logs_take_appends_in_turn_and_compact() {
         // Past the grace, the compaction after next deletes what the first one covered:
         // the first makes its base pending, a later one past the grace deletes its deltas.
         let store = store.with_delete_grace(std::time::Duration::ZERO);
-        store.compact(scope, "lambda", 1, &fourteen, b"base14").await.unwrap();
+        store.compact(scope, "lambda", 1, &fourteen, b"base14", 0).await.unwrap();
         assert!(matches!(store.deltas(scope, 0, 2).await, Err(Error::Input(_))), "deleted past the grace");
         assert_eq!(store.deltas(scope, 12, 14).await.unwrap(), vec![d(13), d(14)], "covered by the pending base: kept");
         let log = store.load_log(scope).await.unwrap();
@@ -80,7 +80,7 @@ fn owned_checkpoints_append_with_their_position_and_rebase_whole() {
         assert_eq!((ck.position.as_deref(), ck.state.len(), ck.deltas, ck.at.head), (Some("12"), 0, vec![d(1), d(2)], 2));
         // A whole save covers the deltas and whatever was not appended: it takes the next
         // position, so a reader at head 2 sees that it moved; the deltas are deleted.
-        let at = store.save(scope, "a", ck.at.generation, "20", b"state").await.unwrap();
+        let at = store.save(scope, "a", ck.at.generation, "20", b"state", 0).await.unwrap();
         assert_eq!(at, LogHead { generation: 1, base_at: 3, head: 3, base_bytes: 5, log_bytes: 0, records: 0, total_bytes: 0 });
         assert_eq!(store.log_head(scope).await.unwrap(), Some(at));
         assert!(matches!(store.deltas(scope, 0, 2).await, Err(Error::Input(_))), "deleted");
@@ -92,9 +92,45 @@ fn owned_checkpoints_append_with_their_position_and_rebase_whole() {
             (Some("25"), b"state".to_vec(), vec![d(4)], LogHead { log_bytes: 100, total_bytes: 100, head: 4, ..at })
         );
         assert!(matches!(store.append_owned(scope, "a", "30", 4, &[d(5)]).await, Err(Error::Fenced(_))));
-        assert!(matches!(store.save(scope, "a", 1, "30", b"zombie").await, Err(Error::Fenced(_))));
+        assert!(matches!(store.save(scope, "a", 1, "30", b"zombie", 0).await, Err(Error::Fenced(_))));
         let log = store.load_log(scope).await.unwrap();
         assert_eq!((log.base, log.deltas), (b"state".to_vec(), vec![d(4)]));
+    });
+}
+
+/// A base saved with its figures part apart (the catalog and aggregates) reads back
+/// whole for its owner, and as that part alone for a copy, from fewer chunks; a later
+/// whole save that is not split reads back whole for both.
+#[test]
+fn a_split_base_reads_back_whole_or_as_its_figures_alone() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = fresh_state_store().await;
+        let scope = "kafka/g/t/1";
+        // Bytes that do not compress: both parts take chunks of their own (350 KB each).
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let state: Vec<u8> = (0..3_000_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let figures = 500_000;
+        let ck = store.claim(scope, "a").await.unwrap();
+        let at = store.save(scope, "a", ck.at.generation, "7", &state, figures).await.unwrap();
+        store.append_owned(scope, "a", "8", at.head, &[vec![1; 10]]).await.unwrap();
+        let log = store.load_log(scope).await.unwrap();
+        assert_eq!((log.base == state, log.figures_only, log.deltas.len()), (true, false, 1));
+        let part = store.load_log_figures(scope).await.unwrap();
+        assert_eq!((part.base == state[..figures], part.figures_only, part.deltas, part.at), (true, true, log.deltas, log.at));
+        assert_eq!(store.claim(scope, "b").await.unwrap().state, state, "its next owner restores it whole");
+        // Saved whole again, unsplit: a copy reads all of it.
+        let at = store.log_head(scope).await.unwrap().unwrap();
+        store.save(scope, "b", at.generation, "9", b"small", 0).await.unwrap();
+        let part = store.load_log_figures(scope).await.unwrap();
+        assert_eq!((part.base, part.figures_only), (b"small".to_vec(), false));
     });
 }
 

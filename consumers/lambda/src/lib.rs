@@ -43,7 +43,7 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 use toolrank_engine::Engine;
 use toolrank_events::{decode_kinesis_data, decode_line, Change};
-use toolrank_live::{apply_change, apply_deltas, log_engine, LogCatchUp, SinkWriter, Source, WriterConfig};
+use toolrank_live::{apply_change, apply_deltas, log_engine, BaseRead, LogCatchUp, SinkWriter, Source, WriterConfig};
 pub use toolrank_state::COMPACT_MIN_BYTES;
 use toolrank_state::{LogHead, DELTA_BYTES};
 use tracing::{info, warn};
@@ -433,7 +433,7 @@ impl Invocation<'_, '_> {
         };
         let state_error = |e: toolrank_live::Error| toolrank_dynamodb::Error::Input(e.to_string());
         let b = self.buckets.get_mut(&bucket);
-        match writer.log_catch_up(scope, b.as_ref().map(|b| b.at), &head)? {
+        match writer.log_catch_up(scope, b.as_ref().map(|b| b.at), &head, BaseRead::Whole)? {
             LogCatchUp::Current => Ok(head),
             LogCatchUp::Deltas(deltas) => {
                 let b = b.expect("deltas follow a cached engine");
@@ -470,8 +470,8 @@ impl Invocation<'_, '_> {
         let (from, at) = (std::mem::replace(&mut b.at, appended.head), appended.head);
         let bytes: u64 = deltas.iter().map(|d| d.len() as u64).sum();
         if head.compaction_due(deltas.len(), bytes, self.compact_bytes) {
-            let state = b.engine.snapshot();
-            match writer.call("compacting a bucket's log", writer.store().compact(scope, OWNER, head.generation, &appended, &state)) {
+            let (state, figures) = b.engine.snapshot_split();
+            match writer.call("compacting a bucket's log", writer.store().compact(scope, OWNER, head.generation, &appended, &state, figures)) {
                 Ok(_) | Err(toolrank_dynamodb::Error::Fenced(_)) => {}
                 Err(e) => warn!(bucket, error = %e, "could not compact a bucket's log; a later invocation will"),
             }

@@ -1311,8 +1311,20 @@ impl Engine {
     /// It flushes without forwarding: an engine that forwards into a merged one must
     /// [`flush_into`](Self::flush_into) it first, or the merged engine misses what was pending.
     pub fn snapshot(&mut self) -> Vec<u8> {
+        self.snapshot_split().0
+    }
+
+    /// A [`snapshot`](Self::snapshot), and how many of its first bytes hold the catalog
+    /// and aggregates: all an [`AggregateCopy`] reads, so that a checkpoint can store
+    /// them apart from the sessions, for a reader to fetch alone.
+    pub fn snapshot_split(&mut self) -> (Vec<u8>, usize) {
         self.flush();
-        versioned(SNAPSHOT_VERSION, self)
+        // The fields in the order `Engine` serializes them: postcard writes a struct as
+        // its fields one after the other, so the two parts make the same bytes.
+        let mut out = versioned(SNAPSHOT_VERSION, &(&self.strings, &self.sequences, &self.catalog, &self.aggregates));
+        let figures = out.len();
+        postcard::to_io(&(&self.sks, &self.sk_index, &self.sessions), &mut out).expect("writing to a Vec cannot fail");
+        (out, figures)
     }
 
     /// Restores a state written by [`snapshot`](Self::snapshot).

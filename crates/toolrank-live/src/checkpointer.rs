@@ -109,13 +109,13 @@ impl Checkpointer {
         // Taken: a failed append hands its changes to the next save, a failed whole save
         // makes the next one whole (see `collect`).
         engine.delta_saved();
-        let state = whole.then(|| engine.snapshot());
-        let bytes = state.as_ref().map_or(bytes, Vec::len);
+        let state = whole.then(|| engine.snapshot_split());
+        let bytes = state.as_ref().map_or(bytes, |(state, _)| state.len());
         let (store, owner, scope_, position_) = (self.store.clone(), self.owner.clone(), scope.to_owned(), position.to_owned());
         let task = rt.spawn(async move {
             let save = async {
                 match state {
-                    Some(state) => store.save(&scope_, &owner, at.generation, &position_, &state).await,
+                    Some((state, figures)) => store.save(&scope_, &owner, at.generation, &position_, &state, figures).await,
                     None => {
                         let head = store.append_owned(&scope_, &owner, &position_, at.head, &carried).await?;
                         Ok(LogHead { head, log_bytes: at.log_bytes + bytes as u64, ..at })

@@ -42,5 +42,5 @@ pub use summary::Summary;
 pub use toolrank_backoff::Backoff;
 pub use toolrank_sink::{Pace, Wired};
 pub use toolrank_state::LogHead;
-pub use units::{apply_change, apply_deltas, apply_line, guard, log_engine, restore, LogCatchUp, Panicked};
+pub use units::{apply_change, apply_deltas, apply_line, guard, log_engine, restore, BaseRead, LogCatchUp, Panicked};
 pub use writer::SinkWriter;

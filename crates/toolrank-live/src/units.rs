@@ -117,6 +117,16 @@ pub fn log_copy(scope: &str, log: &Log) -> Result<AggregateCopy, Error> {
     AggregateCopy::from_log(&log.base, &log.deltas).map_err(|source| Error::Snapshot { scope: scope.to_owned(), source })
 }
 
+/// What [`SinkWriter::log_catch_up`] reads of a base when it reads a whole log.
+#[derive(Clone, Copy, Debug)]
+pub enum BaseRead {
+    /// All of it, sessions included: to restore the unit's engine ([`log_engine`]).
+    Whole,
+    /// Its catalog and aggregates alone, where the base stores them apart: for a copy
+    /// ([`log_copy`]), which keeps nothing else.
+    Figures,
+}
+
 /// How a copy of a delta-log unit catches up ([`SinkWriter::log_catch_up`]).
 pub enum LogCatchUp {
     /// It is at the head.

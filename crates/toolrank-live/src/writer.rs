@@ -12,7 +12,7 @@ use crate::lease::{Held, SinkLease};
 use crate::merged::Merged;
 use crate::sinks::{Scheduler, Turn};
 use crate::summary::Summary;
-use crate::units::{apply_deltas, log_copy, restore, LogCatchUp};
+use crate::units::{apply_deltas, log_copy, restore, BaseRead, LogCatchUp};
 use std::time::{Duration, Instant};
 use toolrank_engine::Engine;
 use toolrank_events::Day;
@@ -294,7 +294,7 @@ impl SinkWriter {
             let Some(head) = self.call("reading a log head", self.store().log_head(scope))? else { continue };
             records += head.records;
             let at = self.merged.copy_at(scope);
-            let log = match self.log_catch_up(scope, at, &head)? {
+            let log = match self.log_catch_up(scope, at, &head, BaseRead::Figures)? {
                 LogCatchUp::Current => continue,
                 LogCatchUp::Deltas(deltas) => {
                     if let Err(e) = self.merged.advance_copy(scope, at.expect("deltas follow a copy"), head.head, &deltas) {
@@ -306,7 +306,12 @@ impl SinkWriter {
                 }
                 LogCatchUp::Log(log) => log,
             };
-            let figures = match log_copy(scope, &log) {
+            let copied = log_copy(scope, &log).or_else(|e| match log.figures_only {
+                // A base of another version may need its sessions to be read at all.
+                true => self.call("reading a log", self.store().load_log(scope)).map_err(Error::from).and_then(|log| log_copy(scope, &log)),
+                false => Err(e),
+            });
+            let figures = match copied {
                 Ok(figures) => figures,
                 // Its owner stops it (or will, when it claims it): the others' copies go on.
                 Err(e) if e.is_broken_checkpoint() => {
@@ -325,7 +330,7 @@ impl SinkWriter {
     /// What brings a copy of a delta-log unit at log position `at` (`None`: no copy) to
     /// `head`: the deltas after it, or the whole log when there is no copy or a
     /// compaction deleted those deltas.
-    pub fn log_catch_up(&self, scope: &str, at: Option<u64>, head: &LogHead) -> Result<LogCatchUp, toolrank_dynamodb::Error> {
+    pub fn log_catch_up(&self, scope: &str, at: Option<u64>, head: &LogHead, base: BaseRead) -> Result<LogCatchUp, toolrank_dynamodb::Error> {
         if at == Some(head.head) {
             return Ok(LogCatchUp::Current);
         }
@@ -337,7 +342,11 @@ impl SinkWriter {
                 Err(e) => return Err(e),
             }
         }
-        self.call("reading a log", self.store().load_log(scope)).map(LogCatchUp::Log)
+        match base {
+            BaseRead::Whole => self.call("reading a log", self.store().load_log(scope)),
+            BaseRead::Figures => self.call("reading a log's figures", self.store().load_log_figures(scope)),
+        }
+        .map(LogCatchUp::Log)
     }
 
     /// Forwards the owned units' deltas into the merged engine and, as lease holder,

@@ -27,7 +27,11 @@
 //! Snapshots and deltas are stored LZ4-compressed (about half their size: DynamoDB
 //! charges writes, deletes and storage by the byte); items written before carry no
 //! `Encoding` and are read as they are. Sizes in the manifest (`Bytes`, `LogBytes`) are
-//! the uncompressed ones, so when a log is compacted does not change.
+//! the uncompressed ones, so when a log is compacted does not change. A snapshot whose
+//! saver says where its catalog and aggregates end is stored as two LZ4 blocks, those
+//! first (`Encoding` `lz4-split`, `FiguresStored` bytes): a sink writer keeping a copy of
+//! another consumer's aggregates reads only the chunks that hold them
+//! ([`CheckpointStore::load_log_figures`]), not the sessions after them.
 
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, PutRequest, ReturnValue, WriteRequest};
@@ -111,9 +115,39 @@ impl Chunks {
 /// The `Encoding` of compressed snapshots (on the manifest) and deltas (on the item).
 const LZ4: &str = "lz4";
 
+/// The `Encoding` of a snapshot stored as two LZ4 blocks (see the module docs).
+const LZ4_SPLIT: &str = "lz4-split";
+
 /// `bytes` as stored: LZ4 with the length prepended.
 fn pack(bytes: &[u8]) -> Vec<u8> {
     lz4_flex::compress_prepend_size(bytes)
+}
+
+/// A snapshot as stored, its `Encoding`, and the stored bytes of its first part: split
+/// after its first `figures` bytes into two LZ4 blocks when that leaves both non-empty.
+fn pack_state(state: &[u8], figures: usize) -> (Vec<u8>, &'static str, usize) {
+    if figures == 0 || figures >= state.len() {
+        return (pack(state), LZ4, 0);
+    }
+    let mut stored = pack(&state[..figures]);
+    let first = stored.len();
+    stored.extend_from_slice(&pack(&state[figures..]));
+    (stored, LZ4_SPLIT, first)
+}
+
+/// What [`pack_state`] stored (`first`: the stored bytes of its first part), whole.
+fn unpack_state(mut stored: Vec<u8>, encoding: Option<&String>, first: usize, what: impl Fn() -> String) -> Result<Vec<u8>, Error> {
+    if encoding.map(String::as_str) != Some(LZ4_SPLIT) {
+        return unpack(stored, encoding, what);
+    }
+    if first > stored.len() {
+        return Err(Error::Input(format!("{}: corrupt (its first part ends after its {} bytes)", what(), stored.len())));
+    }
+    let rest = stored.split_off(first);
+    let lz4 = Some(LZ4.to_owned());
+    let mut state = unpack(stored, lz4.as_ref(), &what)?;
+    state.extend_from_slice(&unpack(rest, lz4.as_ref(), &what)?);
+    Ok(state)
 }
 
 /// What [`pack`] stored, or `stored` itself when it was written uncompressed (`encoding`
@@ -216,6 +250,9 @@ pub struct Log {
     pub at: LogHead,
     pub base: Vec<u8>,
     pub deltas: Vec<Vec<u8>>,
+    /// `base` is only the first part of a split snapshot, its catalog and aggregates
+    /// ([`CheckpointStore::load_log_figures`]).
+    pub figures_only: bool,
 }
 
 /// Delta items per append transaction: 10 of at most `CHUNK_BYTES` stay under the 4 MB a
@@ -375,21 +412,52 @@ impl CheckpointStore {
         let set = Chunks::of(manifest);
         let position = text(manifest, "Position").cloned();
         let chunks = number(manifest, "Chunks") as usize;
-        let blobs = self.blobs(scope, "begins_with(SK, :prefix)", &[(":prefix", s(set.prefix()))], "the checkpoint").await?;
+        let blobs = self.blobs(scope, "begins_with(SK, :prefix)", &[(":prefix", s(set.prefix()))], "the checkpoint", None).await?;
         let got = blobs.len();
         if got != chunks {
             return Err(Error::Input(format!("checkpoint {generation} of {scope} has {got} of its {chunks} chunks")));
         }
-        let state = unpack(blobs.concat(), text(manifest, "Encoding"), || format!("checkpoint {generation} of {scope}"))?;
+        let (encoding, first) = (text(manifest, "Encoding"), number(manifest, "FiguresStored") as usize);
+        let state = unpack_state(blobs.concat(), encoding, first, || format!("checkpoint {generation} of {scope}"))?;
         let at = self.head_of(scope, manifest).await?;
         let deltas = self.deltas(scope, at.base_at, at.head).await?;
         Ok(Checkpoint { generation, position, state, deltas, at })
     }
 
+    /// Like [`load`](Self::load), but of a split snapshot (see the module docs) only the
+    /// chunks holding its first part are read, and only that part is returned.
+    async fn load_figures(&self, scope: &str, manifest: &HashMap<String, AttributeValue>) -> Result<Log, Error> {
+        let first = number(manifest, "FiguresStored") as usize;
+        if text(manifest, "Encoding").map(String::as_str) != Some(LZ4_SPLIT) || first == 0 {
+            let ck = self.load(scope, manifest).await?;
+            return Ok(Log { at: ck.at, base: ck.state, deltas: ck.deltas, figures_only: false });
+        }
+        let generation = generation_of(manifest);
+        let set = Chunks::of(manifest);
+        let mut stored = self.blobs(scope, "begins_with(SK, :prefix)", &[(":prefix", s(set.prefix()))], "the checkpoint", Some(first)).await?.concat();
+        if stored.len() < first {
+            return Err(Error::Input(format!("checkpoint {generation} of {scope} holds {} of the {first} bytes of its figures", stored.len())));
+        }
+        stored.truncate(first);
+        let base = unpack(stored, Some(&LZ4.to_owned()), || format!("the figures of checkpoint {generation} of {scope}"))?;
+        let at = self.head_of(scope, manifest).await?;
+        let deltas = self.deltas(scope, at.base_at, at.head).await?;
+        Ok(Log { at, base, deltas, figures_only: true })
+    }
+
     /// The `Data` of `scope`'s items whose SK meets `sk_condition` (with `values`), in SK
-    /// order: a checkpoint's chunks, a log's deltas.
-    async fn blobs(&self, scope: &str, sk_condition: &str, values: &[(&str, AttributeValue)], what: &str) -> Result<Vec<Vec<u8>>, Error> {
+    /// order: a checkpoint's chunks, a log's deltas. With `enough`, no further page is
+    /// read once the blobs hold that many bytes.
+    async fn blobs(
+        &self,
+        scope: &str,
+        sk_condition: &str,
+        values: &[(&str, AttributeValue)],
+        what: &str,
+        enough: Option<usize>,
+    ) -> Result<Vec<Vec<u8>>, Error> {
         let mut blobs = Vec::new();
+        let mut bytes = 0;
         let mut start: Option<HashMap<String, AttributeValue>> = None;
         loop {
             let mut query = self
@@ -405,9 +473,10 @@ impl CheckpointStore {
             for item in page.items() {
                 let blob = item.get("Data").and_then(|v| v.as_b().ok()).ok_or_else(|| Error::Input(format!("an item of {what} of {scope} without Data")))?;
                 blobs.push(unpack(blob.as_ref().to_vec(), text(item, "Encoding"), || format!("an item of {what} of {scope}"))?);
+                bytes += blobs.last().map_or(0, Vec::len);
             }
             start = page.last_evaluated_key;
-            if start.is_none() {
+            if start.is_none() || enough.is_some_and(|enough| bytes >= enough) {
                 return Ok(blobs);
             }
         }
@@ -441,8 +510,10 @@ impl CheckpointStore {
     /// Saves `state` at `position` as the checkpoint after `generation`, if `owner` still
     /// owns `scope`: the log's new base, covering everything appended. Returns where the
     /// log stands now.
-    pub async fn save(&self, scope: &str, owner: &str, generation: u64, position: &str, state: &[u8]) -> Result<LogHead, Error> {
-        self.save_base(scope, owner, generation, position, state, Base::Whole).await
+    /// `figures`: how many of the first bytes of `state` hold what a copy of its
+    /// aggregates reads (stored apart when neither 0 nor all of it; see the module docs).
+    pub async fn save(&self, scope: &str, owner: &str, generation: u64, position: &str, state: &[u8], figures: usize) -> Result<LogHead, Error> {
+        self.save_base(scope, owner, generation, position, (state, figures), Base::Whole).await
     }
 
     /// Where `scope`'s delta log stands; `None` before it exists.
@@ -489,11 +560,26 @@ impl CheckpointStore {
     /// The delta log of `scope` in full (empty before it exists), without claiming it
     /// (a sink writer merging the units other consumers own).
     pub async fn load_log(&self, scope: &str) -> Result<Log, Error> {
+        self.read_log(scope, false).await
+    }
+
+    /// [`load_log`](Self::load_log), but of a base saved split (see the module docs) only
+    /// the catalog and aggregates, its first part ([`Log::figures_only`]): what a copy of
+    /// another consumer's aggregates reads.
+    pub async fn load_log_figures(&self, scope: &str) -> Result<Log, Error> {
+        self.read_log(scope, true).await
+    }
+
+    async fn read_log(&self, scope: &str, figures: bool) -> Result<Log, Error> {
         let mut tries = 0;
         loop {
             let Some(m) = self.manifest(scope).await? else { return Ok(Log::default()) };
-            match self.load(scope, &m).await {
-                Ok(ck) => return Ok(Log { at: ck.at, base: ck.state, deltas: ck.deltas }),
+            let read = match figures {
+                true => self.load_figures(scope, &m).await,
+                false => self.load(scope, &m).await.map(|ck| Log { at: ck.at, base: ck.state, deltas: ck.deltas, figures_only: false }),
+            };
+            match read {
+                Ok(log) => return Ok(log),
                 // A new base was saved while we read (its predecessor's chunks and
                 // deltas are deleted): read it.
                 Err(Error::Input(_)) if tries < 10 => tries += 1,
@@ -508,7 +594,8 @@ impl CheckpointStore {
         if upto <= after {
             return Ok(Vec::new());
         }
-        let deltas = self.blobs(scope, "SK BETWEEN :from AND :to", &[(":from", s(delta_sk(after + 1))), (":to", s(delta_sk(upto)))], "the deltas").await?;
+        let deltas =
+            self.blobs(scope, "SK BETWEEN :from AND :to", &[(":from", s(delta_sk(after + 1))), (":to", s(delta_sk(upto)))], "the deltas", None).await?;
         if deltas.len() as u64 != upto - after {
             return Err(Error::Input(format!("deltas {}..={upto} of {scope}: {} found (compacted since)", after + 1, deltas.len())));
         }
@@ -612,16 +699,25 @@ impl CheckpointStore {
     /// [`append`](Self::append) returned it), as the log's new base after base
     /// `generation`. The deltas it covers are deleted by a later compaction, once
     /// [`DELETE_GRACE`] has passed. `Err(Fenced)` when another writer saved a base first.
-    pub async fn compact(&self, scope: &str, owner: &str, generation: u64, at: &LogHead, state: &[u8]) -> Result<u64, Error> {
-        Ok(self.save_base(scope, owner, generation, &at.head.to_string(), state, Base::Upto(*at)).await?.generation)
+    /// `figures` as for [`save`](Self::save).
+    pub async fn compact(&self, scope: &str, owner: &str, generation: u64, at: &LogHead, state: &[u8], figures: usize) -> Result<u64, Error> {
+        Ok(self.save_base(scope, owner, generation, &at.head.to_string(), (state, figures), Base::Upto(*at)).await?.generation)
     }
 
     /// Saves `state` as the checkpoint after `generation` and the base of the log (see
     /// [`Base`]); deletes the previous base's chunks and the deltas the new one covers.
-    async fn save_base(&self, scope: &str, owner: &str, generation: u64, position: &str, state: &[u8], base: Base) -> Result<LogHead, Error> {
+    async fn save_base(
+        &self,
+        scope: &str,
+        owner: &str,
+        generation: u64,
+        position: &str,
+        (state, figures): (&[u8], usize),
+        base: Base,
+    ) -> Result<LogHead, Error> {
         let next = generation + 1;
         let set = Chunks::new(next);
-        let stored = pack(state);
+        let (stored, encoding, first) = pack_state(state, figures);
         let chunks: Vec<&[u8]> = stored.chunks(CHUNK_BYTES).collect();
         // The chunks in batches of 25, then the manifest.
         self.wrote(chunks.len().div_ceil(25) + 1);
@@ -633,8 +729,8 @@ impl CheckpointStore {
         let switched = self
             .update(scope, "manifest")
             .update_expression(match base {
-                Base::Whole => "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t, #e = :e, #h = if_not_exists(#h, :zero) + :one, #ba = if_not_exists(#h, :zero) + :one REMOVE LogBytes",
-                Base::Upto(_) => "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t, #e = :e, #ba = :at, #bt = :total, #r = :records, \
+                Base::Whole => "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t, #e = :e, #fs = :fs, #h = if_not_exists(#h, :zero) + :one, #ba = if_not_exists(#h, :zero) + :one REMOVE LogBytes",
+                Base::Upto(_) => "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t, #e = :e, #fs = :fs, #ba = :at, #bt = :total, #r = :records, \
                                   #pa = if_not_exists(#pa, :at), #pm = if_not_exists(#pm, :now), #du = if_not_exists(#du, :before) REMOVE LogBytes",
             })
             .condition_expression("#o = :o AND #g = :g")
@@ -646,8 +742,10 @@ impl CheckpointStore {
             .expression_attribute_names("#o", "Owner")
             .expression_attribute_names("#t", "ChunkTag")
             .expression_attribute_names("#e", "Encoding")
+            .expression_attribute_names("#fs", "FiguresStored")
             .expression_attribute_values(":t", s(&set.tag))
-            .expression_attribute_values(":e", s(LZ4))
+            .expression_attribute_values(":e", s(encoding))
+            .expression_attribute_values(":fs", n(first))
             .expression_attribute_values(":next", n(next))
             .expression_attribute_values(":g", n(generation))
             .expression_attribute_values(":p", s(position))
@@ -962,6 +1060,23 @@ mod tests {
         assert!(stored.len() < state.len() / 2, "{} of {}", stored.len(), state.len());
         assert_eq!(unpack(stored, Some(&LZ4.to_owned()), String::new).unwrap(), state);
         assert_eq!(unpack(state.clone(), None, String::new).unwrap(), state);
+    }
+
+    #[test]
+    fn a_split_state_reads_back_whole_and_its_first_part_alone() {
+        let state: Vec<u8> = (0..10_000u32).flat_map(|i| (i % 97).to_le_bytes()).collect();
+        let (stored, encoding, first) = pack_state(&state, 1234);
+        assert_eq!(encoding, LZ4_SPLIT);
+        let encoding = Some(encoding.to_owned());
+        assert_eq!(unpack_state(stored.clone(), encoding.as_ref(), first, String::new).unwrap(), state);
+        assert_eq!(unpack(stored[..first].to_vec(), Some(&LZ4.to_owned()), String::new).unwrap(), state[..1234]);
+        assert!(matches!(unpack_state(stored.clone(), encoding.as_ref(), stored.len() + 1, String::new), Err(Error::Input(_))));
+        assert!(unpack_state(stored.clone(), encoding.as_ref(), first - 1, String::new).is_err(), "a wrong split is corrupt, not a panic");
+        // Nothing to split off: one block, as before.
+        for figures in [0, state.len()] {
+            let (stored, encoding, first) = pack_state(&state, figures);
+            assert_eq!((encoding, first, &stored), (LZ4, 0, &pack(&state)));
+        }
     }
 
     #[test]

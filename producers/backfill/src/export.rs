@@ -167,7 +167,7 @@ impl Job<'_> {
                 Ok(opened) => opened,
                 Err(Error::Source(e)) if corrupt(&e) => {
                     self.reject(reject, corrupt_file(&self.files.name(index), 0, &e));
-                    generation = self.run.store.save(&self.run.scope, &self.run.owner, generation, &position(index + 1, 0), &[]).await?.generation;
+                    generation = self.run.store.save(&self.run.scope, &self.run.owner, generation, &position(index + 1, 0), &[], 0).await?.generation;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -204,7 +204,7 @@ impl Job<'_> {
                 last = line_no;
                 if saved.elapsed() >= self.run.checkpoint_every || self.run.stop.load(Ordering::Relaxed) {
                     sender.settle().await?;
-                    generation = self.run.store.save(&self.run.scope, &self.run.owner, generation, &position(index, last), &[]).await?.generation;
+                    generation = self.run.store.save(&self.run.scope, &self.run.owner, generation, &position(index, last), &[], 0).await?.generation;
                     saved = Instant::now();
                     if self.run.stop.load(Ordering::Relaxed) {
                         return Ok(false);
@@ -212,7 +212,7 @@ impl Job<'_> {
                 }
             }
             sender.settle().await?;
-            generation = self.run.store.save(&self.run.scope, &self.run.owner, generation, &position(index + 1, 0), &[]).await?.generation;
+            generation = self.run.store.save(&self.run.scope, &self.run.owner, generation, &position(index + 1, 0), &[], 0).await?.generation;
         }
         Ok(true)
     }

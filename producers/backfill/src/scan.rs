@@ -127,7 +127,7 @@ impl<T: Target> Job<'_, T> {
     async fn save(&self, scope: &str, generation: u64, next: Option<&HashMap<String, AttributeValue>>, sender: &mut T::Sender) -> Result<u64, Error> {
         sender.settle().await?;
         let position = next.map_or_else(|| DONE.to_owned(), key_text);
-        Ok(self.run.store.save(scope, &self.run.owner, generation, &position, &[]).await?.generation)
+        Ok(self.run.store.save(scope, &self.run.owner, generation, &position, &[], 0).await?.generation)
     }
 }
 
