@@ -107,14 +107,18 @@ fn a_split_base_reads_back_whole_or_as_its_figures_alone() {
     rt.block_on(async {
         let store = fresh_state_store().await;
         let scope = "kafka/g/t/1";
-        // Bytes that do not compress: both parts take chunks of their own (350 KB each).
+        // Bytes that hardly compress, a repeated marker every KB: sequences of about a KB,
+        // and chunks (350 KB each) that hold the figures and others that do not.
         let mut x = 0x2545_f491_4f6c_dd1du64;
         let state: Vec<u8> = (0..3_000_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
+            .map(|i| match i % 1024 {
+                0..8 => b"MARKER!!"[i % 1024],
+                _ => {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                }
             })
             .collect();
         let figures = 500_000;

@@ -27,12 +27,13 @@
 //! Snapshots and deltas are stored LZ4-compressed (about half their size: DynamoDB
 //! charges writes, deletes and storage by the byte); items written before carry no
 //! `Encoding` and are read as they are. Sizes in the manifest (`Bytes`, `LogBytes`) are
-//! the uncompressed ones, so when a log is compacted does not change. A snapshot whose
-//! saver says where its catalog and aggregates end is stored as two LZ4 blocks, those
-//! first (`Encoding` `lz4-split`, `FiguresStored` bytes): a sink writer keeping a copy of
-//! another consumer's aggregates reads only the chunks that hold them
+//! the uncompressed ones, so when a log is compacted does not change. When its saver says
+//! where a snapshot's catalog and aggregates end (`FiguresBytes`), the manifest also says
+//! how many stored bytes decode to them (`FiguresStored`): a sink writer keeping a copy of
+//! another consumer's aggregates fetches and decodes only those
 //! ([`CheckpointStore::load_log_figures`]), not the sessions after them.
 
+use crate::lz4_prefix;
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, PutRequest, ReturnValue, WriteRequest};
 use aws_sdk_dynamodb::Client;
@@ -115,39 +116,9 @@ impl Chunks {
 /// The `Encoding` of compressed snapshots (on the manifest) and deltas (on the item).
 const LZ4: &str = "lz4";
 
-/// The `Encoding` of a snapshot stored as two LZ4 blocks (see the module docs).
-const LZ4_SPLIT: &str = "lz4-split";
-
 /// `bytes` as stored: LZ4 with the length prepended.
 fn pack(bytes: &[u8]) -> Vec<u8> {
     lz4_flex::compress_prepend_size(bytes)
-}
-
-/// A snapshot as stored, its `Encoding`, and the stored bytes of its first part: split
-/// after its first `figures` bytes into two LZ4 blocks when that leaves both non-empty.
-fn pack_state(state: &[u8], figures: usize) -> (Vec<u8>, &'static str, usize) {
-    if figures == 0 || figures >= state.len() {
-        return (pack(state), LZ4, 0);
-    }
-    let mut stored = pack(&state[..figures]);
-    let first = stored.len();
-    stored.extend_from_slice(&pack(&state[figures..]));
-    (stored, LZ4_SPLIT, first)
-}
-
-/// What [`pack_state`] stored (`first`: the stored bytes of its first part), whole.
-fn unpack_state(mut stored: Vec<u8>, encoding: Option<&String>, first: usize, what: impl Fn() -> String) -> Result<Vec<u8>, Error> {
-    if encoding.map(String::as_str) != Some(LZ4_SPLIT) {
-        return unpack(stored, encoding, what);
-    }
-    if first > stored.len() {
-        return Err(Error::Input(format!("{}: corrupt (its first part ends after its {} bytes)", what(), stored.len())));
-    }
-    let rest = stored.split_off(first);
-    let lz4 = Some(LZ4.to_owned());
-    let mut state = unpack(stored, lz4.as_ref(), &what)?;
-    state.extend_from_slice(&unpack(rest, lz4.as_ref(), &what)?);
-    Ok(state)
 }
 
 /// What [`pack`] stored, or `stored` itself when it was written uncompressed (`encoding`
@@ -164,6 +135,15 @@ fn unpack(stored: Vec<u8>, encoding: Option<&String>, what: impl FnOnce() -> Str
             lz4_flex::decompress_size_prepended(&stored).map_err(|e| Error::Input(format!("{}: corrupt: {e}", what())))
         }
         Some(other) => Err(Error::Input(format!("{}: unknown encoding {other:?}", what()))),
+    }
+}
+
+/// How many of the bytes [`pack`] stored for `state` decode to its first `figures`
+/// bytes (0: nothing to read apart, when that is none or all of it).
+fn figures_stored(stored: &[u8], state: &[u8], figures: usize) -> usize {
+    match figures > 0 && figures < state.len() {
+        true => stored.get(4..).and_then(|block| lz4_prefix::covering(block, figures).ok()).map_or(0, |n| 4 + n),
+        false => 0,
     }
 }
 
@@ -417,29 +397,27 @@ impl CheckpointStore {
         if got != chunks {
             return Err(Error::Input(format!("checkpoint {generation} of {scope} has {got} of its {chunks} chunks")));
         }
-        let (encoding, first) = (text(manifest, "Encoding"), number(manifest, "FiguresStored") as usize);
-        let state = unpack_state(blobs.concat(), encoding, first, || format!("checkpoint {generation} of {scope}"))?;
+        let state = unpack(blobs.concat(), text(manifest, "Encoding"), || format!("checkpoint {generation} of {scope}"))?;
         let at = self.head_of(scope, manifest).await?;
         let deltas = self.deltas(scope, at.base_at, at.head).await?;
         Ok(Checkpoint { generation, position, state, deltas, at })
     }
 
-    /// Like [`load`](Self::load), but of a split snapshot (see the module docs) only the
-    /// chunks holding its first part are read, and only that part is returned.
+    /// Like [`load`](Self::load), but of a snapshot whose manifest says where its figures
+    /// end (see the module docs) only the chunks holding them are read, and only they are
+    /// decoded and returned.
     async fn load_figures(&self, scope: &str, manifest: &HashMap<String, AttributeValue>) -> Result<Log, Error> {
-        let first = number(manifest, "FiguresStored") as usize;
-        if text(manifest, "Encoding").map(String::as_str) != Some(LZ4_SPLIT) || first == 0 {
+        let (stored_bytes, figures) = (number(manifest, "FiguresStored") as usize, number(manifest, "FiguresBytes") as usize);
+        if text(manifest, "Encoding").map(String::as_str) != Some(LZ4) || stored_bytes <= 4 || figures == 0 {
             let ck = self.load(scope, manifest).await?;
             return Ok(Log { at: ck.at, base: ck.state, deltas: ck.deltas, figures_only: false });
         }
         let generation = generation_of(manifest);
         let set = Chunks::of(manifest);
-        let mut stored = self.blobs(scope, "begins_with(SK, :prefix)", &[(":prefix", s(set.prefix()))], "the checkpoint", Some(first)).await?.concat();
-        if stored.len() < first {
-            return Err(Error::Input(format!("checkpoint {generation} of {scope} holds {} of the {first} bytes of its figures", stored.len())));
-        }
-        stored.truncate(first);
-        let base = unpack(stored, Some(&LZ4.to_owned()), || format!("the figures of checkpoint {generation} of {scope}"))?;
+        let stored = self.blobs(scope, "begins_with(SK, :prefix)", &[(":prefix", s(set.prefix()))], "the checkpoint", Some(stored_bytes)).await?.concat();
+        let corrupt = || Error::Input(format!("the figures of checkpoint {generation} of {scope}: corrupt"));
+        let block = stored.get(4..stored_bytes).ok_or_else(corrupt)?;
+        let base = lz4_prefix::decode_prefix(block, figures).map_err(|_| corrupt())?;
         let at = self.head_of(scope, manifest).await?;
         let deltas = self.deltas(scope, at.base_at, at.head).await?;
         Ok(Log { at, base, deltas, figures_only: true })
@@ -717,7 +695,8 @@ impl CheckpointStore {
     ) -> Result<LogHead, Error> {
         let next = generation + 1;
         let set = Chunks::new(next);
-        let (stored, encoding, first) = pack_state(state, figures);
+        let stored = pack(state);
+        let first = figures_stored(&stored, state, figures);
         let chunks: Vec<&[u8]> = stored.chunks(CHUNK_BYTES).collect();
         // The chunks in batches of 25, then the manifest.
         self.wrote(chunks.len().div_ceil(25) + 1);
@@ -729,8 +708,8 @@ impl CheckpointStore {
         let switched = self
             .update(scope, "manifest")
             .update_expression(match base {
-                Base::Whole => "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t, #e = :e, #fs = :fs, #h = if_not_exists(#h, :zero) + :one, #ba = if_not_exists(#h, :zero) + :one REMOVE LogBytes",
-                Base::Upto(_) => "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t, #e = :e, #fs = :fs, #ba = :at, #bt = :total, #r = :records, \
+                Base::Whole => "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t, #e = :e, #fs = :fs, #fb = :fb, #h = if_not_exists(#h, :zero) + :one, #ba = if_not_exists(#h, :zero) + :one REMOVE LogBytes",
+                Base::Upto(_) => "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t, #e = :e, #fs = :fs, #fb = :fb, #ba = :at, #bt = :total, #r = :records, \
                                   #pa = if_not_exists(#pa, :at), #pm = if_not_exists(#pm, :now), #du = if_not_exists(#du, :before) REMOVE LogBytes",
             })
             .condition_expression("#o = :o AND #g = :g")
@@ -743,9 +722,11 @@ impl CheckpointStore {
             .expression_attribute_names("#t", "ChunkTag")
             .expression_attribute_names("#e", "Encoding")
             .expression_attribute_names("#fs", "FiguresStored")
+            .expression_attribute_names("#fb", "FiguresBytes")
             .expression_attribute_values(":t", s(&set.tag))
-            .expression_attribute_values(":e", s(encoding))
+            .expression_attribute_values(":e", s(LZ4))
             .expression_attribute_values(":fs", n(first))
+            .expression_attribute_values(":fb", n(if first > 0 { figures } else { 0 }))
             .expression_attribute_values(":next", n(next))
             .expression_attribute_values(":g", n(generation))
             .expression_attribute_values(":p", s(position))
@@ -1063,19 +1044,14 @@ mod tests {
     }
 
     #[test]
-    fn a_split_state_reads_back_whole_and_its_first_part_alone() {
+    fn the_stored_bytes_of_a_states_figures_decode_to_them_alone() {
         let state: Vec<u8> = (0..10_000u32).flat_map(|i| (i % 97).to_le_bytes()).collect();
-        let (stored, encoding, first) = pack_state(&state, 1234);
-        assert_eq!(encoding, LZ4_SPLIT);
-        let encoding = Some(encoding.to_owned());
-        assert_eq!(unpack_state(stored.clone(), encoding.as_ref(), first, String::new).unwrap(), state);
-        assert_eq!(unpack(stored[..first].to_vec(), Some(&LZ4.to_owned()), String::new).unwrap(), state[..1234]);
-        assert!(matches!(unpack_state(stored.clone(), encoding.as_ref(), stored.len() + 1, String::new), Err(Error::Input(_))));
-        assert!(unpack_state(stored.clone(), encoding.as_ref(), first - 1, String::new).is_err(), "a wrong split is corrupt, not a panic");
-        // Nothing to split off: one block, as before.
+        let stored = pack(&state);
+        let first = figures_stored(&stored, &state, 1234);
+        assert!(4 < first && first < stored.len(), "{first} of {}", stored.len());
+        assert_eq!(lz4_prefix::decode_prefix(&stored[4..first], 1234).unwrap(), state[..1234]);
         for figures in [0, state.len()] {
-            let (stored, encoding, first) = pack_state(&state, figures);
-            assert_eq!((encoding, first, &stored), (LZ4, 0, &pack(&state)));
+            assert_eq!(figures_stored(&stored, &state, figures), 0, "nothing to read apart");
         }
     }
 

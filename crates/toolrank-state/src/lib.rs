@@ -4,6 +4,7 @@
 //! AgentTable helpers this builds on.
 
 mod checkpoint;
+mod lz4_prefix;
 
 pub use checkpoint::{Checkpoint, CheckpointStore, Lease, Log, LogHead, Taken, COMPACT_MIN_BYTES, DELTAS_PER_APPEND, DELTA_BYTES};
 pub use toolrank_dynamodb::{Error, TableStatusReport};
