@@ -103,9 +103,13 @@ fn owned_checkpoints_append_with_their_position_and_rebase_whole() {
 /// whole save that is not split reads back whole for both.
 #[test]
 fn a_split_base_reads_back_whole_or_as_its_figures_alone() {
+    use aws_sdk_dynamodb::types::AttributeValue;
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let store = fresh_state_store().await;
+        let client = toolrank_dynamodb::client().await;
+        let table = unique("state");
+        toolrank_state::create_state_table(&client, &table).await.unwrap();
+        let store = toolrank_state::CheckpointStore::new(client.clone(), table.clone());
         let scope = "kafka/g/t/1";
         // Bytes that hardly compress, a repeated marker every KB: sequences of about a KB,
         // and chunks (350 KB each) that hold the figures and others that do not.
@@ -129,6 +133,20 @@ fn a_split_base_reads_back_whole_or_as_its_figures_alone() {
         assert_eq!((log.base == state, log.figures_only, log.deltas.len()), (true, false, 1));
         let part = store.load_log_figures(scope).await.unwrap();
         assert_eq!((part.base == state[..figures], part.figures_only, part.deltas, part.at), (true, true, log.deltas, log.at));
+        // A base saved by an earlier release keeps the manifest's figures attributes of
+        // the base before: they name another generation, and a copy reads it whole.
+        client
+            .update_item()
+            .table_name(&table)
+            .key("PK", AttributeValue::S(scope.into()))
+            .key("SK", AttributeValue::S("manifest".into()))
+            .update_expression("SET FiguresGeneration = :g")
+            .expression_attribute_values(":g", AttributeValue::N("0".into()))
+            .send()
+            .await
+            .unwrap();
+        let stale = store.load_log_figures(scope).await.unwrap();
+        assert_eq!((stale.base == state, stale.figures_only), (true, false));
         assert_eq!(store.claim(scope, "b").await.unwrap().state, state, "its next owner restores it whole");
         // Saved whole again, unsplit: a copy reads all of it.
         let at = store.log_head(scope).await.unwrap().unwrap();

@@ -29,8 +29,9 @@
 //! `Encoding` and are read as they are. Sizes in the manifest (`Bytes`, `LogBytes`) are
 //! the uncompressed ones, so when a log is compacted does not change. When its saver says
 //! where a snapshot's catalog and aggregates end (`FiguresBytes`), the manifest also says
-//! how many stored bytes decode to them (`FiguresStored`): a sink writer keeping a copy of
-//! another consumer's aggregates fetches and decodes only those
+//! how many stored bytes decode to them (`FiguresStored`) and of which generation
+//! (`FiguresGeneration`; a base saved by an earlier release leaves them behind): a sink
+//! writer keeping a copy of another consumer's aggregates fetches and decodes only those
 //! ([`CheckpointStore::load_log_figures`]), not the sessions after them.
 
 use crate::lz4_prefix;
@@ -408,7 +409,8 @@ impl CheckpointStore {
     /// decoded and returned.
     async fn load_figures(&self, scope: &str, manifest: &HashMap<String, AttributeValue>) -> Result<Log, Error> {
         let (stored_bytes, figures) = (number(manifest, "FiguresStored") as usize, number(manifest, "FiguresBytes") as usize);
-        if text(manifest, "Encoding").map(String::as_str) != Some(LZ4) || stored_bytes <= 4 || figures == 0 {
+        let current = number(manifest, "FiguresGeneration") == generation_of(manifest);
+        if text(manifest, "Encoding").map(String::as_str) != Some(LZ4) || !current || stored_bytes <= 4 || figures == 0 {
             let ck = self.load(scope, manifest).await?;
             return Ok(Log { at: ck.at, base: ck.state, deltas: ck.deltas, figures_only: false });
         }
@@ -708,8 +710,8 @@ impl CheckpointStore {
         let switched = self
             .update(scope, "manifest")
             .update_expression(match base {
-                Base::Whole => "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t, #e = :e, #fs = :fs, #fb = :fb, #h = if_not_exists(#h, :zero) + :one, #ba = if_not_exists(#h, :zero) + :one REMOVE LogBytes",
-                Base::Upto(_) => "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t, #e = :e, #fs = :fs, #fb = :fb, #ba = :at, #bt = :total, #r = :records, \
+                Base::Whole => "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t, #e = :e, #fs = :fs, #fb = :fb, #fg = :next, #h = if_not_exists(#h, :zero) + :one, #ba = if_not_exists(#h, :zero) + :one REMOVE LogBytes",
+                Base::Upto(_) => "SET #g = :next, #p = :p, #c = :c, #b = :b, #t = :t, #e = :e, #fs = :fs, #fb = :fb, #fg = :next, #ba = :at, #bt = :total, #r = :records, \
                                   #pa = if_not_exists(#pa, :at), #pm = if_not_exists(#pm, :now), #du = if_not_exists(#du, :before) REMOVE LogBytes",
             })
             .condition_expression("#o = :o AND #g = :g")
@@ -723,6 +725,7 @@ impl CheckpointStore {
             .expression_attribute_names("#e", "Encoding")
             .expression_attribute_names("#fs", "FiguresStored")
             .expression_attribute_names("#fb", "FiguresBytes")
+            .expression_attribute_names("#fg", "FiguresGeneration")
             .expression_attribute_values(":t", s(&set.tag))
             .expression_attribute_values(":e", s(LZ4))
             .expression_attribute_values(":fs", n(first))
