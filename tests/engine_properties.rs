@@ -124,8 +124,8 @@ proptest! {
         prop_assert_eq!(got, canonical(evaluate(&final_state(&history), TODAY)));
     }
 
-    /// A checkpoint may store a snapshot's catalog and aggregates apart from its
-    /// sessions: that part alone gives a copy the figures of the whole, which restores.
+    /// A checkpoint's reader may decode only a snapshot's catalog and aggregates, its
+    /// first part: that part alone gives a copy the figures of the whole, which restores.
     #[test]
     fn a_snapshots_figures_part_makes_the_copy_the_whole_makes((history, order, ctl) in scenario()) {
         let mut engine = replay(&history, &order, &ctl);

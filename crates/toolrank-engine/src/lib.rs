@@ -1315,8 +1315,8 @@ impl Engine {
     }
 
     /// A [`snapshot`](Self::snapshot), and how many of its first bytes hold the catalog
-    /// and aggregates: all an [`AggregateCopy`] reads, so that a checkpoint can store
-    /// them apart from the sessions, for a reader to fetch alone.
+    /// and aggregates: all an [`AggregateCopy`] reads, so that a checkpoint can say where
+    /// they end, and a reader fetch and decode only them.
     pub fn snapshot_split(&mut self) -> (Vec<u8>, usize) {
         self.flush();
         // The fields in the order `Engine` serializes them: postcard writes a struct as

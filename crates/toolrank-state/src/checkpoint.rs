@@ -231,7 +231,7 @@ pub struct Log {
     pub at: LogHead,
     pub base: Vec<u8>,
     pub deltas: Vec<Vec<u8>>,
-    /// `base` is only the first part of a split snapshot, its catalog and aggregates
+    /// `base` is only the first part of a snapshot, its catalog and aggregates
     /// ([`CheckpointStore::load_log_figures`]).
     pub figures_only: bool,
 }
@@ -490,8 +490,10 @@ impl CheckpointStore {
     /// Saves `state` at `position` as the checkpoint after `generation`, if `owner` still
     /// owns `scope`: the log's new base, covering everything appended. Returns where the
     /// log stands now.
+    ///
     /// `figures`: how many of the first bytes of `state` hold what a copy of its
-    /// aggregates reads (stored apart when neither 0 nor all of it; see the module docs).
+    /// aggregates reads (noted on the manifest when neither 0 nor all of it; see the
+    /// module docs).
     pub async fn save(&self, scope: &str, owner: &str, generation: u64, position: &str, state: &[u8], figures: usize) -> Result<LogHead, Error> {
         self.save_base(scope, owner, generation, position, (state, figures), Base::Whole).await
     }
@@ -543,9 +545,9 @@ impl CheckpointStore {
         self.read_log(scope, false).await
     }
 
-    /// [`load_log`](Self::load_log), but of a base saved split (see the module docs) only
-    /// the catalog and aggregates, its first part ([`Log::figures_only`]): what a copy of
-    /// another consumer's aggregates reads.
+    /// [`load_log`](Self::load_log), but of a base whose manifest says where its figures
+    /// end (see the module docs) only the catalog and aggregates, its first part
+    /// ([`Log::figures_only`]): what a copy of another consumer's aggregates reads.
     pub async fn load_log_figures(&self, scope: &str) -> Result<Log, Error> {
         self.read_log(scope, true).await
     }
