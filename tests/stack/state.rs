@@ -151,6 +151,21 @@ fn a_base_reads_back_whole_or_as_its_figures_alone() {
             .unwrap();
         let stale = store.load_log_figures(scope).await.unwrap();
         assert_eq!((stale.base == state, stale.figures_only), (true, false));
+        // Attributes that do not decode to the figures: read whole as well.
+        let generation = store.log_head(scope).await.unwrap().unwrap().generation;
+        client
+            .update_item()
+            .table_name(&table)
+            .key("PK", AttributeValue::S(scope.into()))
+            .key("SK", AttributeValue::S("manifest".into()))
+            .update_expression("SET FiguresGeneration = :g, FiguresStored = :s")
+            .expression_attribute_values(":g", AttributeValue::N(generation.to_string()))
+            .expression_attribute_values(":s", AttributeValue::N("40".into()))
+            .send()
+            .await
+            .unwrap();
+        let cut = store.load_log_figures(scope).await.unwrap();
+        assert_eq!((cut.base == state, cut.figures_only), (true, false));
         assert_eq!(store.claim(scope, "b").await.unwrap().state, state, "its next owner restores it whole");
         // Saved with no figures to read apart: a copy reads all of it.
         let at = store.log_head(scope).await.unwrap().unwrap();

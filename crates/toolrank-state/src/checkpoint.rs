@@ -236,6 +236,13 @@ pub struct Log {
     pub figures_only: bool,
 }
 
+impl From<Checkpoint> for Log {
+    /// The log a whole checkpoint holds.
+    fn from(ck: Checkpoint) -> Log {
+        Log { at: ck.at, base: ck.state, deltas: ck.deltas, figures_only: false }
+    }
+}
+
 /// Delta items per append transaction: 10 of at most `CHUNK_BYTES` stay under the 4 MB a
 /// transaction may write. An owner's append takes at most this many.
 pub const DELTAS_PER_APPEND: usize = 10;
@@ -411,15 +418,19 @@ impl CheckpointStore {
         let (stored_bytes, figures) = (number(manifest, "FiguresStored") as usize, number(manifest, "FiguresBytes") as usize);
         let current = number(manifest, "FiguresGeneration") == generation_of(manifest);
         if text(manifest, "Encoding").map(String::as_str) != Some(LZ4) || !current || stored_bytes <= 4 || figures == 0 {
-            let ck = self.load(scope, manifest).await?;
-            return Ok(Log { at: ck.at, base: ck.state, deltas: ck.deltas, figures_only: false });
+            return self.load(scope, manifest).await.map(Log::from);
         }
-        let generation = generation_of(manifest);
         let set = Chunks::of(manifest);
         let stored = self.blobs(scope, "begins_with(SK, :prefix)", &[(":prefix", s(set.prefix()))], "the checkpoint", Some(stored_bytes)).await?.concat();
-        let corrupt = || Error::Input(format!("the figures of checkpoint {generation} of {scope}: corrupt"));
-        let block = stored.get(4..stored_bytes).ok_or_else(corrupt)?;
-        let base = lz4_prefix::decode_prefix(block, figures).map_err(|_| corrupt())?;
+        let base = match stored.get(4..stored_bytes).map(|block| lz4_prefix::decode_prefix(block, figures)) {
+            Some(Ok(base)) => base,
+            // Cut short (a newer base replaced it while it was read) or not decoding: read
+            // whole, as without the figures attributes (a race fails there too, and is
+            // read again).
+            _ => {
+                return self.load(scope, manifest).await.map(Log::from);
+            }
+        };
         let at = self.head_of(scope, manifest).await?;
         let deltas = self.deltas(scope, at.base_at, at.head).await?;
         Ok(Log { at, base, deltas, figures_only: true })
@@ -558,7 +569,7 @@ impl CheckpointStore {
             let Some(m) = self.manifest(scope).await? else { return Ok(Log::default()) };
             let read = match figures {
                 true => self.load_figures(scope, &m).await,
-                false => self.load(scope, &m).await.map(|ck| Log { at: ck.at, base: ck.state, deltas: ck.deltas, figures_only: false }),
+                false => self.load(scope, &m).await.map(Log::from),
             };
             match read {
                 Ok(log) => return Ok(log),
