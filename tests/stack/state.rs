@@ -137,35 +137,26 @@ fn a_base_reads_back_whole_or_as_its_figures_alone() {
         assert_eq!((log.base == state, log.figures_only, log.deltas.len()), (true, false, 1));
         let part = store.load_log_figures(scope).await.unwrap();
         assert_eq!((part.base == state[..figures], part.figures_only, part.deltas, part.at), (true, true, log.deltas, log.at));
-        // A base saved by an earlier release keeps the manifest's figures attributes of
-        // the base before: they name another generation, and a copy reads it whole.
-        client
-            .update_item()
-            .table_name(&table)
-            .key("PK", AttributeValue::S(scope.into()))
-            .key("SK", AttributeValue::S("manifest".into()))
-            .update_expression("SET FiguresGeneration = :g")
-            .expression_attribute_values(":g", AttributeValue::N("0".into()))
-            .send()
-            .await
-            .unwrap();
-        let stale = store.load_log_figures(scope).await.unwrap();
-        assert_eq!((stale.base == state, stale.figures_only), (true, false));
-        // Attributes that do not decode to the figures: read whole as well.
+        // Sets the manifest's figures attributes to (generation, stored bytes), then
+        // reads the log as a copy does: whole, both times below.
+        let read_with = |generation: u64, stored: u64| {
+            let (client, table, store, state) = (&client, &table, &store, &state);
+            async move {
+                let n = |v: u64| AttributeValue::N(v.to_string());
+                let manifest = [("PK", AttributeValue::S(scope.into())), ("SK", AttributeValue::S("manifest".into()))];
+                let update = client.update_item().table_name(table).set_key(Some(manifest.map(|(k, v)| (k.to_owned(), v)).into()));
+                let update = update.update_expression("SET FiguresGeneration = :g, FiguresStored = :s");
+                update.expression_attribute_values(":g", n(generation)).expression_attribute_values(":s", n(stored)).send().await.unwrap();
+                let log = store.load_log_figures(scope).await.unwrap();
+                (log.base == *state, log.figures_only)
+            }
+        };
         let generation = store.log_head(scope).await.unwrap().unwrap().generation;
-        client
-            .update_item()
-            .table_name(&table)
-            .key("PK", AttributeValue::S(scope.into()))
-            .key("SK", AttributeValue::S("manifest".into()))
-            .update_expression("SET FiguresGeneration = :g, FiguresStored = :s")
-            .expression_attribute_values(":g", AttributeValue::N(generation.to_string()))
-            .expression_attribute_values(":s", AttributeValue::N("40".into()))
-            .send()
-            .await
-            .unwrap();
-        let cut = store.load_log_figures(scope).await.unwrap();
-        assert_eq!((cut.base == state, cut.figures_only), (true, false));
+        // A base saved by an earlier release keeps the manifest's figures attributes of
+        // the base before: they name another generation.
+        assert_eq!(read_with(generation - 1, 600_000).await, (true, false));
+        // Attributes that do not decode to the figures.
+        assert_eq!(read_with(generation, 40).await, (true, false));
         assert_eq!(store.claim(scope, "b").await.unwrap().state, state, "its next owner restores it whole");
         // Saved with no figures to read apart: a copy reads all of it.
         let at = store.log_head(scope).await.unwrap().unwrap();
