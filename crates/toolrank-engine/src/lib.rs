@@ -558,8 +558,7 @@ impl Engine {
     /// by step copies it and rehashes its index each time, into memory never touched before.
     pub fn reserve_sessions(&mut self, additional: usize) {
         self.sessions.reserve(additional);
-        let sessions = &self.sessions;
-        self.session_index.reserve(additional, |&j| FxBuildHasher.hash_one(&*sessions[j as usize].pk));
+        self.session_index.reserve(additional, slot_hash(&self.sessions));
     }
 
     /// Applies one change to the table state. Aggregates follow at the next [`flush`](Self::flush).
@@ -1085,8 +1084,7 @@ impl Engine {
                 self.sessions.len() as u32 - 1
             }
         };
-        let sessions = &self.sessions;
-        self.session_index.insert_unique(hash, i, |&j| FxBuildHasher.hash_one(&*sessions[j as usize].pk));
+        self.session_index.insert_unique(hash, i, slot_hash(&self.sessions));
         i
     }
 
@@ -1351,14 +1349,13 @@ impl Engine {
         engine.sk_index.rebuild();
         // Collect once as many again have come, not at once (a restart would pay a walk).
         engine.names_kept = engine.strings.len();
-        let sessions = &engine.sessions;
-        for (i, s) in sessions.iter().enumerate() {
+        for (i, s) in engine.sessions.iter().enumerate() {
             if s.pk.is_empty() {
                 engine.free.push(i as u32);
                 continue;
             }
             let hash = FxBuildHasher.hash_one(&*s.pk);
-            engine.session_index.insert_unique(hash, i as u32, |&j| FxBuildHasher.hash_one(&*sessions[j as usize].pk));
+            engine.session_index.insert_unique(hash, i as u32, slot_hash(&engine.sessions));
         }
         Ok(engine)
     }
@@ -1390,6 +1387,11 @@ impl Engine {
 }
 
 /// `value` in postcard after its format's version (snapshots, deltas).
+/// The hash `session_index` keeps a slot of `sessions` under: its PK's.
+fn slot_hash(sessions: &[Session]) -> impl Fn(&u32) -> u64 + '_ {
+    |&slot| FxBuildHasher.hash_one(&*sessions[slot as usize].pk)
+}
+
 fn versioned(version: u32, value: &impl Serialize) -> Vec<u8> {
     let mut out = version.to_le_bytes().to_vec();
     postcard::to_io(value, &mut out).expect("writing to a Vec cannot fail");

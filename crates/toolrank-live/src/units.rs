@@ -122,8 +122,8 @@ pub fn log_copy(scope: &str, log: &Log) -> Result<AggregateCopy, Error> {
 pub enum BaseRead {
     /// All of it, sessions included: to restore the unit's engine ([`log_engine`]).
     Whole,
-    /// Its catalog and aggregates alone, where the base stores them apart: for a copy
-    /// ([`log_copy`]), which keeps nothing else.
+    /// Its catalog and aggregates alone, where its manifest says where they end: for a
+    /// copy ([`log_copy`]), which keeps nothing else.
     Figures,
 }
 

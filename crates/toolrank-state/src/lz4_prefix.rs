@@ -30,7 +30,7 @@ fn walk(block: &[u8], want: usize, mut out: Option<&mut Vec<u8>>) -> Result<usiz
         let literals = length(block, &mut pos, usize::from(token >> 4))?;
         let end = pos.checked_add(literals).filter(|&end| end <= block.len()).ok_or(Corrupt)?;
         if let Some(out) = out.as_deref_mut() {
-            out.extend_from_slice(&block[pos..end.min(pos + (want - len).min(literals))]);
+            out.extend_from_slice(&block[pos..pos + literals.min(want - len)]);
         }
         (pos, len) = (end, len + literals);
         if pos == block.len() {
