@@ -278,6 +278,85 @@ fn a_valkey_full_rewrite_lists_its_namespace_in_few_round_trips() {
     assert!(scans < 1000, "another namespace's 50,000 keys took {scans} more commands to list past");
 }
 
+/// Everything namespace `prefix` holds but its fence, by key without the prefix: each
+/// key's type and content in a canonical order.
+fn valkey_dump(conn: &mut redis::Connection, prefix: &str) -> std::collections::BTreeMap<String, String> {
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query(conn).unwrap();
+    let mut dump = std::collections::BTreeMap::new();
+    for key in keys.into_iter().filter(|k| *k != format!("{prefix}:fence")) {
+        let kind: String = redis::cmd("TYPE").arg(&key).query(conn).unwrap();
+        let content = match kind.as_str() {
+            "hash" => format!("{:?}", redis::cmd("HGETALL").arg(&key).query::<std::collections::BTreeMap<String, String>>(conn).unwrap()),
+            "zset" => format!("{:?}", redis::cmd("ZRANGE").arg(&key).arg(0).arg(-1).arg("WITHSCORES").query::<Vec<String>>(conn).unwrap()),
+            "set" => format!("{:?}", redis::cmd("SMEMBERS").arg(&key).query::<std::collections::BTreeSet<String>>(conn).unwrap()),
+            other => format!("{other}: {:?}", redis::cmd("DUMP").arg(&key).query::<Vec<u8>>(conn).unwrap()),
+        };
+        dump.insert(key[prefix.len()..].to_owned(), format!("{kind} {content}"));
+    }
+    dump
+}
+
+/// A full rewrite larger than one transaction goes out in several, over a namespace that
+/// holds older rankings and keys, set members and fields no ranking has any more (and a
+/// set of all patterns a cut-off rewrite left): afterwards the namespace holds exactly
+/// what a rewrite into an empty namespace writes, key by key.
+#[test]
+fn a_valkey_full_rewrite_goes_out_in_bounded_transactions_and_leaves_exactly_the_rankings() {
+    use toolrank_sink::Sink;
+    use toolrank_sink_valkey::ValkeySink;
+    let url = env("TOOLRANK_VALKEY_URL");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.jsonl");
+    toolrank(&["generate", "--sessions", "1500", "--seed", "23", "--agents", "30", "--out", path.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let engine_of = |lines: &[&str]| {
+        let mut engine = toolrank_engine::Engine::new();
+        apply_lines(&mut engine, lines);
+        engine.flush();
+        engine
+    };
+    // The older rankings: another part of the history, so that users, patterns and tools
+    // of theirs are missing from the newer ones.
+    let (older, newer) = (engine_of(&lines[lines.len() / 2..]), engine_of(&lines));
+    let (prefix, reference) = (unique("vpieces"), unique("vwhole"));
+    let mut conn = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+    ValkeySink::new(&url, prefix.as_str()).unwrap().write(&older, &older.everything()).unwrap();
+    let agent = newer.everything().agents.iter().find(|&&a| newer.agent_figures(a).is_some()).map(|&a| newer.name(a).to_owned()).unwrap();
+    let _: () = redis::pipe()
+        .hset(format!("{prefix}:pattern:gone|P|A|T"), "executions", 1)
+        .zadd(format!("{prefix}:patterns:gone"), "gone|P|A|T", 1.0)
+        .zadd(format!("{prefix}:patterns"), "gone|P|A|T", 1.0)
+        .zadd(format!("{prefix}:rebuild:patterns"), "left|P|A|T", 2.0)
+        .zadd(format!("{prefix}:tools:{agent}"), "GONE_TOOL", 3.0)
+        .hset(format!("{prefix}:agent:{agent}"), "stray", "x")
+        .sadd(format!("{prefix}:domains"), "DMN_GONE")
+        .query(&mut conn)
+        .unwrap();
+
+    let mut sink = ValkeySink::new(&url, prefix.as_str()).unwrap();
+    sink.hold(5);
+    sink.set_rewrite_bytes(64 << 10);
+    let prepared = sink.prepare(&newer, &newer.everything()).unwrap();
+    assert!(prepared.transactions() >= 4, "{} transactions", prepared.transactions());
+    sink.send(prepared).unwrap();
+    let mut whole = ValkeySink::new(&url, reference.as_str()).unwrap();
+    let prepared = whole.prepare(&newer, &newer.everything()).unwrap();
+    assert_eq!(prepared.transactions(), 1);
+    whole.send(prepared).unwrap();
+
+    let (held, expected) = (valkey_dump(&mut conn, &prefix), valkey_dump(&mut conn, &reference));
+    assert!(expected.len() > 1000, "{} keys", expected.len());
+    let differ: Vec<&String> = held.keys().chain(expected.keys()).filter(|k| held.get(*k) != expected.get(*k)).collect();
+    assert!(differ.is_empty(), "{} keys differ, e.g. {:?}: {:?} against {:?}", differ.len(), differ[0], held.get(differ[0]), expected.get(differ[0]));
+    let fence: Option<u64> = redis::cmd("GET").arg(format!("{prefix}:fence")).query(&mut conn).unwrap();
+    assert_eq!(fence, Some(5));
+    for p in [&prefix, &reference] {
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{p}:*")).query(&mut conn).unwrap();
+        let _: () = redis::cmd("DEL").arg(keys).query(&mut conn).unwrap();
+    }
+}
+
 /// Two writers of one table and one Valkey namespace hold the sink lease in turn: the
 /// first (fencing token 7) writes, plans its next write, and is deposed before that
 /// write arrives; the second (token 8) writes the newer figures. The late write is

@@ -11,9 +11,35 @@
 //! compares with what the sink holds.
 
 use std::any::Any;
+use std::hash::{BuildHasher, Hash, RandomState};
 use std::time::Duration;
 use toolrank_engine::{Changes, Engine};
 use toolrank_events::Day;
+
+/// 128 bits of two independently keyed hashes of a value: what a sink keeps of what it
+/// wrote (an item's content, a key's name) to tell later whether it must write or keep
+/// it, at a fraction of the memory of the value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Fingerprint(u128);
+
+/// The keys of the hashes [`Fingerprint`]s are taken with, drawn once per sink.
+pub struct Fingerprints(RandomState, RandomState);
+
+impl Fingerprints {
+    pub fn new() -> Fingerprints {
+        Fingerprints(RandomState::new(), RandomState::new())
+    }
+
+    pub fn of<T: Hash + ?Sized>(&self, value: &T) -> Fingerprint {
+        Fingerprint(u128::from(self.0.hash_one(value)) << 64 | u128::from(self.1.hash_one(value)))
+    }
+}
+
+impl Default for Fingerprints {
+    fn default() -> Fingerprints {
+        Fingerprints::new()
+    }
+}
 
 /// The longest a send may take: a stalled request is cut off and its sink compares with
 /// what it holds at its next write.

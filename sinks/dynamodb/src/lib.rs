@@ -41,12 +41,12 @@ use futures_util::stream::{self, StreamExt};
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use toolrank_dynamodb::TOTAL;
 use toolrank_engine::{AgentFigures, Changes, Engine, PatternFigures, PatternKey, Recommended, Sym};
 use toolrank_events::Day;
+use toolrank_sink::{Fingerprint, Fingerprints};
 
 /// `GSI1_PK` and `EntityType` of pattern items.
 pub const PATTERN_ENTITY: &str = "UserPrcToolMapp";
@@ -126,25 +126,6 @@ pub fn pattern_name(f: &PatternFigures) -> String {
 struct Written {
     figures: PatternFigures,
     top: bool,
-}
-
-/// What the sink keeps per written pattern item: 128 bits of two independently keyed
-/// hashes of its content, not the content, which tells whether an item must be written
-/// again at a fraction of the memory (a sink holds one per recommended pattern).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Fingerprint(u128);
-
-/// The keys of the hashes [`Fingerprint`]s are taken with, drawn once per sink.
-struct Fingerprints(RandomState, RandomState);
-
-impl Fingerprints {
-    fn new() -> Fingerprints {
-        Fingerprints(RandomState::new(), RandomState::new())
-    }
-
-    fn of(&self, w: &Written) -> Fingerprint {
-        Fingerprint(u128::from(self.0.hash_one(w)) << 64 | u128::from(self.1.hash_one(w)))
-    }
 }
 
 /// Where a namespace's rankings live in the table.

@@ -24,7 +24,12 @@
 //! larger token than its own, and sets it to its own in the transaction, so that a
 //! deposed writer's late transaction is refused or aborted. When Valkey
 //! is unreachable the sink remembers to resynchronize: on the next successful connection
-//! it rewrites everything in one transaction, so nothing is lost.
+//! it rewrites everything, so nothing is lost. A full rewrite goes out in transactions of
+//! bounded size ([`REWRITE_BYTES`]), whatever the rankings' size: each holds whole keys,
+//! the set of all patterns is built aside and renamed over `P:patterns` in the last, and
+//! the keys it did not write are deleted after that. So a reader sees each key old or
+//! new, and Valkey never queues one transaction of the whole state (its client query
+//! buffer is 1 GB).
 
 mod cluster;
 mod connect;
@@ -32,10 +37,11 @@ mod connect;
 use connect::{Following, Valkey};
 pub use connect::{CA_FILE_ENV, PASSWORD_FILE_ENV};
 use redis::{Cmd, Commands, Connection};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use toolrank_engine::{AgentFigures, Changes, Engine, PatternFigures, PatternView, Sym, ToolFigures};
 use toolrank_events::Day;
+use toolrank_sink::{Fingerprint, Fingerprints};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -56,19 +62,28 @@ pub enum Error {
 /// Read and write timeout of one sink call of ordinary size.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The Valkey sink (see the crate docs).
-/// A transaction built by [`ValkeySink::prepare`], with the agent figures it writes.
+/// The transactions built by [`ValkeySink::prepare`], with the agent figures they write.
 pub struct Prepared {
-    pipe: Packed,
-    /// Commands and the sorted-set members they carry: what the transaction's time grows with.
-    weight: u64,
+    /// Sent in order, each a `MULTI`/`EXEC`: one for a write of changes, several for a
+    /// full rewrite.
+    pipes: Vec<Packed>,
     agents: Vec<(String, Option<AgentFigures>)>,
-    /// It rewrites everything: what else the namespace holds is deleted first.
-    full: bool,
+    /// It rewrites everything: the fingerprints of the keys it writes. Every other key
+    /// of the namespace is deleted once they are written.
+    full: Option<HashSet<Fingerprint>>,
     /// The fencing token it carries, if the writer holds the sink lease.
     token: Option<u64>,
 }
 
+impl Prepared {
+    /// How many transactions it sends (besides a full rewrite's deletions of what the
+    /// namespace held and no longer holds).
+    pub fn transactions(&self) -> usize {
+        self.pipes.len()
+    }
+}
+
+/// The Valkey sink (see the crate docs).
 pub struct ValkeySink {
     valkey: Valkey,
     conn: Option<Connection>,
@@ -86,9 +101,14 @@ pub struct ValkeySink {
     pub commands: u64,
     /// The memory the last transaction was encoded into, for the next one.
     spare: Vec<u8>,
+    /// What a full rewrite keeps of the names of the keys it writes.
+    fingerprints: Fingerprints,
+    /// The size at which a full rewrite starts its next transaction.
+    rewrite_bytes: usize,
 }
 
 /// A transaction's commands, encoded as they are added (no command outlives its line).
+#[derive(Default)]
 struct Packed {
     bytes: Vec<u8>,
     commands: u64,
@@ -155,7 +175,19 @@ impl<'a> PatternId<'a> {
         let (u, p, a, t) = (self.user, self.process_pattern, self.agent, self.tool_sequence);
         [u.as_bytes(), b"|", p.as_bytes(), b"|", a.as_bytes(), b"|", t.as_bytes()]
     }
+
+    fn push_to(&self, s: &mut String) {
+        for (i, part) in [self.user, self.process_pattern, self.agent, self.tool_sequence].into_iter().enumerate() {
+            if i > 0 {
+                s.push('|');
+            }
+            s.push_str(part);
+        }
+    }
 }
+
+/// A pattern in a sorted set: its user, rank key and id.
+type Member<'a> = (&'a str, f64, PatternId<'a>);
 
 /// The largest encoding kept for the next transaction: a full rewrite's can be hundreds
 /// of MB, which would then be held for good.
@@ -175,6 +207,8 @@ impl ValkeySink {
             token: None,
             commands: 0,
             spare: Vec::new(),
+            fingerprints: Fingerprints::new(),
+            rewrite_bytes: REWRITE_BYTES,
         })
     }
 
@@ -225,6 +259,12 @@ impl ValkeySink {
         }
     }
 
+    /// Makes a full rewrite start its next transaction at about `bytes` instead of
+    /// [`REWRITE_BYTES`] (for a Valkey with a smaller `client-query-buffer-limit`).
+    pub fn set_rewrite_bytes(&mut self, bytes: usize) {
+        self.rewrite_bytes = bytes;
+    }
+
     /// Makes the next write rewrite everything (e.g. after another writer held the sinks).
     pub fn force_resync(&mut self) {
         self.resync = true;
@@ -255,14 +295,9 @@ impl ValkeySink {
         if let Some(token) = self.token {
             pipe.add(Cmd::set(self.key(&["fence"]), token));
         }
-        let everything;
-        let changes = if self.resync {
-            self.agents.clear();
-            everything = engine.everything();
-            &everything
-        } else {
-            changes
-        };
+        if self.resync {
+            return Ok(self.prepare_full(engine, pipe));
+        }
         let mut agents = Vec::new();
         for &agent in &changes.agents {
             let id = engine.name(agent);
@@ -298,21 +333,7 @@ impl ValkeySink {
                 }
             }
         }
-        let members = (ranked.len() + removed.len()) as u64;
-        self.per_set(
-            &mut pipe,
-            &mut ranked,
-            |r| r.0,
-            |pipe, key, chunk| {
-                pipe.command(2 + 2 * chunk.len());
-                pipe.arg(&[b"ZADD"]);
-                pipe.arg(&[key.as_bytes()]);
-                for (_, rank, id) in chunk {
-                    pipe.number(Number::Score(*rank));
-                    pipe.arg(&id.pieces());
-                }
-            },
-        );
+        self.per_set(&mut pipe, &mut ranked, |r| r.0, zadd);
         self.per_set(
             &mut pipe,
             &mut removed,
@@ -321,7 +342,78 @@ impl ValkeySink {
                 pipe.add(Cmd::zrem(key, chunk.iter().map(|(_, id)| id.as_str()).collect::<Vec<_>>()));
             },
         );
-        Ok(Prepared { weight: pipe.commands + members, pipe, agents, full: self.resync, token: self.token })
+        Ok(Prepared { pipes: vec![pipe], agents, full: None, token: self.token })
+    }
+
+    /// A full rewrite of `engine` after `pipe`'s commands, in transactions of about
+    /// [`REWRITE_BYTES`]: the agents' keys, then the patterns user by user. Each key
+    /// written is deleted first in the same transaction, so it holds exactly what the
+    /// engine holds once that transaction is in; the set of all patterns is built under
+    /// a key of its own and renamed over `P:patterns` in the last one.
+    fn prepare_full(&mut self, engine: &Engine, mut pipe: Packed) -> Prepared {
+        self.agents.clear();
+        let everything = engine.everything();
+        let mut written = HashSet::new();
+        let rebuilt = self.key(&["rebuild", "patterns"]);
+        // Left by a rewrite cut off before its rename.
+        pipe.add(Cmd::del(&rebuilt));
+        let figures: Vec<(&str, AgentFigures)> = everything.agents.iter().filter_map(|&a| Some((engine.name(a), engine.agent_figures(a)?))).collect();
+        let mut domains: Vec<&str> = figures.iter().map(|(_, f)| f.domain_id.as_str()).collect();
+        domains.sort_unstable();
+        domains.dedup();
+        let mut whole = vec![self.key(&["domains"]), self.key(&["agent-ids"])];
+        whole.extend(domains.iter().map(|d| self.key(&["agents", d])));
+        for (id, _) in &figures {
+            whole.extend(["agent", "tools", "toolfigures"].map(|kind| self.key(&[kind, id])));
+        }
+        for chunk in whole.chunks(SET_CHUNK) {
+            pipe.add(Cmd::del(chunk));
+        }
+        written.extend(whole.iter().map(|k| self.fingerprints.of(k.as_str())));
+        let mut agents = Vec::with_capacity(figures.len());
+        for (id, f) in figures {
+            self.put_agent(&mut pipe, None, Some(&f), id);
+            agents.push((id.to_owned(), Some(f)));
+        }
+        let mut views: Vec<PatternView<'_>> = everything.patterns.iter().filter_map(|&k| engine.pattern_view(k)).collect();
+        views.sort_unstable_by(|a, b| a.user_id.cmp(b.user_id));
+        let mut names = HashMap::new();
+        for v in &views {
+            names.entry(v.sequence).or_insert_with(|| engine.sequence_names(v.sequence));
+        }
+        let (mut pipes, mut key, mut members) = (Vec::new(), String::new(), Vec::new());
+        for run in views.chunk_by(|a, b| a.user_id == b.user_id) {
+            if pipe.bytes.len() >= self.rewrite_bytes {
+                pipes.push(std::mem::take(&mut pipe));
+            }
+            let set = self.key(&["patterns", run[0].user_id]);
+            pipe.add(Cmd::del(&set));
+            written.insert(self.fingerprints.of(set.as_str()));
+            members.clear();
+            for v in run {
+                let id = PatternId::of(v, &names);
+                self.put_pattern(&mut pipe, &id, v);
+                key.clear();
+                key.push_str(&self.prefix);
+                key.push_str(":pattern:");
+                id.push_to(&mut key);
+                written.insert(self.fingerprints.of(key.as_str()));
+                members.push((v.user_id, v.rank_key(), id));
+            }
+            for set in [&set, &rebuilt] {
+                for chunk in members.chunks(SET_CHUNK) {
+                    zadd(&mut pipe, set, chunk);
+                }
+            }
+        }
+        let all = self.key(&["patterns"]);
+        match views.is_empty() {
+            true => pipe.add(Cmd::del(&all)),
+            false => pipe.add(Cmd::rename(&rebuilt, &all)),
+        }
+        written.insert(self.fingerprints.of(all.as_str()));
+        pipes.push(pipe);
+        Prepared { pipes, agents, full: Some(written), token: self.token }
     }
 
     /// Sends a prepared transaction; what it wrote is remembered once it succeeded. On
@@ -330,8 +422,8 @@ impl ValkeySink {
         let result = self.try_send(&prepared);
         // The next transaction is encoded into the same memory (a large one's only
         // up to a limit: it would be held for good).
-        if prepared.pipe.bytes.capacity() <= SPARE_LIMIT {
-            self.spare = prepared.pipe.bytes;
+        if let Some(pipe) = prepared.pipes.into_iter().next().filter(|p| p.bytes.capacity() <= SPARE_LIMIT) {
+            self.spare = pipe.bytes;
             self.spare.clear();
         }
         match result {
@@ -353,16 +445,11 @@ impl ValkeySink {
     }
 
     fn try_send(&mut self, prepared: &Prepared) -> Result<(), Error> {
-        // A resynchronization of a large state is one large transaction: its time grows
-        // with it, so the timeouts do too (10 µs per command on top), or it would never
-        // finish within them and be retried forever.
-        let timeout = IO_TIMEOUT + Duration::from_micros(10 * prepared.weight);
         let (fence, prefix) = (self.key(&["fence"]), self.prefix.clone());
-        let conn = self.connection()?;
-        conn.set_read_timeout(Some(timeout))?;
-        conn.set_write_timeout(Some(timeout))?;
+        self.connection()?;
+        let conn = self.conn.as_mut().expect("just connected");
         let mut sent = 0;
-        let result = transact(conn, prepared, &fence, &prefix, &mut sent);
+        let result = transact(conn, prepared, &fence, &prefix, &self.fingerprints, &mut sent);
         self.commands += sent;
         result
     }
@@ -456,66 +543,104 @@ impl ValkeySink {
 /// so does what Valkey parses at once.
 const SET_CHUNK: usize = 1024;
 
+/// The size at which a full rewrite starts its next transaction (at the next user): a
+/// few tens of thousands of patterns, which Valkey executes in tens of milliseconds.
+pub const REWRITE_BYTES: usize = 8 << 20;
+
+/// The most keys of the namespace one transaction deletes after a full rewrite.
+const STALE_KEYS: usize = 64 * SET_CHUNK;
+
+/// Adds a ZADD of `members` to sorted set `key`.
+fn zadd(pipe: &mut Packed, key: &str, members: &[Member<'_>]) {
+    pipe.command(2 + 2 * members.len());
+    pipe.arg(&[b"ZADD"]);
+    pipe.arg(&[key.as_bytes()]);
+    for (_, rank, id) in members {
+        pipe.number(Number::Score(*rank));
+        pipe.arg(&id.pieces());
+    }
+}
+
 /// Reads what a Valkey sink holds under `prefix`.
 pub struct ValkeyReader {
     conn: Following,
     prefix: String,
 }
 
-/// Sends `prepared` as one transaction; with a fencing token, only while `fence` holds
-/// no larger one. Counts the commands sent in `sent`.
-fn transact(conn: &mut Connection, prepared: &Prepared, fence: &str, prefix: &str, sent: &mut u64) -> Result<(), Error> {
-    if let Some(token) = prepared.token {
-        // Watched first: a transaction of another writer from now on aborts this one.
-        *sent += 2;
-        let (held,): (Option<u64>,) = redis::pipe().cmd("WATCH").arg(fence).ignore().get(fence).query(conn)?;
-        if held.is_some_and(|held| held > token) {
-            return Err(Error::Fenced(fence.to_owned(), token));
-        }
-    }
-    // What the namespace holds is listed only now, after the WATCH: a key another writer
-    // adds later aborts the transaction instead of outliving it.
-    let stale: Vec<String> = match prepared.full {
-        true => {
+/// Sends `prepared`'s transactions in order; with a fencing token, each only while
+/// `fence` holds no larger one. After a full rewrite's, deletes every key of the
+/// namespace it did not write. Counts the commands sent in `sent`.
+fn transact(conn: &mut Connection, prepared: &Prepared, fence: &str, prefix: &str, fingerprints: &Fingerprints, sent: &mut u64) -> Result<(), Error> {
+    let mut listed = Vec::new();
+    for (i, pipe) in prepared.pipes.iter().enumerate() {
+        watch(conn, fence, prepared.token, sent)?;
+        if i == 0 && prepared.full.is_some() {
+            // What the namespace holds is listed only now, after the WATCH: a key another
+            // writer adds later aborts the rewrite instead of outliving it.
+            conn.set_read_timeout(Some(IO_TIMEOUT))?;
             let (keys, calls) = namespace_keys(conn, prefix)?;
             *sent += calls;
-            keys.into_iter().filter(|k| k != fence).collect()
+            listed = keys;
         }
-        false => Vec::new(),
-    };
-    let del = (!stale.is_empty()).then(|| {
-        let mut del = redis::cmd("DEL");
-        del.arg(stale);
-        del
-    });
-    *sent += prepared.pipe.commands + u64::from(del.is_some());
-    if exec(conn, del, &prepared.pipe)? {
+        exec_watched(conn, pipe, fence, prepared.token, sent)?;
+    }
+    let Some(written) = &prepared.full else { return Ok(()) };
+    let stale: Vec<&str> = listed.iter().map(String::as_str).filter(|k| *k != fence && !written.contains(&fingerprints.of(*k))).collect();
+    tracing::debug!(transactions = prepared.pipes.len(), stale = stale.len(), "valkey full rewrite written; deleting the keys it did not write");
+    for keys in stale.chunks(STALE_KEYS) {
+        let mut pipe = Packed::default();
+        for chunk in keys.chunks(SET_CHUNK) {
+            pipe.add(Cmd::del(chunk));
+        }
+        watch(conn, fence, prepared.token, sent)?;
+        exec_watched(conn, &pipe, fence, prepared.token, sent)?;
+    }
+    Ok(())
+}
+
+/// With a fencing token: `WATCH`es `fence`, so that another writer's transaction from
+/// now on aborts the next one, and refuses to go on when it holds a larger token.
+fn watch(conn: &mut Connection, fence: &str, token: Option<u64>, sent: &mut u64) -> Result<(), Error> {
+    let Some(token) = token else { return Ok(()) };
+    *sent += 2;
+    conn.set_read_timeout(Some(IO_TIMEOUT))?;
+    let (held,): (Option<u64>,) = redis::pipe().cmd("WATCH").arg(fence).ignore().get(fence).query(conn)?;
+    match held {
+        Some(held) if held > token => Err(Error::Fenced(fence.to_owned(), token)),
+        _ => Ok(()),
+    }
+}
+
+/// Sends `pipe` as a transaction after a [`watch`]: an abort means another writer's
+/// transaction changed the fence since.
+fn exec_watched(conn: &mut Connection, pipe: &Packed, fence: &str, token: Option<u64>, sent: &mut u64) -> Result<(), Error> {
+    // A large transaction takes Valkey longer: the timeouts grow with it (about 10 µs per
+    // pattern), or it would never finish within them and be retried forever.
+    let timeout = IO_TIMEOUT + Duration::from_nanos(75 * pipe.bytes.len() as u64);
+    conn.set_read_timeout(Some(timeout))?;
+    conn.set_write_timeout(Some(timeout))?;
+    *sent += pipe.commands;
+    if exec(conn, pipe)? {
         return Ok(());
     }
-    // Aborted: another writer's transaction changed the fence since the WATCH.
     *sent += 1;
-    let token = prepared.token.unwrap_or_default();
+    let token = token.unwrap_or_default();
     match conn.get::<_, Option<u64>>(fence)? {
         Some(held) if held > token => Err(Error::Fenced(fence.to_owned(), token)),
         _ => Err(Error::Interleaved),
     }
 }
 
-/// Sends `del` (if any), then `pipe`'s commands as one MULTI/EXEC transaction; `false`
-/// when Valkey aborted it (a watched key changed).
-fn exec(conn: &mut Connection, del: Option<Cmd>, pipe: &Packed) -> redis::RedisResult<bool> {
-    let mut head = redis::cmd("MULTI").get_packed_command();
-    let queued = pipe.commands + u64::from(del.is_some());
-    if let Some(del) = del {
-        del.write_packed_command(&mut head);
-    }
-    conn.send_packed_command(&head)?;
+/// Sends `pipe`'s commands as one MULTI/EXEC transaction; `false` when Valkey aborted it
+/// (a watched key changed).
+fn exec(conn: &mut Connection, pipe: &Packed) -> redis::RedisResult<bool> {
+    conn.send_packed_command(&redis::cmd("MULTI").get_packed_command())?;
     conn.send_packed_command(&pipe.bytes)?;
     conn.send_packed_command(&redis::cmd("EXEC").get_packed_command())?;
     // MULTI's reply and one per queued command come first: all are read before an error
     // is returned, so that the connection stays in step.
     let mut failed = None;
-    for _ in 0..=queued {
+    for _ in 0..=pipe.commands {
         if let Err(e) = conn.recv_response()?.extract_error() {
             failed.get_or_insert(e);
         }
@@ -751,7 +876,7 @@ mod tests {
         let v = PatternView { user_id: "u1", agent_id: "a9", sequence: 3, executions: 12, successes: 7, first, last };
         let names = HashMap::from([(3, ("p1->p2".to_owned(), "t1->t2".to_owned()))]);
         let id = PatternId::of(&v, &names);
-        let mut packed = Packed { bytes: Vec::new(), commands: 0 };
+        let mut packed = Packed::default();
         sink.put_pattern(&mut packed, &id, &v);
         let mut hset = redis::cmd("HSET");
         hset.arg("ns:pattern:u1|p1->p2|a9|t1->t2");
@@ -759,7 +884,7 @@ mod tests {
         hset.arg("executions").arg(12u64).arg("successes").arg(7u64).arg("first").arg("2025-07-01").arg("last").arg("2025-07-14");
         assert_eq!(String::from_utf8_lossy(&packed.bytes), String::from_utf8_lossy(&hset.get_packed_command()));
 
-        let mut packed = Packed { bytes: Vec::new(), commands: 0 };
+        let mut packed = Packed::default();
         packed.command(6);
         packed.arg(&[b"ZADD"]);
         packed.arg(&[b"ns:patterns"]);
