@@ -246,8 +246,14 @@ pub struct DynamoSink {
     table: String,
     namespace: Namespace,
     agents: HashMap<String, AgentFigures>,
-    /// Pattern items by (user, name).
-    patterns: FxHashMap<(String, String), Fingerprint>,
+    /// Agents whose last write failed, maybe after the table applied it (a connection cut
+    /// while DynamoDB answered): what their items hold is unknown, so they are written
+    /// again whatever their figures.
+    agents_unknown: HashSet<String>,
+    /// Pattern items by (user, name): the fingerprint of what each holds, `None` where a
+    /// put failed, maybe after the table applied it. Such an item is put again while its
+    /// pattern is recommended and deleted once it is not.
+    patterns: FxHashMap<(String, String), Option<Fingerprint>>,
     fingerprints: Fingerprints,
     /// Agents whose last write failed.
     pending_agents: HashSet<Sym>,
@@ -290,6 +296,7 @@ impl DynamoSink {
             table: table.into(),
             namespace,
             agents: HashMap::new(),
+            agents_unknown: HashSet::new(),
             patterns: FxHashMap::default(),
             fingerprints: Fingerprints::new(),
             pending_agents: HashSet::new(),
@@ -395,6 +402,9 @@ impl DynamoSink {
     /// Whether the table holds other figures for agent `id` than `f` (`None`: it left
     /// the rankings, so its attributes are removed if it has any).
     fn agent_changed(&self, id: &str, f: Option<&AgentFigures>) -> bool {
+        if self.agents_unknown.contains(id) {
+            return true;
+        }
         match f {
             None => self.agents.contains_key(id),
             Some(f) => self.agents.get(id) != Some(f),
@@ -404,7 +414,7 @@ impl DynamoSink {
     /// The pattern items a plan writes: puts (`Some`) of those whose figures or flag
     /// differ, deletes (`None`) of those no longer recommended.
     fn pattern_changes<'a>(&'a self, plan: &'a PatternPlan) -> impl Iterator<Item = (&'a (String, String), Option<&'a Written>)> + 'a {
-        let puts = plan.desired.iter().filter(|(key, (_, fp))| self.patterns.get(*key) != Some(fp)).map(|(key, (w, _))| (key, Some(w)));
+        let puts = plan.desired.iter().filter(|(key, (_, fp))| self.patterns.get(*key) != Some(&Some(*fp))).map(|(key, (w, _))| (key, Some(w)));
         let unwanted = plan.leaving.is_none().then(|| self.patterns.keys().filter(|k| !plan.desired.contains_key(*k))).into_iter().flatten();
         let leaving = plan.leaving.iter().flatten().filter(|k| self.patterns.contains_key(*k));
         puts.chain(unwanted.chain(leaving).map(|k| (k, None)))
@@ -445,7 +455,8 @@ impl DynamoSink {
         let patterns = read_patterns(&self.client, &self.table, &self.namespace).await?;
         self.domains = registered;
         self.agents = agents.into_iter().map(|a| (a.agent_id.clone(), a)).collect();
-        self.patterns = patterns.into_iter().map(|(f, top)| self.item(f, top)).map(|(key, (_, fingerprint))| (key, fingerprint)).collect();
+        self.agents_unknown.clear();
+        self.patterns = patterns.into_iter().map(|(f, top)| self.item(f, top)).map(|(key, (_, fingerprint))| (key, Some(fingerprint))).collect();
         self.recommended = None;
         self.loaded = true;
         Ok(())
@@ -497,26 +508,33 @@ impl DynamoSink {
         let sent = self.send_agent_writes(writes).await;
         let mut failed = None;
         for ((agent, id, f), result) in targets.into_iter().zip(sent) {
-            match result {
-                // The Agent item was removed meanwhile; its removal comes through the input.
-                Ok(()) | Err(WriteFailure::ItemGone) => {}
-                Err(WriteFailure::Fenced(e)) => {
-                    agent.map(|a| self.pending_agents.insert(a));
-                    failed.get_or_insert(Error::Fenced(e));
-                    continue;
-                }
-                Err(WriteFailure::Other(e)) => {
-                    agent.map(|a| self.pending_agents.insert(a));
-                    failed.get_or_insert(Error::Aws(format!("writing agent {id}: {e}")));
-                    continue;
-                }
+            if let Err(e) = self.agent_written(agent, id, f, result) {
+                failed.get_or_insert(e);
             }
-            match f {
-                Some(f) => self.agents.insert(id, f),
-                None => self.agents.remove(&id),
-            };
         }
         failed.map_or(Ok(()), Err)
+    }
+
+    /// Remembers what the table holds of agent `id` after a write of its figures `f`
+    /// (`None`: it left the rankings) ended with `result`; a failed one is retried.
+    fn agent_written(&mut self, agent: Option<Sym>, id: String, f: Option<AgentFigures>, result: Result<(), WriteFailure>) -> Result<(), Error> {
+        let failed = match result {
+            // The Agent item was removed meanwhile; its removal comes through the input.
+            Ok(()) | Err(WriteFailure::ItemGone) => None,
+            Err(WriteFailure::Fenced(e)) => Some(Error::Fenced(e)),
+            Err(WriteFailure::Other(e)) => Some(Error::Aws(format!("writing agent {id}: {e}"))),
+        };
+        if let Some(e) = failed {
+            agent.map(|a| self.pending_agents.insert(a));
+            self.agents_unknown.insert(id);
+            return Err(e);
+        }
+        self.agents_unknown.remove(&id);
+        match f {
+            Some(f) => self.agents.insert(id, f),
+            None => self.agents.remove(&id),
+        };
+        Ok(())
     }
 
     /// Sends agent writes: fenced, in transactions one at a time; otherwise alone,
@@ -716,23 +734,36 @@ impl DynamoSink {
                 continue;
             };
             self.stats.requests += 1;
-            if let Err(e) = result {
-                // Rewritten next time: puts and deletes are idempotent.
-                self.patterns_pending = true;
-                failed.get_or_insert(match e {
-                    WriteFailure::Fenced(m) => Error::Fenced(m),
-                    WriteFailure::ItemGone | WriteFailure::Other(_) => Error::Aws(format!("writing pattern items: {}", e.message())),
-                });
-                continue;
+            let put = plan.desired.get(&key).map(|&(_, fingerprint)| fingerprint);
+            if let Err(e) = self.pattern_written(key, put, result) {
+                failed.get_or_insert(e);
             }
-            match plan.desired.get(&key) {
-                Some(&(_, fingerprint)) => self.patterns.insert(key, fingerprint),
-                None => self.patterns.remove(&key),
-            };
         }
         // Known only once every item of the plan was written.
         self.recommended = plan.recommended.filter(|_| !self.patterns_pending && failed.is_none());
         failed.map_or(Ok(()), Err)
+    }
+
+    /// Remembers what the table holds of pattern item `key` after a put of the content
+    /// fingerprinted `put` (`None`: a delete) ended with `result`. A failed write is
+    /// retried at the next one (puts and deletes are idempotent); a failed put may have
+    /// reached the table, so the item's content counts as unknown until then.
+    fn pattern_written(&mut self, key: (String, String), put: Option<Fingerprint>, result: Result<(), WriteFailure>) -> Result<(), Error> {
+        let Err(e) = result else {
+            match put {
+                Some(fingerprint) => self.patterns.insert(key, Some(fingerprint)),
+                None => self.patterns.remove(&key),
+            };
+            return Ok(());
+        };
+        self.patterns_pending = true;
+        if put.is_some() {
+            self.patterns.insert(key, None);
+        }
+        Err(match e {
+            WriteFailure::Fenced(m) => Error::Fenced(m),
+            WriteFailure::ItemGone | WriteFailure::Other(_) => Error::Aws(format!("writing pattern items: {}", e.message())),
+        })
     }
 }
 
@@ -1033,6 +1064,76 @@ mod tests {
     use std::borrow::Cow;
     use toolrank_engine::Applied;
     use toolrank_events::{Action, AgentItem, Change, Entity};
+
+    /// A sink that sends nothing in these tests: its client is never called.
+    fn offline_sink() -> DynamoSink {
+        let config = aws_sdk_dynamodb::Config::builder()
+            .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+            .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
+            .build();
+        DynamoSink::new(Client::from_conf(config), "AgentTable")
+    }
+
+    fn figures(user: &str, executions: u64) -> PatternFigures {
+        PatternFigures {
+            user_id: user.into(),
+            process_pattern: "PRC1".into(),
+            agent_id: "AGT1".into(),
+            tool_sequence: "T1".into(),
+            executions,
+            successes: 1,
+            first: Day(20_000),
+            last: Day(20_010),
+        }
+    }
+
+    /// A put whose connection was cut may have been applied: a later write that no longer
+    /// recommends the pattern deletes its item, and one that still does puts it again,
+    /// even with the figures of the failed put.
+    #[test]
+    fn a_failed_put_leaves_its_item_to_be_put_again_or_deleted() {
+        let mut sink = offline_sink();
+        let (key, (written, fingerprint)) = sink.item(figures("USR1", 3), false);
+        let cut = sink.pattern_written(key.clone(), Some(fingerprint), Err(WriteFailure::Other("connection reset".into())));
+        assert!(matches!(cut, Err(Error::Aws(_))) && sink.patterns_pending);
+        let compare_all = |desired: FxHashMap<(String, String), (Written, Fingerprint)>| PatternPlan { desired, leaving: None, recommended: None };
+        let gone = compare_all(FxHashMap::default());
+        let changes: Vec<_> = sink.pattern_changes(&gone).map(|(k, w)| (k.clone(), w.is_some())).collect();
+        assert_eq!(changes, [(key.clone(), false)], "deleted where it may exist");
+        let kept = compare_all(FxHashMap::from_iter([(key.clone(), (written, fingerprint))]));
+        let changes: Vec<_> = sink.pattern_changes(&kept).map(|(k, w)| (k.clone(), w.is_some())).collect();
+        assert_eq!(changes, [(key.clone(), true)], "put again though the same content was tried");
+        // Once a put succeeds, the same content is not sent again.
+        sink.pattern_written(key.clone(), Some(fingerprint), Ok(())).unwrap();
+        assert_eq!(sink.pattern_changes(&kept).count(), 0);
+    }
+
+    /// An agent update whose connection was cut may have been applied: the next write
+    /// sends the agent's figures even when they equal the ones written before it.
+    #[test]
+    fn a_failed_agent_update_is_written_again_whatever_the_figures() {
+        let mut sink = offline_sink();
+        let before = AgentFigures {
+            agent_id: "AGT1".into(),
+            domain_id: "DMN1".into(),
+            agent_name: None,
+            executions: 3,
+            successes: 2,
+            last: Some(Day(20_010)),
+            rows: 3,
+            failed_rows: 1,
+            failed_tools: Vec::new(),
+            tools: Vec::new(),
+        };
+        sink.agent_written(Some(1), "AGT1".into(), Some(before.clone()), Ok(())).unwrap();
+        assert!(!sink.agent_changed("AGT1", Some(&before)));
+        let tried = AgentFigures { executions: 4, ..before.clone() };
+        assert!(sink.agent_written(Some(1), "AGT1".into(), Some(tried), Err(WriteFailure::Other("timeout".into()))).is_err());
+        assert!(sink.agent_changed("AGT1", Some(&before)), "the table may hold the figures of the failed update");
+        assert!(sink.agent_changed("AGT1", None));
+        sink.agent_written(Some(1), "AGT1".into(), Some(before.clone()), Ok(())).unwrap();
+        assert!(!sink.agent_changed("AGT1", Some(&before)));
+    }
 
     #[test]
     fn an_items_fingerprint_moves_with_every_part_of_its_content() {
