@@ -13,6 +13,22 @@ fn apply_lines(engine: &mut toolrank_engine::Engine, lines: &[&str]) {
     }
 }
 
+/// A history `toolrank generate` makes of `sessions` sessions over 30 agents.
+fn generated_history(sessions: &str, seed: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.jsonl");
+    toolrank(&["generate", "--sessions", sessions, "--seed", seed, "--agents", "30", "--out", path.to_str().unwrap()]);
+    std::fs::read_to_string(&path).unwrap()
+}
+
+/// An engine that applied `lines`, flushed.
+fn engine_of(lines: &[&str]) -> toolrank_engine::Engine {
+    let mut engine = toolrank_engine::Engine::new();
+    apply_lines(&mut engine, lines);
+    engine.flush();
+    engine
+}
+
 /// What a Valkey namespace holds, through the reader: agents (with tools), patterns, and
 /// each domain's ranking (a member left behind in a domain an agent moved out of shows).
 fn valkey_holds(url: &str, prefix: &str, domains: &[String]) -> (Vec<toolrank_engine::AgentFigures>, Vec<toolrank_engine::PatternFigures>, Vec<Vec<String>>) {
@@ -54,10 +70,7 @@ async fn pattern_items(client: &aws_sdk_dynamodb::Client, table: &str) -> std::c
 /// top-flag moves included.
 #[test]
 fn dynamodb_sink_rounds_hold_what_a_full_write_holds() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("history.jsonl");
-    toolrank(&["generate", "--sessions", "600", "--seed", "17", "--agents", "30", "--out", path.to_str().unwrap()]);
-    let text = std::fs::read_to_string(&path).unwrap();
+    let text = generated_history("600", "17");
     let lines: Vec<&str> = text.lines().collect();
     let today = toolrank_events::Day::parse_iso(TODAY).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -90,13 +103,8 @@ fn dynamodb_sink_rounds_hold_what_a_full_write_holds() {
 fn a_dynamodb_write_capacity_budget_spreads_a_round_out() {
     let _pace = dynamodb_pace();
     const WCU: f64 = 40.0;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("history.jsonl");
-    toolrank(&["generate", "--sessions", "300", "--seed", "19", "--agents", "30", "--out", path.to_str().unwrap()]);
-    let text = std::fs::read_to_string(&path).unwrap();
-    let mut engine = toolrank_engine::Engine::new();
-    apply_lines(&mut engine, &text.lines().collect::<Vec<_>>());
-    engine.flush();
+    let text = generated_history("300", "19");
+    let engine = engine_of(&text.lines().collect::<Vec<_>>());
     let today = toolrank_events::Day::parse_iso(TODAY).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -160,9 +168,7 @@ fn a_dynamodb_sink_start_reads_what_the_rankings_cost_not_the_history() {
     rt.block_on(async { toolrank_dynamodb::create_table(&toolrank_dynamodb::client().await, &table, false).await.unwrap() });
     toolrank(&["produce", "--to", "dynamodb", "--table", &table, path.to_str().unwrap()]);
     let text = std::fs::read_to_string(&path).unwrap();
-    let mut engine = toolrank_engine::Engine::new();
-    apply_lines(&mut engine, &text.lines().collect::<Vec<_>>());
-    engine.flush();
+    let engine = engine_of(&text.lines().collect::<Vec<_>>());
     let today = toolrank_events::Day::parse_iso(TODAY).unwrap();
     rt.block_on(async {
         let client = toolrank_dynamodb::client().await;
@@ -197,10 +203,7 @@ fn a_dynamodb_sink_start_reads_what_the_rankings_cost_not_the_history() {
 #[test]
 fn valkey_sink_writes_only_differences_and_holds_what_a_full_write_holds() {
     let url = env("TOOLRANK_VALKEY_URL");
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("history.jsonl");
-    toolrank(&["generate", "--sessions", "800", "--seed", "11", "--agents", "30", "--out", path.to_str().unwrap()]);
-    let text = std::fs::read_to_string(&path).unwrap();
+    let text = generated_history("800", "11");
     let lines: Vec<&str> = text.lines().collect();
     let (first, second) = lines.split_at(lines.len() / 2);
     let mut engine = toolrank_engine::Engine::new();
@@ -254,9 +257,7 @@ fn valkey_sink_writes_only_differences_and_holds_what_a_full_write_holds() {
 fn a_valkey_full_rewrite_lists_its_namespace_in_few_round_trips() {
     let url = env("TOOLRANK_VALKEY_URL");
     let lines: Vec<&str> = include_str!("../../examples/seed-sample.jsonl").lines().collect();
-    let mut engine = toolrank_engine::Engine::new();
-    apply_lines(&mut engine, &lines);
-    engine.flush();
+    let engine = engine_of(&lines);
     let rewrite = || {
         let mut sink = toolrank_sink_valkey::ValkeySink::new(&url, unique("vscan").as_str()).unwrap();
         sink.write(&engine, &engine.everything()).unwrap();
@@ -305,17 +306,8 @@ fn a_valkey_full_rewrite_goes_out_in_bounded_transactions_and_leaves_exactly_the
     use toolrank_sink::Sink;
     use toolrank_sink_valkey::ValkeySink;
     let url = env("TOOLRANK_VALKEY_URL");
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("history.jsonl");
-    toolrank(&["generate", "--sessions", "1500", "--seed", "23", "--agents", "30", "--out", path.to_str().unwrap()]);
-    let text = std::fs::read_to_string(&path).unwrap();
+    let text = generated_history("1500", "23");
     let lines: Vec<&str> = text.lines().collect();
-    let engine_of = |lines: &[&str]| {
-        let mut engine = toolrank_engine::Engine::new();
-        apply_lines(&mut engine, lines);
-        engine.flush();
-        engine
-    };
     // The older rankings: another part of the history, so that users, patterns and tools
     // of theirs are missing from the newer ones.
     let (older, newer) = (engine_of(&lines[lines.len() / 2..]), engine_of(&lines));
@@ -366,18 +358,10 @@ fn a_write_carrying_an_older_fencing_token_is_refused_by_both_sinks() {
     use toolrank_sink_dynamodb::{DynamoSink, Namespace};
     use toolrank_sink_valkey::ValkeySink;
     let url = env("TOOLRANK_VALKEY_URL");
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("history.jsonl");
-    toolrank(&["generate", "--sessions", "300", "--seed", "37", "--agents", "30", "--out", path.to_str().unwrap()]);
-    let text = std::fs::read_to_string(&path).unwrap();
+    let text = generated_history("300", "37");
     let lines: Vec<&str> = text.lines().collect();
-    let engine_of = |upto: usize| {
-        let mut engine = toolrank_engine::Engine::new();
-        apply_lines(&mut engine, &lines[..upto]);
-        engine.flush();
-        engine
-    };
-    let (first, stale, last) = (engine_of(lines.len() / 3), engine_of(lines.len() * 2 / 3), engine_of(lines.len()));
+    let upto = |n: usize| engine_of(&lines[..n]);
+    let (first, stale, last) = (upto(lines.len() / 3), upto(lines.len() * 2 / 3), upto(lines.len()));
     let today = toolrank_events::Day::parse_iso(TODAY).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _inside = rt.enter();
