@@ -1386,12 +1386,12 @@ impl Engine {
     }
 }
 
-/// `value` in postcard after its format's version (snapshots, deltas).
 /// The hash `session_index` keeps a slot of `sessions` under: its PK's.
 fn slot_hash(sessions: &[Session]) -> impl Fn(&u32) -> u64 + '_ {
     |&slot| FxBuildHasher.hash_one(&*sessions[slot as usize].pk)
 }
 
+/// `value` in postcard after its format's version (snapshots, deltas).
 fn versioned(version: u32, value: &impl Serialize) -> Vec<u8> {
     let mut out = version.to_le_bytes().to_vec();
     postcard::to_io(value, &mut out).expect("writing to a Vec cannot fail");

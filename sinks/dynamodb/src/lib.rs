@@ -1074,13 +1074,14 @@ mod tests {
         DynamoSink::new(Client::from_conf(config), "AgentTable")
     }
 
-    fn figures(user: &str, executions: u64) -> PatternFigures {
+    /// One pattern's figures.
+    fn figures() -> PatternFigures {
         PatternFigures {
-            user_id: user.into(),
+            user_id: "USR1".into(),
             process_pattern: "PRC1".into(),
             agent_id: "AGT1".into(),
             tool_sequence: "T1".into(),
-            executions,
+            executions: 3,
             successes: 1,
             first: Day(20_000),
             last: Day(20_010),
@@ -1093,7 +1094,7 @@ mod tests {
     #[test]
     fn a_failed_put_leaves_its_item_to_be_put_again_or_deleted() {
         let mut sink = offline_sink();
-        let (key, (written, fingerprint)) = sink.item(figures("USR1", 3), false);
+        let (key, (written, fingerprint)) = sink.item(figures(), false);
         let cut = sink.pattern_written(key.clone(), Some(fingerprint), Err(WriteFailure::Other("connection reset".into())));
         assert!(matches!(cut, Err(Error::Aws(_))) && sink.patterns_pending);
         let compare_all = |desired: FxHashMap<(String, String), (Written, Fingerprint)>| PatternPlan { desired, leaving: None, recommended: None };
