@@ -63,9 +63,12 @@ impl Renewer {
         let stop = Arc::new(tokio::sync::Notify::new());
         let (last_turn, stopped) = (turned.clone(), stop.clone());
         let task = rt.spawn(async move {
+            // Every third of a lease from when the last renewal was sent, not from its
+            // reply: a slow reply delays the next renewal no further than that.
+            let mut due = Instant::now() + duration / 3;
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(duration / 3) => {}
+                    _ = tokio::time::sleep_until(due.into()) => {}
                     _ = stopped.notified() => return,
                 }
                 if last_turn.lock().expect("not poisoned").elapsed() > stalled(duration) {
@@ -73,6 +76,7 @@ impl Renewer {
                     return;
                 }
                 let sent = Instant::now();
+                due = sent + duration / 3;
                 let renewed = lease.take(Some(generation)).await;
                 let go_on = matches!(renewed, Ok(Some(_)));
                 if sender.send((sent, renewed)).is_err() || !go_on {
