@@ -6,7 +6,9 @@
 # moment each process's CPU seconds and peak memory so far (/proc: utime+stime, VmHWM)
 # and the records it read (its /metrics) are taken, and which one holds the sink lease
 # (`toolrank_sink_lease_held`). So the figures cover reading and keeping the sinks
-# exact, not the hand-over when all of them stop together afterwards. Prints the
+# exact, not the hand-over when all of them stop together afterwards; a member that takes
+# the sink lease over in that stop (to write last) has its peak through the stop printed
+# apart: what a takeover costs in memory. Prints the
 # group's events/s and, per process, CPU seconds, CPU µs per event it read and peak
 # memory, the sink lease holder's apart, with its ratios to the largest other consumer;
 # checks both sinks against `toolrank replay` after each group.
@@ -95,7 +97,19 @@ run() {
   fi
   for i in $(seq "$n"); do
     local pid="${pids[$((i - 1))]}"
-    echo "$(awk '{ print ($14 + $15) / 100 }' "/proc/$pid/stat") $(awk '/^VmHWM/ { print $2 }' "/proc/$pid/status") $(metric toolrank_messages_total "$n" "$i")" > "$WORK/$name-$i.figures"
+    echo "$(awk '{ print ($14 + $15) / 100 }' "/proc/$pid/stat") $(awk '/^VmHWM/ { print $2 }' "/proc/$pid/status") $(metric toolrank_messages_total "$n" "$i") $(grep -c "took the sink lease" "$WORK/$name-$i.log")" > "$WORK/$name-$i.figures"
+  done
+  # Each process's peak through the stop too (sampled until it exits): a member that
+  # takes the sink lease over to write last reads every other member's aggregates and
+  # rewrites both sinks in full.
+  local samplers=()
+  for i in $(seq "$n"); do
+    local pid="${pids[$((i - 1))]}"
+    (while hwm=$(awk '/^VmHWM/ { print $2 }' "/proc/$pid/status" 2> /dev/null) && [ -n "$hwm" ]; do
+      echo "$hwm" > "$WORK/$name-$i.stop-peak"
+      sleep 0.02
+    done) &
+    samplers+=($!)
   done
   kill -TERM "${pids[@]}"
   for i in $(seq "$n"); do
@@ -105,6 +119,7 @@ run() {
       exit 1
     fi
   done
+  wait "${samplers[@]}"
   if [ -n "$profile" ]; then
     profiles "$n" "$name"
     return
@@ -116,9 +131,12 @@ looks = [line.split() for line in open(f"{work}/{name}.holders")]
 holder = looks[-1][0] if len(looks[-1]) == 1 else None
 seen = {h for look in looks for h in look}
 procs = []
+stops = []
 for i in range(1, n + 1):
-    cpu, rss_kib, read = open(f"{work}/{name}-{i}.figures").read().split()
+    cpu, rss_kib, read, took = open(f"{work}/{name}-{i}.figures").read().split()
     procs.append((float(cpu), int(rss_kib) / 1024, int(read), str(i) == holder))
+    took_at_stop = open(f"{work}/{name}-{i}.log").read().count("took the sink lease") > int(took)
+    stops.append((int(open(f"{work}/{name}-{i}.stop-peak").read()) / 1024, took_at_stop))
 total = sum(p[0] for p in procs)
 group = f"{n} consumer{'s' if n > 1 else ''}"
 print(f"{group}:{' ' * (22 - len(group))}{events / read_secs:,.0f} events/s (all read in {read_secs} s), {total:.1f} CPU s, {total * 1e6 / events:.1f} CPU µs/event")
@@ -134,6 +152,9 @@ if holder and others:
     print(f"{group}, holder/other: peak memory {h[1] / rss:.2f}x, CPU per event read {h[0] / max(h[2], 1) / per_event:.2f}x{moved}")
 elif others:
     print(f"{group}, holder/other: no single holder at the end ({looks[-1]}), no ratio")
+for i, (peak, took) in enumerate(stops, 1):
+    if took:
+        print(f"{group}, consumer {i} through the stop: took the sink lease over to write last, peak {peak:.0f} MiB ({peak / procs[i - 1][1]:.2f}x its peak while reading)")
 PY
   exact "$name" "$name" "$WORK/history.jsonl"
 }
@@ -146,7 +167,7 @@ import sys
 n, work, name = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 last = [line.split() for line in open(f"{work}/{name}.holders")][-1]
 holder = last[0] if len(last) == 1 else "none"
-rate = lambda i: (lambda cpu, rss, read: float(cpu) / max(int(read), 1))(*open(f"{work}/{name}-{i}.figures").read().split())
+rate = lambda i: (lambda cpu, rss, read, *_: float(cpu) / max(int(read), 1))(*open(f"{work}/{name}-{i}.figures").read().split())
 others = [str(i) for i in range(1, n + 1) if str(i) != holder]
 print(holder, max(others, key=rate) if others else "none")
 PY

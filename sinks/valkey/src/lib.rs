@@ -25,7 +25,8 @@
 //! deposed writer's late transaction is refused or aborted. When Valkey
 //! is unreachable the sink remembers to resynchronize: on the next successful connection
 //! it rewrites everything, so nothing is lost. A full rewrite goes out in transactions of
-//! bounded size ([`REWRITE_BYTES`]), whatever the rankings' size: each holds whole keys,
+//! bounded size ([`REWRITE_BYTES`]), whatever the rankings' size, each encoded only as it
+//! goes out (the sink holds one at a time): each holds whole keys,
 //! the set of all patterns is built aside and renamed over `P:patterns` in the last, and
 //! the keys it did not write are deleted after that. So a reader sees each key old or
 //! new, and Valkey never queues one transaction of the whole state (its client query
@@ -64,9 +65,11 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The transactions built by [`ValkeySink::prepare`], with the agent figures they write.
 pub struct Prepared {
-    /// Sent in order, each a `MULTI`/`EXEC`: one for a write of changes, several for a
-    /// full rewrite.
+    /// Sent in order, each a `MULTI`/`EXEC`: the one of a write of changes, or the
+    /// start of a full rewrite's first.
     pipes: Vec<Packed>,
+    /// A full rewrite's patterns, encoded into its transactions only as they go out.
+    rewrite: Option<Rewrite>,
     agents: Vec<(String, Option<AgentFigures>)>,
     /// It rewrites everything: the fingerprints of the keys it writes. Every other key
     /// of the namespace is deleted once they are written.
@@ -75,11 +78,74 @@ pub struct Prepared {
     token: Option<u64>,
 }
 
-impl Prepared {
-    /// How many transactions it sends (besides a full rewrite's deletions of what the
-    /// namespace held and no longer holds).
-    pub fn transactions(&self) -> usize {
-        self.pipes.len()
+/// A full rewrite's patterns, user by user, with the names they refer to: some 40 bytes
+/// a pattern, where their commands take some 500. They are encoded a transaction at a
+/// time as the rewrite goes out, so that a rewrite holds one transaction's encoding,
+/// not the whole namespace's (hundreds of MB for millions of patterns).
+struct Rewrite {
+    /// User and agent ids, which `patterns` refer to by index.
+    ids: Vec<String>,
+    /// The names of each pattern sequence.
+    sequences: HashMap<Sym, (String, String)>,
+    /// Sorted by user.
+    patterns: Vec<RewritePattern>,
+    /// The size at which a transaction ends (at the next user).
+    bytes: usize,
+}
+
+/// A pattern of a [`Rewrite`].
+struct RewritePattern {
+    user: u32,
+    agent: u32,
+    sequence: Sym,
+    executions: u64,
+    successes: u64,
+    first: Day,
+    last: Day,
+}
+
+impl Rewrite {
+    fn view(&self, p: &RewritePattern) -> PatternView<'_> {
+        let (user_id, agent_id) = (&self.ids[p.user as usize], &self.ids[p.agent as usize]);
+        PatternView { user_id, agent_id, sequence: p.sequence, executions: p.executions, successes: p.successes, first: p.first, last: p.last }
+    }
+
+    /// Adds to `pipe` the patterns from index `next` on, user by user: each user's set
+    /// deleted and written whole, with their patterns' hashes and their members of the
+    /// set of all patterns being rebuilt, until `pipe` holds [`bytes`](Self::bytes); after
+    /// the last user, the rename of that set over `P:patterns`. Where the next
+    /// transaction starts, or `None` once this one is the last.
+    fn encode(&self, pipe: &mut Packed, prefix: &str, mut next: usize) -> Option<usize> {
+        let rebuilt = key(prefix, &["rebuild", "patterns"]);
+        let mut members = Vec::new();
+        while let Some(first) = self.patterns.get(next) {
+            // A transaction holds one user at least, however large.
+            if pipe.commands > 0 && pipe.bytes.len() >= self.bytes {
+                return Some(next);
+            }
+            let end = self.patterns[next..].iter().position(|p| p.user != first.user).map_or(self.patterns.len(), |n| next + n);
+            let set = key(prefix, &["patterns", &self.ids[first.user as usize]]);
+            pipe.add(Cmd::del(&set));
+            members.clear();
+            for p in &self.patterns[next..end] {
+                let v = self.view(p);
+                let id = PatternId::of(&v, &self.sequences);
+                put_pattern(pipe, prefix, &id, &v);
+                members.push((v.user_id, v.rank_key(), id));
+            }
+            for set in [&set, &rebuilt] {
+                for chunk in members.chunks(SET_CHUNK) {
+                    zadd(pipe, set, chunk);
+                }
+            }
+            next = end;
+        }
+        let all = key(prefix, &["patterns"]);
+        match self.patterns.is_empty() {
+            true => pipe.add(Cmd::del(&all)),
+            false => pipe.add(Cmd::rename(&rebuilt, &all)),
+        }
+        None
     }
 }
 
@@ -99,6 +165,8 @@ pub struct ValkeySink {
     token: Option<u64>,
     /// Commands sent, for metrics and benchmarks.
     pub commands: u64,
+    /// Transactions sent (`MULTI`/`EXEC`), for tests and benchmarks.
+    pub transactions: u64,
     /// The memory the last transaction was encoded into, for the next one.
     spare: Vec<u8>,
     /// What a full rewrite keeps of the names of the keys it writes.
@@ -206,6 +274,7 @@ impl ValkeySink {
             resync: true,
             token: None,
             commands: 0,
+            transactions: 0,
             spare: Vec::new(),
             fingerprints: Fingerprints::new(),
             rewrite_bytes: REWRITE_BYTES,
@@ -213,12 +282,7 @@ impl ValkeySink {
     }
 
     fn key(&self, parts: &[&str]) -> String {
-        let mut k = self.prefix.clone();
-        for p in parts {
-            k.push(':');
-            k.push_str(p);
-        }
-        k
+        key(&self.prefix, parts)
     }
 
     fn connection(&mut self) -> Result<&mut Connection, Error> {
@@ -323,7 +387,7 @@ impl ValkeySink {
                 // ZADD moves a member, HSET overwrites every field: nothing to remove first.
                 Some(v) => {
                     let id = PatternId::of(v, &names);
-                    self.put_pattern(&mut pipe, &id, v);
+                    put_pattern(&mut pipe, &self.prefix, &id, v);
                     ranked.push((v.user_id, v.rank_key(), id));
                 }
                 None => {
@@ -342,7 +406,7 @@ impl ValkeySink {
                 pipe.add(Cmd::zrem(key, chunk.iter().map(|(_, id)| id.as_str()).collect::<Vec<_>>()));
             },
         );
-        Ok(Prepared { pipes: vec![pipe], agents, full: None, token: self.token })
+        Ok(Prepared { pipes: vec![pipe], rewrite: None, agents, full: None, token: self.token })
     }
 
     /// A full rewrite of `engine` after `pipe`'s commands, in transactions of about
@@ -377,43 +441,41 @@ impl ValkeySink {
         }
         let mut views: Vec<PatternView<'_>> = everything.patterns.iter().filter_map(|&k| engine.pattern_view(k)).collect();
         views.sort_unstable_by(|a, b| a.user_id.cmp(b.user_id));
-        let mut names = HashMap::new();
+        let mut sequences = HashMap::new();
         for v in &views {
-            names.entry(v.sequence).or_insert_with(|| engine.sequence_names(v.sequence));
+            sequences.entry(v.sequence).or_insert_with(|| engine.sequence_names(v.sequence));
         }
-        let (mut pipes, mut key, mut members) = (Vec::new(), String::new(), Vec::new());
+        let (mut ids, mut index) = (Vec::new(), HashMap::new());
+        let mut id_of = |name: &str| -> u32 {
+            *index.entry(name.to_owned()).or_insert_with(|| {
+                ids.push(name.to_owned());
+                ids.len() as u32 - 1
+            })
+        };
+        let (mut patterns, mut key) = (Vec::with_capacity(views.len()), String::new());
         for run in views.chunk_by(|a, b| a.user_id == b.user_id) {
-            if pipe.bytes.len() >= self.rewrite_bytes {
-                pipes.push(std::mem::take(&mut pipe));
-            }
-            let set = self.key(&["patterns", run[0].user_id]);
-            pipe.add(Cmd::del(&set));
-            written.insert(self.fingerprints.of(set.as_str()));
-            members.clear();
+            written.insert(self.fingerprints.of(self.key(&["patterns", run[0].user_id]).as_str()));
             for v in run {
-                let id = PatternId::of(v, &names);
-                self.put_pattern(&mut pipe, &id, v);
                 key.clear();
                 key.push_str(&self.prefix);
                 key.push_str(":pattern:");
-                id.push_to(&mut key);
+                PatternId::of(v, &sequences).push_to(&mut key);
                 written.insert(self.fingerprints.of(key.as_str()));
-                members.push((v.user_id, v.rank_key(), id));
-            }
-            for set in [&set, &rebuilt] {
-                for chunk in members.chunks(SET_CHUNK) {
-                    zadd(&mut pipe, set, chunk);
-                }
+                let (user, agent) = (id_of(v.user_id), id_of(v.agent_id));
+                patterns.push(RewritePattern {
+                    user,
+                    agent,
+                    sequence: v.sequence,
+                    executions: v.executions,
+                    successes: v.successes,
+                    first: v.first,
+                    last: v.last,
+                });
             }
         }
-        let all = self.key(&["patterns"]);
-        match views.is_empty() {
-            true => pipe.add(Cmd::del(&all)),
-            false => pipe.add(Cmd::rename(&rebuilt, &all)),
-        }
-        written.insert(self.fingerprints.of(all.as_str()));
-        pipes.push(pipe);
-        Prepared { pipes, agents, full: Some(written), token: self.token }
+        written.insert(self.fingerprints.of(self.key(&["patterns"]).as_str()));
+        let rewrite = Rewrite { ids, sequences, patterns, bytes: self.rewrite_bytes };
+        Prepared { pipes: vec![pipe], rewrite: Some(rewrite), agents, full: Some(written), token: self.token }
     }
 
     /// Sends a prepared transaction; what it wrote is remembered once it succeeded. On
@@ -448,9 +510,10 @@ impl ValkeySink {
         let (fence, prefix) = (self.key(&["fence"]), self.prefix.clone());
         self.connection()?;
         let conn = self.conn.as_mut().expect("just connected");
-        let mut sent = 0;
-        let result = transact(conn, prepared, &fence, &prefix, &self.fingerprints, &mut sent);
+        let (mut sent, mut transactions) = (0, 0);
+        let result = transact(conn, prepared, (&fence, &prefix), &self.fingerprints, &mut sent, &mut transactions);
         self.commands += sent;
+        self.transactions += transactions;
         result
     }
 
@@ -518,24 +581,35 @@ impl ValkeySink {
             }
         }
     }
+}
 
-    fn put_pattern(&self, pipe: &mut Packed, id: &PatternId<'_>, v: &PatternView<'_>) {
-        let [u, s1, p, s2, a, s3, t] = id.pieces();
-        pipe.command(18);
-        pipe.arg(&[b"HSET"]);
-        pipe.arg(&[self.prefix.as_bytes(), b":pattern:", u, s1, p, s2, a, s3, t]);
-        for (field, value) in [(&b"user"[..], u), (b"process_pattern", p), (b"agent", a), (b"tool_sequence", t)] {
-            pipe.arg(&[field]);
-            pipe.arg(&[value]);
-        }
-        for (field, n) in [(&b"executions"[..], v.executions), (b"successes", v.successes)] {
-            pipe.arg(&[field]);
-            pipe.number(Number::Count(n));
-        }
-        for (field, day) in [(&b"first"[..], v.first), (b"last", v.last)] {
-            pipe.arg(&[field]);
-            pipe.arg(&[day.to_string().as_bytes()]);
-        }
+/// `prefix:part:part...`
+fn key(prefix: &str, parts: &[&str]) -> String {
+    let mut k = prefix.to_owned();
+    for p in parts {
+        k.push(':');
+        k.push_str(p);
+    }
+    k
+}
+
+/// Adds the HSET of pattern `id`'s hash under `prefix`, from its view `v`.
+fn put_pattern(pipe: &mut Packed, prefix: &str, id: &PatternId<'_>, v: &PatternView<'_>) {
+    let [u, s1, p, s2, a, s3, t] = id.pieces();
+    pipe.command(18);
+    pipe.arg(&[b"HSET"]);
+    pipe.arg(&[prefix.as_bytes(), b":pattern:", u, s1, p, s2, a, s3, t]);
+    for (field, value) in [(&b"user"[..], u), (b"process_pattern", p), (b"agent", a), (b"tool_sequence", t)] {
+        pipe.arg(&[field]);
+        pipe.arg(&[value]);
+    }
+    for (field, n) in [(&b"executions"[..], v.executions), (b"successes", v.successes)] {
+        pipe.arg(&[field]);
+        pipe.number(Number::Count(n));
+    }
+    for (field, day) in [(&b"first"[..], v.first), (b"last", v.last)] {
+        pipe.arg(&[field]);
+        pipe.arg(&[day.to_string().as_bytes()]);
     }
 }
 
@@ -567,26 +641,56 @@ pub struct ValkeyReader {
     prefix: String,
 }
 
-/// Sends `prepared`'s transactions in order; with a fencing token, each only while
-/// `fence` holds no larger one. After a full rewrite's, deletes every key of the
-/// namespace it did not write. Counts the commands sent in `sent`.
-fn transact(conn: &mut Connection, prepared: &Prepared, fence: &str, prefix: &str, fingerprints: &Fingerprints, sent: &mut u64) -> Result<(), Error> {
-    let mut listed = Vec::new();
-    for (i, pipe) in prepared.pipes.iter().enumerate() {
+/// Sends `prepared`'s transactions in order (a full rewrite's encoded one at a time);
+/// with a fencing token, each only while `fence` holds no larger one. After a full
+/// rewrite's, deletes every key of the namespace (`prefix`) it did not write. Counts the
+/// commands and transactions sent in `sent` and `transactions`.
+fn transact(
+    conn: &mut Connection,
+    prepared: &Prepared,
+    (fence, prefix): (&str, &str),
+    fingerprints: &Fingerprints,
+    sent: &mut u64,
+    transactions: &mut u64,
+) -> Result<(), Error> {
+    let mut stale = Vec::new();
+    let (mut encoded, mut next) = (Packed::default(), Some(0));
+    for i in 0.. {
+        let pipe = match &prepared.rewrite {
+            None => match prepared.pipes.get(i) {
+                Some(pipe) => pipe,
+                None => break,
+            },
+            Some(rewrite) => {
+                let Some(from) = next else { break };
+                encoded.bytes.clear();
+                encoded.commands = 0;
+                if i == 0 {
+                    let head = &prepared.pipes[0];
+                    encoded.bytes.extend_from_slice(&head.bytes);
+                    encoded.commands = head.commands;
+                }
+                next = rewrite.encode(&mut encoded, prefix, from);
+                &encoded
+            }
+        };
         watch(conn, fence, prepared.token, sent)?;
-        if i == 0 && prepared.full.is_some() {
+        if let Some(written) = prepared.full.as_ref().filter(|_| i == 0) {
             // What the namespace holds is listed only now, after the WATCH: a key another
-            // writer adds later aborts the rewrite instead of outliving it.
+            // writer adds later aborts the rewrite instead of outliving it. Only the keys
+            // the rewrite does not write are kept (not every key of a large namespace).
             conn.set_read_timeout(Some(IO_TIMEOUT))?;
-            let (keys, calls) = namespace_keys(conn, prefix)?;
+            let (keys, calls) = namespace_keys(conn, prefix, |k| k != fence && !written.contains(&fingerprints.of(k)))?;
             *sent += calls;
-            listed = keys;
+            stale = keys;
         }
         exec_watched(conn, pipe, fence, prepared.token, sent)?;
+        *transactions += 1;
     }
-    let Some(written) = &prepared.full else { return Ok(()) };
-    let stale: Vec<&str> = listed.iter().map(String::as_str).filter(|k| *k != fence && !written.contains(&fingerprints.of(*k))).collect();
-    tracing::debug!(transactions = prepared.pipes.len(), stale = stale.len(), "valkey full rewrite written; deleting the keys it did not write");
+    if prepared.full.is_none() {
+        return Ok(());
+    }
+    tracing::debug!(transactions = *transactions, stale = stale.len(), "valkey full rewrite written; deleting the keys it did not write");
     for keys in stale.chunks(STALE_KEYS) {
         let mut pipe = Packed::default();
         for chunk in keys.chunks(SET_CHUNK) {
@@ -594,6 +698,7 @@ fn transact(conn: &mut Connection, prepared: &Prepared, fence: &str, prefix: &st
         }
         watch(conn, fence, prepared.token, sent)?;
         exec_watched(conn, &pipe, fence, prepared.token, sent)?;
+        *transactions += 1;
     }
     Ok(())
 }
@@ -757,15 +862,15 @@ pub const ACTIVE_KEY: &str = "toolrank-active-namespace";
 /// the server; a thousand keeps each call short for the server (about a millisecond).
 const SCAN_COUNT: usize = 1000;
 
-/// Every key of namespace `prefix` (once each: SCAN may return a key twice), and the
-/// SCAN calls that listed them.
-fn namespace_keys(conn: &mut Connection, prefix: &str) -> Result<(Vec<String>, u64), Error> {
+/// Every key of namespace `prefix` that `keep` keeps (once each: SCAN may return a key
+/// twice), and the SCAN calls that listed them.
+fn namespace_keys(conn: &mut Connection, prefix: &str, keep: impl Fn(&str) -> bool) -> Result<(Vec<String>, u64), Error> {
     let pattern = format!("{prefix}:*");
     let (mut keys, mut cursor, mut calls) = (Vec::new(), 0u64, 0);
     loop {
         let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(SCAN_COUNT).query(conn)?;
         calls += 1;
-        keys.extend(batch);
+        keys.extend(batch.into_iter().filter(|k| keep(k)));
         if next == 0 {
             keys.sort_unstable();
             keys.dedup();
@@ -815,13 +920,13 @@ impl Namespaces {
     /// How many keys namespace `name` has (0: it holds no rankings).
     pub fn size(&mut self, name: &str) -> Result<usize, Error> {
         let (mut conn, prefix) = self.namespace(name)?;
-        Ok(namespace_keys(&mut conn, &prefix)?.0.len())
+        Ok(namespace_keys(&mut conn, &prefix, |_| true)?.0.len())
     }
 
     /// Deletes every key of namespace `name`; returns how many there were.
     pub fn drop(&mut self, name: &str) -> Result<usize, Error> {
         let (mut conn, prefix) = self.namespace(name)?;
-        let (keys, _) = namespace_keys(&mut conn, &prefix)?;
+        let (keys, _) = namespace_keys(&mut conn, &prefix, |_| true)?;
         for chunk in keys.chunks(1000) {
             let _: () = conn.del(chunk)?;
         }
@@ -877,7 +982,7 @@ mod tests {
         let names = HashMap::from([(3, ("p1->p2".to_owned(), "t1->t2".to_owned()))]);
         let id = PatternId::of(&v, &names);
         let mut packed = Packed::default();
-        sink.put_pattern(&mut packed, &id, &v);
+        put_pattern(&mut packed, &sink.prefix, &id, &v);
         let mut hset = redis::cmd("HSET");
         hset.arg("ns:pattern:u1|p1->p2|a9|t1->t2");
         hset.arg("user").arg("u1").arg("process_pattern").arg("p1->p2").arg("agent").arg("a9").arg("tool_sequence").arg("t1->t2");
