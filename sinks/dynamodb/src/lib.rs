@@ -837,11 +837,9 @@ fn parse_day(item: &Item, name: &str, what: &'static str, key: &str) -> Result<D
 
 /// The items a paginated Scan or Query collected (`.into_paginator().items().send()
 /// .try_collect()`), or the failure of `what`.
-fn all_items<E: std::error::Error + 'static, R: std::fmt::Debug>(
-    collected: Result<Vec<Item>, aws_sdk_dynamodb::error::SdkError<E, R>>,
-    what: &str,
-) -> Result<Vec<Item>, Error> {
-    collected.map_err(|e| Error::Aws(format!("{what}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))
+/// What a read returned, its failure told as `what` failing.
+fn read<T, E: std::error::Error + 'static, R: std::fmt::Debug>(result: Result<T, aws_sdk_dynamodb::error::SdkError<E, R>>, what: &str) -> Result<T, Error> {
+    result.map_err(|e| Error::Aws(format!("{what}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))
 }
 
 /// Reads back what a namespace holds: the scored agents (of the registered domains and
@@ -883,7 +881,7 @@ async fn read_agents(client: &Client, table: &str, namespace: &Namespace, domain
             .expression_attribute_values(":d", s(namespace.prefix() + domain))
             .expression_attribute_values(":p", s("AGTSCORE"))
             .expression_attribute_values(":src", s(SOURCE));
-        async move { all_items(query.into_paginator().items().send().try_collect().await, &format!("querying {table} GSI1")) }
+        async move { read(query.into_paginator().items().send().try_collect().await, &format!("querying {table} GSI1")) }
     });
     let pages: Vec<Result<Vec<Item>, Error>> = stream::iter(queries).buffer_unordered(CONCURRENCY / 4).collect().await;
     let mut agents = Vec::new();
@@ -898,7 +896,9 @@ async fn read_agents(client: &Client, table: &str, namespace: &Namespace, domain
     Ok(agents)
 }
 
-/// The pattern items the sink wrote: one Query of GSI1's `UserPrcToolMapp` partition.
+/// The pattern items the sink wrote: one Query of GSI1's `UserPrcToolMapp` partition,
+/// each item decoded as it arrives (undecoded, an item takes some 2 KB: all of a large
+/// namespace's at once would be the largest thing a new sink holder allocates).
 async fn read_patterns(client: &Client, table: &str, namespace: &Namespace) -> Result<Vec<(PatternFigures, bool)>, Error> {
     let query = client
         .query()
@@ -908,8 +908,13 @@ async fn read_patterns(client: &Client, table: &str, namespace: &Namespace) -> R
         .filter_expression("ScoredBy = :src")
         .expression_attribute_values(":p", s(namespace.prefix() + PATTERN_ENTITY))
         .expression_attribute_values(":src", s(SOURCE));
-    let items = all_items(query.into_paginator().items().send().try_collect().await, &format!("querying {table} GSI1"))?;
-    items.iter().map(|item| Ok((pattern_from_item(item, namespace)?, get(item, "TopScoring") == Some("Y")))).collect()
+    let mut items = query.into_paginator().items().send();
+    let mut patterns = Vec::new();
+    while let Some(item) = items.next().await {
+        let item = read(item, &format!("querying {table} GSI1"))?;
+        patterns.push((pattern_from_item(&item, namespace)?, get(&item, "TopScoring") == Some("Y")));
+    }
+    Ok(patterns)
 }
 
 /// The seed's access pattern 2: a domain's agents by `GSI1_SK` descending, best first.
@@ -941,7 +946,7 @@ pub async fn patterns(client: &Client, table: &str, namespace: &Namespace, user:
         .key_condition_expression("PK = :u AND begins_with(SK, :p)")
         .expression_attribute_values(":u", s(namespace.prefix() + user))
         .expression_attribute_values(":p", s(format!("{PATTERN_ENTITY}#")));
-    let items = all_items(query.into_paginator().items().send().try_collect().await, &format!("querying {table}"))?;
+    let items = read(query.into_paginator().items().send().try_collect().await, &format!("querying {table}"))?;
     items.iter().map(|item| pattern_from_item(item, namespace)).collect()
 }
 
