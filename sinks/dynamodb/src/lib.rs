@@ -835,9 +835,8 @@ fn parse_day(item: &Item, name: &str, what: &'static str, key: &str) -> Result<D
     get(item, name).and_then(Day::parse_iso).ok_or_else(|| Error::Item { what, key: key.to_owned(), reason: format!("missing or invalid {name}") })
 }
 
-/// The items a paginated Scan or Query collected (`.into_paginator().items().send()
-/// .try_collect()`), or the failure of `what`.
-/// What a read returned, its failure told as `what` failing.
+/// What a read returned (an item, or the items a paginated Scan or Query collected with
+/// `.into_paginator().items().send().try_collect()`), its failure told as `what` failing.
 fn read<T, E: std::error::Error + 'static, R: std::fmt::Debug>(result: Result<T, aws_sdk_dynamodb::error::SdkError<E, R>>, what: &str) -> Result<T, Error> {
     result.map_err(|e| Error::Aws(format!("{what}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))))
 }

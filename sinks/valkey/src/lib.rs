@@ -65,9 +65,9 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The transactions built by [`ValkeySink::prepare`], with the agent figures they write.
 pub struct Prepared {
-    /// Sent in order, each a `MULTI`/`EXEC`: the one of a write of changes, or the
-    /// start of a full rewrite's first.
-    pipes: Vec<Packed>,
+    /// The one `MULTI`/`EXEC` of a write of changes, or the start of a full rewrite's
+    /// first.
+    pipe: Packed,
     /// A full rewrite's patterns, encoded into its transactions only as they go out.
     rewrite: Option<Rewrite>,
     agents: Vec<(String, Option<AgentFigures>)>,
@@ -406,7 +406,7 @@ impl ValkeySink {
                 pipe.add(Cmd::zrem(key, chunk.iter().map(|(_, id)| id.as_str()).collect::<Vec<_>>()));
             },
         );
-        Ok(Prepared { pipes: vec![pipe], rewrite: None, agents, full: None, token: self.token })
+        Ok(Prepared { pipe, rewrite: None, agents, full: None, token: self.token })
     }
 
     /// A full rewrite of `engine` after `pipe`'s commands, in transactions of about
@@ -446,9 +446,9 @@ impl ValkeySink {
             sequences.entry(v.sequence).or_insert_with(|| engine.sequence_names(v.sequence));
         }
         let (mut ids, mut index) = (Vec::new(), HashMap::new());
-        let mut id_of = |name: &str| -> u32 {
-            *index.entry(name.to_owned()).or_insert_with(|| {
-                ids.push(name.to_owned());
+        let mut id_of = |name| -> u32 {
+            *index.entry(name).or_insert_with(|| {
+                ids.push(String::from(name));
                 ids.len() as u32 - 1
             })
         };
@@ -475,7 +475,7 @@ impl ValkeySink {
         }
         written.insert(self.fingerprints.of(self.key(&["patterns"]).as_str()));
         let rewrite = Rewrite { ids, sequences, patterns, bytes: self.rewrite_bytes };
-        Prepared { pipes: vec![pipe], rewrite: Some(rewrite), agents, full: Some(written), token: self.token }
+        Prepared { pipe, rewrite: Some(rewrite), agents, full: Some(written), token: self.token }
     }
 
     /// Sends a prepared transaction; what it wrote is remembered once it succeeded. On
@@ -484,8 +484,8 @@ impl ValkeySink {
         let result = self.try_send(&prepared);
         // The next transaction is encoded into the same memory (a large one's only
         // up to a limit: it would be held for good).
-        if let Some(pipe) = prepared.pipes.into_iter().next().filter(|p| p.bytes.capacity() <= SPARE_LIMIT) {
-            self.spare = pipe.bytes;
+        if prepared.pipe.bytes.capacity() <= SPARE_LIMIT {
+            self.spare = prepared.pipe.bytes;
             self.spare.clear();
         }
         match result {
@@ -657,18 +657,15 @@ fn transact(
     let (mut encoded, mut next) = (Packed::default(), Some(0));
     for i in 0.. {
         let pipe = match &prepared.rewrite {
-            None => match prepared.pipes.get(i) {
-                Some(pipe) => pipe,
-                None => break,
-            },
+            None if i == 0 => &prepared.pipe,
+            None => break,
             Some(rewrite) => {
                 let Some(from) = next else { break };
                 encoded.bytes.clear();
                 encoded.commands = 0;
                 if i == 0 {
-                    let head = &prepared.pipes[0];
-                    encoded.bytes.extend_from_slice(&head.bytes);
-                    encoded.commands = head.commands;
+                    encoded.bytes.extend_from_slice(&prepared.pipe.bytes);
+                    encoded.commands = prepared.pipe.commands;
                 }
                 next = rewrite.encode(&mut encoded, prefix, from);
                 &encoded
