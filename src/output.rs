@@ -18,7 +18,7 @@ fn serde_line<T: Serialize>(row: &T, out: &mut Vec<u8>) {
 
 /// Sessions per piece of the staging table: pieces are rendered alternately by two
 /// threads and written in order.
-const STAGING_PIECE: usize = 4096;
+const STAGING_PIECE: usize = 1024;
 
 /// The `replay --out` layout: one file per seed table. The staging table, by far the
 /// largest, is put in order by this thread, then rendered in pieces by two threads and
@@ -32,7 +32,8 @@ pub fn write_dir(dir: &Path, engine: &Engine, today: Day) -> Result<()> {
     let started = std::time::Instant::now();
     std::thread::scope(|s| -> Result<()> {
         let report = std::thread::Builder::new().name("report".into()).spawn_scoped(s, || -> Result<_> {
-            let report = engine.build_report(today);
+            let names = engine.pattern_sequence_names();
+            let report = engine.borrowed_report(&names, today);
             let built = started.elapsed();
             write_report(dir, &report)?;
             Ok((built, started.elapsed()))
@@ -93,16 +94,38 @@ fn write_staging(order: &StagingOrder<'_>, file: File) -> std::io::Result<()> {
         }
         let writer = std::thread::Builder::new().name("write".into()).spawn_scoped(s, move || -> std::io::Result<()> {
             let mut w = file;
+            let mut written = 0;
             for piece in 0..pieces {
                 let mut buf = rendered[piece % RENDERERS].recv().expect("a renderer sends every piece");
+                if piece == 0 {
+                    preallocate(&w, buf.len() as u64 * pieces as u64);
+                }
                 w.write_all(&buf)?;
+                written += buf.len() as u64;
                 buf.clear();
                 let _ = returns[piece % RENDERERS].send(buf);
             }
-            w.flush()
+            // Gives back what the estimate reserved past the end.
+            w.set_len(written)
         })?;
         writer.join().expect("the staging writer does not panic")
     })
+}
+
+/// Reserves `len` bytes of the file's blocks before writing (an estimate: the file
+/// grows past it as usual, and a shorter file is cut to size after). Written into
+/// reserved blocks, a page costs ext4 no block reservation of its own: about a third
+/// less kernel time per byte. A hint only: where it fails, writing goes on as before.
+fn preallocate(file: &File, len: u64) {
+    #[cfg(target_os = "linux")]
+    if let Ok(len) = libc::off_t::try_from(len) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fallocate takes the open descriptor of a file this function borrows and
+        // two integers; it touches no memory of the process.
+        unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, len);
 }
 
 /// Appends a JSON string, copying it straight through unless it needs escaping.
@@ -140,7 +163,7 @@ fn staging_json(r: &StagingRow<'_>, out: &mut Vec<u8>) {
 
 /// One pattern row as a JSON line, byte for byte what serde writes for [`PatternRow`]
 /// (the second-largest table).
-fn pattern_json(r: &PatternRow, out: &mut Vec<u8>) {
+fn pattern_json<S: AsRef<str>>(r: &PatternRow<S>, out: &mut Vec<u8>) {
     for (key, value) in [
         ("{\"userid\":", &r.user_id),
         (",\"process_pattern\":", &r.process_pattern),
@@ -148,7 +171,7 @@ fn pattern_json(r: &PatternRow, out: &mut Vec<u8>) {
         (",\"tool_sequence\":", &r.tool_sequence),
     ] {
         out.extend_from_slice(key.as_bytes());
-        json_str(value, out);
+        json_str(value.as_ref(), out);
     }
     for (key, n) in [(",\"execution_count\":", r.execution_count), (",\"success_count\":", r.success_count)] {
         out.extend_from_slice(key.as_bytes());
@@ -177,10 +200,10 @@ fn write_lines<T>(path: &Path, rows: &[T], line: fn(&T, &mut Vec<u8>)) -> Result
 }
 
 /// Writes the three ranking tables of `report` into `dir` (created if missing).
-pub fn write_report(dir: &Path, report: &Report) -> Result<()> {
+pub fn write_report<S: AsRef<str>>(dir: &Path, report: &Report<S>) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     write_lines(&dir.join("agent_score_summary.jsonl"), &report.agents, serde_line)?;
-    write_lines(&dir.join("user_process_patterns.jsonl"), &report.patterns, pattern_json)?;
+    write_lines(&dir.join("user_process_patterns.jsonl"), &report.patterns, pattern_json::<S>)?;
     write_lines(&dir.join("agent_tool_errors.jsonl"), &report.tool_errors, serde_line)
 }
 
@@ -309,10 +332,10 @@ mod tests {
         let day = Timestamp::parse("20250614140605").unwrap().day;
         for (user, score, recommended) in [("USR001", 0.1 + 0.2, true), ("U\"1\\\u{1}", 1e-300, false), ("사용자", 0.0, false)] {
             let row = PatternRow {
-                user_id: user.into(),
-                process_pattern: "PRC001 -> PRC002".into(),
-                agent_sequence: "AGT001".into(),
-                tool_sequence: "FIND_LOC -> \"X\"".into(),
+                user_id: user,
+                process_pattern: "PRC001 -> PRC002",
+                agent_sequence: "AGT001",
+                tool_sequence: "FIND_LOC -> \"X\"",
                 execution_count: u64::MAX,
                 success_count: 7,
                 first_used_date: day,

@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
 use toolrank_dead_letters::DeadLetters;
-use toolrank_engine::{Aggregates, Applied, Contributions, Engine};
+use toolrank_engine::{Aggregates, Applied, Contributions, Engine, StateStats};
 use toolrank_events::{decode_line, Action, Change, Day, DeadLetter, DecodeError, Entity, Format, Record};
 use toolrank_source_file::{expand, Input, LineReader, SourceError};
 
@@ -362,28 +362,33 @@ pub fn run(args: Args) -> Result<ExitCode> {
     engine.flush();
     let ingested = started.elapsed();
     dead.flush()?;
-    if let Some(dir) = args.out.as_ref().filter(|_| !args.dry_run) {
-        output::write_dir(dir, &engine, today)?;
-    }
-    if args.namespace.is_some() {
-        let sinks = SinkArgs {
-            table: args.table.clone(),
-            state_table: args.state_table.clone(),
-            valkey_url: args.valkey_url.clone(),
-            namespace: args.namespace.clone(),
-            shadow: true,
-            today: None,
-            no_dynamodb: args.no_dynamodb,
-            no_valkey: false,
-        };
-        crate::namespace::write_shadow(&engine, &sinks, today, args.dry_run)?;
-    }
-    if args.out.is_none() && args.namespace.is_none() {
-        output::print_tables(&engine.report(today), args.top, &mut std::io::stdout().lock())?;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    tracing::debug!(ingest_s = ingested.as_secs_f64(), output_s = elapsed - ingested.as_secs_f64(), "replay phases");
-    summary(&counts, &engine, bytes, elapsed, inputs, today);
+    std::thread::scope(|scope| -> Result<()> {
+        // The summary's figures of the state walk every session: beside the output, not after it.
+        let stats = scope.spawn(|| engine.stats());
+        if let Some(dir) = args.out.as_ref().filter(|_| !args.dry_run) {
+            output::write_dir(dir, &engine, today)?;
+        }
+        if args.namespace.is_some() {
+            let sinks = SinkArgs {
+                table: args.table.clone(),
+                state_table: args.state_table.clone(),
+                valkey_url: args.valkey_url.clone(),
+                namespace: args.namespace.clone(),
+                shadow: true,
+                today: None,
+                no_dynamodb: args.no_dynamodb,
+                no_valkey: false,
+            };
+            crate::namespace::write_shadow(&engine, &sinks, today, args.dry_run)?;
+        }
+        if args.out.is_none() && args.namespace.is_none() {
+            output::print_tables(&engine.build_report(today), args.top, &mut std::io::stdout().lock())?;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        tracing::debug!(ingest_s = ingested.as_secs_f64(), output_s = elapsed - ingested.as_secs_f64(), "replay phases");
+        summary(&counts, &stats.join().expect("counting the state does not panic"), bytes, elapsed, inputs, today);
+        Ok(())
+    })?;
     // The process ends here: the OS takes the state back at once, where dropping it
     // would free every session one by one (a tenth of a second at 200k sessions).
     std::mem::forget(engine);
@@ -397,8 +402,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn summary(c: &Counts, engine: &Engine, bytes: u64, secs: f64, inputs: usize, today: Day) {
-    let st = engine.stats();
+fn summary(c: &Counts, st: &StateStats, bytes: u64, secs: f64, inputs: usize, today: Day) {
     let mb = bytes as f64 / 1e6;
     let formats: Vec<String> = Format::ALL.iter().map(|f| format!("{} {}", f.name(), c.by_format[*f as usize])).collect();
     eprintln!("replayed {inputs} input(s), {} lines, {mb:.1} MB in {secs:.2} s ({:.1} MB/s); scores for {today}", c.lines, mb / secs.max(1e-9));

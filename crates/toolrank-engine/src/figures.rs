@@ -101,6 +101,11 @@ impl PatternView<'_> {
     pub fn rank_key(&self) -> f64 {
         score::rank_key(PATTERN_DECAY, self.executions, self.successes, self.last.0)
     }
+
+    /// [`PatternFigures::score`].
+    pub fn score(&self, today: Day) -> f64 {
+        score::pattern_score(self.executions, self.successes, i64::from(today.0) - i64::from(self.last.0))
+    }
 }
 
 fn pattern_id(user: &str, process_pattern: &str, agent: &str, tool_sequence: &str) -> String {
@@ -208,18 +213,8 @@ impl Engine {
 
     /// A pattern's figures, `None` unless it has executions and its agent a current Agent item.
     pub fn pattern_figures(&self, key: PatternKey) -> Option<PatternFigures> {
-        self.pattern_figures_with(key, |sequence| self.sequence_names(sequence))
-    }
-
-    /// [`pattern_figures`](Self::pattern_figures), joining each sequence's names once:
-    /// many users share a sequence.
-    pub(crate) fn pattern_figures_cached(&self, key: PatternKey, joined: &mut FxHashMap<Sym, (String, String)>) -> Option<PatternFigures> {
-        self.pattern_figures_with(key, |sequence| joined.entry(sequence).or_insert_with(|| self.sequence_names(sequence)).clone())
-    }
-
-    fn pattern_figures_with(&self, key: PatternKey, joined: impl FnOnce(Sym) -> (String, String)) -> Option<PatternFigures> {
         let v = self.pattern_view(key)?;
-        let (process_pattern, tool_sequence) = joined(v.sequence);
+        let (process_pattern, tool_sequence) = self.sequence_names(v.sequence);
         Some(PatternFigures {
             user_id: v.user_id.to_owned(),
             process_pattern,

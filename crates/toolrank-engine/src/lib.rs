@@ -26,7 +26,7 @@ pub use aggregate::{AgentAggregate, Aggregates, Contribution, Contributions, Day
 pub use copy::AggregateCopy;
 pub use figures::{AgentFigures, PatternFigures, PatternView, Recommended, ToolFigures, TOP_PERCENTILE};
 pub use intern::{Interner, Sym};
-pub use report::{recommendation_cut, AgentScore, PatternRow, Report, StagingOrder, StagingRow, ToolErrors};
+pub use report::{recommendation_cut, AgentScore, PatternRow, Report, SequenceNames, StagingOrder, StagingRow, ToolErrors};
 
 use hashbrown::HashTable;
 use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
@@ -1276,7 +1276,18 @@ impl Engine {
 
     /// The seed's tables for `today` as of the last [`flush`](Self::flush).
     pub fn build_report(&self, today: toolrank_events::Day) -> Report {
-        report::build(self, today)
+        self.borrowed_report(&self.pattern_sequence_names(), today).into_owned()
+    }
+
+    /// [`build_report`](Self::build_report) with pattern rows that borrow their names
+    /// from the engine and `names` (from [`pattern_sequence_names`](Self::pattern_sequence_names)).
+    pub fn borrowed_report<'e>(&'e self, names: &'e SequenceNames, today: toolrank_events::Day) -> Report<&'e str> {
+        report::build(self, names, today)
+    }
+
+    /// The names of the pattern sequences the aggregates hold, for [`borrowed_report`](Self::borrowed_report).
+    pub fn pattern_sequence_names(&self) -> SequenceNames {
+        report::sequence_names(self)
     }
 
     /// The staging rows of the session `session_id` of `user`, which holds `rows`.

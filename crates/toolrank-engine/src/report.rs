@@ -3,6 +3,7 @@
 
 use crate::score::{self, RECOMMEND_PERCENTILE};
 use crate::{AgentFigures, Engine, PatternFigures, Sym};
+use rustc_hash::FxHashMap;
 use serde::{Serialize, Serializer};
 use std::cmp::Ordering;
 use toolrank_events::{Day, Timestamp};
@@ -27,14 +28,15 @@ pub struct AgentScore {
     pub calculated_score: f64,
 }
 
-/// One row of `user_process_patterns`.
+/// One row of `user_process_patterns`, owning its names or (`PatternRow<&str>`)
+/// borrowing them from the engine: a report of many patterns then allocates no string.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct PatternRow {
+pub struct PatternRow<S = String> {
     #[serde(rename = "userid")]
-    pub user_id: String,
-    pub process_pattern: String,
-    pub agent_sequence: String,
-    pub tool_sequence: String,
+    pub user_id: S,
+    pub process_pattern: S,
+    pub agent_sequence: S,
+    pub tool_sequence: S,
     pub execution_count: u64,
     pub success_count: u64,
     #[serde(serialize_with = "day")]
@@ -85,13 +87,18 @@ pub struct StagingRow<'a> {
     pub success_flag: bool,
 }
 
-/// The seed's tables for one `today`, each in score order.
+/// The seed's tables for one `today`, each in score order; `Report<&str>` borrows the
+/// pattern rows' names ([`Engine::borrowed_report`]).
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Report {
+pub struct Report<S = String> {
     pub agents: Vec<AgentScore>,
-    pub patterns: Vec<PatternRow>,
+    pub patterns: Vec<PatternRow<S>>,
     pub tool_errors: Vec<ToolErrors>,
 }
+
+/// The `process_pattern` and `tool_sequence` of every pattern sequence the aggregates
+/// hold, joined once: many users share a sequence.
+pub struct SequenceNames(FxHashMap<Sym, (String, String)>);
 
 fn day<S: Serializer>(d: &Day, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(std::str::from_utf8(&d.iso_bytes()).expect("ASCII"))
@@ -105,54 +112,87 @@ fn desc(a: f64, b: f64) -> Ordering {
     b.total_cmp(&a)
 }
 
-pub(crate) fn build(engine: &Engine, today: Day) -> Report {
-    let agents: Vec<AgentFigures> = engine.aggregates.agents.keys().filter_map(|&a| engine.agent_figures(a)).collect();
-    let mut joined = rustc_hash::FxHashMap::default();
-    let patterns = engine.aggregates.patterns.keys().filter_map(|&k| engine.pattern_figures_cached(k, &mut joined)).collect();
-    Report::from_figures(agents, patterns, today)
+pub(crate) fn sequence_names(engine: &Engine) -> SequenceNames {
+    let mut names = FxHashMap::default();
+    for k in engine.aggregates.patterns.keys() {
+        names.entry(k.sequence).or_insert_with(|| engine.sequence_names(k.sequence));
+    }
+    SequenceNames(names)
+}
+
+pub(crate) fn build<'e>(engine: &'e Engine, names: &'e SequenceNames, today: Day) -> Report<&'e str> {
+    let agents = engine.aggregates.agents.keys().filter_map(|&a| engine.agent_figures(a)).collect();
+    let (agents, tool_errors) = agent_tables(agents, today);
+    let patterns = engine
+        .aggregates
+        .patterns
+        .keys()
+        .filter_map(|&k| {
+            let v = engine.pattern_view(k)?;
+            let (process_pattern, tool_sequence) = &names.0[&v.sequence];
+            Some(PatternRow {
+                user_id: v.user_id,
+                process_pattern: process_pattern.as_str(),
+                agent_sequence: v.agent_id,
+                tool_sequence: tool_sequence.as_str(),
+                execution_count: v.executions,
+                success_count: v.successes,
+                first_used_date: v.first,
+                last_used_date: v.last,
+                pattern_score: v.score(today),
+                is_recommended: false,
+            })
+        })
+        .collect();
+    Report { agents, patterns: ranked(patterns), tool_errors }
+}
+
+/// Marks the recommended patterns and puts them in the report's order.
+fn ranked<S: Ord>(mut patterns: Vec<PatternRow<S>>) -> Vec<PatternRow<S>> {
+    if let Some(cut) = recommendation_cut(patterns.iter().map(|p| p.pattern_score).collect()) {
+        for p in &mut patterns {
+            p.is_recommended = p.pattern_score >= cut;
+        }
+    }
+    patterns.sort_unstable_by(|a, b| {
+        desc(a.pattern_score, b.pattern_score)
+            .then_with(|| a.user_id.cmp(&b.user_id))
+            .then_with(|| a.process_pattern.cmp(&b.process_pattern))
+            .then_with(|| a.agent_sequence.cmp(&b.agent_sequence))
+            .then_with(|| a.tool_sequence.cmp(&b.tool_sequence))
+    });
+    patterns
+}
+
+impl Report<&str> {
+    /// The same report owning its names.
+    pub fn into_owned(self) -> Report {
+        let patterns = self
+            .patterns
+            .into_iter()
+            .map(|p| PatternRow {
+                user_id: p.user_id.to_owned(),
+                process_pattern: p.process_pattern.to_owned(),
+                agent_sequence: p.agent_sequence.to_owned(),
+                tool_sequence: p.tool_sequence.to_owned(),
+                execution_count: p.execution_count,
+                success_count: p.success_count,
+                first_used_date: p.first_used_date,
+                last_used_date: p.last_used_date,
+                pattern_score: p.pattern_score,
+                is_recommended: p.is_recommended,
+            })
+            .collect();
+        Report { agents: self.agents, patterns, tool_errors: self.tool_errors }
+    }
 }
 
 impl Report {
     /// The seed's tables for `today` from figures (of an engine, or read back from a sink):
     /// scores, the 80th-percentile cut over all patterns, and the row order.
     pub fn from_figures(agents: Vec<AgentFigures>, patterns: Vec<PatternFigures>, today: Day) -> Report {
-        let days_since = |d: Day| i64::from(today.0) - i64::from(d.0);
-        let mut scores = Vec::new();
-        let mut tool_errors = Vec::new();
-        for f in agents {
-            if f.failed_rows > 0 {
-                tool_errors.push(ToolErrors {
-                    agent_id: f.agent_id.clone(),
-                    agent_name: f.agent_name.clone(),
-                    total_executions: f.rows,
-                    total_errors: f.failed_rows,
-                    error_rate: f.failed_rows as f64 / f.rows as f64,
-                    failed_tools: f.failed_tools.join(", "),
-                });
-            }
-            let (Some(last), total, succ) = (f.last, f.executions, f.successes) else { continue };
-            let days = days_since(last);
-            scores.push(AgentScore {
-                domain_id: f.domain_id,
-                agent_id: f.agent_id,
-                agent_name: f.agent_name,
-                total_executions: total,
-                success_count: succ,
-                failure_count: total - succ,
-                success_rate: score::rate(succ, total),
-                last_execution_date: last,
-                days_since_last_exec: days,
-                time_decay_factor: score::decay(score::AGENT_DECAY, days),
-                calculated_score: score::agent_score(total, succ, days),
-            });
-        }
-        scores.sort_unstable_by(|a, b| {
-            desc(a.calculated_score, b.calculated_score).then_with(|| a.domain_id.cmp(&b.domain_id)).then_with(|| a.agent_id.cmp(&b.agent_id))
-        });
-        tool_errors.sort_unstable_by(|a, b| {
-            desc(a.error_rate, b.error_rate).then_with(|| b.total_errors.cmp(&a.total_errors)).then_with(|| a.agent_id.cmp(&b.agent_id))
-        });
-        let mut patterns: Vec<PatternRow> = patterns
+        let (agents, tool_errors) = agent_tables(agents, today);
+        let patterns = patterns
             .into_iter()
             .map(|f| PatternRow {
                 pattern_score: f.score(today),
@@ -167,23 +207,50 @@ impl Report {
                 is_recommended: false,
             })
             .collect();
-        if let Some(cut) = recommendation_cut(patterns.iter().map(|p| p.pattern_score).collect()) {
-            for p in &mut patterns {
-                p.is_recommended = p.pattern_score >= cut;
-            }
-        }
-        patterns.sort_unstable_by(|a, b| {
-            desc(a.pattern_score, b.pattern_score)
-                .then_with(|| a.user_id.cmp(&b.user_id))
-                .then_with(|| a.process_pattern.cmp(&b.process_pattern))
-                .then_with(|| a.agent_sequence.cmp(&b.agent_sequence))
-                .then_with(|| a.tool_sequence.cmp(&b.tool_sequence))
-        });
-        Report { agents: scores, patterns, tool_errors }
+        Report { agents, patterns: ranked(patterns), tool_errors }
     }
 }
 
-/// `PERCENTILE_CONT(0.8)` of all pattern scores: patterns scoring at least this are recommended.
+/// `agent_score_summary` and the tool-error report, each in its order.
+fn agent_tables(agents: Vec<AgentFigures>, today: Day) -> (Vec<AgentScore>, Vec<ToolErrors>) {
+    let days_since = |d: Day| i64::from(today.0) - i64::from(d.0);
+    let mut scores = Vec::new();
+    let mut tool_errors = Vec::new();
+    for f in agents {
+        if f.failed_rows > 0 {
+            tool_errors.push(ToolErrors {
+                agent_id: f.agent_id.clone(),
+                agent_name: f.agent_name.clone(),
+                total_executions: f.rows,
+                total_errors: f.failed_rows,
+                error_rate: f.failed_rows as f64 / f.rows as f64,
+                failed_tools: f.failed_tools.join(", "),
+            });
+        }
+        let (Some(last), total, succ) = (f.last, f.executions, f.successes) else { continue };
+        let days = days_since(last);
+        scores.push(AgentScore {
+            domain_id: f.domain_id,
+            agent_id: f.agent_id,
+            agent_name: f.agent_name,
+            total_executions: total,
+            success_count: succ,
+            failure_count: total - succ,
+            success_rate: score::rate(succ, total),
+            last_execution_date: last,
+            days_since_last_exec: days,
+            time_decay_factor: score::decay(score::AGENT_DECAY, days),
+            calculated_score: score::agent_score(total, succ, days),
+        });
+    }
+    scores.sort_unstable_by(|a, b| {
+        desc(a.calculated_score, b.calculated_score).then_with(|| a.domain_id.cmp(&b.domain_id)).then_with(|| a.agent_id.cmp(&b.agent_id))
+    });
+    tool_errors
+        .sort_unstable_by(|a, b| desc(a.error_rate, b.error_rate).then_with(|| b.total_errors.cmp(&a.total_errors)).then_with(|| a.agent_id.cmp(&b.agent_id)));
+    (scores, tool_errors)
+}
+
 pub fn recommendation_cut(mut scores: Vec<f64>) -> Option<f64> {
     scores.sort_unstable_by(f64::total_cmp);
     score::percentile_cont(&scores, RECOMMEND_PERCENTILE)
