@@ -563,28 +563,36 @@ impl Engine {
 
     /// Applies one change to the table state. Aggregates follow at the next [`flush`](Self::flush).
     pub fn apply(&mut self, change: &Change<'_>) -> Applied {
-        if let Ok(key) = HistKey::parse(&change.pk, &change.sk) {
-            self.apply_hist(key, change)
-        } else if change.sk == METADATA_SK {
-            self.apply_metadata(change)
-        } else {
-            Applied::Ignored
+        let hash = FxBuildHasher.hash_one(change.pk.as_ref());
+        let session = self.find_session(&change.pk, hash);
+        // A held session's PK and an interned SK each passed `HistKey::parse` when first
+        // seen: most records, which have both, skip parsing their key again.
+        if let Some(sk) = session.and_then(|_| self.sk_index.lookup(&change.sk)) {
+            return self.apply_hist(sk, session, hash, "", change);
+        }
+        match HistKey::parse(&change.pk, &change.sk) {
+            Ok(key) => {
+                let sk = self.intern_sk(&change.sk, &key);
+                self.apply_hist(sk, session, hash, key.user, change)
+            }
+            Err(_) if change.sk == METADATA_SK => self.apply_metadata(change),
+            Err(_) => Applied::Ignored,
         }
     }
 
-    fn apply_hist(&mut self, key: HistKey<'_>, change: &Change<'_>) -> Applied {
+    /// Applies a hist item's change to the row `sk` of the session with PK hash `hash`, at
+    /// `session` if held (else a new session of `user`).
+    fn apply_hist(&mut self, sk: Sym, session: Option<u32>, hash: u64, user: &str, change: &Change<'_>) -> Applied {
         let seq = change.seq.map(Seq::from);
         let data = match &change.action {
             Action::Put(Entity::Execution(e)) => Some(RowData { tool_nm: self.strings.intern(&e.tool_nm), at: e.at, success: e.success }),
             Action::Put(_) | Action::Delete { .. } => None,
         };
-        let sk = self.intern_sk(&change.sk, &key);
         let agent = self.sks[sk as usize].agent;
-        let hash = FxBuildHasher.hash_one(change.pk.as_ref());
-        let idx = match self.find_session(&change.pk, hash) {
+        let idx = match session {
             Some(i) => i,
             None if data.is_none() && seq.is_none() => return Applied::Unchanged,
-            None => self.add_session(&change.pk, hash, key.user),
+            None => self.add_session(&change.pk, hash, user),
         };
         let s = &mut self.sessions[idx as usize];
         let applied = match s.rows.iter().position(|r| r.sk == sk) {
