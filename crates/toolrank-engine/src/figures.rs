@@ -2,7 +2,7 @@
 //! be rebuilt from it for any `today` (scores decay, figures do not).
 
 use crate::score::{self, AGENT_DECAY, PATTERN_DECAY};
-use crate::{Engine, PatternKey, Sym};
+use crate::{Engine, PatternAggregate, PatternKey, Sym};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use toolrank_events::Day;
@@ -229,8 +229,17 @@ impl Engine {
 
     /// [`pattern_figures`](Self::pattern_figures) borrowing the engine's names.
     pub fn pattern_view(&self, key: PatternKey) -> Option<PatternView<'_>> {
+        self.view_of(key, self.aggregates.patterns.get(&key)?)
+    }
+
+    /// The view of every pattern [`pattern_view`](Self::pattern_view) gives one of, in no
+    /// order: one pass over the aggregates, no lookup per pattern.
+    pub fn pattern_views(&self) -> impl Iterator<Item = PatternView<'_>> + '_ {
+        self.aggregates.patterns.iter().filter_map(|(&k, agg)| self.view_of(k, agg))
+    }
+
+    fn view_of(&self, key: PatternKey, agg: &PatternAggregate) -> Option<PatternView<'_>> {
         self.agent_meta(key.agent)?;
-        let agg = self.aggregates.patterns.get(&key)?;
         Some(PatternView {
             user_id: self.strings.get(key.user),
             agent_id: self.strings.get(key.agent),

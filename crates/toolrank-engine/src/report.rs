@@ -124,13 +124,10 @@ pub(crate) fn build<'e>(engine: &'e Engine, names: &'e SequenceNames, today: Day
     let agents = engine.aggregates.agents.keys().filter_map(|&a| engine.agent_figures(a)).collect();
     let (agents, tool_errors) = agent_tables(agents, today);
     let patterns = engine
-        .aggregates
-        .patterns
-        .keys()
-        .filter_map(|&k| {
-            let v = engine.pattern_view(k)?;
+        .pattern_views()
+        .map(|v| {
             let (process_pattern, tool_sequence) = &names.0[&v.sequence];
-            Some(PatternRow {
+            PatternRow {
                 user_id: v.user_id,
                 process_pattern: process_pattern.as_str(),
                 agent_sequence: v.agent_id,
@@ -141,7 +138,7 @@ pub(crate) fn build<'e>(engine: &'e Engine, names: &'e SequenceNames, today: Day
                 last_used_date: v.last,
                 pattern_score: v.score(today),
                 is_recommended: false,
-            })
+            }
         })
         .collect();
     Report { agents, patterns: ranked(patterns), tool_errors }
