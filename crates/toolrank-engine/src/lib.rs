@@ -1592,6 +1592,21 @@ mod tests {
     }
 
     #[test]
+    fn a_key_is_checked_unless_its_session_and_sk_are_both_held() {
+        let with_key = |pk: &'static str, sk: &'static str| Change { pk: Cow::Borrowed(pk), sk: Cow::Borrowed(sk), ..hist(None, Some(true)) };
+        let mut e = Engine::new();
+        assert_eq!(e.apply(&with_key("U#S", "P#A#T")), Applied::Changed);
+        assert_eq!(e.apply(&with_key("U", "P#A#T")), Applied::Ignored, "an interned SK under a PK that is not USER#SESSION");
+        assert_eq!(e.apply(&with_key("U#S", "P#A")), Applied::Ignored, "a held session under an SK that is not PROCESS#AGENT#TOOL");
+        assert_eq!(e.apply(&with_key("U#S", "P#A#T#X")), Applied::Ignored);
+        assert_eq!(e.apply(&with_key("U#S", "P#A#T2")), Applied::Changed, "a new SK of a held session");
+        assert_eq!(e.apply(&with_key("U#S2", "P#A#T")), Applied::Changed, "a new session with an interned SK");
+        assert_eq!(e.apply(&with_key("U#S2", "P#A#T")), Applied::Unchanged, "both held: the same row again");
+        let st = e.stats();
+        assert_eq!((st.live_sessions, st.live_rows), (2, 3));
+    }
+
+    #[test]
     fn a_backfilled_copy_only_fills_keys_the_engine_holds_nothing_for() {
         let mut e = Engine::new();
         assert_eq!(e.apply(&hist(Some(BASE_SEQ), Some(true))), Applied::Changed, "absent: the copy applies");
