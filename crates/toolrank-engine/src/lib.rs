@@ -620,6 +620,9 @@ impl Engine {
             }
             None => {
                 let removed = if data.is_none() { self.clock } else { 0 };
+                // Sessions hold a few rows: a vector's default first capacity of four
+                // would leave a quarter to half of it unused.
+                s.rows.reserve_exact(1);
                 s.rows.push(Row { sk, removed, seq, data });
                 if data.is_some() {
                     Applied::Changed
