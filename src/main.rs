@@ -90,9 +90,9 @@ fn no_huge_pages() {
 }
 
 /// Ends a successful run at once. Returning from `main` would run the allocator's exit
-/// handler, which hands every heap's pages back to the OS range by range (after a
-/// replay, thousands of calls, about a twentieth of its time) just before the OS takes
-/// the whole address space back anyway.
+/// handler, which hands its heaps back to the OS range by range (after a replay,
+/// hundreds of `madvise` calls) just before the OS takes the whole address space back
+/// anyway.
 fn exit_now() -> ! {
     use std::io::Write;
     let _ = std::io::stdout().flush();

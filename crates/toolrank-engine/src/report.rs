@@ -248,6 +248,7 @@ fn agent_tables(agents: Vec<AgentFigures>, today: Day) -> (Vec<AgentScore>, Vec<
     (scores, tool_errors)
 }
 
+/// `PERCENTILE_CONT(0.8)` of all pattern scores: patterns scoring at least this are recommended.
 pub fn recommendation_cut(mut scores: Vec<f64>) -> Option<f64> {
     scores.sort_unstable_by(f64::total_cmp);
     score::percentile_cont(&scores, RECOMMEND_PERCENTILE)
