@@ -4,7 +4,7 @@
 # (sql/duckdb/seed_analysis.sql) over the same file, checks that both give the same
 # tables (staging included: both write the same four files), and reports MB/s,
 # executions/s, CPU time and peak memory (medians of RUNS runs each after a warm-up,
-# default 5).
+# default 5), for toolrank both as it writes by default and with --direct-io.
 #
 # usage: bench/replay.sh [SESSIONS]      (DuckDB comes from PyPI into a venv)
 set -euo pipefail
@@ -52,25 +52,29 @@ runs() {
   for _ in $(seq "$RUNS"); do run "$@"; done
 }
 cat "$INPUT" >/dev/null  # warm the page cache for both
+# toolrank writes its files through the page cache by default, and past it with
+# --direct-io; both are timed.
 runs toolrank "$BIN" replay --today "$TODAY" --out "$OUT/toolrank" "$INPUT"
+runs toolrank-direct "$BIN" replay --today "$TODAY" --out "$OUT/toolrank-direct" --direct-io "$INPUT"
 runs duckdb "$VENV/bin/python" bench/duckdb_replay.py "$INPUT" "$TODAY" "$OUT/duckdb"
 EXECUTIONS=$(wc -l <"$OUT/toolrank/staging.jsonl")
 
 {
 echo "input: $INPUT, $(printf %.0f "$MB") MB, $SESSIONS sessions, $EXECUTIONS executions; $RUNS runs each"
-python3 bench/compare.py "$OUT/toolrank" "$OUT/duckdb" && echo "results: identical"
-python3 - "$MB" "$EXECUTIONS" "$OUT/toolrank.runs" "$OUT/duckdb.runs" <<'PY'
+python3 bench/compare.py "$OUT/toolrank" "$OUT/duckdb" && diff -r "$OUT/toolrank" "$OUT/toolrank-direct" && echo "results: identical (toolrank's files the same either way)"
+python3 - "$MB" "$EXECUTIONS" "$OUT/toolrank.runs" "$OUT/toolrank-direct.runs" "$OUT/duckdb.runs" <<'PY'
 import statistics, sys
 mb, ex = float(sys.argv[1]), float(sys.argv[2])
 medians = {}
 rows = []
-for name, path in (("toolrank", sys.argv[3]), ("DuckDB", sys.argv[4])):
+for name, path in (("toolrank", sys.argv[3]), ("toolrank --direct-io", sys.argv[4]), ("DuckDB", sys.argv[5])):
     runs = [tuple(map(float, line.split())) for line in open(path)]
     w, c, r = (statistics.median(x[i] for x in runs) for i in range(3))
     medians[name] = w
     walls = [x[0] for x in runs]
     rows.append(f"| {name} | {w:.2f} | {min(walls):.2f}-{max(walls):.2f} | {c:.2f} | {mb / w:.1f} | {ex / w:,.0f} | {c / ex * 1e6:.2f} | {r:.0f} |")
-print(f"speed-up: toolrank is {medians['DuckDB'] / medians['toolrank']:.1f}x faster than DuckDB (median wall clock, 2 cores available to both)")
+for name in ("toolrank", "toolrank --direct-io"):
+    print(f"speed-up: {name} is {medians['DuckDB'] / medians[name]:.1f}x faster than DuckDB (median wall clock, 2 cores available to both)")
 print()
 print("| median of runs | wall s | wall s min-max | CPU s | MB/s | executions/s | CPU µs/execution | peak MB |")
 print("|---|---|---|---|---|---|---|---|")

@@ -9,6 +9,7 @@ mod kafka_connection;
 mod lambda;
 mod mirror;
 mod namespace;
+mod out_file;
 mod output;
 mod produce;
 mod replay;

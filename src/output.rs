@@ -1,5 +1,6 @@
 //! Writing a report: `replay --out` JSONL files, and readable tables on stdout.
 
+use crate::out_file::OutFile;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::fs::File;
@@ -24,18 +25,18 @@ const STAGING_PIECE: usize = 1024;
 /// largest, is put in order by this thread, then rendered in pieces by two threads and
 /// written by a third, while a fourth builds and writes the report from the start. Each
 /// renderer fills the buffers the writer hands back, so the output costs no fresh memory
-/// beyond a few pieces.
-pub fn write_dir(dir: &Path, engine: &Engine, today: Day) -> Result<()> {
+/// beyond a few pieces; with `direct`, not even the page cache's ([`OutFile`]).
+pub fn write_dir(dir: &Path, engine: &Engine, today: Day, direct: bool) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("staging.jsonl");
-    let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    let file = OutFile::create(&path, direct).with_context(|| format!("creating {}", path.display()))?;
     let started = std::time::Instant::now();
     std::thread::scope(|s| -> Result<()> {
         let report = std::thread::Builder::new().name("report".into()).spawn_scoped(s, || -> Result<_> {
             let names = engine.pattern_sequence_names();
             let report = engine.borrowed_report(&names, today);
             let built = started.elapsed();
-            write_report(dir, &report)?;
+            write_report(dir, &report, direct)?;
             Ok((built, started.elapsed()))
         })?;
         let order = engine.staging_order();
@@ -54,7 +55,7 @@ pub fn write_dir(dir: &Path, engine: &Engine, today: Day) -> Result<()> {
 }
 
 /// Renders the staging table in pieces on two threads and writes them in order on a third.
-fn write_staging(order: &StagingOrder<'_>, file: File) -> std::io::Result<()> {
+fn write_staging(order: &StagingOrder<'_>, file: OutFile) -> std::io::Result<()> {
     let pieces = order.len().div_ceil(STAGING_PIECE);
     const RENDERERS: usize = 2;
     std::thread::scope(|s| {
@@ -94,19 +95,17 @@ fn write_staging(order: &StagingOrder<'_>, file: File) -> std::io::Result<()> {
         }
         let writer = std::thread::Builder::new().name("write".into()).spawn_scoped(s, move || -> std::io::Result<()> {
             let mut w = file;
-            let mut written = 0;
             for piece in 0..pieces {
                 let mut buf = rendered[piece % RENDERERS].recv().expect("a renderer sends every piece");
                 if piece == 0 {
-                    preallocate(&w, buf.len() as u64 * pieces as u64);
+                    preallocate(w.file(), buf.len() as u64 * pieces as u64);
                 }
                 w.write_all(&buf)?;
-                written += buf.len() as u64;
                 buf.clear();
                 let _ = returns[piece % RENDERERS].send(buf);
             }
-            // Gives back what the estimate reserved past the end.
-            w.set_len(written)
+            // Also gives back what the estimate reserved past the end.
+            w.finish()
         })?;
         writer.join().expect("the staging writer does not panic")
     })
@@ -187,8 +186,8 @@ fn pattern_json<S: AsRef<str>>(r: &PatternRow<S>, out: &mut Vec<u8>) {
 }
 
 /// Writes `rows` with `line`, which renders one row as a JSON line.
-fn write_lines<T>(path: &Path, rows: &[T], line: fn(&T, &mut Vec<u8>)) -> Result<()> {
-    let mut file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+fn write_lines<T>(path: &Path, rows: &[T], line: fn(&T, &mut Vec<u8>), direct: bool) -> Result<()> {
+    let mut file = OutFile::create(path, direct).with_context(|| format!("creating {}", path.display()))?;
     let mut buf = Vec::with_capacity(1 << 20);
     rows.chunks(4096)
         .try_for_each(|rows| {
@@ -196,15 +195,17 @@ fn write_lines<T>(path: &Path, rows: &[T], line: fn(&T, &mut Vec<u8>)) -> Result
             rows.iter().for_each(|row| line(row, &mut buf));
             file.write_all(&buf)
         })
+        .and_then(|()| file.finish())
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// Writes the three ranking tables of `report` into `dir` (created if missing).
-pub fn write_report<S: AsRef<str>>(dir: &Path, report: &Report<S>) -> Result<()> {
+/// Writes the three ranking tables of `report` into `dir` (created if missing), past the
+/// page cache with `direct` ([`OutFile`]).
+pub fn write_report<S: AsRef<str>>(dir: &Path, report: &Report<S>, direct: bool) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    write_lines(&dir.join("agent_score_summary.jsonl"), &report.agents, serde_line)?;
-    write_lines(&dir.join("user_process_patterns.jsonl"), &report.patterns, pattern_json::<S>)?;
-    write_lines(&dir.join("agent_tool_errors.jsonl"), &report.tool_errors, serde_line)
+    write_lines(&dir.join("agent_score_summary.jsonl"), &report.agents, serde_line, direct)?;
+    write_lines(&dir.join("user_process_patterns.jsonl"), &report.patterns, pattern_json::<S>, direct)?;
+    write_lines(&dir.join("agent_tool_errors.jsonl"), &report.tool_errors, serde_line, direct)
 }
 
 /// A text table with display-width-aware columns (agent names are often Korean).

@@ -46,6 +46,13 @@ pub struct Args {
     /// agent_tool_errors.jsonl and staging.jsonl into DIR instead of printing tables.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// Write the --out files past the page cache (O_DIRECT), from buffers reused block
+    /// to block. Faster where fresh page-cache memory is expensive (a VM whose host takes
+    /// free memory back: most of a large replay's kernel time) and the disk is fast;
+    /// slower on a slow disk (a network volume), which the replay then waits for. Where
+    /// the file system refuses direct writes, they go through the page cache.
+    #[arg(long, env = "TOOLRANK_DIRECT_IO", requires = "out")]
+    direct_io: bool,
     /// Append rejected records to FILE as {"source","line","reason","raw"} JSON lines.
     #[arg(long, value_name = "FILE")]
     dead_letter: Option<PathBuf>,
@@ -366,7 +373,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         // The summary's figures of the state walk every session: beside the output, not after it.
         let stats = scope.spawn(|| engine.stats());
         if let Some(dir) = args.out.as_ref().filter(|_| !args.dry_run) {
-            output::write_dir(dir, &engine, today)?;
+            output::write_dir(dir, &engine, today, args.direct_io)?;
         }
         if args.namespace.is_some() {
             let sinks = SinkArgs {

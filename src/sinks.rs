@@ -154,7 +154,7 @@ pub enum From {
 pub fn results(args: ResultsArgs) -> Result<ExitCode> {
     let today = args.sinks.today()?.unwrap_or_else(Day::today_utc);
     let report = read_sink(args.from, &args.sinks, today)?;
-    output::write_report(&args.out, &report)?;
+    output::write_report(&args.out, &report, false)?;
     eprintln!(
         "wrote {} agents, {} patterns, {} tool-error rows to {}",
         report.agents.len(),

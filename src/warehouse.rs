@@ -135,7 +135,7 @@ fn score(args: ScoreArgs) -> Result<ExitCode> {
         anyhow::Ok((report, staging, catalog))
     })?;
     if let Some(dir) = &args.out {
-        output::write_report(dir, &report)?;
+        output::write_report(dir, &report, false)?;
         write_staging(&dir.join("staging.jsonl"), &staging)?;
         eprintln!(
             "wrote {} agents, {} patterns, {} tool-error rows, {} staging rows to {}",

@@ -263,6 +263,35 @@ fn generated_stream_replays_with_stale_redeliveries() {
     assert!(stderr.contains("bad 0") && !stderr.contains("stale or duplicate 0"), "{stderr}");
 }
 
+/// `--direct-io` writes the same bytes: a staging file of several direct writes and a
+/// partial last block, into files that were longer before.
+#[test]
+fn direct_io_writes_the_same_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gen.jsonl");
+    let out = toolrank(&["generate", "--sessions", "6000", "--seed", "3", "--out", file.to_str().unwrap()], None);
+    assert!(out.status.success());
+    let (buffered, direct) = (dir.path().join("buffered"), dir.path().join("direct"));
+    let replay = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["replay", "--today", "2025-07-14", "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.push(file.to_str().unwrap());
+        let output = toolrank(&args, None);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    };
+    replay(&buffered, &[]);
+    std::fs::create_dir_all(&direct).unwrap();
+    for name in ["staging.jsonl", "user_process_patterns.jsonl"] {
+        std::fs::write(direct.join(name), vec![b'x'; 20 << 20]).unwrap();
+    }
+    replay(&direct, &["--direct-io"]);
+    let staging = std::fs::read(buffered.join("staging.jsonl")).unwrap();
+    assert!(staging.len() > 4 << 20 && staging.len() % 4096 != 0, "{} bytes", staging.len());
+    for name in ["agent_score_summary.jsonl", "user_process_patterns.jsonl", "agent_tool_errors.jsonl", "staging.jsonl"] {
+        assert!(std::fs::read(buffered.join(name)).unwrap() == std::fs::read(direct.join(name)).unwrap(), "{name} differs");
+    }
+}
+
 /// A Lambda test event as `sam local generate-event dynamodb update` writes it: one
 /// document over many lines, records carrying every envelope field Lambda sends.
 fn sam_event(records: &[Value]) -> String {
