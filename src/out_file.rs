@@ -17,7 +17,7 @@ use std::path::Path;
 const BLOCK: usize = 4096;
 
 /// Bytes gathered before a direct write goes out.
-const BLOCKS_PER_WRITE: usize = 1024;
+const BLOCKS_PER_WRITE: usize = 256;
 
 /// One block of memory at the alignment direct I/O needs.
 #[derive(Clone, Copy)]
