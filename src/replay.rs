@@ -46,12 +46,12 @@ pub struct Args {
     /// agent_tool_errors.jsonl and staging.jsonl into DIR instead of printing tables.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
-    /// Write the --out files past the page cache (O_DIRECT), from buffers reused block
-    /// to block. Faster where fresh page-cache memory is expensive (a VM whose host takes
-    /// free memory back: most of a large replay's kernel time) and the disk is fast;
+    /// With --out: write the files past the page cache (O_DIRECT), from buffers reused
+    /// block to block. Faster where fresh page-cache memory is expensive (a VM whose host
+    /// takes free memory back: most of a large replay's kernel time) and the disk is fast;
     /// slower on a slow disk (a network volume), which the replay then waits for. Where
     /// the file system refuses direct writes, they go through the page cache.
-    #[arg(long, env = "TOOLRANK_DIRECT_IO", requires = "out")]
+    #[arg(long, env = "TOOLRANK_DIRECT_IO", value_parser = clap::builder::BoolishValueParser::new())]
     direct_io: bool,
     /// Append rejected records to FILE as {"source","line","reason","raw"} JSON lines.
     #[arg(long, value_name = "FILE")]
