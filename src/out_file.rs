@@ -167,6 +167,24 @@ mod tests {
         }
     }
 
+    /// The fallback's step: where a direct file refuses a write (here an unaligned one,
+    /// which ext4 and most file systems refuse), clearing `O_DIRECT` lets it through.
+    #[test]
+    fn a_refused_direct_write_goes_through_once_direct_io_is_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let file = open_direct(&path).unwrap().expect("the test directory takes direct I/O");
+        let refused = file.write_all_at(b"unaligned", 1);
+        if refused.is_ok() {
+            // This file system takes unaligned direct writes (tmpfs does): nothing to clear.
+            return;
+        }
+        assert_eq!(refused.unwrap_err().raw_os_error(), Some(libc::EINVAL));
+        clear_direct(&file).unwrap();
+        file.write_all_at(b"unaligned", 1).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"\0unaligned");
+    }
+
     /// A file that existed is truncated, not overwritten in part.
     #[test]
     fn a_shorter_file_replaces_a_longer_one() {
