@@ -82,9 +82,17 @@ enum Command {
 /// fills every page it takes, and huge pages halve its kernel time on memory the kernel
 /// has ready, but a huge-page fault may compact memory first (the `madvise` defrag
 /// setting), and then a replay spends a second in the kernel instead of a tenth.
-fn no_huge_pages() {
+///
+/// It runs as a constructor, before the runtime's first allocations: called from `main`
+/// it came too late, after mimalloc's first arena had been faulted in as huge pages.
+#[cfg(target_os = "linux")]
+#[used]
+#[link_section = ".init_array"]
+static NO_HUGE_PAGES: extern "C" fn() = no_huge_pages;
+
+#[cfg(target_os = "linux")]
+extern "C" fn no_huge_pages() {
     // SAFETY: PR_SET_THP_DISABLE takes no pointers and only sets a flag of this process.
-    #[cfg(target_os = "linux")]
     unsafe {
         libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
     }
@@ -103,7 +111,6 @@ fn exit_now() -> ! {
 }
 
 fn main() -> ExitCode {
-    no_huge_pages();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("TOOLRANK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
