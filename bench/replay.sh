@@ -6,7 +6,8 @@
 # executions/s, CPU time and peak memory (medians of RUNS runs each after a warm-up,
 # default 5), for toolrank both as it writes by default and with --direct-io.
 #
-# usage: bench/replay.sh [SESSIONS]      (DuckDB comes from PyPI into a venv)
+# usage: bench/replay.sh [SESSIONS]      (DuckDB comes from PyPI into a venv; stop the local
+#                                        servers first: idle, they take CPU from both tools)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SESSIONS="${1:-200000}"
