@@ -173,7 +173,10 @@ mod tests {
     fn a_refused_direct_write_goes_through_once_direct_io_is_cleared() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out");
-        let file = open_direct(&path).unwrap().expect("the test directory takes direct I/O");
+        let Some(file) = open_direct(&path).unwrap() else {
+            // This file system refuses direct opens: files fall back at `create` instead.
+            return;
+        };
         let refused = file.write_all_at(b"unaligned", 1);
         if refused.is_ok() {
             // This file system takes unaligned direct writes (tmpfs does): nothing to clear.
