@@ -25,15 +25,20 @@ fn read_jsonl(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-/// Replays `inputs` with --out and returns the four tables.
-fn replay_tables(inputs: &[&str], extra: &[&str]) -> (Output, [Vec<Value>; 4]) {
-    let out = tempfile::tempdir().unwrap();
-    let dir = out.path().to_str().unwrap().to_owned();
-    let mut args = vec!["replay", "--today", "2025-07-14", "--out", &dir];
+/// Replays `inputs` with --out `dir`, asserting that it succeeds.
+fn replay_into(dir: &Path, inputs: &[&str], extra: &[&str]) -> Output {
+    let mut args = vec!["replay", "--today", "2025-07-14", "--out", dir.to_str().unwrap()];
     args.extend_from_slice(extra);
     args.extend_from_slice(inputs);
     let output = toolrank(&args, None);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    output
+}
+
+/// Replays `inputs` with --out and returns the four tables.
+fn replay_tables(inputs: &[&str], extra: &[&str]) -> (Output, [Vec<Value>; 4]) {
+    let out = tempfile::tempdir().unwrap();
+    let output = replay_into(out.path(), inputs, extra);
     let t = |name: &str| read_jsonl(&out.path().join(name));
     let tables = [t("agent_score_summary.jsonl"), t("user_process_patterns.jsonl"), t("agent_tool_errors.jsonl"), t("staging.jsonl")];
     (output, tables)
@@ -272,19 +277,12 @@ fn direct_io_writes_the_same_files() {
     let out = toolrank(&["generate", "--sessions", "6000", "--seed", "3", "--out", file.to_str().unwrap()], None);
     assert!(out.status.success());
     let (buffered, direct) = (dir.path().join("buffered"), dir.path().join("direct"));
-    let replay = |out: &Path, extra: &[&str]| {
-        let mut args = vec!["replay", "--today", "2025-07-14", "--out", out.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        args.push(file.to_str().unwrap());
-        let output = toolrank(&args, None);
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    };
-    replay(&buffered, &[]);
+    replay_into(&buffered, &[file.to_str().unwrap()], &[]);
     std::fs::create_dir_all(&direct).unwrap();
     for name in ["staging.jsonl", "user_process_patterns.jsonl"] {
         std::fs::write(direct.join(name), vec![b'x'; 20 << 20]).unwrap();
     }
-    replay(&direct, &["--direct-io"]);
+    replay_into(&direct, &[file.to_str().unwrap()], &["--direct-io"]);
     let staging = std::fs::read(buffered.join("staging.jsonl")).unwrap();
     assert!(staging.len() > 4 << 20 && staging.len() % 4096 != 0, "{} bytes", staging.len());
     for name in ["agent_score_summary.jsonl", "user_process_patterns.jsonl", "agent_tool_errors.jsonl", "staging.jsonl"] {
