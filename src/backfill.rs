@@ -179,7 +179,7 @@ fn backfill<T: Target>(args: Args, target: impl Fn(&Args) -> T) -> Result<ExitCo
             };
             let outcome = rt.block_on(job.run()).with_context(|| format!("backfilling from table {}", args.table))?;
             if outcome.done_before > 0 {
-                eprintln!("{} of {} segments were finished by an earlier run", outcome.done_before, args.segments);
+                note!("{} of {} segments were finished by an earlier run", outcome.done_before, args.segments);
             }
             outcome.done == args.segments
         }
@@ -195,7 +195,7 @@ fn backfill<T: Target>(args: Args, target: impl Fn(&Args) -> T) -> Result<ExitCo
                 [url] if url.starts_with("s3://") => {
                     let client = rt.block_on(toolrank_backfill::s3::client());
                     let objects = rt.block_on(toolrank_backfill::s3::export_objects(&client, url))?;
-                    eprintln!("{url}: {} data files", objects.len());
+                    note!("{url}: {} data files", objects.len());
                     export::Files::S3 { client, objects }
                 }
                 paths if paths.iter().any(|p| p.starts_with("s3://")) => bail!("name one S3 export at a time (s3://BUCKET/PREFIX), without local paths"),
@@ -218,7 +218,7 @@ fn backfill<T: Target>(args: Args, target: impl Fn(&Args) -> T) -> Result<ExitCo
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     let items = progress.items();
-    eprintln!(
+    note!(
         "backfilled {items} items {} in {secs:.1} s ({:.0} items/s, {:.1} read capacity units){}",
         match args.target {
             TargetArg::Kafka => format!("onto {}", args.topic),

@@ -33,9 +33,9 @@ pub fn run(command: Command) -> Result<ExitCode> {
         store.reset(&args.scope).await
     })?;
     if deleted == 0 {
-        eprintln!("toolrank: {} holds nothing under {}: check the scope (it is named in the consumer's error)", args.state_table, args.scope);
+        note!("toolrank: {} holds nothing under {}: check the scope (it is named in the consumer's error)", args.state_table, args.scope);
         return Ok(ExitCode::FAILURE);
     }
-    println!("deleted the checkpoint of {} ({deleted} items) from {}", args.scope, args.state_table);
+    out!("deleted the checkpoint of {} ({deleted} items) from {}", args.scope, args.state_table);
     Ok(ExitCode::SUCCESS)
 }

@@ -349,13 +349,13 @@ fn kafka(a: KafkaArgs, stop: Arc<AtomicBool>) -> Result<toolrank_live::Summary> 
 }
 
 fn print_summary(s: &toolrank_live::Summary) {
-    eprintln!(
+    note!(
         "consumed {} messages: {} changes, {} stale, {} ignored, {} redeliveries skipped, {} dead-lettered; {} checkpoints, {} sink writes ({} DynamoDB requests in {} rounds, {} Valkey commands); {} state table writes",
         s.messages, s.changes, s.stale, s.ignored, s.skipped_redeliveries, s.dead_letters, s.checkpoints, s.sink_writes, s.dynamodb_requests, s.dynamodb_rounds, s.valkey_commands, s.state_writes
     );
     let st = &s.state;
     if st.sessions > 0 {
-        eprintln!(
+        note!(
             "state held at the last checkpoint: {} live executions in {} sessions, {} tombstones; ~{:.1} MB",
             st.live_rows,
             st.sessions,
@@ -364,32 +364,32 @@ fn print_summary(s: &toolrank_live::Summary) {
         );
     }
     if s.tombstones_expired > 0 {
-        eprintln!("{} tombstones of removed items expired (--tombstone-horizon-secs)", s.tombstones_expired);
+        note!("{} tombstones of removed items expired (--tombstone-horizon-secs)", s.tombstones_expired);
     }
     if s.names_collected > 0 {
-        eprintln!("{} interned names nothing referred to any more were forgotten", s.names_collected);
+        note!("{} interned names nothing referred to any more were forgotten", s.names_collected);
     }
-    eprintln!("write capacity units consumed: DynamoDB sink {:.0}, state table {:.0}", s.dynamodb_write_units, s.state_write_units);
-    eprintln!(
+    note!("write capacity units consumed: DynamoDB sink {:.0}, state table {:.0}", s.dynamodb_write_units, s.state_write_units);
+    note!(
         "waited on: DynamoDB sink {:.1} s, Valkey sink {:.1} s, checkpoints {:.1} s",
         s.dynamodb_ms as f64 / 1e3,
         s.valkey_ms as f64 / 1e3,
         s.checkpoint_ms as f64 / 1e3
     );
     if s.read_ms > 0 || s.finish_ms > 0 {
-        eprintln!(
+        note!(
             "read for {:.1} s (first record applied to last), exit took {:.1} s (last checkpoint, then the sinks)",
             s.read_ms as f64 / 1e3,
             s.finish_ms as f64 / 1e3
         );
     }
     if let (Some(p50), Some(p99), Some(max)) = (s.latency_p50_ms, s.latency_p99_ms, s.latency_max_ms) {
-        eprintln!("latency from produce to visible in the sinks: p50 {p50} ms, p99 {p99} ms, max {max} ms");
+        note!("latency from produce to visible in the sinks: p50 {p50} ms, p99 {p99} ms, max {max} ms");
     }
     if let (Some(p50), Some(p99)) = (s.own_latency_p50_ms, s.own_latency_p99_ms) {
-        eprintln!("  of which in toolrank, from reading a record to visible: p50 {p50} ms, p99 {p99} ms");
+        note!("  of which in toolrank, from reading a record to visible: p50 {p50} ms, p99 {p99} ms");
     }
     if s.retried_errors > 0 {
-        eprintln!("{} sink, checkpoint or lease errors were retried", s.retried_errors);
+        note!("{} sink, checkpoint or lease errors were retried", s.retried_errors);
     }
 }

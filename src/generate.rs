@@ -79,6 +79,6 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Some(p) => generate(&cfg, style, File::create(p).with_context(|| format!("creating {}", p.display()))?)?,
         None => generate(&cfg, style, std::io::stdout().lock())?,
     };
-    eprintln!("generated {} lines, {} live executions, {:.1} MB", stats.lines, stats.executions, stats.bytes as f64 / 1e6);
+    note!("generated {} lines, {} live executions, {:.1} MB", stats.lines, stats.executions, stats.bytes as f64 / 1e6);
     Ok(ExitCode::SUCCESS)
 }

@@ -1,5 +1,23 @@
 //! `toolrank`: turns AI-agent tool-execution history into the seed's rankings.
 
+/// `eprintln!` that ignores a closed stderr: `toolrank ... 2>&1 | head` must not panic
+/// when the reader has gone.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `println!` that returns the error of a closed stdout (`?`) where `println!` panics:
+/// `main` ends a broken pipe quietly.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*)?
+    }};
+}
+
 mod args;
 mod backfill;
 mod checkpoint;
@@ -122,7 +140,7 @@ fn main() -> ExitCode {
         match toolrank_metrics::serve(addr) {
             Ok(bound) => tracing::info!(%bound, "serving Prometheus metrics at /metrics, health at /healthz"),
             Err(e) => {
-                eprintln!("toolrank: error: serving metrics on {addr}: {e}");
+                note!("toolrank: error: serving metrics on {addr}: {e}");
                 return ExitCode::FAILURE;
             }
         }
@@ -147,9 +165,17 @@ fn main() -> ExitCode {
     match result {
         Ok(code) if code == ExitCode::SUCCESS => exit_now(),
         Ok(code) => code,
+        // The reader of the output went away (`toolrank replay | head`): the end it
+        // asked for, not a failure.
+        Err(e) if is_broken_pipe(&e) => exit_now(),
         Err(e) => {
-            eprintln!("toolrank: error: {e:#}");
+            note!("toolrank: error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `e` comes from writing to a pipe whose reader closed it.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
 }

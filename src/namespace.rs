@@ -142,7 +142,7 @@ pub fn promote(args: PromoteArgs) -> Result<ExitCode> {
     let sinks = &args.sinks;
     let previous = active(sinks);
     if previous == args.name {
-        eprintln!("{} is already the active namespace", args.name);
+        note!("{} is already the active namespace", args.name);
         return Ok(ExitCode::SUCCESS);
     }
     let mut ns = (!sinks.no_valkey).then(|| Namespaces::connect(&sinks.valkey_url, Duration::from_secs(5)).context("connecting to Valkey")).transpose()?;
@@ -180,10 +180,10 @@ pub fn promote(args: PromoteArgs) -> Result<ExitCode> {
         }
         anyhow::Ok(())
     })?;
-    eprintln!("active namespace: {} (was {previous})", args.name);
+    note!("active namespace: {} (was {previous})", args.name);
     if args.drop_previous {
         if let Some(ns) = &mut ns {
-            eprintln!("dropped namespace {previous} from Valkey ({} keys)", ns.drop(&previous)?);
+            note!("dropped namespace {previous} from Valkey ({} keys)", ns.drop(&previous)?);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -212,7 +212,7 @@ async fn promote_in_table(client: &aws_sdk_dynamodb::Client, sinks: &SinkArgs, n
     }
     let n = (agents.len(), patterns.len());
     DynamoSink::in_namespace(client.clone(), table, Namespace::Live).write_figures(agents, patterns, today).await?;
-    eprintln!("{table}: the live items now hold {name} ({} agents, {} recommended patterns)", n.0, n.1);
+    note!("{table}: the live items now hold {name} ({} agents, {} recommended patterns)", n.0, n.1);
     Ok(())
 }
 
@@ -269,16 +269,16 @@ pub fn diff(args: DiffArgs) -> Result<ExitCode> {
         None => active(&args.sinks),
     };
     let (new, old) = (read(&args.sinks.valkey_url, &args.name, today)?, read(&args.sinks.valkey_url, &against, today)?);
-    print_diff((&new, &args.name), (&old, &against), args.top, today);
+    print_diff((&new, &args.name), (&old, &against), args.top, today)?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// Rows changed per table, then the domains whose top agents change.
-fn print_diff((new, name): (&Report, &str), (old, against): (&Report, &str), top: usize, today: Day) {
-    println!("{name} (new) against {against} (current), scored for {}:", String::from_utf8_lossy(&today.iso_bytes()));
+fn print_diff((new, name): (&Report, &str), (old, against): (&Report, &str), top: usize, today: Day) -> std::io::Result<()> {
+    out!("{name} (new) against {against} (current), scored for {}:", String::from_utf8_lossy(&today.iso_bytes()));
     let tables = toolrank_warehouse::reconcile::compare(new, old);
     for t in &tables {
-        println!(
+        out!(
             "{:<22} {:>7} rows unchanged  {:>5} changed  {:>5} added  {:>5} removed",
             t.table,
             t.equal,
@@ -294,12 +294,13 @@ fn print_diff((new, name): (&Report, &str), (old, against): (&Report, &str), top
         let (n, o) = (new_top.get(d).cloned().unwrap_or_default(), old_top.get(d).cloned().unwrap_or_default());
         if n != o {
             moved += 1;
-            println!("\ntop {top} of {d} changes:\n  current: {}\n  new:     {}", o.join(" "), n.join(" "));
+            out!("\ntop {top} of {d} changes:\n  current: {}\n  new:     {}", o.join(" "), n.join(" "));
         }
     }
     if moved == 0 {
-        println!("\nthe top {top} agents of every domain stay the same");
+        out!("\nthe top {top} agents of every domain stay the same");
     }
+    Ok(())
 }
 
 /// Writes `engine`'s rankings into shadow namespace `sinks.namespace` (replacing what it
@@ -312,8 +313,8 @@ pub fn write_shadow(engine: &Engine, sinks: &SinkArgs, today: Day, dry_run: bool
         bail!("{name} is the active namespace, which readers use: write another and promote it");
     }
     if dry_run {
-        print_diff((&engine.build_report(today), name), (&read(&sinks.valkey_url, &active, today)?, &active), 10, today);
-        eprintln!("dry run: nothing written");
+        print_diff((&engine.build_report(today), name), (&read(&sinks.valkey_url, &active, today)?, &active), 10, today)?;
+        note!("dry run: nothing written");
         return Ok(());
     }
     let everything = engine.everything();
@@ -334,7 +335,7 @@ pub fn write_shadow(engine: &Engine, sinks: &SinkArgs, today: Day, dry_run: bool
             })
             .with_context(|| format!("writing namespace {name} into DynamoDB table {}", sinks.table))?;
     }
-    eprintln!(
+    note!(
         "wrote {} agents and {} patterns into namespace {name}; readers use {active} until `toolrank promote {name}`",
         everything.agents.len(),
         everything.patterns.len()

@@ -167,12 +167,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
             Target::Kafka => format!("kafka topic {}", args.topic),
             Target::Dynamodb => format!("dynamodb table {}", args.table),
         };
-        eprintln!(
+        note!(
             "produced {written} records to {target} in {secs:.2} s ({:.0}/s); {unkeyed} unkeyed (undecodable), {refused} refused, {resent} sent again after a failed delivery",
             written as f64 / secs.max(1e-9)
         );
         if stale > 0 {
-            eprintln!("{stale} stream records older than one already written for their key were skipped");
+            note!("{stale} stream records older than one already written for their key were skipped");
         }
         Ok(ExitCode::SUCCESS)
     })

@@ -412,13 +412,18 @@ pub fn run(args: Args) -> Result<ExitCode> {
 fn summary(c: &Counts, st: &StateStats, bytes: u64, secs: f64, inputs: usize, today: Day) {
     let mb = bytes as f64 / 1e6;
     let formats: Vec<String> = Format::ALL.iter().map(|f| format!("{} {}", f.name(), c.by_format[*f as usize])).collect();
-    eprintln!("replayed {inputs} input(s), {} lines, {mb:.1} MB in {secs:.2} s ({:.1} MB/s); scores for {today}", c.lines, mb / secs.max(1e-9));
-    eprintln!("  records: {}; bad {}", formats.join(", "), c.bad);
-    eprintln!(
+    note!("replayed {inputs} input(s), {} lines, {mb:.1} MB in {secs:.2} s ({:.1} MB/s); scores for {today}", c.lines, mb / secs.max(1e-9));
+    note!("  records: {}; bad {}", formats.join(", "), c.bad);
+    note!(
         "  changes: executions {}, agents {}, other entities {} (ignored), deletes {} ({} by TTL), stale or duplicate {}",
-        c.executions, c.agents, c.other_entities, c.deletes, c.ttl_deletes, c.stale
+        c.executions,
+        c.agents,
+        c.other_entities,
+        c.deletes,
+        c.ttl_deletes,
+        c.stale
     );
-    eprintln!(
+    note!(
         "  state: {} live executions in {} sessions, {} agents, {} tombstones; ~{:.1} MB ({} B per live session)",
         st.live_rows,
         st.live_sessions,

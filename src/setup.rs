@@ -49,17 +49,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
             let topics = [(args.topic.as_str(), args.partitions), (args.dead_letter_topic.as_str(), args.partitions)];
             for (name, status) in toolrank_kafka::create_topics(&args.kafka.connect()?, &topics).await? {
                 let what = if status == TopicStatus::Created { "created" } else { "exists:" };
-                eprintln!("kafka topic {what} {name}");
+                note!("kafka topic {what} {name}");
             }
         }
         if !args.no_dynamodb {
             let client = toolrank_dynamodb::client().await;
             let status = toolrank_dynamodb::create_table(&client, &args.table, !args.no_stream).await?;
             let what = if status == TableStatusReport::Created { "created" } else { "exists:" };
-            eprintln!("dynamodb table {what} {}", args.table);
+            note!("dynamodb table {what} {}", args.table);
             let status = toolrank_state::create_state_table(&client, &args.state_table).await?;
             let what = if status == TableStatusReport::Created { "created" } else { "exists:" };
-            eprintln!("dynamodb table {what} {}", args.state_table);
+            note!("dynamodb table {what} {}", args.state_table);
         }
         Ok(ExitCode::SUCCESS)
     })

@@ -49,7 +49,7 @@ pub fn top(args: TopArgs) -> Result<ExitCode> {
     let (source, rows): (&str, Vec<Vec<String>>) = match valkey {
         Ok(mut v) => ("valkey", top_from_valkey(&mut v, &args.what, args.limit, today)?),
         Err(e) => {
-            eprintln!("valkey unreachable ({e}); reading DynamoDB");
+            note!("valkey unreachable ({e}); reading DynamoDB");
             ("dynamodb", top_from_dynamodb(&args.sinks.table, &target.dynamodb, &args.what, args.limit, today)?)
         }
     };
@@ -58,7 +58,7 @@ pub fn top(args: TopArgs) -> Result<ExitCode> {
         TopWhat::Tools { .. } => vec!["rank", "toolnm", "rows", "failed", "score"],
         TopWhat::Patterns { .. } => vec!["rank", "userid", "process_pattern", "agent", "tool_sequence", "executions", "pattern_score"],
     };
-    println!("source: {source}");
+    out!("source: {source}");
     output::print_rows(&header, &rows, &mut std::io::stdout().lock())?;
     Ok(ExitCode::SUCCESS)
 }
@@ -155,13 +155,7 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
     let today = args.sinks.today()?.unwrap_or_else(Day::today_utc);
     let report = read_sink(args.from, &args.sinks, today)?;
     output::write_report(&args.out, &report, false)?;
-    eprintln!(
-        "wrote {} agents, {} patterns, {} tool-error rows to {}",
-        report.agents.len(),
-        report.patterns.len(),
-        report.tool_errors.len(),
-        args.out.display()
-    );
+    note!("wrote {} agents, {} patterns, {} tool-error rows to {}", report.agents.len(), report.patterns.len(), report.tool_errors.len(), args.out.display());
     Ok(ExitCode::SUCCESS)
 }
 

@@ -137,7 +137,7 @@ fn score(args: ScoreArgs) -> Result<ExitCode> {
     if let Some(dir) = &args.out {
         output::write_report(dir, &report, false)?;
         write_staging(&dir.join("staging.jsonl"), &staging)?;
-        eprintln!(
+        note!(
             "wrote {} agents, {} patterns, {} tool-error rows, {} staging rows to {}",
             report.agents.len(),
             report.patterns.len(),
@@ -201,7 +201,7 @@ fn push(rt: &tokio::runtime::Runtime, sinks: &SinkArgs, staging: &[results::Stag
     if !sinks.no_valkey {
         toolrank_sink_valkey::ValkeySink::new(&sinks.valkey_url, target.name)?.write(&engine, &everything).context("writing the Valkey sink")?;
     }
-    eprintln!("pushed {} agents and {} patterns to the sinks", everything.agents.len(), everything.patterns.len());
+    note!("pushed {} agents and {} patterns to the sinks", everything.agents.len(), everything.patterns.len());
     Ok(())
 }
 
@@ -251,21 +251,21 @@ pub fn reconcile(args: ReconcileArgs) -> Result<ExitCode> {
         warehouse.patterns.retain(|p| p.is_recommended);
     }
     let tables = reconcile::compare(&stream, &warehouse);
-    println!(
+    out!(
         "stream ({}) versus warehouse, scored for {}:",
         if args.from == From::Valkey { "valkey" } else { "dynamodb" },
         String::from_utf8_lossy(&today.iso_bytes())
     );
-    print!("{}", reconcile::render(&tables, args.show));
+    std::io::Write::write_all(&mut std::io::stdout(), reconcile::render(&tables, args.show).as_bytes())?;
     let mut agree = tables.iter().all(reconcile::TableReport::agrees);
     if !self_check.rows.is_empty() {
         agree = false;
-        println!("\nwarehouse self-check (40_reconcile.sql): {} rows disagree with a recount from staging:", self_check.rows.len());
+        out!("\nwarehouse self-check (40_reconcile.sql): {} rows disagree with a recount from staging:", self_check.rows.len());
         for row in self_check.rows.iter().take(args.show) {
             let cells: Vec<String> = row.iter().map(|v| if let Value::Text(s) = v { s.clone() } else { format!("{v:?}") }).collect();
-            println!("  {}", cells.join("  "));
+            out!("  {}", cells.join("  "));
         }
     }
-    println!("\n{}", if agree { "AGREE" } else { "DISAGREE" });
+    out!("\n{}", if agree { "AGREE" } else { "DISAGREE" });
     Ok(if agree { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -103,6 +103,23 @@ fn seed_sample_prints_readable_tables() {
     assert!(stderr.contains("stream-record 34") && stderr.contains("B per live session"), "{stderr}");
 }
 
+/// A reader that goes away (`toolrank replay ... 2>&1 | head -1`) ends the run quietly
+/// and successfully, as it ends other Unix tools: no error, no panic.
+#[test]
+fn a_reader_that_goes_away_ends_the_run_quietly() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    // No reader from the start: the first write to either stream fails with a broken pipe.
+    drop(reader);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_toolrank"))
+        .args(["replay", "--today", "2025-07-14", SEED])
+        .stdout(writer.try_clone().unwrap())
+        .stderr(writer)
+        .spawn()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}
+
 /// The seed's final items, as `(PK, SK, NewImage)`.
 fn seed_items() -> Vec<Value> {
     seed_records().into_iter().map(|r| r["dynamodb"]["NewImage"].clone()).collect()

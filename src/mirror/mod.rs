@@ -93,7 +93,7 @@ pub fn mirror(args: MirrorArgs) -> Result<ExitCode> {
         }
     };
     let s = mirror.stats;
-    eprintln!(
+    note!(
         "mirrored {} item writes and {} removes in {} batches ({} stale records ignored, {bad} rejected) in {:.1} s",
         s.items_written,
         s.items_removed,
