@@ -242,9 +242,11 @@ impl SinkWriter {
     }
 
     /// Takes or renews the sink lease; on taking it, the sinks are compared in full. The
-    /// holder loads the latest checkpoints of `others`, the scopes of units it does not own.
-    pub fn refresh_lease(&mut self, others: &[String]) {
+    /// holder adds up its own `units` (once, on taking the lease) and loads the latest
+    /// checkpoints of `others`, the scopes of units it does not own.
+    pub fn refresh_lease<'a>(&mut self, others: &[String], units: impl IntoIterator<Item = &'a mut Engine>) {
         if self.take_lease() {
+            self.merged.hold(units);
             // A failed refresh leaves `copies_behind` set: the sinks wait for the next one.
             if let Err(e) = self.refresh_remotes(others) {
                 self.summary.retried_errors += 1;
@@ -256,7 +258,7 @@ impl SinkWriter {
     /// Takes or renews the sink lease; whether it is held. On taking it after another
     /// writer, the sinks are fenced (they compare in full at their next write); every
     /// write they make carries the lease's fencing token (its generation); on losing
-    /// it, the copies of others' units are dropped.
+    /// it, the merged sum and the copies of others' units are dropped.
     fn take_lease(&mut self) -> bool {
         match self.lease.turn(&self.rt, &mut self.summary.retried_errors) {
             Held::Taken => {
@@ -267,7 +269,7 @@ impl SinkWriter {
                 info!("lost the sink lease");
                 // Another consumer makes these visible; their latency is not ours to measure.
                 self.visibility.clear();
-                self.merged.drop_copies();
+                self.merged.let_go();
             }
             Held::Still | Held::No => {}
         }
@@ -406,7 +408,7 @@ impl SinkWriter {
     pub fn finish(&mut self, others: &[String], units: &mut [&mut Engine]) {
         let deadline = Instant::now() + self.config.lease * 3;
         loop {
-            self.refresh_lease(others);
+            self.refresh_lease(others, units.iter_mut().map(|e| &mut **e));
             if self.lease.held() || Instant::now() >= deadline {
                 break;
             }
@@ -422,7 +424,7 @@ impl SinkWriter {
             // Renewed between tries: a lease that lapsed while a sink refused would pass to
             // another consumer, and this one's writes would be refused until the deadline.
             // Renewing also reads again the copies a failed refresh left behind.
-            self.refresh_lease(others);
+            self.refresh_lease(others, units.iter_mut().map(|e| &mut **e));
             if !self.lease.held() {
                 warn!("lost the sink lease while writing before exiting; its holder writes the sinks");
                 return;
@@ -450,6 +452,8 @@ impl SinkWriter {
         if !self.lease.held() {
             return false;
         }
+        // Such a writer owns no units: the sum is the logs'.
+        self.merged.hold(std::iter::empty());
         let ok = match self.refresh_remotes(logs) {
             // Lost while the logs were read: its new holder writes them.
             Ok(_) if !self.lease.held() => false,
