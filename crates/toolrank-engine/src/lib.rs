@@ -1130,7 +1130,8 @@ impl Engine {
 
     /// Flushes, applying the same deltas and Agent item changes to `global` too: a merged
     /// view over the engines of several partitions, kept current without re-merging.
-    /// Each engine must forward into one `global` only.
+    /// Each engine must forward into one `global` only: the one that last
+    /// [`absorb`](Self::absorb)ed it, or one it always forwarded into.
     pub fn flush_into(&mut self, global: &mut Engine) {
         self.flush_to(FlushTo::Global(global));
     }
@@ -1214,8 +1215,13 @@ impl Engine {
     /// Kafka partition or stream shard): its aggregates are summed into ours and its
     /// Agent items joined into our catalog. Session state is not copied: the merged
     /// engine reports the combined tables, and each part keeps its own sessions.
+    ///
+    /// From then on `other` may [`flush_into`](Self::flush_into) `self`, also when it
+    /// forwarded into another engine before (a dropped merged view): what it knew of that
+    /// engine's symbols is forgotten.
     pub fn absorb(&mut self, other: &mut Engine) {
         self.merge(other, 1);
+        other.forward = Translation::default();
     }
 
     /// Takes back what [`absorb`](Self::absorb) added for `other` in the same state (a
@@ -1687,6 +1693,53 @@ mod tests {
         e.flush();
         assert_eq!(e.collect_names_if_due(), 3000);
         assert_eq!(e.collect_names_if_due(), 0, "collected a moment ago");
+    }
+
+    /// A merged view dropped and built anew from its parts (a sink lease lost and taken
+    /// again) sums them exactly, and their forwarding goes on into the new one.
+    #[test]
+    fn a_part_forwards_into_the_merged_view_that_absorbed_it_last() {
+        let run = |user: usize, tool: &'static str| Change {
+            pk: Cow::Owned(format!("USR{user}#S{user}")),
+            sk: Cow::Owned(format!("PRC001#AGT1#{tool}")),
+            seq: None,
+            action: Action::Put(Entity::Execution(Execution {
+                tool_nm: Cow::Borrowed("T"),
+                at: Timestamp::parse("20250614140605").unwrap(),
+                success: user % 2 == 0,
+            })),
+        };
+        let today = toolrank_events::Day::parse_iso("2025-06-20").unwrap();
+        let (mut part, mut old) = (Engine::new(), Engine::new());
+        part.apply(&Change {
+            pk: Cow::Borrowed("AGT1"),
+            sk: Cow::Borrowed(METADATA_SK),
+            seq: None,
+            action: Action::Put(Entity::Agent(AgentItem { domain_id: Cow::Borrowed("D"), name: None, partial: false })),
+        });
+        // The old view learns names in another order than the new one will.
+        old.apply(&run(999, "TL9"));
+        for u in 0..20 {
+            part.apply(&run(u, "TL1"));
+        }
+        old.absorb(&mut part);
+        for u in 20..40 {
+            part.apply(&run(u, "TL2"));
+        }
+        part.flush_into(&mut old);
+        // Dropped; the part keeps its changes to itself for a while, then a new view
+        // takes it.
+        for u in 40..60 {
+            part.apply(&run(u, "TL3"));
+        }
+        part.flush();
+        let mut new = Engine::new();
+        new.absorb(&mut part);
+        for u in 60..80 {
+            part.apply(&run(u, "TL4"));
+        }
+        part.flush_into(&mut new);
+        assert_eq!(new.report(today), part.report(today));
     }
 
     #[test]
