@@ -1706,7 +1706,7 @@ mod tests {
             action: Action::Put(Entity::Execution(Execution {
                 tool_nm: Cow::Borrowed("T"),
                 at: Timestamp::parse("20250614140605").unwrap(),
-                success: user % 2 == 0,
+                success: user.is_multiple_of(2),
             })),
         };
         let today = toolrank_events::Day::parse_iso("2025-06-20").unwrap();
