@@ -2,11 +2,6 @@
 //! engine, this consumer's own (forwarded as they change) and copies of the aggregates of
 //! the units other consumers own (as of their latest checkpoints). Aggregates merge by
 //! addition, so a unit moves in and out of the sum with `absorb` and `unabsorb`.
-//!
-//! Only the holder keeps it: a consumer without the lease writes no sink, so it keeps
-//! no second sum of its units (the memory of every pattern it reads, and an addition for
-//! each change). Taking the lease adds its units up once ([`Merged::hold`]); losing it
-//! drops the sum ([`Merged::let_go`]).
 
 use crate::error::Error;
 use std::collections::BTreeMap;
@@ -23,32 +18,13 @@ struct Copy {
 pub(crate) struct Merged {
     global: Engine,
     copies: BTreeMap<String, Copy>,
-    /// Whether `global` holds this consumer's units (while it holds the sink lease).
-    holding: bool,
 }
 
 impl Merged {
     pub(crate) fn new() -> Merged {
         let mut global = Engine::new();
         global.track_changes();
-        Merged { global, copies: BTreeMap::new(), holding: false }
-    }
-
-    /// Adds this consumer's `units` up, unless they are already: from now on they
-    /// forward their changes here. Everything counts as changed (the sinks are compared
-    /// in full after a lease changed hands anyway).
-    pub(crate) fn hold<'a>(&mut self, units: impl IntoIterator<Item = &'a mut Engine>) {
-        if !self.holding {
-            for engine in units {
-                self.global.absorb(engine);
-            }
-            self.holding = true;
-        }
-    }
-
-    /// Drops the sum and every copy (the lease went to another writer, who keeps its own).
-    pub(crate) fn let_go(&mut self) {
-        *self = Merged::new();
+        Merged { global, copies: BTreeMap::new() }
     }
 
     /// The figures the sinks are written from.
@@ -64,26 +40,19 @@ impl Merged {
     /// Adds a unit this consumer now owns, in place of the copy of it held until now.
     pub(crate) fn adopt(&mut self, scope: &str, engine: &mut Engine) {
         self.drop_copy(scope);
-        if self.holding {
-            self.global.absorb(engine);
-        }
+        self.global.absorb(engine);
     }
 
-    /// Forwards a unit's changes since the last forward. Without the lease they stay in
-    /// the unit, where they coalesce until its next checkpoint flushes them.
+    /// Forwards a unit's changes since the last forward.
     pub(crate) fn forward(&mut self, engine: &mut Engine) {
-        if self.holding {
-            engine.flush_into(&mut self.global);
-        }
+        engine.flush_into(&mut self.global);
     }
 
     /// Takes an owned unit's share out (it moved elsewhere). Its pending changes are
     /// forwarded first: the sum must hold exactly what is taken out.
     pub(crate) fn release(&mut self, engine: &mut Engine) {
-        if self.holding {
-            engine.flush_into(&mut self.global);
-            self.global.unabsorb(engine);
-        }
+        engine.flush_into(&mut self.global);
+        self.global.unabsorb(engine);
     }
 
     /// The log position of the copy of `scope`, if one is held.
@@ -124,6 +93,13 @@ impl Merged {
         let gone: Vec<String> = self.copies.keys().filter(|s| !others.contains(s)).cloned().collect();
         for scope in gone {
             self.drop_copy(&scope);
+        }
+    }
+
+    /// Drops every copy (the lease went to another writer, who holds its own).
+    pub(crate) fn drop_copies(&mut self) {
+        for (_, mut c) in std::mem::take(&mut self.copies) {
+            self.global.unabsorb_copy(&mut c.figures);
         }
     }
 

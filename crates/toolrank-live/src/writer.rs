@@ -242,11 +242,9 @@ impl SinkWriter {
     }
 
     /// Takes or renews the sink lease; on taking it, the sinks are compared in full. The
-    /// holder adds up its own `units` (once, on taking the lease) and loads the latest
-    /// checkpoints of `others`, the scopes of units it does not own.
-    pub fn refresh_lease<'a>(&mut self, others: &[String], units: impl IntoIterator<Item = &'a mut Engine>) {
+    /// holder loads the latest checkpoints of `others`, the scopes of units it does not own.
+    pub fn refresh_lease(&mut self, others: &[String]) {
         if self.take_lease() {
-            self.merged.hold(units);
             // A failed refresh leaves `copies_behind` set: the sinks wait for the next one.
             if let Err(e) = self.refresh_remotes(others) {
                 self.summary.retried_errors += 1;
@@ -258,7 +256,7 @@ impl SinkWriter {
     /// Takes or renews the sink lease; whether it is held. On taking it after another
     /// writer, the sinks are fenced (they compare in full at their next write); every
     /// write they make carries the lease's fencing token (its generation); on losing
-    /// it, the merged sum and the copies of others' units are dropped.
+    /// it, the copies of others' units are dropped.
     fn take_lease(&mut self) -> bool {
         match self.lease.turn(&self.rt, &mut self.summary.retried_errors) {
             Held::Taken => {
@@ -269,7 +267,7 @@ impl SinkWriter {
                 info!("lost the sink lease");
                 // Another consumer makes these visible; their latency is not ours to measure.
                 self.visibility.clear();
-                self.merged.let_go();
+                self.merged.drop_copies();
             }
             Held::Still | Held::No => {}
         }
@@ -408,7 +406,7 @@ impl SinkWriter {
     pub fn finish(&mut self, others: &[String], units: &mut [&mut Engine]) {
         let deadline = Instant::now() + self.config.lease * 3;
         loop {
-            self.refresh_lease(others, units.iter_mut().map(|e| &mut **e));
+            self.refresh_lease(others);
             if self.lease.held() || Instant::now() >= deadline {
                 break;
             }
@@ -424,7 +422,7 @@ impl SinkWriter {
             // Renewed between tries: a lease that lapsed while a sink refused would pass to
             // another consumer, and this one's writes would be refused until the deadline.
             // Renewing also reads again the copies a failed refresh left behind.
-            self.refresh_lease(others, units.iter_mut().map(|e| &mut **e));
+            self.refresh_lease(others);
             if !self.lease.held() {
                 warn!("lost the sink lease while writing before exiting; its holder writes the sinks");
                 return;
@@ -452,8 +450,6 @@ impl SinkWriter {
         if !self.lease.held() {
             return false;
         }
-        // Such a writer owns no units: the sum is the logs'.
-        self.merged.hold(std::iter::empty());
         let ok = match self.refresh_remotes(logs) {
             // Lost while the logs were read: its new holder writes them.
             Ok(_) if !self.lease.held() => false,
