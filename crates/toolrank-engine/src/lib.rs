@@ -1600,6 +1600,16 @@ mod tests {
         Change { pk: Cow::Borrowed("U#S"), sk: Cow::Borrowed("P#A#T"), seq, action }
     }
 
+    /// Agent `id`'s METADATA item, in domain D.
+    fn agent_item(id: &'static str) -> Change<'static> {
+        Change {
+            pk: Cow::Borrowed(id),
+            sk: Cow::Borrowed(METADATA_SK),
+            seq: None,
+            action: Action::Put(Entity::Agent(AgentItem { domain_id: Cow::Borrowed("D"), name: None, partial: false })),
+        }
+    }
+
     #[test]
     fn a_key_is_checked_unless_its_session_and_sk_are_both_held() {
         let with_key = |pk: &'static str, sk: &'static str| Change { pk: Cow::Borrowed(pk), sk: Cow::Borrowed(sk), ..hist(None, Some(true)) };
@@ -1627,12 +1637,7 @@ mod tests {
         let mut flat = Engine::new();
         assert_eq!(flat.apply(&hist(None, Some(true))), Applied::Changed);
         assert_eq!(flat.apply(&hist(Some(BASE_SEQ), Some(false))), Applied::Stale, "a flat event outranks a copy");
-        let agent = |seq| Change {
-            pk: Cow::Borrowed("A"),
-            sk: Cow::Borrowed(METADATA_SK),
-            seq,
-            action: Action::Put(Entity::Agent(AgentItem { domain_id: Cow::Borrowed("D"), name: None, partial: false })),
-        };
+        let agent = |seq| Change { seq, ..agent_item("A") };
         assert_eq!(e.apply(&agent(Some(BASE_SEQ))), Applied::Changed);
         assert_eq!(e.apply(&agent(Some(BASE_SEQ))), Applied::Stale);
         assert_eq!(e.apply(&agent(Some(3))), Applied::Unchanged, "the same content, now versioned");
@@ -1652,12 +1657,7 @@ mod tests {
             },
         };
         let (mut e, mut global) = (Engine::new(), Engine::new());
-        e.apply(&Change {
-            pk: Cow::Borrowed("AGT1"),
-            sk: Cow::Borrowed(METADATA_SK),
-            seq: None,
-            action: Action::Put(Entity::Agent(AgentItem { domain_id: Cow::Borrowed("D"), name: None, partial: false })),
-        });
+        e.apply(&agent_item("AGT1"));
         for u in 0..100 {
             e.apply(&run(u, Some(u % 3 != 0)));
         }
@@ -1695,8 +1695,8 @@ mod tests {
         assert_eq!(e.collect_names_if_due(), 0, "collected a moment ago");
     }
 
-    /// A merged view dropped and built anew from its parts (a sink lease lost and taken
-    /// again) sums them exactly, and their forwarding goes on into the new one.
+    /// A merged view dropped and built anew from its parts sums them exactly, and their
+    /// forwarding goes on into the new one.
     #[test]
     fn a_part_forwards_into_the_merged_view_that_absorbed_it_last() {
         let run = |user: usize, tool: &'static str| Change {
@@ -1711,12 +1711,7 @@ mod tests {
         };
         let today = toolrank_events::Day::parse_iso("2025-06-20").unwrap();
         let (mut part, mut old) = (Engine::new(), Engine::new());
-        part.apply(&Change {
-            pk: Cow::Borrowed("AGT1"),
-            sk: Cow::Borrowed(METADATA_SK),
-            seq: None,
-            action: Action::Put(Entity::Agent(AgentItem { domain_id: Cow::Borrowed("D"), name: None, partial: false })),
-        });
+        part.apply(&agent_item("AGT1"));
         // The old view learns names in another order than the new one will.
         old.apply(&run(999, "TL9"));
         for u in 0..20 {
