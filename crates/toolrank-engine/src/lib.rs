@@ -1130,8 +1130,7 @@ impl Engine {
 
     /// Flushes, applying the same deltas and Agent item changes to `global` too: a merged
     /// view over the engines of several partitions, kept current without re-merging.
-    /// Each engine must forward into one `global` only: the one that last
-    /// [`absorb`](Self::absorb)ed it, or one it always forwarded into.
+    /// Each engine must forward into one `global` only.
     pub fn flush_into(&mut self, global: &mut Engine) {
         self.flush_to(FlushTo::Global(global));
     }
@@ -1215,13 +1214,8 @@ impl Engine {
     /// Kafka partition or stream shard): its aggregates are summed into ours and its
     /// Agent items joined into our catalog. Session state is not copied: the merged
     /// engine reports the combined tables, and each part keeps its own sessions.
-    ///
-    /// From then on `other` may [`flush_into`](Self::flush_into) `self`, also when it
-    /// forwarded into another engine before (a dropped merged view): what it knew of that
-    /// engine's symbols is forgotten.
     pub fn absorb(&mut self, other: &mut Engine) {
         self.merge(other, 1);
-        other.forward = Translation::default();
     }
 
     /// Takes back what [`absorb`](Self::absorb) added for `other` in the same state (a
@@ -1600,16 +1594,6 @@ mod tests {
         Change { pk: Cow::Borrowed("U#S"), sk: Cow::Borrowed("P#A#T"), seq, action }
     }
 
-    /// Agent `id`'s METADATA item, in domain D.
-    fn agent_item(id: &'static str) -> Change<'static> {
-        Change {
-            pk: Cow::Borrowed(id),
-            sk: Cow::Borrowed(METADATA_SK),
-            seq: None,
-            action: Action::Put(Entity::Agent(AgentItem { domain_id: Cow::Borrowed("D"), name: None, partial: false })),
-        }
-    }
-
     #[test]
     fn a_key_is_checked_unless_its_session_and_sk_are_both_held() {
         let with_key = |pk: &'static str, sk: &'static str| Change { pk: Cow::Borrowed(pk), sk: Cow::Borrowed(sk), ..hist(None, Some(true)) };
@@ -1637,7 +1621,12 @@ mod tests {
         let mut flat = Engine::new();
         assert_eq!(flat.apply(&hist(None, Some(true))), Applied::Changed);
         assert_eq!(flat.apply(&hist(Some(BASE_SEQ), Some(false))), Applied::Stale, "a flat event outranks a copy");
-        let agent = |seq| Change { seq, ..agent_item("A") };
+        let agent = |seq| Change {
+            pk: Cow::Borrowed("A"),
+            sk: Cow::Borrowed(METADATA_SK),
+            seq,
+            action: Action::Put(Entity::Agent(AgentItem { domain_id: Cow::Borrowed("D"), name: None, partial: false })),
+        };
         assert_eq!(e.apply(&agent(Some(BASE_SEQ))), Applied::Changed);
         assert_eq!(e.apply(&agent(Some(BASE_SEQ))), Applied::Stale);
         assert_eq!(e.apply(&agent(Some(3))), Applied::Unchanged, "the same content, now versioned");
@@ -1657,7 +1646,12 @@ mod tests {
             },
         };
         let (mut e, mut global) = (Engine::new(), Engine::new());
-        e.apply(&agent_item("AGT1"));
+        e.apply(&Change {
+            pk: Cow::Borrowed("AGT1"),
+            sk: Cow::Borrowed(METADATA_SK),
+            seq: None,
+            action: Action::Put(Entity::Agent(AgentItem { domain_id: Cow::Borrowed("D"), name: None, partial: false })),
+        });
         for u in 0..100 {
             e.apply(&run(u, Some(u % 3 != 0)));
         }
@@ -1693,48 +1687,6 @@ mod tests {
         e.flush();
         assert_eq!(e.collect_names_if_due(), 3000);
         assert_eq!(e.collect_names_if_due(), 0, "collected a moment ago");
-    }
-
-    /// A merged view dropped and built anew from its parts sums them exactly, and their
-    /// forwarding goes on into the new one.
-    #[test]
-    fn a_part_forwards_into_the_merged_view_that_absorbed_it_last() {
-        let run = |user: usize, tool: &'static str| Change {
-            pk: Cow::Owned(format!("USR{user}#S{user}")),
-            sk: Cow::Owned(format!("PRC001#AGT1#{tool}")),
-            seq: None,
-            action: Action::Put(Entity::Execution(Execution {
-                tool_nm: Cow::Borrowed("T"),
-                at: Timestamp::parse("20250614140605").unwrap(),
-                success: user.is_multiple_of(2),
-            })),
-        };
-        let today = toolrank_events::Day::parse_iso("2025-06-20").unwrap();
-        let (mut part, mut old) = (Engine::new(), Engine::new());
-        part.apply(&agent_item("AGT1"));
-        // The old view learns names in another order than the new one will.
-        old.apply(&run(999, "TL9"));
-        for u in 0..20 {
-            part.apply(&run(u, "TL1"));
-        }
-        old.absorb(&mut part);
-        for u in 20..40 {
-            part.apply(&run(u, "TL2"));
-        }
-        part.flush_into(&mut old);
-        // Dropped; the part keeps its changes to itself for a while, then a new view
-        // takes it.
-        for u in 40..60 {
-            part.apply(&run(u, "TL3"));
-        }
-        part.flush();
-        let mut new = Engine::new();
-        new.absorb(&mut part);
-        for u in 60..80 {
-            part.apply(&run(u, "TL4"));
-        }
-        part.flush_into(&mut new);
-        assert_eq!(new.report(today), part.report(today));
     }
 
     #[test]
