@@ -77,7 +77,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     let stats = match &args.out {
         Some(p) => generate(&cfg, style, File::create(p).with_context(|| format!("creating {}", p.display()))?)?,
-        None => generate(&cfg, style, std::io::stdout().lock())?,
+        None => generate(&cfg, style, crate::stdout())?,
     };
     note!("generated {} lines, {} live executions, {:.1} MB", stats.lines, stats.executions, stats.bytes as f64 / 1e6);
     Ok(ExitCode::SUCCESS)

@@ -10,11 +10,11 @@ macro_rules! note {
 }
 
 /// `println!` that returns the error of a closed stdout (`?`) where `println!` panics:
-/// `main` ends a broken pipe quietly.
+/// `main` ends a run whose reader went away quietly ([`stdout`]).
 macro_rules! out {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        writeln!(std::io::stdout(), $($arg)*)?
+        writeln!(crate::stdout(), $($arg)*)?
     }};
 }
 
@@ -167,7 +167,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         // The reader of the output went away (`toolrank replay | head`): the end it
         // asked for, not a failure.
-        Err(e) if is_broken_pipe(&e) => exit_now(),
+        Err(_) if READER_GONE.load(std::sync::atomic::Ordering::Relaxed) => exit_now(),
         Err(e) => {
             note!("toolrank: error: {e:#}");
             ExitCode::FAILURE
@@ -175,7 +175,37 @@ fn main() -> ExitCode {
     }
 }
 
-/// Whether `e` comes from writing to a pipe whose reader closed it.
-fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+/// Set once a write to stdout found its reader gone (`toolrank replay | head`).
+static READER_GONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Standard output, for everything a command prints: a write that finds the reader gone
+/// is noted, so that `main` ends that run quietly, while a broken pipe anywhere else (a
+/// connection to a service) stays an error.
+struct Stdout(std::io::StdoutLock<'static>);
+
+fn stdout() -> Stdout {
+    Stdout(std::io::stdout().lock())
+}
+
+impl Stdout {
+    fn noted<T>(result: std::io::Result<T>) -> std::io::Result<T> {
+        if result.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) {
+            READER_GONE.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+impl std::io::Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Stdout::noted(self.0.write(buf))
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        Stdout::noted(self.0.write_all(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Stdout::noted(self.0.flush())
+    }
 }

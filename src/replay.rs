@@ -389,7 +389,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             crate::namespace::write_shadow(&engine, &sinks, today, args.dry_run)?;
         }
         if args.out.is_none() && args.namespace.is_none() {
-            output::print_tables(&engine.build_report(today), args.top, &mut std::io::stdout().lock())?;
+            output::print_tables(&engine.build_report(today), args.top, &mut crate::stdout())?;
         }
         let elapsed = started.elapsed().as_secs_f64();
         tracing::debug!(ingest_s = ingested.as_secs_f64(), output_s = elapsed - ingested.as_secs_f64(), "replay phases");

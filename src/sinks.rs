@@ -59,7 +59,7 @@ pub fn top(args: TopArgs) -> Result<ExitCode> {
         TopWhat::Patterns { .. } => vec!["rank", "userid", "process_pattern", "agent", "tool_sequence", "executions", "pattern_score"],
     };
     out!("source: {source}");
-    output::print_rows(&header, &rows, &mut std::io::stdout().lock())?;
+    output::print_rows(&header, &rows, &mut crate::stdout())?;
     Ok(ExitCode::SUCCESS)
 }
 

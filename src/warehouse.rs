@@ -146,7 +146,7 @@ fn score(args: ScoreArgs) -> Result<ExitCode> {
             dir.display()
         );
     } else {
-        output::print_tables(&report, 20, &mut std::io::stdout().lock())?;
+        output::print_tables(&report, 20, &mut crate::stdout())?;
     }
     if args.push {
         push(&rt, &args.sinks, &staging, &catalog, today)?;
@@ -256,7 +256,7 @@ pub fn reconcile(args: ReconcileArgs) -> Result<ExitCode> {
         if args.from == From::Valkey { "valkey" } else { "dynamodb" },
         String::from_utf8_lossy(&today.iso_bytes())
     );
-    std::io::Write::write_all(&mut std::io::stdout(), reconcile::render(&tables, args.show).as_bytes())?;
+    std::io::Write::write_all(&mut crate::stdout(), reconcile::render(&tables, args.show).as_bytes())?;
     let mut agree = tables.iter().all(reconcile::TableReport::agrees);
     if !self_check.rows.is_empty() {
         agree = false;
