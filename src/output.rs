@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 use std::sync::mpsc;
-use toolrank_engine::{Engine, PatternRow, Report, StagingOrder, StagingRow};
+use toolrank_engine::{Engine, PatternRow, Report, StagingKey, StagingOrder, StagingRow};
 use toolrank_events::Day;
 use unicode_width::UnicodeWidthStr;
 
@@ -70,6 +70,7 @@ fn write_staging(order: &StagingOrder<'_>, file: OutFile) -> std::io::Result<()>
                 // One piece being rendered, one queued, one being written: then the
                 // writer has handed one back.
                 let mut created = 0;
+                let mut shared = SharedParts::new(order.parts());
                 for piece in (first..pieces).step_by(RENDERERS) {
                     let mut buf = match return_rx.try_recv() {
                         Ok(buf) => buf,
@@ -83,8 +84,8 @@ fn write_staging(order: &StagingOrder<'_>, file: OutFile) -> std::io::Result<()>
                         },
                     };
                     let sessions = piece * STAGING_PIECE..((piece + 1) * STAGING_PIECE).min(order.len());
-                    let _ = order.visit::<()>(sessions, |row| {
-                        staging_json(row, &mut buf);
+                    let _ = order.visit::<()>(sessions, |row, key| {
+                        shared.staging_json(row, key, &mut buf);
                         Ok(())
                     });
                     if piece_tx.send(buf).is_err() {
@@ -138,26 +139,54 @@ fn json_str(s: &str, out: &mut Vec<u8>) {
     }
 }
 
-/// One staging row as a JSON line, byte for byte what serde writes for [`StagingRow`],
-/// at a fraction of the cost (it is most of `replay --out`'s output).
-fn staging_json(r: &StagingRow<'_>, out: &mut Vec<u8>) {
-    for (key, value) in [
-        ("{\"userid\":", r.user_id),
-        (",\"sessionid\":", r.session_id),
-        (",\"processid\":", r.process_id),
-        (",\"domainid\":", r.domain_id),
-        (",\"agentid\":", r.agent_id),
-        (",\"toolid\":", r.tool_id),
-        (",\"toolnm\":", r.tool_nm),
-    ] {
+/// The parts of staging rows that many rows share, each rendered once: the session's
+/// `userid` and `sessionid`, and the four ids an SK stands for.
+struct SharedParts {
+    session: Option<usize>,
+    /// `{"userid":...,"sessionid":...` of `session`.
+    head: Vec<u8>,
+    /// `,"processid":...,"toolid":...` of each SK, where `ids[parts]` says (empty: not yet).
+    ids: Vec<std::ops::Range<u32>>,
+    rendered: Vec<u8>,
+}
+
+impl SharedParts {
+    fn new(parts: usize) -> SharedParts {
+        SharedParts { session: None, head: Vec::new(), ids: vec![0..0; parts], rendered: Vec::new() }
+    }
+
+    /// One staging row as a JSON line, byte for byte what serde writes for [`StagingRow`],
+    /// at a fraction of the cost (it is most of `replay --out`'s output).
+    fn staging_json(&mut self, r: &StagingRow<'_>, key: StagingKey, out: &mut Vec<u8>) {
+        if self.session != Some(key.session) {
+            self.session = Some(key.session);
+            self.head.clear();
+            json_fields(&[("{\"userid\":", r.user_id), (",\"sessionid\":", r.session_id)], &mut self.head);
+        }
+        out.extend_from_slice(&self.head);
+        let ids = &mut self.ids[key.parts as usize];
+        if ids.start == ids.end {
+            let start = self.rendered.len() as u32;
+            let fields = [(",\"processid\":", r.process_id), (",\"domainid\":", r.domain_id), (",\"agentid\":", r.agent_id), (",\"toolid\":", r.tool_id)];
+            json_fields(&fields, &mut self.rendered);
+            *ids = start..self.rendered.len() as u32;
+        }
+        out.extend_from_slice(&self.rendered[ids.start as usize..ids.end as usize]);
+        json_fields(&[(",\"toolnm\":", r.tool_nm)], out);
+        out.extend_from_slice(b",\"execution_date\":\"");
+        out.extend_from_slice(&r.execution_date.iso_bytes());
+        out.extend_from_slice(b"\",\"execution_datetime\":\"");
+        out.extend_from_slice(&r.execution_datetime.datetime_bytes());
+        out.extend_from_slice(if r.success_flag { b"\",\"success_flag\":true}\n" } else { b"\",\"success_flag\":false}\n" });
+    }
+}
+
+/// Appends `"key":"value"` pairs, each key given with its punctuation.
+fn json_fields(fields: &[(&str, &str)], out: &mut Vec<u8>) {
+    for (key, value) in fields {
         out.extend_from_slice(key.as_bytes());
         json_str(value, out);
     }
-    out.extend_from_slice(b",\"execution_date\":\"");
-    out.extend_from_slice(&r.execution_date.iso_bytes());
-    out.extend_from_slice(b"\",\"execution_datetime\":\"");
-    out.extend_from_slice(&r.execution_datetime.datetime_bytes());
-    out.extend_from_slice(if r.success_flag { b"\",\"success_flag\":true}\n" } else { b"\",\"success_flag\":false}\n" });
 }
 
 /// One pattern row as a JSON line, byte for byte what serde writes for [`PatternRow`]
@@ -309,22 +338,32 @@ mod tests {
     #[test]
     fn staging_json_is_what_serde_writes() {
         let at = Timestamp::parse("20250614140605").unwrap();
-        for (user, tool) in [("USR001", "FIND_LOC"), ("U\"1\\", "도구\n\u{1}")] {
-            let row = StagingRow {
-                user_id: user,
-                session_id: "S",
-                process_id: "P",
-                domain_id: "D",
-                agent_id: "A",
-                tool_id: "T",
-                tool_nm: tool,
-                execution_date: at.day,
-                execution_datetime: at,
-                success_flag: tool.len() > 8,
-            };
+        let row = |user, session, agent, tool| StagingRow {
+            user_id: user,
+            session_id: session,
+            process_id: "P",
+            domain_id: "D",
+            agent_id: agent,
+            tool_id: "T",
+            tool_nm: tool,
+            execution_date: at.day,
+            execution_datetime: at,
+            success_flag: tool != "FIND_LOC",
+        };
+        // Rows that share their session or their SK's ids with rows before them, and
+        // strings that need escaping.
+        let rows = [
+            (row("USR001", "S1", "A", "FIND_LOC"), StagingKey { session: 0, parts: 1 }),
+            (row("USR001", "S1", "A", "도구\n\u{1}"), StagingKey { session: 0, parts: 1 }),
+            (row("USR001", "S1", "A\"\\", "FIND_LOC"), StagingKey { session: 0, parts: 0 }),
+            (row("U\"1\\", "S2", "A", "FIND_LOC"), StagingKey { session: 1, parts: 1 }),
+            (row("U\"1\\", "S2", "A\"\\", "X"), StagingKey { session: 1, parts: 0 }),
+        ];
+        let mut shared = SharedParts::new(2);
+        for (row, key) in &rows {
             let mut ours = Vec::new();
-            staging_json(&row, &mut ours);
-            assert_eq!(String::from_utf8(ours).unwrap(), serde_json::to_string(&row).unwrap() + "\n");
+            shared.staging_json(row, *key, &mut ours);
+            assert_eq!(String::from_utf8(ours).unwrap(), serde_json::to_string(row).unwrap() + "\n");
         }
     }
 

@@ -26,7 +26,7 @@ pub use aggregate::{AgentAggregate, Aggregates, Contribution, Contributions, Day
 pub use copy::AggregateCopy;
 pub use figures::{AgentFigures, PatternFigures, PatternView, Recommended, ToolFigures, TOP_PERCENTILE};
 pub use intern::{Interner, Sym};
-pub use report::{recommendation_cut, AgentScore, PatternRow, Report, SequenceNames, StagingOrder, StagingRow, ToolErrors};
+pub use report::{recommendation_cut, AgentScore, PatternRow, Report, SequenceNames, StagingKey, StagingOrder, StagingRow, ToolErrors};
 
 use hashbrown::HashTable;
 use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
@@ -1301,24 +1301,28 @@ impl Engine {
         report::sequence_names(self)
     }
 
-    /// The staging rows of the session `session_id` of `user`, which holds `rows`.
-    fn session_staging<'e>(&'e self, user: Sym, session_id: &'e str, rows: &'e [Row]) -> impl Iterator<Item = StagingRow<'e>> + 'e {
+    /// The staging rows of the session `session_id` of `user`, which holds `rows`, each
+    /// with its interned SK.
+    fn session_staging<'e>(&'e self, user: Sym, session_id: &'e str, rows: &'e [Row]) -> impl Iterator<Item = (Sym, StagingRow<'e>)> + 'e {
         rows.iter().filter_map(move |r| {
             let data = r.data?;
             let parts = self.sks[r.sk as usize];
             let meta = self.agent_meta(parts.agent)?;
-            Some(StagingRow {
-                user_id: self.strings.get(user),
-                session_id,
-                process_id: self.strings.get(parts.process),
-                domain_id: self.strings.get(meta.domain),
-                agent_id: self.strings.get(parts.agent),
-                tool_id: self.strings.get(parts.tool),
-                tool_nm: self.strings.get(data.tool_nm),
-                execution_date: data.at.day,
-                execution_datetime: data.at,
-                success_flag: data.success,
-            })
+            Some((
+                r.sk,
+                StagingRow {
+                    user_id: self.strings.get(user),
+                    session_id,
+                    process_id: self.strings.get(parts.process),
+                    domain_id: self.strings.get(meta.domain),
+                    agent_id: self.strings.get(parts.agent),
+                    tool_id: self.strings.get(parts.tool),
+                    tool_nm: self.strings.get(data.tool_nm),
+                    execution_date: data.at.day,
+                    execution_datetime: data.at,
+                    success_flag: data.success,
+                },
+            ))
         })
     }
 
@@ -1714,5 +1718,44 @@ mod tests {
         unstamped.apply(&hist(Some(9), None));
         unstamped.set_clock(u32::MAX);
         assert_eq!(unstamped.expire_tombstones(1), 0, "removals applied without a clock never expire");
+    }
+
+    #[test]
+    fn staging_rows_come_by_user_then_session_id_however_long_the_ids() {
+        let mut e = Engine::new();
+        e.apply(&Change {
+            pk: Cow::Borrowed("AGT1"),
+            sk: Cow::Borrowed(METADATA_SK),
+            seq: None,
+            action: Action::Put(Entity::Agent(AgentItem { domain_id: Cow::Borrowed("D"), name: None, partial: false })),
+        });
+        // Ids that tie on their first 16 bytes, end inside them, or hold a zero byte
+        // there; users with many sessions and with one; a session in a freed slot.
+        let ids = ["SESS202505160000062", "SESS202505160000061", "SESS2025051600000", "SESS202505160000", "SESS20250516000", "A", "A\0", "Z"];
+        let users = ["USR2", "USR10", "USR1", "사용자"];
+        let mut pks: Vec<String> = users.iter().flat_map(|u| ids.iter().map(move |i| format!("{u}#{i}"))).collect();
+        pks.push("USR3#only".into());
+        let put = |pk: &str, success| Change {
+            pk: Cow::Owned(pk.to_owned()),
+            sk: Cow::Borrowed("PRC001#AGT1#TL1"),
+            seq: None,
+            action: match success {
+                Some(success) => {
+                    Action::Put(Entity::Execution(Execution { tool_nm: Cow::Borrowed("T"), at: Timestamp::parse("20250614140605").unwrap(), success }))
+                }
+                None => Action::Delete { ttl: false },
+            },
+        };
+        for pk in pks.iter().rev() {
+            e.apply(&put(pk, Some(true)));
+        }
+        e.apply(&put("USR9#gone", Some(true)));
+        e.flush();
+        e.apply(&put("USR9#gone", None));
+        e.flush();
+        let got: Vec<(&str, &str)> = e.staging_sorted().iter().map(|r| (r.user_id, r.session_id)).collect();
+        let mut want: Vec<(&str, &str)> = pks.iter().map(|pk| pk.split_once('#').unwrap()).collect();
+        want.sort();
+        assert_eq!(got, want);
     }
 }

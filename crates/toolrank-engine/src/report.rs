@@ -258,10 +258,10 @@ pub fn recommendation_cut(mut scores: Vec<f64>) -> Option<f64> {
 /// can be produced in parallel.
 pub struct StagingOrder<'e> {
     engine: &'e Engine,
-    /// (user rank, session id, user, the session's rows), sorted: the rows are held here
-    /// so that visiting them in this order, unrelated to where sessions live, waits for
-    /// their memory only once and can ask for it ahead.
-    sessions: Vec<(u32, &'e str, Sym, &'e [crate::Row])>,
+    /// ([`id_prefix`] of the session id, session id, user, the session's rows) in order:
+    /// the rows are held here so that visiting them in this order, unrelated to where
+    /// sessions live, waits for their memory only once and can ask for it ahead.
+    sessions: Vec<((u64, u64), &'e str, Sym, &'e [crate::Row])>,
 }
 
 /// How many sessions ahead `visit` asks for the memory of rows and ids.
@@ -277,9 +277,14 @@ impl<'e> StagingOrder<'e> {
         self.sessions.is_empty()
     }
 
+    /// An upper bound of [`StagingKey::parts`].
+    pub fn parts(&self) -> usize {
+        self.engine.sks.len()
+    }
+
     /// Visits the staging rows of the sessions in `range`, each session's rows by execution
-    /// time, process, agent, tool.
-    pub fn visit<E>(&self, range: std::ops::Range<usize>, mut f: impl FnMut(&StagingRow<'e>) -> Result<(), E>) -> Result<(), E> {
+    /// time, process, agent, tool, each with its [`StagingKey`].
+    pub fn visit<E>(&self, range: std::ops::Range<usize>, mut f: impl FnMut(&StagingRow<'e>, StagingKey) -> Result<(), E>) -> Result<(), E> {
         let mut rows = Vec::new();
         for i in range {
             if let Some(&(_, id, _, rows)) = self.sessions.get(i + PREFETCH_AHEAD) {
@@ -289,13 +294,35 @@ impl<'e> StagingOrder<'e> {
             let (_, id, user, session) = self.sessions[i];
             rows.clear();
             rows.extend(self.engine.session_staging(user, id, session));
-            rows.sort_unstable_by(|a: &StagingRow<'_>, b: &StagingRow<'_>| {
+            rows.sort_unstable_by(|(_, a): &(Sym, StagingRow<'_>), (_, b)| {
                 (a.execution_datetime, a.process_id, a.agent_id, a.tool_id).cmp(&(b.execution_datetime, b.process_id, b.agent_id, b.tool_id))
             });
-            rows.iter().try_for_each(&mut f)?;
+            rows.iter().try_for_each(|(parts, row)| f(row, StagingKey { session: i, parts: *parts }))?;
         }
         Ok(())
     }
+}
+
+/// What a staging row shares with others, so that a writer can render it once: rows of
+/// one session come one after the other with the same `session`, and rows with the same
+/// `parts` have the same process, domain, agent and tool ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StagingKey {
+    /// The session's place in the order.
+    pub session: usize,
+    /// The row's interned SK, below [`StagingOrder::parts`].
+    pub parts: u32,
+}
+
+/// The first 16 bytes of `id` (zeros past its end) as two big-endian integers: they
+/// compare as the bytes do, so ids compare without being read again unless these tie.
+/// (Not one `u128`, whose alignment would make every entry of the order 64 bytes.)
+fn id_prefix(id: &str) -> (u64, u64) {
+    let mut bytes = [0u8; 16];
+    let n = id.len().min(16);
+    bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
+    let (high, low) = bytes.split_at(8);
+    (u64::from_be_bytes(high.try_into().expect("8 bytes")), u64::from_be_bytes(low.try_into().expect("8 bytes")))
 }
 
 /// Asks the processor to start loading the first cache lines of `items`, without waiting.
@@ -315,17 +342,32 @@ fn prefetch<T>(items: &[T]) {
 impl Engine {
     /// The staging table's order: sessions sorted by user, then session id.
     pub fn staging_order(&self) -> StagingOrder<'_> {
-        // Rank users once, so that sessions compare by an integer before their id.
-        let mut users: Vec<Sym> = self.sessions.iter().map(|s| s.user).collect();
-        users.sort_unstable();
-        users.dedup();
-        users.sort_unstable_by(|&a, &b| self.strings.get(a).cmp(self.strings.get(b)));
-        let mut rank = vec![0u32; self.strings.len()];
-        for (i, &u) in users.iter().enumerate() {
-            rank[u as usize] = i as u32;
+        // Users sorted once; sessions are then dealt into their user's place (a counting
+        // sort, one pass) and only each user's few sessions are sorted by id.
+        let mut per_user = vec![0u32; self.strings.len()];
+        for s in &self.sessions {
+            per_user[s.user as usize] += 1;
         }
-        let mut sessions: Vec<_> = self.sessions.iter().map(|s| (rank[s.user as usize], s.session_id(), s.user, &s.rows[..])).collect();
-        sessions.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        let mut users: Vec<Sym> = (0..per_user.len() as Sym).filter(|&u| per_user[u as usize] > 0).collect();
+        users.sort_unstable_by(|&a, &b| self.strings.get(a).cmp(self.strings.get(b)));
+        // `per_user` becomes where each user's sessions start.
+        let mut next = 0;
+        let mut bounds = Vec::with_capacity(users.len() + 1);
+        for &u in &users {
+            bounds.push(next);
+            next += std::mem::replace(&mut per_user[u as usize], next);
+        }
+        bounds.push(next);
+        let mut sessions = vec![((0, 0), "", 0, &[][..]); self.sessions.len()];
+        for s in &self.sessions {
+            let at = &mut per_user[s.user as usize];
+            let id = s.session_id();
+            sessions[*at as usize] = (id_prefix(id), id, s.user, &s.rows[..]);
+            *at += 1;
+        }
+        for w in bounds.windows(2) {
+            sessions[w[0] as usize..w[1] as usize].sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+        }
         StagingOrder { engine: self, sessions }
     }
 
@@ -333,7 +375,7 @@ impl Engine {
     pub fn staging_sorted(&self) -> Vec<StagingRow<'_>> {
         let order = self.staging_order();
         let mut out = Vec::new();
-        let _ = order.visit::<()>(0..order.len(), |r| {
+        let _ = order.visit::<()>(0..order.len(), |r, _| {
             out.push(r.clone());
             Ok(())
         });
