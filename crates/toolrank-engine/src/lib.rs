@@ -322,6 +322,9 @@ pub struct Engine {
     /// What changed since the last [`Engine::delta_saved`], when tracking.
     #[serde(skip)]
     delta: Option<DeltaTracker>,
+    /// The last `ToolNM` symbol of a row of each SK ([`Engine::tool_nm`]).
+    #[serde(skip)]
+    sk_tool_nm: Vec<Sym>,
 }
 
 /// A snapshot of version 6: the same state, the sessions before the aggregates.
@@ -585,7 +588,7 @@ impl Engine {
     fn apply_hist(&mut self, sk: Sym, session: Option<u32>, hash: u64, user: &str, change: &Change<'_>) -> Applied {
         let seq = change.seq.map(Seq::from);
         let data = match &change.action {
-            Action::Put(Entity::Execution(e)) => Some(RowData { tool_nm: self.strings.intern(&e.tool_nm), at: e.at, success: e.success }),
+            Action::Put(Entity::Execution(e)) => Some(RowData { tool_nm: self.tool_nm(sk, &e.tool_nm), at: e.at, success: e.success }),
             Action::Put(_) | Action::Delete { .. } => None,
         };
         let agent = self.sks[sk as usize].agent;
@@ -638,6 +641,23 @@ impl Engine {
             d.sessions.insert(idx);
         }
         applied
+    }
+
+    /// The symbol of `name`, the `ToolNM` of a row of `sk`: the SK's last one when that
+    /// is the same name (nearly always: an SK names its tool), found without hashing it.
+    /// Checked by value, so it holds across renumbered names.
+    fn tool_nm(&mut self, sk: Sym, name: &str) -> Sym {
+        if let Some(&last) = self.sk_tool_nm.get(sk as usize) {
+            if (last as usize) < self.strings.len() && *self.strings.get(last) == *name {
+                return last;
+            }
+        }
+        let sym = self.strings.intern(name);
+        if self.sk_tool_nm.len() <= sk as usize {
+            self.sk_tool_nm.resize(sk as usize + 1, Sym::MAX);
+        }
+        self.sk_tool_nm[sk as usize] = sym;
+        sym
     }
 
     fn apply_metadata(&mut self, change: &Change<'_>) -> Applied {
@@ -1757,5 +1777,54 @@ mod tests {
         let mut want: Vec<(&str, &str)> = pks.iter().map(|pk| pk.split_once('#').unwrap()).collect();
         want.sort();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_row_keeps_its_own_tool_name_whatever_its_sk_had_before() {
+        let mut e = Engine::new();
+        e.apply(&Change {
+            pk: Cow::Borrowed("AGT1"),
+            sk: Cow::Borrowed(METADATA_SK),
+            seq: None,
+            action: Action::Put(Entity::Agent(AgentItem { domain_id: Cow::Borrowed("D"), name: None, partial: false })),
+        });
+        let put = |pk: String, tool: &str| Change {
+            pk: Cow::Owned(pk),
+            sk: Cow::Borrowed("PRC001#AGT1#TL1"),
+            seq: None,
+            action: Action::Put(Entity::Execution(Execution {
+                tool_nm: Cow::Owned(tool.to_owned()),
+                at: Timestamp::parse("20250614140605").unwrap(),
+                success: true,
+            })),
+        };
+        let delete = |pk: String| Change { pk: Cow::Owned(pk), sk: Cow::Borrowed("PRC001#AGT1#TL1"), seq: None, action: Action::Delete { ttl: false } };
+        let tools = |e: &Engine| e.staging_sorted().iter().map(|r| (r.user_id.to_owned(), r.tool_nm.to_owned())).collect::<Vec<_>>();
+        e.apply(&put("U1#S".into(), "FIND"));
+        e.apply(&put("U2#S".into(), "SEARCH"));
+        e.apply(&put("U3#S".into(), "SEARCH"));
+        e.apply(&put("U4#S".into(), "FIND"));
+        e.flush();
+        let want = |names: &[(&str, &str)]| names.iter().map(|(u, t)| (u.to_string(), t.to_string())).collect::<Vec<_>>();
+        assert_eq!(tools(&e), want(&[("U1", "FIND"), ("U2", "SEARCH"), ("U3", "SEARCH"), ("U4", "FIND")]));
+        // Names renumbered under the SK's last name: rows still get theirs.
+        for u in 0..NAMES_MIN + 10 {
+            e.apply(&put(format!("X{u}#S"), &format!("T{u}")));
+        }
+        e.flush();
+        for u in 0..NAMES_MIN + 10 {
+            e.apply(&delete(format!("X{u}#S")));
+        }
+        e.flush();
+        assert!(e.collect_names() > 0);
+        e.apply(&put("U5#S".into(), "FIND"));
+        e.apply(&put("U6#S".into(), &format!("T{}", NAMES_MIN + 9)));
+        e.apply(&put("U7#S".into(), "SEARCH"));
+        e.flush();
+        let names = [("U1", "FIND"), ("U2", "SEARCH"), ("U3", "SEARCH"), ("U4", "FIND"), ("U5", "FIND")];
+        let mut expected = want(&names);
+        expected.push(("U6".into(), format!("T{}", NAMES_MIN + 9)));
+        expected.push(("U7".into(), "SEARCH".into()));
+        assert_eq!(tools(&e), expected);
     }
 }
