@@ -1618,6 +1618,27 @@ mod tests {
         Change { pk: Cow::Borrowed("U#S"), sk: Cow::Borrowed("P#A#T"), seq, action }
     }
 
+    /// The Agent item of `AGT1`.
+    fn agent1() -> Change<'static> {
+        Change {
+            pk: Cow::Borrowed("AGT1"),
+            sk: Cow::Borrowed(METADATA_SK),
+            seq: None,
+            action: Action::Put(Entity::Agent(AgentItem { domain_id: Cow::Borrowed("D"), name: None, partial: false })),
+        }
+    }
+
+    /// A row of `AGT1` in the session `pk`: run with `tool` and `success`, or removed.
+    fn agent1_row(pk: String, tool: &str, success: Option<bool>) -> Change<'static> {
+        let action = match success {
+            Some(success) => {
+                Action::Put(Entity::Execution(Execution { tool_nm: Cow::Owned(tool.to_owned()), at: Timestamp::parse("20250614140605").unwrap(), success }))
+            }
+            None => Action::Delete { ttl: false },
+        };
+        Change { pk: Cow::Owned(pk), sk: Cow::Borrowed("PRC001#AGT1#TL1"), seq: None, action }
+    }
+
     #[test]
     fn a_key_is_checked_unless_its_session_and_sk_are_both_held() {
         let with_key = |pk: &'static str, sk: &'static str| Change { pk: Cow::Borrowed(pk), sk: Cow::Borrowed(sk), ..hist(None, Some(true)) };
@@ -1658,24 +1679,9 @@ mod tests {
 
     #[test]
     fn names_nothing_refers_to_are_collected_and_results_stay() {
-        let run = |user: usize, success: Option<bool>| Change {
-            pk: Cow::Owned(format!("USR{user}#S{user}")),
-            sk: Cow::Borrowed("PRC001#AGT1#TL1"),
-            seq: None,
-            action: match success {
-                Some(success) => {
-                    Action::Put(Entity::Execution(Execution { tool_nm: Cow::Borrowed("T"), at: Timestamp::parse("20250614140605").unwrap(), success }))
-                }
-                None => Action::Delete { ttl: false },
-            },
-        };
+        let run = |user: usize, success: Option<bool>| agent1_row(format!("USR{user}#S{user}"), "T", success);
         let (mut e, mut global) = (Engine::new(), Engine::new());
-        e.apply(&Change {
-            pk: Cow::Borrowed("AGT1"),
-            sk: Cow::Borrowed(METADATA_SK),
-            seq: None,
-            action: Action::Put(Entity::Agent(AgentItem { domain_id: Cow::Borrowed("D"), name: None, partial: false })),
-        });
+        e.apply(&agent1());
         for u in 0..100 {
             e.apply(&run(u, Some(u % 3 != 0)));
         }
@@ -1743,29 +1749,14 @@ mod tests {
     #[test]
     fn staging_rows_come_by_user_then_session_id_however_long_the_ids() {
         let mut e = Engine::new();
-        e.apply(&Change {
-            pk: Cow::Borrowed("AGT1"),
-            sk: Cow::Borrowed(METADATA_SK),
-            seq: None,
-            action: Action::Put(Entity::Agent(AgentItem { domain_id: Cow::Borrowed("D"), name: None, partial: false })),
-        });
+        e.apply(&agent1());
         // Ids that tie on their first 16 bytes, end inside them, or hold a zero byte
         // there; users with many sessions and with one; a session in a freed slot.
         let ids = ["SESS202505160000062", "SESS202505160000061", "SESS2025051600000", "SESS202505160000", "SESS20250516000", "A", "A\0", "Z"];
         let users = ["USR2", "USR10", "USR1", "사용자"];
         let mut pks: Vec<String> = users.iter().flat_map(|u| ids.iter().map(move |i| format!("{u}#{i}"))).collect();
         pks.push("USR3#only".into());
-        let put = |pk: &str, success| Change {
-            pk: Cow::Owned(pk.to_owned()),
-            sk: Cow::Borrowed("PRC001#AGT1#TL1"),
-            seq: None,
-            action: match success {
-                Some(success) => {
-                    Action::Put(Entity::Execution(Execution { tool_nm: Cow::Borrowed("T"), at: Timestamp::parse("20250614140605").unwrap(), success }))
-                }
-                None => Action::Delete { ttl: false },
-            },
-        };
+        let put = |pk: &str, success| agent1_row(pk.to_owned(), "T", success);
         for pk in pks.iter().rev() {
             e.apply(&put(pk, Some(true)));
         }
@@ -1782,23 +1773,9 @@ mod tests {
     #[test]
     fn a_row_keeps_its_own_tool_name_whatever_its_sk_had_before() {
         let mut e = Engine::new();
-        e.apply(&Change {
-            pk: Cow::Borrowed("AGT1"),
-            sk: Cow::Borrowed(METADATA_SK),
-            seq: None,
-            action: Action::Put(Entity::Agent(AgentItem { domain_id: Cow::Borrowed("D"), name: None, partial: false })),
-        });
-        let put = |pk: String, tool: &str| Change {
-            pk: Cow::Owned(pk),
-            sk: Cow::Borrowed("PRC001#AGT1#TL1"),
-            seq: None,
-            action: Action::Put(Entity::Execution(Execution {
-                tool_nm: Cow::Owned(tool.to_owned()),
-                at: Timestamp::parse("20250614140605").unwrap(),
-                success: true,
-            })),
-        };
-        let delete = |pk: String| Change { pk: Cow::Owned(pk), sk: Cow::Borrowed("PRC001#AGT1#TL1"), seq: None, action: Action::Delete { ttl: false } };
+        e.apply(&agent1());
+        let put = |pk: String, tool: &str| agent1_row(pk, tool, Some(true));
+        let delete = |pk: String| agent1_row(pk, "", None);
         let tools = |e: &Engine| e.staging_sorted().iter().map(|r| (r.user_id.to_owned(), r.tool_nm.to_owned())).collect::<Vec<_>>();
         e.apply(&put("U1#S".into(), "FIND"));
         e.apply(&put("U2#S".into(), "SEARCH"));

@@ -261,8 +261,11 @@ pub struct StagingOrder<'e> {
     /// ([`id_prefix`] of the session id, session id, user, the session's rows) in order:
     /// the rows are held here so that visiting them in this order, unrelated to where
     /// sessions live, waits for their memory only once and can ask for it ahead.
-    sessions: Vec<((u64, u64), &'e str, Sym, &'e [crate::Row])>,
+    sessions: Vec<Placed<'e>>,
 }
+
+/// A session in the staging order: [`id_prefix`] of its id, its id, user and rows.
+type Placed<'e> = ((u64, u64), &'e str, Sym, &'e [crate::Row]);
 
 /// How many sessions ahead `visit` asks for the memory of rows and ids.
 const PREFETCH_AHEAD: usize = 6;
