@@ -192,15 +192,13 @@ fn json_fields(fields: &[(&str, &str)], out: &mut Vec<u8>) {
 /// One pattern row as a JSON line, byte for byte what serde writes for [`PatternRow`]
 /// (the second-largest table).
 fn pattern_json<S: AsRef<str>>(r: &PatternRow<S>, out: &mut Vec<u8>) {
-    for (key, value) in [
-        ("{\"userid\":", &r.user_id),
-        (",\"process_pattern\":", &r.process_pattern),
-        (",\"agent_sequence\":", &r.agent_sequence),
-        (",\"tool_sequence\":", &r.tool_sequence),
-    ] {
-        out.extend_from_slice(key.as_bytes());
-        json_str(value.as_ref(), out);
-    }
+    let names = [
+        ("{\"userid\":", r.user_id.as_ref()),
+        (",\"process_pattern\":", r.process_pattern.as_ref()),
+        (",\"agent_sequence\":", r.agent_sequence.as_ref()),
+        (",\"tool_sequence\":", r.tool_sequence.as_ref()),
+    ];
+    json_fields(&names, out);
     for (key, n) in [(",\"execution_count\":", r.execution_count), (",\"success_count\":", r.success_count)] {
         out.extend_from_slice(key.as_bytes());
         out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
