@@ -197,7 +197,7 @@ impl ConsumerContext for Rebalances {
         self.events.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// The outcome of an offset commit sent without waiting (see `Consumer_::commit`).
+    /// The outcome of an offset commit (see `Kafka::commit`).
     fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, _: &TopicPartitionList) {
         if let Err(e) = result {
             warn!(error = %e, "committing offsets failed");
@@ -886,14 +886,16 @@ impl Kafka {
             self.release(writer, p);
             self.fenced.insert(p, Instant::now());
         }
-        self.commit(wait)
+        self.commit()
     }
 
     /// Commits the offsets of the checkpointed partitions. The checkpoint, not the
     /// committed offset, is where a restart resumes: the commit only shows the group's
-    /// progress to Kafka tools, so the loop does not wait for it (a round trip to the
-    /// broker, up to tens of milliseconds) unless `wait` (the last).
-    fn commit(&mut self, wait: bool) -> Result<(), Error> {
+    /// progress to Kafka tools, so it is never waited for. A synchronous commit waits
+    /// without end while the group has no coordinator (seen at a stop that fell into a
+    /// rebalance); the last one is delivered by leaving the group, which waits for
+    /// outstanding commits within `LEAVE_WAIT`.
+    fn commit(&mut self) -> Result<(), Error> {
         let mut tpl = TopicPartitionList::new();
         for (&p, part) in &self.parts {
             if part.saved_offset > 0 {
@@ -901,7 +903,7 @@ impl Kafka {
             }
         }
         if tpl.count() > 0 {
-            if let Err(e) = self.consumer.commit(&tpl, if wait { CommitMode::Sync } else { CommitMode::Async }) {
+            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
                 warn!(error = %e, "committing offsets failed");
             }
         }
