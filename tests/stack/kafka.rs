@@ -621,8 +621,9 @@ fn a_deposed_sink_holders_late_writes_are_refused_and_the_sinks_stay_exact() {
     let written = |c: &Proxied| Some(scrape(&c.metrics)).filter(|m| m.contains(rounds)).map_or(0, |m| count_after(&m, rounds));
     // The holder's lease (5 s) lapses while its requests wait; the other takes it within a
     // second, claims its fencing token in the sink table and writes. The hold starts with a
-    // sink round of the holder (so that round is among the requests waiting, not only reads
-    // of checkpoints) and ends once the other has written, within 9.5 s: under the SDK's
+    // sink round of the holder, a transaction that names the sink table (a checkpoint's
+    // names the state table): that round is among the requests waiting, not only reads and
+    // writes of checkpoints. It ends once the other has written, within 9.5 s: under the SDK's
     // 10 s attempt timeout, so the holder still waits for that round's reply when it
     // arrives. When the other has not written by then (a busy machine), the late round may
     // arrive before the other's claim and is rightly taken: the roles swap and it is tried
@@ -632,7 +633,7 @@ fn a_deposed_sink_holders_late_writes_are_refused_and_the_sinks_stay_exact() {
         std::thread::sleep(Duration::from_secs(2));
         let (holder, other) = if a.holds() { (&a, &b) } else { (&b, &a) };
         let before = written(other);
-        holder.dynamodb.hold_from_next_write();
+        holder.dynamodb.hold_from_next_write_to(&live.table);
         let armed_since = Instant::now();
         while !holder.dynamodb.is_holding() {
             assert!(armed_since.elapsed() < Duration::from_secs(30), "the holder sent no sink round:\n{}", holder.run.said());

@@ -11,8 +11,9 @@ pub struct FaultyProxy {
     pub failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// While set, what clients send waits in the proxy (a network that stalls).
     pub holding: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// While set, the next `TransactWriteItems` request (a sink write) starts holding.
-    pub armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// While set, the next `TransactWriteItems` request that names this table starts
+    /// holding (a sink write, told from a checkpoint's write to the state table).
+    pub armed: std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>,
     /// Milliseconds each `Query` request waits before it goes on (0: none).
     pub query_delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// `Query` requests delayed so far.
@@ -33,7 +34,7 @@ impl FaultyProxy {
         let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let holding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let hold = holding.clone();
-        let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let armed = std::sync::Arc::new(std::sync::Mutex::new(None::<Vec<u8>>));
         let arm = armed.clone();
         let query_delay_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let delayed_queries = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -72,9 +73,18 @@ impl FaultyProxy {
                     // Each chunk a client sends waits while the proxy holds; replies pass.
                     let up = async move {
                         let mut buf = vec![0u8; 1 << 16];
+                        // Whether the request being sent is a transaction (its body may
+                        // come in chunks after its head).
+                        let mut transaction = false;
                         while let Ok(n @ 1..) = from_client.read(&mut buf).await {
-                            if buf[..n].windows(18).any(|w| w == b"TransactWriteItems") && arm.swap(false, std::sync::atomic::Ordering::SeqCst) {
-                                hold.store(true, std::sync::atomic::Ordering::SeqCst);
+                            let chunk = &buf[..n];
+                            transaction = chunk.windows(18).any(|w| w == b"TransactWriteItems") || (transaction && !chunk.starts_with(b"POST "));
+                            if transaction {
+                                let mut armed = arm.lock().unwrap();
+                                if armed.as_ref().is_some_and(|table| chunk.windows(table.len()).any(|w| w == table.as_slice())) {
+                                    *armed = None;
+                                    hold.store(true, std::sync::atomic::Ordering::SeqCst);
+                                }
                             }
                             let wait = delay.load(std::sync::atomic::Ordering::SeqCst);
                             if wait > 0 && buf[..n].windows(14).any(|w| w == b"20120810.Query") {
@@ -116,9 +126,10 @@ impl FaultyProxy {
         self.holding.store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Holds from the next sink write on: that write and all after it wait.
-    pub fn hold_from_next_write(&self) {
-        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    /// Holds from the next transaction that writes `table` on (a sink write, not a
+    /// checkpoint's): that write and all after it wait.
+    pub fn hold_from_next_write_to(&self, table: &str) {
+        *self.armed.lock().unwrap() = Some(format!("\"{table}\"").into_bytes());
     }
 
     /// Makes each `Query` request from now on wait `delay` before it goes on.
