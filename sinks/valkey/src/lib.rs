@@ -635,6 +635,40 @@ fn zadd(pipe: &mut Packed, key: &str, members: &[Member<'_>]) {
     }
 }
 
+/// How many times a reader reads a listing whose members a write removed before their
+/// figures were read ([`listed`]).
+const LIST_READS: usize = 3;
+
+/// Reads the members a ranking or set lists (`list`), then each member's figures (`read`,
+/// `None`: no such member). The two reads are apart, so a write may remove a member in
+/// between: the listing is then read again, up to [`LIST_READS`] times in all; `Err` with
+/// a member still missing at the last.
+fn listed<C, T>(
+    ctx: &mut C,
+    list: impl Fn(&mut C) -> Result<Vec<String>, Error>,
+    read: impl Fn(&mut C, &str) -> Result<Option<T>, Error>,
+) -> Result<Result<Vec<T>, String>, Error> {
+    let mut missing = None;
+    for _ in 0..LIST_READS {
+        let ids = list(ctx)?;
+        let mut all = Vec::with_capacity(ids.len());
+        missing = None;
+        for id in ids {
+            match read(ctx, &id)? {
+                Some(figures) => all.push(figures),
+                None => {
+                    missing = Some(id);
+                    break;
+                }
+            }
+        }
+        if missing.is_none() {
+            return Ok(Ok(all));
+        }
+    }
+    Ok(Err(missing.unwrap_or_default()))
+}
+
 /// Reads what a Valkey sink holds under `prefix`.
 pub struct ValkeyReader {
     conn: Following,
@@ -773,18 +807,32 @@ impl ValkeyReader {
         std::iter::once(self.prefix.as_str()).chain(parts.iter().copied()).collect::<Vec<_>>().join(":")
     }
 
+    /// [`listed`], a member still missing at the last read an error.
+    fn each<T>(
+        &mut self,
+        what: &'static str,
+        list: impl Fn(&mut Self) -> Result<Vec<String>, Error>,
+        read: impl Fn(&mut Self, &str) -> Result<Option<T>, Error>,
+    ) -> Result<Vec<T>, Error> {
+        listed(self, list, read)?.map_err(|id| Error::Data { what, key: self.key(&[what, &id]), reason: format!("listed but not found, {LIST_READS} times") })
+    }
+
     /// A domain's agents, best first, up to `limit` (0: all).
     pub fn top_agents(&mut self, domain: &str, limit: usize) -> Result<Vec<AgentFigures>, Error> {
-        let ids: Vec<String> = self.conn.zrevrange(self.key(&["agents", domain]), 0, limit as isize - 1)?;
-        ids.iter().map(|id| self.agent(id)).collect()
+        let ranking = self.key(&["agents", domain]);
+        self.each("agent", |r| Ok(r.conn.zrevrange(&ranking, 0, limit as isize - 1)?), Self::agent_if_any)
     }
 
     /// One agent's figures, with its tools.
     pub fn agent(&mut self, id: &str) -> Result<AgentFigures, Error> {
+        self.agent_if_any(id)?.ok_or_else(|| Error::Data { what: "agent", key: self.key(&["agent", id]), reason: "not found".into() })
+    }
+
+    fn agent_if_any(&mut self, id: &str) -> Result<Option<AgentFigures>, Error> {
         let key = self.key(&["agent", id]);
         let h: HashMap<String, String> = self.conn.hgetall(&key)?;
         if h.is_empty() {
-            return Err(Error::Data { what: "agent", key, reason: "not found".into() });
+            return Ok(None);
         }
         let tools: HashMap<String, String> = self.conn.hgetall(self.key(&["toolfigures", id]))?;
         let mut tools: Vec<ToolFigures> = tools
@@ -798,7 +846,7 @@ impl ValkeyReader {
             })
             .collect::<Result<_, _>>()?;
         tools.sort_unstable_by(|a, b| a.tool_nm.cmp(&b.tool_nm));
-        Ok(AgentFigures {
+        Ok(Some(AgentFigures {
             agent_id: id.to_owned(),
             domain_id: field(&h, "domain", "agent", &key)?,
             agent_name: h.get("name").cloned(),
@@ -809,13 +857,13 @@ impl ValkeyReader {
             failed_rows: field(&h, "failed_rows", "agent", &key)?,
             failed_tools: h.get("failed_tools").filter(|s| !s.is_empty()).map(|s| s.split(", ").map(str::to_owned).collect()).unwrap_or_default(),
             tools,
-        })
+        }))
     }
 
     /// Every agent.
     pub fn agents(&mut self) -> Result<Vec<AgentFigures>, Error> {
-        let ids: Vec<String> = self.conn.smembers(self.key(&["agent-ids"]))?;
-        ids.iter().map(|id| self.agent(id)).collect()
+        let set = self.key(&["agent-ids"]);
+        self.each("agent", |r| Ok(r.conn.smembers(&set)?), Self::agent_if_any)
     }
 
     /// Pattern figures of `user` (or of everyone), best first, up to `limit` (0: all).
@@ -824,15 +872,17 @@ impl ValkeyReader {
             Some(u) => self.key(&["patterns", u]),
             None => self.key(&["patterns"]),
         };
-        let ids: Vec<String> = self.conn.zrevrange(key, 0, limit as isize - 1)?;
-        ids.iter().map(|id| self.pattern(id)).collect()
+        self.each("pattern", |r| Ok(r.conn.zrevrange(&key, 0, limit as isize - 1)?), Self::pattern)
     }
 
-    fn pattern(&mut self, id: &str) -> Result<PatternFigures, Error> {
+    fn pattern(&mut self, id: &str) -> Result<Option<PatternFigures>, Error> {
         let key = self.key(&["pattern", id]);
         let h: HashMap<String, String> = self.conn.hgetall(&key)?;
+        if h.is_empty() {
+            return Ok(None);
+        }
         let what = "pattern";
-        Ok(PatternFigures {
+        Ok(Some(PatternFigures {
             user_id: field(&h, "user", what, &key)?,
             process_pattern: field(&h, "process_pattern", what, &key)?,
             agent_id: field(&h, "agent", what, &key)?,
@@ -841,7 +891,7 @@ impl ValkeyReader {
             successes: field(&h, "successes", what, &key)?,
             first: day_field(&h, "first", what, &key)?,
             last: day_field(&h, "last", what, &key)?,
-        })
+        }))
     }
 
     /// Every pattern.
@@ -969,6 +1019,35 @@ impl toolrank_sink::Sink for ValkeySink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store whose listing names `b` until `removed` listings were read, while `b`'s
+    /// figures are gone from the start (a write removed it between the reads).
+    struct Store {
+        listings: usize,
+        removed: usize,
+    }
+
+    fn read_listed(store: &mut Store) -> Result<Result<Vec<String>, String>, Error> {
+        let list = |s: &mut Store| {
+            s.listings += 1;
+            Ok(if s.listings > s.removed { vec!["a".to_owned()] } else { vec!["a".to_owned(), "b".to_owned()] })
+        };
+        listed(store, list, |_, id| Ok((id == "a").then(|| id.to_uppercase())))
+    }
+
+    #[test]
+    fn a_member_removed_between_the_listing_and_its_figures_is_read_again() {
+        let mut store = Store { listings: 0, removed: 0 };
+        assert_eq!(read_listed(&mut store).unwrap(), Ok(vec!["A".to_owned()]));
+        assert_eq!(store.listings, 1);
+        let mut store = Store { listings: 0, removed: LIST_READS - 1 };
+        assert_eq!(read_listed(&mut store).unwrap(), Ok(vec!["A".to_owned()]), "the last listing no longer names b");
+        assert_eq!(store.listings, LIST_READS);
+        // Listed at every read, never found: an error that names it.
+        let mut store = Store { listings: 0, removed: LIST_READS };
+        assert_eq!(read_listed(&mut store).unwrap(), Err("b".to_owned()));
+        assert_eq!(store.listings, LIST_READS);
+    }
 
     /// The hand-encoded pattern commands are byte for byte what redis-rs encodes.
     #[test]
