@@ -6,7 +6,7 @@ use std::time::Duration;
 
 #[test]
 fn dynamodb_streams_poller_equals_replay_and_its_own_writes_change_nothing() {
-    let live = Live::new("1");
+    let live = Live::with_stream("1");
     let history = live.dir.path().join("history.jsonl");
     let history = history.to_str().unwrap();
     live.toolrank(&["generate", "--sessions", "400", "--seed", "11", "--agents", "30", "--out", history]);
@@ -26,7 +26,7 @@ fn dynamodb_streams_poller_equals_replay_and_its_own_writes_change_nothing() {
 
 #[test]
 fn dynamodb_streams_pollers_share_the_stream_and_take_over_from_a_killed_one() {
-    let live = Live::new("1");
+    let live = Live::with_stream("1");
     let history = live.dir.path().join("history.jsonl");
     let history = history.to_str().unwrap();
     live.toolrank(&["generate", "--sessions", "900", "--seed", "12", "--agents", "30", "--out", history]);
@@ -170,7 +170,7 @@ impl toolrank_consume_streams::ShardSource for Trimmed {
 #[test]
 fn a_trimmed_position_stops_its_tree_unless_gaps_are_skipped() {
     use toolrank_live::{LiveConfig, OnGap, Pacing, WriterConfig};
-    let live = Live::new("1");
+    let live = Live::with_stream("1");
     let history = live.dir.path().join("history.jsonl");
     live.toolrank(&["generate", "--sessions", "100", "--seed", "19", "--agents", "30", "--out", history.to_str().unwrap()]);
     live.toolrank(&["produce", "--to", "dynamodb", "--table", &live.table, history.to_str().unwrap()]);

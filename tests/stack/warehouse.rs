@@ -173,7 +173,7 @@ fn data_api_client_pages_reports_failures_and_cancels_on_timeout() {
 
 #[test]
 fn mirror_follows_the_dynamodb_stream_like_zero_etl() {
-    let live = Live::new("1");
+    let live = Live::with_stream("1");
     let history = live.dir.path().join("history.jsonl");
     let history = history.to_str().unwrap();
     live.toolrank(&["generate", "--sessions", "300", "--seed", "12", "--agents", "30", "--out", history]);

@@ -152,6 +152,8 @@ fn finish<S: Source>(source: &mut S, writer: &mut SinkWriter) -> Result<(), S::E
     // The input is not polled any more: the calls from here on have their own deadlines only.
     crate::deadline::polled(None);
     writer.finishing();
+    // Each step is logged with its time: a stop that nears --shutdown-secs shows where.
+    let started = Instant::now();
     // Exiting without the last checkpoint loses no data, but a restart would redo it.
     for _ in 0..10 {
         checkpoint(source, writer, true)?;
@@ -160,8 +162,11 @@ fn finish<S: Source>(source: &mut S, writer: &mut SinkWriter) -> Result<(), S::E
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+    info!(secs = started.elapsed().as_secs_f64(), saved = !source.dirty(), "stopping: the last checkpoints are done");
+    let started = Instant::now();
     let others = source.others();
     writer.finish(&others, &mut source.engines());
+    info!(secs = started.elapsed().as_secs_f64(), "stopping: the sinks' last write is done");
     source.release(writer);
     Ok(())
 }

@@ -56,6 +56,9 @@ pub struct SinkWriter {
 /// How many times a checkpoint is read before it counts as broken ([`SinkWriter::claim`]).
 const BROKEN_READS: u32 = 3;
 
+/// How long a stopping holder tries to bring the sinks up to date ([`SinkWriter::finish`]).
+const FINAL_WRITE_LIMIT: Duration = Duration::from_secs(180);
+
 impl SinkWriter {
     /// A writer contending for the sink lease of `lease_scope`: one writer per consumer
     /// group (or poller application).
@@ -401,8 +404,8 @@ impl SinkWriter {
 
     /// The last consumer to finish must write what all others saved: waits for the sink
     /// lease (taking or renewing it loads the others' latest checkpoints), writes until
-    /// the sinks acknowledge (up to 3 minutes, renewing the lease; lost meanwhile, its new
-    /// holder writes them), and releases the lease.
+    /// the sinks acknowledge (up to [`FINAL_WRITE_LIMIT`], renewing the lease; lost
+    /// meanwhile, its new holder writes them), and releases the lease.
     pub fn finish(&mut self, others: &[String], units: &mut [&mut Engine]) {
         let deadline = Instant::now() + self.config.lease * 3;
         loop {
@@ -416,8 +419,16 @@ impl SinkWriter {
             warn!("could not take the sink lease before exiting; its holder writes the sinks");
             return;
         }
-        let deadline = Instant::now() + Duration::from_secs(180);
-        while !self.flush(units.iter_mut().map(|e| &mut **e), true) && Instant::now() < deadline {
+        let deadline = Instant::now() + FINAL_WRITE_LIMIT;
+        while !self.flush(units.iter_mut().map(|e| &mut **e), true) {
+            if Instant::now() >= deadline {
+                // Nothing is lost: the checkpoints hold it, and the next holder writes it.
+                warn!(
+                    limit_secs = FINAL_WRITE_LIMIT.as_secs(),
+                    "the sinks' last write did not finish in time; the next holder of the sink lease writes what is left"
+                );
+                break;
+            }
             std::thread::sleep(Duration::from_millis(200));
             // Renewed between tries: a lease that lapsed while a sink refused would pass to
             // another consumer, and this one's writes would be refused until the deadline.
