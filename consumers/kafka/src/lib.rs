@@ -891,10 +891,10 @@ impl Kafka {
 
     /// Commits the offsets of the checkpointed partitions. The checkpoint, not the
     /// committed offset, is where a restart resumes: the commit only shows the group's
-    /// progress to Kafka tools, so it is never waited for. A synchronous commit waits
-    /// without end while the group has no coordinator (seen at a stop that fell into a
-    /// rebalance); the last one is delivered by leaving the group, which waits for
-    /// outstanding commits within `LEAVE_WAIT`.
+    /// progress to Kafka tools, so it is never waited for: librdkafka's synchronous commit
+    /// has no timeout and waits as long as the group has no coordinator. The last one is
+    /// delivered by leaving the group, which waits for outstanding commits within
+    /// `LEAVE_WAIT`.
     fn commit(&mut self) -> Result<(), Error> {
         let mut tpl = TopicPartitionList::new();
         for (&p, part) in &self.parts {
