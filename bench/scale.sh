@@ -73,12 +73,19 @@ run() {
   "$BIN/toolrank" produce --to dynamodb --table "$name" "$WORK/catalog.jsonl" >&2
   start=$SECONDS
   for i in $(seq "$n"); do
-    "$BIN/toolrank" --metrics-addr "127.0.0.1:$((19400 + i))" consume kafka \
+    # Under perf, a consumer waits stopped until perf has attached: its samples cover
+    # its whole run, from its first instruction.
+    ${profile:+sh -c 'kill -STOP $$; exec "$@"' sh} "$BIN/toolrank" --metrics-addr "127.0.0.1:$((19400 + i))" consume kafka \
       --topic "$RUN" --group "$name" --dead-letter-topic "$RUN-dl" --table "$name" --namespace "$name" --today "$TODAY" 2> "$WORK/$name-$i.log" &
     pids+=($!)
     if [ -n "$profile" ]; then
-      perf record -q -F 499 --call-graph dwarf,16384 -p "$!" -o "$WORK/$name-$i.perf" 2> /dev/null &
+      local pid=$!
+      until [ "$(ps -o stat= -p "$pid")" = T ]; do sleep 0.05; done
+      perf record -q -F 499 --call-graph dwarf,16384 -p "$pid" -o "$WORK/$name-$i.perf" 2> /dev/null &
       perfs+=($!)
+      until [ -s "$WORK/$name-$i.perf" ]; do sleep 0.05; done
+      sleep 0.5
+      kill -CONT "$pid"
     fi
   done
   # Who held the sink lease at each look while reading (one line per look).
