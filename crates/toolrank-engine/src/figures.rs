@@ -1,6 +1,7 @@
 //! The figures behind the report rows: what a sink stores so that the seed's tables can
 //! be rebuilt from it for any `today` (scores decay, figures do not).
 
+use crate::cut::{ScoreCensus, ScoreInputs};
 use crate::score::{self, AGENT_DECAY, PATTERN_DECAY};
 use crate::{Engine, PatternAggregate, PatternKey, Sym};
 use rustc_hash::FxHashMap;
@@ -152,26 +153,25 @@ impl Engine {
     }
 
     /// The recommended patterns for `today`: `pattern_score ≥ PERCENTILE_CONT(0.8)` over all
-    /// visible patterns, as in the report.
+    /// visible patterns, as in the report, the cuts taken from their [`ScoreCensus`].
     pub fn recommended(&self, today: Day) -> Recommended {
+        let mut census = ScoreCensus::default();
         let scored: Vec<(PatternKey, f64)> = self
             .aggregates
             .patterns
             .iter()
             .filter(|(k, _)| self.agent_meta(k.agent).is_some())
             .filter_map(|(&k, agg)| {
-                let last = agg.last_days.max()?;
-                Some((k, score::pattern_score(agg.executions as u64, agg.successes as u64, i64::from(today.0) - i64::from(last.0))))
+                let inputs = ScoreInputs { executions: agg.executions as u64, successes: agg.successes as u64, last: agg.last_days.max()? };
+                census.add(inputs);
+                Some((k, inputs.score(today)))
             })
             .collect();
-        let mut scores: Vec<f64> = scored.iter().map(|&(_, s)| s).collect();
-        let (Some(cut), Some(top)) =
-            (score::percentile_cont_unsorted(&mut scores, score::RECOMMEND_PERCENTILE), score::percentile_cont_unsorted(&mut scores, TOP_PERCENTILE))
-        else {
+        let Some(cuts) = census.cuts(today) else {
             return Recommended::default();
         };
         // One pass, one map: a sink plans from this at every round.
-        Recommended(scored.into_iter().filter(|&(_, s)| s >= cut).map(|(k, s)| (k, s >= top)).collect())
+        Recommended(scored.into_iter().filter(|&(_, s)| s >= cuts.recommend).map(|(k, s)| (k, s >= cuts.top)).collect())
     }
 
     /// An agent's figures, `None` unless it has a current Agent item.

@@ -17,6 +17,7 @@
 
 mod aggregate;
 mod copy;
+mod cut;
 mod figures;
 mod intern;
 mod report;
@@ -24,6 +25,7 @@ pub mod score;
 
 pub use aggregate::{AgentAggregate, Aggregates, Contribution, Contributions, DayHistogram, PatternAggregate, PatternKey, SymKind, Touched};
 pub use copy::AggregateCopy;
+pub use cut::{Cuts, ScoreCensus, ScoreInputs};
 pub use figures::{AgentFigures, PatternFigures, PatternView, Recommended, ToolFigures, TOP_PERCENTILE};
 pub use intern::{Interner, Sym};
 pub use report::{recommendation_cut, AgentScore, PatternRow, Report, SequenceNames, StagingKey, StagingOrder, StagingRow, ToolErrors};
