@@ -15,17 +15,21 @@
 # A group that has not read everything, or whose sinks do not equal replay, LIMIT seconds
 # after it started, or one of whose consumers exits early or fails to stop, fails the
 # script with the consumers' last log lines.
+# With SHARDS=N the consumers split the sink stage into N shards by user (`--sink-shards`):
+# each process is printed with the shards it holds, and the ratios are those of the
+# largest peak memory and CPU per event read to the smallest, over all members.
 # With PROFILE=1, the group of PROFILE_GROUP (2) runs once more under `perf record`
 # (Debian's linux-perf, call graphs; a state table and namespace of its own), and
 # bench/profile.py splits the sink holder's CPU, and the busiest other member's, by part
 # of the pipeline, in CPU µs per event of the group: what the holder pays on top.
 # Usage: bench/scale.sh   (SESSIONS=300000 gives ~1M events; PARTITIONS=8; COUNTS="1 2 4";
-#                          LIMIT=900; PROFILE=1, PROFILE_GROUP=2)
+#                          LIMIT=900; SHARDS=1; PROFILE=1, PROFILE_GROUP=2)
 set -euo pipefail
 SESSIONS="${SESSIONS:-300000}"
 PARTITIONS="${PARTITIONS:-8}"
 COUNTS="${COUNTS:-1 2 4}"
 LIMIT="${LIMIT:-900}"
+SHARDS="${SHARDS:-1}"
 if [ "${PROFILE:-0}" = 1 ] && ! command -v perf > /dev/null; then
   echo "PROFILE=1 needs perf (apt-get install linux-perf)" >&2
   exit 1
@@ -76,7 +80,7 @@ run() {
     # Under perf, a consumer waits stopped until perf has attached: its samples cover
     # its whole run, from its first instruction.
     ${profile:+sh -c 'kill -STOP $$; exec "$@"' sh} "$BIN/toolrank" --metrics-addr "127.0.0.1:$((19400 + i))" consume kafka \
-      --topic "$RUN" --group "$name" --dead-letter-topic "$RUN-dl" --table "$name" --namespace "$name" --today "$TODAY" 2> "$WORK/$name-$i.log" &
+      --topic "$RUN" --group "$name" --dead-letter-topic "$RUN-dl" --table "$name" --namespace "$name" --today "$TODAY" --sink-shards "$SHARDS" 2> "$WORK/$name-$i.log" &
     pids+=($!)
     if [ -n "$profile" ]; then
       local pid=$!
@@ -104,7 +108,7 @@ run() {
   fi
   for i in $(seq "$n"); do
     local pid="${pids[$((i - 1))]}"
-    echo "$(awk '{ print ($14 + $15) / 100 }' "/proc/$pid/stat") $(awk '/^VmHWM/ { print $2 }' "/proc/$pid/status") $(metric toolrank_messages_total "$n" "$i") $(grep -c "took the sink lease" "$WORK/$name-$i.log")" > "$WORK/$name-$i.figures"
+    echo "$(awk '{ print ($14 + $15) / 100 }' "/proc/$pid/stat") $(awk '/^VmHWM/ { print $2 }' "/proc/$pid/status") $(metric toolrank_messages_total "$n" "$i") $(grep -c "took the sink lease" "$WORK/$name-$i.log") $(metric toolrank_sink_lease_held "$n" "$i")" > "$WORK/$name-$i.figures"
   done
   # Each process's peak through the stop too (sampled until it exits): a member that
   # takes the sink lease over to write last reads every other member's aggregates and
@@ -131,16 +135,17 @@ run() {
     profiles "$n" "$name"
     return
   fi
-  python3 - "$n" "$EVENTS" "$WORK" "$read_secs" "$name" <<'PY'
+  python3 - "$n" "$EVENTS" "$WORK" "$read_secs" "$name" "$SHARDS" <<'PY'
 import sys
-n, events, work, read_secs, name = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], max(int(sys.argv[4]), 1), sys.argv[5]
+n, events, work, read_secs, name, shards = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], max(int(sys.argv[4]), 1), sys.argv[5], int(sys.argv[6])
 looks = [line.split() for line in open(f"{work}/{name}.holders")]
 holder = looks[-1][0] if len(looks[-1]) == 1 else None
 seen = {h for look in looks for h in look}
 procs = []
 stops = []
+held = {}
 for i in range(1, n + 1):
-    cpu, rss_kib, read, took = open(f"{work}/{name}-{i}.figures").read().split()
+    cpu, rss_kib, read, took, held[i] = open(f"{work}/{name}-{i}.figures").read().split()
     procs.append((float(cpu), int(rss_kib) / 1024, int(read), str(i) == holder))
     took_at_stop = open(f"{work}/{name}-{i}.log").read().count("took the sink lease") > int(took)
     stops.append((int(open(f"{work}/{name}-{i}.stop-peak").read()) / 1024, took_at_stop))
@@ -149,9 +154,17 @@ group = f"{n} consumer{'s' if n > 1 else ''}"
 print(f"{group}:{' ' * (22 - len(group))}{events / read_secs:,.0f} events/s (all read in {read_secs} s), {total:.1f} CPU s, {total * 1e6 / events:.1f} CPU µs/event")
 for i, (cpu, rss, read, is_holder) in enumerate(procs, 1):
     role = "sink holder" if is_holder else "consumer"
-    print(f"{group}, {role} {i}: {cpu:.1f} CPU s, {read:,} events read, {cpu * 1e6 / max(read, 1):.1f} CPU µs/event read, peak {rss:.0f} MiB")
+    if shards > 1:
+        role = f"consumer {i} (holds {held[i]} of {shards} sink shards)"
+    else:
+        role = f"{role} {i}"
+    print(f"{group}, {role}: {cpu:.1f} CPU s, {read:,} events read, {cpu * 1e6 / max(read, 1):.1f} CPU µs/event read, peak {rss:.0f} MiB")
 others = [p for p in procs if not p[3]]
-if holder and others:
+if shards > 1 and n > 1:
+    rss = [p[1] for p in procs]
+    per_event = [p[0] / max(p[2], 1) for p in procs]
+    print(f"{group}, largest/smallest: peak memory {max(rss) / min(rss):.2f}x, CPU per event read {max(per_event) / min(per_event):.2f}x")
+elif holder and others:
     h = next(p for p in procs if p[3])
     rss = max(o[1] for o in others)
     per_event = max(o[0] / max(o[2], 1) for o in others)

@@ -191,13 +191,19 @@ struct LiveArgs {
     /// (toolrank_source_gaps_total).
     #[arg(long, value_name = "POLICY", env = "TOOLRANK_ON_GAP", default_value = "stop", value_parser = ["stop", "skip"])]
     on_gap: String,
+    /// Splits the sink stage into N shards by user, each written by whichever consumer
+    /// holds its lease, so that the sink writes and the rankings' memory spread over the
+    /// group (docs/architecture.md, *Capacity*). Every consumer of a group must use the
+    /// same N.
+    #[arg(long, value_name = "N", env = "TOOLRANK_SINK_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    sink_shards: u32,
     #[command(flatten)]
     sinks: SinkArgs,
 }
 
 impl LiveArgs {
-    /// The shared settings, with leases lasting `lease`, and the sinks.
-    fn config(self, lease: Duration) -> Result<(toolrank_live::LiveConfig, Vec<toolrank_live::Wired>)> {
+    /// The shared settings, with leases lasting `lease`, and each sink shard's sinks.
+    fn config(self, lease: Duration) -> Result<(toolrank_live::LiveConfig, Vec<Vec<toolrank_live::Wired>>)> {
         let target = crate::namespace::target(&self.sinks);
         let sinks = toolrank_sink_wiring::SinkSettings {
             table: (!self.sinks.no_dynamodb).then(|| self.sinks.table.clone()),
@@ -226,7 +232,7 @@ impl LiveArgs {
             max_record_bytes: self.max_record_bytes,
             on_gap: self.on_gap.parse().map_err(anyhow::Error::msg)?,
         };
-        Ok((live, sinks.wire()?))
+        Ok((live, sinks.wire_shards(self.sink_shards)?))
     }
 }
 
@@ -260,7 +266,7 @@ struct PollerArgs {
 }
 
 impl PollerArgs {
-    fn config(self) -> Result<(toolrank_consume_streams::Config, Vec<toolrank_live::Wired>)> {
+    fn config(self) -> Result<(toolrank_consume_streams::Config, Vec<Vec<toolrank_live::Wired>>)> {
         let (live, sinks) = self.live.config(Duration::from_secs_f64(self.lease_secs))?;
         let config = toolrank_consume_streams::Config {
             application: self.application,

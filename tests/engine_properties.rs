@@ -6,7 +6,7 @@ mod common;
 
 use common::{canonical, evaluate, final_state, from_engine, Event, Item};
 use proptest::prelude::*;
-use toolrank_engine::{AggregateCopy, Aggregates, Contributions, Engine, StateError};
+use toolrank_engine::{shard_of, AggregateCopy, Aggregates, Contributions, Engine, Shards, StateError};
 use toolrank_events::{decode_line, Day};
 
 const TODAY: &str = "2025-07-14";
@@ -133,7 +133,7 @@ proptest! {
         let today = Day::parse_iso(TODAY).unwrap();
         let copied = |base: &[u8]| {
             let mut view = Engine::new();
-            view.absorb_copy(&mut AggregateCopy::from_log(base, &[]).expect("loads"));
+            view.absorb_copy(&mut AggregateCopy::from_log(base, &[], None).expect("loads"));
             view.report(today)
         };
         let report = engine.report(today);
@@ -182,6 +182,23 @@ fn sink_holds_figures(engine: &Engine, agents: SinkAgents, patterns: SinkPattern
     Ok(())
 }
 
+type Figures = (std::collections::BTreeMap<String, toolrank_engine::AgentFigures>, std::collections::BTreeMap<String, toolrank_engine::PatternFigures>);
+
+/// Every agent's and pattern's figures of `engine` (what a sink shows of it).
+fn figures(engine: &Engine) -> Figures {
+    let all = engine.everything();
+    let agents = all.agents.iter().filter_map(|&a| Some((engine.name(a).to_owned(), engine.agent_figures(a)?))).collect();
+    let patterns = all.patterns.iter().filter_map(|&k| engine.pattern_figures(k)).map(|f| (f.id(), f)).collect();
+    (agents, patterns)
+}
+
+/// [`figures`] of the agents and of the patterns of the users of `shard` of `count`.
+fn figures_of_shard(engine: &Engine, shard: u32, count: u32) -> Figures {
+    let (agents, mut patterns) = figures(engine);
+    patterns.retain(|_, f| shard_of(&f.user_id, count) == shard);
+    (agents, patterns)
+}
+
 /// An engine holding `sessions` one-execution sessions, applied in order.
 fn one_row_sessions(sessions: usize) -> Engine {
     let history: Vec<Event> = (0..sessions)
@@ -204,12 +221,12 @@ fn a_copy_read_again_unchanged_changes_nothing() {
     let base = engine.snapshot();
     let mut view = Engine::new();
     view.track_changes();
-    let mut copy = AggregateCopy::from_log(&base, &[]).expect("loads");
+    let mut copy = AggregateCopy::from_log(&base, &[], None).expect("loads");
     view.absorb_copy(&mut copy);
     let today = Day::parse_iso(TODAY).unwrap();
     let report = view.report(today);
     assert!(!view.take_changes().patterns.is_empty());
-    let mut again = AggregateCopy::from_log(&base, &[]).expect("loads");
+    let mut again = AggregateCopy::from_log(&base, &[], None).expect("loads");
     view.replace_copy(&mut copy, &mut again);
     let changes = view.take_changes();
     assert!(changes.agents.is_empty() && changes.patterns.is_empty(), "{changes:?}");
@@ -230,7 +247,7 @@ proptest! {
     /// Consumers of disjoint key ranges (Kafka partitions, stream shards) each keep an
     /// engine; summing their results gives the single-engine results.
     #[test]
-    fn partitioned_engines_merge_into_the_whole((history, order, ctl) in scenario(), parts in 1..4usize) {
+    fn partitioned_engines_merge_into_the_whole((history, order, ctl) in scenario(), parts in 1..4usize, shards in 1..4u32, live_sharded: bool) {
         let partition = |e: &Event| e.pk.bytes().map(usize::from).sum::<usize>() % parts;
         let mut engines: Vec<Engine> = (0..parts)
             .map(|_| {
@@ -243,14 +260,29 @@ proptest! {
         // reported changes would hold.
         let mut live = Engine::new();
         live.track_changes();
+        // The view of sink shard 0 only, where it is sharded: the units forward their
+        // changes to it as to a whole view.
+        if live_sharded {
+            live.keep_shards(Shards::only(0, shards));
+        }
         // Another consumer's view of the same units: copies of their aggregates, moved by
         // the deltas of their checkpoints.
-        let mut copies: Vec<AggregateCopy> = (0..parts).map(|_| AggregateCopy::from_log(&[], &[]).expect("empty log")).collect();
+        let mut copies: Vec<AggregateCopy> = (0..parts).map(|_| AggregateCopy::from_log(&[], &[], None).expect("empty log")).collect();
         let mut held = Engine::new();
         held.track_changes();
         for c in &mut copies {
             held.absorb_copy(c);
         }
+        // Each sink shard's holder of the same copies: its views keep its users' patterns only.
+        let mut sharded: Vec<(Engine, Vec<AggregateCopy>)> = (0..shards)
+            .map(|s| {
+                let (mut view, only) = (Engine::new(), Shards::only(s, shards));
+                view.keep_shards(only.clone());
+                let mut copies: Vec<AggregateCopy> = (0..parts).map(|_| AggregateCopy::from_log(&[], &[], Some(&only)).expect("empty log")).collect();
+                copies.iter_mut().for_each(|c| view.absorb_copy(c));
+                (view, copies)
+            })
+            .collect();
         let mut sink_agents = SinkAgents::new();
         let mut sink_patterns = SinkPatterns::new();
         let (mut held_agents, mut held_patterns) = (SinkAgents::new(), SinkPatterns::new());
@@ -277,6 +309,9 @@ proptest! {
                     engine.flush_into(&mut live);
                     for delta in engine.delta(usize::from(ctl[n] % 3) * 60) {
                         copies[p].apply_delta(&delta, Some(&mut held)).expect("applies");
+                        for (view, copies) in &mut sharded {
+                            copies[p].apply_delta(&delta, Some(view)).expect("applies");
+                        }
                     }
                     engine.delta_saved();
                     write_changes(&mut held, &mut held_agents, &mut held_patterns);
@@ -286,9 +321,15 @@ proptest! {
                 4 => {
                     engine.flush_into(&mut live);
                     engine.delta_saved();
-                    let mut fresh = AggregateCopy::from_log(&engine.snapshot(), &[]).expect("loads");
+                    let base = engine.snapshot();
+                    let mut fresh = AggregateCopy::from_log(&base, &[], None).expect("loads");
                     held.replace_copy(&mut copies[p], &mut fresh);
                     copies[p] = fresh;
+                    for (s, (view, copies)) in sharded.iter_mut().enumerate() {
+                        let mut fresh = AggregateCopy::from_log(&base, &[], Some(&Shards::only(s as u32, shards))).expect("loads");
+                        view.replace_copy(&mut copies[p], &mut fresh);
+                        copies[p] = fresh;
+                    }
                     write_changes(&mut held, &mut held_agents, &mut held_patterns);
                 }
                 _ => {}
@@ -298,6 +339,9 @@ proptest! {
             e.flush_into(&mut live);
             for delta in e.delta(usize::MAX) {
                 copies[p].apply_delta(&delta, Some(&mut held)).expect("applies");
+                for (view, copies) in &mut sharded {
+                    copies[p].apply_delta(&delta, Some(view)).expect("applies");
+                }
             }
             e.delta_saved();
         }
@@ -312,10 +356,38 @@ proptest! {
         let expected = whole.report(today);
         prop_assert_eq!(&merged.report(today), &expected);
         prop_assert_eq!(&held.report(today), &expected);
-        prop_assert_eq!(&live.report(today), &expected);
         // Sinks that write only the reported changes hold exactly the full figures.
-        sink_holds_figures(&live, sink_agents, sink_patterns)?;
         sink_holds_figures(&held, held_agents, held_patterns)?;
+        sink_holds_figures(&live, sink_agents, sink_patterns)?;
+        // A sharded view holds the whole's figures of its shard's users, every agent's,
+        // and the census of its patterns; the shards' censuses add up to the whole's.
+        let mut census = toolrank_engine::ScoreCensus::default();
+        for (s, (view, _)) in sharded.iter().enumerate() {
+            prop_assert_eq!(figures(view), figures_of_shard(&whole, s as u32, shards));
+            census.merge(&view.census());
+        }
+        prop_assert_eq!(census, whole.census());
+        if live_sharded {
+            prop_assert_eq!(figures(&live), figures_of_shard(&whole, 0, shards));
+        } else {
+            prop_assert_eq!(&live.report(today), &expected);
+        }
+        // A view of the units a writer owns, as it takes a shard and gives one up.
+        let mut units: Vec<Engine> = engines.iter_mut().map(|e| Engine::restore(&e.snapshot()).expect("restores")).collect();
+        let mut merged_shard = Engine::new();
+        merged_shard.keep_shards(Shards::only(shards - 1, shards));
+        for e in &mut units {
+            merged_shard.absorb(e);
+        }
+        prop_assert_eq!(figures(&merged_shard), figures_of_shard(&whole, shards - 1, shards));
+        merged_shard.take_shard(0, &mut units.iter_mut().collect::<Vec<_>>());
+        let (agents, mut both) = figures_of_shard(&whole, 0, shards);
+        both.append(&mut figures_of_shard(&whole, shards - 1, shards).1);
+        prop_assert_eq!(figures(&merged_shard), (agents, both));
+        if shards > 1 {
+            merged_shard.give_up_shard(shards - 1, shards);
+            prop_assert_eq!(figures(&merged_shard), figures_of_shard(&whole, 0, shards));
+        }
         // A partition that moves away is taken back out exactly.
         merged.unabsorb(&mut engines[0]);
         merged.absorb(&mut engines[0]);
@@ -410,7 +482,7 @@ fn share_a_delta_log(history: &[Event], order: &[usize], ctl: &[u8], containers:
     // following the whole log, one read from the last base and the deltas after it.
     let mut following = Engine::new();
     following.track_changes();
-    let mut copy = AggregateCopy::from_log(&[], &[]).expect("empty log");
+    let mut copy = AggregateCopy::from_log(&[], &[], None).expect("empty log");
     following.absorb_copy(&mut copy);
     for delta in &log {
         view.apply_delta(delta).expect("applies");
@@ -418,7 +490,7 @@ fn share_a_delta_log(history: &[Event], order: &[usize], ctl: &[u8], containers:
         copy.apply_delta(delta, Some(&mut following)).expect("applies");
     }
     let mut from_base = Engine::new();
-    from_base.absorb_copy(&mut AggregateCopy::from_log(&base, &log[base_at..]).expect("loads"));
+    from_base.absorb_copy(&mut AggregateCopy::from_log(&base, &log[base_at..], None).expect("loads"));
     let today = Day::parse_iso(TODAY).unwrap();
     let staging = format!("{:?}", view.staging_sorted());
     let mut results = vec![(merged.report(today), staging.clone())];
@@ -603,7 +675,7 @@ fn checkpoints_of_the_previous_format_still_restore() {
     restored.apply_delta(&delta).expect("a version 2 delta applies");
     assert_eq!(restored.report(today), expected);
     let mut view = Engine::new();
-    view.absorb_copy(&mut AggregateCopy::from_log(base, std::slice::from_ref(&delta)).expect("an old log loads as a copy"));
+    view.absorb_copy(&mut AggregateCopy::from_log(base, std::slice::from_ref(&delta), None).expect("an old log loads as a copy"));
     assert_eq!(view.report(today), expected);
     // An engine appending to a shared log cannot take such a delta's figures out of its
     // own: it must load the log instead.

@@ -892,6 +892,39 @@ fn a_member_joining_a_reading_group_reads_its_partitions_and_serves_its_counters
     assert!(said.contains("checkpoint claimed") && count_after(&said, "consumed ") > 0, "b read its partitions: {said}");
 }
 
+/// A group of two consumers with the sink stage split into three shards by user: both
+/// come to hold shards (each writes its users' keys, and keeps their figures only), the
+/// sinks reach replay's rankings while both run (the DynamoDB items chosen with the cuts
+/// agreed from every shard's census), and after both stop, the last one writing every
+/// shard, they still do.
+#[test]
+fn a_split_sink_stage_is_shared_by_the_group_and_the_sinks_equal_replay() {
+    let live = Live::new("4");
+    let history = generated(&live, "3000", "47");
+    let producer = live.producer("2000", &history);
+    let a = live.consumer(&["--id", "a", "--sink-shards", "3"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !a.said().contains("took the sink lease") {
+        assert!(Instant::now() < deadline, "{}", a.said());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let b = live.consumer(&["--id", "b", "--sink-shards", "3"]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !b.said().contains("took the sink lease") {
+        assert!(Instant::now() < deadline, "b never took a shard:\na:\n{}\nb:\n{}", a.said(), b.said());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(a.said().contains("gave a sink shard up"), "a gave b its share: {}", a.said());
+    assert!(producer.wait(COMMAND_LIMIT).status.success());
+    live.await_sinks_equal_replay(&history, None, Duration::from_secs(180), || format!("a:\n{}\nb:\n{}", a.said(), b.said()));
+    for member in [&a, &b] {
+        member.signal("-TERM");
+    }
+    let (a, b) = (a.wait(COMMAND_LIMIT), b.wait(COMMAND_LIMIT));
+    assert!(a.status.success() && b.status.success(), "a:\n{}\nb:\n{}", String::from_utf8_lossy(&a.stderr), String::from_utf8_lossy(&b.stderr));
+    live.assert_sinks_equal_replay(&history, None);
+}
+
 /// A partition paused because its claim failed, then revoked and assigned here again
 /// (librdkafka keeps its pause through the rebalances), is read once its claim succeeds:
 /// `a` starts while DynamoDB fails (every claim fails, all four partitions wait paused),

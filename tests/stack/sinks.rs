@@ -364,6 +364,7 @@ fn a_write_carrying_an_older_fencing_token_is_refused_by_both_sinks() {
     let upto = |n: usize| engine_of(&lines[..n]);
     let (first, stale, last) = (upto(lines.len() / 3), upto(lines.len() * 2 / 3), upto(lines.len()));
     let today = toolrank_events::Day::parse_iso(TODAY).unwrap();
+    let scope = toolrank_sink::Scope { today, cuts: None };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _inside = rt.enter();
     let client = rt.block_on(toolrank_dynamodb::client());
@@ -379,11 +380,11 @@ fn a_write_carrying_an_older_fencing_token_is_refused_by_both_sinks() {
         [Box::new(DynamoSink::in_namespace(client.clone(), table.clone(), namespace.clone())), Box::new(ValkeySink::new(&url, prefix.as_str()).unwrap())];
     for (old, new) in deposed.iter_mut().zip(holder.iter_mut()) {
         old.hold(7);
-        let plan = old.plan(&first, &first.everything(), today).unwrap();
+        let plan = old.plan(&first, &first.everything(), scope).unwrap();
         old.send(plan).unwrap();
-        let late = old.plan(&stale, &stale.everything(), today).unwrap();
+        let late = old.plan(&stale, &stale.everything(), scope).unwrap();
         new.hold(8);
-        let plan = new.plan(&last, &last.everything(), today).unwrap();
+        let plan = new.plan(&last, &last.everything(), scope).unwrap();
         new.send(plan).unwrap();
         let refused = old.send(late).unwrap_err();
         assert!(refused.fenced, "{} refused the late write as fenced: {refused}", old.name());

@@ -319,7 +319,7 @@ fn scope(config: &Config, partition: i32) -> String {
 
 /// Runs the consumer, writing `sinks` while it holds the sink lease, until `stop` is set
 /// or, with `until_idle`, the topic is drained.
-pub fn run(config: Config, sinks: Vec<Wired>, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
+pub fn run(config: Config, sinks: Vec<Vec<Wired>>, stop: Arc<AtomicBool>) -> Result<Summary, Error> {
     let context = config.kafka.context();
     let mut client = config.kafka.client_config_over(&[
         ("session.timeout.ms", "10000"),

@@ -283,7 +283,7 @@ impl Handler {
                 tombstone_horizon: config.tombstone_horizon,
             },
             format!("lambda/{}/sink-writer", config.application),
-            sinks,
+            vec![sinks],
         )?;
         let scopes = (0..config.buckets).map(|b| format!("lambda/{}/bucket/{b:05}", config.application)).collect();
         let source = format!("lambda/{}", config.application);

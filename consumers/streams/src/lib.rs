@@ -173,7 +173,7 @@ struct Poller<S: ShardSource> {
 
 /// Runs a poller on `source`, writing `sinks` while it holds the sink lease, until
 /// `stop` is set or, with `until_idle`, every shard is read.
-pub fn run<S: ShardSource>(config: Config, source: S, sinks: Vec<Wired>, stop: &AtomicBool) -> Result<Summary, Error> {
+pub fn run<S: ShardSource>(config: Config, source: S, sinks: Vec<Vec<Wired>>, stop: &AtomicBool) -> Result<Summary, Error> {
     let prefix = format!("streams/{}/{}", config.application, source.name());
     let mut writer = SinkWriter::new(config.live.writer.clone(), format!("{prefix}/sink-writer"), sinks)?;
     let pacing = config.live.pacing.clone();

@@ -60,7 +60,7 @@ fn main() {
     println!("one partition's engine (restored): {:.1} MiB", mib_since(before));
     drop(restored);
     let before = LIVE.load(Ordering::Relaxed);
-    let mut copies: Vec<AggregateCopy> = snapshots.iter().map(|s| AggregateCopy::from_log(s, &[]).expect("loads")).collect();
+    let mut copies: Vec<AggregateCopy> = snapshots.iter().map(|s| AggregateCopy::from_log(s, &[], None).expect("loads")).collect();
     println!("copies of the {PARTITIONS} partitions' aggregates: {:.1} MiB", mib_since(before));
     let before = LIVE.load(Ordering::Relaxed);
     let mut merged = Engine::new();

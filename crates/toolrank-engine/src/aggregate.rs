@@ -235,11 +235,25 @@ impl Aggregates {
     /// Adds (`diff = 1`) or retracts (`diff = -1`) one agent execution of `user`; `tools`
     /// are the `ToolNM`s of its rows.
     pub fn apply(&mut self, user: Sym, agent: Sym, c: &Contribution, tools: &[Sym], diff: i64) {
+        self.apply_where(user, agent, c, tools, diff, true);
+    }
+
+    /// [`apply`](Self::apply), leaving the pattern out unless `pattern` (a merged view of
+    /// some sink shards: the user's patterns are another shard's).
+    pub(crate) fn apply_where(&mut self, user: Sym, agent: Sym, c: &Contribution, tools: &[Sym], diff: i64, pattern: bool) {
         let execution = Execution { success: c.success, first: c.first, last: c.last, pattern: c.pattern, rows: c.rows, failed_tools: &c.failed_tools, tools };
-        self.add(user, agent, &execution, diff);
+        self.add_agent(agent, &execution, diff);
+        if pattern {
+            self.add_pattern(user, agent, &execution, diff);
+        }
     }
 
     fn add(&mut self, user: Sym, agent: Sym, c: &Execution<'_>, diff: i64) {
+        self.add_agent(agent, c, diff);
+        self.add_pattern(user, agent, c, diff);
+    }
+
+    fn add_agent(&mut self, agent: Sym, c: &Execution<'_>, diff: i64) {
         let succ = diff * i64::from(c.success);
         let a = self.agents.entry(agent).or_default();
         a.executions += diff;
@@ -256,9 +270,15 @@ impl Aggregates {
         if a.is_empty() {
             self.agents.remove(&agent);
         }
-        let key = PatternKey { user, agent, sequence: c.pattern };
         if let Some(t) = &mut self.touched {
             t.agents.insert(agent);
+        }
+    }
+
+    fn add_pattern(&mut self, user: Sym, agent: Sym, c: &Execution<'_>, diff: i64) {
+        let succ = diff * i64::from(c.success);
+        let key = PatternKey { user, agent, sequence: c.pattern };
+        if let Some(t) = &mut self.touched {
             t.patterns.insert(key);
         }
         let p = self.patterns.entry(key).or_default();
@@ -307,7 +327,13 @@ impl Aggregates {
 
     /// Adds (`sign = 1`) or subtracts (`sign = -1`) another engine's aggregates,
     /// `translate` mapping its symbols into ours.
-    pub fn absorb(&mut self, other: &Aggregates, sign: i64, mut translate: impl FnMut(SymKind, Sym) -> Sym) {
+    pub fn absorb(&mut self, other: &Aggregates, sign: i64, translate: impl FnMut(SymKind, Sym) -> Sym) {
+        self.absorb_where(other, sign, translate, |_| true);
+    }
+
+    /// [`absorb`](Self::absorb), leaving out the patterns of the users (`other`'s
+    /// symbols) that `keep` refuses.
+    pub(crate) fn absorb_where(&mut self, other: &Aggregates, sign: i64, mut translate: impl FnMut(SymKind, Sym) -> Sym, keep: impl FnMut(Sym) -> bool) {
         for (&agent, o) in &other.agents {
             let agent = translate(SymKind::String, agent);
             let a = self.agents.entry(agent).or_default();
@@ -331,7 +357,18 @@ impl Aggregates {
                 t.agents.insert(agent);
             }
         }
-        for (key, o) in &other.patterns {
+        self.absorb_patterns(other, sign, &mut translate, keep);
+    }
+
+    /// The patterns' part of [`absorb_where`](Self::absorb_where).
+    pub(crate) fn absorb_patterns(
+        &mut self,
+        other: &Aggregates,
+        sign: i64,
+        translate: &mut impl FnMut(SymKind, Sym) -> Sym,
+        mut keep: impl FnMut(Sym) -> bool,
+    ) {
+        for (key, o) in other.patterns.iter().filter(|(k, _)| keep(k.user)) {
             let (user, agent) = (translate(SymKind::String, key.user), translate(SymKind::String, key.agent));
             let key = PatternKey { user, agent, sequence: translate(SymKind::Sequence, key.sequence) };
             let p = self.patterns.entry(key).or_default();

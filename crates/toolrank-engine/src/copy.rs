@@ -1,6 +1,8 @@
 //! A unit's aggregates without its sessions: see [`AggregateCopy`].
 
-use crate::{figures_of, version_of, Aggregates, DeltaHead, Engine, SnapshotFigures, StateError, Sym, DELTA_VERSION, OLD_DELTA_VERSION, SNAPSHOT_VERSION};
+use crate::{
+    figures_of, version_of, Aggregates, DeltaHead, Engine, Shards, SnapshotFigures, StateError, Sym, DELTA_VERSION, OLD_DELTA_VERSION, SNAPSHOT_VERSION,
+};
 use rustc_hash::FxHashSet;
 
 /// What a sink writer keeps of a unit another consumer owns: its aggregates and Agent
@@ -10,16 +12,18 @@ use rustc_hash::FxHashSet;
 /// costs what it changed in the figures.
 pub struct AggregateCopy {
     /// An engine without sessions: its catalog and aggregates merge like any engine's.
+    /// With sink shards, only the patterns of their users: its `shards`.
     engine: Engine,
 }
 
 impl AggregateCopy {
-    /// The copy of a unit whose checkpoint log is `base` (empty: a new unit) and `deltas`.
-    /// A log written by an older version (version 2 deltas carry no aggregates) is
-    /// restored in full once, then stripped of its sessions.
-    pub fn from_log(base: &[u8], deltas: &[Vec<u8>]) -> Result<AggregateCopy, StateError> {
+    /// The copy of a unit whose checkpoint log is `base` (empty: a new unit) and `deltas`,
+    /// keeping the patterns of the users of `shards` only (all without). A log written
+    /// by an older version (version 2 deltas carry no aggregates) is restored in full
+    /// once, then stripped of its sessions.
+    pub fn from_log(base: &[u8], deltas: &[Vec<u8>], shards: Option<&Shards>) -> Result<AggregateCopy, StateError> {
         let figures_only = || {
-            let mut copy = AggregateCopy::from_snapshot(base)?;
+            let mut copy = AggregateCopy::from_snapshot(base, shards)?;
             for d in deltas {
                 copy.apply_delta(d, None)?;
             }
@@ -31,15 +35,15 @@ impl AggregateCopy {
                 for d in deltas {
                     engine.apply_delta(d)?;
                 }
-                Ok(AggregateCopy::from_engine(engine))
+                Ok(AggregateCopy::from_engine(engine, shards))
             }
             copy => copy,
         }
     }
 
-    fn from_snapshot(bytes: &[u8]) -> Result<AggregateCopy, StateError> {
+    fn from_snapshot(bytes: &[u8], shards: Option<&Shards>) -> Result<AggregateCopy, StateError> {
         if bytes.is_empty() {
-            return Ok(AggregateCopy { engine: Engine::new() });
+            return Ok(AggregateCopy::of(Engine::new(), shards));
         }
         match version_of(bytes, StateError::Version)? {
             (SNAPSHOT_VERSION, body) => {
@@ -48,24 +52,33 @@ impl AggregateCopy {
                 let mut engine = Engine { strings: f.strings, sequences: f.sequences, catalog: f.catalog, aggregates: f.aggregates, ..Engine::default() };
                 engine.strings.rebuild();
                 engine.sequences.rebuild();
-                Ok(AggregateCopy { engine })
+                Ok(AggregateCopy::of(engine, shards))
             }
-            _ => Engine::restore(bytes).map(AggregateCopy::from_engine),
+            _ => Engine::restore(bytes).map(|engine| AggregateCopy::from_engine(engine, shards)),
         }
     }
 
     /// A copy of `engine`'s aggregates and Agent items; its sessions are dropped.
-    fn from_engine(mut engine: Engine) -> AggregateCopy {
+    fn from_engine(mut engine: Engine, shards: Option<&Shards>) -> AggregateCopy {
         engine.flush();
-        AggregateCopy {
-            engine: Engine {
-                strings: engine.strings,
-                sequences: engine.sequences,
-                catalog: engine.catalog,
-                aggregates: engine.aggregates,
-                ..Engine::default()
-            },
+        let figures =
+            Engine { strings: engine.strings, sequences: engine.sequences, catalog: engine.catalog, aggregates: engine.aggregates, ..Engine::default() };
+        AggregateCopy::of(figures, shards)
+    }
+
+    /// The copy of the figures of `engine`, without the patterns `shards` does not keep.
+    fn of(mut engine: Engine, shards: Option<&Shards>) -> AggregateCopy {
+        if let Some(shards) = shards.filter(|s| !s.is_all()) {
+            let strings = &engine.strings;
+            engine.aggregates.patterns.retain(|k, _| shards.keeps(strings.get(k.user)));
+            engine.shards = Some(shards.clone());
         }
+        AggregateCopy { engine }
+    }
+
+    /// Drops the patterns of `shard` of `count` (this writer gave the shard up).
+    pub fn give_up_shard(&mut self, shard: u32, count: u32) {
+        self.engine.give_up_shard(shard, count);
     }
 
     /// Moves the copy along its log by one delta, and `global` (the merged view it is
@@ -81,7 +94,8 @@ impl AggregateCopy {
         // Only the head: the sessions after it are not even decoded.
         let head: DeltaHead = postcard::from_bytes(body)?;
         let e = &mut self.engine;
-        let figures = figures_of(&mut e.strings, &mut e.sequences, &head)?;
+        let shards = e.shards.as_ref();
+        let figures = figures_of(&mut e.strings, &mut e.sequences, &head, |user| shards.is_none_or(|s| s.keeps(user)))?;
         e.aggregates.absorb(&figures, 1, |_, s| s);
         e.apply_catalog(head.catalog);
         match global {
@@ -127,7 +141,7 @@ impl Engine {
         }
         let mut difference = Aggregates::default();
         for (e, sign) in [(new, 1), (old, -1)] {
-            e.forward.absorb((&e.strings, &e.sequences), (&mut self.strings, &mut self.sequences), &e.aggregates, sign, &mut difference);
+            e.forward.absorb((&e.strings, &e.sequences), (&mut self.strings, &mut self.sequences), &e.aggregates, sign, &mut difference, |_| true);
         }
         self.aggregates.absorb(&difference, 1, |_, s| s);
     }

@@ -52,6 +52,19 @@ impl ScoreCensus {
         }
     }
 
+    /// The census as bytes, for another writer ([`from_bytes`](Self::from_bytes)).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut entries: Vec<(u64, u64, i32, u64)> = self.0.iter().map(|(i, &n)| (i.executions, i.successes, i.last.0, n)).collect();
+        entries.sort_unstable();
+        postcard::to_allocvec(&entries).expect("a vector serializes")
+    }
+
+    /// A census [`to_bytes`](Self::to_bytes) wrote.
+    pub fn from_bytes(bytes: &[u8]) -> Result<ScoreCensus, postcard::Error> {
+        let entries: Vec<(u64, u64, i32, u64)> = postcard::from_bytes(bytes)?;
+        Ok(ScoreCensus(entries.into_iter().map(|(executions, successes, last, n)| (ScoreInputs { executions, successes, last: Day(last) }, n)).collect()))
+    }
+
     /// How many patterns it counts.
     pub fn patterns(&self) -> u64 {
         self.0.values().sum()
@@ -139,5 +152,6 @@ mod tests {
         parts.iter().for_each(|p| sum.merge(p));
         assert_eq!(sum, whole);
         assert_eq!(sum.cuts(Day(20_045)), whole.cuts(Day(20_045)));
+        assert_eq!(ScoreCensus::from_bytes(&whole.to_bytes()).unwrap(), whole);
     }
 }

@@ -1,7 +1,7 @@
 //! The figures behind the report rows: what a sink stores so that the seed's tables can
 //! be rebuilt from it for any `today` (scores decay, figures do not).
 
-use crate::cut::{ScoreCensus, ScoreInputs};
+use crate::cut::{Cuts, ScoreCensus, ScoreInputs};
 use crate::score::{self, AGENT_DECAY, PATTERN_DECAY};
 use crate::{Engine, PatternAggregate, PatternKey, Sym};
 use rustc_hash::FxHashMap;
@@ -155,23 +155,47 @@ impl Engine {
     /// The recommended patterns for `today`: `pattern_score ≥ PERCENTILE_CONT(0.8)` over all
     /// visible patterns, as in the report, the cuts taken from their [`ScoreCensus`].
     pub fn recommended(&self, today: Day) -> Recommended {
+        self.recommended_where(today, None, |_| true)
+    }
+
+    /// [`recommended`](Self::recommended) among the patterns of the users `keep` takes
+    /// (a sink shard's), with `cuts` over every shard's patterns (`None`: this view
+    /// holds them all, and its census gives the cuts).
+    pub fn recommended_where(&self, today: Day, cuts: Option<Cuts>, keep: impl Fn(&str) -> bool) -> Recommended {
         let mut census = ScoreCensus::default();
         let scored: Vec<(PatternKey, f64)> = self
-            .aggregates
-            .patterns
-            .iter()
-            .filter(|(k, _)| self.agent_meta(k.agent).is_some())
-            .filter_map(|(&k, agg)| {
-                let inputs = ScoreInputs { executions: agg.executions as u64, successes: agg.successes as u64, last: agg.last_days.max()? };
+            .score_inputs()
+            .filter_map(|(k, inputs)| {
                 census.add(inputs);
-                Some((k, inputs.score(today)))
+                keep(self.strings.get(k.user)).then(|| (k, inputs.score(today)))
             })
             .collect();
-        let Some(cuts) = census.cuts(today) else {
+        let Some(cuts) = cuts.or_else(|| census.cuts(today)) else {
             return Recommended::default();
         };
         // One pass, one map: a sink plans from this at every round.
         Recommended(scored.into_iter().filter(|&(_, s)| s >= cuts.recommend).map(|(k, s)| (k, s >= cuts.top)).collect())
+    }
+
+    /// The census of the visible patterns' score inputs: all the cuts depend on.
+    pub fn census(&self) -> ScoreCensus {
+        self.census_where(|_| true)
+    }
+
+    /// [`census`](Self::census) of the patterns of the users `keep` takes (a sink shard's).
+    pub fn census_where(&self, keep: impl Fn(&str) -> bool) -> ScoreCensus {
+        let mut census = ScoreCensus::default();
+        self.score_inputs().filter(|(k, _)| keep(self.strings.get(k.user))).for_each(|(_, inputs)| census.add(inputs));
+        census
+    }
+
+    /// Every visible pattern with what its score depends on.
+    fn score_inputs(&self) -> impl Iterator<Item = (PatternKey, ScoreInputs)> + '_ {
+        self.aggregates
+            .patterns
+            .iter()
+            .filter(|(k, _)| self.agent_meta(k.agent).is_some())
+            .filter_map(|(&k, agg)| Some((k, ScoreInputs { executions: agg.executions as u64, successes: agg.successes as u64, last: agg.last_days.max()? })))
     }
 
     /// An agent's figures, `None` unless it has a current Agent item.

@@ -22,6 +22,7 @@ mod figures;
 mod intern;
 mod report;
 pub mod score;
+mod shard;
 
 pub use aggregate::{AgentAggregate, Aggregates, Contribution, Contributions, DayHistogram, PatternAggregate, PatternKey, SymKind, Touched};
 pub use copy::AggregateCopy;
@@ -29,6 +30,7 @@ pub use cut::{Cuts, ScoreCensus, ScoreInputs};
 pub use figures::{AgentFigures, PatternFigures, PatternView, Recommended, ToolFigures, TOP_PERCENTILE};
 pub use intern::{Interner, Sym};
 pub use report::{recommendation_cut, AgentScore, PatternRow, Report, SequenceNames, StagingKey, StagingOrder, StagingRow, ToolErrors};
+pub use shard::{shard_of, Shards};
 
 use hashbrown::HashTable;
 use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
@@ -252,12 +254,39 @@ impl Translation {
         figures: &Aggregates,
         sign: i64,
         into: &mut Aggregates,
+        keep: impl FnMut(Sym) -> bool,
     ) {
         let (strings, sequences) = to;
-        into.absorb(figures, sign, |kind, s| match kind {
-            SymKind::String => self.string(from.0, strings, s),
-            SymKind::Sequence => self.sequence(from, (&mut *strings, &mut *sequences), s),
-        });
+        into.absorb_where(
+            figures,
+            sign,
+            |kind, s| match kind {
+                SymKind::String => self.string(from.0, strings, s),
+                SymKind::Sequence => self.sequence(from, (&mut *strings, &mut *sequences), s),
+            },
+            keep,
+        );
+    }
+
+    /// Adds the patterns of `figures` of the users `keep` takes (its agents are in `into` already).
+    fn absorb_patterns(
+        &mut self,
+        from: (&Interner<str>, &Interner<[Sym]>),
+        to: (&mut Interner<str>, &mut Interner<[Sym]>),
+        figures: &Aggregates,
+        into: &mut Aggregates,
+        keep: impl FnMut(Sym) -> bool,
+    ) {
+        let (strings, sequences) = to;
+        into.absorb_patterns(
+            figures,
+            1,
+            &mut |kind, s| match kind {
+                SymKind::String => self.string(from.0, strings, s),
+                SymKind::Sequence => self.sequence(from, (&mut *strings, &mut *sequences), s),
+            },
+            keep,
+        );
     }
 
     /// The Agent items of `catalog` (symbols of `from`) in the symbols of `to`.
@@ -327,6 +356,9 @@ pub struct Engine {
     /// The last `ToolNM` symbol of a row of each SK ([`Engine::tool_nm`]).
     #[serde(skip)]
     sk_tool_nm: Vec<Sym>,
+    /// The sink shards a merged view keeps the patterns of; all without.
+    #[serde(skip)]
+    shards: Option<Shards>,
 }
 
 /// A snapshot of version 6: the same state, the sessions before the aggregates.
@@ -1019,7 +1051,7 @@ impl Engine {
                 // Only a tracking engine keeps a difference to take them out of: restoring
                 // a log does not read the figures.
                 if let Some(d) = &mut self.delta {
-                    let figures = figures_of(&mut self.strings, &mut self.sequences, &head)?;
+                    let figures = figures_of(&mut self.strings, &mut self.sequences, &head, |_| true)?;
                     d.figures.absorb(&figures, -1, |_, s| s);
                 }
                 (head.seq_base, head.strings, sessions, head.catalog)
@@ -1184,9 +1216,12 @@ impl Engine {
                     }
                     if let FlushTo::Global(g) = &mut to {
                         let from = (&self.strings, &self.sequences);
-                        let (user, agent) = (self.forward.string(from.0, &mut g.strings, s.user), self.forward.string(from.0, &mut g.strings, agent));
+                        // A user of a shard the view does not keep is not even named there.
+                        let keep = g.keeps(from.0.get(s.user));
+                        let agent = self.forward.string(from.0, &mut g.strings, agent);
+                        let user = if keep { self.forward.string(from.0, &mut g.strings, s.user) } else { agent };
                         let c = self.forward.contribution(from, (&mut g.strings, &mut g.sequences), c);
-                        g.aggregates.apply(user, agent, &c, tools_of(&g.sequences, &c), diff);
+                        g.aggregates.apply_where(user, agent, &c, tools_of(&g.sequences, &c), diff, keep);
                     }
                 }
                 if let Some(new) = new {
@@ -1261,7 +1296,54 @@ impl Engine {
     /// Adds (`sign = 1`) or subtracts `figures`, whose symbols are those of `from`
     /// (mapped into ours through `map`).
     fn add_figures(&mut self, map: &mut Translation, from: (&Interner<str>, &Interner<[Sym]>), figures: &Aggregates, sign: i64) {
-        map.absorb(from, (&mut self.strings, &mut self.sequences), figures, sign, &mut self.aggregates);
+        let shards = self.shards.as_ref();
+        let keep = |user| shards.is_none_or(|s| s.keeps(from.0.get(user)));
+        map.absorb(from, (&mut self.strings, &mut self.sequences), figures, sign, &mut self.aggregates, keep);
+    }
+
+    /// Makes this (empty) merged view keep the patterns of the users of `shards` only:
+    /// those the sink shards it is written to hold. The agents' figures and the catalog
+    /// stay whole (which patterns are visible depends on them).
+    pub fn keep_shards(&mut self, shards: Shards) {
+        debug_assert!(self.aggregates.patterns.is_empty(), "a view keeps its shards from the start");
+        self.shards = (!shards.is_all()).then_some(shards);
+    }
+
+    /// Makes this merged view keep the patterns of `shard` too, adding those of `units`,
+    /// the engines that forward into it (each forwards what it holds back first, so that
+    /// its figures are the view's).
+    pub fn take_shard(&mut self, shard: u32, units: &mut [&mut Engine]) {
+        if self.shards.as_ref().is_none_or(|s| s.holds(shard)) {
+            return;
+        }
+        for unit in units.iter_mut() {
+            unit.flush_into(self);
+        }
+        let shards = self.shards.as_mut().expect("checked above");
+        shards.set(shard, true);
+        let count = shards.count();
+        for unit in units.iter() {
+            let from = (&unit.strings, &unit.sequences);
+            let keep = |user| shard_of(from.0.get(user), count) == shard;
+            Translation::default().absorb_patterns(from, (&mut self.strings, &mut self.sequences), &unit.aggregates, &mut self.aggregates, keep);
+        }
+        if self.shards.as_ref().is_some_and(Shards::is_all) {
+            self.shards = None;
+        }
+    }
+
+    /// Makes this merged view keep the patterns of `shard` no more (another writer
+    /// holds it now): they are dropped without being recorded as changes.
+    pub fn give_up_shard(&mut self, shard: u32, count: u32) {
+        let shards = self.shards.get_or_insert_with(|| Shards::all(count));
+        shards.set(shard, false);
+        let strings = &self.strings;
+        self.aggregates.patterns.retain(|k, _| shard_of(strings.get(k.user), count) != shard);
+    }
+
+    /// Whether this view keeps the patterns of `user`.
+    fn keeps(&self, user: &str) -> bool {
+        self.shards.as_ref().is_none_or(|s| s.keeps(user))
     }
 
     /// Starts recording what changes, for [`take_changes`](Self::take_changes).
@@ -1455,7 +1537,14 @@ fn version_of(bytes: &[u8], wrong: fn(u32) -> StateError) -> Result<(u32, &[u8])
 
 /// A delta's aggregate difference in the symbols of an engine's `strings` and
 /// `sequences` (interned as needed). Checks every index before anything is summed.
-fn figures_of(strings: &mut Interner<str>, sequences: &mut Interner<[Sym]>, head: &DeltaHead<'_>) -> Result<Aggregates, StateError> {
+/// The aggregate difference a delta's head carries, in the symbols of `strings` and
+/// `sequences`, without the patterns of the users `keep` refuses.
+fn figures_of(
+    strings: &mut Interner<str>,
+    sequences: &mut Interner<[Sym]>,
+    head: &DeltaHead<'_>,
+    keep: impl Fn(&str) -> bool,
+) -> Result<Aggregates, StateError> {
     let mut string = |i: u32| head.strings.get(i as usize).map(|s| strings.intern(s)).ok_or(StateError::DeltaString(i));
     let mut out = Aggregates::default();
     for a in &head.agents {
@@ -1480,6 +1569,9 @@ fn figures_of(strings: &mut Interner<str>, sequences: &mut Interner<[Sym]>, head
         sequence_syms.push(sequences.intern(&syms));
     }
     for p in &head.patterns {
+        if !keep(head.strings.get(p.user as usize).copied().ok_or(StateError::DeltaString(p.user))?) {
+            continue;
+        }
         let sequence = *sequence_syms.get(p.sequence as usize).ok_or(StateError::DeltaString(p.sequence))?;
         let key = PatternKey { user: string(p.user)?, agent: string(p.agent)?, sequence };
         let figures = PatternAggregate {

@@ -217,9 +217,8 @@ impl SinkLease {
         self.set_held(false);
     }
 
-    /// Records whether the lease is held, in `toolrank_sink_lease_held` too; what it was.
+    /// Records whether the lease is held; what it was.
     fn set_held(&mut self, held: bool) -> bool {
-        toolrank_metrics::gauge!("toolrank_sink_lease_held").set(if held { 1.0 } else { 0.0 });
         std::mem::replace(&mut self.held, held)
     }
 

@@ -28,6 +28,7 @@ mod lease;
 mod merged;
 mod run;
 mod sinks;
+mod stages;
 mod summary;
 mod units;
 mod writer;

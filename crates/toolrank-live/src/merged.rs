@@ -5,7 +5,7 @@
 
 use crate::error::Error;
 use std::collections::BTreeMap;
-use toolrank_engine::{AggregateCopy, Changes, Engine};
+use toolrank_engine::{AggregateCopy, Changes, Engine, Shards};
 
 /// A unit owned by another consumer, as of its latest checkpoint (lease holder only):
 /// its aggregates, not its sessions.
@@ -13,18 +13,46 @@ struct Copy {
     figures: AggregateCopy,
     /// The log position it holds (the head it was read at).
     at: u64,
+    /// It lacks the patterns of a shard taken since it was read: the next refresh reads
+    /// it again from its base.
+    stale: bool,
 }
 
 pub(crate) struct Merged {
     global: Engine,
     copies: BTreeMap<String, Copy>,
+    /// The sink shards whose patterns it keeps.
+    shards: Shards,
 }
 
 impl Merged {
-    pub(crate) fn new() -> Merged {
+    /// A view keeping the patterns of `shards`.
+    pub(crate) fn new(shards: Shards) -> Merged {
         let mut global = Engine::new();
         global.track_changes();
-        Merged { global, copies: BTreeMap::new() }
+        global.keep_shards(shards.clone());
+        Merged { global, copies: BTreeMap::new(), shards }
+    }
+
+    /// The shards whose patterns it keeps: a copy is read with them.
+    pub(crate) fn shards(&self) -> &Shards {
+        &self.shards
+    }
+
+    /// Keeps the patterns of `shard` too, adding those of the own `units` now; the
+    /// copies are read again from their bases at the next refresh.
+    pub(crate) fn take_shard(&mut self, shard: u32, units: &mut [&mut Engine]) {
+        self.shards.set(shard, true);
+        self.global.take_shard(shard, units);
+        self.copies.values_mut().for_each(|c| c.stale = true);
+    }
+
+    /// Keeps the patterns of `shard` no more.
+    pub(crate) fn give_up_shard(&mut self, shard: u32) {
+        let count = self.shards.count();
+        self.shards.set(shard, false);
+        self.global.give_up_shard(shard, count);
+        self.copies.values_mut().for_each(|c| c.figures.give_up_shard(shard, count));
     }
 
     /// The figures the sinks are written from.
@@ -57,7 +85,7 @@ impl Merged {
 
     /// The log position of the copy of `scope`, if one is held.
     pub(crate) fn copy_at(&self, scope: &str) -> Option<u64> {
-        self.copies.get(scope).map(|c| c.at)
+        self.copies.get(scope).filter(|c| !c.stale).map(|c| c.at)
     }
 
     /// Holds `figures` at log position `at` as the copy of `scope`, in place of any older
@@ -68,14 +96,14 @@ impl Merged {
             Some(old) => self.global.replace_copy(&mut old.figures, &mut figures),
             None => self.global.absorb_copy(&mut figures),
         }
-        self.copies.insert(scope.to_owned(), Copy { figures, at });
+        self.copies.insert(scope.to_owned(), Copy { figures, at, stale: false });
     }
 
     /// Moves the copy of `scope` from log position `from` to `to` by `deltas`. A copy at
     /// another position is left as it is (the next refresh reads it); one that fails
     /// half way is dropped.
     pub(crate) fn advance_copy(&mut self, scope: &str, from: u64, to: u64, deltas: &[Vec<u8>]) -> Result<(), Error> {
-        let Some(c) = self.copies.get_mut(scope).filter(|c| c.at == from) else { return Ok(()) };
+        let Some(c) = self.copies.get_mut(scope).filter(|c| c.at == from && !c.stale) else { return Ok(()) };
         let applied = deltas
             .iter()
             .try_for_each(|d| c.figures.apply_delta(d, Some(&mut self.global)))

@@ -93,7 +93,8 @@ pub fn run<S: Source>(source: &mut S, writer: &mut SinkWriter, pacing: &Pacing, 
             checkpoint_every = source.checkpoint_every(writer.stretched(pacing.checkpoint_interval, pacing.checkpoint_max));
             if last_refresh.elapsed() >= Duration::from_secs(1) && source.settled() {
                 last_refresh = Instant::now();
-                writer.refresh_lease(&source.others());
+                let others = source.others();
+                writer.refresh_lease(&others, &mut source.engines());
                 slow("renewing the sink lease", last_refresh);
             }
             let started = Instant::now();

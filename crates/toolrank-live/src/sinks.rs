@@ -14,9 +14,9 @@ use crate::summary::Summary;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use toolrank_backoff::Backoff;
-use toolrank_engine::{Changes, Engine, PatternKey, Sym};
+use toolrank_engine::{Changes, Cuts, Engine, PatternKey, Sym};
 use toolrank_events::Day;
-use toolrank_sink::{AnySink, Pace, Stats, Wired};
+use toolrank_sink::{AnySink, Pace, Scope, Stats, Wired};
 use tracing::{debug, warn};
 
 /// Changes taken from the merged engine and not yet written to a sink.
@@ -100,6 +100,9 @@ pub(crate) struct Slot {
     /// Its last write left changes for the next one ([`LIVE_WRITE_PATTERNS`]): that one
     /// is due at once.
     carry: bool,
+    /// The recommendation cuts moved (other sink shards' patterns did): a write is due
+    /// at its interval without changes of its own.
+    recut: bool,
     /// When its last round started.
     last: Instant,
     /// Events read when the last round started; when a round last waited for the write
@@ -133,6 +136,7 @@ impl Slot {
             token_on_return: None,
             changes: ChangeSet::default(),
             carry: false,
+            recut: false,
             last: Instant::now(),
             events_at_last: 0,
             budget_waited: Instant::now(),
@@ -154,6 +158,9 @@ pub(crate) struct Turn<'a> {
     /// Where the writes run.
     pub rt: &'a tokio::runtime::Runtime,
     pub today: Day,
+    /// The recommendation cuts over every sink shard, when the merged view holds only
+    /// some shards' patterns.
+    pub cuts: Option<Cuts>,
     /// How far behind the records being read are, if a backlog is read.
     pub backlog: Option<Duration>,
     /// The events the merged state covers so far.
@@ -219,7 +226,7 @@ impl Scheduler {
             Pace::Live => now || slot.carry || since >= interval,
             Pace::Paced { max_defer, .. } => now || (since >= interval && (slot.budget_waited.elapsed() >= slot.budget_wait || since >= max_defer)),
         };
-        let Some(mut sink) = slot.sink.take_if(|s| due && (!slot.changes.is_empty() || s.pending())) else {
+        let Some(mut sink) = slot.sink.take_if(|s| due && (!slot.changes.is_empty() || slot.recut || s.pending())) else {
             return ok;
         };
         // A sink that does not know what it holds, or has failed writes to redo (planning
@@ -236,7 +243,7 @@ impl Scheduler {
             _ => slot.changes.take(),
         };
         slot.carry = slot.pace == Pace::Live && !slot.changes.is_empty();
-        let request = match sink.plan(turn.global, &changes, turn.today) {
+        let request = match sink.plan(turn.global, &changes, Scope { today: turn.today, cuts: turn.cuts }) {
             Ok(request) => request,
             Err(e) => {
                 // The sink stays pending: its next write compares in full.
@@ -269,6 +276,7 @@ impl Scheduler {
             slot.budget_wait = Duration::ZERO;
         }
         slot.last = started;
+        slot.recut = false;
         slot.rounds += 1;
         let task = turn.rt.spawn_blocking(move || {
             let result = sink.send(request);
@@ -345,6 +353,12 @@ impl Scheduler {
         }
     }
 
+    /// Makes every paced sink (the one that applies the cuts) write at its next turn,
+    /// changes or not: the recommendation cuts moved.
+    pub(crate) fn recut(&mut self) {
+        self.slots.iter_mut().filter(|s| s.pace != Pace::Live).for_each(|s| s.recut = true);
+    }
+
     /// Gives every sink the sink lease's fencing token for its writes from now on (now,
     /// or when its running write returns).
     pub(crate) fn hold(&mut self, generation: u64) {
@@ -356,15 +370,15 @@ impl Scheduler {
         }
     }
 
-    /// Puts the sinks' figures into `summary`.
+    /// Adds the sinks' figures to `summary`.
     pub(crate) fn add_to(&self, summary: &mut Summary) {
         for slot in &self.slots {
             match slot.name {
                 "dynamodb" => {
-                    summary.dynamodb_requests = slot.stats.requests;
-                    summary.dynamodb_write_units = slot.stats.write_units;
-                    summary.dynamodb_rounds = slot.rounds;
-                    summary.dynamodb_ms = slot.blocked_ms;
+                    summary.dynamodb_requests += slot.stats.requests;
+                    summary.dynamodb_write_units += slot.stats.write_units;
+                    summary.dynamodb_rounds += slot.rounds;
+                    summary.dynamodb_ms += slot.blocked_ms;
                 }
                 _ => {
                     summary.valkey_commands += slot.stats.requests;
@@ -408,7 +422,7 @@ mod tests {
         fn name(&self) -> &'static str {
             "recording"
         }
-        fn plan(&mut self, _: &Engine, changes: &Changes, _: Day) -> Result<usize, Error> {
+        fn plan(&mut self, _: &Engine, changes: &Changes, _: Scope) -> Result<usize, Error> {
             Ok(changes.patterns.len())
         }
         fn send(&mut self, patterns: usize) -> Result<(), Error> {
@@ -435,7 +449,8 @@ mod tests {
         let mut scheduler = Scheduler::new(vec![Wired::new(Recording(written.clone()), Pace::Live)]);
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let (engine, mut visibility, mut retried) = (Engine::new(), Visibility::new(), 0);
-        let mut turn = Turn { global: &engine, rt: &rt, today: Day(20_000), backlog: None, events: 0, visibility: &mut visibility, retried: &mut retried };
+        let mut turn =
+            Turn { global: &engine, rt: &rt, today: Day(20_000), cuts: None, backlog: None, events: 0, visibility: &mut visibility, retried: &mut retried };
         let total = 2 * LIVE_WRITE_PATTERNS as u32 + 100;
         assert!(scheduler.write(&patterns(total), false, &mut turn));
         // From now on a backlog ten seconds old: a write waits a second after the last

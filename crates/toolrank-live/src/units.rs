@@ -4,7 +4,7 @@ use crate::clock::now_secs;
 use crate::error::Error;
 use crate::summary::Summary;
 use std::cell::Cell;
-use toolrank_engine::{AggregateCopy, Engine};
+use toolrank_engine::{AggregateCopy, Engine, Shards};
 use toolrank_events::{decode_line, Change};
 use toolrank_state::Log;
 
@@ -112,9 +112,9 @@ pub fn log_engine(scope: &str, log: &Log) -> Result<Engine, Error> {
 }
 
 /// The aggregates a whole delta log holds, without its sessions (a copy of a unit another
-/// consumer owns).
-pub fn log_copy(scope: &str, log: &Log) -> Result<AggregateCopy, Error> {
-    AggregateCopy::from_log(&log.base, &log.deltas).map_err(|source| Error::Snapshot { scope: scope.to_owned(), source })
+/// consumer owns), keeping the patterns of `shards`' users only.
+pub fn log_copy(scope: &str, log: &Log, shards: &Shards) -> Result<AggregateCopy, Error> {
+    AggregateCopy::from_log(&log.base, &log.deltas, Some(shards)).map_err(|source| Error::Snapshot { scope: scope.to_owned(), source })
 }
 
 /// What [`SinkWriter::log_catch_up`] reads of a base when it reads a whole log.

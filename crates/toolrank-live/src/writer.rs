@@ -10,11 +10,12 @@ use crate::error::Error;
 use crate::latency::Visibility;
 use crate::lease::{Held, SinkLease};
 use crate::merged::Merged;
-use crate::sinks::{Scheduler, Turn};
+use crate::sinks::Turn;
+use crate::stages::{lease_scope, Stages};
 use crate::summary::Summary;
 use crate::units::{apply_deltas, log_copy, restore, BaseRead, LogCatchUp};
 use std::time::{Duration, Instant};
-use toolrank_engine::Engine;
+use toolrank_engine::{shard_of, Cuts, Engine, ScoreCensus, Shards};
 use toolrank_events::Day;
 use toolrank_sink::Wired;
 use toolrank_state::{CheckpointStore, Lease, LogHead};
@@ -27,16 +28,21 @@ pub struct SinkWriter {
     client: aws_sdk_dynamodb::Client,
     summary: Summary,
     config: WriterConfig,
-    lease: SinkLease,
-    /// The sum of every unit: what the sinks show.
+    /// The sink stage's shards: each one's lease and sinks.
+    stages: Stages,
+    /// Where the shards' censuses are kept (`{scope}/censuses-of-{count}`), and the census of each
+    /// held shard as last published.
+    censuses: (String, Vec<Option<Vec<u8>>>),
+    /// The recommendation cuts agreed from every shard's census (a split stage only;
+    /// `None` inside: no pattern anywhere), once they are.
+    cuts: Option<Option<Cuts>>,
+    /// The sum of every unit, with the patterns of the shards held: what the sinks show.
     merged: Merged,
     /// Whether a copy of another consumer's unit may lag its log or be missing (the last
     /// refresh failed or dropped one): the sinks are not written from such a sum.
     copies_behind: bool,
     /// Checkpoint saves and the state's size.
     checkpoints: Checkpointer,
-    /// The wired sinks and when each writes.
-    sinks: Scheduler,
     /// The records the read delta logs hold, for a writer that only reads logs
     /// ([`write_once`](Self::write_once)): its events, where a consumer counts its own.
     log_events: Option<u64>,
@@ -60,23 +66,33 @@ const BROKEN_READS: u32 = 3;
 const FINAL_WRITE_LIMIT: Duration = Duration::from_secs(180);
 
 impl SinkWriter {
-    /// A writer contending for the sink lease of `lease_scope`: one writer per consumer
-    /// group (or poller application).
-    /// The `sinks` are written in order.
-    pub fn new(config: WriterConfig, lease_scope: String, sinks: Vec<Wired>) -> Result<SinkWriter, Error> {
+    /// A writer contending for the sink leases under `scope`: one sink stage per consumer
+    /// group (or poller application). `sinks` holds each shard's sinks (one shard unless
+    /// the stage is split), written in order.
+    pub fn new(config: WriterConfig, scope: String, sinks: Vec<Vec<Wired>>) -> Result<SinkWriter, Error> {
         // One worker: DynamoDB sink writes run on it while the consumer's loop goes on.
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("a tokio runtime");
         let client = rt.block_on(toolrank_dynamodb::client());
+        let lease = |shard, count| {
+            let lease = Lease::new(client.clone(), config.state_table.clone(), lease_scope(&scope, shard, count), config.owner.clone(), config.lease);
+            SinkLease::new(lease, config.lease)
+        };
+        let stages = Stages::new(sinks, lease);
+        // Under the shard count: a group split another way splits the users another way.
+        let censuses = (format!("{scope}/censuses-of-{}", stages.count()), vec![None; stages.count() as usize]);
+        // A single writer keeps every pattern; a shard's, those of the shards it takes.
+        let shards = if stages.count() == 1 { Shards::all(1) } else { Shards::none(stages.count()) };
         Ok(SinkWriter {
             checkpoints: Checkpointer::new(CheckpointStore::new(client.clone(), config.state_table.clone()), &config),
-            lease: SinkLease::new(Lease::new(client.clone(), config.state_table.clone(), lease_scope, config.owner.clone(), config.lease), config.lease),
+            stages,
+            censuses,
+            cuts: None,
             client,
             rt,
             summary: Summary::default(),
             config,
-            merged: Merged::new(),
+            merged: Merged::new(shards),
             copies_behind: false,
-            sinks: Scheduler::new(sinks),
             log_events: None,
             visibility: Visibility::new(),
             behind: (Instant::now(), 0),
@@ -118,8 +134,9 @@ impl SinkWriter {
         &self.config.owner
     }
 
+    /// Whether this writer holds a shard of the sink stage.
     pub fn holds_lease(&self) -> bool {
-        self.lease.held()
+        self.stages.any_held()
     }
 
     /// Claims a unit's checkpoint for this consumer (fencing its previous owner) and
@@ -165,7 +182,7 @@ impl SinkWriter {
 
     /// Whether any sink is configured.
     pub fn has_sinks(&self) -> bool {
-        !self.sinks.is_empty()
+        self.stages.has_sinks()
     }
 
     /// Moves the merged copy of a delta-log unit (a Lambda bucket) from log position
@@ -239,45 +256,148 @@ impl SinkWriter {
         let (now, wall) = (Instant::now(), now_ms());
         self.first_applied.get_or_insert(now);
         self.behind = (now, wall - created_ms);
-        if self.lease.held() {
+        if self.stages.any_held() {
             self.visibility.push(created_ms, wall);
         }
     }
 
-    /// Takes or renews the sink lease; on taking it, the sinks are compared in full. The
-    /// holder loads the latest checkpoints of `others`, the scopes of units it does not own.
-    pub fn refresh_lease(&mut self, others: &[String]) {
-        if self.take_lease() {
-            // A failed refresh leaves `copies_behind` set: the sinks wait for the next one.
-            if let Err(e) = self.refresh_remotes(others) {
-                self.summary.retried_errors += 1;
-                warn!(error = %e, "reading other consumers' checkpoints failed; retrying");
-            }
-        }
+    /// Takes or renews this writer's shards of the sink stage, up to its share of them
+    /// ([`share`]), and gives up those above it; on taking one, its sinks are compared in
+    /// full. A holder loads the latest checkpoints of `others`, the scopes of units it
+    /// does not own; `units` are the engines of those it owns.
+    pub fn refresh_lease(&mut self, others: &[String], units: &mut [&mut Engine]) {
+        let share = share(self.stages.count(), units.len(), others.len());
+        self.take_and_refresh(share, others, units);
     }
 
-    /// Takes or renews the sink lease; whether it is held. On taking it after another
-    /// writer, the sinks are fenced (they compare in full at their next write); every
-    /// write they make carries the lease's fencing token (its generation); on losing
-    /// it, the copies of others' units are dropped.
-    fn take_lease(&mut self) -> bool {
-        match self.lease.turn(&self.rt, &mut self.summary.retried_errors) {
+    /// In a split sink stage: publishes the census of each shard held (when it changed)
+    /// and reads the others', and takes the recommendation cuts from their sum; when they
+    /// moved, the held shards' paced sinks (DynamoDB, which applies them) write again.
+    /// Holding every shard, the cuts are the merged view's own. A census a holder has not
+    /// published yet counts once it is: the cuts converge as the shards' figures settle.
+    fn agree_on_cuts(&mut self) -> Result<(), toolrank_dynamodb::Error> {
+        let count = self.stages.count();
+        if count == 1 || !self.stages.any_held() || self.copies_behind {
+            return Ok(());
+        }
+        let today = self.config.today.unwrap_or_else(Day::today_utc);
+        let mut sum = ScoreCensus::default();
+        for shard in 0..count {
+            if !self.stages.get(shard).lease.held() {
+                continue;
+            }
+            let census = self.merged.figures().census_where(|user| shard_of(user, count) == shard);
+            let bytes = census.to_bytes();
+            if self.censuses.1[shard as usize].as_ref() != Some(&bytes) {
+                self.call("publishing a sink shard's census", self.store().put_value(&self.censuses.0, &shard.to_string(), bytes.clone()))?;
+                self.censuses.1[shard as usize] = Some(bytes);
+            }
+            sum.merge(&census);
+        }
+        if !self.stages.all_held() {
+            for (sk, bytes) in self.call("reading the sink shards' censuses", self.store().values(&self.censuses.0))? {
+                let held = sk.parse::<u32>().is_ok_and(|shard| shard >= count || self.stages.get(shard).lease.held());
+                if held {
+                    continue;
+                }
+                match ScoreCensus::from_bytes(&bytes) {
+                    Ok(census) => sum.merge(&census),
+                    Err(e) => warn!(shard = sk, error = %e, "a sink shard's census does not decode; the cuts leave it out"),
+                }
+            }
+        }
+        let cuts = Some(sum.cuts(today));
+        if cuts != self.cuts {
+            self.cuts = cuts;
+            for shard in 0..count {
+                self.stages.get_mut(shard).sinks.recut();
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes or renews up to `share` shards' leases, gives up those held above it, and
+    /// keeps the merged view to the patterns of the shards held; whether any is held. On
+    /// taking a shard after another writer, its sinks are fenced (they compare in full
+    /// at their next write); every write they make carries the lease's fencing token (its
+    /// generation). Once none is held, the copies of others' units are dropped.
+    fn take_leases(&mut self, share: usize, units: &mut [&mut Engine]) -> bool {
+        let (was, count) = (self.stages.any_held(), self.stages.count());
+        let mut held = 0;
+        for shard in 0..count {
+            let stage = self.stages.get_mut(shard);
+            if !stage.lease.held() && held >= share {
+                continue;
+            }
+            self.turn(shard);
+            let stage = self.stages.get_mut(shard);
+            held += usize::from(stage.lease.held());
+            if stage.lease.held() && !self.merged.shards().holds(shard) {
+                // Its patterns join the view: the own units' now, the others' as their
+                // copies are read again (the sinks wait for that).
+                self.merged.take_shard(shard, units);
+                self.copies_behind = true;
+            }
+        }
+        for shard in (0..count).rev() {
+            if held <= share {
+                break;
+            }
+            let stage = self.stages.get_mut(shard);
+            if stage.lease.held() {
+                // Its running write ends first: its successor need not fence it off.
+                stage.sinks.collect_all(&self.rt, &mut self.visibility, &mut self.summary.retried_errors);
+                stage.lease.release(&self.rt);
+                info!(shard, share, "gave a sink shard up: this consumer holds more than its share");
+                self.merged.give_up_shard(shard);
+                held -= 1;
+            }
+        }
+        for shard in (0..count).filter(|&s| !self.stages.get(s).lease.held()) {
+            // Its next holder publishes it; if that is this writer again, anew.
+            self.censuses.1[shard as usize] = None;
+        }
+        if was && held == 0 {
+            // Another consumer makes these visible; their latency is not ours to measure.
+            self.visibility.clear();
+            self.merged.drop_copies();
+        }
+        toolrank_metrics::gauge!("toolrank_sink_lease_held").set(held as f64);
+        held > 0
+    }
+
+    /// Renews the leases held (taking none); whether any is still held.
+    fn renew(&mut self) -> bool {
+        for shard in 0..self.stages.count() {
+            if self.stages.get_mut(shard).lease.held() {
+                self.turn(shard);
+            }
+        }
+        self.stages.any_held()
+    }
+
+    /// Takes or renews shard `shard`'s lease, fencing its sinks when another writer held
+    /// it since; one lost leaves the merged view (unless it is the only shard).
+    fn turn(&mut self, shard: u32) {
+        let count = self.stages.count();
+        let stage = self.stages.get_mut(shard);
+        match stage.lease.turn(&self.rt, &mut self.summary.retried_errors) {
             Held::Taken => {
-                info!("took the sink lease");
-                self.sinks.fence();
+                info!(shard, "took the sink lease");
+                stage.sinks.fence();
             }
             Held::Lost => {
-                info!("lost the sink lease");
-                // Another consumer makes these visible; their latency is not ours to measure.
-                self.visibility.clear();
-                self.merged.drop_copies();
+                info!(shard, "lost the sink lease");
+                if count > 1 {
+                    self.merged.give_up_shard(shard);
+                }
             }
             Held::Still | Held::No => {}
         }
-        if let Some(generation) = self.lease.generation().filter(|_| self.lease.held()) {
-            self.sinks.hold(generation);
+        let stage = self.stages.get_mut(shard);
+        if let Some(generation) = stage.lease.generation().filter(|_| stage.lease.held()) {
+            stage.sinks.hold(generation);
         }
-        self.lease.held()
     }
 
     /// Brings the merged copies of the units other consumers own (`others`) to their
@@ -291,7 +411,7 @@ impl SinkWriter {
         for (i, scope) in others.iter().enumerate() {
             // Loading copies can take longer than a lease: it is renewed beside the loop,
             // looked at between them, and once lost the rest are not loaded.
-            if i > 0 && !self.take_lease() {
+            if i > 0 && !self.renew() {
                 return Ok(records);
             }
             let Some(head) = self.call("reading a log head", self.store().log_head(scope))? else { continue };
@@ -309,9 +429,10 @@ impl SinkWriter {
                 }
                 LogCatchUp::Log(log) => log,
             };
-            let copied = log_copy(scope, &log).or_else(|e| match log.figures_only {
+            let shards = self.merged.shards();
+            let copied = log_copy(scope, &log, shards).or_else(|e| match log.figures_only {
                 // A base of another version may need its sessions to be read at all.
-                true => self.call("reading a log", self.store().load_log(scope)).map_err(Error::from).and_then(|log| log_copy(scope, &log)),
+                true => self.call("reading a log", self.store().load_log(scope)).map_err(Error::from).and_then(|log| log_copy(scope, &log, shards)),
                 false => Err(e),
             });
             let figures = match copied {
@@ -362,7 +483,7 @@ impl SinkWriter {
             self.counters().publish();
             toolrank_metrics::gauge!("toolrank_source_age_seconds").set(self.behind.1.max(0) as f64 / 1000.0);
         }
-        if !now && self.sinks.resting(self.backlog()) {
+        if !now && self.stages.resting(self.backlog()) {
             // No sink writes yet (a backlog stretches their intervals): the changes
             // coalesce in the units meanwhile, where forwarding them costs nothing.
             return true;
@@ -370,27 +491,40 @@ impl SinkWriter {
         for engine in units {
             self.merged.forward(engine);
         }
-        if !self.lease.held() {
+        if !self.stages.any_held() {
             return true;
         }
-        if self.copies_behind {
-            // A sum missing part of another consumer's units would show too little: the
+        if self.copies_behind || (self.stages.count() > 1 && self.cuts.is_none()) {
+            // A sum missing part of another consumer's units would show too little, and
+            // DynamoDB items chosen without the other shards' cuts the wrong ones: the
             // changes wait for the next refresh. The write is owed, not made.
             return false;
         }
         let changes = self.merged.take_changes();
-        let mut turn = Turn {
-            global: self.merged.figures(),
-            rt: &self.rt,
-            today: self.config.today.unwrap_or_else(Day::today_utc),
-            backlog: self.backlog(),
-            events: self.log_events.unwrap_or(self.summary.messages),
-            visibility: &mut self.visibility,
-            retried: &mut self.summary.retried_errors,
-        };
-        let ok = self.sinks.write(&changes, now, &mut turn);
         if !changes.is_empty() {
             self.summary.sink_writes += 1;
+        }
+        let (backlog, events) = (self.backlog(), self.log_events.unwrap_or(self.summary.messages));
+        let today = self.config.today.unwrap_or_else(Day::today_utc);
+        let mut ok = true;
+        for (shard, changes) in self.stages.split(changes, self.merged.figures()).into_iter().enumerate() {
+            let stage = self.stages.get_mut(shard as u32);
+            // A shard not held has no patterns in the view; the agents' changes wait for
+            // shard 0's holder, who compares them in full.
+            if !stage.lease.held() {
+                continue;
+            }
+            let mut turn = Turn {
+                global: self.merged.figures(),
+                rt: &self.rt,
+                today,
+                cuts: self.cuts.flatten(),
+                backlog,
+                events,
+                visibility: &mut self.visibility,
+                retried: &mut self.summary.retried_errors,
+            };
+            ok &= stage.sinks.write(&changes, now, &mut turn);
         }
         ok
     }
@@ -402,20 +536,22 @@ impl SinkWriter {
         stretch(interval, max, self.backlog())
     }
 
-    /// The last consumer to finish must write what all others saved: waits for the sink
-    /// lease (taking or renewing it loads the others' latest checkpoints), writes until
-    /// the sinks acknowledge (up to [`FINAL_WRITE_LIMIT`], renewing the lease; lost
-    /// meanwhile, its new holder writes them), and releases the lease.
+    /// The last consumer to finish must write what all others saved: waits for every
+    /// shard's lease (taking or renewing them loads the others' latest checkpoints; a
+    /// shard another consumer keeps holding is left to it), writes until the sinks
+    /// acknowledge (up to [`FINAL_WRITE_LIMIT`], renewing the leases; lost meanwhile,
+    /// their new holders write them), and releases the leases.
     pub fn finish(&mut self, others: &[String], units: &mut [&mut Engine]) {
         let deadline = Instant::now() + self.config.lease * 3;
+        let every = self.stages.count() as usize;
         loop {
-            self.refresh_lease(others);
-            if self.lease.held() || Instant::now() >= deadline {
+            self.take_and_refresh(every, others, units);
+            if self.stages.all_held() || Instant::now() >= deadline {
                 break;
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        if !self.lease.held() {
+        if !self.stages.any_held() {
             warn!("could not take the sink lease before exiting; its holder writes the sinks");
             return;
         }
@@ -433,19 +569,47 @@ impl SinkWriter {
             // Renewed between tries: a lease that lapsed while a sink refused would pass to
             // another consumer, and this one's writes would be refused until the deadline.
             // Renewing also reads again the copies a failed refresh left behind.
-            self.refresh_lease(others);
-            if !self.lease.held() {
+            let held = self.stages.held();
+            self.take_and_refresh(held, others, units);
+            if self.stages.held() < held {
                 warn!("lost the sink lease while writing before exiting; its holder writes the sinks");
                 return;
             }
         }
-        self.lease.release(&self.rt);
+        self.release_all();
+    }
+
+    /// [`refresh_lease`](Self::refresh_lease) with a share of `share` shards. A failed
+    /// refresh leaves `copies_behind` set: the sinks wait for the next one.
+    fn take_and_refresh(&mut self, share: usize, others: &[String], units: &mut [&mut Engine]) {
+        if !self.take_leases(share, units) {
+            return;
+        }
+        if let Err(e) = self.refresh_remotes(others) {
+            self.summary.retried_errors += 1;
+            warn!(error = %e, "reading other consumers' checkpoints failed; retrying");
+        }
+        if let Err(e) = self.agree_on_cuts() {
+            self.summary.retried_errors += 1;
+            warn!(error = %e, "exchanging the sink shards' censuses failed; retrying");
+        }
+    }
+
+    /// Gives up every shard held.
+    fn release_all(&mut self) {
+        for shard in 0..self.stages.count() {
+            let stage = self.stages.get_mut(shard);
+            if stage.lease.held() {
+                stage.lease.release(&self.rt);
+            }
+        }
+        toolrank_metrics::gauge!("toolrank_sink_lease_held").set(0.0);
     }
 
     /// When any writer last wrote the sinks with [`write_once`](Self::write_once) (ms
     /// since the epoch, 0 if never).
     pub fn last_written(&self) -> Result<i64, toolrank_dynamodb::Error> {
-        self.lease.last_released(&self.rt).map(|ms| ms as i64)
+        self.stages.get(0).lease.last_released(&self.rt).map(|ms| ms as i64)
     }
 
     /// Writes the sinks once, as lease holder, from the heads of the delta logs `logs`,
@@ -455,20 +619,21 @@ impl SinkWriter {
     /// the logs (its changes wait in this writer for its next turn with the lease).
     pub fn write_once(&mut self, logs: &[String], wait: Duration, now: bool) -> bool {
         let deadline = Instant::now() + wait;
-        while !self.take_lease() && Instant::now() < deadline {
+        let every = self.stages.count() as usize;
+        while !self.take_leases(every, &mut []) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        if !self.lease.held() {
+        if !self.stages.any_held() {
             return false;
         }
         let ok = match self.refresh_remotes(logs) {
             // Lost while the logs were read: its new holder writes them.
-            Ok(_) if !self.lease.held() => false,
+            Ok(_) if !self.stages.any_held() => false,
             Ok(records) => {
                 self.log_events = Some(records);
                 // Both writes end before the lease is given up.
                 let flushed = self.flush(std::iter::empty(), now);
-                flushed & self.sinks.collect_all(&self.rt, &mut self.visibility, &mut self.summary.retried_errors)
+                flushed & self.stages.collect_all(&self.rt, &mut self.visibility, &mut self.summary.retried_errors)
             }
             Err(e) => {
                 self.summary.retried_errors += 1;
@@ -476,7 +641,7 @@ impl SinkWriter {
                 false
             }
         };
-        self.lease.release(&self.rt);
+        self.release_all();
         ok
     }
 
@@ -500,13 +665,39 @@ impl SinkWriter {
             latency_max_ms: self.visibility.latency(1.0),
             own_latency_p50_ms: self.visibility.own_latency(0.5),
             own_latency_p99_ms: self.visibility.own_latency(0.99),
-            state_writes: self.store().write_requests() + self.lease.writes().0,
-            state_write_units: self.store().write_units() + self.lease.writes().1,
+            state_writes: self.store().write_requests() + self.stages.iter().map(|s| s.lease.writes().0).sum::<u64>(),
+            state_write_units: self.store().write_units() + self.stages.iter().map(|s| s.lease.writes().1).sum::<f64>(),
             read_ms: self.first_applied.map_or(0, |first| self.behind.0.saturating_duration_since(first).as_millis() as u64),
             finish_ms: self.finishing.map_or(0, |at| at.elapsed().as_millis() as u64),
             ..self.summary
         };
-        self.sinks.add_to(&mut summary);
+        self.stages.iter().for_each(|s| s.sinks.add_to(&mut summary));
         summary
+    }
+}
+
+/// A writer's share of `shards` shards when it owns `owned` of the units and others own
+/// `others`: the shards in proportion to the units, rounded up, and at least one (a
+/// writer that owns no unit stands in for one that stopped).
+fn share(shards: u32, owned: usize, others: usize) -> usize {
+    let units = owned + others;
+    match units {
+        0 => shards as usize,
+        _ => (shards as usize * owned).div_ceil(units).max(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::share;
+
+    #[test]
+    fn a_writer_takes_shards_in_proportion_to_its_units_and_at_least_one() {
+        // One shard: every writer contends for it, as the one sink lease.
+        assert_eq!([share(1, 0, 4), share(1, 4, 0), share(1, 1, 7)], [1, 1, 1]);
+        // Four shards over two members of eight partitions: two each; a lone writer all.
+        assert_eq!([share(4, 4, 4), share(4, 8, 0), share(4, 0, 0)], [2, 4, 4]);
+        // Rounded up, so that the members' shares cover every shard.
+        assert_eq!([share(3, 2, 2), share(3, 1, 3), share(3, 3, 1)], [2, 1, 3]);
     }
 }

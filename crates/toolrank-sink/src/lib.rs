@@ -13,7 +13,7 @@
 use std::any::Any;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::time::Duration;
-use toolrank_engine::{Changes, Engine};
+use toolrank_engine::{Changes, Cuts, Engine};
 use toolrank_events::Day;
 
 /// 128 bits of two independently keyed hashes of a value: what a sink keeps of what it
@@ -94,6 +94,16 @@ pub enum Pace {
     },
 }
 
+/// What a write is planned for besides the figures and the changes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scope {
+    /// The day scores are taken for.
+    pub today: Day,
+    /// The recommendation cuts over every sink shard's patterns, when the figures hold
+    /// only some shards' (`None`: they hold every pattern, and give the cuts themselves).
+    pub cuts: Option<Cuts>,
+}
+
 /// A place the rankings are written.
 pub trait Sink: Send + 'static {
     /// What one write sends, taken from the figures so that sending needs no engine.
@@ -103,8 +113,8 @@ pub trait Sink: Send + 'static {
     fn name(&self) -> &'static str;
 
     /// Plans the write that brings the sink to `figures` for the keys in `changes`, or for
-    /// everything when it does not know what it holds, scoring for `today`.
-    fn plan(&mut self, figures: &Engine, changes: &Changes, today: Day) -> Result<Self::Request, Error>;
+    /// everything (of its shard) when it does not know what it holds, for `scope`.
+    fn plan(&mut self, figures: &Engine, changes: &Changes, scope: Scope) -> Result<Self::Request, Error>;
 
     /// How many items `request` writes, when the sink knows what it holds (a write budget
     /// weighs it); `None` otherwise.
@@ -137,7 +147,7 @@ pub trait Sink: Send + 'static {
 /// A [`Sink`] whose request type is erased, so that the runtime holds sinks of every kind.
 pub trait AnySink: Send {
     fn name(&self) -> &'static str;
-    fn plan(&mut self, figures: &Engine, changes: &Changes, today: Day) -> Result<Box<dyn Any + Send>, Error>;
+    fn plan(&mut self, figures: &Engine, changes: &Changes, scope: Scope) -> Result<Box<dyn Any + Send>, Error>;
     fn size(&self, request: &(dyn Any + Send)) -> Option<usize>;
     fn send(&mut self, request: Box<dyn Any + Send>) -> Result<(), Error>;
     fn pending(&self) -> bool;
@@ -151,8 +161,8 @@ impl<S: Sink> AnySink for S {
         Sink::name(self)
     }
 
-    fn plan(&mut self, figures: &Engine, changes: &Changes, today: Day) -> Result<Box<dyn Any + Send>, Error> {
-        Ok(Box::new(Sink::plan(self, figures, changes, today)?))
+    fn plan(&mut self, figures: &Engine, changes: &Changes, scope: Scope) -> Result<Box<dyn Any + Send>, Error> {
+        Ok(Box::new(Sink::plan(self, figures, changes, scope)?))
     }
 
     fn size(&self, request: &(dyn Any + Send)) -> Option<usize> {

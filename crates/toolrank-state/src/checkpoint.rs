@@ -319,6 +319,39 @@ impl CheckpointStore {
         Ok(())
     }
 
+    /// Stores `bytes` as the value `sk` of `scope` (a sink shard's census), in place of
+    /// the one before.
+    pub async fn put_value(&self, scope: &str, sk: &str, bytes: Vec<u8>) -> Result<(), Error> {
+        self.wrote(1);
+        let out = self
+            .put(scope, sk)
+            .item("Value", AttributeValue::B(Blob::new(bytes)))
+            .return_consumed_capacity(TOTAL)
+            .send()
+            .await
+            .map_err(aws(format!("writing {scope} {sk}")))?;
+        self.units.add(out.consumed_capacity());
+        Ok(())
+    }
+
+    /// Every value of `scope` ([`put_value`](Self::put_value)), by SK: one Query.
+    pub async fn values(&self, scope: &str) -> Result<Vec<(String, Vec<u8>)>, Error> {
+        let items: Vec<HashMap<String, AttributeValue>> = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("PK = :p")
+            .expression_attribute_values(":p", s(scope))
+            .consistent_read(true)
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(aws(format!("reading {scope}")))?;
+        Ok(items.into_iter().filter_map(|i| Some((text(&i, "SK")?.clone(), i.get("Value")?.as_b().ok()?.as_ref().to_vec()))).collect())
+    }
+
     /// The string set `name` of the item (`scope`, `sk`); empty when absent.
     pub async fn set(&self, scope: &str, sk: &str, name: &str) -> Result<Vec<String>, Error> {
         let got = self

@@ -38,7 +38,7 @@ pub(crate) async fn claim(sink: &DynamoSink, token: u64) -> Result<(), Error> {
         .client
         .update_item()
         .table_name(table)
-        .set_key(Some(sink.namespace.fence_key()))
+        .set_key(Some(sink.fence_key()))
         .update_expression("SET #g = :g, ScoredBy = :src")
         .condition_expression("attribute_not_exists(#g) OR #g <= :g")
         .expression_attribute_names("#g", "Generation")
@@ -103,7 +103,7 @@ pub(crate) async fn send(
     deadline: Option<Instant>,
 ) -> Vec<Option<Result<(), WriteFailure>>> {
     let (client, table, units, limiter) = (&sink.client, sink.table.as_str(), &sink.units, &sink.limiter);
-    let key = sink.namespace.fence_key();
+    let key = sink.fence_key();
     let check = ConditionCheck::builder()
         .table_name(table)
         .set_key(Some(key))

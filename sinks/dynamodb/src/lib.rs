@@ -44,7 +44,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use toolrank_dynamodb::TOTAL;
-use toolrank_engine::{AgentFigures, Changes, Engine, PatternFigures, PatternKey, Recommended, Sym};
+use toolrank_engine::{shard_of, AgentFigures, Changes, Cuts, Engine, PatternFigures, PatternKey, Recommended, Sym};
 use toolrank_events::Day;
 use toolrank_sink::{Fingerprint, Fingerprints};
 
@@ -274,6 +274,12 @@ pub struct DynamoSink {
     pub units: toolrank_dynamodb::Units,
     /// The write capacity budget per second ([`DynamoSink::with_max_wcu`]).
     limiter: toolrank_dynamodb::Limiter,
+    /// The sink shard it writes (shard, of how many): the pattern items of that shard's
+    /// users, and shard 0 the agents' items; `None`: everything.
+    shard: Option<(u32, u32)>,
+    /// The cuts its written pattern items were chosen with, when given from outside
+    /// (other shards' patterns count): new ones make a plan compare the patterns again.
+    cuts: Option<Cuts>,
 }
 
 fn s(v: impl Into<String>) -> AttributeValue {
@@ -308,7 +314,36 @@ impl DynamoSink {
             stats: WriteStats::default(),
             units: toolrank_dynamodb::Units::default(),
             limiter: toolrank_dynamodb::Limiter::new(None),
+            shard: None,
+            cuts: None,
         }
+    }
+
+    /// Writes shard `shard` of `count` only: the pattern items of the users in it, and
+    /// for shard 0 the agents' items; its writes are fenced on a fence item of its own.
+    pub fn for_shard(mut self, shard: u32, count: u32) -> DynamoSink {
+        self.shard = (count > 1).then_some((shard, count));
+        self
+    }
+
+    /// Whether the pattern items of `user` are this sink's to write.
+    fn mine(&self, user: &str) -> bool {
+        self.shard.is_none_or(|(shard, count)| shard_of(user, count) == shard)
+    }
+
+    /// Whether the agents' items are this sink's to write.
+    fn writes_agents(&self) -> bool {
+        self.shard.is_none_or(|(shard, _)| shard == 0)
+    }
+
+    /// The key of the item holding the largest fencing token this sink's shard was written with.
+    fn fence_key(&self) -> Item {
+        let mut key = self.namespace.fence_key();
+        if let Some((shard, count)) = self.shard {
+            let sk = key.get("SK").and_then(|v| v.as_s().ok()).cloned().unwrap_or_default();
+            key.insert("SK".to_owned(), s(format!("{sk}#shard-{shard}-of-{count}")));
+        }
+        key
     }
 
     /// Spends at most `per_second` write capacity units a second (one per item: the
@@ -340,6 +375,12 @@ impl DynamoSink {
     /// What a write of `changes` must compare and send, taken from `engine` now, so that
     /// the write itself needs no engine and can run while the engine moves on.
     pub fn plan(&mut self, engine: &Engine, changes: &Changes, today: Day) -> Plan {
+        self.plan_with(engine, changes, today, None)
+    }
+
+    /// [`plan`](Self::plan) with the recommendation `cuts` over every shard's patterns,
+    /// when `engine` holds only some shards' (`None`: it holds all).
+    pub fn plan_with(&mut self, engine: &Engine, changes: &Changes, today: Day, cuts: Option<Cuts>) -> Plan {
         let everything;
         let changes = if self.loaded {
             changes
@@ -347,11 +388,18 @@ impl DynamoSink {
             everything = engine.everything();
             &everything
         };
-        let agents: HashSet<Sym> = changes.agents.iter().copied().chain(self.pending_agents.drain()).collect();
+        let agents: HashSet<Sym> = match self.writes_agents() {
+            true => changes.agents.iter().copied().chain(self.pending_agents.drain()).collect(),
+            false => HashSet::new(),
+        };
         let agents = agents.into_iter().map(|agent| (Some(agent), engine.name(agent).to_owned(), engine.agent_figures(agent).map(table_figures))).collect();
         // The recommended set moves only when some pattern changed (the cut is
-        // time-invariant); after a load, the table's items must be compared in any case.
-        let patterns = (!self.loaded || !changes.patterns.is_empty() || self.patterns_pending).then(|| self.plan_patterns(engine, changes, today));
+        // time-invariant) or, for a shard, the other shards moved the cuts; after a load,
+        // the table's items must be compared in any case.
+        let recut = cuts != self.cuts;
+        let patterns =
+            (!self.loaded || !changes.patterns.is_empty() || self.patterns_pending || recut).then(|| self.plan_patterns(engine, changes, today, cuts));
+        self.cuts = cuts;
         Plan { agents, patterns, today }
     }
 
@@ -359,8 +407,8 @@ impl DynamoSink {
     /// sink must compare all (a first write, a failed one), otherwise those of patterns
     /// in `changes` or that entered, left or moved across the top cut since the set the
     /// table holds.
-    fn plan_patterns(&self, engine: &Engine, changes: &Changes, today: Day) -> PatternPlan {
-        let recommended = engine.recommended(today);
+    fn plan_patterns(&self, engine: &Engine, changes: &Changes, today: Day, cuts: Option<Cuts>) -> PatternPlan {
+        let recommended = engine.recommended_where(today, cuts, |user| self.mine(user));
         let known = self.recommended.as_ref().filter(|_| self.loaded && !self.patterns_pending);
         // Only a plan against a known set skips patterns, so only it looks them up.
         let changed: FxHashSet<PatternKey> = known.map(|_| changes.patterns.iter().copied().collect()).unwrap_or_default();
@@ -449,10 +497,17 @@ impl DynamoSink {
     /// Reads what the namespace holds, to compare each write with it: the agents of the
     /// registered domains and of `known` ones, and the pattern items.
     async fn load(&mut self, known: HashSet<String>) -> Result<(), Error> {
-        let registered = registered_domains(&self.client, &self.table, &self.namespace).await?;
-        let domains: HashSet<String> = registered.iter().cloned().chain(known).collect();
-        let agents = read_agents(&self.client, &self.table, &self.namespace, &domains).await?;
-        let patterns = read_patterns(&self.client, &self.table, &self.namespace).await?;
+        let (registered, agents) = match self.writes_agents() {
+            true => {
+                let registered = registered_domains(&self.client, &self.table, &self.namespace).await?;
+                let domains: HashSet<String> = registered.iter().cloned().chain(known).collect();
+                let agents = read_agents(&self.client, &self.table, &self.namespace, &domains).await?;
+                (registered, agents)
+            }
+            false => (HashSet::new(), Vec::new()),
+        };
+        let mut patterns = read_patterns(&self.client, &self.table, &self.namespace).await?;
+        patterns.retain(|(f, _)| self.mine(&f.user_id));
         self.domains = registered;
         self.agents = agents.into_iter().map(|a| (a.agent_id.clone(), a)).collect();
         self.agents_unknown.clear();
@@ -1018,8 +1073,8 @@ impl toolrank_sink::Sink for DynamoSink {
         "dynamodb"
     }
 
-    fn plan(&mut self, figures: &Engine, changes: &Changes, today: Day) -> Result<Plan, toolrank_sink::Error> {
-        Ok(DynamoSink::plan(self, figures, changes, today))
+    fn plan(&mut self, figures: &Engine, changes: &Changes, scope: toolrank_sink::Scope) -> Result<Plan, toolrank_sink::Error> {
+        Ok(DynamoSink::plan_with(self, figures, changes, scope.today, scope.cuts))
     }
 
     fn size(&self, plan: &Plan) -> Option<usize> {

@@ -40,7 +40,7 @@ pub use connect::{CA_FILE_ENV, PASSWORD_FILE_ENV};
 use redis::{Cmd, Commands, Connection};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
-use toolrank_engine::{AgentFigures, Changes, Engine, PatternFigures, PatternView, Sym, ToolFigures};
+use toolrank_engine::{shard_of, AgentFigures, Changes, Engine, PatternFigures, PatternView, Sym, ToolFigures};
 use toolrank_events::Day;
 use toolrank_sink::{Fingerprint, Fingerprints};
 
@@ -91,6 +91,9 @@ struct Rewrite {
     patterns: Vec<RewritePattern>,
     /// The size at which a transaction ends (at the next user).
     bytes: usize,
+    /// The set of all patterns holds other shards' members too: the patterns go into it
+    /// directly (its stale members are removed after), not into a set renamed over it.
+    shared: bool,
 }
 
 /// A pattern of a [`Rewrite`].
@@ -116,7 +119,11 @@ impl Rewrite {
     /// the last user, the rename of that set over `P:patterns`. Where the next
     /// transaction starts, or `None` once this one is the last.
     fn encode(&self, pipe: &mut Packed, prefix: &str, mut next: usize) -> Option<usize> {
-        let rebuilt = key(prefix, &["rebuild", "patterns"]);
+        let all = key(prefix, &["patterns"]);
+        let rebuilt = match self.shared {
+            true => all.clone(),
+            false => key(prefix, &["rebuild", "patterns"]),
+        };
         let mut members = Vec::new();
         while let Some(first) = self.patterns.get(next) {
             // A transaction holds one user at least, however large.
@@ -140,10 +147,10 @@ impl Rewrite {
             }
             next = end;
         }
-        let all = key(prefix, &["patterns"]);
-        match self.patterns.is_empty() {
-            true => pipe.add(Cmd::del(&all)),
-            false => pipe.add(Cmd::rename(&rebuilt, &all)),
+        match (self.shared, self.patterns.is_empty()) {
+            (true, _) => {}
+            (false, true) => pipe.add(Cmd::del(&all)),
+            (false, false) => pipe.add(Cmd::rename(&rebuilt, &all)),
         }
         None
     }
@@ -173,6 +180,9 @@ pub struct ValkeySink {
     fingerprints: Fingerprints,
     /// The size at which a full rewrite starts its next transaction.
     rewrite_bytes: usize,
+    /// The sink shard it writes (shard, of how many): the keys of that shard's users,
+    /// and shard 0 the agents'; `None`: everything.
+    shard: Option<(u32, u32)>,
 }
 
 /// A transaction's commands, encoded as they are added (no command outlives its line).
@@ -278,7 +288,29 @@ impl ValkeySink {
             spare: Vec::new(),
             fingerprints: Fingerprints::new(),
             rewrite_bytes: REWRITE_BYTES,
+            shard: None,
         })
+    }
+
+    /// Writes shard `shard` of `count` only: the keys of the users in it, and for shard 0
+    /// the agents' keys; its transactions are fenced on a fence key of its own. All
+    /// shards' patterns share the set of all patterns, each shard its own members.
+    pub fn for_shard(mut self, shard: u32, count: u32) -> ValkeySink {
+        self.shard = (count > 1).then_some((shard, count));
+        self
+    }
+
+    /// Whether the keys of `user` are this sink's to write.
+    fn mine(&self, user: &str) -> bool {
+        self.shard.is_none_or(|(shard, count)| shard_of(user, count) == shard)
+    }
+
+    /// The key holding the largest fencing token this sink's shard was written with.
+    fn fence_key(&self) -> String {
+        match self.shard {
+            None => self.key(&["fence"]),
+            Some((shard, count)) => self.key(&["fence", &format!("shard-{shard}-of-{count}")]),
+        }
     }
 
     fn key(&self, parts: &[&str]) -> String {
@@ -357,7 +389,7 @@ impl ValkeySink {
         }
         let mut pipe = Packed { bytes: std::mem::take(&mut self.spare), commands: 0 };
         if let Some(token) = self.token {
-            pipe.add(Cmd::set(self.key(&["fence"]), token));
+            pipe.add(Cmd::set(self.fence_key(), token));
         }
         if self.resync {
             return Ok(self.prepare_full(engine, pipe));
@@ -418,14 +450,19 @@ impl ValkeySink {
         self.agents.clear();
         let everything = engine.everything();
         let mut written = HashSet::new();
-        let rebuilt = self.key(&["rebuild", "patterns"]);
-        // Left by a rewrite cut off before its rename.
-        pipe.add(Cmd::del(&rebuilt));
-        let figures: Vec<(&str, AgentFigures)> = everything.agents.iter().filter_map(|&a| Some((engine.name(a), engine.agent_figures(a)?))).collect();
+        if self.shard.is_none() {
+            // Left by a rewrite cut off before its rename.
+            pipe.add(Cmd::del(self.key(&["rebuild", "patterns"])));
+        }
+        let agents = everything.agents.iter().filter(|_| self.shard.is_none_or(|(shard, _)| shard == 0));
+        let figures: Vec<(&str, AgentFigures)> = agents.filter_map(|&a| Some((engine.name(a), engine.agent_figures(a)?))).collect();
         let mut domains: Vec<&str> = figures.iter().map(|(_, f)| f.domain_id.as_str()).collect();
         domains.sort_unstable();
         domains.dedup();
-        let mut whole = vec![self.key(&["domains"]), self.key(&["agent-ids"])];
+        let mut whole = match figures.is_empty() && self.shard.is_some() {
+            true => Vec::new(),
+            false => vec![self.key(&["domains"]), self.key(&["agent-ids"])],
+        };
         whole.extend(domains.iter().map(|d| self.key(&["agents", d])));
         for (id, _) in &figures {
             whole.extend(["agent", "tools", "toolfigures"].map(|kind| self.key(&[kind, id])));
@@ -439,7 +476,7 @@ impl ValkeySink {
             self.put_agent(&mut pipe, None, Some(&f), id);
             agents.push((id.to_owned(), Some(f)));
         }
-        let mut views: Vec<PatternView<'_>> = everything.patterns.iter().filter_map(|&k| engine.pattern_view(k)).collect();
+        let mut views: Vec<PatternView<'_>> = everything.patterns.iter().filter_map(|&k| engine.pattern_view(k)).filter(|v| self.mine(v.user_id)).collect();
         views.sort_unstable_by(|a, b| a.user_id.cmp(b.user_id));
         let mut sequences = HashMap::new();
         for v in &views {
@@ -474,7 +511,7 @@ impl ValkeySink {
             }
         }
         written.insert(self.fingerprints.of(self.key(&["patterns"]).as_str()));
-        let rewrite = Rewrite { ids, sequences, patterns, bytes: self.rewrite_bytes };
+        let rewrite = Rewrite { ids, sequences, patterns, bytes: self.rewrite_bytes, shared: self.shard.is_some() };
         Prepared { pipe, rewrite: Some(rewrite), agents, full: Some(written), token: self.token }
     }
 
@@ -507,11 +544,11 @@ impl ValkeySink {
     }
 
     fn try_send(&mut self, prepared: &Prepared) -> Result<(), Error> {
-        let (fence, prefix) = (self.key(&["fence"]), self.prefix.clone());
+        let (fence, prefix) = (self.fence_key(), self.prefix.clone());
         self.connection()?;
         let conn = self.conn.as_mut().expect("just connected");
         let (mut sent, mut transactions) = (0, 0);
-        let result = transact(conn, prepared, (&fence, &prefix), &self.fingerprints, &mut sent, &mut transactions);
+        let result = transact(conn, prepared, (&fence, &prefix), (&self.fingerprints, self.shard), &mut sent, &mut transactions);
         self.commands += sent;
         self.transactions += transactions;
         result
@@ -677,13 +714,14 @@ pub struct ValkeyReader {
 
 /// Sends `prepared`'s transactions in order (a full rewrite's encoded one at a time);
 /// with a fencing token, each only while `fence` holds no larger one. After a full
-/// rewrite's, deletes every key of the namespace (`prefix`) it did not write. Counts the
-/// commands and transactions sent in `sent` and `transactions`.
+/// rewrite's, deletes every key of the namespace (`prefix`) it did not write (of its
+/// `shard`'s, with the stale members of the set of all patterns). Counts the commands
+/// and transactions sent in `sent` and `transactions`.
 fn transact(
     conn: &mut Connection,
     prepared: &Prepared,
     (fence, prefix): (&str, &str),
-    fingerprints: &Fingerprints,
+    (fingerprints, shard): (&Fingerprints, Option<(u32, u32)>),
     sent: &mut u64,
     transactions: &mut u64,
 ) -> Result<(), Error> {
@@ -711,9 +749,13 @@ fn transact(
             // writer adds later aborts the rewrite instead of outliving it. Only the keys
             // the rewrite does not write are kept (not every key of a large namespace).
             conn.set_read_timeout(Some(IO_TIMEOUT))?;
-            let (keys, calls) = namespace_keys(conn, prefix, |k| k != fence && !written.contains(&fingerprints.of(k)))?;
+            let fences = key(prefix, &["fence"]);
+            let (keys, calls) = namespace_keys(conn, prefix, |k| !k.starts_with(&fences) && !written.contains(&fingerprints.of(k)))?;
             *sent += calls;
-            stale = keys;
+            stale = match shard {
+                None => keys,
+                Some(shard) => shard_keys(conn, prefix, keys, shard, sent)?,
+            };
         }
         exec_watched(conn, pipe, fence, prepared.token, sent)?;
         *transactions += 1;
@@ -722,16 +764,51 @@ fn transact(
         return Ok(());
     }
     tracing::debug!(transactions = *transactions, stale = stale.len(), "valkey full rewrite written; deleting the keys it did not write");
+    let (all, hashes) = (key(prefix, &["patterns"]), key(prefix, &["pattern", ""]));
     for keys in stale.chunks(STALE_KEYS) {
         let mut pipe = Packed::default();
         for chunk in keys.chunks(SET_CHUNK) {
             pipe.add(Cmd::del(chunk));
+            // A shard's stale patterns leave the set of all patterns (another shard's
+            // rewrite renames nothing over it).
+            let ids: Vec<&str> = chunk.iter().filter_map(|k| k.strip_prefix(&hashes)).collect();
+            if shard.is_some() && !ids.is_empty() {
+                pipe.add(Cmd::zrem(&all, ids));
+            }
         }
         watch(conn, fence, prepared.token, sent)?;
         exec_watched(conn, &pipe, fence, prepared.token, sent)?;
         *transactions += 1;
     }
     Ok(())
+}
+
+/// Of `keys`, keys of namespace `prefix` that a rewrite of `shard` (shard, of how many)
+/// did not write, those that are the shard's: the pattern hashes (their user read from
+/// them) and per-user sets of its users, and for shard 0 every other key but the set of
+/// all patterns, which every shard writes.
+fn shard_keys(conn: &mut Connection, prefix: &str, keys: Vec<String>, (shard, count): (u32, u32), sent: &mut u64) -> Result<Vec<String>, Error> {
+    let ours = |user: &str| shard_of(user, count) == shard;
+    let (hashes, sets, all) = (key(prefix, &["pattern", ""]), key(prefix, &["patterns", ""]), key(prefix, &["patterns"]));
+    let (patterns, others): (Vec<String>, Vec<String>) = keys.into_iter().partition(|k| k.starts_with(&hashes));
+    let mut stale: Vec<String> = others
+        .into_iter()
+        .filter(|k| match k.strip_prefix(&sets) {
+            Some(user) => ours(user),
+            None => shard == 0 && *k != all,
+        })
+        .collect();
+    for chunk in patterns.chunks(SET_CHUNK) {
+        let mut pipe = redis::pipe();
+        chunk.iter().for_each(|k| {
+            pipe.hget(k, "user");
+        });
+        *sent += chunk.len() as u64;
+        let users: Vec<Option<String>> = pipe.query(conn)?;
+        // A hash without a user is nobody's but shard 0's to remove.
+        stale.extend(chunk.iter().zip(users).filter(|(_, user)| user.as_deref().map_or(shard == 0, ours)).map(|(k, _)| k.clone()));
+    }
+    Ok(stale)
 }
 
 /// With a fencing token: `WATCH`es `fence`, so that another writer's transaction from
@@ -988,7 +1065,7 @@ impl toolrank_sink::Sink for ValkeySink {
         "valkey"
     }
 
-    fn plan(&mut self, figures: &Engine, changes: &Changes, _today: Day) -> Result<Prepared, toolrank_sink::Error> {
+    fn plan(&mut self, figures: &Engine, changes: &Changes, _: toolrank_sink::Scope) -> Result<Prepared, toolrank_sink::Error> {
         self.prepare(figures, changes).map_err(|e| toolrank_sink::Error::new("valkey", e))
     }
 

@@ -43,15 +43,27 @@ impl SinkSettings {
     /// The configured sinks, DynamoDB first, then Valkey (whose writes make records
     /// visible: the latency is measured there).
     pub fn wire(&self) -> Result<Vec<Wired>, Error> {
+        self.wire_shard(0, 1)
+    }
+
+    /// Every sink shard's sinks, by shard ([`wire_shard`](Self::wire_shard)).
+    pub fn wire_shards(&self, count: u32) -> Result<Vec<Vec<Wired>>, Error> {
+        (0..count).map(|shard| self.wire_shard(shard, count)).collect()
+    }
+
+    /// The sinks of shard `shard` of `count`: they write the keys of its users only, and
+    /// fence their writes with its lease's tokens.
+    pub fn wire_shard(&self, shard: u32, count: u32) -> Result<Vec<Wired>, Error> {
         let mut sinks = Vec::new();
         if let Some(table) = &self.table {
             let client = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime").block_on(toolrank_dynamodb::client());
-            let sink = DynamoSink::in_namespace(client, table.clone(), self.dynamodb_namespace.clone()).with_max_wcu(self.dynamodb_max_wcu);
+            let sink =
+                DynamoSink::in_namespace(client, table.clone(), self.dynamodb_namespace.clone()).with_max_wcu(self.dynamodb_max_wcu).for_shard(shard, count);
             let pace = Pace::Paced { interval: self.dynamodb_interval, max_defer: self.dynamodb_max_defer, writes_per_event: self.dynamodb_writes_per_event };
             sinks.push(Wired::new(sink, pace));
         }
         if let Some(url) = &self.valkey_url {
-            let mut sink = ValkeySink::new(url, self.valkey_prefix.clone())?;
+            let mut sink = ValkeySink::new(url, self.valkey_prefix.clone())?.for_shard(shard, count);
             sink.verify()?;
             sinks.push(Wired::new(sink, Pace::Live));
         }
