@@ -34,8 +34,10 @@ pub struct SinkWriter {
     /// held shard as last published.
     censuses: (String, Vec<Option<Vec<u8>>>),
     /// The recommendation cuts agreed from every shard's census (a split stage only;
-    /// `None` inside: no pattern anywhere), once they are.
+    /// `None` inside: no pattern anywhere), once they are, and when the censuses were
+    /// last exchanged.
     cuts: Option<Option<Cuts>>,
+    censuses_at: Instant,
     /// The sum of every unit, with the patterns of the shards held: what the sinks show.
     merged: Merged,
     /// Whether a copy of another consumer's unit may lag its log or be missing (the last
@@ -62,6 +64,12 @@ pub struct SinkWriter {
 /// How many times a checkpoint is read before it counts as broken ([`SinkWriter::claim`]).
 const BROKEN_READS: u32 = 3;
 
+/// How often a split sink stage's holders exchange their shards' censuses (once they
+/// agreed on the cuts): each exchange writes a census of tens of kilobytes per shard held
+/// (a write unit per kilobyte) and reads everybody's, while the cuts move little from one
+/// second to the next.
+const CENSUS_INTERVAL: Duration = Duration::from_secs(10);
+
 /// How long a stopping holder tries to bring the sinks up to date ([`SinkWriter::finish`]).
 const FINAL_WRITE_LIMIT: Duration = Duration::from_secs(180);
 
@@ -87,6 +95,7 @@ impl SinkWriter {
             stages,
             censuses,
             cuts: None,
+            censuses_at: Instant::now(),
             client,
             rt,
             summary: Summary::default(),
@@ -270,14 +279,20 @@ impl SinkWriter {
         self.take_and_refresh(share, others, units);
     }
 
-    /// In a split sink stage: publishes the census of each shard held (when it changed)
-    /// and reads the others', and takes the recommendation cuts from their sum; when they
-    /// moved, the held shards' paced sinks (DynamoDB, which applies them) write again.
-    /// Holding every shard, the cuts are the merged view's own. A census a holder has not
-    /// published yet counts once it is: the cuts converge as the shards' figures settle.
+    /// In a split sink stage, every [`CENSUS_INTERVAL`] (and at once until the cuts are
+    /// agreed): publishes the census of each shard held (when it changed) and reads the
+    /// others', and takes the recommendation cuts from their sum; when they moved, the
+    /// held shards' paced sinks (DynamoDB, which applies them) write again. Holding every
+    /// shard, the cuts are the merged view's own, taken at every call. A census a holder
+    /// has not published yet counts once it is: the cuts converge as the shards' figures
+    /// settle.
     fn agree_on_cuts(&mut self) -> Result<(), toolrank_dynamodb::Error> {
         let count = self.stages.count();
         if count == 1 || !self.stages.any_held() || self.copies_behind {
+            return Ok(());
+        }
+        let exchange = self.cuts.is_none() || self.censuses_at.elapsed() >= CENSUS_INTERVAL;
+        if !exchange && !self.stages.all_held() {
             return Ok(());
         }
         let today = self.config.today.unwrap_or_else(Day::today_utc);
@@ -288,11 +303,14 @@ impl SinkWriter {
             }
             let census = self.merged.figures().census_where(|user| shard_of(user, count) == shard);
             let bytes = census.to_bytes();
-            if self.censuses.1[shard as usize].as_ref() != Some(&bytes) {
+            if exchange && self.censuses.1[shard as usize].as_ref() != Some(&bytes) {
                 self.call("publishing a sink shard's census", self.store().put_value(&self.censuses.0, &shard.to_string(), bytes.clone()))?;
                 self.censuses.1[shard as usize] = Some(bytes);
             }
             sum.merge(&census);
+        }
+        if exchange {
+            self.censuses_at = Instant::now();
         }
         if !self.stages.all_held() {
             for (sk, bytes) in self.call("reading the sink shards' censuses", self.store().values(&self.censuses.0))? {

@@ -336,20 +336,26 @@ impl CheckpointStore {
 
     /// Every value of `scope` ([`put_value`](Self::put_value)), by SK: one Query.
     pub async fn values(&self, scope: &str) -> Result<Vec<(String, Vec<u8>)>, Error> {
-        let items: Vec<HashMap<String, AttributeValue>> = self
-            .client
+        let items = self.items(scope, None, "reading").await?;
+        Ok(items.into_iter().filter_map(|i| Some((text(&i, "SK")?.clone(), i.get("Value")?.as_b().ok()?.as_ref().to_vec()))).collect())
+    }
+
+    /// Every item of `scope` (only the attributes of `projection`, if given), read
+    /// consistently; `what` names the read in errors.
+    async fn items(&self, scope: &str, projection: Option<&str>, what: &str) -> Result<Vec<HashMap<String, AttributeValue>>, Error> {
+        self.client
             .query()
             .table_name(&self.table)
-            .key_condition_expression("PK = :p")
-            .expression_attribute_values(":p", s(scope))
+            .key_condition_expression("PK = :pk")
+            .expression_attribute_values(":pk", s(scope))
+            .set_projection_expression(projection.map(str::to_owned))
             .consistent_read(true)
             .into_paginator()
             .items()
             .send()
             .try_collect()
             .await
-            .map_err(aws(format!("reading {scope}")))?;
-        Ok(items.into_iter().filter_map(|i| Some((text(&i, "SK")?.clone(), i.get("Value")?.as_b().ok()?.as_ref().to_vec()))).collect())
+            .map_err(aws(format!("{what} {scope}")))
     }
 
     /// The string set `name` of the item (`scope`, `sk`); empty when absent.
@@ -509,20 +515,7 @@ impl CheckpointStore {
     /// Deletes every item of `scope` (its manifest, base, deltas and lease): the unit's
     /// next owner starts it from nothing. Returns how many items there were.
     pub async fn reset(&self, scope: &str) -> Result<usize, Error> {
-        let keys: Vec<HashMap<String, AttributeValue>> = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .key_condition_expression("PK = :pk")
-            .expression_attribute_values(":pk", s(scope))
-            .projection_expression("PK, SK")
-            .consistent_read(true)
-            .into_paginator()
-            .items()
-            .send()
-            .try_collect()
-            .await
-            .map_err(aws(format!("listing the checkpoint of {scope}")))?;
+        let keys = self.items(scope, Some("PK, SK"), "listing the checkpoint of").await?;
         let deletes: Vec<WriteRequest> = keys
             .iter()
             .map(|k| WriteRequest::builder().delete_request(DeleteRequest::builder().set_key(Some(k.clone())).build().expect("a key")).build())
