@@ -162,15 +162,18 @@ impl Engine {
     /// (a sink shard's), with `cuts` over every shard's patterns (`None`: this view
     /// holds them all, and its census gives the cuts).
     pub fn recommended_where(&self, today: Day, cuts: Option<Cuts>, keep: impl Fn(&str) -> bool) -> Recommended {
-        let mut census = ScoreCensus::default();
+        // Cuts given from outside need no census of this view.
+        let mut census = cuts.is_none().then(ScoreCensus::default);
         let scored: Vec<(PatternKey, f64)> = self
             .score_inputs()
             .filter_map(|(k, inputs)| {
-                census.add(inputs);
+                if let Some(census) = &mut census {
+                    census.add(inputs);
+                }
                 keep(self.strings.get(k.user)).then(|| (k, inputs.score(today)))
             })
             .collect();
-        let Some(cuts) = cuts.or_else(|| census.cuts(today)) else {
+        let Some(cuts) = cuts.or_else(|| census.and_then(|c| c.cuts(today))) else {
             return Recommended::default();
         };
         // One pass, one map: a sink plans from this at every round.

@@ -276,23 +276,24 @@ impl SinkWriter {
     /// does not own; `units` are the engines of those it owns.
     pub fn refresh_lease(&mut self, others: &[String], units: &mut [&mut Engine]) {
         let share = share(self.stages.count(), units.len(), others.len());
-        self.take_and_refresh(share, others, units);
+        self.take_and_refresh(share, others, units, false);
     }
 
-    /// In a split sink stage, every [`CENSUS_INTERVAL`] (and at once until the cuts are
-    /// agreed): publishes the census of each shard held (when it changed) and reads the
-    /// others', and takes the recommendation cuts from their sum; when they moved, the
-    /// held shards' paced sinks (DynamoDB, which applies them) write again. Holding every
-    /// shard, the cuts are the merged view's own, taken at every call. A census a holder
-    /// has not published yet counts once it is: the cuts converge as the shards' figures
-    /// settle.
-    fn agree_on_cuts(&mut self) -> Result<(), toolrank_dynamodb::Error> {
+    /// In a split sink stage, every [`CENSUS_INTERVAL`] (with `now`, and until the cuts
+    /// are agreed, at once): publishes the census of each shard held (when it changed)
+    /// and reads the others', and takes the recommendation cuts from their sum; when they
+    /// moved, the held shards' paced sinks (DynamoDB, which applies them) write again.
+    /// Holding every shard, the cuts are the merged view's own. A census a holder has not
+    /// published yet counts once it is: the cuts converge as the shards' figures settle.
+    fn agree_on_cuts(&mut self, now: bool) -> Result<(), toolrank_dynamodb::Error> {
         let count = self.stages.count();
         if count == 1 || !self.stages.any_held() || self.copies_behind {
             return Ok(());
         }
-        let exchange = self.cuts.is_none() || self.censuses_at.elapsed() >= CENSUS_INTERVAL;
-        if !exchange && !self.stages.all_held() {
+        // Every interval: each change of the cuts makes every held shard's DynamoDB sink
+        // rank its patterns again. At the exit (`now`) the cuts must be the final ones.
+        let exchange = now || self.cuts.is_none() || self.censuses_at.elapsed() >= CENSUS_INTERVAL;
+        if !exchange {
             return Ok(());
         }
         let today = self.config.today.unwrap_or_else(Day::today_utc);
@@ -303,15 +304,13 @@ impl SinkWriter {
             }
             let census = self.merged.figures().census_where(|user| shard_of(user, count) == shard);
             let bytes = census.to_bytes();
-            if exchange && self.censuses.1[shard as usize].as_ref() != Some(&bytes) {
+            if self.censuses.1[shard as usize].as_ref() != Some(&bytes) {
                 self.call("publishing a sink shard's census", self.store().put_value(&self.censuses.0, &shard.to_string(), bytes.clone()))?;
                 self.censuses.1[shard as usize] = Some(bytes);
             }
             sum.merge(&census);
         }
-        if exchange {
-            self.censuses_at = Instant::now();
-        }
+        self.censuses_at = Instant::now();
         if !self.stages.all_held() {
             for (sk, bytes) in self.call("reading the sink shards' censuses", self.store().values(&self.censuses.0))? {
                 let held = sk.parse::<u32>().is_ok_and(|shard| shard >= count || self.stages.get(shard).lease.held());
@@ -563,7 +562,7 @@ impl SinkWriter {
         let deadline = Instant::now() + self.config.lease * 3;
         let every = self.stages.count() as usize;
         loop {
-            self.take_and_refresh(every, others, units);
+            self.take_and_refresh(every, others, units, true);
             if self.stages.all_held() || Instant::now() >= deadline {
                 break;
             }
@@ -588,7 +587,7 @@ impl SinkWriter {
             // another consumer, and this one's writes would be refused until the deadline.
             // Renewing also reads again the copies a failed refresh left behind.
             let held = self.stages.held();
-            self.take_and_refresh(held, others, units);
+            self.take_and_refresh(held, others, units, true);
             if self.stages.held() < held {
                 warn!("lost the sink lease while writing before exiting; its holder writes the sinks");
                 return;
@@ -597,9 +596,10 @@ impl SinkWriter {
         self.release_all();
     }
 
-    /// [`refresh_lease`](Self::refresh_lease) with a share of `share` shards. A failed
-    /// refresh leaves `copies_behind` set: the sinks wait for the next one.
-    fn take_and_refresh(&mut self, share: usize, others: &[String], units: &mut [&mut Engine]) {
+    /// [`refresh_lease`](Self::refresh_lease) with a share of `share` shards; `exiting`,
+    /// the cuts are agreed anew. A failed refresh leaves `copies_behind` set: the sinks
+    /// wait for the next one.
+    fn take_and_refresh(&mut self, share: usize, others: &[String], units: &mut [&mut Engine], exiting: bool) {
         if !self.take_leases(share, units) {
             return;
         }
@@ -607,7 +607,7 @@ impl SinkWriter {
             self.summary.retried_errors += 1;
             warn!(error = %e, "reading other consumers' checkpoints failed; retrying");
         }
-        if let Err(e) = self.agree_on_cuts() {
+        if let Err(e) = self.agree_on_cuts(exiting) {
             self.summary.retried_errors += 1;
             warn!(error = %e, "exchanging the sink shards' censuses failed; retrying");
         }

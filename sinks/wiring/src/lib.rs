@@ -57,9 +57,12 @@ impl SinkSettings {
         let mut sinks = Vec::new();
         if let Some(table) = &self.table {
             let client = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime").block_on(toolrank_dynamodb::client());
-            let sink =
-                DynamoSink::in_namespace(client, table.clone(), self.dynamodb_namespace.clone()).with_max_wcu(self.dynamodb_max_wcu).for_shard(shard, count);
-            let pace = Pace::Paced { interval: self.dynamodb_interval, max_defer: self.dynamodb_max_defer, writes_per_event: self.dynamodb_writes_per_event };
+            // A shard writes its share of the items: its share of the budget and capacity.
+            let share = f64::from(count.max(1));
+            let max_wcu = self.dynamodb_max_wcu.map(|w| w / share);
+            let sink = DynamoSink::in_namespace(client, table.clone(), self.dynamodb_namespace.clone()).with_max_wcu(max_wcu).for_shard(shard, count);
+            let writes_per_event = self.dynamodb_writes_per_event.map(|w| w / share);
+            let pace = Pace::Paced { interval: self.dynamodb_interval, max_defer: self.dynamodb_max_defer, writes_per_event };
             sinks.push(Wired::new(sink, pace));
         }
         if let Some(url) = &self.valkey_url {
