@@ -170,7 +170,7 @@ elif holder and others:
     per_event = max(o[0] / max(o[2], 1) for o in others)
     moved = f" (the lease moved while reading: held by {', '.join(sorted(seen))})" if len(seen) > 1 else ""
     print(f"{group}, holder/other: peak memory {h[1] / rss:.2f}x, CPU per event read {h[0] / max(h[2], 1) / per_event:.2f}x{moved}")
-elif others:
+elif others and shards == 1:
     print(f"{group}, holder/other: no single holder at the end ({looks[-1]}), no ratio")
 for i, (peak, took) in enumerate(stops, 1):
     if took:
