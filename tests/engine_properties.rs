@@ -364,6 +364,7 @@ proptest! {
         let mut census = toolrank_engine::ScoreCensus::default();
         for (s, (view, _)) in sharded.iter().enumerate() {
             prop_assert_eq!(figures(view), figures_of_shard(&whole, s as u32, shards));
+            prop_assert_eq!(&whole.census_by_shard(shards)[s], &view.census());
             census.merge(&view.census());
         }
         prop_assert_eq!(census, whole.census());

@@ -3,7 +3,7 @@
 
 use crate::cut::{Cuts, ScoreCensus, ScoreInputs};
 use crate::score::{self, AGENT_DECAY, PATTERN_DECAY};
-use crate::{Engine, PatternAggregate, PatternKey, Sym};
+use crate::{shard_of, Engine, PatternAggregate, PatternKey, Sym};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use toolrank_events::Day;
@@ -182,14 +182,16 @@ impl Engine {
 
     /// The census of the visible patterns' score inputs: all the cuts depend on.
     pub fn census(&self) -> ScoreCensus {
-        self.census_where(|_| true)
+        let mut census = ScoreCensus::default();
+        self.score_inputs().for_each(|(_, inputs)| census.add(inputs));
+        census
     }
 
-    /// [`census`](Self::census) of the patterns of the users `keep` takes (a sink shard's).
-    pub fn census_where(&self, keep: impl Fn(&str) -> bool) -> ScoreCensus {
-        let mut census = ScoreCensus::default();
-        self.score_inputs().filter(|(k, _)| keep(self.strings.get(k.user))).for_each(|(_, inputs)| census.add(inputs));
-        census
+    /// [`census`](Self::census) of each of `count` sink shards' patterns, in one pass.
+    pub fn census_by_shard(&self, count: u32) -> Vec<ScoreCensus> {
+        let mut censuses = vec![ScoreCensus::default(); count.max(1) as usize];
+        self.score_inputs().for_each(|(k, inputs)| censuses[shard_of(self.strings.get(k.user), count) as usize].add(inputs));
+        censuses
     }
 
     /// Every visible pattern with what its score depends on.

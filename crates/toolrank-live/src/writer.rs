@@ -15,7 +15,7 @@ use crate::stages::{lease_scope, Stages};
 use crate::summary::Summary;
 use crate::units::{apply_deltas, log_copy, restore, BaseRead, LogCatchUp};
 use std::time::{Duration, Instant};
-use toolrank_engine::{shard_of, Cuts, Engine, ScoreCensus, Shards};
+use toolrank_engine::{Cuts, Engine, ScoreCensus, Shards};
 use toolrank_events::Day;
 use toolrank_sink::Wired;
 use toolrank_state::{CheckpointStore, Lease, LogHead};
@@ -298,11 +298,10 @@ impl SinkWriter {
         }
         let today = self.config.today.unwrap_or_else(Day::today_utc);
         let mut sum = ScoreCensus::default();
-        for shard in 0..count {
+        for (shard, census) in (0..count).zip(self.merged.figures().census_by_shard(count)) {
             if !self.stages.get(shard).lease.held() {
                 continue;
             }
-            let census = self.merged.figures().census_where(|user| shard_of(user, count) == shard);
             let bytes = census.to_bytes();
             if self.censuses.1[shard as usize].as_ref() != Some(&bytes) {
                 self.call("publishing a sink shard's census", self.store().put_value(&self.censuses.0, &shard.to_string(), bytes.clone()))?;
