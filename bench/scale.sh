@@ -21,13 +21,15 @@
 # With PROFILE=1, the group of PROFILE_GROUP (2) runs once more under `perf record`
 # (Debian's linux-perf, call graphs; a state table and namespace of its own), and
 # bench/profile.py splits the sink holder's CPU, and the busiest other member's, by part
-# of the pipeline, in CPU µs per event of the group: what the holder pays on top.
-# Usage: bench/scale.sh   (SESSIONS=300000 gives ~1M events; PARTITIONS=8; COUNTS="1 2 4";
+# of the pipeline, in CPU µs per event of the group: what the holder pays on top (with
+# SHARDS > 1, the busiest and the idlest member's; PROFILE_GROUP=1, the one member's).
+# Usage: bench/scale.sh   (SESSIONS=300000 gives ~1M events; PARTITIONS=8; COUNTS="1 2 4", empty
+#                          for the profiled group only;
 #                          LIMIT=900; SHARDS=1; PROFILE=1, PROFILE_GROUP=2)
 set -euo pipefail
 SESSIONS="${SESSIONS:-300000}"
 PARTITIONS="${PARTITIONS:-8}"
-COUNTS="${COUNTS:-1 2 4}"
+COUNTS="${COUNTS-1 2 4}"
 LIMIT="${LIMIT:-900}"
 SHARDS="${SHARDS:-1}"
 if [ "${PROFILE:-0}" = 1 ] && ! command -v perf > /dev/null; then
@@ -178,28 +180,34 @@ for i, (peak, took) in enumerate(stops, 1):
 PY
   exact "$name" "$name" "$WORK/history.jsonl"
 }
-# profiles N NAME: the profiled run NAME's sink holder's and busiest other member's CPU by
-# part, per event of the group.
+# profiles N NAME: the profiled run NAME's members' CPU by part, per event of the group: the
+# sink holder's and the busiest other member's; with SHARDS > 1, the busiest and the idlest
+# member's (CPU per event read); a group of one, its one member's.
 profiles() {
-  local n="$1" name="$2" holder other
-  read -r holder other < <(python3 - "$n" "$WORK" "$name" <<'PY'
+  local n="$1" name="$2" members
+  members=$(python3 - "$n" "$WORK" "$name" "$SHARDS" <<'PY'
 import sys
-n, work, name = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-last = [line.split() for line in open(f"{work}/{name}.holders")][-1]
-holder = last[0] if len(last) == 1 else "none"
+n, work, name, shards = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 rate = lambda i: (lambda cpu, rss, read, *_: float(cpu) / max(int(read), 1))(*open(f"{work}/{name}-{i}.figures").read().split())
-others = [str(i) for i in range(1, n + 1) if str(i) != holder]
-print(holder, max(others, key=rate) if others else "none")
+members = [str(i) for i in range(1, n + 1)]
+if n == 1:
+    print("consumer:1")
+elif shards > 1:
+    print(f"busiest-consumer:{max(members, key=rate)} idlest-consumer:{min(members, key=rate)}")
+else:
+    last = [line.split() for line in open(f"{work}/{name}.holders")][-1]
+    if len(last) == 1:
+        print(f"sink-holder:{last[0]} consumer:{max((i for i in members if i != last[0]), key=rate)}")
 PY
 )
-  if [ "$holder" = none ] || [ "$other" = none ]; then
-    echo "$n consumers, profiled: no single sink holder at the end, or no other member; no split"
+  if [ -z "$members" ]; then
+    echo "$n consumers, profiled: no single sink holder at the end; no split"
     return
   fi
-  local role i
-  for role in "sink holder $holder" "consumer $other"; do
-    i="${role##* }"
-    echo "where the CPU of $n consumers' $role goes (profiled run; CPU µs per event of the group):"
+  local member role i
+  for member in $members; do
+    i="${member##*:}" role="${member%%:*}"
+    echo "where the CPU of $n consumers' ${role//-/ } $i goes (profiled run; CPU µs per event of the group):"
     perf script -F comm,ip,sym -i "$WORK/$name-$i.perf" 2> /dev/null | python3 bench/profile.py "$EVENTS" "$(cut -d' ' -f1 "$WORK/$name-$i.figures")"
   done
 }
