@@ -11,7 +11,7 @@ settings = sorted(f"{k}={v}" for k, v in os.environ.items()
                   if re.fullmatch(r"SESSIONS|LATENCY_SESSIONS|LATENCY_RATE|RATE|BATCHES|INVOKE_RECORDS|RUNS|PARTITIONS|"
                                   r"HORIZONS|LIVE|SAMPLE_SECS|CONSUME_ARGS|STEADY_ARGS|SINK_INTERVAL_MS|WRITES_PER_EVENT|"
                                   r"DYNAMODB_FLUSH_MS|SEGMENTS|EXPORT_SESSIONS|TABLE_SESSIONS|KILLS|VALKEY_DOWN|THROTTLE|BROKER_DOWN|"
-                                  r"MALFORMED|LEASE_SECS|CHAOS_SEED|COUNTS", k))
+                                  r"MALFORMED|LEASE_SECS|CHAOS_SEED|COUNTS|SHARDS|PROFILE|PROFILE_GROUP", k))
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown CPU")
