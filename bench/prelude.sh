@@ -1,6 +1,6 @@
 # Sourced by the bench scripts: the repository root, the shared build cache, the local
 # stack, a release toolrank in $BIN, a scratch directory $WORK removed on exit (after the
-# figures are printed as a markdown table), and
+# figures are printed as a markdown table; KEEP_WORK=1 keeps it: logs, perf recordings), and
 # `exact`, which compares what the sinks hold with `toolrank replay`.
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/toolrank/target}"
@@ -12,7 +12,7 @@ WORK=$(mktemp -d)
 # docs/benchmarks.md shows (bench/table.py), with the command, the commit and the machine.
 BENCH_ARGS=("$0" "$@")
 exec 3>&1 > >(tee "$WORK/stdout"); TEE=$!
-trap 'exec 1>&3; wait "$TEE" 2>/dev/null || true; python3 bench/table.py "${BENCH_ARGS[@]}" "$WORK/stdout"; rm -rf "$WORK"' EXIT
+trap 'exec 1>&3; wait "$TEE" 2>/dev/null || true; python3 bench/table.py "${BENCH_ARGS[@]}" "$WORK/stdout"; if [ -n "${KEEP_WORK:-}" ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi' EXIT
 # The generated histories end on this day: the consumers score for it, and so does replay.
 TODAY=2025-07-14
 
