@@ -65,6 +65,7 @@ fn bucket_logs_take_appends_in_turn_and_compact() {
         let fifteen = store.append(scope, &log.at, &[d(15)], 2).await.unwrap();
         assert_eq!((fifteen.head, fifteen.log_bytes, fifteen.records, fifteen.total_bytes), (15, 100, 45, 1500));
         assert_eq!(store.log_head(scope).await.unwrap(), Some(fifteen));
+        assert_eq!(store.log_heads(&[scope.to_owned()]).await.unwrap(), [Some(fifteen)], "a shared log's head is its last delta");
     });
 }
 
@@ -101,6 +102,34 @@ fn owned_checkpoints_append_with_their_position_and_rebase_whole() {
         assert!(matches!(store.save(scope, "a", 1, "30", b"zombie", 0).await, Err(Error::Fenced(_))));
         let log = store.load_log(scope).await.unwrap();
         assert_eq!((log.base, log.deltas), (b"state".to_vec(), vec![d(4)]));
+    });
+}
+
+/// The heads of many logs read together equal each one's read alone: owned logs and
+/// shared ones, logs that do not exist, more than one batch of them.
+#[test]
+fn log_heads_read_together_equal_each_read_alone() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = fresh_state_store().await;
+        let d = |i: u8| vec![i; 100];
+        store.claim("kafka/g/t/0", "a").await.unwrap();
+        store.append_owned("kafka/g/t/0", "a", "10", 0, &[d(1), d(2)]).await.unwrap();
+        store.claim("kafka/g/t/1", "a").await.unwrap();
+        store.claim("lambda/b/00000", "lambda").await.unwrap();
+        let start = store.log_head("lambda/b/00000").await.unwrap().unwrap();
+        store.append("lambda/b/00000", &start, &[d(3)], 7).await.unwrap();
+        let mut scopes: Vec<String> = (0..150).map(|i| format!("kafka/g/none/{i}")).collect();
+        scopes.insert(40, "kafka/g/t/0".into());
+        scopes.insert(120, "lambda/b/00000".into());
+        scopes.push("kafka/g/t/1".into());
+        let mut alone = Vec::new();
+        for scope in &scopes {
+            alone.push(store.log_head(scope).await.unwrap());
+        }
+        let together = store.log_heads(&scopes).await.unwrap();
+        assert_eq!(together, alone);
+        assert_eq!(together.iter().flatten().map(|h| (h.head, h.records)).collect::<Vec<_>>(), [(2, 0), (1, 7), (0, 0)]);
     });
 }
 

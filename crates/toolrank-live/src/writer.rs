@@ -339,16 +339,19 @@ impl SinkWriter {
     /// generation). Once none is held, the copies of others' units are dropped.
     fn take_leases(&mut self, share: usize, units: &mut [&mut Engine]) -> bool {
         let (was, count) = (self.stages.any_held(), self.stages.count());
-        let mut held = 0;
+        // Counted before any is taken: a shard is tried (a conditional write, billed when
+        // it fails) only while fewer than the share are held, wherever those are.
+        let mut held = self.stages.held();
         for shard in 0..count {
-            let stage = self.stages.get_mut(shard);
-            if !stage.lease.held() && held >= share {
+            let before = self.stages.get(shard).lease.held();
+            if !before && held >= share {
                 continue;
             }
             self.turn(shard);
             let stage = self.stages.get_mut(shard);
-            held += usize::from(stage.lease.held());
-            if stage.lease.held() && !self.merged.shards().holds(shard) {
+            let after = stage.lease.held();
+            held = held + usize::from(after) - usize::from(before);
+            if after && !self.merged.shards().holds(shard) {
                 // Its patterns join the view: the own units' now, the others' as their
                 // copies are read again (the sinks wait for that).
                 self.merged.take_shard(shard, units);
@@ -424,13 +427,14 @@ impl SinkWriter {
         self.merged.keep_copies(others);
         self.copies_behind = true;
         let mut records = 0;
-        for (i, scope) in others.iter().enumerate() {
+        let heads = self.call("reading the log heads", self.store().log_heads(others))?;
+        for (i, (scope, head)) in others.iter().zip(heads).enumerate() {
             // Loading copies can take longer than a lease: it is renewed beside the loop,
             // looked at between them, and once lost the rest are not loaded.
             if i > 0 && !self.renew() {
                 return Ok(records);
             }
-            let Some(head) = self.call("reading a log head", self.store().log_head(scope))? else { continue };
+            let Some(head) = head else { continue };
             records += head.records;
             let at = self.merged.copy_at(scope);
             let log = match self.log_catch_up(scope, at, &head, BaseRead::Figures)? {

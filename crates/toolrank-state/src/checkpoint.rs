@@ -543,6 +543,42 @@ impl CheckpointStore {
         }
     }
 
+    /// [`log_head`](Self::log_head) of each of `scopes`, in order, in one consistent
+    /// BatchGetItem of their manifests per hundred (the API's limit): a sink writer
+    /// follows every other consumer's log each second. Only a shared log's head takes a
+    /// query of its own; a manifest with a `Head` is an owned log's, whose appends move
+    /// that head in the transaction that writes their deltas.
+    pub async fn log_heads(&self, scopes: &[String]) -> Result<Vec<Option<LogHead>>, Error> {
+        use aws_sdk_dynamodb::types::KeysAndAttributes;
+        let mut manifests: HashMap<String, HashMap<String, AttributeValue>> = HashMap::new();
+        for group in scopes.chunks(100) {
+            let keys = group.iter().map(|scope| HashMap::from([("PK".to_owned(), s(scope)), ("SK".to_owned(), s("manifest"))])).collect();
+            let mut pending = Some(KeysAndAttributes::builder().set_keys(Some(keys)).consistent_read(true).build().expect("keys set"));
+            let mut backoff = toolrank_backoff::Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
+            while let Some(keys) = pending.take() {
+                let out = self.client.batch_get_item().request_items(&self.table, keys).send().await.map_err(aws("reading checkpoint manifests"))?;
+                for item in out.responses.and_then(|mut r| r.remove(&self.table)).unwrap_or_default() {
+                    if let Some(scope) = text(&item, "PK").cloned() {
+                        manifests.insert(scope, item);
+                    }
+                }
+                pending = out.unprocessed_keys.and_then(|mut u| u.remove(&self.table)).filter(|k| !k.keys().is_empty());
+                if pending.is_some() {
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+        let mut heads = Vec::with_capacity(scopes.len());
+        for scope in scopes {
+            heads.push(match manifests.get(scope) {
+                Some(m) if m.contains_key("Head") => Some(LogHead::of(m)),
+                Some(m) => Some(self.head_of(scope, m).await?),
+                None => None,
+            });
+        }
+        Ok(heads)
+    }
+
     /// Where the log of `manifest` stands: at the manifest's head, or at a shared log's
     /// last delta after it.
     async fn head_of(&self, scope: &str, manifest: &HashMap<String, AttributeValue>) -> Result<LogHead, Error> {
