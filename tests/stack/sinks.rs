@@ -364,7 +364,7 @@ fn a_write_carrying_an_older_fencing_token_is_refused_by_both_sinks() {
     let upto = |n: usize| engine_of(&lines[..n]);
     let (first, stale, last) = (upto(lines.len() / 3), upto(lines.len() * 2 / 3), upto(lines.len()));
     let today = toolrank_events::Day::parse_iso(TODAY).unwrap();
-    let scope = toolrank_sink::Scope { today, cuts: None };
+    let scope = toolrank_sink::Scope::of(today);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _inside = rt.enter();
     let client = rt.block_on(toolrank_dynamodb::client());

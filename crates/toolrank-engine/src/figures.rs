@@ -134,6 +134,26 @@ impl Recommended {
     }
 }
 
+/// A view's pattern scores for one day, by sink shard, and the cuts they are recommended
+/// at ([`Engine::scores_by_shard`]).
+#[derive(Debug, Default)]
+pub struct ShardScores {
+    parts: Vec<Vec<(PatternKey, f64)>>,
+    /// `None`: there is no pattern anywhere.
+    cuts: Option<Cuts>,
+}
+
+impl ShardScores {
+    /// The recommended patterns of `shard`, with whether each is in the top-scoring set.
+    pub fn recommended(&self, shard: u32) -> Recommended {
+        let (Some(cuts), Some(part)) = (self.cuts, self.parts.get(shard as usize)) else {
+            return Recommended::default();
+        };
+        // One pass, one map: a sink plans from this at every round.
+        Recommended(part.iter().filter(|&&(_, s)| s >= cuts.recommend).map(|&(k, s)| (k, s >= cuts.top)).collect())
+    }
+}
+
 /// The top-scoring set: patterns at or above this percentile get the long TTL.
 pub const TOP_PERCENTILE: f64 = 0.95;
 
@@ -155,29 +175,24 @@ impl Engine {
     /// The recommended patterns for `today`: `pattern_score ≥ PERCENTILE_CONT(0.8)` over all
     /// visible patterns, as in the report, the cuts taken from their [`ScoreCensus`].
     pub fn recommended(&self, today: Day) -> Recommended {
-        self.recommended_where(today, None, |_| true)
+        self.scores_by_shard(today, 1, None).recommended(0)
     }
 
-    /// [`recommended`](Self::recommended) among the patterns of the users `keep` takes
-    /// (a sink shard's), with `cuts` over every shard's patterns (`None`: this view
-    /// holds them all, and its census gives the cuts).
-    pub fn recommended_where(&self, today: Day, cuts: Option<Cuts>, keep: impl Fn(&str) -> bool) -> Recommended {
-        // Cuts given from outside need no census of this view.
+    /// Every visible pattern's score for `today`, by the sink shard of its user among
+    /// `count`, to be recommended at `cuts` over every shard's patterns (`None`: this view
+    /// holds them all, and its census gives the cuts): one pass over the view for every
+    /// shard a writer holds, whose sinks each pick their recommended set from their part.
+    pub fn scores_by_shard(&self, today: Day, count: u32, cuts: Option<Cuts>) -> ShardScores {
         let mut census = cuts.is_none().then(ScoreCensus::default);
-        let scored: Vec<(PatternKey, f64)> = self
-            .score_inputs()
-            .filter_map(|(k, inputs)| {
-                if let Some(census) = &mut census {
-                    census.add(inputs);
-                }
-                keep(self.strings.get(k.user)).then(|| (k, inputs.score(today)))
-            })
-            .collect();
-        let Some(cuts) = cuts.or_else(|| census.and_then(|c| c.cuts(today))) else {
-            return Recommended::default();
-        };
-        // One pass, one map: a sink plans from this at every round.
-        Recommended(scored.into_iter().filter(|&(_, s)| s >= cuts.recommend).map(|(k, s)| (k, s >= cuts.top)).collect())
+        let mut parts = vec![Vec::new(); count.max(1) as usize];
+        for (k, inputs) in self.score_inputs() {
+            if let Some(census) = &mut census {
+                census.add(inputs);
+            }
+            let shard = if count > 1 { shard_of(self.strings.get(k.user), count) as usize } else { 0 };
+            parts[shard].push((k, inputs.score(today)));
+        }
+        ShardScores { parts, cuts: cuts.or_else(|| census.and_then(|c| c.cuts(today))) }
     }
 
     /// The census of the visible patterns' score inputs: all the cuts depend on.

@@ -27,7 +27,7 @@ mod shard;
 pub use aggregate::{AgentAggregate, Aggregates, Contribution, Contributions, DayHistogram, PatternAggregate, PatternKey, SymKind, Touched};
 pub use copy::AggregateCopy;
 pub use cut::{Cuts, ScoreCensus, ScoreInputs};
-pub use figures::{AgentFigures, PatternFigures, PatternView, Recommended, ToolFigures, TOP_PERCENTILE};
+pub use figures::{AgentFigures, PatternFigures, PatternView, Recommended, ShardScores, ToolFigures, TOP_PERCENTILE};
 pub use intern::{Interner, Sym};
 pub use report::{recommendation_cut, AgentScore, PatternRow, Report, SequenceNames, StagingKey, StagingOrder, StagingRow, ToolErrors};
 pub use shard::{shard_of, Shards};

@@ -11,10 +11,11 @@ use crate::backlog::stretch;
 use crate::clock::now_ms;
 use crate::latency::Visibility;
 use crate::summary::Summary;
+use std::cell::OnceCell;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use toolrank_backoff::Backoff;
-use toolrank_engine::{Changes, Cuts, Engine, PatternKey, Sym};
+use toolrank_engine::{Changes, Cuts, Engine, PatternKey, ShardScores, Sym};
 use toolrank_events::Day;
 use toolrank_sink::{AnySink, Pace, Scope, Stats, Wired};
 use tracing::{debug, warn};
@@ -161,6 +162,9 @@ pub(crate) struct Turn<'a> {
     /// The recommendation cuts over every sink shard, when the merged view holds only
     /// some shards' patterns.
     pub cuts: Option<Cuts>,
+    /// The merged view's pattern scores, taken by the first sink of this flush that needs
+    /// them and shared by every shard's ([`Scope::scores`]).
+    pub scores: &'a OnceCell<ShardScores>,
     /// How far behind the records being read are, if a backlog is read.
     pub backlog: Option<Duration>,
     /// The events the merged state covers so far.
@@ -243,7 +247,7 @@ impl Scheduler {
             _ => slot.changes.take(),
         };
         slot.carry = slot.pace == Pace::Live && !slot.changes.is_empty();
-        let request = match sink.plan(turn.global, &changes, Scope { today: turn.today, cuts: turn.cuts }) {
+        let request = match sink.plan(turn.global, &changes, Scope { today: turn.today, cuts: turn.cuts, scores: Some(turn.scores) }) {
             Ok(request) => request,
             Err(e) => {
                 // The sink stays pending: its next write compares in full.
@@ -422,7 +426,7 @@ mod tests {
         fn name(&self) -> &'static str {
             "recording"
         }
-        fn plan(&mut self, _: &Engine, changes: &Changes, _: Scope) -> Result<usize, Error> {
+        fn plan(&mut self, _: &Engine, changes: &Changes, _: Scope<'_>) -> Result<usize, Error> {
             Ok(changes.patterns.len())
         }
         fn send(&mut self, patterns: usize) -> Result<(), Error> {
@@ -448,9 +452,18 @@ mod tests {
         let written = Arc::new(Mutex::new(Vec::new()));
         let mut scheduler = Scheduler::new(vec![Wired::new(Recording(written.clone()), Pace::Live)]);
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let (engine, mut visibility, mut retried) = (Engine::new(), Visibility::new(), 0);
-        let mut turn =
-            Turn { global: &engine, rt: &rt, today: Day(20_000), cuts: None, backlog: None, events: 0, visibility: &mut visibility, retried: &mut retried };
+        let (engine, mut visibility, mut retried, scores) = (Engine::new(), Visibility::new(), 0, OnceCell::new());
+        let mut turn = Turn {
+            global: &engine,
+            rt: &rt,
+            today: Day(20_000),
+            cuts: None,
+            scores: &scores,
+            backlog: None,
+            events: 0,
+            visibility: &mut visibility,
+            retried: &mut retried,
+        };
         let total = 2 * LIVE_WRITE_PATTERNS as u32 + 100;
         assert!(scheduler.write(&patterns(total), false, &mut turn));
         // From now on a backlog ten seconds old: a write waits a second after the last

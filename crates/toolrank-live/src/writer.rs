@@ -526,6 +526,7 @@ impl SinkWriter {
         }
         let (backlog, events) = (self.backlog(), self.log_events.unwrap_or(self.summary.messages));
         let today = self.config.today.unwrap_or_else(Day::today_utc);
+        let scores = std::cell::OnceCell::new();
         let mut ok = true;
         for (shard, changes) in self.stages.split(changes, self.merged.figures()).into_iter().enumerate() {
             let stage = self.stages.get_mut(shard as u32);
@@ -539,6 +540,7 @@ impl SinkWriter {
                 rt: &self.rt,
                 today,
                 cuts: self.cuts.flatten(),
+                scores: &scores,
                 backlog,
                 events,
                 visibility: &mut self.visibility,

@@ -11,9 +11,10 @@
 //! compares with what the sink holds.
 
 use std::any::Any;
+use std::cell::OnceCell;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::time::Duration;
-use toolrank_engine::{Changes, Cuts, Engine};
+use toolrank_engine::{Changes, Cuts, Engine, ShardScores};
 use toolrank_events::Day;
 
 /// 128 bits of two independently keyed hashes of a value: what a sink keeps of what it
@@ -95,13 +96,24 @@ pub enum Pace {
 }
 
 /// What a write is planned for besides the figures and the changes.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Scope {
+#[derive(Clone, Copy, Debug)]
+pub struct Scope<'a> {
     /// The day scores are taken for.
     pub today: Day,
     /// The recommendation cuts over every sink shard's patterns, when the figures hold
     /// only some shards' (`None`: they hold every pattern, and give the cuts themselves).
     pub cuts: Option<Cuts>,
+    /// The figures' pattern scores by shard ([`Engine::scores_by_shard`] at `today` and
+    /// `cuts`), shared by the sinks of every shard planned from the same figures: scored
+    /// once, by the first that needs them, not once per shard.
+    pub scores: Option<&'a OnceCell<ShardScores>>,
+}
+
+impl Scope<'_> {
+    /// A scope of its own: the figures hold every pattern.
+    pub fn of(today: Day) -> Scope<'static> {
+        Scope { today, cuts: None, scores: None }
+    }
 }
 
 /// A place the rankings are written.
@@ -114,7 +126,7 @@ pub trait Sink: Send + 'static {
 
     /// Plans the write that brings the sink to `figures` for the keys in `changes`, or for
     /// everything (of its shard) when it does not know what it holds, for `scope`.
-    fn plan(&mut self, figures: &Engine, changes: &Changes, scope: Scope) -> Result<Self::Request, Error>;
+    fn plan(&mut self, figures: &Engine, changes: &Changes, scope: Scope<'_>) -> Result<Self::Request, Error>;
 
     /// How many items `request` writes, when the sink knows what it holds (a write budget
     /// weighs it); `None` otherwise.
@@ -147,7 +159,7 @@ pub trait Sink: Send + 'static {
 /// A [`Sink`] whose request type is erased, so that the runtime holds sinks of every kind.
 pub trait AnySink: Send {
     fn name(&self) -> &'static str;
-    fn plan(&mut self, figures: &Engine, changes: &Changes, scope: Scope) -> Result<Box<dyn Any + Send>, Error>;
+    fn plan(&mut self, figures: &Engine, changes: &Changes, scope: Scope<'_>) -> Result<Box<dyn Any + Send>, Error>;
     fn size(&self, request: &(dyn Any + Send)) -> Option<usize>;
     fn send(&mut self, request: Box<dyn Any + Send>) -> Result<(), Error>;
     fn pending(&self) -> bool;
@@ -161,7 +173,7 @@ impl<S: Sink> AnySink for S {
         Sink::name(self)
     }
 
-    fn plan(&mut self, figures: &Engine, changes: &Changes, scope: Scope) -> Result<Box<dyn Any + Send>, Error> {
+    fn plan(&mut self, figures: &Engine, changes: &Changes, scope: Scope<'_>) -> Result<Box<dyn Any + Send>, Error> {
         Ok(Box::new(Sink::plan(self, figures, changes, scope)?))
     }
 

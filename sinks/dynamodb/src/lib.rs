@@ -46,7 +46,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use toolrank_dynamodb::TOTAL;
 use toolrank_engine::{shard_of, AgentFigures, Changes, Cuts, Engine, PatternFigures, PatternKey, Recommended, Sym};
 use toolrank_events::Day;
-use toolrank_sink::{Fingerprint, Fingerprints};
+use toolrank_sink::{Fingerprint, Fingerprints, Scope};
 
 /// `GSI1_PK` and `EntityType` of pattern items.
 pub const PATTERN_ENTITY: &str = "UserPrcToolMapp";
@@ -375,12 +375,13 @@ impl DynamoSink {
     /// What a write of `changes` must compare and send, taken from `engine` now, so that
     /// the write itself needs no engine and can run while the engine moves on.
     pub fn plan(&mut self, engine: &Engine, changes: &Changes, today: Day) -> Plan {
-        self.plan_with(engine, changes, today, None)
+        self.plan_with(engine, changes, Scope::of(today))
     }
 
-    /// [`plan`](Self::plan) with the recommendation `cuts` over every shard's patterns,
-    /// when `engine` holds only some shards' (`None`: it holds all).
-    pub fn plan_with(&mut self, engine: &Engine, changes: &Changes, today: Day, cuts: Option<Cuts>) -> Plan {
+    /// [`plan`](Self::plan) for `scope`: with the recommendation cuts over every shard's
+    /// patterns, when `engine` holds only some shards', and the scores other shards'
+    /// sinks planned from the same engine took.
+    pub fn plan_with(&mut self, engine: &Engine, changes: &Changes, scope: Scope<'_>) -> Plan {
         let everything;
         let changes = if self.loaded {
             changes
@@ -396,19 +397,27 @@ impl DynamoSink {
         // The recommended set moves only when some pattern changed (the cut is
         // time-invariant) or, for a shard, the other shards moved the cuts; after a load,
         // the table's items must be compared in any case.
-        let recut = cuts != self.cuts;
-        let patterns =
-            (!self.loaded || !changes.patterns.is_empty() || self.patterns_pending || recut).then(|| self.plan_patterns(engine, changes, today, cuts));
-        self.cuts = cuts;
-        Plan { agents, patterns, today }
+        let recut = scope.cuts != self.cuts;
+        let patterns = (!self.loaded || !changes.patterns.is_empty() || self.patterns_pending || recut).then(|| self.plan_patterns(engine, changes, scope));
+        self.cuts = scope.cuts;
+        Plan { agents, patterns, today: scope.today }
     }
 
     /// The recommended set for `today` and the items to compare: all of them when the
     /// sink must compare all (a first write, a failed one), otherwise those of patterns
     /// in `changes` or that entered, left or moved across the top cut since the set the
     /// table holds.
-    fn plan_patterns(&self, engine: &Engine, changes: &Changes, today: Day, cuts: Option<Cuts>) -> PatternPlan {
-        let recommended = engine.recommended_where(today, cuts, |user| self.mine(user));
+    fn plan_patterns(&self, engine: &Engine, changes: &Changes, scope: Scope<'_>) -> PatternPlan {
+        let (shard, count) = self.shard.unwrap_or((0, 1));
+        let scored;
+        let scores = match scope.scores {
+            Some(shared) => shared.get_or_init(|| engine.scores_by_shard(scope.today, count, scope.cuts)),
+            None => {
+                scored = engine.scores_by_shard(scope.today, count, scope.cuts);
+                &scored
+            }
+        };
+        let recommended = scores.recommended(shard);
         let known = self.recommended.as_ref().filter(|_| self.loaded && !self.patterns_pending);
         // Only a plan against a known set skips patterns, so only it looks them up.
         let changed: FxHashSet<PatternKey> = known.map(|_| changes.patterns.iter().copied().collect()).unwrap_or_default();
@@ -1073,8 +1082,8 @@ impl toolrank_sink::Sink for DynamoSink {
         "dynamodb"
     }
 
-    fn plan(&mut self, figures: &Engine, changes: &Changes, scope: toolrank_sink::Scope) -> Result<Plan, toolrank_sink::Error> {
-        Ok(DynamoSink::plan_with(self, figures, changes, scope.today, scope.cuts))
+    fn plan(&mut self, figures: &Engine, changes: &Changes, scope: Scope<'_>) -> Result<Plan, toolrank_sink::Error> {
+        Ok(DynamoSink::plan_with(self, figures, changes, scope))
     }
 
     fn size(&self, plan: &Plan) -> Option<usize> {

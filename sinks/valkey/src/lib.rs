@@ -1065,7 +1065,7 @@ impl toolrank_sink::Sink for ValkeySink {
         "valkey"
     }
 
-    fn plan(&mut self, figures: &Engine, changes: &Changes, _: toolrank_sink::Scope) -> Result<Prepared, toolrank_sink::Error> {
+    fn plan(&mut self, figures: &Engine, changes: &Changes, _: toolrank_sink::Scope<'_>) -> Result<Prepared, toolrank_sink::Error> {
         self.prepare(figures, changes).map_err(|e| toolrank_sink::Error::new("valkey", e))
     }
 
