@@ -15,9 +15,11 @@
 # A group that has not read everything, or whose sinks do not equal replay, LIMIT seconds
 # after it started, or one of whose consumers exits early or fails to stop, fails the
 # script with the consumers' last log lines.
-# With SHARDS=N the consumers split the sink stage into N shards by user (`--sink-shards`):
-# each process is printed with the shards it holds, and the ratios are those of the
-# largest peak memory and CPU per event read to the smallest, over all members.
+# The consumers split the sink stage into SHARDS (4) shards by user (`--sink-shards`), as
+# a group that scales out runs: each process is printed with the shards it holds, and the
+# ratios are those of the largest peak memory and CPU per event read to the smallest, over
+# all members. SHARDS=1 measures the one sink writer instead: its holder against the
+# largest other member.
 # With PROFILE=1, the group of PROFILE_GROUP (2) runs once more under `perf record`
 # (Debian's linux-perf, call graphs; a state table and namespace of its own), and
 # bench/profile.py splits the sink holder's CPU, and the busiest other member's, by part
@@ -25,13 +27,13 @@
 # SHARDS > 1, the busiest and the idlest member's; PROFILE_GROUP=1, the one member's).
 # Usage: bench/scale.sh   (SESSIONS=300000 gives ~1M events; PARTITIONS=8; COUNTS="1 2 4", empty
 #                          for the profiled group only;
-#                          LIMIT=900; SHARDS=1; PROFILE=1, PROFILE_GROUP=2)
+#                          LIMIT=900; SHARDS=4; PROFILE=1, PROFILE_GROUP=2)
 set -euo pipefail
 SESSIONS="${SESSIONS:-300000}"
 PARTITIONS="${PARTITIONS:-8}"
 COUNTS="${COUNTS-1 2 4}"
 LIMIT="${LIMIT:-900}"
-SHARDS="${SHARDS:-1}"
+SHARDS="${SHARDS:-4}"
 if [ "${PROFILE:-0}" = 1 ] && ! command -v perf > /dev/null; then
   echo "PROFILE=1 needs perf (apt-get install linux-perf)" >&2
   exit 1
