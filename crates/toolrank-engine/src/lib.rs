@@ -1341,6 +1341,11 @@ impl Engine {
         self.aggregates.patterns.retain(|k, _| shard_of(strings.get(k.user), count) != shard);
     }
 
+    /// The sink shards whose patterns this view keeps; `None`: every pattern.
+    pub fn kept_shards(&self) -> Option<&Shards> {
+        self.shards.as_ref()
+    }
+
     /// Whether this view keeps the patterns of `user`.
     fn keeps(&self, user: &str) -> bool {
         self.shards.as_ref().is_none_or(|s| s.keeps(user))

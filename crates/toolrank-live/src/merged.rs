@@ -21,8 +21,8 @@ struct Copy {
 pub(crate) struct Merged {
     global: Engine,
     copies: BTreeMap<String, Copy>,
-    /// The sink shards whose patterns it keeps.
-    shards: Shards,
+    /// How many sink shards the users are split into.
+    count: u32,
 }
 
 impl Merged {
@@ -30,27 +30,31 @@ impl Merged {
     pub(crate) fn new(shards: Shards) -> Merged {
         let mut global = Engine::new();
         global.track_changes();
-        global.keep_shards(shards.clone());
-        Merged { global, copies: BTreeMap::new(), shards }
+        let count = shards.count();
+        global.keep_shards(shards);
+        Merged { global, copies: BTreeMap::new(), count }
     }
 
-    /// The shards whose patterns it keeps: a copy is read with them.
-    pub(crate) fn shards(&self) -> &Shards {
-        &self.shards
+    /// The shards whose patterns it keeps (`None`: all): a copy is read with them.
+    pub(crate) fn shards(&self) -> Option<&Shards> {
+        self.global.kept_shards()
+    }
+
+    /// Whether it keeps the patterns of `shard`.
+    pub(crate) fn holds(&self, shard: u32) -> bool {
+        self.shards().is_none_or(|s| s.holds(shard))
     }
 
     /// Keeps the patterns of `shard` too, adding those of the own `units` now; the
     /// copies are read again from their bases at the next refresh.
     pub(crate) fn take_shard(&mut self, shard: u32, units: &mut [&mut Engine]) {
-        self.shards.set(shard, true);
         self.global.take_shard(shard, units);
         self.copies.values_mut().for_each(|c| c.stale = true);
     }
 
     /// Keeps the patterns of `shard` no more.
     pub(crate) fn give_up_shard(&mut self, shard: u32) {
-        let count = self.shards.count();
-        self.shards.set(shard, false);
+        let count = self.count;
         self.global.give_up_shard(shard, count);
         self.copies.values_mut().for_each(|c| c.figures.give_up_shard(shard, count));
     }

@@ -113,8 +113,8 @@ pub fn log_engine(scope: &str, log: &Log) -> Result<Engine, Error> {
 
 /// The aggregates a whole delta log holds, without its sessions (a copy of a unit another
 /// consumer owns), keeping the patterns of `shards`' users only.
-pub fn log_copy(scope: &str, log: &Log, shards: &Shards) -> Result<AggregateCopy, Error> {
-    AggregateCopy::from_log(&log.base, &log.deltas, Some(shards)).map_err(|source| Error::Snapshot { scope: scope.to_owned(), source })
+pub fn log_copy(scope: &str, log: &Log, shards: Option<&Shards>) -> Result<AggregateCopy, Error> {
+    AggregateCopy::from_log(&log.base, &log.deltas, shards).map_err(|source| Error::Snapshot { scope: scope.to_owned(), source })
 }
 
 /// What [`SinkWriter::log_catch_up`] reads of a base when it reads a whole log.

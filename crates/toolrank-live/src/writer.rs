@@ -351,7 +351,7 @@ impl SinkWriter {
             let stage = self.stages.get_mut(shard);
             let after = stage.lease.held();
             held = held + usize::from(after) - usize::from(before);
-            if after && !self.merged.shards().holds(shard) {
+            if after && !self.merged.holds(shard) {
                 // Its patterns join the view: the own units' now, the others' as their
                 // copies are read again (the sinks wait for that).
                 self.merged.take_shard(shard, units);
