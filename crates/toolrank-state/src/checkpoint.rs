@@ -546,8 +546,7 @@ impl CheckpointStore {
     /// [`log_head`](Self::log_head) of each of `scopes`, in order, in one consistent
     /// BatchGetItem of their manifests per hundred (the API's limit): a sink writer
     /// follows every other consumer's log each second. Only a shared log's head takes a
-    /// query of its own; a manifest with a `Head` is an owned log's, whose appends move
-    /// that head in the transaction that writes their deltas.
+    /// query of its own ([`head_of`](Self::head_of)).
     pub async fn log_heads(&self, scopes: &[String]) -> Result<Vec<Option<LogHead>>, Error> {
         use aws_sdk_dynamodb::types::KeysAndAttributes;
         let mut manifests: HashMap<String, HashMap<String, AttributeValue>> = HashMap::new();
@@ -571,7 +570,6 @@ impl CheckpointStore {
         let mut heads = Vec::with_capacity(scopes.len());
         for scope in scopes {
             heads.push(match manifests.get(scope) {
-                Some(m) if m.contains_key("Head") => Some(LogHead::of(m)),
                 Some(m) => Some(self.head_of(scope, m).await?),
                 None => None,
             });
@@ -580,9 +578,14 @@ impl CheckpointStore {
     }
 
     /// Where the log of `manifest` stands: at the manifest's head, or at a shared log's
-    /// last delta after it.
+    /// last delta after it. A manifest with a `Head` is an owned log's, whose appends move
+    /// that head in the transaction that writes their deltas: nothing follows it, and no
+    /// query looks.
     async fn head_of(&self, scope: &str, manifest: &HashMap<String, AttributeValue>) -> Result<LogHead, Error> {
         let mut at = LogHead::of(manifest);
+        if manifest.contains_key("Head") {
+            return Ok(at);
+        }
         let got = self
             .client
             .query()
